@@ -1,0 +1,28 @@
+"""gblr: learned Generalized Block Low-Rank (Gaudi-GBLR) structured matrices for PyTorch.
+
+Implements Lee & Kim, "Differentiable Learning of Generalized Structured Matrices for
+Efficient Deep Neural Networks" (ICLR 2024, arXiv:2310.18882).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .cost import FlopsReport, LayerFlops, count_flops
+from .layers import GBLRConv2d, GBLRLinear, special
+from .ops import boxcar_mask, gaudi_mask
+
+try:
+    __version__ = version("gblr")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "FlopsReport",
+    "GBLRConv2d",
+    "GBLRLinear",
+    "LayerFlops",
+    "__version__",
+    "boxcar_mask",
+    "count_flops",
+    "gaudi_mask",
+    "special",
+]

@@ -1,0 +1,290 @@
+"""MAC accounting for structured layers and whole models.
+
+Convention (fvcore's): one multiply-accumulate (MAC) counts as one "FLOP". A linear
+layer's cost is given per input row, a convolution's per output position; with an
+example input, :func:`count_flops` also multiplies by the rows/positions actually seen.
+
+This module sits at the bottom of the package: it knows structured layers only through
+the small interface they share (``flops()``, ``dense_flops()``, optionally
+``live_components()``), never by importing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FlopsReport", "LayerFlops", "SupportsFlops", "count_flops", "gblr_cost"]
+
+
+@runtime_checkable
+class SupportsFlops(Protocol):
+    """What :func:`count_flops` needs from a structured layer."""
+
+    matrix_shape: tuple[int, int]
+    """``(out, in)`` of the layer's weight matrix (``(out, in*kh*kw)`` for a conv)."""
+
+    def flops(self) -> int:
+        """MACs per input row (linear) or per output position (convolution)."""
+        ...
+
+    def dense_flops(self) -> int:
+        """MACs per row/position of the dense layer of the same shape."""
+        ...
+
+
+def gblr_cost(row_lengths: Tensor, col_lengths: Tensor, rank_per_component: int) -> int:
+    """MACs per input row of ``y = W x`` for a GBLR matrix (DESIGN.md §2.1).
+
+    ``cost = sum_k r * (|R_k| + |C_k|)`` over live components (both intervals non-empty).
+
+    Args:
+        row_lengths: ``(K,)`` integer row-interval lengths ``|R_k|``.
+        col_lengths: ``(K,)`` integer column-interval lengths ``|C_k|``.
+        rank_per_component: ``r``.
+
+    Returns:
+        The cost as a Python int.
+    """
+    live = (row_lengths > 0) & (col_lengths > 0)
+    return int(rank_per_component) * int(((row_lengths + col_lengths) * live).sum().item())
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFlops:
+    """One row of a :class:`FlopsReport`.
+
+    ``macs`` and ``dense_macs`` are per input row (linear) or per output position (conv).
+    ``total_macs``/``total_dense_macs`` are filled only when an example input was given:
+    the per-row numbers times the rows/positions that the layer actually processed.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    macs: int
+    dense_macs: int
+    live_components: int | None
+    unit: str
+    rows: int | None = None
+
+    @property
+    def ratio(self) -> float:
+        """``macs / dense_macs``."""
+        return self.macs / self.dense_macs if self.dense_macs else 0.0
+
+    @property
+    def total_macs(self) -> int | None:
+        return None if self.rows is None else self.macs * self.rows
+
+    @property
+    def total_dense_macs(self) -> int | None:
+        return None if self.rows is None else self.dense_macs * self.rows
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsReport:
+    """Per-layer MAC counts with totals; ``str(report)`` is a table.
+
+    Totals are sums of the per-row (per-position) numbers, or of the per-input totals when
+    the report was made with an example input.
+    """
+
+    layers: tuple[LayerFlops, ...]
+    with_input: bool
+
+    @property
+    def macs(self) -> int:
+        """Total MACs: per forward of the example input if one was given, else per row."""
+        if self.with_input:
+            return sum(layer.total_macs or 0 for layer in self.layers)
+        return sum(layer.macs for layer in self.layers)
+
+    @property
+    def dense_macs(self) -> int:
+        """The same total for the dense layers of the same shapes."""
+        if self.with_input:
+            return sum(layer.total_dense_macs or 0 for layer in self.layers)
+        return sum(layer.dense_macs for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """``macs / dense_macs`` over all counted layers."""
+        return self.macs / self.dense_macs if self.dense_macs else 0.0
+
+    def __getitem__(self, name: str) -> LayerFlops:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r} in the report")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def table(self) -> str:
+        """A plain-text table, one row per layer and a total row."""
+        per = "total MACs" if self.with_input else "MACs/row"
+        header = ["layer", "type", "shape (out x in)", per, "dense", "ratio", "live"]
+        rows = []
+        for layer in self.layers:
+            macs = layer.total_macs if self.with_input else layer.macs
+            dense = layer.total_dense_macs if self.with_input else layer.dense_macs
+            rows.append(
+                [
+                    layer.name or "(root)",
+                    layer.kind,
+                    f"{layer.shape[0]} x {layer.shape[1]}",
+                    f"{macs:,}" if macs is not None else "-",
+                    f"{dense:,}" if dense is not None else "-",
+                    f"{layer.ratio:.3f}",
+                    "-" if layer.live_components is None else str(layer.live_components),
+                ]
+            )
+        rows.append(
+            ["total", "", "", f"{self.macs:,}", f"{self.dense_macs:,}", f"{self.ratio:.3f}", ""]
+        )
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+        def fmt(r: list[str]) -> str:
+            cells = [
+                str(c).ljust(w) if i < 3 else str(c).rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths))
+            ]
+            return "  ".join(cells).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        lines = [fmt(header), rule, *[fmt(r) for r in rows[:-1]], rule, fmt(rows[-1])]
+        lines.append("(1 MAC = 1 FLOP, fvcore convention; convolutions per output position)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _layer_entry(
+    module: nn.Module,
+) -> tuple[str, tuple[int, int], int, int, int | None, str] | None:
+    """(kind, shape, macs, dense_macs, live, unit) for a countable module, else None."""
+    kind = type(module).__name__
+    if isinstance(module, SupportsFlops):
+        shape = module.matrix_shape
+        live_fn = getattr(module, "live_components", None)
+        live = int(live_fn()) if callable(live_fn) else None
+        unit = "position" if getattr(module, "counts_per_position", False) else "row"
+        macs, dense = int(module.flops()), int(module.dense_flops())
+        return kind, (int(shape[0]), int(shape[1])), macs, dense, live, unit
+    if isinstance(module, nn.Linear):
+        shape = (module.out_features, module.in_features)
+        return kind, shape, shape[0] * shape[1], shape[0] * shape[1], None, "row"
+    if isinstance(module, nn.Conv2d):
+        cols = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        macs = module.out_channels * cols
+        return kind, (module.out_channels, cols), macs, macs, None, "position"
+    return None
+
+
+def _rows_seen(module: nn.Module, unit: str, inputs: tuple[Any, ...], output: Any) -> int:
+    if unit == "position":
+        if not isinstance(output, Tensor) or output.dim() < 3:
+            return 0
+        # (N, C, H, W) or unbatched (C, H, W): one position per output pixel per image.
+        return output.numel() // output.shape[-3]
+    x = inputs[0]
+    return x.numel() // x.shape[-1] if isinstance(x, Tensor) and x.dim() > 0 else 0
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return patterns is not None and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def count_flops(
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> FlopsReport:
+    """Count the MACs of every linear, convolution and structured layer of ``model``.
+
+    Structured layers (anything with ``flops()`` and ``dense_flops()``, e.g.
+    :class:`gblr.GBLRLinear`) report their live cost; ``nn.Linear`` and ``nn.Conv2d``
+    count as dense. Modules inside a counted structured layer are not counted again.
+
+    Args:
+        model: any module.
+        example_input: optional input (a tensor, or a tuple of positional arguments). When
+            given, the model runs once on it under ``torch.no_grad()`` and each layer's MACs
+            are multiplied by the rows (linear) or output positions (conv) it processed.
+        include: glob patterns over ``named_modules()`` names; only matching layers count.
+        exclude: glob patterns of layers to leave out.
+
+    Returns:
+        A :class:`FlopsReport` (``print(report)`` shows a table).
+
+    Example:
+        >>> import torch, gblr
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), gblr.GBLRLinear(8, 8))
+        >>> gblr.count_flops(model).dense_macs
+        128
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
+
+    entries: list[tuple[str, nn.Module, tuple]] = []
+    counted_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") or p == "" for p in counted_prefixes):
+            continue
+        entry = _layer_entry(module)
+        if entry is None:
+            continue
+        if include is not None and not _matches(name, include):
+            continue
+        if _matches(name, exclude):
+            continue
+        entries.append((name, module, entry))
+        if isinstance(module, SupportsFlops):
+            counted_prefixes.append(name)
+
+    rows_seen: dict[str, int] = {}
+    if example_input is not None:
+        handles = []
+        for name, module, entry in entries:
+            unit = entry[5]
+
+            def hook(mod, inputs, output, _name=name, _unit=unit):
+                rows_seen[_name] = rows_seen.get(_name, 0) + _rows_seen(mod, _unit, inputs, output)
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            with torch.no_grad():
+                model(*args)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    layers = tuple(
+        LayerFlops(
+            name=name,
+            kind=entry[0],
+            shape=entry[1],
+            macs=entry[2],
+            dense_macs=entry[3],
+            live_components=entry[4],
+            unit=entry[5],
+            rows=rows_seen.get(name, 0) if example_input is not None else None,
+        )
+        for name, _, entry in entries
+    )
+    return FlopsReport(layers=layers, with_input=example_input is not None)

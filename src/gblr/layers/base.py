@@ -1,0 +1,315 @@
+"""The learned GBLR matrix shared by :class:`GBLRLinear` and :class:`GBLRConv2d`.
+
+A GBLR matrix ``W`` of shape ``(m, n)`` (out x in) is ``sum_k D(a_k) U_k V_k D(b_k)`` with
+``K`` components of rank ``r`` (DESIGN.md §2.1). Parameters:
+
+- ``U``: ``(m, K, r)`` left factors, ``V``: ``(K, r, n)`` right factors;
+- ``widths``, ``locations``: ``(2, K)``, fractions of the dimension; index 0 is the input
+  (column) interval, index 1 the output (row) interval;
+- buffer ``sigma``: the Gaudi mask bandwidth (``inf`` = exact Dirichlet form).
+
+In training mode the masks are Gaudi masks of the grid-rounded (straight-through) widths
+and locations; in eval mode they are exact boxcars.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..cost import gblr_cost
+from ..ops.gaudi import boxcar_mask, gaudi_mask, interval_lengths, interval_starts
+
+__all__ = ["EVALUATION_ORDERS", "STRUCTURE_INITS", "GBLRMatrixMixin"]
+
+STRUCTURE_INITS = ("full", "random", "half")
+EVALUATION_ORDERS = ("auto", "materialize", "factored")
+
+StructureInit = Literal["full", "random", "half"]
+EvaluationOrder = Literal["auto", "materialize", "factored"]
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` as int, or raise TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return value
+
+
+def _as_interval_tensor(name: str, value: object, num_components: int) -> Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    if tuple(tensor.shape) != (2, num_components):
+        raise ValueError(
+            f"{name} must have shape (2, num_components) = (2, {num_components}) "
+            f"(row 0: input intervals, row 1: output intervals), got {tuple(tensor.shape)}"
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} must be finite, got non-finite values")
+    return tensor
+
+
+class GBLRMatrixMixin(nn.Module):
+    """Parameters, masks, cost and initialisation of a learned GBLR matrix.
+
+    Subclasses set the matrix shape through :meth:`_init_gblr` and define ``forward``.
+    """
+
+    U: nn.Parameter
+    V: nn.Parameter
+    widths: nn.Parameter
+    locations: nn.Parameter
+    sigma: Tensor
+
+    def _init_gblr(
+        self,
+        rows: int,
+        cols: int,
+        *,
+        rank_per_component: int,
+        num_components: int | None,
+        structure_init: StructureInit,
+        init_cost: float | None,
+        widths: Tensor | Sequence | None,
+        locations: Tensor | Sequence | None,
+        sigma: float | None,
+        evaluation_order: EvaluationOrder,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        rank_per_component = check_positive_int("rank_per_component", rank_per_component)
+        if rank_per_component > min(rows, cols):
+            raise ValueError(
+                f"rank_per_component must be between 1 and min(out, in) = {min(rows, cols)}, "
+                f"got {rank_per_component}"
+            )
+        if num_components is None:
+            num_components = max(1, min(rows, cols) // rank_per_component)
+        num_components = check_positive_int("num_components", num_components)
+        if structure_init not in STRUCTURE_INITS:
+            raise ValueError(
+                f"structure_init must be one of {STRUCTURE_INITS}, got {structure_init!r}"
+            )
+        if structure_init == "half":
+            if init_cost is None:
+                raise ValueError(
+                    "structure_init='half' needs init_cost, the starting cost as a fraction "
+                    "of the dense MACs in (0, 1]"
+                )
+        elif init_cost is not None:
+            raise ValueError(
+                f"init_cost is only used with structure_init='half', got init_cost={init_cost!r} "
+                f"with structure_init={structure_init!r}"
+            )
+        if (widths is None) != (locations is None):
+            raise ValueError("widths and locations must be given together, or neither")
+        if sigma is None:
+            sigma = math.inf
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+            raise ValueError(f"sigma must be a positive number (math.inf for none), got {sigma!r}")
+
+        self.rows = rows
+        self.cols = cols
+        self.rank_per_component = rank_per_component
+        self.num_components = num_components
+        self.evaluation_order = evaluation_order  # validated by the property setter
+
+        factory = {"device": device, "dtype": dtype}
+        k, r = num_components, rank_per_component
+        self.U = nn.Parameter(torch.empty(rows, k, r, **factory))
+        self.V = nn.Parameter(torch.empty(k, r, cols, **factory))
+        # Structure parameters stay float32 (or float64) even in a half-precision model:
+        # their values are fractions rounded to a grid of up to ~1e5 points.
+        structure_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.widths = nn.Parameter(torch.empty(2, k, device=device, dtype=structure_dtype))
+        self.locations = nn.Parameter(torch.empty(2, k, device=device, dtype=structure_dtype))
+        self.register_buffer("sigma", torch.tensor(float(sigma), device=device))
+
+        if widths is not None:
+            w = _as_interval_tensor("widths", widths, k)
+            loc = _as_interval_tensor("locations", locations, k)
+            if bool((w < 0).any()) or bool((w > 1).any()):
+                raise ValueError("widths must lie in [0, 1] (fractions of the dimension)")
+            with torch.no_grad():
+                self.widths.copy_(w)
+                self.locations.copy_(torch.remainder(loc, 1.0))
+        else:
+            self._init_structure(structure_init, init_cost)
+        self._init_factors()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def evaluation_order(self) -> str:
+        """``"auto"`` (cheaper of the two for the input size), ``"materialize"`` or
+        ``"factored"``."""
+        return self._evaluation_order
+
+    @evaluation_order.setter
+    def evaluation_order(self, value: str) -> None:
+        if value not in EVALUATION_ORDERS:
+            raise ValueError(f"evaluation_order must be one of {EVALUATION_ORDERS}, got {value!r}")
+        self._evaluation_order = value
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the GBLR weight matrix."""
+        return (self.rows, self.cols)
+
+    # ------------------------------------------------------------------ init
+    def _init_structure(self, scheme: str, init_cost: float | None) -> None:
+        k, r, m, n = self.num_components, self.rank_per_component, self.rows, self.cols
+        with torch.no_grad():
+            if scheme == "full":
+                self.widths.fill_(1.0)
+                self.locations.zero_()
+            elif scheme == "random":
+                self.widths.uniform_(0.0, 1.0)
+                self.locations.uniform_(0.0, 1.0)
+            else:
+                self._init_half(init_cost, k, r, m, n)
+
+    def _init_half(self, init_cost: object, k: int, r: int, m: int, n: int) -> None:
+        """Half of the starting budget on full-width components, half on narrow ones.
+
+        Our reading of the paper's "half full, half narrow" start: ``init_cost * m * n``
+        MACs, of which half go to components with full intervals (dense-like low-rank
+        terms) and half are spread evenly over the remaining components as narrow
+        intervals at evenly spaced locations (block-like terms), so the training can move
+        FLOPs either way.
+        """
+        if isinstance(init_cost, bool) or not isinstance(init_cost, (int, float)):
+            raise TypeError(f"init_cost must be a number in (0, 1], got {init_cost!r}")
+        if not 0.0 < init_cost <= 1.0:
+            raise ValueError(
+                f"init_cost must be in (0, 1] (fraction of dense MACs), got {init_cost}"
+            )
+        budget = init_cost * m * n
+        full_cost = r * (m + n)
+        num_full = min(k - 1, int(budget / 2 // full_cost)) if k > 1 else 0
+        num_narrow = k - num_full
+        narrow_budget = budget - num_full * full_cost
+        narrow_width = narrow_budget / (num_narrow * r * (m + n))
+        if narrow_width > 1.0:
+            raise ValueError(
+                f"init_cost={init_cost} is more than {k} components of rank {r} can cost "
+                f"(at most {k * full_cost / (m * n):.4f} of the dense MACs); "
+                "use a smaller init_cost or more components"
+            )
+        with torch.no_grad():
+            self.widths[:, :num_full] = 1.0
+            self.locations[:, :num_full] = 0.0
+            self.widths[:, num_full:] = narrow_width
+            spacing = torch.arange(num_narrow, dtype=self.locations.dtype) / num_narrow
+            self.locations[:, num_full:] = spacing.to(self.locations.device)
+
+    def _init_factors(self) -> None:
+        """Match ``nn.Linear``'s weight variance ``1 / (3 n)`` at the starting structure.
+
+        ``V`` takes ``nn.Linear``'s bound ``1/sqrt(n)``; ``U``'s variance is divided by the
+        expected number of (component, rank) terms covering an entry, so narrow starts
+        are not scaled down.
+        """
+        with torch.no_grad():
+            bound_v = 1.0 / math.sqrt(self.cols)
+            self.V.uniform_(-bound_v, bound_v)
+            coverage = (self.widths[0].clamp(0, 1) * self.widths[1].clamp(0, 1)).sum().item()
+            terms = max(coverage, 1.0 / max(self.rows, self.cols)) * self.rank_per_component
+            bound_u = math.sqrt(3.0 / terms)
+            self.U.uniform_(-bound_u, bound_u)
+
+    # ------------------------------------------------------------------ masks
+    def masks(self) -> tuple[Tensor, Tensor]:
+        """The column and row masks used by ``forward`` in the current mode.
+
+        Returns:
+            ``(col_mask (K, in), row_mask (K, out))``. Training: Gaudi masks (bandwidth
+            ``self.sigma``) of widths and locations rounded to the grid with a
+            straight-through gradient (widths clamped to [0, 1] the same way). Eval: exact
+            0/1 boxcars.
+        """
+        if not self.training:
+            return (
+                boxcar_mask(self.widths[0], self.locations[0], self.cols),
+                boxcar_mask(self.widths[1], self.locations[1], self.rows),
+            )
+        sigma = None if math.isinf(float(self.sigma)) else self.sigma
+        masks = []
+        for index, size in ((0, self.cols), (1, self.rows)):
+            width, location = self.widths[index], self.locations[index]
+            snapped_width = torch.round(width.clamp(0.0, 1.0) * size) / size
+            snapped_location = torch.round(location * size) / size
+            width = width + (snapped_width - width).detach()
+            location = location + (snapped_location - location).detach()
+            masks.append(gaudi_mask(width, location, size, sigma))
+        return masks[0], masks[1]
+
+    def masked_factors(self) -> tuple[Tensor, Tensor]:
+        """``(U_masked (out, K*r), V_masked (K*r, in))`` with ``W = U_masked @ V_masked``."""
+        col_mask, row_mask = self.masks()
+        dtype = self.U.dtype
+        u = (self.U * row_mask.t().to(dtype).unsqueeze(-1)).reshape(self.rows, -1)
+        v = (self.V * col_mask.to(dtype).unsqueeze(1)).reshape(-1, self.cols)
+        return u, v
+
+    def gblr_weight(self) -> Tensor:
+        """The ``(out, in)`` GBLR matrix in the current mode (training: Gaudi; eval: exact)."""
+        u, v = self.masked_factors()
+        return u @ v
+
+    # ------------------------------------------------------------------ cost
+    def interval_lengths(self) -> tuple[Tensor, Tensor]:
+        """Integer ``(col_lengths (K,), row_lengths (K,))`` of the intervals used in eval."""
+        return (
+            interval_lengths(self.widths[0], self.cols),
+            interval_lengths(self.widths[1], self.rows),
+        )
+
+    def interval_starts(self) -> tuple[Tensor, Tensor]:
+        """Integer ``(col_starts (K,), row_starts (K,))`` of the intervals used in eval."""
+        return (
+            interval_starts(self.locations[0], self.cols),
+            interval_starts(self.locations[1], self.rows),
+        )
+
+    def live_mask(self) -> Tensor:
+        """``(K,)`` bool: components whose row and column intervals are both non-empty."""
+        col_lengths, row_lengths = self.interval_lengths()
+        return (col_lengths > 0) & (row_lengths > 0)
+
+    def live_components(self) -> int:
+        """Number of live components."""
+        return int(self.live_mask().sum().item())
+
+    def matrix_flops(self) -> int:
+        """MACs of ``W @ x`` for one input column, live components only (DESIGN §2.1)."""
+        col_lengths, row_lengths = self.interval_lengths()
+        return gblr_cost(row_lengths, col_lengths, self.rank_per_component)
+
+    def dense_flops(self) -> int:
+        """MACs of the dense matrix of the same shape for one input column: ``out * in``."""
+        return self.rows * self.cols
+
+    def _choose_order(self, vectors: int) -> str:
+        """Evaluation order for ``vectors`` input columns, by the MACs each really spends.
+
+        ``materialize``: build ``W`` (``m n K r``) then one product (``vectors m n``);
+        ``factored``: two thin products through the ``K r`` rank (``vectors K r (m + n)``).
+        """
+        if self._evaluation_order != "auto":
+            return self._evaluation_order
+        m, n, kr = self.rows, self.cols, self.num_components * self.rank_per_component
+        materialize = m * n * kr + vectors * m * n
+        factored = vectors * kr * (m + n)
+        return "factored" if factored < materialize else "materialize"
+
+    def _gblr_extra_repr(self) -> str:
+        return (
+            f"rank_per_component={self.rank_per_component}, "
+            f"num_components={self.num_components}, sigma={float(self.sigma):g}, "
+            f"evaluation_order={self._evaluation_order!r}"
+        )

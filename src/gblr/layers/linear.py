@@ -1,0 +1,199 @@
+"""``GBLRLinear``: a drop-in ``nn.Linear`` whose weight is a learned GBLR matrix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import EvaluationOrder, GBLRMatrixMixin, StructureInit, check_positive_int
+
+__all__ = ["GBLRLinear"]
+
+
+class GBLRLinear(GBLRMatrixMixin):
+    """Linear layer ``y = x W^T + b`` with ``W`` a Generalized Block Low-Rank matrix.
+
+    ``W = sum_k D(a_k) U_k V_k D(b_k)``: ``K`` components of rank ``r``, each confined to a
+    learned (circular) row interval and column interval. See DESIGN.md §2.
+
+    Args:
+        in_features: size of each input sample ``n``.
+        out_features: size of each output sample ``m``.
+        rank_per_component: rank ``r`` of each component (default 1), ``1 <= r <= min(m, n)``.
+        num_components: ``K`` (default ``min(m, n) // r``, the dense-equivalent count).
+        bias: learn an additive bias (default True).
+        structure_init: starting widths/locations: ``"full"`` (every interval full: a
+            rank ``K r`` low-rank matrix), ``"random"`` (uniform widths and locations) or
+            ``"half"`` (half of ``init_cost`` on full components, half on narrow ones).
+        init_cost: starting cost as a fraction of the dense MACs, for ``"half"``.
+        widths, locations: explicit ``(2, K)`` starting values (row 0: input intervals,
+            row 1: output intervals), fractions in [0, 1]; override ``structure_init``.
+        sigma: Gaudi mask bandwidth used in training mode (default ``inf``: exact
+            Dirichlet form; :class:`gblr.StructureLearner` anneals it).
+        evaluation_order: ``"auto"`` picks, from the number of input rows, the cheaper of
+            ``"materialize"`` (build ``W``, one matmul) and ``"factored"`` (two thin
+            matmuls through the rank). Both are exact.
+        device, dtype: factory keywords as for ``nn.Linear``.
+
+    Shapes:
+        input ``(*, in_features)``, output ``(*, out_features)``.
+
+    Example:
+        >>> import torch, gblr
+        >>> layer = gblr.GBLRLinear(64, 32, structure_init="half", init_cost=0.3)
+        >>> layer(torch.randn(8, 64)).shape
+        torch.Size([8, 32])
+        >>> layer.flops() <= 0.3 * 64 * 32
+        True
+    """
+
+    counts_per_position = False
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank_per_component: int = 1,
+        num_components: int | None = None,
+        bias: bool = True,
+        structure_init: StructureInit = "full",
+        init_cost: float | None = None,
+        widths: Tensor | Sequence | None = None,
+        locations: Tensor | Sequence | None = None,
+        sigma: float | None = None,
+        evaluation_order: EvaluationOrder = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self._init_gblr(
+            out_features,
+            in_features,
+            rank_per_component=rank_per_component,
+            num_components=num_components,
+            structure_init=structure_init,
+            init_cost=init_cost,
+            widths=widths,
+            locations=locations,
+            sigma=sigma,
+            evaluation_order=evaluation_order,
+            device=device,
+            dtype=dtype,
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
+            bound = 1.0 / math.sqrt(in_features)
+            with torch.no_grad():
+                self.bias.uniform_(-bound, bound)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(*, in_features) -> (*, out_features)``."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input's last dimension must be in_features={self.in_features}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        rows = x.numel() // self.in_features
+        u, v = self.masked_factors()
+        if self._choose_order(rows) == "materialize":
+            return F.linear(x, u @ v, self.bias)
+        return F.linear(F.linear(x, v), u, self.bias)
+
+    def dense_weight(self) -> Tensor:
+        """The ``(out_features, in_features)`` weight in the current mode."""
+        return self.gblr_weight()
+
+    def flops(self) -> int:
+        """MACs per input row, live components only, from the integer intervals of eval."""
+        return self.matrix_flops()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self._gblr_extra_repr()}"
+        )
+
+    @classmethod
+    def from_intervals(
+        cls,
+        factors_u: Tensor,
+        factors_v: Tensor,
+        row_intervals: Tensor | Sequence,
+        col_intervals: Tensor | Sequence,
+        *,
+        bias: Tensor | None = None,
+        sigma: float | None = None,
+    ) -> GBLRLinear:
+        """Build a layer from explicit factors and integer intervals.
+
+        Args:
+            factors_u: ``(out, K, r)`` left factors (only entries inside a component's row
+                interval matter).
+            factors_v: ``(K, r, in)`` right factors (only entries inside its column interval
+                matter).
+            row_intervals: ``(K, 2)`` integers ``(start, length)`` with ``0 <= start < out``,
+                ``0 <= length <= out``; intervals wrap around.
+            col_intervals: ``(K, 2)`` likewise over ``in``.
+            bias: optional ``(out,)``.
+            sigma: as in the constructor.
+
+        Returns:
+            A :class:`GBLRLinear` whose ``dense_weight()`` in eval mode is
+            ``sum_k D(a_k) U_k V_k D(b_k)``, on the device and dtype of ``factors_u``.
+        """
+        if factors_u.dim() != 3 or factors_v.dim() != 3:
+            raise ValueError(
+                "factors_u must be (out, K, r) and factors_v (K, r, in), got "
+                f"{tuple(factors_u.shape)} and {tuple(factors_v.shape)}"
+            )
+        out_features, k, r = factors_u.shape
+        if factors_v.shape[:2] != (k, r):
+            raise ValueError(
+                f"factors_v must be (K, r, in) = ({k}, {r}, in), got {tuple(factors_v.shape)}"
+            )
+        in_features = factors_v.shape[2]
+        rows = _interval_fractions("row_intervals", row_intervals, k, out_features)
+        cols = _interval_fractions("col_intervals", col_intervals, k, in_features)
+        layer = cls(
+            in_features,
+            out_features,
+            rank_per_component=r,
+            num_components=k,
+            bias=bias is not None,
+            widths=torch.stack([cols[1], rows[1]]),
+            locations=torch.stack([cols[0], rows[0]]),
+            sigma=sigma,
+            device=factors_u.device,
+            dtype=factors_u.dtype,
+        )
+        with torch.no_grad():
+            layer.U.copy_(factors_u)
+            layer.V.copy_(factors_v)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+
+def _interval_fractions(name: str, intervals: object, k: int, size: int) -> tuple[Tensor, Tensor]:
+    """``(starts/size, lengths/size)`` as float64 ``(K,)`` tensors, validated."""
+    ints = torch.as_tensor(intervals)
+    if tuple(ints.shape) != (k, 2):
+        raise ValueError(f"{name} must have shape (K, 2) = ({k}, 2), got {tuple(ints.shape)}")
+    if ints.is_floating_point() and not bool((ints == ints.round()).all()):
+        raise ValueError(f"{name} must hold integers (start, length)")
+    ints = ints.to(torch.int64)
+    starts, lengths = ints[:, 0], ints[:, 1]
+    if bool((starts < 0).any()) or bool((starts >= size).any()):
+        raise ValueError(f"{name} starts must be in [0, {size}), got {starts.tolist()}")
+    if bool((lengths < 0).any()) or bool((lengths > size).any()):
+        raise ValueError(f"{name} lengths must be in [0, {size}], got {lengths.tolist()}")
+    return starts.double() / size, lengths.double() / size

@@ -1,0 +1,5 @@
+"""Pure tensor functions: interval masks."""
+
+from .gaudi import boxcar_mask, gaudi_mask, interval_lengths, interval_starts, round_to_grid
+
+__all__ = ["boxcar_mask", "gaudi_mask", "interval_lengths", "interval_starts", "round_to_grid"]

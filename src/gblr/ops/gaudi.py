@@ -1,0 +1,144 @@
+"""Interval masks for GBLR components: the differentiable Gaudi mask and the exact boxcar.
+
+An interval of a dimension of size ``n`` is given by a width ``w`` and a location ``l``,
+both fractions of ``n``: it covers the indices ``l*n, l*n + 1, ..., l*n + w*n - 1``,
+wrapping around modulo ``n`` (DESIGN.md §2.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "boxcar_mask",
+    "gaudi_mask",
+    "interval_lengths",
+    "interval_starts",
+    "round_to_grid",
+]
+
+
+def _check_interval_tensors(width: Tensor, location: Tensor, n: int) -> None:
+    if not isinstance(width, Tensor) or not isinstance(location, Tensor):
+        raise TypeError(
+            "width and location must be torch.Tensor, got "
+            f"{type(width).__name__} and {type(location).__name__}"
+        )
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive int (the dimension size), got {n!r}")
+    if width.shape != location.shape:
+        raise ValueError(
+            f"width and location must have the same shape, got {tuple(width.shape)} "
+            f"and {tuple(location.shape)}"
+        )
+
+
+def _mask_dtype(dtype: torch.dtype) -> torch.dtype:
+    # FFTs need float32 or float64; half-precision widths are computed in float32.
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def gaudi_mask(
+    width: Tensor,
+    location: Tensor,
+    n: int,
+    sigma: float | Tensor | None = None,
+) -> Tensor:
+    """Gaussian-Dirichlet (Gaudi) masks of ``K`` circular intervals on a grid of size ``n``.
+
+    The mask is the inverse real DFT of the boxcar's closed-form spectrum, evaluated at
+    real-valued width and location, times a Gaussian low-pass filter (DESIGN.md §2.2)::
+
+        M[k] = w sinc(k w) / sinc(k / n) exp(-i pi k (2 l + w - 1/n)) exp(-k^2 / (2 sigma^2))
+        mask = irfft(M, n, norm="forward"),   k = 0 .. n // 2
+
+    With ``sigma=None`` (or ``inf``) and ``w*n``, ``l*n`` integers, this is exactly the
+    circular boxcar; a zero width gives the zero mask. The mask is smooth in ``w`` and ``l``
+    for every ``sigma``, so gradients flow to both.
+
+    Args:
+        width: ``(K,)`` (or any shape ``S``) widths as fractions of ``n``, usually in [0, 1].
+        location: same shape as ``width``; starting points as fractions of ``n``.
+            Periodic with period 1.
+        n: size of the masked dimension.
+        sigma: Gaussian bandwidth in frequency bins; ``None`` or ``inf`` for no smoothing.
+            A float or a 0-d tensor, must be positive.
+
+    Returns:
+        Tensor of shape ``S + (n,)``: float64 if the inputs are float64, else float32.
+
+    Example:
+        >>> import torch, gblr
+        >>> gblr.gaudi_mask(torch.tensor([0.5]), torch.tensor([0.75]), 4).round()
+        tensor([[1., 0., 0., 1.]])
+    """
+    _check_interval_tensors(width, location, n)
+    dtype = _mask_dtype(torch.promote_types(width.dtype, location.dtype))
+    w = width.to(dtype).unsqueeze(-1)
+    loc = location.to(dtype).unsqueeze(-1)
+    k = torch.arange(n // 2 + 1, device=width.device, dtype=dtype)
+
+    amplitude = w * torch.sinc(k * w) / torch.sinc(k / n)
+    if sigma is not None:
+        sigma_t = torch.as_tensor(sigma, dtype=dtype, device=width.device)
+        if sigma_t.numel() != 1 or not bool(sigma_t.reshape(()) > 0):
+            raise ValueError(f"sigma must be a positive number or None, got {sigma!r}")
+        if bool(torch.isfinite(sigma_t)):
+            amplitude = amplitude * torch.exp(-(k * k) / (2.0 * sigma_t * sigma_t))
+    phase = (-math.pi) * k * (2.0 * loc + w - 1.0 / n)
+    spectrum = torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
+    return torch.fft.irfft(spectrum, n=n, dim=-1, norm="forward")
+
+
+def round_to_grid(fraction: Tensor, n: int) -> Tensor:
+    """Round fractions of ``n`` to multiples of ``1/n`` with a straight-through gradient.
+
+    The value is ``round(fraction * n) / n``; the gradient is that of the identity, so a
+    width or location keeps learning while the mask it drives stays on the grid.
+
+    Args:
+        fraction: any shape.
+        n: grid size (positive int).
+
+    Returns:
+        Tensor of the same shape and dtype as ``fraction``.
+    """
+    rounded = torch.round(fraction * n) / n
+    return fraction + (rounded - fraction).detach()
+
+
+def interval_lengths(width: Tensor, n: int) -> Tensor:
+    """Integer interval lengths ``round(clamp(w, 0, 1) * n)`` as int64, same shape as ``width``."""
+    return torch.round(width.detach().clamp(0.0, 1.0) * n).to(torch.int64)
+
+
+def interval_starts(location: Tensor, n: int) -> Tensor:
+    """Integer interval starts ``round(l * n) mod n`` as int64, same shape as ``location``."""
+    return torch.remainder(torch.round(location.detach() * n).to(torch.int64), n)
+
+
+def boxcar_mask(
+    width: Tensor, location: Tensor, n: int, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Exact 0/1 circular boxcar masks from the integer intervals of ``width`` and ``location``.
+
+    Args:
+        width: ``(K,)`` (or shape ``S``) widths as fractions of ``n`` (clamped to [0, 1]
+            when rounding: the integer length is ``round(w * n)``).
+        location: same shape; start ``round(l * n) mod n``.
+        n: size of the masked dimension.
+        dtype: output dtype (default: float32, or float64 for float64 inputs).
+
+    Returns:
+        Tensor of shape ``S + (n,)`` holding exact zeros and ones. Not differentiable.
+    """
+    _check_interval_tensors(width, location, n)
+    if dtype is None:
+        dtype = _mask_dtype(torch.promote_types(width.dtype, location.dtype))
+    lengths = interval_lengths(width, n).unsqueeze(-1)
+    starts = interval_starts(location, n).unsqueeze(-1)
+    index = torch.arange(n, device=width.device)
+    return (torch.remainder(index - starts, n) < lengths).to(dtype)

@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gblr
+
+ORDERS = ["materialize", "factored"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "conv_args",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": (3, 1), "stride": 2, "padding": (1, 0), "dilation": 1},
+        {"kernel_size": 3, "dilation": 2, "padding": "same"},
+        {"kernel_size": 1, "padding": "valid"},
+    ],
+)
+def test_forward_matches_conv2d_with_dense_kernel(order, training, conv_args):
+    conv = gblr.GBLRConv2d(
+        3,
+        5,
+        **conv_args,
+        structure_init="random",
+        sigma=4.0,
+        evaluation_order=order,
+        rank_per_component=1,
+        dtype=torch.float64,
+    ).train(training)
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    kernel = conv.dense_weight().reshape(5, 3, *conv.kernel_size)
+    expected = F.conv2d(
+        x, kernel, conv.bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation
+    )
+    out = conv(x)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, atol=1e-10)
+    assert torch.allclose(conv(x[0]), expected[0], atol=1e-10)  # unbatched input
+
+
+def test_auto_order_and_output_positions():
+    conv = gblr.GBLRConv2d(8, 8, 3, stride=2, padding=1)
+    x = torch.randn(2, 8, 16, 16)
+    assert conv._output_positions(x) == 2 * 8 * 8
+    assert conv._output_positions(x[0]) == 8 * 8
+    assert conv(x).shape == (2, 8, 8, 8)
+
+
+def test_flops_per_output_position_and_matrix_shape():
+    widths = torch.tensor([[0.5, 1.0], [0.25, 0.0]])
+    conv = gblr.GBLRConv2d(
+        2, 4, 2, num_components=2, widths=widths, locations=torch.zeros(2, 2), bias=False
+    )
+    assert conv.matrix_shape == (4, 8)
+    assert conv.flops() == 4 + 1  # one live component: |C| = 4, |R| = 1
+    assert conv.dense_flops() == 32
+    assert conv.live_components() == 1
+
+
+def test_gradients_flow():
+    conv = gblr.GBLRConv2d(3, 4, 3, structure_init="random", sigma=2.0)
+    conv(torch.randn(1, 3, 5, 5)).sum().backward()
+    for name in ["U", "V", "widths", "locations", "bias"]:
+        assert getattr(conv, name).grad.abs().sum() > 0, name
+
+
+def test_state_dict_round_trip():
+    conv = gblr.GBLRConv2d(3, 4, 3, structure_init="random", sigma=2.0)
+    clone = gblr.GBLRConv2d(3, 4, 3)
+    clone.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 3, 6, 6)
+    assert torch.equal(conv(x), clone(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"in_channels": 0}, ValueError, "in_channels"),
+        ({"out_channels": -2}, ValueError, "out_channels"),
+        ({"kernel_size": 0}, ValueError, "kernel_size"),
+        ({"kernel_size": 2.5}, TypeError, "kernel_size"),
+        ({"stride": 0}, ValueError, "stride"),
+        ({"padding": -1}, ValueError, "padding"),
+        ({"padding": "full"}, ValueError, "padding"),
+        ({"padding": "same", "stride": 2}, ValueError, "same"),
+        ({"rank_per_component": 100}, ValueError, "rank_per_component"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    args = {"in_channels": 3, "out_channels": 4, "kernel_size": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        gblr.GBLRConv2d(**args)
+
+
+def test_wrong_input_is_refused():
+    conv = gblr.GBLRConv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="in_channels=3"):
+        conv(torch.randn(1, 2, 5, 5))
+    with pytest.raises(ValueError, match="in_channels=3"):
+        conv(torch.randn(3, 5))

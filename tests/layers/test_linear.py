@@ -1,0 +1,282 @@
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from tests.conftest import circular_boxcar
+
+ORDERS = ["materialize", "factored"]
+
+
+def random_layer(in_features=13, out_features=9, **kwargs):
+    kwargs.setdefault("structure_init", "random")
+    return gblr.GBLRLinear(in_features, out_features, dtype=torch.float64, **kwargs)
+
+
+def brute_force_weight(layer):
+    """Independent reference: a loop over components with integer intervals."""
+    m, n = layer.out_features, layer.in_features
+    col_len, row_len = layer.interval_lengths()
+    col_start, row_start = layer.interval_starts()
+    rows = circular_boxcar(row_start.tolist(), row_len.tolist(), m)
+    cols = circular_boxcar(col_start.tolist(), col_len.tolist(), n)
+    weight = torch.zeros(m, n, dtype=torch.float64)
+    for k in range(layer.num_components):
+        block = layer.U[:, k, :].detach().double() @ layer.V[k].detach().double()
+        weight += rows[k][:, None] * block * cols[k][None, :]
+    return weight
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(13,), (4, 13), (2, 3, 13)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_dense_weight(order, training, shape, bias):
+    layer = random_layer(rank_per_component=2, bias=bias, sigma=3.0, evaluation_order=order)
+    layer.train(training)
+    x = torch.randn(*shape, dtype=torch.float64)
+    expected = x @ layer.dense_weight().T
+    if bias:
+        expected = expected + layer.bias
+    out = layer(x)
+    assert out.shape == (*shape[:-1], 9)
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_both_orders_agree_and_auto_picks_by_rows():
+    layer = gblr.GBLRLinear(256, 256, structure_init="random").eval()
+    x_small, x_large = torch.randn(2, 256), torch.randn(4096, 256)
+    assert layer._choose_order(2) == "factored"
+    assert layer._choose_order(4096) == "materialize"
+    for x in (x_small, x_large):
+        outs = []
+        for order in ORDERS:
+            layer.evaluation_order = order
+            outs.append(layer(x))
+        assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_eval_weight_equals_brute_force_loop():
+    layer = random_layer(rank_per_component=3, num_components=5).eval()
+    assert torch.allclose(layer.dense_weight(), brute_force_weight(layer), atol=1e-12)
+
+
+def test_training_with_sigma_inf_matches_eval():
+    layer = random_layer()
+    train_weight = layer.train().dense_weight()
+    eval_weight = layer.eval().dense_weight()
+    assert torch.allclose(train_weight, eval_weight, atol=1e-10)
+
+
+def test_training_masks_are_blurred_at_small_sigma():
+    layer = random_layer(sigma=1.0)
+    assert not torch.allclose(layer.train().dense_weight(), layer.eval().dense_weight(), atol=1e-3)
+
+
+def test_gradients_reach_factors_widths_and_locations():
+    layer = random_layer(sigma=2.0)
+    layer(torch.randn(6, 13, dtype=torch.float64)).pow(2).sum().backward()
+    for name in ["U", "V", "widths", "locations", "bias"]:
+        grad = getattr(layer, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_dead_component_contributes_and_costs_nothing():
+    widths = torch.tensor([[0.5, 0.0, 1.0], [0.5, 1.0, 0.0]])
+    locations = torch.zeros(2, 3)
+    layer = gblr.GBLRLinear(8, 6, num_components=3, widths=widths, locations=locations, sigma=2.0)
+    assert layer.live_components() == 1
+    assert layer.flops() == 4 + 3  # only component 0: |C| = 4, |R| = 3
+    x = torch.randn(5, 8)
+    for training in (True, False):
+        layer.train(training)
+        reference = layer(x)
+        with torch.no_grad():
+            layer.U[:, 1:].normal_()
+            layer.V[1:].normal_()
+        assert torch.equal(layer(x), reference)
+
+
+def test_flops_counts_live_intervals():
+    widths = torch.tensor([[0.25, 1.0, 0.5], [0.5, 0.0, 1.0]])
+    layer = gblr.GBLRLinear(
+        8, 4, rank_per_component=2, num_components=3, widths=widths, locations=torch.zeros(2, 3)
+    )
+    # component 0: |C| = 2, |R| = 2; component 1 dead; component 2: |C| = 4, |R| = 4.
+    assert layer.flops() == 2 * ((2 + 2) + (4 + 4))
+    assert layer.dense_flops() == 32
+
+
+def test_full_init_is_a_low_rank_matrix():
+    layer = gblr.GBLRLinear(20, 12, rank_per_component=2, num_components=3)
+    assert torch.linalg.matrix_rank(layer.eval().dense_weight()).item() == 6
+    assert layer.flops() == 6 * (20 + 12)
+
+
+def test_default_num_components_and_weight_scale():
+    layer = gblr.GBLRLinear(300, 200)
+    assert layer.num_components == 200
+    reference = nn.Linear(300, 200).weight.std().item()
+    assert 0.7 < layer.eval().dense_weight().std().item() / reference < 1.4
+
+
+@pytest.mark.parametrize("cost", [0.1, 0.3, 0.6])
+def test_half_init_meets_the_starting_cost(cost):
+    m, n = 96, 128
+    layer = gblr.GBLRLinear(n, m, structure_init="half", init_cost=cost)
+    widths = layer.widths.detach()
+    full = (widths == 1.0).all(dim=0)
+    assert 0 < full.sum() < layer.num_components
+    relaxed = (widths[0] * n + widths[1] * m).sum().item()
+    assert relaxed == pytest.approx(cost * m * n, rel=1e-4)
+    # rounding to the integer grid moves the real cost by at most one row/column each
+    assert abs(layer.flops() - cost * m * n) <= layer.num_components * 2
+    ratio = layer.eval().dense_weight().std() / nn.Linear(n, m).weight.std()
+    assert 0.5 < ratio.item() < 2.0
+
+
+def test_half_init_too_expensive_is_refused():
+    with pytest.raises(ValueError, match="init_cost"):
+        gblr.GBLRLinear(64, 64, num_components=2, structure_init="half", init_cost=0.9)
+
+
+def test_random_init_is_seeded():
+    torch.manual_seed(3)
+    a = gblr.GBLRLinear(10, 10, structure_init="random")
+    torch.manual_seed(3)
+    b = gblr.GBLRLinear(10, 10, structure_init="random")
+    assert torch.equal(a.widths, b.widths) and torch.equal(a.U, b.U)
+    assert a.widths.min() >= 0 and a.widths.max() <= 1
+
+
+def test_state_dict_round_trip():
+    layer = random_layer(rank_per_component=2, sigma=7.0)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    clone = random_layer(rank_per_component=2)
+    clone.load_state_dict(torch.load(buffer))
+    assert float(clone.sigma) == 7.0
+    x = torch.randn(3, 13, dtype=torch.float64)
+    for training in (True, False):
+        layer.train(training), clone.train(training)
+        assert torch.equal(layer(x), clone(x))
+    assert set(layer.state_dict()) == {"U", "V", "widths", "locations", "bias", "sigma"}
+
+
+def test_from_intervals_wraps():
+    u = torch.randn(6, 1, 1, dtype=torch.float64)
+    v = torch.randn(1, 1, 5, dtype=torch.float64)
+    layer = gblr.GBLRLinear.from_intervals(u, v, [(4, 3)], [(3, 4)]).eval()
+    rows = torch.tensor([4, 5, 0])
+    cols = torch.tensor([3, 4, 0, 1])
+    expected = torch.zeros(6, 5, dtype=torch.float64)
+    expected[rows[:, None], cols] = (u[:, 0] @ v[0])[rows[:, None], cols]
+    assert torch.allclose(layer.dense_weight(), expected)
+    assert layer.flops() == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"in_features": 0, "out_features": 4}, "in_features"),
+        ({"in_features": 4, "out_features": -1}, "out_features"),
+        ({"in_features": 4, "out_features": 4, "rank_per_component": 5}, "rank_per_component"),
+        ({"in_features": 4, "out_features": 4, "rank_per_component": 0}, "rank_per_component"),
+        ({"in_features": 4, "out_features": 4, "num_components": 0}, "num_components"),
+        ({"in_features": 4, "out_features": 4, "structure_init": "nope"}, "structure_init"),
+        ({"in_features": 4, "out_features": 4, "structure_init": "half"}, "init_cost"),
+        ({"in_features": 4, "out_features": 4, "init_cost": 0.5}, "init_cost"),
+        ({"in_features": 4, "out_features": 4, "sigma": 0.0}, "sigma"),
+        ({"in_features": 4, "out_features": 4, "sigma": math.nan}, "sigma"),
+        ({"in_features": 4, "out_features": 4, "evaluation_order": "x"}, "evaluation_order"),
+        (
+            {
+                "in_features": 4,
+                "out_features": 4,
+                "num_components": 2,
+                "widths": [[0.5, 1.5], [0.5, 0.5]],
+                "locations": [[0, 0], [0, 0]],
+            },
+            "widths",
+        ),
+        (
+            {
+                "in_features": 4,
+                "out_features": 4,
+                "num_components": 2,
+                "widths": [[0.5, math.nan], [0.5, 0.5]],
+                "locations": [[0, 0], [0, 0]],
+            },
+            "widths",
+        ),
+        (
+            {
+                "in_features": 4,
+                "out_features": 4,
+                "num_components": 2,
+                "widths": [[0.5, 0.5], [0.5, 0.5]],
+                "locations": [[0, math.inf], [0, 0]],
+            },
+            "locations",
+        ),
+        (
+            {
+                "in_features": 4,
+                "out_features": 4,
+                "num_components": 2,
+                "widths": [[0.5, 0.5, 0.5]],
+                "locations": [[0, 0, 0]],
+            },
+            "widths",
+        ),
+        ({"in_features": 4, "out_features": 4, "widths": torch.ones(2, 4)}, "together"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gblr.GBLRLinear(**kwargs)
+
+
+def test_non_int_features_is_type_error():
+    with pytest.raises(TypeError, match="in_features"):
+        gblr.GBLRLinear(4.0, 3)
+
+
+def test_wrong_input_size_is_refused():
+    layer = gblr.GBLRLinear(5, 3)
+    with pytest.raises(ValueError, match="in_features=5"):
+        layer(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="in_features=5"):
+        layer(torch.tensor(1.0))
+
+
+def test_bad_intervals_are_refused():
+    u, v = torch.randn(4, 1, 1), torch.randn(1, 1, 4)
+    with pytest.raises(ValueError, match="row_intervals"):
+        gblr.GBLRLinear.from_intervals(u, v, [(4, 1)], [(0, 1)])
+    with pytest.raises(ValueError, match="col_intervals"):
+        gblr.GBLRLinear.from_intervals(u, v, [(0, 1)], [(0, 5)])
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_bf16_autocast_is_close_to_float32(order):
+    layer = gblr.GBLRLinear(64, 32, structure_init="random", evaluation_order=order)
+    x = torch.randn(8, 64)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: a few percent of the output scale.
+    assert (out.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    layer = gblr.GBLRLinear(16, 8, structure_init="random", sigma=3.0)
+    x = torch.randn(4, 16)
+    expected = layer(x)
+    assert torch.allclose(layer.cuda()(x.cuda()).cpu(), expected, atol=1e-5)

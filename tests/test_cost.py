@@ -1,0 +1,94 @@
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from gblr.cost import gblr_cost
+
+
+def test_gblr_cost_counts_only_live_components():
+    rows = torch.tensor([3, 0, 5, 2])
+    cols = torch.tensor([4, 7, 0, 1])
+    assert gblr_cost(rows, cols, 1) == (3 + 4) + (2 + 1)
+    assert gblr_cost(rows, cols, 3) == 3 * 10
+
+
+def make_model():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        gblr.GBLRConv2d(4, 6, 3, padding=1, structure_init="half", init_cost=0.4),
+        nn.Flatten(),
+        nn.Linear(6 * 5 * 5, 10),
+        gblr.GBLRLinear(10, 7, structure_init="random"),
+    )
+
+
+def test_report_per_row_numbers():
+    model = make_model()
+    report = gblr.count_flops(model)
+    assert [layer.name for layer in report] == ["0", "1", "3", "4"]
+    assert report["0"].macs == report["0"].dense_macs == 4 * 27
+    assert report["1"].macs == model[1].flops() and report["1"].dense_macs == 6 * 36
+    assert report["1"].live_components == model[1].live_components()
+    assert report["1"].unit == "position" and report["4"].unit == "row"
+    assert report["4"].shape == (7, 10)
+    assert report.macs == sum(layer.macs for layer in report)
+    assert report.ratio == pytest.approx(report.macs / report.dense_macs)
+    assert report["3"].live_components is None
+
+
+def test_report_with_example_input_multiplies_by_rows_and_positions():
+    model = make_model()
+    x = torch.randn(2, 3, 5, 5)
+    report = gblr.count_flops(model, x)
+    assert report["0"].rows == 2 * 25
+    assert report["3"].rows == 2
+    assert report["0"].total_macs == 2 * 25 * 4 * 27
+    assert report["1"].total_macs == 2 * 25 * model[1].flops()
+    assert report.macs == sum(layer.total_macs for layer in report)
+    # Hooks are removed afterwards.
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_sequence_input_counts_every_row():
+    layer = gblr.GBLRLinear(8, 8)
+    report = gblr.count_flops(nn.Sequential(layer), torch.randn(3, 5, 8))
+    assert report.layers[0].rows == 15
+    assert report.macs == 15 * layer.flops()
+
+
+def test_include_exclude_globs():
+    model = make_model()
+    assert [l.name for l in gblr.count_flops(model, include=["1", "4"])] == ["1", "4"]
+    assert [l.name for l in gblr.count_flops(model, exclude="0")] == ["1", "3", "4"]
+
+
+def test_structured_layer_children_are_not_counted_twice():
+    class Wrapper(nn.Module):
+        matrix_shape = (4, 4)
+
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def flops(self):
+            return 5
+
+        def dense_flops(self):
+            return 16
+
+    report = gblr.count_flops(nn.Sequential(Wrapper()))
+    assert [(l.name, l.macs) for l in report] == [("0", 5)]
+
+
+def test_table_lists_layers_and_totals():
+    text = str(gblr.count_flops(make_model()))
+    assert "GBLRConv2d" in text and "Linear" in text and "total" in text
+    assert "fvcore" in text
+    lines = text.splitlines()
+    assert len(lines) == 1 + 1 + 4 + 1 + 1 + 1
+
+
+def test_bad_model():
+    with pytest.raises(TypeError, match="model"):
+        gblr.count_flops("not a model")
