@@ -68,7 +68,7 @@ def test_training_with_sigma_inf_matches_eval():
     layer = random_layer()
     train_weight = layer.train().dense_weight()
     eval_weight = layer.eval().dense_weight()
-    assert torch.allclose(train_weight, eval_weight, atol=1e-10)
+    assert torch.equal(train_weight, eval_weight)
 
 
 def test_training_masks_are_blurred_at_small_sigma():
@@ -280,3 +280,20 @@ def test_cuda_matches_cpu():
     x = torch.randn(4, 16)
     expected = layer(x)
     assert torch.allclose(layer.cuda()(x.cuda()).cpu(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_keeps_exact_structure(dtype):
+    n = 3001  # a grid finer than 16-bit floats can resolve near 1
+    widths = torch.tensor([[2999 / n, 1500 / n], [0.5, 0.25]])
+    locations = torch.tensor([[1234 / n, 2 / n], [0.0, 0.5]])
+    layer = gblr.GBLRLinear(n, 8, num_components=2, widths=widths, locations=locations)
+    before = (layer.interval_lengths(), layer.interval_starts(), layer.flops())
+    layer = layer.to(dtype)
+    assert layer.U.dtype == dtype and layer.bias.dtype == dtype
+    assert layer.widths.dtype == torch.float32 and layer.locations.dtype == torch.float32
+    after = (layer.interval_lengths(), layer.interval_starts(), layer.flops())
+    assert all(torch.equal(a, b) for a, b in zip(before[0] + before[1], after[0] + after[1]))
+    assert before[2] == after[2]
+    out = layer.eval()(torch.randn(2, n, dtype=dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()

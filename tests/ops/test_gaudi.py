@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gblr
-from gblr.ops import boxcar_mask, round_to_grid
+from gblr.ops import boxcar_mask, gaudi_mask_on_grid, round_to_grid
 from tests.conftest import circular_boxcar
 
 
@@ -138,3 +138,41 @@ def test_round_to_grid_is_straight_through():
     assert torch.equal(y.detach(), torch.tensor([0.25, 0.75]))
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones(2))
+
+
+def _reference_on_grid(width, location, n, sigma):
+    """gaudi_mask at straight-through grid-rounded parameters (widths clamped to [0, 1])."""
+    snapped = torch.round(width.clamp(0.0, 1.0) * n) / n
+    return gblr.gaudi_mask(
+        width + (snapped - width).detach(), round_to_grid(location, n), n, sigma=sigma
+    )
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 33, 64])
+@pytest.mark.parametrize("sigma", [None, 0.7, 3.0, 50.0])
+def test_on_grid_equals_reference_in_value_and_gradient(n, sigma):
+    generator = torch.Generator().manual_seed(n)
+    width = torch.rand(2, 7, dtype=torch.float64, generator=generator) * 1.4 - 0.2
+    width[0, :2] = torch.tensor([0.0, 1.0])  # dead and full components
+    location = torch.rand(2, 7, dtype=torch.float64, generator=generator) * 4 - 2
+    grad_out = torch.randn(2, 7, n, dtype=torch.float64, generator=generator)
+    results = []
+    for fn in (gaudi_mask_on_grid, _reference_on_grid):
+        w = width.clone().requires_grad_()
+        loc = location.clone().requires_grad_()
+        mask = fn(w, loc, n, sigma)
+        (mask * grad_out).sum().backward()
+        results.append((mask, w.grad, loc.grad))
+    for fast, reference in zip(*results):
+        assert fast.shape == reference.shape
+        assert torch.allclose(fast, reference, atol=1e-10, rtol=0)
+
+
+def test_on_grid_float32_and_boxcar_at_sigma_inf():
+    width = torch.tensor([0.3, 0.0, 1.0, 0.55])
+    location = torch.tensor([0.9, 0.2, 0.4, -0.3])
+    mask = gaudi_mask_on_grid(width, location, 20)
+    assert mask.dtype == torch.float32
+    assert torch.equal(mask, boxcar_mask(width, location, 20))  # exact at sigma = inf
+    with pytest.raises(ValueError, match="sigma"):
+        gaudi_mask_on_grid(width, location, 20, sigma=-2.0)

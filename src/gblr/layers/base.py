@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cost import gblr_cost
-from ..ops.gaudi import boxcar_mask, gaudi_mask, interval_lengths, interval_starts
+from ..ops.gaudi import boxcar_mask, gaudi_mask_on_grid, interval_lengths, interval_starts
 
 __all__ = ["EVALUATION_ORDERS", "STRUCTURE_INITS", "GBLRMatrixMixin"]
 
@@ -142,6 +142,20 @@ class GBLRMatrixMixin(nn.Module):
             self._init_structure(structure_init, init_cost)
         self._init_factors()
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """Keep widths and locations in float32/float64 under ``.half()``, ``.to(bf16)``...
+
+        Their values are fractions on grids of up to ~1e5 points; in 16-bit floats the
+        rounded intervals would be wrong. Factors and bias follow the model's dtype.
+        """
+        saved = {name: getattr(self, name).data for name in ("widths", "locations")}
+        super()._apply(fn, recurse)
+        for name, before in saved.items():
+            param = getattr(self, name)
+            if param.dtype not in (torch.float32, torch.float64):
+                param.data = before.to(device=param.device)
+        return self
+
     # ------------------------------------------------------------------ properties
     @property
     def evaluation_order(self) -> str:
@@ -229,24 +243,19 @@ class GBLRMatrixMixin(nn.Module):
         Returns:
             ``(col_mask (K, in), row_mask (K, out))``. Training: Gaudi masks (bandwidth
             ``self.sigma``) of widths and locations rounded to the grid with a
-            straight-through gradient (widths clamped to [0, 1] the same way). Eval: exact
-            0/1 boxcars.
+            straight-through gradient (widths clamped to [0, 1] the same way), see
+            :func:`gblr.ops.gaudi_mask_on_grid`. Eval: exact 0/1 boxcars.
         """
         if not self.training:
             return (
                 boxcar_mask(self.widths[0], self.locations[0], self.cols),
                 boxcar_mask(self.widths[1], self.locations[1], self.rows),
             )
-        sigma = None if math.isinf(float(self.sigma)) else self.sigma
-        masks = []
-        for index, size in ((0, self.cols), (1, self.rows)):
-            width, location = self.widths[index], self.locations[index]
-            snapped_width = torch.round(width.clamp(0.0, 1.0) * size) / size
-            snapped_location = torch.round(location * size) / size
-            width = width + (snapped_width - width).detach()
-            location = location + (snapped_location - location).detach()
-            masks.append(gaudi_mask(width, location, size, sigma))
-        return masks[0], masks[1]
+        sigma = float(self.sigma)
+        return (
+            gaudi_mask_on_grid(self.widths[0], self.locations[0], self.cols, sigma),
+            gaudi_mask_on_grid(self.widths[1], self.locations[1], self.rows, sigma),
+        )
 
     def masked_factors(self) -> tuple[Tensor, Tensor]:
         """``(U_masked (out, K*r), V_masked (K*r, in))`` with ``W = U_masked @ V_masked``."""

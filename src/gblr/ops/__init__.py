@@ -1,5 +1,19 @@
 """Pure tensor functions: interval masks."""
 
-from .gaudi import boxcar_mask, gaudi_mask, interval_lengths, interval_starts, round_to_grid
+from .gaudi import (
+    boxcar_mask,
+    gaudi_mask,
+    gaudi_mask_on_grid,
+    interval_lengths,
+    interval_starts,
+    round_to_grid,
+)
 
-__all__ = ["boxcar_mask", "gaudi_mask", "interval_lengths", "interval_starts", "round_to_grid"]
+__all__ = [
+    "boxcar_mask",
+    "gaudi_mask",
+    "gaudi_mask_on_grid",
+    "interval_lengths",
+    "interval_starts",
+    "round_to_grid",
+]
