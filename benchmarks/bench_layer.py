@@ -36,13 +36,19 @@ def _sync(device: torch.device) -> None:
 
 
 def _step_fn(layer: nn.Module, x: torch.Tensor, autocast: torch.dtype | None):
-    device = x.device
+    # A fixed upstream gradient instead of a loss: the step is the layer's work alone.
+    with (
+        torch.no_grad(),
+        torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None),
+    ):
+        grad_output = torch.randn_like(layer(x))
 
     def step() -> None:
         layer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        x.grad = None
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
             out = layer(x)
-        out.float().square().mean().backward()
+        out.backward(grad_output)
 
     return step
 

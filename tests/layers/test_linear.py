@@ -25,7 +25,7 @@ def brute_force_weight(layer):
     cols = circular_boxcar(col_start.tolist(), col_len.tolist(), n)
     weight = torch.zeros(m, n, dtype=torch.float64)
     for k in range(layer.num_components):
-        block = layer.U[:, k, :].detach().double() @ layer.V[k].detach().double()
+        block = layer.U[k].detach().double().T @ layer.V[k].detach().double()
         weight += rows[k][:, None] * block * cols[k][None, :]
     return weight
 
@@ -95,7 +95,7 @@ def test_dead_component_contributes_and_costs_nothing():
         layer.train(training)
         reference = layer(x)
         with torch.no_grad():
-            layer.U[:, 1:].normal_()
+            layer.U[1:].normal_()
             layer.V[1:].normal_()
         assert torch.equal(layer(x), reference)
 
@@ -168,13 +168,13 @@ def test_state_dict_round_trip():
 
 
 def test_from_intervals_wraps():
-    u = torch.randn(6, 1, 1, dtype=torch.float64)
+    u = torch.randn(1, 1, 6, dtype=torch.float64)
     v = torch.randn(1, 1, 5, dtype=torch.float64)
     layer = gblr.GBLRLinear.from_intervals(u, v, [(4, 3)], [(3, 4)]).eval()
     rows = torch.tensor([4, 5, 0])
     cols = torch.tensor([3, 4, 0, 1])
     expected = torch.zeros(6, 5, dtype=torch.float64)
-    expected[rows[:, None], cols] = (u[:, 0] @ v[0])[rows[:, None], cols]
+    expected[rows[:, None], cols] = (u[0].T @ v[0])[rows[:, None], cols]
     assert torch.allclose(layer.dense_weight(), expected)
     assert layer.flops() == 7
 
@@ -255,7 +255,7 @@ def test_wrong_input_size_is_refused():
 
 
 def test_bad_intervals_are_refused():
-    u, v = torch.randn(4, 1, 1), torch.randn(1, 1, 4)
+    u, v = torch.randn(1, 1, 4), torch.randn(1, 1, 4)
     with pytest.raises(ValueError, match="row_intervals"):
         gblr.GBLRLinear.from_intervals(u, v, [(4, 1)], [(0, 1)])
     with pytest.raises(ValueError, match="col_intervals"):

@@ -3,7 +3,8 @@
 A GBLR matrix ``W`` of shape ``(m, n)`` (out x in) is ``sum_k D(a_k) U_k V_k D(b_k)`` with
 ``K`` components of rank ``r`` (DESIGN.md §2.1). Parameters:
 
-- ``U``: ``(m, K, r)`` left factors, ``V``: ``(K, r, n)`` right factors;
+- ``U``: ``(K, r, m)`` left factors (``U_k`` transposed, so that masking is a contiguous
+  broadcast), ``V``: ``(K, r, n)`` right factors;
 - ``widths``, ``locations``: ``(2, K)``, fractions of the dimension; index 0 is the input
   (column) interval, index 1 the output (row) interval;
 - buffer ``sigma``: the Gaudi mask bandwidth (``inf`` = exact Dirichlet form).
@@ -121,7 +122,7 @@ class GBLRMatrixMixin(nn.Module):
 
         factory = {"device": device, "dtype": dtype}
         k, r = num_components, rank_per_component
-        self.U = nn.Parameter(torch.empty(rows, k, r, **factory))
+        self.U = nn.Parameter(torch.empty(k, r, rows, **factory))
         self.V = nn.Parameter(torch.empty(k, r, cols, **factory))
         # Structure parameters stay float32 (or float64) even in a half-precision model:
         # their values are fractions rounded to a grid of up to ~1e5 points.
@@ -258,17 +259,17 @@ class GBLRMatrixMixin(nn.Module):
         )
 
     def masked_factors(self) -> tuple[Tensor, Tensor]:
-        """``(U_masked (out, K*r), V_masked (K*r, in))`` with ``W = U_masked @ V_masked``."""
+        """``(U_masked (K*r, out), V_masked (K*r, in))`` with ``W = U_masked.T @ V_masked``."""
         col_mask, row_mask = self.masks()
         dtype = self.U.dtype
-        u = (self.U * row_mask.t().to(dtype).unsqueeze(-1)).reshape(self.rows, -1)
+        u = (self.U * row_mask.to(dtype).unsqueeze(1)).reshape(-1, self.rows)
         v = (self.V * col_mask.to(dtype).unsqueeze(1)).reshape(-1, self.cols)
         return u, v
 
     def gblr_weight(self) -> Tensor:
         """The ``(out, in)`` GBLR matrix in the current mode (training: Gaudi; eval: exact)."""
         u, v = self.masked_factors()
-        return u @ v
+        return u.t() @ v
 
     # ------------------------------------------------------------------ cost
     def interval_lengths(self) -> tuple[Tensor, Tensor]:

@@ -134,9 +134,10 @@ class GBLRConv2d(GBLRMatrixMixin):
         u, v = self.masked_factors()
         kernel_shape = (self.in_channels, *self.kernel_size)
         if self._choose_order(self._output_positions(x)) == "materialize":
-            return F.conv2d(x, (u @ v).reshape(self.out_channels, *kernel_shape), self.bias, **conv)
+            kernel = (u.t() @ v).reshape(self.out_channels, *kernel_shape)
+            return F.conv2d(x, kernel, self.bias, **conv)
         hidden = F.conv2d(x, v.reshape(-1, *kernel_shape), None, **conv)
-        return F.conv2d(hidden, u.reshape(self.out_channels, -1, 1, 1), self.bias)
+        return F.conv2d(hidden, u.t().reshape(self.out_channels, -1, 1, 1), self.bias)
 
     def dense_weight(self) -> Tensor:
         """The ``(out_channels, in_channels * kh * kw)`` kernel matrix in the current mode."""

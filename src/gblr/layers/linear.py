@@ -105,8 +105,8 @@ class GBLRLinear(GBLRMatrixMixin):
         rows = x.numel() // self.in_features
         u, v = self.masked_factors()
         if self._choose_order(rows) == "materialize":
-            return F.linear(x, u @ v, self.bias)
-        return F.linear(F.linear(x, v), u, self.bias)
+            return F.linear(x, u.t() @ v, self.bias)
+        return F.linear(F.linear(x, v), u.t(), self.bias)
 
     def dense_weight(self) -> Tensor:
         """The ``(out_features, in_features)`` weight in the current mode."""
@@ -136,8 +136,8 @@ class GBLRLinear(GBLRMatrixMixin):
         """Build a layer from explicit factors and integer intervals.
 
         Args:
-            factors_u: ``(out, K, r)`` left factors (only entries inside a component's row
-                interval matter).
+            factors_u: ``(K, r, out)`` left factors, transposed (only entries inside a
+                component's row interval matter).
             factors_v: ``(K, r, in)`` right factors (only entries inside its column interval
                 matter).
             row_intervals: ``(K, 2)`` integers ``(start, length)`` with ``0 <= start < out``,
@@ -152,10 +152,10 @@ class GBLRLinear(GBLRMatrixMixin):
         """
         if factors_u.dim() != 3 or factors_v.dim() != 3:
             raise ValueError(
-                "factors_u must be (out, K, r) and factors_v (K, r, in), got "
+                "factors_u must be (K, r, out) and factors_v (K, r, in), got "
                 f"{tuple(factors_u.shape)} and {tuple(factors_v.shape)}"
             )
-        out_features, k, r = factors_u.shape
+        k, r, out_features = factors_u.shape
         if factors_v.shape[:2] != (k, r):
             raise ValueError(
                 f"factors_v must be (K, r, in) = ({k}, {r}, in), got {tuple(factors_v.shape)}"

@@ -67,11 +67,11 @@ class _ComponentList:
         self.cols: list[tuple[int, int]] = []
 
     def add(self, u: Tensor, v: Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> None:
-        """``u``: (len_rows, r) placed at ``rows``; ``v``: (r, len_cols) placed at ``cols``."""
+        """``u``: (r, len_rows) placed at ``rows``; ``v``: (r, len_cols) placed at ``cols``."""
         m, n = self.shape
-        full_u = self.like.new_zeros(m, self.rank)
+        full_u = self.like.new_zeros(self.rank, m)
         full_v = self.like.new_zeros(self.rank, n)
-        full_u[rows[0] : rows[0] + rows[1]] = u
+        full_u[:, rows[0] : rows[0] + rows[1]] = u
         full_v[:, cols[0] : cols[0] + cols[1]] = v
         self.u.append(full_u)
         self.v.append(full_v)
@@ -89,7 +89,7 @@ class _ComponentList:
         if w * (h + 1) <= h * (w + 1):
             for j in range(w):
                 if bool((block[:, j] != 0).any()):
-                    self.add(block[:, j : j + 1], one, (row_start, h), (col_start + j, 1))
+                    self.add(block[:, j].unsqueeze(0), one, (row_start, h), (col_start + j, 1))
         else:
             for i in range(h):
                 if bool((block[i] != 0).any()):
@@ -99,9 +99,9 @@ class _ComponentList:
         if not self.u:
             # The zero matrix: one dead component, costing nothing.
             self.add(
-                self.like.new_zeros(0, self.rank), self.like.new_zeros(self.rank, 0), (0, 0), (0, 0)
+                self.like.new_zeros(self.rank, 0), self.like.new_zeros(self.rank, 0), (0, 0), (0, 0)
             )
-        factors_u = torch.stack(self.u, dim=1)  # (m, K, r)
+        factors_u = torch.stack(self.u, dim=0)  # (K, r, m)
         factors_v = torch.stack(self.v, dim=0)  # (K, r, n)
         layer = GBLRLinear.from_intervals(factors_u, factors_v, self.rows, self.cols)
         return layer.eval()
@@ -127,7 +127,7 @@ def low_rank(factor_u: Tensor, factor_v: Tensor, *, rank_per_component: int = 1)
     if rank % r:
         raise ValueError(f"rank_per_component={r} must divide the rank R={rank}")
     k = rank // r
-    factors_u = factor_u.reshape(m, k, r)
+    factors_u = factor_u.t().reshape(k, r, m)
     factors_v = factor_v.reshape(k, r, n)
     full = [(0, m)] * k, [(0, n)] * k
     return GBLRLinear.from_intervals(factors_u, factors_v, full[0], full[1]).eval()
@@ -170,7 +170,7 @@ def block_low_rank(
         for col_start, w in zip(_starts(col_sizes), col_sizes):
             block = weight[row_start : row_start + h, col_start : col_start + w]
             left, singular, right = torch.linalg.svd(block, full_matrices=False)
-            parts.add(left[:, :r] * singular[:r], right[:r], (row_start, h), (col_start, w))
+            parts.add((left[:, :r] * singular[:r]).t(), right[:r], (row_start, h), (col_start, w))
     return parts.build()
 
 

@@ -190,7 +190,9 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
         windows = cumulative.unfold(0, n, 1)  # row a: cumulative[a : a + n]
         # mask[j] = C(j - s + 1) - C(j - s - L + 1), C the table's value at offset 2n.
         first = (2 * n + 1) - starts
-        mask = windows[first.reshape(-1)] - windows[(first - lengths).reshape(-1)]
+        mask = windows.index_select(0, first.reshape(-1)) - windows.index_select(
+            0, (first - lengths).reshape(-1)
+        )
         ctx.save_for_backward(starts, lengths, edge)
         ctx.n = n
         return mask.reshape(*width.shape, n)
@@ -201,8 +203,8 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
         n = ctx.n
         periods = edge.unfold(0, n, 1)  # row a: edge[(a + j) mod n], 0 <= a <= n
         grad_mask = grad_mask.reshape(-1, n).to(edge.dtype)
-        at_end = periods[torch.remainder(-(starts + lengths), n).reshape(-1)]
-        at_start = periods[torch.remainder(-starts, n).reshape(-1)]
+        at_end = periods.index_select(0, torch.remainder(-(starts + lengths), n).reshape(-1))
+        at_start = periods.index_select(0, torch.remainder(-starts, n).reshape(-1))
         grad_end = torch.linalg.vecdot(grad_mask, at_end).reshape(starts.shape)
         grad_start = torch.linalg.vecdot(grad_mask, at_start).reshape(starts.shape)
         # Widening moves the end; moving the box moves both ends the same way.
