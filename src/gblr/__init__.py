@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .cost import FlopsReport, LayerFlops, count_flops
 from .layers import GBLRConv2d, GBLRLinear, special
+from .learn import StructureLearner, param_groups
 from .ops import boxcar_mask, gaudi_mask
 
 try:
@@ -20,9 +21,11 @@ __all__ = [
     "GBLRConv2d",
     "GBLRLinear",
     "LayerFlops",
+    "StructureLearner",
     "__version__",
     "boxcar_mask",
     "count_flops",
     "gaudi_mask",
+    "param_groups",
     "special",
 ]

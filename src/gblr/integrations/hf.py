@@ -1,0 +1,66 @@
+"""Hugging Face ``transformers.Trainer`` callback that drives a :class:`gblr.StructureLearner`.
+
+Needs ``transformers`` (``pip install "gblr[hf]"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError("gblr.integrations.hf needs transformers: pip install 'gblr[hf]'") from error
+
+from ..learn.learner import StructureLearner
+from ._common import build_learner, log_items
+
+__all__ = ["GBLRTrainerCallback"]
+
+
+class GBLRTrainerCallback(TrainerCallback):
+    """Runs ``learner.step()`` after every optimizer step and adds its summary to the logs.
+
+    Args:
+        learner: an existing learner, or None to build one when training begins from
+            ``learner_kwargs`` (``total_steps`` defaults to the trainer's ``max_steps``).
+        **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`.
+
+    When a run resumes from a checkpoint, the learner continues from the trainer's
+    ``global_step`` (σ schedule and budget ramp included); its starting cost is the one
+    at the start of the resumed run.
+
+    Example:
+        >>> from gblr.integrations.hf import GBLRTrainerCallback
+        >>> callback = GBLRTrainerCallback(target=0.25, warmup_steps=500)
+    """
+
+    def __init__(self, learner: StructureLearner | None = None, **learner_kwargs: Any) -> None:
+        if learner is not None and learner_kwargs:
+            raise ValueError("give either learner or learner keyword arguments, not both")
+        if learner is None and not learner_kwargs:
+            raise ValueError("give a learner, or its keyword arguments (target= or lam=)")
+        self.learner = learner
+        self.learner_kwargs = learner_kwargs
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.learner is None:
+            if model is None:
+                raise ValueError("GBLRTrainerCallback needs the model at train begin")
+            self.learner = build_learner(model, optimizer, state.max_steps, self.learner_kwargs)
+        if state.global_step and self.learner.step_count != state.global_step:
+            learner_state = self.learner.state_dict()
+            learner_state["step_count"] = state.global_step
+            self.learner.load_state_dict(learner_state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.learner is not None:
+            self.learner.step()
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if self.learner is None or logs is None:
+            return
+        items = log_items(self.learner)
+        logs.update(items)  # seen by the reporting callbacks that run after this one
+        if state.log_history:  # the trainer recorded its own copy of logs before this hook
+            state.log_history[-1].update(items)

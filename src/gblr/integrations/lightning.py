@@ -1,0 +1,97 @@
+"""Lightning callback that drives a :class:`gblr.StructureLearner`.
+
+Needs ``lightning`` (``pip install "gblr[train]"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    import lightning.pytorch as pl
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "gblr.integrations.lightning needs Lightning: pip install 'gblr[train]'"
+    ) from error
+
+from ..learn.learner import StructureLearner
+from ._common import build_learner, log_items
+
+__all__ = ["GBLRCallback"]
+
+
+class GBLRCallback(pl.Callback):
+    """Runs ``learner.step()`` after every optimizer step and logs ``learner.summary()``.
+
+    Args:
+        learner: an existing learner, or None to build one at fit start from
+            ``learner_kwargs`` (``total_steps`` defaults to the trainer's
+            ``estimated_stepping_batches``).
+        log_every_n_steps: how often the summary is logged (under ``gblr/``).
+        **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`
+            (``target=`` or ``lam=``, ``sigma=``, ``warmup_steps=``, ...).
+
+    The learner's state is saved in and restored from Lightning checkpoints.
+
+    Example:
+        >>> from gblr.integrations.lightning import GBLRCallback
+        >>> callback = GBLRCallback(target=0.3, warmup_steps=1000)
+    """
+
+    def __init__(
+        self,
+        learner: StructureLearner | None = None,
+        *,
+        log_every_n_steps: int = 50,
+        **learner_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if learner is not None and learner_kwargs:
+            raise ValueError("give either learner or learner keyword arguments, not both")
+        if learner is None and not learner_kwargs:
+            raise ValueError("give a learner, or its keyword arguments (target= or lam=)")
+        self.learner = learner
+        self.learner_kwargs = learner_kwargs
+        self.log_every_n_steps = log_every_n_steps
+        self._pending_state: dict[str, Any] | None = None
+        self._last_global_step = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after a checkpoint (and this callback's state) has been restored.
+        if self.learner is None:
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            self.learner = build_learner(
+                pl_module, optimizer, trainer.estimated_stepping_batches, self.learner_kwargs
+            )
+        if self._pending_state is not None:
+            self.learner.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._last_global_step = trainer.global_step
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # global_step counts optimizer steps, so gradient accumulation is handled.
+        if trainer.global_step == self._last_global_step or self.learner is None:
+            return
+        for _ in range(trainer.global_step - self._last_global_step):
+            self.learner.step()
+        self._last_global_step = trainer.global_step
+        if trainer.global_step % self.log_every_n_steps == 0 or trainer.global_step == 1:
+            pl_module.log_dict(log_items(self.learner), on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.learner is None else {"learner": self.learner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "learner" not in state_dict:
+            return
+        if self.learner is None:
+            self._pending_state = state_dict["learner"]
+        else:
+            self.learner.load_state_dict(state_dict["learner"])

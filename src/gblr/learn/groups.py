@@ -1,0 +1,98 @@
+"""Optimizer parameter groups that treat GBLR structure parameters apart (DESIGN.md §2.3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..layers.base import GBLRMatrixMixin
+
+__all__ = ["STRUCTURE_BETAS", "gblr_layers", "param_groups"]
+
+# The paper trains widths and locations with Adam without momentum: betas (0, 0.999).
+STRUCTURE_BETAS = (0.0, 0.999)
+
+
+def gblr_layers(model: nn.Module) -> list[tuple[str, GBLRMatrixMixin]]:
+    """``(name, layer)`` for every GBLR layer in ``model`` (the model itself included)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GBLRMatrixMixin)]
+
+
+def _check_rate(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
+        allowed = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+    return float(value)
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    structure_lr: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Parameter groups for any ``torch.optim`` optimizer.
+
+    - ``"decay"``: every trainable parameter of 2 or more dimensions (weights, GBLR
+      factors), learning rate ``lr``, weight decay ``weight_decay``;
+    - ``"no_decay"``: biases and normalisation parameters (1-D), no weight decay — the
+      usual timm/Hugging Face convention;
+    - ``"structure"``: GBLR ``widths`` and ``locations``, learning rate ``structure_lr``
+      (default ``lr``), no weight decay, and Adam betas ``(0, 0.999)`` as in the paper
+      (optimizers without ``betas`` ignore the key).
+
+    Empty groups are left out. Shared parameters appear once.
+
+    Args:
+        model: any module.
+        lr: learning rate of the weights.
+        structure_lr: learning rate of widths and locations (default ``lr``).
+        weight_decay: weight decay of the ``"decay"`` group.
+
+    Returns:
+        A list of dicts with keys ``params``, ``lr``, ``weight_decay``, ``name`` (and
+        ``betas`` for the structure group), ready for ``torch.optim.AdamW(groups)``.
+
+    Example:
+        >>> import torch, gblr
+        >>> model = torch.nn.Sequential(gblr.GBLRLinear(8, 8))
+        >>> opt = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3, structure_lr=1e-2))
+        >>> [g["name"] for g in opt.param_groups]
+        ['decay', 'no_decay', 'structure']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    lr = _check_rate("lr", lr)
+    structure_lr = lr if structure_lr is None else _check_rate("structure_lr", structure_lr)
+    weight_decay = _check_rate("weight_decay", weight_decay, allow_zero=True)
+
+    structure_ids = {
+        id(p) for _, layer in gblr_layers(model) for p in (layer.widths, layer.locations)
+    }
+    seen: set[int] = set()
+    decay, no_decay, structure = [], [], []
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        if id(param) in structure_ids:
+            structure.append(param)
+        elif param.dim() >= 2:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
+        {
+            "params": structure,
+            "lr": structure_lr,
+            "weight_decay": 0.0,
+            "betas": STRUCTURE_BETAS,
+            "name": "structure",
+        },
+    ]
+    return [group for group in groups if group["params"]]

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+import gblr
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from gblr.integrations.hf import GBLRTrainerCallback  # noqa: E402
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = gblr.GBLRLinear(16, 32, structure_init="random")
+        self.head = gblr.GBLRLinear(32, 4, structure_init="random")
+
+    def forward(self, inputs, labels=None):
+        logits = self.head(torch.relu(self.body(inputs)))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+class Dataset(torch.utils.data.Dataset):
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 16, generator=generator)
+        self.y = torch.randint(0, 4, (64,), generator=generator)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return {"inputs": self.x[index], "labels": self.y[index]}
+
+
+def test_trainer_callback_learns_widths(tmp_path):
+    model = TinyClassifier()
+    before = model.body.widths.detach().clone()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=8,
+        learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
+        use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    callback = GBLRTrainerCallback(target=0.3, warmup_steps=2)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Dataset(), callbacks=[callback]
+    )
+    trainer.train()
+    assert callback.learner.step_count == 5
+    assert not torch.equal(before, model.body.widths.detach())
+    assert gblr.count_flops(model).ratio <= 0.3
+    logged = [entry for entry in trainer.state.log_history if "gblr/mac_ratio" in entry]
+    assert logged and logged[-1]["gblr/mac_ratio"] <= 0.3
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="keyword arguments"):
+        GBLRTrainerCallback()

@@ -1,0 +1,78 @@
+import pytest
+import torch
+from torch import nn
+
+import gblr
+
+pl = pytest.importorskip("lightning.pytorch")
+from gblr.integrations.lightning import GBLRCallback  # noqa: E402
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            gblr.GBLRLinear(16, 32, structure_init="random"),
+            nn.ReLU(),
+            gblr.GBLRLinear(32, 4, structure_init="random"),
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(gblr.param_groups(self, lr=1e-2, weight_decay=0.01))
+
+
+def loader():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=generator)
+    y = torch.randint(0, 4, (64,), generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+
+
+def trainer(tmp_path, callback, max_steps, **kwargs):
+    return pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        default_root_dir=tmp_path, **kwargs,
+    )  # fmt: skip
+
+
+def test_callback_learns_widths_and_meets_budget(tmp_path):
+    module = TinyModule()
+    before = [layer.widths.detach().clone() for layer in (module.net[0], module.net[2])]
+    callback = GBLRCallback(target=0.3, warmup_steps=3, log_every_n_steps=1)
+    trainer(tmp_path, callback, 6, enable_checkpointing=False).fit(module, loader())
+    assert callback.learner.step_count == 6
+    assert callback.learner.total_steps == 6  # from estimated_stepping_batches
+    after = [layer.widths.detach() for layer in (module.net[0], module.net[2])]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert gblr.count_flops(module.net).ratio <= 0.3
+
+
+def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
+    callback = GBLRCallback(target=0.5)
+    trainer(tmp_path, callback, 3, accumulate_grad_batches=2, enable_checkpointing=False).fit(
+        TinyModule(), loader()
+    )
+    assert callback.learner.step_count == 3
+
+
+def test_learner_state_travels_in_checkpoints(tmp_path):
+    callback = GBLRCallback(target=0.4, warmup_steps=4)
+    run = trainer(tmp_path, callback, 4)
+    run.fit(TinyModule(), loader())
+    path = tmp_path / "last.ckpt"
+    run.save_checkpoint(path)
+    resumed = GBLRCallback(target=0.4, warmup_steps=4)
+    trainer(tmp_path, resumed, 6).fit(TinyModule(), loader(), ckpt_path=path)
+    assert resumed.learner.step_count == 6
+    assert resumed.learner.start_cost == callback.learner.start_cost
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="keyword arguments"):
+        GBLRCallback()

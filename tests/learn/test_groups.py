@@ -1,0 +1,63 @@
+import pytest
+import torch
+from torch import nn
+
+import gblr
+
+
+def model():
+    return nn.Sequential(
+        gblr.GBLRLinear(8, 6), nn.LayerNorm(6), nn.Linear(6, 4), gblr.GBLRConv2d(2, 3, 3)
+    )
+
+
+def test_groups_split_weights_biases_and_structure():
+    net = model()
+    groups = {g["name"]: g for g in gblr.param_groups(net, lr=1e-3, weight_decay=0.05)}
+    assert set(groups) == {"decay", "no_decay", "structure"}
+    structure = groups["structure"]
+    expected = {id(p) for m in (net[0], net[3]) for p in (m.widths, m.locations)}
+    assert {id(p) for p in structure["params"]} == expected
+    assert structure["weight_decay"] == 0.0 and structure["betas"] == (0.0, 0.999)
+    assert structure["lr"] == 1e-3
+    assert all(p.dim() >= 2 for p in groups["decay"]["params"])
+    assert groups["decay"]["weight_decay"] == 0.05
+    assert all(p.dim() == 1 for p in groups["no_decay"]["params"])
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len([p for p in net.parameters()])
+
+
+def test_structure_lr_and_optimizers_accept_the_groups():
+    net = model()
+    groups = gblr.param_groups(net, lr=1e-3, structure_lr=5e-2)
+    assert [g["lr"] for g in groups if g["name"] == "structure"] == [5e-2]
+    for optimizer_class in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD):
+        optimizer = optimizer_class(gblr.param_groups(net, lr=1e-3))
+        net[0](torch.randn(2, 8)).sum().backward()
+        optimizer.step()
+
+
+def test_frozen_and_shared_parameters():
+    layer = nn.Linear(4, 4)
+    net = nn.Sequential(layer, layer, gblr.GBLRLinear(4, 4))
+    net[2].V.requires_grad_(False)
+    params = [p for g in gblr.param_groups(net, lr=0.1) for p in g["params"]]
+    assert len(params) == len({id(p) for p in params})
+    assert all(p is not net[2].V for p in params)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"lr": 0.0}, ValueError),
+        ({"lr": -1.0}, ValueError),
+        ({"lr": "1e-3"}, TypeError),
+        ({"lr": 1e-3, "structure_lr": 0.0}, ValueError),
+        ({"lr": 1e-3, "weight_decay": -0.1}, ValueError),
+        ({"lr": float("nan")}, ValueError),
+    ],
+)
+def test_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        gblr.param_groups(model(), **kwargs)

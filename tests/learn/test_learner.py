@@ -1,0 +1,251 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gblr
+
+
+def planted_target(seed: int, n: int = 64):
+    """3-5 rank-1 blocks at random intervals (wrapping and overlapping allowed)."""
+    generator = torch.Generator().manual_seed(1000 + seed)
+
+    def draw(low, high):
+        return int(torch.randint(low, high, (1,), generator=generator))
+
+    target, cost = torch.zeros(n, n), 0
+    for _ in range(draw(3, 6)):
+        row_len, col_len = draw(6, 25), draw(6, 25)
+        row_start, col_start = draw(0, n), draw(0, n)
+        u = torch.randn(row_len, generator=generator)
+        v = torch.randn(col_len, generator=generator)
+        rows = (torch.arange(row_len) + row_start) % n
+        cols = (torch.arange(col_len) + col_start) % n
+        target[rows[:, None], cols] += u[:, None] * v[None, :]
+        cost += row_len + col_len
+    return target, cost
+
+
+def fit(layer, target, learner, optimizer, steps):
+    energy = target.pow(2).sum()
+    for _ in range(steps):
+        loss = (layer.dense_weight() - target).pow(2).sum() / energy
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+
+
+def test_planted_structure_is_recovered():
+    """The method works: learned intervals find the planted blocks from random starts."""
+    steps, recovered, errors = 1500, 0, []
+    for seed in range(5):
+        target, planted_cost = planted_target(seed)
+        torch.manual_seed(seed)
+        layer = gblr.GBLRLinear(64, 64, bias=False, structure_init="random")
+        optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
+        learner = gblr.StructureLearner(
+            layer, target=int(1.5 * planted_cost), total_steps=steps, warmup_steps=steps // 2
+        )
+        fit(layer, target, learner, optimizer, steps)
+        layer.eval()
+        assert layer.flops() <= int(1.5 * planted_cost)
+        error = ((layer.dense_weight() - target).norm() / target.norm()).item()
+        errors.append(error)
+        recovered += error <= 2e-2
+    assert recovered >= 4, errors
+
+
+def two_layer_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        gblr.GBLRLinear(32, 48, structure_init="random"),
+        nn.ReLU(),
+        gblr.GBLRLinear(48, 16, structure_init="random"),
+    )
+
+
+def regression_data(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 32, generator=generator)
+    teacher = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16))
+    with torch.no_grad():
+        y = teacher(x)
+    return x, y
+
+
+def train(model, learner, optimizer, steps, x, y):
+    for _ in range(steps):
+        loss = (model(x) - y).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+
+
+def test_budget_is_met_exactly():
+    model = two_layer_model()
+    x, y = regression_data()
+    optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
+    learner = gblr.StructureLearner(model, target=0.25, total_steps=60, warmup_steps=30)
+    train(model, learner, optimizer, 60, x, y)
+    report = gblr.count_flops(model)
+    assert 0.23 <= report.ratio <= 0.25
+    assert learner.summary()["mac_ratio"] == pytest.approx(report.ratio)
+
+
+def test_budget_as_absolute_macs():
+    model = two_layer_model()
+    x, y = regression_data()
+    optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
+    learner = gblr.StructureLearner(model, target=500, total_steps=20)
+    train(model, learner, optimizer, 20, x, y)
+    assert 450 <= gblr.count_flops(model).macs <= 500
+
+
+def test_warmup_ramps_the_target_down_monotonically():
+    model = two_layer_model()
+    learner = gblr.StructureLearner(model, target=0.2, total_steps=100, warmup_steps=50)
+    targets = [learner.target_at(step) for step in range(0, 101)]
+    assert targets[0] == learner.start_cost
+    assert all(a >= b for a, b in zip(targets, targets[1:]))
+    assert targets[50] == targets[100] == learner.final_target
+    linear = gblr.StructureLearner(
+        model, target=0.2, total_steps=100, warmup_steps=50, ramp="linear"
+    )
+    middle = (linear.start_cost + linear.final_target) / 2
+    assert abs(linear.target_at(25) - middle) <= 1
+
+
+def test_irrelevant_layer_gets_no_macs():
+    torch.manual_seed(0)
+    used = gblr.GBLRLinear(24, 24, structure_init="random")
+    unused = gblr.GBLRLinear(24, 24, structure_init="random")
+    model = nn.ModuleDict({"used": used, "unused": unused})
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 24, generator=generator)
+    y = x @ torch.randn(24, 24, generator=generator) / 5
+    optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
+    learner = gblr.StructureLearner(model, target=0.3, total_steps=400, warmup_steps=200)
+    for _ in range(400):
+        loss = (used(x) - y).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+    total = used.flops() + unused.flops()
+    assert unused.flops() <= 0.05 * total, (used.flops(), unused.flops())
+
+
+def final_macs_for_lambda(lam):
+    model = two_layer_model(seed=1)
+    x, y = regression_data(seed=1)
+    optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
+    learner = gblr.StructureLearner(model, lam=lam, optimizer=optimizer, total_steps=40)
+    train(model, learner, optimizer, 40, x, y)
+    return learner.macs()
+
+
+def test_lambda_mode_is_monotone():
+    macs = [final_macs_for_lambda(lam) for lam in (0.0, 1.0, 4.0, 16.0, 64.0)]
+    assert all(a >= b for a, b in zip(macs, macs[1:])), macs
+    assert macs[0] > macs[-1]
+
+
+def test_sigma_schedules_are_monotone_and_hit_their_end():
+    model = two_layer_model()
+    for schedule in ("linear", "geometric"):
+        learner = gblr.StructureLearner(
+            model, target=0.5, sigma=(1.0, 100.0), sigma_schedule=schedule,
+            total_steps=50, sigma_start_step=10,
+        )  # fmt: skip
+        values = [learner.sigma_at(step) for step in range(0, 60)]
+        assert all(a <= b for a, b in zip(values, values[1:]))
+        assert values[0] == values[10] == 1.0
+        assert values[50] == pytest.approx(100.0) and values[59] == pytest.approx(100.0)
+        assert float(model[0].sigma) == 1.0  # applied to the layers at once
+    constant = gblr.StructureLearner(model, target=0.5, sigma=7.0, total_steps=5)
+    assert {constant.sigma_at(s) for s in range(10)} == {7.0}
+    untouched = gblr.StructureLearner(model, target=0.5, sigma=None, total_steps=5)
+    assert untouched.sigma_at(3) is None and float(model[0].sigma) == 7.0
+
+
+def test_locations_wrap_and_widths_stay_in_range():
+    model = two_layer_model()
+    with torch.no_grad():
+        model[0].locations.add_(3.7)
+        model[0].widths[0, 0] = 1.5
+        model[0].widths[1, 0] = -0.5
+    learner = gblr.StructureLearner(model, target=1.0, total_steps=5)
+    learner.step()
+    assert model[0].locations.min() >= 0 and model[0].locations.max() < 1
+    assert model[0].widths.min() >= 0 and model[0].widths.max() <= 1
+
+
+def test_state_dict_resume_is_bit_identical():
+    x, y = regression_data()
+
+    def setup():
+        model = two_layer_model()
+        optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
+        learner = gblr.StructureLearner(model, target=0.3, total_steps=20, warmup_steps=10)
+        return model, optimizer, learner
+
+    model, optimizer, learner = setup()
+    train(model, learner, optimizer, 8, x, y)
+    checkpoint = copy.deepcopy((model.state_dict(), optimizer.state_dict(), learner.state_dict()))
+    train(model, learner, optimizer, 12, x, y)
+    reference = model.state_dict()
+
+    resumed_model, resumed_optimizer, resumed_learner = setup()
+    resumed_model.load_state_dict(checkpoint[0])
+    resumed_optimizer.load_state_dict(checkpoint[1])
+    resumed_learner.load_state_dict(checkpoint[2])
+    assert float(resumed_model[0].sigma) == pytest.approx(learner.sigma_at(8))
+    train(resumed_model, resumed_learner, resumed_optimizer, 12, x, y)
+    for name, tensor in resumed_model.state_dict().items():
+        assert torch.equal(tensor, reference[name]), name
+    assert resumed_learner.state_dict() == learner.state_dict()
+
+
+def test_summary_has_the_logging_fields():
+    model = two_layer_model()
+    learner = gblr.StructureLearner(model, target=0.4, total_steps=10)
+    learner.step()
+    summary = learner.summary()
+    for key in ("sigma", "mac_ratio", "macs", "threshold", "live_components", "target_macs"):
+        assert key in summary
+    assert summary["mac_ratio"] <= 0.4
+    lam_summary = gblr.StructureLearner(model, lam=0.1, structure_lr=1e-2, total_steps=10).summary()
+    assert lam_summary["lam"] == 0.1 and "target_macs" not in lam_summary
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"target": 0.0}, ValueError, "target"),
+        ({"target": -0.5}, ValueError, "target"),
+        ({"target": 1.5}, ValueError, "target"),
+        ({"target": 0}, ValueError, "target"),
+        ({"target": True}, TypeError, "target"),
+        ({}, ValueError, "exactly one"),
+        ({"target": 0.3, "lam": 0.1}, ValueError, "exactly one"),
+        ({"lam": -1.0, "structure_lr": 0.1}, ValueError, "lam"),
+        ({"lam": 0.1}, ValueError, "structure learning rate"),
+        ({"target": 0.3, "sigma": (0.0, 10.0)}, ValueError, "sigma"),
+        ({"target": 0.3, "sigma_schedule": "cosine"}, ValueError, "sigma_schedule"),
+        ({"target": 0.3, "ramp": "cubic"}, ValueError, "ramp"),
+        ({"target": 0.3, "total_steps": 0}, ValueError, "total_steps"),
+        ({"target": 0.3, "warmup_steps": -1}, ValueError, "warmup_steps"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    kwargs.setdefault("total_steps", 10)
+    with pytest.raises(error, match=match):
+        gblr.StructureLearner(two_layer_model(), **kwargs)
+
+
+def test_model_without_gblr_layers_is_refused():
+    with pytest.raises(ValueError, match="no GBLR layer"):
+        gblr.StructureLearner(nn.Linear(4, 4), target=0.5, total_steps=10)
