@@ -31,9 +31,10 @@ def _block_target(rows: int, cols: int, generator) -> tuple:
 def demo(args: argparse.Namespace) -> int:
     """Fit a GBLR layer to a block-structured matrix by gradient descent; compare with SVD.
 
-    Every width, location and factor is learned with Adam while the Gaudi bandwidth is
-    annealed 1 -> 100 and a penalty on the relaxed cost pushes widths down. The result is
-    evaluated with exact boxcar masks and compared with the truncated SVD of the same MACs.
+    Every width, location and factor is learned with Adam; the structure learner anneals
+    the Gaudi bandwidth 1 -> 100 and holds the cost to the budget (ramped down from the
+    random start over the first half). The result is evaluated with exact boxcar masks and
+    compared with the truncated SVD of the same MACs.
     """
     import torch
 
@@ -44,29 +45,24 @@ def demo(args: argparse.Namespace) -> int:
     rows, cols = args.rows, args.cols
     target = _block_target(rows, cols, generator)
     layer = gblr.GBLRLinear(cols, rows, bias=False, structure_init="random")
-    optimizer = torch.optim.Adam(
-        [
-            {"params": [layer.U, layer.V], "lr": 1e-2},
-            # Structure parameters: own learning rate, no momentum (the paper's betas).
-            {"params": [layer.widths, layer.locations], "lr": 2e-3, "betas": (0.0, 0.999)},
-        ]
-    )
+    optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2, structure_lr=2e-3))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+    learner = gblr.StructureLearner(
+        layer, target=args.budget, total_steps=args.steps, warmup_steps=args.steps // 2
+    )
     target_energy = target.pow(2).sum()
     start = time.perf_counter()
-    print(f"gblr demo: fitting a {rows}x{cols} GBLR matrix to 3 dense blocks (one wrapped)")
+    print(
+        f"gblr demo: fitting a {rows}x{cols} GBLR matrix to 3 dense blocks (one wrapped) "
+        f"at {args.budget:.0%} of the dense MACs"
+    )
     for step in range(args.steps):
-        layer.sigma.fill_(100.0 ** (step / args.steps))
-        relative_cost = (
-            layer.widths[0].clamp(0, 1) * cols + layer.widths[1].clamp(0, 1) * rows
-        ).sum() / (rows * cols)
         loss = (layer.dense_weight() - target).pow(2).sum() / target_energy
         optimizer.zero_grad()
-        (loss + args.cost_penalty * relative_cost).backward()
+        loss.backward()
         optimizer.step()
+        learner.step()
         schedule.step()
-        with torch.no_grad():
-            layer.widths.clamp_(0.0, 1.0)
         if (step + 1) % max(1, args.steps // 5) == 0:
             print(
                 f"  step {step + 1:5d}/{args.steps}  sigma {float(layer.sigma):7.2f}  "
@@ -116,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--cols", type=int, default=128, help="input size (default 128)")
     demo_parser.add_argument("--steps", type=int, default=2000, help="Adam steps (default 2000)")
     demo_parser.add_argument(
-        "--cost-penalty", type=float, default=0.1, help="weight of the relaxed-cost penalty"
+        "--budget", type=float, default=0.5, help="MACs as a fraction of dense (default 0.5)"
     )
     demo_parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo_parser.set_defaults(handler=demo)
@@ -134,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("rows", "cols", "steps"):
             if getattr(args, name) <= 0:
                 parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-        if args.cost_penalty < 0:
-            parser.error(f"--cost-penalty must be >= 0, got {args.cost_penalty}")
+        if not 0 < args.budget <= 1:
+            parser.error(f"--budget must be in (0, 1], got {args.budget}")
     return int(args.handler(args))
 
 

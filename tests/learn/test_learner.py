@@ -5,26 +5,7 @@ import torch
 from torch import nn
 
 import gblr
-
-
-def planted_target(seed: int, n: int = 64):
-    """3-5 rank-1 blocks at random intervals (wrapping and overlapping allowed)."""
-    generator = torch.Generator().manual_seed(1000 + seed)
-
-    def draw(low, high):
-        return int(torch.randint(low, high, (1,), generator=generator))
-
-    target, cost = torch.zeros(n, n), 0
-    for _ in range(draw(3, 6)):
-        row_len, col_len = draw(6, 25), draw(6, 25)
-        row_start, col_start = draw(0, n), draw(0, n)
-        u = torch.randn(row_len, generator=generator)
-        v = torch.randn(col_len, generator=generator)
-        rows = (torch.arange(row_len) + row_start) % n
-        cols = (torch.arange(col_len) + col_start) % n
-        target[rows[:, None], cols] += u[:, None] * v[None, :]
-        cost += row_len + col_len
-    return target, cost
+from gblr.learn.synthetic import planted_blocks
 
 
 def fit(layer, target, learner, optimizer, steps):
@@ -41,7 +22,7 @@ def test_planted_structure_is_recovered():
     """The method works: learned intervals find the planted blocks from random starts."""
     steps, recovered, errors = 1500, 0, []
     for seed in range(5):
-        target, planted_cost = planted_target(seed)
+        target, planted_cost = planted_blocks(64, seed=seed)
         torch.manual_seed(seed)
         layer = gblr.GBLRLinear(64, 64, bias=False, structure_init="random")
         optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
@@ -249,3 +230,11 @@ def test_bad_arguments(kwargs, error, match):
 def test_model_without_gblr_layers_is_refused():
     with pytest.raises(ValueError, match="no GBLR layer"):
         gblr.StructureLearner(nn.Linear(4, 4), target=0.5, total_steps=10)
+
+
+def test_planted_blocks_cost_matches_the_exact_gblr_representation():
+    target, cost = planted_blocks(32, num_blocks=(2, 2), block_sides=(4, 4), seed=3)
+    assert cost == 2 * (4 + 4)
+    assert torch.linalg.matrix_rank(target) <= 2
+    with pytest.raises(ValueError, match="block_sides"):
+        planted_blocks(8, block_sides=(4, 9))

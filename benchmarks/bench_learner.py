@@ -1,0 +1,172 @@
+"""Structure learner: overhead of ``learner.step()`` and recovery of planted structures.
+
+1. Overhead: the median time of ``learner.step()`` (budget mode, bisection) relative to the
+   median time of one training step (forward, backward, AdamW step) of a small ViT whose
+   linear layers are all ``GBLRLinear``. Target <= 5%.
+2. Recovery: ``GBLRLinear(64, 64)`` from random structures is regressed onto
+   :func:`gblr.learn.synthetic.planted_blocks` targets with the learner in budget mode at
+   1.1x and 1.5x the planted cost; a seed counts as recovered at relative Frobenius error
+   <= 2e-2. Goal: every seed at 1.1x.
+
+    python benchmarks/bench_learner.py                # both parts, 20 seeds
+    python benchmarks/bench_learner.py --seeds 5 --skip-overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gblr
+from gblr.learn.synthetic import planted_blocks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_layer import RESULTS, machine_description, write_json_atomically
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with GBLR projections (qkv, proj, fc1, fc2)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = gblr.GBLRLinear(dim, 3 * dim, structure_init="half", init_cost=0.5)
+        self.proj = gblr.GBLRLinear(dim, dim, structure_init="half", init_cost=0.5)
+        self.fc1 = gblr.GBLRLinear(dim, mlp_ratio * dim, structure_init="half", init_cost=0.5)
+        self.fc2 = gblr.GBLRLinear(mlp_ratio * dim, dim, structure_init="half", init_cost=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, dim=192, depth=6, heads=3, patch=4, image=32, classes=10) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+        self.position = nn.Parameter(torch.zeros(1, (image // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*[Block(dim, heads, 4) for _ in range(depth)])
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images).flatten(2).transpose(1, 2) + self.position
+        return self.head(self.blocks(x).mean(dim=1))
+
+
+def measure_overhead(repeats: int, batch: int) -> dict:
+    torch.manual_seed(0)
+    model = TinyViT()
+    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3, weight_decay=0.05))
+    learner = gblr.StructureLearner(model, target=0.3, total_steps=1000, warmup_steps=500)
+    images = torch.randn(batch, 3, 32, 32)
+    labels = torch.randint(0, 10, (batch,))
+
+    def train_step() -> None:
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    train_times, learner_times = [], []
+    for repeat in range(repeats + 2):
+        start = time.perf_counter()
+        train_step()
+        middle = time.perf_counter()
+        learner.step()
+        end = time.perf_counter()
+        if repeat >= 2:  # warm-up
+            train_times.append(middle - start)
+            learner_times.append(end - middle)
+    train_ms = 1e3 * statistics.median(train_times)
+    learner_ms = 1e3 * statistics.median(learner_times)
+    return {
+        "model": "ViT dim 192, depth 6, 3 heads, 4x4 patches on 32x32, all linears GBLR",
+        "batch": batch,
+        "gblr_layers": len(learner.layers),
+        "components": int(sum(layer.num_components for layer in learner.layers)),
+        "train_step_ms_median": train_ms,
+        "learner_step_ms_median": learner_ms,
+        "overhead_ratio": learner_ms / train_ms,
+        "repeats": repeats,
+    }
+
+
+def recover(seed: int, factor: float, steps: int) -> dict:
+    target, planted_cost = planted_blocks(64, seed=seed)
+    torch.manual_seed(seed)
+    layer = gblr.GBLRLinear(64, 64, bias=False, structure_init="random")
+    optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
+    budget = int(factor * planted_cost)
+    learner = gblr.StructureLearner(
+        layer, target=budget, total_steps=steps, warmup_steps=steps // 2
+    )
+    energy = target.pow(2).sum()
+    for _ in range(steps):
+        loss = (layer.dense_weight() - target).pow(2).sum() / energy
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+    layer.eval()
+    error = ((layer.dense_weight() - target).norm() / target.norm()).item()
+    return {"seed": seed, "error": error, "macs": layer.flops(), "budget": budget}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--factors", type=float, nargs="+", default=[1.1, 1.5])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--output", type=Path, default=RESULTS / "bench_learner.json")
+    args = parser.parse_args(argv)
+
+    payload: dict = {
+        "benchmark": "bench_learner",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(torch.device("cpu")),
+        "torch": torch.__version__,
+    }
+    if not args.skip_overhead:
+        overhead = measure_overhead(args.repeats, args.batch)
+        payload["overhead"] = overhead
+        print(
+            f"learner.step() {overhead['learner_step_ms_median']:.2f} ms vs training step "
+            f"{overhead['train_step_ms_median']:.1f} ms: {100 * overhead['overhead_ratio']:.2f}%",
+            flush=True,
+        )
+    payload["recovery"] = {}
+    for factor in args.factors:
+        runs = [recover(seed, factor, args.steps) for seed in range(args.seeds)]
+        recovered = sum(run["error"] <= 2e-2 for run in runs)
+        payload["recovery"][str(factor)] = {
+            "recovered": recovered,
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "runs": runs,
+        }
+        errors = " ".join(f"{run['error']:.3f}" for run in runs)
+        print(
+            f"budget {factor}x planted: {recovered}/{args.seeds} recovered ({errors})", flush=True
+        )
+    write_json_atomically(args.output, payload)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
