@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import gblr
-from gblr.learn.synthetic import planted_blocks
+from gblr.learn.synthetic import recovery_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import RESULTS, machine_description, write_json_atomically
@@ -103,27 +103,6 @@ def measure_overhead(repeats: int, batch: int) -> dict:
     }
 
 
-def recover(seed: int, factor: float, steps: int) -> dict:
-    target, planted_cost = planted_blocks(64, seed=seed)
-    torch.manual_seed(seed)
-    layer = gblr.GBLRLinear(64, 64, bias=False, structure_init="random")
-    optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
-    budget = int(factor * planted_cost)
-    learner = gblr.StructureLearner(
-        layer, target=budget, total_steps=steps, warmup_steps=steps // 2
-    )
-    energy = target.pow(2).sum()
-    for _ in range(steps):
-        loss = (layer.dense_weight() - target).pow(2).sum() / energy
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        learner.step()
-    layer.eval()
-    error = ((layer.dense_weight() - target).norm() / target.norm()).item()
-    return {"seed": seed, "error": error, "macs": layer.flops(), "budget": budget}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
@@ -151,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     payload["recovery"] = {}
     for factor in args.factors:
-        runs = [recover(seed, factor, args.steps) for seed in range(args.seeds)]
+        runs = [recovery_run(seed, factor, steps=args.steps) for seed in range(args.seeds)]
         recovered = sum(run["error"] <= 2e-2 for run in runs)
         payload["recovery"][str(factor)] = {
             "recovered": recovered,

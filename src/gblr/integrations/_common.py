@@ -25,3 +25,10 @@ def build_learner(
 
 def log_items(learner: StructureLearner, prefix: str = "gblr/") -> dict[str, float]:
     return {f"{prefix}{key}": float(value) for key, value in learner.summary().items()}
+
+
+def check_learner_arguments(learner: StructureLearner | None, learner_kwargs: dict) -> None:
+    if learner is not None and learner_kwargs:
+        raise ValueError("give either learner or learner keyword arguments, not both")
+    if learner is None and not learner_kwargs:
+        raise ValueError("give a learner, or its keyword arguments (target= or lam=)")

@@ -13,7 +13,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("gblr.integrations.hf needs transformers: pip install 'gblr[hf]'") from error
 
 from ..learn.learner import StructureLearner
-from ._common import build_learner, log_items
+from ._common import build_learner, check_learner_arguments, log_items
 
 __all__ = ["GBLRTrainerCallback"]
 
@@ -36,10 +36,7 @@ class GBLRTrainerCallback(TrainerCallback):
     """
 
     def __init__(self, learner: StructureLearner | None = None, **learner_kwargs: Any) -> None:
-        if learner is not None and learner_kwargs:
-            raise ValueError("give either learner or learner keyword arguments, not both")
-        if learner is None and not learner_kwargs:
-            raise ValueError("give a learner, or its keyword arguments (target= or lam=)")
+        check_learner_arguments(learner, learner_kwargs)
         self.learner = learner
         self.learner_kwargs = learner_kwargs
 

@@ -15,7 +15,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from ..learn.learner import StructureLearner
-from ._common import build_learner, log_items
+from ._common import build_learner, check_learner_arguments, log_items
 
 __all__ = ["GBLRCallback"]
 
@@ -46,10 +46,7 @@ class GBLRCallback(pl.Callback):
         **learner_kwargs: Any,
     ) -> None:
         super().__init__()
-        if learner is not None and learner_kwargs:
-            raise ValueError("give either learner or learner keyword arguments, not both")
-        if learner is None and not learner_kwargs:
-            raise ValueError("give a learner, or its keyword arguments (target= or lam=)")
+        check_learner_arguments(learner, learner_kwargs)
         self.learner = learner
         self.learner_kwargs = learner_kwargs
         self.log_every_n_steps = log_every_n_steps

@@ -50,3 +50,51 @@ def planted_blocks(
         target[rows[:, None], cols] += u[:, None] * v[None, :]
         cost += row_len + col_len
     return target, cost
+
+
+def recovery_run(
+    seed: int,
+    budget_factor: float = 1.5,
+    *,
+    size: int = 64,
+    steps: int = 1500,
+    lr: float = 1e-2,
+) -> dict[str, float]:
+    """Regress a randomly started ``GBLRLinear`` onto :func:`planted_blocks` under a budget.
+
+    The layer starts from random widths and locations; Adam (``param_groups``) trains the
+    factors and the structure while a :class:`gblr.StructureLearner` holds the exact cost
+    to ``budget_factor`` times the planted cost (ramped down over the first half).
+
+    Args:
+        seed: seeds both the target and the layer's initialisation.
+        budget_factor: budget as a multiple of the planted cost.
+        size: matrix side.
+        steps: optimizer steps.
+        lr: learning rate of factors and structure.
+
+    Returns:
+        ``{"seed", "error", "macs", "budget"}``: relative Frobenius error of the eval-mode
+        (exact) weight, its MACs per row, and the budget.
+    """
+    from ..layers.linear import GBLRLinear
+    from .groups import param_groups
+    from .learner import StructureLearner
+
+    target, planted_cost = planted_blocks(size, seed=seed)
+    torch.manual_seed(seed)
+    layer = GBLRLinear(size, size, bias=False, structure_init="random")
+    optimizer = torch.optim.Adam(param_groups(layer, lr=lr))
+    budget = int(budget_factor * planted_cost)
+    learner = StructureLearner(layer, target=budget, total_steps=steps, warmup_steps=steps // 2)
+    energy = target.pow(2).sum()
+    for _ in range(steps):
+        loss = (layer.dense_weight() - target).pow(2).sum() / energy
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+    layer.eval()
+    with torch.no_grad():
+        error = ((layer.dense_weight() - target).norm() / target.norm()).item()
+    return {"seed": seed, "error": error, "macs": layer.flops(), "budget": budget}
