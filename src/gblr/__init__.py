@@ -6,6 +6,7 @@ Efficient Deep Neural Networks" (ICLR 2024, arXiv:2310.18882).
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .compress import fit_dense
 from .cost import FlopsReport, LayerFlops, count_flops
 from .layers import GBLRConv2d, GBLRLinear, special
 from .learn import StructureLearner, param_groups
@@ -25,6 +26,7 @@ __all__ = [
     "__version__",
     "boxcar_mask",
     "count_flops",
+    "fit_dense",
     "gaudi_mask",
     "param_groups",
     "special",
