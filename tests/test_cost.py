@@ -92,3 +92,15 @@ def test_table_lists_layers_and_totals():
 def test_bad_model():
     with pytest.raises(TypeError, match="model"):
         gblr.count_flops("not a model")
+
+
+def test_budget_macs_fraction_and_absolute():
+    from gblr.cost import budget_macs
+
+    assert budget_macs(0.25, 1000) == 250
+    assert budget_macs(0.0001, 100) == 1  # never zero
+    assert budget_macs(300, 1000) == 300
+    with pytest.raises(ValueError, match="target as a fraction"):
+        budget_macs(1.5, 10, name="target")
+    with pytest.raises(TypeError, match="budget"):
+        budget_macs(True, 10)

@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FlopsReport", "LayerFlops", "SupportsFlops", "count_flops", "gblr_cost"]
+__all__ = [
+    "FlopsReport",
+    "LayerFlops",
+    "SupportsFlops",
+    "budget_macs",
+    "count_flops",
+    "gblr_cost",
+]
 
 
 @runtime_checkable
@@ -53,6 +61,22 @@ def gblr_cost(row_lengths: Tensor, col_lengths: Tensor, rank_per_component: int)
     """
     live = (row_lengths > 0) & (col_lengths > 0)
     return int(rank_per_component) * int(((row_lengths + col_lengths) * live).sum().item())
+
+
+def budget_macs(budget: float | int, dense_macs: int, *, name: str = "budget") -> int:
+    """MACs allowed by a budget: a float is a fraction in (0, 1] of ``dense_macs``
+    (floored, at least 1), an int an absolute count (>= 1). ``name`` is used in errors."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"{name} must be a float fraction or an int MAC count, got {budget!r}")
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(
+                f"{name} as a fraction of the dense MACs must be in (0, 1], got {budget}"
+            )
+        return max(1, math.floor(budget * dense_macs))
+    if budget <= 0:
+        raise ValueError(f"{name} as a MAC count must be a positive int, got {budget}")
+    return int(budget)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Compression of dense models: structure search from dense weights."""
 
-from .search import budget_macs, fit_dense
+from .search import fit_dense
 
-__all__ = ["budget_macs", "fit_dense"]
+__all__ = ["fit_dense"]

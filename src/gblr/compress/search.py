@@ -15,36 +15,20 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import Tensor
 
+from ..cost import budget_macs
 from ..layers.linear import GBLRLinear
 from ..learn.groups import param_groups
 from ..learn.learner import StructureLearner
 
-__all__ = ["budget_macs", "fit_dense"]
+__all__ = ["fit_dense"]
 
 # Candidate intervals hold the entries of a singular vector above these fractions of its
 # largest magnitude (0: the whole dimension).
 _SUPPORT_THRESHOLDS = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3)
-
-
-def budget_macs(budget: float | int, rows: int, cols: int) -> int:
-    """MACs per row allowed by ``budget``: a float fraction in (0, 1] of ``rows * cols``,
-    or an int absolute count (>= 1)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"budget must be a float fraction or an int MAC count, got {budget!r}")
-    if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(
-                f"budget as a fraction of the dense MACs must be in (0, 1], got {budget}"
-            )
-        return max(1, math.floor(budget * rows * cols))
-    if budget <= 0:
-        raise ValueError(f"budget as a MAC count must be a positive int, got {budget}")
-    return int(budget)
 
 
 def _circular_support(magnitude: Tensor, threshold: float) -> tuple[int, int]:
@@ -248,7 +232,7 @@ def fit_dense(
             f"rank_per_component must be in [1, min(out, in) = {min(m, n)}], "
             f"got {rank_per_component}"
         )
-    macs = budget_macs(budget, m, n)
+    macs = budget_macs(budget, m * n)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     weight = weight.detach().to(dtype)
 

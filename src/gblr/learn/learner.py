@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..cost import budget_macs
 from ..layers.base import GBLRMatrixMixin
 from .groups import gblr_layers
 
@@ -152,7 +153,7 @@ class StructureLearner:
         self.lam: float | None = None
         self.final_target: int | None = None
         if target is not None:
-            self.final_target = self._check_target(target)
+            self.final_target = budget_macs(target, self.view.dense_macs, name="target")
         else:
             if isinstance(lam, bool) or not isinstance(lam, (int, float)):
                 raise TypeError(f"lam must be a number >= 0, got {lam!r}")
@@ -196,20 +197,6 @@ class StructureLearner:
                 f"got {sigma!r}"
             )
         return float(values[0]), float(values[1])
-
-    def _check_target(self, target: object) -> int:
-        dense = self.view.dense_macs
-        if isinstance(target, bool) or not isinstance(target, (int, float)):
-            raise TypeError(f"target must be a float fraction or an int MAC count, got {target!r}")
-        if isinstance(target, float):
-            if not 0.0 < target <= 1.0:
-                raise ValueError(
-                    f"target as a fraction of the dense MACs must be in (0, 1], got {target}"
-                )
-            return max(1, math.floor(target * dense))
-        if target <= 0:
-            raise ValueError(f"target as a MAC count must be a positive int, got {target}")
-        return int(target)
 
     # ------------------------------------------------------------------ schedules
     def sigma_at(self, step: int) -> float | None:
