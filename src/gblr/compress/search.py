@@ -160,7 +160,6 @@ def _error(layer: GBLRLinear | None, weight: Tensor) -> float:
 
 def _refine(layer: GBLRLinear, weight: Tensor, macs: int, steps: int, lr: float) -> GBLRLinear:
     """Proximal refinement; returns the best (eval-mode error) state seen."""
-    layer.train()
     optimizer = torch.optim.Adam(param_groups(layer, lr=lr, structure_lr=lr))
     learner = StructureLearner(layer, target=macs, sigma=(10.0, 100.0), total_steps=steps)
     energy = weight.pow(2).sum().clamp_min(1e-30)
