@@ -53,6 +53,7 @@ class _StructureView:
         dtypes = {layer.widths.dtype for layer in layers}
         self.dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         self.dims = torch.cat(dims, dim=1).to(device)
+        self.dims_in_dtype = self.dims.to(self.dtype)  # cost() runs ~60 times per step
         self.ranks = torch.cat(ranks).to(device)
         # Relaxed cost per unit of width: r * m for a row width, r * n for a column width.
         self.unit_cost = self.dims * self.ranks
@@ -64,7 +65,7 @@ class _StructureView:
     def cost(self, widths: Tensor) -> int:
         """Exact MACs of the widths (clamped to [0, 1]): live components only."""
         widths = widths.clamp(0.0, 1.0).to(self.dtype)
-        lengths = torch.round(widths * self.dims.to(self.dtype))
+        lengths = torch.round(widths * self.dims_in_dtype)
         live = (lengths > 0).all(dim=0)
         return int((self.ranks * lengths.sum(dim=0) * live).sum().item())
 
@@ -96,8 +97,8 @@ class StructureLearner:
             ``"linear"`` or ``"constant"``. On the planted-structure benchmark the
             geometric schedule recovered 5/5 fixed seeds where linear recovered 3/5.
         sigma_start_step: σ stays at its start value until this step.
-        warmup_steps: budget mode: the target ramps linearly from the starting cost down
-            to ``target`` over these steps (0: the full cut at the first step).
+        warmup_steps: budget mode: the target ramps from the starting cost down to
+            ``target`` over these steps, shaped by ``ramp`` (0: the full cut at once).
         total_steps: number of :meth:`step` calls in the run; σ reaches its end here.
         optimizer: λ mode: the optimizer whose structure group's current learning rate is
             ``η`` (follows LR schedulers). Alternatively give ``structure_lr``.
