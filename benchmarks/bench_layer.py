@@ -35,18 +35,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_fn(layer: nn.Module, x: torch.Tensor, autocast: torch.dtype | None):
+def _step_fn(layer: nn.Module, x: torch.Tensor, autocast: torch.dtype | None, graph: bool = False):
     # A fixed upstream gradient instead of a loss: the step is the layer's work alone.
     with (
         torch.no_grad(),
         torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None),
     ):
         grad_output = torch.randn_like(layer(x))
+    if graph:
+        # CUDA graph of forward and backward: what the step costs without launch overhead.
+        with torch.autocast(
+            x.device.type, dtype=autocast, enabled=autocast is not None, cache_enabled=False
+        ):
+            layer = torch.cuda.make_graphed_callables(layer, (x,))
 
     def step() -> None:
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        with torch.autocast(
+            x.device.type, dtype=autocast, enabled=autocast is not None, cache_enabled=not graph
+        ):
             out = layer(x)
         out.backward(grad_output)
 
@@ -69,6 +77,7 @@ def bench_case(
     autocast: torch.dtype | None,
     repeats: int,
     warmup: int,
+    graph: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     dense = nn.Linear(in_features, out_features, device=device)
@@ -77,8 +86,8 @@ def bench_case(
     ).train()
     x = torch.randn(rows, in_features, device=device, requires_grad=True)
     steps = {
-        "gblr": _step_fn(structured, x, autocast),
-        "linear": _step_fn(dense, x, autocast),
+        "gblr": _step_fn(structured, x, autocast, graph),
+        "linear": _step_fn(dense, x, autocast, graph),
     }
     for _ in range(warmup):
         for step in steps.values():
@@ -102,6 +111,7 @@ def bench_case(
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "repeats": repeats,
+        "cuda_graph": graph,
     }
 
 
@@ -139,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="JSON path")
+    parser.add_argument(
+        "--graph", action="store_true", help="CUDA only: time CUDA-graph replays of each step"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -148,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         in_features, out_features = (int(v) for v in shape.lower().split("x"))
         for rows in args.rows:
             case = bench_case(
-                in_features, out_features, rows, device, autocast, args.repeats, args.warmup
+                in_features,
+                out_features,
+                rows,
+                device,
+                autocast,
+                args.repeats,
+                args.warmup,
+                args.graph,
             )
             results.append(case)
             print(
@@ -165,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_description(device),
         "device": str(device),
         "autocast": args.autocast,
+        "cuda_graph": args.graph,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "results": results,
     }
-    output = args.output or RESULTS / f"bench_layer_{device.type}_{args.autocast}.json"
+    suffix = "_graph" if args.graph else ""
+    output = args.output or RESULTS / f"bench_layer_{device.type}_{args.autocast}{suffix}.json"
     write_json_atomically(output, payload)
     print(f"wrote {output}")
     return 0

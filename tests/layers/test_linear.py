@@ -76,6 +76,28 @@ def test_training_masks_are_blurred_at_small_sigma():
     assert not torch.allclose(layer.train().dense_weight(), layer.eval().dense_weight(), atol=1e-3)
 
 
+def test_sigma_changes_in_place_take_effect():
+    # The layer caches the float value of its sigma buffer; every way of changing the
+    # buffer must still reach the masks.
+    layer = random_layer(sigma=1.0).train()
+    blurred = layer.dense_weight()
+    layer.sigma.fill_(math.inf)
+    assert torch.equal(layer.dense_weight(), layer.eval().dense_weight())
+    layer.train()
+    layer.load_state_dict({**layer.state_dict(), "sigma": torch.tensor(1.0)})
+    assert torch.equal(layer.dense_weight(), blurred)
+    layer.sigma = torch.tensor(math.inf)
+    assert torch.equal(layer.dense_weight(), layer.eval().dense_weight())
+
+
+def test_first_training_forward_under_inference_mode_does_not_poison_later_backward():
+    layer = random_layer(in_features=29, out_features=31, sigma=3.25).train()
+    with torch.inference_mode():
+        layer(torch.randn(2, 29, dtype=torch.float64))
+    layer(torch.randn(2, 29, dtype=torch.float64)).sum().backward()
+    assert layer.widths.grad is not None
+
+
 def test_gradients_reach_factors_widths_and_locations():
     layer = random_layer(sigma=2.0)
     layer(torch.randn(6, 13, dtype=torch.float64)).pow(2).sum().backward()

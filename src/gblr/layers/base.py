@@ -252,11 +252,24 @@ class GBLRMatrixMixin(nn.Module):
                 boxcar_mask(self.widths[0], self.locations[0], self.cols),
                 boxcar_mask(self.widths[1], self.locations[1], self.rows),
             )
-        sigma = float(self.sigma)
+        sigma = self._sigma_value()
         return (
             gaudi_mask_on_grid(self.widths[0], self.locations[0], self.cols, sigma),
             gaudi_mask_on_grid(self.widths[1], self.locations[1], self.rows, sigma),
         )
+
+    def _sigma_value(self) -> float:
+        """``float(self.sigma)`` without a device sync on every forward.
+
+        The buffer is the source of truth (state_dict, learner); its value is re-read only
+        when the tensor is replaced or modified in place (``_version`` changes).
+        """
+        key = (id(self.sigma), self.sigma._version, self.sigma.device)
+        cached = self.__dict__.get("_sigma_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, float(self.sigma))
+            self.__dict__["_sigma_cache"] = cached
+        return cached[1]
 
     def masked_factors(self) -> tuple[Tensor, Tensor]:
         """``(U_masked (K*r, out), V_masked (K*r, in))`` with ``W = U_masked.T @ V_masked``."""

@@ -7,6 +7,7 @@ wrapping around modulo ``n`` (DESIGN.md §2.1).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -145,6 +146,7 @@ def boxcar_mask(
     return (torch.remainder(index - starts, n) < lengths).to(dtype)
 
 
+@functools.lru_cache(maxsize=64)
 def _grid_kernels(
     n: int, sigma: float | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
@@ -156,7 +158,19 @@ def _grid_kernels(
         smoothed boxcar is the difference of two windows of this table; ``edge`` ``(2n,)``:
         two periods of the derivative of a mask with respect to its width, for a box that
         ends at index 0.
+
+    Cached: σ changes once per optimizer step at most, while every forward of every layer
+    of size ``n`` asks for the same tables; rebuilding them costs a dozen small kernels
+    (two FFTs), which dominates a GPU step. The tables are read-only.
     """
+    # Built outside inference mode: the tables are saved for backward by later calls.
+    with torch.inference_mode(False), torch.no_grad():
+        return _build_grid_kernels(n, sigma, dtype, device)
+
+
+def _build_grid_kernels(
+    n: int, sigma: float | None, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
     k = torch.arange(n // 2 + 1, device=device, dtype=torch.float64)
     gauss = torch.ones_like(k) if sigma is None else torch.exp(-(k * k) / (2.0 * sigma**2))
     index = torch.arange(-2 * n, n + 1, device=device)

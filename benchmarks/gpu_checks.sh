@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project, for one call on a lent GPU machine:
+#   bash benchmarks/gpu_checks.sh            (writes under $OUT, or ./gpu_out)
+# CUDA tests first (correctness), then the layer benchmark in bf16 autocast and float32,
+# eager and as CUDA-graph replays, then a kernel profile of one bf16 step.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
+  | tee -a "$OUT/machine.txt"
+python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers -k "cuda or Cuda" 2>&1 \
+  | tail -5 | tee "$OUT/cuda_tests.txt"
+B="python3 benchmarks/bench_layer.py --device cuda --repeats 25 --warmup 5"
+$B --autocast bf16 --rows 8192 4096 64 --output "$OUT/bench_layer_cuda_bf16.json"
+$B --autocast none --rows 8192 64 --output "$OUT/bench_layer_cuda_none.json"
+$B --autocast bf16 --rows 8192 64 --graph --output "$OUT/bench_layer_cuda_bf16_graph.json"
+python3 benchmarks/profile_layer.py --device cuda --autocast bf16 --rows 8192 \
+  > "$OUT/profile_bf16.txt" 2>&1 || echo "profile failed"
+tail -25 "$OUT/profile_bf16.txt"
