@@ -10,7 +10,7 @@ export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
   | tee -a "$OUT/machine.txt"
-python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers -k "cuda or Cuda" 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers -k "cuda or triton" 2>&1 \
   | tail -5 | tee "$OUT/cuda_tests.txt"
 B="python3 benchmarks/bench_layer.py --device cuda --repeats 25 --warmup 5"
 $B --autocast bf16 --rows 8192 4096 64 --output "$OUT/bench_layer_cuda_bf16.json"

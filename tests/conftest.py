@@ -1,5 +1,15 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels are tested through Triton's interpreter on CPU tensors.
+# Triton reads the flag when its language module is first imported (its own helpers such
+# as tl.sum are jitted functions), so it is set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from ..cost import gblr_cost
-from ..ops.gaudi import boxcar_mask, gaudi_mask_on_grid, interval_lengths, interval_starts
+from ..ops.gaudi import (
+    boxcar_mask,
+    gaudi_mask_on_grid,
+    interval_lengths,
+    interval_starts,
+    masked_factor,
+)
 
 __all__ = ["EVALUATION_ORDERS", "STRUCTURE_INITS", "GBLRMatrixMixin"]
 
@@ -272,7 +278,16 @@ class GBLRMatrixMixin(nn.Module):
         return cached[1]
 
     def masked_factors(self) -> tuple[Tensor, Tensor]:
-        """``(U_masked (K*r, out), V_masked (K*r, in))`` with ``W = U_masked.T @ V_masked``."""
+        """``(U_masked (K*r, out), V_masked (K*r, in))`` with ``W = U_masked.T @ V_masked``.
+
+        Training: the fused :func:`gblr.ops.masked_factor` (one Triton kernel per factor on
+        CUDA; under autocast its output already has the autocast dtype).
+        """
+        if self.training:
+            sigma = self._sigma_value()
+            u = masked_factor(self.U, self.widths[1], self.locations[1], sigma)
+            v = masked_factor(self.V, self.widths[0], self.locations[0], sigma)
+            return u.reshape(-1, self.rows), v.reshape(-1, self.cols)
         col_mask, row_mask = self.masks()
         dtype = self.U.dtype
         u = (self.U * row_mask.to(dtype).unsqueeze(1)).reshape(-1, self.rows)

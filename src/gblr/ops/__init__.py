@@ -6,6 +6,7 @@ from .gaudi import (
     gaudi_mask_on_grid,
     interval_lengths,
     interval_starts,
+    masked_factor,
     round_to_grid,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "gaudi_mask_on_grid",
     "interval_lengths",
     "interval_starts",
+    "masked_factor",
     "round_to_grid",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "gaudi_mask_on_grid",
     "interval_lengths",
     "interval_starts",
+    "masked_factor",
     "round_to_grid",
 ]
 
@@ -261,3 +262,127 @@ def gaudi_mask_on_grid(
         if math.isinf(sigma_value):
             sigma_value = None
     return _GaudiMaskOnGrid.apply(width, location, n, sigma_value, dtype)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype if autocast is enabled for ``device_type``, else ``None``."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 only knows the CUDA flag
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+class _MaskedFactorTriton(torch.autograd.Function):
+    """``factor * gaudi_mask_on_grid(...)[:, None]`` in one Triton kernel each way; the
+    grid rounding of widths and locations happens inside the kernels too, so a call
+    launches nothing else."""
+
+    @staticmethod
+    def forward(ctx, factor, width, location, sigma, out_dtype):  # type: ignore[override]
+        import triton
+
+        from . import triton_mask
+
+        k, rank, n = factor.shape
+        table_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
+        cumulative, edge = _grid_kernels(n, sigma, table_dtype, factor.device)
+        factor = factor.contiguous()
+        width, location = width.detach().contiguous(), location.detach().contiguous()
+        out = torch.empty(factor.shape, dtype=out_dtype, device=factor.device)
+        block = triton_mask.block_size(n)
+        triton_mask.masked_factor_forward_kernel[(k, triton.cdiv(n, block))](
+            factor, out, cumulative, width, location, rank, n, BLOCK=block
+        )
+        ctx.save_for_backward(factor, width, location, cumulative, edge)
+        ctx.block = block
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        from . import triton_mask
+
+        factor, width, location, cumulative, edge = ctx.saved_tensors
+        k, rank, n = factor.shape
+        grad_factor = torch.empty_like(factor)
+        grad_width = torch.empty(k, dtype=cumulative.dtype, device=factor.device)
+        grad_location = torch.empty_like(grad_width)
+        triton_mask.masked_factor_backward_kernel[(k,)](
+            grad_out.contiguous(),
+            factor,
+            grad_factor,
+            grad_width,
+            grad_location,
+            cumulative,
+            edge,
+            width,
+            location,
+            rank,
+            n,
+            BLOCK=ctx.block,
+        )
+        return (
+            grad_factor,
+            grad_width.to(width.dtype),
+            grad_location.to(location.dtype),
+            None,
+            None,
+        )
+
+
+def masked_factor(
+    factor: Tensor,
+    width: Tensor,
+    location: Tensor,
+    sigma: float | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """A factor masked column-wise by Gaudi masks on the grid, with straight-through rounding.
+
+    Equal in value and gradient to
+    ``factor * gaudi_mask_on_grid(width, location, n, sigma).unsqueeze(1)``.
+
+    Args:
+        factor: ``(K, r, n)`` factor (``r`` rows per component).
+        width: ``(K,)`` widths as fractions of ``n``.
+        location: ``(K,)`` locations as fractions of ``n``.
+        sigma: Gaussian bandwidth in frequency bins, ``None``/``inf`` for none.
+        backend: ``"auto"`` (Triton for CUDA tensors when Triton is installed, else torch),
+            ``"torch"``, or ``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``).
+
+    Returns:
+        ``(K, r, n)``. The torch backend returns the promoted dtype of factor and mask; the
+        Triton backend returns the factor's dtype, or the autocast dtype inside an enabled
+        autocast region (the product feeds a matrix product that autocast would cast anyway).
+    """
+    if factor.dim() != 3:
+        raise ValueError(f"factor must have shape (K, r, n), got {tuple(factor.shape)}")
+    k, _, n = factor.shape
+    _check_interval_tensors(width, location, n)
+    if tuple(width.shape) != (k,):
+        raise ValueError(f"width must have shape (K,) = ({k},), got {tuple(width.shape)}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    sigma_value = None
+    if sigma is not None:
+        sigma_value = float(sigma)
+        if not sigma_value > 0:
+            raise ValueError(f"sigma must be a positive number or None, got {sigma!r}")
+        if math.isinf(sigma_value):
+            sigma_value = None
+    if backend == "auto":
+        backend = "triton" if factor.is_cuda and _triton_available() else "torch"
+    if backend == "torch":
+        mask = gaudi_mask_on_grid(width, location, n, sigma_value)
+        return factor * mask.to(factor.dtype).unsqueeze(1)
+    out_dtype = _autocast_dtype(factor.device.type) or factor.dtype
+    return _MaskedFactorTriton.apply(factor, width, location, sigma_value, out_dtype)
