@@ -28,7 +28,7 @@ from ..ops.gaudi import (
     gaudi_mask_on_grid,
     interval_lengths,
     interval_starts,
-    masked_factor,
+    mask_factors,
 )
 
 __all__ = ["EVALUATION_ORDERS", "STRUCTURE_INITS", "GBLRMatrixMixin"]
@@ -280,13 +280,11 @@ class GBLRMatrixMixin(nn.Module):
     def masked_factors(self) -> tuple[Tensor, Tensor]:
         """``(U_masked (K*r, out), V_masked (K*r, in))`` with ``W = U_masked.T @ V_masked``.
 
-        Training: the fused :func:`gblr.ops.masked_factor` (one Triton kernel per factor on
-        CUDA; under autocast its output already has the autocast dtype).
+        Training: :func:`gblr.ops.mask_factors` (on CUDA one fused Triton launch each way;
+        under autocast its output already has the autocast dtype).
         """
         if self.training:
-            sigma = self._sigma_value()
-            u = masked_factor(self.U, self.widths[1], self.locations[1], sigma)
-            v = masked_factor(self.V, self.widths[0], self.locations[0], sigma)
+            u, v = mask_factors(self.U, self.V, self.widths, self.locations, self._sigma_value())
             return u.reshape(-1, self.rows), v.reshape(-1, self.cols)
         col_mask, row_mask = self.masks()
         dtype = self.U.dtype

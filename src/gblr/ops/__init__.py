@@ -6,7 +6,7 @@ from .gaudi import (
     gaudi_mask_on_grid,
     interval_lengths,
     interval_starts,
-    masked_factor,
+    mask_factors,
     round_to_grid,
 )
 
@@ -16,6 +16,6 @@ __all__ = [
     "gaudi_mask_on_grid",
     "interval_lengths",
     "interval_starts",
-    "masked_factor",
+    "mask_factors",
     "round_to_grid",
 ]

@@ -19,7 +19,7 @@ __all__ = [
     "gaudi_mask_on_grid",
     "interval_lengths",
     "interval_starts",
-    "masked_factor",
+    "mask_factors",
     "round_to_grid",
 ]
 
@@ -281,95 +281,140 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if enabled else None
 
 
-class _MaskedFactorTriton(torch.autograd.Function):
-    """``factor * gaudi_mask_on_grid(...)[:, None]`` in one Triton kernel each way; the
-    grid rounding of widths and locations happens inside the kernels too, so a call
-    launches nothing else."""
+class _MaskFactorsTriton(torch.autograd.Function):
+    """Both factors masked in one Triton launch each way; the grid rounding of widths and
+    locations happens inside the kernels too, so a call launches nothing else."""
 
     @staticmethod
-    def forward(ctx, factor, width, location, sigma, out_dtype):  # type: ignore[override]
+    def forward(ctx, factor_u, factor_v, widths, locations, sigma, out_dtype):  # type: ignore[override]
         import triton
 
         from . import triton_mask
 
-        k, rank, n = factor.shape
-        table_dtype = torch.float64 if factor.dtype == torch.float64 else torch.float32
-        cumulative, edge = _grid_kernels(n, sigma, table_dtype, factor.device)
-        factor = factor.contiguous()
-        width, location = width.detach().contiguous(), location.detach().contiguous()
-        out = torch.empty(factor.shape, dtype=out_dtype, device=factor.device)
-        block = triton_mask.block_size(n)
-        triton_mask.masked_factor_forward_kernel[(k, triton.cdiv(n, block))](
-            factor, out, cumulative, width, location, rank, n, BLOCK=block
+        k, rank, rows = factor_u.shape
+        cols = factor_v.shape[2]
+        table_dtype = torch.float64 if factor_u.dtype == torch.float64 else torch.float32
+        u_cumulative, u_edge = _grid_kernels(rows, sigma, table_dtype, factor_u.device)
+        v_cumulative, v_edge = _grid_kernels(cols, sigma, table_dtype, factor_u.device)
+        factor_u, factor_v = factor_u.contiguous(), factor_v.contiguous()
+        widths, locations = widths.detach().contiguous(), locations.detach().contiguous()
+        u_out = torch.empty(factor_u.shape, dtype=out_dtype, device=factor_u.device)
+        v_out = torch.empty(factor_v.shape, dtype=out_dtype, device=factor_u.device)
+        block = triton_mask.block_size(max(rows, cols))
+        grid = (k, triton.cdiv(max(rows, cols), block), 2)
+        triton_mask.masked_factors_forward_kernel[grid](
+            factor_u,
+            u_out,
+            u_cumulative,
+            factor_v,
+            v_out,
+            v_cumulative,
+            widths,
+            locations,
+            k,
+            rank,
+            rows,
+            cols,
+            BLOCK=block,
         )
-        ctx.save_for_backward(factor, width, location, cumulative, edge)
+        ctx.save_for_backward(
+            factor_u, factor_v, widths, locations, u_cumulative, u_edge, v_cumulative, v_edge
+        )
         ctx.block = block
-        return out
+        return u_out, v_out
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_u, grad_v):  # type: ignore[override]
         from . import triton_mask
 
-        factor, width, location, cumulative, edge = ctx.saved_tensors
-        k, rank, n = factor.shape
-        grad_factor = torch.empty_like(factor)
-        grad_width = torch.empty(k, dtype=cumulative.dtype, device=factor.device)
-        grad_location = torch.empty_like(grad_width)
-        triton_mask.masked_factor_backward_kernel[(k,)](
-            grad_out.contiguous(),
-            factor,
-            grad_factor,
-            grad_width,
-            grad_location,
-            cumulative,
-            edge,
-            width,
-            location,
+        (factor_u, factor_v, widths, locations, u_cumulative, u_edge, v_cumulative, v_edge) = (
+            ctx.saved_tensors
+        )
+        k, rank, rows = factor_u.shape
+        cols = factor_v.shape[2]
+        # An output unused by the loss arrives as None: its gradient is zero.
+        grad_u = torch.zeros_like(factor_u) if grad_u is None else grad_u.contiguous()
+        grad_v = torch.zeros_like(factor_v) if grad_v is None else grad_v.contiguous()
+        u_grad = torch.empty_like(factor_u)
+        v_grad = torch.empty_like(factor_v)
+        grad_widths = torch.empty(widths.shape, dtype=u_cumulative.dtype, device=widths.device)
+        grad_locations = torch.empty_like(grad_widths)
+        triton_mask.masked_factors_backward_kernel[(k, 2)](
+            grad_u,
+            factor_u,
+            u_grad,
+            u_cumulative,
+            u_edge,
+            grad_v,
+            factor_v,
+            v_grad,
+            v_cumulative,
+            v_edge,
+            widths,
+            locations,
+            grad_widths,
+            grad_locations,
+            k,
             rank,
-            n,
+            rows,
+            cols,
             BLOCK=ctx.block,
         )
         return (
-            grad_factor,
-            grad_width.to(width.dtype),
-            grad_location.to(location.dtype),
+            u_grad,
+            v_grad,
+            grad_widths.to(widths.dtype),
+            grad_locations.to(locations.dtype),
             None,
             None,
         )
 
 
-def masked_factor(
-    factor: Tensor,
-    width: Tensor,
-    location: Tensor,
+def mask_factors(
+    factor_u: Tensor,
+    factor_v: Tensor,
+    widths: Tensor,
+    locations: Tensor,
     sigma: float | None = None,
     *,
     backend: str = "auto",
-) -> Tensor:
-    """A factor masked column-wise by Gaudi masks on the grid, with straight-through rounding.
+) -> tuple[Tensor, Tensor]:
+    """The factors of a GBLR matrix masked by their Gaudi masks on the grid.
 
-    Equal in value and gradient to
-    ``factor * gaudi_mask_on_grid(width, location, n, sigma).unsqueeze(1)``.
+    Equal in value and gradient (straight-through rounding) to
+    ``factor_u * gaudi_mask_on_grid(widths[1], locations[1], out, sigma)[:, None]`` and
+    ``factor_v * gaudi_mask_on_grid(widths[0], locations[0], in, sigma)[:, None]``.
 
     Args:
-        factor: ``(K, r, n)`` factor (``r`` rows per component).
-        width: ``(K,)`` widths as fractions of ``n``.
-        location: ``(K,)`` locations as fractions of ``n``.
+        factor_u: ``(K, r, out)`` left factors (stored transposed).
+        factor_v: ``(K, r, in)`` right factors.
+        widths: ``(2, K)``: row 0 the column (input) intervals, row 1 the row (output)
+            intervals, as fractions of the dimension.
+        locations: ``(2, K)`` likewise.
         sigma: Gaussian bandwidth in frequency bins, ``None``/``inf`` for none.
         backend: ``"auto"`` (Triton for CUDA tensors when Triton is installed, else torch),
             ``"torch"``, or ``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``).
 
     Returns:
-        ``(K, r, n)``. The torch backend returns the promoted dtype of factor and mask; the
-        Triton backend returns the factor's dtype, or the autocast dtype inside an enabled
-        autocast region (the product feeds a matrix product that autocast would cast anyway).
+        ``(U_masked (K, r, out), V_masked (K, r, in))``. The torch backend returns the
+        promoted dtype of factor and mask; the Triton backend the factors' dtype, or the
+        autocast dtype inside an enabled autocast region (the products feed a matrix
+        product that autocast would cast anyway).
     """
-    if factor.dim() != 3:
-        raise ValueError(f"factor must have shape (K, r, n), got {tuple(factor.shape)}")
-    k, _, n = factor.shape
-    _check_interval_tensors(width, location, n)
-    if tuple(width.shape) != (k,):
-        raise ValueError(f"width must have shape (K,) = ({k},), got {tuple(width.shape)}")
+    if factor_u.dim() != 3 or factor_v.dim() != 3 or factor_u.shape[:2] != factor_v.shape[:2]:
+        raise ValueError(
+            "factor_u must be (K, r, out) and factor_v (K, r, in), got "
+            f"{tuple(factor_u.shape)} and {tuple(factor_v.shape)}"
+        )
+    k = factor_u.shape[0]
+    for name, value in (("widths", widths), ("locations", locations)):
+        if not isinstance(value, Tensor) or tuple(value.shape) != (2, k):
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a tensor of shape (2, K) = (2, {k}), got {shape}")
+    if factor_u.dtype != factor_v.dtype:
+        raise ValueError(
+            f"factor_u and factor_v must share a dtype, got {factor_u.dtype} and {factor_v.dtype}"
+        )
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     sigma_value = None
@@ -380,9 +425,14 @@ def masked_factor(
         if math.isinf(sigma_value):
             sigma_value = None
     if backend == "auto":
-        backend = "triton" if factor.is_cuda and _triton_available() else "torch"
+        backend = "triton" if factor_u.is_cuda and _triton_available() else "torch"
     if backend == "torch":
-        mask = gaudi_mask_on_grid(width, location, n, sigma_value)
-        return factor * mask.to(factor.dtype).unsqueeze(1)
-    out_dtype = _autocast_dtype(factor.device.type) or factor.dtype
-    return _MaskedFactorTriton.apply(factor, width, location, sigma_value, out_dtype)
+        rows, cols = factor_u.shape[2], factor_v.shape[2]
+        row_mask = gaudi_mask_on_grid(widths[1], locations[1], rows, sigma_value)
+        col_mask = gaudi_mask_on_grid(widths[0], locations[0], cols, sigma_value)
+        return (
+            factor_u * row_mask.to(factor_u.dtype).unsqueeze(1),
+            factor_v * col_mask.to(factor_v.dtype).unsqueeze(1),
+        )
+    out_dtype = _autocast_dtype(factor_u.device.type) or factor_u.dtype
+    return _MaskFactorsTriton.apply(factor_u, factor_v, widths, locations, sigma_value, out_dtype)

@@ -1,15 +1,16 @@
-"""Fused Triton kernels for a factor masked by Gaudi masks on the grid (training forward).
+"""Fused Triton kernels for GBLR factors masked by Gaudi masks on the grid (training).
 
-``masked_factor(F, width, location)`` is ``F * gaudi_mask_on_grid(width, location)[:, None]``
-for ``F`` of shape ``(K, r, n)``. Unfused, the masks are built as ``(K, n)`` tensors,
-multiplied in, cast for autocast, and in backward reduced against the factor and two edge
-kernels: about forty small kernels per layer and step, which bound a GPU step by launch
-overhead (85 kernels per step for a 768x3072 layer, measured on an H100; see
-docs/BENCHMARKS.md). Here each direction is one kernel per factor; the mask values are
-read from the cumulative table of :func:`gblr.ops.gaudi._grid_kernels` on the fly.
+``mask_factors(U, V, widths, locations)`` multiplies each factor of shape ``(K, r, n)`` by
+its components' Gaudi masks on the grid (``gaudi_mask_on_grid``). Unfused, the masks are
+built as ``(K, n)`` tensors, multiplied in, cast for autocast, and in backward reduced
+against the factor and two edge kernels: 85 kernels per training step of a 768x3072
+layer (measured on an H100, docs/BENCHMARKS.md), which bound a GPU step by launch
+overhead. Here each direction is one launch for both factors; the grid rounding of
+widths and locations and the mask values (read from the cumulative table of
+:func:`gblr.ops.gaudi._grid_kernels`) are computed on the fly.
 
 Correctness is tested on the CPU with Triton's interpreter (``TRITON_INTERPRET=1``, set
-before this module is imported). Importing this module needs ``triton``.
+before triton is first imported). Importing this module needs ``triton``.
 """
 
 from __future__ import annotations
@@ -50,19 +51,9 @@ def _mask_values(cumulative_ptr, start, length, n, cols):
 
 
 @triton.jit
-def masked_factor_forward_kernel(
-    factor_ptr,
-    out_ptr,
-    cumulative_ptr,
-    width_ptr,
-    location_ptr,
-    rank,
-    n,
-    BLOCK: tl.constexpr,
+def _forward_side(
+    factor_ptr, out_ptr, cumulative_ptr, width_ptr, location_ptr, component, rank, n, cols
 ):
-    """Grid ``(K, cdiv(n, BLOCK))``: ``out[k, i, j] = factor[k, i, j] * mask[k, j]``."""
-    component = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < n
     start, length = _interval(width_ptr, location_ptr, component, n)
     mask = _mask_values(cumulative_ptr, start, length, n, cols)
@@ -74,7 +65,54 @@ def masked_factor_forward_kernel(
 
 
 @triton.jit
-def masked_factor_backward_kernel(
+def masked_factors_forward_kernel(
+    u_ptr,
+    u_out_ptr,
+    u_cumulative_ptr,
+    v_ptr,
+    v_out_ptr,
+    v_cumulative_ptr,
+    widths_ptr,
+    locations_ptr,
+    num_components,
+    rank,
+    rows,
+    cols,
+    BLOCK: tl.constexpr,
+):
+    """Grid ``(K, cdiv(max(rows, cols), BLOCK), 2)``; axis 2 picks the factor:
+    ``out[k, i, j] = factor[k, i, j] * mask[k, j]``. Row 0 of widths/locations masks
+    ``V`` (columns), row 1 masks ``U`` (rows)."""
+    component = tl.program_id(0)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if tl.program_id(2) == 0:
+        _forward_side(
+            v_ptr,
+            v_out_ptr,
+            v_cumulative_ptr,
+            widths_ptr,
+            locations_ptr,
+            component,
+            rank,
+            cols,
+            offsets,
+        )
+    else:
+        _forward_side(
+            u_ptr,
+            u_out_ptr,
+            u_cumulative_ptr,
+            widths_ptr + num_components,
+            locations_ptr + num_components,
+            component,
+            rank,
+            rows,
+            offsets,
+        )
+
+
+@triton.jit
+def _backward_side(
     grad_out_ptr,
     factor_ptr,
     grad_factor_ptr,
@@ -84,24 +122,18 @@ def masked_factor_backward_kernel(
     edge_ptr,
     width_ptr,
     location_ptr,
+    component,
     rank,
     n,
     BLOCK: tl.constexpr,
 ):
-    """Grid ``(K,)``: the factor's gradient (masked) and, per component, the mask gradient
-    reduced against the edge kernel at the box's end and at its start: widening moves the
-    end; moving the box moves both ends the same way."""
-    component = tl.program_id(0)
     start, length = _interval(width_ptr, location_ptr, component, n)
     # Row a of the edge table's unfolded view is edge[a + j]; see _GaudiMaskOnGrid.backward.
     end_offset = (2 * n - start - length) % n
     start_offset = (n - start) % n
     row = component.to(tl.int64) * rank
-    acc_end = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_start = tl.zeros([BLOCK], dtype=tl.float32)
-    if cumulative_ptr.dtype.element_ty == tl.float64:
-        acc_end = acc_end.to(tl.float64)
-        acc_start = acc_start.to(tl.float64)
+    acc_end = tl.zeros([BLOCK], dtype=cumulative_ptr.dtype.element_ty)
+    acc_start = tl.zeros([BLOCK], dtype=cumulative_ptr.dtype.element_ty)
     for block_start in range(0, n, BLOCK):
         cols = block_start + tl.arange(0, BLOCK)
         valid = cols < n
@@ -121,9 +153,70 @@ def masked_factor_backward_kernel(
         edge_at_start = tl.load(edge_ptr + start_offset + cols, mask=valid, other=0.0)
         acc_end += grad_mask * edge_at_end
         acc_start += grad_mask * edge_at_start
+    # Widening moves the end; moving the box moves both ends the same way.
     grad_end = tl.sum(acc_end, axis=0)
     tl.store(grad_width_ptr + component, grad_end)
     tl.store(grad_location_ptr + component, grad_end - tl.sum(acc_start, axis=0))
+
+
+@triton.jit
+def masked_factors_backward_kernel(
+    u_grad_out_ptr,
+    u_ptr,
+    u_grad_ptr,
+    u_cumulative_ptr,
+    u_edge_ptr,
+    v_grad_out_ptr,
+    v_ptr,
+    v_grad_ptr,
+    v_cumulative_ptr,
+    v_edge_ptr,
+    widths_ptr,
+    locations_ptr,
+    grad_widths_ptr,
+    grad_locations_ptr,
+    num_components,
+    rank,
+    rows,
+    cols,
+    BLOCK: tl.constexpr,
+):
+    """Grid ``(K, 2)``: each factor's gradient (masked) and, per component, the mask
+    gradient reduced against the edge kernel at the box's end and at its start, written
+    to the ``(2, K)`` gradients of widths and locations."""
+    component = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        _backward_side(
+            v_grad_out_ptr,
+            v_ptr,
+            v_grad_ptr,
+            grad_widths_ptr,
+            grad_locations_ptr,
+            v_cumulative_ptr,
+            v_edge_ptr,
+            widths_ptr,
+            locations_ptr,
+            component,
+            rank,
+            cols,
+            BLOCK,
+        )
+    else:
+        _backward_side(
+            u_grad_out_ptr,
+            u_ptr,
+            u_grad_ptr,
+            grad_widths_ptr + num_components,
+            grad_locations_ptr + num_components,
+            u_cumulative_ptr,
+            u_edge_ptr,
+            widths_ptr + num_components,
+            locations_ptr + num_components,
+            component,
+            rank,
+            rows,
+            BLOCK,
+        )
 
 
 def block_size(n: int) -> int:
