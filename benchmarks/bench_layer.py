@@ -78,13 +78,18 @@ def bench_case(
     repeats: int,
     warmup: int,
     graph: bool = False,
+    compile_mode: str | None = None,
 ) -> dict:
     torch.manual_seed(0)
     dense = nn.Linear(in_features, out_features, device=device)
     structured = gblr.GBLRLinear(
         in_features, out_features, structure_init="full", sigma=1.0, device=device
     ).train()
+    gblr_layer = structured
     x = torch.randn(rows, in_features, device=device, requires_grad=True)
+    if compile_mode is not None:
+        dense = torch.compile(dense, mode=compile_mode)
+        structured = torch.compile(structured, mode=compile_mode)
     steps = {
         "gblr": _step_fn(structured, x, autocast, graph),
         "linear": _step_fn(dense, x, autocast, graph),
@@ -103,8 +108,8 @@ def bench_case(
     return {
         "shape": [out_features, in_features],
         "rows": rows,
-        "num_components": structured.num_components,
-        "evaluation_order": structured._choose_order(rows),
+        "num_components": gblr_layer.num_components,
+        "evaluation_order": gblr_layer._choose_order(rows),
         "linear_ms_median": 1e3 * statistics.median(times["linear"]),
         "gblr_ms_median": 1e3 * statistics.median(times["gblr"]),
         "ratio_median": statistics.median(ratios),
@@ -112,6 +117,7 @@ def bench_case(
         "ratio_max": max(ratios),
         "repeats": repeats,
         "cuda_graph": graph,
+        "compile": compile_mode,
     }
 
 
@@ -152,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--graph", action="store_true", help="CUDA only: time CUDA-graph replays of each step"
     )
+    parser.add_argument(
+        "--compile", default=None, help="torch.compile both layers with this mode ('default')"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -169,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.repeats,
                 args.warmup,
                 args.graph,
+                args.compile,
             )
             results.append(case)
             print(
@@ -186,11 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         "device": str(device),
         "autocast": args.autocast,
         "cuda_graph": args.graph,
+        "compile": args.compile,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "results": results,
     }
-    suffix = "_graph" if args.graph else ""
+    suffix = ("_graph" if args.graph else "") + (f"_compile-{args.compile}" if args.compile else "")
     output = args.output or RESULTS / f"bench_layer_{device.type}_{args.autocast}{suffix}.json"
     write_json_atomically(output, payload)
     print(f"wrote {output}")
