@@ -2,8 +2,8 @@
 # Every GPU check and benchmark of the project, for one call on a lent GPU machine:
 #   bash benchmarks/gpu_checks.sh            (writes under $OUT, or ./gpu_out)
 # CUDA tests first (correctness), then the layer benchmark in bf16 autocast and float32,
-# eager, as CUDA-graph replays and under torch.compile, the host overhead per step, then a
-# kernel profile of one bf16 step.
+# eager and as CUDA-graph replays, the host overhead per step, then a kernel profile of one
+# bf16 step. (--compile exists too; torch.compile breaks the graph at the sigma read.)
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -16,9 +16,8 @@ python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers -k "cuda or trit
 B="python3 benchmarks/bench_layer.py --device cuda --repeats 25 --warmup 5"
 $B --autocast bf16 --rows 8192 4096 64 --output "$OUT/bench_layer_cuda_bf16.json"
 $B --autocast none --rows 8192 64 --output "$OUT/bench_layer_cuda_none.json"
-$B --autocast bf16 --rows 8192 64 --graph --output "$OUT/bench_layer_cuda_bf16_graph.json"
-$B --autocast bf16 --rows 8192 --compile default --output "$OUT/bench_layer_cuda_bf16_compile.json" \
-  2>&1 | grep -v Warning
+# (capturing nn.Linear's backward at 64 rows failed inside cuBLAS on an H100, torch 2.11)
+$B --autocast bf16 --rows 8192 --graph --output "$OUT/bench_layer_cuda_bf16_graph.json"
 python3 benchmarks/bench_overhead.py --device cuda 2>&1 | tee "$OUT/overhead.txt"
 python3 benchmarks/profile_layer.py --device cuda --autocast bf16 --rows 8192 \
   > "$OUT/profile_bf16.txt" 2>&1 || echo "profile failed"
