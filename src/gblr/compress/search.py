@@ -52,6 +52,34 @@ def _indices(start: int, length: int, size: int, device: torch.device) -> Tensor
     return (torch.arange(length, device=device) + start) % size
 
 
+def _segments(start: int, length: int, size: int) -> list[tuple[int, int, int]]:
+    """A circular interval as at most two ``(from, to, offset_in_interval)`` slices."""
+    first = min(length, size - start)
+    pieces = [(start, start + first, 0)]
+    if length > first:
+        pieces.append((0, length - first, first))
+    return pieces
+
+
+def _get_block(matrix: Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+    """Copy of ``matrix`` on a block of circular intervals (slices, no gather)."""
+    m, n = matrix.shape
+    row_pieces = [matrix[a:b] for a, b, _ in _segments(*rows, m)]
+    band = row_pieces[0] if len(row_pieces) == 1 else torch.cat(row_pieces, 0)
+    col_pieces = [band[:, a:b] for a, b, _ in _segments(*cols, n)]
+    return col_pieces[0].clone() if len(col_pieces) == 1 else torch.cat(col_pieces, 1)
+
+
+def _subtract_block(
+    matrix: Tensor, rows: tuple[int, int], cols: tuple[int, int], delta: Tensor
+) -> None:
+    """``matrix[block] -= delta`` in place, ``delta`` shaped like the block."""
+    m, n = matrix.shape
+    for a, b, i in _segments(*rows, m):
+        for c, d, j in _segments(*cols, n):
+            matrix[a:b, c:d] -= delta[i : i + b - a, j : j + d - c]
+
+
 def _svd_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLinear | None:
     m, n = weight.shape
     r = rank_per_component
@@ -67,6 +95,43 @@ def _svd_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLinear
     return GBLRLinear.from_intervals(factors_u, factors_v, full[0], full[1])
 
 
+def _circular_window_sums(values: Tensor, intervals: list[tuple[int, int]]) -> Tensor:
+    """``(len(intervals),)`` sums of ``values`` over circular ``(start, length)`` windows,
+    from one prefix sum over two periods."""
+    prefix = torch.cat([values.new_zeros(1), torch.cumsum(torch.cat([values, values]), 0)])
+    starts = torch.tensor([start for start, _ in intervals], device=values.device)
+    lengths = torch.tensor([length for _, length in intervals], device=values.device)
+    return prefix[starts + lengths] - prefix[starts]
+
+
+def _subspace_iteration(
+    matrix: Tensor, start: Tensor, iterations: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Leading singular triplets of ``matrix`` ``(p, q)`` by block power iteration from a
+    ``(q, k)`` start basis: ``(left (p, k), values (k,), right (q, k))``, values sorted
+    descending. A good start (the previous step's basis, a restricted singular vector)
+    needs one or two iterations."""
+    right, _ = torch.linalg.qr(start)
+    for _ in range(iterations):
+        left, _ = torch.linalg.qr(matrix @ right)
+        right, _ = torch.linalg.qr(matrix.t() @ left)
+    left, _ = torch.linalg.qr(matrix @ right)
+    small_left, values, small_right_t = torch.linalg.svd(left.t() @ matrix @ right)
+    return left @ small_left, values, right @ small_right_t.t()
+
+
+def _top_singular(block: Tensor, rank: int, start: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Leading ``rank`` singular triplets ``(left (p, rank), values (rank,), right (rank, q))``:
+    exact for small blocks, else one power iteration from ``start`` ``(q, k >= rank)`` (the
+    greedy pass only needs a good start; backfitting and refinement polish it)."""
+    p, q = block.shape
+    if min(p, q) <= 4 * rank + 16:
+        left, singular, right = torch.linalg.svd(block, full_matrices=False)
+        return left[:, :rank], singular[:rank], right[:rank]
+    left, singular, right = _subspace_iteration(block, start, iterations=1)
+    return left[:, :rank], singular[:rank], right[:, :rank].t()
+
+
 def _greedy_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLinear | None:
     m, n = weight.shape
     r = rank_per_component
@@ -75,35 +140,58 @@ def _greedy_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLin
     factors_u, factors_v, row_intervals, col_intervals = [], [], [], []
     remaining = macs
     max_components = 4 * max(m, n)
+    # The residual changes by one block per step: its leading subspace is tracked by power
+    # iteration warm-started from the previous step's.
+    basis = torch.randn(n, min(r + 4, min(m, n)), dtype=weight.dtype, device=device)
+    iterations = 4
     while remaining >= 2 * r and len(factors_u) < max_components:
-        left, _, right = torch.svd_lowrank(residual, q=min(r + 4, min(m, n)), niter=3)
+        left, singular, right = _subspace_iteration(residual, basis, iterations)
+        basis, iterations = right, 2
         row_magnitude, col_magnitude = left[:, 0].abs(), right[:, 0].abs()
-        best = None
-        row_candidates = {_circular_support(row_magnitude, t) for t in _SUPPORT_THRESHOLDS}
-        col_candidates = {_circular_support(col_magnitude, t) for t in _SUPPORT_THRESHOLDS}
-        for rows in sorted(row_candidates):
-            for cols in sorted(col_candidates):
-                cost = r * (rows[1] + cols[1])
-                if cost > remaining:
-                    continue
-                row_index = _indices(*rows, m, device)
-                col_index = _indices(*cols, n, device)
-                block = residual[row_index][:, col_index]
-                captured = (block @ right[col_index, 0]).pow(2).sum().item()
-                score = captured / cost
-                if best is None or score > best[0]:
-                    best = (score, rows, cols, row_index, col_index)
-        if best is None or best[0] <= 0:
+        row_candidates = sorted({_circular_support(row_magnitude, t) for t in _SUPPORT_THRESHOLDS})
+        col_candidates = sorted({_circular_support(col_magnitude, t) for t in _SUPPORT_THRESHOLDS})
+        # Energy a candidate block captures along the residual's leading right singular
+        # vector, ||R[rows, cols] @ v[cols]||^2, for every (rows, cols) pair at once: one
+        # product with the column-restricted vectors, then window sums over the rows.
+        restricted = torch.zeros(n, len(col_candidates), dtype=weight.dtype, device=device)
+        for j, cols in enumerate(col_candidates):
+            index = _indices(*cols, n, device)
+            restricted[index, j] = right[index, 0]
+        projected = (residual @ restricted).pow(2)  # (m, column candidates)
+        captured = torch.stack(
+            [
+                _circular_window_sums(projected[:, j], row_candidates)
+                for j in range(len(col_candidates))
+            ],
+            dim=1,
+        )  # (row candidates, column candidates)
+        row_lengths = torch.tensor([length for _, length in row_candidates], device=device)
+        col_lengths = torch.tensor([length for _, length in col_candidates], device=device)
+        cost = r * (row_lengths[:, None] + col_lengths[None, :])
+        score = torch.where(cost <= remaining, captured / cost, torch.full_like(captured, -1.0))
+        best = int(torch.argmax(score))
+        if float(score.flatten()[best]) <= 0:
             break
-        _, rows, cols, row_index, col_index = best
-        block = residual[row_index][:, col_index]
+        rows = row_candidates[best // len(col_candidates)]
+        cols = col_candidates[best % len(col_candidates)]
+        row_index = _indices(*rows, m, device)
+        col_index = _indices(*cols, n, device)
         rank = min(r, rows[1], cols[1])
-        block_left, block_singular, block_right = torch.linalg.svd(block, full_matrices=False)
+        if rows[1] == m and cols[1] == n and rows[0] == 0 and cols[0] == 0:
+            # The whole matrix: the residual's own leading triplets are the block's.
+            block_left, block_singular, block_right = (
+                left[:, :rank],
+                singular[:rank],
+                right[:, :rank].t(),
+            )
+        else:
+            block = _get_block(residual, rows, cols)
+            block_left, block_singular, block_right = _top_singular(block, rank, right[col_index])
         u = weight.new_zeros(r, m)
         v = weight.new_zeros(r, n)
-        u[:rank, row_index] = (block_left[:, :rank] * block_singular[:rank]).t()
-        v[:rank, col_index] = block_right[:rank]
-        residual[row_index[:, None], col_index] -= u[:, row_index].t() @ v[:, col_index]
+        u[:rank, row_index] = (block_left * block_singular).t()
+        v[:rank, col_index] = block_right
+        _subtract_block(residual, rows, cols, u[:, row_index].t() @ v[:, col_index])
         factors_u.append(u)
         factors_v.append(v)
         row_intervals.append(rows)
@@ -111,43 +199,58 @@ def _greedy_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLin
         remaining -= r * (rows[1] + cols[1])
     if not factors_u:
         return None
-    _backfit(weight, factors_u, factors_v, row_intervals, col_intervals, sweeps=3)
+    _backfit(residual, factors_u, factors_v, row_intervals, col_intervals, sweeps=3)
     return GBLRLinear.from_intervals(
         torch.stack(factors_u), torch.stack(factors_v), row_intervals, col_intervals
     )
 
 
 def _backfit(
-    weight: Tensor,
+    residual: Tensor,
     factors_u: list[Tensor],
     factors_v: list[Tensor],
     row_intervals: list[tuple[int, int]],
     col_intervals: list[tuple[int, int]],
     sweeps: int,
 ) -> None:
-    """Block coordinate descent on the factors with the intervals fixed (in place).
+    """Block coordinate descent on the factors with the intervals fixed (in place; the
+    ``residual`` = target minus approximation is kept up to date).
 
-    Each component in turn is refitted as the truncated SVD of what the others leave of
-    ``weight`` on its block, which repairs the greedy pass where blocks overlap.
+    Each component in turn is refitted to what the others leave of the target on its
+    block, which repairs the greedy pass where blocks overlap. Small blocks take the exact
+    truncated SVD; large ones one alternating-least-squares step from the current
+    factors, which cannot increase the error and costs two block products.
     """
-    m, n = weight.shape
-    device = weight.device
-    approximation = sum(u.t() @ v for u, v in zip(factors_u, factors_v))
+    m, n = residual.shape
+    device = residual.device
     for _ in range(sweeps):
         for k, (rows, cols) in enumerate(zip(row_intervals, col_intervals)):
             row_index = _indices(*rows, m, device)
             col_index = _indices(*cols, n, device)
             u, v = factors_u[k], factors_v[k]
-            own = u[:, row_index].t() @ v[:, col_index]
-            target = (weight - approximation)[row_index][:, col_index] + own
+            u_block, v_block = u[:, row_index], v[:, col_index]  # (r, p), (r, q)
+            own = u_block.t() @ v_block
+            target = _get_block(residual, rows, cols) + own
             rank = min(u.shape[0], rows[1], cols[1])
-            left, singular, right = torch.linalg.svd(target, full_matrices=False)
+            if min(rows[1], cols[1]) <= 4 * rank + 16:
+                left, singular, right = torch.linalg.svd(target, full_matrices=False)
+                new_u = (left[:, :rank] * singular[:rank]).t()
+                new_v = right[:rank]
+            else:
+                # Fix V, solve for U; then fix U, solve for V (ridge only guards rank loss).
+                v_now = v_block[:rank]
+                gram = v_now @ v_now.t()
+                ridge = 1e-12 * gram.diagonal().sum().clamp_min(1e-30)
+                eye = torch.eye(rank, dtype=gram.dtype, device=device)
+                new_u = torch.linalg.solve(gram + ridge * eye, v_now @ target.t())
+                gram = new_u @ new_u.t()
+                ridge = 1e-12 * gram.diagonal().sum().clamp_min(1e-30)
+                new_v = torch.linalg.solve(gram + ridge * eye, new_u @ target)
             u.zero_()
             v.zero_()
-            u[:rank, row_index] = (left[:, :rank] * singular[:rank]).t()
-            v[:rank, col_index] = right[:rank]
-            new = u[:, row_index].t() @ v[:, col_index]
-            approximation[row_index[:, None], col_index] += new - own
+            u[:rank, row_index] = new_u
+            v[:rank, col_index] = new_v
+            _subtract_block(residual, rows, cols, u[:, row_index].t() @ v[:, col_index] - own)
 
 
 def _error(layer: GBLRLinear | None, weight: Tensor) -> float:
