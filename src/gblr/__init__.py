@@ -6,7 +6,7 @@ Efficient Deep Neural Networks" (ICLR 2024, arXiv:2310.18882).
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .compress import fit_dense
+from .compress import ConversionReport, convert, fit_dense
 from .cost import FlopsReport, LayerFlops, count_flops
 from .layers import GBLRConv2d, GBLRLinear, special
 from .learn import StructureLearner, param_groups
@@ -18,6 +18,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "ConversionReport",
     "FlopsReport",
     "GBLRConv2d",
     "GBLRLinear",
@@ -25,6 +26,7 @@ __all__ = [
     "StructureLearner",
     "__version__",
     "boxcar_mask",
+    "convert",
     "count_flops",
     "fit_dense",
     "gaudi_mask",

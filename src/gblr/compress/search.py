@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor
@@ -46,6 +47,15 @@ def _circular_support(magnitude: Tensor, threshold: float) -> tuple[int, int]:
     widest = int(torch.argmax(gaps))
     start = int(significant[(widest + 1) % significant.numel()])
     return start, n - int(gaps[widest]) + 1
+
+
+def _best_window(energy: Tensor, length: int) -> tuple[int, int]:
+    """The circular window ``(start, length)`` holding the most of ``energy``."""
+    n = energy.numel()
+    length = max(1, min(length, n))
+    prefix = torch.cat([energy.new_zeros(1), torch.cumsum(torch.cat([energy, energy]), 0)])
+    starts = torch.arange(n, device=energy.device)
+    return int(torch.argmax(prefix[starts + length] - prefix[starts])), length
 
 
 def _indices(start: int, length: int, size: int, device: torch.device) -> Tensor:
@@ -132,13 +142,27 @@ def _top_singular(block: Tensor, rank: int, start: Tensor) -> tuple[Tensor, Tens
     return left[:, :rank], singular[:rank], right[:, :rank].t()
 
 
-def _greedy_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLinear | None:
+def _greedy_layer(
+    weight: Tensor, macs: int, rank_per_component: int, start: GBLRLinear | None = None
+) -> GBLRLinear | None:
+    """Greedy block pursuit within ``macs``; with ``start`` (a layer of full-interval
+    components, the truncated SVD), its components are kept and the pursuit spends only
+    the MACs it leaves on the residual."""
     m, n = weight.shape
     r = rank_per_component
     device = weight.device
     residual = weight.clone()
     factors_u, factors_v, row_intervals, col_intervals = [], [], [], []
     remaining = macs
+    if start is not None:
+        for u, v in zip(start.U.detach(), start.V.detach()):
+            factors_u.append(u.clone())
+            factors_v.append(v.clone())
+            row_intervals.append((0, m))
+            col_intervals.append((0, n))
+            residual -= u.t() @ v
+        remaining -= start.flops()
+    kept = len(factors_u)
     max_components = 4 * max(m, n)
     # The residual changes by one block per step: its leading subspace is tracked by power
     # iteration warm-started from the previous step's.
@@ -148,8 +172,16 @@ def _greedy_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLin
         left, singular, right = _subspace_iteration(residual, basis, iterations)
         basis, iterations = right, 2
         row_magnitude, col_magnitude = left[:, 0].abs(), right[:, 0].abs()
-        row_candidates = sorted({_circular_support(row_magnitude, t) for t in _SUPPORT_THRESHOLDS})
-        col_candidates = sorted({_circular_support(col_magnitude, t) for t in _SUPPORT_THRESHOLDS})
+        row_candidates = {_circular_support(row_magnitude, t) for t in _SUPPORT_THRESHOLDS}
+        col_candidates = {_circular_support(col_magnitude, t) for t in _SUPPORT_THRESHOLDS}
+        # Windows sized to what is left, so the last MACs buy the most concentrated block.
+        affordable = remaining // r
+        if affordable < m + n:
+            row_length = max(1, min(m, affordable - 1, round(affordable * m / (m + n))))
+            row_candidates.add(_best_window(row_magnitude.pow(2), row_length))
+            col_candidates.add(_best_window(col_magnitude.pow(2), affordable - row_length))
+        row_candidates = sorted(row_candidates)
+        col_candidates = sorted(col_candidates)
         # Energy a candidate block captures along the residual's leading right singular
         # vector, ||R[rows, cols] @ v[cols]||^2, for every (rows, cols) pair at once: one
         # product with the column-restricted vectors, then window sums over the rows.
@@ -197,9 +229,10 @@ def _greedy_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLin
         row_intervals.append(rows)
         col_intervals.append(cols)
         remaining -= r * (rows[1] + cols[1])
-    if not factors_u:
+    if len(factors_u) == kept:
         return None
-    _backfit(residual, factors_u, factors_v, row_intervals, col_intervals, sweeps=3)
+    # Only the pursuit's own components are refitted: the kept ones are optimal already.
+    _backfit(residual, factors_u, factors_v, row_intervals, col_intervals, sweeps=3, first=kept)
     return GBLRLinear.from_intervals(
         torch.stack(factors_u), torch.stack(factors_v), row_intervals, col_intervals
     )
@@ -212,19 +245,22 @@ def _backfit(
     row_intervals: list[tuple[int, int]],
     col_intervals: list[tuple[int, int]],
     sweeps: int,
+    first: int = 0,
 ) -> None:
     """Block coordinate descent on the factors with the intervals fixed (in place; the
     ``residual`` = target minus approximation is kept up to date).
 
-    Each component in turn is refitted to what the others leave of the target on its
-    block, which repairs the greedy pass where blocks overlap. Small blocks take the exact
-    truncated SVD; large ones one alternating-least-squares step from the current
-    factors, which cannot increase the error and costs two block products.
+    Each component from index ``first`` on, in turn, is refitted to what the others leave
+    of the target on its block, which repairs the greedy pass where blocks overlap. Small
+    blocks take the exact truncated SVD; large ones one alternating-least-squares step
+    from the current factors, which cannot increase the error and costs two block
+    products.
     """
     m, n = residual.shape
     device = residual.device
     for _ in range(sweeps):
-        for k, (rows, cols) in enumerate(zip(row_intervals, col_intervals)):
+        for k in range(first, len(factors_u)):
+            rows, cols = row_intervals[k], col_intervals[k]
             row_index = _indices(*rows, m, device)
             col_index = _indices(*cols, n, device)
             u, v = factors_u[k], factors_v[k]
@@ -310,8 +346,8 @@ def fit_dense(
 
     Returns:
         :class:`GBLRLinear` in eval mode, ``flops() <= budget``, on ``weight``'s device,
-        in float32 (float64 for float64 input). Its relative Frobenius error is at most
-        that of the truncated SVD with the same MAC budget.
+        in float32 (float64 for float64 input), ``sigma = inf``. Its relative Frobenius
+        error is at most that of the truncated SVD with the same MAC budget.
 
     Example:
         >>> import torch, gblr
@@ -340,10 +376,13 @@ def fit_dense(
 
     with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
         torch.manual_seed(seed)
+        svd = _svd_layer(weight, macs, rank_per_component)
         candidates = [
             layer
             for layer in (
-                _svd_layer(weight, macs, rank_per_component),
+                svd,
+                # SVD plus blocks bought with the MACs whole ranks leave over
+                None if svd is None else _greedy_layer(weight, macs, rank_per_component, svd),
                 _greedy_layer(weight, macs, rank_per_component),
             )
             if layer is not None
@@ -362,4 +401,8 @@ def fit_dense(
             refined = _refine(copy.deepcopy(best), weight, macs, steps, lr)
             if _error(refined, weight) <= min(errors):
                 best = refined
+    with torch.no_grad():
+        # Exact masks: in training mode the layer computes what it computes in eval until
+        # a structure learner sets its own sigma schedule.
+        best.sigma.fill_(math.inf)
     return best.eval()

@@ -1,0 +1,566 @@
+"""Model surgery: replace a model's dense layers by structured ones under a MAC budget.
+
+``convert(model, budget=0.3)`` swaps every matching ``nn.Linear``, ``nn.Conv2d`` and
+Hugging Face ``Conv1D`` (GPT-2 family; weight stored ``(in, out)``) for a structured layer
+fitted to its weights, in place, and returns a :class:`ConversionReport`.
+
+Budgets are MACs per input row (per output position for convolutions), the same unit as
+``layer.flops()``. ``allocation="uniform"`` gives every layer ``budget`` times its dense
+MACs; ``"global"`` spends ``budget`` times the converted layers' total where it lowers
+the summed normalized error most, using each layer's truncated-SVD error curve (exact
+from its singular values) as the measure: adding one unit of rank to a layer costs
+``out + in`` MACs and removes ``s_k^2 / ||W||^2`` of its normalized error, and since the
+gains shrink along each spectrum a greedy fill is optimal for that separable problem. The
+structured fit at the allotted MACs is never worse than that SVD (``fit_dense``), so the
+curve is an upper bound on the error actually reached.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import heapq
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..cost import budget_macs
+from ..layers.conv import GBLRConv2d
+from ..layers.linear import GBLRLinear
+from .search import _svd_layer, fit_dense
+
+__all__ = [
+    "ConversionReport",
+    "LayerConversion",
+    "convert",
+    "register_structure",
+    "structures",
+]
+
+INITS = ("search", "svd", "random")
+ALLOCATIONS = ("uniform", "global")
+
+
+# --------------------------------------------------------------------------- structures
+@dataclass(frozen=True)
+class _Structure:
+    fit: Callable[..., nn.Module]
+    supports_conv2d: bool
+
+
+_STRUCTURES: dict[str, _Structure] = {}
+
+
+def register_structure(
+    name: str, fit: Callable[..., nn.Module], *, supports_conv2d: bool = False
+) -> None:
+    """Make ``convert(..., structure=name)`` available.
+
+    Args:
+        name: the structure's name.
+        fit: ``fit(weight (out, in), macs, *, init, rank_per_component, steps, seed)`` →
+            a bias-free module mapping ``(..., in) -> (..., out)`` whose ``flops()`` is at
+            most ``macs`` and whose ``dense_weight()`` gives its matrix in eval mode.
+        supports_conv2d: whether the returned module is a GBLR matrix layer whose factors
+            and intervals can be moved into a :class:`gblr.GBLRConv2d`.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    _STRUCTURES[name] = _Structure(fit, supports_conv2d)
+
+
+def structures() -> list[str]:
+    """Names accepted by ``convert(structure=...)``."""
+    return sorted(_STRUCTURES)
+
+
+def _fit_gblr(
+    weight: Tensor,
+    macs: int,
+    *,
+    init: str,
+    rank_per_component: int,
+    steps: int,
+    seed: int,
+) -> GBLRLinear:
+    m, n = weight.shape
+    if macs < 2 * rank_per_component:  # pays for nothing: one dead component
+        empty = [(0, 0)]
+        return GBLRLinear.from_intervals(
+            weight.new_zeros(1, rank_per_component, m),
+            weight.new_zeros(1, rank_per_component, n),
+            empty,
+            empty,
+        ).eval()
+    if init == "search":
+        return fit_dense(
+            weight, macs, rank_per_component=rank_per_component, steps=steps, seed=seed
+        )
+    if init == "svd":
+        if macs >= m * n:
+            # Budget 1.0 means "no compression": the exact full-rank factorization, the
+            # starting point for learning the structure while fine-tuning (its MACs
+            # exceed the dense layer's until the learner prunes it).
+            macs = rank_per_component * math.ceil(min(m, n) / rank_per_component) * (m + n)
+        layer = _svd_layer(weight, macs, rank_per_component)
+        if layer is None:  # less than one full-width component: the best narrow ones
+            return fit_dense(weight, macs, rank_per_component=rank_per_component, steps=0)
+        return layer.eval()
+    # "random": a fresh layer at the budget's cost (the paper's half-full/half-narrow
+    # initialisation), nothing copied from the dense weights.
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        ratio = min(1.0, macs / (m * n))
+        layer = GBLRLinear(
+            n,
+            m,
+            bias=False,
+            rank_per_component=rank_per_component,
+            structure_init="half",
+            init_cost=ratio,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return layer.eval()
+
+
+register_structure("gblr", _fit_gblr, supports_conv2d=True)
+
+
+# --------------------------------------------------------------------------- report
+@dataclass
+class LayerConversion:
+    """One converted layer.
+
+    ``macs_*`` are per input row (per output position for convolutions); errors are
+    relative Frobenius errors of the layer's matrix, ``svd_error`` that of the truncated
+    SVD with the same MACs (the baseline every structure must beat or match).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    macs_before: int
+    macs_after: int
+    error: float
+    svd_error: float
+
+    @property
+    def ratio(self) -> float:
+        return self.macs_after / self.macs_before
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did: converted layers, skipped layers and totals.
+
+    ``print(report)`` gives a table.
+    """
+
+    structure: str
+    init: str
+    allocation: str
+    budget: float
+    layers: list[LayerConversion] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def macs_before(self) -> int:
+        return sum(layer.macs_before for layer in self.layers)
+
+    @property
+    def macs_after(self) -> int:
+        return sum(layer.macs_after for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else float("nan")
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON logs."""
+        return {
+            "structure": self.structure,
+            "init": self.init,
+            "allocation": self.allocation,
+            "budget": self.budget,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "layers": [
+                {**layer.__dict__, "shape": list(layer.shape), "ratio": layer.ratio}
+                for layer in self.layers
+            ],
+            "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
+        }
+
+    def __str__(self) -> str:
+        header = (
+            "layer",
+            "kind",
+            "shape",
+            "MACs before",
+            "MACs after",
+            "ratio",
+            "error",
+            "SVD error",
+        )
+        rows = [
+            (
+                layer.name,
+                layer.kind,
+                f"{layer.shape[0]}x{layer.shape[1]}",
+                f"{layer.macs_before:,}",
+                f"{layer.macs_after:,}",
+                f"{layer.ratio:.3f}",
+                f"{layer.error:.4f}",
+                f"{layer.svd_error:.4f}",
+            )
+            for layer in self.layers
+        ]
+        rows.append(
+            (
+                "total",
+                "",
+                "",
+                f"{self.macs_before:,}",
+                f"{self.macs_after:,}",
+                f"{self.ratio:.3f}",
+                "",
+                "",
+            )
+        )
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = [
+            f"structure={self.structure} init={self.init} allocation={self.allocation} "
+            f"budget={self.budget:g}",
+            "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+        ]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        for name, reason in self.skipped:
+            lines.append(f"skipped {name}: {reason}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- helpers
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _kind(module: nn.Module, conv1d: type | None) -> str | None:
+    if isinstance(module, (GBLRLinear, GBLRConv2d)):
+        return None
+    if isinstance(module, nn.Linear):
+        return "Linear"
+    if isinstance(module, nn.Conv2d):
+        return "Conv2d"
+    if conv1d is not None and isinstance(module, conv1d):
+        return "Conv1D"
+    return None
+
+
+def _matrix(module: nn.Module, kind: str) -> Tensor:
+    """The ``(out, in)`` matrix the layer multiplies by (detached)."""
+    weight = module.weight.detach()
+    if kind == "Conv1D":
+        return weight.t()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _skip_reason(
+    module: nn.Module, kind: str, min_features: int, structure: _Structure
+) -> str | None:
+    if kind == "Conv2d":
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}) is not supported"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+        if not structure.supports_conv2d:
+            return "this structure converts Linear layers only"
+    out_features, in_features = _matrix(module, kind).shape
+    if min(out_features, in_features) < min_features:
+        return f"smaller than min_features={min_features} ({out_features}x{in_features})"
+    return None
+
+
+def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{name} must be a glob pattern or a list of them, got {value!r}")
+    return list(value)
+
+
+def _check_patterns_match(name: str, patterns: list[str] | None, names: list[str]) -> None:
+    for pattern in patterns or []:
+        if not any(fnmatch.fnmatchcase(candidate, pattern) for candidate in names):
+            examples = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(
+                f"{name} pattern {pattern!r} matches no convertible layer; available: "
+                f"{examples or '(none)'}"
+            )
+
+
+def _svd_curve(weight: Tensor) -> Tensor:
+    """Normalized squared singular values, descending: the error removed per rank."""
+    singular = torch.linalg.svdvals(weight.double())
+    energy = singular.pow(2)
+    return energy / energy.sum().clamp_min(1e-300)
+
+
+def _svd_error(curve: Tensor, macs: int, shape: tuple[int, int], rank_per_component: int) -> float:
+    m, n = shape
+    r = rank_per_component
+    rank = min(r * (macs // (r * (m + n))), r * (min(m, n) // r))
+    return float(curve[rank:].sum().clamp_min(0.0).sqrt())
+
+
+def _global_allocation(
+    curves: list[Tensor],
+    shapes: list[tuple[int, int]],
+    total: int,
+    rank_per_component: int,
+) -> list[int]:
+    """MACs per layer: greedy fill of rank units by normalized error removed per MAC."""
+    r = rank_per_component
+    ranks = [0] * len(curves)
+    heap = []
+    for index, (curve, (m, n)) in enumerate(zip(curves, shapes)):
+        if curve.numel() >= r and r * (m + n) <= m * n:
+            gain = float(curve[:r].sum()) / (r * (m + n))
+            heap.append((-gain, index))
+    heapq.heapify(heap)
+    remaining = total
+    while heap:
+        _, index = heapq.heappop(heap)
+        m, n = shapes[index]
+        cost = r * (m + n)
+        if cost > remaining:
+            continue  # a cheaper layer may still fit
+        ranks[index] += r
+        remaining -= cost
+        curve = curves[index]
+        following = ranks[index]
+        # A layer never gets more than its dense MACs.
+        if following + r <= min(m, n) and (following + r) * (m + n) <= m * n:
+            gain = float(curve[following : following + r].sum()) / cost
+            heapq.heappush(heap, (-gain, index))
+    # MACs no rank unit could use go to the layers in proportion to their size, so the
+    # structured fit (which spends MACs on intervals, not only on whole ranks) uses them.
+    macs = [rank * (m + n) for rank, (m, n) in zip(ranks, shapes)]
+    dense = [m * n for m, n in shapes]
+    open_layers = [i for i in range(len(dense)) if macs[i] < dense[i]]
+    spare = total - sum(macs)
+    while spare > 0 and open_layers:
+        room = sum(dense[i] for i in open_layers)
+        given = 0
+        for index in open_layers:
+            share = min(dense[index] - macs[index], spare * dense[index] // room)
+            macs[index] += share
+            given += share
+        open_layers = [i for i in open_layers if macs[i] < dense[i]]
+        spare -= given
+        if given == 0:  # rounding left less than one MAC per layer
+            for index in open_layers[:spare]:
+                macs[index] += 1
+            break
+    return macs
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _build_layer(
+    original: nn.Module, kind: str, fitted: nn.Module, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    bias = original.bias.detach() if original.bias is not None else None
+    if kind in ("Linear", "Conv1D"):
+        layer = fitted
+        if bias is not None:
+            layer.bias = nn.Parameter(
+                bias.to(fitted.U.dtype if hasattr(fitted, "U") else bias.dtype).clone()
+            )
+    else:
+        conv = original
+        layer = GBLRConv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=bias is not None,
+            rank_per_component=fitted.rank_per_component,
+            num_components=fitted.num_components,
+            device=fitted.U.device,
+            dtype=fitted.U.dtype,
+        )
+        with torch.no_grad():
+            for name in ("U", "V", "widths", "locations", "sigma"):
+                getattr(layer, name).copy_(getattr(fitted, name))
+            if bias is not None:
+                layer.bias.copy_(bias)
+    layer = layer.to(device=device, dtype=dtype)
+    return layer.train(original.training)
+
+
+# --------------------------------------------------------------------------- convert
+def convert(
+    model: nn.Module,
+    structure: str = "gblr",
+    budget: float = 0.3,
+    init: str = "search",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    allocation: str = "global",
+    *,
+    rank_per_component: int = 1,
+    min_features: int = 16,
+    steps: int = 200,
+    seed: int = 0,
+) -> ConversionReport:
+    """Replace, in place, the model's dense layers by structured layers fitted to them.
+
+    Args:
+        model: any ``nn.Module``; every ``nn.Linear``, ``nn.Conv2d`` (``groups=1``, zero
+            padding) and Hugging Face ``Conv1D`` among ``named_modules()`` is a candidate.
+        structure: a name from :func:`structures` (``"gblr"``).
+        budget: fraction in ``(0, 1]`` of the converted layers' dense MACs. With
+            ``init="svd"``, ``1.0`` means no compression: each layer becomes its exact
+            full-rank factorization (costing more MACs than dense, until a structure
+            learner prunes it while fine-tuning).
+        init: ``"search"`` (:func:`gblr.fit_dense`: structure searched from the weights),
+            ``"svd"`` (truncated SVD, full intervals), ``"random"`` (fresh layer at the
+            budget's cost, for training from scratch).
+        include: glob pattern(s) over module names; only matching layers are converted.
+        exclude: glob pattern(s); matching layers are left dense.
+        allocation: ``"global"`` (layers compete for the model's budget, see the module
+            docstring) or ``"uniform"`` (every layer gets the same ratio).
+        rank_per_component: ``r`` of every component.
+        min_features: layers with ``min(out, in)`` below this are skipped (listed in the
+            report).
+        steps: refinement steps of ``fit_dense`` for ``init="search"``.
+        seed: seeds every fit; equal seeds give equal models.
+
+    Returns:
+        A :class:`ConversionReport`. Converted layers keep their bias, dtype, device and
+        train/eval mode; they are :class:`gblr.GBLRLinear` (for ``Linear`` and ``Conv1D``,
+        input ``(..., in)``) or :class:`gblr.GBLRConv2d`.
+
+    Example:
+        >>> import torch, gblr
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
+        >>> report = gblr.convert(model, budget=0.5, init="svd")
+        >>> isinstance(model[0], gblr.GBLRLinear), report.ratio <= 0.5
+        (True, True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if structure not in _STRUCTURES:
+        raise ValueError(f"structure must be one of {structures()}, got {structure!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction in (0, 1] of the dense MACs, got {budget!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if isinstance(min_features, bool) or not isinstance(min_features, int) or min_features < 1:
+        raise ValueError(f"min_features must be a positive int, got {min_features!r}")
+    if (
+        isinstance(rank_per_component, bool)
+        or not isinstance(rank_per_component, int)
+        or rank_per_component < 1
+    ):
+        raise ValueError(f"rank_per_component must be a positive int, got {rank_per_component!r}")
+    include_patterns = _as_patterns("include", include)
+    exclude_patterns = _as_patterns("exclude", exclude)
+    spec = _STRUCTURES[structure]
+    budget = float(budget)
+
+    conv1d = _conv1d_type()
+    candidates = [
+        (name, module, kind)
+        for name, module in model.named_modules()
+        if (kind := _kind(module, conv1d)) is not None
+    ]
+    names = [name for name, _, _ in candidates]
+    _check_patterns_match("include", include_patterns, names)
+    _check_patterns_match("exclude", exclude_patterns, names)
+
+    report = ConversionReport(structure, init, allocation, budget)
+    selected = []
+    seen: set[int] = set()
+    for name, module, kind in candidates:
+        if include_patterns and not any(fnmatch.fnmatchcase(name, p) for p in include_patterns):
+            continue
+        if exclude_patterns and any(fnmatch.fnmatchcase(name, p) for p in exclude_patterns):
+            continue
+        if id(module) in seen:
+            report.skipped.append((name, "shared with an earlier layer (converted once)"))
+            continue
+        seen.add(id(module))
+        reason = _skip_reason(module, kind, min_features, spec)
+        if reason is not None:
+            report.skipped.append((name, reason))
+            continue
+        selected.append((name, module, kind))
+
+    matrices = []
+    for _, module, kind in selected:
+        matrix = _matrix(module, kind)
+        matrices.append(
+            matrix.to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
+        )
+    shapes = [tuple(matrix.shape) for matrix in matrices]
+    curves = [_svd_curve(matrix) for matrix in matrices]
+    dense = [m * n for m, n in shapes]
+    if allocation == "uniform" or budget >= 1.0:
+        layer_macs = [budget_macs(budget, size) for size in dense]
+    else:
+        total = int(budget * sum(dense))
+        layer_macs = _global_allocation(curves, shapes, total, rank_per_component)
+
+    for (name, module, kind), matrix, curve, macs in zip(selected, matrices, curves, layer_macs):
+        weight = module.weight
+        fitted = spec.fit(
+            matrix,
+            macs,
+            init=init,
+            rank_per_component=rank_per_component,
+            steps=steps,
+            seed=seed,
+        )
+        fitted.eval()
+        with torch.no_grad():
+            error = float(
+                (fitted.dense_weight().to(matrix.dtype) - matrix).norm()
+                / matrix.norm().clamp_min(1e-30)
+            )
+        layer = _build_layer(module, kind, fitted, weight.device, weight.dtype)
+        _set_submodule(model, name, layer)
+        report.layers.append(
+            LayerConversion(
+                name=name,
+                kind=kind,
+                shape=tuple(matrix.shape),
+                macs_before=matrix.shape[0] * matrix.shape[1],
+                macs_after=int(fitted.flops()),
+                error=error,
+                svd_error=_svd_error(
+                    curve, int(fitted.flops()), tuple(matrix.shape), rank_per_component
+                ),
+            )
+        )
+    return report
