@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..cost import budget_macs
 from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
+from ..learn.learner import project_to_budget
 from .search import _svd_layer, fit_dense
 
 __all__ = [
@@ -126,6 +127,7 @@ def _fit_gblr(
         )
     finally:
         torch.random.set_rng_state(generator_state)
+    project_to_budget([layer], macs)  # interval rounding can overshoot by a few MACs
     return layer.eval()
 
 
@@ -140,6 +142,7 @@ class LayerConversion:
     ``macs_*`` are per input row (per output position for convolutions); errors are
     relative Frobenius errors of the layer's matrix, ``svd_error`` that of the truncated
     SVD with the same MACs (the baseline every structure must beat or match).
+    ``aliases``: other names of the same module object (shared layers), replaced too.
     """
 
     name: str
@@ -149,6 +152,7 @@ class LayerConversion:
     macs_after: int
     error: float
     svd_error: float
+    aliases: tuple[str, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -490,27 +494,33 @@ def convert(
     budget = float(budget)
 
     conv1d = _conv1d_type()
-    candidates = [
-        (name, module, kind)
-        for name, module in model.named_modules()
-        if (kind := _kind(module, conv1d)) is not None
-    ]
-    names = [name for name, _, _ in candidates]
+    aliases: dict[int, list[str]] = {}
+    candidates = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if (kind := _kind(module, conv1d)) is None:
+            continue
+        if id(module) in aliases:
+            aliases[id(module)].append(name)
+        else:
+            aliases[id(module)] = [name]
+            candidates.append((name, module, kind))
+    names = [alias for _, module, _ in candidates for alias in aliases[id(module)]]
     _check_patterns_match("include", include_patterns, names)
     _check_patterns_match("exclude", exclude_patterns, names)
 
     report = ConversionReport(structure, init, allocation, budget)
     selected = []
-    seen: set[int] = set()
     for name, module, kind in candidates:
-        if include_patterns and not any(fnmatch.fnmatchcase(name, p) for p in include_patterns):
+        # A shared module is one layer: selected by any of its names, excluded by any.
+        module_names = aliases[id(module)]
+        if include_patterns and not any(
+            fnmatch.fnmatchcase(alias, p) for alias in module_names for p in include_patterns
+        ):
             continue
-        if exclude_patterns and any(fnmatch.fnmatchcase(name, p) for p in exclude_patterns):
+        if exclude_patterns and any(
+            fnmatch.fnmatchcase(alias, p) for alias in module_names for p in exclude_patterns
+        ):
             continue
-        if id(module) in seen:
-            report.skipped.append((name, "shared with an earlier layer (converted once)"))
-            continue
-        seen.add(id(module))
         reason = _skip_reason(module, kind, min_features, spec)
         if reason is not None:
             report.skipped.append((name, reason))
@@ -549,7 +559,8 @@ def convert(
                 / matrix.norm().clamp_min(1e-30)
             )
         layer = _build_layer(module, kind, fitted, weight.device, weight.dtype)
-        _set_submodule(model, name, layer)
+        for alias in aliases[id(module)]:
+            _set_submodule(model, alias, layer)
         report.layers.append(
             LayerConversion(
                 name=name,
@@ -558,6 +569,7 @@ def convert(
                 macs_before=matrix.shape[0] * matrix.shape[1],
                 macs_after=int(fitted.flops()),
                 error=error,
+                aliases=tuple(aliases[id(module)][1:]),
                 svd_error=_svd_error(
                     curve, int(fitted.flops()), tuple(matrix.shape), rank_per_component
                 ),

@@ -275,6 +275,17 @@ def _backfit(
             else:
                 # Fix V, solve for U; then fix U, solve for V (ridge only guards rank loss).
                 v_now = v_block[:rank]
+                if rank == 1:
+                    new_u = (v_now @ target.t()) / (v_now @ v_now.t()).clamp_min(1e-30)
+                    new_v = (new_u @ target) / (new_u @ new_u.t()).clamp_min(1e-30)
+                    u.zero_()
+                    v.zero_()
+                    u[:rank, row_index] = new_u
+                    v[:rank, col_index] = new_v
+                    _subtract_block(
+                        residual, rows, cols, u[:, row_index].t() @ v[:, col_index] - own
+                    )
+                    continue
                 gram = v_now @ v_now.t()
                 ridge = 1e-12 * gram.diagonal().sum().clamp_min(1e-30)
                 eye = torch.eye(rank, dtype=gram.dtype, device=device)

@@ -37,6 +37,28 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def _budget_threshold(view: _StructureView, widths: Tensor, target: int) -> float:
+    """Smallest global threshold whose shrunk widths cost at most ``target`` MACs."""
+    if view.cost(widths) <= target:
+        return 0.0
+    low, high = 0.0, float((widths / view.unit_cost).max().item()) * (1 + 1e-9) + 1e-12
+    for _ in range(_BISECTION_STEPS):
+        middle = 0.5 * (low + high)
+        if view.cost(view.shrink(widths, middle)) <= target:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def project_to_budget(layers: list[GBLRMatrixMixin], macs: int) -> None:
+    """Shrink the layers' widths (one global soft threshold, in place) until their exact
+    MACs per row are at most ``macs``: the learner's budget projection, applied once."""
+    view = _StructureView(layers)
+    widths = view.widths().clamp(0.0, 1.0)
+    view.write(view.shrink(widths, _budget_threshold(view, widths, macs)))
+
+
 class _StructureView:
     """All GBLR widths of a model as flat ``(2, ΣK)`` tensors, for vectorized cost math."""
 
@@ -260,19 +282,8 @@ class StructureLearner:
         self._apply_sigma()
 
     def _budget_threshold(self, widths: Tensor, target: int | None) -> float:
-        """Smallest global threshold whose shrunk widths cost at most ``target`` MACs."""
         assert target is not None
-        view = self.view
-        if view.cost(widths) <= target:
-            return 0.0
-        low, high = 0.0, float((widths / view.unit_cost).max().item()) * (1 + 1e-9) + 1e-12
-        for _ in range(_BISECTION_STEPS):
-            middle = 0.5 * (low + high)
-            if view.cost(view.shrink(widths, middle)) <= target:
-                high = middle
-            else:
-                low = middle
-        return high
+        return _budget_threshold(self.view, widths, target)
 
     # ------------------------------------------------------------------ reporting
     def macs(self) -> int:

@@ -1,0 +1,211 @@
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from tests.compress.test_search import svd_error
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def mlp_with_conv(seed=0):
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 24, 3, padding=1)
+            self.head = nn.Sequential(nn.Linear(24 * 4 * 4, 40), nn.ReLU(), nn.Linear(40, 20))
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).flatten(1))
+
+    return Net().eval()
+
+
+def test_svd_at_full_budget_reproduces_the_dense_model():
+    model = mlp_with_conv()
+    x = torch.randn(5, 3, 4, 4)
+    expected = model(x)
+    report = gblr.convert(model, budget=1.0, init="svd", min_features=1)
+    assert isinstance(model.conv, gblr.GBLRConv2d)
+    assert all(isinstance(model.head[i], gblr.GBLRLinear) for i in (0, 2))
+    assert relative(model(x), expected) <= 1e-4
+    assert [layer.name for layer in report.layers] == ["conv", "head.0", "head.2"]
+    assert max(layer.error for layer in report.layers) <= 1e-5
+
+
+def test_layers_keep_bias_dtype_device_and_mode():
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16, bias=False)).to(torch.bfloat16)
+    model[0].train()
+    model[1].eval()
+    bias = model[0].bias.detach().clone()
+    gblr.convert(model, budget=0.5, init="svd")
+    assert model[0].training and not model[1].training
+    assert model[0].U.dtype == torch.bfloat16 and model[0].widths.dtype == torch.float32
+    assert torch.equal(model[0].bias.detach(), bias)
+    assert model[1].bias is None
+    assert model(torch.randn(3, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("init", ["search", "svd", "random"])
+def test_uniform_allocation_meets_each_layer_budget(init):
+    model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 24))
+    report = gblr.convert(model, budget=0.4, init=init, allocation="uniform", steps=10)
+    for layer in report.layers:
+        assert layer.macs_after <= 0.4 * layer.macs_before
+        assert layer.macs_after >= 0.3 * layer.macs_before
+    if init != "random":
+        # the fitted layers are no worse than truncated SVD at the MACs they use
+        for layer, module in zip(report.layers, (model[0], model[2])):
+            assert layer.error <= layer.svd_error + 1e-5
+            assert layer.macs_after == module.flops()
+
+
+def test_outputs_degrade_gracefully_as_the_budget_shrinks():
+    x = torch.randn(16, 3, 4, 4)
+    errors = []
+    for budget in (0.9, 0.5, 0.2):
+        model = mlp_with_conv(seed=1)
+        expected = model(x)
+        gblr.convert(model, budget=budget, min_features=1, steps=0)
+        errors.append(relative(model(x), expected))
+    assert errors[0] <= errors[1] <= errors[2]
+    # Random (incompressible) weights; measured 2026-11-26: 0.22, 0.50, 0.74.
+    assert errors[0] < 0.35
+
+
+def test_global_allocation_spends_the_budget_where_it_helps():
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 96))
+    with torch.no_grad():
+        # compressible (rank 4), incompressible (random), and in between (fast decay)
+        model[0].weight.copy_(
+            torch.randn(64, 4, generator=generator) @ torch.randn(4, 64, generator=generator)
+        )
+        model[1].weight.copy_(torch.randn(64, 64, generator=generator))
+        decay = torch.logspace(0, -2, 64)
+        left, _ = torch.linalg.qr(torch.randn(96, 64, generator=generator))
+        right, _ = torch.linalg.qr(torch.randn(64, 64, generator=generator))
+        model[2].weight.copy_(left @ torch.diag(decay) @ right.t())
+    weights = [m.weight.detach().clone() for m in model]
+    uniform_model = nn.Sequential(*[nn.Linear(64, m.out_features) for m in model])
+    uniform_model.load_state_dict(model.state_dict())
+
+    report = gblr.convert(model, budget=0.3, steps=0)
+    uniform = gblr.convert(uniform_model, budget=0.3, steps=0, allocation="uniform")
+    total = sum(w.numel() for w in weights)
+    assert abs(report.macs_after - 0.3 * total) <= 0.01 * 0.3 * total
+    ratios = [layer.ratio for layer in report.layers]
+    assert max(ratios) - min(ratios) > 0.2
+    assert ratios[0] < ratios[1]  # the rank-4 layer needs little
+    summed = sum(layer.error**2 for layer in report.layers)
+    summed_uniform = sum(layer.error**2 for layer in uniform.layers)
+    assert summed < 0.8 * summed_uniform
+    # the errors in the report are the converted layers' real errors
+    for layer, module, weight in zip(report.layers, model, weights):
+        assert layer.error == pytest.approx(
+            relative(module.eval().dense_weight(), weight), rel=1e-4
+        )
+        assert layer.svd_error == pytest.approx(svd_error(weight, module.flops()), abs=1e-6)
+
+
+def test_include_exclude_and_min_features():
+    model = nn.Sequential()
+    model.add_module("encoder_a", nn.Linear(32, 32))
+    model.add_module("encoder_b", nn.Linear(32, 32))
+    model.add_module("tiny", nn.Linear(32, 4))
+    model.add_module("head", nn.Linear(32, 10))
+    report = gblr.convert(model, budget=0.5, init="svd", include="encoder_*", exclude=["*_b"])
+    assert [layer.name for layer in report.layers] == ["encoder_a"]
+    assert isinstance(model.encoder_b, nn.Linear) and not isinstance(
+        model.encoder_b, gblr.GBLRLinear
+    )
+
+    report = gblr.convert(model, budget=0.5, init="svd", min_features=8)
+    assert [layer.name for layer in report.layers] == ["encoder_b", "head"]
+    assert [name for name, _ in report.skipped] == ["tiny"]
+    assert "min_features=8" in report.skipped[0][1]
+    text = str(report)
+    assert "encoder_b" in text and "total" in text and "skipped tiny" in text
+
+
+def test_grouped_conv_is_skipped_with_a_reason():
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, groups=4), nn.Conv2d(32, 32, 1))
+    report = gblr.convert(model, budget=0.5, init="svd")
+    assert [layer.name for layer in report.layers] == ["1"]
+    assert report.skipped[0][0] == "0" and "groups=4" in report.skipped[0][1]
+
+
+def test_shared_module_is_converted_once():
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    report = gblr.convert(model, budget=0.5, init="svd")
+    assert len(report.layers) == 1 and report.layers[0].aliases == ("2",)
+    assert isinstance(model[0], gblr.GBLRLinear) and model[2] is model[0]
+
+
+def test_seeded_conversion_is_deterministic():
+    outputs = []
+    for _ in range(2):
+        model = mlp_with_conv(seed=3)
+        gblr.convert(model, budget=0.3, min_features=1, steps=5, seed=7)
+        outputs.append(model(torch.ones(2, 3, 4, 4)))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"budget": 0.0}, ValueError, "budget"),
+        ({"budget": 1.5}, ValueError, "budget"),
+        ({"budget": True}, ValueError, "budget"),
+        ({"structure": "monarchy"}, ValueError, "structure must be one of"),
+        ({"init": "zeros"}, ValueError, "init"),
+        ({"allocation": "greedy"}, ValueError, "allocation"),
+        ({"include": "decoder.*"}, ValueError, r"matches no convertible layer; available: 0, 1"),
+        ({"exclude": ["0", "nope"]}, ValueError, "'nope'"),
+        ({"include": 3}, TypeError, "include"),
+        ({"min_features": 0}, ValueError, "min_features"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with pytest.raises(error, match=match):
+        gblr.convert(model, **kwargs)
+    assert isinstance(model[0], nn.Linear) and not isinstance(model[0], gblr.GBLRLinear)
+
+
+def test_not_a_module_is_a_type_error():
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        gblr.convert(torch.randn(3, 3))
+
+
+def test_gpt2_conv1d_layers_keep_their_orientation():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4, n_inner=80
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    # lm_head shares its weight with the token embedding: left dense
+    report = gblr.convert(model, budget=1.0, init="svd", exclude="lm_head")
+    names = [layer.name for layer in report.layers]
+    assert "transformer.h.0.attn.c_attn" in names and "transformer.h.1.mlp.c_proj" in names
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, gblr.GBLRLinear)
+    assert (c_attn.in_features, c_attn.out_features) == (48, 3 * 48)
+    assert {layer.kind for layer in report.layers} == {"Conv1D"}
+    with torch.no_grad():
+        assert relative(model(tokens).logits, expected) <= 1e-4
+
+    model = transformers.GPT2LMHeadModel(config).eval()
+    report = gblr.convert(model, budget=0.5, exclude="lm_head", steps=0)
+    assert abs(report.ratio - 0.5) <= 0.01
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens).logits).all()
