@@ -11,13 +11,15 @@ export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
   | tee -a "$OUT/machine.txt"
-python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers -k "cuda or triton" 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers tests/compress -k "cuda or triton" 2>&1 \
   | tail -5 | tee "$OUT/cuda_tests.txt"
 B="python3 benchmarks/bench_layer.py --device cuda --repeats 25 --warmup 5"
 $B --autocast bf16 --rows 8192 4096 64 --output "$OUT/bench_layer_cuda_bf16.json"
 $B --autocast none --rows 8192 64 --output "$OUT/bench_layer_cuda_none.json"
 # (capturing nn.Linear's backward at 64 rows failed inside cuBLAS on an H100, torch 2.11)
 $B --autocast bf16 --rows 8192 --graph --output "$OUT/bench_layer_cuda_bf16_graph.json"
+python3 benchmarks/bench_search.py --device cuda --shapes 768x3072 --budgets 0.2 0.4 \
+  --output "$OUT/bench_search_cuda.json"
 python3 benchmarks/bench_overhead.py --device cuda 2>&1 | tee "$OUT/overhead.txt"
 python3 benchmarks/profile_layer.py --device cuda --autocast bf16 --rows 8192 \
   > "$OUT/profile_bf16.txt" 2>&1 || echo "profile failed"

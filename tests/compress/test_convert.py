@@ -209,3 +209,15 @@ def test_gpt2_conv1d_layers_keep_their_orientation():
     assert abs(report.ratio - 0.5) <= 0.01
     with torch.no_grad():
         assert torch.isfinite(model(tokens).logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model_converts_in_place_on_the_device():
+    model = mlp_with_conv().cuda()
+    x = torch.randn(4, 3, 4, 4, device="cuda")
+    expected = model(x)
+    gblr.convert(model, budget=1.0, init="svd", min_features=1)
+    assert model.conv.U.is_cuda and model.head[0].U.is_cuda
+    assert relative(model(x), expected) <= 1e-4
+    report = gblr.convert(mlp_with_conv().cuda(), budget=0.5, min_features=1, steps=20)
+    assert abs(report.ratio - 0.5) <= 0.01

@@ -102,3 +102,13 @@ def test_dtype_and_tiny_budget():
 def test_bad_arguments(args, kwargs, error):
     with pytest.raises(error):
         gblr.fit_dense(*args, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fit_stays_on_the_device_and_beats_svd():
+    weight, exact_cost = block_matrices()["two blocks, one wrapped"]
+    macs = int(1.2 * exact_cost)
+    layer = gblr.fit_dense(weight.cuda(), macs, steps=100, lr=1e-2)
+    assert layer.U.is_cuda and layer.flops() <= macs
+    error = relative_error(layer.cpu(), weight)
+    assert error <= 0.1 * svd_error(weight, macs)
