@@ -1,0 +1,150 @@
+"""The interface every structured linear family shares (DESIGN.md §3).
+
+A family is one file: a subclass of :class:`StructuredLinear` that implements
+``_matmul`` (the bias-free product), ``dense_weight``, ``flops``, and the two classmethods
+``for_budget`` (a fresh, randomly initialised layer at the largest configuration whose
+MACs do not exceed a budget; for training from scratch) and ``from_dense`` (the family's
+projection of a dense matrix under a budget).
+
+Budget semantics are those of GBLR (:func:`gblr.cost.budget_macs`): a float is a
+fraction in ``(0, 1]`` of the dense MACs ``out * in`` per input row, an int an absolute
+MAC count. When a family's discrete parameters cannot hit the budget exactly, the largest
+configuration not above it is taken (``flops()`` reports the actual MACs); a budget below
+the family's smallest configuration is a ``ValueError`` naming that minimum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..cost import budget_macs
+from ..layers.base import check_positive_int
+
+__all__ = ["StructuredLinear", "resolve_budget"]
+
+
+def resolve_budget(
+    budget: float | int, out_features: int, in_features: int, minimum: int, family: str
+) -> int:
+    """MACs allowed by ``budget`` for an ``(out, in)`` layer; ``ValueError`` naming the
+    family's ``minimum`` MACs when the budget is below it."""
+    dense = out_features * in_features
+    macs = budget_macs(budget, dense)
+    if macs < minimum:
+        raise ValueError(
+            f"budget={budget!r} allows {macs} MACs per row, below the smallest {family} "
+            f"layer of shape ({out_features}, {in_features}): {minimum} MACs "
+            f"(a fraction of {minimum / dense:.4g} of the dense MACs)"
+        )
+    return macs
+
+
+class StructuredLinear(nn.Module):
+    """A linear map ``(..., in) -> (..., out)`` whose ``(out, in)`` weight is structured.
+
+    Subclasses implement ``_matmul``, ``dense_weight``, ``flops``, ``for_budget`` and
+    ``from_dense``. ``forward`` checks the input and adds the bias.
+
+    Attributes:
+        in_features, out_features: as ``nn.Linear``.
+        bias: ``(out,)`` parameter or ``None``.
+    """
+
+    counts_per_position = False
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
+        if bias:
+            bound = 1.0 / math.sqrt(in_features)
+            self.bias = nn.Parameter(
+                torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound)
+            )
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ interface
+    def _matmul(self, x: Tensor) -> Tensor:
+        """``(..., in) -> (..., out)``: ``x @ dense_weight().T`` without the bias."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> Tensor:
+        """The ``(out, in)`` weight this layer multiplies by."""
+        raise NotImplementedError
+
+    def flops(self) -> int:
+        """MACs per input row of ``forward`` (bias additions not counted)."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_budget(
+        cls, in_features: int, out_features: int, budget: float | int, **kwargs
+    ) -> StructuredLinear:
+        """A freshly initialised layer at the largest configuration within ``budget``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dense(
+        cls, weight: Tensor, budget: float | int, *, bias: Tensor | None = None, **kwargs
+    ) -> StructuredLinear:
+        """The family's approximation of ``weight`` ``(out, in)`` within ``budget``."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def dense_flops(self) -> int:
+        """MACs per row of ``nn.Linear`` of the same shape: ``out * in``."""
+        return self.out_features * self.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., in) -> (..., out)``."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input's last dimension must be in_features={self.in_features}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        out = self._matmul(x)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, macs={self.flops()}"
+        )
+
+
+def check_weight(weight: object) -> Tensor:
+    """``weight`` as a detached 2-D floating tensor, or a ``TypeError``."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise TypeError("weight must be a 2-D floating-point torch.Tensor (out, in)")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight must be finite (it holds NaN or inf)")
+    return weight.detach()
+
+
+def copy_bias(layer: StructuredLinear, bias: Tensor | None) -> StructuredLinear:
+    """Set ``layer``'s bias from ``bias`` (``(out,)`` or ``None``: no bias)."""
+    if bias is None:
+        layer.bias = None
+        return layer
+    if not isinstance(bias, Tensor) or tuple(bias.shape) != (layer.out_features,):
+        raise ValueError(f"bias must be a tensor of shape ({layer.out_features},)")
+    layer.bias = nn.Parameter(bias.detach().clone())
+    return layer
