@@ -6,6 +6,7 @@ Efficient Deep Neural Networks" (ICLR 2024, arXiv:2310.18882).
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import structured
 from .compress import ConversionReport, convert, fit_dense
 from .cost import FlopsReport, LayerFlops, count_flops
 from .layers import GBLRConv2d, GBLRLinear, special
@@ -32,4 +33,5 @@ __all__ = [
     "gaudi_mask",
     "param_groups",
     "special",
+    "structured",
 ]

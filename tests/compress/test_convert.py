@@ -221,3 +221,36 @@ def test_cuda_model_converts_in_place_on_the_device():
     assert relative(model(x), expected) <= 1e-4
     report = gblr.convert(mlp_with_conv().cuda(), budget=0.5, min_features=1, steps=20)
     assert abs(report.ratio - 0.5) <= 0.01
+
+
+@pytest.mark.parametrize("structure", sorted(gblr.structured.FAMILIES))
+@pytest.mark.parametrize("init", ["search", "random"])
+def test_every_baseline_family_converts_linear_layers(structure, init):
+    family = gblr.structured.FAMILIES[structure]
+    model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64), nn.Conv2d(3, 8, 3))
+    bias = model[0].bias.detach().clone()
+    report = gblr.convert(model, structure=structure, budget=0.5, init=init, allocation="uniform")
+    assert isinstance(model[0], family) and isinstance(model[2], family)
+    assert isinstance(model[3], nn.Conv2d)  # the baselines convert Linear layers only
+    assert [name for name, _ in report.skipped] == ["3"]
+    assert torch.equal(model[0].bias.detach(), bias)
+    for layer, module in zip(report.layers, (model[0], model[2])):
+        assert layer.macs_after == module.flops() <= 0.5 * layer.macs_before
+    if init == "search":  # from_dense is the family's projection of the weights
+        assert all(layer.error < 1 for layer in report.layers)
+
+
+def test_structure_dense_is_a_no_op_with_a_report():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 16))
+    before = [module for module in model]
+    report = gblr.convert(model, structure="dense", budget=0.3)
+    assert [module for module in model] == before
+    assert report.ratio == 1.0 and [layer.error for layer in report.layers] == [0.0, 0.0]
+
+
+def test_a_budget_the_family_cannot_express_keeps_the_layer_dense():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    report = gblr.convert(model, structure="lowrank", budget=0.01, allocation="uniform")
+    assert report.layers == [] and len(report.skipped) == 2
+    assert "128 MACs" in report.skipped[0][1]
+    assert not isinstance(model[0], gblr.structured.StructuredLinear)

@@ -30,6 +30,7 @@ from ..cost import budget_macs
 from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
+from ..structured.base import StructuredLinear
 from .search import _svd_layer, fit_dense
 
 __all__ = [
@@ -75,6 +76,10 @@ def register_structure(
 def structures() -> list[str]:
     """Names accepted by ``convert(structure=...)``."""
     return sorted(_STRUCTURES)
+
+
+def _keep_dense(weight: Tensor, macs: int, **_: object) -> nn.Module:
+    raise AssertionError("structure='dense' never fits a layer")
 
 
 def _fit_gblr(
@@ -132,6 +137,40 @@ def _fit_gblr(
 
 
 register_structure("gblr", _fit_gblr, supports_conv2d=True)
+
+
+def _family_fit(family: type[StructuredLinear]) -> Callable[..., nn.Module]:
+    """``fit`` for a baseline family: its projection ``from_dense`` (``init`` "search" or
+    "svd"), or a fresh layer at the budget (``"random"``)."""
+
+    def fit(
+        weight: Tensor, macs: int, *, init: str, rank_per_component: int, steps: int, seed: int
+    ) -> nn.Module:
+        if init != "random":
+            return family.from_dense(weight, macs)
+        out_features, in_features = weight.shape
+        with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
+            torch.manual_seed(seed)
+            return family.for_budget(
+                in_features,
+                out_features,
+                macs,
+                bias=False,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+
+    return fit
+
+
+def _register_families() -> None:
+    from .. import structured
+
+    for name, family in structured.FAMILIES.items():
+        register_structure(name, _family_fit(family))
+
+
+_register_families()
 
 
 # --------------------------------------------------------------------------- report
@@ -440,7 +479,10 @@ def convert(
     Args:
         model: any ``nn.Module``; every ``nn.Linear``, ``nn.Conv2d`` (``groups=1``, zero
             padding) and Hugging Face ``Conv1D`` among ``named_modules()`` is a candidate.
-        structure: a name from :func:`structures` (``"gblr"``).
+        structure: ``"dense"`` (no change: a baseline for scripts) or a name from
+            :func:`structures`: ``"gblr"`` or a baseline family of
+            :mod:`gblr.structured` (``"lowrank"``, ``"blockdiag"``, ...; those convert
+            Linear and Conv1D layers, and skip convolutions).
         budget: fraction in ``(0, 1]`` of the converted layers' dense MACs. With
             ``init="svd"``, ``1.0`` means no compression: each layer becomes its exact
             full-rank factorization (costing more MACs than dense, until a structure
@@ -461,7 +503,10 @@ def convert(
     Returns:
         A :class:`ConversionReport`. Converted layers keep their bias, dtype, device and
         train/eval mode; they are :class:`gblr.GBLRLinear` (for ``Linear`` and ``Conv1D``,
-        input ``(..., in)``) or :class:`gblr.GBLRConv2d`.
+        input ``(..., in)``) or :class:`gblr.GBLRConv2d`, or the family's
+        :class:`gblr.structured.StructuredLinear`. A layer the family cannot express at
+        its share of the budget (below the family's smallest configuration) stays dense
+        and is listed in ``report.skipped`` with the reason.
 
     Example:
         >>> import torch, gblr
@@ -472,8 +517,8 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if structure not in _STRUCTURES:
-        raise ValueError(f"structure must be one of {structures()}, got {structure!r}")
+    if structure not in _STRUCTURES and structure != "dense":
+        raise ValueError(f"structure must be one of {['dense', *structures()]}, got {structure!r}")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
         raise ValueError(f"budget must be a fraction in (0, 1] of the dense MACs, got {budget!r}")
     if init not in INITS:
@@ -490,7 +535,7 @@ def convert(
         raise ValueError(f"rank_per_component must be a positive int, got {rank_per_component!r}")
     include_patterns = _as_patterns("include", include)
     exclude_patterns = _as_patterns("exclude", exclude)
-    spec = _STRUCTURES[structure]
+    spec = _STRUCTURES.get(structure, _Structure(_keep_dense, supports_conv2d=True))
     budget = float(budget)
 
     conv1d = _conv1d_type()
@@ -544,14 +589,23 @@ def convert(
 
     for (name, module, kind), matrix, curve, macs in zip(selected, matrices, curves, layer_macs):
         weight = module.weight
-        fitted = spec.fit(
-            matrix,
-            macs,
-            init=init,
-            rank_per_component=rank_per_component,
-            steps=steps,
-            seed=seed,
-        )
+        if structure == "dense":  # the baseline of baselines: nothing changes
+            report.layers.append(
+                LayerConversion(name, kind, tuple(matrix.shape), *(2 * (matrix.numel(),)), 0.0, 0.0)
+            )
+            continue
+        try:
+            fitted = spec.fit(
+                matrix,
+                macs,
+                init=init,
+                rank_per_component=rank_per_component,
+                steps=steps,
+                seed=seed,
+            )
+        except ValueError as error:  # a family that cannot express this budget here
+            report.skipped.append((name, str(error)))
+            continue
         fitted.eval()
         with torch.no_grad():
             error = float(
