@@ -64,3 +64,18 @@ def test_search_at_half_budget_is_never_worse_than_svd_on_any_layer(encoder):
     cosine = (embed(model) * expected).sum(-1)
     print("cosine to dense embeddings:", [round(c, 3) for c in cosine.tolist()])
     assert cosine.min() >= 0.3
+
+
+def test_gblr_is_never_worse_than_low_rank_at_equal_budget(encoder):
+    load, _ = encoder
+    results = {}
+    for structure in ("gblr", "lowrank"):
+        report = gblr.convert(
+            load(), structure=structure, budget=0.3, allocation="uniform", steps=0
+        )
+        results[structure] = {layer.name: layer for layer in report.layers}
+    assert results["gblr"].keys() == results["lowrank"].keys()
+    for name, ours in results["gblr"].items():
+        theirs = results["lowrank"][name]
+        assert ours.macs_after <= 0.3 * ours.macs_before
+        assert ours.error <= theirs.error + 1e-6, name
