@@ -7,11 +7,25 @@ names ``gblr.convert(structure=...)`` accepts to the classes.
 
 from .base import StructuredLinear
 from .blockdiag import BlockDiagLinear
+from .blocksparse import BlockSparseLinear
 from .lowrank import LowRankLinear
+from .monarch import MonarchLinear
+from .pixelfly import PixelflyLinear
 
 FAMILIES: dict[str, type[StructuredLinear]] = {
     "lowrank": LowRankLinear,
     "blockdiag": BlockDiagLinear,
+    "monarch": MonarchLinear,
+    "blocksparse": BlockSparseLinear,
+    "pixelfly": PixelflyLinear,
 }
 
-__all__ = ["FAMILIES", "BlockDiagLinear", "LowRankLinear", "StructuredLinear"]
+__all__ = [
+    "FAMILIES",
+    "BlockDiagLinear",
+    "BlockSparseLinear",
+    "LowRankLinear",
+    "MonarchLinear",
+    "PixelflyLinear",
+    "StructuredLinear",
+]
