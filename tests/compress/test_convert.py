@@ -238,6 +238,8 @@ def test_every_baseline_family_converts_linear_layers(structure, init):
         assert layer.macs_after == module.flops() <= 0.5 * layer.macs_before
     if init == "search":  # from_dense is the family's projection of the weights
         assert all(layer.error < 1 for layer in report.layers)
+    counted = {row.name: row.macs for row in gblr.count_flops(model).layers}
+    assert counted["0"] == model[0].flops() and counted["2"] == model[2].flops()
 
 
 def test_structure_dense_is_a_no_op_with_a_report():
