@@ -1,0 +1,1 @@
+"""Training recipes: datasets, reference models and the Lightning engine (extra ``[train]``)."""

@@ -1,0 +1,91 @@
+"""Datasets for the recipes: embedded digits (no download) and CIFAR from its python pickles."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+__all__ = ["digits", "load_cifar"]
+
+
+def digits(seed: int = 0, test_fraction: float = 0.25) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's bundled handwritten digits (1,797 images of 8x8, 10 classes).
+
+    Ships with scikit-learn (extra ``[train]``): nothing is downloaded. Pixels are scaled
+    to [0, 1] and standardized with the training split's mean and std; the split is fixed
+    by ``seed``.
+
+    Returns:
+        ``(train, test)`` datasets of ``(image (1, 8, 8) float32, label int64)``.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the digits data needs scikit-learn: pip install 'gblr[train]'"
+        ) from error
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    test_size = round(test_fraction * len(labels))
+    test_index, train_index = order[:test_size], order[test_size:]
+    mean, std = images[train_index].mean(), images[train_index].std()
+    images = (images - mean) / std
+    return (
+        TensorDataset(images[train_index], labels[train_index]),
+        TensorDataset(images[test_index], labels[test_index]),
+    )
+
+
+# Per-channel statistics of the CIFAR training sets (widely published values).
+_CIFAR_STATS = {
+    10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def load_cifar(root: str | Path, train: bool = True, classes: int = 10) -> TensorDataset:
+    """CIFAR-10/100 read from the official python-pickle release, already on disk.
+
+    Looks for ``root/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (CIFAR-10) or
+    ``root/cifar-100-python/{train, test}`` (CIFAR-100). To get them:
+    ``torchvision.datasets.CIFAR10(root, download=True)`` (or CIFAR100) on a machine with
+    internet access.
+
+    Returns:
+        A dataset of ``(image (3, 32, 32) float32 normalized, label int64)``.
+    """
+    if classes not in _CIFAR_STATS:
+        raise ValueError(f"classes must be 10 or 100, got {classes!r}")
+    root = Path(root)
+    if classes == 10:
+        folder = root / "cifar-10-batches-py"
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        label_key = "labels"
+    else:
+        folder = root / "cifar-100-python"
+        names = ["train" if train else "test"]
+        label_key = "fine_labels"
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-{classes} files {missing} not found in {folder}. Download the python "
+            f"version once with torchvision.datasets.CIFAR{classes}({str(root)!r}, download=True) "
+            "or from https://www.cs.toronto.edu/~kriz/cifar.html and unpack it there."
+        )
+    data, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as handle:
+            batch = pickle.load(handle, encoding="latin1")
+        data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(batch[label_key])
+    images = torch.from_numpy(np.concatenate(data)).float() / 255.0
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _CIFAR_STATS[classes])
+    return TensorDataset((images - mean) / std, torch.tensor(labels, dtype=torch.int64))

@@ -1,0 +1,92 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import gblr
+
+pytest.importorskip("sklearn")
+from gblr.recipes.data import digits, load_cifar
+from gblr.recipes.models import VisionTransformer, structure_model
+
+
+def test_digits_split_is_fixed_and_standardized():
+    train, test = digits(seed=0)
+    again, _ = digits(seed=0)
+    assert len(train) == 1348 and len(test) == 449
+    assert torch.equal(train.tensors[1], again.tensors[1])
+    images = train.tensors[0]
+    assert images.shape[1:] == (1, 8, 8)
+    assert abs(images.mean().item()) < 1e-4 and abs(images.std().item() - 1) < 1e-3
+    assert set(test.tensors[1].tolist()) == set(range(10))
+
+
+def write_cifar(root, classes, per_batch=4):
+    """A fixture in the official python-pickle layout, with known pixels and labels."""
+    rng = np.random.default_rng(0)
+    if classes == 10:
+        folder, names, key = (
+            root / "cifar-10-batches-py",
+            [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"],
+            "labels",
+        )
+    else:
+        folder, names, key = root / "cifar-100-python", ["train", "test"], "fine_labels"
+    folder.mkdir(parents=True)
+    written = {}
+    for name in names:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, size=per_batch).tolist()
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"data": data, key: labels, "batch_label": name}, handle)
+        written[name] = (data, labels)
+    return written
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_reads_the_pickle_format(tmp_path, classes):
+    written = write_cifar(tmp_path, classes)
+    train = load_cifar(tmp_path, train=True, classes=classes)
+    test = load_cifar(tmp_path, train=False, classes=classes)
+    train_names = [n for n in written if n not in ("test_batch", "test")]
+    assert len(train) == 4 * len(train_names) and len(test) == 4
+    test_name = "test_batch" if classes == 10 else "test"
+    data, labels = written[test_name]
+    assert test.tensors[1].tolist() == labels
+    images = test.tensors[0]
+    assert images.shape == (4, 3, 32, 32)
+    # pixel (image 1, channel 2, row 3, col 4) read back through the normalization
+    raw = data[1].reshape(3, 32, 32)[2, 3, 4] / 255.0
+    mean, std = {10: (0.4465, 0.2616), 100: (0.4409, 0.2762)}[classes]
+    assert images[1, 2, 3, 4].item() == pytest.approx((raw - mean) / std, rel=1e-5)
+
+
+def test_missing_cifar_says_where_it_looked_and_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*download=True"):
+        load_cifar(tmp_path)
+    with pytest.raises(ValueError, match="classes must be 10 or 100"):
+        load_cifar(tmp_path, classes=20)
+
+
+@pytest.mark.parametrize("structure", ["dense", "gblr", "lowrank", "monarch"])
+def test_vit_linear_layers_take_the_structure(structure):
+    model = VisionTransformer(depth=2)
+    report = structure_model(model, structure, 0.4)
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    assert type(model.patch) is torch.nn.Conv2d and type(model.head) is torch.nn.Linear
+    fc1 = model.blocks[0].fc1
+    if structure == "dense":
+        assert report is None and type(fc1) is torch.nn.Linear
+    else:
+        assert len(report.layers) == 8  # 2 blocks x (qkv, proj, fc1, fc2)
+        expected = gblr.GBLRLinear if structure == "gblr" else gblr.structured.FAMILIES[structure]
+        assert isinstance(fc1, expected)
+        assert report.ratio <= 0.4 + 1e-9
+
+
+def test_vit_bad_sizes():
+    with pytest.raises(ValueError, match="patch_size"):
+        VisionTransformer(image_size=8, patch_size=3)
+    with pytest.raises(ValueError, match="heads"):
+        VisionTransformer(dim=30, heads=4)
