@@ -27,7 +27,7 @@ from ..cost import count_flops
 from ..integrations.lightning import GBLRCallback
 from ..learn.groups import gblr_layers, param_groups
 
-__all__ = ["ClassificationModule", "evaluate", "train_classifier"]
+__all__ = ["ClassificationModule", "ShuffleStream", "evaluate", "train_classifier"]
 
 
 class ClassificationModule(pl.LightningModule):
@@ -94,6 +94,50 @@ class ClassificationModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+class ShuffleStream(torch.utils.data.Sampler[int]):
+    """The whole run's sample order as one stream: reshuffled passes over the dataset, the
+    pass ``e`` ordered by ``(seed, e)`` alone, starting at sample ``offset``.
+
+    Lightning restarts a half-read loader from its beginning when resuming; with
+    ``offset`` set to the samples already consumed (:class:`_ResumeDataOrder`), the
+    resumed run reads exactly what the uninterrupted run would have read.
+    """
+
+    def __init__(self, size: int, num_samples: int, seed: int = 0) -> None:
+        self.size, self.num_samples, self.seed, self.offset = size, num_samples, seed, 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        position = self.offset
+        while position < self.num_samples:
+            epoch, start = divmod(position, self.size)
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.size, generator=generator)[start:].tolist()
+            yield from order[: self.num_samples - position]
+            position += len(order)
+
+
+class _ResumeDataOrder(pl.Callback):
+    """Saves how many samples the run consumed; restoring it (before Lightning builds the
+    loader's iterator) moves the stream there."""
+
+    def __init__(self, sampler: ShuffleStream, batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self._consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.sampler.offset = int(state_dict["consumed"])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._consumed = trainer.global_step * self.batch_size
+
+    _consumed = 0
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` (in eval mode) on ``dataset``."""
@@ -123,6 +167,9 @@ def train_classifier(
     out_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    stop_after: int | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, float]:
     """Train ``model`` for ``steps`` optimizer steps and evaluate it.
@@ -131,6 +178,13 @@ def train_classifier(
     structure learner ramps their cost from the starting cost to ``target`` over the
     warm-up and anneals σ over ``sigma``. ``trainer_kwargs`` go to ``lightning.Trainer``
     (``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``precision``, ...).
+
+    Checkpoints: with ``checkpoint_dir``, Lightning saves ``last.ckpt`` there (model,
+    optimizer, schedule, step and the structure learner's state) every 50 steps and at
+    the end; ``resume`` (a checkpoint path) continues such a run. ``stop_after`` ends the
+    run early at that step while every schedule still spans ``steps`` (an interruption).
+    Resuming reproduces the uninterrupted run exactly: the data order is one seeded
+    stream over the whole run (:class:`ShuffleStream`), resumed at the samples consumed.
 
     Returns:
         ``{"accuracy", "macs_ratio", "seconds", "steps"}``: test accuracy, MACs of the
@@ -157,12 +211,20 @@ def train_classifier(
         from lightning.pytorch.loggers import CSVLogger
 
         logger = CSVLogger(str(out_dir), name="", version="")
+    sampler = ShuffleStream(len(train_set), steps * batch_size, seed)
+    callbacks.append(_ResumeDataOrder(sampler, batch_size))
+    if checkpoint_dir is not None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(
+            ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, every_n_train_steps=50)
+        )
     trainer_options = {
-        "max_steps": steps,
+        "max_steps": steps if stop_after is None else min(stop_after, steps),
         "accelerator": "cpu",
         "logger": logger,
         "callbacks": callbacks,
-        "enable_checkpointing": False,
+        "enable_checkpointing": checkpoint_dir is not None,
         "enable_progress_bar": progress,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
@@ -171,12 +233,9 @@ def train_classifier(
     }
     trainer_options.update(trainer_kwargs)
     trainer = pl.Trainer(**trainer_options)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True
-    )
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True)
     start = time.perf_counter()
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, ckpt_path=None if resume is None else str(resume))
     seconds = time.perf_counter() - start
     flops = count_flops(model, include=[structure_include + ".*", structure_include])
     return {
