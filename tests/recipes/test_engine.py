@@ -2,11 +2,11 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-pytest.importorskip("lightning")
+pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("sklearn")
-from gblr.recipes.data import digits
-from gblr.recipes.engine import train_classifier
-from gblr.recipes.models import VisionTransformer, structure_model
+from gblr.recipes.data import digits  # noqa: E402
+from gblr.recipes.engine import train_classifier  # noqa: E402
+from gblr.recipes.models import VisionTransformer, structure_model  # noqa: E402
 
 
 def gblr_vit():
@@ -35,3 +35,42 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(value, expected[name]), name
     # and the interruption really changed something along the way
     assert not torch.equal(interrupted.blocks[0].fc1.widths, full.blocks[0].fc1.widths)
+
+
+class SaveWidths(pl.Callback):
+    """Each rank writes its GBLR widths and its view of the data at the end of training."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def on_train_end(self, trainer, pl_module):
+        widths = {
+            name: module.widths.detach().clone()
+            for name, module in pl_module.named_modules()
+            if hasattr(module, "widths")
+        }
+        torch.save(widths, f"{self.folder}/widths_rank{trainer.global_rank}.pt")
+
+
+def test_two_process_ddp_keeps_the_structure_identical_on_both_ranks(tmp_path):
+    train, test = digits()
+    model = gblr_vit()
+    result = train_classifier(
+        model,
+        Subset(train, range(256)),
+        test,
+        steps=10,
+        batch_size=16,
+        warmup_steps=5,
+        target=0.3,
+        progress=False,
+        strategy="ddp_spawn",
+        devices=2,
+        extra_callbacks=[SaveWidths(tmp_path)],
+    )
+    ranks = [torch.load(tmp_path / f"widths_rank{rank}.pt") for rank in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 4
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    # the learner really ran (the structure moved to the target) in both processes
+    assert result["macs_ratio"] <= 0.3

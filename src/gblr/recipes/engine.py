@@ -170,6 +170,7 @@ def train_classifier(
     checkpoint_dir: str | Path | None = None,
     resume: str | Path | None = None,
     stop_after: int | None = None,
+    extra_callbacks: list[pl.Callback] | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, float]:
     """Train ``model`` for ``steps`` optimizer steps and evaluate it.
@@ -213,6 +214,7 @@ def train_classifier(
         logger = CSVLogger(str(out_dir), name="", version="")
     sampler = ShuffleStream(len(train_set), steps * batch_size, seed)
     callbacks.append(_ResumeDataOrder(sampler, batch_size))
+    callbacks.extend(extra_callbacks or [])
     if checkpoint_dir is not None:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
