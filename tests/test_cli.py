@@ -62,3 +62,17 @@ def test_demo_short_setting_end_to_end(tmp_path, capsys):
     assert min(r["accuracy"] for r in results.values()) >= 0.35
     assert "| gblr |" in (out / "results.md").read_text()
     assert all((out / name / "metrics.csv").is_file() for name in results)
+    # one report per model; the GBLR one shows its learned masks
+    markdown = (out / "gblr" / "REPORT.md").read_text()
+    for figure in ("masks.png", "macs_per_layer.png", "training.png"):
+        assert f"figures/{figure}" in markdown
+        assert (out / "gblr" / "figures" / figure).stat().st_size > 10_000
+    assert "masks.png" not in (out / "dense" / "REPORT.md").read_text()
+    assert main(["flops", str(out / "gblr")]) == 0
+    table = capsys.readouterr().out
+    assert "blocks.0.qkv" in table and "GBLR" in table
+
+
+def test_report_and_flops_say_what_is_missing(tmp_path, capsys):
+    assert main(["flops", str(tmp_path)]) == 1
+    assert "no model state at" in capsys.readouterr().err

@@ -150,6 +150,11 @@ def demo(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         results.append({"structure": structure, **result})
+        state_path = out / structure / "model_state.pt"
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=state_path.parent, suffix=".tmp", delete=False) as f:
+            torch.save(model.state_dict(), f)
+        os.replace(f.name, state_path)
     header = f"{'structure':<10}{'accuracy':>10}{'MACs ratio':>12}{'seconds':>10}"
     lines = [header] + [
         f"{r['structure']:<10}{r['accuracy']:>10.4f}{r['macs_ratio']:>12.3f}{r['seconds']:>10.1f}"
@@ -176,7 +181,28 @@ def demo(args: argparse.Namespace) -> int:
     _write_atomically(
         out / "results.md", f"# gblr demo\n\n`{command}`\n\n" + "\n".join(table) + "\n"
     )
-    print(f"\nwrote {out / 'results.md'} and {out / 'results.json'}")
+    from .recipes.report import write_report
+
+    for structure in args.structures:
+        write_report(out / structure)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and a REPORT.md per model")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Write REPORT.md with PNG figures into a run folder: learned masks of every GBLR
+    layer, MACs per layer, training curves (needs model_state.pt, uses metrics.csv)."""
+    from .recipes.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
+def flops(args: argparse.Namespace) -> int:
+    """Print the per-layer MACs of a saved state dict (a file, or a run folder)."""
+    from .recipes.report import format_costs, layer_costs, load_state
+
+    print(format_costs(layer_costs(load_state(args.path))))
     return 0
 
 
@@ -212,6 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--quiet", action="store_true", help="no progress bars")
     demo_parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo_parser.set_defaults(handler=demo)
+
+    report_parser = sub.add_parser(
+        "report", help="Markdown report with figures for a run folder", description=report.__doc__
+    )
+    report_parser.add_argument("run_dir", help="folder holding model_state.pt (and metrics.csv)")
+    report_parser.set_defaults(handler=report)
+
+    flops_parser = sub.add_parser(
+        "flops", help="per-layer MACs of a saved model state", description=flops.__doc__
+    )
+    flops_parser.add_argument("path", help="a state dict file or a run folder")
+    flops_parser.set_defaults(handler=flops)
 
     fit_parser = sub.add_parser(
         "fit-matrix",
@@ -250,7 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = [name for name in args.structures if name not in allowed]
         if unknown:
             parser.error(f"--structures: unknown {unknown}; allowed: {sorted(allowed)}")
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except (FileNotFoundError, ValueError) as error:  # a person can act on these
+        print(f"gblr {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

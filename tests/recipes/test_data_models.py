@@ -90,3 +90,26 @@ def test_vit_bad_sizes():
         VisionTransformer(image_size=8, patch_size=3)
     with pytest.raises(ValueError, match="heads"):
         VisionTransformer(dim=30, heads=4)
+
+
+def test_overlap_image_and_costs_match_a_brute_force_count():
+    from gblr.recipes.report import layer_costs, overlap_image
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        gblr.GBLRLinear(13, 9, structure_init="random", rank_per_component=2), torch.nn.Linear(9, 4)
+    )
+    state = model.state_dict()
+    image = overlap_image(state, "0.")
+    layer = model[0]
+    col_lengths, row_lengths = layer.interval_lengths()
+    col_starts, row_starts = layer.interval_starts()
+    expected = torch.zeros(9, 13)
+    for k in range(layer.num_components):
+        for i in range(int(row_lengths[k])):
+            for j in range(int(col_lengths[k])):
+                expected[(int(row_starts[k]) + i) % 9, (int(col_starts[k]) + j) % 13] += 1
+    assert torch.equal(image, expected)
+    costs = {row["name"]: row for row in layer_costs(state)}
+    assert costs["0"]["kind"] == "GBLR" and costs["0"]["macs"] == layer.flops()
+    assert costs["1"]["kind"] == "dense" and costs["1"]["macs"] == 36

@@ -1,0 +1,228 @@
+"""Run reports: the learned structure of every layer, read from a saved state dict.
+
+Everything here works from ``model_state.pt`` (a plain ``state_dict`` saved with
+``torch.save``; loaded with ``weights_only=True``) and Lightning's ``metrics.csv``, so a
+report needs neither the training code nor the model's class.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..cost import gblr_cost
+from ..ops.gaudi import interval_lengths, interval_starts
+
+__all__ = ["layer_costs", "load_state", "overlap_image", "write_report"]
+
+STATE_FILE = "model_state.pt"
+
+
+def load_state(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a file, or from ``STATE_FILE`` in a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no model state at {path}: give a file saved with torch.save(model.state_dict()) "
+            f"or a run folder holding {STATE_FILE} (gblr demo writes one per model)"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
+    return state
+
+
+def _gblr_prefixes(state: dict[str, Tensor]) -> list[str]:
+    return sorted(
+        key[: -len("widths")] for key in state if key.endswith("widths") and f"{key[:-6]}U" in state
+    )
+
+
+def overlap_image(state: dict[str, Tensor], prefix: str) -> Tensor:
+    """``(out, in)`` count of the components covering each weight entry of one GBLR layer
+    (exact eval intervals; wrap-around included)."""
+    u, v = state[prefix + "U"], state[prefix + "V"]
+    widths, locations = state[prefix + "widths"], state[prefix + "locations"]
+    rows, cols = u.shape[2], v.shape[2]
+    masks = []
+    for axis, size in ((1, rows), (0, cols)):
+        lengths = interval_lengths(widths[axis], size)
+        starts = interval_starts(locations[axis], size)
+        index = torch.arange(size)
+        masks.append(((index[None, :] - starts[:, None]) % size < lengths[:, None]).float())
+    row_masks, col_masks = masks
+    return row_masks.t() @ col_masks
+
+
+def layer_costs(state: dict[str, Tensor]) -> list[dict]:
+    """Per layer: name, kind, ``(out, in)`` shape, MACs per row, dense MACs."""
+    rows = []
+    gblr = _gblr_prefixes(state)
+    for prefix in gblr:
+        u, v = state[prefix + "U"], state[prefix + "V"]
+        widths = state[prefix + "widths"]
+        out_features, in_features = u.shape[2], v.shape[2]
+        macs = gblr_cost(
+            interval_lengths(widths[1], out_features),
+            interval_lengths(widths[0], in_features),
+            u.shape[1],
+        )
+        rows.append(
+            {
+                "name": prefix.rstrip("."),
+                "kind": "GBLR",
+                "shape": (out_features, in_features),
+                "macs": int(macs),
+                "dense_macs": out_features * in_features,
+            }
+        )
+    taken = tuple(gblr)
+    for key, value in state.items():
+        # Other 2-D weights count as dense linear layers (convolution kernels and
+        # norm parameters are not 2-D).
+        if key.endswith("weight") and value.dim() == 2 and not key.startswith(taken):
+            rows.append(
+                {
+                    "name": key[: -len(".weight")],
+                    "kind": "dense",
+                    "shape": tuple(value.shape),
+                    "macs": value.numel(),
+                    "dense_macs": value.numel(),
+                }
+            )
+    return sorted(rows, key=lambda row: row["name"])
+
+
+def format_costs(rows: list[dict]) -> str:
+    """The per-layer cost table as text."""
+    header = f"{'layer':<28}{'kind':<7}{'shape':>12}{'MACs/row':>12}{'dense':>10}{'ratio':>8}"
+    lines = [header]
+    for row in rows:
+        shape = f"{row['shape'][0]}x{row['shape'][1]}"
+        ratio = row["macs"] / row["dense_macs"]
+        lines.append(
+            f"{row['name']:<28}{row['kind']:<7}{shape:>12}{row['macs']:>12,}"
+            f"{row['dense_macs']:>10,}{ratio:>8.3f}"
+        )
+    macs = sum(row["macs"] for row in rows)
+    dense = sum(row["dense_macs"] for row in rows)
+    lines.append(f"{'total':<28}{'':<7}{'':>12}{macs:>12,}{dense:>10,}{macs / max(dense, 1):>8.3f}")
+    return "\n".join(lines)
+
+
+def _savefig(figure, path: Path) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
+        figure.savefig(handle.name, dpi=110, bbox_inches="tight")
+    os.replace(handle.name, path)
+
+
+def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    path = run_dir / "metrics.csv"
+    series: dict[str, list[tuple[float, float]]] = {}
+    if not path.is_file():
+        return series
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = float(row.get("step") or 0)
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``REPORT.md`` and its PNG figures into ``run_dir``; returns the Markdown path.
+
+    Figures: the block-overlap image of every GBLR layer (how many components cover each
+    weight entry, as in the paper's figure of learned masks), MACs per layer, training
+    loss and accuracy, and σ and the MACs ratio over the steps (when logged).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("reports need matplotlib: pip install 'gblr[train]'") from error
+    run_dir = Path(run_dir)
+    state = load_state(run_dir)
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    lines = [f"# Run report: {run_dir.name}", ""]
+
+    costs = layer_costs(state)
+    lines += ["## Cost per layer", "", "```", format_costs(costs), "```", ""]
+    figure, axis = plt.subplots(figsize=(8, 0.3 * len(costs) + 1))
+    axis.barh([row["name"] for row in costs], [row["macs"] for row in costs], label="MACs/row")
+    axis.barh(
+        [row["name"] for row in costs],
+        [row["dense_macs"] for row in costs],
+        fill=False,
+        edgecolor="grey",
+        label="dense",
+    )
+    axis.set_xlabel("MACs per input row")
+    axis.invert_yaxis()
+    axis.legend()
+    _savefig(figure, figures / "macs_per_layer.png")
+    plt.close(figure)
+    lines += ["![MACs per layer](figures/macs_per_layer.png)", ""]
+
+    prefixes = _gblr_prefixes(state)
+    if prefixes:
+        columns = min(4, len(prefixes))
+        grid_rows = math.ceil(len(prefixes) / columns)
+        figure, axes = plt.subplots(
+            grid_rows,
+            columns,
+            figsize=(3.8 * columns, 3.2 * grid_rows),
+            squeeze=False,
+            constrained_layout=True,
+        )
+        for axis in axes.flat[len(prefixes) :]:
+            axis.axis("off")
+        for axis, prefix in zip(axes.flat, prefixes):
+            image = overlap_image(state, prefix)
+            shown = axis.imshow(
+                image.numpy(), cmap="viridis", interpolation="nearest", aspect="auto"
+            )
+            axis.set_title(prefix.rstrip("."), fontsize=8)
+            figure.colorbar(shown, ax=axis, fraction=0.046)
+        figure.suptitle("components covering each weight entry (rows: outputs, columns: inputs)")
+        _savefig(figure, figures / "masks.png")
+        plt.close(figure)
+        lines += ["## Learned structure", "", "![GBLR masks](figures/masks.png)", ""]
+
+    series = _read_metrics(run_dir)
+    panels = [
+        key
+        for key in ("train/loss", "train/accuracy", "gblr/sigma", "gblr/mac_ratio")
+        if key in series
+    ]
+    if panels:
+        figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
+        for axis, key in zip(axes[0], panels):
+            steps, values = zip(*series[key])
+            axis.plot(steps, values)
+            axis.set_title(key, fontsize=9)
+            axis.set_xlabel("step")
+            if key == "gblr/sigma":
+                axis.set_yscale("log")
+        _savefig(figure, figures / "training.png")
+        plt.close(figure)
+        lines += ["## Training", "", "![training curves](figures/training.png)", ""]
+
+    report = run_dir / "REPORT.md"
+    with tempfile.NamedTemporaryFile("w", dir=run_dir, suffix=".md", delete=False) as handle:
+        handle.write("\n".join(lines))
+    os.replace(handle.name, report)
+    return report
