@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -103,9 +102,11 @@ DEMO_STRUCTURES = ("dense", "gblr", "lowrank", "monarch")
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    from .recipes.report import publish
+
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         f.write(text)
-    os.replace(f.name, path)
+    publish(f.name, path)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -123,6 +124,7 @@ def demo(args: argparse.Namespace) -> int:
     from .recipes.data import digits
     from .recipes.engine import train_classifier
     from .recipes.models import VisionTransformer, structure_model
+    from .recipes.report import publish, write_report
 
     train_set, test_set = digits(seed=args.seed)
     print(
@@ -154,7 +156,7 @@ def demo(args: argparse.Namespace) -> int:
         state_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=state_path.parent, suffix=".tmp", delete=False) as f:
             torch.save(model.state_dict(), f)
-        os.replace(f.name, state_path)
+        publish(f.name, state_path)
     header = f"{'structure':<10}{'accuracy':>10}{'MACs ratio':>12}{'seconds':>10}"
     lines = [header] + [
         f"{r['structure']:<10}{r['accuracy']:>10.4f}{r['macs_ratio']:>12.3f}{r['seconds']:>10.1f}"
@@ -181,8 +183,6 @@ def demo(args: argparse.Namespace) -> int:
     _write_atomically(
         out / "results.md", f"# gblr demo\n\n`{command}`\n\n" + "\n".join(table) + "\n"
     )
-    from .recipes.report import write_report
-
     for structure in args.structures:
         write_report(out / structure)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and a REPORT.md per model")

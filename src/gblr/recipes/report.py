@@ -118,10 +118,19 @@ def format_costs(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def publish(temporary: str, path: Path) -> None:
+    """Move a finished temporary file into place, with the permissions a plain ``open``
+    would have given it (temporary files are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
+
+
 def _savefig(figure, path: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
         figure.savefig(handle.name, dpi=110, bbox_inches="tight")
-    os.replace(handle.name, path)
+    publish(handle.name, path)
 
 
 def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
@@ -224,5 +233,5 @@ def write_report(run_dir: str | Path) -> Path:
     report = run_dir / "REPORT.md"
     with tempfile.NamedTemporaryFile("w", dir=run_dir, suffix=".md", delete=False) as handle:
         handle.write("\n".join(lines))
-    os.replace(handle.name, report)
+    publish(handle.name, report)
     return report
