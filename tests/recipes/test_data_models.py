@@ -113,3 +113,30 @@ def test_overlap_image_and_costs_match_a_brute_force_count():
     costs = {row["name"]: row for row in layer_costs(state)}
     assert costs["0"]["kind"] == "GBLR" and costs["0"]["macs"] == layer.flops()
     assert costs["1"]["kind"] == "dense" and costs["1"]["macs"] == 36
+
+
+def test_image_folder_reads_class_folders(tmp_path):
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    from gblr.recipes.data import image_folder
+
+    for index, name in enumerate(["cat", "dog"]):
+        (tmp_path / name).mkdir()
+        for k in range(3):
+            pixels = np.full((20, 30, 3), 40 * index + k, dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{k}.png")
+    dataset = image_folder(tmp_path, image_size=16, train=False)
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 6
+    image, label = dataset[4]
+    assert image.shape == (3, 16, 16) and label == 1
+    # uniform image of value 41 -> normalized with ImageNet's red mean/std
+    assert image[0, 8, 8].item() == pytest.approx((41 / 255 - 0.485) / 0.229, abs=1e-4)
+    assert image_folder(tmp_path, image_size=16)[0][0].shape == (3, 16, 16)
+
+
+def test_missing_image_folder_explains_the_layout(tmp_path):
+    from gblr.recipes.data import image_folder
+
+    with pytest.raises(FileNotFoundError, match="one sub-folder per class"):
+        image_folder(tmp_path / "nowhere")

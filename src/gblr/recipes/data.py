@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["digits", "load_cifar"]
+__all__ = ["digits", "image_folder", "load_cifar"]
 
 
 def digits(seed: int = 0, test_fraction: float = 0.25) -> tuple[TensorDataset, TensorDataset]:
@@ -89,3 +89,38 @@ def load_cifar(root: str | Path, train: bool = True, classes: int = 10) -> Tenso
     images = torch.from_numpy(np.concatenate(data)).float() / 255.0
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _CIFAR_STATS[classes])
     return TensorDataset((images - mean) / std, torch.tensor(labels, dtype=torch.int64))
+
+
+# ImageNet's per-channel statistics (widely published values).
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def image_folder(root: str | Path, image_size: int = 224, train: bool = True):
+    """An ImageNet-style folder, ``root/<class name>/<image files>``, through torchvision.
+
+    Training: random resized crop and horizontal flip; evaluation: resize to
+    ``image_size * 8 / 7`` and centre crop, as is usual for ImageNet. Needs the extra
+    ``[vision]``.
+
+    Returns:
+        ``torchvision.datasets.ImageFolder`` of ``(image (3, S, S) float32, label int64)``;
+        ``.classes`` lists the class names in label order.
+    """
+    root = Path(root)
+    if not root.is_dir() or not any(child.is_dir() for child in root.iterdir()):
+        raise FileNotFoundError(
+            f"no image folder at {root}: expected one sub-folder per class holding its "
+            "images (root/<class>/<image>.jpg), e.g. ImageNet's train/ or val/ folder"
+        )
+    try:
+        from torchvision import datasets, transforms
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("image folders need torchvision: pip install 'gblr[vision]'") from error
+    normalize = transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
+    if train:
+        steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+    else:
+        steps = [transforms.Resize(image_size * 8 // 7), transforms.CenterCrop(image_size)]
+    return datasets.ImageFolder(
+        str(root), transforms.Compose([*steps, transforms.ToTensor(), normalize])
+    )
