@@ -26,48 +26,25 @@ from torch import nn
 
 import gblr
 from gblr.learn.synthetic import recovery_run
+from gblr.recipes.models import VisionTransformer, structure_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import RESULTS, machine_description, write_json_atomically
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with GBLR projections (qkv, proj, fc1, fc2)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = gblr.GBLRLinear(dim, 3 * dim, structure_init="half", init_cost=0.5)
-        self.proj = gblr.GBLRLinear(dim, dim, structure_init="half", init_cost=0.5)
-        self.fc1 = gblr.GBLRLinear(dim, mlp_ratio * dim, structure_init="half", init_cost=0.5)
-        self.fc2 = gblr.GBLRLinear(mlp_ratio * dim, dim, structure_init="half", init_cost=0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        attended = nn.functional.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
-        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
-
-
-class TinyViT(nn.Module):
-    def __init__(self, dim=192, depth=6, heads=3, patch=4, image=32, classes=10) -> None:
-        super().__init__()
-        self.embed = nn.Conv2d(3, dim, patch, stride=patch)
-        self.position = nn.Parameter(torch.zeros(1, (image // patch) ** 2, dim))
-        self.blocks = nn.Sequential(*[Block(dim, heads, 4) for _ in range(depth)])
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.embed(images).flatten(2).transpose(1, 2) + self.position
-        return self.head(self.blocks(x).mean(dim=1))
+def gblr_vit() -> nn.Module:
+    """ViT (dim 192, depth 6, 3 heads, 4x4 patches on 32x32 images) from the recipes, with
+    every transformer-block linear layer a ``GBLRLinear`` started at half the dense MACs."""
+    model = VisionTransformer(
+        image_size=32, patch_size=4, in_chans=3, dim=192, depth=6, heads=3, mlp_ratio=4
+    )
+    structure_model(model, "gblr", 0.5)
+    return model
 
 
 def measure_overhead(repeats: int, batch: int) -> dict:
     torch.manual_seed(0)
-    model = TinyViT()
+    model = gblr_vit()
     optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3, weight_decay=0.05))
     learner = gblr.StructureLearner(model, target=0.3, total_steps=1000, warmup_steps=500)
     images = torch.randn(batch, 3, 32, 32)

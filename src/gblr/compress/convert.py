@@ -31,7 +31,7 @@ from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
 from ..structured.base import StructuredLinear
-from .search import _svd_layer, fit_dense
+from .search import _svd_layer, empty_layer, fit_dense
 
 __all__ = [
     "ConversionReport",
@@ -78,10 +78,6 @@ def structures() -> list[str]:
     return sorted(_STRUCTURES)
 
 
-def _keep_dense(weight: Tensor, macs: int, **_: object) -> nn.Module:
-    raise AssertionError("structure='dense' never fits a layer")
-
-
 def _fit_gblr(
     weight: Tensor,
     macs: int,
@@ -93,13 +89,7 @@ def _fit_gblr(
 ) -> GBLRLinear:
     m, n = weight.shape
     if macs < 2 * rank_per_component:  # pays for nothing: one dead component
-        empty = [(0, 0)]
-        return GBLRLinear.from_intervals(
-            weight.new_zeros(1, rank_per_component, m),
-            weight.new_zeros(1, rank_per_component, n),
-            empty,
-            empty,
-        ).eval()
+        return empty_layer(weight, rank_per_component)
     if init == "search":
         return fit_dense(
             weight, macs, rank_per_component=rank_per_component, steps=steps, seed=seed
@@ -318,14 +308,14 @@ def _matrix(module: nn.Module, kind: str) -> Tensor:
 
 
 def _skip_reason(
-    module: nn.Module, kind: str, min_features: int, structure: _Structure
+    module: nn.Module, kind: str, min_features: int, supports_conv2d: bool
 ) -> str | None:
     if kind == "Conv2d":
         if module.groups != 1:
             return f"grouped convolution (groups={module.groups}) is not supported"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
-        if not structure.supports_conv2d:
+        if not supports_conv2d:
             return "this structure converts Linear layers only"
     out_features, in_features = _matrix(module, kind).shape
     if min(out_features, in_features) < min_features:
@@ -431,10 +421,8 @@ def _build_layer(
     bias = original.bias.detach() if original.bias is not None else None
     if kind in ("Linear", "Conv1D"):
         layer = fitted
-        if bias is not None:
-            layer.bias = nn.Parameter(
-                bias.to(fitted.U.dtype if hasattr(fitted, "U") else bias.dtype).clone()
-            )
+        if bias is not None:  # dtype and device follow below with the whole layer
+            layer.bias = nn.Parameter(bias.clone())
     else:
         conv = original
         layer = GBLRConv2d(
@@ -535,7 +523,7 @@ def convert(
         raise ValueError(f"rank_per_component must be a positive int, got {rank_per_component!r}")
     include_patterns = _as_patterns("include", include)
     exclude_patterns = _as_patterns("exclude", exclude)
-    spec = _STRUCTURES.get(structure, _Structure(_keep_dense, supports_conv2d=True))
+    spec = _STRUCTURES.get(structure)  # None: "dense", nothing is replaced
     budget = float(budget)
 
     conv1d = _conv1d_type()
@@ -566,11 +554,20 @@ def convert(
             fnmatch.fnmatchcase(alias, p) for alias in module_names for p in exclude_patterns
         ):
             continue
-        reason = _skip_reason(module, kind, min_features, spec)
+        reason = _skip_reason(module, kind, min_features, spec is None or spec.supports_conv2d)
         if reason is not None:
             report.skipped.append((name, reason))
             continue
         selected.append((name, module, kind))
+
+    if spec is None:  # the baseline of baselines: report the layers, change nothing
+        for name, module, kind in selected:
+            out_features, in_features = _matrix(module, kind).shape
+            macs = out_features * in_features
+            report.layers.append(
+                LayerConversion(name, kind, (out_features, in_features), macs, macs, 0.0, 0.0)
+            )
+        return report
 
     matrices = []
     for _, module, kind in selected:
@@ -589,11 +586,6 @@ def convert(
 
     for (name, module, kind), matrix, curve, macs in zip(selected, matrices, curves, layer_macs):
         weight = module.weight
-        if structure == "dense":  # the baseline of baselines: nothing changes
-            report.layers.append(
-                LayerConversion(name, kind, tuple(matrix.shape), *(2 * (matrix.numel(),)), 0.0, 0.0)
-            )
-            continue
         try:
             fitted = spec.fit(
                 matrix,

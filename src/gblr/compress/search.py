@@ -90,6 +90,19 @@ def _subtract_block(
             matrix[a:b, c:d] -= delta[i : i + b - a, j : j + d - c]
 
 
+def empty_layer(weight: Tensor, rank_per_component: int) -> GBLRLinear:
+    """The zero matrix shaped like ``weight`` as a GBLR layer: one dead component, no MACs
+    (what a budget below one component buys). Eval mode, ``weight``'s dtype and device."""
+    m, n = weight.shape
+    empty = [(0, 0)]
+    return GBLRLinear.from_intervals(
+        weight.new_zeros(1, rank_per_component, m),
+        weight.new_zeros(1, rank_per_component, n),
+        empty,
+        empty,
+    ).eval()
+
+
 def _svd_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLinear | None:
     m, n = weight.shape
     r = rank_per_component
@@ -238,6 +251,17 @@ def _greedy_layer(
     )
 
 
+def _least_squares_rows(basis: Tensor, target: Tensor) -> Tensor:
+    """``X`` ``(r, q)`` minimizing ``||target - basis.T @ X||`` for ``basis`` ``(r, p)`` and
+    ``target`` ``(p, q)`` (a tiny ridge keeps a rank-deficient basis solvable)."""
+    gram = basis @ basis.t()
+    if gram.shape[0] == 1:
+        return (basis @ target) / gram.clamp_min(1e-30)
+    ridge = 1e-12 * gram.diagonal().sum().clamp_min(1e-30)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + ridge * eye, basis @ target)
+
+
 def _backfit(
     residual: Tensor,
     factors_u: list[Tensor],
@@ -274,25 +298,8 @@ def _backfit(
                 new_v = right[:rank]
             else:
                 # Fix V, solve for U; then fix U, solve for V (ridge only guards rank loss).
-                v_now = v_block[:rank]
-                if rank == 1:
-                    new_u = (v_now @ target.t()) / (v_now @ v_now.t()).clamp_min(1e-30)
-                    new_v = (new_u @ target) / (new_u @ new_u.t()).clamp_min(1e-30)
-                    u.zero_()
-                    v.zero_()
-                    u[:rank, row_index] = new_u
-                    v[:rank, col_index] = new_v
-                    _subtract_block(
-                        residual, rows, cols, u[:, row_index].t() @ v[:, col_index] - own
-                    )
-                    continue
-                gram = v_now @ v_now.t()
-                ridge = 1e-12 * gram.diagonal().sum().clamp_min(1e-30)
-                eye = torch.eye(rank, dtype=gram.dtype, device=device)
-                new_u = torch.linalg.solve(gram + ridge * eye, v_now @ target.t())
-                gram = new_u @ new_u.t()
-                ridge = 1e-12 * gram.diagonal().sum().clamp_min(1e-30)
-                new_v = torch.linalg.solve(gram + ridge * eye, new_u @ target)
+                new_u = _least_squares_rows(v_block[:rank], target.t())
+                new_v = _least_squares_rows(new_u, target)
             u.zero_()
             v.zero_()
             u[:rank, row_index] = new_u
@@ -398,14 +405,8 @@ def fit_dense(
             )
             if layer is not None
         ]
-        if not candidates:  # the budget pays for nothing: the zero matrix, one dead component
-            empty = [(0, 0)]
-            return GBLRLinear.from_intervals(
-                weight.new_zeros(1, rank_per_component, m),
-                weight.new_zeros(1, rank_per_component, n),
-                empty,
-                empty,
-            ).eval()
+        if not candidates:  # the budget pays for nothing
+            return empty_layer(weight, rank_per_component)
         errors = [_error(layer, weight) for layer in candidates]
         best = candidates[min(range(len(candidates)), key=errors.__getitem__)]
         if steps > 0:

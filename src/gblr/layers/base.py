@@ -28,7 +28,7 @@ from ..ops.gaudi import (
     gaudi_mask_on_grid,
     interval_lengths,
     interval_starts,
-    mask_factors,
+    mask_factors_unchecked,
 )
 
 __all__ = ["EVALUATION_ORDERS", "STRUCTURE_INITS", "GBLRMatrixMixin"]
@@ -264,8 +264,8 @@ class GBLRMatrixMixin(nn.Module):
             gaudi_mask_on_grid(self.widths[1], self.locations[1], self.rows, sigma),
         )
 
-    def _sigma_value(self) -> float:
-        """``float(self.sigma)`` without a device sync on every forward.
+    def _sigma_value(self) -> float | None:
+        """``float(self.sigma)`` (``None`` for ``inf``) without a device sync per forward.
 
         The buffer is the source of truth (state_dict, learner); its value is re-read only
         when the tensor is replaced or modified in place (``_version`` changes).
@@ -273,18 +273,22 @@ class GBLRMatrixMixin(nn.Module):
         key = (id(self.sigma), self.sigma._version, self.sigma.device)
         cached = self.__dict__.get("_sigma_cache")
         if cached is None or cached[0] != key:
-            cached = (key, float(self.sigma))
+            value = float(self.sigma)
+            cached = (key, None if math.isinf(value) else value)
             self.__dict__["_sigma_cache"] = cached
         return cached[1]
 
     def masked_factors(self) -> tuple[Tensor, Tensor]:
         """``(U_masked (K*r, out), V_masked (K*r, in))`` with ``W = U_masked.T @ V_masked``.
 
-        Training: :func:`gblr.ops.mask_factors` (on CUDA one fused Triton launch each way;
-        under autocast its output already has the autocast dtype).
+        Training: :func:`gblr.ops.mask_factors` without its argument checks (on CUDA one
+        fused Triton launch each way; under autocast its output already has the autocast
+        dtype).
         """
         if self.training:
-            u, v = mask_factors(self.U, self.V, self.widths, self.locations, self._sigma_value())
+            u, v = mask_factors_unchecked(
+                self.U, self.V, self.widths, self.locations, self._sigma_value()
+            )
             return u.reshape(-1, self.rows), v.reshape(-1, self.cols)
         col_mask, row_mask = self.masks()
         dtype = self.U.dtype

@@ -254,16 +254,20 @@ def gaudi_mask_on_grid(
     """
     _check_interval_tensors(width, location, n)
     dtype = _mask_dtype(torch.promote_types(width.dtype, location.dtype))
-    sigma_value = None
-    if sigma is not None:
-        sigma_value = float(sigma)
-        if not sigma_value > 0:
-            raise ValueError(f"sigma must be a positive number or None, got {sigma!r}")
-        if math.isinf(sigma_value):
-            sigma_value = None
-    return _GaudiMaskOnGrid.apply(width, location, n, sigma_value, dtype)
+    return _GaudiMaskOnGrid.apply(width, location, n, _sigma_or_none(sigma), dtype)
 
 
+def _sigma_or_none(sigma: float | Tensor | None) -> float | None:
+    """A checked Gaussian bandwidth: a positive float, or ``None`` for none (also ``inf``)."""
+    if sigma is None:
+        return None
+    value = float(sigma)
+    if not value > 0:
+        raise ValueError(f"sigma must be a positive number or None, got {sigma!r}")
+    return None if math.isinf(value) else value
+
+
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -417,22 +421,31 @@ def mask_factors(
         )
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    sigma_value = None
-    if sigma is not None:
-        sigma_value = float(sigma)
-        if not sigma_value > 0:
-            raise ValueError(f"sigma must be a positive number or None, got {sigma!r}")
-        if math.isinf(sigma_value):
-            sigma_value = None
+    return mask_factors_unchecked(
+        factor_u, factor_v, widths, locations, _sigma_or_none(sigma), backend
+    )
+
+
+def mask_factors_unchecked(
+    factor_u: Tensor,
+    factor_v: Tensor,
+    widths: Tensor,
+    locations: Tensor,
+    sigma: float | None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """:func:`mask_factors` without argument checks, for layers whose shapes are right by
+    construction (it runs in every training forward); ``sigma`` a positive float or
+    ``None`` (no smoothing), never ``inf``."""
     if backend == "auto":
         backend = "triton" if factor_u.is_cuda and _triton_available() else "torch"
     if backend == "torch":
         rows, cols = factor_u.shape[2], factor_v.shape[2]
-        row_mask = gaudi_mask_on_grid(widths[1], locations[1], rows, sigma_value)
-        col_mask = gaudi_mask_on_grid(widths[0], locations[0], cols, sigma_value)
+        row_mask = gaudi_mask_on_grid(widths[1], locations[1], rows, sigma)
+        col_mask = gaudi_mask_on_grid(widths[0], locations[0], cols, sigma)
         return (
             factor_u * row_mask.to(factor_u.dtype).unsqueeze(1),
             factor_v * col_mask.to(factor_v.dtype).unsqueeze(1),
         )
     out_dtype = _autocast_dtype(factor_u.device.type) or factor_u.dtype
-    return _MaskFactorsTriton.apply(factor_u, factor_v, widths, locations, sigma_value, out_dtype)
+    return _MaskFactorsTriton.apply(factor_u, factor_v, widths, locations, sigma, out_dtype)

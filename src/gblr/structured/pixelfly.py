@@ -16,14 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.base import check_positive_int
-from .base import StructuredLinear, check_weight, copy_bias, resolve_budget
+from .base import check_weight, copy_bias, resolve_budget
 from .blocksparse import (
+    BlockSparseLinear,
     block_grid,
-    block_sparse_dense,
-    block_sparse_matmul,
     default_block_size,
     dense_to_tiles,
-    init_tiles_,
 )
 
 __all__ = ["PixelflyLinear", "butterfly_pattern", "max_butterfly_levels"]
@@ -73,15 +71,15 @@ def _check_fraction(lowrank_fraction: object) -> float:
     return float(lowrank_fraction)
 
 
-class PixelflyLinear(StructuredLinear):
+class PixelflyLinear(BlockSparseLinear):
     """``W = S + U V``: block-sparse ``S`` on the flat block butterfly pattern plus rank
     ``rank`` (Pixelated Butterfly, Chen et al., ICLR 2022).
 
     ``S`` has ``b x b`` tiles at the positions of :func:`butterfly_pattern` (block rows
     ``ceil(out/b)``, block cols ``ceil(in/b)``, indices folded modulo the shorter side).
-    Sizes not divisible by ``b`` are zero-padded exactly as in
-    :class:`~gblr.structured.blocksparse.BlockSparseLinear` (full edge tiles computed,
-    padding counted in the cost).
+    The sparse part is a :class:`~gblr.structured.blocksparse.BlockSparseLinear` (this
+    class extends it): sizes not divisible by ``b`` are zero-padded the same way (full
+    edge tiles computed, padding counted in the cost).
 
     **Budget split** (``for_budget``/``from_dense``): ``lowrank_fraction`` (default 0.5)
     of the MACs go to the low-rank term, the rest to the sparse part. The sparse part
@@ -123,18 +121,19 @@ class PixelflyLinear(StructuredLinear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.block_size = check_positive_int("block_size", block_size)
-        self.num_block_rows, self.num_block_cols = block_grid(in_features, out_features, block_size)
-        top = max_butterfly_levels(self.num_block_rows, self.num_block_cols)
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        block_size = check_positive_int("block_size", block_size)
+        num_block_rows, num_block_cols = block_grid(in_features, out_features, block_size)
+        top = max_butterfly_levels(num_block_rows, num_block_cols)
         if butterfly_levels is None:
             butterfly_levels = top
         if isinstance(butterfly_levels, bool) or not isinstance(butterfly_levels, int):
             raise TypeError(f"butterfly_levels must be an int or None, got {butterfly_levels!r}")
         if not 0 <= butterfly_levels <= top:
             raise ValueError(
-                f"butterfly_levels must be in [0, {top}] for a {self.num_block_rows} x "
-                f"{self.num_block_cols} block grid, got {butterfly_levels}"
+                f"butterfly_levels must be in [0, {top}] for a {num_block_rows} x "
+                f"{num_block_cols} block grid, got {butterfly_levels}"
             )
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TypeError(f"rank must be a non-negative int, got {rank!r}")
@@ -142,52 +141,38 @@ class PixelflyLinear(StructuredLinear):
             raise ValueError(
                 f"rank must be in [0, min(in, out) = {min(in_features, out_features)}], got {rank}"
             )
-        self.butterfly_levels, self.rank = butterfly_levels, rank
-        positions = butterfly_positions(self.num_block_rows, self.num_block_cols, butterfly_levels)
-        self.register_buffer("positions", positions.to(device))
-        factory = {"device": device, "dtype": dtype}
-        self.tiles = nn.Parameter(
-            torch.empty(positions.shape[0], block_size, block_size, **factory)
+        positions = butterfly_positions(num_block_rows, num_block_cols, butterfly_levels)
+        super().__init__(
+            in_features, out_features, block_size, positions, bias, device=device, dtype=dtype
         )
+        self.butterfly_levels, self.rank = butterfly_levels, rank
+        factory = {"device": device, "dtype": dtype}
         self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
         self.V = nn.Parameter(torch.empty(rank, in_features, **factory))
         # Each part gets half of nn.Linear's default output variance when both exist.
         gain = math.sqrt(0.5) if rank else 1.0
-        init_tiles_(self.tiles, self.positions, out_features, in_features, gain)
         if rank:
             bound_v, bound_u = math.sqrt(3.0 / in_features), math.sqrt(1.0 / rank) * gain
             with torch.no_grad():
+                self.tiles.mul_(gain)
                 self.U.uniform_(-bound_u, bound_u)
                 self.V.uniform_(-bound_v, bound_v)
 
-    @property
-    def num_tiles(self) -> int:
-        return self.tiles.shape[0]
-
     def _matmul(self, x: Tensor) -> Tensor:
-        out = block_sparse_matmul(
-            x, self.tiles, self.positions, self.out_features, self.num_block_rows
-        )
+        out = super()._matmul(x)
         if self.rank:
             out = out + F.linear(F.linear(x, self.V), self.U)
         return out
 
     def sparse_weight(self) -> Tensor:
         """``(out, in)``: the butterfly-pattern part ``S``."""
-        return block_sparse_dense(
-            self.tiles,
-            self.positions,
-            self.out_features,
-            self.in_features,
-            self.num_block_rows,
-            self.num_block_cols,
-        )
+        return super().dense_weight()
 
     def dense_weight(self) -> Tensor:
         return self.sparse_weight() + self.U @ self.V
 
     def flops(self) -> int:
-        return self.tiles.numel() + self.rank * (self.in_features + self.out_features)
+        return super().flops() + self.rank * (self.in_features + self.out_features)
 
     # ------------------------------------------------------------------ budgets
     @staticmethod
@@ -341,10 +326,7 @@ class PixelflyLinear(StructuredLinear):
         return copy_bias(layer, bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, block_size={self.block_size}, rank={self.rank}, "
-            f"butterfly_levels={self.butterfly_levels}, num_tiles={self.num_tiles}"
-        )
+        return f"{super().extra_repr()}, rank={self.rank}, butterfly_levels={self.butterfly_levels}"
 
 
 def _fit_low_rank(
