@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import tempfile
@@ -189,6 +190,63 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    """Train one model from a YAML config: a shipped one (see --list) or a file.
+
+    Any config key can be changed as SECTION.KEY=VALUE (the value is read as YAML), e.g.
+    `gblr train --config cifar10-vit-s-gblr data.root=~/data optim.epochs=100`. The
+    options below are shortcuts for the most common keys; Lightning runs the devices:
+    `--devices 8 --num-nodes 2 --strategy ddp` trains on 16 GPUs. Everything goes to the
+    run folder (out): config.yaml, checkpoints/last.ckpt, metrics.csv, tensorboard/,
+    model_state.pt, results.json and REPORT.md.
+    """
+    from .recipes.config import load_config, shipped_configs
+
+    if args.list:
+        from .recipes.config import CONFIG_DIR
+
+        for name in shipped_configs():
+            first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+            print(f"{name:<24} {first}")
+        return 0
+    if args.config is None:
+        raise ValueError("--config is required (a shipped name, see --list, or a YAML file)")
+    shortcuts = {
+        "structure": "structure.kind",
+        "budget": "structure.budget",
+        "out": "out",
+        "seed": "seed",
+        "accelerator": "trainer.accelerator",
+        "devices": "trainer.devices",
+        "num_nodes": "trainer.num_nodes",
+        "strategy": "trainer.strategy",
+        "precision": "trainer.precision",
+        "logger": "trainer.logger",
+    }
+    overrides = [
+        f"{key}={getattr(args, option)}"
+        for option, key in shortcuts.items()
+        if getattr(args, option) is not None
+    ]
+    config = load_config(args.config, [*args.overrides, *overrides])
+    if args.structure is not None and args.out is None:
+        # a baseline of a shipped config gets its own folder, not the GBLR run's
+        config.out = f"{config.out.removesuffix('-gblr')}-{config.structure.kind}"
+    from .recipes.train import train_from_config
+
+    print(
+        f"gblr train: {config.name} ({config.model.name}, structure {config.structure.kind}"
+        f" at {config.structure.budget:.3g} of dense MACs) -> {config.out}"
+    )
+    result = train_from_config(config, resume=args.resume, progress=not args.quiet)
+    print(
+        f"\n{config.name}: test accuracy {result['accuracy']:.4f}, MACs ratio "
+        f"{result['macs_ratio']:.3f}, {result['steps']} steps in {result['seconds']:.0f} s"
+        f"\nwrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'REPORT.md'}"
+    )
+    return 0
+
+
 def report(args: argparse.Namespace) -> int:
     """Write REPORT.md with PNG figures into a run folder: learned masks of every GBLR
     layer, MACs per layer, training curves (needs model_state.pt, uses metrics.csv)."""
@@ -199,10 +257,25 @@ def report(args: argparse.Namespace) -> int:
 
 
 def flops(args: argparse.Namespace) -> int:
-    """Print the per-layer MACs of a saved state dict (a file, or a run folder)."""
+    """Print the per-layer MACs (one MAC per multiply-add, per input row or position) of a
+    model: a run folder or checkpoint of `gblr train` (every structure, exact), a config
+    (its starting structure), or any saved state dict (GBLR and dense layers)."""
     from .recipes.report import format_costs, layer_costs, load_state
 
-    print(format_costs(layer_costs(load_state(args.path))))
+    path = Path(args.path)
+    is_config = path.suffix in (".yaml", ".yml") or (not path.exists() and not path.suffix)
+    if is_config or (path / "config.yaml").is_file() or path.suffix == ".ckpt":
+        try:
+            from .recipes.train import model_from_run
+        except ImportError:  # no Lightning: read the state dict alone
+            model_from_run = None
+        if model_from_run is not None:
+            from .cost import count_flops
+
+            model, what = model_from_run(path)
+            print(f"{what}\n{count_flops(model)}")
+            return 0
+    print(format_costs(layer_costs(load_state(path))))
     return 0
 
 
@@ -239,6 +312,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo_parser.set_defaults(handler=demo)
 
+    train_parser = sub.add_parser(
+        "train",
+        help="train a model from a YAML config (CIFAR ViT-S/Mixer-S, digits, your own)",
+        description=inspect.cleandoc(train.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train_parser.add_argument(
+        "--config", help="a shipped config name (see --list) or a YAML file"
+    )
+    train_parser.add_argument(
+        "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="change any config key"
+    )
+    train_parser.add_argument("--list", action="store_true", help="list the shipped configs")
+    train_parser.add_argument(
+        "--structure", help="dense, gblr or a baseline family (structure.kind)"
+    )
+    train_parser.add_argument("--budget", type=float, help="MACs fraction (structure.budget)")
+    train_parser.add_argument("--out", help="run folder (out)")
+    train_parser.add_argument("--seed", type=int, help="random seed (seed)")
+    train_parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        help="continue from a checkpoint (default: the run folder's checkpoints/last.ckpt)",
+    )
+    lightning = train_parser.add_argument_group("Lightning (trainer.*)")
+    lightning.add_argument("--accelerator", help="cpu, gpu, auto, ...")
+    lightning.add_argument("--devices", help="number of devices, or a list such as [0,1]")
+    lightning.add_argument("--num-nodes", type=int, help="number of machines")
+    lightning.add_argument("--strategy", help="auto, ddp, fsdp, ...")
+    lightning.add_argument("--precision", help="32-true, 16-mixed, bf16-mixed, ...")
+    lightning.add_argument("--logger", help="csv, tensorboard, both or none")
+    train_parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    train_parser.set_defaults(handler=train)
+
     report_parser = sub.add_parser(
         "report", help="Markdown report with figures for a run folder", description=report.__doc__
     )
@@ -248,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     flops_parser = sub.add_parser(
         "flops", help="per-layer MACs of a saved model state", description=flops.__doc__
     )
-    flops_parser.add_argument("path", help="a state dict file or a run folder")
+    flops_parser.add_argument(
+        "path", help="a run folder, a checkpoint, a config (name or YAML) or a state dict file"
+    )
     flops_parser.set_defaults(handler=flops)
 
     fit_parser = sub.add_parser(
@@ -275,11 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     for name in ("rows", "cols", "steps"):
-        if getattr(args, name, 1) <= 0:
+        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     for name in ("budget", "start_cost"):
-        value = getattr(args, name, 1.0)
-        if not 0 < value <= 1:
+        value = getattr(args, name, None)
+        if value is not None and not 0 < value <= 1:
             parser.error(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
     if args.command == "demo":
         from .structured import FAMILIES

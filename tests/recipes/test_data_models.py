@@ -1,5 +1,3 @@
-import pickle
-
 import numpy as np
 import pytest
 import torch
@@ -9,6 +7,8 @@ import gblr
 pytest.importorskip("sklearn")
 from gblr.recipes.data import digits, load_cifar
 from gblr.recipes.models import VisionTransformer, structure_model
+
+from .fixtures import write_cifar
 
 
 def test_digits_split_is_fixed_and_standardized():
@@ -20,28 +20,6 @@ def test_digits_split_is_fixed_and_standardized():
     assert images.shape[1:] == (1, 8, 8)
     assert abs(images.mean().item()) < 1e-4 and abs(images.std().item() - 1) < 1e-3
     assert set(test.tensors[1].tolist()) == set(range(10))
-
-
-def write_cifar(root, classes, per_batch=4):
-    """A fixture in the official python-pickle layout, with known pixels and labels."""
-    rng = np.random.default_rng(0)
-    if classes == 10:
-        folder, names, key = (
-            root / "cifar-10-batches-py",
-            [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"],
-            "labels",
-        )
-    else:
-        folder, names, key = root / "cifar-100-python", ["train", "test"], "fine_labels"
-    folder.mkdir(parents=True)
-    written = {}
-    for name in names:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, classes, size=per_batch).tolist()
-        with open(folder / name, "wb") as handle:
-            pickle.dump({"data": data, key: labels, "batch_label": name}, handle)
-        written[name] = (data, labels)
-    return written
 
 
 @pytest.mark.parametrize("classes", [10, 100])

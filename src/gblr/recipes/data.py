@@ -9,18 +9,23 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["digits", "image_folder", "load_cifar"]
+__all__ = ["AUGMENTATIONS", "ImageTensors", "batch_mixer", "digits", "image_folder", "load_cifar"]
+
+AUGMENTATIONS = ("none", "standard", "autoaugment")
 
 
-def digits(seed: int = 0, test_fraction: float = 0.25) -> tuple[TensorDataset, TensorDataset]:
+def digits(
+    seed: int = 0, test_fraction: float = 0.25, image_size: int = 8
+) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's bundled handwritten digits (1,797 images of 8x8, 10 classes).
 
     Ships with scikit-learn (extra ``[train]``): nothing is downloaded. Pixels are scaled
     to [0, 1] and standardized with the training split's mean and std; the split is fixed
-    by ``seed``.
+    by ``seed``. ``image_size`` > 8 upsamples the images (bilinear) for models that want
+    larger inputs.
 
     Returns:
-        ``(train, test)`` datasets of ``(image (1, 8, 8) float32, label int64)``.
+        ``(train, test)`` datasets of ``(image (1, S, S) float32, label int64)``.
     """
     try:
         from sklearn.datasets import load_digits
@@ -38,6 +43,12 @@ def digits(seed: int = 0, test_fraction: float = 0.25) -> tuple[TensorDataset, T
     test_index, train_index = order[:test_size], order[test_size:]
     mean, std = images[train_index].mean(), images[train_index].std()
     images = (images - mean) / std
+    if image_size != 8:
+        if not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+        images = torch.nn.functional.interpolate(
+            images, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
     return (
         TensorDataset(images[train_index], labels[train_index]),
         TensorDataset(images[test_index], labels[test_index]),
@@ -51,19 +62,52 @@ _CIFAR_STATS = {
 }
 
 
-def load_cifar(root: str | Path, train: bool = True, classes: int = 10) -> TensorDataset:
+class ImageTensors(torch.utils.data.Dataset):
+    """Images kept as uint8 ``(N, C, H, W)``, each passed through ``transform`` (a
+    torchvision v2 transform ending in a float tensor) when read."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+def _cifar_transform(augment: str, mean, std):
+    try:
+        from torchvision.transforms import v2
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"augment={augment!r} needs torchvision: pip install 'gblr[vision]'"
+        ) from error
+    steps = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
+    if augment == "autoaugment":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def load_cifar(
+    root: str | Path, train: bool = True, classes: int = 10, augment: str = "none"
+) -> torch.utils.data.Dataset:
     """CIFAR-10/100 read from the official python-pickle release, already on disk.
 
     Looks for ``root/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (CIFAR-10) or
     ``root/cifar-100-python/{train, test}`` (CIFAR-100). To get them:
     ``torchvision.datasets.CIFAR10(root, download=True)`` (or CIFAR100) on a machine with
-    internet access.
+    internet access. ``augment`` (training): ``standard`` = random 32x32 crop of the
+    image padded by 4 and horizontal flip; ``autoaugment`` adds AutoAugment's CIFAR-10
+    policy (both need torchvision).
 
     Returns:
         A dataset of ``(image (3, 32, 32) float32 normalized, label int64)``.
     """
     if classes not in _CIFAR_STATS:
         raise ValueError(f"classes must be 10 or 100, got {classes!r}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
     root = Path(root)
     if classes == 10:
         folder = root / "cifar-10-batches-py"
@@ -86,9 +130,12 @@ def load_cifar(root: str | Path, train: bool = True, classes: int = 10) -> Tenso
             batch = pickle.load(handle, encoding="latin1")
         data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(batch[label_key])
-    images = torch.from_numpy(np.concatenate(data)).float() / 255.0
+    pixels = torch.from_numpy(np.concatenate(data))
+    labels = torch.tensor(labels, dtype=torch.int64)
+    if augment != "none":
+        return ImageTensors(pixels, labels, _cifar_transform(augment, *_CIFAR_STATS[classes]))
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in _CIFAR_STATS[classes])
-    return TensorDataset((images - mean) / std, torch.tensor(labels, dtype=torch.int64))
+    return TensorDataset((pixels.float() / 255.0 - mean) / std, labels)
 
 
 # ImageNet's per-channel statistics (widely published values).
@@ -124,3 +171,30 @@ def image_folder(root: str | Path, image_size: int = 224, train: bool = True):
     return datasets.ImageFolder(
         str(root), transforms.Compose([*steps, transforms.ToTensor(), normalize])
     )
+
+
+def batch_mixer(mixup: float = 0.0, cutmix: float = 0.0, num_classes: int = 10):
+    """MixUp and/or CutMix on a batch (torchvision's), or None when both are off.
+
+    ``mixup``/``cutmix`` are the α of each one's Beta distribution; with both, each batch
+    gets one of the two at random (as timm's ``Mixup`` with ``switch_prob=0.5``).
+
+    Returns:
+        A callable ``(images (N, C, H, W), labels (N,)) -> (images, soft labels
+        (N, num_classes))``, or None.
+    """
+    for name, value in (("mixup", mixup), ("cutmix", cutmix)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (0 = off), got {value!r}")
+    if mixup == 0 and cutmix == 0:
+        return None
+    try:
+        from torchvision.transforms import v2
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("mixup/cutmix need torchvision: pip install 'gblr[vision]'") from error
+    mixers = []
+    if mixup > 0:
+        mixers.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        mixers.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

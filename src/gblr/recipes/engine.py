@@ -1,16 +1,21 @@
 """The Lightning training engine shared by the recipes and ``gblr demo``.
 
-``ClassificationModule`` wraps any classifier: AdamW over :func:`gblr.param_groups`
-(structure parameters get their own group), linear warm-up then cosine decay, loss and
-accuracy logged. :func:`train_classifier` runs it with a Lightning ``Trainer`` (devices,
-nodes, strategy and precision are Lightning's own options) and, for models with GBLR
-layers, the :class:`gblr.integrations.lightning.GBLRCallback`.
+``ClassificationModule`` wraps any classifier and ``CausalLMModule`` any next-token
+language model (a Hugging Face ``*ForCausalLM`` or a module returning logits): AdamW
+over :func:`gblr.param_groups` (structure parameters get their own group), linear
+warm-up then cosine decay, loss and accuracy (or perplexity) logged, and a record of
+the model's layer types in every checkpoint so that resuming with a different
+structure is refused with the reason. :func:`train_classifier` runs a classifier with
+a Lightning ``Trainer`` (devices, nodes, strategy and precision are Lightning's own
+options) and, for models with GBLR layers, the
+:class:`gblr.integrations.lightning.GBLRCallback`.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,45 +32,227 @@ from ..cost import count_flops
 from ..integrations.lightning import GBLRCallback
 from ..learn.groups import gblr_layers, param_groups
 
-__all__ = ["ClassificationModule", "ShuffleStream", "evaluate", "train_classifier"]
+__all__ = [
+    "CausalLMModule",
+    "ClassificationModule",
+    "ShuffleStream",
+    "check_checkpoint_structure",
+    "check_resume",
+    "evaluate",
+    "layer_types",
+    "train_classifier",
+]
+
+CHECKPOINT_KEY = "gblr"
 
 
-class ClassificationModule(pl.LightningModule):
-    """Cross-entropy training of ``model`` (``(N, ...) -> (N, classes)`` logits).
+def layer_types(model: nn.Module) -> dict[str, str]:
+    """Class name of every module that holds parameters of its own, by module name."""
+    return {
+        name: type(module).__name__
+        for name, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+    }
 
-    Args:
-        model: the classifier.
-        lr: peak learning rate (AdamW) of every parameter group.
-        weight_decay: AdamW weight decay of weight matrices (not biases, norms, structure).
-        warmup_steps: linear warm-up from 0 to ``lr``.
-        total_steps: cosine decay to 0 at this step.
-        structure_lr: learning rate of widths and locations (default ``lr``).
+
+def check_checkpoint_structure(
+    checkpoint: dict[str, Any], model: nn.Module, path: str | Path, prefix: str = "model."
+) -> None:
+    """Refuse a Lightning checkpoint whose model does not have ``model``'s structure.
+
+    Compares the layer types recorded by :class:`ClassificationModule` (or
+    :class:`CausalLMModule`) at save time, then the tensor names and shapes.
+
+    Raises:
+        ValueError: naming the first layers that differ and what each side has.
     """
+    record = checkpoint.get(CHECKPOINT_KEY, {})
+    saved_types = record.get("layer_types")
+    if saved_types is not None:
+        current = layer_types(model)
+        differing = [
+            f"{name!r} is {saved_types.get(name, 'absent')} there, "
+            f"{current.get(name, 'absent')} here"
+            for name in sorted(set(saved_types) | set(current))
+            if saved_types.get(name) != current.get(name)
+        ]
+        if differing:
+            saved_kind = record.get("structure", "unknown")
+            raise ValueError(
+                f"checkpoint {path} holds a model of another structure (saved: "
+                f"{saved_kind!r}); {len(differing)} layers differ, e.g. "
+                + "; ".join(differing[:3])
+                + ". Resume with the config that wrote it, or start a new run (another out "
+                "folder)."
+            )
+    state = {
+        key[len(prefix) :]: value
+        for key, value in checkpoint.get("state_dict", {}).items()
+        if key.startswith(prefix)
+    }
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [
+        f"{key}: {tuple(state[key].shape)} there, {tuple(value.shape)} here"
+        for key, value in expected.items()
+        if key in state and tuple(state[key].shape) != tuple(value.shape)
+    ]
+    if missing or unexpected or reshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if reshaped:
+            parts.append(f"other shapes {reshaped[:3]}")
+        raise ValueError(
+            f"checkpoint {path} does not fit this model ({'; '.join(parts)}): it was saved "
+            "from a model of another structure or size"
+        )
+
+
+def check_resume(path: str | Path, model: nn.Module) -> int:
+    """Refuse to resume ``model`` from ``path`` when the file is missing or holds a model
+    of another structure (see :func:`check_checkpoint_structure`).
+
+    Returns:
+        The optimizer step the checkpoint was saved at.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    check_checkpoint_structure(checkpoint, model, path)
+    return int(checkpoint.get("global_step", 0))
+
+
+_METRICS, _METRICS_BEFORE_RESUME = "metrics.csv", "metrics.before-resume.csv"
+
+
+def _set_aside_metrics(out_dir: Path) -> None:
+    """Lightning's CSV logger deletes ``metrics.csv`` when it starts; on resume, keep the
+    rows written so far next to it until :func:`_merge_metrics` puts them back."""
+    current, kept = out_dir / _METRICS, out_dir / _METRICS_BEFORE_RESUME
+    if current.is_file() and not kept.is_file():
+        current.replace(kept)
+
+
+def _merge_metrics(out_dir: Path, resumed_step: int) -> None:
+    """``metrics.csv`` = the rows before ``resumed_step`` from before the resume, then the
+    resumed run's rows (columns united)."""
+    import csv
+    import tempfile
+
+    from .report import publish
+
+    kept, current = out_dir / _METRICS_BEFORE_RESUME, out_dir / _METRICS
+    if not kept.is_file():
+        return
+    rows: list[dict[str, str]] = []
+    with open(kept, newline="") as handle:
+        rows += [r for r in csv.DictReader(handle) if int(float(r["step"])) < resumed_step]
+    if current.is_file():
+        with open(current, newline="") as handle:
+            rows += list(csv.DictReader(handle))
+    columns = sorted({key for row in rows for key in row})
+    with tempfile.NamedTemporaryFile(
+        "w", dir=out_dir, suffix=".tmp", delete=False, newline=""
+    ) as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    publish(handle.name, current)
+    kept.unlink()
+
+
+class _ScheduledModule(pl.LightningModule):
+    """AdamW over :func:`gblr.param_groups` with linear warm-up and cosine decay, and a
+    record of the model's layer types (and ``run_info``) in each checkpoint."""
 
     def __init__(
         self,
         model: nn.Module,
         *,
         lr: float = 1e-3,
+        min_lr: float = 0.0,
         weight_decay: float = 0.05,
         warmup_steps: int = 0,
         total_steps: int = 1000,
         structure_lr: float | None = None,
+        run_info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= min_lr <= lr:
+            raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr!r}")
         self.model = model
-        self.lr, self.weight_decay, self.structure_lr = lr, weight_decay, structure_lr
+        self.lr, self.min_lr = lr, min_lr
+        self.weight_decay, self.structure_lr = weight_decay, structure_lr
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
-        self.loss = nn.CrossEntropyLoss()
+        self.run_info = dict(run_info or {})
+
+    def configure_optimizers(self) -> Any:
+        groups = param_groups(
+            self.model, lr=self.lr, structure_lr=self.structure_lr, weight_decay=self.weight_decay
+        )
+        optimizer = torch.optim.AdamW(groups)
+        warmup, total = self.warmup_steps, max(self.total_steps, self.warmup_steps + 1)
+        floor = self.min_lr / self.lr
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / (total - warmup))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"layer_types": layer_types(self.model), **self.run_info}
+
+
+class ClassificationModule(_ScheduledModule):
+    """Cross-entropy training of ``model`` (``(N, ...) -> (N, classes)`` logits).
+
+    Args:
+        model: the classifier.
+        lr: peak learning rate (AdamW) of every parameter group.
+        min_lr: learning rate at the end of the cosine decay.
+        weight_decay: AdamW weight decay of weight matrices (not biases, norms, structure).
+        warmup_steps: linear warm-up from 0 to ``lr``.
+        total_steps: cosine decay to ``min_lr`` at this step.
+        structure_lr: learning rate of widths and locations (default ``lr``).
+        label_smoothing: of the cross-entropy loss.
+        batch_mix: applied to each training batch ``(inputs, labels) -> (inputs,
+            soft labels (N, classes))``, e.g. torchvision's ``MixUp``/``CutMix``.
+        run_info: stored in every checkpoint under ``"gblr"`` (e.g. the config).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        label_smoothing: float = 0.0,
+        batch_mix: Any = None,
+        **schedule: Any,
+    ) -> None:
+        super().__init__(model, **schedule)
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.eval_loss = nn.CrossEntropyLoss()
+        self.batch_mix = batch_mix
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model(inputs)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, labels = batch
+        if self.batch_mix is not None:
+            inputs, labels = self.batch_mix(inputs, labels)
         logits = self.model(inputs)
         loss = self.loss(logits, labels)
-        accuracy = (logits.argmax(-1) == labels).float().mean()
+        hard = labels.argmax(-1) if labels.dim() > 1 else labels
+        accuracy = (logits.argmax(-1) == hard).float().mean()
         self.log_dict({"train/loss": loss, "train/accuracy": accuracy}, prog_bar=True)
         return loss
 
@@ -74,24 +261,65 @@ class ClassificationModule(pl.LightningModule):
         logits = self.model(inputs)
         accuracy = (logits.argmax(-1) == labels).float().mean()
         self.log_dict(
-            {"val/loss": self.loss(logits, labels), "val/accuracy": accuracy}, prog_bar=True
+            {"val/loss": self.eval_loss(logits, labels), "val/accuracy": accuracy},
+            prog_bar=True,
+            sync_dist=True,
         )
 
-    def configure_optimizers(self) -> Any:
-        groups = param_groups(
-            self.model, lr=self.lr, structure_lr=self.structure_lr, weight_decay=self.weight_decay
+
+class CausalLMModule(_ScheduledModule):
+    """Next-token training of a language model.
+
+    ``model(input_ids)`` returns logits ``(N, T, vocab)`` or an object with ``.logits``
+    (Hugging Face ``*ForCausalLM``). A batch is ``input_ids (N, T)`` (int64), or a dict
+    with ``input_ids`` and optionally ``labels`` (``-100`` = ignored). The loss is the
+    cross-entropy of the logits at position ``t`` against the token at ``t + 1``;
+    validation logs it and its perplexity. Optimizer and schedule as
+    :class:`ClassificationModule`.
+    """
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        output = self.model(input_ids)
+        return output.logits if hasattr(output, "logits") else output
+
+    def _summed_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token loss and the number of predicted tokens."""
+        if isinstance(batch, dict):
+            input_ids = batch["input_ids"]
+            labels = batch.get("labels", input_ids)
+        else:
+            input_ids = labels = batch
+        logits = self(input_ids)
+        targets = labels[:, 1:].reshape(-1)
+        total = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            targets,
+            ignore_index=-100,
+            reduction="sum",
         )
-        optimizer = torch.optim.AdamW(groups)
-        warmup, total = self.warmup_steps, max(self.total_steps, self.warmup_steps + 1)
+        return total, (targets != -100).sum()
 
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / (total - warmup))
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        total, count = self._summed_loss(batch)
+        loss = total / count.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
 
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    def on_validation_epoch_start(self) -> None:
+        self._validation_sums: list[torch.Tensor] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        total, count = self._summed_loss(batch)
+        self._validation_sums.append(torch.stack([total.detach(), count.to(total.dtype)]))
+
+    def on_validation_epoch_end(self) -> None:
+        # token-weighted over the whole split and all processes, so perplexity is exact
+        sums = torch.stack(self._validation_sums).sum(0) if self._validation_sums else None
+        if sums is None:
+            return
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        loss = sums[0] / sums[1].clamp(min=1)
+        self.log_dict({"val/loss": loss, "val/perplexity": loss.exp()}, prog_bar=True)
 
 
 class ShuffleStream(torch.utils.data.Sampler[int]):
@@ -140,65 +368,132 @@ class _ResumeDataOrder(pl.Callback):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on ``dataset``."""
+    """Top-1 accuracy of ``model`` (in eval mode, on its own device) on ``dataset``."""
     training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = total = 0
     for inputs, labels in DataLoader(dataset, batch_size=batch_size):
-        correct += int((model(inputs).argmax(-1) == labels).sum())
+        logits = model(inputs.to(device))
+        correct += int((logits.argmax(-1).cpu() == labels).sum())
         total += len(labels)
     model.train(training)
     return correct / max(total, 1)
 
 
+LOGGERS = ("csv", "tensorboard", "both")
+
+
+def _loggers(out_dir: str | Path | None, logger: str | None) -> Any:
+    if out_dir is None or logger in (None, "none"):
+        return False
+    if logger not in LOGGERS:
+        raise ValueError(f"logger must be one of {LOGGERS} or None, got {logger!r}")
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers: list[Any] = []
+    if logger in ("csv", "both"):
+        loggers.append(CSVLogger(str(out_dir), name="", version=""))  # out_dir/metrics.csv
+    if logger in ("tensorboard", "both"):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                "logger='tensorboard' needs TensorBoard: pip install 'gblr[train]'"
+            ) from error
+        loggers.append(TensorBoardLogger(str(out_dir), name="", version="tensorboard"))
+    return loggers
+
+
 def train_classifier(
     model: nn.Module,
     train_set: Dataset,
-    test_set: Dataset,
+    test_set: Dataset | None,
     *,
     steps: int,
     batch_size: int = 64,
+    global_batch_size: int | None = None,
     lr: float = 1e-3,
+    min_lr: float = 0.0,
     weight_decay: float = 0.05,
     warmup_steps: int = 0,
+    structure_lr: float | None = None,
     target: float | None = None,
+    budget_ramp_steps: int | None = None,
     sigma: tuple[float, float] = (1.0, 100.0),
+    sigma_schedule: str = "geometric",
+    sigma_start_step: int = 0,
     structure_include: str = "blocks.*",
+    label_smoothing: float = 0.0,
+    batch_mix: Any = None,
+    num_workers: int = 0,
+    val_every_n_steps: int | None = None,
     out_dir: str | Path | None = None,
+    logger: str | None = "csv",
     seed: int = 0,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
+    checkpoint_every_n_steps: int = 50,
     resume: str | Path | None = None,
     stop_after: int | None = None,
     extra_callbacks: list[pl.Callback] | None = None,
+    run_info: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, float]:
     """Train ``model`` for ``steps`` optimizer steps and evaluate it.
 
+    ``batch_size`` is per process: a run on ``devices=4`` takes 4 × ``batch_size``
+    samples per step; or give ``global_batch_size``, split evenly over the processes.
     With GBLR layers in ``model`` and a ``target`` (fraction of their dense MACs), a
-    structure learner ramps their cost from the starting cost to ``target`` over the
-    warm-up and anneals σ over ``sigma``. ``trainer_kwargs`` go to ``lightning.Trainer``
-    (``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``precision``, ...).
+    structure learner ramps their cost from the starting cost to
+    ``target`` over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals σ over
+    ``sigma`` from ``sigma_start_step``. ``trainer_kwargs`` go to ``lightning.Trainer``
+    (``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``precision``,
+    ``gradient_clip_val``, ...). ``test_set`` (optional) is also the validation set
+    every ``val_every_n_steps``. ``logger``: ``csv`` (``out_dir/metrics.csv``),
+    ``tensorboard`` (``out_dir/tensorboard``), ``both`` or None.
 
     Checkpoints: with ``checkpoint_dir``, Lightning saves ``last.ckpt`` there (model,
-    optimizer, schedule, step and the structure learner's state) every 50 steps and at
-    the end; ``resume`` (a checkpoint path) continues such a run. ``stop_after`` ends the
-    run early at that step while every schedule still spans ``steps`` (an interruption).
-    Resuming reproduces the uninterrupted run exactly: the data order is one seeded
-    stream over the whole run (:class:`ShuffleStream`), resumed at the samples consumed.
+    optimizer, schedule, step, the structure learner's state and the model's layer
+    types) every ``checkpoint_every_n_steps`` and at the end; ``resume`` (a checkpoint
+    path) continues such a run, after checking that it holds a model of this structure.
+    ``stop_after`` ends the run early at that step while every schedule still spans
+    ``steps`` (an interruption). Resuming reproduces the uninterrupted run exactly: the
+    data order is one seeded stream over the whole run (:class:`ShuffleStream`),
+    resumed at the samples consumed.
 
     Returns:
-        ``{"accuracy", "macs_ratio", "seconds", "steps"}``: test accuracy, MACs of the
-        ``structure_include`` layers over their dense MACs, wall time of training.
+        ``{"accuracy", "macs_ratio", "seconds", "steps", "global_rank"}``: test accuracy
+        (nan without ``test_set``), MACs of the ``structure_include`` layers over their
+        dense MACs, wall time of training, optimizer steps taken, this process's rank.
     """
+    resumed_step = None if resume is None else check_resume(resume, model)
+    if resumed_step is not None and out_dir is not None:
+        _set_aside_metrics(Path(out_dir))
     pl.seed_everything(seed, workers=True, verbose=False)
     module = ClassificationModule(
-        model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, total_steps=steps
+        model,
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        total_steps=steps,
+        structure_lr=structure_lr,
+        label_smoothing=label_smoothing,
+        batch_mix=batch_mix,
+        run_info=run_info,
     )
     callbacks: list[pl.Callback] = []
     if gblr_layers(model) and target is not None:
         callbacks.append(
-            GBLRCallback(target=target, warmup_steps=warmup_steps, sigma=sigma, total_steps=steps)
+            GBLRCallback(
+                target=target,
+                warmup_steps=warmup_steps if budget_ramp_steps is None else budget_ramp_steps,
+                sigma=sigma,
+                sigma_schedule=sigma_schedule,
+                sigma_start_step=sigma_start_step,
+                total_steps=steps,
+            )
         )
     if progress:
         try:
@@ -207,24 +502,22 @@ def train_classifier(
             callbacks.append(RichProgressBar(leave=True))
         except (ImportError, ModuleNotFoundError):  # rich not installed: Lightning's tqdm bar
             pass
-    logger: Any = False
-    if out_dir is not None:
-        from lightning.pytorch.loggers import CSVLogger
-
-        logger = CSVLogger(str(out_dir), name="", version="")
-    sampler = ShuffleStream(len(train_set), steps * batch_size, seed)
-    callbacks.append(_ResumeDataOrder(sampler, batch_size))
     callbacks.extend(extra_callbacks or [])
     if checkpoint_dir is not None:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         callbacks.append(
-            ModelCheckpoint(dirpath=str(checkpoint_dir), save_last=True, every_n_train_steps=50)
+            ModelCheckpoint(
+                dirpath=str(checkpoint_dir),
+                save_last=True,
+                every_n_train_steps=checkpoint_every_n_steps,
+            )
         )
+    validate = test_set is not None and val_every_n_steps is not None
     trainer_options = {
         "max_steps": steps if stop_after is None else min(stop_after, steps),
         "accelerator": "cpu",
-        "logger": logger,
+        "logger": _loggers(out_dir, logger),
         "callbacks": callbacks,
         "enable_checkpointing": checkpoint_dir is not None,
         "enable_progress_bar": progress,
@@ -232,17 +525,48 @@ def train_classifier(
         "num_sanity_val_steps": 0,
         "log_every_n_steps": 10,
         "deterministic": True,
+        "limit_val_batches": 1.0 if validate else 0,
     }
+    if validate:
+        trainer_options["val_check_interval"] = val_every_n_steps
     trainer_options.update(trainer_kwargs)
     trainer = pl.Trainer(**trainer_options)
-    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True)
+    if global_batch_size is not None:
+        if global_batch_size % trainer.world_size:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be a multiple of the number of "
+                f"processes ({trainer.world_size})"
+            )
+        batch_size = global_batch_size // trainer.world_size
+    # One sampler stream for the whole run; Lightning splits it over the processes.
+    sampler = ShuffleStream(len(train_set), steps * batch_size * trainer.world_size, seed)
+    trainer.callbacks.append(_ResumeDataOrder(sampler, batch_size * trainer.world_size))
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+    val_loader = (
+        DataLoader(test_set, batch_size=max(batch_size, 256), num_workers=num_workers)
+        if validate
+        else None
+    )
     start = time.perf_counter()
-    trainer.fit(module, loader, ckpt_path=None if resume is None else str(resume))
+    with warnings.catch_warnings():
+        # ShuffleStream + _ResumeDataOrder make a mid-epoch resume exact
+        warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+        trainer.fit(module, loader, val_loader, ckpt_path=None if resume is None else str(resume))
     seconds = time.perf_counter() - start
+    if resumed_step is not None and out_dir is not None and trainer.is_global_zero:
+        _merge_metrics(Path(out_dir), resumed_step)
     flops = count_flops(model, include=[structure_include + ".*", structure_include])
     return {
-        "accuracy": evaluate(model, test_set),
+        "accuracy": float("nan") if test_set is None else evaluate(model, test_set),
         "macs_ratio": flops.ratio,
         "seconds": seconds,
         "steps": trainer.global_step,
+        "global_rank": trainer.global_rank,
     }

@@ -1,8 +1,12 @@
 """Reference models whose linear layers can be dense, GBLR or a baseline family.
 
-A compact ViT written here (rather than timm's) so that every linear layer is a plain
-``nn.Linear`` with a predictable name, which :func:`structure_model` then swaps through
-:func:`gblr.convert`; patch embedding and classifier stay dense, as in the paper.
+A compact ViT and MLP-Mixer written here (rather than taken from timm) so that every
+linear layer of the blocks is a plain ``nn.Linear`` with a predictable name
+(``blocks.<i>.{qkv, proj, fc1, fc2}``; ``blocks.<i>.{token_mlp, channel_mlp}.{fc1, fc2}``),
+which :func:`structure_model` then swaps through :func:`gblr.convert`, and so that the
+package needs no timm for training from scratch. Patch embedding and classifier stay
+dense, as in the paper. Sizes of the paper's CIFAR models: :func:`vit_small_patch4_32`
+and :func:`mixer_small_patch4_32`.
 """
 
 from __future__ import annotations
@@ -12,11 +16,35 @@ from torch import Tensor, nn
 
 from ..compress.convert import ConversionReport, convert
 
-__all__ = ["VisionTransformer", "structure_model"]
+__all__ = [
+    "MlpMixer",
+    "VisionTransformer",
+    "mixer_small_patch4_32",
+    "structure_model",
+    "vit_small_patch4_32",
+]
+
+
+def _drop_path(rate: float) -> nn.Module:
+    """Stochastic depth on a residual branch (per sample), torchvision's implementation."""
+    if rate == 0.0:
+        return nn.Identity()
+    try:
+        from torchvision.ops import StochasticDepth
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("drop_path > 0 needs torchvision: pip install 'gblr[vision]'") from error
+    return StochasticDepth(rate, mode="row")
+
+
+def _drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
+    # rising linearly with depth, as in timm's ViT and Mixer
+    return [drop_path * i / max(depth - 1, 1) for i in range(depth)]
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim)
@@ -26,21 +54,24 @@ class _Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         attended = nn.functional.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
-        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+        x = x + self.drop_path(self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim)))
+        mlp = self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+        return x + self.drop_path(mlp)
 
 
 class VisionTransformer(nn.Module):
     """A small ViT: patch embedding, class token, ``depth`` pre-norm blocks, linear head.
 
     Shapes: input ``(N, in_chans, image_size, image_size)``, output ``(N, num_classes)``.
-    The structured candidates are ``blocks.*.{qkv, proj, fc1, fc2}``.
+    The structured candidates are ``blocks.*.{qkv, proj, fc1, fc2}``. ``drop_path``:
+    stochastic depth of the last block (rising linearly from 0 in the first).
     """
 
     def __init__(
@@ -53,6 +84,7 @@ class VisionTransformer(nn.Module):
         depth: int = 4,
         heads: int = 4,
         mlp_ratio: float = 2.0,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -65,7 +97,9 @@ class VisionTransformer(nn.Module):
         tokens = (image_size // patch_size) ** 2 + 1
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            _Block(dim, heads, mlp_ratio, rate) for rate in _drop_path_rates(drop_path, depth)
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -75,6 +109,94 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x)[:, 0])
+
+
+class _Mlp(nn.Module):
+    def __init__(self, features: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(features, hidden)
+        self.fc2 = nn.Linear(hidden, features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+class _MixerBlock(nn.Module):
+    def __init__(
+        self, tokens: int, dim: int, token_hidden: int, channel_hidden: int, drop_path: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.token_mlp = _Mlp(tokens, token_hidden)
+        self.norm2 = nn.LayerNorm(dim)
+        self.channel_mlp = _Mlp(dim, channel_hidden)
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mixed = self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.drop_path(mixed)
+        return x + self.drop_path(self.channel_mlp(self.norm2(x)))
+
+
+class MlpMixer(nn.Module):
+    """MLP-Mixer (Tolstikhin et al., 2021): patch embedding, ``depth`` blocks of token
+    mixing and channel mixing MLPs, global average pooling, linear head.
+
+    Hidden sizes follow timm's convention: ``token_mlp_ratio * dim`` and
+    ``channel_mlp_ratio * dim``. Shapes: input ``(N, in_chans, image_size, image_size)``,
+    output ``(N, num_classes)``. The structured candidates are
+    ``blocks.*.{token_mlp, channel_mlp}.{fc1, fc2}``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 10,
+        dim: int = 512,
+        depth: int = 8,
+        token_mlp_ratio: float = 0.5,
+        channel_mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(
+                f"image_size={image_size} must be a multiple of patch_size={patch_size}"
+            )
+        tokens = (image_size // patch_size) ** 2
+        token_hidden, channel_hidden = int(token_mlp_ratio * dim), int(channel_mlp_ratio * dim)
+        if min(token_hidden, channel_hidden) < 1:
+            raise ValueError(
+                f"token_mlp_ratio={token_mlp_ratio} and channel_mlp_ratio={channel_mlp_ratio} "
+                f"must give hidden sizes >= 1 at dim={dim}"
+            )
+        self.patch = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.blocks = nn.ModuleList(
+            _MixerBlock(tokens, dim, token_hidden, channel_hidden, rate)
+            for rate in _drop_path_rates(drop_path, depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+def vit_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> VisionTransformer:
+    """ViT-S/4 for 32x32 images (the paper's CIFAR ViT): 384 wide, 12 blocks, 6 heads,
+    MLP ratio 4 (timm's ViT-S), 4x4 patches."""
+    return VisionTransformer(32, 4, 3, num_classes, 384, 12, 6, 4.0, drop_path)
+
+
+def mixer_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> MlpMixer:
+    """Mixer-S/4 for 32x32 images (the paper's CIFAR Mixer): 512 wide, 8 blocks, token
+    MLP 256, channel MLP 2048, 4x4 patches."""
+    return MlpMixer(32, 4, 3, num_classes, 512, 8, 0.5, 4.0, drop_path)
 
 
 def structure_model(

@@ -25,7 +25,8 @@ STATE_FILE = "model_state.pt"
 
 
 def load_state(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from a file, or from ``STATE_FILE`` in a run folder."""
+    """A state dict from a file (``torch.save(model.state_dict())`` or a Lightning
+    checkpoint of the recipes), or from ``STATE_FILE`` in a run folder."""
     path = Path(path)
     if path.is_dir():
         path = path / STATE_FILE
@@ -35,6 +36,13 @@ def load_state(path: str | Path) -> dict[str, Tensor]:
             f"or a run folder holding {STATE_FILE} (gblr demo writes one per model)"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        # a Lightning checkpoint of the recipes' modules: the model sits under "model."
+        state = {
+            key[len("model.") :]: value
+            for key, value in state["state_dict"].items()
+            if key.startswith("model.")
+        }
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
     return state

@@ -1,0 +1,398 @@
+"""Training configurations: YAML files shipped with the package, checked key by key.
+
+A config has six sections (``model``, ``structure``, ``data``, ``optim``, ``learner``,
+``trainer``) plus ``out``, ``seed`` and ``extends``; the dataclasses below list every
+key, its type and its default. A config may start from another one (``extends: NAME``)
+and change only some keys. Any key can be overridden from the command line as
+``section.key=value`` (the value is read as YAML: ``optim.lr=1e-3``,
+``trainer.devices=[0,1]``). An unknown key, a value of the wrong type or an unknown
+choice is a ``ValueError`` naming the key and what is allowed.
+
+Durations (``optim.warmup``, ``learner.sigma_start``, ``learner.budget_ramp``) are in
+the unit of the run's length: epochs when ``optim.epochs`` is set, optimizer steps when
+``optim.steps`` is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CONFIG_DIR",
+    "DataConfig",
+    "LearnerConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "StructureConfig",
+    "TrainConfig",
+    "TrainerConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "shipped_configs",
+]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+MODELS = ("vit", "mixer")
+DATASETS = ("digits", "cifar10", "cifar100", "folder")
+AUGMENTATIONS = ("none", "standard", "autoaugment")
+LOGGERS = ("csv", "tensorboard", "both", "none")
+SIGMA_SCHEDULES = ("geometric", "linear", "constant")
+
+
+@dataclass
+class ModelConfig:
+    """The network. ``vit``: :class:`~gblr.recipes.models.VisionTransformer`;
+    ``mixer``: :class:`~gblr.recipes.models.MlpMixer` (``heads``/``mlp_ratio`` are the
+    ViT's, ``token_mlp_ratio``/``channel_mlp_ratio`` the Mixer's). Input channels and
+    classes come from the data."""
+
+    name: str = "vit"
+    image_size: int = 8
+    patch_size: int = 2
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    token_mlp_ratio: float = 0.5
+    channel_mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+
+
+@dataclass
+class StructureConfig:
+    """Which layers become structured and how. ``kind``: ``dense``, ``gblr`` or a
+    baseline family (``gblr.structured.FAMILIES``). ``budget``: MACs of the ``include``
+    layers as a fraction of dense; for GBLR the learner's target, reached from
+    ``start_cost`` (default: the budget itself) over ``learner.budget_ramp``."""
+
+    kind: str = "gblr"
+    budget: float = 0.3
+    start_cost: float | None = None
+    include: str = "blocks.*"
+
+
+@dataclass
+class DataConfig:
+    """``digits`` is embedded (scikit-learn); ``cifar10``/``cifar100`` read the python
+    pickles under ``root``; ``folder`` reads ``root`` (train) and ``val_root``
+    (ImageNet-style class folders). ``augment``: ``standard`` = random crop with 4-pixel
+    padding and horizontal flip; ``autoaugment`` adds torchvision's AutoAugment (CIFAR-10
+    policy). ``mixup``/``cutmix``: Beta-distribution α of each (0 = off; with both, each
+    batch uses one of the two at random), applied on the batch."""
+
+    name: str = "digits"
+    root: str | None = None
+    val_root: str | None = None
+    augment: str = "none"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over :func:`gblr.param_groups`; linear warm-up from ``lr`` × 0 to ``lr``,
+    cosine decay to ``min_lr``. ``batch_size`` is the global batch (split over all
+    devices). Give exactly one of ``epochs`` and ``steps``."""
+
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    structure_lr: float | None = None
+    batch_size: int = 64
+    epochs: float | None = None
+    steps: int | None = None
+    warmup: float = 0.0
+    grad_clip: float | None = None
+
+
+@dataclass
+class LearnerConfig:
+    """The structure learner (GBLR only): σ annealed from ``sigma[0]`` to ``sigma[1]``
+    from ``sigma_start`` to the end; the MACs target ramped from the starting cost to
+    ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``)."""
+
+    sigma: list[float] = field(default_factory=lambda: [1.0, 100.0])
+    sigma_schedule: str = "geometric"
+    sigma_start: float = 0.0
+    budget_ramp: float | None = None
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning ``Trainer`` options (``devices``, ``num_nodes``, ``strategy``:
+    ``auto``, ``ddp``, ``fsdp``, ...; ``precision``: ``32-true``, ``16-mixed``,
+    ``bf16-mixed``, ...) and logging (``logger``: csv, tensorboard, both or none).
+    ``val_every``: test-set evaluation interval in run units (epochs or steps; default:
+    every epoch of an epoch-based run, only at the end of a step-based one)."""
+
+    accelerator: str = "auto"
+    devices: int | str | list[int] = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    logger: str = "csv"
+    log_every_n_steps: int = 50
+    checkpoint_every_n_steps: int = 500
+    val_every: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run; ``out`` is its folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    structure: StructureConfig = field(default_factory=StructureConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    out: str = "runs/gblr"
+    seed: int = 0
+    name: str = ""
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in the package (``gblr train --config NAME``)."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("configs need PyYAML: pip install 'gblr[train]'") from error
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _locate(source: str | Path) -> Path:
+    path = Path(source)
+    if path.is_file():
+        return path
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    shipped = CONFIG_DIR / f"{name}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(name, shipped_configs(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise FileNotFoundError(
+        f"config {str(source)!r} is neither a file nor a shipped config{hint}; "
+        f"shipped configs: {', '.join(shipped_configs())}"
+    )
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_with_parents(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ValueError(f"config 'extends' loops: {chain}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ValueError(f"{path}: 'extends' must name a config, got {parent!r}")
+    sibling = path.parent / (parent if parent.endswith(".yaml") else f"{parent}.yaml")
+    parent_path = sibling if sibling.is_file() else _locate(parent)
+    return _merge(_read_with_parents(parent_path, (*seen, path.resolve())), data)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} must look like section.key=value (optim.lr=1e-3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as type ``hint`` (a builtin, ``X | None``, a union, ``list[X]``)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError as error:
+                errors.append(error)
+        raise ValueError(f"{key} must be {_type_name(hint)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (hint is bool and isinstance(value, bool)) or (hint is str and isinstance(value, str)):
+        return value
+    if hint is int and is_number and isinstance(value, int):
+        return value
+    if hint is float and is_number:
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # PyYAML reads 5e-4 (no dot) as a string; accept any number spelled as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{key} must be {_type_name(hint)}, got {value!r}")
+
+
+def _unknown_key(key: str, allowed: Sequence[str]) -> ValueError:
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}; allowed: {', '.join(allowed)}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise _unknown_key(full, list(fields))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, full)
+        else:
+            values[key] = _coerce(value, hint, full)
+    return cls(**values)
+
+
+def _choice(key: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(key: str, value: float | int | None, *, zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not zero)):
+        raise ValueError(f"{key} must be {'>= 0' if zero else '> 0'}, got {value!r}")
+
+
+def _validate(config: TrainConfig) -> None:
+    from ..structured import FAMILIES
+
+    _choice("model.name", config.model.name, MODELS)
+    for key in ("image_size", "patch_size", "dim", "depth", "heads"):
+        _positive(f"model.{key}", getattr(config.model, key))
+    if not 0.0 <= config.model.drop_path < 1.0:
+        raise ValueError(f"model.drop_path must be in [0, 1), got {config.model.drop_path!r}")
+    _choice("structure.kind", config.structure.kind, ["dense", "gblr", *sorted(FAMILIES)])
+    for key in ("budget", "start_cost"):
+        value = getattr(config.structure, key)
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError(f"structure.{key} must be in (0, 1], got {value!r}")
+    _choice("data.name", config.data.name, DATASETS)
+    _choice("data.augment", config.data.augment, AUGMENTATIONS)
+    if config.data.name in ("cifar10", "cifar100", "folder") and not config.data.root:
+        raise ValueError(f"data.root must name the folder holding the {config.data.name} data")
+    for key in ("mixup", "cutmix", "label_smoothing", "num_workers"):
+        _positive(f"data.{key}", getattr(config.data, key), zero=True)
+    optim = config.optim
+    if (optim.epochs is None) == (optim.steps is None):
+        raise ValueError(
+            "give exactly one of optim.epochs and optim.steps, got "
+            f"epochs={optim.epochs!r}, steps={optim.steps!r}"
+        )
+    for key in ("lr", "batch_size", "epochs", "steps", "structure_lr", "grad_clip"):
+        _positive(f"optim.{key}", getattr(optim, key))
+    for key in ("min_lr", "weight_decay", "warmup"):
+        _positive(f"optim.{key}", getattr(optim, key), zero=True)
+    if len(config.learner.sigma) != 2 or min(config.learner.sigma) <= 0:
+        raise ValueError(
+            f"learner.sigma must be [start, end] with both > 0, got {config.learner.sigma!r}"
+        )
+    _choice("learner.sigma_schedule", config.learner.sigma_schedule, SIGMA_SCHEDULES)
+    _positive("learner.sigma_start", config.learner.sigma_start, zero=True)
+    _positive("learner.budget_ramp", config.learner.budget_ramp, zero=True)
+    _choice("trainer.logger", config.trainer.logger, LOGGERS)
+    _positive("trainer.num_nodes", config.trainer.num_nodes)
+    _positive("trainer.log_every_n_steps", config.trainer.log_every_n_steps)
+    _positive("trainer.checkpoint_every_n_steps", config.trainer.checkpoint_every_n_steps)
+    _positive("trainer.val_every", config.trainer.val_every)
+
+
+def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a config (a YAML path or a shipped name such as ``cifar10-vit-s-gblr``),
+    follow its ``extends`` chain, apply ``section.key=value`` overrides and check it.
+
+    Raises:
+        FileNotFoundError: no such file or shipped config (the message lists them).
+        ValueError: an unknown key (named, with the closest allowed one), a value of the
+            wrong type or out of range, or an unknown choice.
+    """
+    path = _locate(source)
+    data = _read_with_parents(path)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ValueError(
+                    f"override {text!r}: {'.'.join(keys[: depth + 1])} is not a section"
+                )
+            node = child
+        node[keys[-1]] = value
+    data.setdefault("name", path.stem)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A checked config from plain data (as written by :func:`config_to_dict`)."""
+    config = _build(TrainConfig, data, "")
+    _validate(config)
+    return config
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain data (for YAML/JSON and checkpoints)."""
+    return dataclasses.asdict(config)

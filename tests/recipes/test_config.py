@@ -1,0 +1,90 @@
+import pytest
+
+pytest.importorskip("yaml")
+from gblr.recipes.config import (
+    CONFIG_DIR,
+    config_to_dict,
+    load_config,
+    shipped_configs,
+)
+
+
+def test_every_shipped_config_loads_and_the_cifar_ones_follow_the_paper():
+    names = shipped_configs()
+    assert {"cifar10-vit-s-gblr", "cifar100-vit-s-gblr", "cifar10-mixer-s-gblr"} <= set(names)
+    configs = {name: load_config(name) for name in names}
+    for name in ("cifar10-vit-s-gblr", "cifar100-vit-s-gblr"):
+        vit = configs[name]
+        # the (and the official code's) CIFAR setup
+        assert (vit.optim.lr, vit.optim.weight_decay, vit.optim.batch_size) == (5e-4, 0.05, 1024)
+        assert vit.optim.epochs == 300 and vit.learner.sigma == [1.0, 100.0]
+        assert vit.learner.sigma_start == 5 and vit.data.mixup > 0 and vit.data.cutmix > 0
+        assert (vit.model.name, vit.model.dim, vit.model.depth, vit.model.patch_size) == (
+            "vit",
+            384,
+            12,
+            4,
+        )
+    mixer = configs["cifar100-mixer-s-gblr"]
+    assert mixer.data.name == "cifar100"  # from the cifar100 file
+    assert (mixer.model.name, mixer.model.dim, mixer.model.depth) == ("mixer", 512, 8)  # extends
+    assert mixer.optim.epochs == 300 and mixer.optim.lr == 5e-4 and mixer.data.mixup > 0
+    # every value is cited: each key line of the CIFAR-10 files carries a source or a reason
+    text = (CONFIG_DIR / "cifar10-vit-s-gblr.yaml").read_text()
+    assert "github.com/changwoolee/Gaudi-GBLR" in text and "[vit-s]" in text
+
+
+def test_overrides_are_typed_and_merged():
+    config = load_config(
+        "digits-vit-gblr",
+        ["optim.lr=5e-4", "trainer.devices=[0,1]", "structure.start_cost=null", "seed=3"],
+    )
+    assert config.optim.lr == 5e-4 and isinstance(config.optim.lr, float)  # YAML reads a str
+    assert config.trainer.devices == [0, 1] and config.seed == 3
+    assert config.structure.start_cost is None
+    assert config.model.dim == 64  # untouched keys keep the file's values
+    assert config_to_dict(config)["optim"]["lr"] == 5e-4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lrr=1"], r"unknown config key 'optim.lrr' \(did you mean 'lr'\?\)"),
+        (["optm.lr=1"], r"unknown config key 'optm' \(did you mean 'optim'\?\)"),
+        (["optim.lr=abc"], r"optim.lr must be float, got 'abc'"),
+        (["optim.batch_size=1.5"], r"optim.batch_size must be int"),
+        (["structure.kind=butterfly"], r"structure.kind must be one of .*monarch"),
+        (["structure.budget=1.5"], r"structure.budget must be in \(0, 1\]"),
+        (["optim.epochs=10"], r"exactly one of optim.epochs and optim.steps"),
+        (["trainer.logger=wandb"], r"trainer.logger must be one of csv, tensorboard"),
+        (["learner.sigma=[1]"], r"learner.sigma must be \[start, end\]"),
+        (["optim=3"], r"optim must be a mapping"),
+        (["optim.lr"], r"must look like section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("digits-vit-gblr", overrides)
+
+
+def test_bad_files_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"did you mean cifar10-vit-s-gblr"):
+        load_config("cifar10-vit-s")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("extends: digits-vit-gblr\nmodel:\n  deepth: 2\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'model.deepth'.*'depth'"):
+        load_config(typo)
+    loop = tmp_path / "a.yaml"
+    loop.write_text("extends: b\n")
+    (tmp_path / "b.yaml").write_text("extends: a\n")
+    with pytest.raises(ValueError, match="'extends' loops"):
+        load_config(loop)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(broken)
+    # a file that extends a shipped config changes only what it names
+    small = tmp_path / "small.yaml"
+    small.write_text("extends: cifar10-vit-s-gblr\nmodel:\n  depth: 2\n")
+    config = load_config(small)
+    assert config.model.depth == 2 and config.model.dim == 384 and config.data.name == "cifar10"
