@@ -1,0 +1,650 @@
+"""Frozen GBLR layers: the exact inference form of a trained GBLR layer, and ``freeze``.
+
+A frozen layer keeps only what eval mode uses: the integer intervals of the live
+components (both intervals non-empty) and each component's factors over its intervals,
+packed into two flat tensors. It has no widths, locations or Gaudi masks, so loading and
+running it needs no training code. Its forward runs one of the execution plans of
+:mod:`gblr.deploy.plans`, chosen per row-count bucket (:func:`gblr.plan`, or set by hand
+with ``layer.plan = "segment"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cost import gblr_cost
+from ..layers.base import GBLRMatrixMixin, check_positive_int
+from ..layers.conv import GBLRConv2d, _positive_pair
+from ..layers.linear import GBLRLinear
+from . import plans as P
+
+__all__ = ["PLAN_CHOICES", "FrozenGBLRConv2d", "FrozenGBLRLinear", "FrozenGBLRMatrix", "freeze"]
+
+PLAN_CHOICES = ("auto", *P.PLANS)
+
+
+def _interval_buffer(name: str, value: object, size: int) -> Tensor:
+    """Validated ``(K, 2)`` int64 ``(start, length)``: ``0 <= start < size``,
+    ``1 <= length <= size`` (a frozen layer holds live components only)."""
+    tensor = torch.as_tensor(value)
+    if tensor.dim() != 2 or tensor.shape[1] != 2:
+        raise ValueError(
+            f"{name} must have shape (K, 2) (start, length), got {tuple(tensor.shape)}"
+        )
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {tensor.dtype}")
+    tensor = tensor.to(torch.int64).cpu()
+    starts, lengths = tensor[:, 0], tensor[:, 1]
+    if bool(((starts < 0) | (starts >= size)).any()):
+        raise ValueError(f"{name} starts must be in [0, {size}), got {starts.tolist()}")
+    if bool(((lengths < 1) | (lengths > size)).any()):
+        raise ValueError(
+            f"{name} lengths must be in [1, {size}] (dead components are dropped when "
+            f"freezing), got {lengths.tolist()}"
+        )
+    return tensor
+
+
+class FrozenGBLRMatrix(nn.Module):
+    """Storage, cost and execution plans shared by the frozen linear and conv layers.
+
+    Attributes:
+        u_packed: ``(r * sum_k |R_k|,)`` left factors; component ``k``'s block is
+            ``U_k (|R_k|, r)`` row-major, row ``t`` belonging to output
+            ``(start_k + t) mod out``.
+        v_packed: ``(r * sum_k |C_k|,)`` right factors; block ``V_k (r, |C_k|)``.
+        row_intervals, col_intervals: int64 buffers ``(K, 2)`` of ``(start, length)``.
+        bias: ``(out,)`` or ``None``.
+        plan: ``"auto"`` (the timed choice for the input's row-count bucket if
+            :func:`gblr.plan` stored one, else a cost-model default) or a plan name of
+            :data:`gblr.deploy.plans.PLANS` to force.
+        plan_cache: ``{(device type, dtype name, row bucket): plan}`` from :func:`gblr.plan`.
+
+    Factors and bias are parameters with ``requires_grad=False``: the layer is for
+    inference; ``.to(dtype)`` and ``.to(device)`` convert them like any module.
+    """
+
+    counts_per_position = False
+    u_packed: nn.Parameter
+    v_packed: nn.Parameter
+    row_intervals: Tensor
+    col_intervals: Tensor
+    bias: nn.Parameter | None
+
+    def _init_frozen(
+        self,
+        rows: int,
+        cols: int,
+        row_intervals: Tensor | Sequence,
+        col_intervals: Tensor | Sequence,
+        rank_per_component: int,
+        bias: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.rows, self.cols = rows, cols
+        self.rank_per_component = check_positive_int("rank_per_component", rank_per_component)
+        row_t = _interval_buffer("row_intervals", row_intervals, rows)
+        col_t = _interval_buffer("col_intervals", col_intervals, cols)
+        if row_t.shape[0] != col_t.shape[0]:
+            raise ValueError(
+                "row_intervals and col_intervals must have the same number of components, "
+                f"got {row_t.shape[0]} and {col_t.shape[0]}"
+            )
+        r = self.rank_per_component
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("row_intervals", row_t.to(device))
+        self.register_buffer("col_intervals", col_t.to(device))
+        self.u_packed = nn.Parameter(
+            torch.zeros(r * int(row_t[:, 1].sum()), **factory), requires_grad=False
+        )
+        self.v_packed = nn.Parameter(
+            torch.zeros(r * int(col_t[:, 1].sum()), **factory), requires_grad=False
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(rows, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._plan = "auto"
+        self.plan_cache: dict[tuple[str, str, int], str] = {}
+
+    # ------------------------------------------------------------------ interface
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the weight matrix."""
+        return (self.rows, self.cols)
+
+    @property
+    def num_components(self) -> int:
+        """Number of (live) components ``K``."""
+        return int(self.row_intervals.shape[0])
+
+    def live_components(self) -> int:
+        """Number of components; all of a frozen layer's components are live."""
+        return self.num_components
+
+    def flops(self) -> int:
+        """MACs per input row (per output position for a conv): ``sum_k r (|R_k| + |C_k|)``,
+        the same number as the source GBLR layer's ``flops()``."""
+        return gblr_cost(
+            self.row_intervals[:, 1], self.col_intervals[:, 1], self.rank_per_component
+        )
+
+    def dense_flops(self) -> int:
+        """MACs per row of the dense matrix of the same shape: ``out * in``."""
+        return self.rows * self.cols
+
+    def dense_weight(self) -> Tensor:
+        """The ``(out, in)`` weight matrix (a new tensor, in the layer's dtype)."""
+        with torch.no_grad():
+            return P.dense_matrix(*self._factors())
+
+    @property
+    def plan(self) -> str:
+        """The forced plan, or ``"auto"``; one of :data:`PLAN_CHOICES`."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, value: str | None) -> None:
+        if value is None:
+            value = "auto"
+        if not isinstance(value, str):
+            raise TypeError(f"plan must be a str, one of {PLAN_CHOICES}, got {value!r}")
+        if value not in PLAN_CHOICES:
+            raise ValueError(f"plan must be one of {PLAN_CHOICES}, got {value!r}")
+        self._plan = value
+
+    # ------------------------------------------------------------------ caches
+    def _cache(self) -> dict:
+        """Per-layer cache of plan operands, emptied whenever the stored tensors change
+        (``.to()``, ``load_state_dict``, in-place edits: data pointer or version differ)."""
+        key = tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device)
+            for t in (self.u_packed, self.v_packed, self.row_intervals, self.col_intervals)
+        )
+        cache = self.__dict__.get("_plan_ops")
+        if cache is None or cache["key"] != key:
+            cache = {"key": key, "items": {}}
+            self.__dict__["_plan_ops"] = cache
+        return cache["items"]
+
+    def clear_plan_cache(self, keep: Sequence[str] = ()) -> None:
+        """Free cached plan operands (materialized weight, padded factors, blocks), except
+        those of the plans named in ``keep``."""
+        items = self._cache()
+        for key in list(items):
+            name = key[0] if isinstance(key, tuple) else key
+            if name not in keep and not (name == "factors" and {"lowrank", "segment"} & set(keep)):
+                del items[key]
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Cached operands belong to the old device/dtype; drop them now rather than at
+        # the next forward, so that a model moved to the GPU frees its CPU copies.
+        self.__dict__.pop("_plan_ops", None)
+        return super()._apply(fn, recurse)
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        items = self._cache()
+        if "factors" not in items:
+            with torch.no_grad():
+                items["factors"] = P.padded_factors(
+                    self.u_packed,
+                    self.v_packed,
+                    self.row_intervals,
+                    self.col_intervals,
+                    self.rank_per_component,
+                    self.matrix_shape,
+                )
+        return items["factors"]
+
+    def _weight(self) -> Tensor:
+        items = self._cache()
+        if "dense" not in items:
+            with torch.no_grad():
+                items["dense"] = P.dense_matrix(*self._factors())
+        return items["dense"]
+
+    def _partition(self, bucket: int) -> P.Partition:
+        items = self._cache()
+        key = ("partition", bucket)
+        if key not in items:
+            items[key] = P.partition_components(
+                self.row_intervals,
+                self.col_intervals,
+                self.rank_per_component,
+                self.matrix_shape,
+                bucket,
+            )
+        return items[key]
+
+    def _segment_ops(self, bucket: int) -> P.SegmentOps:
+        partition = self._partition(bucket)
+        items = self._cache()
+        key = ("segment", partition.runs)  # buckets with the same runs share operands
+        if key not in items:
+            with torch.no_grad():
+                u, v = self._factors()
+                items[key] = P.segment_ops(u, v, partition, self.rank_per_component)
+        return items[key]
+
+    def _block_ops(self, bucket: int) -> P.BlockOps:
+        items = self._cache()
+        key = ("blocksparse", bucket)
+        if key not in items:
+            with torch.no_grad():
+                items[key] = P.block_ops(self._weight(), bucket)
+        return items[key]
+
+    # ------------------------------------------------------------------ plans
+    def _cache_key(self, rows: int) -> tuple[str, str, int]:
+        return (self.u_packed.device.type, str(self.u_packed.dtype), P.row_bucket(rows))
+
+    def _default_plan(self, rows: int) -> str:
+        bucket = P.row_bucket(rows)
+        return P.default_plan(
+            self.matrix_shape,
+            self.flops(),
+            self.num_components * self.rank_per_component,
+            self._partition(bucket).cost,
+            bucket,
+        )
+
+    def plan_for(self, rows: int) -> str:
+        """The plan a forward over ``rows`` input rows (output positions) will use."""
+        if self._plan != "auto":
+            return self._plan
+        chosen = self.plan_cache.get(self._cache_key(rows))
+        return chosen if chosen is not None else self._default_plan(rows)
+
+    def _matmul(self, x: Tensor, plan: str) -> Tensor:
+        """``(N, in) -> (N, out)`` (bias included) through ``plan``."""
+        if plan == "dense":
+            return P.run_dense(x, self._weight(), self.bias)
+        if plan == "lowrank":
+            return P.run_lowrank(x, *self._factors(), self.bias)
+        bucket = P.row_bucket(x.shape[0])
+        if plan == "segment":
+            return P.run_segment(x, self._segment_ops(bucket), self.bias)
+        if plan == "blocksparse":
+            return P.run_blocks(x, self._block_ops(bucket), self.bias)
+        raise ValueError(f"plan must be one of {P.PLANS}, got {plan!r}")
+
+    def _frozen_extra_repr(self) -> str:
+        ratio = self.flops() / self.dense_flops()
+        return (
+            f"rank_per_component={self.rank_per_component}, "
+            f"num_components={self.num_components}, macs_ratio={ratio:.3f}, plan={self._plan!r}"
+        )
+
+
+def _pack(layer: GBLRMatrixMixin) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(row_intervals, col_intervals, u_packed, v_packed)`` of a GBLR layer's live
+    components, from the integer intervals its eval mode uses."""
+    with torch.no_grad():
+        col_lengths, row_lengths = layer.interval_lengths()
+        col_starts, row_starts = layer.interval_starts()
+        live = layer.live_mask()
+        r = layer.rank_per_component
+        row_intervals = torch.stack([row_starts[live], row_lengths[live]], 1).cpu()
+        col_intervals = torch.stack([col_starts[live], col_lengths[live]], 1).cpu()
+        u = layer.U.detach()[live]  # (K', r, m)
+        v = layer.V.detach()[live]  # (K', r, n)
+        device = u.device
+        rows, u_rank = P.packed_indices(
+            row_intervals[:, 0].to(device),
+            row_intervals[:, 1].to(device),
+            r,
+            layer.rows,
+            rank_major=False,
+        )
+        cols, v_rank = P.packed_indices(
+            col_intervals[:, 0].to(device),
+            col_intervals[:, 1].to(device),
+            r,
+            layer.cols,
+            rank_major=True,
+        )
+        u_packed = u[torch.div(u_rank, r, rounding_mode="floor"), u_rank % r, rows]
+        v_packed = v[torch.div(v_rank, r, rounding_mode="floor"), v_rank % r, cols]
+    return row_intervals, col_intervals, u_packed.clone(), v_packed.clone()
+
+
+def _fill(frozen: FrozenGBLRMatrix, layer: GBLRMatrixMixin, u: Tensor, v: Tensor) -> None:
+    with torch.no_grad():
+        frozen.u_packed.copy_(u)
+        frozen.v_packed.copy_(v)
+        if layer.bias is not None:
+            frozen.bias.copy_(layer.bias.detach())
+    frozen.train(layer.training)
+
+
+class FrozenGBLRLinear(FrozenGBLRMatrix):
+    """Inference form of :class:`gblr.GBLRLinear`: ``y = x W^T + b`` with ``W`` fixed.
+
+    Usually made by :func:`gblr.freeze` or :meth:`from_gblr`; the constructor makes a
+    zero-filled layer of a given structure (what :func:`gblr.load` fills).
+
+    Args:
+        in_features, out_features: ``n`` and ``m``.
+        bias: whether the layer has a bias.
+        row_intervals: ``(K, 2)`` integer ``(start, length)`` over ``out_features``,
+            circular, ``1 <= length``.
+        col_intervals: ``(K, 2)`` likewise over ``in_features``.
+        rank_per_component: ``r``.
+        device, dtype: factory keywords.
+
+    Shapes:
+        input ``(*, in_features)``, output ``(*, out_features)``.
+
+    Example:
+        >>> import torch, gblr
+        >>> layer = gblr.GBLRLinear(64, 32, structure_init="half", init_cost=0.3).eval()
+        >>> frozen = gblr.FrozenGBLRLinear.from_gblr(layer)
+        >>> x = torch.randn(8, 64)
+        >>> bool(torch.allclose(frozen(x), layer(x), atol=1e-5))
+        True
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        row_intervals: Tensor | Sequence,
+        col_intervals: Tensor | Sequence,
+        rank_per_component: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self._init_frozen(
+            out_features,
+            in_features,
+            row_intervals,
+            col_intervals,
+            rank_per_component,
+            bias,
+            device,
+            dtype,
+        )
+
+    @classmethod
+    def from_gblr(cls, layer: GBLRLinear) -> FrozenGBLRLinear:
+        """Freeze ``layer`` (its eval-mode matrix, on its device and dtype)."""
+        if not isinstance(layer, GBLRLinear):
+            raise TypeError(f"layer must be a gblr.GBLRLinear, got {type(layer).__name__}")
+        rows, cols, u, v = _pack(layer)
+        frozen = cls(
+            layer.in_features,
+            layer.out_features,
+            layer.bias is not None,
+            row_intervals=rows,
+            col_intervals=cols,
+            rank_per_component=layer.rank_per_component,
+            device=layer.U.device,
+            dtype=layer.U.dtype,
+        )
+        _fill(frozen, layer, u, v)
+        return frozen
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(*, in_features) -> (*, out_features)``."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input's last dimension must be in_features={self.in_features}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        x2 = x.reshape(-1, self.in_features)
+        y = self._matmul(x2, self.plan_for(x2.shape[0]))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {self._frozen_extra_repr()}"
+        )
+
+
+class FrozenGBLRConv2d(FrozenGBLRMatrix):
+    """Inference form of :class:`gblr.GBLRConv2d`.
+
+    The ``(out_channels, in_channels * kh * kw)`` kernel matrix is frozen as in
+    :class:`FrozenGBLRLinear`. ``dense`` and ``lowrank`` run as convolutions (a ``K r``
+    channel convolution then a 1x1 one); ``segment`` and ``blocksparse`` run on the
+    unfolded input (``F.unfold``) as matrix products.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as
+            ``nn.Conv2d`` (``groups=1``, zero padding; ``padding`` may be ``"same"`` or
+            ``"valid"``).
+        row_intervals, col_intervals, rank_per_component, device, dtype: as
+            :class:`FrozenGBLRLinear`, columns over ``in_channels * kh * kw``.
+
+    Shapes:
+        input ``(N, C_in, H, W)`` or ``(C_in, H, W)``, output ``(N, C_out, H', W')``.
+    """
+
+    counts_per_position = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        *,
+        row_intervals: Tensor | Sequence,
+        col_intervals: Tensor | Sequence,
+        rank_per_component: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.kernel_size = _positive_pair("kernel_size", kernel_size)
+        self.stride = _positive_pair("stride", stride)
+        self.dilation = _positive_pair("dilation", dilation)
+        if isinstance(padding, str):
+            if padding not in ("valid", "same"):
+                raise ValueError(
+                    f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
+                )
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' needs stride=1, as in nn.Conv2d")
+            self.padding: tuple[int, int] | str = padding
+        else:
+            self.padding = _positive_pair("padding", padding, minimum=0)
+        kh, kw = self.kernel_size
+        self._init_frozen(
+            out_channels,
+            in_channels * kh * kw,
+            row_intervals,
+            col_intervals,
+            rank_per_component,
+            bias,
+            device,
+            dtype,
+        )
+
+    @classmethod
+    def from_gblr(cls, layer: GBLRConv2d) -> FrozenGBLRConv2d:
+        """Freeze ``layer`` (its eval-mode kernel matrix, on its device and dtype)."""
+        if not isinstance(layer, GBLRConv2d):
+            raise TypeError(f"layer must be a gblr.GBLRConv2d, got {type(layer).__name__}")
+        rows, cols, u, v = _pack(layer)
+        frozen = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.bias is not None,
+            row_intervals=rows,
+            col_intervals=cols,
+            rank_per_component=layer.rank_per_component,
+            device=layer.U.device,
+            dtype=layer.U.dtype,
+        )
+        _fill(frozen, layer, u, v)
+        return frozen
+
+    def _padding_amounts(self) -> tuple[int, int, int, int]:
+        """``(left, right, top, bottom)`` zero padding, as ``nn.Conv2d`` applies it."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            # nn.Conv2d's 'same': total d (k - 1), the odd one extra on the right/bottom.
+            amounts = []
+            for k, d in zip(reversed(self.kernel_size), reversed(self.dilation)):
+                total = d * (k - 1)
+                amounts += [total // 2, total - total // 2]
+            return tuple(amounts)  # type: ignore[return-value]
+        ph, pw = self.padding  # type: ignore[misc]
+        return (pw, pw, ph, ph)
+
+    def _output_size(self, height: int, width: int) -> tuple[int, int]:
+        left, right, top, bottom = self._padding_amounts()
+        sizes = []
+        for size, pad, k, s, d in zip(
+            (height, width),
+            (top + bottom, left + right),
+            self.kernel_size,
+            self.stride,
+            self.dilation,
+        ):
+            sizes.append(max(0, (size + pad - d * (k - 1) - 1) // s + 1))
+        return sizes[0], sizes[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C_in, H, W) -> (N, C_out, H', W')`` (unbatched ``(C_in, H, W)`` too)."""
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"input must be (N, in_channels={self.in_channels}, H, W) or "
+                f"(in_channels, H, W), got shape {tuple(x.shape)}"
+            )
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        out_h, out_w = self._output_size(x.shape[-2], x.shape[-1])
+        plan = self.plan_for(x.shape[0] * out_h * out_w)
+        y = self._conv(x, plan, out_h, out_w)
+        return y.squeeze(0) if unbatched else y
+
+    def _conv(self, x: Tensor, plan: str, out_h: int, out_w: int) -> Tensor:
+        conv = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
+        kernel_shape = (self.in_channels, *self.kernel_size)
+        if plan == "dense":
+            kernel = self._weight().reshape(self.out_channels, *kernel_shape)
+            return F.conv2d(x, kernel, self.bias, **conv)
+        if plan == "lowrank":
+            u, v = self._factors()
+            hidden = F.conv2d(x, v.reshape(-1, *kernel_shape), None, **conv)
+            return F.conv2d(hidden, u.reshape(self.out_channels, -1, 1, 1), self.bias)
+        left, right, top, bottom = self._padding_amounts()
+        if left or right or top or bottom:
+            x = F.pad(x, (left, right, top, bottom))
+        columns = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
+        batch, features, positions = columns.shape
+        rows = columns.transpose(1, 2).reshape(batch * positions, features)
+        y = self._matmul(rows, plan)
+        return (
+            y.reshape(batch, positions, self.out_channels)
+            .transpose(1, 2)
+            .reshape(batch, self.out_channels, out_h, out_w)
+        )
+
+    def plan_for(self, rows: int) -> str:
+        """As :meth:`FrozenGBLRMatrix.plan_for`; the untimed default is ``dense`` or
+        ``lowrank`` only (the unfolded plans pay for copying the input ``kh kw`` times,
+        which the cost model does not see)."""
+        chosen = super().plan_for(rows)
+        if self._plan == "auto" and self._cache_key(rows) not in self.plan_cache:
+            return chosen if chosen in ("dense", "lowrank") else "dense"
+        return chosen
+
+    def dense_kernel(self) -> Tensor:
+        """The kernel as ``nn.Conv2d.weight``: ``(out_channels, in_channels, kh, kw)``."""
+        return self.dense_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"bias={self.bias is not None}, {self._frozen_extra_repr()}"
+        )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace, in place, every GBLR layer of ``model`` by its frozen inference form.
+
+    Each :class:`gblr.GBLRLinear` / :class:`gblr.GBLRConv2d` becomes a
+    :class:`FrozenGBLRLinear` / :class:`FrozenGBLRConv2d` holding the exact eval-mode
+    matrix: the integer intervals of ``layer.interval_starts()`` /
+    ``layer.interval_lengths()``, dead components (an empty interval) dropped, factors
+    kept only over their intervals, bias kept, same device and dtype. A layer shared under
+    several names becomes one frozen layer under all of them. Outputs equal the eval-mode
+    outputs up to float rounding, in any plan.
+
+    Args:
+        model: a module containing GBLR layers, or a GBLR layer itself.
+
+    Returns:
+        ``model`` (like ``torchao.quantize_``), or the frozen layer when ``model`` itself
+        is a GBLR layer. A model that is already frozen is returned unchanged.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` has neither GBLR layers nor frozen ones (as
+            :class:`gblr.StructureLearner`, it asks to convert the model first).
+
+    Example:
+        >>> import torch, gblr
+        >>> model = torch.nn.Sequential(gblr.GBLRLinear(16, 8, structure_init="half",
+        ...                                             init_cost=0.5))
+        >>> model = gblr.freeze(model)
+        >>> type(model[0]).__name__
+        'FrozenGBLRLinear'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, GBLRLinear):
+        return FrozenGBLRLinear.from_gblr(model)
+    if isinstance(model, GBLRConv2d):
+        return FrozenGBLRConv2d.from_gblr(model)
+    frozen: dict[int, nn.Module] = {}
+    already_frozen = False
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(module, (GBLRLinear, GBLRConv2d)):
+            if id(module) not in frozen:
+                frozen[id(module)] = (
+                    FrozenGBLRLinear.from_gblr(module)
+                    if isinstance(module, GBLRLinear)
+                    else FrozenGBLRConv2d.from_gblr(module)
+                )
+            _set_submodule(model, name, frozen[id(module)])
+        elif isinstance(module, FrozenGBLRMatrix):
+            already_frozen = True
+    if not frozen and not already_frozen:
+        raise ValueError(
+            f"model ({type(model).__name__}) has no GBLR layer (GBLRLinear or GBLRConv2d) "
+            "to freeze; convert it first (gblr.convert) or build it with GBLR layers"
+        )
+    return model

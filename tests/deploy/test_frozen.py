@@ -1,0 +1,187 @@
+"""Frozen layers: exact eval-mode outputs in every plan, cost, dtypes, freeze()."""
+
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from gblr.deploy import PLANS, FrozenGBLRConv2d, FrozenGBLRLinear
+from tests.conftest import circular_boxcar
+
+
+def structured_linear(in_features=37, out_features=29, rank=2, bias=True, dtype=torch.float32):
+    """Wrapped intervals, a full one, a dead one (empty row interval), odd sizes."""
+    row_intervals = [(25, 9), (0, out_features), (3, 0), (10, 1), (28, 5), (7, 12)]
+    col_intervals = [(30, 11), (5, 3), (2, 4), (0, in_features), (36, 2), (12, 20)]
+    k = len(row_intervals)
+    u = torch.randn(k, rank, out_features, dtype=dtype)
+    v = torch.randn(k, rank, in_features, dtype=dtype)
+    b = torch.randn(out_features, dtype=dtype) if bias else None
+    return gblr.GBLRLinear.from_intervals(u, v, row_intervals, col_intervals, bias=b).eval()
+
+
+def brute_force_weight(layer):
+    """Independent reference: a loop over components with the integer eval intervals."""
+    col_len, row_len = layer.interval_lengths()
+    col_start, row_start = layer.interval_starts()
+    rows = circular_boxcar(row_start.tolist(), row_len.tolist(), layer.rows)
+    cols = circular_boxcar(col_start.tolist(), col_len.tolist(), layer.cols)
+    weight = torch.zeros(layer.rows, layer.cols, dtype=torch.float64)
+    for k in range(layer.num_components):
+        block = layer.U[k].detach().double().T @ layer.V[k].detach().double()
+        weight += rows[k][:, None] * block * cols[k][None, :]
+    return weight
+
+
+def rel_error(a, b):
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_frozen_linear_equals_eval_in_every_plan(plan, bias, rank):
+    layer = structured_linear(rank=rank, bias=bias)
+    frozen = FrozenGBLRLinear.from_gblr(layer)
+    frozen.plan = plan
+    x = torch.randn(2, 5, 37)
+    expected = layer(x)
+    reference = x.double() @ brute_force_weight(layer).T
+    if bias:
+        reference += layer.bias.double()
+    y = frozen(x)
+    assert y.shape == (2, 5, 29)
+    assert rel_error(y, expected) <= 1e-5
+    assert rel_error(y, reference) <= 1e-5
+    assert frozen.plan_for(10) == plan
+
+
+def test_dead_components_dropped_and_factors_packed_over_intervals():
+    layer = structured_linear(rank=2)
+    frozen = FrozenGBLRLinear.from_gblr(layer)
+    assert frozen.num_components == layer.live_components() == 5
+    col_len, row_len = layer.interval_lengths()
+    live = layer.live_mask()
+    assert frozen.u_packed.numel() == 2 * int(row_len[live].sum())
+    assert frozen.v_packed.numel() == 2 * int(col_len[live].sum())
+    assert frozen.flops() == layer.flops()
+    assert frozen.dense_flops() == 37 * 29
+    assert torch.allclose(frozen.dense_weight().double(), brute_force_weight(layer), atol=1e-5)
+
+
+def test_all_dead_layer_outputs_bias():
+    layer = gblr.GBLRLinear(8, 6, widths=torch.zeros(2, 6), locations=torch.zeros(2, 6)).eval()
+    frozen = FrozenGBLRLinear.from_gblr(layer)
+    assert frozen.num_components == 0 and frozen.flops() == 0
+    x = torch.randn(3, 8)
+    for plan in PLANS:
+        frozen.plan = plan
+        assert torch.equal(frozen(x), layer.bias.expand(3, 6))
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize(
+    "conv_args",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": 2, "padding": "same", "dilation": 2},
+        {"kernel_size": (3, 1), "stride": 2, "bias": False},
+        {"kernel_size": 3, "padding": "valid"},
+    ],
+)
+def test_frozen_conv_equals_eval(plan, conv_args):
+    conv = gblr.GBLRConv2d(5, 7, rank_per_component=2, structure_init="random", **conv_args)
+    conv.eval()
+    frozen = FrozenGBLRConv2d.from_gblr(conv)
+    frozen.plan = plan
+    x = torch.randn(2, 5, 9, 8)
+    expected = conv(x)
+    reference = nn.functional.conv2d(
+        x.double(),
+        brute_force_weight(conv).reshape(7, 5, *conv.kernel_size),
+        None if conv.bias is None else conv.bias.double(),
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+    )
+    assert frozen(x).shape == expected.shape
+    assert rel_error(frozen(x), expected) <= 1e-5
+    assert rel_error(frozen(x), reference) <= 1e-5
+    assert rel_error(frozen(x[0]), expected[0]) <= 1e-5  # unbatched input
+    assert frozen.flops() == conv.flops()
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("plan", PLANS)
+def test_half_precision_against_float32(dtype, tolerance, plan):
+    layer = structured_linear(rank=2)
+    model = gblr.freeze(nn.Sequential(layer))
+    x = torch.randn(16, 37)
+    expected = model(x)
+    model = model.to(dtype)
+    model[0].plan = plan
+    y = model(x.to(dtype))
+    assert y.dtype == dtype
+    assert rel_error(y, expected) <= tolerance
+    assert model[0].row_intervals.dtype == torch.int64
+
+
+def test_to_dtype_rebuilds_cached_operands():
+    frozen = FrozenGBLRLinear.from_gblr(structured_linear())
+    frozen.plan = "dense"
+    x = torch.randn(4, 37)
+    frozen(x)
+    frozen = frozen.double()
+    y = frozen(x.double())
+    assert y.dtype == torch.float64
+    with torch.no_grad():
+        frozen.u_packed.mul_(2.0)  # in-place edits are seen too
+    assert torch.allclose(frozen(x.double()) - frozen.bias, 2 * (y - frozen.bias))
+
+
+def test_freeze_model_in_place_and_count_flops():
+    torch.manual_seed(0)
+    shared = gblr.GBLRLinear(16, 16, structure_init="half", init_cost=0.4)
+    model = nn.Sequential(
+        gblr.GBLRConv2d(3, 4, 3, padding=1, structure_init="random"),
+        nn.Flatten(),
+        gblr.GBLRLinear(4 * 6 * 6, 16, structure_init="half", init_cost=0.3),
+        nn.ReLU(),
+        shared,
+        shared,
+        nn.Linear(16, 2),
+    ).eval()
+    x = torch.randn(3, 3, 6, 6)
+    expected = model(x)
+    before = gblr.count_flops(model, x)
+    assert gblr.freeze(model) is model
+    assert isinstance(model[0], FrozenGBLRConv2d) and isinstance(model[2], FrozenGBLRLinear)
+    assert model[4] is model[5]
+    assert rel_error(model(x), expected) <= 1e-5
+    after = gblr.count_flops(model, x)
+    assert [(layer.name, layer.macs, layer.total_macs) for layer in after] == [
+        (layer.name, layer.macs, layer.total_macs) for layer in before
+    ]
+    assert gblr.freeze(model) is model  # already frozen: unchanged
+
+
+def test_freeze_root_layer_and_bad_arguments():
+    layer = structured_linear()
+    assert isinstance(gblr.freeze(layer), FrozenGBLRLinear)
+    with pytest.raises(ValueError, match="no GBLR layer"):
+        gblr.freeze(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        gblr.freeze("model")
+    frozen = FrozenGBLRLinear.from_gblr(layer)
+    with pytest.raises(ValueError, match=r"plan must be one of .*'dense'.*got 'fast'"):
+        frozen.plan = "fast"
+    with pytest.raises(TypeError, match="plan must be a str"):
+        frozen.plan = 3
+    with pytest.raises(ValueError, match="in_features=37"):
+        frozen(torch.randn(4, 36))
+    with pytest.raises(ValueError, match="row_intervals lengths"):
+        FrozenGBLRLinear(4, 4, row_intervals=[(0, 0)], col_intervals=[(0, 1)])
+    with pytest.raises(ValueError, match="same number of components"):
+        FrozenGBLRLinear(4, 4, row_intervals=[(0, 1)], col_intervals=[(0, 1), (1, 1)])
+    with pytest.raises(TypeError, match=r"gblr\.GBLRLinear"):
+        FrozenGBLRLinear.from_gblr(nn.Linear(3, 3))
