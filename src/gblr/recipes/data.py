@@ -108,7 +108,7 @@ def load_cifar(
         raise ValueError(f"classes must be 10 or 100, got {classes!r}")
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
-    root = Path(root)
+    root = Path(root).expanduser()
     if classes == 10:
         folder = root / "cifar-10-batches-py"
         names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
@@ -153,7 +153,7 @@ def image_folder(root: str | Path, image_size: int = 224, train: bool = True):
         ``torchvision.datasets.ImageFolder`` of ``(image (3, S, S) float32, label int64)``;
         ``.classes`` lists the class names in label order.
     """
-    root = Path(root)
+    root = Path(root).expanduser()
     if not root.is_dir() or not any(child.is_dir() for child in root.iterdir()):
         raise FileNotFoundError(
             f"no image folder at {root}: expected one sub-folder per class holding its "

@@ -254,6 +254,8 @@ class ClassificationModule(_ScheduledModule):
         hard = labels.argmax(-1) if labels.dim() > 1 else labels
         accuracy = (logits.argmax(-1) == hard).float().mean()
         self.log_dict({"train/loss": loss, "train/accuracy": accuracy}, prog_bar=True)
+        # also reaches the launching process of a spawn strategy (its trainer stays at 0)
+        self.log("train/steps_done", float(self.global_step + 1), reduce_fx="max")
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -567,6 +569,8 @@ def train_classifier(
         "accuracy": float("nan") if test_set is None else evaluate(model, test_set),
         "macs_ratio": flops.ratio,
         "seconds": seconds,
-        "steps": trainer.global_step,
+        "steps": max(
+            trainer.global_step, int(trainer.callback_metrics.get("train/steps_done", 0))
+        ),
         "global_rank": trainer.global_rank,
     }

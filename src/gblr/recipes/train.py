@@ -232,7 +232,7 @@ def train_from_config(
     from .engine import check_resume, train_classifier
     from .report import write_report
 
-    out = Path(config.out)
+    out = Path(config.out).expanduser()
     train_set, test_set, in_chans, num_classes = build_datasets(config)
     model = build_structured_model(config, in_chans, num_classes)
     steps, unit = run_length(config, len(train_set))
