@@ -6,9 +6,10 @@ Efficient Deep Neural Networks" (ICLR 2024, arXiv:2310.18882).
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import structured
+from . import deploy, structured
 from .compress import ConversionReport, convert, fit_dense
 from .cost import FlopsReport, LayerFlops, count_flops
+from .deploy import FrozenGBLRConv2d, FrozenGBLRLinear, freeze, load, plan, save
 from .layers import GBLRConv2d, GBLRLinear, special
 from .learn import StructureLearner, param_groups
 from .ops import boxcar_mask, gaudi_mask
@@ -21,6 +22,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "ConversionReport",
     "FlopsReport",
+    "FrozenGBLRConv2d",
+    "FrozenGBLRLinear",
     "GBLRConv2d",
     "GBLRLinear",
     "LayerFlops",
@@ -29,9 +32,14 @@ __all__ = [
     "boxcar_mask",
     "convert",
     "count_flops",
+    "deploy",
     "fit_dense",
+    "freeze",
     "gaudi_mask",
+    "load",
     "param_groups",
+    "plan",
+    "save",
     "special",
     "structured",
 ]

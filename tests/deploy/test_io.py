@@ -1,0 +1,210 @@
+"""save/load: fresh-process round trip, refusal of damaged files, atomic writes."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from gblr.deploy import FrozenGBLRConv2d, FrozenGBLRLinear, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def frozen_sequential(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        gblr.GBLRConv2d(3, 8, 3, padding=1, rank_per_component=2, structure_init="random"),
+        nn.ReLU(),
+        nn.Flatten(),
+        gblr.GBLRLinear(8 * 5 * 5, 10, structure_init="half", init_cost=0.3),
+        nn.LayerNorm(10),
+        nn.Linear(10, 4),
+    )
+    return gblr.freeze(model.eval()).to(dtype)
+
+
+class Net(nn.Module):
+    """Not a Sequential: needs a model_factory to be rebuilt."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(12, 16)
+        self.head = nn.Linear(16, 6, bias=False)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.encoder(x)))
+
+
+def run_fresh(code, tmp_path):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}")
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env, check=True)
+
+
+def test_round_trip_in_a_fresh_process(tmp_path):
+    model = frozen_sequential()
+    x = torch.randn(4, 3, 5, 5)
+    gblr.plan(model, x, candidates=["lowrank"], repeats=1, warmup=0)
+    path = gblr.save(model, tmp_path / "model.safetensors")
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x), tmp_path / "expected.pt")
+    run_fresh(
+        """
+        import sys, torch, gblr
+        model = gblr.load("model.safetensors")
+        assert not model.training
+        torch.save(model(torch.load("x.pt")), "y.pt")
+        torch.save({k: v.plan_cache for k, v in model.named_children()
+                    if isinstance(v, gblr.FrozenGBLRLinear)}, "plans.pt")
+        """,
+        tmp_path,
+    )
+    assert torch.equal(torch.load(tmp_path / "y.pt"), torch.load(tmp_path / "expected.pt"))
+    assert torch.load(tmp_path / "plans.pt")["3"] == model[3].plan_cache
+    checkpoint = load_checkpoint(path)
+    assert [entry["name"] for entry in checkpoint.layers] == ["0", "3"]
+    assert checkpoint.layers[0]["class"] == "FrozenGBLRConv2d"
+    assert checkpoint.layers[1]["row_intervals"] == model[3].row_intervals.tolist()
+
+
+def test_round_trip_with_model_factory_in_a_fresh_process(tmp_path):
+    torch.manual_seed(1)
+    model = Net()
+    gblr.convert(model, budget=0.5, init="svd", min_features=4)
+    model = gblr.freeze(model.eval())
+    x = torch.randn(7, 12)
+    gblr.save(model, tmp_path / "net.safetensors")
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(model(x), tmp_path / "expected.pt")
+    with pytest.raises(ValueError, match="model_factory"):
+        gblr.load(tmp_path / "net.safetensors")
+    run_fresh(
+        f"""
+        import sys, torch, gblr
+        sys.path.insert(0, {str(ROOT)!r})
+        from tests.deploy.test_io import Net
+        model = gblr.load("net.safetensors", model_factory=Net)  # the dense architecture
+        assert isinstance(model.encoder, gblr.FrozenGBLRLinear)
+        torch.save(model(torch.load("x.pt")), "y.pt")
+        """,
+        tmp_path,
+    )
+    assert torch.equal(torch.load(tmp_path / "y.pt"), torch.load(tmp_path / "expected.pt"))
+
+
+def test_bfloat16_and_shared_layers_round_trip(tmp_path):
+    shared = gblr.GBLRLinear(8, 8, structure_init="half", init_cost=0.5)
+    model = gblr.freeze(nn.Sequential(shared, nn.GELU(), shared).eval()).to(torch.bfloat16)
+    path = gblr.save(model, tmp_path / "m.safetensors")
+    loaded = gblr.load(path)
+    assert loaded[0] is loaded[2]
+    assert loaded[0].u_packed.dtype == torch.bfloat16
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    assert torch.equal(loaded(x), model(x))
+    root = gblr.load(gblr.save(model[0], tmp_path / "layer.safetensors"))
+    assert isinstance(root, FrozenGBLRLinear) and torch.equal(root(x), model[0](x))
+
+
+def test_truncated_and_tampered_files_are_refused(tmp_path):
+    path = gblr.save(frozen_sequential(), tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    header_size = int.from_bytes(data[:8], "little")
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"truncated\.safetensors.*truncated"):
+        gblr.load(truncated)
+    truncated.write_bytes(data[:20])
+    with pytest.raises(ValueError, match="truncated"):
+        gblr.load(truncated)
+
+    flipped = bytearray(data)
+    flipped[8 + header_size + 50] ^= 0x01  # one bit of one tensor
+    tampered = tmp_path / "tampered.safetensors"
+    tampered.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"tampered\.safetensors.*checksum mismatch"):
+        gblr.load(tampered)
+
+    # Change one interval in the structure metadata (same tensor data).
+    header = json.loads(data[8 : 8 + header_size])
+    structure = json.loads(header["__metadata__"]["structure"])
+    structure["layers"][1]["row_intervals"][0][0] += 1
+    header["__metadata__"]["structure"] = json.dumps(structure, sort_keys=True)
+    new_header = json.dumps(header).encode()
+    tampered.write_bytes(
+        len(new_header).to_bytes(8, "little") + new_header + data[8 + header_size :]
+    )
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        gblr.load(tampered)
+
+    other = tmp_path / "plain.safetensors"
+    import safetensors.torch
+
+    safetensors.torch.save_file({"w": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not a frozen GBLR model file"):
+        gblr.load(other)
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = gblr.save(frozen_sequential(), tmp_path / "m.safetensors")
+    before = path.read_bytes()
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        gblr.save(frozen_sequential(torch.float64), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temp left
+
+
+def test_save_and_load_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match=r"call gblr\.freeze"):
+        gblr.save(nn.Sequential(gblr.GBLRLinear(4, 4)), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="no frozen GBLR layer"):
+        gblr.save(nn.Linear(4, 4), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="does not exist"):
+        gblr.save(frozen_sequential(), tmp_path / "missing" / "a.safetensors")
+    path = gblr.save(frozen_sequential(), tmp_path / "m.safetensors")
+    with pytest.raises(TypeError, match="model_factory must be a callable"):
+        gblr.load(path, model_factory=nn.Linear(3, 3).weight)
+    with pytest.raises(TypeError, match=r"must return an nn\.Module"):
+        gblr.load(path, model_factory=lambda: 3)
+
+    def wrong_shape():
+        model = frozen_sequential()
+        model[3] = nn.Linear(200, 11)
+        return model
+
+    with pytest.raises(ValueError, match=r"module '3' .* shape \(11, 200\)"):
+        gblr.load(path, model_factory=wrong_shape)
+    conv = gblr.load(
+        path,
+        model_factory=lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(200, 10),
+            nn.LayerNorm(10),
+            nn.Linear(10, 4),
+        ),
+    )
+    assert isinstance(conv[0], FrozenGBLRConv2d)
+
+
+def test_onnx_export_of_dense_and_lowrank_plans(tmp_path):
+    pytest.importorskip("onnx")
+    model = frozen_sequential()
+    x = torch.randn(2, 3, 5, 5)
+    for plan in ("dense", "lowrank"):
+        for layer in (model[0], model[3]):
+            layer.plan = plan
+        torch.onnx.export(model, (x,), str(tmp_path / f"{plan}.onnx"))
+        assert (tmp_path / f"{plan}.onnx").stat().st_size > 0
