@@ -12,6 +12,7 @@ from .cost import FlopsReport, LayerFlops, count_flops
 from .deploy import FrozenGBLRConv2d, FrozenGBLRLinear, freeze, load, plan, save
 from .layers import GBLRConv2d, GBLRLinear, special
 from .learn import StructureLearner, param_groups
+from .model_flops import ModelFlops, count_model_flops
 from .ops import boxcar_mask, gaudi_mask
 
 try:
@@ -27,11 +28,13 @@ __all__ = [
     "GBLRConv2d",
     "GBLRLinear",
     "LayerFlops",
+    "ModelFlops",
     "StructureLearner",
     "__version__",
     "boxcar_mask",
     "convert",
     "count_flops",
+    "count_model_flops",
     "deploy",
     "fit_dense",
     "freeze",

@@ -258,8 +258,9 @@ def report(args: argparse.Namespace) -> int:
 
 def flops(args: argparse.Namespace) -> int:
     """Print the per-layer MACs (one MAC per multiply-add, per input row or position) of a
-    model: a run folder or checkpoint of `gblr train` (every structure, exact), a config
-    (its starting structure), or any saved state dict (GBLR and dense layers)."""
+    model: a run folder or checkpoint of `gblr train` (every structure, exact, and the
+    whole model's MACs for one image, attention included), a config (its starting
+    structure), or any saved state dict (GBLR and dense layers)."""
     from .recipes.report import format_costs, layer_costs, load_state
 
     path = Path(args.path)
@@ -271,9 +272,12 @@ def flops(args: argparse.Namespace) -> int:
             model_from_run = None
         if model_from_run is not None:
             from .cost import count_flops
+            from .model_flops import count_model_flops
 
-            model, what = model_from_run(path)
-            print(f"{what}\n{count_flops(model)}")
+            model, what, example = model_from_run(path)
+            size = "x".join(str(d) for d in example.shape[1:])
+            print(f"{what}\n{count_flops(model)}\n\nwhole model, one {size} image:")
+            print(count_model_flops(model.eval(), example))
             return 0
     print(format_costs(layer_costs(load_state(path))))
     return 0

@@ -125,6 +125,7 @@ def test_train_command_runs_a_shipped_cifar_config_end_to_end(cifar_root, tmp_pa
     assert main(["flops", str(out)]) == 0
     table = capsys.readouterr().out
     assert "blocks.0.qkv" in table and "GBLR" in table
+    assert "whole model, one 3x32x32 image" in table and "GFLOPs" in table
     assert main(["flops", str(out / "checkpoints" / "last.ckpt")]) == 0
     assert "step 10" in capsys.readouterr().out
 

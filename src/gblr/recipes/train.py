@@ -64,13 +64,13 @@ def data_shape(config: TrainConfig) -> tuple[int, int]:
     return 3, sum(1 for child in root.iterdir() if child.is_dir())
 
 
-def model_from_run(source: str | Path) -> tuple[nn.Module, str]:
+def model_from_run(source: str | Path) -> tuple[nn.Module, str, torch.Tensor]:
     """The model of a run folder (``config.yaml`` + ``model_state.pt``), of a Lightning
     checkpoint written by ``gblr train``, or of a config (its starting structure).
 
     Returns:
-        ``(model, what)``: the model with its trained state when there is one, and a
-        phrase saying which it is.
+        ``(model, what, example)``: the model with its trained state when there is one,
+        a phrase saying which it is, and one example input image ``(1, C, S, S)``.
 
     Raises:
         FileNotFoundError: nothing of the kind at ``source``.
@@ -101,7 +101,9 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str]:
     else:
         config = load_config(path)
         what = f"config {config.name} (starting structure, untrained)"
-    model = build_structured_model(config, *data_shape(config))
+    in_chans, num_classes = data_shape(config)
+    model = build_structured_model(config, in_chans, num_classes)
+    example = torch.zeros(1, in_chans, config.model.image_size, config.model.image_size)
     if state is not None:
         try:
             model.load_state_dict(state)
@@ -110,7 +112,7 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str]:
             raise ValueError(
                 f"the weights of {what} do not fit the model its config builds: {first[:300]}"
             ) from None
-    return model, what
+    return model, what, example
 
 
 def build_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
