@@ -1,5 +1,16 @@
 """Deployment: freeze a trained GBLR model into its exact inference form, choose an
 execution plan per layer, device and input size, and save/load it without training code.
+
+    model = gblr.freeze(model)                  # exact eval-mode matrices, live components
+    report = gblr.plan(model, example_input)    # time the plans per layer; print(report)
+    gblr.save(model, "model.safetensors")       # tensors + structure JSON + sha256
+    model = gblr.load("model.safetensors")      # or load(path, model_factory=MyModel)
+
+ONNX: the ``dense`` and ``lowrank`` plans are plain ``F.linear`` / ``F.conv2d`` calls on
+cached tensors and are what an export should use (set ``layer.plan`` before exporting);
+``segment`` and ``blocksparse`` are Python loops over slices whose structure would be
+unrolled into the graph. Export is not tested in this environment (the ``onnx`` package
+is not installed; ``tests/deploy/test_io.py`` runs the export when it is).
 """
 
 from .frozen import PLAN_CHOICES, FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix, freeze
