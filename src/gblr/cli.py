@@ -190,6 +190,41 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_SHORTCUTS = {
+    "structure": "structure.kind",
+    "budget": "structure.budget",
+    "out": "out",
+    "seed": "seed",
+    "accelerator": "trainer.accelerator",
+    "devices": "trainer.devices",
+    "num_nodes": "trainer.num_nodes",
+    "strategy": "trainer.strategy",
+    "precision": "trainer.precision",
+    "logger": "trainer.logger",
+}
+
+
+def _list_configs() -> None:
+    from .recipes.config import CONFIG_DIR, shipped_configs
+
+    for name in shipped_configs():
+        first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:<26} {first}")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .recipes.config import load_config
+
+    if args.config is None:
+        raise ValueError("--config is required (a shipped name, see --list, or a YAML file)")
+    overrides = [
+        f"{key}={getattr(args, option)}"
+        for option, key in _SHORTCUTS.items()
+        if getattr(args, option, None) is not None
+    ]
+    return load_config(args.config, [*args.overrides, *overrides])
+
+
 def train(args: argparse.Namespace) -> int:
     """Train one model from a YAML config: a shipped one (see --list) or a file.
 
@@ -200,50 +235,65 @@ def train(args: argparse.Namespace) -> int:
     run folder (out): config.yaml, checkpoints/last.ckpt, metrics.csv, tensorboard/,
     model_state.pt, results.json and REPORT.md.
     """
-    from .recipes.config import load_config, shipped_configs
-
     if args.list:
-        from .recipes.config import CONFIG_DIR
-
-        for name in shipped_configs():
-            first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-            print(f"{name:<24} {first}")
+        _list_configs()
         return 0
-    if args.config is None:
-        raise ValueError("--config is required (a shipped name, see --list, or a YAML file)")
-    shortcuts = {
-        "structure": "structure.kind",
-        "budget": "structure.budget",
-        "out": "out",
-        "seed": "seed",
-        "accelerator": "trainer.accelerator",
-        "devices": "trainer.devices",
-        "num_nodes": "trainer.num_nodes",
-        "strategy": "trainer.strategy",
-        "precision": "trainer.precision",
-        "logger": "trainer.logger",
-    }
-    overrides = [
-        f"{key}={getattr(args, option)}"
-        for option, key in shortcuts.items()
-        if getattr(args, option) is not None
-    ]
-    config = load_config(args.config, [*args.overrides, *overrides])
+    config = _config_from_args(args)
     if args.structure is not None and args.out is None:
         # a baseline of a shipped config gets its own folder, not the GBLR run's
         config.out = f"{config.out.removesuffix('-gblr')}-{config.structure.kind}"
     from .recipes.train import train_from_config
 
     print(
-        f"gblr train: {config.name} ({config.model.name}, structure {config.structure.kind}"
-        f" at {config.structure.budget:.3g} of dense MACs) -> {config.out}"
+        f"gblr {args.command}: {config.name} ({config.model.source or config.model.name}, "
+        f"structure {config.structure.kind} at {config.structure.budget:.3g} of the dense "
+        f"MACs) -> {config.out}"
     )
     result = train_from_config(config, resume=args.resume, progress=not args.quiet)
+    if "perplexity" in result:
+        score = f"test perplexity {result['perplexity']:.3f}"
+    else:
+        score = f"test accuracy {result['accuracy']:.4f} (top-5 {result['top5']:.4f})"
     print(
-        f"\n{config.name}: test accuracy {result['accuracy']:.4f}, MACs ratio "
+        f"\n{config.name}: {score}, {result['gflops']:.4g} GFLOPs per example "
+        f"(dense {result['dense_gflops']:.4g}), MACs ratio of the structured layers "
         f"{result['macs_ratio']:.3f}, {result['steps']} steps in {result['seconds']:.0f} s"
         f"\nwrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'REPORT.md'}"
     )
+    return 0
+
+
+def finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a pretrained model compressed to a MACs budget: the paper's recipes.
+
+    Shipped configs: imagenet-vit-b-gblr (timm ViT-B/16), imagenet-resnet18-gblr
+    (torchvision ResNet-18), wikitext103-gpt2-gblr (Hugging Face GPT-2); see --list. The
+    pretrained weights are downloaded by timm / torchvision / transformers on first use
+    (or give a local checkpoint as model.source). Each layer in structure.include is
+    fitted to its weights under the budget (structure.init: search) and the model is
+    fine-tuned with the structure learner. --structure lowrank (or any family) gives the
+    same recipe with a baseline at the same MACs; `gblr sweep` runs several. Options and
+    overrides as `gblr train`, which it is.
+    """
+    return train(args)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Run a config for several structures and budgets; one table and one plot.
+
+    Every (structure, budget) run goes to OUT/<structure>-<budget> (OUT/dense once for
+    the dense model) and a finished run is not repeated; OUT/sweep.md, sweep.json and
+    sweep.png (accuracy or perplexity against the whole model's GFLOPs) gather them.
+    """
+    from .recipes.sweep import run_sweep
+
+    if args.list:
+        _list_configs()
+        return 0
+    config = _config_from_args(args)
+    out = args.out or f"{config.out.removesuffix('-gblr')}-sweep"
+    rows = run_sweep(config, args.structures, args.budgets, out, progress=not args.quiet)
+    print(f"\n{len(rows)} runs; wrote {Path(out) / 'sweep.md'} and {Path(out) / 'sweep.png'}")
     return 0
 
 
@@ -316,40 +366,57 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo_parser.set_defaults(handler=demo)
 
-    train_parser = sub.add_parser(
-        "train",
-        help="train a model from a YAML config (CIFAR ViT-S/Mixer-S, digits, your own)",
-        description=inspect.cleandoc(train.__doc__ or ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    def run_parser(name: str, handler, help_text: str, resume: bool = True):
+        run = sub.add_parser(
+            name,
+            help=help_text,
+            description=inspect.cleandoc(handler.__doc__ or ""),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        run.add_argument("--config", help="a shipped config name (see --list) or a YAML file")
+        run.add_argument(
+            "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="change any config key"
+        )
+        run.add_argument("--list", action="store_true", help="list the shipped configs")
+        if name != "sweep":
+            run.add_argument(
+                "--structure", help="dense, gblr or a baseline family (structure.kind)"
+            )
+            run.add_argument("--budget", type=float, help="MACs fraction (structure.budget)")
+        run.add_argument("--out", help="run folder (out)")
+        run.add_argument("--seed", type=int, help="random seed (seed)")
+        if resume:
+            run.add_argument(
+                "--resume",
+                nargs="?",
+                const="last",
+                help="continue from a checkpoint (default: the run folder's last.ckpt)",
+            )
+        lightning = run.add_argument_group("Lightning (trainer.*)")
+        lightning.add_argument("--accelerator", help="cpu, gpu, auto, ...")
+        lightning.add_argument("--devices", help="number of devices, or a list such as [0,1]")
+        lightning.add_argument("--num-nodes", type=int, help="number of machines")
+        lightning.add_argument("--strategy", help="auto, ddp, fsdp, ...")
+        lightning.add_argument("--precision", help="32-true, 16-mixed, bf16-mixed, ...")
+        lightning.add_argument("--logger", help="csv, tensorboard, both or none")
+        run.add_argument("--quiet", action="store_true", help="no progress bars")
+        run.set_defaults(handler=handler)
+        return run
+
+    run_parser("train", train, "train a model from a YAML config (CIFAR ViT-S/Mixer-S, ...)")
+    run_parser(
+        "finetune", finetune, "fine-tune a pretrained model at a MACs budget (ViT-B, GPT-2, ...)"
     )
-    train_parser.add_argument(
-        "--config", help="a shipped config name (see --list) or a YAML file"
+    sweep_parser = run_parser(
+        "sweep", sweep, "one config over several structures and budgets", resume=False
     )
-    train_parser.add_argument(
-        "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="change any config key"
+    sweep_parser.add_argument(
+        "--structures", nargs="+", default=["dense", "gblr"], help="default: dense gblr"
     )
-    train_parser.add_argument("--list", action="store_true", help="list the shipped configs")
-    train_parser.add_argument(
-        "--structure", help="dense, gblr or a baseline family (structure.kind)"
+    sweep_parser.add_argument(
+        "--budgets", nargs="+", type=float, default=[0.3], help="MACs fractions (default 0.3)"
     )
-    train_parser.add_argument("--budget", type=float, help="MACs fraction (structure.budget)")
-    train_parser.add_argument("--out", help="run folder (out)")
-    train_parser.add_argument("--seed", type=int, help="random seed (seed)")
-    train_parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="last",
-        help="continue from a checkpoint (default: the run folder's checkpoints/last.ckpt)",
-    )
-    lightning = train_parser.add_argument_group("Lightning (trainer.*)")
-    lightning.add_argument("--accelerator", help="cpu, gpu, auto, ...")
-    lightning.add_argument("--devices", help="number of devices, or a list such as [0,1]")
-    lightning.add_argument("--num-nodes", type=int, help="number of machines")
-    lightning.add_argument("--strategy", help="auto, ddp, fsdp, ...")
-    lightning.add_argument("--precision", help="32-true, 16-mixed, bf16-mixed, ...")
-    lightning.add_argument("--logger", help="csv, tensorboard, both or none")
-    train_parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    train_parser.set_defaults(handler=train)
+    sweep_parser.set_defaults(structure=None, budget=None)
 
     report_parser = sub.add_parser(
         "report", help="Markdown report with figures for a run folder", description=report.__doc__
@@ -358,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.set_defaults(handler=report)
 
     flops_parser = sub.add_parser(
-        "flops", help="per-layer MACs of a saved model state", description=flops.__doc__
+        "flops",
+        help="per-layer and whole-model MACs of a run, checkpoint, config or state dict",
+        description=flops.__doc__,
     )
     flops_parser.add_argument(
         "path", help="a run folder, a checkpoint, a config (name or YAML) or a state dict file"

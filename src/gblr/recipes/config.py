@@ -41,8 +41,11 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-MODELS = ("vit", "mixer")
-DATASETS = ("digits", "cifar10", "cifar100", "folder")
+MODELS = ("vit", "mixer", "timm", "torchvision", "hf-causal-lm")
+DATASETS = ("digits", "cifar10", "cifar100", "folder", "imagenet", "wikitext103", "text")
+TEXT_DATASETS = ("wikitext103", "text")
+STRUCTURE_INITS = ("random", "search")
+ALLOCATIONS = ("uniform", "global")
 AUGMENTATIONS = ("none", "standard", "autoaugment")
 LOGGERS = ("csv", "tensorboard", "both", "none")
 SIGMA_SCHEDULES = ("geometric", "linear", "constant")
@@ -53,9 +56,18 @@ class ModelConfig:
     """The network. ``vit``: :class:`~gblr.recipes.models.VisionTransformer`;
     ``mixer``: :class:`~gblr.recipes.models.MlpMixer` (``heads``/``mlp_ratio`` are the
     ViT's, ``token_mlp_ratio``/``channel_mlp_ratio`` the Mixer's). Input channels and
-    classes come from the data."""
+    classes come from the data. Models of other libraries name their ``source``:
+    ``timm`` (``timm.create_model(source, pretrained, num_classes, **kwargs)``),
+    ``torchvision`` (``torchvision.models.<source>``, ImageNet weights when
+    ``pretrained``), ``hf-causal-lm`` (a Hugging Face causal LM: a hub name or local
+    folder loaded with ``from_pretrained`` when ``pretrained``, else a model type such
+    as ``gpt2`` built from ``AutoConfig.for_model(source, **kwargs)``, randomly
+    initialised). ``kwargs`` go to the constructor."""
 
     name: str = "vit"
+    source: str | None = None
+    pretrained: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int = 8
     patch_size: int = 2
     dim: int = 64
@@ -71,27 +83,48 @@ class ModelConfig:
 class StructureConfig:
     """Which layers become structured and how. ``kind``: ``dense``, ``gblr`` or a
     baseline family (``gblr.structured.FAMILIES``). ``budget``: MACs of the ``include``
-    layers as a fraction of dense; for GBLR the learner's target, reached from
-    ``start_cost`` (default: the budget itself) over ``learner.budget_ramp``."""
+    layers (glob patterns over module names, minus ``exclude``) as a fraction of dense;
+    for GBLR the learner's target, reached from ``start_cost`` (default: the budget
+    itself) over ``learner.budget_ramp``. ``init``: ``random`` (training from scratch)
+    or ``search`` (fit each layer to its pretrained weights, :func:`gblr.convert`, with
+    ``allocation`` ``global`` or ``uniform`` and ``search_steps`` of refinement)."""
 
     kind: str = "gblr"
     budget: float = 0.3
     start_cost: float | None = None
-    include: str = "blocks.*"
+    include: str | list[str] = "blocks.*"
+    exclude: str | list[str] | None = None
+    init: str = "random"
+    allocation: str | None = None
+    search_steps: int | None = None
+    rank_per_component: int = 1
 
 
 @dataclass
 class DataConfig:
     """``digits`` is embedded (scikit-learn); ``cifar10``/``cifar100`` read the python
     pickles under ``root``; ``folder`` reads ``root`` (train) and ``val_root``
-    (ImageNet-style class folders). ``augment``: ``standard`` = random crop with 4-pixel
-    padding and horizontal flip; ``autoaugment`` adds torchvision's AutoAugment (CIFAR-10
-    policy). ``mixup``/``cutmix``: Beta-distribution α of each (0 = off; with both, each
-    batch uses one of the two at random), applied on the batch."""
+    (ImageNet-style class folders); ``imagenet`` reads ``root/train`` and ``root/val``.
+    ``augment``: ``standard`` = random crop with 4-pixel padding and horizontal flip;
+    ``autoaugment`` adds torchvision's AutoAugment (CIFAR-10 policy). ``mixup``/``cutmix``:
+    Beta-distribution α of each (0 = off; with both, each batch uses one of the two at
+    random), applied on the batch. ``mean``/``std``: image normalization (default: the
+    model's pretrained statistics for timm models, else ImageNet's).
+
+    Text: ``wikitext103`` reads the raw WikiText-103 files in ``root`` (or, without
+    ``root``, the ``datasets`` hub copy); ``text`` reads ``root/{train,valid,test}.txt``.
+    ``tokenizer``: a Hugging Face tokenizer name or folder, or ``bytes``; ``seq_len``:
+    training block and evaluation window; ``eval_stride``: the sliding window's step
+    for perplexity (default ``seq_len``)."""
 
     name: str = "digits"
     root: str | None = None
     val_root: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    tokenizer: str = "gpt2"
+    seq_len: int = 1024
+    eval_stride: int | None = None
     augment: str = "none"
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -119,10 +152,11 @@ class OptimConfig:
 @dataclass
 class LearnerConfig:
     """The structure learner (GBLR only): σ annealed from ``sigma[0]`` to ``sigma[1]``
-    from ``sigma_start`` to the end; the MACs target ramped from the starting cost to
-    ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``)."""
+    from ``sigma_start`` to the end (``null``: σ left as the layers have it, e.g. ∞ =
+    exact boxcars after a structure search); the MACs target ramped from the starting
+    cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``)."""
 
-    sigma: list[float] = field(default_factory=lambda: [1.0, 100.0])
+    sigma: list[float] | None = field(default_factory=lambda: [1.0, 100.0])
     sigma_schedule: str = "geometric"
     sigma_start: float = 0.0
     budget_ramp: float | None = None
@@ -260,6 +294,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             except ValueError as error:
                 errors.append(error)
         raise ValueError(f"{key} must be {_type_name(hint)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
@@ -272,6 +310,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is float and is_number:
         return float(value)
+    if hint is Any:
+        return value
     if hint is float and isinstance(value, str):
         # PyYAML reads 5e-4 (no dot) as a string; accept any number spelled as text
         try:
@@ -321,6 +361,15 @@ def _validate(config: TrainConfig) -> None:
     from ..structured import FAMILIES
 
     _choice("model.name", config.model.name, MODELS)
+    if config.model.name in ("timm", "torchvision", "hf-causal-lm") and not config.model.source:
+        raise ValueError(f"model.source must name the {config.model.name} model to build")
+    text_model = config.model.name == "hf-causal-lm"
+    if text_model != (config.data.name in TEXT_DATASETS):
+        raise ValueError(
+            f"model.name={config.model.name!r} does not go with data.name="
+            f"{config.data.name!r}: language models take {', '.join(TEXT_DATASETS)}, "
+            "image models the image datasets"
+        )
     for key in ("image_size", "patch_size", "dim", "depth", "heads"):
         _positive(f"model.{key}", getattr(config.model, key))
     if not 0.0 <= config.model.drop_path < 1.0:
@@ -330,12 +379,29 @@ def _validate(config: TrainConfig) -> None:
         value = getattr(config.structure, key)
         if value is not None and not 0.0 < value <= 1.0:
             raise ValueError(f"structure.{key} must be in (0, 1], got {value!r}")
+    _choice("structure.init", config.structure.init, STRUCTURE_INITS)
+    if config.structure.allocation is not None:
+        _choice("structure.allocation", config.structure.allocation, ALLOCATIONS)
+    _positive("structure.search_steps", config.structure.search_steps, zero=True)
+    _positive("structure.rank_per_component", config.structure.rank_per_component)
     _choice("data.name", config.data.name, DATASETS)
     _choice("data.augment", config.data.augment, AUGMENTATIONS)
-    if config.data.name in ("cifar10", "cifar100", "folder") and not config.data.root:
+    if config.data.name in ("cifar10", "cifar100", "folder", "imagenet", "text") and not (
+        config.data.root
+    ):
         raise ValueError(f"data.root must name the folder holding the {config.data.name} data")
     for key in ("mixup", "cutmix", "label_smoothing", "num_workers"):
         _positive(f"data.{key}", getattr(config.data, key), zero=True)
+    _positive("data.seq_len", config.data.seq_len)
+    stride = config.data.eval_stride
+    if stride is not None and not 1 <= stride <= config.data.seq_len:
+        raise ValueError(
+            f"data.eval_stride must be in [1, data.seq_len={config.data.seq_len}], got {stride}"
+        )
+    for key in ("mean", "std"):
+        value = getattr(config.data, key)
+        if value is not None and len(value) not in (1, 3):
+            raise ValueError(f"data.{key} must list 1 or 3 channel values, got {value!r}")
     optim = config.optim
     if (optim.epochs is None) == (optim.steps is None):
         raise ValueError(
@@ -346,7 +412,8 @@ def _validate(config: TrainConfig) -> None:
         _positive(f"optim.{key}", getattr(optim, key))
     for key in ("min_lr", "weight_decay", "warmup"):
         _positive(f"optim.{key}", getattr(optim, key), zero=True)
-    if len(config.learner.sigma) != 2 or min(config.learner.sigma) <= 0:
+    sigma = config.learner.sigma
+    if sigma is not None and (len(sigma) != 2 or min(sigma) <= 0):
         raise ValueError(
             f"learner.sigma must be [start, end] with both > 0, got {config.learner.sigma!r}"
         )

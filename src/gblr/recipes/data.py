@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +143,18 @@ def load_cifar(
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def image_folder(root: str | Path, image_size: int = 224, train: bool = True):
+def image_folder(
+    root: str | Path,
+    image_size: int = 224,
+    train: bool = True,
+    mean: Sequence[float] = _IMAGENET_MEAN,
+    std: Sequence[float] = _IMAGENET_STD,
+):
     """An ImageNet-style folder, ``root/<class name>/<image files>``, through torchvision.
 
     Training: random resized crop and horizontal flip; evaluation: resize to
-    ``image_size * 8 / 7`` and centre crop, as is usual for ImageNet. Needs the extra
-    ``[vision]``.
+    ``image_size * 8 / 7`` and centre crop, as is usual for ImageNet; then normalized
+    with ``mean``/``std`` (default ImageNet's). Needs the extra ``[vision]``.
 
     Returns:
         ``torchvision.datasets.ImageFolder`` of ``(image (3, S, S) float32, label int64)``;
@@ -163,7 +170,7 @@ def image_folder(root: str | Path, image_size: int = 224, train: bool = True):
         from torchvision import datasets, transforms
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("image folders need torchvision: pip install 'gblr[vision]'") from error
-    normalize = transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
+    normalize = transforms.Normalize(list(mean), list(std))
     if train:
         steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
     else:

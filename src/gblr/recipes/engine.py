@@ -39,8 +39,11 @@ __all__ = [
     "check_checkpoint_structure",
     "check_resume",
     "evaluate",
+    "evaluate_topk",
     "layer_types",
     "train_classifier",
+    "train_language_model",
+    "train_module",
 ]
 
 CHECKPOINT_KEY = "gblr"
@@ -262,11 +265,11 @@ class ClassificationModule(_ScheduledModule):
         inputs, labels = batch
         logits = self.model(inputs)
         accuracy = (logits.argmax(-1) == labels).float().mean()
-        self.log_dict(
-            {"val/loss": self.eval_loss(logits, labels), "val/accuracy": accuracy},
-            prog_bar=True,
-            sync_dist=True,
-        )
+        metrics = {"val/loss": self.eval_loss(logits, labels), "val/accuracy": accuracy}
+        if logits.shape[-1] > 5:
+            top5 = logits.topk(5, dim=-1).indices == labels[:, None]
+            metrics["val/top5"] = top5.any(dim=-1).float().mean()
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
 
 
 class CausalLMModule(_ScheduledModule):
@@ -369,18 +372,30 @@ class _ResumeDataOrder(pl.Callback):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode, on its own device) on ``dataset``."""
+def evaluate_topk(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, ks: tuple[int, ...] = (1, 5)
+) -> tuple[float, ...]:
+    """Top-k accuracies of ``model`` (in eval mode, on its own device) on ``dataset``
+    (k larger than the number of classes counts every sample as correct)."""
     training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = total = 0
+    correct = [0] * len(ks)
+    total = 0
     for inputs, labels in DataLoader(dataset, batch_size=batch_size):
-        logits = model(inputs.to(device))
-        correct += int((logits.argmax(-1).cpu() == labels).sum())
+        logits = model(inputs.to(device)).float().cpu()
+        ranked = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
+        hits = ranked == labels[:, None]
+        for i, k in enumerate(ks):
+            correct[i] += int(hits[:, :k].any(dim=-1).sum())
         total += len(labels)
     model.train(training)
-    return correct / max(total, 1)
+    return tuple(c / max(total, 1) for c in correct)
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode, on its own device) on ``dataset``."""
+    return evaluate_topk(model, dataset, batch_size, ks=(1,))[0]
 
 
 LOGGERS = ("csv", "tensorboard", "both")
@@ -407,27 +422,26 @@ def _loggers(out_dir: str | Path | None, logger: str | None) -> Any:
     return loggers
 
 
-def train_classifier(
-    model: nn.Module,
+def _include_patterns(include: str | list[str]) -> list[str]:
+    patterns = [include] if isinstance(include, str) else list(include)
+    return [q for p in patterns for q in (p, p + ".*")]
+
+
+def train_module(
+    module: _ScheduledModule,
     train_set: Dataset,
-    test_set: Dataset | None,
+    val_set: Dataset | None,
     *,
     steps: int,
     batch_size: int = 64,
     global_batch_size: int | None = None,
-    lr: float = 1e-3,
-    min_lr: float = 0.0,
-    weight_decay: float = 0.05,
     warmup_steps: int = 0,
-    structure_lr: float | None = None,
     target: float | None = None,
     budget_ramp_steps: int | None = None,
-    sigma: tuple[float, float] = (1.0, 100.0),
+    sigma: tuple[float, float] | None = (1.0, 100.0),
     sigma_schedule: str = "geometric",
     sigma_start_step: int = 0,
-    structure_include: str = "blocks.*",
-    label_smoothing: float = 0.0,
-    batch_mix: Any = None,
+    structure_include: str | list[str] = "blocks.*",
     num_workers: int = 0,
     val_every_n_steps: int | None = None,
     out_dir: str | Path | None = None,
@@ -439,52 +453,20 @@ def train_classifier(
     resume: str | Path | None = None,
     stop_after: int | None = None,
     extra_callbacks: list[pl.Callback] | None = None,
-    run_info: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
-) -> dict[str, float]:
-    """Train ``model`` for ``steps`` optimizer steps and evaluate it.
-
-    ``batch_size`` is per process: a run on ``devices=4`` takes 4 × ``batch_size``
-    samples per step; or give ``global_batch_size``, split evenly over the processes.
-    With GBLR layers in ``model`` and a ``target`` (fraction of their dense MACs), a
-    structure learner ramps their cost from the starting cost to
-    ``target`` over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals σ over
-    ``sigma`` from ``sigma_start_step``. ``trainer_kwargs`` go to ``lightning.Trainer``
-    (``accelerator``, ``devices``, ``num_nodes``, ``strategy``, ``precision``,
-    ``gradient_clip_val``, ...). ``test_set`` (optional) is also the validation set
-    every ``val_every_n_steps``. ``logger``: ``csv`` (``out_dir/metrics.csv``),
-    ``tensorboard`` (``out_dir/tensorboard``), ``both`` or None.
-
-    Checkpoints: with ``checkpoint_dir``, Lightning saves ``last.ckpt`` there (model,
-    optimizer, schedule, step, the structure learner's state and the model's layer
-    types) every ``checkpoint_every_n_steps`` and at the end; ``resume`` (a checkpoint
-    path) continues such a run, after checking that it holds a model of this structure.
-    ``stop_after`` ends the run early at that step while every schedule still spans
-    ``steps`` (an interruption). Resuming reproduces the uninterrupted run exactly: the
-    data order is one seeded stream over the whole run (:class:`ShuffleStream`),
-    resumed at the samples consumed.
+) -> dict[str, Any]:
+    """Train a :class:`ClassificationModule` or :class:`CausalLMModule` for ``steps``
+    optimizer steps with a Lightning ``Trainer``; see :func:`train_classifier` for the
+    options.
 
     Returns:
-        ``{"accuracy", "macs_ratio", "seconds", "steps", "global_rank"}``: test accuracy
-        (nan without ``test_set``), MACs of the ``structure_include`` layers over their
-        dense MACs, wall time of training, optimizer steps taken, this process's rank.
+        ``{"macs_ratio", "seconds", "steps", "global_rank"}``.
     """
+    model = module.model
     resumed_step = None if resume is None else check_resume(resume, model)
     if resumed_step is not None and out_dir is not None:
         _set_aside_metrics(Path(out_dir))
     pl.seed_everything(seed, workers=True, verbose=False)
-    module = ClassificationModule(
-        model,
-        lr=lr,
-        min_lr=min_lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        total_steps=steps,
-        structure_lr=structure_lr,
-        label_smoothing=label_smoothing,
-        batch_mix=batch_mix,
-        run_info=run_info,
-    )
     callbacks: list[pl.Callback] = []
     if gblr_layers(model) and target is not None:
         callbacks.append(
@@ -515,7 +497,7 @@ def train_classifier(
                 every_n_train_steps=checkpoint_every_n_steps,
             )
         )
-    validate = test_set is not None and val_every_n_steps is not None
+    validate = val_set is not None and val_every_n_steps is not None
     trainer_options = {
         "max_steps": steps if stop_after is None else min(stop_after, steps),
         "accelerator": "cpu",
@@ -552,9 +534,7 @@ def train_classifier(
         persistent_workers=num_workers > 0,
     )
     val_loader = (
-        DataLoader(test_set, batch_size=max(batch_size, 256), num_workers=num_workers)
-        if validate
-        else None
+        DataLoader(val_set, batch_size=batch_size, num_workers=num_workers) if validate else None
     )
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -564,9 +544,8 @@ def train_classifier(
     seconds = time.perf_counter() - start
     if resumed_step is not None and out_dir is not None and trainer.is_global_zero:
         _merge_metrics(Path(out_dir), resumed_step)
-    flops = count_flops(model, include=[structure_include + ".*", structure_include])
+    flops = count_flops(model, include=_include_patterns(structure_include))
     return {
-        "accuracy": float("nan") if test_set is None else evaluate(model, test_set),
         "macs_ratio": flops.ratio,
         "seconds": seconds,
         "steps": max(
@@ -574,3 +553,106 @@ def train_classifier(
         ),
         "global_rank": trainer.global_rank,
     }
+
+
+def train_classifier(
+    model: nn.Module,
+    train_set: Dataset,
+    test_set: Dataset | None,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    min_lr: float = 0.0,
+    weight_decay: float = 0.05,
+    warmup_steps: int = 0,
+    structure_lr: float | None = None,
+    label_smoothing: float = 0.0,
+    batch_mix: Any = None,
+    run_info: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Train ``model`` for ``steps`` optimizer steps and evaluate it.
+
+    ``batch_size`` (default 64) is per process: a run on ``devices=4`` takes 4 ×
+    ``batch_size`` samples per step; or give ``global_batch_size``, split evenly over
+    the processes. With GBLR layers in ``model`` and a ``target`` (fraction of their
+    dense MACs), a structure learner ramps their cost from the starting cost to
+    ``target`` over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals σ over
+    ``sigma`` (None: left alone) from ``sigma_start_step`` on the ``sigma_schedule``.
+    ``structure_include``: glob patterns of the layers whose MACs ratio is reported.
+    Other keyword arguments go to ``lightning.Trainer`` (``accelerator``, ``devices``,
+    ``num_nodes``, ``strategy``, ``precision``, ``gradient_clip_val``, ...).
+    ``test_set`` (optional) is also the validation set every ``val_every_n_steps``.
+    ``logger``: ``csv`` (``out_dir/metrics.csv``), ``tensorboard``
+    (``out_dir/tensorboard``), ``both`` or None. ``lr``, ``min_lr``, ``weight_decay``,
+    ``warmup_steps``, ``structure_lr``, ``label_smoothing``, ``batch_mix``, ``run_info``:
+    see :class:`ClassificationModule`.
+
+    Checkpoints: with ``checkpoint_dir``, Lightning saves ``last.ckpt`` there (model,
+    optimizer, schedule, step, the structure learner's state and the model's layer
+    types) every ``checkpoint_every_n_steps`` (50) and at the end; ``resume`` (a
+    checkpoint path) continues such a run, after checking that it holds a model of this
+    structure. ``stop_after`` ends the run early at that step while every schedule
+    still spans ``steps`` (an interruption). Resuming reproduces the uninterrupted run
+    exactly: the data order is one seeded stream over the whole run
+    (:class:`ShuffleStream`), resumed at the samples consumed.
+
+    Returns:
+        ``{"accuracy", "top5", "macs_ratio", "seconds", "steps", "global_rank"}``: test
+        top-1 and top-5 accuracy (nan without ``test_set``), MACs of the
+        ``structure_include`` layers over their dense MACs, wall time of training,
+        optimizer steps taken, this process's rank.
+    """
+    module = ClassificationModule(
+        model,
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        total_steps=steps,
+        structure_lr=structure_lr,
+        label_smoothing=label_smoothing,
+        batch_mix=batch_mix,
+        run_info=run_info,
+    )
+    result = train_module(
+        module, train_set, test_set, steps=steps, warmup_steps=warmup_steps, **options
+    )
+    top1, top5 = (math.nan, math.nan) if test_set is None else evaluate_topk(model, test_set)
+    return {"accuracy": top1, "top5": top5, **result}
+
+
+def train_language_model(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    min_lr: float = 0.0,
+    weight_decay: float = 0.05,
+    warmup_steps: int = 0,
+    structure_lr: float | None = None,
+    run_info: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Train a causal language model (:class:`CausalLMModule`) on ``train_set`` (blocks
+    of token ids ``(T,)`` int64); options as :func:`train_classifier`. ``val_set`` blocks
+    are scored every ``val_every_n_steps`` (``val/loss``, ``val/perplexity``).
+
+    Returns:
+        ``{"macs_ratio", "seconds", "steps", "global_rank"}``.
+    """
+    module = CausalLMModule(
+        model,
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        total_steps=steps,
+        structure_lr=structure_lr,
+        run_info=run_info,
+    )
+    return train_module(
+        module, train_set, val_set, steps=steps, warmup_steps=warmup_steps, **options
+    )

@@ -1,8 +1,14 @@
-"""``gblr train``: one training run from a config, written to its own folder.
+"""``gblr train`` / ``gblr finetune``: one training run from a config, in its own folder.
 
 The run folder (``config.out``) holds ``config.yaml`` (the resolved config),
 ``checkpoints/last.ckpt`` (resumable), ``metrics.csv`` and/or ``tensorboard/``,
 ``model_state.pt``, ``results.json`` and ``REPORT.md`` with its figures.
+
+Image classifiers (the compact ViT and Mixer, timm and torchvision models) report top-1
+and top-5 test accuracy; causal language models (Hugging Face) report the perplexity of
+the test split with the standard sliding-window evaluation. Either may start from
+pretrained weights (``model.pretrained``) fitted to a MACs budget by a structure search
+(``structure.init: search``), or from scratch.
 """
 
 from __future__ import annotations
@@ -16,21 +22,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TrainConfig, config_to_dict
+from .config import TEXT_DATASETS, TrainConfig, config_to_dict
 
 __all__ = [
     "build_datasets",
     "build_model",
     "build_structured_model",
     "data_shape",
+    "example_input",
     "model_from_run",
     "run_length",
     "train_from_config",
 ]
 
+def _image_stats(config: TrainConfig, model: nn.Module | None) -> tuple[Any, Any]:
+    if config.data.mean is not None and config.data.std is not None:
+        return tuple(config.data.mean), tuple(config.data.std)
+    pretrained = getattr(model, "pretrained_cfg", None) or {}  # timm models carry theirs
+    if "mean" in pretrained and "std" in pretrained:
+        return tuple(pretrained["mean"]), tuple(pretrained["std"])
+    from .data import _IMAGENET_MEAN, _IMAGENET_STD
 
-def build_datasets(config: TrainConfig) -> tuple[Any, Any, int, int]:
-    """``(train, test, in_chans, num_classes)`` for ``config.data``."""
+    return _IMAGENET_MEAN, _IMAGENET_STD
+
+
+def build_datasets(
+    config: TrainConfig, model: nn.Module | None = None
+) -> tuple[Any, Any, int, int]:
+    """``(train, test, in_chans, num_classes)`` of an image dataset in ``config.data``;
+    ``model`` (optional) supplies a timm model's normalization statistics."""
     from .data import digits, image_folder, load_cifar
 
     data = config.data
@@ -42,39 +62,178 @@ def build_datasets(config: TrainConfig) -> tuple[Any, Any, int, int]:
         train = load_cifar(data.root, train=True, classes=classes, augment=data.augment)
         test = load_cifar(data.root, train=False, classes=classes)
         return train, test, 3, classes
-    train = image_folder(data.root, config.model.image_size, train=True)
-    if data.val_root is None:
+    if data.name in TEXT_DATASETS:
+        raise ValueError(f"data.name={data.name!r} is text; build_datasets reads images")
+    train_root, val_root = data.root, data.val_root
+    if data.name == "imagenet":
+        train_root, val_root = f"{data.root}/train", f"{data.root}/val"
+    if val_root is None:
         raise ValueError("data.val_root must name the validation image folder")
-    test = image_folder(data.val_root, config.model.image_size, train=False)
+    mean, std = _image_stats(config, model)
+    size = config.model.image_size
+    train = image_folder(train_root, size, train=True, mean=mean, std=std)
+    test = image_folder(val_root, size, train=False, mean=mean, std=std)
     if test.classes != train.classes:
-        raise ValueError(
-            f"data.val_root {data.val_root} has other classes than data.root {data.root}"
-        )
+        raise ValueError(f"the validation folder {val_root} has other classes than {train_root}")
     return train, test, 3, len(train.classes)
 
 
 def data_shape(config: TrainConfig) -> tuple[int, int]:
-    """``(in_chans, num_classes)`` of ``config.data`` without reading the images."""
+    """``(in_chans, num_classes)`` of ``config.data`` without reading the images
+    (``(0, 0)`` for text)."""
     name = config.data.name
+    if name in TEXT_DATASETS:
+        return 0, 0
     if name in ("digits", "cifar10", "cifar100"):
         return {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100)}[name]
-    root = Path(config.data.root or "")
+    root = Path(config.data.root or "").expanduser()
+    if name == "imagenet":
+        root = root / "train"
     if not root.is_dir():
         raise FileNotFoundError(f"no image folder at {root} (data.root): cannot count classes")
     return 3, sum(1 for child in root.iterdir() if child.is_dir())
 
 
-def model_from_run(source: str | Path) -> tuple[nn.Module, str, torch.Tensor]:
+def _timm_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError("model.name='timm' needs timm: pip install 'gblr[vision]'") from error
+    m = config.model
+    kwargs = {"drop_path_rate": m.drop_path, **m.kwargs}
+    return timm.create_model(m.source, pretrained=m.pretrained, num_classes=num_classes, **kwargs)
+
+
+def _torchvision_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError as error:
+        raise ImportError(
+            "model.name='torchvision' needs torchvision: pip install 'gblr[vision]'"
+        ) from error
+    m = config.model
+    if m.source not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"model.source={m.source!r} is not a torchvision classification model")
+    if not m.pretrained:
+        return torchvision.models.get_model(m.source, weights=None, num_classes=num_classes)
+    # ImageNet weights come with a 1000-class head; another number of classes gets a new one
+    model = torchvision.models.get_model(m.source, weights="DEFAULT", **m.kwargs)
+    if num_classes != 1000:
+        if not isinstance(getattr(model, "fc", None), nn.Linear):
+            raise ValueError(
+                f"pretrained {m.source} has no 'fc' head to replace for {num_classes} classes"
+            )
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def _hf_causal_lm(config: TrainConfig) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(
+            "model.name='hf-causal-lm' needs transformers: pip install 'gblr[hf]'"
+        ) from error
+    m = config.model
+    if m.pretrained:
+        return transformers.AutoModelForCausalLM.from_pretrained(m.source, **m.kwargs)
+    try:
+        model_config = transformers.AutoConfig.for_model(m.source, **m.kwargs)
+    except ValueError as error:
+        raise ValueError(
+            f"model.source={m.source!r}: without model.pretrained it must be a model type "
+            f"such as 'gpt2' (a randomly initialised model is built): {error}"
+        ) from None
+    return transformers.AutoModelForCausalLM.from_config(model_config)
+
+
+def build_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
+    """The dense network of ``config.model`` (structure is applied separately)."""
+    from .models import MlpMixer, VisionTransformer
+
+    m = config.model
+    if m.name == "timm":
+        return _timm_model(config, num_classes)
+    if m.name == "torchvision":
+        return _torchvision_model(config, num_classes)
+    if m.name == "hf-causal-lm":
+        return _hf_causal_lm(config)
+    size = (m.image_size, m.patch_size, in_chans, num_classes, m.dim, m.depth)
+    if m.name == "vit":
+        return VisionTransformer(*size, m.heads, m.mlp_ratio, m.drop_path, **m.kwargs)
+    return MlpMixer(
+        *size, m.token_mlp_ratio, m.channel_mlp_ratio, m.drop_path, **m.kwargs
+    )
+
+
+def apply_structure(model: nn.Module, config: TrainConfig) -> None:
+    """Make ``model``'s ``structure.include`` layers structured, in place (seeded)."""
+    from ..compress.convert import convert
+    from .models import structure_model
+
+    s = config.structure
+    if s.kind == "dense":
+        return
+    if s.init == "random":
+        start = s.start_cost if s.start_cost is not None else s.budget
+        structure_model(
+            model, s.kind, start if s.kind == "gblr" else s.budget, include=s.include,
+            seed=config.seed,
+        )  # fmt: skip
+        return
+    options: dict[str, Any] = {}
+    if s.allocation is not None:
+        options["allocation"] = s.allocation
+    if s.search_steps is not None:
+        options["steps"] = s.search_steps
+    convert(
+        model,
+        structure=s.kind,
+        budget=s.budget,
+        init="search",
+        include=s.include,
+        exclude=s.exclude,
+        rank_per_component=s.rank_per_component,
+        min_features=1,  # the include patterns choose the layers (and _structure_like agrees)
+        seed=config.seed,
+        **options,
+    )
+
+
+def build_structured_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
+    """:func:`build_model` with ``config.structure`` applied (seeded by ``config.seed``)."""
+    torch.manual_seed(config.seed)
+    model = build_model(config, in_chans, num_classes)
+    apply_structure(model, config)
+    return model
+
+
+def example_input(config: TrainConfig) -> Any:
+    """One example input for ``config.model``: an image ``(1, C, S, S)`` or one window of
+    token ids ``(1, seq_len)``."""
+    if config.data.name in TEXT_DATASETS:
+        return torch.zeros(1, config.data.seq_len, dtype=torch.long)
+    in_chans, _ = data_shape(config)
+    return torch.zeros(1, in_chans, config.model.image_size, config.model.image_size)
+
+
+def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
     """The model of a run folder (``config.yaml`` + ``model_state.pt``), of a Lightning
     checkpoint written by ``gblr train``, or of a config (its starting structure).
 
+    A config with ``structure.init: search`` builds its dense model only (the search
+    needs the pretrained weights and time); a run folder or checkpoint rebuilds the
+    structure from the saved state.
+
     Returns:
-        ``(model, what, example)``: the model with its trained state when there is one,
-        a phrase saying which it is, and one example input image ``(1, C, S, S)``.
+        ``(model, what, example)``: the model (eval mode) with its trained state when
+        there is one, a phrase saying which it is, and one example input
+        (:func:`example_input`).
 
     Raises:
         FileNotFoundError: nothing of the kind at ``source``.
-        ValueError: a checkpoint without the config that made it.
+        ValueError: a checkpoint without the config that made it, or weights that do not
+            fit the config's model.
     """
     from .config import config_from_dict, load_config
     from .report import STATE_FILE, load_state
@@ -102,8 +261,15 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, torch.Tensor]:
         config = load_config(path)
         what = f"config {config.name} (starting structure, untrained)"
     in_chans, num_classes = data_shape(config)
-    model = build_structured_model(config, in_chans, num_classes)
-    example = torch.zeros(1, in_chans, config.model.image_size, config.model.image_size)
+    if state is None and config.structure.init == "search":
+        config.structure.kind = "dense"
+        what = f"config {config.name} (dense model before its structure search)"
+    torch.manual_seed(config.seed)
+    model = build_model(config, in_chans, num_classes)
+    if state is not None and config.structure.init == "search":
+        _structure_like(model, state, config)
+    elif config.structure.kind != "dense":
+        apply_structure(model, config)
     if state is not None:
         try:
             model.load_state_dict(state)
@@ -112,57 +278,50 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, torch.Tensor]:
             raise ValueError(
                 f"the weights of {what} do not fit the model its config builds: {first[:300]}"
             ) from None
-    return model, what, example
+    return model.eval(), what, example_input(config)
 
 
-def build_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
-    """The dense network of ``config.model`` (structure is applied separately)."""
-    from .models import MlpMixer, VisionTransformer
+def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: TrainConfig) -> None:
+    """Give ``model`` the structured layers whose shapes ``state`` holds, without the
+    structure search (their values come from ``state``)."""
+    from ..compress.convert import _set_submodule, convert
+    from ..layers import GBLRConv2d, GBLRLinear
 
-    m = config.model
-    if m.name == "vit":
-        return VisionTransformer(
-            m.image_size,
-            m.patch_size,
-            in_chans,
-            num_classes,
-            m.dim,
-            m.depth,
-            m.heads,
-            m.mlp_ratio,
-            m.drop_path,
-        )
-    return MlpMixer(
-        m.image_size,
-        m.patch_size,
-        in_chans,
-        num_classes,
-        m.dim,
-        m.depth,
-        m.token_mlp_ratio,
-        m.channel_mlp_ratio,
-        m.drop_path,
-    )
-
-
-def build_structured_model(
-    config: TrainConfig, in_chans: int, num_classes: int
-) -> nn.Module:
-    """:func:`build_model` with ``config.structure`` applied (seeded by ``config.seed``)."""
-    from .models import structure_model
-
-    torch.manual_seed(config.seed)
-    model = build_model(config, in_chans, num_classes)
-    kind, budget = config.structure.kind, config.structure.budget
-    start = config.structure.start_cost if config.structure.start_cost is not None else budget
-    structure_model(
+    # A random structure of the same kind and budget has the searched layers' parameter
+    # shapes, except for the number of GBLR components, which the search chooses.
+    convert(
         model,
-        kind,
-        start if kind == "gblr" else budget,
+        structure=config.structure.kind,
+        budget=config.structure.budget,
+        init="random",
         include=config.structure.include,
+        exclude=config.structure.exclude,
+        rank_per_component=config.structure.rank_per_component,
+        min_features=1,
         seed=config.seed,
     )
-    return model
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, (GBLRLinear, GBLRConv2d)) or f"{name}.U" not in state:
+            continue
+        components, rank = state[f"{name}.U"].shape[:2]
+        options = dict(
+            rank_per_component=int(rank),
+            num_components=int(components),
+            bias=layer.bias is not None,
+        )
+        if isinstance(layer, GBLRLinear):
+            rebuilt = GBLRLinear(layer.in_features, layer.out_features, **options)
+        else:
+            rebuilt = GBLRConv2d(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                **options,
+            )
+        _set_submodule(model, name, rebuilt)
 
 
 def run_length(config: TrainConfig, train_size: int) -> tuple[int, float]:
@@ -207,6 +366,27 @@ def _save_atomically(write, path: Path, text: bool = False) -> None:
     publish(f.name, path)
 
 
+def _text_data(config: TrainConfig) -> tuple[Any, Any, torch.Tensor]:
+    """``(train blocks, validation blocks, test token stream)`` for a language model."""
+    from .text import LMBlocks, load_tokenizer, read_text_files, read_wikitext, token_stream
+
+    data = config.data
+    tokenizer = load_tokenizer(data.tokenizer)
+    cache = None if data.root is None else Path(data.root).expanduser() / ".gblr-cache"
+    streams = {}
+    for split in ("train", "valid", "test"):
+        if data.name == "wikitext103":
+            text = read_wikitext(data.root, split)
+        else:
+            text = read_text_files([Path(data.root).expanduser() / f"{split}.txt"])
+        streams[split] = token_stream(text, tokenizer, cache_dir=cache)
+    return (
+        LMBlocks(streams["train"], data.seq_len),
+        LMBlocks(streams["valid"], data.seq_len),
+        streams["test"],
+    )
+
+
 def train_from_config(
     config: TrainConfig,
     *,
@@ -225,18 +405,29 @@ def train_from_config(
             the whole run).
 
     Returns:
-        ``{"accuracy", "macs_ratio", "seconds", "steps", ...}`` as written to
-        ``results.json``.
+        As written to ``results.json``: ``{"accuracy", "top5"}`` (images) or
+        ``{"perplexity", "nll", "tokens"}`` (text), and ``"macs_ratio"``, ``"gflops"``,
+        ``"dense_gflops"`` (whole model, one example), ``"seconds"``, ``"steps"``.
     """
     import yaml
 
+    from ..model_flops import count_model_flops
     from .data import batch_mixer
-    from .engine import check_resume, train_classifier
+    from .engine import check_resume, train_classifier, train_language_model
     from .report import write_report
 
     out = Path(config.out).expanduser()
-    train_set, test_set, in_chans, num_classes = build_datasets(config)
-    model = build_structured_model(config, in_chans, num_classes)
+    text = config.data.name in TEXT_DATASETS
+    if text:
+        train_set, val_set, test_stream = _text_data(config)
+        in_chans = num_classes = 0
+    else:
+        in_chans, num_classes = data_shape(config)
+    torch.manual_seed(config.seed)
+    model = build_model(config, in_chans, num_classes)
+    if not text:
+        train_set, val_set, in_chans, num_classes = build_datasets(config, model)
+    apply_structure(model, config)
     steps, unit = run_length(config, len(train_set))
     if resume == "last":
         resume = out / "checkpoints" / "last.ckpt"
@@ -255,10 +446,7 @@ def train_from_config(
     _save_atomically(
         lambda f: yaml.safe_dump(settings, f, sort_keys=False), out / "config.yaml", text=True
     )
-    result = train_classifier(
-        model,
-        train_set,
-        test_set,
+    options: dict[str, Any] = dict(
         steps=steps,
         global_batch_size=optim.batch_size,
         lr=optim.lr,
@@ -268,12 +456,10 @@ def train_from_config(
         structure_lr=optim.structure_lr,
         target=config.structure.budget if config.structure.kind == "gblr" else None,
         budget_ramp_steps=ramp,
-        sigma=tuple(learner.sigma),
+        sigma=None if learner.sigma is None else tuple(learner.sigma),
         sigma_schedule=learner.sigma_schedule,
         sigma_start_step=round(learner.sigma_start * unit),
         structure_include=config.structure.include,
-        label_smoothing=config.data.label_smoothing,
-        batch_mix=batch_mixer(config.data.mixup, config.data.cutmix, num_classes),
         num_workers=config.data.num_workers,
         val_every_n_steps=val_every,
         out_dir=out,
@@ -287,14 +473,34 @@ def train_from_config(
         run_info={"structure": config.structure.kind, "config": settings},
         **_trainer_options(config),
     )
-    result = {"name": config.name, "structure": config.structure.kind, **result}
-    if result.pop("global_rank") == 0:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _save_atomically(lambda f: torch.save(state, f), out / "model_state.pt")
-        _save_atomically(
-            lambda f: json.dump({"config": settings, "result": result}, f, indent=2),
-            out / "results.json",
-            text=True,
+    if text:
+        result = train_language_model(model, train_set, val_set, **options)
+    else:
+        result = train_classifier(
+            model,
+            train_set,
+            val_set,
+            label_smoothing=config.data.label_smoothing,
+            batch_mix=batch_mixer(config.data.mixup, config.data.cutmix, num_classes),
+            **options,
         )
-        write_report(out)
+    result = {"name": config.name, "structure": config.structure.kind, **result}
+    if result.pop("global_rank") != 0:
+        return result
+    if text:
+        from .text import strided_perplexity
+
+        stride = config.data.eval_stride or config.data.seq_len
+        result.update(strided_perplexity(model, test_stream, config.data.seq_len, stride))
+    device = next(model.parameters()).device
+    model_cost = count_model_flops(model.eval(), example_input(config).to(device))
+    result.update(gflops=model_cost.gflops, dense_gflops=model_cost.dense_macs / 1e9)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _save_atomically(lambda f: torch.save(state, f), out / "model_state.pt")
+    _save_atomically(
+        lambda f: json.dump({"config": settings, "result": result}, f, indent=2),
+        out / "results.json",
+        text=True,
+    )
+    write_report(out)
     return result

@@ -1,0 +1,133 @@
+"""``gblr sweep``: one config over several structures and budgets, one table and one plot.
+
+Each run goes to ``OUT/<structure>-<budget>`` (``OUT/dense`` for the dense model) and is
+skipped when its ``results.json`` already exists, so an interrupted sweep continues
+where it stopped. ``OUT/sweep.{json,md,png}`` gather the results: accuracy (or
+perplexity) against the whole model's GFLOPs, one line per structure.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import TEXT_DATASETS, TrainConfig, config_to_dict
+
+__all__ = ["run_sweep", "sweep_runs"]
+
+
+def sweep_runs(
+    config: TrainConfig, structures: Sequence[str], budgets: Sequence[float], out: Path
+) -> list[TrainConfig]:
+    """The configs of a sweep: every structure except ``dense`` at every budget, and the
+    dense model once when ``dense`` is listed."""
+    from ..structured import FAMILIES
+
+    allowed = {"dense", "gblr", *FAMILIES}
+    unknown = [s for s in structures if s not in allowed]
+    if unknown:
+        raise ValueError(f"structures: unknown {unknown}; allowed: {sorted(allowed)}")
+    bad = [b for b in budgets if not 0.0 < b <= 1.0]
+    if bad or not budgets:
+        raise ValueError(f"budgets must be fractions in (0, 1], got {list(budgets)}")
+    runs = []
+    for structure in dict.fromkeys(structures):  # in order, once each
+        for budget in [1.0] if structure == "dense" else budgets:
+            run = copy.deepcopy(config)
+            run.structure.kind, run.structure.budget = structure, budget
+            name = "dense" if structure == "dense" else f"{structure}-{budget:g}"
+            run.out, run.name = str(out / name), f"{config.name}/{name}"
+            runs.append(run)
+    return runs
+
+
+def _metric(config: TrainConfig) -> tuple[str, str]:
+    if config.data.name in TEXT_DATASETS:
+        return "perplexity", "test perplexity (lower is better)"
+    return "accuracy", "top-1 test accuracy"
+
+
+def _plot(rows: list[dict[str, Any]], metric: str, label: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import _savefig
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for structure in dict.fromkeys(r["structure"] for r in rows):
+        points = sorted(
+            (r["gflops"], r[metric])
+            for r in rows
+            if r["structure"] == structure and not math.isnan(r[metric])
+        )
+        if points:
+            style = "*" if structure == "dense" else "o-"
+            axes.plot(*zip(*points), style, label=structure, markersize=9 if style == "*" else 5)
+    axes.set_xlabel("model GFLOPs per example (MACs, fvcore convention)")
+    axes.set_ylabel(label)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    _savefig(figure, path)
+    plt.close(figure)
+
+
+def run_sweep(
+    config: TrainConfig,
+    structures: Sequence[str],
+    budgets: Sequence[float],
+    out: str | Path,
+    *,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train every run of the sweep (skipping finished ones) and write
+    ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``out``.
+
+    Returns:
+        One row per run: structure, budget, the metric, GFLOPs, MACs ratio, seconds.
+    """
+    from .train import _save_atomically, train_from_config
+
+    out = Path(out).expanduser()
+    metric, label = _metric(config)
+    rows = []
+    for run in sweep_runs(config, structures, budgets, out):
+        finished = Path(run.out) / "results.json"
+        if finished.is_file():
+            result = json.loads(finished.read_text())["result"]
+            print(f"[{run.name}] done before, read {finished}")
+        else:
+            print(f"\n[{run.name}]")
+            result = train_from_config(run, progress=progress)
+        rows.append(
+            {
+                "structure": run.structure.kind,
+                "budget": run.structure.budget,
+                metric: result.get(metric, math.nan),
+                "gflops": result["gflops"],
+                "macs_ratio": result["macs_ratio"],
+                "seconds": result["seconds"],
+                "run": run.out,
+            }
+        )
+    header = f"| structure | budget | {metric} | GFLOPs | MACs ratio (structured) | seconds |"
+    table = [header, "| --- | ---: | ---: | ---: | ---: | ---: |"] + [
+        f"| {r['structure']} | {r['budget']:g} | {r[metric]:.4f} | {r['gflops']:.4g} | "
+        f"{r['macs_ratio']:.3f} | {r['seconds']:.0f} |"
+        for r in rows
+    ]
+    text = f"# Sweep: {config.name}\n\n![{label} vs GFLOPs](sweep.png)\n\n" + "\n".join(table)
+    _save_atomically(lambda f: f.write(text + "\n"), out / "sweep.md", text=True)
+    _save_atomically(
+        lambda f: json.dump({"config": config_to_dict(config), "rows": rows}, f, indent=2),
+        out / "sweep.json",
+        text=True,
+    )
+    _plot(rows, metric, label, out / "sweep.png", config.name)
+    return rows
