@@ -20,6 +20,9 @@ $B --autocast none --rows 8192 64 --output "$OUT/bench_layer_cuda_none.json"
 $B --autocast bf16 --rows 8192 --graph --output "$OUT/bench_layer_cuda_bf16_graph.json"
 python3 benchmarks/bench_search.py --device cuda --shapes 768x3072 --budgets 0.2 0.4 \
   --output "$OUT/bench_search_cuda.json"
+# the fine-tuning recipes' models, full training steps, dense vs GBLR/low-rank (issue 8)
+python3 benchmarks/bench_finetune.py --device cuda --autocast bf16 \
+  --output "$OUT/bench_finetune_cuda.json" 2>&1 | tail -12
 python3 benchmarks/bench_overhead.py --device cuda 2>&1 | tee "$OUT/overhead.txt"
 python3 benchmarks/profile_layer.py --device cuda --autocast bf16 --rows 8192 \
   > "$OUT/profile_bf16.txt" 2>&1 || echo "profile failed"
