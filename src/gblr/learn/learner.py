@@ -9,6 +9,11 @@ by ``τ · (its cost per unit width)`` and clamped to [0, 1]; locations wrap mod
 - budget mode: ``τ`` is the smallest global threshold, found by bisection, for which the
   exact (integer, live-components-only) cost of all GBLR layers is at most the target.
   Layers compete for one budget.
+
+Two options, off by default, make recovery of a planted structure more reliable
+(``benchmarks/bench_learner.py``): ``adaptive`` (adaptive-lasso thresholds, weighted by each
+component's weight per MAC) and ``max_shift`` (after the budget ramp, structure moves are
+limited to a few grid cells per step, against Adam's spikes).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import Tensor, nn
 
 from ..cost import budget_macs
 from ..layers.base import GBLRMatrixMixin
+from ..ops.gaudi import boxcar_mask
 from .groups import gblr_layers
 
 __all__ = ["SIGMA_SCHEDULES", "StructureLearner"]
@@ -37,14 +43,17 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def _budget_threshold(view: _StructureView, widths: Tensor, target: int) -> float:
+def _budget_threshold(
+    view: _StructureView, widths: Tensor, target: int, scale: Tensor | None = None
+) -> float:
     """Smallest global threshold whose shrunk widths cost at most ``target`` MACs."""
     if view.cost(widths) <= target:
         return 0.0
-    low, high = 0.0, float((widths / view.unit_cost).max().item()) * (1 + 1e-9) + 1e-12
+    per_unit = view.unit_cost if scale is None else view.unit_cost * scale
+    low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
     for _ in range(_BISECTION_STEPS):
         middle = 0.5 * (low + high)
-        if view.cost(view.shrink(widths, middle)) <= target:
+        if view.cost(view.shrink(widths, middle, scale)) <= target:
             high = middle
         else:
             low = middle
@@ -91,8 +100,22 @@ class _StructureView:
         live = (lengths > 0).all(dim=0)
         return int((self.ranks * lengths.sum(dim=0) * live).sum().item())
 
-    def shrink(self, widths: Tensor, threshold: float) -> Tensor:
-        return (widths - threshold * self.unit_cost).clamp(0.0, 1.0)
+    def shrink(self, widths: Tensor, threshold: float, scale: Tensor | None = None) -> Tensor:
+        per_unit = self.unit_cost if scale is None else self.unit_cost * scale
+        return (widths - threshold * per_unit).clamp(0.0, 1.0)
+
+    def importance(self) -> Tensor:
+        """``(ΣK,)`` RMS entry of each component's exact (boxcar-masked) block:
+        ``‖D(a_k) U_k‖ ‖V_k D(b_k)‖ / sqrt(|R_k| |C_k|)``; 0 for dead components."""
+        values = []
+        for layer in self.layers:
+            col_mask = boxcar_mask(layer.widths[0], layer.locations[0], layer.cols, layer.U.dtype)
+            row_mask = boxcar_mask(layer.widths[1], layer.locations[1], layer.rows, layer.U.dtype)
+            u = (layer.U.detach() * row_mask.unsqueeze(1)).flatten(1).norm(dim=1)
+            v = (layer.V.detach() * col_mask.unsqueeze(1)).flatten(1).norm(dim=1)
+            area = (row_mask.sum(1) * col_mask.sum(1)).clamp_min(1.0)
+            values.append((u * v / area.sqrt()).to(torch.float64))
+        return torch.cat(values)
 
     def write(self, widths: Tensor) -> None:
         start = 0
@@ -128,6 +151,23 @@ class StructureLearner:
         ramp: shape of the warm-up ramp of the target: ``"geometric"`` (default: equal
             time per factor of cost, so the last, hardest cuts are gradual) or
             ``"linear"``.
+        adaptive: exponent ``γ`` of adaptive-lasso thresholds (default 0: the paper's one
+            uniform threshold). Each component's widths are shrunk by
+            ``τ · (cost per unit width) · (mean importance / importance_k) ** γ``, its
+            importance the RMS entry of its exact block,
+            ``‖D(a_k) U_k‖ ‖V_k D(b_k)‖ / sqrt(|R_k| |C_k|)``: components that carry little
+            weight per MAC (empty, or wider than their content) shrink first, and the
+            budget is still met exactly by one global ``τ`` found by bisection.
+        max_shift: once the warm-up (budget ramp) is over, each width and location moves
+            at most this many grid cells (rows or columns) per step (default ``None``: no
+            limit). Why: with the paper's Adam betas ``(0, 0.999)``, a converged structure
+            sees tiny gradients for hundreds of steps, so Adam's second moment decays;
+            when a drifting location then crosses a rounding boundary the loss jumps and
+            Adam's normalised step reaches ``lr / sqrt(1 - β2) ≈ 32 lr``, many cells,
+            which wrecks a fit that was exact. On the planted-structure benchmark
+            (``benchmarks/bench_learner.py``) ``max_shift=1`` turned such late collapses
+            into recoveries. The limit is relative to the structure after the previous
+            :meth:`step`, so load the model's state before the learner's when resuming.
 
     Example:
         >>> import torch, gblr
@@ -153,6 +193,8 @@ class StructureLearner:
         optimizer: torch.optim.Optimizer | None = None,
         structure_lr: float | None = None,
         ramp: Literal["linear", "geometric"] = "geometric",
+        adaptive: float = 0.0,
+        max_shift: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -197,11 +239,45 @@ class StructureLearner:
         if ramp not in ("linear", "geometric"):
             raise ValueError(f"ramp must be 'linear' or 'geometric', got {ramp!r}")
         self.ramp = ramp
+        if max_shift is not None and (
+            isinstance(max_shift, bool)
+            or not isinstance(max_shift, (int, float))
+            or not 0 < max_shift < math.inf
+        ):
+            raise ValueError(
+                f"max_shift must be a finite number of grid cells > 0, or None, got {max_shift!r}"
+            )
+        self.max_shift = None if max_shift is None else float(max_shift)
+        if isinstance(adaptive, bool) or not isinstance(adaptive, (int, float)):
+            raise TypeError(f"adaptive must be a number >= 0, got {adaptive!r}")
+        if not 0 <= adaptive < math.inf:
+            raise ValueError(f"adaptive must be a finite number >= 0, got {adaptive!r}")
+        self.adaptive = float(adaptive)
 
         self.step_count = 0
         self.threshold = 0.0
         self.start_cost = self.view.cost(self.view.widths())
+        self._previous = self._snapshot()
         self._apply_sigma()
+
+    def _snapshot(self) -> list[tuple[Tensor, Tensor]] | None:
+        """Widths and locations after this step, the reference of the next step's shift limit."""
+        if self.max_shift is None:
+            return None
+        return [(layer.widths.detach().clone(), layer.locations.detach().clone())
+                for layer in self.layers]  # fmt: skip
+
+    def _limit_shift(self) -> None:
+        """Clamp each width and location to within ``max_shift`` grid cells of its value
+        after the previous step (the optimizer's move; the proximal shrink comes after)."""
+        assert self._previous is not None and self.max_shift is not None
+        for layer, (widths, locations) in zip(self.layers, self._previous):
+            cell = torch.tensor(
+                [[1.0 / layer.cols], [1.0 / layer.rows]], dtype=widths.dtype, device=widths.device
+            )
+            limit = self.max_shift * cell
+            layer.widths.copy_(torch.clamp(layer.widths, widths - limit, widths + limit))
+            layer.locations.copy_(torch.clamp(layer.locations, locations - limit, locations + limit))
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -271,19 +347,36 @@ class StructureLearner:
         """Proximal step on all widths, wrap locations, advance σ. Call after
         ``optimizer.step()``."""
         self.step_count += 1
+        if self.max_shift is not None and self.step_count > self.warmup_steps:
+            self._limit_shift()
         for layer in self.layers:
             layer.locations.remainder_(1.0)
         widths = self.view.widths().clamp(0.0, 1.0)
+        scale = self._adaptive_scale()
         if self.lam is not None:
             self.threshold = self._structure_lr() * self.lam / self.view.dense_macs
         else:
-            self.threshold = self._budget_threshold(widths, self.target_at(self.step_count))
-        self.view.write(self.view.shrink(widths, self.threshold))
+            self.threshold = _budget_threshold(
+                self.view, widths, self.target_at(self.step_count), scale
+            )
+        self.view.write(self.view.shrink(widths, self.threshold, scale))
+        self._previous = self._snapshot()
         self._apply_sigma()
 
-    def _budget_threshold(self, widths: Tensor, target: int | None) -> float:
-        assert target is not None
-        return _budget_threshold(self.view, widths, target)
+    def _adaptive_scale(self) -> Tensor | None:
+        """Adaptive-lasso weights ``(mean importance / importance_k) ** adaptive`` per
+        component (``None``: the paper's uniform threshold). The mean is over live
+        components, so a typical component keeps the uniform threshold; empty ones (RMS
+        near 0) are capped at 1000 ** adaptive times it."""
+        if self.adaptive == 0.0:
+            return None
+        importance = self.view.importance()
+        live = importance > 0
+        if not bool(live.any()):
+            return None
+        reference = importance[live].mean()
+        ratio = reference / importance.clamp_min(1e-3 * float(reference))
+        return ratio.pow(self.adaptive)
 
     # ------------------------------------------------------------------ reporting
     def macs(self) -> int:
@@ -331,4 +424,5 @@ class StructureLearner:
         self.step_count = int(state["step_count"])
         self.start_cost = int(state["start_cost"])
         self.threshold = float(state["threshold"])
+        self._previous = self._snapshot()  # the model's structure, loaded before the learner
         self._apply_sigma()

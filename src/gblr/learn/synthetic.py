@@ -59,6 +59,7 @@ def recovery_run(
     size: int = 64,
     steps: int = 1500,
     lr: float = 1e-2,
+    learner_options: dict | None = None,
 ) -> dict[str, float]:
     """Regress a randomly started ``GBLRLinear`` onto :func:`planted_blocks` under a budget.
 
@@ -72,6 +73,8 @@ def recovery_run(
         size: matrix side.
         steps: optimizer steps.
         lr: learning rate of factors and structure.
+        learner_options: extra :class:`StructureLearner` keywords, e.g.
+            ``{"adaptive": 1.0, "max_shift": 1.0}`` (default: the paper's plain method).
 
     Returns:
         ``{"seed", "error", "macs", "budget"}``: relative Frobenius error of the eval-mode
@@ -86,7 +89,9 @@ def recovery_run(
     layer = GBLRLinear(size, size, bias=False, structure_init="random")
     optimizer = torch.optim.Adam(param_groups(layer, lr=lr))
     budget = int(budget_factor * planted_cost)
-    learner = StructureLearner(layer, target=budget, total_steps=steps, warmup_steps=steps // 2)
+    learner = StructureLearner(
+        layer, target=budget, total_steps=steps, warmup_steps=steps // 2, **(learner_options or {})
+    )
     energy = target.pow(2).sum()
     for _ in range(steps):
         loss = (layer.dense_weight() - target).pow(2).sum() / energy
