@@ -86,6 +86,12 @@ class LayerFlops:
     ``macs`` and ``dense_macs`` are per input row (linear) or per output position (conv).
     ``total_macs``/``total_dense_macs`` are filled only when an example input was given:
     the per-row numbers times the rows/positions that the layer actually processed.
+
+    Examples:
+        >>> import torch, gblr
+        >>> row = gblr.count_flops(torch.nn.Linear(8, 4), torch.randn(3, 8)).layers[0]
+        >>> row.shape, row.macs, row.rows, row.total_macs
+        ((4, 8), 32, 3, 96)
     """
 
     name: str
@@ -117,6 +123,13 @@ class FlopsReport:
 
     Totals are sums of the per-row (per-position) numbers, or of the per-input totals when
     the report was made with an example input.
+
+    Examples:
+        >>> import torch, gblr
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4), gblr.GBLRLinear(4, 8))
+        >>> report = gblr.count_flops(model)
+        >>> report.macs, report.dense_macs, [layer.name for layer in report]
+        (80, 64, ['0', '1'])
     """
 
     layers: tuple[LayerFlops, ...]
@@ -253,7 +266,7 @@ def count_flops(
     Returns:
         A :class:`FlopsReport` (``print(report)`` shows a table).
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), gblr.GBLRLinear(8, 8))
         >>> gblr.count_flops(model).dense_macs

@@ -44,6 +44,12 @@ class ModelFlops:
 
     ``macs`` = ``other_macs`` + the structured layers' ``macs``; ``dense_macs`` is the
     same model with every structured layer dense (its ``dense_flops()``).
+
+    Examples:
+        >>> import torch, gblr
+        >>> result = gblr.count_model_flops(torch.nn.Linear(8, 4), torch.randn(3, 8))
+        >>> result.macs, result.ratio
+        (96, 1.0)
     """
 
     macs: int
@@ -134,7 +140,7 @@ def count_model_flops(model: nn.Module, example_input: Any) -> ModelFlops:
     Returns:
         A :class:`ModelFlops` (``print()`` it; ``.gflops``, ``.ratio``).
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4), gblr.GBLRLinear(4, 8))
         >>> gblr.count_model_flops(model, torch.randn(2, 8)).dense_macs

@@ -193,6 +193,13 @@ class ConversionReport:
     """What :func:`convert` did: converted layers, skipped layers and totals.
 
     ``print(report)`` gives a table.
+
+    Examples:
+        >>> import torch, gblr
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        >>> report = gblr.convert(model, budget=0.25, init="svd")
+        >>> len(report.layers), round(report.ratio, 2)
+        (1, 0.25)
     """
 
     structure: str
@@ -496,7 +503,7 @@ def convert(
         its share of the budget (below the family's smallest configuration) stays dense
         and is listed in ``report.skipped`` with the reason.
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
         >>> report = gblr.convert(model, budget=0.5, init="svd")

@@ -367,7 +367,7 @@ def fit_dense(
         in float32 (float64 for float64 input), ``sigma = inf``. Its relative Frobenius
         error is at most that of the truncated SVD with the same MAC budget.
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> weight = torch.block_diag(torch.randn(8, 8), torch.randn(8, 8))
         >>> layer = gblr.fit_dense(weight, 0.6, steps=0)

@@ -30,7 +30,7 @@ class GBLRTrainerCallback(TrainerCallback):
     ``global_step`` (σ schedule and budget ramp included); its starting cost is the one
     at the start of the resumed run.
 
-    Example:
+    Examples:
         >>> from gblr.integrations.hf import GBLRTrainerCallback
         >>> callback = GBLRTrainerCallback(target=0.25, warmup_steps=500)
     """

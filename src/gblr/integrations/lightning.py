@@ -33,7 +33,7 @@ class GBLRCallback(pl.Callback):
 
     The learner's state is saved in and restored from Lightning checkpoints.
 
-    Example:
+    Examples:
         >>> from gblr.integrations.lightning import GBLRCallback
         >>> callback = GBLRCallback(target=0.3, warmup_steps=1000)
     """

@@ -34,16 +34,17 @@ class GBLRConv2d(GBLRMatrixMixin):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as
             ``nn.Conv2d`` (``padding`` may be an int, a pair, ``"valid"`` or ``"same"``).
-        rank_per_component, num_components, structure_init, init_cost, widths,
-        locations, sigma, evaluation_order, device, dtype: as :class:`gblr.GBLRLinear`
-        over the kernel matrix. ``"factored"`` evaluates a ``K r``-channel convolution
-        followed by a 1x1 convolution.
+        rank_per_component, num_components, structure_init, init_cost: as
+            :class:`gblr.GBLRLinear`, over the kernel matrix.
+        widths, locations, sigma, evaluation_order, device, dtype: as
+            :class:`gblr.GBLRLinear`; ``evaluation_order="factored"`` evaluates a
+            ``K r``-channel convolution followed by a 1x1 convolution.
 
     Shapes:
         input ``(N, C_in, H, W)`` or ``(C_in, H, W)``; output ``(N, C_out, H', W')`` with
         ``H'``, ``W'`` as for ``nn.Conv2d``.
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> conv = gblr.GBLRConv2d(3, 16, 3, padding=1)
         >>> conv(torch.randn(2, 3, 8, 8)).shape

@@ -117,6 +117,13 @@ def low_rank(factor_u: Tensor, factor_v: Tensor, *, rank_per_component: int = 1)
 
     Returns:
         Bias-free :class:`GBLRLinear` in eval mode, ``flops() == R * (out + in)``.
+
+    Examples:
+        >>> import torch, gblr
+        >>> u, v = torch.randn(48, 4), torch.randn(4, 32)
+        >>> layer = gblr.special.low_rank(u, v)
+        >>> torch.allclose(layer.dense_weight(), u @ v, atol=1e-5), layer.flops()  # 4 (48 + 32)
+        (True, 320)
     """
     _check_matrix("factor_u", factor_u)
     _check_matrix("factor_v", factor_v)
@@ -150,6 +157,12 @@ def block_low_rank(
 
     Returns:
         Bias-free :class:`GBLRLinear` in eval mode, ``flops() == r (q out + p in)``.
+
+    Examples:
+        >>> import torch, gblr
+        >>> layer = gblr.special.block_low_rank(torch.randn(48, 48), 4)
+        >>> layer.live_components(), layer.flops()  # 16 blocks, 4 (48 + 48) MACs per row
+        (16, 384)
     """
     weight = _check_matrix("weight", weight)
     p, q = (grid, grid) if isinstance(grid, int) else tuple(grid)
@@ -189,6 +202,14 @@ def block_sparse(weight: Tensor, block_size: int | tuple[int, int]) -> GBLRLinea
 
     Returns:
         Bias-free :class:`GBLRLinear` in eval mode with ``dense_weight() == weight``.
+
+    Examples:
+        >>> import torch, gblr
+        >>> weight = torch.zeros(8, 8)
+        >>> weight[:4, 4:] = torch.randn(4, 4)  # one nonzero 4 x 4 tile
+        >>> layer = gblr.special.block_sparse(weight, 4)
+        >>> torch.allclose(layer.dense_weight(), weight, atol=1e-6), layer.flops()  # 4 (4 + 1)
+        (True, 20)
     """
     weight = _check_matrix("weight", weight)
     bh, bw = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
@@ -214,6 +235,13 @@ def block_diagonal(blocks: Sequence[Tensor]) -> GBLRLinear:
         Bias-free :class:`GBLRLinear` in eval mode of shape ``(sum h_i, sum w_i)``;
         ``flops() == sum_i min(w_i (h_i + 1), h_i (w_i + 1))``, i.e. ``b (b + 1)`` per
         square ``b x b`` block.
+
+    Examples:
+        >>> import torch, gblr
+        >>> blocks = [torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 4)]
+        >>> layer = gblr.special.block_diagonal(blocks)
+        >>> torch.allclose(layer.dense_weight(), torch.block_diag(*blocks), atol=1e-6)
+        True
     """
     if isinstance(blocks, Tensor) or not isinstance(blocks, Sequence) or len(blocks) == 0:
         raise TypeError("blocks must be a non-empty sequence (list or tuple) of 2-D tensors")

@@ -73,9 +73,9 @@ def gaudi_mask(
     Returns:
         Tensor of shape ``S + (n,)``: float64 if the inputs are float64, else float32.
 
-    Example:
+    Examples:
         >>> import torch, gblr
-        >>> gblr.gaudi_mask(torch.tensor([0.5]), torch.tensor([0.75]), 4).round()
+        >>> gblr.gaudi_mask(torch.tensor([0.5]), torch.tensor([0.75]), 4).round().abs()
         tensor([[1., 0., 0., 1.]])
     """
     _check_interval_tensors(width, location, n)
@@ -137,6 +137,11 @@ def boxcar_mask(
 
     Returns:
         Tensor of shape ``S + (n,)`` holding exact zeros and ones. Not differentiable.
+
+    Examples:
+        >>> import torch, gblr
+        >>> gblr.boxcar_mask(torch.tensor([0.5]), torch.tensor([0.75]), 4)  # wraps around
+        tensor([[1., 0., 0., 1.]])
     """
     _check_interval_tensors(width, location, n)
     if dtype is None:

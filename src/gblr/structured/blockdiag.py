@@ -39,6 +39,13 @@ class BlockDiagLinear(StructuredLinear):
     Shapes:
         input ``(..., in)``, output ``(..., out)``; ``blocks (p, ceil(out/p), ceil(in/p))``
         (block ``i`` is ``blocks[i, :out_i, :in_i]``).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.structured import BlockDiagLinear
+        >>> layer = BlockDiagLinear.from_dense(torch.randn(64, 64), budget=0.25)
+        >>> layer.num_blocks, layer.flops(), layer(torch.randn(5, 64)).shape
+        (4, 1024, torch.Size([5, 64]))
     """
 
     def __init__(

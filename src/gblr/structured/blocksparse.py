@@ -203,6 +203,13 @@ class BlockSparseLinear(StructuredLinear):
     Shapes:
         input ``(..., in)``, output ``(..., out)``; ``tiles (num_tiles, b, b)``
         (parameter), ``positions (num_tiles, 2)`` (long buffer, in the state dict).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.structured import BlockSparseLinear
+        >>> layer = BlockSparseLinear.from_dense(torch.randn(64, 64), budget=0.25)
+        >>> layer.flops(), layer(torch.randn(5, 64)).shape
+        (1024, torch.Size([5, 64]))
     """
 
     def __init__(

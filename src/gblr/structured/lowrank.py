@@ -25,6 +25,13 @@ class LowRankLinear(StructuredLinear):
 
     Shapes:
         input ``(..., in)``, output ``(..., out)``; ``U (out, rank)``, ``V (rank, in)``.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.structured import LowRankLinear
+        >>> layer = LowRankLinear.from_dense(torch.randn(64, 64), budget=0.25)
+        >>> layer.rank, layer.flops(), layer(torch.randn(5, 64)).shape
+        (8, 1024, torch.Size([5, 64]))
     """
 
     def __init__(

@@ -164,8 +164,9 @@ class MonarchLinear(StructuredLinear):
     Shapes:
         input ``(*, in_features)``, output ``(*, out_features)``.
 
-    Example:
+    Examples:
         >>> import torch
+        >>> from gblr.structured import MonarchLinear
         >>> layer = MonarchLinear(64, 64, nblocks=8)
         >>> layer(torch.randn(5, 64)).shape, layer.flops()
         (torch.Size([5, 64]), 1024)

@@ -107,6 +107,13 @@ class PixelflyLinear(BlockSparseLinear):
     Shapes:
         input ``(..., in)``, output ``(..., out)``; ``tiles (num_tiles, b, b)``,
         ``positions (num_tiles, 2)`` (long buffer), ``U (out, rank)``, ``V (rank, in)``.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.structured import PixelflyLinear
+        >>> layer = PixelflyLinear.from_dense(torch.randn(64, 64), budget=0.25)
+        >>> layer.flops() <= 0.25 * 64 * 64, layer(torch.randn(5, 64)).shape
+        (True, torch.Size([5, 64]))
     """
 
     def __init__(

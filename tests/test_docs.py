@@ -1,0 +1,117 @@
+"""The documentation cannot rot: the site builds strictly, every code block of the guides
+runs (python blocks here, included example scripts in test_examples.py), every documented
+command line is accepted by the `gblr` parser and its config loads, and the docstring
+examples of the public API run."""
+
+import doctest
+import inspect
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gblr
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted((ROOT / "docs").rglob("*.md"))
+SNIPPET = re.compile(r'^--8<-- "([^"]+)"$', re.M)
+
+
+def blocks(language: str) -> list[tuple[Path, str]]:
+    found = []
+    for page in PAGES:
+        for block in re.findall(rf"```{language}\n(.*?)```", page.read_text(), flags=re.S):
+            found.append((page, block))
+    return found
+
+
+def test_site_builds_strictly(tmp_path):
+    if shutil.which("mkdocs") is None:
+        pytest.importorskip("mkdocs")  # installed by the [dev] extra
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp_path / "site" / "api" / "index.html").stat().st_size > 100_000
+
+
+def test_included_snippets_are_example_scripts_that_ci_runs():
+    included = [
+        name for _, block in blocks("python") for name in SNIPPET.findall(block.strip())
+    ]
+    assert included, "the guides include no example"
+    for name in included:
+        assert name.startswith("examples/") and (ROOT / name).is_file(), name
+
+
+def test_python_blocks_written_in_the_guides_run():
+    for page, code in blocks("python"):
+        if not SNIPPET.search(code):  # included scripts run in test_examples.py
+            exec(compile(code, str(page), "exec"), {})
+
+
+def command_lines() -> list[tuple[Path, list[str]]]:
+    lines = []
+    for page, block in [*blocks("console"), ("README.md", "")]:
+        if page == "README.md":
+            text = (ROOT / "README.md").read_text()
+            block = "\n".join(re.findall(r"```console\n(.*?)```", text, flags=re.S))
+        for line in block.splitlines():
+            if not line.startswith("$ "):
+                continue
+            for command in line[2:].split("&&"):
+                words = shlex.split(command, comments=True)
+                if words:
+                    lines.append((page, words))
+    return lines
+
+
+def _command_id(value):
+    return " ".join(value)[:60] if isinstance(value, list) else ""
+
+
+@pytest.mark.parametrize(("page", "words"), command_lines(), ids=_command_id)
+def test_documented_commands_parse_and_their_configs_load(page, words):
+    if words[0] == "pip":
+        extras = re.search(r"\[(\w+)\]", " ".join(words))
+        pyproject = (ROOT / "pyproject.toml").read_text()
+        assert extras and f"\n{extras.group(1)} = [" in pyproject, (page, words)
+        return
+    if words[0] in ("python", "mkdocs"):
+        assert (ROOT / words[1]).is_file() or words[0] == "mkdocs", (page, words)
+        return
+    assert words[0] == "gblr", (page, words)
+    from gblr.cli import build_parser
+
+    args = build_parser().parse_args(words[1:])  # exits (fails the test) if it does not parse
+    if getattr(args, "config", None):
+        from gblr.cli import _config_from_args
+
+        _config_from_args(args)  # the config exists, the overrides name real keys
+
+
+PUBLIC = [getattr(gblr, name) for name in gblr.__all__ if not name.startswith("__")]
+PUBLIC += [getattr(gblr.structured, name) for name in gblr.structured.__all__]
+PUBLIC += [getattr(gblr.special, name) for name in gblr.special.__all__]
+
+
+@pytest.mark.parametrize(
+    "obj", [o for o in PUBLIC if inspect.isclass(o) or inspect.isfunction(o)],
+    ids=lambda o: o.__qualname__,
+)  # fmt: skip
+def test_public_docstrings_have_shapes_and_an_example_that_runs(obj):
+    docstring = inspect.getdoc(obj) or ""
+    assert ">>>" in docstring, f"{obj.__qualname__} has no example"
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in finder.find(obj, obj.__qualname__, globs={}):
+        runner.run(test)
+    assert runner.failures == 0, f"{obj.__qualname__}: {runner.failures} failing examples"
