@@ -32,9 +32,8 @@ from gblr.recipes.models import VisionTransformer, structure_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import RESULTS, machine_description, write_json_atomically
 
-
 # Learner options compared on the recovery task: the paper's plain method, and the two
-# options that made recovery reliable (StructureLearner's docstring says why).
+# options that made recovery more reliable (StructureLearner's docstring says why).
 VARIANTS = {"paper": {}, "adaptive+shift": {"adaptive": 1.0, "max_shift": 1.0}}
 
 

@@ -277,7 +277,9 @@ class StructureLearner:
             )
             limit = self.max_shift * cell
             layer.widths.copy_(torch.clamp(layer.widths, widths - limit, widths + limit))
-            layer.locations.copy_(torch.clamp(layer.locations, locations - limit, locations + limit))
+            layer.locations.copy_(
+                torch.clamp(layer.locations, locations - limit, locations + limit)
+            )
 
     # ------------------------------------------------------------------ checks
     @staticmethod
