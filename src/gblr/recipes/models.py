@@ -36,6 +36,13 @@ def _drop_path(rate: float) -> nn.Module:
     return StochasticDepth(rate, mode="row")
 
 
+def _patch_count(image_size: int, patch_size: int) -> int:
+    """Patches of a square image cut into square patches (checked to tile it exactly)."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
+    return (image_size // patch_size) ** 2
+
+
 def _drop_path_rates(drop_path: float, depth: int) -> list[float]:
     if not 0.0 <= drop_path < 1.0:
         raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
@@ -87,14 +94,11 @@ class VisionTransformer(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(
-                f"image_size={image_size} must be a multiple of patch_size={patch_size}"
-            )
+        patches = _patch_count(image_size, patch_size)
         if dim % heads:
             raise ValueError(f"dim={dim} must be a multiple of heads={heads}")
         self.patch = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-        tokens = (image_size // patch_size) ** 2 + 1
+        tokens = patches + 1
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
         self.blocks = nn.ModuleList(
@@ -161,11 +165,7 @@ class MlpMixer(nn.Module):
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(
-                f"image_size={image_size} must be a multiple of patch_size={patch_size}"
-            )
-        tokens = (image_size // patch_size) ** 2
+        tokens = _patch_count(image_size, patch_size)
         token_hidden, channel_hidden = int(token_mlp_ratio * dim), int(channel_mlp_ratio * dim)
         if min(token_hidden, channel_hidden) < 1:
             raise ValueError(
