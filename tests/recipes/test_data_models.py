@@ -118,3 +118,20 @@ def test_missing_image_folder_explains_the_layout(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="one sub-folder per class"):
         image_folder(tmp_path / "nowhere")
+
+
+def test_cifar_download_goes_through_torchvision_only_when_files_are_missing(
+    tmp_path, monkeypatch
+):
+    datasets = pytest.importorskip("torchvision.datasets")
+    calls = []
+
+    def fake_cifar10(root, train, download):  # stands in for the network
+        calls.append((root, train, download))
+        write_cifar(tmp_path, 10)
+
+    monkeypatch.setattr(datasets, "CIFAR10", fake_cifar10)
+    assert len(load_cifar(tmp_path, train=False, download=True)) == 4
+    assert calls == [(str(tmp_path), False, True)]
+    load_cifar(tmp_path, train=False, download=True)  # present now: no second fetch
+    assert len(calls) == 1

@@ -103,7 +103,8 @@ class StructureConfig:
 @dataclass
 class DataConfig:
     """``digits`` is embedded (scikit-learn); ``cifar10``/``cifar100`` read the python
-    pickles under ``root``; ``folder`` reads ``root`` (train) and ``val_root``
+    pickles under ``root`` (``download: true``: torchvision fetches them when missing);
+    ``folder`` reads ``root`` (train) and ``val_root``
     (ImageNet-style class folders); ``imagenet`` reads ``root/train`` and ``root/val``.
     ``augment``: ``standard`` = random crop with 4-pixel padding and horizontal flip;
     ``autoaugment`` adds torchvision's AutoAugment (CIFAR-10 policy). ``mixup``/``cutmix``:
@@ -119,6 +120,7 @@ class DataConfig:
 
     name: str = "digits"
     root: str | None = None
+    download: bool = False
     val_root: str | None = None
     mean: list[float] | None = None
     std: list[float] | None = None

@@ -91,14 +91,19 @@ def _cifar_transform(augment: str, mean, std):
 
 
 def load_cifar(
-    root: str | Path, train: bool = True, classes: int = 10, augment: str = "none"
+    root: str | Path,
+    train: bool = True,
+    classes: int = 10,
+    augment: str = "none",
+    download: bool = False,
 ) -> torch.utils.data.Dataset:
     """CIFAR-10/100 read from the official python-pickle release, already on disk.
 
     Looks for ``root/cifar-10-batches-py/{data_batch_1..5, test_batch}`` (CIFAR-10) or
     ``root/cifar-100-python/{train, test}`` (CIFAR-100). To get them:
     ``torchvision.datasets.CIFAR10(root, download=True)`` (or CIFAR100) on a machine with
-    internet access. ``augment`` (training): ``standard`` = random 32x32 crop of the
+    internet access, or pass ``download=True`` to have torchvision fetch them when they
+    are missing. ``augment`` (training): ``standard`` = random 32x32 crop of the
     image padded by 4 and horizontal flip; ``autoaugment`` adds AutoAugment's CIFAR-10
     policy (both need torchvision).
 
@@ -119,6 +124,15 @@ def load_cifar(
         names = ["train" if train else "test"]
         label_key = "fine_labels"
     missing = [name for name in names if not (folder / name).is_file()]
+    if missing and download:
+        try:
+            from torchvision import datasets
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "download=True needs torchvision: pip install 'gblr[vision]'"
+            ) from error
+        getattr(datasets, f"CIFAR{classes}")(str(root), train=train, download=True)
+        missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"CIFAR-{classes} files {missing} not found in {folder}. Download the python "

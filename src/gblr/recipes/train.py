@@ -59,8 +59,10 @@ def build_datasets(
         return train, test, 1, 10
     if data.name in ("cifar10", "cifar100"):
         classes = 10 if data.name == "cifar10" else 100
-        train = load_cifar(data.root, train=True, classes=classes, augment=data.augment)
-        test = load_cifar(data.root, train=False, classes=classes)
+        train = load_cifar(
+            data.root, train=True, classes=classes, augment=data.augment, download=data.download
+        )
+        test = load_cifar(data.root, train=False, classes=classes, download=data.download)
         return train, test, 3, classes
     if data.name in TEXT_DATASETS:
         raise ValueError(f"data.name={data.name!r} is text; build_datasets reads images")
