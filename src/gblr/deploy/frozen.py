@@ -20,6 +20,7 @@ from ..cost import gblr_cost
 from ..layers.base import GBLRMatrixMixin, check_positive_int
 from ..layers.conv import GBLRConv2d, _positive_pair
 from ..layers.linear import GBLRLinear
+from . import panels as PN
 from . import plans as P
 
 __all__ = ["PLAN_CHOICES", "FrozenGBLRConv2d", "FrozenGBLRLinear", "FrozenGBLRMatrix", "freeze"]
@@ -162,10 +163,10 @@ class FrozenGBLRMatrix(nn.Module):
     def _cache(self) -> dict:
         """Per-layer cache of plan operands, emptied whenever the stored tensors change
         (``.to()``, ``load_state_dict``, in-place edits: data pointer or version differ)."""
-        key = tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device)
-            for t in (self.u_packed, self.v_packed, self.row_intervals, self.col_intervals)
-        )
+        tensors = [self.u_packed, self.v_packed, self.row_intervals, self.col_intervals]
+        if self.bias is not None:  # the panels plan holds a copy of the bias
+            tensors.append(self.bias)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         cache = self.__dict__.get("_plan_ops")
         if cache is None or cache["key"] != key:
             cache = {"key": key, "items": {}}
@@ -178,7 +179,9 @@ class FrozenGBLRMatrix(nn.Module):
         items = self._cache()
         for key in list(items):
             name = key[0] if isinstance(key, tuple) else key
-            if name not in keep and not (name == "factors" and {"lowrank", "segment"} & set(keep)):
+            # segment and panels operands are built from the factors, lowrank uses them.
+            needs_factors = {"lowrank", "segment", "panels"} & set(keep)
+            if name not in keep and not (name == "factors" and needs_factors):
                 del items[key]
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
@@ -231,6 +234,21 @@ class FrozenGBLRMatrix(nn.Module):
                 items[key] = P.segment_ops(u, v, partition, self.rank_per_component)
         return items[key]
 
+    def _panel_ops(self, bucket: int) -> PN.PanelOps:
+        items = self._cache()
+        key = ("panels", bucket)
+        if key not in items:
+            with torch.no_grad():
+                items[key] = PN.panel_ops(
+                    *self._factors(),
+                    self.row_intervals,
+                    self.col_intervals,
+                    self.rank_per_component,
+                    bucket,
+                    self.bias,
+                )
+        return items[key]
+
     def _block_ops(self, bucket: int) -> P.BlockOps:
         items = self._cache()
         key = ("blocksparse", bucket)
@@ -251,6 +269,7 @@ class FrozenGBLRMatrix(nn.Module):
             self.num_components * self.rank_per_component,
             self._partition(bucket).cost,
             bucket,
+            self._panel_ops(bucket).cost,
         )
 
     def plan_for(self, rows: int) -> str:
@@ -269,6 +288,8 @@ class FrozenGBLRMatrix(nn.Module):
         bucket = P.row_bucket(x.shape[0])
         if plan == "segment":
             return P.run_segment(x, self._segment_ops(bucket), self.bias)
+        if plan == "panels":
+            return PN.run_panels(x, self._panel_ops(bucket))
         if plan == "blocksparse":
             return P.run_blocks(x, self._block_ops(bucket), self.bias)
         raise ValueError(f"plan must be one of {P.PLANS}, got {plan!r}")

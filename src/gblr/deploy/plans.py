@@ -27,6 +27,10 @@ laid out:
     members' intervals as two GEMMs, zero-padded inside the union, so the work is in a
     few large matrix products rather than ``K`` small ones. Wrap-around intervals are at
     most two slices each.
+``panels``
+    the segment form in two stages (:mod:`gblr.deploy.panels`): every ``z_k`` into one
+    buffer, then each output panel written once by the GEMMs of the components covering
+    it, in cache-sized chunks of rows.
 
 Why slices and GEMMs rather than gathers and ``bmm``: on CPUs the gather of ``x`` and the
 ``index_add`` of the result move as many bytes as the products themselves do MACs, and were
@@ -61,7 +65,7 @@ __all__ = [
     "segment_ops",
 ]
 
-PLANS = ("dense", "lowrank", "blocksparse", "segment")
+PLANS = ("dense", "lowrank", "blocksparse", "segment", "panels")
 
 # Cost model, in MACs per input row (the unit of layer.flops()):
 # - a GEMM whose inner or outer dimension (the rank of a run) is below _RANK_FLOOR runs at
@@ -432,18 +436,27 @@ def run_lowrank(x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
 
 # --------------------------------------------------------------------------- default
 def default_plan(
-    shape: tuple[int, int], flops: int, total_rank: int, segment_cost: float, rows: int
+    shape: tuple[int, int],
+    flops: int,
+    total_rank: int,
+    segment_cost: float,
+    rows: int,
+    panels_cost: float | None = None,
 ) -> str:
     """The plan used when none was timed for this row-count bucket.
 
     ``dense`` when the structure costs more than half the dense MACs; otherwise the
-    cheaper of ``lowrank`` and ``segment`` by the cost model of
-    :func:`partition_components`, if it is clearly (20%) below dense, else ``dense``.
+    cheapest of ``lowrank``, ``segment`` and (when its cost is given) ``panels`` by the
+    cost model of :func:`partition_components`, if it is clearly (20%) below dense, else
+    ``dense``.
     """
     m, n = shape
     dense = float(m * n)
     if flops > 0.5 * dense:
         return "dense"
     lowrank = max(total_rank, _RANK_FLOOR) * (m + n) + 2 * _CALL_OVERHEAD_MACS / max(rows, 1)
-    name, cost = ("lowrank", lowrank) if lowrank <= segment_cost else ("segment", segment_cost)
-    return name if cost < 0.8 * dense else "dense"
+    costs = {"lowrank": lowrank, "segment": segment_cost}
+    if panels_cost is not None:
+        costs["panels"] = panels_cost
+    name = min(costs, key=costs.__getitem__)
+    return name if costs[name] < 0.8 * dense else "dense"
