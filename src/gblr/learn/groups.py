@@ -60,8 +60,8 @@ def param_groups(
         >>> import torch, gblr
         >>> model = torch.nn.Sequential(gblr.GBLRLinear(8, 8))
         >>> opt = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3, structure_lr=1e-2))
-        >>> [g["name"] for g in opt.param_groups]
-        ['decay', 'no_decay', 'structure']
+        >>> print(*(g["name"] for g in opt.param_groups))
+        decay no_decay structure
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
