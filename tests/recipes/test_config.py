@@ -58,6 +58,7 @@ def test_overrides_are_typed_and_merged():
         (["optim.epochs=10"], r"exactly one of optim.epochs and optim.steps"),
         (["trainer.logger=wandb"], r"trainer.logger must be one of csv, tensorboard"),
         (["learner.sigma=[1]"], r"learner.sigma must be \[start, end\]"),
+        (["learner.max_shift=0"], r"learner.max_shift must be > 0"),
         (["optim=3"], r"optim must be a mapping"),
         (["optim.lr"], r"must look like section.key=value"),
     ],

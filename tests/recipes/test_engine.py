@@ -74,3 +74,28 @@ def test_two_process_ddp_keeps_the_structure_identical_on_both_ranks(tmp_path):
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     # the learner really ran (the structure moved to the target) in both processes
     assert result["macs_ratio"] <= 0.3
+
+
+def test_learner_options_reach_the_structure_learner(tmp_path):
+    from gblr.integrations.lightning import GBLRCallback
+
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            (callback,) = [c for c in trainer.callbacks if isinstance(c, GBLRCallback)]
+            seen.update(adaptive=callback.learner.adaptive, max_shift=callback.learner.max_shift)
+
+    train, _ = digits()
+    train_classifier(
+        gblr_vit(),
+        Subset(train, range(64)),
+        None,
+        steps=4,
+        batch_size=16,
+        target=0.3,
+        progress=False,
+        learner_options={"adaptive": 1.0, "max_shift": 2.0},
+        extra_callbacks=[Probe()],
+    )
+    assert seen == {"adaptive": 1.0, "max_shift": 2.0}

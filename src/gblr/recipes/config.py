@@ -156,12 +156,16 @@ class LearnerConfig:
     """The structure learner (GBLR only): σ annealed from ``sigma[0]`` to ``sigma[1]``
     from ``sigma_start`` to the end (``null``: σ left as the layers have it, e.g. ∞ =
     exact boxcars after a structure search); the MACs target ramped from the starting
-    cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``)."""
+    cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``).
+    ``adaptive``, ``max_shift``: :class:`gblr.StructureLearner`'s options against late
+    structure collapses (off by default: the paper's method)."""
 
     sigma: list[float] | None = field(default_factory=lambda: [1.0, 100.0])
     sigma_schedule: str = "geometric"
     sigma_start: float = 0.0
     budget_ramp: float | None = None
+    adaptive: float = 0.0
+    max_shift: float | None = None
 
 
 @dataclass
@@ -422,6 +426,8 @@ def _validate(config: TrainConfig) -> None:
     _choice("learner.sigma_schedule", config.learner.sigma_schedule, SIGMA_SCHEDULES)
     _positive("learner.sigma_start", config.learner.sigma_start, zero=True)
     _positive("learner.budget_ramp", config.learner.budget_ramp, zero=True)
+    _positive("learner.adaptive", config.learner.adaptive, zero=True)
+    _positive("learner.max_shift", config.learner.max_shift)
     _choice("trainer.logger", config.trainer.logger, LOGGERS)
     _positive("trainer.num_nodes", config.trainer.num_nodes)
     _positive("trainer.log_every_n_steps", config.trainer.log_every_n_steps)

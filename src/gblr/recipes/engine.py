@@ -441,6 +441,7 @@ def train_module(
     sigma: tuple[float, float] | None = (1.0, 100.0),
     sigma_schedule: str = "geometric",
     sigma_start_step: int = 0,
+    learner_options: dict[str, Any] | None = None,
     structure_include: str | list[str] = "blocks.*",
     num_workers: int = 0,
     val_every_n_steps: int | None = None,
@@ -477,6 +478,7 @@ def train_module(
                 sigma_schedule=sigma_schedule,
                 sigma_start_step=sigma_start_step,
                 total_steps=steps,
+                **(learner_options or {}),
             )
         )
     if progress:
@@ -578,7 +580,8 @@ def train_classifier(
     the processes. With GBLR layers in ``model`` and a ``target`` (fraction of their
     dense MACs), a structure learner ramps their cost from the starting cost to
     ``target`` over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals σ over
-    ``sigma`` (None: left alone) from ``sigma_start_step`` on the ``sigma_schedule``.
+    ``sigma`` (None: left alone) from ``sigma_start_step`` on the ``sigma_schedule``;
+    ``learner_options``: more :class:`gblr.StructureLearner` keywords.
     ``structure_include``: glob patterns of the layers whose MACs ratio is reported.
     Other keyword arguments go to ``lightning.Trainer`` (``accelerator``, ``devices``,
     ``num_nodes``, ``strategy``, ``precision``, ``gradient_clip_val``, ...).

@@ -461,6 +461,7 @@ def train_from_config(
         sigma=None if learner.sigma is None else tuple(learner.sigma),
         sigma_schedule=learner.sigma_schedule,
         sigma_start_step=round(learner.sigma_start * unit),
+        learner_options={"adaptive": learner.adaptive, "max_shift": learner.max_shift},
         structure_include=config.structure.include,
         num_workers=config.data.num_workers,
         val_every_n_steps=val_every,
