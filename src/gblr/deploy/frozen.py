@@ -10,6 +10,7 @@ with ``layer.plan = "segment"``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +26,7 @@ from . import plans as P
 
 __all__ = ["PLAN_CHOICES", "FrozenGBLRConv2d", "FrozenGBLRLinear", "FrozenGBLRMatrix", "freeze"]
 
-PLAN_CHOICES = ("auto", *P.PLANS)
+PLAN_CHOICES = ("auto", *P.PLANS, *P.GPU_PLANS)
 
 
 def _interval_buffer(name: str, value: object, size: int) -> Tensor:
@@ -180,7 +181,7 @@ class FrozenGBLRMatrix(nn.Module):
         for key in list(items):
             name = key[0] if isinstance(key, tuple) else key
             # segment and panels operands are built from the factors, lowrank uses them.
-            needs_factors = {"lowrank", "segment", "panels"} & set(keep)
+            needs_factors = {"lowrank", "segment", "panels", "triton"} & set(keep)
             if name not in keep and not (name == "factors" and needs_factors):
                 del items[key]
 
@@ -249,6 +250,16 @@ class FrozenGBLRMatrix(nn.Module):
                 )
         return items[key]
 
+    def _triton_ops(self, bucket: int):
+        items = self._cache()
+        key = ("triton", bucket)
+        if key not in items:
+            from .triton_panels import triton_panel_ops  # needs triton: imported on use
+
+            with torch.no_grad():
+                items[key] = triton_panel_ops(self._panel_ops(bucket))
+        return items[key]
+
     def _block_ops(self, bucket: int) -> P.BlockOps:
         items = self._cache()
         key = ("blocksparse", bucket)
@@ -292,7 +303,16 @@ class FrozenGBLRMatrix(nn.Module):
             return PN.run_panels(x, self._panel_ops(bucket))
         if plan == "blocksparse":
             return P.run_blocks(x, self._block_ops(bucket), self.bias)
-        raise ValueError(f"plan must be one of {P.PLANS}, got {plan!r}")
+        if plan == "triton":
+            if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+                raise ValueError(
+                    "plan 'triton' runs on CUDA tensors only (or under TRITON_INTERPRET=1); "
+                    f"got an input on {x.device}"
+                )
+            from .triton_panels import run_triton_panels
+
+            return run_triton_panels(x, self._triton_ops(bucket))
+        raise ValueError(f"plan must be one of {P.PLANS + P.GPU_PLANS}, got {plan!r}")
 
     def _frozen_extra_repr(self) -> str:
         ratio = self.flops() / self.dense_flops()

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .frozen import FrozenGBLRConv2d, FrozenGBLRMatrix
-from .plans import PLANS, row_bucket
+from .plans import GPU_PLANS, PLANS, row_bucket
 
 __all__ = ["LayerPlan", "PlanReport", "plan"]
 
@@ -96,17 +96,26 @@ class PlanReport:
 
 
 def _check_candidates(candidates: Sequence[str] | None) -> tuple[str, ...]:
+    names = PLANS + GPU_PLANS
     if candidates is None:
-        return PLANS
+        return names
     if isinstance(candidates, str) or not isinstance(candidates, Sequence):
         raise TypeError(
-            f"candidates must be a list of plan names from {PLANS} or None, got {candidates!r}"
+            f"candidates must be a list of plan names from {names} or None, got {candidates!r}"
         )
     for name in candidates:
-        if name not in PLANS:
-            raise ValueError(f"candidates must be plan names from {PLANS}, got {name!r}")
+        if name not in names:
+            raise ValueError(f"candidates must be plan names from {names}, got {name!r}")
     # dense is always timed: it is the baseline a plan has to beat.
     return ("dense", *dict.fromkeys(c for c in candidates if c != "dense"))
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _rows(layer: FrozenGBLRMatrix, x: Tensor) -> int:
@@ -148,7 +157,8 @@ def plan(
     Args:
         model: a module with frozen GBLR layers (:func:`gblr.freeze`), or one such layer.
         example_input: a tensor, or a tuple of positional arguments, for ``model``.
-        candidates: plan names from :data:`gblr.deploy.PLANS` (default: all).
+        candidates: plan names from :data:`gblr.deploy.PLANS` and ``GPU_PLANS`` (default:
+            all; ``GPU_PLANS`` are timed only for CUDA inputs with triton installed).
         repeats: timed runs per candidate (>= 1).
         warmup: untimed runs per candidate before timing (>= 0).
 
@@ -213,6 +223,10 @@ def _time_layer(
     warmup: int,
 ) -> LayerPlan:
     rows = _rows(layer, x)
+    if not (x.is_cuda and _triton_available()):
+        # GPU plans are candidates on CUDA only (under Triton's interpreter they would be
+        # timed as a CPU emulation).
+        candidates = tuple(c for c in candidates if c not in GPU_PLANS)
     if "blocksparse" in candidates:
         ops = layer._block_ops(row_bucket(rows))
         if ops.nonempty_tiles >= _DENSE_EQUIVALENT * ops.tiles:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "GPU_PLANS",
     "PLANS",
     "BlockOps",
     "SegmentOps",
@@ -66,6 +67,9 @@ __all__ = [
 ]
 
 PLANS = ("dense", "lowrank", "blocksparse", "segment", "panels")
+# Plans that run only on CUDA tensors (or under Triton's interpreter, for tests): timed by
+# gblr.plan only on a CUDA device with triton installed.
+GPU_PLANS = ("triton",)
 
 # Cost model, in MACs per input row (the unit of layer.flops()):
 # - a GEMM whose inner or outer dimension (the rank of a run) is below _RANK_FLOOR runs at
