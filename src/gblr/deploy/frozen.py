@@ -163,11 +163,20 @@ class FrozenGBLRMatrix(nn.Module):
     # ------------------------------------------------------------------ caches
     def _cache(self) -> dict:
         """Per-layer cache of plan operands, emptied whenever the stored tensors change
-        (``.to()``, ``load_state_dict``, in-place edits: data pointer or version differ)."""
-        tensors = [self.u_packed, self.v_packed, self.row_intervals, self.col_intervals]
-        if self.bias is not None:  # the panels plan holds a copy of the bias
-            tensors.append(self.bias)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        (``load_state_dict`` and in-place edits: data pointer or version differ; ``.to()``
+        empties it in ``_apply``). The bias is included: the panels plans hold a copy."""
+        # Read from the module's dicts directly: this runs on every forward, and
+        # nn.Module.__getattr__ costs about a microsecond per lookup (a small layer's whole
+        # matmul takes ten).
+        params, buffers = self._parameters, self._buffers
+        tensors = (
+            params["u_packed"],
+            params["v_packed"],
+            params["bias"],
+            buffers["row_intervals"],
+            buffers["col_intervals"],
+        )
+        key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
         cache = self.__dict__.get("_plan_ops")
         if cache is None or cache["key"] != key:
             cache = {"key": key, "items": {}}
@@ -270,18 +279,23 @@ class FrozenGBLRMatrix(nn.Module):
 
     # ------------------------------------------------------------------ plans
     def _cache_key(self, rows: int) -> tuple[str, str, int]:
-        return (self.u_packed.device.type, str(self.u_packed.dtype), P.row_bucket(rows))
+        u = self._parameters["u_packed"]  # per forward: skip nn.Module.__getattr__
+        return (u.device.type, str(u.dtype), P.row_bucket(rows))
 
     def _default_plan(self, rows: int) -> str:
         bucket = P.row_bucket(rows)
-        return P.default_plan(
-            self.matrix_shape,
-            self.flops(),
-            self.num_components * self.rank_per_component,
-            self._partition(bucket).cost,
-            bucket,
-            self._panel_ops(bucket).cost,
-        )
+        items = self._cache()
+        key = ("default", bucket)
+        if key not in items:  # the cost models take milliseconds: once per bucket
+            items[key] = P.default_plan(
+                self.matrix_shape,
+                self.flops(),
+                self.num_components * self.rank_per_component,
+                self._partition(bucket).cost,
+                bucket,
+                self._panel_ops(bucket).cost,
+            )
+        return items[key]
 
     def plan_for(self, rows: int) -> str:
         """The plan a forward over ``rows`` input rows (output positions) will use."""
@@ -442,8 +456,12 @@ class FrozenGBLRLinear(FrozenGBLRMatrix):
                 f"input's last dimension must be in_features={self.in_features}, "
                 f"got input of shape {tuple(x.shape)}"
             )
+        rows = x.numel() // self.in_features
+        plan = self.plan_for(rows)
+        if plan == "dense":  # F.linear takes any leading dims: no reshapes on the fast path
+            return P.run_dense(x, self._weight(), self._parameters["bias"])
         x2 = x.reshape(-1, self.in_features)
-        y = self._matmul(x2, self.plan_for(x2.shape[0]))
+        y = self._matmul(x2, plan)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
