@@ -11,7 +11,8 @@ export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' \
   | tee -a "$OUT/machine.txt"
-python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers tests/compress -k "cuda or triton" 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers tests/compress tests/deploy \
+  -k "cuda or triton" 2>&1 \
   | tail -5 | tee "$OUT/cuda_tests.txt"
 B="python3 benchmarks/bench_layer.py --device cuda --repeats 25 --warmup 5"
 $B --autocast bf16 --rows 8192 4096 64 --output "$OUT/bench_layer_cuda_bf16.json"
@@ -23,6 +24,9 @@ python3 benchmarks/bench_search.py --device cuda --shapes 768x3072 --budgets 0.2
 # the fine-tuning recipes' models, full training steps, dense vs GBLR/low-rank (issue 8)
 python3 benchmarks/bench_finetune.py --device cuda --autocast bf16 \
   --output "$OUT/bench_finetune_cuda.json" 2>&1 | tail -12
+# frozen inference (issue 7): every plan incl. the Triton one vs nn.Linear in bf16, roofline
+python3 benchmarks/bench_inference.py --device cuda --dtype bfloat16 --rows 64 4096 16384 \
+  --repeats 25 --large-repeats 25 --output "$OUT/bench_inference_cuda_bf16.json" 2>&1 | tail -22
 python3 benchmarks/bench_overhead.py --device cuda 2>&1 | tee "$OUT/overhead.txt"
 python3 benchmarks/profile_layer.py --device cuda --autocast bf16 --rows 8192 \
   > "$OUT/profile_bf16.txt" 2>&1 || echo "profile failed"
