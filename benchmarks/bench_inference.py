@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import statistics
 import sys
 import time
@@ -169,6 +170,53 @@ def measure_model(name, factory, image, batch, repeats, warmup, device, dtype, b
     }
 
 
+def markdown(payload: dict) -> str:
+    """The tables of docs/BENCHMARKS.md from a results file (``--table``)."""
+    plans = [p for p in (*PLANS, *GPU_PLANS) if p in payload["layers"][0]["ms"]]
+    head = ["shape (in × out)", "MACs ratio", "rows", "`nn.Linear` ms", *plans]
+    head += ["best / `nn.Linear`", "1.5 × MACs", "planner's choice (ratio)"]
+    if "activation_bound" in payload["layers"][0]:
+        head.insert(-1, "bound")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row in payload["layers"]:
+        best = row["best_plan"]
+        cells = [
+            row["shape"].replace("x", " × "),
+            f"{row['macs_ratio']:.3f}",
+            str(row["rows"]),
+            f"{row['ms']['nn.Linear']:.3g}",
+            *[
+                f"**{row['ratio_vs_linear'][p]:.2f}**"
+                if p == best
+                else f"{row['ratio_vs_linear'][p]:.2f}"
+                for p in plans
+            ],
+            f"{row['best_ratio']:.2f}",
+            f"{1.5 * row['macs_ratio']:.2f}",
+        ]
+        if "activation_bound" in row:
+            cells.append(f"{row['activation_bound']:.2f}")
+        cells.append(f"{row['planner_choice']} ({row['planner_ratio']:.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    if payload.get("models"):
+        lines += [
+            "",
+            "| model | batch | MACs ratio | dense ms | frozen ms | frozen / dense "
+            "| images/s dense → frozen | plans chosen |",
+            "|" + " --- |" * 8,
+        ]
+        for row in payload["models"]:
+            ips = row["images_per_s"]
+            plans_chosen = ", ".join(f"{k} {v}" for k, v in sorted(row["plans"].items()))
+            lines.append(
+                f"| {row['model']} | {row['batch']} | {row['macs_ratio_model']:.3f} | "
+                f"{row['ms']['dense']:.3g} | {row['ms']['frozen']:.3g} | "
+                f"{row['ratio_vs_dense']:.2f} | {ips['dense']:.0f} → {ips['frozen']:.0f} | "
+                f"{plans_chosen} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -195,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         "another process preempts inside a parallel region, on a shared machine",
     )
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--table", type=Path, default=None, help="print the markdown tables of a results file"
+    )
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown(json.loads(args.table.read_text())))
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
