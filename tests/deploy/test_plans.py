@@ -159,3 +159,20 @@ def test_planner_bad_arguments():
         gblr.plan(nn.Sequential(nn.Linear(8, 8)), x)
     with pytest.raises(TypeError, match="model must be"):
         gblr.plan(None, x)
+
+
+def test_plan_lookup_follows_every_edit_of_the_plan_cache():
+    # plan_for memoizes its lookups per bucket; an edit of plan_cache must still show.
+    _, frozen = narrow_layer(in_features=512, out_features=512, k=100, rank=1)
+    default = frozen.plan_for(4096)
+    key = ("cpu", "torch.float32", 4096)
+    frozen.plan_cache[key] = "lowrank"
+    assert frozen.plan_for(3000) == "lowrank" and frozen.plan_for(5000) == default
+    frozen.plan_cache[key] = "dense"
+    assert frozen.plan_for(4096) == "dense"
+    frozen.plan_cache.clear()
+    assert frozen.plan_for(4096) == default
+    frozen.plan_cache = {key: "blocksparse"}
+    assert frozen.plan_for(4096) == "blocksparse"
+    frozen.plan = "segment"
+    assert frozen.plan_for(4096) == "segment"

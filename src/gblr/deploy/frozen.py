@@ -162,26 +162,25 @@ class FrozenGBLRMatrix(nn.Module):
 
     # ------------------------------------------------------------------ caches
     def _cache(self) -> dict:
-        """Per-layer cache of plan operands, emptied whenever the stored tensors change
-        (``load_state_dict`` and in-place edits: data pointer or version differ; ``.to()``
-        empties it in ``_apply``). The bias is included: the panels plans hold a copy."""
-        # Read from the module's dicts directly: this runs on every forward, and
-        # nn.Module.__getattr__ costs about a microsecond per lookup (a small layer's whole
-        # matmul takes ten).
-        params, buffers = self._parameters, self._buffers
-        tensors = (
-            params["u_packed"],
-            params["v_packed"],
-            params["bias"],
-            buffers["row_intervals"],
-            buffers["col_intervals"],
-        )
-        key = tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+        """Per-layer cache of plan operands, emptied whenever the factors change
+        (``load_state_dict`` and in-place edits bump their version, ``.data =`` changes
+        their pointer; ``.to()`` empties it in ``_apply``). Intervals change only together
+        with the factors, whose sizes they fix. Operands that copy the bias key on it too
+        (:meth:`_bias_key`)."""
+        # Read from the module's dict directly and build no generator: this runs on every
+        # forward, and a small layer's whole matmul takes about ten microseconds.
+        params = self._parameters
+        u, v = params["u_packed"], params["v_packed"]
+        key = (u._version, v._version, u.data_ptr(), v.data_ptr())
         cache = self.__dict__.get("_plan_ops")
         if cache is None or cache["key"] != key:
             cache = {"key": key, "items": {}}
             self.__dict__["_plan_ops"] = cache
         return cache["items"]
+
+    def _bias_key(self) -> tuple[int, int] | None:
+        bias = self._parameters["bias"]
+        return None if bias is None else (bias._version, bias.data_ptr())
 
     def clear_plan_cache(self, keep: Sequence[str] = ()) -> None:
         """Free cached plan operands (materialized weight, padded factors, blocks), except
@@ -198,6 +197,7 @@ class FrozenGBLRMatrix(nn.Module):
         # Cached operands belong to the old device/dtype; drop them now rather than at
         # the next forward, so that a model moved to the GPU frees its CPU copies.
         self.__dict__.pop("_plan_ops", None)
+        self.__dict__.pop("_plan_memo", None)
         return super()._apply(fn, recurse)
 
     def _factors(self) -> tuple[Tensor, Tensor]:
@@ -246,7 +246,7 @@ class FrozenGBLRMatrix(nn.Module):
 
     def _panel_ops(self, bucket: int) -> PN.PanelOps:
         items = self._cache()
-        key = ("panels", bucket)
+        key = ("panels", bucket, self._bias_key())  # the operands hold the bias
         if key not in items:
             with torch.no_grad():
                 items[key] = PN.panel_ops(
@@ -261,7 +261,7 @@ class FrozenGBLRMatrix(nn.Module):
 
     def _triton_ops(self, bucket: int):
         items = self._cache()
-        key = ("triton", bucket)
+        key = ("triton", bucket, self._bias_key())
         if key not in items:
             from .triton_panels import triton_panel_ops  # needs triton: imported on use
 
@@ -301,8 +301,21 @@ class FrozenGBLRMatrix(nn.Module):
         """The plan a forward over ``rows`` input rows (output positions) will use."""
         if self._plan != "auto":
             return self._plan
-        chosen = self.plan_cache.get(self._cache_key(rows))
-        return chosen if chosen is not None else self._default_plan(rows)
+        # Memoized per row bucket: building the lookup key costs ~2 us per forward, a
+        # fifth of a small layer's matmul. The memo holds a copy of plan_cache (a few
+        # entries, compared in ~0.1 us) so that any edit of it is seen; .to() empties it.
+        cache = self.plan_cache
+        memo = self.__dict__.get("_plan_memo")
+        if memo is None or memo[0] != cache:
+            memo = (dict(cache), {})
+            self.__dict__["_plan_memo"] = memo
+        bucket = P.row_bucket(rows)
+        plan = memo[1].get(bucket)
+        if plan is None:
+            chosen = cache.get(self._cache_key(rows))
+            plan = chosen if chosen is not None else self._default_plan(rows)
+            memo[1][bucket] = plan
+        return plan
 
     def _matmul(self, x: Tensor, plan: str) -> Tensor:
         """``(N, in) -> (N, out)`` (bias included) through ``plan``."""
