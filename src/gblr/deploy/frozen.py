@@ -501,6 +501,15 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
 
     Shapes:
         input ``(N, C_in, H, W)`` or ``(C_in, H, W)``, output ``(N, C_out, H', W')``.
+
+    Example:
+        >>> import torch, gblr
+        >>> layer = gblr.GBLRConv2d(3, 8, 3, padding=1, structure_init="half",
+        ...                         init_cost=0.5).eval()
+        >>> frozen = gblr.FrozenGBLRConv2d.from_gblr(layer)
+        >>> x = torch.randn(2, 3, 6, 6)
+        >>> bool(torch.allclose(frozen(x), layer(x), atol=1e-5))
+        True
     """
 
     counts_per_position = True

@@ -540,6 +540,15 @@ def load(
         ValueError: the file is damaged (see :func:`load_checkpoint`), the model cannot be
             rebuilt without a factory, or the factory's model does not match the file.
         TypeError: ``model_factory`` is not callable or does not return an ``nn.Module``.
+
+    Example:
+        >>> import torch, gblr, tempfile, os
+        >>> model = gblr.freeze(torch.nn.Sequential(gblr.GBLRLinear(8, 4), torch.nn.ReLU()))
+        >>> path = gblr.save(model, os.path.join(tempfile.mkdtemp(), "m.safetensors"))
+        >>> loaded = gblr.load(path)  # no factory: a Sequential is rebuilt from the file
+        >>> x = torch.randn(3, 8)
+        >>> bool(torch.equal(loaded(x), model.eval()(x)))
+        True
     """
     if model_factory is not None and not callable(model_factory):
         raise TypeError(
