@@ -65,16 +65,23 @@ def test_vit_b_recipe_searches_fine_tunes_resumes_and_reports(imagenet_root, tmp
     assert "another structure" in capsys.readouterr().err
 
 
-def test_resnet18_recipe_structures_convolutions(imagenet_root, tmp_path):
+def test_resnet18_recipe_structures_convolutions_and_resumes(imagenet_root, tmp_path):
+    from gblr.recipes.train import train_from_config
+
     out = tmp_path / "resnet"
-    argv = ["finetune", "--config", "imagenet-resnet18-gblr", f"data.root={imagenet_root}"]
     # searching all 19 convolutions of ResNet-18 takes minutes on 2 cores; the first
     # stage's convolutions are searched, as the recipe does for every stage
-    argv += ["model.pretrained=false", "model.image_size=32", "structure.include=layer1.*"]
-    argv += ["structure.search_steps=0", *CPU, "--out", str(out), "--quiet"]
-    assert main(argv) == 0
+    overrides = [f"data.root={imagenet_root}", "model.pretrained=false", "model.image_size=32"]
+    overrides += ["structure.include=layer1.*", "structure.search_steps=0", *CPU, f"out={out}"]
+    # interrupted after 6 of 12 steps, then resumed from its checkpoint by the command
+    train_from_config(load_config("imagenet-resnet18-gblr", overrides), stop_after=6)
+    assert main(["finetune", "--config", "imagenet-resnet18-gblr", *overrides, "--resume"]) == 0
     result = json.loads((out / "results.json").read_text())["result"]
     assert result["steps"] == 12 and result["macs_ratio"] <= 0.525 + 1e-6
+    steps = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()]
+    column = steps[0].index("step")
+    logged = {int(float(row[column])) for row in steps[1:]}
+    assert min(logged) < 6 and max(logged) >= 11  # both halves of the run are in the log
     model, _, example = model_from_run(out)
     assert type(model.layer1[0].conv1).__name__ == "GBLRConv2d"
     assert type(model.layer2[0].conv1).__name__ == "Conv2d"  # outside the include
