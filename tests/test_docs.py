@@ -4,6 +4,7 @@ command line is accepted by the `gblr` parser and its config loads, and the docs
 examples of the public API run."""
 
 import doctest
+import importlib
 import inspect
 import re
 import shlex
@@ -101,6 +102,16 @@ def test_documented_commands_parse_and_their_configs_load(page, words):
 PUBLIC = [getattr(gblr, name) for name in gblr.__all__ if not name.startswith("__")]
 PUBLIC += [getattr(gblr.structured, name) for name in gblr.structured.__all__]
 PUBLIC += [getattr(gblr.special, name) for name in gblr.special.__all__]
+DOCUMENTED_MODULES = [
+    "gblr.recipes.config",
+    "gblr.recipes.engine",
+    "gblr.recipes.data",
+    "gblr.recipes.text",
+    "gblr.recipes.models",
+]
+for _name in DOCUMENTED_MODULES:
+    _module = importlib.import_module(_name)
+    PUBLIC += [getattr(_module, name) for name in _module.__all__]
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,14 @@ class ModelConfig:
     ``pretrained``), ``hf-causal-lm`` (a Hugging Face causal LM: a hub name or local
     folder loaded with ``from_pretrained`` when ``pretrained``, else a model type such
     as ``gpt2`` built from ``AutoConfig.for_model(source, **kwargs)``, randomly
-    initialised). ``kwargs`` go to the constructor."""
+    initialised). ``kwargs`` go to the constructor.
+
+    Examples:
+        >>> from gblr.recipes.config import ModelConfig
+        >>> model = ModelConfig(name="mixer", dim=32, depth=2)
+        >>> model.patch_size, model.channel_mlp_ratio
+        (2, 4.0)
+    """
 
     name: str = "vit"
     source: str | None = None
@@ -87,7 +94,14 @@ class StructureConfig:
     for GBLR the learner's target, reached from ``start_cost`` (default: the budget
     itself) over ``learner.budget_ramp``. ``init``: ``random`` (training from scratch)
     or ``search`` (fit each layer to its pretrained weights, :func:`gblr.convert`, with
-    ``allocation`` ``global`` or ``uniform`` and ``search_steps`` of refinement)."""
+    ``allocation`` ``global`` or ``uniform`` and ``search_steps`` of refinement).
+
+    Examples:
+        >>> from gblr.recipes.config import StructureConfig
+        >>> structure = StructureConfig(budget=0.2, include=["blocks.*.mlp.*"])
+        >>> structure.kind, structure.budget, structure.init
+        ('gblr', 0.2, 'random')
+    """
 
     kind: str = "gblr"
     budget: float = 0.3
@@ -116,7 +130,13 @@ class DataConfig:
     ``root``, the ``datasets`` hub copy); ``text`` reads ``root/{train,valid,test}.txt``.
     ``tokenizer``: a Hugging Face tokenizer name or folder, or ``bytes``; ``seq_len``:
     training block and evaluation window; ``eval_stride``: the sliding window's step
-    for perplexity (default ``seq_len``)."""
+    for perplexity (default ``seq_len``).
+
+    Examples:
+        >>> from gblr.recipes.config import DataConfig
+        >>> DataConfig().name, DataConfig(name="text", root="corpus", tokenizer="bytes").seq_len
+        ('digits', 1024)
+    """
 
     name: str = "digits"
     root: str | None = None
@@ -138,7 +158,14 @@ class DataConfig:
 class OptimConfig:
     """AdamW over :func:`gblr.param_groups`; linear warm-up from ``lr`` × 0 to ``lr``,
     cosine decay to ``min_lr``. ``batch_size`` is the global batch (split over all
-    devices). Give exactly one of ``epochs`` and ``steps``."""
+    devices). Give exactly one of ``epochs`` and ``steps``.
+
+    Examples:
+        >>> from gblr.recipes.config import OptimConfig
+        >>> optim = OptimConfig(lr=3e-3, steps=200, warmup=20)
+        >>> optim.batch_size, optim.epochs
+        (64, None)
+    """
 
     lr: float = 1e-3
     min_lr: float = 0.0
@@ -158,7 +185,13 @@ class LearnerConfig:
     exact boxcars after a structure search); the MACs target ramped from the starting
     cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``).
     ``adaptive``, ``max_shift``: :class:`gblr.StructureLearner`'s options against late
-    structure collapses (off by default: the paper's method)."""
+    structure collapses (off by default: the paper's method).
+
+    Examples:
+        >>> from gblr.recipes.config import LearnerConfig
+        >>> LearnerConfig().sigma, LearnerConfig(sigma=None).sigma_schedule
+        ([1.0, 100.0], 'geometric')
+    """
 
     sigma: list[float] | None = field(default_factory=lambda: [1.0, 100.0])
     sigma_schedule: str = "geometric"
@@ -174,7 +207,14 @@ class TrainerConfig:
     ``auto``, ``ddp``, ``fsdp``, ...; ``precision``: ``32-true``, ``16-mixed``,
     ``bf16-mixed``, ...) and logging (``logger``: csv, tensorboard, both or none).
     ``val_every``: test-set evaluation interval in run units (epochs or steps; default:
-    every epoch of an epoch-based run, only at the end of a step-based one)."""
+    every epoch of an epoch-based run, only at the end of a step-based one).
+
+    Examples:
+        >>> from gblr.recipes.config import TrainerConfig
+        >>> trainer = TrainerConfig(devices=[0, 1], strategy="ddp", precision="bf16-mixed")
+        >>> trainer.logger, trainer.num_nodes
+        ('csv', 1)
+    """
 
     accelerator: str = "auto"
     devices: int | str | list[int] = 1
@@ -189,7 +229,14 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole training run; ``out`` is its folder."""
+    """A whole training run; ``out`` is its folder.
+
+    Examples:
+        >>> from gblr.recipes.config import OptimConfig, TrainConfig
+        >>> config = TrainConfig(optim=OptimConfig(steps=2), out="runs/demo")
+        >>> config.model.name, config.data.name, config.structure.budget
+        ('vit', 'digits', 0.3)
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     structure: StructureConfig = field(default_factory=StructureConfig)
@@ -203,7 +250,13 @@ class TrainConfig:
 
 
 def shipped_configs() -> list[str]:
-    """Names of the configs shipped in the package (``gblr train --config NAME``)."""
+    """Names of the configs shipped in the package (``gblr train --config NAME``).
+
+    Examples:
+        >>> from gblr.recipes.config import shipped_configs
+        >>> "digits-vit-gblr" in shipped_configs(), "cifar10-vit-s-gblr" in shipped_configs()
+        (True, True)
+    """
     return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 
 
@@ -443,6 +496,17 @@ def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfi
         FileNotFoundError: no such file or shipped config (the message lists them).
         ValueError: an unknown key (named, with the closest allowed one), a value of the
             wrong type or out of range, or an unknown choice.
+
+    Examples:
+        >>> from gblr.recipes.config import load_config
+        >>> config = load_config("digits-vit-gblr", ["optim.lr=3e-3", "structure.budget=0.5"])
+        >>> config.name, config.optim.lr, config.structure.budget
+        ('digits-vit-gblr', 0.003, 0.5)
+        >>> try:
+        ...     load_config("digits-vit-gblr", ["optim.lrr=1"])
+        ... except ValueError as error:
+        ...     print(str(error)[:44])
+        unknown config key 'optim.lrr' (did you mean
     """
     path = _locate(source)
     data = _read_with_parents(path)
@@ -462,12 +526,34 @@ def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfi
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """A checked config from plain data (as written by :func:`config_to_dict`)."""
+    """A checked config from plain data (as written by :func:`config_to_dict`).
+
+    Examples:
+        >>> from gblr.recipes.config import config_from_dict
+        >>> config = config_from_dict({"optim": {"steps": 2}, "structure": {"budget": 0.5}})
+        >>> config.optim.steps, config.structure.budget
+        (2, 0.5)
+        >>> try:
+        ...     config_from_dict({"optim": {"lr": 1e-3}})
+        ... except ValueError as error:
+        ...     print(error)
+        give exactly one of optim.epochs and optim.steps, got epochs=None, steps=None
+    """
     config = _build(TrainConfig, data, "")
     _validate(config)
     return config
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
-    """The config as plain data (for YAML/JSON and checkpoints)."""
+    """The config as plain data (for YAML/JSON and checkpoints).
+
+    Examples:
+        >>> from gblr.recipes.config import config_from_dict, config_to_dict, load_config
+        >>> config = load_config("digits-vit-gblr")
+        >>> data = config_to_dict(config)
+        >>> sorted(data)
+        ['data', 'learner', 'model', 'name', 'optim', 'out', 'seed', 'structure', 'trainer']
+        >>> config_from_dict(data) == config
+        True
+    """
     return dataclasses.asdict(config)

@@ -27,6 +27,17 @@ def digits(
 
     Returns:
         ``(train, test)`` datasets of ``(image (1, S, S) float32, label int64)``.
+
+    Examples:
+        >>> from gblr.recipes.data import digits
+        >>> train, test = digits(seed=0)
+        >>> len(train), len(test)
+        (1348, 449)
+        >>> image, label = train[0]
+        >>> image.shape, label.dtype
+        (torch.Size([1, 8, 8]), torch.int64)
+        >>> digits(image_size=16)[0][0][0].shape
+        torch.Size([1, 16, 16])
     """
     try:
         from sklearn.datasets import load_digits
@@ -65,7 +76,17 @@ _CIFAR_STATS = {
 
 class ImageTensors(torch.utils.data.Dataset):
     """Images kept as uint8 ``(N, C, H, W)``, each passed through ``transform`` (a
-    torchvision v2 transform ending in a float tensor) when read."""
+    torchvision v2 transform ending in a float tensor) when read.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.data import ImageTensors
+        >>> images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+        >>> data = ImageTensors(images, torch.tensor([1, 0]), lambda image: image.float() / 255)
+        >>> image, label = data[0]
+        >>> len(data), image.shape, image.dtype, int(label)
+        (2, torch.Size([3, 4, 4]), torch.float32, 1)
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
         self.images, self.labels, self.transform = images, labels, transform
@@ -109,6 +130,28 @@ def load_cifar(
 
     Returns:
         A dataset of ``(image (3, 32, 32) float32 normalized, label int64)``.
+
+    Examples:
+        A tiny CIFAR-10 test batch (two black images) written in the official format:
+
+        >>> import pickle, tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np
+        >>> from gblr.recipes.data import load_cifar
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "cifar-10-batches-py").mkdir()
+        >>> batch = {"data": np.zeros((2, 3 * 32 * 32), np.uint8), "labels": [3, 5]}
+        >>> with open(root / "cifar-10-batches-py" / "test_batch", "wb") as handle:
+        ...     pickle.dump(batch, handle)
+        >>> test = load_cifar(root, train=False)
+        >>> image, label = test[1]
+        >>> len(test), image.shape, int(label)
+        (2, torch.Size([3, 32, 32]), 5)
+        >>> try:
+        ...     load_cifar(root, train=True)  # the training batches are not there
+        ... except FileNotFoundError as error:
+        ...     print(type(error).__name__)
+        FileNotFoundError
     """
     if classes not in _CIFAR_STATS:
         raise ValueError(f"classes must be 10 or 100, got {classes!r}")
@@ -173,6 +216,22 @@ def image_folder(
     Returns:
         ``torchvision.datasets.ImageFolder`` of ``(image (3, S, S) float32, label int64)``;
         ``.classes`` lists the class names in label order.
+
+    Examples:
+        A folder of two classes with one image each, written here:
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from PIL import Image
+        >>> from gblr.recipes.data import image_folder
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name in ("cat", "dog"):
+        ...     (root / name).mkdir()
+        ...     Image.new("RGB", (40, 40)).save(root / name / "0.png")
+        >>> data = image_folder(root, image_size=32, train=False)
+        >>> image, label = data[1]
+        >>> data.classes, image.shape, label
+        (['cat', 'dog'], torch.Size([3, 32, 32]), 1)
     """
     root = Path(root).expanduser()
     if not root.is_dir() or not any(child.is_dir() for child in root.iterdir()):
@@ -203,6 +262,16 @@ def batch_mixer(mixup: float = 0.0, cutmix: float = 0.0, num_classes: int = 10):
     Returns:
         A callable ``(images (N, C, H, W), labels (N,)) -> (images, soft labels
         (N, num_classes))``, or None.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.data import batch_mixer
+        >>> mix = batch_mixer(mixup=0.2, num_classes=10)
+        >>> images, labels = mix(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+        >>> images.shape, labels.shape, bool(torch.allclose(labels.sum(dim=1), torch.ones(4)))
+        (torch.Size([4, 3, 8, 8]), torch.Size([4, 10]), True)
+        >>> batch_mixer() is None
+        True
     """
     for name, value in (("mixup", mixup), ("cutmix", cutmix)):
         if value < 0:

@@ -50,7 +50,15 @@ CHECKPOINT_KEY = "gblr"
 
 
 def layer_types(model: nn.Module) -> dict[str, str]:
-    """Class name of every module that holds parameters of its own, by module name."""
+    """Class name of every module that holds parameters of its own, by module name.
+
+    Examples:
+        >>> from gblr.recipes.engine import layer_types
+        >>> from gblr.recipes.models import VisionTransformer
+        >>> types = layer_types(VisionTransformer(dim=16, depth=1, heads=2))
+        >>> types["patch"], types["blocks.0.qkv"], types["head"], len(types)
+        ('Conv2d', 'Linear', 'Linear', 10)
+    """
     return {
         name: type(module).__name__
         for name, module in model.named_modules()
@@ -68,6 +76,28 @@ def check_checkpoint_structure(
 
     Raises:
         ValueError: naming the first layers that differ and what each side has.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import torch
+        >>> from gblr.recipes.data import digits
+        >>> from gblr.recipes.engine import check_checkpoint_structure, train_classifier
+        >>> from gblr.recipes.models import VisionTransformer
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = train_classifier(
+        ...     VisionTransformer(dim=16, depth=1, heads=2), digits()[0], None, steps=1,
+        ...     batch_size=8, accelerator="cpu", logger=None, progress=False, out_dir=folder,
+        ...     checkpoint_dir=folder,
+        ... )
+        >>> path = os.path.join(folder, "last.ckpt")
+        >>> checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        >>> same, wider = (VisionTransformer(dim=d, depth=1, heads=2) for d in (16, 32))
+        >>> check_checkpoint_structure(checkpoint, same, path)
+        >>> try:
+        ...     check_checkpoint_structure(checkpoint, wider, path)
+        ... except ValueError as error:
+        ...     print(type(error).__name__)
+        ValueError
     """
     record = checkpoint.get(CHECKPOINT_KEY, {})
     saved_types = record.get("layer_types")
@@ -121,6 +151,30 @@ def check_resume(path: str | Path, model: nn.Module) -> int:
 
     Returns:
         The optimizer step the checkpoint was saved at.
+
+    Examples:
+        A 2-step run that saves ``last.ckpt``, then a model of another structure refused:
+
+        >>> import os, tempfile
+        >>> from gblr.recipes.data import digits
+        >>> from gblr.recipes.engine import check_resume, train_classifier
+        >>> from gblr.recipes.models import VisionTransformer, structure_model
+        >>> train, _ = digits()
+        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
+        >>> _ = structure_model(model, "gblr", 0.5)
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = train_classifier(
+        ...     model, train, None, steps=2, batch_size=8, accelerator="cpu",
+        ...     logger=None, progress=False, out_dir=folder, checkpoint_dir=folder,
+        ... )
+        >>> check_resume(os.path.join(folder, "last.ckpt"), model)
+        2
+        >>> dense = VisionTransformer(dim=16, depth=1, heads=2)
+        >>> try:
+        ...     check_resume(os.path.join(folder, "last.ckpt"), dense)
+        ... except ValueError as error:
+        ...     print(str(error).split(";")[1].strip())
+        4 layers differ, e.g. 'blocks.0.fc1' is GBLRLinear there, Linear here
     """
     path = Path(path)
     if not path.is_file():
@@ -230,6 +284,15 @@ class ClassificationModule(_ScheduledModule):
         batch_mix: applied to each training batch ``(inputs, labels) -> (inputs,
             soft labels (N, classes))``, e.g. torchvision's ``MixUp``/``CutMix``.
         run_info: stored in every checkpoint under ``"gblr"`` (e.g. the config).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.engine import ClassificationModule
+        >>> from gblr.recipes.models import VisionTransformer
+        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
+        >>> module = ClassificationModule(model, total_steps=10)
+        >>> module(torch.randn(4, 1, 8, 8)).shape
+        torch.Size([4, 10])
     """
 
     def __init__(
@@ -281,6 +344,14 @@ class CausalLMModule(_ScheduledModule):
     cross-entropy of the logits at position ``t`` against the token at ``t + 1``;
     validation logs it and its perplexity. Optimizer and schedule as
     :class:`ClassificationModule`.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.engine import CausalLMModule
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(256, 16), torch.nn.Linear(16, 256))
+        >>> module = CausalLMModule(model, lr=1e-3, total_steps=10)
+        >>> module(torch.randint(0, 256, (2, 12))).shape
+        torch.Size([2, 12, 256])
     """
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -334,6 +405,12 @@ class ShuffleStream(torch.utils.data.Sampler[int]):
     Lightning restarts a half-read loader from its beginning when resuming; with
     ``offset`` set to the samples already consumed (:class:`_ResumeDataOrder`), the
     resumed run reads exactly what the uninterrupted run would have read.
+
+    Examples:
+        >>> from gblr.recipes.engine import ShuffleStream
+        >>> order = list(ShuffleStream(size=5, num_samples=12, seed=0))
+        >>> len(order), sorted(order[:5]), sorted(order[5:10])  # each pass is a permutation
+        (12, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
     """
 
     def __init__(self, size: int, num_samples: int, seed: int = 0) -> None:
@@ -376,7 +453,18 @@ def evaluate_topk(
     model: nn.Module, dataset: Dataset, batch_size: int = 256, ks: tuple[int, ...] = (1, 5)
 ) -> tuple[float, ...]:
     """Top-k accuracies of ``model`` (in eval mode, on its own device) on ``dataset``
-    (k larger than the number of classes counts every sample as correct)."""
+    (k larger than the number of classes counts every sample as correct).
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from gblr.recipes.engine import evaluate_topk
+        >>> model = torch.nn.Linear(4, 3)
+        >>> inputs = torch.randn(20, 4)
+        >>> labels = model(inputs).argmin(dim=1)  # the least likely class: right at k = 3 only
+        >>> evaluate_topk(model, TensorDataset(inputs, labels), ks=(1, 3, 5))
+        (0.0, 1.0, 1.0)
+    """
     training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -394,7 +482,18 @@ def evaluate_topk(
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode, on its own device) on ``dataset``."""
+    """Top-1 accuracy of ``model`` (in eval mode, on its own device) on ``dataset``.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from gblr.recipes.engine import evaluate
+        >>> model = torch.nn.Linear(4, 3)
+        >>> inputs = torch.randn(20, 4)
+        >>> labels = model(inputs).argmax(dim=1)  # the model's own predictions: all correct
+        >>> evaluate(model, TensorDataset(inputs, labels), batch_size=8)
+        1.0
+    """
     return evaluate_topk(model, dataset, batch_size, ks=(1,))[0]
 
 
@@ -462,6 +561,21 @@ def train_module(
 
     Returns:
         ``{"macs_ratio", "seconds", "steps", "global_rank"}``.
+
+    Examples:
+        >>> import tempfile
+        >>> from gblr.recipes.data import digits
+        >>> from gblr.recipes.engine import ClassificationModule, train_module
+        >>> from gblr.recipes.models import VisionTransformer
+        >>> train, test = digits()
+        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
+        >>> module = ClassificationModule(model, total_steps=2)
+        >>> result = train_module(
+        ...     module, train, None, steps=2, batch_size=8, accelerator="cpu",
+        ...     logger=None, progress=False, out_dir=tempfile.mkdtemp(),
+        ... )
+        >>> result["steps"], result["global_rank"]
+        (2, 0)
     """
     model = module.model
     resumed_step = None if resume is None else check_resume(resume, model)
@@ -605,6 +719,26 @@ def train_classifier(
         top-1 and top-5 accuracy (nan without ``test_set``), MACs of the
         ``structure_include`` layers over their dense MACs, wall time of training,
         optimizer steps taken, this process's rank.
+
+    Examples:
+        Two steps of a tiny GBLR ViT on the digits (inputs ``(1, 8, 8)``, 10 classes):
+
+        >>> import tempfile
+        >>> import torch
+        >>> from gblr.recipes.data import digits
+        >>> from gblr.recipes.engine import train_classifier
+        >>> from gblr.recipes.models import VisionTransformer, structure_model
+        >>> train, test = digits()
+        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
+        >>> _ = structure_model(model, "gblr", 0.5)
+        >>> result = train_classifier(
+        ...     model, train, test, steps=2, batch_size=8, target=0.5, accelerator="cpu",
+        ...     logger=None, progress=False, out_dir=tempfile.mkdtemp(),
+        ... )
+        >>> sorted(result)
+        ['accuracy', 'global_rank', 'macs_ratio', 'seconds', 'steps', 'top5']
+        >>> result["steps"], 0.0 <= result["accuracy"] <= 1.0, round(result["macs_ratio"], 1)
+        (2, True, 0.5)
     """
     module = ClassificationModule(
         model,
@@ -645,6 +779,23 @@ def train_language_model(
 
     Returns:
         ``{"macs_ratio", "seconds", "steps", "global_rank"}``.
+
+    Examples:
+        Two steps of a tiny byte-level language model (blocks of 16 token ids):
+
+        >>> import tempfile
+        >>> import torch
+        >>> from gblr.recipes.engine import train_language_model
+        >>> from gblr.recipes.text import LMBlocks, load_tokenizer, token_stream
+        >>> stream = token_stream("the cat sat on the mat. " * 20, load_tokenizer("bytes"))
+        >>> blocks = LMBlocks(stream, block_size=16)
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(256, 16), torch.nn.Linear(16, 256))
+        >>> result = train_language_model(
+        ...     model, blocks, blocks, steps=2, batch_size=4, accelerator="cpu",
+        ...     logger=None, progress=False, out_dir=tempfile.mkdtemp(),
+        ... )
+        >>> sorted(result), result["steps"]
+        (['global_rank', 'macs_ratio', 'seconds', 'steps'], 2)
     """
     module = CausalLMModule(
         model,

@@ -79,6 +79,13 @@ class VisionTransformer(nn.Module):
     Shapes: input ``(N, in_chans, image_size, image_size)``, output ``(N, num_classes)``.
     The structured candidates are ``blocks.*.{qkv, proj, fc1, fc2}``. ``drop_path``:
     stochastic depth of the last block (rising linearly from 0 in the first).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.models import VisionTransformer
+        >>> model = VisionTransformer(image_size=8, patch_size=2, in_chans=1, dim=32, depth=2)
+        >>> model(torch.randn(4, 1, 8, 8)).shape
+        torch.Size([4, 10])
     """
 
     def __init__(
@@ -150,6 +157,13 @@ class MlpMixer(nn.Module):
     ``channel_mlp_ratio * dim``. Shapes: input ``(N, in_chans, image_size, image_size)``,
     output ``(N, num_classes)``. The structured candidates are
     ``blocks.*.{token_mlp, channel_mlp}.{fc1, fc2}``.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.models import MlpMixer
+        >>> model = MlpMixer(image_size=8, patch_size=2, in_chans=1, dim=32, depth=2)
+        >>> model(torch.randn(4, 1, 8, 8)).shape
+        torch.Size([4, 10])
     """
 
     def __init__(
@@ -189,13 +203,35 @@ class MlpMixer(nn.Module):
 
 def vit_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> VisionTransformer:
     """ViT-S/4 for 32x32 images (the paper's CIFAR ViT): 384 wide, 12 blocks, 6 heads,
-    MLP ratio 4 (timm's ViT-S), 4x4 patches."""
+    MLP ratio 4 (timm's ViT-S), 4x4 patches.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.models import vit_small_patch4_32
+        >>> with torch.device("meta"):  # shapes only, no memory
+        ...     model = vit_small_patch4_32(num_classes=100)
+        >>> model(torch.empty(2, 3, 32, 32, device="meta")).shape
+        torch.Size([2, 100])
+        >>> sum(p.numel() for p in model.parameters())
+        21376996
+    """
     return VisionTransformer(32, 4, 3, num_classes, 384, 12, 6, 4.0, drop_path)
 
 
 def mixer_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> MlpMixer:
     """Mixer-S/4 for 32x32 images (the paper's CIFAR Mixer): 512 wide, 8 blocks, token
-    MLP 256, channel MLP 2048, 4x4 patches."""
+    MLP 256, channel MLP 2048, 4x4 patches.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.models import mixer_small_patch4_32
+        >>> with torch.device("meta"):  # shapes only, no memory
+        ...     model = mixer_small_patch4_32()
+        >>> model(torch.empty(2, 3, 32, 32, device="meta")).shape
+        torch.Size([2, 10])
+        >>> model.blocks[0].token_mlp.fc1
+        Linear(in_features=64, out_features=256, bias=True)
+    """
     return MlpMixer(32, 4, 3, num_classes, 512, 8, 0.5, 4.0, drop_path)
 
 
@@ -213,6 +249,18 @@ def structure_model(
     starting cost of ``budget`` (the paper's half-full/half-narrow initialisation); a
     :class:`gblr.StructureLearner` then moves the MACs between layers. A baseline family:
     its largest configuration within ``budget`` in every layer (uniform allocation).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.models import VisionTransformer, structure_model
+        >>> model = VisionTransformer(image_size=8, patch_size=2, dim=32, depth=2)
+        >>> report = structure_model(model, "gblr", 0.3)
+        >>> type(model.blocks[0].qkv).__name__, len(report.layers)
+        ('GBLRLinear', 8)
+        >>> model(torch.randn(4, 1, 8, 8)).shape
+        torch.Size([4, 10])
+        >>> structure_model(VisionTransformer(dim=32, depth=2), "dense", 0.3) is None
+        True
     """
     if structure == "dense":
         return None

@@ -52,7 +52,13 @@ _HF_HINT = "pip install 'gblr[hf]'"
 @runtime_checkable
 class Tokenizer(Protocol):
     """What the pipeline needs from a tokenizer: ``encode``, ``vocab_size`` and a ``name``
-    that identifies its mapping from text to ids (it keys the token cache)."""
+    that identifies its mapping from text to ids (it keys the token cache).
+
+    Examples:
+        >>> from gblr.recipes.text import Tokenizer, load_tokenizer
+        >>> isinstance(load_tokenizer("bytes"), Tokenizer)
+        True
+    """
 
     name: str
     vocab_size: int
@@ -81,6 +87,14 @@ class ByteTokenizer:
     Needs no download and no training; meant for tests and for users without a
     tokenizer. ``eos_id`` (a byte value in [0, 255], e.g. 0, which never occurs in text)
     is only recorded for callers that want an end-of-text id; ``encode`` never adds it.
+
+    Examples:
+        >>> from gblr.recipes.text import ByteTokenizer
+        >>> tokenizer = ByteTokenizer(eos_id=0)
+        >>> tokenizer.encode("hi!"), tokenizer.vocab_size, tokenizer.name
+        ([104, 105, 33], 256, 'bytes')
+        >>> tokenizer.decode([104, 105]), tokenizer.encode_tensor("hi").shape
+        ('hi', torch.Size([2]))
     """
 
     vocab_size = 256
@@ -146,6 +160,21 @@ class HFTokenizer:
 
     ``name`` is ``hf:<name_or_path>#<hash of the tokenizer's serialized vocabulary and
     rules>``, so a retrained tokenizer at the same path does not reuse stale caches.
+
+    Examples:
+        A toy word-level tokenizer built in memory (no download):
+
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> from gblr.recipes.text import HFTokenizer
+        >>> vocab = {"[UNK]": 0, "the": 1, "cat": 2, "sat": 3}
+        >>> core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        >>> core.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> tokenizer = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=core), "toy")
+        >>> tokenizer.encode("the cat sat"), tokenizer.vocab_size, tokenizer.name[:7]
+        ([1, 2, 3], 4, 'hf:toy#')
+        >>> tokenizer.encode_tensor("the cat").tolist(), tokenizer.decode([1, 2])
+        ([1, 2], 'the cat')
     """
 
     def __init__(self, tokenizer: Any, name_or_path: str, chunk_chars: int = 1 << 20) -> None:
@@ -228,6 +257,12 @@ def load_tokenizer(name_or_path: str | os.PathLike, chunk_chars: int = 1 << 20) 
     internet access, then cached by Hugging Face), a local folder (from
     ``save_pretrained``, or holding just a ``tokenizer.json``; works offline), or a
     ``tokenizer.json`` file.
+
+    Examples:
+        >>> from gblr.recipes.text import load_tokenizer
+        >>> tokenizer = load_tokenizer("bytes")
+        >>> type(tokenizer).__name__, tokenizer.vocab_size, tokenizer.encode("ok")
+        ('ByteTokenizer', 256, [111, 107])
     """
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
@@ -301,6 +336,22 @@ def read_wikitext(root: str | Path | None, split: str, variant: str = "wikitext-
     (extra ``[hf]``; downloads once). Its rows are the file's lines with their
     newline, whitespace-only lines stored as ``""``; those are restored as ``" \\n"``,
     the release's blank line, so the result is the file's text.
+
+    Examples:
+        A one-line test split written here (the real files come from the official release):
+
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.text import read_wikitext
+        >>> root = Path(tempfile.mkdtemp())
+        >>> try:
+        ...     read_wikitext(root, "test")
+        ... except FileNotFoundError as error:
+        ...     print(type(error).__name__)
+        FileNotFoundError
+        >>> _ = (root / "wiki.test.raw").write_text(" = Title = ")
+        >>> read_wikitext(root, "test")
+        ' = Title = '
     """
     folder, ext, file_split, hf_split = _wikitext_args(split, variant)
     if root is None:
@@ -344,7 +395,17 @@ def _wikitext_from_datasets(variant: str, split: str) -> str:
 def read_text_files(paths: str | Path | Sequence[str | Path]) -> str:
     """The text of local UTF-8 files, read byte for byte and concatenated in the given
     order; a ``"\\n"`` is put between two files only where the first does not end with
-    one, so a file's last line never runs into the next file's first."""
+    one, so a file's last line never runs into the next file's first.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.text import read_text_files
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.txt").write_text("first"), (folder / "b.txt").write_text("second")
+        >>> read_text_files([folder / "a.txt", folder / "b.txt"]).splitlines()
+        ['first', 'second']
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not isinstance(paths, Sequence) or not paths:
@@ -427,6 +488,16 @@ def token_stream(
     length, the tokenizer's ``name`` and ``vocab_size`` and a format version; the file is
     written atomically, and an unreadable or mismatched file is ignored (with a warning)
     and rewritten.
+
+    Examples:
+        >>> import tempfile
+        >>> from gblr.recipes.text import load_tokenizer, token_stream
+        >>> cache = tempfile.mkdtemp()
+        >>> stream = token_stream("hello world", load_tokenizer("bytes"), cache_dir=cache)
+        >>> stream.shape, stream.dtype, stream[:3].tolist()
+        (torch.Size([11]), torch.int64, [104, 101, 108])
+        >>> import os; [name.startswith("tokens-") for name in os.listdir(cache)]
+        [True]
     """
     _check_text(text)
     missing = [a for a in ("encode", "name", "vocab_size") if not hasattr(tokenizer, a)]
@@ -479,6 +550,13 @@ class LMBlocks(torch.utils.data.Dataset):
     Block ``i`` is ``stream[i * block_size : (i + 1) * block_size]``, an int64 tensor
     ``(block_size,)``; the tail shorter than a block is dropped. A block is both input and
     target: the loss shifts it by one (see ``CausalLMModule``).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.text import LMBlocks
+        >>> blocks = LMBlocks(torch.arange(10), block_size=4)  # the last 2 tokens are dropped
+        >>> len(blocks), blocks[1].tolist()
+        (2, [4, 5, 6, 7])
     """
 
     def __init__(self, stream: torch.Tensor, block_size: int) -> None:
@@ -547,6 +625,18 @@ def strided_perplexity(
         ``{"perplexity": exp(nll), "nll": summed negative log-likelihood / tokens,
         "tokens": number of scored tokens}``, token-weighted over the whole stream and
         summed in float64.
+
+    Examples:
+        A model that predicts a uniform distribution over 256 tokens has perplexity 256:
+
+        >>> import torch
+        >>> from gblr.recipes.text import strided_perplexity
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(256, 8), torch.nn.Linear(8, 256))
+        >>> _ = torch.nn.init.zeros_(model[1].weight), torch.nn.init.zeros_(model[1].bias)
+        >>> stream = torch.randint(0, 256, (50,))
+        >>> result = strided_perplexity(model, stream, max_length=16, stride=8)
+        >>> round(result["perplexity"], 3), result["tokens"]
+        (256.0, 49)
     """
     if not isinstance(model, nn.Module) and not callable(model):
         raise TypeError(f"model must be an nn.Module or callable, got {type(model).__name__}")
