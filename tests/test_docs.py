@@ -108,6 +108,12 @@ DOCUMENTED_MODULES = [
     "gblr.recipes.data",
     "gblr.recipes.text",
     "gblr.recipes.models",
+    "gblr.recipes.train",
+    "gblr.recipes.sweep",
+    "gblr.recipes.report",
+    "gblr.deploy",
+    "gblr.integrations.lightning",
+    "gblr.integrations.hf",
 ]
 for _name in DOCUMENTED_MODULES:
     _module = importlib.import_module(_name)

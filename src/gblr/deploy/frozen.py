@@ -68,6 +68,18 @@ class FrozenGBLRMatrix(nn.Module):
 
     Factors and bias are parameters with ``requires_grad=False``: the layer is for
     inference; ``.to(dtype)`` and ``.to(device)`` convert them like any module.
+
+    Examples:
+        >>> import torch, gblr
+        >>> from gblr.deploy import FrozenGBLRMatrix
+        >>> layer = gblr.freeze(torch.nn.Sequential(gblr.GBLRLinear(8, 4)))[0]
+        >>> isinstance(layer, FrozenGBLRMatrix), layer.matrix_shape, layer.num_components
+        (True, (4, 8), 4)
+        >>> layer.u_packed.shape, layer.row_intervals.shape, layer.plan
+        (torch.Size([16]), torch.Size([4, 2]), 'auto')
+        >>> x = torch.randn(3, 8)
+        >>> bool(torch.allclose(layer(x), x @ layer.dense_weight().T + layer.bias, atol=1e-5))
+        True
     """
 
     counts_per_position = False

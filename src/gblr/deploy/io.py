@@ -369,6 +369,20 @@ class FrozenCheckpoint:
         model_spec: the model description :func:`load` rebuilds from, or ``None``.
         root: class name of the saved model.
         gblr_version: the version that wrote the file.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import torch, gblr
+        >>> from gblr.deploy import load_checkpoint
+        >>> model = gblr.freeze(torch.nn.Sequential(gblr.GBLRLinear(8, 4)))
+        >>> path = gblr.save(model, os.path.join(tempfile.mkdtemp(), "m.safetensors"))
+        >>> checkpoint = load_checkpoint(path)
+        >>> checkpoint.root, [layer["class"] for layer in checkpoint.layers]
+        ('Sequential', ['FrozenGBLRLinear'])
+        >>> checkpoint.tensors["0.row_intervals"].shape  # (K, 2) intervals of 4 components
+        torch.Size([4, 2])
+        >>> sorted(checkpoint.state_dict())
+        ['0.bias', '0.col_intervals', '0.row_intervals', '0.u_packed', '0.v_packed']
     """
 
     path: Path
@@ -395,6 +409,23 @@ def load_checkpoint(path: str | os.PathLike) -> FrozenCheckpoint:
         ValueError: the file is not a gblr frozen-model file, is truncated, or its
             checksum does not match (modified or corrupted); the message names the path
             and the reason.
+
+    Examples:
+        >>> import os, tempfile
+        >>> import torch, gblr
+        >>> from gblr.deploy import load_checkpoint
+        >>> folder = tempfile.mkdtemp()
+        >>> model = gblr.freeze(torch.nn.Sequential(gblr.GBLRLinear(8, 4)))
+        >>> checkpoint = load_checkpoint(gblr.save(model, os.path.join(folder, "m.safetensors")))
+        >>> checkpoint.gblr_version == gblr.__version__, checkpoint.tensors["0.u_packed"].shape
+        (True, torch.Size([16]))
+        >>> with open(os.path.join(folder, "bad.safetensors"), "wb") as handle:
+        ...     _ = handle.write(b"not a model")
+        >>> try:
+        ...     load_checkpoint(os.path.join(folder, "bad.safetensors"))
+        ... except ValueError as error:
+        ...     print(type(error).__name__)
+        ValueError
     """
     path = Path(path)
     data = path.read_bytes()

@@ -26,7 +26,16 @@ _DENSE_EQUIVALENT = 0.9
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
     """One row of a :class:`PlanReport`: the median time (ms) of every candidate for one
-    layer at one input size, and the plan stored for its bucket."""
+    layer at one input size, and the plan stored for its bucket.
+
+    Examples:
+        >>> import torch, gblr
+        >>> model = gblr.freeze(torch.nn.Sequential(
+        ...     gblr.GBLRLinear(64, 64, structure_init="half", init_cost=0.2)))
+        >>> row = gblr.plan(model, torch.randn(32, 64), repeats=3)["0"]  # layer "0"
+        >>> row.shape, row.rows, row.device, "dense" in row.times_ms, row.speedup >= 1.0
+        ((64, 64), 32, 'cpu', True, True)
+    """
 
     name: str
     kind: str
@@ -47,7 +56,18 @@ class LayerPlan:
 
 @dataclasses.dataclass(frozen=True)
 class PlanReport:
-    """What :func:`plan` chose; ``str(report)`` is a table."""
+    """What :func:`plan` chose; ``str(report)`` is a table.
+
+    Examples:
+        >>> import torch, gblr
+        >>> model = gblr.freeze(torch.nn.Sequential(
+        ...     gblr.GBLRLinear(64, 64, structure_init="half", init_cost=0.2)))
+        >>> report = gblr.plan(model, torch.randn(32, 64), repeats=3)
+        >>> type(report).__name__, len(report), [row.name for row in report]
+        ('PlanReport', 1, ['0'])
+        >>> report.table().split()[:4]
+        ['layer', 'shape', '(out', 'x']
+    """
 
     layers: tuple[LayerPlan, ...]
 

@@ -453,7 +453,9 @@ def evaluate_topk(
     model: nn.Module, dataset: Dataset, batch_size: int = 256, ks: tuple[int, ...] = (1, 5)
 ) -> tuple[float, ...]:
     """Top-k accuracies of ``model`` (in eval mode, on its own device) on ``dataset``
-    (k larger than the number of classes counts every sample as correct).
+    (k larger than the number of classes counts every sample as correct). ``dataset``
+    yields ``(input, label)`` pairs; ``model`` maps inputs ``(N, ...)`` to logits
+    ``(N, classes)``.
 
     Examples:
         >>> import torch
@@ -483,6 +485,9 @@ def evaluate_topk(
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` (in eval mode, on its own device) on ``dataset``.
+
+    ``dataset`` yields ``(input, label)`` pairs; ``model`` maps a batch of inputs
+    ``(N, ...)`` to logits ``(N, classes)``.
 
     Examples:
         >>> import torch

@@ -203,7 +203,8 @@ class MlpMixer(nn.Module):
 
 def vit_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> VisionTransformer:
     """ViT-S/4 for 32x32 images (the paper's CIFAR ViT): 384 wide, 12 blocks, 6 heads,
-    MLP ratio 4 (timm's ViT-S), 4x4 patches.
+    MLP ratio 4 (timm's ViT-S), 4x4 patches. Input ``(N, 3, 32, 32)``, output
+    ``(N, num_classes)``.
 
     Examples:
         >>> import torch
@@ -220,7 +221,8 @@ def vit_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> Vision
 
 def mixer_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> MlpMixer:
     """Mixer-S/4 for 32x32 images (the paper's CIFAR Mixer): 512 wide, 8 blocks, token
-    MLP 256, channel MLP 2048, 4x4 patches.
+    MLP 256, channel MLP 2048, 4x4 patches. Input ``(N, 3, 32, 32)``, output
+    ``(N, num_classes)``.
 
     Examples:
         >>> import torch

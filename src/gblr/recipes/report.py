@@ -26,7 +26,25 @@ STATE_FILE = "model_state.pt"
 
 def load_state(path: str | Path) -> dict[str, Tensor]:
     """A state dict from a file (``torch.save(model.state_dict())`` or a Lightning
-    checkpoint of the recipes), or from ``STATE_FILE`` in a run folder."""
+    checkpoint of the recipes), or from ``STATE_FILE`` in a run folder.
+
+    Examples:
+        >>> from gblr.recipes.models import VisionTransformer, structure_model
+        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
+        >>> _ = structure_model(model, "gblr", 0.5)
+        >>> import os, tempfile
+        >>> import torch
+        >>> from gblr.recipes.report import load_state
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> torch.save(model.state_dict(), path)
+        >>> sorted(load_state(path)) == sorted(model.state_dict())
+        True
+        >>> try:
+        ...     load_state(tempfile.mkdtemp())  # a folder without model_state.pt
+        ... except FileNotFoundError as error:
+        ...     print(type(error).__name__)
+        FileNotFoundError
+    """
     path = Path(path)
     if path.is_dir():
         path = path / STATE_FILE
@@ -56,7 +74,17 @@ def _gblr_prefixes(state: dict[str, Tensor]) -> list[str]:
 
 def overlap_image(state: dict[str, Tensor], prefix: str) -> Tensor:
     """``(out, in)`` count of the components covering each weight entry of one GBLR layer
-    (exact eval intervals; wrap-around included)."""
+    (exact eval intervals; wrap-around included).
+
+    Examples:
+        >>> from gblr.recipes.models import VisionTransformer, structure_model
+        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
+        >>> _ = structure_model(model, "gblr", 0.5)
+        >>> from gblr.recipes.report import overlap_image
+        >>> image = overlap_image(model.state_dict(), "blocks.0.fc1.")  # fc1: 32 x 16
+        >>> image.shape, bool((image >= 0).all())
+        (torch.Size([32, 16]), True)
+    """
     u, v = state[prefix + "U"], state[prefix + "V"]
     widths, locations = state[prefix + "widths"], state[prefix + "locations"]
     rows, cols = u.shape[2], v.shape[2]
@@ -71,7 +99,19 @@ def overlap_image(state: dict[str, Tensor], prefix: str) -> Tensor:
 
 
 def layer_costs(state: dict[str, Tensor]) -> list[dict]:
-    """Per layer: name, kind, ``(out, in)`` shape, MACs per row, dense MACs."""
+    """Per layer: name, kind, ``(out, in)`` shape, MACs per row, dense MACs.
+
+    Examples:
+        >>> from gblr.recipes.models import VisionTransformer, structure_model
+        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
+        >>> _ = structure_model(model, "gblr", 0.5)
+        >>> from gblr.recipes.report import layer_costs
+        >>> costs = layer_costs(model.state_dict())
+        >>> [(c["name"], c["kind"], c["shape"], c["dense_macs"]) for c in costs[-2:]]
+        [('blocks.0.qkv', 'GBLR', (48, 16), 768), ('head', 'dense', (10, 16), 160)]
+        >>> sum(c["macs"] for c in costs) < sum(c["dense_macs"] for c in costs)
+        True
+    """
     rows = []
     gblr = _gblr_prefixes(state)
     for prefix in gblr:
@@ -162,6 +202,21 @@ def write_report(run_dir: str | Path) -> Path:
     Figures: the block-overlap image of every GBLR layer (how many components cover each
     weight entry, as in the paper's figure of learned masks), MACs per layer, training
     loss and accuracy, and σ and the MACs ratio over the steps (when logged).
+
+    Examples:
+        The report of a one-step run of a tiny ViT:
+
+        >>> import tempfile
+        >>> from gblr.recipes.config import load_config
+        >>> from gblr.recipes.report import write_report
+        >>> from gblr.recipes.train import train_from_config
+        >>> out = tempfile.mkdtemp()
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=1"]
+        >>> config = load_config("digits-vit-gblr", [*tiny, "trainer.logger=none", f"out={out}"])
+        >>> _ = train_from_config(config, progress=False)
+        >>> path = write_report(out)
+        >>> path.name, path.read_text().startswith("#")
+        ('REPORT.md', True)
     """
     try:
         import matplotlib

@@ -50,7 +50,17 @@ def build_datasets(
     config: TrainConfig, model: nn.Module | None = None
 ) -> tuple[Any, Any, int, int]:
     """``(train, test, in_chans, num_classes)`` of an image dataset in ``config.data``;
-    ``model`` (optional) supplies a timm model's normalization statistics."""
+    ``model`` (optional) supplies a timm model's normalization statistics.
+
+    Examples:
+        >>> from gblr.recipes.config import load_config
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
+        >>> config = load_config("digits-vit-gblr", tiny)
+        >>> from gblr.recipes.train import build_datasets
+        >>> train, test, in_chans, num_classes = build_datasets(config)
+        >>> len(train), len(test), in_chans, num_classes
+        (1348, 449, 1, 10)
+    """
     from .data import digits, image_folder, load_cifar
 
     data = config.data
@@ -82,7 +92,16 @@ def build_datasets(
 
 def data_shape(config: TrainConfig) -> tuple[int, int]:
     """``(in_chans, num_classes)`` of ``config.data`` without reading the images
-    (``(0, 0)`` for text)."""
+    (``(0, 0)`` for text).
+
+    Examples:
+        >>> from gblr.recipes.config import load_config
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
+        >>> config = load_config("digits-vit-gblr", tiny)
+        >>> from gblr.recipes.train import data_shape
+        >>> data_shape(config)  # digits: 1 channel, 10 classes
+        (1, 10)
+    """
     name = config.data.name
     if name in TEXT_DATASETS:
         return 0, 0
@@ -150,7 +169,17 @@ def _hf_causal_lm(config: TrainConfig) -> nn.Module:
 
 
 def build_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
-    """The dense network of ``config.model`` (structure is applied separately)."""
+    """The dense network of ``config.model`` (structure is applied separately).
+
+    Examples:
+        >>> from gblr.recipes.config import load_config
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
+        >>> config = load_config("digits-vit-gblr", tiny)
+        >>> from gblr.recipes.train import build_model
+        >>> model = build_model(config, in_chans=1, num_classes=10)
+        >>> type(model).__name__, type(model.blocks[0].qkv).__name__
+        ('VisionTransformer', 'Linear')
+    """
     from .models import MlpMixer, VisionTransformer
 
     m = config.model
@@ -203,7 +232,17 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
 
 
 def build_structured_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
-    """:func:`build_model` with ``config.structure`` applied (seeded by ``config.seed``)."""
+    """:func:`build_model` with ``config.structure`` applied (seeded by ``config.seed``).
+
+    Examples:
+        >>> from gblr.recipes.config import load_config
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
+        >>> config = load_config("digits-vit-gblr", tiny)
+        >>> from gblr.recipes.train import build_structured_model, example_input
+        >>> model = build_structured_model(config, in_chans=1, num_classes=10)
+        >>> type(model.blocks[0].qkv).__name__, model(example_input(config)).shape
+        ('GBLRLinear', torch.Size([1, 10]))
+    """
     torch.manual_seed(config.seed)
     model = build_model(config, in_chans, num_classes)
     apply_structure(model, config)
@@ -212,7 +251,16 @@ def build_structured_model(config: TrainConfig, in_chans: int, num_classes: int)
 
 def example_input(config: TrainConfig) -> Any:
     """One example input for ``config.model``: an image ``(1, C, S, S)`` or one window of
-    token ids ``(1, seq_len)``."""
+    token ids ``(1, seq_len)``.
+
+    Examples:
+        >>> from gblr.recipes.config import load_config
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
+        >>> config = load_config("digits-vit-gblr", tiny)
+        >>> from gblr.recipes.train import example_input
+        >>> example_input(config).shape
+        torch.Size([1, 1, 8, 8])
+    """
     if config.data.name in TEXT_DATASETS:
         return torch.zeros(1, config.data.seq_len, dtype=torch.long)
     in_chans, _ = data_shape(config)
@@ -236,6 +284,21 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
         FileNotFoundError: nothing of the kind at ``source``.
         ValueError: a checkpoint without the config that made it, or weights that do not
             fit the config's model.
+
+    Examples:
+        A shipped config gives its starting structure (a run folder: the trained model):
+
+        >>> from gblr.recipes.train import model_from_run
+        >>> model, what, example = model_from_run("digits-vit-gblr")
+        >>> what
+        'config digits-vit-gblr (starting structure, untrained)'
+        >>> example.shape, model(example).shape
+        (torch.Size([1, 1, 8, 8]), torch.Size([1, 10]))
+        >>> try:
+        ...     model_from_run("no/such/run")
+        ... except FileNotFoundError as error:
+        ...     print(type(error).__name__)
+        FileNotFoundError
     """
     from .config import config_from_dict, load_config
     from .report import STATE_FILE, load_state
@@ -328,7 +391,19 @@ def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: Tr
 
 def run_length(config: TrainConfig, train_size: int) -> tuple[int, float]:
     """``(total optimizer steps, steps per run unit)``: a unit is an epoch of
-    ``train_size`` samples at the global batch size, or one step."""
+    ``train_size`` samples at the global batch size, or one step.
+
+    Examples:
+        >>> from gblr.recipes.config import load_config
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
+        >>> config = load_config("digits-vit-gblr", tiny)
+        >>> from gblr.recipes.train import run_length
+        >>> run_length(config, train_size=1348)  # step-based: a unit is one step
+        (2, 1.0)
+        >>> epochs = load_config("digits-vit-gblr", ["optim.steps=null", "optim.epochs=3"])
+        >>> run_length(epochs, train_size=1348)  # 1348 samples at batch 64: 21 steps an epoch
+        (63, 21.0)
+    """
     optim = config.optim
     if optim.steps is not None:
         return optim.steps, 1.0
@@ -410,6 +485,22 @@ def train_from_config(
         As written to ``results.json``: ``{"accuracy", "top5"}`` (images) or
         ``{"perplexity", "nll", "tokens"}`` (text), and ``"macs_ratio"``, ``"gflops"``,
         ``"dense_gflops"`` (whole model, one example), ``"seconds"``, ``"steps"``.
+
+    Examples:
+        Two steps of a tiny GBLR ViT on the digits, written to a temporary run folder:
+
+        >>> import os, tempfile
+        >>> from gblr.recipes.config import load_config
+        >>> from gblr.recipes.train import train_from_config
+        >>> out = tempfile.mkdtemp()
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
+        >>> options = ["trainer.logger=none", "trainer.accelerator=cpu", f"out={out}"]
+        >>> config = load_config("digits-vit-gblr", tiny + options)
+        >>> results = train_from_config(config, progress=False)
+        >>> results["steps"], 0.0 <= results["accuracy"] <= 1.0, results["macs_ratio"] < 1.0
+        (2, True, True)
+        >>> sorted(name for name in os.listdir(out) if "." in name)
+        ['REPORT.md', 'config.yaml', 'model_state.pt', 'results.json']
     """
     import yaml
 
