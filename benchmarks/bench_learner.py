@@ -6,8 +6,9 @@
 2. Recovery: ``GBLRLinear(64, 64)`` from random structures is regressed onto
    :func:`gblr.learn.synthetic.planted_blocks` targets with the learner in budget mode at
    1.1x and 1.5x the planted cost; a seed counts as recovered at relative Frobenius error
-   <= 2e-2. Goal: every seed at 1.1x. Two learner variants in the same run: ``paper`` (one
-   uniform threshold) and ``adaptive+shift`` (``adaptive=1.0, max_shift=1.0``).
+   <= 2e-2. Goal: every seed at 1.1x. Three learner variants in the same run: ``paper``
+   (one uniform threshold), ``adaptive+shift`` (``adaptive=1.0, max_shift=1.0``) and
+   ``adaptive+shift+ramp`` (also ``max_shift_ramp=4.0``).
 
     python benchmarks/bench_learner.py                # both parts, 20 seeds
     python benchmarks/bench_learner.py --seeds 5 --skip-overhead --variants adaptive+shift
@@ -34,7 +35,11 @@ from bench_layer import RESULTS, machine_description, write_json_atomically
 
 # Learner options compared on the recovery task: the paper's plain method, and the two
 # options that made recovery more reliable (StructureLearner's docstring says why).
-VARIANTS = {"paper": {}, "adaptive+shift": {"adaptive": 1.0, "max_shift": 1.0}}
+VARIANTS = {
+    "paper": {},
+    "adaptive+shift": {"adaptive": 1.0, "max_shift": 1.0},
+    "adaptive+shift+ramp": {"adaptive": 1.0, "max_shift": 1.0, "max_shift_ramp": 4.0},
+}
 
 
 def gblr_vit() -> nn.Module:

@@ -184,8 +184,8 @@ class LearnerConfig:
     from ``sigma_start`` to the end (``null``: σ left as the layers have it, e.g. ∞ =
     exact boxcars after a structure search); the MACs target ramped from the starting
     cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``).
-    ``adaptive``, ``max_shift``: :class:`gblr.StructureLearner`'s options against late
-    structure collapses (off by default: the paper's method).
+    ``adaptive``, ``max_shift``, ``max_shift_ramp``: :class:`gblr.StructureLearner`'s
+    options against structure collapses (off by default: the paper's method).
 
     Examples:
         >>> from gblr.recipes.config import LearnerConfig
@@ -199,6 +199,7 @@ class LearnerConfig:
     budget_ramp: float | None = None
     adaptive: float = 0.0
     max_shift: float | None = None
+    max_shift_ramp: float | None = None
 
 
 @dataclass
@@ -481,6 +482,7 @@ def _validate(config: TrainConfig) -> None:
     _positive("learner.budget_ramp", config.learner.budget_ramp, zero=True)
     _positive("learner.adaptive", config.learner.adaptive, zero=True)
     _positive("learner.max_shift", config.learner.max_shift)
+    _positive("learner.max_shift_ramp", config.learner.max_shift_ramp)
     _choice("trainer.logger", config.trainer.logger, LOGGERS)
     _positive("trainer.num_nodes", config.trainer.num_nodes)
     _positive("trainer.log_every_n_steps", config.trainer.log_every_n_steps)

@@ -552,7 +552,11 @@ def train_from_config(
         sigma=None if learner.sigma is None else tuple(learner.sigma),
         sigma_schedule=learner.sigma_schedule,
         sigma_start_step=round(learner.sigma_start * unit),
-        learner_options={"adaptive": learner.adaptive, "max_shift": learner.max_shift},
+        learner_options={
+            "adaptive": learner.adaptive,
+            "max_shift": learner.max_shift,
+            "max_shift_ramp": learner.max_shift_ramp,
+        },
         structure_include=config.structure.include,
         num_workers=config.data.num_workers,
         val_every_n_steps=val_every,
