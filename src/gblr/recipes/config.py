@@ -345,14 +345,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _coerce(value, option, key)
-            except ValueError as error:
-                errors.append(error)
+            except ValueError:
+                continue  # the message below names the whole union
         raise ValueError(f"{key} must be {_type_name(hint)}, got {value!r}")
     if origin is dict:
         if not isinstance(value, dict):

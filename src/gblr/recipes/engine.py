@@ -118,11 +118,9 @@ def check_checkpoint_structure(
                 + ". Resume with the config that wrote it, or start a new run (another out "
                 "folder)."
             )
-    state = {
-        key[len(prefix) :]: value
-        for key, value in checkpoint.get("state_dict", {}).items()
-        if key.startswith(prefix)
-    }
+    from .report import checkpoint_model_state
+
+    state = checkpoint_model_state(checkpoint, prefix)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

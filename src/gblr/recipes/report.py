@@ -24,6 +24,16 @@ __all__ = ["layer_costs", "load_state", "overlap_image", "write_report"]
 STATE_FILE = "model_state.pt"
 
 
+def checkpoint_model_state(checkpoint: dict, prefix: str = "model.") -> dict[str, Tensor]:
+    """The model's state dict inside a Lightning checkpoint of the recipes' modules (which
+    hold the model as ``self.model``, so its tensors sit under ``"model."``)."""
+    return {
+        key[len(prefix) :]: value
+        for key, value in checkpoint.get("state_dict", {}).items()
+        if key.startswith(prefix)
+    }
+
+
 def load_state(path: str | Path) -> dict[str, Tensor]:
     """A state dict from a file (``torch.save(model.state_dict())`` or a Lightning
     checkpoint of the recipes), or from ``STATE_FILE`` in a run folder.
@@ -55,12 +65,7 @@ def load_state(path: str | Path) -> dict[str, Tensor]:
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        # a Lightning checkpoint of the recipes' modules: the model sits under "model."
-        state = {
-            key[len("model.") :]: value
-            for key, value in state["state_dict"].items()
-            if key.startswith("model.")
-        }
+        state = checkpoint_model_state(state)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
     return state

@@ -301,7 +301,7 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
         FileNotFoundError
     """
     from .config import config_from_dict, load_config
-    from .report import STATE_FILE, load_state
+    from .report import STATE_FILE, checkpoint_model_state, load_state
 
     path = Path(source)
     state = None
@@ -320,7 +320,7 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
         if settings is None:
             raise ValueError(f"{path} holds no gblr config (not written by gblr train)")
         config = config_from_dict(settings)
-        state = load_state(path)
+        state = checkpoint_model_state(checkpoint)  # already read: not loaded twice
         what = f"checkpoint {path} (step {checkpoint.get('global_step', '?')})"
     else:
         config = load_config(path)
