@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_checks.sh            (writes under $OUT, or ./gpu_out)
 # CUDA tests first (correctness), then the layer benchmark in bf16 autocast and float32,
 # eager and as CUDA-graph replays, the host overhead per step, then a kernel profile of one
-# bf16 step. (--compile exists too; torch.compile breaks the graph at the sigma read.)
+# bf16 step. torch.compile runs too: since 2026-11-30 a GBLR training step compiles to one
+# graph (no sigma read on the host), in inductor's default mode and with CUDA graphs.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -19,6 +20,10 @@ $B --autocast bf16 --rows 8192 4096 64 --output "$OUT/bench_layer_cuda_bf16.json
 $B --autocast none --rows 8192 64 --output "$OUT/bench_layer_cuda_none.json"
 # (capturing nn.Linear's backward at 64 rows failed inside cuBLAS on an H100, torch 2.11)
 $B --autocast bf16 --rows 8192 --graph --output "$OUT/bench_layer_cuda_bf16_graph.json"
+$B --autocast bf16 --rows 8192 64 --compile default \
+  --output "$OUT/bench_layer_cuda_bf16_compile-default.json"
+$B --autocast bf16 --rows 8192 --compile reduce-overhead \
+  --output "$OUT/bench_layer_cuda_bf16_compile-reduce-overhead.json"
 python3 benchmarks/bench_search.py --device cuda --shapes 768x3072 --budgets 0.2 0.4 \
   --output "$OUT/bench_search_cuda.json"
 # the fine-tuning recipes' models, full training steps, dense vs GBLR/low-rank (issue 8)

@@ -28,6 +28,7 @@ from ..ops.gaudi import (
     gaudi_mask_on_grid,
     interval_lengths,
     interval_starts,
+    mask_factors_traceable,
     mask_factors_unchecked,
 )
 
@@ -59,6 +60,13 @@ def _as_interval_tensor(name: str, value: object, num_components: int) -> Tensor
     if not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} must be finite, got non-finite values")
     return tensor
+
+
+def _is_compiling() -> bool:
+    """Whether ``torch.compile`` (dynamo) is tracing the current call."""
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(check()) if check is not None else False
 
 
 class GBLRMatrixMixin(nn.Module):
@@ -286,9 +294,17 @@ class GBLRMatrixMixin(nn.Module):
         dtype).
         """
         if self.training:
-            u, v = mask_factors_unchecked(
-                self.U, self.V, self.widths, self.locations, self._sigma_value()
-            )
+            if _is_compiling():
+                # Under torch.compile: σ stays a tensor (reading it on the host would break
+                # the graph, and a Python float would recompile at every σ step) and the
+                # compiler fuses the masking into its own kernels.
+                u, v = mask_factors_traceable(
+                    self.U, self.V, self.widths, self.locations, self.sigma
+                )
+            else:
+                u, v = mask_factors_unchecked(
+                    self.U, self.V, self.widths, self.locations, self._sigma_value()
+                )
             return u.reshape(-1, self.rows), v.reshape(-1, self.cols)
         col_mask, row_mask = self.masks()
         dtype = self.U.dtype

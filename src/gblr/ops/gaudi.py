@@ -431,6 +431,89 @@ def mask_factors(
     )
 
 
+def _cosine_series(coefficients: Tensor, n: int, half_sample: bool) -> Tensor:
+    """``x[j] = sum_k c_k cos(pi k (2 j + s) / n)`` for ``j < n``, ``s = 1`` if
+    ``half_sample`` else 0: the inverse real DFT of a real (or half-sample-shifted) spectrum
+    in real arithmetic. ``torch.compile`` fuses it into one reduction, where an FFT would be
+    a complex-valued fallback (inductor generates no code for complex tensors). The phase
+    is reduced modulo ``2n`` in integers first, so it stays exact for large ``n``."""
+    k = torch.arange(coefficients.shape[0], device=coefficients.device)
+    j = torch.arange(n, device=coefficients.device)
+    phase = torch.remainder(k * (2 * j.unsqueeze(1) + int(half_sample)), 2 * n)
+    return (coefficients * torch.cos(phase.to(coefficients.dtype) * (math.pi / n))).sum(1)
+
+
+def _grid_tables_from_tensor(n: int, sigma: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`_grid_kernels` built from a 0-d ``sigma`` tensor (``inf`` = no smoothing) with
+    real tensor operations only, so ``torch.compile`` traces it without reading σ on the
+    host (a graph break) or specializing on its value (a recompile every step).
+    ``exp(-k²/2σ²)`` is exactly 1 at σ = inf, so one formula covers both cases."""
+    k = torch.arange(n // 2 + 1, device=sigma.device, dtype=torch.float64)
+    sigma = sigma.to(torch.float64)
+    gauss = torch.exp(-(k * k) / (2.0 * sigma * sigma))
+    # Hermitian weights of a length-n inverse real DFT: bins 0 and n/2 (n even) once.
+    weights = torch.full_like(k, 2.0)
+    weights[0] = 1.0
+    nyquist = 1.0 if n % 2 == 0 else 2.0
+    weights[-1] = nyquist if n > 1 else 1.0
+    smoothing = _cosine_series(weights * gauss / n, n, half_sample=False)
+    index = torch.arange(-2 * n, n + 1, device=sigma.device)
+    periods = torch.div(index, n, rounding_mode="floor")
+    prefix = torch.cat([smoothing.new_zeros(1), torch.cumsum(smoothing, 0)])
+    cumulative = prefix[torch.remainder(index, n)] + periods * prefix[n]
+    # The edge spectrum is G(k)/sinc(k/n) shifted by half a sample; at an even n's Nyquist
+    # bin that shift makes it imaginary, and an inverse real DFT keeps only real parts.
+    if n % 2 == 0 and n > 1:
+        weights[-1] = 0.0
+    edge = _cosine_series(weights * gauss / torch.sinc(k / n), n, half_sample=True)
+    return cumulative.to(dtype), torch.cat([edge, edge]).to(dtype)
+
+
+def _gaudi_mask_on_grid_traceable(
+    width: Tensor, location: Tensor, n: int, sigma: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """``(K,)`` widths and locations -> ``(K, n)`` masks equal in value and gradient to
+    :func:`gaudi_mask_on_grid`, written with differentiable tensor operations only.
+
+    The mask's value comes from the cumulative table (detached); its derivatives are
+    attached linearly: ``mask + (w - w.detach()) * E_end + (l - l.detach()) * (E_end -
+    E_start)`` adds exactly zero to the value, and its gradient is the edge kernel at the
+    box's end (width) and at both ends (location), as in ``_GaudiMaskOnGrid.backward``.
+    With no custom autograd node, the compiler fuses the gathers into the factor products.
+    """
+    lengths = torch.round(width.detach().clamp(0.0, 1.0) * n).to(torch.int64)
+    starts = torch.remainder(torch.round(location.detach() * n).to(torch.int64), n)
+    cumulative, edge = _grid_tables_from_tensor(n, sigma, dtype)
+    columns = torch.arange(n, device=width.device)
+    first = ((2 * n + 1) - starts).unsqueeze(1) + columns
+    value = cumulative[first] - cumulative[first - lengths.unsqueeze(1)]
+    at_end = edge[torch.remainder(columns - (starts + lengths).unsqueeze(1), n)]
+    at_start = edge[torch.remainder(columns - starts.unsqueeze(1), n)]
+    width_step = (width - width.detach()).to(dtype).unsqueeze(1)
+    location_step = (location - location.detach()).to(dtype).unsqueeze(1)
+    return value + width_step * at_end + location_step * (at_end - at_start)
+
+
+def mask_factors_traceable(
+    factor_u: Tensor, factor_v: Tensor, widths: Tensor, locations: Tensor, sigma: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`mask_factors` for code that ``torch.compile`` traces: ``sigma`` is a 0-d
+    tensor (``inf`` for none), no custom autograd node and no host read, so a compiled
+    training step has no graph break and σ can change every step without a recompile.
+
+    Shapes as in :func:`mask_factors`; returns the promoted dtype of factor and mask (the
+    torch backend's rule).
+    """
+    dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
+    rows, cols = factor_u.shape[2], factor_v.shape[2]
+    row_mask = _gaudi_mask_on_grid_traceable(widths[1], locations[1], rows, sigma, dtype)
+    col_mask = _gaudi_mask_on_grid_traceable(widths[0], locations[0], cols, sigma, dtype)
+    return (
+        factor_u * row_mask.to(factor_u.dtype).unsqueeze(1),
+        factor_v * col_mask.to(factor_v.dtype).unsqueeze(1),
+    )
+
+
 def mask_factors_unchecked(
     factor_u: Tensor,
     factor_v: Tensor,
