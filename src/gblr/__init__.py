@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import deploy, structured
 from .compress import ConversionReport, convert, fit_dense
 from .cost import FlopsReport, LayerFlops, count_flops
-from .deploy import FrozenGBLRConv2d, FrozenGBLRLinear, freeze, load, plan, save
+from .deploy import FrozenGBLRConv2d, FrozenGBLRLinear, export_onnx, freeze, load, plan, save
 from .layers import GBLRConv2d, GBLRLinear, special
 from .learn import StructureLearner, param_groups
 from .model_flops import ModelFlops, count_model_flops
@@ -36,6 +36,7 @@ __all__ = [
     "count_flops",
     "count_model_flops",
     "deploy",
+    "export_onnx",
     "fit_dense",
     "freeze",
     "gaudi_mask",

@@ -199,12 +199,31 @@ def test_save_and_load_bad_arguments(tmp_path):
     assert isinstance(conv[0], FrozenGBLRConv2d)
 
 
-def test_onnx_export_of_dense_and_lowrank_plans(tmp_path):
-    pytest.importorskip("onnx")
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("plan", "fused9000", r"plan 'fused9000' for a FrozenGBLR\w+ is not one of"),
+        ("plan_cache", [["cpu", "torch.float32", 64, "fused9000"]], "stored plan choice"),
+        ("plan_cache", [["cpu", "torch.float32", "64", "dense"]], "stored plan choice"),
+        ("plan_cache", [["cpu", 64, "dense"]], "stored plan choice"),
+    ],
+)
+def test_plans_of_another_version_are_refused_on_load(tmp_path, field, value, message):
+    # A consistent file (its checksum recomputed) naming a plan this version lacks.
+    from gblr.deploy import io
+
     model = frozen_sequential()
-    x = torch.randn(2, 3, 5, 5)
-    for plan in ("dense", "lowrank"):
-        for layer in (model[0], model[3]):
-            layer.plan = plan
-        torch.onnx.export(model, (x,), str(tmp_path / f"{plan}.onnx"))
-        assert (tmp_path / f"{plan}.onnx").stat().st_size > 0
+    path = gblr.save(model, tmp_path / "m.safetensors")
+    import safetensors
+    import safetensors.torch
+
+    with safetensors.safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    structure = json.loads(metadata["structure"])
+    structure["layers"][0][field] = value
+    metadata["structure"] = json.dumps(structure, sort_keys=True)
+    metadata["sha256"] = io._digest(metadata["structure"], tensors)
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=message):
+        gblr.load(path)

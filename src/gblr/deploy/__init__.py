@@ -6,14 +6,13 @@ execution plan per layer, device and input size, and save/load it without traini
     gblr.save(model, "model.safetensors")       # tensors + structure JSON + sha256
     model = gblr.load("model.safetensors")      # or load(path, model_factory=MyModel)
 
-ONNX: the ``dense`` and ``lowrank`` plans are plain ``F.linear`` / ``F.conv2d`` calls on
-cached tensors and are what an export should use (set ``layer.plan`` before exporting);
-``segment`` and ``blocksparse`` are Python loops over slices whose structure would be
-unrolled into the graph, and ``triton`` (CUDA only) is a custom kernel. Export is not
-tested in this environment (the ``onnx`` package is not installed;
-``tests/deploy/test_io.py`` runs the export when it is).
+ONNX: :func:`export_onnx` exports a copy of the model in which every frozen layer is a
+dense or a low-rank product in plain ``nn.Linear``/``nn.Conv2d`` modules (the ``segment``,
+``panels`` and ``blocksparse`` plans are Python loops over slices, ``triton`` a custom
+kernel), and checks the file with ``onnxruntime``.
 """
 
+from .export import ONNX_PLANS, OnnxExport, export_onnx
 from .frozen import PLAN_CHOICES, FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix, freeze
 from .io import FrozenCheckpoint, load, load_checkpoint, save
 from .planner import LayerPlan, PlanReport, plan
@@ -21,6 +20,7 @@ from .plans import GPU_PLANS, PLANS
 
 __all__ = [
     "GPU_PLANS",
+    "ONNX_PLANS",
     "PLANS",
     "PLAN_CHOICES",
     "FrozenCheckpoint",
@@ -28,7 +28,9 @@ __all__ = [
     "FrozenGBLRLinear",
     "FrozenGBLRMatrix",
     "LayerPlan",
+    "OnnxExport",
     "PlanReport",
+    "export_onnx",
     "freeze",
     "load",
     "load_checkpoint",

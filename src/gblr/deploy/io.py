@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
-from .frozen import FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix
+from .frozen import PLAN_CHOICES, FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix
 
 __all__ = ["FORMAT", "FrozenCheckpoint", "load", "load_checkpoint", "save"]
 
@@ -184,9 +184,27 @@ def _frozen_from_entry(entry: dict[str, Any], device: torch.device | None) -> Fr
         )
     else:
         raise ValueError(f"unknown frozen layer class {entry['class']!r} in the file")
-    layer.plan = entry.get("plan", "auto")
-    for device_type, dtype, bucket, choice in entry.get("plan_cache", []):
-        layer.plan_cache[(device_type, dtype, int(bucket))] = choice
+    plan = entry.get("plan", "auto")
+    if plan not in PLAN_CHOICES:
+        raise ValueError(
+            f"the file's plan {plan!r} for a {entry['class']} is not one of {PLAN_CHOICES}; "
+            "the file was written by another version of gblr, or edited"
+        )
+    layer.plan = plan
+    for cached in entry.get("plan_cache", []):
+        # A stored choice is used as is at the next forward of that size: check it now.
+        if (
+            not isinstance(cached, list)
+            or len(cached) != 4
+            or cached[3] not in PLAN_CHOICES[1:]
+            or not isinstance(cached[2], int)
+        ):
+            raise ValueError(
+                f"the file's stored plan choice {cached!r} for a {entry['class']} is not "
+                f"[device type, dtype, row bucket, plan] with a plan in {PLAN_CHOICES[1:]}"
+            )
+        device_type, dtype, bucket, choice = cached
+        layer.plan_cache[(device_type, dtype, bucket)] = choice
     return layer
 
 
