@@ -1,6 +1,7 @@
 """Deploy a GBLR model: freeze it into its exact inference form, let the planner time the
 execution plans on this machine for your batch size, save it, load it without training
-code, and compare its latency with the dense model's.
+code, export it to ONNX (with the ``[onnx]`` extra), and compare its latency with the
+dense model's.
 
     python examples/deploy.py               # 768x3072 MLP at 20% of the MACs, 4096 rows
     python examples/deploy.py --smoke       # small sizes (CI)
@@ -55,6 +56,15 @@ loaded = gblr.load(path)  # an nn.Sequential of frozen layers is rebuilt from th
 gblr.plan(loaded, x)
 with torch.no_grad():
     assert torch.equal(loaded(x), frozen(x))
+
+try:  # ONNX export needs the [onnx] extra: pip install -e ".[onnx]"
+    import onnx  # noqa: F401
+except ImportError:
+    print("onnx not installed: skipping the ONNX export")
+else:
+    # each frozen layer as a dense or low-rank product (fewer MACs), checked in onnxruntime
+    exported = gblr.export_onnx(loaded, x[:8], path.with_suffix(".onnx"))
+    print(exported)
 
 
 def median_ms(module: torch.nn.Module, repeats: int = 7) -> float:
