@@ -179,15 +179,14 @@ def _build_grid_kernels(
 ) -> tuple[Tensor, Tensor]:
     k = torch.arange(n // 2 + 1, device=device, dtype=torch.float64)
     gauss = torch.ones_like(k) if sigma is None else torch.exp(-(k * k) / (2.0 * sigma**2))
-    index = torch.arange(-2 * n, n + 1, device=device)
-    periods = torch.div(index, n, rounding_mode="floor")
     if sigma is None:
         # The kernel is a unit impulse: the table counts multiples of n, exactly.
+        index = torch.arange(-2 * n, n + 1, device=device)
+        periods = torch.div(index, n, rounding_mode="floor")
         cumulative = (periods + (torch.remainder(index, n) > 0).long()).double()
     else:
         smoothing = torch.fft.irfft(gauss.to(torch.complex128), n=n, norm="backward")
-        prefix = torch.cat([smoothing.new_zeros(1), torch.cumsum(smoothing, 0)])
-        cumulative = prefix[torch.remainder(index, n)] + periods * prefix[n]
+        cumulative = _cumulative_table(smoothing, n)
     # d/dw of w sinc(kw) exp(-i pi k w) is exp(-2 i pi k w): an edge kernel at the box's end.
     edge_amplitude = gauss / torch.sinc(k / n)
     phase = math.pi * k / n
@@ -196,6 +195,15 @@ def _build_grid_kernels(
     )
     edge = torch.fft.irfft(edge_spectrum, n=n, norm="forward")
     return cumulative.to(dtype), torch.cat([edge, edge]).to(dtype)
+
+
+def _cumulative_table(smoothing: Tensor, n: int) -> Tensor:
+    """``(3n + 1,)``: entry ``i + 2n`` (``-2n <= i <= n``) sums the ``(n,)`` kernel
+    ``smoothing``, extended periodically, over ``[0, i)``."""
+    index = torch.arange(-2 * n, n + 1, device=smoothing.device)
+    periods = torch.div(index, n, rounding_mode="floor")
+    prefix = torch.cat([smoothing.new_zeros(1), torch.cumsum(smoothing, 0)])
+    return prefix[torch.remainder(index, n)] + periods * prefix[n]
 
 
 class _GaudiMaskOnGrid(torch.autograd.Function):
@@ -457,10 +465,7 @@ def _grid_tables_from_tensor(n: int, sigma: Tensor, dtype: torch.dtype) -> tuple
     nyquist = 1.0 if n % 2 == 0 else 2.0
     weights[-1] = nyquist if n > 1 else 1.0
     smoothing = _cosine_series(weights * gauss / n, n, half_sample=False)
-    index = torch.arange(-2 * n, n + 1, device=sigma.device)
-    periods = torch.div(index, n, rounding_mode="floor")
-    prefix = torch.cat([smoothing.new_zeros(1), torch.cumsum(smoothing, 0)])
-    cumulative = prefix[torch.remainder(index, n)] + periods * prefix[n]
+    cumulative = _cumulative_table(smoothing, n)
     # The edge spectrum is G(k)/sinc(k/n) shifted by half a sample; at an even n's Nyquist
     # bin that shift makes it imaginary, and an inverse real DFT keeps only real parts.
     if n % 2 == 0 and n > 1:
