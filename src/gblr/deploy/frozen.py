@@ -420,7 +420,7 @@ class FrozenGBLRLinear(FrozenGBLRMatrix):
     Shapes:
         input ``(*, in_features)``, output ``(*, out_features)``.
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> layer = gblr.GBLRLinear(64, 32, structure_init="half", init_cost=0.3).eval()
         >>> frozen = gblr.FrozenGBLRLinear.from_gblr(layer)
@@ -514,7 +514,7 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
     Shapes:
         input ``(N, C_in, H, W)`` or ``(C_in, H, W)``, output ``(N, C_out, H', W')``.
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> layer = gblr.GBLRConv2d(3, 8, 3, padding=1, structure_init="half",
         ...                         init_cost=0.5).eval()
@@ -708,7 +708,7 @@ def freeze(model: nn.Module) -> nn.Module:
         ValueError: ``model`` has neither GBLR layers nor frozen ones (as
             :class:`gblr.StructureLearner`, it asks to convert the model first).
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> model = torch.nn.Sequential(gblr.GBLRLinear(16, 8, structure_init="half",
         ...                                             init_cost=0.5))

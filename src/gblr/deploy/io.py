@@ -324,7 +324,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> import torch, gblr, tempfile, os
         >>> model = gblr.freeze(torch.nn.Sequential(gblr.GBLRLinear(8, 4)))
         >>> path = gblr.save(model, os.path.join(tempfile.mkdtemp(), "m.safetensors"))
@@ -590,7 +590,7 @@ def load(
             rebuilt without a factory, or the factory's model does not match the file.
         TypeError: ``model_factory`` is not callable or does not return an ``nn.Module``.
 
-    Example:
+    Examples:
         >>> import torch, gblr, tempfile, os
         >>> model = gblr.freeze(torch.nn.Sequential(gblr.GBLRLinear(8, 4), torch.nn.ReLU()))
         >>> path = gblr.save(model, os.path.join(tempfile.mkdtemp(), "m.safetensors"))

@@ -185,7 +185,7 @@ def plan(
     Returns:
         A :class:`PlanReport` (``print(report)`` shows a table).
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> model = gblr.freeze(torch.nn.Sequential(
         ...     gblr.GBLRLinear(64, 64, structure_init="half", init_cost=0.2)))
