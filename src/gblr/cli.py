@@ -126,14 +126,24 @@ def demo(args: argparse.Namespace) -> int:
     from .recipes.engine import train_classifier
     from .recipes.models import VisionTransformer, structure_model
     from .recipes.report import publish, write_report
+    from .recipes.train import SMOKE_BANNER, mark_smoke_report
 
+    out = Path(args.out)
+    if args.smoke:
+        previous = out / "results.json"
+        if previous.is_file() and not json.loads(previous.read_text())["settings"].get("smoke"):
+            raise ValueError(
+                f"{out} holds a demo that is not a smoke run; --smoke would overwrite it. "
+                "Give the smoke run another folder with --out"
+            )
+        args.steps = 2
+        print("smoke run: 2 steps per model, to check the setup (its numbers are not results)")
     train_set, test_set = digits(seed=args.seed)
     print(
         f"gblr demo: ViT on digits ({len(train_set)} train / {len(test_set)} test images, "
         f"8x8), {args.steps} steps per model, MACs budget {args.budget:.0%} of dense"
     )
     results = []
-    out = Path(args.out)
     for structure in args.structures:
         torch.manual_seed(args.seed)
         model = VisionTransformer()
@@ -181,14 +191,29 @@ def demo(args: argparse.Namespace) -> int:
         for key, value in settings.items()
         if key in ("steps", "budget", "start_cost", "lr", "seed")
     )
+    banner = SMOKE_BANNER if args.smoke else ""
     _write_atomically(
-        out / "results.md", f"# gblr demo\n\n`{command}`\n\n" + "\n".join(table) + "\n"
+        out / "results.md",
+        f"{banner}# gblr demo\n\n`{command}`\n\n" + "\n".join(table) + "\n",
     )
     for structure in args.structures:
-        write_report(out / structure)
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and a REPORT.md per model")
+        report = write_report(out / structure)
+        if args.smoke:
+            mark_smoke_report(report)
+    print(
+        f"\n{_SMOKE_PREFIX if args.smoke else ''}wrote {out / 'results.md'}, "
+        f"{out / 'results.json'} and a REPORT.md per model"
+    )
     return 0
 
+
+_SMOKE_PREFIX = "SMOKE RUN, not a result: "
+_SMOKE_HELP = (
+    "check the setup in seconds before a long run: 2 steps of a tiny random model of the "
+    "config's family on 1 CPU process, on the real data if it is on disk (its first "
+    "samples), else on stand-in data in the same format; nothing is downloaded. Writes "
+    "the run folder as usual, marked as a smoke run"
+)
 
 _SHORTCUTS = {
     "structure": "structure.kind",
@@ -242,20 +267,24 @@ def train(args: argparse.Namespace) -> int:
     if args.structure is not None and args.out is None:
         # a baseline of a shipped config gets its own folder, not the GBLR run's
         config.out = f"{config.out.removesuffix('-gblr')}-{config.structure.kind}"
-    from .recipes.train import train_from_config
+    from .recipes.train import smoke_config, train_from_config
 
     print(
         f"gblr {args.command}: {config.name} ({config.model.source or config.model.name}, "
         f"structure {config.structure.kind} at {config.structure.budget:.3g} of the dense "
         f"MACs) -> {config.out}"
     )
+    if args.smoke:
+        config, notes = smoke_config(config)
+        print("\n".join(notes))
     result = train_from_config(config, resume=args.resume, progress=not args.quiet)
     if "perplexity" in result:
         score = f"test perplexity {result['perplexity']:.3f}"
     else:
         score = f"test accuracy {result['accuracy']:.4f} (top-5 {result['top5']:.4f})"
     print(
-        f"\n{config.name}: {score}, {result['gflops']:.4g} GFLOPs per example "
+        f"\n{_SMOKE_PREFIX if args.smoke else ''}"
+        f"{config.name}: {score}, {result['gflops']:.4g} GFLOPs per example "
         f"(dense {result['dense_gflops']:.4g}), MACs ratio of the structured layers "
         f"{result['macs_ratio']:.3f}, {result['steps']} steps in {result['seconds']:.0f} s"
         f"\nwrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'REPORT.md'}"
@@ -292,17 +321,25 @@ def sweep(args: argparse.Namespace) -> int:
         return 0
     config = _config_from_args(args)
     out = args.out or f"{config.out.removesuffix('-gblr')}-sweep"
+    if args.smoke:
+        from .recipes.train import SMOKE_DATA, smoke_config
+
+        config, notes = smoke_config(config, data_dir=Path(out) / SMOKE_DATA)
+        print("\n".join(notes).replace("smoke run:", "smoke sweep, every run:", 1))
     rows = run_sweep(config, args.structures, args.budgets, out, progress=not args.quiet)
-    print(f"\n{len(rows)} runs; wrote {Path(out) / 'sweep.md'} and {Path(out) / 'sweep.png'}")
+    print(
+        f"\n{_SMOKE_PREFIX if args.smoke else ''}{len(rows)} runs; wrote "
+        f"{Path(out) / 'sweep.md'} and {Path(out) / 'sweep.png'}"
+    )
     return 0
 
 
 def report(args: argparse.Namespace) -> int:
     """Write REPORT.md with PNG figures into a run folder: learned masks of every GBLR
     layer, MACs per layer, training curves (needs model_state.pt, uses metrics.csv)."""
-    from .recipes.report import write_report
+    from .recipes.train import write_run_report  # marks a smoke run's report as such
 
-    print(f"wrote {write_report(args.run_dir)}")
+    print(f"wrote {write_run_report(args.run_dir)}")
     return 0
 
 
@@ -362,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"which models to train (default: {' '.join(DEMO_STRUCTURES)})",
     )
     demo_parser.add_argument("--out", default="gblr-demo", help="report folder (gblr-demo)")
+    demo_parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the setup in seconds: 2 steps per model, outputs marked as a smoke run",
+    )
     demo_parser.add_argument("--quiet", action="store_true", help="no progress bars")
     demo_parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo_parser.set_defaults(handler=demo)
@@ -399,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         lightning.add_argument("--strategy", help="auto, ddp, fsdp, ...")
         lightning.add_argument("--precision", help="32-true, 16-mixed, bf16-mixed, ...")
         lightning.add_argument("--logger", help="csv, tensorboard, both or none")
+        run.add_argument("--smoke", action="store_true", help=_SMOKE_HELP)
         run.add_argument("--quiet", action="store_true", help="no progress bars")
         run.set_defaults(handler=handler)
         return run

@@ -1,10 +1,10 @@
 """Training configurations: YAML files shipped with the package, checked key by key.
 
 A config has six sections (``model``, ``structure``, ``data``, ``optim``, ``learner``,
-``trainer``) plus ``out``, ``seed`` and ``extends``; the dataclasses below list every
-key, its type and its default. A config may start from another one (``extends: NAME``)
-and change only some keys. Any key can be overridden from the command line as
-``section.key=value`` (the value is read as YAML: ``optim.lr=1e-3``,
+``trainer``) plus ``out``, ``seed``, ``name``, ``smoke`` and ``extends``; the dataclasses
+below list every key, its type and its default. A config may start from another one
+(``extends: NAME``) and change only some keys. Any key can be overridden from the command
+line as ``section.key=value`` (the value is read as YAML: ``optim.lr=1e-3``,
 ``trainer.devices=[0,1]``). An unknown key, a value of the wrong type or an unknown
 choice is a ``ValueError`` naming the key and what is allowed.
 
@@ -230,7 +230,9 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole training run; ``out`` is its folder.
+    """A whole training run; ``out`` is its folder. ``smoke`` marks a smoke run (set by
+    ``--smoke``, see :func:`gblr.recipes.train.smoke_config`): a few steps of a tiny
+    stand-in that checks the setup; its numbers are not results.
 
     Examples:
         >>> from gblr.recipes.config import OptimConfig, TrainConfig
@@ -248,6 +250,7 @@ class TrainConfig:
     out: str = "runs/gblr"
     seed: int = 0
     name: str = ""
+    smoke: bool = False
 
 
 def shipped_configs() -> list[str]:
@@ -553,7 +556,9 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
         >>> config = load_config("digits-vit-gblr")
         >>> data = config_to_dict(config)
         >>> sorted(data)
-        ['data', 'learner', 'model', 'name', 'optim', 'out', 'seed', 'structure', 'trainer']
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ['data', 'learner', 'model', 'name', 'optim', 'out', 'seed', 'smoke', 'structure',
+         'trainer']
         >>> config_from_dict(data) == config
         True
     """

@@ -2,8 +2,9 @@
 
 Each run goes to ``OUT/<structure>-<budget>`` (``OUT/dense`` for the dense model) and is
 skipped when its ``results.json`` already exists, so an interrupted sweep continues
-where it stopped. ``OUT/sweep.{json,md,png}`` gather the results: accuracy (or
-perplexity) against the whole model's GFLOPs, one line per structure.
+where it stopped (a smoke run's results count only for a smoke sweep, ``--smoke``).
+``OUT/sweep.{json,md,png}`` gather the results: accuracy (or perplexity) against the
+whole model's GFLOPs, one line per structure.
 """
 
 from __future__ import annotations
@@ -120,15 +121,21 @@ def run_sweep(
         >>> sorted(os.listdir(out))
         ['dense', 'gblr-0.5', 'sweep.json', 'sweep.md', 'sweep.png']
     """
-    from .train import _save_atomically, train_from_config
+    from .train import SMOKE_BANNER, _save_atomically, smoke_kind, train_from_config
 
     out = Path(out).expanduser()
+    if config.smoke and smoke_kind(out) is False:
+        raise ValueError(
+            f"{out} holds a sweep that is not a smoke run; --smoke would overwrite it. "
+            "Give the smoke sweep another folder with --out"
+        )
     metric, label = _metric(config)
     rows = []
     for run in sweep_runs(config, structures, budgets, out):
         finished = Path(run.out) / "results.json"
-        if finished.is_file():
-            result = json.loads(finished.read_text())["result"]
+        result = json.loads(finished.read_text())["result"] if finished.is_file() else None
+        # a smoke run's results never stand for a real run's, nor the other way round
+        if result is not None and result.get("smoke", False) == config.smoke:
             print(f"[{run.name}] done before, read {finished}")
         else:
             print(f"\n[{run.name}]")
@@ -151,11 +158,14 @@ def run_sweep(
         for r in rows
     ]
     text = f"# Sweep: {config.name}\n\n![{label} vs GFLOPs](sweep.png)\n\n" + "\n".join(table)
+    if config.smoke:
+        text = SMOKE_BANNER + text
     _save_atomically(lambda f: f.write(text + "\n"), out / "sweep.md", text=True)
     _save_atomically(
         lambda f: json.dump({"config": config_to_dict(config), "rows": rows}, f, indent=2),
         out / "sweep.json",
         text=True,
     )
-    _plot(rows, metric, label, out / "sweep.png", config.name)
+    title = f"{config.name} (SMOKE RUN: not results)" if config.smoke else config.name
+    _plot(rows, metric, label, out / "sweep.png", title)
     return rows
