@@ -12,6 +12,8 @@
 
     python benchmarks/bench_learner.py                # both parts, 20 seeds
     python benchmarks/bench_learner.py --seeds 5 --skip-overhead --variants adaptive+shift
+    python benchmarks/bench_learner.py --seed-list 12 13 --factors 1.1 --skip-overhead \
+        --output /tmp/seeds.json                      # chosen seeds only (diagnosis)
 """
 
 from __future__ import annotations
@@ -92,7 +94,14 @@ def measure_overhead(repeats: int, batch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--seeds", type=int, default=20, help="run seeds 0 .. SEEDS-1")
+    parser.add_argument(
+        "--seed-list",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run exactly these seeds instead of 0 .. SEEDS-1 (e.g. the failing ones)",
+    )
     parser.add_argument("--factors", type=float, nargs="+", default=[1.1, 1.5])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
@@ -101,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-overhead", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS / "bench_learner.json")
     args = parser.parse_args(argv)
+    seeds = list(range(args.seeds)) if args.seed_list is None else args.seed_list
+    if any(seed < 0 for seed in seeds):
+        parser.error("--seed-list seeds must be >= 0")
 
     payload: dict = {
         "benchmark": "bench_learner",
@@ -123,18 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         for factor in args.factors:
             runs = [
                 recovery_run(seed, factor, steps=args.steps, learner_options=options)
-                for seed in range(args.seeds)
+                for seed in seeds
             ]
             recovered = sum(run["error"] <= 2e-2 for run in runs)
             payload["recovery"][variant][str(factor)] = {
                 "recovered": recovered,
-                "seeds": args.seeds,
+                "seeds": len(seeds),
                 "steps": args.steps,
                 "runs": runs,
             }
             errors = " ".join(f"{run['error']:.3f}" for run in runs)
             print(
-                f"{variant}: budget {factor}x planted: {recovered}/{args.seeds} recovered "
+                f"{variant}: budget {factor}x planted: {recovered}/{len(seeds)} recovered "
                 f"({errors})",
                 flush=True,
             )
