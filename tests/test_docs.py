@@ -1,11 +1,14 @@
 """The documentation cannot rot: the site builds strictly, every code block of the guides
 runs (python blocks here, included example scripts in test_examples.py), every documented
-command line is accepted by the `gblr` parser and its config loads, and the docstring
-examples of the public API run."""
+command line is accepted by the `gblr` parser and its config loads, every documented `gblr`
+command runs (training commands as smoke runs, `--smoke`, in the page's order, so that
+`gblr report`/`gblr flops` read the run folders the commands above them wrote), and the
+docstring examples of the public API run."""
 
 import doctest
 import importlib
 import inspect
+import json
 import re
 import shlex
 import shutil
@@ -14,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import gblr
 
@@ -45,9 +49,7 @@ def test_site_builds_strictly(tmp_path):
 
 
 def test_included_snippets_are_example_scripts_that_ci_runs():
-    included = [
-        name for _, block in blocks("python") for name in SNIPPET.findall(block.strip())
-    ]
+    included = [name for _, block in blocks("python") for name in SNIPPET.findall(block.strip())]
     assert included, "the guides include no example"
     for name in included:
         assert name.startswith("examples/") and (ROOT / name).is_file(), name
@@ -97,6 +99,77 @@ def test_documented_commands_parse_and_their_configs_load(page, words):
         from gblr.cli import _config_from_args
 
         _config_from_args(args)  # the config exists, the overrides name real keys
+
+
+TRAINING = ("train", "finetune", "sweep", "demo")
+
+
+def pages_with_gblr_commands() -> list[str]:
+    pages = [str(page) for page, words in command_lines() if words[0] == "gblr"]
+    return list(dict.fromkeys(pages))
+
+
+def _page_id(page: str) -> str:
+    return str(Path(page).relative_to(ROOT)) if Path(page).is_absolute() else page
+
+
+@pytest.mark.parametrize("page", pages_with_gblr_commands(), ids=_page_id)
+def test_documented_commands_run_as_smoke_runs(page, tmp_path, monkeypatch, capsys):
+    """Each page's `gblr` commands, in order, in a fresh folder whose home holds no data:
+    every training command with `--smoke` (a tiny model of the config's family, stand-in
+    data in the real format, 2 steps on the CPU), the others as written."""
+    for module in ("lightning.pytorch", "yaml", "matplotlib", "sklearn", "PIL"):
+        pytest.importorskip(module)
+    from gblr.cli import main
+
+    commands = [words for p, words in command_lines() if str(p) == page and words[0] == "gblr"]
+    needs = " ".join(" ".join(words) for words in commands)
+    for config, module in (("imagenet-vit-b", "timm"), ("resnet18", "torchvision")):
+        if config in needs:
+            pytest.importorskip(module)
+    if "gpt2" in needs:
+        pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~/data, ~/imagenet: not there
+    # Each run's REPORT.md figures are built but not drawn: drawing costs ~1.3 s of CPU
+    # per run (matplotlib's layout), most of this test's time over ~40 runs. A smoke
+    # run's drawn report is checked in tests/recipes/test_smoke.py.
+    from gblr.recipes import report
+
+    monkeypatch.setattr(report, "_savefig", lambda figure, path: path.write_bytes(b""))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest, and immune to a busy CI
+    try:
+        _run_page(page, commands, capsys, main)
+    finally:
+        torch.set_num_threads(threads)
+    # every run is marked as a smoke run where its numbers are written
+    results = list(tmp_path.glob("**/results.json"))
+    assert results or not any(w[1] in TRAINING for w in commands if "--list" not in w)
+    for path in results:
+        data = json.loads(path.read_text())
+        assert data.get("result", {}).get("smoke") or data.get("settings", {}).get("smoke")
+    for path in tmp_path.glob("**/REPORT.md"):
+        assert path.read_text().startswith("> **Smoke run**"), path
+
+
+def _run_page(page, commands, capsys, main):
+    for words in commands:
+        argv = words[1:]
+        smoke = argv[0] in TRAINING and "--list" not in argv
+        if smoke:
+            argv = [*argv, "--smoke"]
+        code = main(argv)
+        printed = capsys.readouterr()
+        assert code == 0, (
+            f"{_page_id(page)}: `gblr {' '.join(argv)}` failed:\n{printed.err[-3000:]}"
+        )
+        if smoke:
+            assert "SMOKE RUN, not a result" in printed.out, argv
+        if argv[0] in ("flops", "report"):  # read the run folder a smoke run above wrote
+            assert "smoke run" in printed.out or "REPORT.md" in printed.out, printed.out
+        if argv[0] == "flops":
+            assert "[smoke run" in printed.out and "whole model" in printed.out, printed.out
 
 
 PUBLIC = [getattr(gblr, name) for name in gblr.__all__ if not name.startswith("__")]
