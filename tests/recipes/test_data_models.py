@@ -120,9 +120,7 @@ def test_missing_image_folder_explains_the_layout(tmp_path):
         image_folder(tmp_path / "nowhere")
 
 
-def test_cifar_download_goes_through_torchvision_only_when_files_are_missing(
-    tmp_path, monkeypatch
-):
+def test_cifar_download_goes_through_torchvision_only_when_files_are_missing(tmp_path, monkeypatch):
     datasets = pytest.importorskip("torchvision.datasets")
     calls = []
 

@@ -31,9 +31,7 @@ def test_causal_lm_loss_matches_the_models_own_and_perplexity_is_token_weighted(
     labels[0, 5:] = -100
     total, count = module._summed_loss({"input_ids": ids, "labels": labels})
     assert count == 3 * 15 - 11
-    assert (total / count).item() == pytest.approx(
-        model(ids, labels=labels).loss.item(), rel=1e-5
-    )
+    assert (total / count).item() == pytest.approx(model(ids, labels=labels).loss.item(), rel=1e-5)
 
     # validation over batches of different sizes: exp(mean loss per token), not a mean of exps
     batches = torch.utils.data.DataLoader([ids[:1], ids[1:]], batch_size=None)
@@ -71,10 +69,9 @@ def test_causal_lm_trains_a_converted_gpt2_with_the_structure_learner():
     assert after < before  # it learned (random tokens: towards the unigram entropy)
     report = gblr.count_flops(model)
     gblr_rows = [row for row in report.layers if row.live_components is not None]
-    assert gblr_rows and sum(r.macs for r in gblr_rows) <= 0.3 * sum(
-        r.dense_macs for r in gblr_rows
-    ) + 1
-    moved = [
-        not torch.equal(m.widths, widths[n]) for n, m in gblr.learn.groups.gblr_layers(model)
-    ]
+    assert (
+        gblr_rows
+        and sum(r.macs for r in gblr_rows) <= 0.3 * sum(r.dense_macs for r in gblr_rows) + 1
+    )
+    moved = [not torch.equal(m.widths, widths[n]) for n, m in gblr.learn.groups.gblr_layers(model)]
     assert any(moved)

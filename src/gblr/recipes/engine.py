@@ -667,9 +667,7 @@ def train_module(
     return {
         "macs_ratio": flops.ratio,
         "seconds": seconds,
-        "steps": max(
-            trainer.global_step, int(trainer.callback_metrics.get("train/steps_done", 0))
-        ),
+        "steps": max(trainer.global_step, int(trainer.callback_metrics.get("train/steps_done", 0))),
         "global_rank": trainer.global_rank,
     }
 
