@@ -56,7 +56,7 @@ def param_groups(
         A list of dicts with keys ``params``, ``lr``, ``weight_decay``, ``name`` (and
         ``betas`` for the structure group), ready for ``torch.optim.AdamW(groups)``.
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> model = torch.nn.Sequential(gblr.GBLRLinear(8, 8))
         >>> opt = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3, structure_lr=1e-2))

@@ -175,7 +175,7 @@ class StructureLearner:
             ``max_shift=1`` and ``adaptive=1`` recovered 18/20 seeds at 1.1x the planted
             cost (14/20 without it; 2 cells gave 15/20, 8 cells 16/20).
 
-    Example:
+    Examples:
         >>> import torch, gblr
         >>> model = torch.nn.Sequential(gblr.GBLRLinear(32, 32), gblr.GBLRLinear(32, 32))
         >>> opt = torch.optim.Adam(gblr.param_groups(model, lr=1e-3))

@@ -48,6 +48,8 @@ STRUCTURE_INITS = ("random", "search")
 ALLOCATIONS = ("uniform", "global")
 AUGMENTATIONS = ("none", "standard", "autoaugment")
 LOGGERS = ("csv", "tensorboard", "both", "none")
+# torch.compile modes (kept here, not imported from the engine: configs load without torch)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SIGMA_SCHEDULES = ("geometric", "linear", "constant")
 
 
@@ -209,6 +211,8 @@ class TrainerConfig:
     ``bf16-mixed``, ...) and logging (``logger``: csv, tensorboard, both or none).
     ``val_every``: test-set evaluation interval in run units (epochs or steps; default:
     every epoch of an epoch-based run, only at the end of a step-based one).
+    ``compile``: ``torch.compile`` mode for the model (``default``, ``reduce-overhead``:
+    CUDA graphs, ``max-autotune``, ``max-autotune-no-cudagraphs``), or null for eager.
 
     Examples:
         >>> from gblr.recipes.config import TrainerConfig
@@ -226,6 +230,7 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     checkpoint_every_n_steps: int = 500
     val_every: float | None = None
+    compile: str | None = None
 
 
 @dataclass
@@ -486,6 +491,8 @@ def _validate(config: TrainConfig) -> None:
     _positive("learner.max_shift", config.learner.max_shift)
     _positive("learner.max_shift_ramp", config.learner.max_shift_ramp)
     _choice("trainer.logger", config.trainer.logger, LOGGERS)
+    if config.trainer.compile is not None:
+        _choice("trainer.compile", config.trainer.compile, COMPILE_MODES)
     _positive("trainer.num_nodes", config.trainer.num_nodes)
     _positive("trainer.log_every_n_steps", config.trainer.log_every_n_steps)
     _positive("trainer.checkpoint_every_n_steps", config.trainer.checkpoint_every_n_steps)

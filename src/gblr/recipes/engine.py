@@ -31,6 +31,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from ..cost import count_flops
 from ..integrations.lightning import GBLRCallback
 from ..learn.groups import gblr_layers, param_groups
+from .config import COMPILE_MODES
 
 __all__ = [
     "CausalLMModule",
@@ -556,11 +557,14 @@ def train_module(
     resume: str | Path | None = None,
     stop_after: int | None = None,
     extra_callbacks: list[pl.Callback] | None = None,
+    compile_mode: str | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Train a :class:`ClassificationModule` or :class:`CausalLMModule` for ``steps``
     optimizer steps with a Lightning ``Trainer``; see :func:`train_classifier` for the
-    options.
+    options. ``compile_mode``: ``torch.compile`` the model in place with this mode
+    (``"default"``, ``"reduce-overhead"``: CUDA graphs, ``"max-autotune"``, ...), or
+    None for eager mode.
 
     Returns:
         ``{"macs_ratio", "seconds", "steps", "global_rank"}``.
@@ -582,6 +586,12 @@ def train_module(
     """
     model = module.model
     resumed_step = None if resume is None else check_resume(resume, model)
+    if compile_mode is not None:
+        _check_compile_mode(compile_mode)
+        # In place (nn.Module.compile): parameter names, checkpoints and the learner's view
+        # of the GBLR layers stay those of the eager model. GBLR layers compile to one graph
+        # whose sigma is a tensor, so the learner's annealing does not recompile it.
+        model.compile(mode=None if compile_mode == "default" else compile_mode)
     if resumed_step is not None and out_dir is not None:
         _set_aside_metrics(Path(out_dir))
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -670,6 +680,15 @@ def train_module(
         "steps": max(trainer.global_step, int(trainer.callback_metrics.get("train/steps_done", 0))),
         "global_rank": trainer.global_rank,
     }
+
+
+def _check_compile_mode(mode: object, name: str = "compile_mode") -> None:
+    """Raise ValueError unless ``mode`` is one of :data:`COMPILE_MODES`."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"{name} must be one of {COMPILE_MODES} (torch.compile modes) or None for eager "
+            f"mode, got {mode!r}"
+        )
 
 
 def train_classifier(

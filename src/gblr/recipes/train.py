@@ -581,6 +581,7 @@ def train_from_config(
         resume=resume,
         stop_after=stop_after,
         run_info={"structure": config.structure.kind, "config": settings},
+        compile_mode=config.trainer.compile,
         **_trainer_options(config),
     )
     if text:
