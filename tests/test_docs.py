@@ -182,6 +182,7 @@ DOCUMENTED_MODULES = [
     "gblr.recipes.text",
     "gblr.recipes.models",
     "gblr.recipes.train",
+    "gblr.recipes.smoke",
     "gblr.recipes.sweep",
     "gblr.recipes.report",
     "gblr.deploy",

@@ -126,7 +126,7 @@ def demo(args: argparse.Namespace) -> int:
     from .recipes.engine import train_classifier
     from .recipes.models import VisionTransformer, structure_model
     from .recipes.report import publish, write_report
-    from .recipes.train import SMOKE_BANNER, mark_smoke_report
+    from .recipes.smoke import SMOKE_BANNER, mark_smoke_report
 
     out = Path(args.out)
     if args.smoke:
@@ -267,7 +267,8 @@ def train(args: argparse.Namespace) -> int:
     if args.structure is not None and args.out is None:
         # a baseline of a shipped config gets its own folder, not the GBLR run's
         config.out = f"{config.out.removesuffix('-gblr')}-{config.structure.kind}"
-    from .recipes.train import smoke_config, train_from_config
+    from .recipes.smoke import smoke_config
+    from .recipes.train import train_from_config
 
     print(
         f"gblr {args.command}: {config.name} ({config.model.source or config.model.name}, "
@@ -322,7 +323,7 @@ def sweep(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     out = args.out or f"{config.out.removesuffix('-gblr')}-sweep"
     if args.smoke:
-        from .recipes.train import SMOKE_DATA, smoke_config
+        from .recipes.smoke import SMOKE_DATA, smoke_config
 
         config, notes = smoke_config(config, data_dir=Path(out) / SMOKE_DATA)
         print("\n".join(notes).replace("smoke run:", "smoke sweep, every run:", 1))
@@ -337,7 +338,7 @@ def sweep(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """Write REPORT.md with PNG figures into a run folder: learned masks of every GBLR
     layer, MACs per layer, training curves (needs model_state.pt, uses metrics.csv)."""
-    from .recipes.train import write_run_report  # marks a smoke run's report as such
+    from .recipes.smoke import write_run_report  # marks a smoke run's report as such
 
     print(f"wrote {write_run_report(args.run_dir)}")
     return 0

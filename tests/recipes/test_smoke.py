@@ -11,7 +11,8 @@ pytest.importorskip("yaml")
 pytest.importorskip("matplotlib")
 from gblr.cli import main
 from gblr.recipes.config import load_config
-from gblr.recipes.train import _hf_model_type, smoke_config, train_from_config
+from gblr.recipes.smoke import _hf_model_type, smoke_config
+from gblr.recipes.train import train_from_config
 
 from .fixtures import write_cifar
 

@@ -236,7 +236,7 @@ class TrainerConfig:
 @dataclass
 class TrainConfig:
     """A whole training run; ``out`` is its folder. ``smoke`` marks a smoke run (set by
-    ``--smoke``, see :func:`gblr.recipes.train.smoke_config`): a few steps of a tiny
+    ``--smoke``, see :func:`gblr.recipes.smoke.smoke_config`): a few steps of a tiny
     stand-in that checks the setup; its numbers are not results.
 
     Examples:

@@ -121,7 +121,8 @@ def run_sweep(
         >>> sorted(os.listdir(out))
         ['dense', 'gblr-0.5', 'sweep.json', 'sweep.md', 'sweep.png']
     """
-    from .train import SMOKE_BANNER, _save_atomically, smoke_kind, train_from_config
+    from .smoke import SMOKE_BANNER, smoke_kind
+    from .train import _save_atomically, train_from_config
 
     out = Path(out).expanduser()
     if config.smoke and smoke_kind(out) is False:
