@@ -123,3 +123,17 @@ def test_a_failed_export_or_check_writes_nothing_and_keeps_an_old_file(tmp_path,
         gblr.export_onnx(frozen, x, target)
     assert target.read_bytes() == b"an earlier export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_half_precision_is_checked_and_bfloat16_is_written_unchecked(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(gblr.GBLRLinear(32, 64, num_components=4), nn.ReLU(), nn.Linear(64, 4))
+    frozen = gblr.freeze(model.eval())
+    x = torch.randn(3, 32)
+    half = gblr.export_onnx(frozen.to(torch.float16), x.half(), tmp_path / "half.onnx")
+    assert half.max_abs_error is not None and half.max_abs_error <= 1e-2
+    # onnxruntime's CPU provider has no bfloat16 Gemm: a valid file, written unchecked.
+    with pytest.warns(UserWarning, match="cannot run the exported model"):
+        bf16 = gblr.export_onnx(frozen.to(torch.bfloat16), x.bfloat16(), tmp_path / "bf16.onnx")
+    assert bf16.max_abs_error is None and bf16.path.is_file()
+    onnx.checker.check_model(str(bf16.path))
