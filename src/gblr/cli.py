@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -128,6 +129,9 @@ def demo(args: argparse.Namespace) -> int:
     from .recipes.report import publish, write_report
     from .recipes.smoke import SMOKE_BANNER, mark_smoke_report
 
+    # The demo prints its own summary; Lightning's per-run banners (accelerators found,
+    # tips) would repeat four times between the models' progress bars.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     out = Path(args.out)
     if args.smoke:
         previous = out / "results.json"

@@ -636,7 +636,7 @@ def train_module(
         "enable_progress_bar": progress,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
-        "log_every_n_steps": 10,
+        "log_every_n_steps": min(10, steps),  # a short run logs too
         "deterministic": True,
         "limit_val_batches": 1.0 if validate else 0,
     }
@@ -669,6 +669,11 @@ def train_module(
     with warnings.catch_warnings():
         # ShuffleStream + _ResumeDataOrder make a mid-epoch resume exact
         warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+        # Expected here, nothing a user can act on: the modules always define a
+        # validation step (used only with a validation set), and Lightning's own pytree
+        # call trips a deprecation inside Lightning.
+        warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_data")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         trainer.fit(module, loader, val_loader, ckpt_path=None if resume is None else str(resume))
     seconds = time.perf_counter() - start
     if resumed_step is not None and out_dir is not None and trainer.is_global_zero:
