@@ -16,7 +16,7 @@ import torch
 import torch._dynamo
 
 import gblr
-from gblr.ops import gaudi_mask_on_grid, mask_factors
+from gblr.ops import gaudi, gaudi_mask_on_grid, mask_factors
 from gblr.ops.gaudi import (
     _build_grid_kernels,
     _gaudi_mask_on_grid_traceable,
@@ -37,9 +37,14 @@ def test_tables_from_a_sigma_tensor_equal_the_cached_tables(n, sigma):
         assert (expected - got).abs().max().item() <= 1e-11
 
 
+@pytest.mark.parametrize("tables", ["cached op (CPU)", "cosine series (GPU)"])
 @pytest.mark.parametrize("n", [5, 8, 33])
 @pytest.mark.parametrize("sigma", [1.0, 3.5, math.inf])
-def test_traceable_masks_equal_on_grid_masks_in_value_and_gradient(n, sigma):
+def test_traceable_masks_equal_on_grid_masks_in_value_and_gradient(n, sigma, tables, monkeypatch):
+    if tables.startswith("cosine"):
+        monkeypatch.setattr(gaudi, "_grid_tables_op", None)
+    else:
+        assert gaudi._grid_tables_op is not None or not hasattr(torch.library, "custom_op")
     generator = torch.Generator().manual_seed(n)
     # Locations outside [0, 1) wrap; widths up to 1 (full) and near 0 (dead).
     width = torch.rand(9, generator=generator, dtype=torch.float64)
@@ -88,8 +93,13 @@ def _step_grads(step, layer, x):
     return loss.detach(), {name: p.grad.clone() for name, p in layer.named_parameters()}
 
 
+@pytest.mark.parametrize("tables", ["cached op (CPU)", "cosine series (GPU)"])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_compiled_training_step_is_one_graph_and_sigma_changes_do_not_recompile(kind):
+def test_compiled_training_step_is_one_graph_and_sigma_changes_do_not_recompile(
+    kind, tables, monkeypatch
+):
+    if tables.startswith("cosine"):
+        monkeypatch.setattr(gaudi, "_grid_tables_op", None)
     torch.manual_seed(1)
     if kind == "linear":
         layer = gblr.GBLRLinear(24, 20, structure_init="random", sigma=2.0)
