@@ -127,19 +127,14 @@ def demo(args: argparse.Namespace) -> int:
     from .recipes.engine import train_classifier
     from .recipes.models import VisionTransformer, structure_model
     from .recipes.report import publish, write_report
-    from .recipes.smoke import SMOKE_BANNER, mark_smoke_report
+    from .recipes.smoke import SMOKE_BANNER, mark_smoke_report, refuse_real_folder
 
     # The demo prints its own summary; Lightning's per-run banners (accelerators found,
     # tips) would repeat four times between the models' progress bars.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     out = Path(args.out)
     if args.smoke:
-        previous = out / "results.json"
-        if previous.is_file() and not json.loads(previous.read_text())["settings"].get("smoke"):
-            raise ValueError(
-                f"{out} holds a demo that is not a smoke run; --smoke would overwrite it. "
-                "Give the smoke run another folder with --out"
-            )
+        refuse_real_folder(out)
         args.steps = 2
         print("smoke run: 2 steps per model, to check the setup (its numbers are not results)")
     train_set, test_set = digits(seed=args.seed)

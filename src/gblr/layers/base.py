@@ -62,11 +62,9 @@ def _as_interval_tensor(name: str, value: object, num_components: int) -> Tensor
     return tensor
 
 
-def _is_compiling() -> bool:
-    """Whether ``torch.compile`` (dynamo) is tracing the current call."""
-    compiler = getattr(torch, "compiler", None)
-    check = getattr(compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(check()) if check is not None else False
+# Whether torch.compile (dynamo) is tracing the current call; looked up once, not in
+# every forward (torch >= 2.3; older versions cannot trace these layers anyway).
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 class GBLRMatrixMixin(nn.Module):

@@ -212,8 +212,7 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, width, location, n, sigma, dtype):  # type: ignore[override]
-        lengths = torch.round(width.detach().clamp(0.0, 1.0) * n).to(torch.int64)
-        starts = torch.remainder(torch.round(location.detach() * n).to(torch.int64), n)
+        lengths, starts = interval_lengths(width, n), interval_starts(location, n)
         cumulative, edge = _grid_kernels(n, sigma, dtype, width.device)
         windows = cumulative.unfold(0, n, 1)  # row a: cumulative[a : a + n]
         # mask[j] = C(j - s + 1) - C(j - s - L + 1), C the table's value at offset 2n.
@@ -521,8 +520,7 @@ def _gaudi_mask_on_grid_traceable(
     box's end (width) and at both ends (location), as in ``_GaudiMaskOnGrid.backward``.
     With no custom autograd node, the compiler fuses the gathers into the factor products.
     """
-    lengths = torch.round(width.detach().clamp(0.0, 1.0) * n).to(torch.int64)
-    starts = torch.remainder(torch.round(location.detach() * n).to(torch.int64), n)
+    lengths, starts = interval_lengths(width, n), interval_starts(location, n)
     cumulative, edge = _compiled_grid_tables(n, sigma, dtype)
     columns = torch.arange(n, device=width.device)
     first = ((2 * n + 1) - starts).unsqueeze(1) + columns

@@ -687,12 +687,12 @@ def train_module(
     }
 
 
-def _check_compile_mode(mode: object, name: str = "compile_mode") -> None:
+def _check_compile_mode(mode: object) -> None:
     """Raise ValueError unless ``mode`` is one of :data:`COMPILE_MODES`."""
     if mode not in COMPILE_MODES:
         raise ValueError(
-            f"{name} must be one of {COMPILE_MODES} (torch.compile modes) or None for eager "
-            f"mode, got {mode!r}"
+            f"compile_mode must be one of {COMPILE_MODES} (torch.compile modes) or None for "
+            f"eager mode, got {mode!r}"
         )
 
 

@@ -46,8 +46,9 @@ SMOKE_BANNER = (
 
 
 def smoke_kind(folder: str | Path) -> bool | None:
-    """Whether ``folder`` holds a smoke run or sweep (``True``), another run or sweep
-    (``False``) or neither (``None``), as its ``config.yaml`` or ``sweep.json`` says.
+    """Whether ``folder`` holds a smoke run, sweep or demo (``True``), another one
+    (``False``) or neither (``None``), as its ``config.yaml``, ``sweep.json`` or (a demo)
+    ``results.json`` says.
 
     Examples:
         >>> import tempfile
@@ -67,13 +68,15 @@ def smoke_kind(folder: str | Path) -> bool | None:
         data = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
     elif (folder / "sweep.json").is_file():
         data = json.loads((folder / "sweep.json").read_text(encoding="utf-8")).get("config")
+    elif (folder / "results.json").is_file():  # gblr demo: its settings hold the flag
+        data = json.loads((folder / "results.json").read_text(encoding="utf-8")).get("settings")
     else:
         return None
     return bool(isinstance(data, dict) and data.get("smoke", False))
 
 
 def refuse_real_folder(folder: str | Path) -> None:
-    """Refuse to write a smoke run into a folder that holds a real run or sweep."""
+    """Refuse to write a smoke run into a folder that holds a real run, sweep or demo."""
     if smoke_kind(folder) is False:
         raise ValueError(
             f"{folder} holds a run that is not a smoke run; --smoke would overwrite it. "
@@ -114,10 +117,12 @@ def write_run_report(run_dir: str | Path) -> Path:
 
 def mark_smoke_report(path: str | Path) -> None:
     """Put :data:`SMOKE_BANNER` on top of a Markdown report (once)."""
+    from .train import _save_atomically  # train imports this module
+
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if not text.startswith(SMOKE_BANNER):
-        path.write_text(SMOKE_BANNER + text, encoding="utf-8")
+        _save_atomically(lambda f: f.write(SMOKE_BANNER + text), path, text=True)
 
 
 def first_samples(dataset: Any, count: int) -> Any:
