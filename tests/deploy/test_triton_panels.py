@@ -49,6 +49,8 @@ def test_triton_stages_with_many_groups_and_panels_equal_dense(bias):
         2,
         1 << 20,
         frozen.bias,
+        stage1="groups",
+        stage2="panels",
     )
     assert len(ops.groups) > 3 and len(ops.panels) > 3
     tops = T.triton_panel_ops(ops)
@@ -100,3 +102,15 @@ def test_planner_does_not_time_triton_on_cpu():
     _, frozen = narrow_layer()
     report = gblr.plan(frozen, torch.randn(8, 61), repeats=1)
     assert "triton" not in report.layers[0].times_ms
+
+
+@pytest.mark.parametrize("forms", [("segments", "panels"), ("groups", "head")])
+def test_triton_ops_refuse_the_cpu_forms(forms):
+    # Accumulated stage-1 segments and a stage-2 head write a block twice: the kernels
+    # write each once, so such ops are refused rather than run wrong.
+    _, frozen = narrow_layer(seed=13)
+    ops = PN.panel_ops(
+        *frozen._factors(), frozen.row_intervals, frozen.col_intervals, 2, 64, frozen.bias, *forms
+    )
+    with pytest.raises(ValueError, match="basic forms"):
+        T.triton_panel_ops(ops)

@@ -256,9 +256,11 @@ class FrozenGBLRMatrix(nn.Module):
                 items[key] = P.segment_ops(u, v, partition, self.rank_per_component)
         return items[key]
 
-    def _panel_ops(self, bucket: int) -> PN.PanelOps:
+    def _panel_ops(self, bucket: int, forms: tuple[str, str] = ("auto", "auto")) -> PN.PanelOps:
+        """The panels plan's operands for ``bucket``, ``forms`` = ``(stage1, stage2)`` of
+        :func:`gblr.deploy.panels.panel_ops`."""
         items = self._cache()
-        key = ("panels", bucket, self._bias_key())  # the operands hold the bias
+        key = ("panels", bucket, self._bias_key(), forms)  # the operands hold the bias
         if key not in items:
             with torch.no_grad():
                 items[key] = PN.panel_ops(
@@ -268,6 +270,7 @@ class FrozenGBLRMatrix(nn.Module):
                     self.rank_per_component,
                     bucket,
                     self.bias,
+                    *forms,
                 )
         return items[key]
 
@@ -278,7 +281,8 @@ class FrozenGBLRMatrix(nn.Module):
             from .triton_panels import triton_panel_ops  # needs triton: imported on use
 
             with torch.no_grad():
-                items[key] = triton_panel_ops(self._panel_ops(bucket))
+                # The Triton kernels write each block of Z and of y once: the basic forms.
+                items[key] = triton_panel_ops(self._panel_ops(bucket, ("groups", "panels")))
         return items[key]
 
     def _block_ops(self, bucket: int) -> P.BlockOps:

@@ -6,14 +6,30 @@ narrow run is a thin GEMM (rank ~32) whose output update is bound by memory traf
 plan separates the two halves:
 
 1. **Stage 1** writes every component's ``z_k = V_k x[C_k]`` into one buffer
-   ``Z (N, K r)`` (stored transposed), the components in a chosen order. Consecutive
-   components form groups (dynamic programming over the same cost model as the segment
-   plan); a group is one GEMM over the union of its column intervals into a block of
-   ``Z``.
+   ``Z (N, K r)`` (stored transposed), the components in a chosen order, in one of two
+   forms:
+
+   - *groups*: consecutive components form groups (dynamic programming over the same
+     cost model as the segment plan); a group is one GEMM over the union of its column
+     intervals into a block of ``Z``, written once.
+   - *segments*: components with full column intervals are groups as above; the others
+     are accumulated over segments of the input columns: for each segment
+     ``x[:, s:e]``, one GEMM per contiguous range of components whose columns meet it,
+     added into their (zeroed) block of ``Z``. The MACs are about those of groups of
+     ``(e - s) / slope`` components, but each GEMM writes a hundred or more rows of
+     ``Z`` instead of about 32, and on CPUs a GEMM with a narrow side of 32 runs at
+     ~0.65 of one with a side of 128 (2 EPYC cores, MKL: 27 vs 39 GMAC/s, depth 260).
+
+   The form (and the segment width) is chosen by a time model, :func:`_gemm_time`.
 2. **Stage 2** cuts the output into panels of rows of ``W`` (columns of ``y``). Each panel
    ``y[:, p0:p1]`` is written once, by one GEMM per contiguous range of ``Z`` columns whose
    components cover it (small gaps are padded with zeros rather than split into another
    call). Panel boundaries come from a dynamic program over a grid of output positions.
+   In the *head* form, the leading columns of ``Z`` whose components cover every output
+   (the bias's, and full-row components ordered first) are first one GEMM over the whole
+   output, ``y = Z[:, :h] U_head^T``, and the panels then add the other components only:
+   one wide product instead of a thin one (depth ``h``, 64-96 columns) in every panel.
+   Chosen by the same time model.
 
 The order of the components decides how contiguous those ranges are. Two orders are
 tried, and the cheaper by the cost model kept: components whose row interval is full
@@ -39,7 +55,7 @@ from torch import Tensor
 
 from .plans import _CALL_OVERHEAD_MACS, _RANK_FLOOR, _best_split, _pieces, _run_costs
 
-__all__ = ["PanelOps", "chunk_rows", "panel_ops", "run_panels"]
+__all__ = ["STAGE1_FORMS", "STAGE2_FORMS", "PanelOps", "chunk_rows", "panel_ops", "run_panels"]
 
 # Output positions are grouped in cells of this many (at least) before the panel DP, and a
 # panel spans at most _MAX_PANEL_CELLS cells: this bounds the DP at O(cells * 32 * K).
@@ -49,6 +65,21 @@ _MAX_PANEL_CELLS = 32
 # (2 EPYC cores, MKL: a (4096 x 30) @ (30 x 32) update reaches ~8-20 GMAC/s, at 64 columns
 # ~20-30), so the cost model charges it as if it had this many.
 _PANEL_FLOOR = 64
+# Time model of a GEMM with a long dimension (the input rows) and two short ones d1, d2:
+# its rate is about peak * d1 / (d1 + _HALF_RATE) * d2 / (d2 + _HALF_RATE). Fitted on
+# one EPYC core (MKL, 1024 rows): a (g x 260) @ (260 x N) stage-1 product runs at 13.6,
+# 20.5, 27.5, 34 and 39.6 GMAC/s for g = 8, 16, 32, 64, 128; an update of depth 16..128
+# into 128-256 columns at 14..27 GMAC/s.
+_HALF_RATE = 18.0
+# Zeroing an element of Z, in MAC-equivalents of the time model (a cached memset).
+_ZERO_COST = 4.0
+# Segment widths (input columns) tried by the segments form of stage 1.
+_SEGMENT_WIDTHS = (32, 64, 128, 256)
+# A form other than the basic one (groups, no head) is used only when the time model finds
+# it this much faster: the model's error against measurement is a few percent.
+_FORM_MARGIN = 0.975
+STAGE1_FORMS = ("auto", "groups", "segments")
+STAGE2_FORMS = ("auto", "panels", "head")
 
 Slices = tuple[tuple[int, int, Tensor], ...]
 
@@ -60,6 +91,13 @@ class PanelOps:
     Attributes:
         groups: stage 1, per group ``(z0, z1, ((a, b, V_piece (z1 - z0, b - a)), ...))``:
             ``Z^T[z0:z1] = sum over pieces of V_piece @ x[:, a:b]^T``.
+        head: stage 2, head form: ``y = Z[:, :head] @ head_ut`` before the panels, which
+            then add to ``y`` (0 in the panels form: each panel is written once).
+        head_ut: ``(head, out_features)`` ``U^T`` of the head columns, or ``None``.
+        zeroed: stage 1, segments form: ``((z0, z1), ...)`` rows of ``Z^T`` set to zero
+            after the groups and before the segments (empty in the groups form).
+        segments: stage 1, segments form: ``((z0, z1, a, b, V_block (z1 - z0, b - a)), ...)``:
+            ``Z^T[z0:z1] += V_block @ x[:, a:b]^T``, in order (empty in the groups form).
         panels: stage 2, per panel ``(p0, p1, ((z0, z1, U_range^T (z1 - z0, p1 - p0)), ...))``:
             ``y[:, p0:p1] = sum over ranges of Z[:, z0:z1] @ U_range^T``. The panels tile
             ``0 .. out_features`` (a panel nothing covers has no ranges and is zero).
@@ -76,6 +114,10 @@ class PanelOps:
     out_features: int
     has_bias: bool
     cost: float
+    zeroed: tuple[tuple[int, int], ...] = ()
+    segments: tuple[tuple[int, int, int, int, Tensor], ...] = ()
+    head: int = 0
+    head_ut: Tensor | None = None
 
 
 def _ranges(covered: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
@@ -126,6 +168,104 @@ def _stage2(
     return float(best[cells]), panels[::-1]
 
 
+def _gemm_time(macs: float, side1: float, side2: float) -> float:
+    """Modelled time of a GEMM of ``macs`` MACs per input row whose two short sides are
+    ``side1`` and ``side2``, in MACs at the BLAS peak (see ``_HALF_RATE``)."""
+    return macs * (1.0 + _HALF_RATE / max(side1, 1.0)) * (1.0 + _HALF_RATE / max(side2, 1.0))
+
+
+def _split_at(ranges: list[tuple[int, int]], barrier: np.ndarray) -> list[tuple[int, int]]:
+    """``ranges`` cut so that none contains an index where ``barrier`` is ``True``."""
+    out = []
+    for a, b in ranges:
+        out += [(a + c, a + d) for c, d in _ranges(~barrier[a:b], 0)]
+    return out
+
+
+def _panels_time(
+    panels: list[tuple[int, int, list[tuple[int, int]]]], column, overhead: float
+) -> float:
+    """Time model of stage 2's panel GEMMs (ranges in the cover's numbering; ``column``
+    maps an item to its ``Z`` column)."""
+    time = 0.0
+    for p0, p1, ranges in panels:
+        for a, b in ranges:
+            depth = column(b) - column(a)
+            time += _gemm_time(depth * (p1 - p0), depth, p1 - p0) + overhead
+    return time
+
+
+@dataclass(frozen=True)
+class _Stage1Layout:
+    """A stage-1 layout over the ordered components (indices in the order, not yet Z
+    rows): ``groups`` ``[(first, end, ((a, b), ...))]`` written once over column pieces,
+    ``zeroed`` ``[(first, end)]``, ``segments`` ``[(first, end, a, b)]`` accumulated;
+    ``time`` is the time model's estimate and ``cost`` the MACs cost model's (both per
+    input row, call overheads included)."""
+
+    groups: tuple[tuple[int, int, tuple[tuple[int, int], ...]], ...]
+    zeroed: tuple[tuple[int, int], ...]
+    segments: tuple[tuple[int, int, int, int], ...]
+    time: float
+    cost: float
+
+
+def _groups_layout(
+    splits: list[tuple[int, int]],
+    c0: np.ndarray,
+    c1: np.ndarray,
+    n: int,
+    rank: int,
+    overhead: float,
+    cost: float,
+) -> _Stage1Layout:
+    """The groups form of stage 1 from the DP's ``splits`` (ordered intervals ``c0, c1``)."""
+    groups, time = [], 0.0
+    for start, end in splits:
+        lo = int(c0[start:end].min())
+        length = int(min(c1[start:end].max() - lo, n))
+        pieces = ((0, n),) if length >= n else tuple((a, b) for a, b, _ in _pieces(lo, length, n))
+        groups.append((start, end, pieces))
+        g = (end - start) * rank
+        time += _gemm_time(g * length, g, length) + overhead * len(pieces)
+    return _Stage1Layout(tuple(groups), (), (), time, cost)
+
+
+def _segments_layout(
+    starts: np.ndarray, lengths: np.ndarray, n: int, rank: int, width: int, overhead: float
+) -> _Stage1Layout:
+    """The segments form of stage 1 with segments of ``width`` input columns.
+
+    Components with a full column interval are written by one GEMM per contiguous run of
+    them over all of ``x``; the others are zeroed, then each segment adds one GEMM per
+    range of components meeting it (gaps bridged when cheaper than a call, but never
+    across a full component: its row of ``Z`` is complete and must not be added to).
+    """
+    full = lengths >= n
+    groups, time, cost = [], 0.0, 0.0
+    for a, b in _ranges(full, 0):
+        g = (b - a) * rank
+        groups.append((a, b, ((0, n),)))
+        time += _gemm_time(g * n, g, n) + overhead
+        cost += max(g, _RANK_FLOOR) * n + overhead
+    zeroed = tuple(_ranges(~full, 0))
+    segments = []
+    if zeroed:
+        time += _ZERO_COST * rank * int((~full).sum())
+        # occupied (n, K): input column c lies in component k's circular interval.
+        occupied = ((np.arange(n)[:, None] - starts[None, :]) % n) < lengths[None, :]
+        occupied &= ~full[None, :]
+        for s in range(0, n, width):
+            e = min(n, s + width)
+            max_gap = int(overhead // max(rank * (e - s), 1))
+            for a, b in _split_at(_ranges(occupied[s:e].any(axis=0), max_gap), full):
+                segments.append((a, b, s, e))
+                g = (b - a) * rank
+                time += _gemm_time(g * (e - s), g, e - s) + overhead
+                cost += max(g, _RANK_FLOOR) * (e - s) + overhead
+    return _Stage1Layout(tuple(groups), zeroed, tuple(segments), time, cost)
+
+
 def panel_ops(
     u: Tensor,
     v: Tensor,
@@ -134,6 +274,8 @@ def panel_ops(
     rank: int,
     rows: int,
     bias: Tensor | None = None,
+    stage1: str = "auto",
+    stage2: str = "auto",
 ) -> PanelOps:
     """Build the panels plan's operands from the padded factors.
 
@@ -146,10 +288,24 @@ def panel_ops(
             spread over them (over one chunk of :func:`chunk_rows` rows at most).
         bias: ``(m,)`` or ``None``. It becomes column 0 of ``Z`` (all ones) and one more
             row of each panel's first ``U`` range, so the GEMMs add it as they write.
+        stage1: ``"groups"``, ``"segments"`` (see the module's docstring) or ``"auto"``:
+            whichever the time model :func:`_gemm_time` finds faster, trying segment
+            widths of ``_SEGMENT_WIDTHS`` columns.
+        stage2: ``"panels"``, ``"head"`` (see the module's docstring; a layer without
+            bias nor full-row components has no head and gets ``"panels"``) or
+            ``"auto"``: whichever the time model finds faster.
 
     Returns:
         A :class:`PanelOps`.
+
+    Raises:
+        ValueError: ``stage1`` is not one of :data:`STAGE1_FORMS`, or ``stage2`` not one
+            of :data:`STAGE2_FORMS`.
     """
+    if stage1 not in STAGE1_FORMS:
+        raise ValueError(f"stage1 must be one of {STAGE1_FORMS}, got {stage1!r}")
+    if stage2 not in STAGE2_FORMS:
+        raise ValueError(f"stage2 must be one of {STAGE2_FORMS}, got {stage2!r}")
     m, n = u.shape[0], v.shape[1]
     k = row_intervals.shape[0]
     extra = 0 if bias is None else 1
@@ -189,9 +345,41 @@ def panel_ops(
         cover = np.concatenate([bias_cover, cell_cover[:, order]], axis=1)
         cost2, panels = _stage2(cover, m, cell, rank, overhead)
         if best is None or cost1 + cost2 < best[0]:
-            best = (cost1 + cost2, order, splits, panels)
+            best = (cost1 + cost2, order, splits, panels, cost1, cover, cost2)
     assert best is not None
-    cost, order, splits, panels = best
+    cost, order, splits, panels, cost1, cover, cost2 = best
+
+    def column(item: int) -> int:
+        # Z column of (pseudo-)component ``item`` in the cover's numbering.
+        return item if item < extra else extra + (item - extra) * rank
+
+    # Stage 2's head: the bias and the full-row components ordered first.
+    leading = np.flatnonzero(~full_row[order])
+    lead = extra + (int(leading[0]) if leading.size else k)
+    head = 0
+    if stage2 != "panels" and lead:
+        headless = cover.copy()
+        headless[:, :lead] = False
+        cost2_headless, panels_headless = _stage2(headless, m, cell, rank, overhead)
+        width = column(lead)
+        time_head = _gemm_time(width * m, width, m) + overhead
+        time_head += _panels_time(panels_headless, column, overhead)
+        if stage2 == "head" or time_head < _FORM_MARGIN * _panels_time(panels, column, overhead):
+            head, panels = width, panels_headless
+            cost += max(width, _RANK_FLOOR) * m + overhead + cost2_headless - cost2
+    # The order (and stage 2) are chosen with the groups form; stage 1's form is then
+    # chosen for that order by the time model, which sees the GEMMs' shapes.
+    layout = _groups_layout(splits, c0[order], c1[order], n, rank, overhead, cost1)
+    if stage1 != "groups" and k:
+        widths = [w for w in _SEGMENT_WIDTHS if w < n] or [n]
+        candidates = [
+            _segments_layout(cols_np[order, 0], cols_np[order, 1], n, rank, width, overhead)
+            for width in widths
+        ]
+        segmented = min(candidates, key=lambda c: c.time)
+        if stage1 == "segments" or segmented.time < _FORM_MARGIN * layout.time:
+            layout = segmented
+    cost += layout.cost - cost1
 
     device = u.device
     ranks = torch.as_tensor(
@@ -203,23 +391,20 @@ def panel_ops(
     if bias is not None:
         u_ordered = torch.cat([bias.reshape(m, 1).to(u_ordered), u_ordered], 1)
     groups = []
-    c0o, c1o = c0[order], c1[order]
-    for start, end in splits:
-        lo = int(c0o[start:end].min())
-        length = int(min(c1o[start:end].max() - lo, n))
-        pieces = ((0, n, 0),) if length >= n else _pieces(lo, length, n)
+    for start, end, pieces in layout.groups:
         z0, z1 = start * rank, end * rank
         groups.append(
             (
                 z0 + extra,
                 z1 + extra,
-                tuple((a, b, v_ordered[z0:z1, a:b].contiguous()) for a, b, _ in pieces),
+                tuple((a, b, v_ordered[z0:z1, a:b].contiguous()) for a, b in pieces),
             )
         )
-
-    def column(item: int) -> int:
-        # Z column of (pseudo-)component ``item`` in the cover's numbering.
-        return item if item < extra else extra + (item - extra) * rank
+    zeroed = tuple((extra + a * rank, extra + b * rank) for a, b in layout.zeroed)
+    segments = tuple(
+        (extra + a * rank, extra + b * rank, s, e, v_ordered[a * rank : b * rank, s:e].contiguous())
+        for a, b, s, e in layout.segments
+    )
 
     panel_slices = []
     for p0, p1, ranges in panels:
@@ -228,7 +413,18 @@ def panel_ops(
             z0, z1 = column(a), column(b)
             slices.append((z0, z1, u_ordered[p0:p1, z0:z1].t().contiguous()))
         panel_slices.append((p0, p1, tuple(slices)))
-    return PanelOps(tuple(groups), tuple(panel_slices), k * rank + extra, m, extra == 1, cost)
+    return PanelOps(
+        tuple(groups),
+        tuple(panel_slices),
+        k * rank + extra,
+        m,
+        extra == 1,
+        cost,
+        zeroed,
+        segments,
+        head,
+        u_ordered[:, :head].t().contiguous() if head else None,
+    )
 
 
 def chunk_rows(out_features: int, width: int) -> int:
@@ -262,12 +458,19 @@ def run_panels(x: Tensor, ops: PanelOps) -> Tensor:
             torch.mm(v_piece, xc[:, a:b].t(), out=zs)
             for a, b, v_piece in pieces[1:]:
                 zs.addmm_(v_piece, xc[:, a:b].t())
+        for z0, z1 in ops.zeroed:
+            zt[z0:z1].zero_()
+        for z0, z1, a, b, v_block in ops.segments:
+            zt[z0:z1].addmm_(v_block, xc[:, a:b].t())
+        if ops.head:
+            torch.mm(zt[: ops.head].t(), ops.head_ut, out=yc)
         for p0, p1, ranges in ops.panels:
             yp = yc[:, p0:p1]
-            if not ranges:
+            if not ranges and not ops.head:
                 yp.zero_()
-            # beta=0 ignores the uninitialized panel (NaNs included): it is written once.
-            beta = 0.0
+            # beta=0 ignores the uninitialized panel (NaNs included): it is written once,
+            # unless the head wrote it already.
+            beta = 1.0 if ops.head else 0.0
             for z0, z1, ut in ranges:
                 yp.addmm_(zt[z0:z1].t(), ut, beta=beta)
                 beta = 1.0

@@ -149,7 +149,15 @@ def _stage(blocks: list[tuple[int, Tensor, Tensor]], device: torch.device, dtype
 
 def triton_panel_ops(ops: PanelOps) -> TritonPanelOps:
     """Repack :class:`gblr.deploy.panels.PanelOps` (built on the layer's device and dtype)
-    into the two task tables of the triton plan."""
+    into the two task tables of the triton plan. The ops must be in the basic forms
+    (``panel_ops(..., stage1="groups", stage2="panels")``): the kernel writes each block of
+    ``Z`` and each panel of the output once."""
+    if ops.segments or ops.head:
+        raise ValueError(
+            "ops must be in the basic forms (panel_ops(..., stage1='groups', "
+            f"stage2='panels')); got {len(ops.segments)} accumulated segments and a head of "
+            f"{ops.head} columns"
+        )
     sample = next((t for _, _, pieces in (*ops.groups, *ops.panels) for *_, t in pieces), None)
     device = sample.device if sample is not None else torch.device("cpu")
     dtype = sample.dtype if sample is not None else torch.float32
