@@ -15,10 +15,12 @@ plan separates the two halves:
    - *segments*: components with full column intervals are groups as above; the others
      are accumulated over segments of the input columns: for each segment
      ``x[:, s:e]``, one GEMM per contiguous range of components whose columns meet it,
-     added into their (zeroed) block of ``Z``. The MACs are about those of groups of
-     ``(e - s) / slope`` components, but each GEMM writes a hundred or more rows of
-     ``Z`` instead of about 32, and on CPUs a GEMM with a narrow side of 32 runs at
-     ~0.65 of one with a side of 128 (2 EPYC cores, MKL: 27 vs 39 GMAC/s, depth 260).
+     added into their (zeroed) block of ``Z``. The padding is that of groups of
+     ``(e - s) / slope`` components (``slope``: input columns per component), but each
+     GEMM writes every component meeting the segment, 50-200 rows of ``Z`` for learned
+     band-like structures instead of about 32, and on CPUs a GEMM with a short side of
+     32 runs at ~0.7 of one with a side of 128 (2 EPYC cores, MKL: 27.5 vs 39.6 GMAC/s,
+     depth 260).
 
    The form (and the segment width) is chosen by a time model, :func:`_gemm_time`.
 2. **Stage 2** cuts the output into panels of rows of ``W`` (columns of ``y``). Each panel
