@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import logging
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,15 +102,6 @@ def fit_matrix(args: argparse.Namespace) -> int:
 DEMO_STRUCTURES = ("dense", "gblr", "lowrank", "monarch")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from .recipes.report import publish
-
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
-    publish(f.name, path)
-
-
 def demo(args: argparse.Namespace) -> int:
     """Train a small ViT on the embedded digits data: dense, GBLR and baselines at equal MACs.
 
@@ -126,7 +117,7 @@ def demo(args: argparse.Namespace) -> int:
     from .recipes.data import digits
     from .recipes.engine import train_classifier
     from .recipes.models import VisionTransformer, structure_model
-    from .recipes.report import publish, write_report
+    from .recipes.report import save_atomically, write_report
     from .recipes.smoke import SMOKE_BANNER, mark_smoke_report, refuse_real_folder
 
     # The demo prints its own summary; Lightning's per-run banners (accelerators found,
@@ -162,11 +153,9 @@ def demo(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         results.append({"structure": structure, **result})
-        state_path = out / structure / "model_state.pt"
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=state_path.parent, suffix=".tmp", delete=False) as f:
-            torch.save(model.state_dict(), f)
-        publish(f.name, state_path)
+        save_atomically(
+            functools.partial(torch.save, model.state_dict()), out / structure / "model_state.pt"
+        )
     header = f"{'structure':<10}{'accuracy':>10}{'MACs ratio':>12}{'seconds':>10}"
     lines = [header] + [
         f"{r['structure']:<10}{r['accuracy']:>10.4f}{r['macs_ratio']:>12.3f}{r['seconds']:>10.1f}"
@@ -174,9 +163,8 @@ def demo(args: argparse.Namespace) -> int:
     ]
     print("\n" + "\n".join(lines))
     settings = {key: value for key, value in vars(args).items() if key != "handler"}
-    _write_atomically(
-        out / "results.json", json.dumps({"settings": settings, "results": results}, indent=2)
-    )
+    payload = json.dumps({"settings": settings, "results": results}, indent=2)
+    save_atomically(lambda f: f.write(payload), out / "results.json", text=True)
     table = [
         "| structure | test accuracy | MACs ratio (blocks) | train seconds |",
         "| --- | ---: | ---: | ---: |",
@@ -191,10 +179,8 @@ def demo(args: argparse.Namespace) -> int:
         if key in ("steps", "budget", "start_cost", "lr", "seed")
     )
     banner = SMOKE_BANNER if args.smoke else ""
-    _write_atomically(
-        out / "results.md",
-        f"{banner}# gblr demo\n\n`{command}`\n\n" + "\n".join(table) + "\n",
-    )
+    markdown = f"{banner}# gblr demo\n\n`{command}`\n\n" + "\n".join(table) + "\n"
+    save_atomically(lambda f: f.write(markdown), out / "results.md", text=True)
     for structure in args.structures:
         report = write_report(out / structure)
         if args.smoke:

@@ -198,9 +198,8 @@ def _merge_metrics(out_dir: Path, resumed_step: int) -> None:
     """``metrics.csv`` = the rows before ``resumed_step`` from before the resume, then the
     resumed run's rows (columns united)."""
     import csv
-    import tempfile
 
-    from .report import publish
+    from .report import save_atomically
 
     kept, current = out_dir / _METRICS_BEFORE_RESUME, out_dir / _METRICS
     if not kept.is_file():
@@ -212,13 +211,13 @@ def _merge_metrics(out_dir: Path, resumed_step: int) -> None:
         with open(current, newline="") as handle:
             rows += list(csv.DictReader(handle))
     columns = sorted({key for row in rows for key in row})
-    with tempfile.NamedTemporaryFile(
-        "w", dir=out_dir, suffix=".tmp", delete=False, newline=""
-    ) as handle:
+
+    def write(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    publish(handle.name, current)
+
+    save_atomically(write, current, text=True)
     kept.unlink()
 
 

@@ -11,7 +11,9 @@ import csv
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import Tensor
@@ -180,10 +182,26 @@ def publish(temporary: str, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def _savefig(figure, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
-        figure.savefig(handle.name, dpi=110, bbox_inches="tight")
+def save_atomically(write: Callable[[IO], object], path: Path, text: bool = False) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place
+    (:func:`publish`): a failed or interrupted write leaves the old file, and no partial
+    one. ``text``: open the file in text mode (newlines written as given)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode, newline = ("w", "") if text else ("wb", None)
+    with tempfile.NamedTemporaryFile(
+        mode, dir=path.parent, suffix=".tmp", delete=False, newline=newline
+    ) as handle:
+        try:
+            write(handle)
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
     publish(handle.name, path)
+
+
+def _savefig(figure, path: Path) -> None:
+    save_atomically(lambda f: figure.savefig(f, format="png", dpi=110, bbox_inches="tight"), path)
 
 
 def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
@@ -299,7 +317,5 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Training", "", "![training curves](figures/training.png)", ""]
 
     report = run_dir / "REPORT.md"
-    with tempfile.NamedTemporaryFile("w", dir=run_dir, suffix=".md", delete=False) as handle:
-        handle.write("\n".join(lines))
-    publish(handle.name, report)
+    save_atomically(lambda f: f.write("\n".join(lines)), report, text=True)
     return report

@@ -117,12 +117,12 @@ def write_run_report(run_dir: str | Path) -> Path:
 
 def mark_smoke_report(path: str | Path) -> None:
     """Put :data:`SMOKE_BANNER` on top of a Markdown report (once)."""
-    from .train import _save_atomically  # train imports this module
+    from .report import save_atomically
 
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if not text.startswith(SMOKE_BANNER):
-        _save_atomically(lambda f: f.write(SMOKE_BANNER + text), path, text=True)
+        save_atomically(lambda f: f.write(SMOKE_BANNER + text), path, text=True)
 
 
 def first_samples(dataset: Any, count: int) -> Any:

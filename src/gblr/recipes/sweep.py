@@ -121,8 +121,9 @@ def run_sweep(
         >>> sorted(os.listdir(out))
         ['dense', 'gblr-0.5', 'sweep.json', 'sweep.md', 'sweep.png']
     """
+    from .report import save_atomically
     from .smoke import SMOKE_BANNER, smoke_kind
-    from .train import _save_atomically, train_from_config
+    from .train import train_from_config
 
     out = Path(out).expanduser()
     if config.smoke and smoke_kind(out) is False:
@@ -161,8 +162,8 @@ def run_sweep(
     text = f"# Sweep: {config.name}\n\n![{label} vs GFLOPs](sweep.png)\n\n" + "\n".join(table)
     if config.smoke:
         text = SMOKE_BANNER + text
-    _save_atomically(lambda f: f.write(text + "\n"), out / "sweep.md", text=True)
-    _save_atomically(
+    save_atomically(lambda f: f.write(text + "\n"), out / "sweep.md", text=True)
+    save_atomically(
         lambda f: json.dump({"config": config_to_dict(config), "rows": rows}, f, indent=2),
         out / "sweep.json",
         text=True,

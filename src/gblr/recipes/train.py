@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import TEXT_DATASETS, TrainConfig, config_to_dict
+from .report import save_atomically
 from .smoke import SMOKE_TEXT_CHARS, check_run_folder, first_samples, write_run_report
 
 __all__ = [
@@ -435,16 +435,6 @@ def _trainer_options(config: TrainConfig) -> dict[str, Any]:
     return options
 
 
-def _save_atomically(write, path: Path, text: bool = False) -> None:
-    from .report import publish
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "w" if text else "wb"
-    with tempfile.NamedTemporaryFile(mode, dir=path.parent, suffix=".tmp", delete=False) as f:
-        write(f)
-    publish(f.name, path)
-
-
 def _text_data(config: TrainConfig) -> tuple[Any, Any, torch.Tensor]:
     """``(train blocks, validation blocks, test token stream)`` for a language model."""
     from .text import LMBlocks, load_tokenizer, read_text_files, read_wikitext, token_stream
@@ -548,7 +538,7 @@ def train_from_config(
     if val_every is not None and val_every > steps:
         val_every = None
     settings = config_to_dict(config)
-    _save_atomically(
+    save_atomically(
         lambda f: yaml.safe_dump(settings, f, sort_keys=False), out / "config.yaml", text=True
     )
     options: dict[str, Any] = dict(
@@ -609,8 +599,8 @@ def train_from_config(
     model_cost = count_model_flops(model.eval(), example_input(config).to(device))
     result.update(gflops=model_cost.gflops, dense_gflops=model_cost.dense_macs / 1e9)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _save_atomically(lambda f: torch.save(state, f), out / "model_state.pt")
-    _save_atomically(
+    save_atomically(lambda f: torch.save(state, f), out / "model_state.pt")
+    save_atomically(
         lambda f: json.dump({"config": settings, "result": result}, f, indent=2),
         out / "results.json",
         text=True,

@@ -1,0 +1,31 @@
+"""``save_atomically``: the one way the recipes write run files."""
+
+import os
+
+import pytest
+
+from gblr.recipes.report import save_atomically
+
+
+def test_save_atomically_writes_text_and_bytes_with_plain_permissions(tmp_path):
+    save_atomically(lambda f: f.write("a\nb\n"), tmp_path / "sub" / "t.md", text=True)
+    save_atomically(lambda f: f.write(b"\x00\x01"), tmp_path / "b.bin")
+    assert (tmp_path / "sub" / "t.md").read_text() == "a\nb\n"
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("old")
+
+    def failing(handle):
+        handle.write("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_atomically(failing, path, text=True)
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
