@@ -84,7 +84,8 @@ def test_learner_options_reach_the_structure_learner(tmp_path):
     class Probe(pl.Callback):
         def on_train_end(self, trainer, pl_module):
             (callback,) = [c for c in trainer.callbacks if isinstance(c, GBLRCallback)]
-            seen.update(adaptive=callback.learner.adaptive, max_shift=callback.learner.max_shift)
+            learner = callback.learner
+            seen.update(adaptive=learner.adaptive, max_shift=learner.max_shift, merge=learner.merge)
 
     train, _ = digits()
     train_classifier(
@@ -95,7 +96,7 @@ def test_learner_options_reach_the_structure_learner(tmp_path):
         batch_size=16,
         target=0.3,
         progress=False,
-        learner_options={"adaptive": 1.0, "max_shift": 2.0},
+        learner_options={"adaptive": 1.0, "max_shift": 2.0, "merge": 1e-3},
         extra_callbacks=[Probe()],
     )
-    assert seen == {"adaptive": 1.0, "max_shift": 2.0}
+    assert seen == {"adaptive": 1.0, "max_shift": 2.0, "merge": 1e-3}

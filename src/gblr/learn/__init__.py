@@ -2,5 +2,6 @@
 
 from .groups import gblr_layers, param_groups
 from .learner import StructureLearner
+from .merge import merge_components
 
-__all__ = ["StructureLearner", "gblr_layers", "param_groups"]
+__all__ = ["StructureLearner", "gblr_layers", "merge_components", "param_groups"]

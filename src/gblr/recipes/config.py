@@ -186,8 +186,9 @@ class LearnerConfig:
     from ``sigma_start`` to the end (``null``: σ left as the layers have it, e.g. ∞ =
     exact boxcars after a structure search); the MACs target ramped from the starting
     cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``).
-    ``adaptive``, ``max_shift``, ``max_shift_ramp``: :class:`gblr.StructureLearner`'s
-    options against structure collapses (off by default: the paper's method).
+    ``adaptive``, ``max_shift``, ``max_shift_ramp``, ``merge``:
+    :class:`gblr.StructureLearner`'s options against structure collapses and blocks split
+    over two components (off by default: the paper's method).
 
     Examples:
         >>> from gblr.recipes.config import LearnerConfig
@@ -202,6 +203,7 @@ class LearnerConfig:
     adaptive: float = 0.0
     max_shift: float | None = None
     max_shift_ramp: float | None = None
+    merge: float | None = None
 
 
 @dataclass
@@ -490,6 +492,11 @@ def _validate(config: TrainConfig) -> None:
     _positive("learner.adaptive", config.learner.adaptive, zero=True)
     _positive("learner.max_shift", config.learner.max_shift)
     _positive("learner.max_shift_ramp", config.learner.max_shift_ramp)
+    merge = config.learner.merge
+    if merge is not None and not (
+        isinstance(merge, (int, float)) and not isinstance(merge, bool) and 0 <= merge < 1
+    ):
+        raise ValueError(f"learner.merge must be a tolerance in [0, 1) or null, got {merge!r}")
     _choice("trainer.logger", config.trainer.logger, LOGGERS)
     if config.trainer.compile is not None:
         _choice("trainer.compile", config.trainer.compile, COMPILE_MODES)

@@ -558,6 +558,7 @@ def train_from_config(
             "adaptive": learner.adaptive,
             "max_shift": learner.max_shift,
             "max_shift_ramp": learner.max_shift_ramp,
+            "merge": learner.merge,
         },
         structure_include=config.structure.include,
         num_workers=config.data.num_workers,
