@@ -241,3 +241,16 @@ def test_merged_factors_are_the_ones_closest_to_the_kept_components(rank):
         for sign in (1.0, -1.0):
             other = (sign * s * u - target_u).pow(2).sum() + (sign * v / s - target_v).pow(2).sum()
             assert best <= other + 1e-12
+
+
+def test_half_precision_factors_merge_within_their_rounding():
+    layer = _layer(20, 14, [(2, 5, 3, 9), (7, 5, 3, 9)], dtype=torch.float32)
+    with torch.no_grad():
+        layer.V[1] = layer.V[0]
+    layer = layer.to(torch.bfloat16)
+    before = layer.dense_weight().float()
+    assert gblr.merge_components(layer, tolerance=1e-4) == 1
+    assert layer.U.dtype == torch.bfloat16 and layer.widths.dtype == torch.float32
+    after = layer.dense_weight().float()
+    assert (after - before).norm() <= 1e-2 * before.norm()  # bf16 keeps ~3 digits
+    assert layer.flops() == 10 + 9
