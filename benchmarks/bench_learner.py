@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import statistics
 import sys
 import time
@@ -50,7 +51,7 @@ VARIANTS = {
         "merge": 1e-3,
     },
 }
-MERGE_EVERY = 10  # StructureLearner's default merge_every
+MERGE_EVERY = inspect.signature(gblr.StructureLearner).parameters["merge_every"].default
 
 
 def gblr_vit() -> nn.Module:

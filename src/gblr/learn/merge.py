@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.base import GBLRMatrixMixin
-from ..ops.gaudi import boxcar_mask, interval_lengths, interval_starts
+from ..ops.gaudi import boxcar_mask
 from .groups import gblr_layers
 
 __all__ = ["merge_components"]
@@ -45,7 +45,8 @@ def _spans(starts: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 
 def _masked_factors(layer: GBLRMatrixMixin) -> tuple[Tensor, Tensor]:
-    """The exact (boxcar-masked) factors ``(K, r, rows)`` and ``(K, r, cols)`` in float64."""
+    """The exact (boxcar-masked) factors ``(K, r, rows)`` and ``(K, r, cols)`` in float64
+    (in either mode: ``layer.masks()`` gives Gaudi masks while training)."""
     row_mask = boxcar_mask(layer.widths[1], layer.locations[1], layer.rows, torch.float64)
     col_mask = boxcar_mask(layer.widths[0], layer.locations[0], layer.cols, torch.float64)
     u = layer.U.detach().to(torch.float64) * row_mask.unsqueeze(1)
@@ -93,14 +94,13 @@ def _closest_factors(
 @torch.no_grad()
 def _merge_layer(layer: GBLRMatrixMixin, tolerance: float) -> int:
     r = layer.rank_per_component
-    row_len = interval_lengths(layer.widths[1], layer.rows)
-    col_len = interval_lengths(layer.widths[0], layer.cols)
+    col_len, row_len = layer.interval_lengths()
     live = ((row_len > 0) & (col_len > 0)).nonzero().flatten()
     if live.numel() < 2:
         return 0
+    col_start, row_start = layer.interval_starts()
     row_len, col_len = row_len[live].cpu(), col_len[live].cpu()
-    row_start = interval_starts(layer.locations[1], layer.rows)[live].cpu()
-    col_start = interval_starts(layer.locations[0], layer.cols)[live].cpu()
+    row_start, col_start = row_start[live].cpu(), col_start[live].cpu()
     row_span_start, row_span = _spans(row_start, row_len, layer.rows)
     col_span_start, col_span = _spans(col_start, col_len, layer.cols)
     own = row_len + col_len
