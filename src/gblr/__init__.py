@@ -11,7 +11,7 @@ from .compress import ConversionReport, convert, fit_dense
 from .cost import FlopsReport, LayerFlops, count_flops
 from .deploy import FrozenGBLRConv2d, FrozenGBLRLinear, export_onnx, freeze, load, plan, save
 from .layers import GBLRConv2d, GBLRLinear, special
-from .learn import StructureLearner, merge_components, param_groups
+from .learn import StructureLearner, merge_components, param_groups, untangle_components
 from .model_flops import ModelFlops, count_model_flops
 from .ops import boxcar_mask, gaudi_mask
 
@@ -47,4 +47,5 @@ __all__ = [
     "save",
     "special",
     "structured",
+    "untangle_components",
 ]

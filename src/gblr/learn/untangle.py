@@ -1,0 +1,482 @@
+"""Untangling pairs of rank-1 GBLR components: the same sum over smaller intervals.
+
+Two overlapping rank-1 components hold a rank-2 sum ``S = X Y^T`` over the box holding
+both (``X``: their row factors, ``Y``: their column factors). Any invertible ``A`` gives
+the same sum as ``(X A)(Y A^{-T})^T``, so the pair can hold its two blocks in many ways,
+and the proximal learner can settle on one whose intervals are wider than the blocks':
+each component then holds a mixture of both blocks. Gradient steps cannot leave such a
+tangle, since every factorization has the same loss and the path between them crosses
+intervals the budget does not pay for. On the planted-structure benchmark
+(``benchmarks/bench_learner.py``) that was the failure left at 1.1x the planted cost.
+
+Which factorization has the smallest intervals: with ``A = [a_0, a_1]`` the new row
+factors are ``X a_k`` and the new column factors ``Y b_k`` with ``b_0 ∝ rot(a_1)`` and
+``b_1 ∝ rot(a_0)`` (``rot``: the 90° rotation, since ``A^{-T}`` has columns orthogonal
+to the other column of ``A``). So the pair's MACs split into ``f(a_0) + f(a_1)`` with
+``f(a) = |support of X a| + |support of Y rot(a)|``: each direction is scored on its own.
+Only directions that zero a row (``a ⊥ X[t]``) or a column (``a ∥ Y[t]``) can shorten a
+support, and within a span that does not wrap only those of its outermost cells, so
+those are the candidates; pairs are scored in batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layers.base import GBLRMatrixMixin
+from .groups import gblr_layers
+from .merge import _closest_factors, _masked_factors, _spans
+
+__all__ = ["untangle_components"]
+
+# An entry counts as part of a support when it is above this fraction of its vector's
+# largest entry; smaller ones at the ends are dropped (and the result is checked against
+# the tolerance).
+_SUPPORT_FLOOR = 1e-2
+# Pairs are searched in batches of about this many float64 elements per array.
+_BATCH_ELEMENTS = 4_000_000
+# Largest sum of the two blocks' Frobenius norms, relative to their sum's.
+_CANCELLATION = 2.0
+# Candidate directions kept per pair, best first by their own MACs.
+_CANDIDATES = 24
+
+
+def _supports(values: Tensor, circular: bool) -> tuple[Tensor, Tensor]:
+    """Smallest interval holding every entry above ``_SUPPORT_FLOOR`` of the row's peak.
+
+    Args:
+        values: ``(C, m)`` absolute values.
+        circular: whether the interval may wrap around (the span is the whole dimension).
+
+    Returns:
+        ``(start, length)``, each ``(C,)`` int64; ``length == 0`` for an all-zero row.
+    """
+    count, m = values.shape
+    peak = values.amax(dim=1, keepdim=True)
+    big = (values > _SUPPORT_FLOOR * peak) & (peak > 0)
+    any_big = big.any(dim=1)
+    if not circular:
+        first = big.to(torch.int8).argmax(dim=1)
+        last = m - 1 - big.flip(1).to(torch.int8).argmax(dim=1)
+        length = torch.where(any_big, last - first + 1, torch.zeros_like(first))
+        return first, length
+    # The largest circular run of small entries, found on the sequence written twice:
+    # zeros_until[t] = entries since the last big one, at t in the second copy.
+    doubled = torch.cat([big, big], dim=1)
+    position = torch.arange(2 * m, device=values.device).expand(count, -1)
+    last_big = torch.where(doubled, position, torch.full_like(position, -1)).cummax(dim=1).values
+    zeros_until = (position - last_big)[:, m:]
+    gap, end = zeros_until.max(dim=1)
+    start = torch.remainder(end + 1, m)
+    length = torch.where(any_big, m - gap, torch.zeros_like(gap))
+    return start, length
+
+
+def _keep(values: Tensor, start: Tensor, length: Tensor) -> Tensor:
+    """``values`` (C, m) with entries outside each row's interval set to zero."""
+    m = values.shape[1]
+    offset = torch.remainder(torch.arange(m, device=values.device) - start[:, None], m)
+    return values * (offset < length[:, None])
+
+
+def _end_cells(factors: Tensor) -> Tensor:
+    """The two first and two last cells whose factor row is above ``_SUPPORT_FLOOR`` of
+    the largest, per pair (repeated when there are fewer).
+
+    Args:
+        factors: ``(P, m, 2)``.
+
+    Returns:
+        ``(P, 4)`` int64 cell indices.
+    """
+    m = factors.shape[1]
+    norms = factors[..., 0].square() + factors[..., 1].square()  # squared: same order
+    significant = norms > _SUPPORT_FLOOR**2 * norms.amax(dim=1, keepdim=True)
+    forward, backward = significant.cumsum(dim=1), significant.flip(1).cumsum(dim=1)
+    cells = [(forward >= 1), (forward >= 2), (backward >= 2), (backward >= 1)]
+    index = [cell.to(torch.int8).argmax(dim=1) for cell in cells]
+    return torch.stack([index[0], index[1], m - 1 - index[2], m - 1 - index[3]], dim=1)
+
+
+def _best_factorizations(
+    x: Tensor,
+    y: Tensor,
+    circular_rows: bool,
+    circular_cols: bool,
+    tolerance: float,
+    limit: Tensor | None = None,
+) -> tuple[Tensor, list[Any]]:
+    """For each pair, the cheapest two rank-1 blocks, each within its own interval, whose
+    sum is ``x @ y.T`` to ``tolerance`` and whose norms add up to no more than the
+    current ones or twice the sum's.
+
+    Args:
+        x: ``(P, m, 2)`` row factors over each pair's row span (zero-padded past a span's
+            end when not circular); y: ``(P, n, 2)`` column factors.
+        circular_rows, circular_cols: the spans are the whole dimension (all pairs).
+        limit: ``(P,)`` most MACs of interest per pair: pairs that cannot get at or
+            below it are not searched further (reported as ``-1``).
+
+    Returns:
+        ``(macs, blocks)``: ``macs`` ``(P,)`` int64, -1 where no candidate passes; per
+        pair ``blocks`` is ``None`` or two ``(u, v, (row_start, row_len), (col_start,
+        col_len))``, ``u`` of shape ``(m,)`` and ``v`` ``(n,)``, zero outside their
+        intervals (indices into the span).
+    """
+    rotation = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=x.dtype, device=x.device)
+    count, m, _ = x.shape
+    n = y.shape[1]
+    # A support shorter than a linear span leaves out its outermost non-negligible cells,
+    # so only the directions that zero one of those can shorten it (the two at each end:
+    # one may be noise); on a whole circle any cell may border the gap. The current
+    # factors (the identity) are candidates too. a ⊥ x_t zeroes row t; a ∥ y_t column t.
+    batch = torch.arange(count, device=x.device)[:, None]
+    row_dirs = x if circular_rows else x[batch, _end_cells(x)]
+    col_dirs = y if circular_cols else y[batch, _end_cells(y)]
+    identity = torch.eye(2, dtype=x.dtype, device=x.device).expand(count, 2, 2)
+    directions = torch.cat([row_dirs @ rotation.T, col_dirs, identity], dim=1)  # (P, C, 2)
+    norms = (directions[..., 0].square() + directions[..., 1].square()).sqrt()[..., None]
+    directions = directions / norms.clamp_min(torch.finfo(x.dtype).tiny)
+    row_values = directions @ x.mT  # (P, C, m): X a
+    col_values = directions @ (y @ rotation).mT  # (P, C, n): Y rot(a)
+    candidates = directions.shape[1]
+    row_start, row_len = _supports(row_values.abs().flatten(0, 1), circular_rows)
+    col_start, col_len = _supports(col_values.abs().flatten(0, 1), circular_cols)
+    row_start, row_len = row_start.view(count, -1), row_len.view(count, -1)
+    col_start, col_len = col_start.view(count, -1), col_len.view(count, -1)
+    macs = row_len + col_len
+    usable = norms[..., 0] > 0
+    if limit is not None:
+        # The two cheapest directions bound the pair's MACs from below; most pairs (the
+        # current factors are candidates) cannot save anything, so stop there.
+        big = torch.iinfo(macs.dtype).max // 4
+        cheapest = torch.where(usable, macs, torch.full_like(macs, big))
+        bound = cheapest.topk(min(2, candidates), dim=1, largest=False).values.sum(dim=1)
+        hopeful = (bound <= limit.to(bound.device)).nonzero().flatten()
+        if hopeful.numel() < count:
+            best = torch.full((count,), -1, dtype=macs.dtype, device=macs.device)
+            blocks: list[Any] = [None] * count
+            if hopeful.numel() > 0:
+                sub_best, sub_blocks = _best_factorizations(
+                    x[hopeful], y[hopeful], circular_rows, circular_cols, tolerance
+                )
+                best[hopeful] = sub_best
+                for position, found in zip(hopeful.tolist(), sub_blocks):
+                    blocks[position] = found
+            return best, blocks
+    if candidates > _CANDIDATES:
+        # Many candidates (a whole circle): keep the cheapest, one per angle (rows of one
+        # block share their angle): a candidate goes when a cheaper one is parallel to it.
+        big = torch.iinfo(macs.dtype).max
+        order = torch.where(usable, macs, torch.full_like(macs, big)).argsort(dim=1, stable=True)
+        ordered = torch.gather(directions, 1, order[..., None].expand(-1, -1, 2))
+        parallel = (ordered @ rotation @ ordered.mT).abs() <= 1e-6
+        distinct = ~torch.tril(parallel, diagonal=-1).any(dim=2)
+        distinct &= torch.gather(usable, 1, order)
+        rank = torch.where(distinct, torch.arange(candidates, device=x.device), candidates)
+        pick = torch.gather(
+            order, 1, rank.sort(dim=1).values[:, :_CANDIDATES].clamp_max(candidates - 1)
+        )
+        kept = rank.sort(dim=1).values[:, :_CANDIDATES] < candidates
+    else:
+        pick = torch.arange(candidates, device=x.device).expand(count, -1)
+        kept = usable
+
+    def take(values: Tensor) -> Tensor:
+        index = pick if values.dim() == 2 else pick[..., None].expand(-1, -1, values.shape[2])
+        return torch.gather(values, 1, index)
+
+    a = take(directions)
+    row_start, row_len, col_start, col_len = map(take, (row_start, row_len, col_start, col_len))
+    p = _keep(take(row_values).flatten(0, 1), row_start.flatten(), row_len.flatten())
+    q = _keep(take(col_values).flatten(0, 1), col_start.flatten(), col_len.flatten())
+    p, q = p.view(count, -1, m), q.view(count, -1, n)  # (P, T, m), (P, T, n)
+    cost = take(macs)
+    # For the ordered pair (c0, c1): blocks p_c0 q_c1^T / d and -p_c1 q_c0^T / d with
+    # d = a_c0 . rot(a_c1); their sum is X Y^T up to the dropped entries.
+    d = a @ rotation @ a.mT  # (P, T, T): d[c0, c1] = a_c0^T rot a_c1
+    gram_p, gram_q = p @ p.mT, q @ q.mT
+    cross = (p @ x) @ (q @ y).mT  # <S, p_c0 q_c1^T>
+    energy = (x.mT @ x * (y.mT @ y)).sum(dim=(1, 2))[:, None, None]
+    sq_p, sq_q = gram_p.diagonal(dim1=1, dim2=2), gram_q.diagonal(dim1=1, dim2=2)
+    approx = (
+        sq_p[:, :, None] * sq_q[:, None, :] + sq_p[:, None, :] * sq_q[:, :, None]
+        - 2 * gram_p * gram_q
+    )  # fmt: skip
+    safe_d = torch.where(d.abs() > 1e-6, d, torch.ones_like(d))
+    error = energy - 2 * (cross - cross.mT) / safe_d + approx / safe_d**2
+    root_p, root_q = sq_p.sqrt(), sq_q.sqrt()
+    pair_norm = (
+        root_p[:, :, None] * root_q[:, None, :] + root_p[:, None, :] * root_q[:, :, None]
+    ) / safe_d.abs()
+    old_norm = (x.norm(dim=1) * y.norm(dim=1)).sum(dim=1)[:, None, None]
+    valid = (
+        (d.abs() > 1e-6)
+        & kept[:, :, None]
+        & kept[:, None, :]
+        & (energy > 0)
+        & (error <= tolerance * energy)
+        # No pair of large blocks that cancel each other: every later change of an
+        # interval would be a large change of the weight. Blocks that do not overlap
+        # have norms adding up to at most sqrt(2) |S|; allow 2 |S|, or the current ones.
+        & (pair_norm <= torch.maximum(old_norm, _CANCELLATION * energy.sqrt()) * (1 + 1e-9))
+    )
+    total = cost[:, :, None] + cost[:, None, :]
+    total = torch.where(valid, total, torch.full_like(total, torch.iinfo(total.dtype).max))
+    width = total.shape[1]
+    best_total, flat = total.flatten(1).min(dim=1)
+    best = torch.where(valid.flatten(1).any(dim=1), best_total, torch.full_like(best_total, -1))
+    blocks = []
+    for index, (found, position) in enumerate(zip(best.tolist(), flat.tolist())):
+        if found < 0:
+            blocks.append(None)
+            continue
+        c0, c1 = divmod(position, width)
+        scale = d[index, c0, c1]
+        rows = [(int(row_start[index, c]), int(row_len[index, c])) for c in (c0, c1)]
+        cols = [(int(col_start[index, c]), int(col_len[index, c])) for c in (c1, c0)]
+        blocks.append(
+            [
+                (p[index, c0], q[index, c1] / scale, rows[0], cols[0]),
+                (p[index, c1], -q[index, c0] / scale, rows[1], cols[1]),
+            ]
+        )
+    return best, blocks
+
+
+def _best_factorization(
+    x: Tensor, y: Tensor, circular_rows: bool, circular_cols: bool, tolerance: float
+) -> tuple[int, list[Any]] | None:
+    """:func:`_best_factorizations` for one pair: ``x`` ``(m, 2)``, ``y`` ``(n, 2)``;
+    ``None`` when no candidate passes."""
+    macs, blocks = _best_factorizations(x[None], y[None], circular_rows, circular_cols, tolerance)
+    return None if blocks[0] is None else (int(macs[0]), blocks[0])
+
+
+@torch.no_grad()
+def _untangle_layer(
+    layer: GBLRMatrixMixin,
+    tolerance: float,
+    min_saving: float,
+    allowed: Tensor | None = None,
+    banned: set[tuple[int, int]] | None = None,
+    fresh: Tensor | None = None,
+) -> list[tuple[int, int, int, int]]:
+    """Untangle overlapping pairs of one layer (see :func:`untangle_components`).
+
+    Args:
+        allowed: ``(K,)`` bool, the components that may take part (default all).
+        banned: pairs ``(i, j)``, ``i < j``, to leave alone.
+        fresh: ``(K,)`` bool: only pairs with at least one of these are searched (the
+            learner's: components newly settled; pairs of unchanged blocks were searched
+            before).
+
+    Returns:
+        ``(i, j, macs_before, macs_after)`` for each pair untangled.
+    """
+    if layer.rank_per_component != 1:
+        return []
+    col_len, row_len = layer.interval_lengths()
+    live_mask = (row_len > 0) & (col_len > 0)
+    if allowed is not None:
+        live_mask &= allowed.to(live_mask.device)
+    live = live_mask.nonzero().flatten()
+    if live.numel() < 2:
+        return []
+    col_start, row_start = layer.interval_starts()
+    row_len, col_len = row_len[live].cpu(), col_len[live].cpu()
+    row_start, col_start = row_start[live].cpu(), col_start[live].cpu()
+    row_span_start, row_span = _spans(row_start, row_len, layer.rows)
+    col_span_start, col_span = _spans(col_start, col_len, layer.cols)
+    # Overlapping in both dimensions: the union is shorter than the two intervals. A
+    # pair whose box spans a whole dimension is skipped: there the gap of a new interval
+    # could be anywhere, so its search would try every row or column (and such pairs
+    # are typically wide low-rank components, with nothing to untangle).
+    overlap = (
+        (row_span < row_len[:, None] + row_len[None, :])
+        & (col_span < col_len[:, None] + col_len[None, :])
+        & (row_span < layer.rows)
+        & (col_span < layer.cols)
+    )
+    own = row_len + col_len
+    pair_macs = own[:, None] + own[None, :]
+    if fresh is not None:
+        new = fresh.to(live.device)[live].cpu()
+        overlap &= new[:, None] | new[None, :]
+    pairs = torch.triu(overlap, diagonal=1).nonzero()
+    if pairs.numel() == 0:
+        return []
+    u, v = _masked_factors(layer)
+    pair_list = [
+        (a, b)
+        for a, b in pairs.tolist()
+        if banned is None or (int(live[a]), int(live[b])) not in banned
+    ]
+    # Worth finding: a saving of min_saving of the pair's MACs, and at least one MAC.
+    limits = pair_macs - torch.clamp(torch.ceil(min_saving * pair_macs), min=1)
+    found = _search_pairs(layer, u, v, live, pair_list, row_span_start, row_span,
+                          col_span_start, col_span, tolerance, limits.long())  # fmt: skip
+    taken: set[int] = set()
+    untangled = []
+    for a, b in pair_list:
+        i, j = int(live[a]), int(live[b])
+        current = int(pair_macs[a, b])
+        if a in taken or b in taken or found[(a, b)] is None:
+            continue
+        macs, blocks = found[(a, b)]
+        if macs > current - max(1.0, min_saving * current):
+            continue
+        rows = (row_span_start[a, b] + torch.arange(int(row_span[a, b]))) % layer.rows
+        cols = (col_span_start[a, b] + torch.arange(int(col_span[a, b]))) % layer.cols
+        rows, cols = rows.to(u.device), cols.to(v.device)
+        blocks = [
+            (new_u[: len(rows)], new_v[: len(cols)], row_interval, col_interval)
+            for new_u, new_v, row_interval, col_interval in blocks
+        ]
+        taken.update((a, b))
+        old = [(u[k, :, rows], v[k, :, cols]) for k in (i, j)]
+        # Which old component takes which new block: the closer one, so the optimizer's
+        # moments still describe roughly the same entries.
+        straight = (blocks[0][0] - old[0][0][0]).norm() + (blocks[1][0] - old[1][0][0]).norm()
+        crossed = (blocks[1][0] - old[0][0][0]).norm() + (blocks[0][0] - old[1][0][0]).norm()
+        if crossed < straight:
+            blocks = blocks[::-1]
+        for k, (new_u, new_v, (row_first, row_count), (col_first, col_count)), (
+            old_u,
+            old_v,
+        ) in zip((i, j), blocks, old):
+            new_u, new_v = _closest_factors(new_u[None], new_v[None], old_u, old_v)
+            layer.U[k, :, rows] = new_u.to(layer.U.dtype)
+            layer.V[k, :, cols] = new_v.to(layer.V.dtype)
+            layer.widths[1, k] = row_count / layer.rows
+            layer.widths[0, k] = col_count / layer.cols
+            layer.locations[1, k] = int(rows[row_first]) / layer.rows
+            layer.locations[0, k] = int(cols[col_first]) / layer.cols
+        untangled.append((i, j, current, macs))
+    return untangled
+
+
+def _search_pairs(
+    layer: GBLRMatrixMixin,
+    u: Tensor,
+    v: Tensor,
+    live: Tensor,
+    pairs: list[tuple[int, int]],
+    row_span_start: Tensor,
+    row_span: Tensor,
+    col_span_start: Tensor,
+    col_span: Tensor,
+    tolerance: float,
+    limits: Tensor,
+) -> dict[tuple[int, int], tuple[int, list[Any]] | None]:
+    """:func:`_best_factorizations` for the given pairs (indices into ``live``): pairs
+    whose spans are both shorter than the dimensions are searched in batches (zero-padded
+    to the longest span), the others (a span that is a whole circle) one by one.
+    ``limits`` ``(L, L)``: the most MACs worth finding per pair."""
+    found: dict[tuple[int, int], tuple[int, list[Any]] | None] = {}
+    linear = [
+        (a, b) for a, b in pairs
+        if int(row_span[a, b]) < layer.rows and int(col_span[a, b]) < layer.cols
+    ]  # fmt: skip
+    for a, b in pairs:
+        if int(row_span[a, b]) < layer.rows and int(col_span[a, b]) < layer.cols:
+            continue
+        rows = (row_span_start[a, b] + torch.arange(int(row_span[a, b]))) % layer.rows
+        cols = (col_span_start[a, b] + torch.arange(int(col_span[a, b]))) % layer.cols
+        i, j = int(live[a]), int(live[b])
+        x = u[[i, j], 0][:, rows.to(u.device)].T
+        y = v[[i, j], 0][:, cols.to(v.device)].T
+        macs, blocks = _best_factorizations(
+            x[None], y[None], len(rows) == layer.rows, len(cols) == layer.cols, tolerance,
+            limits[a, b].reshape(1),
+        )  # fmt: skip
+        found[(a, b)] = None if blocks[0] is None else (int(macs[0]), blocks[0])
+    if not linear:
+        return found
+    index = torch.tensor(linear)
+    first, second = index[:, 0], index[:, 1]
+    components = live.cpu()[index]  # (P, 2) layer component indices
+    longest = max(int(row_span[first, second].max()), int(col_span[first, second].max()))
+    chunk = max(1, _BATCH_ELEMENTS // (12 * longest))
+    for begin in range(0, len(linear), chunk):
+        part = slice(begin, begin + chunk)
+        x = _gather_spans(u, components[part], row_span_start[first[part], second[part]],
+                          row_span[first[part], second[part]], layer.rows)  # fmt: skip
+        y = _gather_spans(v, components[part], col_span_start[first[part], second[part]],
+                          col_span[first[part], second[part]], layer.cols)  # fmt: skip
+        limit = limits[first[part], second[part]]
+        macs, blocks = _best_factorizations(x, y, False, False, tolerance, limit)
+        for pair, cost, pair_blocks in zip(linear[part], macs.tolist(), blocks):
+            found[pair] = None if pair_blocks is None else (cost, pair_blocks)
+    return found
+
+
+def _gather_spans(
+    factors: Tensor, components: Tensor, starts: Tensor, lengths: Tensor, n: int
+) -> Tensor:
+    """``(P, L, 2)``: the two components' factors over each span, zero past its end.
+
+    Args:
+        factors: ``(K, 1, n)`` masked factors; components: ``(P, 2)`` their indices;
+        starts, lengths: ``(P,)`` spans on the circle of ``n`` cells.
+    """
+    longest = int(lengths.max())
+    offsets = torch.arange(longest)
+    cells = (starts[:, None] + offsets) % n  # (P, L)
+    inside = (offsets < lengths[:, None]).to(factors.dtype).to(factors.device)
+    device = factors.device
+    values = factors[:, 0][components.to(device)[:, :, None], cells.to(device)[:, None, :]]
+    return (values * inside[:, None, :]).mT  # (P, L, 2)
+
+
+def untangle_components(model: nn.Module, tolerance: float = 1e-4, min_saving: float = 0.05) -> int:
+    """Re-split overlapping pairs of rank-1 components into blocks on smaller intervals.
+
+    For every GBLR layer with ``rank_per_component == 1`` and every pair of live
+    components whose intervals overlap in rows and in columns: the pair's sum ``X Y^T``
+    over the smallest box holding both is re-factored as two rank-1 blocks, each on its
+    own (possibly wrapping) intervals, choosing the factorization with the fewest MACs.
+    It is applied when it drops at most ``tolerance`` of the sum's squared Frobenius norm
+    (entries under 1% of a factor's peak at the ends of an interval are dropped), saves
+    more than ``min_saving`` of the pair's MACs (and at least one MAC), and the two new
+    blocks' Frobenius norms add up to no more than the old ones or twice their sum's (no
+    pair of large blocks cancelling each other). Pairs are taken in order, each component
+    in at most one untangling per call. Layers of higher rank, and pairs whose box spans a
+    whole dimension, are left as they are.
+
+    Args:
+        model: a GBLR layer or a module containing them.
+        tolerance: relative squared error allowed per pair, in ``[0, 1)``.
+        min_saving: fraction of the pair's MACs an untangling must save, in ``[0, 1)``.
+
+    Returns:
+        Number of pairs untangled.
+
+    Examples:
+        >>> import torch, gblr
+        >>> layer = gblr.GBLRLinear(8, 8, num_components=2, bias=False,
+        ...     widths=[[0.75, 0.75], [0.75, 0.75]], locations=[[0.0, 0.0], [0.0, 0.0]])
+        >>> with torch.no_grad():  # two blocks on rows 0-2 / cols 0-2 and rows 3-5 / cols 3-5,
+        ...     _ = layer.U.zero_(), layer.V.zero_()  # held as their sum and their difference
+        ...     layer.U[0, 0, :6] = torch.tensor([1., 1, 1, 1, 1, 1])
+        ...     layer.V[0, 0, :6] = torch.tensor([.5, .5, .5, .5, .5, .5])
+        ...     layer.U[1, 0, :6] = torch.tensor([1., 1, 1, -1, -1, -1])
+        ...     layer.V[1, 0, :6] = torch.tensor([.5, .5, .5, -.5, -.5, -.5])
+        >>> weight = layer.dense_weight().detach().clone()
+        >>> layer.flops(), gblr.untangle_components(layer), layer.flops()
+        (24, 1, 12)
+        >>> torch.allclose(layer.dense_weight(), weight)
+        True
+    """
+    for name, value, high in (("tolerance", tolerance, 1), ("min_saving", min_saving, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number in [0, {high}), got {value!r}")
+        if not 0 <= value < high:
+            raise ValueError(f"{name} must be in [0, {high}), got {value!r}")
+    layers = [layer for _, layer in gblr_layers(model)]
+    if not layers:
+        raise ValueError("model has no GBLR layer (GBLRLinear or GBLRConv2d)")
+    return sum(len(_untangle_layer(layer, float(tolerance), float(min_saving))) for layer in layers)
