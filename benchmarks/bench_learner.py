@@ -8,9 +8,13 @@
    1.1x and 1.5x the planted cost; a seed counts as recovered at relative Frobenius error
    <= 2e-2. Goal: every seed at 1.1x. Four learner variants in the same run: ``paper``
    (one uniform threshold), ``adaptive+shift`` (``adaptive=1.0, max_shift=1.0``),
-   ``adaptive+shift+ramp`` (also ``max_shift_ramp=4.0``) and ``...+merge`` (also
-   ``merge=1e-3``). The overhead part also times one merge pass
-   (:func:`gblr.merge_components`) on the ViT, which the learner runs every 10 steps.
+   ``adaptive+shift+ramp`` (also ``max_shift_ramp=4.0``), ``...+merge`` (also
+   ``merge=1e-3``) and ``...+untangle`` (also ``untangle=1e-4``). The overhead part also
+   times one merge pass (:func:`gblr.merge_components`) on the ViT, which the learner
+   runs every 10 steps, and the learner's untangle pass twice: when every component has
+   just settled (all overlapping pairs searched: the worst case, once per settling) and
+   when none changed since the previous pass (the steady state: only the settledness
+   test).
 
     python benchmarks/bench_learner.py                # both parts, 20 seeds
     python benchmarks/bench_learner.py --seeds 5 --skip-overhead --variants adaptive+shift
@@ -49,6 +53,13 @@ VARIANTS = {
         "max_shift": 1.0,
         "max_shift_ramp": 4.0,
         "merge": 1e-3,
+    },
+    "adaptive+shift+ramp+merge+untangle": {
+        "adaptive": 1.0,
+        "max_shift": 1.0,
+        "max_shift_ramp": 4.0,
+        "merge": 1e-3,
+        "untangle": 1e-4,
     },
 }
 MERGE_EVERY = inspect.signature(gblr.StructureLearner).parameters["merge_every"].default
@@ -96,6 +107,21 @@ def measure_overhead(repeats: int, batch: int) -> dict:
         gblr.merge_components(model, tolerance=1e-3)
         merge_times.append(time.perf_counter() - start)
     merge_ms = 1e3 * statistics.median(merge_times)
+    untangle_all, untangle_steady = [], []
+    for _ in range(max(1, repeats // 5)):
+        copy = gblr_vit()
+        copy.load_state_dict(model.state_dict())
+        untangler = gblr.StructureLearner(copy, target=0.3, total_steps=1000, untangle=1e-4)
+        untangler._untangle_pass()  # records every block: nothing is settled yet
+        start = time.perf_counter()
+        untangler._untangle_pass()  # every component settled at once: all pairs searched
+        middle = time.perf_counter()
+        untangler._untangle_pass()  # nothing changed: no pair searched again
+        end = time.perf_counter()
+        untangle_all.append(middle - start)
+        untangle_steady.append(end - middle)
+    untangle_all_ms = 1e3 * statistics.median(untangle_all)
+    untangle_steady_ms = 1e3 * statistics.median(untangle_steady)
     return {
         "model": "ViT dim 192, depth 6, 3 heads, 4x4 patches on 32x32, all linears GBLR",
         "batch": batch,
@@ -106,6 +132,9 @@ def measure_overhead(repeats: int, batch: int) -> dict:
         "overhead_ratio": learner_ms / train_ms,
         "merge_pass_ms_median": merge_ms,
         "merge_overhead_ratio": merge_ms / MERGE_EVERY / train_ms,
+        "untangle_pass_all_settling_ms_median": untangle_all_ms,
+        "untangle_pass_steady_ms_median": untangle_steady_ms,
+        "untangle_steady_overhead_ratio": untangle_steady_ms / MERGE_EVERY / train_ms,
         "repeats": repeats,
     }
 
@@ -145,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             f"learner.step() {overhead['learner_step_ms_median']:.2f} ms vs training step "
             f"{overhead['train_step_ms_median']:.1f} ms: {100 * overhead['overhead_ratio']:.2f}%; "
             f"merge pass {overhead['merge_pass_ms_median']:.2f} ms every {MERGE_EVERY} steps: "
-            f"{100 * overhead['merge_overhead_ratio']:.2f}%",
+            f"{100 * overhead['merge_overhead_ratio']:.2f}%; untangle pass "
+            f"{overhead['untangle_pass_steady_ms_median']:.1f} ms steady "
+            f"({100 * overhead['untangle_steady_overhead_ratio']:.2f}%), "
+            f"{overhead['untangle_pass_all_settling_ms_median']:.0f} ms when all settle",
             flush=True,
         )
     payload["recovery"] = {}

@@ -60,6 +60,7 @@ def test_overrides_are_typed_and_merged():
         (["learner.sigma=[1]"], r"learner.sigma must be \[start, end\]"),
         (["learner.max_shift=0"], r"learner.max_shift must be > 0"),
         (["learner.merge=1.5"], r"learner.merge must be a tolerance in \[0, 1\) or null"),
+        (["learner.untangle=-1"], r"learner.untangle must be a tolerance in \[0, 1\) or null"),
         (["optim=3"], r"optim must be a mapping"),
         (["optim.lr"], r"must look like section.key=value"),
     ],

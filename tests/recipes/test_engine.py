@@ -85,7 +85,12 @@ def test_learner_options_reach_the_structure_learner(tmp_path):
         def on_train_end(self, trainer, pl_module):
             (callback,) = [c for c in trainer.callbacks if isinstance(c, GBLRCallback)]
             learner = callback.learner
-            seen.update(adaptive=learner.adaptive, max_shift=learner.max_shift, merge=learner.merge)
+            seen.update(
+                adaptive=learner.adaptive,
+                max_shift=learner.max_shift,
+                merge=learner.merge,
+                untangle=learner.untangle,
+            )
 
     train, _ = digits()
     train_classifier(
@@ -96,7 +101,7 @@ def test_learner_options_reach_the_structure_learner(tmp_path):
         batch_size=16,
         target=0.3,
         progress=False,
-        learner_options={"adaptive": 1.0, "max_shift": 2.0, "merge": 1e-3},
+        learner_options={"adaptive": 1.0, "max_shift": 2.0, "merge": 1e-3, "untangle": 1e-4},
         extra_callbacks=[Probe()],
     )
-    assert seen == {"adaptive": 1.0, "max_shift": 2.0, "merge": 1e-3}
+    assert seen == {"adaptive": 1.0, "max_shift": 2.0, "merge": 1e-3, "untangle": 1e-4}

@@ -186,9 +186,10 @@ class LearnerConfig:
     from ``sigma_start`` to the end (``null``: σ left as the layers have it, e.g. ∞ =
     exact boxcars after a structure search); the MACs target ramped from the starting
     cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``).
-    ``adaptive``, ``max_shift``, ``max_shift_ramp``, ``merge``:
-    :class:`gblr.StructureLearner`'s options against structure collapses and blocks split
-    over two components (off by default: the paper's method).
+    ``adaptive``, ``max_shift``, ``max_shift_ramp``, ``merge``, ``untangle``:
+    :class:`gblr.StructureLearner`'s options against structure collapses, blocks split
+    over two components and pairs holding two blocks as a mixture (off by default: the
+    paper's method).
 
     Examples:
         >>> from gblr.recipes.config import LearnerConfig
@@ -204,6 +205,7 @@ class LearnerConfig:
     max_shift: float | None = None
     max_shift_ramp: float | None = None
     merge: float | None = None
+    untangle: float | None = None
 
 
 @dataclass
@@ -492,11 +494,16 @@ def _validate(config: TrainConfig) -> None:
     _positive("learner.adaptive", config.learner.adaptive, zero=True)
     _positive("learner.max_shift", config.learner.max_shift)
     _positive("learner.max_shift_ramp", config.learner.max_shift_ramp)
-    merge = config.learner.merge
-    if merge is not None and not (
-        isinstance(merge, (int, float)) and not isinstance(merge, bool) and 0 <= merge < 1
-    ):
-        raise ValueError(f"learner.merge must be a tolerance in [0, 1) or null, got {merge!r}")
+    for key in ("merge", "untangle"):
+        tolerance = getattr(config.learner, key)
+        if tolerance is not None and not (
+            isinstance(tolerance, (int, float))
+            and not isinstance(tolerance, bool)
+            and 0 <= tolerance < 1
+        ):
+            raise ValueError(
+                f"learner.{key} must be a tolerance in [0, 1) or null, got {tolerance!r}"
+            )
     _choice("trainer.logger", config.trainer.logger, LOGGERS)
     if config.trainer.compile is not None:
         _choice("trainer.compile", config.trainer.compile, COMPILE_MODES)

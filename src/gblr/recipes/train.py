@@ -559,6 +559,7 @@ def train_from_config(
             "max_shift": learner.max_shift,
             "max_shift_ramp": learner.max_shift_ramp,
             "merge": learner.merge,
+            "untangle": learner.untangle,
         },
         structure_include=config.structure.include,
         num_workers=config.data.num_workers,
