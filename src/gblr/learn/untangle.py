@@ -15,8 +15,8 @@ factors are ``X a_k`` and the new column factors ``Y b_k`` with ``b_0 ∝ rot(a_
 to the other column of ``A``). So the pair's MACs split into ``f(a_0) + f(a_1)`` with
 ``f(a) = |support of X a| + |support of Y rot(a)|``: each direction is scored on its own.
 Only directions that zero a row (``a ⊥ X[t]``) or a column (``a ∥ Y[t]``) can shorten a
-support, and within a span that does not wrap only those of its outermost cells, so
-those are the candidates; pairs are scored in batches.
+support, and (pairs whose box spans a whole dimension are skipped) only those of the
+span's outermost cells, so those are the candidates; pairs are scored in batches.
 """
 
 from __future__ import annotations
@@ -40,46 +40,30 @@ _SUPPORT_FLOOR = 1e-2
 _BATCH_ELEMENTS = 4_000_000
 # Largest sum of the two blocks' Frobenius norms, relative to their sum's.
 _CANCELLATION = 2.0
-# Candidate directions kept per pair, best first by their own MACs.
-_CANDIDATES = 24
 
 
-def _supports(values: Tensor, circular: bool) -> tuple[Tensor, Tensor]:
+def _supports(values: Tensor) -> tuple[Tensor, Tensor]:
     """Smallest interval holding every entry above ``_SUPPORT_FLOOR`` of the row's peak.
 
     Args:
         values: ``(C, m)`` absolute values.
-        circular: whether the interval may wrap around (the span is the whole dimension).
 
     Returns:
         ``(start, length)``, each ``(C,)`` int64; ``length == 0`` for an all-zero row.
     """
-    count, m = values.shape
+    m = values.shape[1]
     peak = values.amax(dim=1, keepdim=True)
     big = (values > _SUPPORT_FLOOR * peak) & (peak > 0)
-    any_big = big.any(dim=1)
-    if not circular:
-        first = big.to(torch.int8).argmax(dim=1)
-        last = m - 1 - big.flip(1).to(torch.int8).argmax(dim=1)
-        length = torch.where(any_big, last - first + 1, torch.zeros_like(first))
-        return first, length
-    # The largest circular run of small entries, found on the sequence written twice:
-    # zeros_until[t] = entries since the last big one, at t in the second copy.
-    doubled = torch.cat([big, big], dim=1)
-    position = torch.arange(2 * m, device=values.device).expand(count, -1)
-    last_big = torch.where(doubled, position, torch.full_like(position, -1)).cummax(dim=1).values
-    zeros_until = (position - last_big)[:, m:]
-    gap, end = zeros_until.max(dim=1)
-    start = torch.remainder(end + 1, m)
-    length = torch.where(any_big, m - gap, torch.zeros_like(gap))
-    return start, length
+    first = big.to(torch.int8).argmax(dim=1)
+    last = m - 1 - big.flip(1).to(torch.int8).argmax(dim=1)
+    length = torch.where(big.any(dim=1), last - first + 1, torch.zeros_like(first))
+    return first, length
 
 
 def _keep(values: Tensor, start: Tensor, length: Tensor) -> Tensor:
     """``values`` (C, m) with entries outside each row's interval set to zero."""
-    m = values.shape[1]
-    offset = torch.remainder(torch.arange(m, device=values.device) - start[:, None], m)
-    return values * (offset < length[:, None])
+    offset = torch.arange(values.shape[1], device=values.device) - start[:, None]
+    return values * ((offset >= 0) & (offset < length[:, None]))
 
 
 def _end_cells(factors: Tensor) -> Tensor:
@@ -102,12 +86,7 @@ def _end_cells(factors: Tensor) -> Tensor:
 
 
 def _best_factorizations(
-    x: Tensor,
-    y: Tensor,
-    circular_rows: bool,
-    circular_cols: bool,
-    tolerance: float,
-    limit: Tensor | None = None,
+    x: Tensor, y: Tensor, tolerance: float, limit: Tensor | None = None
 ) -> tuple[Tensor, list[Any]]:
     """For each pair, the cheapest two rank-1 blocks, each within its own interval, whose
     sum is ``x @ y.T`` to ``tolerance`` and whose norms add up to no more than the
@@ -115,8 +94,8 @@ def _best_factorizations(
 
     Args:
         x: ``(P, m, 2)`` row factors over each pair's row span (zero-padded past a span's
-            end when not circular); y: ``(P, n, 2)`` column factors.
-        circular_rows, circular_cols: the spans are the whole dimension (all pairs).
+            end; spans shorter than the dimension, so intervals in them do not wrap);
+            y: ``(P, n, 2)`` column factors.
         limit: ``(P,)`` most MACs of interest per pair: pairs that cannot get at or
             below it are not searched further (reported as ``-1``).
 
@@ -129,13 +108,13 @@ def _best_factorizations(
     rotation = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=x.dtype, device=x.device)
     count, m, _ = x.shape
     n = y.shape[1]
-    # A support shorter than a linear span leaves out its outermost non-negligible cells,
-    # so only the directions that zero one of those can shorten it (the two at each end:
-    # one may be noise); on a whole circle any cell may border the gap. The current
-    # factors (the identity) are candidates too. a ⊥ x_t zeroes row t; a ∥ y_t column t.
+    # A support shorter than its span leaves out the span's outermost non-negligible
+    # cells, so only the directions that zero one of those can shorten it (the two at
+    # each end: one may be noise). The current factors (the identity) are candidates
+    # too. a ⊥ x_t zeroes row t; a ∥ y_t zeroes column t.
     batch = torch.arange(count, device=x.device)[:, None]
-    row_dirs = x if circular_rows else x[batch, _end_cells(x)]
-    col_dirs = y if circular_cols else y[batch, _end_cells(y)]
+    row_dirs = x[batch, _end_cells(x)]
+    col_dirs = y[batch, _end_cells(y)]
     identity = torch.eye(2, dtype=x.dtype, device=x.device).expand(count, 2, 2)
     directions = torch.cat([row_dirs @ rotation.T, col_dirs, identity], dim=1)  # (P, C, 2)
     norms = (directions[..., 0].square() + directions[..., 1].square()).sqrt()[..., None]
@@ -143,8 +122,8 @@ def _best_factorizations(
     row_values = directions @ x.mT  # (P, C, m): X a
     col_values = directions @ (y @ rotation).mT  # (P, C, n): Y rot(a)
     candidates = directions.shape[1]
-    row_start, row_len = _supports(row_values.abs().flatten(0, 1), circular_rows)
-    col_start, col_len = _supports(col_values.abs().flatten(0, 1), circular_cols)
+    row_start, row_len = _supports(row_values.abs().flatten(0, 1))
+    col_start, col_len = _supports(col_values.abs().flatten(0, 1))
     row_start, row_len = row_start.view(count, -1), row_len.view(count, -1)
     col_start, col_len = col_start.view(count, -1), col_len.view(count, -1)
     macs = row_len + col_len
@@ -160,30 +139,15 @@ def _best_factorizations(
             best = torch.full((count,), -1, dtype=macs.dtype, device=macs.device)
             blocks: list[Any] = [None] * count
             if hopeful.numel() > 0:
-                sub_best, sub_blocks = _best_factorizations(
-                    x[hopeful], y[hopeful], circular_rows, circular_cols, tolerance
-                )
+                sub_best, sub_blocks = _best_factorizations(x[hopeful], y[hopeful], tolerance)
                 best[hopeful] = sub_best
                 for position, found in zip(hopeful.tolist(), sub_blocks):
                     blocks[position] = found
             return best, blocks
-    if candidates > _CANDIDATES:
-        # Many candidates (a whole circle): keep the cheapest, one per angle (rows of one
-        # block share their angle): a candidate goes when a cheaper one is parallel to it.
-        big = torch.iinfo(macs.dtype).max
-        order = torch.where(usable, macs, torch.full_like(macs, big)).argsort(dim=1, stable=True)
-        ordered = torch.gather(directions, 1, order[..., None].expand(-1, -1, 2))
-        parallel = (ordered @ rotation @ ordered.mT).abs() <= 1e-6
-        distinct = ~torch.tril(parallel, diagonal=-1).any(dim=2)
-        distinct &= torch.gather(usable, 1, order)
-        rank = torch.where(distinct, torch.arange(candidates, device=x.device), candidates)
-        pick = torch.gather(
-            order, 1, rank.sort(dim=1).values[:, :_CANDIDATES].clamp_max(candidates - 1)
-        )
-        kept = rank.sort(dim=1).values[:, :_CANDIDATES] < candidates
-    else:
-        pick = torch.arange(candidates, device=x.device).expand(count, -1)
-        kept = usable
+    # Parallel candidates (rows of one block share their angle) make d below zero, so
+    # their pairs are invalid; no deduplication is needed.
+    pick = torch.arange(candidates, device=x.device).expand(count, -1)
+    kept = usable
 
     def take(values: Tensor) -> Tensor:
         index = pick if values.dim() == 2 else pick[..., None].expand(-1, -1, values.shape[2])
@@ -247,12 +211,10 @@ def _best_factorizations(
     return best, blocks
 
 
-def _best_factorization(
-    x: Tensor, y: Tensor, circular_rows: bool, circular_cols: bool, tolerance: float
-) -> tuple[int, list[Any]] | None:
+def _best_factorization(x: Tensor, y: Tensor, tolerance: float) -> tuple[int, list[Any]] | None:
     """:func:`_best_factorizations` for one pair: ``x`` ``(m, 2)``, ``y`` ``(n, 2)``;
     ``None`` when no candidate passes."""
-    macs, blocks = _best_factorizations(x[None], y[None], circular_rows, circular_cols, tolerance)
+    macs, blocks = _best_factorizations(x[None], y[None], tolerance)
     return None if blocks[0] is None else (int(macs[0]), blocks[0])
 
 
@@ -372,30 +334,13 @@ def _search_pairs(
     tolerance: float,
     limits: Tensor,
 ) -> dict[tuple[int, int], tuple[int, list[Any]] | None]:
-    """:func:`_best_factorizations` for the given pairs (indices into ``live``): pairs
-    whose spans are both shorter than the dimensions are searched in batches (zero-padded
-    to the longest span), the others (a span that is a whole circle) one by one.
+    """:func:`_best_factorizations` for the given pairs (indices into ``live``; spans
+    shorter than the dimensions), in batches zero-padded to the longest span.
     ``limits`` ``(L, L)``: the most MACs worth finding per pair."""
     found: dict[tuple[int, int], tuple[int, list[Any]] | None] = {}
-    linear = [
-        (a, b) for a, b in pairs
-        if int(row_span[a, b]) < layer.rows and int(col_span[a, b]) < layer.cols
-    ]  # fmt: skip
-    for a, b in pairs:
-        if int(row_span[a, b]) < layer.rows and int(col_span[a, b]) < layer.cols:
-            continue
-        rows = (row_span_start[a, b] + torch.arange(int(row_span[a, b]))) % layer.rows
-        cols = (col_span_start[a, b] + torch.arange(int(col_span[a, b]))) % layer.cols
-        i, j = int(live[a]), int(live[b])
-        x = u[[i, j], 0][:, rows.to(u.device)].T
-        y = v[[i, j], 0][:, cols.to(v.device)].T
-        macs, blocks = _best_factorizations(
-            x[None], y[None], len(rows) == layer.rows, len(cols) == layer.cols, tolerance,
-            limits[a, b].reshape(1),
-        )  # fmt: skip
-        found[(a, b)] = None if blocks[0] is None else (int(macs[0]), blocks[0])
-    if not linear:
+    if not pairs:
         return found
+    linear = pairs
     index = torch.tensor(linear)
     first, second = index[:, 0], index[:, 1]
     components = live.cpu()[index]  # (P, 2) layer component indices
@@ -408,7 +353,7 @@ def _search_pairs(
         y = _gather_spans(v, components[part], col_span_start[first[part], second[part]],
                           col_span[first[part], second[part]], layer.cols)  # fmt: skip
         limit = limits[first[part], second[part]]
-        macs, blocks = _best_factorizations(x, y, False, False, tolerance, limit)
+        macs, blocks = _best_factorizations(x, y, tolerance, limit)
         for pair, cost, pair_blocks in zip(linear[part], macs.tolist(), blocks):
             found[pair] = None if pair_blocks is None else (cost, pair_blocks)
     return found
@@ -441,7 +386,7 @@ def untangle_components(model: nn.Module, tolerance: float = 1e-4, min_saving: f
     own (possibly wrapping) intervals, choosing the factorization with the fewest MACs.
     It is applied when it drops at most ``tolerance`` of the sum's squared Frobenius norm
     (entries under 1% of a factor's peak at the ends of an interval are dropped), saves
-    more than ``min_saving`` of the pair's MACs (and at least one MAC), and the two new
+    at least ``min_saving`` of the pair's MACs (and at least one MAC), and the two new
     blocks' Frobenius norms add up to no more than the old ones or twice their sum's (no
     pair of large blocks cancelling each other). Pairs are taken in order, each component
     in at most one untangling per call. Layers of higher rank, and pairs whose box spans a
