@@ -32,7 +32,7 @@ from ..cost import budget_macs
 from ..layers.base import GBLRMatrixMixin
 from ..ops.gaudi import boxcar_mask
 from .groups import gblr_layers
-from .merge import _masked_factors, _merge_layer
+from .merge import _check_fraction, _masked_factors, _merge_layer
 from .untangle import _untangle_layer
 
 __all__ = ["SIGMA_SCHEDULES", "StructureLearner"]
@@ -308,19 +308,9 @@ class StructureLearner:
         if not 0 <= adaptive < math.inf:
             raise ValueError(f"adaptive must be a finite number >= 0, got {adaptive!r}")
         self.adaptive = float(adaptive)
-        if merge is not None and (
-            isinstance(merge, bool) or not isinstance(merge, (int, float)) or not 0 <= merge < 1
-        ):
-            raise ValueError(f"merge must be a tolerance in [0, 1) or None, got {merge!r}")
-        self.merge = None if merge is None else float(merge)
+        self.merge = None if merge is None else _check_fraction("merge", merge)
         self.merge_every = _check_int("merge_every", merge_every, 1)
-        if untangle is not None and (
-            isinstance(untangle, bool)
-            or not isinstance(untangle, (int, float))
-            or not 0 <= untangle < 1
-        ):
-            raise ValueError(f"untangle must be a tolerance in [0, 1) or None, got {untangle!r}")
-        self.untangle = None if untangle is None else float(untangle)
+        self.untangle = None if untangle is None else _check_fraction("untangle", untangle)
         self.untangles = 0
         # Each layer's exact factors at the previous untangle pass (None before the first).
         self._untangle_reference: list[tuple[Tensor, Tensor]] | None = None
@@ -441,18 +431,11 @@ class StructureLearner:
                 self.view, widths, self.target_at(self.step_count), scale
             )
         self.view.write(self.view.shrink(widths, self.threshold, scale))
-        if (
-            self.merge is not None
-            and self.step_count > self.warmup_steps
-            and self.step_count % self.merge_every == 0
-        ):
-            self.merges += sum(_merge_layer(layer, self.merge) for layer in self.layers)
-        if (
-            self.untangle is not None
-            and self.step_count > self.warmup_steps
-            and self.step_count % self.merge_every == 0
-        ):
-            self._untangle_pass()
+        if self.step_count > self.warmup_steps and self.step_count % self.merge_every == 0:
+            if self.merge is not None:
+                self.merges += sum(_merge_layer(layer, self.merge) for layer in self.layers)
+            if self.untangle is not None:
+                self._untangle_pass()
         self._previous = self._snapshot()
         self._apply_sigma()
 

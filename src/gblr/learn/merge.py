@@ -25,6 +25,20 @@ from .groups import gblr_layers
 __all__ = ["merge_components"]
 
 
+def _check_fraction(name: str, value: object) -> float:
+    """``value`` as a float in ``[0, 1)`` (a tolerance or a fraction), else a clear error.
+
+    Raises:
+        TypeError: not a real number (bools refused).
+        ValueError: outside ``[0, 1)`` (NaN included).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
 def _spans(starts: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Smallest circular interval holding intervals ``i`` and ``j``, for all pairs.
 
@@ -206,11 +220,8 @@ def merge_components(model: nn.Module, tolerance: float = 1e-3) -> int:
         >>> gblr.merge_components(layer), layer.flops()
         (1, 8)
     """
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)):
-        raise TypeError(f"tolerance must be a number in [0, 1), got {tolerance!r}")
-    if not 0 <= tolerance < 1:
-        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
+    tolerance = _check_fraction("tolerance", tolerance)
     layers = [layer for _, layer in gblr_layers(model)]
     if not layers:
         raise ValueError("model has no GBLR layer (GBLRLinear or GBLRConv2d)")
-    return sum(_merge_layer(layer, float(tolerance)) for layer in layers)
+    return sum(_merge_layer(layer, tolerance) for layer in layers)

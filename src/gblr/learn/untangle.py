@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..layers.base import GBLRMatrixMixin
 from .groups import gblr_layers
-from .merge import _closest_factors, _masked_factors, _spans
+from .merge import _check_fraction, _closest_factors, _masked_factors, _spans
 
 __all__ = ["untangle_components"]
 
@@ -121,7 +121,6 @@ def _best_factorizations(
     directions = directions / norms.clamp_min(torch.finfo(x.dtype).tiny)
     row_values = directions @ x.mT  # (P, C, m): X a
     col_values = directions @ (y @ rotation).mT  # (P, C, n): Y rot(a)
-    candidates = directions.shape[1]
     row_start, row_len = _supports(row_values.abs().flatten(0, 1))
     col_start, col_len = _supports(col_values.abs().flatten(0, 1))
     row_start, row_len = row_start.view(count, -1), row_len.view(count, -1)
@@ -133,7 +132,7 @@ def _best_factorizations(
         # current factors are candidates) cannot save anything, so stop there.
         big = torch.iinfo(macs.dtype).max // 4
         cheapest = torch.where(usable, macs, torch.full_like(macs, big))
-        bound = cheapest.topk(min(2, candidates), dim=1, largest=False).values.sum(dim=1)
+        bound = cheapest.topk(2, dim=1, largest=False).values.sum(dim=1)
         hopeful = (bound <= limit.to(bound.device)).nonzero().flatten()
         if hopeful.numel() < count:
             best = torch.full((count,), -1, dtype=macs.dtype, device=macs.device)
@@ -146,22 +145,12 @@ def _best_factorizations(
             return best, blocks
     # Parallel candidates (rows of one block share their angle) make d below zero, so
     # their pairs are invalid; no deduplication is needed.
-    pick = torch.arange(candidates, device=x.device).expand(count, -1)
-    kept = usable
-
-    def take(values: Tensor) -> Tensor:
-        index = pick if values.dim() == 2 else pick[..., None].expand(-1, -1, values.shape[2])
-        return torch.gather(values, 1, index)
-
-    a = take(directions)
-    row_start, row_len, col_start, col_len = map(take, (row_start, row_len, col_start, col_len))
-    p = _keep(take(row_values).flatten(0, 1), row_start.flatten(), row_len.flatten())
-    q = _keep(take(col_values).flatten(0, 1), col_start.flatten(), col_len.flatten())
-    p, q = p.view(count, -1, m), q.view(count, -1, n)  # (P, T, m), (P, T, n)
-    cost = take(macs)
+    p = _keep(row_values.flatten(0, 1), row_start.flatten(), row_len.flatten())
+    q = _keep(col_values.flatten(0, 1), col_start.flatten(), col_len.flatten())
+    p, q = p.view(count, -1, m), q.view(count, -1, n)  # (P, C, m), (P, C, n)
     # For the ordered pair (c0, c1): blocks p_c0 q_c1^T / d and -p_c1 q_c0^T / d with
     # d = a_c0 . rot(a_c1); their sum is X Y^T up to the dropped entries.
-    d = a @ rotation @ a.mT  # (P, T, T): d[c0, c1] = a_c0^T rot a_c1
+    d = directions @ rotation @ directions.mT  # (P, C, C): d[c0, c1] = a_c0^T rot a_c1
     gram_p, gram_q = p @ p.mT, q @ q.mT
     cross = (p @ x) @ (q @ y).mT  # <S, p_c0 q_c1^T>
     energy = (x.mT @ x * (y.mT @ y)).sum(dim=(1, 2))[:, None, None]
@@ -179,8 +168,8 @@ def _best_factorizations(
     old_norm = (x.norm(dim=1) * y.norm(dim=1)).sum(dim=1)[:, None, None]
     valid = (
         (d.abs() > 1e-6)
-        & kept[:, :, None]
-        & kept[:, None, :]
+        & usable[:, :, None]
+        & usable[:, None, :]
         & (energy > 0)
         & (error <= tolerance * energy)
         # No pair of large blocks that cancel each other: every later change of an
@@ -188,7 +177,7 @@ def _best_factorizations(
         # have norms adding up to at most sqrt(2) |S|; allow 2 |S|, or the current ones.
         & (pair_norm <= torch.maximum(old_norm, _CANCELLATION * energy.sqrt()) * (1 + 1e-9))
     )
-    total = cost[:, :, None] + cost[:, None, :]
+    total = macs[:, :, None] + macs[:, None, :]
     total = torch.where(valid, total, torch.full_like(total, torch.iinfo(total.dtype).max))
     width = total.shape[1]
     best_total, flat = total.flatten(1).min(dim=1)
@@ -209,13 +198,6 @@ def _best_factorizations(
             ]
         )
     return best, blocks
-
-
-def _best_factorization(x: Tensor, y: Tensor, tolerance: float) -> tuple[int, list[Any]] | None:
-    """:func:`_best_factorizations` for one pair: ``x`` ``(m, 2)``, ``y`` ``(n, 2)``;
-    ``None`` when no candidate passes."""
-    macs, blocks = _best_factorizations(x[None], y[None], tolerance)
-    return None if blocks[0] is None else (int(macs[0]), blocks[0])
 
 
 @torch.no_grad()
@@ -278,9 +260,9 @@ def _untangle_layer(
         if banned is None or (int(live[a]), int(live[b])) not in banned
     ]
     # Worth finding: a saving of min_saving of the pair's MACs, and at least one MAC.
-    limits = pair_macs - torch.clamp(torch.ceil(min_saving * pair_macs), min=1)
+    limits = (pair_macs - torch.clamp(torch.ceil(min_saving * pair_macs), min=1)).long()
     found = _search_pairs(layer, u, v, live, pair_list, row_span_start, row_span,
-                          col_span_start, col_span, tolerance, limits.long())  # fmt: skip
+                          col_span_start, col_span, tolerance, limits)  # fmt: skip
     taken: set[int] = set()
     untangled = []
     for a, b in pair_list:
@@ -289,7 +271,7 @@ def _untangle_layer(
         if a in taken or b in taken or found[(a, b)] is None:
             continue
         macs, blocks = found[(a, b)]
-        if macs > current - max(1.0, min_saving * current):
+        if macs > int(limits[a, b]):  # the screen bounds the search, not its result
             continue
         rows = (row_span_start[a, b] + torch.arange(int(row_span[a, b]))) % layer.rows
         cols = (col_span_start[a, b] + torch.arange(int(col_span[a, b]))) % layer.cols
@@ -340,13 +322,12 @@ def _search_pairs(
     found: dict[tuple[int, int], tuple[int, list[Any]] | None] = {}
     if not pairs:
         return found
-    linear = pairs
-    index = torch.tensor(linear)
+    index = torch.tensor(pairs)
     first, second = index[:, 0], index[:, 1]
     components = live.cpu()[index]  # (P, 2) layer component indices
     longest = max(int(row_span[first, second].max()), int(col_span[first, second].max()))
     chunk = max(1, _BATCH_ELEMENTS // (12 * longest))
-    for begin in range(0, len(linear), chunk):
+    for begin in range(0, len(pairs), chunk):
         part = slice(begin, begin + chunk)
         x = _gather_spans(u, components[part], row_span_start[first[part], second[part]],
                           row_span[first[part], second[part]], layer.rows)  # fmt: skip
@@ -354,7 +335,7 @@ def _search_pairs(
                           col_span[first[part], second[part]], layer.cols)  # fmt: skip
         limit = limits[first[part], second[part]]
         macs, blocks = _best_factorizations(x, y, tolerance, limit)
-        for pair, cost, pair_blocks in zip(linear[part], macs.tolist(), blocks):
+        for pair, cost, pair_blocks in zip(pairs[part], macs.tolist(), blocks):
             found[pair] = None if pair_blocks is None else (cost, pair_blocks)
     return found
 
@@ -416,12 +397,9 @@ def untangle_components(model: nn.Module, tolerance: float = 1e-4, min_saving: f
         >>> torch.allclose(layer.dense_weight(), weight)
         True
     """
-    for name, value, high in (("tolerance", tolerance, 1), ("min_saving", min_saving, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number in [0, {high}), got {value!r}")
-        if not 0 <= value < high:
-            raise ValueError(f"{name} must be in [0, {high}), got {value!r}")
+    tolerance = _check_fraction("tolerance", tolerance)
+    min_saving = _check_fraction("min_saving", min_saving)
     layers = [layer for _, layer in gblr_layers(model)]
     if not layers:
         raise ValueError("model has no GBLR layer (GBLRLinear or GBLRConv2d)")
-    return sum(len(_untangle_layer(layer, float(tolerance), float(min_saving))) for layer in layers)
+    return sum(len(_untangle_layer(layer, tolerance, min_saving)) for layer in layers)
