@@ -6,20 +6,25 @@
 2. Recovery: ``GBLRLinear(64, 64)`` from random structures is regressed onto
    :func:`gblr.learn.synthetic.planted_blocks` targets with the learner in budget mode at
    1.1x and 1.5x the planted cost; a seed counts as recovered at relative Frobenius error
-   <= 2e-2. Goal: every seed at 1.1x. Four learner variants in the same run: ``paper``
+   <= 2e-2. Goal: every seed at 1.1x. Seven learner variants in the same run: ``paper``
    (one uniform threshold), ``adaptive+shift`` (``adaptive=1.0, max_shift=1.0``),
    ``adaptive+shift+ramp`` (also ``max_shift_ramp=4.0``), ``...+merge`` (also
-   ``merge=1e-3``) and ``...+untangle`` (also ``untangle=1e-4``). The overhead part also
-   times one merge pass (:func:`gblr.merge_components`) on the ViT, which the learner
-   runs every 10 steps, and the learner's untangle pass twice: when every component has
-   just settled (all overlapping pairs searched: the worst case, once per settling) and
-   when none changed since the previous pass (the steady state: only the settledness
-   test).
+   ``merge=1e-3``), ``...+untangle`` (also ``untangle=1e-4``), ``...+refine`` (also
+   ``refine=1e-6``) and ``adaptive+shift+ramp+refine`` (without merge and untangle).
+   ``--lr-decay F`` decays the learning rate linearly to zero over the last fraction F of
+   the steps (default 0: constant, as the earlier results); ``--merge-every N`` sets the
+   steps between the learner's merge, untangle and refine passes (default 10) in both
+   parts. The overhead part also times one merge pass (:func:`gblr.merge_components`) on
+   the ViT, amortized over ``N`` steps, the learner's untangle pass twice (when every
+   component has just settled, all overlapping pairs searched: the worst case, once per
+   settling; and when none changed since the previous pass: the steady state), and what
+   ``refine`` adds every ``N`` steps (two training steps with gradient hooks and one pass).
 
     python benchmarks/bench_learner.py                # both parts, 20 seeds
     python benchmarks/bench_learner.py --seeds 5 --skip-overhead --variants adaptive+shift
     python benchmarks/bench_learner.py --seed-list 12 13 --factors 1.1 --skip-overhead \
         --output /tmp/seeds.json                      # chosen seeds only (diagnosis)
+    python benchmarks/bench_learner.py --skip-recovery --output /tmp/overhead.json
 """
 
 from __future__ import annotations
@@ -61,6 +66,20 @@ VARIANTS = {
         "merge": 1e-3,
         "untangle": 1e-4,
     },
+    "adaptive+shift+ramp+refine": {
+        "adaptive": 1.0,
+        "max_shift": 1.0,
+        "max_shift_ramp": 4.0,
+        "refine": 1e-6,
+    },
+    "adaptive+shift+ramp+merge+untangle+refine": {
+        "adaptive": 1.0,
+        "max_shift": 1.0,
+        "max_shift_ramp": 4.0,
+        "merge": 1e-3,
+        "untangle": 1e-4,
+        "refine": 1e-6,
+    },
 }
 MERGE_EVERY = inspect.signature(gblr.StructureLearner).parameters["merge_every"].default
 
@@ -75,7 +94,7 @@ def gblr_vit() -> nn.Module:
     return model
 
 
-def measure_overhead(repeats: int, batch: int) -> dict:
+def measure_overhead(repeats: int, batch: int, merge_every: int = MERGE_EVERY) -> dict:
     torch.manual_seed(0)
     model = gblr_vit()
     optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3, weight_decay=0.05))
@@ -111,7 +130,9 @@ def measure_overhead(repeats: int, batch: int) -> dict:
     for _ in range(max(1, repeats // 5)):
         copy = gblr_vit()
         copy.load_state_dict(model.state_dict())
-        untangler = gblr.StructureLearner(copy, target=0.3, total_steps=1000, untangle=1e-4)
+        untangler = gblr.StructureLearner(
+            copy, target=0.3, total_steps=1000, untangle=1e-4, merge_every=merge_every
+        )
         untangler._untangle_pass()  # records every block: nothing is settled yet
         start = time.perf_counter()
         untangler._untangle_pass()  # every component settled at once: all pairs searched
@@ -122,6 +143,33 @@ def measure_overhead(repeats: int, batch: int) -> dict:
         untangle_steady.append(end - middle)
     untangle_all_ms = 1e3 * statistics.median(untangle_all)
     untangle_steady_ms = 1e3 * statistics.median(untangle_steady)
+    # refine: the two recorded training steps before each refine pass (gradient hooks)
+    # and the pass itself, against plain steps of the same run.
+    refined = gblr_vit()
+    refined.load_state_dict(model.state_dict())
+    refine_optimizer = torch.optim.AdamW(gblr.param_groups(refined, lr=1e-3, weight_decay=0.05))
+    refiner = gblr.StructureLearner(
+        refined, target=0.3, total_steps=1000, warmup_steps=0, refine=1e-6, merge_every=merge_every
+    )
+    plain_train, recorded_train, plain_learner, refine_learner = [], [], [], []
+    for _ in range(max(2, repeats // 5) * merge_every):
+        recording = refiner.layers[0].__dict__.get("_factor_record") is not None
+        start = time.perf_counter()
+        loss = nn.functional.cross_entropy(refined(images), labels)
+        refine_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        refine_optimizer.step()
+        middle = time.perf_counter()
+        refiner.step()
+        end = time.perf_counter()
+        (recorded_train if recording else plain_train).append(middle - start)
+        is_pass = refiner._is_refine_step(refiner.step_count)
+        (refine_learner if is_pass else plain_learner).append(end - middle)
+    refine_extra_ms = 1e3 * (
+        2 * (statistics.median(recorded_train) - statistics.median(plain_train))
+        + statistics.median(refine_learner)
+        - statistics.median(plain_learner)
+    )
     return {
         "model": "ViT dim 192, depth 6, 3 heads, 4x4 patches on 32x32, all linears GBLR",
         "batch": batch,
@@ -131,10 +179,17 @@ def measure_overhead(repeats: int, batch: int) -> dict:
         "learner_step_ms_median": learner_ms,
         "overhead_ratio": learner_ms / train_ms,
         "merge_pass_ms_median": merge_ms,
-        "merge_overhead_ratio": merge_ms / MERGE_EVERY / train_ms,
+        "merge_every": merge_every,
+        "merge_overhead_ratio": merge_ms / merge_every / train_ms,
         "untangle_pass_all_settling_ms_median": untangle_all_ms,
         "untangle_pass_steady_ms_median": untangle_steady_ms,
-        "untangle_steady_overhead_ratio": untangle_steady_ms / MERGE_EVERY / train_ms,
+        "untangle_steady_overhead_ratio": untangle_steady_ms / merge_every / train_ms,
+        "refine_recorded_train_step_ms_median": 1e3 * statistics.median(recorded_train),
+        "refine_plain_train_step_ms_median": 1e3 * statistics.median(plain_train),
+        "refine_pass_learner_step_ms_median": 1e3 * statistics.median(refine_learner),
+        "refine_plain_learner_step_ms_median": 1e3 * statistics.median(plain_learner),
+        "refine_extra_ms_per_pass": refine_extra_ms,
+        "refine_overhead_ratio": refine_extra_ms / merge_every / train_ms,
         "repeats": repeats,
     }
 
@@ -154,7 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--lr-decay",
+        type=float,
+        default=0.0,
+        help="fraction of the final steps over which the learning rate decays linearly to 0",
+    )
+    parser.add_argument(
+        "--merge-every",
+        type=int,
+        default=MERGE_EVERY,
+        help="steps between the learner's merge, untangle and refine passes",
+    )
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--skip-recovery", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS / "bench_learner.json")
     args = parser.parse_args(argv)
     seeds = list(range(args.seeds)) if args.seed_list is None else args.seed_list
@@ -168,25 +236,31 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
     }
     if not args.skip_overhead:
-        overhead = measure_overhead(args.repeats, args.batch)
+        overhead = measure_overhead(args.repeats, args.batch, args.merge_every)
         payload["overhead"] = overhead
         print(
             f"learner.step() {overhead['learner_step_ms_median']:.2f} ms vs training step "
             f"{overhead['train_step_ms_median']:.1f} ms: {100 * overhead['overhead_ratio']:.2f}%; "
-            f"merge pass {overhead['merge_pass_ms_median']:.2f} ms every {MERGE_EVERY} steps: "
+            f"merge pass {overhead['merge_pass_ms_median']:.2f} ms every {args.merge_every} steps: "
             f"{100 * overhead['merge_overhead_ratio']:.2f}%; untangle pass "
             f"{overhead['untangle_pass_steady_ms_median']:.1f} ms steady "
             f"({100 * overhead['untangle_steady_overhead_ratio']:.2f}%), "
-            f"{overhead['untangle_pass_all_settling_ms_median']:.0f} ms when all settle",
+            f"{overhead['untangle_pass_all_settling_ms_median']:.0f} ms when all settle; "
+            f"refine {overhead['refine_extra_ms_per_pass']:.1f} ms per {args.merge_every} steps "
+            f"({100 * overhead['refine_overhead_ratio']:.2f}%)",
             flush=True,
         )
     payload["recovery"] = {}
-    for variant in args.variants:
-        options = VARIANTS[variant]
+    payload["lr_decay"] = args.lr_decay
+    payload["merge_every"] = args.merge_every
+    for variant in [] if args.skip_recovery else args.variants:
+        options = {**VARIANTS[variant], "merge_every": args.merge_every}
         payload["recovery"][variant] = {"learner_options": options}
         for factor in args.factors:
             runs = [
-                recovery_run(seed, factor, steps=args.steps, learner_options=options)
+                recovery_run(
+                    seed, factor, steps=args.steps, learner_options=options, lr_decay=args.lr_decay
+                )
                 for seed in seeds
             ]
             recovered = sum(run["error"] <= 2e-2 for run in runs)

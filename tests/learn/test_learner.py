@@ -327,3 +327,11 @@ def test_planted_blocks_cost_matches_the_exact_gblr_representation():
     assert torch.linalg.matrix_rank(target) <= 2
     with pytest.raises(ValueError, match="block_sides"):
         planted_blocks(8, block_sides=(4, 9))
+
+
+@pytest.mark.parametrize(
+    "lr_decay, error", [(1.5, ValueError), (-0.1, ValueError), ("x", TypeError)]
+)
+def test_recovery_run_refuses_a_bad_lr_decay(lr_decay, error):
+    with pytest.raises(error, match="lr_decay"):
+        recovery_run(0, lr_decay=lr_decay)

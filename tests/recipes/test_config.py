@@ -61,6 +61,8 @@ def test_overrides_are_typed_and_merged():
         (["learner.max_shift=0"], r"learner.max_shift must be > 0"),
         (["learner.merge=1.5"], r"learner.merge must be a tolerance in \[0, 1\) or null"),
         (["learner.untangle=-1"], r"learner.untangle must be a tolerance in \[0, 1\) or null"),
+        (["learner.refine=2"], r"learner.refine must be a tolerance in \[0, 1\) or null"),
+        (["learner.merge_every=0"], r"learner.merge_every must be > 0"),
         (["optim=3"], r"optim must be a mapping"),
         (["optim.lr"], r"must look like section.key=value"),
     ],

@@ -90,6 +90,8 @@ def test_learner_options_reach_the_structure_learner(tmp_path):
                 max_shift=learner.max_shift,
                 merge=learner.merge,
                 untangle=learner.untangle,
+                refine=learner.refine,
+                merge_every=learner.merge_every,
             )
 
     train, _ = digits()
@@ -101,7 +103,21 @@ def test_learner_options_reach_the_structure_learner(tmp_path):
         batch_size=16,
         target=0.3,
         progress=False,
-        learner_options={"adaptive": 1.0, "max_shift": 2.0, "merge": 1e-3, "untangle": 1e-4},
+        learner_options={
+            "adaptive": 1.0,
+            "max_shift": 2.0,
+            "merge": 1e-3,
+            "untangle": 1e-4,
+            "refine": 1e-6,
+            "merge_every": 20,
+        },
         extra_callbacks=[Probe()],
     )
-    assert seen == {"adaptive": 1.0, "max_shift": 2.0, "merge": 1e-3, "untangle": 1e-4}
+    assert seen == {
+        "adaptive": 1.0,
+        "max_shift": 2.0,
+        "merge": 1e-3,
+        "untangle": 1e-4,
+        "refine": 1e-6,
+        "merge_every": 20,
+    }

@@ -67,6 +67,25 @@ def _as_interval_tensor(name: str, value: object, num_components: int) -> Tensor
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
+def _record_factor_gradients(record: dict, u: Tensor, v: Tensor) -> None:
+    """Keep the masked factors ``(K, r, out)``, ``(K, r, in)`` of this forward in
+    ``record`` and, from the backward, the loss gradients with respect to them (summed
+    over the calls of one step). These gradients are not masked: ``dL/dũ_k = G ṽ_k`` for
+    every row, ``G`` the loss gradient of the dense weight, so they tell what extending an
+    interval by one cell would gain (the structure learner's ``refine``)."""
+    record["u"], record["v"] = u.detach(), v.detach()
+
+    def keep(name: str):
+        def hook(grad: Tensor) -> None:
+            previous = record.get(name)
+            record[name] = grad.detach() if previous is None else previous + grad.detach()
+
+        return hook
+
+    u.register_hook(keep("grad_u"))
+    v.register_hook(keep("grad_v"))
+
+
 class GBLRMatrixMixin(nn.Module):
     """Parameters, masks, cost and initialisation of a learned GBLR matrix.
 
@@ -303,6 +322,9 @@ class GBLRMatrixMixin(nn.Module):
                 u, v = mask_factors_unchecked(
                     self.U, self.V, self.widths, self.locations, self._sigma_value()
                 )
+                record = self.__dict__.get("_factor_record")
+                if record is not None and u.requires_grad:
+                    _record_factor_gradients(record, u, v)
             return u.reshape(-1, self.rows), v.reshape(-1, self.cols)
         col_mask, row_mask = self.masks()
         dtype = self.U.dtype

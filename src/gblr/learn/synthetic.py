@@ -60,6 +60,7 @@ def recovery_run(
     steps: int = 1500,
     lr: float = 1e-2,
     learner_options: dict | None = None,
+    lr_decay: float = 0.0,
 ) -> dict[str, float]:
     """Regress a randomly started ``GBLRLinear`` onto :func:`planted_blocks` under a budget.
 
@@ -75,6 +76,11 @@ def recovery_run(
         lr: learning rate of factors and structure.
         learner_options: extra :class:`StructureLearner` keywords, e.g.
             ``{"adaptive": 1.0, "max_shift": 1.0}`` (default: the paper's plain method).
+        lr_decay: fraction of the steps, at the end, over which the learning rate of
+            factors and structure decays linearly to zero (default 0: constant). With a
+            constant rate, Adam's normalised steps keep moving interval ends by up to a
+            cell per step to the last step, so the final error depends on the moment the
+            run stops.
 
     Returns:
         ``{"seed", "error", "macs", "budget"}``: relative Frobenius error of the eval-mode
@@ -84,10 +90,18 @@ def recovery_run(
     from .groups import param_groups
     from .learner import StructureLearner
 
+    if isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)):
+        raise TypeError(f"lr_decay must be a number in [0, 1], got {lr_decay!r}")
+    if not 0 <= lr_decay <= 1:
+        raise ValueError(f"lr_decay must be in [0, 1], got {lr_decay!r}")
     target, planted_cost = planted_blocks(size, seed=seed)
     torch.manual_seed(seed)
     layer = GBLRLinear(size, size, bias=False, structure_init="random")
     optimizer = torch.optim.Adam(param_groups(layer, lr=lr))
+    decay_steps = lr_decay * steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0 if decay_steps == 0 else min(1.0, (steps - step) / decay_steps)
+    )
     budget = int(budget_factor * planted_cost)
     learner = StructureLearner(
         layer, target=budget, total_steps=steps, warmup_steps=steps // 2, **(learner_options or {})
@@ -99,6 +113,7 @@ def recovery_run(
         loss.backward()
         optimizer.step()
         learner.step()
+        schedule.step()
     layer.eval()
     with torch.no_grad():
         error = ((layer.dense_weight() - target).norm() / target.norm()).item()

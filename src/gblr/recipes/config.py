@@ -186,10 +186,11 @@ class LearnerConfig:
     from ``sigma_start`` to the end (``null``: σ left as the layers have it, e.g. ∞ =
     exact boxcars after a structure search); the MACs target ramped from the starting
     cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``).
-    ``adaptive``, ``max_shift``, ``max_shift_ramp``, ``merge``, ``untangle``:
+    ``adaptive``, ``max_shift``, ``max_shift_ramp``, ``merge``, ``untangle``, ``refine``:
     :class:`gblr.StructureLearner`'s options against structure collapses, blocks split
-    over two components and pairs holding two blocks as a mixture (off by default: the
-    paper's method).
+    over two components, pairs holding two blocks as a mixture and intervals a cell or
+    two off (off by default: the paper's method); ``merge_every``: steps between their
+    passes.
 
     Examples:
         >>> from gblr.recipes.config import LearnerConfig
@@ -206,6 +207,8 @@ class LearnerConfig:
     max_shift_ramp: float | None = None
     merge: float | None = None
     untangle: float | None = None
+    refine: float | None = None
+    merge_every: int = 10
 
 
 @dataclass
@@ -494,7 +497,8 @@ def _validate(config: TrainConfig) -> None:
     _positive("learner.adaptive", config.learner.adaptive, zero=True)
     _positive("learner.max_shift", config.learner.max_shift)
     _positive("learner.max_shift_ramp", config.learner.max_shift_ramp)
-    for key in ("merge", "untangle"):
+    _positive("learner.merge_every", config.learner.merge_every)
+    for key in ("merge", "untangle", "refine"):
         tolerance = getattr(config.learner, key)
         if tolerance is not None and not (
             isinstance(tolerance, (int, float))

@@ -560,6 +560,8 @@ def train_from_config(
             "max_shift_ramp": learner.max_shift_ramp,
             "merge": learner.merge,
             "untangle": learner.untangle,
+            "refine": learner.refine,
+            "merge_every": learner.merge_every,
         },
         structure_include=config.structure.include,
         num_workers=config.data.num_workers,

@@ -1,0 +1,204 @@
+"""Refining interval ends: move one grid cell of budget to where the loss wants it.
+
+Once the budget ramp is over, a learned interval is often one or two cells off: wider
+than its block (a margin of near-zero entries) or shifted so that one row or column of
+the block is left out. The structure gradient cannot fix that at a high Gaudi σ: the
+entries just outside an interval are masked out, so their factor values are never
+trained and extending the interval onto them predicts no gain. The gradients of the loss
+with respect to the *masked* factors are not masked, though: for a component with
+factors ``ũ_k`` (rows) and ``ṽ_k`` (columns), ``dL/dṽ_k = G^T ũ_k`` holds at every
+column, ``G`` the loss gradient of the dense weight. With a quadratic model of the loss
+(curvature ``c`` per layer, ``H = c ũ_k ũ_k^T`` for one column's ``r`` factor entries):
+
+- extending an interval onto cell ``j`` (new entries ``-H^{-1} g_j``) gains
+  ``g_j^T H^{-1} g_j / 2``;
+- trimming its end cell ``j`` (entries ``a_j`` dropped) costs ``-g_j·a_j + a_j^T H a_j / 2``.
+
+A swap trims one end cell of some interval and extends another interval by one cell,
+which leaves the MACs unchanged; the learner makes the best swap of a layer when its gain
+beats twice its cost plus a floor. The curvature ``c`` is a secant (Barzilai-Borwein)
+estimate from two consecutive steps, ``<ΔG, ΔW> / ‖ΔW‖²``, computed from the factors and
+their gradients without forming ``W`` or ``G``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..layers.base import GBLRMatrixMixin
+
+# A swap is made when its predicted gain exceeds this multiple of its predicted cost (plus
+# the floor): the quadratic model is rough, and a swap that only just pays would be undone.
+_MARGIN = 2.0
+
+
+def _working(tensor: Tensor) -> Tensor:
+    """At least float32 (records taken under autocast hold half-precision factors)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def average_gradients_across_processes(record: dict[str, Tensor]) -> None:
+    """Average the record's gradients over the processes of ``torch.distributed`` (in place).
+
+    The hooks see each process's own gradients, before data-parallel training averages
+    those of the parameters; every process must decide the same swaps, or the replicas'
+    structures would drift apart. A no-op without an initialized process group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for name in ("grad_u", "grad_v"):
+        gradient = record[name].contiguous()
+        dist.all_reduce(gradient)
+        record[name] = gradient / dist.get_world_size()
+
+
+def _dense(record: dict[str, Tensor]) -> Tensor:
+    """The record's weight ``u^T v`` ``(out, in)``, computed once and kept in the record."""
+    if "weight" not in record:
+        u, v = _working(record["u"]).flatten(0, 1), _working(record["v"]).flatten(0, 1)
+        record["weight"] = u.mT @ v
+    return record["weight"]
+
+
+def secant_curvature(previous: dict[str, Tensor], current: dict[str, Tensor]) -> float | None:
+    """Barzilai-Borwein curvature ``<G1 - G0, W1 - W0> / ‖W1 - W0‖²`` of one layer.
+
+    Args:
+        previous, current: records of two consecutive steps, each with the masked factors
+            ``u`` ``(K, r, m)``, ``v`` ``(K, r, n)`` and the loss gradients ``grad_u``,
+            ``grad_v`` with respect to them.
+
+    Returns:
+        The estimate, or ``None`` when the weight did not change or the estimate is not
+        positive. ``<ΔG, ΔW>`` is taken as ``<Δgrad_u, Δu> + <Δgrad_v, Δv>``, which
+        also holds ``2 <G0, Σ_i Δu_i Δv_i^T>``: a bias of the order of the relative
+        residual ``‖G‖ / (c ‖W‖)``, small once the fit is close (after the budget ramp).
+    """
+    u0, v0 = (_working(previous[name]).flatten(0, 1) for name in ("u", "v"))
+    u1, v1 = (_working(current[name]).flatten(0, 1) for name in ("u", "v"))
+    numerator = sum(
+        ((_working(current[grad]) - _working(previous[grad])).flatten(0, 1) * change).sum()
+        for grad, change in (("grad_u", u1 - u0), ("grad_v", v1 - v0))
+    )
+    # The dense difference (K r m n MACs) is cheaper than Grams of the 2 K r factors
+    # (4 (K r)^2 (m + n)) whenever K r is near min(m, n), as in GBLR layers.
+    denominator = (_dense(current) - _dense(previous)).square().sum()
+    if not (float(denominator) > 0 and float(numerator) > 0):
+        return None
+    return float(numerator / denominator)
+
+
+def _end_candidates(
+    values: Tensor,
+    grads: Tensor,
+    hessian: Tensor,
+    starts: Tensor,
+    lengths: Tensor,
+    live: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Trim costs and extension gains at both ends of every interval of one dimension.
+
+    Args:
+        values, grads: ``(K, r, n)`` masked factors and their loss gradients.
+        hessian: ``(K, r, r)`` quadratic model of one cell's ``r`` entries.
+        starts, lengths: ``(K,)`` integer intervals; live: ``(K,)`` bool.
+
+    Returns:
+        ``(trim_cost (K, 2), trim_ok (K, 2), gain (K, 2), grow_ok (K, 2), new_values
+        (K, 2, r), grow_cells (K, 2))``: column 0 is the start side, 1 the end side.
+    """
+    n = values.shape[-1]
+    batch = torch.arange(values.shape[0], device=values.device)[:, None]
+    trim_cells = torch.stack([starts, starts + lengths - 1], dim=1) % n  # (K, 2)
+    grow_cells = torch.stack([starts - 1, starts + lengths], dim=1) % n
+    a = values[batch, :, trim_cells]  # (K, 2, r)
+    g = grads[batch, :, trim_cells]
+    curvature = (a[..., None, :] @ hessian[:, None] @ a[..., None])[..., 0, 0]
+    trim_cost = -(g * a).sum(-1) + 0.5 * curvature
+    trim_ok = (live & (lengths >= 2))[:, None].expand(-1, 2)
+    g = grads[batch, :, grow_cells]  # (K, 2, r)
+    r = values.shape[1]
+    trace = hessian.diagonal(dim1=1, dim2=2).sum(-1)
+    has_curvature = trace > 0  # dead components (zero factors) cannot grow
+    identity = torch.eye(r, dtype=hessian.dtype, device=hessian.device)
+    # A ridge at the dtype's resolution for rank-deficient factors; the identity where
+    # there is no curvature.
+    ridge = 10 * torch.finfo(hessian.dtype).eps * (trace / r)[:, None, None] * identity
+    safe = torch.where(has_curvature[:, None, None], hessian + ridge, identity)
+    step = torch.linalg.solve(safe[:, None].expand(-1, 2, -1, -1), g[..., None])
+    new_values = -step[..., 0]
+    gain = 0.5 * (g * step[..., 0]).sum(-1)
+    grow_ok = (live & (lengths < n) & has_curvature)[:, None].expand(-1, 2)
+    return trim_cost, trim_ok, gain, grow_ok, new_values, grow_cells
+
+
+@torch.no_grad()
+def _refine_layer(
+    layer: GBLRMatrixMixin, record: dict[str, Tensor], curvature: float, min_gain: float
+) -> dict[str, Any] | None:
+    """Make the layer's best swap (one trimmed end cell, one extended), if it pays.
+
+    Args:
+        record: the layer's masked factors and their loss gradients at this step
+            (``u``, ``v``, ``grad_u``, ``grad_v``, shapes ``(K, r, out)`` / ``(K, r, in)``).
+        curvature: the loss's curvature per unit squared weight (see module docstring).
+        min_gain: the floor, as a fraction of the quadratic model's ``c ‖W‖² / 2``.
+
+    Returns:
+        ``None``, or what was done: ``{"gain", "cost", "grown": (k, dim, side, cell),
+        "trimmed": (k, dim, side)}`` with ``dim`` 0 for columns and 1 for rows, ``side``
+        0 for the interval's start and 1 for its end.
+    """
+    u, v, grad_u, grad_v = (_working(record[name]) for name in ("u", "v", "grad_u", "grad_v"))
+    col_len, row_len = (t.to(u.device) for t in layer.interval_lengths())
+    col_start, row_start = (t.to(u.device) for t in layer.interval_starts())
+    live = (row_len > 0) & (col_len > 0)
+    # A column's entries of component k meet the rows of ũ_k: H = c ũ_k ũ_k^T; a row's, ṽ_k.
+    per_dim = [
+        _end_candidates(v, grad_v, curvature * (u @ u.mT), col_start, col_len, live),
+        _end_candidates(u, grad_u, curvature * (v @ v.mT), row_start, row_len, live),
+    ]
+    trim_cost = torch.stack([d[0] for d in per_dim], dim=1)  # (K, dim, side)
+    trim_ok = torch.stack([d[1] for d in per_dim], dim=1)
+    gain = torch.stack([d[2] for d in per_dim], dim=1)
+    grow_ok = torch.stack([d[3] for d in per_dim], dim=1)
+    if not bool(grow_ok.any()) or not bool(trim_ok.any()):
+        return None
+    gain = torch.where(grow_ok, gain, torch.full_like(gain, -torch.inf))
+    k, dim, side = (int(i) for i in torch.unravel_index(gain.flatten().argmax(), gain.shape))
+    best_gain = float(gain[k, dim, side])
+    # The trimmed end must not be the grown one (the interval would not stay contiguous).
+    trim_ok = trim_ok.clone()
+    trim_ok[k, dim, side] = False
+    cost = torch.where(trim_ok, trim_cost, torch.full_like(trim_cost, torch.inf))
+    tk, tdim, tside = (int(i) for i in torch.unravel_index(cost.flatten().argmin(), cost.shape))
+    best_cost = float(cost[tk, tdim, tside])
+    floor = min_gain * 0.5 * curvature * float(_dense(record).square().sum())
+    if not best_gain > _MARGIN * max(best_cost, 0.0) + floor:
+        return None
+    cell = int(per_dim[dim][5][k, side])
+    new_values = per_dim[dim][4][k, side]
+    _move_end(layer, tk, tdim, tside, -1)
+    _move_end(layer, k, dim, side, +1)
+    factor = layer.V if dim == 0 else layer.U
+    factor[k, :, cell] = new_values.to(factor.dtype)
+    return {
+        "gain": best_gain,
+        "cost": best_cost,
+        "grown": (k, dim, side, cell),
+        "trimmed": (tk, tdim, tside),
+    }
+
+
+def _move_end(layer: GBLRMatrixMixin, k: int, dim: int, side: int, cells: int) -> None:
+    """Grow (``cells`` = 1) or shrink (-1) one end of an interval by one grid cell,
+    keeping the width's and location's position within their rounding cells."""
+    n = layer.cols if dim == 0 else layer.rows
+    layer.widths[dim, k] = (layer.widths[dim, k] + cells / n).clamp(0.0, 1.0)
+    if side == 0:
+        layer.locations[dim, k] = torch.remainder(layer.locations[dim, k] - cells / n, 1.0)
