@@ -9,7 +9,7 @@ import torch
 
 import gblr
 from gblr.learn import refine as refine_module
-from gblr.learn.synthetic import recovery_run
+from gblr.learn.synthetic import recovery_run, regression_steps
 
 
 def _record(layer, target, curvature=2.0, calls=1):
@@ -182,16 +182,6 @@ def test_learner_refuses_a_bad_refine_floor(refine, error):
         gblr.StructureLearner(gblr.GBLRLinear(8, 8), target=0.5, total_steps=10, refine=refine)
 
 
-def _planted_run(layer, target, learner, optimizer, steps):
-    energy = target.pow(2).sum()
-    for _ in range(steps):
-        loss = (layer.dense_weight() - target).pow(2).sum() / energy
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        learner.step()
-
-
 def test_learner_records_only_around_refine_steps_and_resumes_bit_for_bit():
     target, planted = gblr.learn.synthetic.planted_blocks(32, seed=3, block_sides=(4, 12))
     torch.manual_seed(0)
@@ -199,17 +189,17 @@ def test_learner_records_only_around_refine_steps_and_resumes_bit_for_bit():
     optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
     options = {"target": int(1.2 * planted), "total_steps": 300, "warmup_steps": 100}
     learner = gblr.StructureLearner(layer, refine=1e-6, **options)
-    _planted_run(layer, target, learner, optimizer, 100)
+    regression_steps(layer, target, optimizer, learner, 100)
     assert learner.refines == 0 and learner._curvatures == [[]]
     # Refine steps fall at 5 mod 10 after the warm-up: recording is armed for the steps
     # 4 and 5 mod 10 only.
     assert layer.__dict__["_factor_record"] is None
-    _planted_run(layer, target, learner, optimizer, 3)
+    regression_steps(layer, target, optimizer, learner, 3)
     assert layer.__dict__["_factor_record"] == {}
-    _planted_run(layer, target, learner, optimizer, 1)  # step 104: kept for the secant
+    regression_steps(layer, target, optimizer, learner, 1)  # step 104: kept for the secant
     assert learner._refine_previous[0] is not None
     state = copy.deepcopy((layer.state_dict(), optimizer.state_dict(), learner.state_dict()))
-    _planted_run(layer, target, learner, optimizer, 96)
+    regression_steps(layer, target, optimizer, learner, 96)
     assert len(learner._curvatures[0]) > 0 and learner.summary()["refines"] == learner.refines
 
     torch.manual_seed(0)
@@ -219,7 +209,7 @@ def test_learner_records_only_around_refine_steps_and_resumes_bit_for_bit():
     resumed_layer.load_state_dict(state[0])
     resumed_optimizer.load_state_dict(state[1])
     resumed.load_state_dict(state[2])
-    _planted_run(resumed_layer, target, resumed, resumed_optimizer, 96)
+    regression_steps(resumed_layer, target, resumed_optimizer, resumed, 96)
     assert resumed.refines == learner.refines and resumed._curvatures == learner._curvatures
     assert torch.equal(resumed_layer.U, layer.U) and torch.equal(resumed_layer.widths, layer.widths)
 

@@ -79,20 +79,21 @@ def test_two_process_ddp_keeps_the_structure_identical_on_both_ranks(tmp_path):
 def test_learner_options_reach_the_structure_learner(tmp_path):
     from gblr.integrations.lightning import GBLRCallback
 
+    options = {
+        "adaptive": 1.0,
+        "max_shift": 2.0,
+        "merge": 1e-3,
+        "untangle": 1e-4,
+        "refine": 1e-6,
+        "merge_every": 20,
+    }
     seen = {}
 
     class Probe(pl.Callback):
         def on_train_end(self, trainer, pl_module):
             (callback,) = [c for c in trainer.callbacks if isinstance(c, GBLRCallback)]
             learner = callback.learner
-            seen.update(
-                adaptive=learner.adaptive,
-                max_shift=learner.max_shift,
-                merge=learner.merge,
-                untangle=learner.untangle,
-                refine=learner.refine,
-                merge_every=learner.merge_every,
-            )
+            seen.update({key: getattr(learner, key) for key in options})
 
     train, _ = digits()
     train_classifier(
@@ -103,21 +104,7 @@ def test_learner_options_reach_the_structure_learner(tmp_path):
         batch_size=16,
         target=0.3,
         progress=False,
-        learner_options={
-            "adaptive": 1.0,
-            "max_shift": 2.0,
-            "merge": 1e-3,
-            "untangle": 1e-4,
-            "refine": 1e-6,
-            "merge_every": 20,
-        },
+        learner_options=options,
         extra_callbacks=[Probe()],
     )
-    assert seen == {
-        "adaptive": 1.0,
-        "max_shift": 2.0,
-        "merge": 1e-3,
-        "untangle": 1e-4,
-        "refine": 1e-6,
-        "merge_every": 20,
-    }
+    assert seen == options

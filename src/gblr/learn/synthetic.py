@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-__all__ = ["planted_blocks"]
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .learner import StructureLearner
+
+__all__ = ["planted_blocks", "recovery_run", "regression_steps"]
 
 
 def planted_blocks(
@@ -50,6 +55,27 @@ def planted_blocks(
         target[rows[:, None], cols] += u[:, None] * v[None, :]
         cost += row_len + col_len
     return target, cost
+
+
+def regression_steps(
+    layer: nn.Module,
+    target: Tensor,
+    optimizer: torch.optim.Optimizer,
+    learner: StructureLearner,
+    steps: int,
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> None:
+    """``steps`` training steps of ``layer.dense_weight()`` (``(m, n)``) onto ``target``
+    (same shape), loss ``‖W - T‖² / ‖T‖²``: optimizer, then learner, then schedule."""
+    energy = target.pow(2).sum()
+    for _ in range(steps):
+        loss = (layer.dense_weight() - target).pow(2).sum() / energy
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+        if schedule is not None:
+            schedule.step()
 
 
 def recovery_run(
@@ -106,14 +132,7 @@ def recovery_run(
     learner = StructureLearner(
         layer, target=budget, total_steps=steps, warmup_steps=steps // 2, **(learner_options or {})
     )
-    energy = target.pow(2).sum()
-    for _ in range(steps):
-        loss = (layer.dense_weight() - target).pow(2).sum() / energy
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        learner.step()
-        schedule.step()
+    regression_steps(layer, target, optimizer, learner, steps, schedule)
     layer.eval()
     with torch.no_grad():
         error = ((layer.dense_weight() - target).norm() / target.norm()).item()
