@@ -253,3 +253,40 @@ def test_gradients_are_averaged_across_data_parallel_processes(tmp_path):
     record = {"grad_u": torch.ones(2, 1, 3), "grad_v": torch.ones(2, 1, 4)}
     refine_module.average_gradients_across_processes(record)
     assert torch.equal(record["grad_u"], torch.ones(2, 1, 3))
+
+
+@pytest.mark.parametrize("order", ["materialize", "factored"])
+def test_convolutions_record_the_kernel_matrix_gradients_and_refine(order):
+    """GBLRConv2d through either evaluation order: the recorded gradients are those of its
+    (out, in*kh*kw) kernel matrix (from an independent dense convolution), and a learner
+    with refine runs its passes on it."""
+    torch.manual_seed(0)
+    conv = gblr.GBLRConv2d(
+        3, 5, 3, padding=1, bias=False, sigma=None, dtype=torch.float64,
+        structure_init="random", evaluation_order=order,
+    )  # fmt: skip
+    images = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    weights = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    conv.__dict__["_factor_record"] = {}
+    (conv(images) * weights).sum().backward()
+    record = conv.__dict__["_factor_record"]
+    kernel = conv.dense_kernel().detach().requires_grad_(True)
+    (torch.nn.functional.conv2d(images, kernel, padding=1) * weights).sum().backward()
+    grad = kernel.grad.reshape(5, -1)
+    assert torch.allclose(record["grad_u"], torch.einsum("ij,krj->kri", grad, record["v"]))
+    assert torch.allclose(record["grad_v"], torch.einsum("ij,kri->krj", grad, record["u"]))
+
+    conv.__dict__["_factor_record"] = None
+    optimizer = torch.optim.Adam(gblr.param_groups(conv, lr=1e-2))
+    learner = gblr.StructureLearner(
+        conv, target=0.5, total_steps=40, warmup_steps=10, sigma=None, refine=1e-9
+    )
+    for _ in range(40):
+        loss = (conv(images) - 1.0).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+    # Passes at steps 15, 25, 35, each with the secant of the step before it.
+    assert len(learner._curvatures[0]) == 3 and min(learner._curvatures[0]) > 0
+    assert learner.macs() <= learner.final_target
