@@ -102,16 +102,16 @@ def measure_overhead(repeats: int, batch: int, merge_every: int = MERGE_EVERY) -
     images = torch.randn(batch, 3, 32, 32)
     labels = torch.randint(0, 10, (batch,))
 
-    def train_step() -> None:
-        loss = nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
+    def train_step(net: nn.Module, opt: torch.optim.Optimizer) -> None:
+        loss = nn.functional.cross_entropy(net(images), labels)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        opt.step()
 
     train_times, learner_times = [], []
     for repeat in range(repeats + 2):
         start = time.perf_counter()
-        train_step()
+        train_step(model, optimizer)
         middle = time.perf_counter()
         learner.step()
         end = time.perf_counter()
@@ -155,10 +155,7 @@ def measure_overhead(repeats: int, batch: int, merge_every: int = MERGE_EVERY) -
     for _ in range(max(2, repeats // 5) * merge_every):
         recording = refiner.layers[0].__dict__.get("_factor_record") is not None
         start = time.perf_counter()
-        loss = nn.functional.cross_entropy(refined(images), labels)
-        refine_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        refine_optimizer.step()
+        train_step(refined, refine_optimizer)
         middle = time.perf_counter()
         refiner.step()
         end = time.perf_counter()

@@ -493,10 +493,9 @@ class StructureLearner:
             current = record if record and "grad_u" in record and "grad_v" in record else None
             if current is not None:
                 average_gradients_across_processes(current)
-                current["step"] = torch.tensor(self.step_count)
-            previous = self._refine_previous[index]
+            previous = self._refine_previous[index]  # always the step just before
             if refine_now and current is not None:
-                if previous is not None and int(previous["step"]) == self.step_count - 1:
+                if previous is not None:
                     estimate = secant_curvature(previous, current)
                     if estimate is not None:
                         history = self._curvatures[index]

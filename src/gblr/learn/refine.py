@@ -18,12 +18,12 @@ A swap trims one end cell of some interval and extends another interval by one c
 which leaves the MACs unchanged; the learner makes the best swap of a layer when its gain
 beats twice its cost plus a floor. The curvature ``c`` is a secant (Barzilai-Borwein)
 estimate from two consecutive steps, ``<ΔG, ΔW> / ‖ΔW‖²``, computed from the factors and
-their gradients without forming ``W`` or ``G``.
+their gradients (``ΔW`` formed densely, ``G`` never).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -93,6 +93,17 @@ def secant_curvature(previous: dict[str, Tensor], current: dict[str, Tensor]) ->
     return float(numerator / denominator)
 
 
+class _Ends(NamedTuple):
+    """Both ends of every interval of one dimension; column 0 is the start side, 1 the end."""
+
+    trim_cost: Tensor  # (K, 2) predicted loss increase of dropping the end cell
+    trim_ok: Tensor  # (K, 2) bool
+    gain: Tensor  # (K, 2) predicted loss decrease of growing onto the next cell
+    grow_ok: Tensor  # (K, 2) bool
+    new_values: Tensor  # (K, 2, r) the grown cell's entries
+    grow_cells: Tensor  # (K, 2) the cell each side would grow onto
+
+
 def _end_candidates(
     values: Tensor,
     grads: Tensor,
@@ -100,17 +111,13 @@ def _end_candidates(
     starts: Tensor,
     lengths: Tensor,
     live: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> _Ends:
     """Trim costs and extension gains at both ends of every interval of one dimension.
 
     Args:
         values, grads: ``(K, r, n)`` masked factors and their loss gradients.
         hessian: ``(K, r, r)`` quadratic model of one cell's ``r`` entries.
         starts, lengths: ``(K,)`` integer intervals; live: ``(K,)`` bool.
-
-    Returns:
-        ``(trim_cost (K, 2), trim_ok (K, 2), gain (K, 2), grow_ok (K, 2), new_values
-        (K, 2, r), grow_cells (K, 2))``: column 0 is the start side, 1 the end side.
     """
     n = values.shape[-1]
     batch = torch.arange(values.shape[0], device=values.device)[:, None]
@@ -134,7 +141,7 @@ def _end_candidates(
     new_values = -step[..., 0]
     gain = 0.5 * (g * step[..., 0]).sum(-1)
     grow_ok = (live & (lengths < n) & has_curvature)[:, None].expand(-1, 2)
-    return trim_cost, trim_ok, gain, grow_ok, new_values, grow_cells
+    return _Ends(trim_cost, trim_ok, gain, grow_ok, new_values, grow_cells)
 
 
 @torch.no_grad()
@@ -163,10 +170,10 @@ def _refine_layer(
         _end_candidates(v, grad_v, curvature * (u @ u.mT), col_start, col_len, live),
         _end_candidates(u, grad_u, curvature * (v @ v.mT), row_start, row_len, live),
     ]
-    trim_cost = torch.stack([d[0] for d in per_dim], dim=1)  # (K, dim, side)
-    trim_ok = torch.stack([d[1] for d in per_dim], dim=1)
-    gain = torch.stack([d[2] for d in per_dim], dim=1)
-    grow_ok = torch.stack([d[3] for d in per_dim], dim=1)
+    trim_cost = torch.stack([d.trim_cost for d in per_dim], dim=1)  # (K, dim, side)
+    trim_ok = torch.stack([d.trim_ok for d in per_dim], dim=1)
+    gain = torch.stack([d.gain for d in per_dim], dim=1)
+    grow_ok = torch.stack([d.grow_ok for d in per_dim], dim=1)
     if not bool(grow_ok.any()) or not bool(trim_ok.any()):
         return None
     gain = torch.where(grow_ok, gain, torch.full_like(gain, -torch.inf))
@@ -181,8 +188,8 @@ def _refine_layer(
     floor = min_gain * 0.5 * curvature * float(_dense(record).square().sum())
     if not best_gain > _MARGIN * max(best_cost, 0.0) + floor:
         return None
-    cell = int(per_dim[dim][5][k, side])
-    new_values = per_dim[dim][4][k, side]
+    cell = int(per_dim[dim].grow_cells[k, side])
+    new_values = per_dim[dim].new_values[k, side]
     _move_end(layer, tk, tdim, tside, -1)
     _move_end(layer, k, dim, side, +1)
     factor = layer.V if dim == 0 else layer.U
