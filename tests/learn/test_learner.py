@@ -8,7 +8,7 @@ import gblr
 from gblr.learn.synthetic import planted_blocks, recovery_run
 
 
-def test_planted_structure_is_recovered():
+def test_planted_structure_is_recovered(recovery_runs):
     """The method works: learned intervals find the planted blocks from random starts.
 
     With the learner's reliability options, their passes every 20 steps and the learning
@@ -21,16 +21,13 @@ def test_planted_structure_is_recovered():
         "adaptive": 1.0, "max_shift": 1.0, "max_shift_ramp": 4.0, "merge": 1e-3,
         "untangle": 1e-4, "refine": 1e-6, "merge_every": 20,
     }  # fmt: skip
-    runs = [
-        recovery_run(seed, budget_factor=1.5, learner_options=options, lr_decay=0.25)
-        for seed in range(5)
-    ]
+    runs = recovery_runs(range(5), budget_factor=1.5, learner_options=options, lr_decay=0.25)
     assert all(run["macs"] <= run["budget"] for run in runs)
     errors = [run["error"] for run in runs]
     assert sum(error <= 2e-2 for error in errors) >= 4, errors
 
 
-def test_adaptive_and_shift_options_recover_reliably_at_1_1x():
+def test_adaptive_and_shift_options_recover_reliably_at_1_1x(recovery_runs):
     """The options of the reliability goal, at the tight budget (1.1x the planted cost).
 
     Seeds 5-9 are those where the paper's plain method recovered only 2 of 5 when this was
@@ -38,19 +35,19 @@ def test_adaptive_and_shift_options_recover_reliably_at_1_1x():
     recovered (largest error 0.009). Floor 4 of 5 for a margin of one seed.
     """
     options = {"adaptive": 1.0, "max_shift": 1.0}
-    runs = [recovery_run(s, budget_factor=1.1, learner_options=options) for s in range(5, 10)]
+    runs = recovery_runs(range(5, 10), budget_factor=1.1, learner_options=options)
     assert all(run["macs"] <= run["budget"] for run in runs)
     errors = [run["error"] for run in runs]
     assert sum(error <= 2e-2 for error in errors) >= 4, errors
 
 
-def test_ramp_shift_option_recovers_the_seeds_the_others_miss_at_1_1x():
+def test_ramp_shift_option_recovers_the_seeds_the_others_miss_at_1_1x(recovery_runs):
     """With ``max_shift_ramp=4`` added, seeds 0 and 3 recover at 1.1x: they failed with
     adaptive=1, max_shift=1 alone (seed 0 collapsed during the ramp) when this was written
     (errors then 0.0073 and 0.0012 with the option); seed 1 is a control that recovers
     either way. Floor: 2 of 3, a margin of one seed."""
     options = {"adaptive": 1.0, "max_shift": 1.0, "max_shift_ramp": 4.0}
-    runs = [recovery_run(s, budget_factor=1.1, learner_options=options) for s in (0, 1, 3)]
+    runs = recovery_runs((0, 1, 3), budget_factor=1.1, learner_options=options)
     assert all(run["macs"] <= run["budget"] for run in runs)
     errors = [run["error"] for run in runs]
     assert sum(error <= 2e-2 for error in errors) >= 2, errors
