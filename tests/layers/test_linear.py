@@ -337,3 +337,59 @@ def test_half_precision_model_keeps_exact_structure(dtype):
     assert before[2] == after[2]
     out = layer.eval()(torch.randn(2, n, dtype=dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("structure_init", ["half", "blocks"])
+@pytest.mark.parametrize("shape", [(64, 192), (192, 64), (128, 128)])
+def test_balanced_factors_keep_the_linear_weight_scale_and_equal_norms(structure_init, shape):
+    torch.manual_seed(0)
+    n, m = shape
+    layer = gblr.GBLRLinear(n, m, structure_init=structure_init, init_cost=0.2).eval()
+    reference = 1 / (3 * n) ** 0.5  # nn.Linear's weight std
+    weight = layer.dense_weight()
+    covered = weight != 0
+    ratio = weight[covered].std().item() / reference
+    assert 0.6 < ratio < 1.6, ratio
+    # Balanced: each live component's masked factors have equal squared norms in
+    # expectation, so summed over the components they agree closely.
+    col_mask, row_mask = layer.masks()
+    live = layer.live_mask()
+    u = (layer.U.detach() * row_mask.unsqueeze(1))[live].pow(2).sum()
+    v = (layer.V.detach() * col_mask.unsqueeze(1))[live].pow(2).sum()
+    assert 0.7 < (u / v).item() < 1.4
+
+
+def test_uniform_factor_init_is_the_linear_bound_on_v():
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(100, 50)
+    layer._init_factors("uniform")
+    assert layer.V.abs().max().item() <= 1 / 100**0.5
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (48, 200)])
+@pytest.mark.parametrize("cost", [0.1, 0.3])
+def test_blocks_init_is_a_block_diagonal_next_to_full_components(shape, cost):
+    n, m = shape
+    layer = gblr.GBLRLinear(n, m, structure_init="blocks", init_cost=cost).eval()
+    col_lengths, row_lengths = layer.interval_lengths()
+    full = (col_lengths == n) & (row_lengths == m)
+    strips = layer.live_mask() & ~full
+    assert full.sum() >= 1 and strips.sum() >= 1
+    # Strips are one or two lines of the shorter side wide (as many strips as the
+    # components left over from the full ones) and tile it without overlap.
+    short_lengths = col_lengths if n <= m else row_lengths
+    assert set(short_lengths[strips].tolist()) <= {1, 2}
+    assert short_lengths[strips].sum() == min(n, m)
+    coverage = torch.zeros(m, n)
+    starts = layer.interval_starts()
+    for k in torch.nonzero(strips).flatten().tolist():
+        rows = (torch.arange(int(row_lengths[k])) + int(starts[1][k])) % m
+        cols = (torch.arange(int(col_lengths[k])) + int(starts[0][k])) % n
+        coverage[rows[:, None], cols] += 1
+    assert coverage.max() == 1  # no entry covered twice by strips
+    # Block-diagonal: the covered pattern equals the one of its own diagonal blocks.
+    assert (coverage.sum(0) > 0).all() if n <= m else (coverage.sum(1) > 0).all()
+    row_of_col = coverage.argmax(0) if n <= m else coverage.argmax(1)
+    assert (row_of_col.diff() >= 0).all()  # blocks run down the diagonal, in order
+    # The cost is the budget's within one line per strip of rounding.
+    assert abs(layer.flops() - cost * m * n) <= strips.sum().item() + 2 * (m + n)

@@ -6,7 +6,7 @@ import gblr
 
 pytest.importorskip("sklearn")
 from gblr.recipes.data import digits, load_cifar
-from gblr.recipes.models import VisionTransformer, structure_model
+from gblr.recipes.models import CausalTransformer, VisionTransformer, structure_model
 
 from .fixtures import write_cifar
 
@@ -61,6 +61,40 @@ def test_vit_linear_layers_take_the_structure(structure):
         expected = gblr.GBLRLinear if structure == "gblr" else gblr.structured.FAMILIES[structure]
         assert isinstance(fc1, expected)
         assert report.ratio <= 0.4 + 1e-9
+
+
+def test_causal_transformer_sees_only_the_past():
+    torch.manual_seed(0)
+    model = CausalTransformer(vocab_size=50, context=12, dim=16, depth=2, heads=2)
+    ids = torch.randint(0, 50, (2, 12))
+    logits = model(ids)
+    assert logits.shape == (2, 12, 50)
+    changed = ids.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 50
+    after = model(changed)
+    assert torch.allclose(after[:, :7], logits[:, :7], atol=1e-6)  # the past is unchanged
+    assert not torch.allclose(after[:, 7:], logits[:, 7:])
+    assert model.head.weight is model.embed.weight  # tied
+    report = structure_model(model, "gblr", 0.3)
+    assert [layer.name for layer in report.layers[:4]] == [
+        "blocks.0.qkv", "blocks.0.proj", "blocks.0.fc1", "blocks.0.fc2"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="context=12"):
+        model(torch.randint(0, 50, (2, 13)))
+
+
+@pytest.mark.parametrize("structure_init", ["half", "blocks"])
+def test_structure_model_takes_the_gblr_start(structure_init):
+    model = VisionTransformer(depth=1)
+    structure_model(model, "gblr", 0.2, seed=3, structure_init=structure_init)
+    again = VisionTransformer(depth=1)
+    structure_model(again, "gblr", 0.2, seed=3, structure_init=structure_init)
+    layer, twin = model.blocks[0].fc1, again.blocks[0].fc1
+    assert torch.equal(layer.widths, twin.widths) and torch.equal(layer.U, twin.U)  # seeded
+    assert layer.flops() <= 0.2 * layer.dense_flops()
+    reference = gblr.GBLRLinear(64, 128, structure_init=structure_init, init_cost=0.2)
+    # the layer's own start, shrunk by the budget projection by at most a grid cell or two
+    assert torch.allclose(layer.widths, reference.widths, atol=2 / 64)
 
 
 def test_vit_bad_sizes():

@@ -120,8 +120,12 @@ def test_budget_never_exceeded_and_filled(shape, budget, block_size):
 
 def test_default_block_size_rule():
     assert BlockSparseLinear.for_budget(768, 768, 0.1).block_size == 32
-    assert BlockSparseLinear.for_budget(50, 20, 0.5).block_size == 16  # clipped to min size
-    # A budget below one 32 x 32 tile falls back to the largest power of two that fits.
+    # The largest block whose tiles can number the grid's block rows and columns: at
+    # 16 a 20 x 50 grid is 2 x 4 blocks, 4 tiles cost 1024 > 500; at 8, 7 tiles fit.
+    assert BlockSparseLinear.for_budget(50, 20, 0.5).block_size == 8
+    assert BlockSparseLinear.for_budget(64, 192, 0.1).block_size == 4
+    # Budgets below one tile per block row or column of every block size fall back to the
+    # largest power of two whose single tile fits.
     assert BlockSparseLinear.for_budget(768, 768, 300).block_size == 16
     assert BlockSparseLinear.for_budget(768, 768, 3).block_size == 1
     assert default_block_size(5, 100) == 4

@@ -20,8 +20,9 @@ from __future__ import annotations
 import fnmatch
 import heapq
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +31,9 @@ from ..cost import budget_macs
 from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
+from ..ops.whitened import weighted_low_rank, whitening
 from ..structured.base import StructuredLinear
+from .calibrate import input_second_moments
 from .search import _svd_layer, empty_layer, fit_dense
 
 __all__ = [
@@ -50,13 +53,18 @@ ALLOCATIONS = ("uniform", "global")
 class _Structure:
     fit: Callable[..., nn.Module]
     supports_conv2d: bool
+    supports_calibration: bool = False
 
 
 _STRUCTURES: dict[str, _Structure] = {}
 
 
 def register_structure(
-    name: str, fit: Callable[..., nn.Module], *, supports_conv2d: bool = False
+    name: str,
+    fit: Callable[..., nn.Module],
+    *,
+    supports_conv2d: bool = False,
+    supports_calibration: bool = False,
 ) -> None:
     """Make ``convert(..., structure=name)`` available.
 
@@ -67,10 +75,13 @@ def register_structure(
             most ``macs`` and whose ``dense_weight()`` gives its matrix in eval mode.
         supports_conv2d: whether the returned module is a GBLR matrix layer whose factors
             and intervals can be moved into a :class:`gblr.GBLRConv2d`.
+        supports_calibration: whether ``fit`` also takes ``whitening=S`` (``(in, in)``,
+            :func:`gblr.ops.whitened.whitening`) and then minimizes the output
+            error ``||(W - Ŵ) S||`` instead of the weight error.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
-    _STRUCTURES[name] = _Structure(fit, supports_conv2d)
+    _STRUCTURES[name] = _Structure(fit, supports_conv2d, supports_calibration)
 
 
 def structures() -> list[str]:
@@ -86,10 +97,24 @@ def _fit_gblr(
     rank_per_component: int,
     steps: int,
     seed: int,
+    whitening: Tensor | None = None,
 ) -> GBLRLinear:
     m, n = weight.shape
     if macs < 2 * rank_per_component:  # pays for nothing: one dead component
         return empty_layer(weight, rank_per_component)
+    if whitening is not None:  # init "svd" (convert checks): the calibrated truncated SVD
+        r = rank_per_component
+        rank = min(r * (macs // (r * (m + n))), r * (min(m, n) // r))
+        if rank == 0:
+            return fit_dense(weight, macs, rank_per_component=r, steps=0)
+        left, right = weighted_low_rank(weight, whitening, rank)
+        k = rank // r
+        full = [(0, m)] * k, [(0, n)] * k
+        return GBLRLinear.from_intervals(
+            left.t().reshape(k, r, m).to(weight.dtype),
+            right.reshape(k, r, n).to(weight.dtype),
+            *full,
+        ).eval()
     if init == "search":
         return fit_dense(
             weight, macs, rank_per_component=rank_per_component, steps=steps, seed=seed
@@ -126,7 +151,7 @@ def _fit_gblr(
     return layer.eval()
 
 
-register_structure("gblr", _fit_gblr, supports_conv2d=True)
+register_structure("gblr", _fit_gblr, supports_conv2d=True, supports_calibration=True)
 
 
 def _family_fit(family: type[StructuredLinear]) -> Callable[..., nn.Module]:
@@ -134,8 +159,17 @@ def _family_fit(family: type[StructuredLinear]) -> Callable[..., nn.Module]:
     "svd"), or a fresh layer at the budget (``"random"``)."""
 
     def fit(
-        weight: Tensor, macs: int, *, init: str, rank_per_component: int, steps: int, seed: int
+        weight: Tensor,
+        macs: int,
+        *,
+        init: str,
+        rank_per_component: int,
+        steps: int,
+        seed: int,
+        whitening: Tensor | None = None,
     ) -> nn.Module:
+        if whitening is not None:
+            return family.from_dense(weight, macs, whitening=whitening)
         if init != "random":
             return family.from_dense(weight, macs)
         out_features, in_features = weight.shape
@@ -157,7 +191,9 @@ def _register_families() -> None:
     from .. import structured
 
     for name, family in structured.FAMILIES.items():
-        register_structure(name, _family_fit(family))
+        register_structure(
+            name, _family_fit(family), supports_calibration=family.supports_calibration
+        )
 
 
 _register_families()
@@ -170,7 +206,9 @@ class LayerConversion:
 
     ``macs_*`` are per input row (per output position for convolutions); errors are
     relative Frobenius errors of the layer's matrix, ``svd_error`` that of the truncated
-    SVD with the same MACs (the baseline every structure must beat or match).
+    SVD with the same MACs (the baseline every structure must beat or match); after a
+    calibrated conversion both are relative errors of the layer's outputs on the
+    calibration inputs, ``||(W - Ŵ) S|| / ||W S||``.
     ``aliases``: other names of the same module object (shared layers), replaced too.
     """
 
@@ -208,6 +246,7 @@ class ConversionReport:
     budget: float
     layers: list[LayerConversion] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    calibrated: bool = False
 
     @property
     def macs_before(self) -> int:
@@ -228,6 +267,7 @@ class ConversionReport:
             "init": self.init,
             "allocation": self.allocation,
             "budget": self.budget,
+            "calibrated": self.calibrated,
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "layers": [
@@ -276,7 +316,8 @@ class ConversionReport:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = [
             f"structure={self.structure} init={self.init} allocation={self.allocation} "
-            f"budget={self.budget:g}",
+            f"budget={self.budget:g}"
+            + (" (errors: of the outputs on the calibration inputs)" if self.calibrated else ""),
             "  ".join(h.ljust(w) for h, w in zip(header, widths)),
         ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
@@ -454,12 +495,29 @@ def _build_layer(
     return layer.train(original.training)
 
 
+def _with_progress(items: Iterable, total: int, progress: bool | None) -> Iterable:
+    """``items`` behind a tqdm bar on standard error (``None``: only on a terminal)."""
+    if progress is False:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar
+        return items
+    return tqdm(
+        items,
+        total=total,
+        desc="gblr.convert",
+        unit="layer",
+        disable=None if progress is None else False,
+    )
+
+
 # --------------------------------------------------------------------------- convert
 def convert(
     model: nn.Module,
     structure: str = "gblr",
     budget: float = 0.3,
-    init: str = "search",
+    init: str = "svd",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     allocation: str = "global",
@@ -468,6 +526,8 @@ def convert(
     min_features: int = 16,
     steps: int = 200,
     seed: int = 0,
+    progress: bool | None = None,
+    calibration: Iterable[Any] | None = None,
 ) -> ConversionReport:
     """Replace, in place, the model's dense layers by structured layers fitted to them.
 
@@ -482,9 +542,11 @@ def convert(
             ``init="svd"``, ``1.0`` means no compression: each layer becomes its exact
             full-rank factorization (costing more MACs than dense, until a structure
             learner prunes it while fine-tuning).
-        init: ``"search"`` (:func:`gblr.fit_dense`: structure searched from the weights),
-            ``"svd"`` (truncated SVD, full intervals), ``"random"`` (fresh layer at the
-            budget's cost, for training from scratch).
+        init: ``"svd"`` (default: truncated SVD, full intervals; seconds, and as good
+            as the search after fine-tuning on the real-task benchmarks), ``"search"``
+            (:func:`gblr.fit_dense`: structure searched from the weights, a lower weight
+            error before fine-tuning, minutes on a transformer), ``"random"`` (fresh
+            layer at the budget's cost, for training from scratch).
         include: glob pattern(s) over module names; only matching layers are converted.
         exclude: glob pattern(s); matching layers are left dense.
         allocation: ``"global"`` (layers compete for the model's budget, see the module
@@ -494,6 +556,16 @@ def convert(
             report).
         steps: refinement steps of ``fit_dense`` for ``init="search"``.
         seed: seeds every fit; equal seeds give equal models.
+        progress: show a progress bar over the layers (``tqdm``, when installed); the
+            default ``None`` shows it only when standard error is a terminal.
+        calibration: example inputs of the model (an iterable of batches: tensors, tuples
+            of positional arguments, or mappings of keyword arguments such as a
+            tokenizer's output). The model runs once over them and every layer is fitted
+            to minimize its *output* error on those inputs, ``||(W - Ŵ) S||`` with
+            ``S Sᵀ`` the second moment of the layer's inputs, instead of the weight error
+            (:mod:`gblr.compress.calibrate`); the global allocation weighs layers by the
+            same output errors, and the report's errors are output errors. For
+            ``"gblr"`` (``init="svd"``) and ``"lowrank"``, Linear and Conv1D layers.
 
     Returns:
         A :class:`ConversionReport`. Converted layers keep their bias, dtype, device and
@@ -528,9 +600,20 @@ def convert(
         or rank_per_component < 1
     ):
         raise ValueError(f"rank_per_component must be a positive int, got {rank_per_component!r}")
+    spec = _STRUCTURES.get(structure)  # None: "dense", nothing is replaced
+    if calibration is not None:
+        if spec is None or not spec.supports_calibration:
+            supported = [name for name, item in _STRUCTURES.items() if item.supports_calibration]
+            raise ValueError(
+                f"calibration is supported by structure {supported}, got structure={structure!r}"
+            )
+        if init != "svd":
+            raise ValueError(
+                f"calibration fits the calibrated truncated SVD: it needs init='svd', got "
+                f"init={init!r}"
+            )
     include_patterns = _as_patterns("include", include)
     exclude_patterns = _as_patterns("exclude", exclude)
-    spec = _STRUCTURES.get(structure)  # None: "dense", nothing is replaced
     budget = float(budget)
 
     conv1d = _conv1d_type()
@@ -548,7 +631,9 @@ def convert(
     _check_patterns_match("include", include_patterns, names)
     _check_patterns_match("exclude", exclude_patterns, names)
 
-    report = ConversionReport(structure, init, allocation, budget)
+    report = ConversionReport(
+        structure, init, allocation, budget, calibrated=calibration is not None
+    )
     selected = []
     for name, module, kind in candidates:
         # A shared module is one layer: selected by any of its names, excluded by any.
@@ -583,7 +668,23 @@ def convert(
             matrix.to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
         )
     shapes = [tuple(matrix.shape) for matrix in matrices]
-    curves = [_svd_curve(matrix) for matrix in matrices]
+    whitenings: list[Tensor | None] = [None] * len(selected)
+    if calibration is not None:
+        convs = [name for name, _, kind in selected if kind == "Conv2d"]
+        if convs:
+            raise ValueError(
+                f"calibration fits Linear and Conv1D layers only; exclude the convolutions "
+                f"{convs[:5]} or convert them without calibration"
+            )
+        moments = input_second_moments(
+            model, {name: module for name, module, _ in selected}, calibration
+        )
+        whitenings = [whitening(moments[name].to(matrix.device)) for name, _, _ in selected]
+    # Error curves for the global allocation: of the output (whitened) when calibrated.
+    curves = [
+        _svd_curve(matrix if factor is None else matrix.double() @ factor)
+        for matrix, factor in zip(matrices, whitenings)
+    ]
     dense = [m * n for m, n in shapes]
     if allocation == "uniform" or budget >= 1.0:
         layer_macs = [budget_macs(budget, size) for size in dense]
@@ -591,8 +692,12 @@ def convert(
         total = int(budget * sum(dense))
         layer_macs = _global_allocation(curves, shapes, total, rank_per_component)
 
-    for (name, module, kind), matrix, curve, macs in zip(selected, matrices, curves, layer_macs):
+    fits = zip(selected, matrices, curves, layer_macs, whitenings, strict=True)
+    for (name, module, kind), matrix, curve, macs, factor in _with_progress(
+        fits, len(selected), progress
+    ):
         weight = module.weight
+        options = {} if factor is None else {"whitening": factor}
         try:
             fitted = spec.fit(
                 matrix,
@@ -601,16 +706,18 @@ def convert(
                 rank_per_component=rank_per_component,
                 steps=steps,
                 seed=seed,
+                **options,
             )
         except ValueError as error:  # a family that cannot express this budget here
             report.skipped.append((name, str(error)))
             continue
         fitted.eval()
         with torch.no_grad():
-            error = float(
-                (fitted.dense_weight().to(matrix.dtype) - matrix).norm()
-                / matrix.norm().clamp_min(1e-30)
-            )
+            difference = fitted.dense_weight().to(matrix.dtype) - matrix
+            reference = matrix
+            if factor is not None:  # output errors on the calibration inputs
+                difference, reference = difference.double() @ factor, matrix.double() @ factor
+            error = float(difference.norm() / reference.norm().clamp_min(1e-30))
         layer = _build_layer(module, kind, fitted, weight.device, weight.dtype)
         for alias in aliases[id(module)]:
             _set_submodule(model, alias, layer)

@@ -112,8 +112,10 @@ def _svd_layer(weight: Tensor, macs: int, rank_per_component: int) -> GBLRLinear
         return None
     left, singular, right = torch.linalg.svd(weight, full_matrices=False)
     k = rank // r
-    factors_u = (left[:, :rank] * singular[:rank]).t().reshape(k, r, m)
-    factors_v = right[:rank].reshape(k, r, n)
+    # Singular values split evenly: balanced factors train better (Adam moves both alike).
+    scale = singular[:rank].sqrt()
+    factors_u = (left[:, :rank] * scale).t().reshape(k, r, m)
+    factors_v = (scale[:, None] * right[:rank]).reshape(k, r, n)
     full = [(0, m)] * k, [(0, n)] * k
     return GBLRLinear.from_intervals(factors_u, factors_v, full[0], full[1])
 

@@ -27,9 +27,12 @@ class GBLRLinear(GBLRMatrixMixin):
         num_components: ``K`` (default ``min(m, n) // r``, the dense-equivalent count).
         bias: learn an additive bias (default True).
         structure_init: starting widths/locations: ``"full"`` (every interval full: a
-            rank ``K r`` low-rank matrix), ``"random"`` (uniform widths and locations) or
-            ``"half"`` (half of ``init_cost`` on full components, half on narrow ones).
-        init_cost: starting cost as a fraction of the dense MACs, for ``"half"``.
+            rank ``K r`` low-rank matrix), ``"random"`` (uniform widths and locations),
+            ``"half"`` (half of ``init_cost`` on full components, half on narrow ones
+            along the diagonal) or ``"blocks"`` (half on full components, half on a
+            block-diagonal matrix of one- or two-line strips).
+        init_cost: starting cost as a fraction of the dense MACs, for ``"half"`` and
+            ``"blocks"``.
         widths, locations: explicit ``(2, K)`` starting values (row 0: input intervals,
             row 1: output intervals), fractions in [0, 1]; override ``structure_init``.
         sigma: Gaudi mask bandwidth used in training mode (default ``inf``: exact

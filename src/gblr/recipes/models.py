@@ -1,8 +1,9 @@
 """Reference models whose linear layers can be dense, GBLR or a baseline family.
 
-A compact ViT and MLP-Mixer written here (rather than taken from timm) so that every
-linear layer of the blocks is a plain ``nn.Linear`` with a predictable name
-(``blocks.<i>.{qkv, proj, fc1, fc2}``; ``blocks.<i>.{token_mlp, channel_mlp}.{fc1, fc2}``),
+A compact ViT, MLP-Mixer and GPT-style causal transformer written here (rather than taken
+from timm) so that every linear layer of the blocks is a plain ``nn.Linear`` with a
+predictable name (``blocks.<i>.{qkv, proj, fc1, fc2}``;
+``blocks.<i>.{token_mlp, channel_mlp}.{fc1, fc2}``),
 which :func:`structure_model` then swaps through :func:`gblr.convert`, and so that the
 package needs no timm for training from scratch. Patch embedding and classifier stay
 dense, as in the paper. Sizes of the paper's CIFAR models: :func:`vit_small_patch4_32`
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from ..compress.convert import ConversionReport, convert
 
 __all__ = [
+    "CausalTransformer",
     "MlpMixer",
     "VisionTransformer",
     "mixer_small_patch4_32",
@@ -51,9 +53,16 @@ def _drop_path_rates(drop_path: float, depth: int) -> list[float]:
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float,
+        drop_path: float = 0.0,
+        causal: bool = False,
+    ) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -67,7 +76,7 @@ class _Block(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(self.norm1(x)).reshape(batch, tokens, 3, self.heads, dim // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        attended = nn.functional.scaled_dot_product_attention(q, k, v)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + self.drop_path(self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim)))
         mlp = self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
         return x + self.drop_path(mlp)
@@ -120,6 +129,59 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x)[:, 0])
+
+
+class CausalTransformer(nn.Module):
+    """A small GPT-style language model: token and learned position embeddings,
+    ``depth`` pre-norm blocks with causal self-attention, a final norm and a linear head
+    tied to the token embedding.
+
+    Shapes: input ``(N, T)`` token ids (int64, ``T <= context``), output logits
+    ``(N, T, vocab_size)``. The structured candidates are ``blocks.*.{qkv, proj, fc1,
+    fc2}``, as in :class:`VisionTransformer`.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.recipes.models import CausalTransformer
+        >>> model = CausalTransformer(vocab_size=256, context=16, dim=32, depth=2, heads=2)
+        >>> model(torch.randint(0, 256, (3, 16))).shape
+        torch.Size([3, 16, 256])
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        context: int = 128,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be a multiple of heads={heads}")
+        self.context = context
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.position = nn.Parameter(torch.randn(1, context, dim) * 0.02)
+        self.blocks = nn.ModuleList(
+            _Block(dim, heads, mlp_ratio, causal=True) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+        with torch.no_grad():
+            self.embed.weight.normal_(0.0, 0.02)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        if input_ids.dim() != 2 or input_ids.shape[1] > self.context:
+            raise ValueError(
+                f"input_ids must be (N, T) with T <= context={self.context}, "
+                f"got shape {tuple(input_ids.shape)}"
+            )
+        x = self.embed(input_ids) + self.position[:, : input_ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
 
 
 class _Mlp(nn.Module):
@@ -244,6 +306,8 @@ def structure_model(
     *,
     include: str = "blocks.*",
     seed: int = 0,
+    structure_init: str = "half",
+    factor_init: str = "balanced",
 ) -> ConversionReport | None:
     """Make ``model``'s ``include`` linear layers structured, for training from scratch.
 
@@ -266,7 +330,7 @@ def structure_model(
     """
     if structure == "dense":
         return None
-    return convert(
+    report = convert(
         model,
         structure=structure,
         budget=budget,
@@ -276,3 +340,14 @@ def structure_model(
         min_features=1,
         seed=seed,
     )
+    if structure == "gblr" and (structure_init != "half" or factor_init != "balanced"):
+        from ..learn.groups import gblr_layers
+        from ..learn.learner import project_to_budget
+
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            for _, layer in gblr_layers(model):
+                layer._init_structure(structure_init, budget)
+                layer._init_factors(factor_init)
+                project_to_budget([layer], int(budget * layer.dense_flops()))
+    return report

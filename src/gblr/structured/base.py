@@ -63,6 +63,9 @@ class StructuredLinear(nn.Module):
     """
 
     counts_per_position = False
+    # Whether ``from_dense`` takes ``whitening=S`` and then minimizes the output error
+    # ``||(W - Ŵ) S||`` on calibration inputs (``gblr.convert(..., calibration=...)``).
+    supports_calibration = False
 
     def __init__(
         self,

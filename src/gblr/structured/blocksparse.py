@@ -187,8 +187,11 @@ class BlockSparseLinear(StructuredLinear):
     computes full tiles, so **the padding is part of the cost**.
 
     **Default block size** (``for_budget``/``from_dense`` without ``block_size``): the
-    largest power of two ``<= min(32, in, out)`` whose single tile fits the budget
-    (:func:`default_block_size`).
+    largest power of two ``<= min(32, in, out)`` for which the budget pays for as many
+    tiles as the grid has block rows and block columns (else: whose single tile fits), so
+    that the tiles can reach every part of the matrix (:func:`default_block_size`). With
+    one 32 x 32 tile a 64 x 192 layer at 10% of its MACs left most outputs at zero, and a
+    ViT trained with it from scratch stayed at chance on 2 of 3 seeds.
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
@@ -265,7 +268,12 @@ class BlockSparseLinear(StructuredLinear):
         check_positive_int("out_features", out_features)
         if block_size is None:
             macs = resolve_budget(budget, out_features, in_features, 1, "block-sparse")
-            block_size = default_block_size(in_features, out_features, lambda b: b * b <= macs)
+
+            def covers(b: int) -> bool:  # as many tiles as block rows and block columns
+                return b * b * max(block_grid(in_features, out_features, b)) <= macs
+
+            fits = covers if covers(1) else (lambda b: b * b <= macs)
+            block_size = default_block_size(in_features, out_features, fits)
         else:
             check_positive_int("block_size", block_size)
         macs = resolve_budget(

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.base import check_positive_int
+from ..ops.whitened import weighted_low_rank
 from .base import StructuredLinear, check_weight, copy_bias, resolve_budget
 
 __all__ = ["LowRankLinear"]
@@ -86,24 +87,39 @@ class LowRankLinear(StructuredLinear):
             in_features, out_features, cls.rank_for(in_features, out_features, budget), **kwargs
         )
 
+    supports_calibration = True
+
     @classmethod
     def from_dense(
-        cls, weight: Tensor, budget: float | int, *, bias: Tensor | None = None, **kwargs
+        cls,
+        weight: Tensor,
+        budget: float | int,
+        *,
+        bias: Tensor | None = None,
+        whitening: Tensor | None = None,
+        **kwargs,
     ) -> LowRankLinear:
         """Truncated SVD of ``weight`` ``(out, in)`` at the largest rank within ``budget``
-        (optimal in Frobenius norm); singular values split evenly between the factors."""
+        (optimal in Frobenius norm); singular values split evenly between the factors.
+        With ``whitening`` ``S`` ``(in, in)`` (lower triangular, ``S Sᵀ`` the inputs'
+        second moment): the rank minimizing the output error ``||(W - Ŵ) S||`` instead
+        (:func:`gblr.ops.whitened.weighted_low_rank`)."""
         weight = check_weight(weight)
         out_features, in_features = weight.shape
         rank = cls.rank_for(in_features, out_features, budget)
-        work = weight.double() if weight.dtype == torch.float64 else weight.float()
-        left, singular, right = torch.linalg.svd(work, full_matrices=False)
-        scale = singular[:rank].sqrt()
+        if whitening is not None:
+            left, right = weighted_low_rank(weight, whitening, rank)
+        else:
+            work = weight.double() if weight.dtype == torch.float64 else weight.float()
+            u, singular, vh = torch.linalg.svd(work, full_matrices=False)
+            scale = singular[:rank].sqrt()
+            left, right = u[:, :rank] * scale, scale[:, None] * vh[:rank]
         layer = cls(
             in_features, out_features, rank, bias=False, device=weight.device, dtype=weight.dtype
         )
         with torch.no_grad():
-            layer.U.copy_(left[:, :rank] * scale)
-            layer.V.copy_(scale[:, None] * right[:rank])
+            layer.U.copy_(left)
+            layer.V.copy_(right)
         return copy_bias(layer, bias)
 
     def extra_repr(self) -> str:
