@@ -148,10 +148,15 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     options = dict(options)
     structure = options.pop("family", structure)
     convert_options = dict(options.pop("convert", {}))
-    learner_options = options.pop("learner", {})
+    learner_options = dict(options.pop("learner", {}))
     structure_lr = options.pop("structure_lr", None)
+    # Convert at more MACs and let the learner prune down to the budget while distilling.
+    start_ratio = options.pop("start_cost_ratio", 1.0)
     if options:
         raise ValueError(f"unknown GBLR options for T3: {sorted(options)}")
+    steps = QUICK_STEPS if quick else STEPS
+    if start_ratio != 1.0:
+        learner_options.setdefault("warmup_steps", steps // 2)
     student = _load_encoder(path)
     include = QUICK_INCLUDE if quick else INCLUDE
     # Families that can use the data are fitted to the outputs on calibration sentences
@@ -167,7 +172,7 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     report = gblr.convert(
         student,
         structure=structure,
-        budget=budget,
+        budget=min(1.0, start_ratio * budget),
         include=include,
         seed=seed,
         progress=False,
@@ -176,7 +181,6 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     convert_seconds = time.perf_counter() - start
     converted_cosine, converted_agreement = agreement(embeddings(student, test), reference)
 
-    steps = QUICK_STEPS if quick else STEPS
     student.train()
     optimizer = torch.optim.AdamW(
         gblr.param_groups(student, lr=LR, structure_lr=structure_lr, weight_decay=0.01)

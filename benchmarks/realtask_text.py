@@ -7,7 +7,7 @@ top-level modules are held out for validation (those whose name's CRC-32 is 0 mo
 about a tenth of the modules), so the score is on unseen files. The exact bytes depend on
 the Python version, which the results record.
 
-A byte-level GPT-style model (:class:`gblr.recipes.models.CausalTransformer`: dim 128, 4
+A byte-level GPT-style model (:class:`gblr.recipes.models.CausalTransformer`: dim 96, 4
 blocks, 4 heads, MLP ratio 4, context 64) trained with the library's engine (AdamW over
 ``gblr.param_groups``, lr 2e-3, weight decay 0.05, warm-up over the first tenth, cosine
 decay, batch 32 windows); the blocks' linear layers (qkv, proj, fc1, fc2) are dense, GBLR or
@@ -31,6 +31,7 @@ STEPS = 600
 QUICK_STEPS = 3
 LR = 2e-3
 CONTEXT = 64
+DIM = 96
 BATCH = 32
 EVAL_WINDOWS = 512
 HELD_OUT_MODULUS = 10
@@ -84,7 +85,7 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     train_stream, validation_stream = _streams()
     steps = QUICK_STEPS if quick else STEPS
     options = dict(options)
-    start_cost = options.pop("start_cost", budget)
+    start_cost = min(1.0, options.pop("start_cost_ratio", 1.0) * budget)
     structure_options = options.pop("structure", {})
     engine_options = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
     if "sigma" in engine_options and engine_options["sigma"] is not None:
@@ -93,7 +94,7 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     if options:
         raise ValueError(f"unknown GBLR options for T2: {sorted(options)}")
     torch.manual_seed(seed)
-    model = CausalTransformer(vocab_size=256, context=CONTEXT, dim=128, depth=4, heads=4)
+    model = CausalTransformer(vocab_size=256, context=CONTEXT, dim=DIM, depth=4, heads=4)
     structure_model(
         model,
         structure,

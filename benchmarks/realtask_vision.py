@@ -55,7 +55,7 @@ def train_digits(
     train, test = _data()
     steps = QUICK_STEPS if quick else STEPS
     options = dict(options)
-    start_cost = options.pop("start_cost", budget)
+    start_cost = min(1.0, options.pop("start_cost_ratio", 1.0) * budget)
     structure_options = options.pop("structure", {})
     engine_options = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
     if "sigma" in engine_options and engine_options["sigma"] is not None:

@@ -163,7 +163,21 @@ def plan_runs(
     return runs
 
 
-def _run_in_worker(spec: TaskSpec, run: Run, quick: bool) -> dict[str, Any]:
+def code_version() -> str:
+    """The commit the runs use, ``+changes`` when src/ or benchmarks/ differ from it."""
+    import subprocess
+
+    def git(*arguments: str) -> str:
+        result = subprocess.run(
+            ["git", *arguments], cwd=ROOT, capture_output=True, text=True, check=False
+        )
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "src", "benchmarks") else "")
+
+
+def _run_in_worker(spec: TaskSpec, run: Run, quick: bool, code: str) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
@@ -173,6 +187,7 @@ def _run_in_worker(spec: TaskSpec, run: Run, quick: bool) -> dict[str, Any]:
         **asdict(run),
         "key": run.key,
         "quick": quick,
+        "code": code,
         **result,
         "wall_seconds": time.perf_counter() - start,
     }
@@ -197,8 +212,9 @@ def execute(
     if not todo:
         return payload
     context = multiprocessing.get_context("spawn")
+    code = code_version()
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {pool.submit(_run_in_worker, spec, run, quick): run for run in todo}
+        futures = {pool.submit(_run_in_worker, spec, run, quick, code): run for run in todo}
         for future in concurrent.futures.as_completed(futures):
             run = futures[future]
             result = future.result()

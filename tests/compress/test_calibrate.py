@@ -67,7 +67,8 @@ def test_second_moments_are_collected_from_every_kind_of_batch():
     batches = [x[:20], (x[20:40],), [x[40:]]]
     moments = input_second_moments(model, layers, batches)
     expected = x.double().t() @ x.double() / 64
-    assert torch.allclose(moments["0"], expected, rtol=1e-10, atol=1e-12)
+    assert moments["0"].dtype == torch.float64
+    assert torch.allclose(moments["0"], expected, rtol=1e-5, atol=1e-8)  # float32 products
     hidden = torch.relu(model[0](x)).double()
     assert torch.allclose(moments["2"], hidden.t() @ hidden / 64, rtol=1e-6, atol=1e-8)
 
@@ -82,7 +83,7 @@ def test_second_moments_are_collected_from_every_kind_of_batch():
     keyword = KeywordModel()
     keyword.train()
     moments = input_second_moments(keyword, {"proj": keyword.proj}, [{"features": x}])
-    assert torch.allclose(moments["proj"], expected, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(moments["proj"], expected, rtol=1e-5, atol=1e-8)
     assert keyword.training  # mode restored
     assert not keyword.proj._forward_hooks  # hooks removed
 
@@ -177,3 +178,16 @@ def test_progress_bar_is_shown_when_asked(capsys):
     assert "gblr.convert" in capsys.readouterr().err
     gblr.convert(mlp(), budget=0.5, min_features=1, progress=False)
     assert "gblr.convert" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_weighted_low_rank_of_a_rank_deficient_matrix(shape):
+    torch.manual_seed(3)
+    out_features, in_features = shape
+    weight = torch.randn(out_features, 2, dtype=torch.float64) @ torch.randn(
+        2, in_features, dtype=torch.float64
+    )
+    factor = whitening(torch.eye(in_features, dtype=torch.float64))
+    left, right = weighted_low_rank(weight, factor, 5)  # more rank than the matrix has
+    assert torch.isfinite(left).all() and torch.isfinite(right).all()
+    assert torch.allclose(left @ right, weight, atol=1e-8)
