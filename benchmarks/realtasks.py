@@ -343,6 +343,54 @@ def report(spec: TaskSpec, payload: dict[str, Any], out: Path, figures: Path, qu
     return table
 
 
+def _cell(spec: TaskSpec, row: dict[str, Any] | None, named: bool = False) -> str:
+    if row is None:
+        return ""
+    mean, std = _scaled(spec, row[spec.metric]), _scaled(spec, row[spec.metric + "_std"])
+    digits = 3 if spec.metric == "cosine" else 2
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{row['label']} {text}" if named else text
+
+
+def headline(out: Path, quick: bool) -> str:
+    """One row per task and budget: GBLR (library defaults), the best other family, low
+    rank and dense, and GBLR's training time over low-rank's, from every
+    ``OUT/<task>.json`` present; written to ``OUT/headline.md``."""
+    lines = [
+        "| task | budget | GBLR | best other family | low-rank | dense | GBLR time / low-rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, spec in TASKS.items():
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        rows = summarize(spec, json.loads(path.read_text()), quick)
+        dense = next((r for r in rows if r["label"] == "dense"), None)
+
+        for budget in sorted({r["budget"] for r in rows if r["label"] != "dense"}):
+            at = {r["label"]: r for r in rows if r["budget"] == budget}
+            others = [r for label, r in at.items() if label not in ("gblr", "dense")]
+            others = [r for r in others if not r["label"].startswith("gblr:")]
+            sign = 1 if spec.higher_is_better else -1
+            best = max(others, key=lambda r: sign * r[spec.metric], default=None)
+            ours, lowrank = at.get("gblr"), at.get("lowrank")
+            time_ratio = (
+                f"{ours['seconds'] / lowrank['seconds']:.2f}"
+                if ours and lowrank and lowrank["seconds"] > 0
+                else ""
+            )
+            lines.append(
+                f"| {spec.name} ({spec.metric}) | {budget:g} | "
+                f"{_cell(spec, ours)} | {_cell(spec, best, named=True)} | "
+                f"{_cell(spec, lowrank)} | {_cell(spec, dense)} | {time_ratio} |"
+            )
+    table = "\n".join(lines) + "\n"
+    temporary = out / "headline.md.tmp"
+    temporary.write_text(table)
+    temporary.replace(out / "headline.md")
+    return table
+
+
 def parse_variants(texts: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``NAME=JSON`` pairs: GBLR options of each variant."""
     variants = {}
@@ -390,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload = execute(spec, runs, args.out, args.quick, args.workers)
         print(f"[{name}] {time.perf_counter() - start:.0f} s")
         print(report(spec, payload, args.out, figures, args.quick))
+    print(headline(args.out, args.quick))
     return 0
 
 

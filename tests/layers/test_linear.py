@@ -361,9 +361,12 @@ def test_balanced_factors_keep_the_linear_weight_scale_and_equal_norms(structure
 
 def test_uniform_factor_init_is_the_linear_bound_on_v():
     torch.manual_seed(0)
-    layer = gblr.GBLRLinear(100, 50)
-    layer._init_factors("uniform")
+    layer = gblr.GBLRLinear(100, 50, factor_init="uniform")
     assert layer.V.abs().max().item() <= 1 / 100**0.5
+    reference = nn.Linear(100, 50).weight.std().item()
+    assert 0.7 < layer.eval().dense_weight().std().item() / reference < 1.4
+    with pytest.raises(ValueError, match="factor_init must be one of"):
+        gblr.GBLRLinear(100, 50, factor_init="xavier")
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (48, 200)])

@@ -32,12 +32,14 @@ from ..ops.gaudi import (
     mask_factors_unchecked,
 )
 
-__all__ = ["EVALUATION_ORDERS", "STRUCTURE_INITS", "GBLRMatrixMixin"]
+__all__ = ["EVALUATION_ORDERS", "FACTOR_INITS", "STRUCTURE_INITS", "GBLRMatrixMixin"]
 
 STRUCTURE_INITS = ("full", "random", "half", "blocks")
+FACTOR_INITS = ("balanced", "uniform")
 EVALUATION_ORDERS = ("auto", "materialize", "factored")
 
 StructureInit = Literal["full", "random", "half", "blocks"]
+FactorInit = Literal["balanced", "uniform"]
 EvaluationOrder = Literal["auto", "materialize", "factored"]
 
 
@@ -107,6 +109,7 @@ class GBLRMatrixMixin(nn.Module):
         num_components: int | None,
         structure_init: StructureInit,
         init_cost: float | None,
+        factor_init: FactorInit = "balanced",
         widths: Tensor | Sequence | None,
         locations: Tensor | Sequence | None,
         sigma: float | None,
@@ -138,6 +141,8 @@ class GBLRMatrixMixin(nn.Module):
                 "init_cost is only used with structure_init='half' or 'blocks', got "
                 f"init_cost={init_cost!r} with structure_init={structure_init!r}"
             )
+        if factor_init not in FACTOR_INITS:
+            raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {factor_init!r}")
         if (widths is None) != (locations is None):
             raise ValueError("widths and locations must be given together, or neither")
         if sigma is None:
@@ -172,7 +177,7 @@ class GBLRMatrixMixin(nn.Module):
                 self.locations.copy_(torch.remainder(loc, 1.0))
         else:
             self._init_structure(structure_init, init_cost)
-        self._init_factors()
+        self._init_factors(factor_init)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         """Keep widths and locations in float32/float64 under ``.half()``, ``.to(bf16)``...
@@ -311,7 +316,7 @@ class GBLRMatrixMixin(nn.Module):
             spacing = torch.arange(num_narrow, dtype=self.locations.dtype) / num_narrow
             self.locations[:, num_full:] = spacing.to(self.locations.device)
 
-    def _init_factors(self, scheme: str = "balanced") -> None:
+    def _init_factors(self, scheme: FactorInit = "balanced") -> None:
         """Match ``nn.Linear``'s weight variance ``1 / (3 n)`` at the starting structure.
 
         The entry variance is divided by the expected number of (component, rank) terms

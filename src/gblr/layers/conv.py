@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .base import EvaluationOrder, GBLRMatrixMixin, StructureInit, check_positive_int
+from .base import EvaluationOrder, FactorInit, GBLRMatrixMixin, StructureInit, check_positive_int
 
 __all__ = ["GBLRConv2d"]
 
@@ -34,7 +34,7 @@ class GBLRConv2d(GBLRMatrixMixin):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as
             ``nn.Conv2d`` (``padding`` may be an int, a pair, ``"valid"`` or ``"same"``).
-        rank_per_component, num_components, structure_init, init_cost: as
+        rank_per_component, num_components, structure_init, init_cost, factor_init: as
             :class:`gblr.GBLRLinear`, over the kernel matrix.
         widths, locations, sigma, evaluation_order, device, dtype: as
             :class:`gblr.GBLRLinear`; ``evaluation_order="factored"`` evaluates a
@@ -67,6 +67,7 @@ class GBLRConv2d(GBLRMatrixMixin):
         num_components: int | None = None,
         structure_init: StructureInit = "full",
         init_cost: float | None = None,
+        factor_init: FactorInit = "balanced",
         widths: Tensor | Sequence | None = None,
         locations: Tensor | Sequence | None = None,
         sigma: float | None = None,
@@ -98,6 +99,7 @@ class GBLRConv2d(GBLRMatrixMixin):
             num_components=num_components,
             structure_init=structure_init,
             init_cost=init_cost,
+            factor_init=factor_init,
             widths=widths,
             locations=locations,
             sigma=sigma,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import EvaluationOrder, GBLRMatrixMixin, StructureInit, check_positive_int
+from .base import EvaluationOrder, FactorInit, GBLRMatrixMixin, StructureInit, check_positive_int
 
 __all__ = ["GBLRLinear"]
 
@@ -33,6 +33,10 @@ class GBLRLinear(GBLRMatrixMixin):
             block-diagonal matrix of one- or two-line strips).
         init_cost: starting cost as a fraction of the dense MACs, for ``"half"`` and
             ``"blocks"``.
+        factor_init: ``"balanced"`` (default: each component's two factors get equal
+            norms, normal entries) or ``"uniform"`` (``V`` at ``nn.Linear``'s bound, ``U``
+            carrying the rest, the scheme before 0.2); both give the weight
+            ``nn.Linear``'s variance at the starting structure.
         widths, locations: explicit ``(2, K)`` starting values (row 0: input intervals,
             row 1: output intervals), fractions in [0, 1]; override ``structure_init``.
         sigma: Gaudi mask bandwidth used in training mode (default ``inf``: exact
@@ -66,6 +70,7 @@ class GBLRLinear(GBLRMatrixMixin):
         bias: bool = True,
         structure_init: StructureInit = "full",
         init_cost: float | None = None,
+        factor_init: FactorInit = "balanced",
         widths: Tensor | Sequence | None = None,
         locations: Tensor | Sequence | None = None,
         sigma: float | None = None,
@@ -83,6 +88,7 @@ class GBLRLinear(GBLRMatrixMixin):
             num_components=num_components,
             structure_init=structure_init,
             init_cost=init_cost,
+            factor_init=factor_init,
             widths=widths,
             locations=locations,
             sigma=sigma,

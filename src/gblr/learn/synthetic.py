@@ -87,6 +87,7 @@ def recovery_run(
     lr: float = 1e-2,
     learner_options: dict | None = None,
     lr_decay: float = 0.0,
+    factor_init: str = "uniform",
 ) -> dict[str, float]:
     """Regress a randomly started ``GBLRLinear`` onto :func:`planted_blocks` under a budget.
 
@@ -107,6 +108,9 @@ def recovery_run(
             constant rate, Adam's normalised steps keep moving interval ends by up to a
             cell per step to the last step, so the final error depends on the moment the
             run stops.
+        factor_init: the layer's factor initialisation (``GBLRLinear(factor_init=)``);
+            ``"uniform"`` by default, the scheme this benchmark's seeds and the learner's
+            measured recoveries (docs/BENCHMARKS.md) were run with.
 
     Returns:
         ``{"seed", "error", "macs", "budget"}``: relative Frobenius error of the eval-mode
@@ -122,7 +126,7 @@ def recovery_run(
         raise ValueError(f"lr_decay must be in [0, 1], got {lr_decay!r}")
     target, planted_cost = planted_blocks(size, seed=seed)
     torch.manual_seed(seed)
-    layer = GBLRLinear(size, size, bias=False, structure_init="random")
+    layer = GBLRLinear(size, size, bias=False, structure_init="random", factor_init=factor_init)
     optimizer = torch.optim.Adam(param_groups(layer, lr=lr))
     decay_steps = lr_decay * steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
