@@ -189,7 +189,8 @@ class LearnerConfig:
     ``adaptive``, ``max_shift``, ``max_shift_ramp``, ``merge``, ``untangle``, ``refine``:
     :class:`gblr.StructureLearner`'s options against structure collapses, blocks split
     over two components, pairs holding two blocks as a mixture and intervals a cell or
-    two off (off by default: the paper's method); ``merge_every``: steps between their
+    two off (off by default: the paper's method; built for planted structures, they did
+    not help on real tasks, see docs/faq.md); ``merge_every``: steps between their
     passes.
 
     Examples:
