@@ -141,6 +141,10 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         json.dump(payload, f, indent=2)
         tmp = f.name
+    # NamedTemporaryFile makes the file private (0600); results are meant to be read.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

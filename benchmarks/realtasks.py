@@ -4,6 +4,7 @@ data, several seeds each.
     python benchmarks/realtasks.py                          # the whole suite (docs/RESULTS.md)
     python benchmarks/realtasks.py --tasks t1-vit --seeds 0 1 2
     python benchmarks/realtasks.py --quick --out /tmp/rt    # seconds: checks it runs end to end
+    python benchmarks/realtasks.py --tasks t3 --docs         # then refresh RESULTS.md / README
     python benchmarks/realtasks.py --tasks t1-vit --structures gblr \\
         --variant adaptive='{"learner": {"adaptive": 1.0}}'  # an experiment beside the default
 
@@ -391,6 +392,38 @@ def headline(out: Path, quick: bool) -> str:
     return table
 
 
+DOC_PAGES = ("docs/RESULTS.md", "README.md")
+
+
+def update_docs(out: Path, pages: Sequence[Path] | None = None) -> list[Path]:
+    """Refresh the tables between ``<!-- realtasks:NAME -->`` and ``<!-- /realtasks:NAME -->``
+    in ``pages`` (default: docs/RESULTS.md and README.md) from ``OUT/NAME.md``: NAME is
+    ``headline`` or a task. Returns the pages changed; a marker whose file is missing is
+    left as it is."""
+    changed = []
+    for page in pages if pages is not None else [ROOT / name for name in DOC_PAGES]:
+        text = original = page.read_text()
+        for name in ("headline", *TASKS):
+            source = out / f"{name}.md"
+            opening, closing = f"<!-- realtasks:{name} -->", f"<!-- /realtasks:{name} -->"
+            if opening not in text or not source.exists():
+                continue
+            if closing not in text:
+                raise ValueError(f"{page}: {opening} has no {closing} after it")
+            table = source.read_text().strip()
+            if table.startswith("# "):  # a task file's title: the page has its own heading
+                table = table.split("\n", 1)[1].strip()
+            before, rest = text.split(opening, 1)
+            after = rest.split(closing, 1)[1]
+            text = f"{before}{opening}\n{table}\n{closing}{after}"
+        if text != original:
+            temporary = page.with_name(page.name + ".tmp")
+            temporary.write_text(text)
+            temporary.replace(page)
+            changed.append(page)
+    return changed
+
+
 def parse_variants(texts: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``NAME=JSON`` pairs: GBLR options of each variant."""
     variants = {}
@@ -420,6 +453,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="results folder (default: benchmarks/results/realtasks, or realtasks-quick)",
     )
     parser.add_argument("--figures", type=Path, help="plot folder (default: docs/figures)")
+    parser.add_argument(
+        "--docs",
+        action="store_true",
+        help="then refresh the marked tables of docs/RESULTS.md and README.md from OUT",
+    )
     args = parser.parse_args(argv)
     try:
         variants = parse_variants(args.variant)
@@ -439,6 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{name}] {time.perf_counter() - start:.0f} s")
         print(report(spec, payload, args.out, figures, args.quick))
     print(headline(args.out, args.quick))
+    if args.docs:
+        if args.quick:
+            parser.error("--docs takes the tables of a full run, not of --quick")
+        for page in update_docs(args.out):
+            print(f"updated {page}")
     return 0
 
 

@@ -73,3 +73,42 @@ def test_bad_variant_is_refused(tmp_path):
     result = _run(tmp_path, "--tasks", "t1-vit", "--variant", "no-json-here")
     assert result.returncode != 0
     assert "--variant must be NAME=JSON" in result.stderr
+
+
+def _realtasks_module():
+    import importlib.util
+
+    sys.path.insert(0, str(SCRIPT.parent))  # realtasks imports its sibling bench_layer
+    try:
+        spec = importlib.util.spec_from_file_location("realtasks_under_test", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return module
+
+
+def test_docs_tables_are_refreshed_between_their_markers_only(tmp_path):
+    realtasks = _realtasks_module()
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "t2.md").write_text("# T2 title\n\n| a |\n|---|\n| 1 |\n")
+    (out / "headline.md").write_text("| h |\n|---|\n| 2 |\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "intro\n<!-- realtasks:headline -->\nold headline\n<!-- /realtasks:headline -->\n"
+        "middle\n<!-- realtasks:t2 -->\n<!-- /realtasks:t2 -->\n"
+        "<!-- realtasks:t3 -->\nkept: no t3.md\n<!-- /realtasks:t3 -->\nend\n"
+    )
+    assert realtasks.update_docs(out, [page]) == [page]
+    assert page.read_text() == (
+        "intro\n<!-- realtasks:headline -->\n| h |\n|---|\n| 2 |\n<!-- /realtasks:headline -->\n"
+        "middle\n<!-- realtasks:t2 -->\n| a |\n|---|\n| 1 |\n<!-- /realtasks:t2 -->\n"
+        "<!-- realtasks:t3 -->\nkept: no t3.md\n<!-- /realtasks:t3 -->\nend\n"
+    )
+    # Nothing to change: the page is not rewritten.
+    assert realtasks.update_docs(out, [page]) == []
+    page.write_text("<!-- realtasks:t2 -->\nno closing marker\n")
+    with pytest.raises(ValueError, match="has no <!-- /realtasks:t2 -->"):
+        realtasks.update_docs(out, [page])
