@@ -262,6 +262,15 @@ def summarize(spec: TaskSpec, payload: dict[str, Any], quick: bool) -> list[dict
     return rows
 
 
+# A family whose layers cannot fit the budget keeps some of them dense and may end above
+# it; such a row is shown but is not at equal MACs, so it is never counted as the best.
+OVER_BUDGET_TOLERANCE = 1.02
+
+
+def over_budget(row: dict[str, Any]) -> bool:
+    return row["label"] != "dense" and row["macs_ratio"] > row["budget"] * OVER_BUDGET_TOLERANCE
+
+
 def _scaled(spec: TaskSpec, value: float) -> float:
     return 100 * value if spec.metric == "accuracy" else value
 
@@ -274,7 +283,7 @@ def markdown_table(spec: TaskSpec, rows: list[dict[str, Any]], machine: str) -> 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best: dict[float, float] = {}
     for row in rows:
-        if row["label"] == "dense":
+        if row["label"] == "dense" or over_budget(row):
             continue
         value = row[spec.metric] if spec.higher_is_better else -row[spec.metric]
         best[row["budget"]] = max(best.get(row["budget"], -math.inf), value)
@@ -282,8 +291,10 @@ def markdown_table(spec: TaskSpec, rows: list[dict[str, Any]], machine: str) -> 
         mean, std = _scaled(spec, row[spec.metric]), _scaled(spec, row[spec.metric + "_std"])
         signed = row[spec.metric] if spec.higher_is_better else -row[spec.metric]
         metric = f"{mean:.2f} ± {std:.2f}" if spec.metric != "cosine" else f"{mean:.4f} ± {std:.4f}"
-        if row["label"] != "dense" and signed == best.get(row["budget"]):
+        if row["label"] != "dense" and not over_budget(row) and signed == best.get(row["budget"]):
             metric = f"**{metric}**"
+        if over_budget(row):
+            metric += " (over budget)"
         budget = "1 (dense)" if row["label"] == "dense" else f"{row['budget']:g}"
         cells = [
             budget,
@@ -372,6 +383,7 @@ def headline(out: Path, quick: bool) -> str:
             at = {r["label"]: r for r in rows if r["budget"] == budget}
             others = [r for label, r in at.items() if label not in ("gblr", "dense")]
             others = [r for r in others if not r["label"].startswith("gblr:")]
+            others = [r for r in others if not over_budget(r)]
             sign = 1 if spec.higher_is_better else -1
             best = max(others, key=lambda r: sign * r[spec.metric], default=None)
             ours, lowrank = at.get("gblr"), at.get("lowrank")

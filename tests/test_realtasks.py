@@ -112,3 +112,32 @@ def test_docs_tables_are_refreshed_between_their_markers_only(tmp_path):
     page.write_text("<!-- realtasks:t2 -->\nno closing marker\n")
     with pytest.raises(ValueError, match="has no <!-- /realtasks:t2 -->"):
         realtasks.update_docs(out, [page])
+
+
+def test_a_family_over_its_budget_is_never_the_best():
+    realtasks = _realtasks_module()
+    spec = realtasks.TASKS["t1-vit"]
+
+    def run(label, accuracy, macs_ratio, seed):
+        return {
+            "label": label,
+            "budget": 0.1,
+            "seed": seed,
+            "accuracy": accuracy,
+            "macs_ratio": macs_ratio,
+            "seconds": 1.0,
+        }
+
+    payload = {
+        "runs": [
+            run("gblr", 0.90, 0.10, 0),
+            run("gblr", 0.92, 0.10, 1),
+            run("pixelfly", 0.99, 0.117, 0),
+            run("pixelfly", 0.99, 0.117, 1),
+            run("lowrank", 0.80, 0.09, 0),
+            run("lowrank", 0.82, 0.09, 1),
+        ]
+    }
+    table = realtasks.markdown_table(spec, realtasks.summarize(spec, payload, False), "m")
+    assert "| pixelfly | 99.00 ± 0.00 (over budget) |" in table
+    assert "| gblr | **91.00 ± 1.41** |" in table
