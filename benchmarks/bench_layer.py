@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 import gblr
+from gblr.recipes.report import save_atomically
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -137,15 +137,7 @@ def machine_description(device: torch.device) -> str:
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2)
-        tmp = f.name
-    # NamedTemporaryFile makes the file private (0600); results are meant to be read.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    save_atomically(lambda handle: json.dump(payload, handle, indent=2), path, text=True)
 
 
 def main(argv: list[str] | None = None) -> int:

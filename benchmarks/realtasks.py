@@ -49,6 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import machine_description, write_json_atomically
+from gblr.recipes.report import save_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("dense", "gblr", "lowrank", "monarch", "blockdiag", "blocksparse", "pixelfly")
@@ -336,11 +337,8 @@ def plot(spec: TaskSpec, rows: list[dict[str, Any]], path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=110)
+    save_atomically(lambda handle: figure.savefig(handle, format="png", dpi=110), path)
     plt.close(figure)
-    temporary.replace(path)
 
 
 def report(spec: TaskSpec, payload: dict[str, Any], out: Path, figures: Path, quick: bool) -> str:
@@ -348,9 +346,7 @@ def report(spec: TaskSpec, payload: dict[str, Any], out: Path, figures: Path, qu
     table = markdown_table(spec, rows, payload.get("machine", "unknown"))
     title = f"# {spec.title}{' (quick: not a result)' if quick else ''}\n\n"
     markdown_path = out / f"{spec.name}.md"
-    temporary = markdown_path.with_name(markdown_path.name + ".tmp")
-    temporary.write_text(title + table + "\n")
-    temporary.replace(markdown_path)
+    save_atomically(lambda handle: handle.write(title + table + "\n"), markdown_path, text=True)
     plot(spec, rows, figures / f"realtasks_{spec.name}.png")
     return table
 
@@ -381,9 +377,11 @@ def headline(out: Path, quick: bool) -> str:
 
         for budget in sorted({r["budget"] for r in rows if r["label"] != "dense"}):
             at = {r["label"]: r for r in rows if r["budget"] == budget}
-            others = [r for label, r in at.items() if label not in ("gblr", "dense")]
-            others = [r for r in others if not r["label"].startswith("gblr:")]
-            others = [r for r in others if not over_budget(r)]
+            others = [
+                r
+                for label, r in at.items()
+                if label != "dense" and label.split(":")[0] != "gblr" and not over_budget(r)
+            ]
             sign = 1 if spec.higher_is_better else -1
             best = max(others, key=lambda r: sign * r[spec.metric], default=None)
             ours, lowrank = at.get("gblr"), at.get("lowrank")
@@ -398,9 +396,7 @@ def headline(out: Path, quick: bool) -> str:
                 f"{_cell(spec, lowrank)} | {_cell(spec, dense)} | {time_ratio} |"
             )
     table = "\n".join(lines) + "\n"
-    temporary = out / "headline.md.tmp"
-    temporary.write_text(table)
-    temporary.replace(out / "headline.md")
+    save_atomically(lambda handle: handle.write(table), out / "headline.md", text=True)
     return table
 
 
@@ -429,9 +425,7 @@ def update_docs(out: Path, pages: Sequence[Path] | None = None) -> list[Path]:
             after = rest.split(closing, 1)[1]
             text = f"{before}{opening}\n{table}\n{closing}{after}"
         if text != original:
-            temporary = page.with_name(page.name + ".tmp")
-            temporary.write_text(text)
-            temporary.replace(page)
+            save_atomically(lambda handle, text=text: handle.write(text), page, text=True)
             changed.append(page)
     return changed
 

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from ..layers.base import FactorInit
     from .learner import StructureLearner
 
 __all__ = ["planted_blocks", "recovery_run", "regression_steps"]
@@ -87,7 +88,7 @@ def recovery_run(
     lr: float = 1e-2,
     learner_options: dict | None = None,
     lr_decay: float = 0.0,
-    factor_init: str = "uniform",
+    factor_init: FactorInit = "uniform",
 ) -> dict[str, float]:
     """Regress a randomly started ``GBLRLinear`` onto :func:`planted_blocks` under a budget.
 
