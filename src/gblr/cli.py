@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -112,15 +113,11 @@ def demo(args: argparse.Namespace) -> int:
     in every layer. The default budget, 10% of the MACs, is where the families differ (at
     30% all of them are within a point of dense). Prints a table (test accuracy, MACs
     ratio of the transformer blocks, training time) and writes it with the training logs
-    to --out. One seed: for means over seeds see benchmarks/realtasks.py.
+    to --out (an earlier demo there is kept: this one goes to OUT-2, OUT-3, ...). One seed:
+    for means over seeds see benchmarks/realtasks.py.
     """
-    import torch
-
-    from .recipes.data import digits
-    from .recipes.engine import train_classifier
-    from .recipes.models import VisionTransformer, structure_model
-    from .recipes.report import save_atomically, write_report
-    from .recipes.smoke import SMOKE_BANNER, mark_smoke_report, refuse_real_folder
+    from .recipes.run_folder import RunLock
+    from .recipes.smoke import refuse_real_folder
 
     # The demo prints its own summary; Lightning's per-run banners (accelerators found,
     # tips) would repeat four times between the models' progress bars.
@@ -129,6 +126,35 @@ def demo(args: argparse.Namespace) -> int:
     if args.smoke:
         refuse_real_folder(out)
         args.steps = 2
+    elif _holds_demo(out, args.structures):
+        # an earlier demo's results stay: this one gets the next free folder, as
+        # Lightning's loggers give each run a new version
+        out = next(
+            folder
+            for folder in (out.with_name(f"{out.name}-{k}") for k in range(2, 10_000))
+            if not folder.exists()
+        )
+        print(f"{args.out} holds an earlier demo (kept); this one writes to {out}")
+    with RunLock(out):
+        return _demo(args, out)
+
+
+def _holds_demo(out: Path, structures: Sequence[str]) -> bool:
+    from .recipes.run_folder import holds_run
+
+    return holds_run(out) or any(holds_run(out / name) for name in structures)
+
+
+def _demo(args: argparse.Namespace, out: Path) -> int:
+    import torch
+
+    from .recipes.data import digits
+    from .recipes.engine import train_classifier
+    from .recipes.models import VisionTransformer, structure_model
+    from .recipes.report import save_atomically, write_report
+    from .recipes.smoke import SMOKE_BANNER, mark_smoke_report
+
+    if args.smoke:
         print("smoke run: 2 steps per model, to check the setup (its numbers are not results)")
     train_set, test_set = digits(seed=args.seed)
     print(
@@ -239,6 +265,21 @@ def _config_from_args(args: argparse.Namespace):
     return load_config(args.config, [*args.overrides, *overrides])
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)*=")
+
+
+def _override_after_resume(args: argparse.Namespace) -> None:
+    """``--resume optim.lr=1`` reads the override as the checkpoint: give it back to the
+    overrides and resume from the run folder's last checkpoint, unless such a file exists
+    (Lightning's own checkpoint names hold a '=')."""
+    resume = getattr(args, "resume", None)
+    if resume in (None, "last") or Path(resume).expanduser().exists():
+        return
+    if _OVERRIDE.match(resume):
+        args.overrides = [resume, *args.overrides]
+        args.resume = "last"
+
+
 def train(args: argparse.Namespace) -> int:
     """Train one model from a YAML config: a shipped one (see --list) or a file.
 
@@ -252,6 +293,7 @@ def train(args: argparse.Namespace) -> int:
     if args.list:
         _list_configs()
         return 0
+    _override_after_resume(args)
     config = _config_from_args(args)
     if args.structure is not None and args.out is None:
         # a baseline of a shipped config gets its own folder, not the GBLR run's
@@ -267,7 +309,9 @@ def train(args: argparse.Namespace) -> int:
     if args.smoke:
         config, notes = smoke_config(config)
         print("\n".join(notes))
-    result = train_from_config(config, resume=args.resume, progress=not args.quiet)
+    result = train_from_config(
+        config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite
+    )
     if "perplexity" in result:
         score = f"test perplexity {result['perplexity']:.3f}"
     else:
@@ -324,23 +368,122 @@ def sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    """An error message as one line (the command's errors are one line each)."""
+    line = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return line if len(line) <= limit else f"{line[: limit - 3]}..."
+
+
+def _described(error: BaseException) -> str:
+    """``Type: message`` of an error from below (torch, yaml, csv) in one line."""
+    line = _one_line(str(error))
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
 def report(args: argparse.Namespace) -> int:
     """Write REPORT.md with PNG figures into a run folder: learned masks of every GBLR
     layer, MACs per layer, training curves (needs model_state.pt, uses metrics.csv)."""
+    from .deploy.io import is_gblr_file
     from .recipes.smoke import write_run_report  # marks a smoke run's report as such
 
-    print(f"wrote {write_run_report(args.run_dir)}")
+    run_dir = Path(args.run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"no run folder at {run_dir}")
+    if not run_dir.is_dir():
+        hint = "; for a model file of gblr.save, `gblr flops` gives its MACs per layer"
+        raise ValueError(
+            f"{run_dir} is a file, not a run folder (the folder a run wrote, holding "
+            f"model_state.pt){hint if is_gblr_file(run_dir) else ''}"
+        )
+    try:
+        written = write_run_report(run_dir)
+    except FileNotFoundError:  # says what is missing (model_state.pt) in one line
+        raise
+    except Exception as error:  # an unreadable state or metrics file: one line, no traceback
+        raise ValueError(f"cannot write the report of {run_dir}: {_described(error)}") from None
+    print(f"wrote {written}")
     return 0
+
+
+def _saved_model_costs(path: Path) -> str:
+    """The per-layer MACs table of a file written by gblr.save (verified first)."""
+    from .cost import gblr_cost
+    from .deploy.io import load_checkpoint
+    from .recipes.report import format_costs
+
+    checkpoint = load_checkpoint(path)  # a damaged file: GBLRFileError, one line
+    state = checkpoint.state_dict()
+    rows, frozen = [], []
+    for entry in checkpoint.layers:
+        prefix = f"{entry['name']}." if entry["name"] else ""
+        macs = gblr_cost(
+            state[f"{prefix}row_intervals"][:, 1],
+            state[f"{prefix}col_intervals"][:, 1],
+            entry["rank_per_component"],
+        )
+        for name in (entry["name"], *entry["aliases"]):  # a shared layer runs at each name
+            frozen.append(f"{name}." if name else "")
+            rows.append(
+                {
+                    "name": name or "(model)",
+                    "kind": "GBLR",
+                    "shape": (entry["out"], entry["in"]),
+                    "macs": macs,
+                    "dense_macs": entry["out"] * entry["in"],
+                }
+            )
+    for key, tensor in state.items():
+        # as for a state dict: other 2-D weights are dense linear layers
+        if key.endswith("weight") and tensor.dim() == 2 and not key.startswith(tuple(frozen)):
+            name = key[: -len(".weight")]
+            rows.append(
+                {
+                    "name": name,
+                    "kind": "dense",
+                    "shape": tuple(tensor.shape),
+                    "macs": tensor.numel(),
+                    "dense_macs": tensor.numel(),
+                }
+            )
+    rows.sort(key=lambda row: row["name"])
+    return (
+        f"model file {path} (gblr.save, written by gblr {checkpoint.gblr_version}); MACs per "
+        f"input row (per output position for a convolution)\n{format_costs(rows)}"
+    )
+
+
+def _state_dict_costs(path: Path) -> str:
+    from .recipes.report import format_costs, layer_costs, load_state
+
+    try:
+        if path.is_file() and path.suffix == ".safetensors":
+            import safetensors.torch
+
+            state = safetensors.torch.load_file(str(path))
+        else:
+            state = load_state(path)
+        return format_costs(layer_costs(state))
+    except FileNotFoundError:  # says what is missing in one line
+        raise
+    except Exception as error:  # not a state dict (garbage, a pickle of something else)
+        raise ValueError(
+            f"{path} is not a run folder, a checkpoint, a config, a file of gblr.save or a "
+            f"saved state dict ({_described(error)})"
+        ) from None
 
 
 def flops(args: argparse.Namespace) -> int:
     """Print the per-layer MACs (one MAC per multiply-add, per input row or position) of a
     model: a run folder or checkpoint of `gblr train` (every structure, exact, and the
     whole model's MACs for one image, attention included), a config (its starting
-    structure), or any saved state dict (GBLR and dense layers)."""
-    from .recipes.report import format_costs, layer_costs, load_state
+    structure), a model file written by gblr.save, or any saved state dict (GBLR and
+    dense layers; torch.save or safetensors)."""
+    from .deploy.io import is_gblr_file
 
     path = Path(args.path)
+    if is_gblr_file(path):
+        print(_saved_model_costs(path))
+        return 0
     is_config = path.suffix in (".yaml", ".yml") or (not path.exists() and not path.suffix)
     if is_config or (path / "config.yaml").is_file() or path.suffix == ".ckpt":
         try:
@@ -351,12 +494,19 @@ def flops(args: argparse.Namespace) -> int:
             from .cost import count_flops
             from .model_flops import count_model_flops
 
-            model, what, example = model_from_run(path)
+            try:
+                model, what, example = model_from_run(path)
+            except FileNotFoundError:
+                raise
+            except ValueError as error:  # its own messages, about the run
+                raise ValueError(_one_line(str(error), limit=1000)) from None
+            except Exception as error:  # an unreadable config or checkpoint: one line
+                raise ValueError(f"cannot read {path}: {_described(error)}") from None
             size = "x".join(str(d) for d in example.shape[1:])
             print(f"{what}\n{count_flops(model)}\n\nwhole model, one {size} image:")
             print(count_model_flops(model.eval(), example))
             return 0
-    print(format_costs(layer_costs(load_state(path))))
+    print(_state_dict_costs(path))
     return 0
 
 
@@ -388,7 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEMO_STRUCTURES),
         help=f"which models to train (default: {' '.join(DEMO_STRUCTURES)})",
     )
-    demo_parser.add_argument("--out", default="gblr-demo", help="report folder (gblr-demo)")
+    demo_parser.add_argument(
+        "--out",
+        default="gblr-demo",
+        help="report folder (gblr-demo); one holding an earlier demo is kept and the demo "
+        "writes to OUT-2, OUT-3, ...",
+    )
     demo_parser.add_argument(
         "--smoke",
         action="store_true",
@@ -423,6 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
                 nargs="?",
                 const="last",
                 help="continue from a checkpoint (default: the run folder's last.ckpt)",
+            )
+            run.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="replace the run in the run folder (only the files gblr wrote go)",
             )
         lightning = run.add_argument_group("Lightning (trainer.*)")
         lightning.add_argument("--accelerator", help="cpu, gpu, auto, ...")
@@ -486,7 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gblr`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # overrides after an option (`--out run optim.lr=1`): argparse takes positionals
+        # in one place only
+        if not hasattr(args, "overrides") or not all(_OVERRIDE.match(x) for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2

@@ -137,3 +137,21 @@ def test_half_precision_is_checked_and_bfloat16_is_written_unchecked(tmp_path):
         bf16 = gblr.export_onnx(frozen.to(torch.bfloat16), x.bfloat16(), tmp_path / "bf16.onnx")
     assert bf16.max_abs_error is None and bf16.path.is_file()
     onnx.checker.check_model(str(bf16.path))
+
+
+def test_a_link_is_written_through_and_a_read_only_file_is_refused(tmp_path):
+    # As gblr.save (issue 20): os.replace turned a link into a file and replaced a
+    # read-only one.
+    frozen = gblr.freeze(nn.Sequential(gblr.GBLRLinear(8, 4)).eval())
+    x = torch.randn(2, 8)
+    (tmp_path / "models").mkdir()
+    real = tmp_path / "models" / "m.onnx"
+    real.write_bytes(b"old")
+    link = tmp_path / "m.onnx"
+    link.symlink_to(real)
+    gblr.export_onnx(frozen, x, link, check=False)
+    assert link.is_symlink() and onnx.load(str(real)) is not None
+    real.chmod(0o444)
+    with pytest.raises(PermissionError, match="read-only"):
+        gblr.export_onnx(frozen, x, link, check=False)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m.onnx"]

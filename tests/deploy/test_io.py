@@ -210,20 +210,13 @@ def test_save_and_load_bad_arguments(tmp_path):
 )
 def test_plans_of_another_version_are_refused_on_load(tmp_path, field, value, message):
     # A consistent file (its checksum recomputed) naming a plan this version lacks.
-    from gblr.deploy import io
+    from tests.deploy.crafting import edit
 
-    model = frozen_sequential()
-    path = gblr.save(model, tmp_path / "m.safetensors")
-    import safetensors
-    import safetensors.torch
+    path = gblr.save(frozen_sequential(), tmp_path / "m.safetensors")
 
-    with safetensors.safe_open(str(path), "pt") as handle:
-        metadata = handle.metadata()
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    structure = json.loads(metadata["structure"])
-    structure["layers"][0][field] = value
-    metadata["structure"] = json.dumps(structure, sort_keys=True)
-    metadata["sha256"] = io._digest(metadata["structure"], tensors)
-    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
-    with pytest.raises(ValueError, match=message):
+    def change(header):
+        header["__metadata__"]["structure"]["layers"][0][field] = value
+
+    edit(path, change)
+    with pytest.raises(gblr.deploy.GBLRFileError, match=message):
         gblr.load(path)

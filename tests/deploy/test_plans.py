@@ -176,3 +176,16 @@ def test_plan_lookup_follows_every_edit_of_the_plan_cache():
     assert frozen.plan_for(4096) == "blocksparse"
     frozen.plan = "segment"
     assert frozen.plan_for(4096) == "segment"
+
+
+def test_plan_refuses_an_empty_batch_before_running_the_model():
+    # Issue 20: an empty batch crashed deep inside a plan (range() arg 3 must not be zero).
+    layer = gblr.GBLRLinear(16, 16, structure_init="half", init_cost=0.3)
+    linear = gblr.freeze(nn.Sequential(layer))
+    linear[0].plan = "panels"  # the plan that crashed on zero rows
+    with pytest.raises(ValueError, match=r"layer '0' an input of shape \(0, 16\).*at least one"):
+        gblr.plan(linear, torch.randn(0, 16))
+    assert linear[0].plan_cache == {}
+    conv = gblr.freeze(nn.Sequential(gblr.GBLRConv2d(3, 8, 3, padding=1)))
+    with pytest.raises(ValueError, match=r"shape \(0, 3, 5, 5\), with no rows"):
+        gblr.plan(conv, torch.randn(0, 3, 5, 5))

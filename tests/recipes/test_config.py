@@ -5,6 +5,7 @@ from gblr.recipes.config import (
     CONFIG_DIR,
     config_to_dict,
     load_config,
+    resume_changes,
     shipped_configs,
 )
 
@@ -58,18 +59,44 @@ def test_overrides_are_typed_and_merged():
         (["optim.epochs=10"], r"exactly one of optim.epochs and optim.steps"),
         (["trainer.logger=wandb"], r"trainer.logger must be one of csv, tensorboard"),
         (["learner.sigma=[1]"], r"learner.sigma must be \[start, end\]"),
-        (["learner.max_shift=0"], r"learner.max_shift must be > 0"),
+        (["learner.max_shift=0"], r"learner.max_shift must be finite and > 0"),
         (["learner.merge=1.5"], r"learner.merge must be a tolerance in \[0, 1\) or null"),
         (["learner.untangle=-1"], r"learner.untangle must be a tolerance in \[0, 1\) or null"),
         (["learner.refine=2"], r"learner.refine must be a tolerance in \[0, 1\) or null"),
-        (["learner.merge_every=0"], r"learner.merge_every must be > 0"),
+        (["learner.merge_every=0"], r"learner.merge_every must be finite and > 0"),
         (["optim=3"], r"optim must be a mapping"),
         (["optim.lr"], r"must look like section.key=value"),
+        # the start-up failures that used to reach Lightning after config.yaml was written
+        (["optim.lr=.nan"], r"optim.lr must be a number, got nan"),
+        (["optim.lr=.inf"], r"optim.lr must be finite and > 0, got inf"),
+        (["optim.warmup=nan"], r"optim.warmup must be float"),
+        (["trainer.precision=bogus"], r"trainer.precision must be one of .*bf16-mixed"),
+        (["trainer.devices=-3"], r"trainer.devices must be a count >= 1, -1 \(all\)"),
+        (["trainer.devices=0"], r"trainer.devices must be .*got 0"),
+        (["trainer.devices=[]"], r"trainer.devices must be .*got \[\]"),
+        (["trainer.devices=gpu"], r"trainer.devices must be .*got 'gpu'"),
     ],
 )
 def test_bad_keys_and_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config("digits-vit-gblr", overrides)
+
+
+@pytest.mark.parametrize("devices", ["auto", "2", "0,1", "-1", "[0, 1]", "-1"])
+def test_lightnings_device_forms_are_accepted(devices):
+    config = load_config("digits-vit-gblr", [f"trainer.devices={devices}"])
+    assert str(config.trainer.devices).replace(" ", "") == devices.replace(" ", "")
+
+
+def test_resume_changes_name_what_would_not_take_effect():
+    saved = config_to_dict(load_config("digits-vit-gblr"))
+    moved = load_config("digits-vit-gblr", ["trainer.devices=2", "out=elsewhere"])
+    assert resume_changes(saved, config_to_dict(moved)) == []
+    changed = load_config("digits-vit-gblr", ["optim.lr=0.5", "structure.budget=0.2"])
+    assert resume_changes(saved, config_to_dict(changed)) == [
+        "optim.lr: 0.002 in the checkpoint, 0.5 now",
+        "structure.budget: 0.3 in the checkpoint, 0.2 now",
+    ]
 
 
 def test_bad_files_say_what_is_wrong(tmp_path):

@@ -25,8 +25,8 @@ def test_digits_split_is_fixed_and_standardized():
 @pytest.mark.parametrize("classes", [10, 100])
 def test_cifar_reads_the_pickle_format(tmp_path, classes):
     written = write_cifar(tmp_path, classes)
-    train = load_cifar(tmp_path, train=True, classes=classes)
-    test = load_cifar(tmp_path, train=False, classes=classes)
+    train = load_cifar(tmp_path, train=True, classes=classes, verify=False)
+    test = load_cifar(tmp_path, train=False, classes=classes, verify=False)
     train_names = [n for n in written if n not in ("test_batch", "test")]
     assert len(train) == 4 * len(train_names) and len(test) == 4
     test_name = "test_batch" if classes == 10 else "test"
@@ -163,7 +163,7 @@ def test_cifar_download_goes_through_torchvision_only_when_files_are_missing(tmp
         write_cifar(tmp_path, 10)
 
     monkeypatch.setattr(datasets, "CIFAR10", fake_cifar10)
-    assert len(load_cifar(tmp_path, train=False, download=True)) == 4
+    assert len(load_cifar(tmp_path, train=False, download=True, verify=False)) == 4
     assert calls == [(str(tmp_path), False, True)]
-    load_cifar(tmp_path, train=False, download=True)  # present now: no second fetch
+    load_cifar(tmp_path, train=False, download=True, verify=False)  # present now: no second fetch
     assert len(calls) == 1

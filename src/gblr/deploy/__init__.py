@@ -14,7 +14,7 @@ kernel), and checks the file with ``onnxruntime``.
 
 from .export import ONNX_PLANS, OnnxExport, export_onnx
 from .frozen import PLAN_CHOICES, FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix, freeze
-from .io import FrozenCheckpoint, load, load_checkpoint, save
+from .io import FrozenCheckpoint, GBLRFileError, is_gblr_file, load, load_checkpoint, save
 from .planner import LayerPlan, PlanReport, plan
 from .plans import GPU_PLANS, PLANS
 
@@ -27,11 +27,13 @@ __all__ = [
     "FrozenGBLRConv2d",
     "FrozenGBLRLinear",
     "FrozenGBLRMatrix",
+    "GBLRFileError",
     "LayerPlan",
     "OnnxExport",
     "PlanReport",
     "export_onnx",
     "freeze",
+    "is_gblr_file",
     "load",
     "load_checkpoint",
     "plan",

@@ -154,7 +154,8 @@ def export_onnx(
         example_input: a tensor, or a tuple of positional inputs, for tracing and the
             check. With ``dynamic_batch``, dimension 0 of every tensor input is exported
             as a symbolic batch size.
-        path: the ``.onnx`` file to write.
+        path: the ``.onnx`` file to write. A symbolic link is followed (its target is
+            written, the link stays); a read-only file is refused.
         plan: ``"auto"`` (per layer, whichever of dense and low-rank costs fewer MACs:
             ``out * in`` against ``K r (out + in)`` over the padded rank), ``"dense"`` or
             ``"lowrank"``.
@@ -170,6 +171,7 @@ def export_onnx(
     Raises:
         ValueError: a bad ``plan``, a model with training-form GBLR layers, or an
             exported file whose outputs differ from the model's.
+        PermissionError: ``path`` is a read-only file.
         ImportError: the ``onnx``/``onnxscript`` packages are missing
             (``pip install "gblr[onnx]"``).
 
@@ -235,8 +237,12 @@ def export_onnx(
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if x.dim() else None for x in inputs)
 
+    from ..recipes.report import replacement_target
+
     target = report.path
     target.parent.mkdir(parents=True, exist_ok=True)
+    # As gblr.save: a link's target is written (the link stays), a read-only file refused.
+    target = replacement_target(target)
     workdir = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
         staged = workdir / target.name

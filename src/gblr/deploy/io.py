@@ -1,32 +1,42 @@
 """Save and load frozen GBLR models: safetensors for the tensors, JSON for the structure.
 
 File layout: one ``.safetensors`` file. The tensors are the model's ``state_dict()``
-(tensors shared between several keys are stored once). The safetensors header's
-``__metadata__`` (string values only) holds:
+(tensors shared between several keys, tied weights, are stored once). The safetensors
+header's ``__metadata__`` (string values only) holds:
 
-- ``format``: ``"gblr.frozen"``, ``format_version``: ``"1"``, ``gblr_version``;
+- ``format``: ``"gblr.frozen"``, ``format_version``: ``"2"``, ``gblr_version``;
 - ``structure``: JSON with ``layers`` (for every frozen GBLR layer: module name, other
   names it is shared under, class, shape arguments, rank, integer intervals, dtype, plan
-  and timed plan choices), ``aliases`` (state-dict keys stored under another key),
-  ``root`` (class name of the saved model) and ``model``: a description from which
-  :func:`load` can rebuild the model without code, or ``null`` (see :func:`load`);
-- ``sha256``: hex digest of the ``structure`` string followed by every stored tensor
-  (name, dtype, shape, bytes) in sorted name order, so a file that was truncated, or
-  whose tensors or structure were changed after saving, is refused. (It detects damage
-  and accidental edits; it is not a signature.)
+  and timed plan choices), ``aliases`` (state-dict keys stored under another key: tied
+  weights), ``root`` (class name of the saved model) and ``model``: a description from
+  which :func:`load` can rebuild the model without code, or ``null`` (see :func:`load`);
+- ``sha256``: hex digest of every other metadata entry (the versions included) followed
+  by every stored tensor (name, dtype, shape, byte count, bytes) in sorted name order, so
+  a file that was truncated, or whose tensors, structure or versions were changed after
+  saving, is refused. (It detects damage and accidental edits; it is not a signature.)
+
+Reading trusts nothing in the file: the header is checked field by field (types, allowed
+keys, ranges, nesting) before anything is built, every tensor's byte count must match its
+dtype and shape and the data must fill the file exactly, and the model is built on the
+``meta`` device and compared with the stored tensors before any memory is allocated for
+it, so a crafted file makes :func:`load` allocate no more than a small multiple of its
+own size, and anything wrong is a :class:`GBLRFileError`. Nothing from the file is
+executed or unpickled: the model description names only a fixed set of ``torch.nn``
+classes. Files of format version ``"1"`` (whose checksum did not cover the versions) are
+still read.
 
 Loading needs only torch, safetensors and the frozen layers: no learner, no Gaudi masks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
-import tempfile
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +47,77 @@ from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
 from .frozen import PLAN_CHOICES, FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix
 
-__all__ = ["FORMAT", "FrozenCheckpoint", "load", "load_checkpoint", "save"]
+__all__ = [
+    "FORMAT",
+    "FrozenCheckpoint",
+    "GBLRFileError",
+    "is_gblr_file",
+    "load",
+    "load_checkpoint",
+    "save",
+]
 
 FORMAT = "gblr.frozen"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 
-_DTYPES = {
-    str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64)
+# Module parameters are floating point; stored tensors may be of any safetensors dtype.
+_DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+_STORED_DTYPES = {
+    code: getattr(torch, name)
+    for code, name in {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U8": "uint8",
+        "U16": "uint16",
+        "U32": "uint32",
+        "U64": "uint64",
+        "BOOL": "bool",
+        "C64": "complex64",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+    }.items()
+    if hasattr(torch, name)
 }
+_METADATA_KEYS = {"format", "format_version", "gblr_version", "structure", "sha256"}
+# safetensors' own limit: a larger header is not one that a real model needs.
+_MAX_HEADER_BYTES = 100_000_000
+# Largest size accepted for one dimension of a layer, and for a rank.
+_MAX_SIZE = 2**31 - 1
+_MAX_TENSOR_DIMS = 16
+# Nesting of the model description (Sequential in Sequential ...).
+_MAX_DEPTH = 64
+
+
+class GBLRFileError(ValueError):
+    """A file given to :func:`load` or :func:`load_checkpoint` that :func:`save` did not
+    write as it is: not a gblr file, truncated, damaged, edited, or of an unknown format
+    version. The message names the file and what is wrong with it.
+
+    A subclass of ``ValueError``: ``except ValueError`` catches it too.
+
+    Examples:
+        >>> import os, tempfile, gblr
+        >>> from gblr.deploy import GBLRFileError
+        >>> path = os.path.join(tempfile.mkdtemp(), "notes.safetensors")
+        >>> with open(path, "wb") as handle:
+        ...     _ = handle.write(b"hello")
+        >>> try:
+        ...     gblr.load(path)
+        ... except GBLRFileError as error:
+        ...     print(str(error).split(": ", 1)[1])
+        truncated or not a safetensors file (5 bytes)
+    """
+
+
+class _Invalid(Exception):
+    """A reason to refuse a file; :func:`load_checkpoint` adds the file's name."""
 
 
 def _safetensors():
@@ -101,24 +174,34 @@ _PARAMETERLESS = {
     nn.Flatten: ("start_dim", "end_dim"),
     nn.Dropout: ("p",),
 }
+_PARAMETERLESS_BY_NAME = {kind.__name__: kind for kind in _PARAMETERLESS}
 
 
-def _model_spec(module: nn.Module) -> dict[str, Any] | None:
+def _model_spec(module: nn.Module, name: str = "", seen: dict[int, str] | None = None):
     """A description of ``module`` that :func:`_build` can rebuild, or ``None``.
 
     Covers what is common in small deployed models without importing user code: frozen
     GBLR layers, ``nn.Sequential``, ``Linear``, ``Conv2d`` (zero padding), ``LayerNorm``
-    and parameter-free activations."""
+    and parameter-free activations. A module met a second time (shared under several
+    names) is ``{"type": "shared", "target": first name}``, in its place."""
+    seen = {} if seen is None else seen
+    if id(module) in seen:
+        return {"type": "shared", "target": seen[id(module)]}
+    seen[id(module)] = name
     if isinstance(module, FrozenGBLRMatrix):
         return {"type": "frozen"}
     kind = type(module)
     if kind is nn.Sequential:
         children = []
-        for name, child in module.named_children():
-            spec = _model_spec(child)
+        # _modules, not named_children(): that skips a module it has seen, and the
+        # rebuilt Sequential would run its children in another order.
+        for child_name, child in module._modules.items():
+            if child is None:
+                return None
+            spec = _model_spec(child, f"{name}.{child_name}" if name else child_name, seen)
             if spec is None:
                 return None
-            children.append([name, spec])
+            children.append([child_name, spec])
         return {"type": "Sequential", "children": children}
     if kind is nn.Linear:
         return {
@@ -158,7 +241,398 @@ def _model_spec(module: nn.Module) -> dict[str, Any] | None:
     return None
 
 
-def _frozen_from_entry(entry: dict[str, Any], device: torch.device | None) -> FrozenGBLRMatrix:
+# --------------------------------------------------------------------------- checks
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _expect(ok: bool, where: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise _Invalid(f"{where} must be {allowed}, got {_show(value)}")
+
+
+def _int(value: Any, where: str, minimum: int = 0, maximum: int = _MAX_SIZE) -> int:
+    _expect(
+        isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum,
+        where,
+        f"an int in [{minimum}, {maximum}]",
+        value,
+    )
+    return value
+
+
+def _number(value: Any, where: str, minimum: float, maximum: float) -> float:
+    _expect(
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and minimum <= value <= maximum,
+        where,
+        f"a number in [{minimum}, {maximum}]",
+        value,
+    )
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    _expect(isinstance(value, str), where, "a string", value)
+    return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    _expect(isinstance(value, bool), where, "true or false", value)
+    return value
+
+
+def _list(value: Any, where: str, length: int | None = None, max_length: int | None = None):
+    if length is not None:
+        _expect(
+            isinstance(value, list) and len(value) == length, where, f"a list of {length}", value
+        )
+    elif max_length is not None:
+        _expect(
+            isinstance(value, list) and len(value) <= max_length,
+            where,
+            f"a list of at most {max_length}",
+            value,
+        )
+    else:
+        _expect(isinstance(value, list), where, "a list", value)
+    return value
+
+
+def _keys(value: Any, where: str, required: Iterable[str]) -> dict[str, Any]:
+    _expect(isinstance(value, dict), where, "a JSON object", value)
+    required = set(required)
+    missing, extra = required - value.keys(), value.keys() - required
+    if missing or extra:
+        raise _Invalid(
+            f"{where} must have exactly the keys {sorted(required)}; missing "
+            f"{sorted(missing)}, unexpected {_show(sorted(extra))}"
+        )
+    return value
+
+
+def _module_name(value: Any, where: str, root: bool) -> str:
+    """A module path such as ``"blocks.0.fc1"`` (``""``, the model itself, if ``root``)."""
+    _expect(
+        isinstance(value, str) and ((root and value == "") or all(value.split("."))),
+        where,
+        "a module name (names joined by '.', none empty)" + (" or ''" if root else ""),
+        value,
+    )
+    return value
+
+
+def _pair(value: Any, where: str, minimum: int, maximum: int = _MAX_SIZE) -> list[int]:
+    _list(value, where, length=2)
+    return [_int(v, f"{where}[{i}]", minimum, maximum) for i, v in enumerate(value)]
+
+
+def _padding(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        _expect(value in ("valid", "same"), where, "'valid', 'same' or a pair of ints", value)
+    else:
+        _pair(value, where, 0)
+
+
+def _dtype(value: Any, where: str) -> str:
+    _expect(isinstance(value, str) and value in _DTYPES, where, f"one of {sorted(_DTYPES)}", value)
+    return value
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")  # two readers could differ on it
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_json(text: bytes | str, what: str) -> Any:
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, object_pairs_hook=_strict_object, parse_constant=_no_constant)
+    except RecursionError:
+        raise _Invalid(f"{what} is nested too deeply to be one gblr.save wrote") from None
+    except ValueError as error:  # bad JSON or UTF-8, a duplicate key, an enormous number
+        raise _Invalid(f"{what} is not valid JSON ({_show(str(error))})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """One tensor of the safetensors table: where its bytes are and what they are."""
+
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    end: int
+
+
+def _tensor_table(header: dict[str, Any], available: int) -> dict[str, _Stored]:
+    """Every tensor entry, checked so that reading it allocates exactly its bytes."""
+    table: dict[str, _Stored] = {}
+    for name, info in header.items():
+        where = f"the entry of tensor {_show(name)}"
+        _keys(info, where, ("dtype", "shape", "data_offsets"))
+        code = info["dtype"]
+        _expect(
+            isinstance(code, str) and code in _STORED_DTYPES,
+            f"{where}: dtype",
+            f"one of {sorted(_STORED_DTYPES)}",
+            code,
+        )
+        _list(info["shape"], f"{where}: shape", max_length=_MAX_TENSOR_DIMS)
+        shape = [_int(d, f"{where}: shape[{i}]", 0, 2**62) for i, d in enumerate(info["shape"])]
+        begin, end = _pair(info["data_offsets"], f"{where}: data_offsets", 0, 2**62)
+        table[name] = _Stored(_STORED_DTYPES[code], shape, begin, end)
+    needed = max((entry.end for entry in table.values()), default=0)
+    if needed > available:
+        raise _Invalid(f"truncated: tensor data needs {needed} bytes, file has {available}")
+    if needed < available:
+        raise _Invalid(f"{available - needed} unexpected bytes after the tensor data")
+    position = 0
+    for name, entry in sorted(table.items(), key=lambda item: (item[1].begin, item[1].end)):
+        size = math.prod(entry.shape) * entry.dtype.itemsize  # Python ints: cannot overflow
+        if entry.begin != position or entry.end - entry.begin != size:
+            raise _Invalid(
+                f"tensor {_show(name)} ({entry.dtype}, shape {entry.shape}, {size} bytes) has "
+                f"data_offsets [{entry.begin}, {entry.end}]; the tensors' bytes must follow "
+                f"each other without gaps or overlaps, this one from byte {position}"
+            )
+        position = entry.end
+    return table
+
+
+def _check_plan_cache(cached: Any, kind: str) -> None:
+    if (
+        not isinstance(cached, list)
+        or len(cached) != 4
+        or not isinstance(cached[0], str)
+        or not isinstance(cached[1], str)
+        or isinstance(cached[2], bool)
+        or not isinstance(cached[2], int)
+        or cached[2] < 0
+        or cached[3] not in PLAN_CHOICES[1:]
+    ):
+        raise _Invalid(
+            f"the stored plan choice {_show(cached)} for a {kind} is not "
+            f"[device type, dtype, row bucket, plan] with a plan in {PLAN_CHOICES[1:]}"
+        )
+
+
+def _check_intervals(value: Any, where: str, size: int) -> list[list[int]]:
+    _list(value, where)
+    for k, interval in enumerate(value):
+        start, length = _pair(interval, f"{where}[{k}]", 0)
+        _expect(start < size, f"{where}[{k}] start", f"in [0, {size})", start)
+        _expect(1 <= length <= size, f"{where}[{k}] length", f"in [1, {size}]", length)
+    return value
+
+
+_LAYER_KEYS = (
+    "name",
+    "aliases",
+    "class",
+    "out",
+    "in",
+    "rank_per_component",
+    "bias",
+    "row_intervals",
+    "col_intervals",
+    "dtype",
+    "plan",
+    "plan_cache",
+)
+_CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+
+
+def _check_layer(entry: Any, where: str) -> None:
+    _expect(isinstance(entry, dict), where, "a JSON object", entry)
+    kind = entry.get("class")
+    _expect(
+        kind in ("FrozenGBLRLinear", "FrozenGBLRConv2d"),
+        f"{where}.class",
+        "'FrozenGBLRLinear' or 'FrozenGBLRConv2d'",
+        kind,
+    )
+    conv = kind == "FrozenGBLRConv2d"
+    _keys(entry, where, _LAYER_KEYS + (_CONV_KEYS if conv else ()))
+    _module_name(entry["name"], f"{where}.name", root=True)
+    for i, alias in enumerate(_list(entry["aliases"], f"{where}.aliases")):
+        _module_name(alias, f"{where}.aliases[{i}]", root=False)
+    out, cols = _int(entry["out"], f"{where}.out", 1), _int(entry["in"], f"{where}.in", 1)
+    _int(entry["rank_per_component"], f"{where}.rank_per_component", 1)
+    _bool(entry["bias"], f"{where}.bias")
+    rows = _check_intervals(entry["row_intervals"], f"{where}.row_intervals", out)
+    columns = _check_intervals(entry["col_intervals"], f"{where}.col_intervals", cols)
+    if len(rows) != len(columns):
+        raise _Invalid(
+            f"{where} has {len(rows)} row intervals and {len(columns)} column intervals; "
+            "every component has one of each"
+        )
+    _dtype(entry["dtype"], f"{where}.dtype")
+    if entry["plan"] not in PLAN_CHOICES:
+        raise _Invalid(
+            f"the file's plan {_show(entry['plan'])} for a {kind} is not one of "
+            f"{PLAN_CHOICES}; the file was written by another version of gblr, or edited"
+        )
+    for cached in _list(entry["plan_cache"], f"{where}.plan_cache"):
+        _check_plan_cache(cached, kind)
+    if conv:
+        in_channels = _int(entry["in_channels"], f"{where}.in_channels", 1)
+        out_channels = _int(entry["out_channels"], f"{where}.out_channels", 1)
+        kh, kw = _pair(entry["kernel_size"], f"{where}.kernel_size", 1)
+        _pair(entry["stride"], f"{where}.stride", 1)
+        _pair(entry["dilation"], f"{where}.dilation", 1)
+        _padding(entry["padding"], f"{where}.padding")
+        if (out, cols) != (out_channels, in_channels * kh * kw):
+            raise _Invalid(
+                f"{where} has a kernel matrix of shape ({out}, {cols}), which must be "
+                f"(out_channels, in_channels * kh * kw) = "
+                f"({out_channels}, {in_channels * kh * kw})"
+            )
+
+
+def _check_spec(spec: Any, where: str, depth: int = 0) -> None:
+    """The model description: known module types with exactly their arguments."""
+    if depth > _MAX_DEPTH:
+        raise _Invalid(f"the model description is nested deeper than {_MAX_DEPTH} modules")
+    _expect(isinstance(spec, dict), where, "a JSON object", spec)
+    kind = spec.get("type")
+    _expect(isinstance(kind, str), f"{where}.type", "a module type name", kind)
+    if kind == "frozen":
+        _keys(spec, where, ("type",))
+    elif kind == "shared":
+        _keys(spec, where, ("type", "target"))
+        _str(spec["target"], f"{where}.target")
+    elif kind == "Sequential":
+        _keys(spec, where, ("type", "children"))
+        for i, child in enumerate(_list(spec["children"], f"{where}.children")):
+            _list(child, f"{where}.children[{i}]", length=2)
+            name = child[0]
+            _expect(
+                isinstance(name, str) and name != "" and "." not in name,
+                f"{where}.children[{i}] name",
+                "a non-empty string without '.'",
+                name,
+            )
+            _check_spec(child[1], f"{where}.children[{i}] ({name})", depth + 1)
+    elif kind == "Linear":
+        _keys(spec, where, ("type", "in_features", "out_features", "bias", "dtype"))
+        _int(spec["in_features"], f"{where}.in_features")
+        _int(spec["out_features"], f"{where}.out_features")
+        _bool(spec["bias"], f"{where}.bias")
+        _dtype(spec["dtype"], f"{where}.dtype")
+    elif kind == "Conv2d":
+        _keys(spec, where, ("type", "groups", "bias", "dtype", *_CONV_KEYS))
+        _int(spec["in_channels"], f"{where}.in_channels", 1)
+        _int(spec["out_channels"], f"{where}.out_channels", 1)
+        _pair(spec["kernel_size"], f"{where}.kernel_size", 1)
+        _pair(spec["stride"], f"{where}.stride", 1)
+        _pair(spec["dilation"], f"{where}.dilation", 1)
+        _padding(spec["padding"], f"{where}.padding")
+        _int(spec["groups"], f"{where}.groups", 1)
+        _bool(spec["bias"], f"{where}.bias")
+        _dtype(spec["dtype"], f"{where}.dtype")
+    elif kind == "LayerNorm":
+        keys = ("type", "normalized_shape", "eps", "elementwise_affine", "bias", "dtype")
+        _keys(spec, where, keys)
+        shape = _list(spec["normalized_shape"], f"{where}.normalized_shape", max_length=8)
+        for i, size in enumerate(shape):
+            _int(size, f"{where}.normalized_shape[{i}]", 1)
+        _number(spec["eps"], f"{where}.eps", 0.0, 1.0)
+        _bool(spec["elementwise_affine"], f"{where}.elementwise_affine")
+        _bool(spec["bias"], f"{where}.bias")
+        _dtype(spec["dtype"], f"{where}.dtype")
+    elif kind in _PARAMETERLESS_BY_NAME:
+        _keys(spec, where, ("type", "args"))
+        args = _keys(spec["args"], f"{where}.args", _PARAMETERLESS[_PARAMETERLESS_BY_NAME[kind]])
+        if "approximate" in args:
+            _expect(
+                args["approximate"] in ("none", "tanh"),
+                f"{where}.args.approximate",
+                "'none' or 'tanh'",
+                args["approximate"],
+            )
+        for dim in ("start_dim", "end_dim"):
+            if dim in args:
+                _int(args[dim], f"{where}.args.{dim}", -64, 64)
+        if "p" in args:
+            _number(args["p"], f"{where}.args.p", 0.0, 1.0)
+    else:
+        known = ["frozen", "shared", "Sequential", "Linear", "Conv2d", "LayerNorm"]
+        raise _Invalid(
+            f"{where} has the module type {_show(kind)}; known: "
+            f"{', '.join(known + sorted(_PARAMETERLESS_BY_NAME))}"
+        )
+
+
+def _check_structure(structure: Any, stored: Iterable[str]) -> None:
+    _keys(structure, "the structure", ("root", "layers", "aliases", "model"))
+    _str(structure["root"], "the structure's root")
+    stored = set(stored)
+    aliases = structure["aliases"]
+    _expect(isinstance(aliases, dict), "the structure's aliases", "a JSON object", aliases)
+    for alias, key in aliases.items():
+        _expect(
+            isinstance(key, str) and key in stored and alias not in stored,
+            f"the alias {_show(alias)}",
+            "a key not stored itself, naming a stored tensor",
+            key,
+        )
+    names: set[str] = set()
+    for i, entry in enumerate(_list(structure["layers"], "the structure's layers")):
+        _check_layer(entry, f"layers[{i}]")
+        for name in (entry["name"], *entry["aliases"]):
+            if name in names:
+                raise _Invalid(f"the module name {name!r} is given to two frozen layers")
+            names.add(name)
+    if structure["model"] is not None:
+        _check_spec(structure["model"], "model")
+
+
+def _check_layer_tensors(entry: dict[str, Any], state: dict[str, Tensor]) -> None:
+    """The stored tensors of a frozen layer have the sizes and intervals of its entry (a
+    layer is built from the entry, then filled from the tensors)."""
+    prefix = f"{entry['name']}." if entry["name"] else ""
+    rank, dtype = entry["rank_per_component"], _DTYPES[entry["dtype"]]
+    expected: dict[str, tuple[list[int], torch.dtype]] = {
+        "u_packed": ([rank * sum(length for _, length in entry["row_intervals"])], dtype),
+        "v_packed": ([rank * sum(length for _, length in entry["col_intervals"])], dtype),
+        "row_intervals": ([len(entry["row_intervals"]), 2], torch.int64),
+        "col_intervals": ([len(entry["col_intervals"]), 2], torch.int64),
+    }
+    if entry["bias"]:
+        expected["bias"] = ([entry["out"]], dtype)
+    for key, (shape, kind) in expected.items():
+        tensor = state.get(prefix + key)
+        if tensor is None:
+            raise _Invalid(
+                f"the file has no tensor {prefix + key!r} for its layer {entry['name']!r}"
+            )
+        if list(tensor.shape) != shape or tensor.dtype != kind:
+            raise _Invalid(
+                f"tensor {prefix + key!r} is {tensor.dtype} of shape {list(tensor.shape)}; "
+                f"the layer's entry needs {kind} of shape {shape}"
+            )
+    for key in ("row_intervals", "col_intervals"):
+        if state[prefix + key].tolist() != entry[key]:
+            raise _Invalid(f"tensor {prefix + key!r} differs from the {key} of the layer's entry")
+
+
+# --------------------------------------------------------------------------- build
+def _frozen_from_entry(
+    entry: dict[str, Any], device: torch.device | str | None
+) -> FrozenGBLRMatrix:
+    """A frozen layer of the entry's shapes (zeros; on ``"meta"`` it takes no memory)."""
     common = {
         "row_intervals": torch.tensor(entry["row_intervals"], dtype=torch.int64).reshape(-1, 2),
         "col_intervals": torch.tensor(entry["col_intervals"], dtype=torch.int64).reshape(-1, 2),
@@ -170,7 +644,7 @@ def _frozen_from_entry(entry: dict[str, Any], device: torch.device | None) -> Fr
         layer: FrozenGBLRMatrix = FrozenGBLRLinear(
             entry["in"], entry["out"], entry["bias"], **common
         )
-    elif entry["class"] == "FrozenGBLRConv2d":
+    else:
         padding = entry["padding"]
         layer = FrozenGBLRConv2d(
             entry["in_channels"],
@@ -182,46 +656,28 @@ def _frozen_from_entry(entry: dict[str, Any], device: torch.device | None) -> Fr
             entry["bias"],
             **common,
         )
-    else:
-        raise ValueError(f"unknown frozen layer class {entry['class']!r} in the file")
-    plan = entry.get("plan", "auto")
-    if plan not in PLAN_CHOICES:
-        raise ValueError(
-            f"the file's plan {plan!r} for a {entry['class']} is not one of {PLAN_CHOICES}; "
-            "the file was written by another version of gblr, or edited"
-        )
-    layer.plan = plan
-    for cached in entry.get("plan_cache", []):
-        # A stored choice is used as is at the next forward of that size: check it now.
-        if (
-            not isinstance(cached, list)
-            or len(cached) != 4
-            or cached[3] not in PLAN_CHOICES[1:]
-            or not isinstance(cached[2], int)
-        ):
-            raise ValueError(
-                f"the file's stored plan choice {cached!r} for a {entry['class']} is not "
-                f"[device type, dtype, row bucket, plan] with a plan in {PLAN_CHOICES[1:]}"
-            )
-        device_type, dtype, bucket, choice = cached
+    layer.plan = entry["plan"]
+    for device_type, dtype, bucket, choice in entry["plan_cache"]:
         layer.plan_cache[(device_type, dtype, bucket)] = choice
     return layer
 
 
-def _build(spec: dict[str, Any], name: str, entries: dict[str, dict[str, Any]]) -> nn.Module:
+def _module(spec: dict[str, Any], name: str, entries: dict[str, dict[str, Any]], device: str):
     kind = spec["type"]
     if kind == "frozen":
-        return _frozen_from_entry(entries[name], None)
-    if kind == "Sequential":
-        model = nn.Sequential()
-        for child, child_spec in spec["children"]:
-            model.add_module(
-                child, _build(child_spec, f"{name}.{child}" if name else child, entries)
+        if name not in entries:
+            raise _Invalid(
+                f"the model description has a frozen layer at {name or '(root)'!r}, and the "
+                "file has no layer entry of that name"
             )
-        return model
+        return _frozen_from_entry(entries[name], device)
     if kind == "Linear":
         return nn.Linear(
-            spec["in_features"], spec["out_features"], spec["bias"], dtype=_DTYPES[spec["dtype"]]
+            spec["in_features"],
+            spec["out_features"],
+            spec["bias"],
+            device=device,
+            dtype=_DTYPES[spec["dtype"]],
         )
     if kind == "Conv2d":
         padding = spec["padding"]
@@ -234,6 +690,7 @@ def _build(spec: dict[str, Any], name: str, entries: dict[str, dict[str, Any]]) 
             tuple(spec["dilation"]),
             spec["groups"],
             spec["bias"],
+            device=device,
             dtype=_DTYPES[spec["dtype"]],
         )
     if kind == "LayerNorm":
@@ -242,22 +699,109 @@ def _build(spec: dict[str, Any], name: str, entries: dict[str, dict[str, Any]]) 
             spec["eps"],
             spec["elementwise_affine"],
             bias=spec["bias"],
+            device=device,
             dtype=_DTYPES[spec["dtype"]],
         )
-    for module_type in _PARAMETERLESS:
-        if module_type.__name__ == kind:
-            return module_type(**spec["args"])
-    raise ValueError(f"unknown module type {kind!r} in the file's model description")
+    return _PARAMETERLESS_BY_NAME[kind](**spec["args"])
+
+
+def _build(
+    spec: dict[str, Any],
+    name: str,
+    entries: dict[str, dict[str, Any]],
+    built: dict[str, nn.Module],
+    device: str,
+) -> nn.Module:
+    """The module a (checked) description describes, its tensors on ``device``."""
+    kind = spec["type"]
+    if kind == "shared":
+        target = spec["target"]
+        if target not in built:
+            raise _Invalid(
+                f"the model description shares module {target!r} at {name!r}, and no module "
+                "of that name comes before it"
+            )
+        module = built[target]
+    elif kind == "Sequential":
+        module = nn.Sequential()
+        for child, child_spec in spec["children"]:
+            path = f"{name}.{child}" if name else child
+            module.add_module(child, _build(child_spec, path, entries, built, device))
+    else:
+        try:
+            module = _module(spec, name, entries, device)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise _Invalid(
+                f"module {name or '(root)'!r} ({kind}) cannot be built from the file's "
+                f"description: {_show(str(error))}"
+            ) from None
+    built[name] = module
+    return module
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str] | None:
+    parent, _, attribute = key.rpartition(".")
+    try:
+        return model.get_submodule(parent), attribute
+    except AttributeError:
+        return None
+
+
+def _tie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make every alias key the same parameter (or buffer) as the key it was stored under:
+    weights that were tied when saved are tied again, whatever the model's constructor
+    did."""
+    for alias, stored in aliases.items():
+        source, target = _owner(model, stored), _owner(model, alias)
+        if source is None or target is None:
+            continue
+        (owner, attribute), (alias_owner, alias_attribute) = source, target
+        for table in ("_parameters", "_buffers"):
+            tensors, alias_tensors = getattr(owner, table), getattr(alias_owner, table)
+            if attribute in tensors and alias_attribute in alias_tensors:
+                if tensors[attribute] is not None and alias_tensors[alias_attribute] is not None:
+                    alias_tensors[alias_attribute] = tensors[attribute]
+                break
+
+
+def _restore_order_v1(model: nn.Module) -> None:
+    """Format 1 dropped a Sequential's second mention of a shared module and appended it at
+    the end on load; put numbered children back in their order."""
+    for module in model.modules():
+        if isinstance(module, nn.Sequential) and all(k.isdigit() for k in module._modules):
+            ordered = sorted(module._modules.items(), key=lambda item: int(item[0]))
+            module._modules.clear()
+            module._modules.update(ordered)
 
 
 # --------------------------------------------------------------------------- hashing
-def _digest(structure: str, tensors: dict[str, Tensor]) -> str:
-    sha = hashlib.sha256(structure.encode("utf-8"))
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().cpu().contiguous()
-        sha.update(f"\0{key}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
-        sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
+def _digest(metadata: dict[str, str], records: Iterable[tuple[str, str, list[int], Any]]) -> str:
+    """Format 2: every metadata entry but the digest itself, then every tensor as one JSON
+    line ``[name, dtype, shape, byte count]`` followed by its bytes, in name order."""
+    sha = hashlib.sha256(b"gblr.frozen 2\n")
+    covered = {key: value for key, value in metadata.items() if key != "sha256"}
+    sha.update(json.dumps(covered, sort_keys=True).encode() + b"\n")
+    for name, dtype, shape, data in sorted(records, key=lambda record: record[0]):
+        data = memoryview(data).cast("B")
+        sha.update(json.dumps([name, dtype, shape, data.nbytes]).encode() + b"\n")
+        sha.update(data)
     return sha.hexdigest()
+
+
+def _digest_v1(structure: str, records: Iterable[tuple[str, str, list[int], Any]]) -> str:
+    """Format 1: the structure string, then every tensor, in name order."""
+    sha = hashlib.sha256(structure.encode("utf-8"))
+    for name, dtype, shape, data in sorted(records, key=lambda record: record[0]):
+        sha.update(f"\0{name}\0{dtype}\0{shape}\0".encode())
+        sha.update(memoryview(data).cast("B"))
+    return sha.hexdigest()
+
+
+def _tensor_records(tensors: dict[str, Tensor]) -> list[tuple[str, str, list[int], Any]]:
+    return [
+        (key, str(t.dtype), list(t.shape), t.reshape(-1).view(torch.uint8).numpy())
+        for key, t in ((key, t.detach().cpu().contiguous()) for key, t in tensors.items())
+    ]
 
 
 # --------------------------------------------------------------------------- save
@@ -292,23 +836,14 @@ def _unique_tensors(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[s
     return tensors, aliases
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then ``os.replace``: a reader sees the
-    old file or the new one, never a partial one, and a failure leaves the old file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would surprise users
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+def _file_argument(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise TypeError(
+            f"path must be a str or os.PathLike naming a file, got {type(path).__name__}"
+        )
+    if os.fspath(path) == "":
+        raise ValueError("path must name a file (such as 'model.safetensors'), got ''")
+    return Path(path)
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -316,13 +851,24 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
     Args:
         model: a module containing frozen GBLR layers (after :func:`gblr.freeze`), or one
-            frozen layer. Unfrozen GBLR layers are refused: freeze first.
+            frozen layer. Unfrozen GBLR layers are refused: freeze first. Tied weights
+            (one parameter under several names) are stored once and tied again by
+            :func:`load`.
         path: the file to write (conventionally ``*.safetensors``); its folder must exist.
-            Written atomically: an existing file is replaced only once the new one is
-            complete.
+            Written atomically (:func:`gblr.recipes.report.save_atomically`): an existing
+            file is replaced only once the new one is complete, and a failed save leaves
+            no temporary file. As with ``cp`` and editors, a symbolic link is followed
+            (its target is rewritten, the link stays) and a read-only file is refused
+            (``PermissionError``); an existing file keeps its permissions.
 
     Returns:
-        The path written.
+        The path written (as given; for a link, the link).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``path`` not a path.
+        ValueError: no frozen GBLR layer, an unfrozen one, an empty path, a folder, or
+            a folder that does not exist.
+        PermissionError: ``path`` is a read-only file, or its folder is not writable.
 
     Examples:
         >>> import torch, gblr, tempfile, os
@@ -331,9 +877,16 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         >>> bool(torch.equal(gblr.load(path)[0].u_packed, model[0].u_packed))
         True
     """
+    from ..recipes.report import save_atomically
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    path = Path(path)
+    path = _file_argument(path)
+    if path.is_dir():
+        raise ValueError(
+            f"path {str(path)!r} is a folder; give a file name such as "
+            f"{str(path / 'model.safetensors')!r}"
+        )
     if not path.parent.is_dir():
         raise ValueError(f"path's folder {str(path.parent)!r} does not exist")
     names: dict[int, list[str]] = {}
@@ -368,9 +921,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "format_version": FORMAT_VERSION,
         "gblr_version": _gblr_version(),
         "structure": structure,
-        "sha256": _digest(structure, tensors),
     }
-    _write_atomically(path, _safetensors().save(tensors, metadata=metadata))
+    metadata["sha256"] = _digest(metadata, _tensor_records(tensors))
+    data = _safetensors().save(tensors, metadata=metadata)
+    save_atomically(lambda handle: handle.write(data), path)
     return path
 
 
@@ -382,11 +936,13 @@ class FrozenCheckpoint:
     Attributes:
         path: where it was read from.
         tensors: the stored tensors by state-dict key (CPU).
-        aliases: state-dict keys that are the same tensor as another key.
+        aliases: state-dict keys that are the same tensor as another key (tied weights).
         layers: per frozen GBLR layer, its metadata (name, class, shapes, intervals...).
         model_spec: the model description :func:`load` rebuilds from, or ``None``.
         root: class name of the saved model.
-        gblr_version: the version that wrote the file.
+        gblr_version: the version that wrote the file (covered by the checksum from
+            format version 2 on).
+        format_version: the file's format version.
 
     Examples:
         >>> import os, tempfile
@@ -410,6 +966,7 @@ class FrozenCheckpoint:
     model_spec: dict[str, Any] | None
     root: str
     gblr_version: str
+    format_version: str = FORMAT_VERSION
 
     def state_dict(self) -> dict[str, Tensor]:
         """Every state-dict key, aliases included, mapped to its tensor."""
@@ -419,14 +976,103 @@ class FrozenCheckpoint:
         return state
 
 
+def _read_file(path: Path) -> bytes:
+    """The file's bytes: a regular file only, read up to its size (a device or a pipe
+    could be endless)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no such file: {str(path)!r} (give a file written by gblr.save)"
+        ) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ValueError(
+            f"path {str(path)!r} is a folder; give a .safetensors file written by gblr.save"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(
+            f"path {str(path)!r} is not a regular file (a device, pipe or socket); give a "
+            "file written by gblr.save"
+        )
+    with open(path, "rb") as handle:
+        data = handle.read(info.st_size + 1)
+    if len(data) != info.st_size:
+        raise GBLRFileError(f"cannot load {str(path)!r}: the file changed while it was read")
+    return data
+
+
+def _header(data: bytes) -> tuple[dict[str, Any], int]:
+    """The safetensors header (parsed JSON) and its size in bytes."""
+    if len(data) < 8:
+        raise _Invalid(f"truncated or not a safetensors file ({len(data)} bytes)")
+    header_size = int.from_bytes(data[:8], "little")
+    if 8 + header_size > len(data):
+        raise _Invalid(
+            f"truncated or not a safetensors file: header of {header_size} bytes announced, "
+            f"file has {len(data)} bytes"
+        )
+    if header_size > _MAX_HEADER_BYTES:
+        raise _Invalid(
+            f"header of {header_size} bytes, more than safetensors allows ({_MAX_HEADER_BYTES})"
+        )
+    header = _parse_json(data[8 : 8 + header_size], "the safetensors header")
+    _expect(isinstance(header, dict), "the safetensors header", "a JSON object", header)
+    return header, header_size
+
+
+def _gblr_metadata(header: dict[str, Any]) -> dict[str, str] | None:
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        return None
+    return metadata
+
+
+def is_gblr_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file that says it was written by :func:`gblr.save` (its
+    safetensors header names the format). Reads the header only; use
+    :func:`load_checkpoint` to verify the whole file. Never raises for a bad file.
+
+    Examples:
+        >>> import os, tempfile, torch, gblr
+        >>> from gblr.deploy import is_gblr_file
+        >>> folder = tempfile.mkdtemp()
+        >>> model = gblr.freeze(torch.nn.Sequential(gblr.GBLRLinear(8, 4)))
+        >>> is_gblr_file(gblr.save(model, os.path.join(folder, "m.safetensors")))
+        True
+        >>> torch.save(model.state_dict(), os.path.join(folder, "state.pt"))
+        >>> is_gblr_file(os.path.join(folder, "state.pt")), is_gblr_file(folder)
+        (False, False)
+    """
+    try:
+        path = Path(path)
+        if not path.is_file():
+            return False
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
+                return False
+            header = _parse_json(handle.read(size), "the header")
+        return isinstance(header, dict) and _gblr_metadata(header) is not None
+    except (OSError, ValueError, TypeError, _Invalid):
+        return False
+
+
 def load_checkpoint(path: str | os.PathLike) -> FrozenCheckpoint:
     """Read and verify a file written by :func:`gblr.save`, without building a model.
 
+    Everything in the header is checked before it is used (see the module's docstring):
+    a file that is not what :func:`gblr.save` wrote is refused with the reason, never
+    with an error from deep inside JSON, safetensors or torch, and reading it allocates
+    at most a small multiple of the file's size.
+
     Raises:
+        TypeError: ``path`` is not a str or ``os.PathLike``.
+        ValueError: ``path`` is empty, a folder or not a regular file.
         FileNotFoundError: no such file.
-        ValueError: the file is not a gblr frozen-model file, is truncated, or its
-            checksum does not match (modified or corrupted); the message names the path
-            and the reason.
+        GBLRFileError: (a ``ValueError``) the file is not a gblr frozen-model file, is
+            truncated, its checksum does not match (modified or corrupted), its format
+            version is unknown, or its contents are inconsistent; the message names the
+            path and the reason.
 
     Examples:
         >>> import os, tempfile
@@ -443,68 +1089,79 @@ def load_checkpoint(path: str | os.PathLike) -> FrozenCheckpoint:
         ...     load_checkpoint(os.path.join(folder, "bad.safetensors"))
         ... except ValueError as error:
         ...     print(type(error).__name__)
-        ValueError
+        GBLRFileError
     """
-    path = Path(path)
-    data = path.read_bytes()
-
-    def refuse(reason: str) -> ValueError:
-        return ValueError(f"cannot load {str(path)!r}: {reason}")
-
-    if len(data) < 8:
-        raise refuse(f"truncated or not a safetensors file ({len(data)} bytes)")
-    header_size = int.from_bytes(data[:8], "little")
-    if 8 + header_size > len(data):
-        raise refuse(
-            f"truncated or not a safetensors file: header of {header_size} bytes announced, "
-            f"file has {len(data)} bytes"
-        )
+    path = _file_argument(path)
+    data = _read_file(path)
     try:
-        header = json.loads(data[8 : 8 + header_size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise refuse(f"the safetensors header is not valid JSON ({error})") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise refuse(
+        return _verified(path, data)
+    except _Invalid as error:
+        raise GBLRFileError(f"cannot load {str(path)!r}: {error}") from None
+
+
+def _verified(path: Path, data: bytes) -> FrozenCheckpoint:
+    header, header_size = _header(data)
+    metadata = _gblr_metadata(header)
+    if metadata is None:
+        raise _Invalid(
             "not a frozen GBLR model file (no 'gblr.frozen' metadata); it must be written "
             "by gblr.save"
         )
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise refuse(
-            f"format version {metadata.get('format_version')!r} is not supported "
-            f"(this gblr reads version {FORMAT_VERSION})"
+    version = metadata.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise _Invalid(
+            f"format version {_show(version)} is not supported (this gblr, "
+            f"{_gblr_version()}, reads versions {', '.join(READABLE_VERSIONS)}); a newer "
+            "gblr may read it"
         )
-    try:
-        ends = [int(info["data_offsets"][1]) for k, info in header.items() if k != "__metadata__"]
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise refuse("the safetensors header has malformed tensor entries") from None
-    expected, available = max(ends, default=0), len(data) - 8 - header_size
-    if available < expected:
-        raise refuse(f"truncated: tensor data needs {expected} bytes, file has {available}")
-    if available > expected:
-        raise refuse(f"{available - expected} unexpected bytes after the tensor data")
+    _keys(metadata, "the gblr metadata", _METADATA_KEYS)
+    for key, value in metadata.items():
+        _str(value, f"the metadata's {key}")
+    digest = metadata["sha256"]
+    _expect(
+        len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+        "the metadata's sha256",
+        "64 lowercase hex digits",
+        digest,
+    )
+    del header["__metadata__"]
+    start = 8 + header_size
+    table = _tensor_table(header, len(data) - start)
+    view = memoryview(data)
+    records = [
+        (name, str(entry.dtype), entry.shape, view[start + entry.begin : start + entry.end])
+        for name, entry in table.items()
+    ]
+    if version == "1":
+        computed = _digest_v1(metadata["structure"], records)
+    else:
+        computed = _digest(metadata, records)
+    if computed != digest:
+        raise _Invalid(
+            "checksum mismatch: the tensors or the metadata (structure, versions) were "
+            f"modified or corrupted after saving (stored sha256 {digest!r}, computed "
+            f"{computed!r})"
+        )
+    structure = _parse_json(metadata["structure"], "the structure metadata")
+    _check_structure(structure, table)
     try:
         tensors = _safetensors().load(data)
-    except Exception as error:  # safetensors raises its own error types
-        raise refuse(f"unreadable tensor data ({error})") from None
-    structure_text = metadata.get("structure", "")
-    digest = _digest(structure_text, tensors)
-    if digest != metadata.get("sha256"):
-        raise refuse(
-            "checksum mismatch: the tensors or the structure metadata were modified or "
-            f"corrupted after saving (stored sha256 {metadata.get('sha256')!r}, "
-            f"computed {digest!r})"
-        )
-    structure = json.loads(structure_text)
-    return FrozenCheckpoint(
+    except Exception as error:  # its own error types; the checks above leave none expected
+        raise _Invalid(f"unreadable tensor data ({_show(str(error))})") from None
+    checkpoint = FrozenCheckpoint(
         path=path,
         tensors=tensors,
         aliases=dict(structure["aliases"]),
         layers=tuple(structure["layers"]),
         model_spec=structure["model"],
         root=structure["root"],
-        gblr_version=metadata.get("gblr_version", "unknown"),
+        gblr_version=metadata["gblr_version"],
+        format_version=version,
     )
+    state = checkpoint.state_dict()
+    for entry in checkpoint.layers:
+        _check_layer_tensors(entry, state)
+    return checkpoint
 
 
 _REPLACEABLE = {
@@ -548,6 +1205,7 @@ def _install(model: nn.Module, entry: dict[str, Any], path: Path) -> nn.Module:
             )
         if frozen is None:
             device = next(iter(current.parameters()), torch.empty(0)).device
+            # Sizes checked against the stored tensors by load_checkpoint.
             frozen = _frozen_from_entry(entry, device)
         if name:
             parent_name, _, child = name.rpartition(".")
@@ -556,6 +1214,58 @@ def _install(model: nn.Module, entry: dict[str, Any], path: Path) -> nn.Module:
         else:
             model = frozen
     return model
+
+
+def _compare(model: nn.Module, state: dict[str, Tensor]) -> str | None:
+    """How the (meta) model's tensors differ from the file's, or ``None``."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    different = [
+        f"{key}: {state[key].dtype} {list(state[key].shape)} in the file, "
+        f"{own[key].dtype} {list(own[key].shape)} in the model"
+        for key in sorted(own.keys() & state.keys())
+        if own[key].shape != state[key].shape or own[key].dtype != state[key].dtype
+    ]
+    if not (missing or unexpected or different):
+        return None
+    parts = []
+    for label, items in (
+        ("tensors the model needs and the file lacks", missing),
+        ("tensors in the file the model lacks", unexpected),
+        ("tensors of another shape or dtype", different),
+    ):
+        if items:
+            parts.append(f"{label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
+    return "; ".join(parts)
+
+
+def _rebuild(checkpoint: FrozenCheckpoint) -> nn.Module:
+    """The model of a checkpoint's description, on the CPU, with its tensors."""
+    entries = {entry["name"]: entry for entry in checkpoint.layers}
+    try:
+        # On the meta device no memory is taken: the sizes a description asks for are
+        # compared with the stored tensors (whose size the file bounds) first.
+        model = _build(checkpoint.model_spec, "", entries, {}, "meta")
+        for entry in checkpoint.layers:
+            for alias in entry["aliases"]:  # a shared layer is one module again
+                try:
+                    layer = model.get_submodule(entry["name"])
+                except AttributeError:
+                    raise _Invalid(f"the layer {entry['name']!r} is not in the model") from None
+                owner = _owner(model, alias)
+                if owner is None:
+                    raise _Invalid(f"the parent of the shared layer name {alias!r} is missing")
+                if any(module is owner[0] for module in layer.modules()):
+                    raise _Invalid(f"the shared layer name {alias!r} would put a layer in itself")
+                setattr(owner[0], owner[1], layer)
+        if checkpoint.format_version == "1":
+            _restore_order_v1(model)
+        difference = _compare(model, checkpoint.state_dict())
+        if difference is not None:
+            raise _Invalid(f"the model description does not match the tensors ({difference})")
+    except _Invalid as error:
+        raise GBLRFileError(f"cannot load {str(checkpoint.path)!r}: {error}") from None
+    return model.to_empty(device="cpu")
 
 
 def load(
@@ -578,6 +1288,9 @@ def load(
     ``ValueError`` asks for ``model_factory``; :func:`load_checkpoint` returns the
     verified tensors and metadata in every case.
 
+    Either way, weights that were tied when saved (one parameter under several names) are
+    one parameter again, and modules shared under several names are one module.
+
     Args:
         path: a file written by :func:`gblr.save`.
         model_factory: ``() -> nn.Module``, or ``None``.
@@ -586,8 +1299,10 @@ def load(
         The model (on CPU when rebuilt from the file), with stored plan choices restored.
 
     Raises:
-        ValueError: the file is damaged (see :func:`load_checkpoint`), the model cannot be
-            rebuilt without a factory, or the factory's model does not match the file.
+        GBLRFileError: (a ``ValueError``) the file is damaged, edited or inconsistent
+            (see :func:`load_checkpoint`).
+        ValueError: the model cannot be rebuilt without a factory, or the factory's model
+            does not match the file.
         TypeError: ``model_factory`` is not callable or does not return an ``nn.Module``.
 
     Examples:
@@ -606,7 +1321,6 @@ def load(
         )
     checkpoint = load_checkpoint(path)
     path = checkpoint.path
-    entries = {entry["name"]: entry for entry in checkpoint.layers}
     if model_factory is None:
         if checkpoint.model_spec is None:
             raise ValueError(
@@ -616,12 +1330,7 @@ def load(
                 "(a function that builds the architecture), or use "
                 "gblr.deploy.load_checkpoint for the tensors and metadata"
             )
-        model = _build(checkpoint.model_spec, "", entries)
-        for entry in checkpoint.layers:
-            for alias in entry["aliases"]:  # a shared layer is one module again
-                parent_name, _, child = alias.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, model.get_submodule(entry["name"]))
+        model = _rebuild(checkpoint)
     else:
         model = model_factory()
         if not isinstance(model, nn.Module):
@@ -634,4 +1343,5 @@ def load(
         raise ValueError(
             f"cannot load {str(path)!r}: the model's tensors do not match the file's: {error}"
         ) from None
+    _tie(model, checkpoint.aliases)
     return model.eval()

@@ -176,7 +176,8 @@ def plan(
 
     Args:
         model: a module with frozen GBLR layers (:func:`gblr.freeze`), or one such layer.
-        example_input: a tensor, or a tuple of positional arguments, for ``model``.
+        example_input: a tensor, or a tuple of positional arguments, for ``model``,
+            giving every frozen layer at least one row (an empty batch is refused).
         candidates: plan names from :data:`gblr.deploy.PLANS` and ``GPU_PLANS`` (default:
             all; ``GPU_PLANS`` are timed only for CUDA inputs with triton installed).
         repeats: timed runs per candidate (>= 1).
@@ -211,7 +212,16 @@ def plan(
     inputs: dict[int, list[Tensor]] = {}
 
     def capture(module: nn.Module, args: tuple) -> None:
-        inputs.setdefault(id(module), []).append(args[0].detach())
+        x = args[0]
+        if isinstance(x, Tensor) and x.dim() > 0 and _rows(module, x) == 0:
+            # Nothing to time: every plan returns an empty output at once, and a choice
+            # stored for that bucket would be noise. Raised before the layer runs.
+            raise ValueError(
+                f"example_input gives layer {layers[id(module)][0] or '(root)'!r} an input "
+                f"of shape {tuple(x.shape)}, with no rows to time; plan needs an example "
+                "with at least one row (a batch of the size the model will run on)"
+            )
+        inputs.setdefault(id(module), []).append(x.detach())
 
     handles = [module.register_forward_pre_hook(capture) for _, module in layers.values()]
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -35,7 +36,9 @@ __all__ = [
     "TrainerConfig",
     "config_from_dict",
     "config_to_dict",
+    "flatten_config",
     "load_config",
+    "resume_changes",
     "shipped_configs",
 ]
 
@@ -51,6 +54,20 @@ LOGGERS = ("csv", "tensorboard", "both", "none")
 # torch.compile modes (kept here, not imported from the engine: configs load without torch)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SIGMA_SCHEDULES = ("geometric", "linear", "constant")
+# Lightning's precision settings (its Trainer refuses others)
+PRECISIONS = (
+    *("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"),
+    *("transformer-engine", "transformer-engine-float16", "64", "32", "16", "bf16"),
+)
+# What may differ between a run and the checkpoint it resumes from: where it runs and
+# logs, not what it computes (the optimizer, schedule, model and data come back from the
+# checkpoint, so a change there would be recorded but not take effect).
+RESUME_MAY_CHANGE = (
+    *("out", "name", "data.root", "data.val_root", "data.download", "data.num_workers"),
+    *("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy"),
+    *("trainer.logger", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps"),
+    "trainer.compile",
+)
 
 
 @dataclass
@@ -120,6 +137,8 @@ class StructureConfig:
 class DataConfig:
     """``digits`` is embedded (scikit-learn); ``cifar10``/``cifar100`` read the python
     pickles under ``root`` (``download: true``: torchvision fetches them when missing);
+    ``verify``: check the CIFAR files against the official release's MD5 before reading
+    them (false for your own files in CIFAR's format; they are read safely either way).
     ``folder`` reads ``root`` (train) and ``val_root``
     (ImageNet-style class folders); ``imagenet`` reads ``root/train`` and ``root/val``.
     ``augment``: ``standard`` = random crop with 4-pixel padding and horizontal flip;
@@ -143,6 +162,7 @@ class DataConfig:
     name: str = "digits"
     root: str | None = None
     download: bool = False
+    verify: bool = True
     val_root: str | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -384,15 +404,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is int and is_number and isinstance(value, int):
         return value
     if hint is float and is_number:
+        if math.isnan(value):
+            raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)
     if hint is Any:
         return value
     if hint is float and isinstance(value, str):
         # PyYAML reads 5e-4 (no dot) as a string; accept any number spelled as text
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            if not math.isnan(number):
+                return number
     raise ValueError(f"{key} must be {_type_name(hint)}, got {value!r}")
 
 
@@ -428,8 +453,24 @@ def _choice(key: str, value: Any, allowed: Sequence[str]) -> None:
 
 
 def _positive(key: str, value: float | int | None, *, zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not zero)):
-        raise ValueError(f"{key} must be {'>= 0' if zero else '> 0'}, got {value!r}")
+    if value is not None and (value < 0 or (value == 0 and not zero) or math.isinf(value)):
+        raise ValueError(f"{key} must be finite and {'>= 0' if zero else '> 0'}, got {value!r}")
+
+
+def _check_devices(devices: int | str | list[int]) -> None:
+    """Lightning's forms: a count (-1: all), ``auto``, a list of indices, or "0,1"."""
+    allowed = "a count >= 1, -1 (all), 'auto', a list of device indices or '0,1'"
+    if isinstance(devices, int):
+        ok = devices == -1 or devices >= 1
+    elif isinstance(devices, list):
+        ok = bool(devices) and all(d >= 0 for d in devices) and len(set(devices)) == len(devices)
+    else:
+        text = devices.strip()
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        ok = text == "auto" or (bool(parts) and all(part.isdigit() for part in parts))
+        ok = ok or text == "-1"
+    if not ok:
+        raise ValueError(f"trainer.devices must be {allowed}; got {devices!r}")
 
 
 def _validate(config: TrainConfig) -> None:
@@ -510,6 +551,8 @@ def _validate(config: TrainConfig) -> None:
                 f"learner.{key} must be a tolerance in [0, 1) or null, got {tolerance!r}"
             )
     _choice("trainer.logger", config.trainer.logger, LOGGERS)
+    _choice("trainer.precision", config.trainer.precision, PRECISIONS)
+    _check_devices(config.trainer.devices)
     if config.trainer.compile is not None:
         _choice("trainer.compile", config.trainer.compile, COMPILE_MODES)
     _positive("trainer.num_nodes", config.trainer.num_nodes)
@@ -572,6 +615,47 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     config = _build(TrainConfig, data, "")
     _validate(config)
     return config
+
+
+def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim.lr": 1e-3, ...}`` from nested config data (``model.kwargs`` kept whole).
+
+    Examples:
+        >>> from gblr.recipes.config import flatten_config
+        >>> flatten_config({"optim": {"lr": 1e-3}, "model": {"kwargs": {"a": 1}}, "seed": 0})
+        {'optim.lr': 0.001, 'model.kwargs': {'a': 1}, 'seed': 0}
+    """
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "kwargs":
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys (``section.key``) in which config data ``current`` differs from the
+    config ``saved`` with a checkpoint, other than those in :data:`RESUME_MAY_CHANGE`:
+    resuming with any of them changed is refused.
+
+    Examples:
+        >>> from gblr.recipes.config import config_to_dict, load_config, resume_changes
+        >>> saved = config_to_dict(load_config("digits-vit-gblr"))
+        >>> moved = config_to_dict(load_config("digits-vit-gblr", ["trainer.devices=2"]))
+        >>> resume_changes(saved, moved)
+        []
+        >>> faster = config_to_dict(load_config("digits-vit-gblr", ["optim.lr=1e-2"]))
+        >>> resume_changes(saved, faster)
+        ['optim.lr: 0.002 in the checkpoint, 0.01 now']
+    """
+    before, after = flatten_config(saved), flatten_config(current)
+    return [
+        f"{key}: {before.get(key, '(absent)')!r} in the checkpoint, "
+        f"{after.get(key, '(absent)')!r} now"
+        for key in sorted(set(before) | set(after))
+        if key not in RESUME_MAY_CHANGE and before.get(key) != after.get(key)
+    ]
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

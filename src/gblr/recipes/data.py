@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,12 +112,107 @@ def _cifar_transform(augment: str, mean, std):
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+# MD5 of the files of the official python releases (as published with them and used by
+# torchvision's CIFAR10/CIFAR100 datasets)
+CIFAR_MD5 = {
+    "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
+    "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
+    "cifar-100-python/train": "16019d7e3df5f24257cddd939b257f8d",
+    "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+}
+
+
+def _numpy_part(name: str):
+    """A numpy internal module by its name in numpy 2 (``numpy._core``) or 1 (``numpy.core``)."""
+    import importlib
+
+    for prefix in ("numpy._core", "numpy.core"):
+        try:
+            return importlib.import_module(f"{prefix}.{name}")
+        except ImportError:
+            continue
+    raise ImportError(f"numpy has no module {name}")  # pragma: no cover - numpy's layout
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads a pickle of containers, numbers, strings and numpy arrays, and nothing else:
+    any other global a pickle names (a function a crafted file would have called) is
+    refused before it is looked up, so reading a file never runs its code."""
+
+    def find_class(self, module: str, name: str):
+        import codecs
+
+        multiarray, numeric = _numpy_part("multiarray"), _numpy_part("numeric")
+        allowed = {
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): codecs.encode,  # bytes in a protocol-2 pickle
+        }
+        for prefix in ("numpy._core", "numpy.core"):
+            allowed[(f"{prefix}.multiarray", "_reconstruct")] = multiarray._reconstruct
+            allowed[(f"{prefix}.multiarray", "scalar")] = multiarray.scalar
+            allowed[(f"{prefix}.numeric", "_frombuffer")] = numeric._frombuffer
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(
+                f"the file names {module}.{name}, which is not an array, number, string or "
+                "container; it is not read (files are never allowed to run code)"
+            )
+        return allowed[(module, name)]
+
+
+def read_array_pickle(path: str | Path) -> object:
+    """Read a pickle that holds only containers, numbers, strings and numpy arrays (such
+    as CIFAR's python release); a pickle naming any other callable is refused without
+    running it.
+
+    Raises:
+        ValueError: the file is not such a pickle (named, with the reason).
+
+    Examples:
+        >>> import os, pickle, tempfile
+        >>> import numpy as np
+        >>> from gblr.recipes.data import read_array_pickle
+        >>> path = os.path.join(tempfile.mkdtemp(), "batch")
+        >>> with open(path, "wb") as handle:
+        ...     pickle.dump({"data": np.arange(3, dtype=np.uint8), "labels": [1, 2]}, handle)
+        >>> read_array_pickle(path)["data"].tolist()
+        [0, 1, 2]
+        >>> with open(path, "wb") as handle:
+        ...     pickle.dump(print, handle)  # a callable: refused, never called
+        >>> try:
+        ...     read_array_pickle(path)
+        ... except ValueError as error:
+        ...     print(str(error)[-44:])
+        is not read (files are never allowed to run code)
+    """
+    try:
+        with open(path, "rb") as handle:
+            return _ArrayUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    except (TypeError, ValueError, KeyError, MemoryError, OverflowError) as error:
+        raise ValueError(f"{path} is not a readable array pickle: {error}") from None
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_cifar(
     root: str | Path,
     train: bool = True,
     classes: int = 10,
     augment: str = "none",
     download: bool = False,
+    verify: bool = True,
 ) -> torch.utils.data.Dataset:
     """CIFAR-10/100 read from the official python-pickle release, already on disk.
 
@@ -128,8 +224,18 @@ def load_cifar(
     image padded by 4 and horizontal flip; ``autoaugment`` adds AutoAugment's CIFAR-10
     policy (both need torchvision).
 
+    The files are read safely: with ``verify`` (the default) each must have the MD5 of
+    the official release (:data:`CIFAR_MD5`) before it is opened as a pickle, and every
+    file is read by :func:`read_array_pickle`, which builds arrays, lists and strings
+    only. ``verify=False`` reads files in CIFAR's format that are not the official ones
+    (a subset, stand-in data).
+
     Returns:
         A dataset of ``(image (3, 32, 32) float32 normalized, label int64)``.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message says how to get them).
+        ValueError: a file is not the official one (``verify``), or not an array pickle.
 
     Examples:
         A tiny CIFAR-10 test batch (two black images) written in the official format:
@@ -143,12 +249,12 @@ def load_cifar(
         >>> batch = {"data": np.zeros((2, 3 * 32 * 32), np.uint8), "labels": [3, 5]}
         >>> with open(root / "cifar-10-batches-py" / "test_batch", "wb") as handle:
         ...     pickle.dump(batch, handle)
-        >>> test = load_cifar(root, train=False)
+        >>> test = load_cifar(root, train=False, verify=False)  # not the official file
         >>> image, label = test[1]
         >>> len(test), image.shape, int(label)
         (2, torch.Size([3, 32, 32]), 5)
         >>> try:
-        ...     load_cifar(root, train=True)  # the training batches are not there
+        ...     load_cifar(root, train=True, verify=False)  # the training batches are not there
         ... except FileNotFoundError as error:
         ...     print(type(error).__name__)
         FileNotFoundError
@@ -184,8 +290,19 @@ def load_cifar(
         )
     data, labels = [], []
     for name in names:
-        with open(folder / name, "rb") as handle:
-            batch = pickle.load(handle, encoding="latin1")
+        path = folder / name
+        if verify:
+            expected, found = CIFAR_MD5[f"{folder.name}/{name}"], _md5(path)
+            if found != expected:
+                raise ValueError(
+                    f"{path} is not the official CIFAR-{classes} file (MD5 {found}, the "
+                    f"release's is {expected}): it is truncated, changed or another file. "
+                    "Download it again; for your own files in CIFAR's format pass "
+                    "verify=False"
+                )
+        batch = read_array_pickle(path)
+        if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
+            raise ValueError(f"{path} does not hold a CIFAR batch ('data' and {label_key!r})")
         data.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(batch[label_key])
     pixels = torch.from_numpy(np.concatenate(data))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "evaluate",
     "evaluate_topk",
     "layer_types",
+    "read_checkpoint",
     "train_classifier",
     "train_language_model",
     "train_module",
@@ -82,7 +84,9 @@ def check_checkpoint_structure(
         >>> import os, tempfile
         >>> import torch
         >>> from gblr.recipes.data import digits
-        >>> from gblr.recipes.engine import check_checkpoint_structure, train_classifier
+        >>> from gblr.recipes.engine import (
+        ...     check_checkpoint_structure, read_checkpoint, train_classifier
+        ... )
         >>> from gblr.recipes.models import VisionTransformer
         >>> folder = tempfile.mkdtemp()
         >>> _ = train_classifier(
@@ -91,7 +95,7 @@ def check_checkpoint_structure(
         ...     checkpoint_dir=folder,
         ... )
         >>> path = os.path.join(folder, "last.ckpt")
-        >>> checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        >>> checkpoint = read_checkpoint(path)
         >>> same, wider = (VisionTransformer(dim=d, depth=1, heads=2) for d in (16, 32))
         >>> check_checkpoint_structure(checkpoint, same, path)
         >>> try:
@@ -144,9 +148,50 @@ def check_checkpoint_structure(
         )
 
 
-def check_resume(path: str | Path, model: nn.Module) -> int:
-    """Refuse to resume ``model`` from ``path`` when the file is missing or holds a model
-    of another structure (see :func:`check_checkpoint_structure`).
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint of the engine, read without running code: tensors, numbers,
+    strings and containers only (``torch.load(weights_only=True)``), on the CPU.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not such a checkpoint (truncated, corrupt, another
+            format, or a pickle that would build other objects, which is not run).
+
+    Examples:
+        >>> import os, tempfile
+        >>> from gblr.recipes.engine import read_checkpoint
+        >>> path = os.path.join(tempfile.mkdtemp(), "last.ckpt")
+        >>> with open(path, "wb") as handle:
+        ...     _ = handle.write(b"not a checkpoint")
+        >>> try:
+        ...     read_checkpoint(path)
+        ... except ValueError as error:
+        ...     print("not a checkpoint written by gblr's training" in str(error))
+        True
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    from .report import read_tensor_file
+
+    what = "a checkpoint written by gblr's training"
+    checkpoint = read_tensor_file(path, "the checkpoint", what)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(
+            f"cannot read the checkpoint {path} (no state_dict in it): it is truncated, "
+            "corrupt or not a checkpoint written by gblr's training"
+        )
+    return checkpoint
+
+
+def check_resume(
+    path: str | Path, model: nn.Module, config: dict[str, Any] | None = None
+) -> int:
+    """Refuse to resume ``model`` from ``path`` when the file is missing, unreadable (see
+    :func:`read_checkpoint`), holds a model of another structure (see
+    :func:`check_checkpoint_structure`) or, given the run's ``config`` (as
+    :func:`gblr.recipes.config.config_to_dict` writes it), was written with another
+    config in anything but :data:`gblr.recipes.config.RESUME_MAY_CHANGE`.
 
     Returns:
         The optimizer step the checkpoint was saved at.
@@ -175,11 +220,27 @@ def check_resume(path: str | Path, model: nn.Module) -> int:
         ...     print(str(error).split(";")[1].strip())
         4 layers differ, e.g. 'blocks.0.fc1' is GBLRLinear there, Linear here
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = read_checkpoint(path)
     check_checkpoint_structure(checkpoint, model, path)
+    if config is not None:
+        from .config import resume_changes
+
+        saved = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
+        if not isinstance(saved, dict):
+            raise ValueError(
+                f"checkpoint {path} holds no gblr config (not written by gblr train): "
+                "cannot check that it is this run's"
+            )
+        changes = resume_changes(saved, config)
+        if changes:
+            raise ValueError(
+                f"checkpoint {path} was written with another config; a resumed run "
+                "continues the checkpoint's optimizer, schedule and model, so these "
+                f"changes would not take effect: {'; '.join(changes[:6])}"
+                + (f" (and {len(changes) - 6} more)" if len(changes) > 6 else "")
+                + ". Resume with the checkpoint's settings, or start a new run "
+                "(--overwrite, or another --out)."
+            )
     return int(checkpoint.get("global_step", 0))
 
 
@@ -557,13 +618,16 @@ def train_module(
     stop_after: int | None = None,
     extra_callbacks: list[pl.Callback] | None = None,
     compile_mode: str | None = None,
+    before_fit: Callable[[], None] | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Train a :class:`ClassificationModule` or :class:`CausalLMModule` for ``steps``
     optimizer steps with a Lightning ``Trainer``; see :func:`train_classifier` for the
     options. ``compile_mode``: ``torch.compile`` the model in place with this mode
     (``"default"``, ``"reduce-overhead"``: CUDA graphs, ``"max-autotune"``, ...), or
-    None for eager mode.
+    None for eager mode. ``before_fit``: called once the ``Trainer`` is built (its
+    options checked) and before training starts, in the launching process only: where a
+    recipe writes into its run folder, so that a run failing at start-up writes nothing.
 
     Returns:
         ``{"macs_ratio", "seconds", "steps", "global_rank"}``.
@@ -591,8 +655,6 @@ def train_module(
         # of the GBLR layers stay those of the eager model. GBLR layers compile to one graph
         # whose sigma is a tensor, so the learner's annealing does not recompile it.
         model.compile(mode=None if compile_mode == "default" else compile_mode)
-    if resumed_step is not None and out_dir is not None:
-        _set_aside_metrics(Path(out_dir))
     pl.seed_everything(seed, workers=True, verbose=False)
     callbacks: list[pl.Callback] = []
     if gblr_layers(model) and target is not None:
@@ -623,6 +685,9 @@ def train_module(
                 dirpath=str(checkpoint_dir),
                 save_last=True,
                 every_n_train_steps=checkpoint_every_n_steps,
+                # always last.ckpt: a last-v1.ckpt next to an old one would make a later
+                # --resume continue the old run
+                enable_version_counter=False,
             )
         )
     validate = val_set is not None and val_every_n_steps is not None
@@ -650,6 +715,13 @@ def train_module(
                 f"processes ({trainer.world_size})"
             )
         batch_size = global_batch_size // trainer.world_size
+    from .run_folder import is_launching_process
+
+    if is_launching_process():
+        if before_fit is not None:
+            before_fit()
+        if resumed_step is not None and out_dir is not None:
+            _set_aside_metrics(Path(out_dir))
     # One sampler stream for the whole run; Lightning splits it over the processes.
     sampler = ShuffleStream(len(train_set), steps * batch_size * trainer.world_size, seed)
     trainer.callbacks.append(_ResumeDataOrder(sampler, batch_size * trainer.world_size))
@@ -673,7 +745,13 @@ def train_module(
         # call trips a deprecation inside Lightning.
         warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_data")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-        trainer.fit(module, loader, val_loader, ckpt_path=None if resume is None else str(resume))
+        trainer.fit(
+            module,
+            loader,
+            val_loader,
+            ckpt_path=None if resume is None else str(resume),
+            weights_only=True,  # a checkpoint never runs code (read_checkpoint checked it)
+        )
     seconds = time.perf_counter() - start
     if resumed_step is not None and out_dir is not None and trainer.is_global_zero:
         _merge_metrics(Path(out_dir), resumed_step)

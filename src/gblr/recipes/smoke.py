@@ -14,30 +14,17 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, flatten_config
+from .run_folder import SMOKE_DATA, standin_files
 
 __all__ = ["smoke_config", "smoke_kind"]
 
 
 SMOKE_STEPS = 2
-SMOKE_DATA = "smoke-data"
 _SMOKE_BATCH = 4
 _SMOKE_SEQ_LEN = 32
 SMOKE_TEXT_CHARS = 200_000  # of a real corpus: tokenized in well under a second
 _SMOKE_CLASSES, _SMOKE_PER_CLASS = 4, 3  # of a stand-in image folder
-# What a run writes into its folder: a real run started where a smoke run was removes
-# exactly these, so that nothing of the smoke run (checkpoint, curves) is taken for its own.
-_RUN_FILES = (
-    "checkpoints",
-    "tensorboard",
-    "figures",
-    SMOKE_DATA,
-    "metrics.csv",
-    "metrics.before-resume.csv",
-    "model_state.pt",
-    "results.json",
-    "REPORT.md",
-)
 SMOKE_BANNER = (
     "> **Smoke run** (`--smoke`): a few steps of a tiny stand-in model of the config's "
     "family, on stand-in data where the real data was absent, to check the setup. Its "
@@ -82,26 +69,6 @@ def refuse_real_folder(folder: str | Path) -> None:
             f"{folder} holds a run that is not a smoke run; --smoke would overwrite it. "
             "Give the smoke run another folder with --out"
         )
-
-
-def check_run_folder(out: Path, config: TrainConfig, resume: str | Path | None) -> None:
-    if config.smoke:
-        refuse_real_folder(out)
-    elif smoke_kind(out):
-        if resume is not None:
-            raise ValueError(
-                f"{out} holds a smoke run (--smoke): there is no real run to resume; "
-                "start it without --resume"
-            )
-        import shutil
-
-        # tolerant: under DDP every process starts here and may find a file gone already
-        for name in _RUN_FILES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
 
 
 def write_run_report(run_dir: str | Path) -> Path:
@@ -177,15 +144,14 @@ def _standin_text(rng: Any, chars: int) -> list[str]:
 def _write_standin(config: TrainConfig, root: Path) -> str:
     """Write stand-in data for ``config.data`` in its on-disk format at ``root``; returns
     what it wrote."""
-    import shutil
-
     import numpy as np
 
     data = config.data
     rng = np.random.default_rng(config.seed)
-    if root.exists():
-        shutil.rmtree(root)  # the previous smoke run's: written afresh, never mixed
-    root.mkdir(parents=True)
+    # the previous smoke run's stand-in is written afresh, never mixed; only its files go
+    for path in list(standin_files(root.parent)):
+        path.unlink()
+    root.mkdir(parents=True, exist_ok=True)
     if data.name in ("cifar10", "cifar100"):
         import pickle
 
@@ -195,7 +161,7 @@ def _write_standin(config: TrainConfig, root: Path) -> str:
             names = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
         else:
             folder, key, names = root / "cifar-100-python", "fine_labels", ["train", "test"]
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         per_file = 8
         for name in names:
             batch = {
@@ -211,7 +177,7 @@ def _write_standin(config: TrainConfig, root: Path) -> str:
         for split in ("train", "val"):
             for label in range(_SMOKE_CLASSES):
                 folder = root / split / f"n{label:08d}"
-                folder.mkdir(parents=True)
+                folder.mkdir(parents=True, exist_ok=True)
                 for k in range(_SMOKE_PER_CLASS):
                     pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
                     Image.fromarray(pixels).save(folder / f"{k}.png")
@@ -320,16 +286,6 @@ def _first_block(config: TrainConfig) -> list[str]:
         return []
     parent = names[0].rpartition(".")[0]
     return [name for name in names if name.rpartition(".")[0] == parent]
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key != "kwargs":
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _shown(value: Any) -> str:
@@ -475,7 +431,8 @@ def smoke_config(
     trainer.val_every = float(steps) if validates else None
     data.num_workers = 0
     smoke = config_from_dict(config_to_dict(smoke))  # checked like any config
-    before, after = _flat(config_to_dict(config)), _flat(config_to_dict(smoke))
+    before = flatten_config(config_to_dict(config))
+    after = flatten_config(config_to_dict(smoke))
     for key, value in after.items():
         if key != "smoke" and before.get(key) != value:
             notes.append(f"  {key}: {_shown(before.get(key))} -> {_shown(value)}")

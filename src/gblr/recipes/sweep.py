@@ -91,6 +91,26 @@ def _plot(rows: list[dict[str, Any]], metric: str, label: str, path: Path, title
     plt.close(figure)
 
 
+def _continue(run: TrainConfig) -> dict[str, Any]:
+    """How to go on with an unfinished run of the sweep in its folder: resume it from its
+    last checkpoint, or (no checkpoint yet, same config) start it afresh; a folder holding
+    another run is left to :func:`gblr.recipes.train.train_from_config` to refuse."""
+    import yaml
+
+    from .smoke import smoke_kind
+
+    folder = Path(run.out).expanduser()
+    if smoke_kind(folder) != run.smoke:
+        return {}  # none there, or a smoke run and a real one: never continued by the other
+    if (folder / "checkpoints" / "last.ckpt").is_file() and not run.smoke:
+        return {"resume": "last"}
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {"overwrite": saved == config_to_dict(run)}
+
+
 def run_sweep(
     config: TrainConfig,
     structures: Sequence[str],
@@ -141,7 +161,7 @@ def run_sweep(
             print(f"[{run.name}] done before, read {finished}")
         else:
             print(f"\n[{run.name}]")
-            result = train_from_config(run, progress=progress)
+            result = train_from_config(run, progress=progress, **_continue(run))
         rows.append(
             {
                 "structure": run.structure.kind,

@@ -23,7 +23,14 @@ from torch import nn
 
 from .config import TEXT_DATASETS, TrainConfig, config_to_dict
 from .report import save_atomically
-from .smoke import SMOKE_TEXT_CHARS, check_run_folder, first_samples, write_run_report
+from .run_folder import (
+    RunFolderError,
+    RunLock,
+    holds_run,
+    is_launching_process,
+    remove_library_files,
+)
+from .smoke import SMOKE_TEXT_CHARS, first_samples, smoke_kind, write_run_report
 
 __all__ = [
     "build_datasets",
@@ -71,10 +78,11 @@ def build_datasets(
         return train, test, 1, 10
     if data.name in ("cifar10", "cifar100"):
         classes = 10 if data.name == "cifar10" else 100
-        train = load_cifar(
-            data.root, train=True, classes=classes, augment=data.augment, download=data.download
-        )
-        test = load_cifar(data.root, train=False, classes=classes, download=data.download)
+        # a smoke run may read its own stand-in files; read safely all the same
+        verify = data.verify and not config.smoke
+        options = dict(classes=classes, download=data.download, verify=verify)
+        train = load_cifar(data.root, train=True, augment=data.augment, **options)
+        test = load_cifar(data.root, train=False, **options)
         return train, test, 3, classes
     if data.name in TEXT_DATASETS:
         raise ValueError(f"data.name={data.name!r} is text; build_datasets reads images")
@@ -315,7 +323,9 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
         else:
             what += " (no model_state.pt: its starting structure)"
     elif path.suffix == ".ckpt":
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        from .engine import read_checkpoint
+
+        checkpoint = read_checkpoint(path)
         settings = checkpoint.get("gblr", {}).get("config")
         if settings is None:
             raise ValueError(f"{path} holds no gblr config (not written by gblr train)")
@@ -467,16 +477,33 @@ def train_from_config(
     resume: str | Path | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train, evaluate and report one run described by ``config``.
+
+    The run folder ``config.out`` is this run's: a folder holding another run is refused
+    unless ``resume`` continues that run or ``overwrite`` replaces it (a smoke run in it
+    is replaced without asking; a smoke run never replaces a real one unless told); a
+    second run into the same folder at the same time is refused (a lock file). Nothing
+    in the folder changes until the run has started (the data read, the model built,
+    the checkpoint and the ``Trainer`` options checked); replacing a run then deletes
+    only the files gblr writes (see :func:`gblr.recipes.run_folder.library_files`).
 
     Args:
         config: from :func:`gblr.recipes.config.load_config`.
         resume: a checkpoint to continue, or ``"last"`` for the run folder's own
-            ``checkpoints/last.ckpt``. A checkpoint of another structure is refused.
+            ``checkpoints/last.ckpt``. A checkpoint of another structure, or written with
+            another config (other than where the run runs and logs, see
+            :data:`gblr.recipes.config.RESUME_MAY_CHANGE`), is refused with the keys that
+            differ.
         progress: show progress bars.
         stop_after: stop at this optimizer step (an interruption; schedules still span
             the whole run).
+        overwrite: replace a run already in ``config.out``.
+
+    Raises:
+        gblr.recipes.run_folder.RunFolderError: the folder holds another run (and neither
+            ``resume`` nor ``overwrite`` was given), or another run is writing into it.
 
     Returns:
         As written to ``results.json``: ``{"accuracy", "top5"}`` (images) or
@@ -499,14 +526,71 @@ def train_from_config(
         >>> sorted(name for name in os.listdir(out) if "." in name)
         ['REPORT.md', 'config.yaml', 'model_state.pt', 'results.json']
     """
+    out = Path(config.out).expanduser()
+    if not is_launching_process():  # a worker started by a launcher: the folder is rank 0's
+        return _train(config, out, resume, progress, stop_after, replace=False)
+    with RunLock(out):
+        replace = _claim_folder(out, config, resume, overwrite)
+        return _train(config, out, resume, progress, stop_after, replace=replace)
+
+
+def _claim_folder(
+    out: Path, config: TrainConfig, resume: str | Path | None, overwrite: bool
+) -> bool:
+    """Refuse ``out`` when it holds a run that this one may not write over; returns
+    whether the old run's files are to be deleted when this one starts."""
+    if not holds_run(out):
+        return False
+    kind = smoke_kind(out)
+    if config.smoke and kind is False and not overwrite:
+        raise RunFolderError(
+            f"{out} holds a run that is not a smoke run; --smoke would overwrite it. Give "
+            "the smoke run another folder with --out (or --overwrite to replace the run)"
+        )
+    if kind is True and not config.smoke:
+        if resume is not None:
+            raise RunFolderError(
+                f"{out} holds a smoke run (--smoke): there is no real run to resume; "
+                "start it without --resume"
+            )
+        return True  # a smoke run only checked the setup: the real run takes its place
+    if resume is not None:
+        return False  # continues the run (check_resume compares the configs)
+    if config.smoke or overwrite:
+        return True
+    raise RunFolderError(
+        f"{out} holds a run already ({_run_summary(out)}); nothing was changed. To continue "
+        "it: --resume; to replace it: --overwrite (deletes only the files gblr wrote "
+        "there); or give this run another folder with --out"
+    )
+
+
+def _run_summary(out: Path) -> str:
+    results = out / "results.json"
+    if results.is_file():
+        try:
+            result = json.loads(results.read_text(encoding="utf-8")).get("result", {})
+            return f"finished: {result.get('steps', '?')} steps of {result.get('name', '?')}"
+        except (OSError, ValueError, AttributeError):
+            return "finished"
+    return "unfinished: no results.json; it may be resumed"
+
+
+def _train(
+    config: TrainConfig,
+    out: Path,
+    resume: str | Path | None,
+    progress: bool,
+    stop_after: int | None,
+    *,
+    replace: bool,
+) -> dict[str, Any]:
     import yaml
 
     from ..model_flops import count_model_flops
     from .data import batch_mixer
     from .engine import check_resume, train_classifier, train_language_model
 
-    out = Path(config.out).expanduser()
-    check_run_folder(out, config, resume)
     text = config.data.name in TEXT_DATASETS
     if text:
         train_set, val_set, test_stream = _text_data(config)
@@ -524,10 +608,11 @@ def train_from_config(
         val_set = first_samples(val_set, 2 * batch)
     apply_structure(model, config)
     steps, unit = run_length(config, len(train_set))
+    settings = config_to_dict(config)
     if resume == "last":
         resume = out / "checkpoints" / "last.ckpt"
     if resume is not None:
-        check_resume(resume, model)  # before anything in the run folder is rewritten
+        check_resume(resume, model, settings)  # before anything in the run folder changes
     optim, learner = config.optim, config.learner
     warmup = round(optim.warmup * unit)
     ramp = warmup if learner.budget_ramp is None else round(learner.budget_ramp * unit)
@@ -537,10 +622,16 @@ def train_from_config(
         val_every = round(unit) if optim.epochs is not None else None
     if val_every is not None and val_every > steps:
         val_every = None
-    settings = config_to_dict(config)
-    save_atomically(
-        lambda f: yaml.safe_dump(settings, f, sort_keys=False), out / "config.yaml", text=True
-    )
+
+    def start_run() -> None:
+        """The run has started: the old run's files go, this one's config is written."""
+        if replace:
+            # a smoke run's stand-in data was written for this run, just now
+            remove_library_files(out, standin=not config.smoke)
+        save_atomically(
+            lambda f: yaml.safe_dump(settings, f, sort_keys=False), out / "config.yaml", text=True
+        )
+
     options: dict[str, Any] = dict(
         steps=steps,
         global_batch_size=optim.batch_size,
@@ -576,6 +667,7 @@ def train_from_config(
         stop_after=stop_after,
         run_info={"structure": config.structure.kind, "config": settings},
         compile_mode=config.trainer.compile,
+        before_fit=start_run,
         **_trainer_options(config),
     )
     if text:

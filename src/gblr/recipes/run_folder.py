@@ -1,0 +1,280 @@
+"""Run folders: which run may write into one, and what the library may delete from one.
+
+A run folder (``config.out``) belongs to one run. A new run refuses a folder that holds
+another run unless told to replace it (``overwrite``) or to continue it (``resume``); a
+lock file refuses a second run writing into the same folder at the same time; replacing
+a run removes only the files the library writes (a user's own files stay), and only
+once the new run has started, so a run that fails at start-up leaves the old one whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "RunFolderError",
+    "RunLock",
+    "holds_run",
+    "is_launching_process",
+    "library_files",
+    "remove_library_files",
+]
+
+LOCK_NAME = ".gblr-run.lock"
+
+# What a run writes, relative to its folder. Lightning names checkpoints ``last.ckpt``
+# (``last-vN.ckpt`` when one exists) and ``epoch=E-step=S.ckpt``; TensorBoard writes
+# event files and ``hparams.yaml``; the report writes three figures.
+_RUN_PATTERNS = (
+    "config.yaml",
+    "metrics.csv",
+    "metrics.before-resume.csv",
+    "model_state.pt",
+    "results.json",
+    "REPORT.md",
+    "checkpoints/last.ckpt",
+    "checkpoints/last-v*.ckpt",
+    "checkpoints/epoch=*-step=*.ckpt",
+    "checkpoints/*.ckpt.tmp*",
+    "tensorboard/events.out.tfevents.*",
+    "tensorboard/hparams.yaml",
+    "figures/macs_per_layer.png",
+    "figures/masks.png",
+    "figures/training.png",
+)
+# What a smoke run's stand-in data writer (gblr.recipes.smoke) puts under ``smoke-data``.
+_STANDIN_PATTERNS = (
+    "*/cifar-10-batches-py/data_batch_[1-5]",
+    "*/cifar-10-batches-py/test_batch",
+    "*/cifar-100-python/train",
+    "*/cifar-100-python/test",
+    "*/train/n*/[0-9]*.png",
+    "*/val/n*/[0-9]*.png",
+    "*/train.txt",
+    "*/valid.txt",
+    "*/test.txt",
+    "*/wiki.train.raw",
+    "*/wiki.valid.raw",
+    "*/wiki.test.raw",
+)
+SMOKE_DATA = "smoke-data"
+# Checked to tell whether a folder holds a run (of any kind: train, smoke or demo).
+_RUN_MARKERS = ("config.yaml", "results.json", "model_state.pt")
+
+
+class RunFolderError(ValueError):
+    """A run folder holds another run, or another run is writing into it."""
+
+
+def holds_run(folder: str | Path) -> bool:
+    """Whether ``folder`` holds (part of) a run: its config, results, model or a checkpoint.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.run_folder import holds_run
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> holds_run(folder)
+        False
+        >>> _ = (folder / "notes.txt").write_text("mine")  # a user's file is not a run
+        >>> holds_run(folder)
+        False
+        >>> (folder / "checkpoints").mkdir()
+        >>> _ = (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+        >>> holds_run(folder)
+        True
+    """
+    folder = Path(folder).expanduser()
+    if any((folder / name).is_file() for name in _RUN_MARKERS):
+        return True
+    return (folder / "checkpoints").is_dir() and any((folder / "checkpoints").glob("*.ckpt"))
+
+
+def library_files(folder: str | Path) -> list[Path]:
+    """The files in ``folder`` that a run of the library writes (sorted), and nothing else:
+    what :func:`remove_library_files` may delete.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.run_folder import library_files
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> (folder / "checkpoints").mkdir()
+        >>> for name in ("config.yaml", "checkpoints/last.ckpt", "checkpoints/mine.ckpt"):
+        ...     _ = (folder / name).write_text("")
+        >>> [str(path.relative_to(folder)) for path in library_files(folder)]
+        ['checkpoints/last.ckpt', 'config.yaml']
+    """
+    folder = Path(folder).expanduser()
+    found: set[Path] = set()
+    for pattern in _RUN_PATTERNS:
+        found.update(p for p in folder.glob(pattern) if p.is_file() and not p.is_symlink())
+    found.update(standin_files(folder / SMOKE_DATA))
+    return sorted(found)
+
+
+def standin_files(root: Path) -> Iterator[Path]:
+    """The stand-in data files that a smoke run wrote under ``root`` (its ``smoke-data``)."""
+    for pattern in _STANDIN_PATTERNS:
+        yield from (p for p in root.glob(pattern) if p.is_file() and not p.is_symlink())
+
+
+def remove_library_files(
+    folder: str | Path, *, run_files: bool = True, standin: bool = True
+) -> list[Path]:
+    """Delete what a run of the library wrote into ``folder`` (see :func:`library_files`)
+    and the library's sub-folders left empty; a user's files, and the folders holding
+    them, stay. ``run_files``/``standin``: the run's own files / a smoke run's stand-in
+    data under ``folder/smoke-data``.
+
+    Returns:
+        The deleted files.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.run_folder import remove_library_files
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> (folder / "figures").mkdir()
+        >>> for name in ("results.json", "figures/masks.png", "figures/my-plot.png"):
+        ...     _ = (folder / name).write_text("")
+        >>> len(remove_library_files(folder))
+        2
+        >>> sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+        ['figures', 'figures/my-plot.png']
+    """
+    folder = Path(folder).expanduser()
+    stand_in = set(standin_files(folder / SMOKE_DATA))
+    own = set(library_files(folder)) - stand_in if run_files else set()
+    files = sorted(own | stand_in if standin else own)
+    for path in files:
+        # tolerant: under DDP every process may start here and find a file gone already
+        path.unlink(missing_ok=True)
+    # deepest first, so that a folder emptied by removing its sub-folders goes too
+    folders = {path.parent for path in files}
+    for path in list(folders):
+        folders.update(p for p in path.parents if folder in p.parents)
+    for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        if path != folder and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return files
+
+
+def is_launching_process() -> bool:
+    """Whether this process owns the run folder: the one a person started, not a worker
+    that a launcher (Lightning's DDP, torchrun, SLURM) started for another device.
+
+    Examples:
+        >>> from gblr.recipes.run_folder import is_launching_process
+        >>> is_launching_process()  # a test process, started by nobody else
+        True
+    """
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "0").strip()
+        if value not in ("", "0"):
+            return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class RunLock:
+    """A lock file in a run folder that keeps a second run from writing into it at the
+    same time; a lock left by a run that died (same machine, its process gone) is taken
+    over. Use as a context manager; the folder is created when missing and removed again
+    on release if the lock was all it held.
+
+    Raises:
+        RunFolderError: another live run holds the folder (named, with its process id).
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.run_folder import RunFolderError, RunLock
+        >>> folder = Path(tempfile.mkdtemp()) / "run"
+        >>> with RunLock(folder):
+        ...     try:
+        ...         RunLock(folder).acquire()
+        ...     except RunFolderError as error:
+        ...         print(str(error)[:30])
+        another gblr run (process ...
+        >>> folder.exists()  # it held nothing but the lock
+        False
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).expanduser()
+        self.path = self.folder / LOCK_NAME
+        self._held = False
+        self._created_folder = False
+
+    def acquire(self) -> RunLock:
+        if not self.folder.exists():
+            self.folder.mkdir(parents=True)
+            self._created_folder = True
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(2):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    raise RunFolderError(self._busy_message()) from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(handle, "w") as file:
+                json.dump(record, file)
+            self._held = True
+            return self
+        raise RunFolderError(self._busy_message())
+
+    def _owner(self) -> dict:
+        try:
+            owner = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def _stale(self) -> bool:
+        owner = self._owner()
+        pid = owner.get("pid")
+        if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
+            # another machine's run (a shared file system), or a lock being written now
+            return False
+        return not _alive(pid)
+
+    def _busy_message(self) -> str:
+        owner = self._owner()
+        since = owner.get("started")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+        return (
+            f"another gblr run (process {owner.get('pid', '?')} on {owner.get('host', '?')}, "
+            f"started {when}) is writing into {self.folder}; wait for it to end or choose "
+            f"another --out. If no such run is alive, delete {self.path}"
+        )
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self.path.unlink(missing_ok=True)
+        self._held = False
+        if self._created_folder and self.folder.is_dir() and not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,291 @@
+"""Issue 20, points 1 and 2: no file runs code, and no run folder is ever lost.
+
+Every entry point that reads a file a user may have been given (a checkpoint to resume
+or to count, a run folder's model, CIFAR's pickles) is fed a pickle whose ``__reduce__``
+runs a shell command; the command would create a marker file, which must never appear.
+"""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lightning.pytorch")
+pytest.importorskip("yaml")
+from gblr.cli import main
+from gblr.recipes.data import load_cifar, read_array_pickle
+from gblr.recipes.engine import check_resume, read_checkpoint
+from gblr.recipes.run_folder import LOCK_NAME, RunFolderError, RunLock, library_files
+from gblr.recipes.train import model_from_run
+
+TINY = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=4", "optim.warmup=0"]
+TINY += ["trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=2"]
+TINY += ["trainer.log_every_n_steps=1"]
+
+
+class RunsAShellCommand:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "code-ran"
+    yield path
+    assert not path.exists(), "a file ran code"
+
+
+def evil_checkpoint(path, marker):
+    """A file shaped like the engine's checkpoints, with one object that runs code."""
+    torch.save({"state_dict": {}, "gblr": {"config": RunsAShellCommand(marker)}}, path)
+    return path
+
+
+def train_argv(out, *extra):
+    return ["train", "--config", "digits-vit-gblr", *TINY, "--out", str(out), "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One finished 4-step run, copied by the tests that change it."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(train_argv(out)) == 0
+    return out
+
+
+def copy_run(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def snapshot(out):
+    return {
+        str(path.relative_to(out)): path.read_bytes()
+        for path in sorted(out.rglob("*"))
+        if path.is_file()
+    }
+
+
+# -- 1. nothing unpickles an untrusted file -------------------------------------------
+
+
+def test_the_marker_would_appear_if_a_file_ran_code(tmp_path):
+    """The check below can fail: loading the evil file the unsafe way runs the command."""
+    path = evil_checkpoint(tmp_path / "evil.ckpt", tmp_path / "ran")
+    torch.load(path, weights_only=False)
+    assert (tmp_path / "ran").exists()
+
+
+def test_gblr_flops_on_a_code_running_checkpoint_refuses_it(tmp_path, marker, capsys):
+    path = evil_checkpoint(tmp_path / "evil.ckpt", marker)
+    assert main(["flops", str(path)]) == 1
+    assert "cannot read the checkpoint" in capsys.readouterr().err
+
+
+def test_library_readers_refuse_a_code_running_checkpoint(tmp_path, marker):
+    from gblr.recipes.models import VisionTransformer
+
+    path = evil_checkpoint(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(ValueError, match="cannot read the checkpoint"):
+        read_checkpoint(path)
+    with pytest.raises(ValueError, match="cannot read the checkpoint"):
+        check_resume(path, VisionTransformer(dim=16, depth=1, heads=2))
+    with pytest.raises(ValueError, match="cannot read the checkpoint"):
+        model_from_run(path)
+
+
+def test_resume_from_a_code_running_checkpoint_refuses_it(tmp_path, marker, capsys):
+    path = evil_checkpoint(tmp_path / "evil.ckpt", marker)
+    assert main(train_argv(tmp_path / "run", "--resume", str(path))) == 1
+    assert "cannot read the checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+def test_a_run_folders_code_running_model_state_is_refused(finished_run, tmp_path, marker):
+    out = copy_run(finished_run, tmp_path)
+    torch.save({"weight": RunsAShellCommand(marker)}, out / "model_state.pt")
+    with pytest.raises(ValueError, match="cannot read the model state"):
+        model_from_run(out)
+
+
+def test_cifar_pickles_are_checked_before_they_are_read(tmp_path, marker):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({"data": RunsAShellCommand(marker), "labels": [0]}, handle)
+    with pytest.raises(ValueError, match=r"not the official CIFAR-10 file \(MD5 [0-9a-f]{32}"):
+        load_cifar(tmp_path, train=False)
+    # without the checksum (your own files in CIFAR's format) the reader builds arrays,
+    # lists and strings only: the callable is refused before it is looked up
+    with pytest.raises(ValueError, match=r"(posix|os)\.system"):
+        load_cifar(tmp_path, train=False, verify=False)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"data": [1, 2], "labels": "abc", "nested": ({"x": 1.5},), b"raw": None},
+        [torch.zeros(1).numpy(), "text"],
+    ],
+)
+def test_the_array_reader_returns_what_plain_pickle_returns(tmp_path, payload):
+    import numpy as np
+
+    path = tmp_path / "plain"
+    path.write_bytes(pickle.dumps(payload, protocol=2))
+    expected = pickle.loads(path.read_bytes(), encoding="latin1")
+    got = read_array_pickle(path)
+    assert repr(got) == repr(expected)
+    if isinstance(payload, list):
+        assert isinstance(got[0], np.ndarray)
+
+
+def test_truncated_array_pickle_names_the_file(tmp_path):
+    path = tmp_path / "cut"
+    path.write_bytes(pickle.dumps({"data": list(range(100))})[:20])
+    with pytest.raises(ValueError, match="cut"):
+        read_array_pickle(path)
+
+
+# -- 2. a run folder is never lost ----------------------------------------------------
+
+
+def test_the_same_train_command_twice_leaves_the_first_run_intact(finished_run, capsys):
+    before = snapshot(finished_run)
+    capsys.readouterr()
+    assert main(train_argv(finished_run)) == 1
+    error = capsys.readouterr().err
+    assert "holds a run already" in error and "--overwrite" in error and "--resume" in error
+    assert snapshot(finished_run) == before
+    assert not (finished_run / LOCK_NAME).exists()
+
+
+def test_overwrite_replaces_only_what_gblr_wrote(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    (out / "checkpoints" / "my-notes.txt").write_text("mine")
+    (out / "figures" / "my-plot.png").write_bytes(b"mine")
+    (out / "checkpoints" / "epoch=0-step=999.ckpt").write_bytes(b"an old periodic checkpoint")
+    assert main(train_argv(out, "--overwrite", "seed=1")) == 0
+    assert (out / "checkpoints" / "my-notes.txt").read_text() == "mine"
+    assert (out / "figures" / "my-plot.png").read_bytes() == b"mine"
+    assert not (out / "checkpoints" / "epoch=0-step=999.ckpt").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) == [
+        "epoch=0-step=4.ckpt",
+        "last.ckpt",
+    ]  # no last-v1.ckpt: a later --resume continues this run
+    assert json.loads((out / "results.json").read_text())["config"]["seed"] == 1
+
+
+def test_a_run_failing_at_start_up_changes_nothing(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    # Lightning refuses the strategy when it builds its Trainer: after the data and the
+    # model, before training, where the old run's files would have gone
+    assert main(train_argv(out, "--overwrite", "trainer.strategy=no-such-strategy")) == 1
+    assert "invalid strategy name" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_real_run_replacing_a_smoke_run_keeps_the_users_files(tmp_path):
+    out = tmp_path / "run"
+    assert main(train_argv(out, "--smoke")) == 0
+    (out / "checkpoints" / "keep.txt").write_text("mine")
+    assert main(train_argv(out)) == 0
+    assert (out / "checkpoints" / "keep.txt").read_text() == "mine"
+    assert "smoke" not in json.loads((out / "results.json").read_text())["result"]
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    with RunLock(out):
+        assert main(train_argv(out, "--overwrite")) == 1
+    assert "another gblr run (process" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    import socket
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": 0}
+    (folder / LOCK_NAME).write_text(json.dumps(record))
+    with RunLock(folder):
+        assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    # a live process's lock (this one's, as another machine would see it) is respected
+    record["pid"] = os.getpid()
+    (folder / LOCK_NAME).write_text(json.dumps(record))
+    with pytest.raises(RunFolderError, match="another gblr run"):
+        RunLock(folder).acquire()
+
+
+def test_resume_with_a_changed_config_is_refused_and_names_the_keys(finished_run, capsys):
+    before = snapshot(finished_run)
+    capsys.readouterr()
+    assert main(train_argv(finished_run, "--resume", "optim.lr=0.5")) == 1
+    error = capsys.readouterr().err
+    assert "optim.lr: 0.002 in the checkpoint, 0.5 now" in error  # parsed as an override
+    assert snapshot(finished_run) == before
+
+
+def test_resume_takes_an_override_after_it_and_continues_the_run(finished_run, tmp_path):
+    out = copy_run(finished_run, tmp_path)
+    # where it logs may change on resume; the run itself is the checkpoint's
+    assert main(train_argv(out, "--resume", "trainer.log_every_n_steps=1")) == 0
+    assert json.loads((out / "results.json").read_text())["result"]["steps"] == 4
+
+
+def test_a_checkpoint_named_like_an_override_is_still_a_checkpoint(tmp_path, monkeypatch):
+    from gblr.cli import _override_after_resume, build_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "step=4.ckpt").write_bytes(b"")
+    args = build_parser().parse_args(["train", "--resume", "step=4.ckpt", "optim.lr=1"])
+    _override_after_resume(args)
+    assert (args.resume, args.overrides) == ("step=4.ckpt", ["optim.lr=1"])
+    args = build_parser().parse_args(["train", "--resume", "optim.lr=1"])
+    _override_after_resume(args)
+    assert (args.resume, args.overrides) == ("last", ["optim.lr=1"])
+
+
+def test_a_corrupt_last_checkpoint_gives_one_clear_line(finished_run, tmp_path, capsys):
+    out = copy_run(finished_run, tmp_path)
+    last = out / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    assert main(train_argv(out, "--resume")) == 1
+    error = capsys.readouterr().err
+    assert "cannot read the checkpoint" in error and "last.ckpt" in error
+
+
+def test_library_files_lists_only_what_runs_write(finished_run):
+    names = {str(p.relative_to(finished_run)) for p in library_files(finished_run)}
+    assert {"config.yaml", "results.json", "model_state.pt", "REPORT.md"} <= names
+    assert {"checkpoints/last.ckpt", "metrics.csv"} <= names
+    everything = {str(p.relative_to(finished_run)) for p in finished_run.rglob("*")}
+    assert names <= everything
+
+
+def test_demo_twice_keeps_the_first_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["demo", "--steps", "2", "--structures", "dense", "--quiet"]
+    assert main(argv) == 0
+    first = snapshot(tmp_path / "gblr-demo")
+    assert main(argv) == 0
+    assert "gblr-demo holds an earlier demo (kept); this one writes to gblr-demo-2" in (
+        capsys.readouterr().out
+    )
+    assert snapshot(tmp_path / "gblr-demo") == first
+    assert (tmp_path / "gblr-demo-2" / "results.json").is_file()

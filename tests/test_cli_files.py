@@ -1,0 +1,122 @@
+"""`gblr flops` and `gblr report` on files that are not what they read (issue 20): one
+clear line and a non-zero exit, never a traceback; a file of gblr.save gets its MACs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gblr
+from gblr.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def saved_model(folder: Path) -> tuple[nn.Module, Path]:
+    torch.manual_seed(0)
+    shared = gblr.GBLRLinear(16, 16, structure_init="half", init_cost=0.25)
+    model = gblr.freeze(nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(16, 4)).eval())
+    return model, gblr.save(model, folder / "model.safetensors")
+
+
+def fails_in_one_line(capsys, argv: list[str], *fragments: str) -> str:
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"gblr {argv[0]}: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_flops_of_a_gblr_save_file_counts_its_layers(tmp_path, capsys):
+    # It printed an empty table (0 MACs) and exited 0.
+    model, path = saved_model(tmp_path)
+    assert main(["flops", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"model file {path} (gblr.save")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    macs = model[0].flops()
+    assert rows["0"][:2] == ["0", "GBLR"] and int(rows["0"][3].replace(",", "")) == macs
+    assert rows["2"][1] == "GBLR"  # the shared layer runs twice
+    assert rows["3"][1:4] == ["dense", "4x16", "64"]
+    assert int(rows["total"][1].replace(",", "")) == 2 * macs + 64
+
+
+def test_flops_of_a_safetensors_state_dict(tmp_path, capsys):
+    import safetensors.torch
+
+    path = tmp_path / "dense.safetensors"
+    safetensors.torch.save_file(nn.Linear(8, 3).state_dict(), str(path))
+    assert main(["flops", str(path)]) == 0
+    assert "dense" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("junk.pt", os.urandom(300)),
+        ("empty.pt", b""),
+        ("notes.txt", b"hello\n"),
+        ("junk.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      "),
+    ],
+)
+def test_flops_of_garbage_is_one_line(tmp_path, capsys, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    fails_in_one_line(capsys, ["flops", str(path)], str(path), "is not a run folder")
+
+
+def test_flops_of_a_pickle_that_is_not_a_state_dict(tmp_path, capsys):
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    fails_in_one_line(capsys, ["flops", str(tmp_path / "list.pt")], "does not hold a state dict")
+
+
+def test_flops_of_a_damaged_gblr_file_says_why(tmp_path, capsys):
+    _, path = saved_model(tmp_path)
+    path.write_bytes(path.read_bytes()[:-10])
+    fails_in_one_line(capsys, ["flops", str(path)], "cannot load", "truncated")
+
+
+def test_flops_of_an_unreadable_run_folder_or_checkpoint(tmp_path, capsys):
+    pytest.importorskip("lightning")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: [unclosed\n")
+    fails_in_one_line(capsys, ["flops", str(tmp_path / "run")], "config.yaml is not valid YAML")
+    (tmp_path / "bad.ckpt").write_bytes(os.urandom(64))
+    fails_in_one_line(capsys, ["flops", str(tmp_path / "bad.ckpt")], "cannot read")
+
+
+def test_report_of_what_is_not_a_run_folder(tmp_path, capsys):
+    _, path = saved_model(tmp_path)
+    fails_in_one_line(capsys, ["report", str(path)], "is a file, not a run folder", "gblr flops")
+    fails_in_one_line(capsys, ["report", str(tmp_path / "missing")], "no run folder at")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    fails_in_one_line(capsys, ["report", str(tmp_path / "junk.pt")], "is a file")
+    run = tmp_path / "run"
+    run.mkdir()
+    fails_in_one_line(capsys, ["report", str(run)], "no model state at")
+    (run / "model_state.pt").write_bytes(os.urandom(200))
+    fails_in_one_line(capsys, ["report", str(run)], f"cannot write the report of {run}")
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == ["model_state.pt"]
+
+
+def test_the_console_script_exits_non_zero_without_a_traceback(tmp_path):
+    (tmp_path / "junk.bin").write_bytes(os.urandom(100))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    done = subprocess.run(
+        [sys.executable, "-m", "gblr.cli", "flops", str(tmp_path / "junk.bin")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
