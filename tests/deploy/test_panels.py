@@ -139,6 +139,12 @@ def test_panel_forms_equal_dense(forms, bias, rank, rows):
     assert rel_error(PN.run_panels(x, ops), dense_reference(frozen, x)) <= 1e-5
 
 
+def test_panels_of_an_empty_batch_are_empty():
+    _, frozen = narrow_layer(k=50, rank=1, seed=21)
+    y = PN.run_panels(torch.randn(0, 61), forced_ops(frozen, FORMS[0]))
+    assert y.shape == (0, 47)
+
+
 def test_segments_accumulate_every_narrow_component_and_never_a_full_one():
     _, frozen = narrow_layer(in_features=300, out_features=200, k=120, rank=2, seed=24)
     ops = forced_ops(frozen, ("segments", "panels"))

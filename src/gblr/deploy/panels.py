@@ -441,7 +441,7 @@ def run_panels(x: Tensor, ops: PanelOps) -> Tensor:
     """``(N, n) -> (N, m)`` through the two stages of :func:`panel_ops`, in chunks of
     :func:`chunk_rows` input rows (bias included when the ops were built with one)."""
     rows = x.shape[0]
-    chunk = min(rows, chunk_rows(ops.out_features, ops.width))
+    chunk = max(1, min(rows, chunk_rows(ops.out_features, ops.width)))  # rows may be 0
     y = x.new_empty(rows, ops.out_features)
     # Z is kept transposed, (K r, rows): a group's rows of Z^T are one contiguous block
     # that stage 1 writes with unit stride, and stage 2 reads Z^T[z0:z1].t() as a

@@ -41,6 +41,7 @@ _RUN_PATTERNS = (
     "checkpoints/last-v*.ckpt",
     "checkpoints/epoch=*-step=*.ckpt",
     "checkpoints/*.ckpt.tmp*",
+    ".*.gblr-*-*-*.tmp",  # a killed save_atomically's temporary file
     "tensorboard/events.out.tfevents.*",
     "tensorboard/hparams.yaml",
     "figures/macs_per_layer.png",
