@@ -289,3 +289,24 @@ def test_demo_twice_keeps_the_first_demo(tmp_path, monkeypatch, capsys):
     )
     assert snapshot(tmp_path / "gblr-demo") == first
     assert (tmp_path / "gblr-demo-2" / "results.json").is_file()
+
+
+def test_an_unfinished_sweep_run_is_continued_only_when_it_is_the_same_run(tmp_path):
+    import yaml
+
+    from gblr.recipes.config import config_to_dict, load_config
+    from gblr.recipes.sweep import _continue
+
+    run = load_config("digits-vit-gblr", [f"out={tmp_path / 'gblr-0.3'}"])
+    folder = tmp_path / "gblr-0.3"
+    assert _continue(run) == {}  # nothing there: a fresh run
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(run)))
+    assert _continue(run) == {"overwrite": True}  # its own run, stopped before a checkpoint
+    other = load_config("digits-vit-gblr", ["optim.lr=0.5", f"out={folder}"])
+    assert _continue(other) == {"overwrite": False}  # another run: train_from_config refuses
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert _continue(run) == {"resume": "last"}  # check_resume then compares the configs
+    (folder / "config.yaml").write_text("smoke: true\n")
+    assert _continue(run) == {}  # a smoke run is never continued by a real one
