@@ -253,16 +253,20 @@ def _list_configs() -> None:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from .recipes.config import load_config
+    from .recipes.config import load_config, with_structure
 
     if args.config is None:
         raise ValueError("--config is required (a shipped name, see --list, or a YAML file)")
     overrides = [
         f"{key}={getattr(args, option)}"
         for option, key in _SHORTCUTS.items()
-        if getattr(args, option, None) is not None
+        if getattr(args, option, None) is not None and option != "structure"
     ]
-    return load_config(args.config, [*args.overrides, *overrides])
+    config = load_config(args.config, [*args.overrides, *overrides])
+    if getattr(args, "structure", None) is not None:
+        # the recipe with other layers: GBLR-only keys (start_cost, ...) do not carry over
+        config = with_structure(config, args.structure)
+    return config
 
 
 _OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)*=")

@@ -40,6 +40,7 @@ __all__ = [
     "load_config",
     "resume_changes",
     "shipped_configs",
+    "with_structure",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -110,10 +111,13 @@ class StructureConfig:
     """Which layers become structured and how. ``kind``: ``dense``, ``gblr`` or a
     baseline family (``gblr.structured.FAMILIES``). ``budget``: MACs of the ``include``
     layers (glob patterns over module names, minus ``exclude``) as a fraction of dense;
-    for GBLR the learner's target, reached from ``start_cost`` (default: the budget
-    itself) over ``learner.budget_ramp``. ``init``: ``random`` (training from scratch)
-    or ``search`` (fit each layer to its pretrained weights, :func:`gblr.convert`, with
-    ``allocation`` ``global`` or ``uniform`` and ``search_steps`` of refinement).
+    for GBLR the learner's target, reached from ``start_cost`` (GBLR only; default: the
+    budget itself; with ``init: search`` the cost the layers are fitted at) over
+    ``learner.budget_ramp``. ``init``: ``random`` (training from scratch) or ``search``
+    (fit each layer to its pretrained weights, :func:`gblr.convert`, with ``allocation``
+    ``global`` or ``uniform`` and, for GBLR, ``search_steps`` of refinement).
+    ``rank_per_component``: GBLR's rank per component, and the unit in which a family's
+    global allocation hands out MACs. A key set where it cannot apply is refused.
 
     Examples:
         >>> from gblr.recipes.config import StructureConfig
@@ -559,6 +563,91 @@ def _validate(config: TrainConfig) -> None:
     _positive("trainer.log_every_n_steps", config.trainer.log_every_n_steps)
     _positive("trainer.checkpoint_every_n_steps", config.trainer.checkpoint_every_n_steps)
     _positive("trainer.val_every", config.trainer.val_every)
+    _check_structure_keys_apply(config.structure)
+
+
+def _check_structure_keys_apply(structure: StructureConfig) -> None:
+    """Refuse a ``structure`` key set to a value that its kind and init would not use.
+
+    Not checked: ``kind: dense`` (nothing is structured) and ``start_cost`` with a
+    baseline family (documented as GBLR's starting cost; a GBLR recipe sets it, and
+    ``structure.kind=lowrank`` on that recipe should not need a second override).
+    ``--structure`` and ``gblr sweep`` go through :func:`with_structure`, which resets
+    every GBLR-only key. Values that say what happens anyway are accepted:
+    ``allocation: uniform`` with ``init: random``, ``search_steps: 0`` for a family's
+    search.
+    """
+    s = structure
+    if s.kind == "dense":
+        return
+
+    if s.init == "random":
+        if s.allocation not in (None, "uniform"):
+            raise ValueError(
+                f"structure.allocation={s.allocation!r} applies only to structure.init: "
+                "search (how the search splits the budget between layers); with init: "
+                "random every layer starts at the same fraction of its MACs: remove the "
+                "key or set structure.allocation=null"
+            )
+        if s.search_steps is not None:
+            raise ValueError(
+                f"structure.search_steps={s.search_steps!r} applies only to structure.init: "
+                "search (refinement steps of the structure search), not init: random: "
+                "remove the key or set structure.search_steps=null"
+            )
+    family = s.kind != "gblr"
+    if family and s.init == "search" and s.search_steps:
+        raise ValueError(
+            f"structure.search_steps={s.search_steps!r} applies only to structure.kind: "
+            f"gblr with init: search; the {s.kind} family is projected onto the weights "
+            "without refinement steps: set structure.search_steps=0 or null"
+        )
+    if family and s.rank_per_component != 1:
+        if s.init == "random":
+            how = "init: random"
+        elif s.allocation == "uniform":
+            how = "allocation: uniform"
+        elif s.budget >= 1.0:
+            how = f"budget: {s.budget} (every layer at its full cost)"
+        else:
+            return  # the unit in which the global allocation hands out MACs
+        raise ValueError(
+            f"structure.rank_per_component={s.rank_per_component!r} applies only to "
+            "structure.kind: gblr, or to a baseline family with init: search and "
+            "allocation: global (the unit in which it hands out MACs); "
+            f"{s.kind} with {how} has no use for it: set structure.rank_per_component=1"
+        )
+
+
+def with_structure(config: TrainConfig, kind: str, budget: float | None = None) -> TrainConfig:
+    """A checked copy of ``config`` whose layers get structure ``kind`` (and ``budget``):
+    how a GBLR recipe runs as its dense or baseline comparison. For another kind than
+    ``gblr`` the keys only GBLR uses go back to their defaults (``start_cost``, the
+    search's ``search_steps``, and ``rank_per_component`` where the kind has no use for
+    it), so that the comparison is the same recipe with other layers.
+
+    Examples:
+        >>> from gblr.recipes.config import load_config, with_structure
+        >>> config = load_config("digits-vit-gblr")
+        >>> lowrank = with_structure(config, "lowrank", 0.2)
+        >>> lowrank.structure.kind, lowrank.structure.budget, lowrank.structure.start_cost
+        ('lowrank', 0.2, None)
+        >>> config.structure.kind, config.structure.start_cost  # unchanged
+        ('gblr', 0.6)
+    """
+    data = config_to_dict(config)
+    structure = data["structure"]
+    structure["kind"] = kind
+    if budget is not None:
+        structure["budget"] = budget
+    if kind != "gblr":
+        structure["start_cost"] = None
+        if structure["init"] == "search":
+            structure["search_steps"] = None
+        unused = structure["init"] == "random" or structure["allocation"] == "uniform"
+        if unused or structure["budget"] >= 1.0:  # as _check_structure_keys_apply says
+            structure["rank_per_component"] = 1
+    return config_from_dict(data)
 
 
 def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

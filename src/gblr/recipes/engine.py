@@ -606,6 +606,7 @@ def train_module(
     sigma_start_step: int = 0,
     learner_options: dict[str, Any] | None = None,
     structure_include: str | list[str] = "blocks.*",
+    structure_exclude: str | list[str] | None = None,
     num_workers: int = 0,
     val_every_n_steps: int | None = None,
     out_dir: str | Path | None = None,
@@ -755,7 +756,8 @@ def train_module(
     seconds = time.perf_counter() - start
     if resumed_step is not None and out_dir is not None and trainer.is_global_zero:
         _merge_metrics(Path(out_dir), resumed_step)
-    flops = count_flops(model, include=_include_patterns(structure_include))
+    excluded = None if structure_exclude is None else _include_patterns(structure_exclude)
+    flops = count_flops(model, include=_include_patterns(structure_include), exclude=excluded)
     return {
         "macs_ratio": flops.ratio,
         "seconds": seconds,
@@ -798,7 +800,8 @@ def train_classifier(
     ``target`` over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals σ over
     ``sigma`` (None: left alone) from ``sigma_start_step`` on the ``sigma_schedule``;
     ``learner_options``: more :class:`gblr.StructureLearner` keywords.
-    ``structure_include``: glob patterns of the layers whose MACs ratio is reported.
+    ``structure_include``/``structure_exclude``: glob patterns of the layers whose MACs
+    ratio is reported.
     Other keyword arguments go to ``lightning.Trainer`` (``accelerator``, ``devices``,
     ``num_nodes``, ``strategy``, ``precision``, ``gradient_clip_val``, ...).
     ``test_set`` (optional) is also the validation set every ``val_every_n_steps``.

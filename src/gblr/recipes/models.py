@@ -12,6 +12,8 @@ and :func:`mixer_small_patch4_32`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -304,7 +306,9 @@ def structure_model(
     structure: str,
     budget: float,
     *,
-    include: str = "blocks.*",
+    include: str | Sequence[str] = "blocks.*",
+    exclude: str | Sequence[str] | None = None,
+    rank_per_component: int = 1,
     seed: int = 0,
     structure_init: str = "half",
     factor_init: str = "balanced",
@@ -312,9 +316,12 @@ def structure_model(
     """Make ``model``'s ``include`` linear layers structured, for training from scratch.
 
     ``"dense"`` leaves the model alone (returns ``None``). ``"gblr"``: GBLR layers at a
-    starting cost of ``budget`` (the paper's half-full/half-narrow initialisation); a
-    :class:`gblr.StructureLearner` then moves the MACs between layers. A baseline family:
-    its largest configuration within ``budget`` in every layer (uniform allocation).
+    starting cost of ``budget`` (the paper's half-full/half-narrow initialisation) with
+    components of rank ``rank_per_component``; a :class:`gblr.StructureLearner` then
+    moves the MACs between layers. A baseline family: its largest configuration within
+    ``budget`` in every layer (uniform allocation, so ``rank_per_component`` only checks
+    that no layer is narrower). Layers matching ``exclude`` (glob patterns over module
+    names, as ``include``) stay dense; every pattern must match some linear layer.
 
     Examples:
         >>> import torch
@@ -327,6 +334,12 @@ def structure_model(
         torch.Size([4, 10])
         >>> structure_model(VisionTransformer(dim=32, depth=2), "dense", 0.3) is None
         True
+        >>> model = VisionTransformer(image_size=8, patch_size=2, dim=32, depth=2)
+        >>> report = structure_model(
+        ...     model, "gblr", 0.3, exclude="blocks.0.*", rank_per_component=2
+        ... )
+        >>> type(model.blocks[0].qkv).__name__, model.blocks[1].qkv.rank_per_component
+        ('Linear', 2)
     """
     if structure == "dense":
         return None
@@ -336,7 +349,9 @@ def structure_model(
         budget=budget,
         init="random",
         include=include,
+        exclude=exclude,
         allocation="uniform",
+        rank_per_component=rank_per_component,
         min_features=1,
         seed=seed,
     )

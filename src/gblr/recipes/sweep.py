@@ -9,14 +9,13 @@ whole model's GFLOPs, one line per structure.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import TEXT_DATASETS, TrainConfig, config_to_dict
+from .config import TEXT_DATASETS, TrainConfig, config_to_dict, with_structure
 
 __all__ = ["run_sweep", "sweep_runs"]
 
@@ -50,8 +49,7 @@ def sweep_runs(
     runs = []
     for structure in dict.fromkeys(structures):  # in order, once each
         for budget in [1.0] if structure == "dense" else budgets:
-            run = copy.deepcopy(config)
-            run.structure.kind, run.structure.budget = structure, budget
+            run = with_structure(config, structure, budget)  # checked like any config
             name = "dense" if structure == "dense" else f"{structure}-{budget:g}"
             run.out, run.name = str(out / name), f"{config.name}/{name}"
             runs.append(run)

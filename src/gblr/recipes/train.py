@@ -206,19 +206,32 @@ def build_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Modu
 
 
 def apply_structure(model: nn.Module, config: TrainConfig) -> None:
-    """Make ``model``'s ``structure.include`` layers structured, in place (seeded)."""
+    """Make ``model``'s ``structure.include`` layers, minus ``structure.exclude``,
+    structured, in place (seeded).
+
+    GBLR layers start at ``structure.start_cost`` (default: the budget), from scratch
+    (``init: random``) or fitted to the weights (``init: search``); the learner then
+    takes them to ``structure.budget``. The baseline families, which no learner moves,
+    start at the budget. :func:`gblr.recipes.config.load_config` has refused the keys
+    that cannot apply to the config's kind and init.
+    """
     from ..compress.convert import convert
     from .models import structure_model
 
     s = config.structure
     if s.kind == "dense":
         return
+    start = s.start_cost if s.kind == "gblr" and s.start_cost is not None else s.budget
     if s.init == "random":
-        start = s.start_cost if s.start_cost is not None else s.budget
         structure_model(
-            model, s.kind, start if s.kind == "gblr" else s.budget, include=s.include,
+            model,
+            s.kind,
+            start,
+            include=s.include,
+            exclude=s.exclude,
+            rank_per_component=s.rank_per_component,
             seed=config.seed,
-        )  # fmt: skip
+        )
         return
     options: dict[str, Any] = {}
     if s.allocation is not None:
@@ -228,7 +241,7 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
     convert(
         model,
         structure=s.kind,
-        budget=s.budget,
+        budget=start,
         init="search",
         include=s.include,
         exclude=s.exclude,
@@ -655,6 +668,7 @@ def _train(
             "merge_every": learner.merge_every,
         },
         structure_include=config.structure.include,
+        structure_exclude=config.structure.exclude,
         num_workers=config.data.num_workers,
         val_every_n_steps=val_every,
         out_dir=out,
