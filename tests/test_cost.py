@@ -104,3 +104,51 @@ def test_budget_macs_fraction_and_absolute():
         budget_macs(1.5, 10, name="target")
     with pytest.raises(TypeError, match="budget"):
         budget_macs(True, 10)
+
+
+def test_fraction_budget_macs_takes_a_fraction_or_a_count_and_names_the_other():
+    from gblr.cost import fraction_budget_macs
+
+    assert fraction_budget_macs(0.25, None, 1000) == 250
+    assert fraction_budget_macs(1, None, 1000) == fraction_budget_macs(1.0, None, 1000) == 1000
+    assert fraction_budget_macs(None, 300, 1000) == 300
+    assert fraction_budget_macs(None, 3000, 1000) == 3000  # a count may exceed dense
+    with pytest.raises(ValueError, match=r"got the int 300; for a count of 300 MACs pass n=300"):
+        fraction_budget_macs(300, None, 1000, fraction_name="f", macs_name="n")
+    with pytest.raises(ValueError, match=r"f must be a fraction in \(0, 1\] .*got the int 0$"):
+        fraction_budget_macs(0, None, 1000, fraction_name="f")
+    for bad in (0.0, -0.5, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"target must be a fraction in \(0, 1\]"):
+            fraction_budget_macs(bad, None, 1000)
+    for bad, name in ((True, "target"), ("0.5", "target")):
+        with pytest.raises(TypeError, match=name):
+            fraction_budget_macs(bad, None, 1000)
+    with pytest.raises(TypeError, match="target_macs must be an int"):
+        fraction_budget_macs(None, 3.0, 1000)
+    with pytest.raises(ValueError, match="target_macs must be an int >= 1"):
+        fraction_budget_macs(None, 0, 1000)
+    with pytest.raises(ValueError, match="exactly one of target"):
+        fraction_budget_macs(None, None, 1000)
+
+
+def test_a_budget_below_the_minimum_names_the_smallest_fraction_that_works():
+    import math
+
+    from gblr.cost import fraction_budget_macs, smallest_fraction
+
+    with pytest.raises(ValueError, match=r"allows 1 of the 7 dense MACs, below the minimum of 2"):
+        fraction_budget_macs(0.2, None, 7, minimum=2)
+    with pytest.raises(ValueError, match=r"target must be at least 0\.2858 \(or target_macs"):
+        fraction_budget_macs(0.2, None, 7, minimum=2, minimum_reason="one component")
+    assert fraction_budget_macs(0.2858, None, 7, minimum=2) == 2
+    with pytest.raises(ValueError, match=r"no fraction of the 1 dense MACs pays .*target_macs"):
+        fraction_budget_macs(1, None, 1, minimum=2)
+    # The printed minimum always works and is within 0.1% of the exact one (rounded up).
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        dense = int(torch.randint(1, 10**9, (1,), generator=generator))
+        macs = int(torch.randint(1, dense + 1, (1,), generator=generator))
+        text = smallest_fraction(macs, dense)
+        assert math.floor(float(text) * dense) >= macs and float(text) <= 1
+        assert float(text) <= macs / dense * (1 + 1e-3)
+    assert smallest_fraction(2, 64) == "0.03125" and smallest_fraction(3, 2) is None

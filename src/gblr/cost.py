@@ -12,8 +12,11 @@ the small interface they share (``flops()``, ``dense_flops()``, optionally
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import fnmatch
+import fractions
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,7 +28,9 @@ __all__ = [
     "LayerFlops",
     "SupportsFlops",
     "budget_macs",
+    "check_fraction_budget",
     "count_flops",
+    "fraction_budget_macs",
     "gblr_cost",
 ]
 
@@ -65,7 +70,11 @@ def gblr_cost(row_lengths: Tensor, col_lengths: Tensor, rank_per_component: int)
 
 def budget_macs(budget: float | int, dense_macs: int, *, name: str = "budget") -> int:
     """MACs allowed by a budget: a float is a fraction in (0, 1] of ``dense_macs``
-    (floored, at least 1), an int an absolute count (>= 1). ``name`` is used in errors."""
+    (floored, at least 1), an int an absolute count (>= 1). ``name`` is used in errors.
+
+    The structured families' ``from_dense``/``for_budget`` take budgets this way; the
+    structure learner and :func:`gblr.fit_dense` take a fraction and a separate MAC count
+    (:func:`fraction_budget_macs`)."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise TypeError(f"{name} must be a float fraction or an int MAC count, got {budget!r}")
     if isinstance(budget, float):
@@ -77,6 +86,134 @@ def budget_macs(budget: float | int, dense_macs: int, *, name: str = "budget") -
     if budget <= 0:
         raise ValueError(f"{name} as a MAC count must be a positive int, got {budget}")
     return int(budget)
+
+
+def smallest_fraction(macs: int, dense_macs: int) -> str | None:
+    """The smallest fraction budget that allows ``macs`` of ``dense_macs`` MACs, as text:
+    ``macs / dense_macs`` to four significant digits, rounded *up* so that passing the
+    printed number works; ``None`` when it is above 1."""
+    if macs > dense_macs:
+        return None
+    exact = fractions.Fraction(macs, dense_macs)
+    for digits in range(4, 18):
+        exponent = digits - 1 - math.floor(math.log10(exact))
+        scale = fractions.Fraction(10) ** exponent
+        text = str(decimal.Decimal(math.ceil(exact * scale)).scaleb(-exponent).normalize())
+        if math.floor(float(text) * dense_macs) >= macs:
+            return format(decimal.Decimal(text), "f")
+    return repr(math.nextafter(float(exact), math.inf))
+
+
+def check_fraction_budget(
+    fraction: object,
+    macs: object,
+    *,
+    fraction_name: str = "target",
+    macs_name: str = "target_macs",
+) -> None:
+    """The checks of :func:`fraction_budget_macs` that need no layer: exactly one of the
+    two given, ``fraction`` a number in (0, 1] (or the int 1), ``macs`` an int >= 1.
+    For callers that build the layers later (the training callbacks), so that a wrong
+    budget fails when it is given, not when training starts.
+
+    Examples:
+        >>> from gblr.cost import check_fraction_budget
+        >>> check_fraction_budget(0.3, None)
+        >>> check_fraction_budget(300, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: target must be a fraction in (0, 1] ... pass target_macs=300
+    """
+    if (fraction is None) == (macs is None):
+        raise ValueError(
+            f"give exactly one of {fraction_name} (a fraction in (0, 1] of the dense MACs) "
+            f"and {macs_name} (an absolute MAC count), got {fraction_name}={fraction!r} "
+            f"and {macs_name}={macs!r}"
+        )
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+            raise TypeError(
+                f"{fraction_name} must be a number in (0, 1] (a fraction of the dense MACs), "
+                f"got {fraction!r} ({type(fraction).__name__})"
+            )
+        if isinstance(fraction, numbers.Integral) and fraction != 1:
+            count = int(fraction)
+            hint = f"; for a count of {count} MACs pass {macs_name}={count}" if count > 1 else ""
+            raise ValueError(
+                f"{fraction_name} must be a fraction in (0, 1] of the dense MACs "
+                f"(the int 1 means all of them), got the int {count}{hint}"
+            )
+        if not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(
+                f"{fraction_name} must be a fraction in (0, 1] of the dense MACs, got {fraction!r}"
+            )
+    else:
+        if isinstance(macs, bool) or not isinstance(macs, numbers.Integral):
+            raise TypeError(
+                f"{macs_name} must be an int >= 1 (an absolute MAC count), got {macs!r} "
+                f"({type(macs).__name__})"
+            )
+        if macs < 1:
+            raise ValueError(f"{macs_name} must be an int >= 1 (a MAC count), got {macs}")
+
+
+def fraction_budget_macs(
+    fraction: object,
+    macs: object,
+    dense_macs: int,
+    *,
+    fraction_name: str = "target",
+    macs_name: str = "target_macs",
+    minimum: int = 1,
+    minimum_reason: str = "",
+) -> int:
+    """MACs allowed by a budget given either as a fraction or as an explicit MAC count.
+
+    Args:
+        fraction: a number in (0, 1]: that fraction of ``dense_macs`` (floored). The int
+            ``1`` means 1.0 (all of the dense MACs), as in :func:`gblr.convert`; any other
+            int is refused, since it used to mean a MAC count and silently reading it as a
+            fraction (or ``1`` as one MAC) would change a model's cost without a word.
+        macs: an absolute count of MACs (an int >= 1), or ``None``.
+        dense_macs: the dense MACs the fraction refers to.
+        fraction_name, macs_name: the arguments' names, for the errors.
+        minimum: the fewest MACs that make sense (e.g. one GBLR component's); a budget
+            below it is a ``ValueError`` naming the smallest fraction and count allowed.
+        minimum_reason: what ``minimum`` pays for, for that error.
+
+    Returns:
+        The budget in MACs.
+
+    Raises:
+        TypeError: a fraction that is not a real number, a count that is not an int.
+        ValueError: both or neither given, a fraction outside (0, 1], a count < 1, or a
+            budget below ``minimum``.
+
+    Examples:
+        >>> from gblr.cost import fraction_budget_macs
+        >>> fraction_budget_macs(0.25, None, 1000), fraction_budget_macs(1, None, 1000)
+        (250, 1000)
+        >>> fraction_budget_macs(None, 300, 1000)
+        300
+    """
+    check_fraction_budget(fraction, macs, fraction_name=fraction_name, macs_name=macs_name)
+    if fraction is not None:
+        budget = math.floor(float(fraction) * dense_macs)  # type: ignore[arg-type]
+        given = f"{fraction_name}={fraction!r} allows {budget} of the {dense_macs} dense MACs"
+    else:
+        budget = int(macs)  # type: ignore[call-overload]
+        given = f"{macs_name}={budget}"
+    if budget < minimum:
+        reason = f" ({minimum_reason})" if minimum_reason else ""
+        smallest = smallest_fraction(minimum, dense_macs)
+        allowed = (
+            f"{fraction_name} must be at least {smallest} (or {macs_name} at least {minimum})"
+            if smallest is not None
+            else f"no fraction of the {dense_macs} dense MACs pays for it; pass "
+            f"{macs_name} at least {minimum}"
+        )
+        raise ValueError(f"{given}, below the minimum of {minimum} MACs{reason}: {allowed}")
+    return budget
 
 
 @dataclasses.dataclass(frozen=True)

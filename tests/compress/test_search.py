@@ -65,7 +65,7 @@ def block_matrices():
 def test_block_structure_beats_svd_by_far(name):
     weight, exact_cost = block_matrices()[name]
     macs = int(1.2 * exact_cost)
-    layer = gblr.fit_dense(weight, macs, steps=300, lr=1e-2)
+    layer = gblr.fit_dense(weight, budget_macs=macs, steps=300, lr=1e-2)
     assert layer.flops() <= macs
     # Measured 2026-11-26: 0.05, 0.09 and 0.015 of the SVD error.
     assert relative_error(layer, weight) <= 0.1 * svd_error(weight, macs), name
@@ -82,8 +82,10 @@ def test_dtype_and_tiny_budget():
     weight = torch.randn(16, 16, dtype=torch.float64)
     layer = gblr.fit_dense(weight, 0.5, steps=5)
     assert layer.U.dtype == torch.float64
-    nothing = gblr.fit_dense(weight, 1, steps=5)  # 1 MAC pays for no component
-    assert nothing.flops() == 0 and torch.count_nonzero(nothing.dense_weight()) == 0
+    everything = gblr.fit_dense(weight, 1, steps=0)  # the int 1 is all of the dense MACs
+    assert torch.equal(everything.U, gblr.fit_dense(weight, 1.0, steps=0).U)
+    with pytest.raises(ValueError, match=r"minimum of 2 MACs.*at least 0\.007813"):
+        gblr.fit_dense(weight, budget_macs=1, steps=5)  # pays for no component
 
 
 @pytest.mark.parametrize(
@@ -108,7 +110,7 @@ def test_bad_arguments(args, kwargs, error):
 def test_cuda_fit_stays_on_the_device_and_beats_svd():
     weight, exact_cost = block_matrices()["two blocks, one wrapped"]
     macs = int(1.2 * exact_cost)
-    layer = gblr.fit_dense(weight.cuda(), macs, steps=100, lr=1e-2)
+    layer = gblr.fit_dense(weight.cuda(), budget_macs=macs, steps=100, lr=1e-2)
     assert layer.U.is_cuda and layer.flops() <= macs
     error = relative_error(layer.cpu(), weight)
     assert error <= 0.1 * svd_error(weight, macs)

@@ -58,3 +58,12 @@ def test_trainer_callback_learns_widths(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="keyword arguments"):
         GBLRTrainerCallback()
+
+
+def test_learner_keywords_are_checked_when_the_callback_is_made():
+    with pytest.raises(
+        TypeError, match=r"unknown StructureLearner keyword argument\(s\) \['sigmaa'\]"
+    ):
+        GBLRTrainerCallback(target=0.5, sigmaa=1.0)
+    with pytest.raises(ValueError, match=r"target must be a fraction in \(0, 1\]"):
+        GBLRTrainerCallback(target=1.5)

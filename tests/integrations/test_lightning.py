@@ -76,3 +76,27 @@ def test_learner_state_travels_in_checkpoints(tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="keyword arguments"):
         GBLRCallback()
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (-5, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_log_every_n_steps_is_a_positive_int(value, error):
+    """0 used to pass and divide by zero (``global_step % 0``) at the first step."""
+    with pytest.raises(error, match=rf"log_every_n_steps must be an int >= 1, got {value!r}"):
+        GBLRCallback(target=0.5, log_every_n_steps=value)
+
+
+def test_learner_keywords_are_checked_when_the_callback_is_made():
+    """The learner is built at fit start; these used to fail only there."""
+    with pytest.raises(
+        TypeError, match=r"unknown StructureLearner keyword argument\(s\) \['traget'\]"
+    ):
+        GBLRCallback(traget=0.5)
+    with pytest.raises(ValueError, match=r"got the int 500; .* pass target_macs=500"):
+        GBLRCallback(target=500)
+    with pytest.raises(ValueError, match="exactly one of target"):
+        GBLRCallback(target=0.5, lam=0.1)
+    with pytest.raises(TypeError, match=r"learner must be a gblr\.StructureLearner"):
+        GBLRCallback(learner="not a learner")
+    GBLRCallback(target_macs=500)  # an absolute budget passes through

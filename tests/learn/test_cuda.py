@@ -59,7 +59,7 @@ def test_cuda_learner_with_every_option_keeps_the_budget_on_the_device():
     optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
     budget = int(1.2 * planted)
     learner = gblr.StructureLearner(
-        layer, target=budget, total_steps=300, warmup_steps=150, adaptive=1.0, max_shift=1.0,
+        layer, target_macs=budget, total_steps=300, warmup_steps=150, adaptive=1.0, max_shift=1.0,
         max_shift_ramp=4.0, merge=1e-3, untangle=1e-4, refine=1e-6,
     )  # fmt: skip
     regression_steps(layer, target, optimizer, learner, 300)

@@ -84,11 +84,11 @@ def one_layer(u_scale):
 def test_adaptive_thresholds_shrink_the_component_that_carries_little_weight():
     # Component 0 carries 100x the weight of component 1; a budget of one full component.
     uniform = one_layer([1.0, 0.01])
-    gblr.StructureLearner(uniform, target=32, total_steps=5).step()
+    gblr.StructureLearner(uniform, target_macs=32, total_steps=5).step()
     lengths = torch.stack(uniform.interval_lengths())
     assert torch.equal(lengths[:, 0], lengths[:, 1])  # one threshold: both shrink alike
     weighted = one_layer([1.0, 0.01])
-    learner = gblr.StructureLearner(weighted, target=32, total_steps=5, adaptive=1.0)
+    learner = gblr.StructureLearner(weighted, target_macs=32, total_steps=5, adaptive=1.0)
     learner.step()
     assert weighted.flops() <= 32  # still met exactly by one global threshold
     assert weighted.live_mask().tolist() == [True, False]
@@ -164,7 +164,7 @@ def test_budget_as_absolute_macs():
     model = two_layer_model()
     x, y = regression_data()
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
-    learner = gblr.StructureLearner(model, target=500, total_steps=20)
+    learner = gblr.StructureLearner(model, target_macs=500, total_steps=20)
     train(model, learner, optimizer, 20, x, y)
     assert 450 <= gblr.count_flops(model).macs <= 500
 

@@ -187,7 +187,7 @@ def test_learner_records_only_around_refine_steps_and_resumes_bit_for_bit():
     torch.manual_seed(0)
     layer = gblr.GBLRLinear(32, 32, bias=False, structure_init="random")
     optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
-    options = {"target": int(1.2 * planted), "total_steps": 300, "warmup_steps": 100}
+    options = {"target_macs": int(1.2 * planted), "total_steps": 300, "warmup_steps": 100}
     learner = gblr.StructureLearner(layer, refine=1e-6, **options)
     regression_steps(layer, target, optimizer, learner, 100)
     assert learner.refines == 0 and learner._curvatures == [[]]

@@ -118,6 +118,31 @@ def test_budget_below_the_smallest_configuration_names_the_minimum():
             ValueError,
             "bias",
         ),
+        # an option the family does not have is refused, not ignored (a whitening would
+        # silently give an uncalibrated fit)
+        (
+            lambda: BlockDiagLinear.from_dense(torch.randn(8, 8), 0.5, whitening=torch.eye(8)),
+            TypeError,
+            "whitening",
+        ),
+        (lambda: LowRankLinear.from_dense(torch.randn(8, 8), 0.5, rank=2), TypeError, "rank"),
+        (
+            lambda: LowRankLinear.from_dense(torch.randn(8, 6), 0.5, whitening=torch.eye(8)),
+            ValueError,
+            r"whitening must have shape \(in, in\) = \(6, 6\), got \(8, 8\)",
+        ),
+        (
+            lambda: LowRankLinear.from_dense(
+                torch.randn(8, 8), 0.5, whitening=torch.full((8, 8), float("nan"))
+            ),
+            ValueError,
+            "whitening must be finite",
+        ),
+        (
+            lambda: LowRankLinear.from_dense(torch.randn(8, 8), 0.5, whitening=[[1.0]]),
+            TypeError,
+            "whitening must be a floating-point torch.Tensor",
+        ),
     ],
 )
 def test_bad_arguments(factory, error, match):

@@ -10,13 +10,52 @@ The same whitened spectrum measures each layer's error curve for the global allo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["input_second_moments"]
+__all__ = ["check_calibration", "input_second_moments"]
+
+
+def check_calibration(calibration: object) -> None:
+    """``TypeError`` unless ``calibration`` is an iterable of batches.
+
+    A bare tensor, mapping or string is iterable too, but iterating it yields rows, keys
+    or characters rather than batches, which would run the model on the wrong inputs (or
+    crash inside it): those are refused with the way to wrap one batch. Nothing is
+    consumed, so a one-shot generator stays usable.
+
+    Examples:
+        >>> import torch
+        >>> check_calibration([torch.randn(4, 8)])
+        >>> check_calibration(torch.randn(4, 8))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        TypeError: calibration must be an iterable of batches, got a single Tensor ...
+    """
+    single = (
+        "Tensor"
+        if isinstance(calibration, Tensor)
+        else "mapping"
+        if isinstance(calibration, Mapping)
+        else "string"
+        if isinstance(calibration, (str, bytes))
+        else None
+    )
+    if single is not None:
+        raise TypeError(
+            f"calibration must be an iterable of batches, got a single {single} "
+            f"({type(calibration).__name__}): iterating it would not yield batches; wrap one "
+            "batch in a list, calibration=[batch], or pass a DataLoader"
+        )
+    if not isinstance(calibration, Iterable):
+        raise TypeError(
+            "calibration must be an iterable of batches (a list or DataLoader of tensors, "
+            f"tuples of arguments or mappings of keyword arguments), got "
+            f"{type(calibration).__name__}"
+        )
 
 
 def _run(model: nn.Module, batch: Any) -> None:
@@ -29,7 +68,9 @@ def _run(model: nn.Module, batch: Any) -> None:
 
 
 def input_second_moments(
-    model: nn.Module, layers: Mapping[str, nn.Module], calibration: Iterable[Any]
+    model: nn.Module,
+    layers: Mapping[str, nn.Module | Sequence[nn.Module]],
+    calibration: Iterable[Any],
 ) -> dict[str, Tensor]:
     """``E[x xᵀ]`` of each layer's input over the calibration batches, float64 ``(in, in)``.
 
@@ -37,7 +78,8 @@ def input_second_moments(
         model: the model, run once over ``calibration`` in eval mode without gradients
             (its train/eval mode is restored afterwards).
         layers: name -> module whose inputs ``(..., in)`` are collected (``nn.Linear`` or
-            Hugging Face ``Conv1D``).
+            Hugging Face ``Conv1D``), or a sequence of modules whose inputs are pooled
+            (distinct modules tied to one weight, converted as one layer).
         calibration: model inputs: each item a tensor (``model(x)``), a tuple or list
             (``model(*x)``) or a mapping (``model(**x)``, e.g. a tokenizer's output).
 
@@ -45,8 +87,11 @@ def input_second_moments(
         name -> second moment of that layer's input rows.
 
     Raises:
-        ValueError: ``calibration`` is empty, or a layer never ran.
+        TypeError: ``calibration`` is not an iterable of batches (:func:`check_calibration`).
+        ValueError: ``calibration`` is empty, a layer never ran, or a layer's inputs held
+            NaN or inf (the layers are named).
     """
+    check_calibration(calibration)
     sums: dict[str, Tensor] = {}
     counts = dict.fromkeys(layers, 0)
 
@@ -63,7 +108,11 @@ def input_second_moments(
 
         return hook
 
-    handles = [module.register_forward_hook(collect(name)) for name, module in layers.items()]
+    handles = [
+        module.register_forward_hook(collect(name))
+        for name, modules in layers.items()
+        for module in ([modules] if isinstance(modules, nn.Module) else modules)
+    ]
     training = model.training
     batches = 0
     try:
@@ -84,4 +133,12 @@ def input_second_moments(
             f"calibration batches never reached {silent[:5]}: these layers were not run "
             "by the model on them (exclude them, or give inputs that use them)"
         )
-    return {name: sums[name] / counts[name] for name in layers}
+    moments = {name: sums[name] / counts[name] for name in layers}
+    # A NaN would otherwise surface as a bare LinAlgError from the whitening factor.
+    broken = [name for name, moment in moments.items() if not bool(torch.isfinite(moment).all())]
+    if broken:
+        raise ValueError(
+            f"calibration inputs of {broken[:5]} hold NaN or inf (or overflow their second "
+            "moment): check the calibration batches and the layers that feed these"
+        )
+    return moments

@@ -20,6 +20,8 @@ from __future__ import annotations
 import fnmatch
 import heapq
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +34,8 @@ from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
 from ..ops.whitened import weighted_low_rank, whitening
-from ..structured.base import StructuredLinear
-from .calibrate import input_second_moments
+from ..structured.base import BudgetTooSmallError, StructuredLinear
+from .calibrate import check_calibration, input_second_moments
 from .search import _svd_layer, empty_layer, fit_dense
 
 __all__ = [
@@ -78,9 +80,24 @@ def register_structure(
         supports_calibration: whether ``fit`` also takes ``whitening=S`` (``(in, in)``,
             :func:`gblr.ops.whitened.whitening`) and then minimizes the output
             error ``||(W - Ŵ) S||`` instead of the weight error.
+
+    ``fit`` raises :class:`gblr.structured.BudgetTooSmallError` when the structure cannot
+    be built within ``macs`` at that shape: :func:`convert` then leaves that layer dense
+    (listed in ``report.skipped``). Any other exception stops the conversion with the
+    model unchanged.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if name == "dense":  # convert's no-op baseline
+        raise ValueError("name 'dense' is reserved (structure='dense' converts nothing)")
+    if not callable(fit):
+        raise TypeError(f"fit must be callable, got {type(fit).__name__}")
+    for flag, value in (
+        ("supports_conv2d", supports_conv2d),
+        ("supports_calibration", supports_calibration),
+    ):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {value!r}")
     _STRUCTURES[name] = _Structure(fit, supports_conv2d, supports_calibration)
 
 
@@ -106,7 +123,7 @@ def _fit_gblr(
         r = rank_per_component
         rank = min(r * (macs // (r * (m + n))), r * (min(m, n) // r))
         if rank == 0:
-            return fit_dense(weight, macs, rank_per_component=r, steps=0)
+            return fit_dense(weight, budget_macs=macs, rank_per_component=r, steps=0)
         left, right = weighted_low_rank(weight, whitening, rank)
         k = rank // r
         full = [(0, m)] * k, [(0, n)] * k
@@ -117,7 +134,11 @@ def _fit_gblr(
         ).eval()
     if init == "search":
         return fit_dense(
-            weight, macs, rank_per_component=rank_per_component, steps=steps, seed=seed
+            weight,
+            budget_macs=macs,
+            rank_per_component=rank_per_component,
+            steps=steps,
+            seed=seed,
         )
     if init == "svd":
         if macs >= m * n:
@@ -127,7 +148,8 @@ def _fit_gblr(
             macs = rank_per_component * math.ceil(min(m, n) / rank_per_component) * (m + n)
         layer = _svd_layer(weight, macs, rank_per_component)
         if layer is None:  # less than one full-width component: the best narrow ones
-            return fit_dense(weight, macs, rank_per_component=rank_per_component, steps=0)
+            r = rank_per_component
+            return fit_dense(weight, budget_macs=macs, rank_per_component=r, steps=0)
         return layer.eval()
     # "random": a fresh layer at the budget's cost (the paper's half-full/half-narrow
     # initialisation), nothing copied from the dense weights.
@@ -209,7 +231,8 @@ class LayerConversion:
     SVD with the same MACs (the baseline every structure must beat or match); after a
     calibrated conversion both are relative errors of the layer's outputs on the
     calibration inputs, ``||(W - Ŵ) S|| / ||W S||``.
-    ``aliases``: other names of the same module object (shared layers), replaced too.
+    ``aliases``: other names of the same module object (shared layers), or of distinct
+    modules tied to the same weight and bias, all replaced by the one structured module.
     """
 
     name: str
@@ -371,26 +394,6 @@ def _skip_reason(
     return None
 
 
-def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
-        raise TypeError(f"{name} must be a glob pattern or a list of them, got {value!r}")
-    return list(value)
-
-
-def _check_patterns_match(name: str, patterns: list[str] | None, names: list[str]) -> None:
-    for pattern in patterns or []:
-        if not any(fnmatch.fnmatchcase(candidate, pattern) for candidate in names):
-            examples = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-            raise ValueError(
-                f"{name} pattern {pattern!r} matches no convertible layer; available: "
-                f"{examples or '(none)'}"
-            )
-
-
 def _svd_curve(weight: Tensor) -> Tensor:
     """Normalized squared singular values, descending: the error removed per rank. From the
     eigenvalues of the smaller Gram matrix (float64), several times faster than an SVD of
@@ -515,6 +518,254 @@ def _with_progress(items: Iterable, total: int, progress: bool | None) -> Iterab
     )
 
 
+# --------------------------------------------------------------------------- checks
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {list(choices)}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: object, minimum: int, allowed: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return int(value)
+
+
+def _check_arguments(
+    structure: object,
+    budget: object,
+    init: object,
+    allocation: object,
+    rank_per_component: object,
+    min_features: object,
+    steps: object,
+    seed: object,
+    progress: object,
+    calibration: object,
+) -> float:
+    """Every argument's type and range, before the model is looked at; the budget as a
+    float. Each error names the argument, the value and what is allowed."""
+    _check_choice("structure", structure, ["dense", *structures()])
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(
+            f"budget must be a float fraction in (0, 1] of the dense MACs, got {budget!r}"
+        )
+    if not 0 < float(budget) <= 1:  # NaN fails this too
+        raise ValueError(f"budget must be a fraction in (0, 1] of the dense MACs, got {budget!r}")
+    _check_choice("init", init, INITS)
+    _check_choice("allocation", allocation, ALLOCATIONS)
+    _check_int("rank_per_component", rank_per_component, 1, "a positive int")
+    _check_int("min_features", min_features, 1, "a positive int")
+    _check_int("steps", steps, 0, "an int >= 0 (refinement steps of init='search')")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.manual_seed), got {seed}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(
+            f"progress must be True, False or None (only on a terminal), got {progress!r}"
+        )
+    if calibration is not None:
+        check_calibration(calibration)
+        spec = _STRUCTURES.get(structure)
+        if spec is None or not spec.supports_calibration:
+            supported = [name for name, item in _STRUCTURES.items() if item.supports_calibration]
+            raise ValueError(
+                f"calibration is supported by structure {supported}, got structure={structure!r}"
+            )
+        if init != "svd":
+            raise ValueError(
+                f"calibration fits the calibrated truncated SVD: it needs init='svd', got "
+                f"init={init!r}"
+            )
+    return float(budget)
+
+
+def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{name} must be a glob pattern (str) or a list of them, got {value!r}")
+    if not value:
+        raise ValueError(
+            f"{name} must hold at least one glob pattern, got {value!r} "
+            f"({name}=None: {'every layer' if name == 'include' else 'no layer'})"
+        )
+    return list(value)
+
+
+def _check_patterns_match(name: str, patterns: list[str] | None, names: list[str]) -> None:
+    for pattern in patterns or []:
+        if not any(fnmatch.fnmatchcase(candidate, pattern) for candidate in names):
+            examples = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ValueError(
+                f"{name} pattern {pattern!r} matches no convertible layer; available: "
+                f"{examples or '(none)'}"
+            )
+
+
+def _check_weights(targets: list[_Target]) -> None:
+    """``ValueError`` naming every layer whose weights cannot be fitted (not loaded, not
+    floating point, NaN or inf): checked for all layers before any is replaced."""
+    problems: dict[str, str] = {}
+    for target in targets:
+        weight = target.module.weight.detach()
+        if weight.is_meta:
+            problems[target.name] = "on the meta device (weights not loaded)"
+        elif not weight.is_floating_point():
+            problems[target.name] = f"dtype {weight.dtype} is not floating point"
+        # A NaN or inf anywhere makes the sum non-finite; only then (or on an overflow of
+        # the sum) the elementwise test, several times slower.
+        elif not bool(torch.isfinite(weight.sum())) and not bool(torch.isfinite(weight).all()):
+            nan, inf = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+            problems[target.name] = f"{nan} NaN and {inf} inf of {weight.numel()}"
+    if problems:
+        shown = list(problems)[:8]
+        more = ", ..." if len(problems) > 8 else ""
+        raise ValueError(
+            f"convert fits each layer to its weights, and {len(problems)} layer(s) have "
+            "weights it cannot fit: "
+            + "; ".join(f"{name!r}: {problems[name]}" for name in shown)
+            + f"{more}. Load or repair the weights, or leave these layers dense with "
+            f"exclude={shown}{more}; the model is unchanged"
+        )
+
+
+def _check_rank(targets: list[_Target], rank_per_component: int) -> None:
+    small = []
+    for target in targets:
+        out_features, in_features = _matrix(target.module, target.kind).shape
+        if rank_per_component > min(out_features, in_features):
+            small.append(f"{target.name!r} ({out_features}x{in_features})")
+    if small:
+        raise ValueError(
+            f"rank_per_component={rank_per_component} exceeds min(out, in) of "
+            f"{len(small)} layer(s): {', '.join(small[:8])}{', ...' if len(small) > 8 else ''}; "
+            f"lower it, or leave the smaller layers dense with "
+            f"min_features={rank_per_component} or exclude=[...]"
+        )
+
+
+# --------------------------------------------------------------------------- selection
+@dataclass
+class _Target:
+    """One layer to convert: a module (under one or more names), or distinct modules tied
+    to one weight and bias, which get one structured module between them."""
+
+    name: str
+    kind: str
+    modules: list[nn.Module]
+    names: list[str]
+
+    @property
+    def module(self) -> nn.Module:
+        return self.modules[0]
+
+
+def _parent_and_child(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+# torch modules whose forward reads their Linear children's ``.weight`` directly (the
+# attention kernel; the encoder layer's fast path in eval mode), which no structured
+# layer has.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+
+def _parent_reason(model: nn.Module, names: list[str]) -> str | None:
+    for name in names:
+        parent, child = _parent_and_child(model, name)
+        if isinstance(parent, _READS_CHILD_WEIGHTS):
+            return (
+                f"torch's nn.{type(parent).__name__} reads {child}.weight directly, which "
+                "a structured layer does not have"
+            )
+    return None
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every qualified name it is registered under."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for local, parameter in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(parameter), []).append(f"{name}.{local}" if name else local)
+    return owners
+
+
+def _tie_groups(
+    model: nn.Module,
+    selected: list[tuple[str, nn.Module, str]],
+    aliases: dict[int, list[str]],
+) -> tuple[list[_Target], list[tuple[str, str]]]:
+    """The layers to convert, with modules tied to one weight grouped, and the tied layers
+    that must stay dense (name, reason).
+
+    Modules sharing a weight Parameter become one target when nothing outside them holds
+    their parameters and they compute the same function (same class and kind, and the
+    same bias object or none); a layer whose parameters are also held by a module that
+    stays (an embedding its head is tied to, an excluded or skipped layer) or by tied
+    modules that differ stays dense: replacing it would silently untie them.
+    """
+    owners = _parameter_owners(model)
+    groups: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for entry in selected:
+        weight = entry[1].weight
+        key = id(weight) if isinstance(weight, nn.Parameter) else id(entry[1])
+        groups.setdefault(key, []).append(entry)
+    targets: list[_Target] = []
+    skipped: list[tuple[str, str]] = []
+    for members in groups.values():
+        names = [alias for _, module, _ in members for alias in aliases[id(module)]]
+        prefixes = tuple(f"{alias}." for alias in names)
+        outside = sorted(
+            {
+                owner
+                for _, module, _ in members
+                for parameter in module.parameters()
+                for owner in owners.get(id(parameter), [])
+                if not owner.startswith(prefixes)
+            }
+        )
+        first_name, first, kind = members[0]
+        if outside:
+            shown = ", ".join(outside[:4]) + (", ..." if len(outside) > 4 else "")
+            reason = (
+                f"tied: its parameters are shared with {shown}, which stay as they are; "
+                f"replacing it would untie them, so it stays dense (exclude it to silence "
+                f"the warning)"
+            )
+            skipped += [(name, reason) for name, _, _ in members]
+            continue
+        if len(members) > 1:
+            modules = [module for _, module, _ in members]
+            same = (
+                kind != "Conv2d"
+                and all(k == kind for _, _, k in members)
+                and all(type(module) is type(first) for module in modules)
+                and all(module.bias is first.bias for module in modules)
+            )
+            if not same:
+                reason = (
+                    f"tied: {', '.join(name for name, _, _ in members)} share one weight "
+                    "but differ (bias, class or convolution settings), so one structured "
+                    "layer cannot replace them; they stay dense (exclude them to silence the "
+                    "warning)"
+                )
+                skipped += [(name, reason) for name, _, _ in members]
+                continue
+            targets.append(_Target(first_name, kind, modules, names))
+        else:
+            targets.append(_Target(first_name, kind, [first], names))
+    return targets, skipped
+
+
 # --------------------------------------------------------------------------- convert
 def convert(
     model: nn.Module,
@@ -534,9 +785,16 @@ def convert(
 ) -> ConversionReport:
     """Replace, in place, the model's dense layers by structured layers fitted to them.
 
+    All or nothing: every argument and every selected layer's weights are checked before
+    anything is fitted, all layers are fitted before any is replaced, and if anything
+    fails (an exception, ``KeyboardInterrupt`` included) the model keeps its original
+    modules and parameters.
+
     Args:
         model: any ``nn.Module``; every ``nn.Linear``, ``nn.Conv2d`` (``groups=1``, zero
             padding) and Hugging Face ``Conv1D`` among ``named_modules()`` is a candidate.
+            It cannot itself be such a layer (it is replaced in place: wrap it, e.g. in
+            ``nn.Sequential``).
         structure: ``"dense"`` (no change: a baseline for scripts) or a name from
             :func:`structures`: ``"gblr"`` or a baseline family of
             :mod:`gblr.structured` (``"lowrank"``, ``"blockdiag"``, ...; those convert
@@ -549,23 +807,30 @@ def convert(
             as the search after fine-tuning on the real-task benchmarks), ``"search"``
             (:func:`gblr.fit_dense`: structure searched from the weights, a lower weight
             error before fine-tuning, minutes on a transformer), ``"random"`` (fresh
-            layer at the budget's cost, for training from scratch).
+            layer at the budget's cost, for training from scratch). For the baseline
+            families ``"svd"`` and ``"search"`` both mean the family's projection of the
+            weights (``from_dense``).
         include: glob pattern(s) over module names; only matching layers are converted.
-        exclude: glob pattern(s); matching layers are left dense.
+            Every pattern must match some candidate, and a list must not be empty.
+        exclude: glob pattern(s); matching layers are left dense (same rules).
         allocation: ``"global"`` (layers compete for the model's budget, see the module
             docstring) or ``"uniform"`` (every layer gets the same ratio).
-        rank_per_component: ``r`` of every component.
+        rank_per_component: ``r`` of every GBLR component, at most ``min(out, in)`` of
+            every converted layer; for the baseline families only the unit (rank ``r``)
+            in which the global allocation hands out MACs.
         min_features: layers with ``min(out, in)`` below this are skipped (listed in the
             report).
-        steps: refinement steps of ``fit_dense`` for ``init="search"``.
+        steps: refinement steps of ``fit_dense``; used by ``structure="gblr"`` with
+            ``init="search"`` only, ignored otherwise (but always checked: an int >= 0).
         seed: seeds every fit; equal seeds give equal models.
         progress: show a progress bar over the layers (``tqdm``, when installed); the
             default ``None`` shows it only when standard error is a terminal.
         calibration: example inputs of the model (an iterable of batches: tensors, tuples
             of positional arguments, or mappings of keyword arguments such as a
-            tokenizer's output). The model runs once over them and every layer is fitted
-            to minimize its *output* error on those inputs, ``||(W - Ŵ) S||`` with
-            ``S Sᵀ`` the second moment of the layer's inputs, instead of the weight error
+            tokenizer's output; one batch alone goes in a list). The model runs once over
+            them and every layer is fitted to minimize its *output* error on those
+            inputs, ``||(W - Ŵ) S||`` with ``S Sᵀ`` the second moment of the layer's
+            inputs, instead of the weight error
             (:mod:`gblr.compress.calibrate`); the global allocation weighs layers by the
             same output errors, and the report's errors are output errors. For
             ``"gblr"`` (``init="svd"``) and ``"lowrank"``, Linear and Conv1D layers.
@@ -574,9 +839,29 @@ def convert(
         A :class:`ConversionReport`. Converted layers keep their bias, dtype, device and
         train/eval mode; they are :class:`gblr.GBLRLinear` (for ``Linear`` and ``Conv1D``,
         input ``(..., in)``) or :class:`gblr.GBLRConv2d`, or the family's
-        :class:`gblr.structured.StructuredLinear`. A layer the family cannot express at
-        its share of the budget (below the family's smallest configuration) stays dense
-        and is listed in ``report.skipped`` with the reason.
+        :class:`gblr.structured.StructuredLinear`. Layers left dense are listed in
+        ``report.skipped`` with the reason: one the family cannot express at its share
+        of the budget (below the family's smallest configuration), the Linear children of
+        ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (torch reads their
+        ``.weight``), and *tied* layers (below). A ``UserWarning`` says when
+        tied layers were left dense and when no layer was converted at all.
+
+    Tied weights: a module registered under several names is one layer, replaced by one
+    structured module under all of them (``aliases`` in the report). Distinct modules
+    sharing one weight ``Parameter`` (and the same bias, or none) likewise get one shared
+    structured module. A layer whose parameters are also held by a module that stays as
+    it is (a language-model head tied to the token embedding, a tied layer that is
+    excluded or skipped) is left dense with a warning, so that the tie holds (as
+    ``tie_weights()`` expects); ``exclude`` it to silence the warning.
+
+    Raises:
+        TypeError: an argument of the wrong type (named, with what is allowed).
+        ValueError: an argument out of range, a pattern that matches no layer, a
+            model that is itself a layer, ``rank_per_component`` above a layer's
+            ``min(out, in)``, or weights that are NaN, inf or not loaded (the layers are
+            named). Raised before the model is changed.
+        RuntimeError: fitting a layer failed (the layer is named, the cause chained);
+            the model is unchanged.
 
     Examples:
         >>> import torch, gblr
@@ -587,39 +872,32 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if structure not in _STRUCTURES and structure != "dense":
-        raise ValueError(f"structure must be one of {['dense', *structures()]}, got {structure!r}")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise ValueError(f"budget must be a fraction in (0, 1] of the dense MACs, got {budget!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    if isinstance(min_features, bool) or not isinstance(min_features, int) or min_features < 1:
-        raise ValueError(f"min_features must be a positive int, got {min_features!r}")
-    if (
-        isinstance(rank_per_component, bool)
-        or not isinstance(rank_per_component, int)
-        or rank_per_component < 1
-    ):
-        raise ValueError(f"rank_per_component must be a positive int, got {rank_per_component!r}")
-    spec = _STRUCTURES.get(structure)  # None: "dense", nothing is replaced
-    if calibration is not None:
-        if spec is None or not spec.supports_calibration:
-            supported = [name for name, item in _STRUCTURES.items() if item.supports_calibration]
-            raise ValueError(
-                f"calibration is supported by structure {supported}, got structure={structure!r}"
-            )
-        if init != "svd":
-            raise ValueError(
-                f"calibration fits the calibrated truncated SVD: it needs init='svd', got "
-                f"init={init!r}"
-            )
+    budget = _check_arguments(
+        structure,
+        budget,
+        init,
+        allocation,
+        rank_per_component,
+        min_features,
+        steps,
+        seed,
+        progress,
+        calibration,
+    )
+    # NumPy integers pass the checks; the fits want plain ints.
+    rank_per_component, min_features = int(rank_per_component), int(min_features)
+    steps, seed = int(steps), int(seed)
     include_patterns = _as_patterns("include", include)
     exclude_patterns = _as_patterns("exclude", exclude)
-    budget = float(budget)
+    spec = _STRUCTURES.get(structure)  # None: "dense", nothing is replaced
 
     conv1d = _conv1d_type()
+    if (kind := _kind(model, conv1d)) is not None:
+        raise ValueError(
+            f"model is itself a {kind} layer ({type(model).__name__}); convert replaces a "
+            "model's layers in place and cannot replace the object you hold: convert "
+            "nn.Sequential(model) and use its [0]"
+        )
     aliases: dict[int, list[str]] = {}
     candidates = []
     for name, module in model.named_modules(remove_duplicate=False):
@@ -650,6 +928,8 @@ def convert(
         ):
             continue
         reason = _skip_reason(module, kind, min_features, spec is None or spec.supports_conv2d)
+        if reason is None:
+            reason = _parent_reason(model, module_names)
         if reason is not None:
             report.skipped.append((name, reason))
             continue
@@ -664,25 +944,41 @@ def convert(
             )
         return report
 
+    targets, tied = _tie_groups(model, selected, aliases)
+    report.skipped += tied
+    if tied:
+        warnings.warn(
+            f"gblr.convert leaves {len(tied)} tied layer(s) dense: "
+            + "; ".join(f"{name}: {reason}" for name, reason in tied[:3])
+            + ("; ..." if len(tied) > 3 else ""),
+            UserWarning,
+            stacklevel=2,
+        )
+    _check_weights(targets)
+    _check_rank(targets, rank_per_component)
+
     matrices = []
-    for _, module, kind in selected:
-        matrix = _matrix(module, kind)
+    for target in targets:
+        matrix = _matrix(target.module, target.kind)
         matrices.append(
             matrix.to(torch.float64 if matrix.dtype == torch.float64 else torch.float32)
         )
     shapes = [tuple(matrix.shape) for matrix in matrices]
-    whitenings: list[Tensor | None] = [None] * len(selected)
-    if calibration is not None:
-        convs = [name for name, _, kind in selected if kind == "Conv2d"]
+    whitenings: list[Tensor | None] = [None] * len(targets)
+    if calibration is not None and targets:
+        convs = [target.name for target in targets if target.kind == "Conv2d"]
         if convs:
             raise ValueError(
                 f"calibration fits Linear and Conv1D layers only; exclude the convolutions "
                 f"{convs[:5]} or convert them without calibration"
             )
         moments = input_second_moments(
-            model, {name: module for name, module, _ in selected}, calibration
+            model, {target.name: target.modules for target in targets}, calibration
         )
-        whitenings = [whitening(moments[name].to(matrix.device)) for name, _, _ in selected]
+        whitenings = [
+            whitening(moments[target.name].to(matrix.device))
+            for target, matrix in zip(targets, matrices, strict=True)
+        ]
     # Error curves for the global allocation: of the output (whitened) when calibrated.
     curves = [
         _svd_curve(matrix if factor is None else matrix @ factor.to(matrix.dtype))
@@ -695,11 +991,11 @@ def convert(
         total = int(budget * sum(dense))
         layer_macs = _global_allocation(curves, shapes, total, rank_per_component)
 
-    fits = zip(selected, matrices, curves, layer_macs, whitenings, strict=True)
-    for (name, module, kind), matrix, curve, macs, factor in _with_progress(
-        fits, len(selected), progress
-    ):
-        weight = module.weight
+    # Everything is fitted before anything is replaced: a failure leaves the model as it was.
+    replacements: list[tuple[_Target, nn.Module]] = []
+    fits = zip(targets, matrices, curves, layer_macs, whitenings, strict=True)
+    for target, matrix, curve, macs, factor in _with_progress(fits, len(targets), progress):
+        weight = target.module.weight
         options = {} if factor is None else {"whitening": factor}
         try:
             fitted = spec.fit(
@@ -711,9 +1007,16 @@ def convert(
                 seed=seed,
                 **options,
             )
-        except ValueError as error:  # a family that cannot express this budget here
-            report.skipped.append((name, str(error)))
+        except BudgetTooSmallError as error:  # a family that cannot express this budget here
+            report.skipped.append((target.name, str(error)))
             continue
+        except Exception as error:
+            raise RuntimeError(
+                f"gblr.convert: fitting layer {target.name!r} ({target.kind} "
+                f"{matrix.shape[0]}x{matrix.shape[1]}, {macs} MACs, structure={structure!r}, "
+                f"init={init!r}) failed with {type(error).__name__}: {error}; the model is "
+                "unchanged"
+            ) from error
         fitted.eval()
         with torch.no_grad():
             difference = fitted.dense_weight().to(matrix.dtype) - matrix
@@ -722,21 +1025,42 @@ def convert(
                 factor = factor.to(matrix.dtype)
                 difference, reference = difference @ factor, matrix @ factor
             error = float(difference.norm() / reference.norm().clamp_min(1e-30))
-        layer = _build_layer(module, kind, fitted, weight.device, weight.dtype)
-        for alias in aliases[id(module)]:
-            _set_submodule(model, alias, layer)
+        layer = _build_layer(target.module, target.kind, fitted, weight.device, weight.dtype)
+        replacements.append((target, layer))
         report.layers.append(
             LayerConversion(
-                name=name,
-                kind=kind,
+                name=target.name,
+                kind=target.kind,
                 shape=tuple(matrix.shape),
                 macs_before=matrix.shape[0] * matrix.shape[1],
                 macs_after=int(fitted.flops()),
                 error=error,
-                aliases=tuple(aliases[id(module)][1:]),
+                aliases=tuple(target.names[1:]),
                 svd_error=_svd_error(
                     curve, int(fitted.flops()), tuple(matrix.shape), rank_per_component
                 ),
             )
         )
+    _install(model, [(name, layer) for target, layer in replacements for name in target.names])
+    if not report.layers:
+        warnings.warn(
+            f"gblr.convert converted no layer ({len(report.skipped)} skipped, reasons in "
+            "report.skipped)",
+            UserWarning,
+            stacklevel=2,
+        )
     return report
+
+
+def _install(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> None:
+    """Put each module at its name; on any failure, the original modules back."""
+    done: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, layer in replacements:
+            parent, child = _parent_and_child(model, name)
+            done.append((parent, child, getattr(parent, child)))
+            _set_submodule(model, name, layer)
+    except BaseException:
+        for parent, child, original in reversed(done):
+            setattr(parent, child, original)
+        raise

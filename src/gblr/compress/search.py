@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..cost import budget_macs
+from ..cost import fraction_budget_macs
 from ..layers.linear import GBLRLinear
 from ..learn.groups import param_groups
 from ..learn.learner import StructureLearner
@@ -320,7 +320,7 @@ def _error(layer: GBLRLinear | None, weight: Tensor) -> float:
 def _refine(layer: GBLRLinear, weight: Tensor, macs: int, steps: int, lr: float) -> GBLRLinear:
     """Proximal refinement; returns the best (eval-mode error) state seen."""
     optimizer = torch.optim.Adam(param_groups(layer, lr=lr, structure_lr=lr))
-    learner = StructureLearner(layer, target=macs, sigma=(10.0, 100.0), total_steps=steps)
+    learner = StructureLearner(layer, target_macs=macs, sigma=(10.0, 100.0), total_steps=steps)
     energy = weight.pow(2).sum().clamp_min(1e-30)
     best_error, best_state = (
         _error(layer, weight),
@@ -346,8 +346,9 @@ def _refine(layer: GBLRLinear, weight: Tensor, macs: int, steps: int, lr: float)
 
 def fit_dense(
     weight: Tensor,
-    budget: float | int,
+    budget: float | int | None = None,
     *,
+    budget_macs: int | None = None,
     rank_per_component: int = 1,
     steps: int = 200,
     lr: float = 3e-3,
@@ -356,9 +357,15 @@ def fit_dense(
     """A bias-free :class:`GBLRLinear` approximating ``weight`` within a MAC budget.
 
     Args:
-        weight: ``(out, in)`` dense matrix (any float dtype, CPU or CUDA). The search runs
-            in float32 (float64 for float64 input) on the matrix's device.
-        budget: float in (0, 1]: fraction of ``out * in`` MACs per row; int: absolute MACs.
+        weight: ``(out, in)`` dense matrix (any float dtype, CPU or CUDA), at least one
+            row and one column. The search runs in float32 (float64 for float64 input)
+            on the matrix's device.
+        budget: a fraction in (0, 1] of the ``out * in`` MACs per row (the int ``1`` is
+            1.0, as in :func:`gblr.convert`; other ints are refused: an absolute count
+            goes to ``budget_macs``).
+        budget_macs: the budget as an absolute count of MACs per row (an int). Exactly
+            one of ``budget`` and ``budget_macs``. A budget below one component
+            (``2 * rank_per_component`` MACs) is a ``ValueError`` naming that minimum.
         rank_per_component: ``r`` of every component.
         steps: proximal refinement steps (0: SVD and greedy pursuit only).
         lr: Adam learning rate of the refinement (factors and structure).
@@ -375,9 +382,15 @@ def fit_dense(
         >>> layer = gblr.fit_dense(weight, 0.6, steps=0)
         >>> layer.flops() <= 0.6 * 16 * 16
         True
+        >>> gblr.fit_dense(weight, budget_macs=40, steps=0).flops() <= 40
+        True
     """
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise TypeError("weight must be a 2-D floating-point torch.Tensor (out, in)")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(
+            f"weight must have at least one row and one column, got shape {tuple(weight.shape)}"
+        )
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight must be finite (it holds NaN or inf)")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -390,7 +403,18 @@ def fit_dense(
             f"rank_per_component must be in [1, min(out, in) = {min(m, n)}], "
             f"got {rank_per_component}"
         )
-    macs = budget_macs(budget, m * n)
+    macs = fraction_budget_macs(
+        budget,
+        budget_macs,
+        m * n,
+        fraction_name="budget",
+        macs_name="budget_macs",
+        minimum=2 * rank_per_component,
+        minimum_reason=(
+            f"one component: one row and one column at rank {rank_per_component}; "
+            "below it the layer would be the zero matrix"
+        ),
+    )
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     weight = weight.detach().to(dtype)
 
@@ -407,7 +431,7 @@ def fit_dense(
             )
             if layer is not None
         ]
-        if not candidates:  # the budget pays for nothing
+        if not candidates:  # not reached: a budget of one component buys a greedy one
             return empty_layer(weight, rank_per_component)
         errors = [_error(layer, weight) for layer in candidates]
         best = candidates[min(range(len(candidates)), key=errors.__getitem__)]

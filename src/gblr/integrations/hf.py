@@ -24,7 +24,8 @@ class GBLRTrainerCallback(TrainerCallback):
     Args:
         learner: an existing learner, or None to build one when training begins from
             ``learner_kwargs`` (``total_steps`` defaults to the trainer's ``max_steps``).
-        **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`.
+        **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`; names and
+            the budget are checked here, the rest when the learner is built.
 
     When a run resumes from a checkpoint, the learner continues from the trainer's
     ``global_step`` (σ schedule and budget ramp included); its starting cost is the one

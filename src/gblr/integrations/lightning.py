@@ -27,9 +27,11 @@ class GBLRCallback(pl.Callback):
         learner: an existing learner, or None to build one at fit start from
             ``learner_kwargs`` (``total_steps`` defaults to the trainer's
             ``estimated_stepping_batches``).
-        log_every_n_steps: how often the summary is logged (under ``gblr/``).
+        log_every_n_steps: how often the summary is logged (under ``gblr/``): an int >= 1.
         **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`
-            (``target=`` or ``lam=``, ``sigma=``, ``warmup_steps=``, ...).
+            (``target=``, ``target_macs=`` or ``lam=``, ``sigma=``, ``warmup_steps=``,
+            ...); names and the budget are checked here, the rest when the learner is
+            built at fit start.
 
     The learner's state is saved in and restored from Lightning checkpoints.
 
@@ -46,6 +48,13 @@ class GBLRCallback(pl.Callback):
         **learner_kwargs: Any,
     ) -> None:
         super().__init__()
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int):
+            raise TypeError(
+                f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r} "
+                f"({type(log_every_n_steps).__name__})"
+            )
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps}")
         check_learner_arguments(learner, learner_kwargs)
         self.learner = learner
         self.learner_kwargs = learner_kwargs

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy
 import torch
 from torch import Tensor, nn
 
@@ -50,6 +51,17 @@ def check_positive_int(name: str, value: object) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value
+
+
+def check_sigma_fits_buffer(name: str, sigma: float) -> None:
+    """``ValueError`` if a positive σ rounds to 0 in the layers' float32 ``sigma`` buffer
+    (0 is no bandwidth: the masks would be NaN). Any σ below about 1e-3 already smooths a
+    mask to its mean, so nothing is lost by a larger one."""
+    if numpy.float32(sigma) == 0.0:  # not a tensor: a torch.device("meta") context holds no values
+        raise ValueError(
+            f"{name}={sigma!r} rounds to 0 in the layers' float32 sigma buffer; give a σ of "
+            "at least 1.5e-45 (below about 1e-3 every σ gives the same, fully smoothed masks)"
+        )
 
 
 def _as_interval_tensor(name: str, value: object, num_components: int) -> Tensor:
@@ -149,6 +161,7 @@ class GBLRMatrixMixin(nn.Module):
             sigma = math.inf
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
             raise ValueError(f"sigma must be a positive number (math.inf for none), got {sigma!r}")
+        check_sigma_fits_buffer("sigma", sigma)
 
         self.rows = rows
         self.cols = cols
@@ -176,8 +189,12 @@ class GBLRMatrixMixin(nn.Module):
                 self.widths.copy_(w)
                 self.locations.copy_(torch.remainder(loc, 1.0))
         else:
-            self._init_structure(structure_init, init_cost)
-        self._init_factors(factor_init)
+            self._init_structure(structure_init, init_cost)  # also checks init_cost
+        # On the meta device (``device="meta"`` or ``with torch.device("meta")``) tensors
+        # have shapes but no values: the factors' scale, which reads the structure, is
+        # left out, as every value is (load a state dict after ``to_empty``).
+        if not self.U.is_meta:
+            self._init_factors(factor_init)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         """Keep widths and locations in float32/float64 under ``.half()``, ``.to(bf16)``...
@@ -352,9 +369,17 @@ class GBLRMatrixMixin(nn.Module):
             ``(col_mask (K, in), row_mask (K, out))``. Training: Gaudi masks (bandwidth
             ``self.sigma``) of widths and locations rounded to the grid with a
             straight-through gradient (widths clamped to [0, 1] the same way), see
-            :func:`gblr.ops.gaudi_mask_on_grid`. Eval: exact 0/1 boxcars.
+            :func:`gblr.ops.gaudi_mask_on_grid`. Eval: exact 0/1 boxcars; a NaN or
+            infinite width or location is a ``ValueError`` there (checked once per change
+            of the parameters, so inference pays no device sync per forward; under
+            ``torch.compile`` the mask rows of such components are NaN instead). In
+            training the rows are NaN (torch backend) or empty (Triton backend, whose
+            kernels read no flags on the host); :class:`gblr.StructureLearner` raises on
+            its next step.
         """
         if not self.training:
+            if not _is_compiling():
+                self._check_structure_finite()
             return (
                 boxcar_mask(self.widths[0], self.locations[0], self.cols),
                 boxcar_mask(self.widths[1], self.locations[1], self.rows),
@@ -371,6 +396,8 @@ class GBLRMatrixMixin(nn.Module):
         The buffer is the source of truth (state_dict, learner); its value is re-read only
         when the tensor is replaced or modified in place (``_version`` changes).
         """
+        if self.sigma.is_meta:  # no value; the masks' shapes do not depend on it
+            return None
         key = (id(self.sigma), self.sigma._version, self.sigma.device)
         cached = self.__dict__.get("_sigma_cache")
         if cached is None or cached[0] != key:
@@ -414,15 +441,59 @@ class GBLRMatrixMixin(nn.Module):
         return u.t() @ v
 
     # ------------------------------------------------------------------ cost
+    def _check_structure_finite(self) -> None:
+        """``ValueError`` naming the layer, the entry and its value if a width or location
+        is NaN or infinite: it has no integer interval, so eval, ``flops()`` and
+        :func:`gblr.freeze` would otherwise make up one (or drop the component).
+
+        Checked once per change of the two parameters (their in-place version counters
+        and storage), so repeated eval forwards read nothing from the device.
+        """
+        if self.widths.is_meta:
+            return
+        key = (
+            self.widths._version,
+            self.locations._version,
+            self.widths.data_ptr(),
+            self.locations.data_ptr(),
+        )
+        if self.__dict__.get("_finite_structure") == key:
+            return
+        for name in ("widths", "locations"):
+            values = getattr(self, name).detach()
+            if not bool(torch.isfinite(values).all()):
+                side, k = (~torch.isfinite(values)).nonzero()[0].tolist()
+                interval = "input (column)" if side == 0 else "output (row)"
+                raise ValueError(
+                    f"{type(self).__name__} ({self.rows} x {self.cols}): {name}[{side}, {k}] "
+                    f"is {float(values[side, k])}, the {interval} interval of component {k}; "
+                    "widths and locations must be finite. NaN usually comes from a NaN "
+                    "loss or gradient in training."
+                )
+        self.__dict__["_finite_structure"] = key
+
+    def _check_has_values(self) -> None:
+        if self.widths.is_meta:
+            raise RuntimeError(
+                f"{type(self).__name__} ({self.rows} x {self.cols}) is on the meta device: its "
+                "intervals have no values (and so no MACs); materialize it first, e.g. "
+                "module.to_empty(device='cpu') and load_state_dict(...)"
+            )
+        self._check_structure_finite()
+
     def interval_lengths(self) -> tuple[Tensor, Tensor]:
-        """Integer ``(col_lengths (K,), row_lengths (K,))`` of the intervals used in eval."""
+        """Integer ``(col_lengths (K,), row_lengths (K,))`` of the intervals used in eval
+        (``ValueError`` for a NaN or infinite width or location)."""
+        self._check_has_values()
         return (
             interval_lengths(self.widths[0], self.cols),
             interval_lengths(self.widths[1], self.rows),
         )
 
     def interval_starts(self) -> tuple[Tensor, Tensor]:
-        """Integer ``(col_starts (K,), row_starts (K,))`` of the intervals used in eval."""
+        """Integer ``(col_starts (K,), row_starts (K,))`` of the intervals used in eval
+        (``ValueError`` for a NaN or infinite width or location)."""
+        self._check_has_values()
         return (
             interval_starts(self.locations[0], self.cols),
             interval_starts(self.locations[1], self.rows),
@@ -462,6 +533,7 @@ class GBLRMatrixMixin(nn.Module):
     def _gblr_extra_repr(self) -> str:
         return (
             f"rank_per_component={self.rank_per_component}, "
-            f"num_components={self.num_components}, sigma={float(self.sigma):g}, "
+            f"num_components={self.num_components}, "
+            f"sigma={'?' if self.sigma.is_meta else format(float(self.sigma), 'g')}, "
             f"evaluation_order={self._evaluation_order!r}"
         )

@@ -32,8 +32,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..cost import budget_macs
-from ..layers.base import GBLRMatrixMixin
+from ..cost import fraction_budget_macs
+from ..layers.base import GBLRMatrixMixin, check_sigma_fits_buffer
 from ..ops.gaudi import boxcar_mask
 from .groups import gblr_layers
 from .merge import _check_fraction, _masked_factors, _merge_layer
@@ -58,6 +58,12 @@ _UNTANGLE_REGROWTH = 0.5
 # refine: the curvature used is the median of each layer's last secant estimates (one per
 # pass; a single estimate can be far off when a rounding boundary was crossed).
 _CURVATURE_HISTORY = 8
+
+
+def _finite_record(record: dict[str, Tensor]) -> bool:
+    """Whether a refine record's factors and gradients are all finite."""
+    names = ("u", "v", "grad_u", "grad_v")
+    return bool(torch.stack([torch.isfinite(record[n]).all() for n in names]).all())
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -157,12 +163,19 @@ class StructureLearner:
 
     Args:
         model: a module containing GBLR layers.
-        target: budget mode. A float in (0, 1]: fraction of the dense MACs of all GBLR
-            layers; an int: absolute MACs (per input row, summed over GBLR layers).
+        target: budget mode: a fraction in (0, 1] of the dense MACs of all GBLR layers
+            (the int ``1`` is 1.0, as in :func:`gblr.convert`; other ints are refused:
+            an absolute count goes to ``target_macs``).
+        target_macs: budget mode: an absolute budget, MACs per input row summed over the
+            GBLR layers (an int).
         lam: λ mode: penalty weight per unit of the GBLR layers' total dense cost.
-            Exactly one of ``target`` and ``lam`` must be given.
+            Exactly one of ``target``, ``target_macs`` and ``lam`` must be given. A
+            budget below the cheapest component (``2 r`` MACs: one row and one column at
+            rank ``r``) would leave every layer empty: a ``ValueError`` names the
+            smallest budget allowed.
         sigma: Gaudi bandwidth schedule: ``(start, end)``, a single float (constant), or
-            ``None`` to leave the layers' σ alone. Paper: 1 → 100.
+            ``None`` to leave the layers' σ alone. Paper: 1 → 100. ``math.inf`` (only as
+            a constant: ``sigma=math.inf``) trains through exact boxcar masks.
         sigma_schedule: ``"geometric"`` (default: equal time per factor of σ),
             ``"linear"`` or ``"constant"``. On the planted-structure benchmark the
             geometric schedule recovered 5/5 fixed seeds where linear recovered 3/5.
@@ -246,7 +259,18 @@ class StructureLearner:
             8). On the planted-structure benchmark, with the five options above and the
             learning rate decayed to zero over the last quarter: 20/20 seeds at 1.1x and
             at 1.5x the planted cost, and 38/40 further seeds at 1.1x (31/40 without);
-            see :mod:`gblr.learn.refine`.
+            see :mod:`gblr.learn.refine`. A swap whose predicted gain shows that the layer
+            is far from a fit (over ``c ‖W‖² / 8``) is not made: the model does not hold
+            there. A step whose recorded factors or gradients are not finite (an overflow
+            that ``torch.amp.GradScaler`` skips) is skipped too: no curvature, no swap.
+
+    Non-finite numbers: :meth:`step` (and the constructor) raise ``FloatingPointError``
+    naming the layer (its module name), the parameter and the step when a width,
+    location or factor is NaN or infinite; they come from a NaN or infinite loss or
+    gradient that the optimizer applied. Gradients themselves are not read (except by
+    ``refine``, above): a step that ``torch.amp.GradScaler`` skipped leaves the
+    parameters finite, and the learner steps as usual (call it after
+    ``scaler.step(optimizer)``).
 
     Examples:
         >>> import torch, gblr
@@ -263,6 +287,7 @@ class StructureLearner:
         model: nn.Module,
         *,
         target: float | int | None = None,
+        target_macs: int | None = None,
         lam: float | None = None,
         sigma: tuple[float, float] | float | None = (1.0, 100.0),
         sigma_schedule: Literal["linear", "geometric", "constant"] = "geometric",
@@ -282,11 +307,19 @@ class StructureLearner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        layers = [layer for _, layer in gblr_layers(model)]
+        named = gblr_layers(model)
+        layers = [layer for _, layer in named]
         if not layers:
             raise ValueError("model has no GBLR layer (GBLRLinear or GBLRConv2d); convert it first")
-        if (target is None) == (lam is None):
-            raise ValueError("give exactly one of target (budget mode) and lam (λ mode)")
+        given = [n for n, v in (("target", target), ("target_macs", target_macs), ("lam", lam))
+                 if v is not None]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of target (budget mode, a fraction of the dense MACs), "
+                f"target_macs (budget mode, a MAC count) and lam (λ mode), got {given or 'none'}"
+            )
+        # Names for errors: "" is the model itself.
+        self.layer_names = [name or "(model)" for name, _ in named]
         self.total_steps = _check_int("total_steps", total_steps, 1)
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         self.sigma_start_step = _check_int("sigma_start_step", sigma_start_step, 0)
@@ -301,8 +334,19 @@ class StructureLearner:
         self.layers = layers
         self.lam: float | None = None
         self.final_target: int | None = None
-        if target is not None:
-            self.final_target = budget_macs(target, self.view.dense_macs, name="target")
+        self._check_finite("when the learner was built")
+        if lam is None:
+            rank = min(layer.rank_per_component for layer in layers)
+            self.final_target = fraction_budget_macs(
+                target,
+                target_macs,
+                self.view.dense_macs,
+                minimum=2 * rank,
+                minimum_reason=(
+                    f"the cheapest component: one row and one column at rank {rank}; "
+                    "below it every GBLR layer would be empty"
+                ),
+            )
         else:
             if isinstance(lam, bool) or not isinstance(lam, (int, float)):
                 raise TypeError(f"lam must be a number >= 0, got {lam!r}")
@@ -367,6 +411,38 @@ class StructureLearner:
         if self.refine is not None:
             self._arm_recording()
 
+    def _check_finite(self, when: str) -> None:
+        """``FloatingPointError`` naming the layer, the parameter and ``when`` if a width,
+        location or factor is NaN or infinite.
+
+        One device sync for all layers (``isfinite`` reduced on the device, then one read):
+        the learner already reads the cost on the host every step. Gradients are not
+        checked here: a step that ``torch.amp.GradScaler`` skipped for non-finite
+        gradients leaves the parameters finite, and the learner then steps as usual.
+        """
+        tensors = [
+            (index, name, getattr(layer, name))
+            for index, layer in enumerate(self.layers)
+            for name in ("widths", "locations", "U", "V")
+        ]
+        device = tensors[0][2].device
+        flags = torch.stack([torch.isfinite(t).all().to(device) for _, _, t in tensors])
+        if bool(flags.all()):
+            return
+        index, name, tensor = tensors[int((~flags).nonzero()[0, 0])]
+        values = tensor.detach()
+        nan = int(torch.isnan(values).sum())
+        inf = int(torch.isinf(values).sum())
+        layer = self.layers[index]
+        raise FloatingPointError(
+            f"StructureLearner: the {name} of layer {self.layer_names[index]!r} "
+            f"({type(layer).__name__}) are not finite {when}: {nan} NaN and {inf} infinite "
+            f"of {values.numel()} entries. What ran before produced them: usually a NaN or "
+            "infinite loss or gradient (check the loss and learning rate; with "
+            "torch.amp.GradScaler call learner.step() after scaler.step(optimizer), which "
+            "skips such steps and leaves the parameters finite)"
+        )
+
     def _snapshot(self) -> list[tuple[Tensor, Tensor]] | None:
         """Widths and locations after this step, the reference of the next step's shift limit."""
         if self.max_shift is None and self.max_shift_ramp is None:
@@ -404,7 +480,17 @@ class StructureLearner:
                 f"sigma must be a positive number, a (start, end) pair of them, or None, "
                 f"got {sigma!r}"
             )
-        return float(values[0]), float(values[1])
+        start, end = float(values[0]), float(values[1])
+        for value in (start, end):
+            check_sigma_fits_buffer("sigma", value)
+        if math.isinf(start) != math.isinf(end):
+            # A schedule between a finite σ and inf has no meaningful middle: geometric
+            # steps would jump to inf at once, linear ones too.
+            raise ValueError(
+                f"sigma={sigma!r}: a schedule needs two finite ends; sigma=math.inf (exact "
+                "boxcar masks) is a constant, give it alone"
+            )
+        return start, end
 
     # ------------------------------------------------------------------ schedules
     def sigma_at(self, step: int) -> float | None:
@@ -412,6 +498,8 @@ class StructureLearner:
         if self.sigma_range is None:
             return None
         start, end = self.sigma_range
+        if start == end:  # also σ = inf, where the schedules' arithmetic gives NaN
+            return start
         span = max(1, self.total_steps - self.sigma_start_step)
         progress = min(1.0, max(0.0, (step - self.sigma_start_step) / span))
         if self.sigma_schedule == "constant":
@@ -456,6 +544,7 @@ class StructureLearner:
         """Proximal step on all widths, wrap locations, advance σ. Call after
         ``optimizer.step()``."""
         self.step_count += 1
+        self._check_finite(f"at step {self.step_count} (before the learner changed anything)")
         limit = self.max_shift if self.step_count > self.warmup_steps else self.max_shift_ramp
         if limit is not None:
             self._limit_shift(limit)
@@ -493,6 +582,10 @@ class StructureLearner:
         for index, layer in enumerate(self.layers):
             record = layer.__dict__.get("_factor_record")
             current = record if record and "grad_u" in record and "grad_v" in record else None
+            if current is not None and not _finite_record(current):
+                # An overflowing step (one that torch.amp.GradScaler skips): no secant and
+                # no swap from it, as the scaler takes no optimizer step from it.
+                current = None
             if current is not None:
                 average_gradients_across_processes(current)
             previous = self._refine_previous[index]  # always the step just before

@@ -135,7 +135,11 @@ def recovery_run(
     )
     budget = int(budget_factor * planted_cost)
     learner = StructureLearner(
-        layer, target=budget, total_steps=steps, warmup_steps=steps // 2, **(learner_options or {})
+        layer,
+        target_macs=budget,
+        total_steps=steps,
+        warmup_steps=steps // 2,
+        **(learner_options or {}),
     )
     regression_steps(layer, target, optimizer, learner, steps, schedule)
     layer.eval()

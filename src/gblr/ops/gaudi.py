@@ -86,14 +86,22 @@ def gaudi_mask(
 
     amplitude = w * torch.sinc(k * w) / torch.sinc(k / n)
     if sigma is not None:
-        sigma_t = torch.as_tensor(sigma, dtype=dtype, device=width.device)
+        sigma_t = torch.as_tensor(sigma, dtype=torch.float64, device=width.device)
         if sigma_t.numel() != 1 or not bool(sigma_t.reshape(()) > 0):
             raise ValueError(f"sigma must be a positive number or None, got {sigma!r}")
-        if bool(torch.isfinite(sigma_t)):
-            amplitude = amplitude * torch.exp(-(k * k) / (2.0 * sigma_t * sigma_t))
+        # exp(-(k / σ)² / 2) in float64: neither σ² nor k² / σ² can underflow to 0 / 0
+        # (NaN) for a tiny σ, and σ = inf gives exactly 1 (the Dirichlet form).
+        amplitude = amplitude * _gaussian(k.double(), sigma_t).to(dtype)
     phase = (-math.pi) * k * (2.0 * loc + w - 1.0 / n)
     spectrum = torch.complex(amplitude * torch.cos(phase), amplitude * torch.sin(phase))
     return torch.fft.irfft(spectrum, n=n, dim=-1, norm="forward")
+
+
+def _gaussian(k: Tensor, sigma: Tensor | float) -> Tensor:
+    """The low-pass filter ``exp(-k² / (2 σ²))``, written as ``exp(-(k / σ)² / 2)`` so that
+    a tiny σ gives 0 and not ``0 / 0`` at ``k = 0`` (σ² underflows first), and ``σ = inf``
+    gives exactly 1: the unsmoothed (exact boxcar) mask."""
+    return torch.exp(-0.5 * (k / sigma).square())
 
 
 def round_to_grid(fraction: Tensor, n: int) -> Tensor:
@@ -113,14 +121,52 @@ def round_to_grid(fraction: Tensor, n: int) -> Tensor:
     return fraction + (rounded - fraction).detach()
 
 
+def _check_finite(name: str, value: Tensor) -> None:
+    if not bool(torch.isfinite(value).all()):
+        bad = (~torch.isfinite(value.detach())).nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} must be finite to give an integer interval, got "
+            f"{float(value.detach()[tuple(bad)])} at index {tuple(bad)}"
+        )
+
+
 def interval_lengths(width: Tensor, n: int) -> Tensor:
-    """Integer interval lengths ``round(clamp(w, 0, 1) * n)`` as int64, same shape as ``width``."""
-    return torch.round(width.detach().clamp(0.0, 1.0) * n).to(torch.int64)
+    """Integer interval lengths ``round(clamp(w, 0, 1) * n)`` as int64, same shape as ``width``.
+
+    A NaN or infinite width is a ``ValueError`` (it has no integer length; converting it
+    would give an arbitrary integer)."""
+    _check_finite("width", width)
+    return _lengths(width, n)
 
 
 def interval_starts(location: Tensor, n: int) -> Tensor:
-    """Integer interval starts ``round(l * n) mod n`` as int64, same shape as ``location``."""
-    return torch.remainder(torch.round(location.detach() * n).to(torch.int64), n)
+    """Integer interval starts ``round(l * n) mod n`` as int64, same shape as ``location``.
+
+    A NaN or infinite location is a ``ValueError``."""
+    _check_finite("location", location)
+    return _starts(location, n)
+
+
+# The masks' own rounding, with no host read (it runs in every training forward and in
+# compiled graphs). A non-finite value would convert to an arbitrary int64 (an index out of
+# range); it gets the empty interval here, and the masks that use these are NaN there.
+def _lengths(width: Tensor, n: int) -> Tensor:
+    width = width.detach()
+    lengths = torch.round(width.clamp(0.0, 1.0) * n)
+    return torch.where(torch.isfinite(width), lengths, 0.0).to(torch.int64)
+
+
+def _starts(location: Tensor, n: int) -> Tensor:
+    location = location.detach()
+    starts = torch.round(torch.where(torch.isfinite(location), location, 0.0) * n)
+    return torch.remainder(starts.to(torch.int64), n)
+
+
+def _poison(mask: Tensor, width: Tensor, location: Tensor) -> Tensor:
+    """``mask`` with NaN rows where the width or location is not finite: a NaN structure
+    gives a NaN output, not an arbitrary interval or a silently dropped component."""
+    finite = torch.isfinite(width.detach()) & torch.isfinite(location.detach())
+    return torch.where(finite.unsqueeze(-1), mask, torch.nan)
 
 
 def boxcar_mask(
@@ -136,7 +182,8 @@ def boxcar_mask(
         dtype: output dtype (default: float32, or float64 for float64 inputs).
 
     Returns:
-        Tensor of shape ``S + (n,)`` holding exact zeros and ones. Not differentiable.
+        Tensor of shape ``S + (n,)`` holding exact zeros and ones (NaN rows for a NaN or
+        infinite width or location). Not differentiable.
 
     Examples:
         >>> import torch, gblr
@@ -146,10 +193,10 @@ def boxcar_mask(
     _check_interval_tensors(width, location, n)
     if dtype is None:
         dtype = _mask_dtype(torch.promote_types(width.dtype, location.dtype))
-    lengths = interval_lengths(width, n).unsqueeze(-1)
-    starts = interval_starts(location, n).unsqueeze(-1)
+    lengths = _lengths(width, n).unsqueeze(-1)
+    starts = _starts(location, n).unsqueeze(-1)
     index = torch.arange(n, device=width.device)
-    return (torch.remainder(index - starts, n) < lengths).to(dtype)
+    return _poison((torch.remainder(index - starts, n) < lengths).to(dtype), width, location)
 
 
 @functools.lru_cache(maxsize=64)
@@ -178,7 +225,7 @@ def _build_grid_kernels(
     n: int, sigma: float | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     k = torch.arange(n // 2 + 1, device=device, dtype=torch.float64)
-    gauss = torch.ones_like(k) if sigma is None else torch.exp(-(k * k) / (2.0 * sigma**2))
+    gauss = torch.ones_like(k) if sigma is None else _gaussian(k, sigma)
     if sigma is None:
         # The kernel is a unit impulse: the table counts multiples of n, exactly.
         index = torch.arange(-2 * n, n + 1, device=device)
@@ -212,7 +259,7 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, width, location, n, sigma, dtype):  # type: ignore[override]
-        lengths, starts = interval_lengths(width, n), interval_starts(location, n)
+        lengths, starts = _lengths(width, n), _starts(location, n)
         cumulative, edge = _grid_kernels(n, sigma, dtype, width.device)
         windows = cumulative.unfold(0, n, 1)  # row a: cumulative[a : a + n]
         # mask[j] = C(j - s + 1) - C(j - s - L + 1), C the table's value at offset 2n.
@@ -220,6 +267,7 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
         mask = windows.index_select(0, first.reshape(-1)) - windows.index_select(
             0, (first - lengths).reshape(-1)
         )
+        mask = _poison(mask, width.reshape(-1), location.reshape(-1))
         ctx.save_for_backward(starts, lengths, edge)
         ctx.n = n
         return mask.reshape(*width.shape, n)
@@ -313,7 +361,13 @@ class _MaskFactorsTriton(torch.autograd.Function):
         u_cumulative, u_edge = _grid_kernels(rows, sigma, table_dtype, factor_u.device)
         v_cumulative, v_edge = _grid_kernels(cols, sigma, table_dtype, factor_u.device)
         factor_u, factor_v = factor_u.contiguous(), factor_v.contiguous()
-        widths, locations = widths.detach().contiguous(), locations.detach().contiguous()
+        # A non-finite width or location would round to an arbitrary int64 inside the
+        # kernels (an out-of-range table read); it gets the empty interval instead. No
+        # host read here: the learner, eval and the interval queries report such values.
+        widths, locations = (
+            torch.where(torch.isfinite(t), t, 0.0).contiguous()
+            for t in (widths.detach(), locations.detach())
+        )
         u_out = torch.empty(factor_u.shape, dtype=out_dtype, device=factor_u.device)
         v_out = torch.empty(factor_v.shape, dtype=out_dtype, device=factor_u.device)
         block = triton_mask.block_size(max(rows, cols))
@@ -454,10 +508,9 @@ def _grid_tables_from_tensor(n: int, sigma: Tensor, dtype: torch.dtype) -> tuple
     """:func:`_grid_kernels` built from a 0-d ``sigma`` tensor (``inf`` = no smoothing) with
     real tensor operations only, so ``torch.compile`` traces it without reading σ on the
     host (a graph break) or specializing on its value (a recompile every step).
-    ``exp(-k²/2σ²)`` is exactly 1 at σ = inf, so one formula covers both cases."""
+    ``exp(-(k/σ)²/2)`` is exactly 1 at σ = inf, so one formula covers both cases."""
     k = torch.arange(n // 2 + 1, device=sigma.device, dtype=torch.float64)
-    sigma = sigma.to(torch.float64)
-    gauss = torch.exp(-(k * k) / (2.0 * sigma * sigma))
+    gauss = _gaussian(k, sigma.to(torch.float64))
     # Hermitian weights of a length-n inverse real DFT: bins 0 and n/2 (n even) once.
     weights = torch.full_like(k, 2.0)
     weights[0] = 1.0
@@ -520,11 +573,11 @@ def _gaudi_mask_on_grid_traceable(
     box's end (width) and at both ends (location), as in ``_GaudiMaskOnGrid.backward``.
     With no custom autograd node, the compiler fuses the gathers into the factor products.
     """
-    lengths, starts = interval_lengths(width, n), interval_starts(location, n)
+    lengths, starts = _lengths(width, n), _starts(location, n)
     cumulative, edge = _compiled_grid_tables(n, sigma, dtype)
     columns = torch.arange(n, device=width.device)
     first = ((2 * n + 1) - starts).unsqueeze(1) + columns
-    value = cumulative[first] - cumulative[first - lengths.unsqueeze(1)]
+    value = _poison(cumulative[first] - cumulative[first - lengths.unsqueeze(1)], width, location)
     at_end = edge[torch.remainder(columns - (starts + lengths).unsqueeze(1), n)]
     at_start = edge[torch.remainder(columns - starts.unsqueeze(1), n)]
     width_step = (width - width.detach()).to(dtype).unsqueeze(1)

@@ -5,7 +5,7 @@ Each family is one file with a :class:`StructuredLinear` subclass (``forward``,
 names ``gblr.convert(structure=...)`` accepts to the classes.
 """
 
-from .base import StructuredLinear
+from .base import BudgetTooSmallError, StructuredLinear
 from .blockdiag import BlockDiagLinear
 from .blocksparse import BlockSparseLinear
 from .lowrank import LowRankLinear
@@ -24,6 +24,7 @@ __all__ = [
     "FAMILIES",
     "BlockDiagLinear",
     "BlockSparseLinear",
+    "BudgetTooSmallError",
     "LowRankLinear",
     "MonarchLinear",
     "PixelflyLinear",

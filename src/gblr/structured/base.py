@@ -10,7 +10,8 @@ Budget semantics are those of GBLR (:func:`gblr.cost.budget_macs`): a float is a
 fraction in ``(0, 1]`` of the dense MACs ``out * in`` per input row, an int an absolute
 MAC count. When a family's discrete parameters cannot hit the budget exactly, the largest
 configuration not above it is taken (``flops()`` reports the actual MACs); a budget below
-the family's smallest configuration is a ``ValueError`` naming that minimum.
+the family's smallest configuration is a :class:`BudgetTooSmallError` (a ``ValueError``)
+naming that minimum, which ``gblr.convert`` turns into "this layer stays dense".
 """
 
 from __future__ import annotations
@@ -23,18 +24,38 @@ from torch import Tensor, nn
 from ..cost import budget_macs
 from ..layers.base import check_positive_int
 
-__all__ = ["StructuredLinear", "resolve_budget"]
+__all__ = ["BudgetTooSmallError", "StructuredLinear", "resolve_budget"]
+
+
+class BudgetTooSmallError(ValueError):
+    """A valid budget below the smallest layer a family can build at that shape.
+
+    Distinct from every other ``ValueError`` (a malformed argument) so that
+    :func:`gblr.convert` can leave exactly these layers dense, listed in
+    ``report.skipped``, and let every other failure propagate. A structure registered
+    with :func:`gblr.compress.register_structure` raises it for the same purpose.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.structured import BudgetTooSmallError, LowRankLinear
+        >>> try:
+        ...     LowRankLinear.from_dense(torch.randn(64, 64), 0.01)  # 40 MACs < rank 1's 128
+        ... except BudgetTooSmallError as error:
+        ...     print(str(error)[:40])
+        budget=0.01 allows 40 MACs per row, belo
+    """
 
 
 def resolve_budget(
     budget: float | int, out_features: int, in_features: int, minimum: int, family: str
 ) -> int:
-    """MACs allowed by ``budget`` for an ``(out, in)`` layer; ``ValueError`` naming the
-    family's ``minimum`` MACs when the budget is below it."""
+    """MACs allowed by ``budget`` for an ``(out, in)`` layer; :class:`BudgetTooSmallError`
+    naming the family's ``minimum`` MACs when the budget is below it (a malformed budget is
+    a ``TypeError`` or plain ``ValueError`` from :func:`gblr.cost.budget_macs`)."""
     dense = out_features * in_features
     macs = budget_macs(budget, dense)
     if macs < minimum:
-        raise ValueError(
+        raise BudgetTooSmallError(
             f"budget={budget!r} allows {macs} MACs per row, below the smallest {family} "
             f"layer of shape ({out_features}, {in_features}): {minimum} MACs "
             f"(a fraction of {minimum / dense:.4g} of the dense MACs)"
@@ -149,6 +170,24 @@ def check_weight(weight: object) -> Tensor:
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight must be finite (it holds NaN or inf)")
     return weight.detach()
+
+
+def check_whitening(whitening: object, in_features: int) -> Tensor:
+    """``whitening`` ``S`` as a detached finite ``(in, in)`` floating tensor, or a
+    ``TypeError``/``ValueError`` naming what it got."""
+    if not isinstance(whitening, Tensor) or not whitening.is_floating_point():
+        raise TypeError(
+            "whitening must be a floating-point torch.Tensor (in, in), got "
+            f"{type(whitening).__name__}"
+        )
+    if tuple(whitening.shape) != (in_features, in_features):
+        raise ValueError(
+            f"whitening must have shape (in, in) = ({in_features}, {in_features}), "
+            f"got {tuple(whitening.shape)}"
+        )
+    if not bool(torch.isfinite(whitening).all()):
+        raise ValueError("whitening must be finite (it holds NaN or inf)")
+    return whitening.detach()
 
 
 def copy_bias(layer: StructuredLinear, bias: Tensor | None) -> StructuredLinear:

@@ -149,7 +149,7 @@ class BlockDiagLinear(StructuredLinear):
 
     @classmethod
     def from_dense(
-        cls, weight: Tensor, budget: float | int, *, bias: Tensor | None = None, **kwargs
+        cls, weight: Tensor, budget: float | int, *, bias: Tensor | None = None
     ) -> BlockDiagLinear:
         """The diagonal blocks of ``weight`` ``(out, in)`` (the Frobenius-optimal
         block-diagonal approximation), with the fewest blocks within ``budget``."""

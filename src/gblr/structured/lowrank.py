@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..layers.base import check_positive_int
 from ..ops.whitened import weighted_low_rank
-from .base import StructuredLinear, check_weight, copy_bias, resolve_budget
+from .base import StructuredLinear, check_weight, check_whitening, copy_bias, resolve_budget
 
 __all__ = ["LowRankLinear"]
 
@@ -97,7 +97,6 @@ class LowRankLinear(StructuredLinear):
         *,
         bias: Tensor | None = None,
         whitening: Tensor | None = None,
-        **kwargs,
     ) -> LowRankLinear:
         """Truncated SVD of ``weight`` ``(out, in)`` at the largest rank within ``budget``
         (optimal in Frobenius norm); singular values split evenly between the factors.
@@ -106,6 +105,8 @@ class LowRankLinear(StructuredLinear):
         (:func:`gblr.ops.whitened.weighted_low_rank`)."""
         weight = check_weight(weight)
         out_features, in_features = weight.shape
+        if whitening is not None:
+            whitening = check_whitening(whitening, in_features)
         rank = cls.rank_for(in_features, out_features, budget)
         if whitening is not None:
             left, right = weighted_low_rank(weight, whitening, rank)

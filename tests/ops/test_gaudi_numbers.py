@@ -1,0 +1,108 @@
+"""Interval masks at the edges of the numbers: σ = inf and tiny σ, NaN and infinite
+widths and locations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gblr
+from gblr.ops import boxcar_mask, gaudi_mask_on_grid, interval_lengths, interval_starts
+from gblr.ops.gaudi import _gaudi_mask_on_grid_traceable, mask_factors
+from tests.conftest import circular_boxcar
+
+STARTS, LENGTHS, N = [0, 6, 3, 2], [3, 4, 7, 0], 7  # includes a wrap, a full and an empty box
+
+
+def grid_interval(dtype=torch.float64):
+    return (
+        torch.tensor(LENGTHS, dtype=dtype) / N,
+        torch.tensor(STARTS, dtype=dtype) / N,
+    )
+
+
+@pytest.mark.parametrize("tables", ["series", "fft"])
+def test_traceable_masks_at_sigma_inf_are_the_brute_force_boxcars(tables, monkeypatch):
+    """``exp(-(k/σ)²/2)`` is exactly 1 at σ = inf: the compiled path's masks are boxcars."""
+    if tables == "series":  # the GPU's tables, built from the σ tensor itself
+        monkeypatch.setattr(gblr.ops.gaudi, "_grid_tables_op", None)
+    width, location = grid_interval()
+    mask = _gaudi_mask_on_grid_traceable(width, location, N, torch.tensor(math.inf), torch.float64)
+    assert torch.allclose(mask, circular_boxcar(STARTS, LENGTHS, N), atol=1e-12, rtol=0)
+
+
+def test_masks_approach_the_boxcar_as_sigma_grows_and_equal_it_at_inf():
+    width, location = grid_interval()
+    box = circular_boxcar(STARTS, LENGTHS, N)
+    errors = [
+        float((gaudi_mask_on_grid(width, location, N, sigma) - box).abs().max())
+        for sigma in (1.0, 10.0, 1e3, 1e6)
+    ]
+    assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-9, errors
+    assert torch.equal(gaudi_mask_on_grid(width, location, N, math.inf), box)
+    fft = gblr.gaudi_mask(width, location, N, sigma=math.inf)
+    assert torch.allclose(fft, box, atol=1e-12, rtol=0)
+
+
+def test_a_tiny_sigma_gives_its_limit_not_nan():
+    """σ² underflowed to 0, and ``-k² / (2 σ²)`` was ``0 / 0`` at ``k = 0``: NaN masks.
+    The limit σ -> 0 keeps only the mean: every entry is the box's share ``L / n``."""
+    width, location = grid_interval()
+    share = (torch.tensor(LENGTHS, dtype=torch.float64) / N)[:, None].expand(-1, N)
+    for mask in (
+        gblr.gaudi_mask(width, location, N, sigma=1e-200),
+        gaudi_mask_on_grid(width, location, N, sigma=1e-200),
+        _gaudi_mask_on_grid_traceable(
+            width, location, N, torch.tensor(1e-200, dtype=torch.float64), torch.float64
+        ),
+    ):
+        assert torch.allclose(mask, share, atol=1e-12), mask
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_interval_queries_refuse_non_finite_values(value):
+    width, location = grid_interval()
+    width[1], location[2] = value, value
+    with pytest.raises(ValueError, match=rf"width must be finite .* got {value} at index \(1,\)"):
+        interval_lengths(width, N)
+    with pytest.raises(ValueError, match=r"location must be finite .* at index \(2,\)"):
+        interval_starts(location, N)
+
+
+def test_masks_of_non_finite_intervals_are_nan_rows():
+    """No host read in the masks (they run in every forward): the rows of a NaN or
+    infinite interval are NaN, the others exact; nothing indexes out of range."""
+    width, location = grid_interval()
+    width[1], location[2] = math.nan, math.inf
+    box = circular_boxcar(STARTS, LENGTHS, N)
+    good = [0, 3]
+    for mask in (
+        boxcar_mask(width, location, N),
+        gaudi_mask_on_grid(width, location, N),
+        gaudi_mask_on_grid(width, location, N, sigma=3.0),
+        _gaudi_mask_on_grid_traceable(width, location, N, torch.tensor(math.inf), torch.float64),
+    ):
+        assert torch.isnan(mask[1:3]).all()
+        if torch.equal(mask[good], box[good]) or torch.allclose(mask[good], box[good], atol=1e-12):
+            continue
+        assert torch.isfinite(mask[good]).all()  # the smoothed one: finite, not a boxcar
+
+
+def test_triton_kernels_give_a_non_finite_interval_the_empty_box():
+    """The Triton backend reads no flags on the host; its kernels would round NaN to an
+    arbitrary int64 (an out-of-range read), so the interval is made empty first."""
+    torch.manual_seed(0)
+    k, r, rows, cols = 4, 1, N, 5
+    u, v = torch.randn(k, r, rows), torch.randn(k, r, cols)
+    widths = torch.tensor([[1.0, 0.4, 0.6, 1.0], [LENGTHS[0] / N, math.nan, 3 / N, 1.0]])
+    locations = torch.tensor([[0.0, 0.2, math.inf, 0.0], [0.0, 0.5, 1 / N, 0.0]])
+    u_out, v_out = mask_factors(u, v, widths, locations, backend="triton")
+    assert torch.isfinite(u_out).all() and torch.isfinite(v_out).all()
+    assert torch.count_nonzero(u_out[1]) == 0  # NaN row width: the empty row interval
+    ref_u, ref_v = mask_factors(
+        u, v, torch.nan_to_num(widths, nan=0.0), torch.nan_to_num(locations, posinf=0.0),
+        backend="torch",
+    )  # fmt: skip
+    assert torch.allclose(u_out, ref_u) and torch.allclose(v_out, ref_v)
