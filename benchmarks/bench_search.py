@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gblr
 from bench_layer import machine_description, write_json_atomically
 from gblr.compress.search import _error, _svd_layer
-from gblr.cost import budget_macs
+from gblr.cost import fraction_budget_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in args.kinds:
             weight = make_matrix(kind, m, n, torch.Generator().manual_seed(0)).to(device)
             for budget in args.budgets:
-                macs = budget_macs(budget, m * n)
+                macs = fraction_budget_macs(budget, None, m * n, fraction_name="budget")
                 svd_error = _error(_svd_layer(weight, macs, 1), weight)
                 if device.type == "cuda":
                     torch.cuda.synchronize()

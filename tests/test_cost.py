@@ -94,18 +94,6 @@ def test_bad_model():
         gblr.count_flops("not a model")
 
 
-def test_budget_macs_fraction_and_absolute():
-    from gblr.cost import budget_macs
-
-    assert budget_macs(0.25, 1000) == 250
-    assert budget_macs(0.0001, 100) == 1  # never zero
-    assert budget_macs(300, 1000) == 300
-    with pytest.raises(ValueError, match="target as a fraction"):
-        budget_macs(1.5, 10, name="target")
-    with pytest.raises(TypeError, match="budget"):
-        budget_macs(True, 10)
-
-
 def test_fraction_budget_macs_takes_a_fraction_or_a_count_and_names_the_other():
     from gblr.cost import fraction_budget_macs
 

@@ -27,7 +27,6 @@ __all__ = [
     "FlopsReport",
     "LayerFlops",
     "SupportsFlops",
-    "budget_macs",
     "check_fraction_budget",
     "count_flops",
     "fraction_budget_macs",
@@ -52,7 +51,7 @@ class SupportsFlops(Protocol):
 
 
 def gblr_cost(row_lengths: Tensor, col_lengths: Tensor, rank_per_component: int) -> int:
-    """MACs per input row of ``y = W x`` for a GBLR matrix (DESIGN.md §2.1).
+    """MACs per input row of ``y = W x`` for a GBLR matrix (docs/design.md#cost-in-macs).
 
     ``cost = sum_k r * (|R_k| + |C_k|)`` over live components (both intervals non-empty).
 
@@ -66,26 +65,6 @@ def gblr_cost(row_lengths: Tensor, col_lengths: Tensor, rank_per_component: int)
     """
     live = (row_lengths > 0) & (col_lengths > 0)
     return int(rank_per_component) * int(((row_lengths + col_lengths) * live).sum().item())
-
-
-def budget_macs(budget: float | int, dense_macs: int, *, name: str = "budget") -> int:
-    """MACs allowed by a budget: a float is a fraction in (0, 1] of ``dense_macs``
-    (floored, at least 1), an int an absolute count (>= 1). ``name`` is used in errors.
-
-    The structured families' ``from_dense``/``for_budget`` take budgets this way; the
-    structure learner and :func:`gblr.fit_dense` take a fraction and a separate MAC count
-    (:func:`fraction_budget_macs`)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"{name} must be a float fraction or an int MAC count, got {budget!r}")
-    if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(
-                f"{name} as a fraction of the dense MACs must be in (0, 1], got {budget}"
-            )
-        return max(1, math.floor(budget * dense_macs))
-    if budget <= 0:
-        raise ValueError(f"{name} as a MAC count must be a positive int, got {budget}")
-    return int(budget)
 
 
 def smallest_fraction(macs: int, dense_macs: int) -> str | None:

@@ -224,11 +224,23 @@ def test_families_raise_budget_too_small_below_their_smallest_layer():
     for name, family in gblr.structured.FAMILIES.items():
         if name == "blocksparse":  # one 1x1 tile: any budget of 1 MAC or more fits
             continue
-        with pytest.raises(BudgetTooSmallError, match="below the smallest"):
-            family.from_dense(weight, 1)
+        too_small = r"budget_macs=1, below the minimum of \d+ MACs \(the smallest"
+        with pytest.raises(BudgetTooSmallError, match=too_small):
+            family.from_dense(weight, budget_macs=1)
         with pytest.raises(ValueError) as caught:  # a malformed budget is not "too small"
             family.from_dense(weight, 1.5)
         assert not isinstance(caught.value, BudgetTooSmallError), name
+
+
+def test_a_family_layer_the_global_allocation_leaves_no_macs_stays_dense():
+    # 0.0005 of the MACs is 6 here: the three large layers get 2 each, the small one none
+    # (a 0-MAC budget used to fail as a malformed MAC count and abort the conversion).
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(3)], nn.Linear(16, 16))
+    report = gblr.convert(model, structure="blocksparse", budget=0.0005, min_features=1)
+    assert [layer.macs_after for layer in report.layers] == [2, 2, 2]
+    ((name, reason),) = report.skipped
+    assert name == "3" and "left this layer 0 MACs" in reason
+    assert type(model[3]) is nn.Linear
 
 
 def test_converting_nothing_warns():

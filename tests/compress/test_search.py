@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import gblr
-from gblr.cost import budget_macs
+from gblr.cost import fraction_budget_macs
 
 
 def relative_error(layer, weight):
@@ -29,7 +29,7 @@ def low_rank(generator, rows, cols, rank):
 def test_never_worse_than_truncated_svd_on_random_matrices(m, n, budget):
     weight = torch.randn(m, n, generator=torch.Generator().manual_seed(m * n))
     layer = gblr.fit_dense(weight, budget, steps=30)
-    macs = budget_macs(budget, m * n)
+    macs = fraction_budget_macs(budget, None, m * n)
     assert layer.flops() <= macs
     assert not layer.training and layer.bias is None
     assert relative_error(layer, weight) <= svd_error(weight, macs) + 1e-5
@@ -38,7 +38,7 @@ def test_never_worse_than_truncated_svd_on_random_matrices(m, n, budget):
 def test_rank_per_component_two():
     weight = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
     layer = gblr.fit_dense(weight, 0.4, rank_per_component=2, steps=20)
-    macs = budget_macs(0.4, 40 * 24)
+    macs = fraction_budget_macs(0.4, None, 40 * 24)
     assert layer.rank_per_component == 2 and layer.flops() <= macs
     assert relative_error(layer, weight) <= svd_error(weight, macs, 2) + 1e-5
 

@@ -1,3 +1,5 @@
+import math
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -14,3 +16,9 @@ def forward_macs(layer, in_features):
         return counter.get_total_flops() // 2
     finally:
         layer.bias = bias
+
+
+def allowed_macs(dense_macs, budget=None, budget_macs=None):
+    """The MACs a family's budget allows, worked out here rather than by gblr: the count
+    ``budget_macs``, or the fraction ``budget`` of ``dense_macs`` rounded down."""
+    return budget_macs if budget_macs is not None else math.floor(budget * dense_macs)

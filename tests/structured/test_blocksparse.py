@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from gblr.cost import budget_macs
+from gblr.structured import BudgetTooSmallError
 from gblr.structured.blocksparse import BlockSparseLinear, default_block_size
 
-from .conftest import forward_macs
+from .conftest import allowed_macs, forward_macs
 
 # (in, out, block_size, tiles): square, rectangular, and sizes not divisible by b, with
 # edge tiles included.
@@ -73,7 +73,7 @@ def test_from_dense_recovers_block_sparse_matrix(in_features, out_features, bloc
     weight = target.dense_weight().detach().float()
     bias = torch.randn(out_features)
     layer = BlockSparseLinear.from_dense(
-        weight, len(tiles) * block_size**2, bias=bias, block_size=block_size
+        weight, budget_macs=len(tiles) * block_size**2, bias=bias, block_size=block_size
     )
     assert layer.num_tiles == len(tiles)
     assert sorted(map(tuple, layer.positions.tolist())) == sorted(tiles)
@@ -89,26 +89,30 @@ def test_from_dense_keeps_largest_tiles():
     big = [(0, 2), (3, 1), (2, 5)]
     for scale, (i, j) in zip([3.0, 2.0, 1.0], big):
         weight[i * 8 : (i + 1) * 8, j * 8 : (j + 1) * 8] *= 100 * scale
-    layer = BlockSparseLinear.from_dense(weight, 2 * 64 + 63, block_size=8)
+    layer = BlockSparseLinear.from_dense(weight, budget_macs=2 * 64 + 63, block_size=8)
     assert layer.positions.tolist() == [[0, 2], [3, 1]]  # the two largest, row-major
-    layer = BlockSparseLinear.from_dense(weight, 3 * 64, block_size=8)
+    layer = BlockSparseLinear.from_dense(weight, budget_macs=3 * 64, block_size=8)
     assert layer.positions.tolist() == [[0, 2], [2, 5], [3, 1]]
     assert layer.bias is None
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (30, 70), (70, 30), (13, 29)])
-@pytest.mark.parametrize("budget", [0.05, 0.2, 0.5, 1.0, 300, 1000])
+@pytest.mark.parametrize(
+    "budget",
+    [{"budget": b} for b in (0.05, 0.2, 0.5, 1.0)] + [{"budget_macs": n} for n in (300, 1000)],
+    ids=str,
+)
 @pytest.mark.parametrize("block_size", [None, 4])
 def test_budget_never_exceeded_and_filled(shape, budget, block_size):
     out_features, in_features = shape
-    macs = budget_macs(budget, out_features * in_features)
+    macs = allowed_macs(out_features * in_features, **budget)
     if block_size is not None and macs < block_size**2:
         return
     torch.manual_seed(0)
     weight = torch.randn(out_features, in_features)
     for layer in (
-        BlockSparseLinear.for_budget(in_features, out_features, budget, block_size=block_size),
-        BlockSparseLinear.from_dense(weight, budget, block_size=block_size),
+        BlockSparseLinear.for_budget(in_features, out_features, **budget, block_size=block_size),
+        BlockSparseLinear.from_dense(weight, **budget, block_size=block_size),
     ):
         b = layer.block_size
         assert layer.flops() <= macs
@@ -126,8 +130,8 @@ def test_default_block_size_rule():
     assert BlockSparseLinear.for_budget(64, 192, 0.1).block_size == 4
     # Budgets below one tile per block row or column of every block size fall back to the
     # largest power of two whose single tile fits.
-    assert BlockSparseLinear.for_budget(768, 768, 300).block_size == 16
-    assert BlockSparseLinear.for_budget(768, 768, 3).block_size == 1
+    assert BlockSparseLinear.for_budget(768, 768, budget_macs=300).block_size == 16
+    assert BlockSparseLinear.for_budget(768, 768, budget_macs=3).block_size == 1
     assert default_block_size(5, 100) == 4
 
 
@@ -160,9 +164,9 @@ def test_state_dict_roundtrip_keeps_positions():
 
 
 def test_below_minimum_budget_raises_naming_minimum():
-    with pytest.raises(ValueError, match="64 MACs"):
-        BlockSparseLinear.for_budget(64, 64, 63, block_size=8)
-    with pytest.raises(ValueError, match="64 MACs"):
+    with pytest.raises(BudgetTooSmallError, match="budget_macs=63, below the minimum of 64 MACs"):
+        BlockSparseLinear.for_budget(64, 64, budget_macs=63, block_size=8)
+    with pytest.raises(BudgetTooSmallError, match="minimum of 64 MACs"):
         BlockSparseLinear.from_dense(torch.randn(64, 64), 0.01, block_size=8)
 
 

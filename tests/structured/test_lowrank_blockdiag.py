@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from gblr.structured import BudgetTooSmallError
 from gblr.structured.blockdiag import BlockDiagLinear
 from gblr.structured.lowrank import LowRankLinear
-from tests.structured.conftest import forward_macs
+from tests.structured.conftest import allowed_macs, forward_macs
 
 SHAPES = [(24, 24), (20, 36), (37, 13)]  # (in, out): square, wide, odd and uneven
 
@@ -60,14 +61,14 @@ def test_from_dense_recovers_members_of_the_family(in_features, out_features):
     target = torch.randn(out_features, rank, dtype=torch.float64) @ torch.randn(
         rank, in_features, dtype=torch.float64
     )
-    low = LowRankLinear.from_dense(target, rank * (in_features + out_features))
+    low = LowRankLinear.from_dense(target, budget_macs=rank * (in_features + out_features))
     assert low.rank == rank
     assert torch.allclose(low.dense_weight(), target, rtol=1e-10, atol=1e-10)
 
     member = BlockDiagLinear(in_features, out_features, num_blocks=3, dtype=torch.float64)
     target = member.dense_weight().detach()
     bias = torch.randn(out_features, dtype=torch.float64)
-    fitted = BlockDiagLinear.from_dense(target, member.flops(), bias=bias)
+    fitted = BlockDiagLinear.from_dense(target, budget_macs=member.flops(), bias=bias)
     assert fitted.num_blocks == 3
     assert torch.equal(fitted.dense_weight(), target)
     assert torch.equal(fitted.bias.detach(), bias)
@@ -81,12 +82,16 @@ def test_truncated_svd_is_optimal():
     assert torch.isclose(error, singular[layer.rank :].norm())
 
 
-@pytest.mark.parametrize("budget", [0.05, 0.2, 0.5, 0.9, 1.0, 500])
+@pytest.mark.parametrize(
+    "budget",
+    [{"budget": b} for b in (0.05, 0.2, 0.5, 0.9, 1.0)] + [{"budget_macs": 500}],
+    ids=str,
+)
 @pytest.mark.parametrize("cls", [LowRankLinear, BlockDiagLinear])
 def test_budget_is_never_exceeded_and_mostly_used(cls, budget):
     weight = torch.randn(48, 64)
-    allowed = budget if isinstance(budget, int) else int(budget * 48 * 64)
-    for layer in (cls.from_dense(weight, budget), cls.for_budget(64, 48, budget)):
+    allowed = allowed_macs(48 * 64, **budget)
+    for layer in (cls.from_dense(weight, **budget), cls.for_budget(64, 48, **budget)):
         assert layer.flops() <= allowed
     if cls is LowRankLinear:  # the next rank would not fit
         assert layer.flops() + 112 > allowed or layer.rank == 48
@@ -96,10 +101,12 @@ def test_budget_is_never_exceeded_and_mostly_used(cls, budget):
 
 
 def test_budget_below_the_smallest_configuration_names_the_minimum():
+    minimum = r"below the minimum of 112 MACs \(the smallest low-rank layer of shape \(48, 64\)\)"
+    with pytest.raises(BudgetTooSmallError, match=rf"budget_macs=100, {minimum}"):
+        LowRankLinear.for_budget(64, 48, budget_macs=100)
     # 48 blocks of 1 x 2 (64 inputs over 48 blocks: the first 16 pieces have 2)
-    with pytest.raises(ValueError, match=r"low-rank layer of shape \(48, 64\): 112 MACs"):
-        LowRankLinear.for_budget(64, 48, 100)
-    with pytest.raises(ValueError, match=r"block-diagonal layer .*: 96 MACs"):
+    minimum = r"minimum of 96 MACs \(the smallest block-diagonal layer .*\): budget must be"
+    with pytest.raises(BudgetTooSmallError, match=minimum):
         BlockDiagLinear.from_dense(torch.randn(48, 64), 0.01)
 
 

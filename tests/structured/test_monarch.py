@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import gblr
-from gblr.structured.base import StructuredLinear
+from gblr.structured.base import BudgetTooSmallError, StructuredLinear
 from gblr.structured.monarch import MonarchLinear, monarch_flops
 
-from .conftest import forward_macs
+from .conftest import allowed_macs, forward_macs
 
 # (in, out, nblocks, rank): square, rectangular both ways, padded (non-dividing) sizes.
 CONFIGS = [
@@ -130,7 +130,7 @@ def test_paper_cost_for_square_monarch():
 @pytest.mark.parametrize("n, m, b, r", CONFIGS)
 def test_from_dense_recovers_monarch(n, m, b, r):
     target = _random_monarch(n, m, b, r, seed=4, dtype=torch.float32).dense_weight().detach()
-    layer = MonarchLinear.from_dense(target, monarch_flops(n, m, b, r), nblocks=b)
+    layer = MonarchLinear.from_dense(target, budget_macs=monarch_flops(n, m, b, r), nblocks=b)
     assert (layer.nblocks, layer.rank) == (b, r)
     assert layer.dense_weight().dtype == torch.float32
     assert _relative(layer.dense_weight().detach(), target) <= 1e-5
@@ -142,7 +142,7 @@ def test_from_dense_is_a_projection(n, m, b, r):
     torch.manual_seed(5)
     target = torch.randn(m, n, dtype=torch.float64)
     budget = monarch_flops(n, m, b, r)
-    layer = MonarchLinear.from_dense(target, budget, nblocks=b, rank=r)
+    layer = MonarchLinear.from_dense(target, budget_macs=budget, nblocks=b, rank=r)
     approx = layer.dense_weight().detach()
     error = float((approx - target).norm())
     # Eckart-Young per grid block: the error is the norm of the discarded singular values.
@@ -168,7 +168,7 @@ def test_from_dense_is_a_projection(n, m, b, r):
             nudged.right.copy_(layer.right + 1e-3 * torch.randn_like(layer.right))
         assert error <= float((nudged.dense_weight().detach() - target).norm()) + 1e-12
     # Projecting twice changes nothing; a Monarch matrix projects with zero error.
-    again = MonarchLinear.from_dense(approx, budget, nblocks=b, rank=r).dense_weight()
+    again = MonarchLinear.from_dense(approx, budget_macs=budget, nblocks=b, rank=r).dense_weight()
     assert _relative(again.detach(), approx) <= 1e-10
 
 
@@ -177,17 +177,17 @@ def test_from_dense_bias_and_best_nblocks():
     target = _random_monarch(24, 24, 6, 1, seed=7).dense_weight().detach()
     bias = torch.randn(24, dtype=torch.float64)
     budget = monarch_flops(24, 24, 6, 1)  # = monarch_flops(24, 24, 3, 2) = ... (b r = 6)
-    best = MonarchLinear.from_dense(target, budget, bias=bias, nblocks="best")
+    best = MonarchLinear.from_dense(target, budget_macs=budget, bias=bias, nblocks="best")
     assert best.flops() <= budget
     assert _relative(best.dense_weight().detach(), target) <= 1e-10  # found the b = 6 grid
     torch.testing.assert_close(best.bias.detach(), bias)
     # "best" is never worse than the default choice or any fixed nblocks within budget.
     noise = target + 0.1 * torch.randn_like(target)
     best_error = _relative(
-        MonarchLinear.from_dense(noise, budget, nblocks="best").dense_weight(), noise
+        MonarchLinear.from_dense(noise, budget_macs=budget, nblocks="best").dense_weight(), noise
     )
     for nblocks in (None, 1, 2, 3, 4, 6):
-        fixed = MonarchLinear.from_dense(noise, budget, nblocks=nblocks)
+        fixed = MonarchLinear.from_dense(noise, budget_macs=budget, nblocks=nblocks)
         assert best_error <= _relative(fixed.dense_weight(), noise) + 1e-12
 
 
@@ -201,52 +201,59 @@ def _all_configs(n, m):
 
 
 @pytest.mark.parametrize("n, m", [(16, 16), (24, 10), (13, 29)])
-@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 1.0, 60, 200])
+@pytest.mark.parametrize(
+    "budget",
+    [{"budget": b} for b in (0.1, 0.25, 0.5, 1.0)] + [{"budget_macs": c} for c in (60, 200)],
+    ids=str,
+)
 def test_budget_never_exceeded_and_maximal(n, m, budget):
-    macs = gblr.cost.budget_macs(budget, n * m)
+    macs = allowed_macs(n * m, **budget)
     if macs < n + m:
-        with pytest.raises(ValueError, match=f"{n + m} MACs"):
-            MonarchLinear.for_budget(n, m, budget)
+        with pytest.raises(BudgetTooSmallError, match=f"minimum of {n + m} MACs"):
+            MonarchLinear.for_budget(n, m, **budget)
         return
     best = max(cost for _, _, cost in _all_configs(n, m) if cost <= macs)
-    layer = MonarchLinear.for_budget(n, m, budget)
+    layer = MonarchLinear.for_budget(n, m, **budget)
     assert layer.flops() == best <= macs
     assert forward_macs(layer, n) == layer.flops()
     torch.manual_seed(8)
-    projected = MonarchLinear.from_dense(torch.randn(m, n), budget)
+    projected = MonarchLinear.from_dense(torch.randn(m, n), **budget)
     assert projected.flops() == best
     for nblocks in (1, 2, 3):
         within = [c for b, _, c in _all_configs(n, m) if b == nblocks and c <= macs]
         if not within:  # below this nblocks' rank-1 cost
-            with pytest.raises(ValueError, match=f"{monarch_flops(n, m, nblocks)} MACs"):
-                MonarchLinear.for_budget(n, m, budget, nblocks=nblocks)
+            minimum = f"minimum of {monarch_flops(n, m, nblocks)} MACs"
+            with pytest.raises(BudgetTooSmallError, match=minimum):
+                MonarchLinear.for_budget(n, m, **budget, nblocks=nblocks)
             continue
         fixed_best = max(within)
-        fixed = MonarchLinear.for_budget(n, m, budget, nblocks=nblocks)
+        fixed = MonarchLinear.for_budget(n, m, **budget, nblocks=nblocks)
         assert fixed.nblocks == nblocks and fixed.flops() == fixed_best
-        assert MonarchLinear.from_dense(torch.randn(m, n), budget, nblocks=nblocks).flops() <= macs
+        projected = MonarchLinear.from_dense(torch.randn(m, n), **budget, nblocks=nblocks)
+        assert projected.flops() <= macs
 
 
 def test_for_budget_prefers_paper_shape_on_ties():
     """64 x 64 at 1024 MACs: b r = 8 for all of (8,1), (4,2), (2,4), (1,8); the square
     paper Monarch (8 blocks of 8 x 8) is chosen. At 2048 MACs, b r = 16 with square
     16 x 16 blocks: (4, 4)."""
-    layer = MonarchLinear.for_budget(64, 64, 1024)
+    layer = MonarchLinear.for_budget(64, 64, budget_macs=1024)
     assert (layer.nblocks, layer.rank, layer.flops()) == (8, 1, 1024)
-    layer = MonarchLinear.for_budget(64, 64, 2048)
+    layer = MonarchLinear.for_budget(64, 64, budget_macs=2048)
     assert (layer.nblocks, layer.rank, layer.flops()) == (4, 4, 2048)
-    layer = MonarchLinear.for_budget(64, 64, 2048, rank=1)
+    layer = MonarchLinear.for_budget(64, 64, budget_macs=2048, rank=1)
     assert (layer.nblocks, layer.rank) == (16, 1)
 
 
 def test_below_minimum_budget_names_minimum():
-    with pytest.raises(ValueError, match=r"Monarch.*32 MACs"):
-        MonarchLinear.for_budget(16, 16, 31)
-    with pytest.raises(ValueError, match=r"Monarch.*32 MACs"):
+    minimum = r"minimum of 32 MACs \(the smallest Monarch layer of shape \(16, 16\)\)"
+    with pytest.raises(BudgetTooSmallError, match=rf"budget_macs=31, below the {minimum}"):
+        MonarchLinear.for_budget(16, 16, budget_macs=31)
+    with pytest.raises(BudgetTooSmallError, match=rf"budget=0.1 allows 25 .*{minimum}"):
         MonarchLinear.from_dense(torch.randn(16, 16), 0.1)
     # with nblocks fixed, the minimum is that of rank 1 at that nblocks
-    with pytest.raises(ValueError, match=f"{monarch_flops(16, 16, 4, 1)} MACs"):
-        MonarchLinear.for_budget(16, 16, 100, nblocks=4)
+    with pytest.raises(BudgetTooSmallError, match=f"{monarch_flops(16, 16, 4, 1)} MACs"):
+        MonarchLinear.for_budget(16, 16, budget_macs=100, nblocks=4)
 
 
 # --------------------------------------------------------------------------- GBLR
@@ -326,7 +333,7 @@ def test_other_errors():
         MonarchLinear(12, 8)  # nblocks is required
     with pytest.raises(TypeError, match="in_features must be a positive int"):
         MonarchLinear.for_budget(12.0, 8, 0.5)
-    with pytest.raises(ValueError, match=r"budget .* must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"budget must be a fraction in \(0, 1\] .*, got 1.5"):
         MonarchLinear.for_budget(12, 8, 1.5)
     with pytest.raises(TypeError, match="budget must be"):
         MonarchLinear.for_budget(12, 8, "half")

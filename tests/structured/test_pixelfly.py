@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from gblr.cost import budget_macs
+from gblr.structured import BudgetTooSmallError
 from gblr.structured.pixelfly import PixelflyLinear, butterfly_pattern, max_butterfly_levels
 
-from .conftest import forward_macs
+from .conftest import allowed_macs, forward_macs
 
 # (in, out, block_size, rank, butterfly_levels): square power-of-two and not, rectangular
 # both ways, sizes not divisible by b, rank 0.
@@ -98,7 +98,7 @@ def test_from_dense_recovers_pixelfly_matrix(in_features, out_features, block_si
     fraction = rank * (in_features + out_features) / budget
     bias = torch.randn(out_features)
     layer = PixelflyLinear.from_dense(
-        weight, budget, bias=bias, block_size=block_size, lowrank_fraction=fraction
+        weight, budget_macs=budget, bias=bias, block_size=block_size, lowrank_fraction=fraction
     )
     assert (layer.rank, layer.butterfly_levels) == (target.rank, target.butterfly_levels)
     assert layer.flops() == budget
@@ -139,20 +139,24 @@ def test_from_dense_without_low_rank_keeps_pattern_tiles():
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (30, 70), (96, 40), (13, 29)])
-@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8, 1.0, 2000])
+@pytest.mark.parametrize(
+    "budget", [{"budget": b} for b in (0.3, 0.5, 0.8, 1.0)] + [{"budget_macs": 2000}], ids=str
+)
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1.0])
 def test_budget_never_exceeded_and_split(shape, budget, fraction):
     out_features, in_features = shape
-    macs = budget_macs(budget, out_features * in_features)
+    macs = allowed_macs(out_features * in_features, **budget)
     unit = in_features + out_features
     try:
         block_size, rank, levels = PixelflyLinear.config_for(
-            in_features, out_features, budget, lowrank_fraction=fraction
+            in_features, out_features, **budget, lowrank_fraction=fraction
         )
-    except ValueError as error:
+    except BudgetTooSmallError as error:
         assert "MACs" in str(error)
         return
-    layer = PixelflyLinear.for_budget(in_features, out_features, budget, lowrank_fraction=fraction)
+    layer = PixelflyLinear.for_budget(
+        in_features, out_features, **budget, lowrank_fraction=fraction
+    )
     assert (layer.block_size, layer.rank, layer.butterfly_levels) == (block_size, rank, levels)
     assert layer.flops() <= macs
     assert layer.flops() == forward_macs(layer, in_features)
@@ -175,9 +179,9 @@ def test_budget_never_exceeded_and_split(shape, budget, fraction):
 
 def test_budget_respected_by_from_dense():
     weight = torch.randn(48, 80)
-    for budget in (0.2, 0.45, 0.9, 1500):
-        layer = PixelflyLinear.from_dense(weight, budget, refits=2)
-        assert layer.flops() <= budget_macs(budget, 48 * 80)
+    for budget in ({"budget": 0.2}, {"budget": 0.45}, {"budget": 0.9}, {"budget_macs": 1500}):
+        layer = PixelflyLinear.from_dense(weight, **budget, refits=2)
+        assert layer.flops() <= allowed_macs(48 * 80, **budget)
 
 
 def test_default_block_size_rule():
@@ -191,7 +195,7 @@ def test_default_block_size_rule():
     assert PixelflyLinear.for_budget(768, 768, 0.05, lowrank_fraction=0.0).block_size == 32
     # All of it to the low rank: the smallest diagonal, b = 1.
     assert PixelflyLinear.for_budget(64, 64, 0.5, lowrank_fraction=1.0).block_size == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(BudgetTooSmallError, match="minimum of 26112 MACs"):
         PixelflyLinear.for_budget(768, 768, 0.04, block_size=32)  # 24 * 1024 + 1536 MACs
 
 
@@ -203,14 +207,14 @@ def test_half_split_by_default():
 
 def test_below_minimum_budget_raises_naming_minimum():
     # block size 8 on 64 x 64: the 8 diagonal tiles (512 MACs) + rank 1 (128 MACs).
-    with pytest.raises(ValueError, match="640 MACs"):
-        PixelflyLinear.for_budget(64, 64, 639, block_size=8)
-    with pytest.raises(ValueError, match="512 MACs"):
-        PixelflyLinear.for_budget(64, 64, 511, block_size=8, lowrank_fraction=0.0)
+    with pytest.raises(BudgetTooSmallError, match="budget_macs=639, below the minimum of 640 MACs"):
+        PixelflyLinear.for_budget(64, 64, budget_macs=639, block_size=8)
+    with pytest.raises(BudgetTooSmallError, match="minimum of 512 MACs"):
+        PixelflyLinear.for_budget(64, 64, budget_macs=511, block_size=8, lowrank_fraction=0.0)
     # Default block size: the smallest over the candidate sizes (b = 1: 64 + 128).
-    with pytest.raises(ValueError, match="192 MACs"):
-        PixelflyLinear.from_dense(torch.randn(64, 64), 191)
-    assert PixelflyLinear.for_budget(64, 64, 640, block_size=8).rank == 1
+    with pytest.raises(BudgetTooSmallError, match="minimum of 192 MACs"):
+        PixelflyLinear.from_dense(torch.randn(64, 64), budget_macs=191)
+    assert PixelflyLinear.for_budget(64, 64, budget_macs=640, block_size=8).rank == 1
 
 
 @pytest.mark.parametrize(

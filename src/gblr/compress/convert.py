@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..cost import budget_macs
+from ..cost import fraction_budget_macs
 from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
@@ -190,17 +190,21 @@ def _family_fit(family: type[StructuredLinear]) -> Callable[..., nn.Module]:
         seed: int,
         whitening: Tensor | None = None,
     ) -> nn.Module:
+        if macs < 1:  # the global allocation can leave a small layer nothing: keep it dense
+            raise BudgetTooSmallError(
+                f"the allocation left this layer 0 MACs, below the smallest {family.__name__}"
+            )
         if whitening is not None:
-            return family.from_dense(weight, macs, whitening=whitening)
+            return family.from_dense(weight, budget_macs=macs, whitening=whitening)
         if init != "random":
-            return family.from_dense(weight, macs)
+            return family.from_dense(weight, budget_macs=macs)
         out_features, in_features = weight.shape
         with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
             torch.manual_seed(seed)
             return family.for_budget(
                 in_features,
                 out_features,
-                macs,
+                budget_macs=macs,
                 bias=False,
                 device=weight.device,
                 dtype=weight.dtype,
@@ -986,7 +990,13 @@ def convert(
     ]
     dense = [m * n for m, n in shapes]
     if allocation == "uniform" or budget >= 1.0:
-        layer_macs = [budget_macs(budget, size) for size in dense]
+        # At least 1 MAC, so that a layer too small for any MAC at this budget reaches the
+        # structure's fit and is skipped there (BudgetTooSmallError), not refused as a
+        # malformed MAC count.
+        layer_macs = [
+            max(1, fraction_budget_macs(budget, None, size, fraction_name="budget", minimum=0))
+            for size in dense
+        ]
     else:
         total = int(budget * sum(dense))
         layer_macs = _global_allocation(curves, shapes, total, rank_per_component)

@@ -1,4 +1,4 @@
-"""Fit a GBLR layer to a dense matrix under a MAC budget (DESIGN.md §2.4).
+"""Fit a GBLR layer to a dense matrix under a MAC budget (docs/design.md#fitting-a-dense-matrix).
 
 ``fit_dense`` runs three stages and returns the best of them, all within the budget:
 

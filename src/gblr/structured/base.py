@@ -1,4 +1,4 @@
-"""The interface every structured linear family shares (DESIGN.md §3).
+"""The interface every structured linear family shares (docs/design.md#adding-a-structure-family).
 
 A family is one file: a subclass of :class:`StructuredLinear` that implements
 ``_matmul`` (the bias-free product), ``dense_weight``, ``flops``, and the two classmethods
@@ -6,12 +6,14 @@ A family is one file: a subclass of :class:`StructuredLinear` that implements
 MACs do not exceed a budget; for training from scratch) and ``from_dense`` (the family's
 projection of a dense matrix under a budget).
 
-Budget semantics are those of GBLR (:func:`gblr.cost.budget_macs`): a float is a
-fraction in ``(0, 1]`` of the dense MACs ``out * in`` per input row, an int an absolute
-MAC count. When a family's discrete parameters cannot hit the budget exactly, the largest
-configuration not above it is taken (``flops()`` reports the actual MACs); a budget below
-the family's smallest configuration is a :class:`BudgetTooSmallError` (a ``ValueError``)
-naming that minimum, which ``gblr.convert`` turns into "this layer stays dense".
+Budgets are given as everywhere in gblr (:func:`gblr.cost.fraction_budget_macs`):
+``budget`` is a fraction in ``(0, 1]`` of the dense MACs ``out * in`` per input row (the
+int ``1`` means 1.0; any other int is refused), and an absolute MAC count is the separate
+keyword ``budget_macs``; exactly one of the two. When a family's discrete parameters
+cannot hit the budget exactly, the largest configuration not above it is taken
+(``flops()`` reports the actual MACs); a budget below the family's smallest configuration
+is a :class:`BudgetTooSmallError` (a ``ValueError``) naming that minimum, which
+``gblr.convert`` turns into "this layer stays dense".
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..cost import budget_macs
+from ..cost import check_fraction_budget, fraction_budget_macs
 from ..layers.base import check_positive_int
 
 __all__ = ["BudgetTooSmallError", "StructuredLinear", "resolve_budget"]
@@ -41,26 +43,47 @@ class BudgetTooSmallError(ValueError):
         >>> try:
         ...     LowRankLinear.from_dense(torch.randn(64, 64), 0.01)  # 40 MACs < rank 1's 128
         ... except BudgetTooSmallError as error:
-        ...     print(str(error)[:40])
-        budget=0.01 allows 40 MACs per row, belo
+        ...     print(error)
+        budget=0.01 allows 40 of the 4096 dense MACs, below the minimum of 128 MACs
+        (the smallest low-rank layer of shape (64, 64)): budget must be at least 0.03125
+        (or budget_macs at least 128)
     """
 
 
 def resolve_budget(
-    budget: float | int, out_features: int, in_features: int, minimum: int, family: str
+    budget: float | None,
+    budget_macs: int | None,
+    out_features: int,
+    in_features: int,
+    minimum: int,
+    family: str,
 ) -> int:
-    """MACs allowed by ``budget`` for an ``(out, in)`` layer; :class:`BudgetTooSmallError`
-    naming the family's ``minimum`` MACs when the budget is below it (a malformed budget is
-    a ``TypeError`` or plain ``ValueError`` from :func:`gblr.cost.budget_macs`)."""
-    dense = out_features * in_features
-    macs = budget_macs(budget, dense)
-    if macs < minimum:
-        raise BudgetTooSmallError(
-            f"budget={budget!r} allows {macs} MACs per row, below the smallest {family} "
-            f"layer of shape ({out_features}, {in_features}): {minimum} MACs "
-            f"(a fraction of {minimum / dense:.4g} of the dense MACs)"
+    """MACs per input row allowed for an ``(out, in)`` layer by ``budget`` (a fraction in
+    ``(0, 1]`` of ``out * in``; the int 1 means 1.0) or ``budget_macs`` (an int MAC count),
+    exactly one of them given.
+
+    Raises:
+        TypeError, ValueError: a malformed budget (from
+            :func:`gblr.cost.fraction_budget_macs`: both or neither given, a bool or str,
+            an int other than 1 as ``budget``, a fraction outside ``(0, 1]``, a count < 1).
+        BudgetTooSmallError: a well-formed budget below the family's ``minimum`` MACs; the
+            message names that minimum, as a count and as the smallest fraction.
+    """
+    names = {"fraction_name": "budget", "macs_name": "budget_macs"}
+    # Checked first so that a malformed budget stays a plain error: convert leaves a layer
+    # dense only on BudgetTooSmallError, and must not do so for a typo in the budget.
+    check_fraction_budget(budget, budget_macs, **names)
+    try:
+        return fraction_budget_macs(
+            budget,
+            budget_macs,
+            out_features * in_features,
+            minimum=minimum,
+            minimum_reason=f"the smallest {family} layer of shape ({out_features}, {in_features})",
+            **names,
         )
-    return macs
+    except ValueError as error:  # well formed (checked above): only the minimum is left
+        raise BudgetTooSmallError(str(error)) from None
 
 
 class StructuredLinear(nn.Module):
@@ -125,16 +148,30 @@ class StructuredLinear(nn.Module):
 
     @classmethod
     def for_budget(
-        cls, in_features: int, out_features: int, budget: float | int, **kwargs
+        cls,
+        in_features: int,
+        out_features: int,
+        budget: float | None = None,
+        *,
+        budget_macs: int | None = None,
+        **kwargs,
     ) -> StructuredLinear:
-        """A freshly initialised layer at the largest configuration within ``budget``."""
+        """A freshly initialised layer at the largest configuration within ``budget`` (a
+        fraction in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a MAC count)."""
         raise NotImplementedError
 
     @classmethod
     def from_dense(
-        cls, weight: Tensor, budget: float | int, *, bias: Tensor | None = None, **kwargs
+        cls,
+        weight: Tensor,
+        budget: float | None = None,
+        *,
+        budget_macs: int | None = None,
+        bias: Tensor | None = None,
+        **kwargs,
     ) -> StructuredLinear:
-        """The family's approximation of ``weight`` ``(out, in)`` within ``budget``."""
+        """The family's approximation of ``weight`` ``(out, in)`` within ``budget`` (a
+        fraction in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a MAC count)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared

@@ -129,33 +129,57 @@ class BlockDiagLinear(StructuredLinear):
         )
 
     @classmethod
-    def blocks_for(cls, in_features: int, out_features: int, budget: float | int) -> int:
-        """Fewest blocks (the most MACs) whose cost fits ``budget``."""
+    def blocks_for(
+        cls,
+        in_features: int,
+        out_features: int,
+        budget: float | None = None,
+        *,
+        budget_macs: int | None = None,
+    ) -> int:
+        """Fewest blocks (the most MACs) whose cost fits ``budget`` (a fraction in
+        ``(0, 1]`` of ``out * in``) or ``budget_macs`` (a MAC count);
+        :class:`~gblr.structured.BudgetTooSmallError` below the most blocks' cost."""
         largest = min(in_features, out_features)
         costs = {p: cls.cost(in_features, out_features, p) for p in range(1, largest + 1)}
         macs = resolve_budget(
-            budget, out_features, in_features, min(costs.values()), "block-diagonal"
+            budget, budget_macs, out_features, in_features, min(costs.values()), "block-diagonal"
         )
         return min(p for p, cost in costs.items() if cost <= macs)
 
     @classmethod
     def for_budget(
-        cls, in_features: int, out_features: int, budget: float | int, **kwargs
+        cls,
+        in_features: int,
+        out_features: int,
+        budget: float | None = None,
+        *,
+        budget_macs: int | None = None,
+        **kwargs,
     ) -> BlockDiagLinear:
-        """A randomly initialised layer with the fewest blocks within ``budget``."""
-        return cls(
-            in_features, out_features, cls.blocks_for(in_features, out_features, budget), **kwargs
-        )
+        """A randomly initialised layer with the fewest blocks within ``budget`` (a
+        fraction in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a MAC count),
+        exactly one given; ``kwargs`` go to the constructor (``bias``, ``device``,
+        ``dtype``)."""
+        p = cls.blocks_for(in_features, out_features, budget, budget_macs=budget_macs)
+        return cls(in_features, out_features, p, **kwargs)
 
     @classmethod
     def from_dense(
-        cls, weight: Tensor, budget: float | int, *, bias: Tensor | None = None
+        cls,
+        weight: Tensor,
+        budget: float | None = None,
+        *,
+        budget_macs: int | None = None,
+        bias: Tensor | None = None,
     ) -> BlockDiagLinear:
         """The diagonal blocks of ``weight`` ``(out, in)`` (the Frobenius-optimal
-        block-diagonal approximation), with the fewest blocks within ``budget``."""
+        block-diagonal approximation), with the fewest blocks within ``budget`` (a
+        fraction in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a MAC count),
+        exactly one given; ``bias`` ``(out,)`` is copied."""
         weight = check_weight(weight)
         out_features, in_features = weight.shape
-        p = cls.blocks_for(in_features, out_features, budget)
+        p = cls.blocks_for(in_features, out_features, budget, budget_macs=budget_macs)
         layer = cls(
             in_features, out_features, p, bias=False, device=weight.device, dtype=weight.dtype
         )

@@ -260,14 +260,21 @@ class BlockSparseLinear(StructuredLinear):
 
     @staticmethod
     def tiles_for(
-        in_features: int, out_features: int, budget: float | int, block_size: int | None = None
+        in_features: int,
+        out_features: int,
+        budget: float | None = None,
+        block_size: int | None = None,
+        *,
+        budget_macs: int | None = None,
     ) -> tuple[int, int]:
-        """``(block_size, num_tiles)``: the most tiles whose MACs fit ``budget``
-        (``ValueError`` naming the minimum, one tile, when none fits)."""
+        """``(block_size, num_tiles)``: the most tiles whose MACs fit ``budget`` (a
+        fraction in ``(0, 1]`` of ``out * in``) or ``budget_macs`` (a MAC count), exactly
+        one given; :class:`~gblr.structured.BudgetTooSmallError` naming the minimum, one
+        tile, when none fits."""
         check_positive_int("in_features", in_features)
         check_positive_int("out_features", out_features)
         if block_size is None:
-            macs = resolve_budget(budget, out_features, in_features, 1, "block-sparse")
+            macs = resolve_budget(budget, budget_macs, out_features, in_features, 1, "block-sparse")
 
             def covers(b: int) -> bool:  # as many tiles as block rows and block columns
                 return b * b * max(block_grid(in_features, out_features, b)) <= macs
@@ -277,7 +284,7 @@ class BlockSparseLinear(StructuredLinear):
         else:
             check_positive_int("block_size", block_size)
         macs = resolve_budget(
-            budget, out_features, in_features, block_size * block_size, "block-sparse"
+            budget, budget_macs, out_features, in_features, block_size * block_size, "block-sparse"
         )
         num_rows, num_cols = block_grid(in_features, out_features, block_size)
         return block_size, min(macs // (block_size * block_size), num_rows * num_cols)
@@ -287,15 +294,19 @@ class BlockSparseLinear(StructuredLinear):
         cls,
         in_features: int,
         out_features: int,
-        budget: float | int,
+        budget: float | None = None,
         *,
+        budget_macs: int | None = None,
         block_size: int | None = None,
         **kwargs,
     ) -> BlockSparseLinear:
-        """A layer with the most tiles within ``budget``, at positions drawn uniformly
-        without replacement (torch's global RNG), Kaiming-like init. ``kwargs`` go to the
-        constructor (``bias``, ``device``, ``dtype``)."""
-        block_size, num_tiles = cls.tiles_for(in_features, out_features, budget, block_size)
+        """A layer with the most tiles within ``budget`` (a fraction in ``(0, 1]`` of
+        ``out * in`` MACs) or ``budget_macs`` (a MAC count), exactly one given, at
+        positions drawn uniformly without replacement (torch's global RNG), Kaiming-like
+        init. ``kwargs`` go to the constructor (``bias``, ``device``, ``dtype``)."""
+        block_size, num_tiles = cls.tiles_for(
+            in_features, out_features, budget, block_size, budget_macs=budget_macs
+        )
         num_rows, num_cols = block_grid(in_features, out_features, block_size)
         chosen = torch.randperm(num_rows * num_cols)[:num_tiles].sort().values
         positions = torch.stack([chosen // num_cols, chosen % num_cols], dim=1)
@@ -305,17 +316,22 @@ class BlockSparseLinear(StructuredLinear):
     def from_dense(
         cls,
         weight: Tensor,
-        budget: float | int,
+        budget: float | None = None,
         *,
+        budget_macs: int | None = None,
         bias: Tensor | None = None,
         block_size: int | None = None,
     ) -> BlockSparseLinear:
         """The tiles of ``weight`` ``(out, in)`` with the largest Frobenius norms, as
-        many as ``budget`` allows (the Frobenius-optimal approximation with that many
-        tiles of the grid). Tiles are stored in row-major order of their positions."""
+        many as ``budget`` (a fraction in ``(0, 1]`` of ``out * in`` MACs) or
+        ``budget_macs`` (a MAC count) allows, exactly one given (the Frobenius-optimal
+        approximation with that many tiles of the grid). Tiles are stored in row-major
+        order of their positions; ``bias`` ``(out,)`` is copied."""
         weight = check_weight(weight)
         out_features, in_features = weight.shape
-        block_size, num_tiles = cls.tiles_for(in_features, out_features, budget, block_size)
+        block_size, num_tiles = cls.tiles_for(
+            in_features, out_features, budget, block_size, budget_macs=budget_macs
+        )
         grid = dense_to_tiles(weight, block_size)  # (nbr, nbc, b, b)
         num_cols = grid.shape[1]
         norms = grid.double().square().sum(dim=(2, 3)).flatten()

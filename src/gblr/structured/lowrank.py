@@ -71,21 +71,36 @@ class LowRankLinear(StructuredLinear):
         return self.rank * (self.in_features + self.out_features)
 
     @staticmethod
-    def rank_for(in_features: int, out_features: int, budget: float | int) -> int:
-        """Largest rank whose MACs fit ``budget`` (``ValueError`` below rank 1)."""
+    def rank_for(
+        in_features: int,
+        out_features: int,
+        budget: float | None = None,
+        *,
+        budget_macs: int | None = None,
+    ) -> int:
+        """Largest rank whose MACs fit ``budget`` (a fraction in ``(0, 1]`` of ``out * in``)
+        or ``budget_macs`` (a MAC count); :class:`~gblr.structured.BudgetTooSmallError`
+        below rank 1 (``in + out`` MACs)."""
         macs = resolve_budget(
-            budget, out_features, in_features, in_features + out_features, "low-rank"
+            budget, budget_macs, out_features, in_features, in_features + out_features, "low-rank"
         )
         return min(macs // (in_features + out_features), in_features, out_features)
 
     @classmethod
     def for_budget(
-        cls, in_features: int, out_features: int, budget: float | int, **kwargs
+        cls,
+        in_features: int,
+        out_features: int,
+        budget: float | None = None,
+        *,
+        budget_macs: int | None = None,
+        **kwargs,
     ) -> LowRankLinear:
-        """A randomly initialised layer of the largest rank within ``budget``."""
-        return cls(
-            in_features, out_features, cls.rank_for(in_features, out_features, budget), **kwargs
-        )
+        """A randomly initialised layer of the largest rank within ``budget`` (a fraction
+        in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a MAC count), exactly one
+        given; ``kwargs`` go to the constructor (``bias``, ``device``, ``dtype``)."""
+        rank = cls.rank_for(in_features, out_features, budget, budget_macs=budget_macs)
+        return cls(in_features, out_features, rank, **kwargs)
 
     supports_calibration = True
 
@@ -93,13 +108,16 @@ class LowRankLinear(StructuredLinear):
     def from_dense(
         cls,
         weight: Tensor,
-        budget: float | int,
+        budget: float | None = None,
         *,
+        budget_macs: int | None = None,
         bias: Tensor | None = None,
         whitening: Tensor | None = None,
     ) -> LowRankLinear:
         """Truncated SVD of ``weight`` ``(out, in)`` at the largest rank within ``budget``
-        (optimal in Frobenius norm); singular values split evenly between the factors.
+        (a fraction in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a MAC count),
+        exactly one given (optimal in Frobenius norm); singular values split evenly
+        between the factors; ``bias`` ``(out,)`` is copied.
         With ``whitening`` ``S`` ``(in, in)`` (lower triangular, ``S Sᵀ`` the inputs'
         second moment): the rank minimizing the output error ``||(W - Ŵ) S||`` instead
         (:func:`gblr.ops.whitened.weighted_low_rank`)."""
@@ -107,7 +125,7 @@ class LowRankLinear(StructuredLinear):
         out_features, in_features = weight.shape
         if whitening is not None:
             whitening = check_whitening(whitening, in_features)
-        rank = cls.rank_for(in_features, out_features, budget)
+        rank = cls.rank_for(in_features, out_features, budget, budget_macs=budget_macs)
         if whitening is not None:
             left, right = weighted_low_rank(weight, whitening, rank)
         else:

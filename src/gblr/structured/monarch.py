@@ -113,12 +113,13 @@ def _preference(in_features: int, out_features: int, config: tuple[int, int, int
 def _select(
     in_features: int,
     out_features: int,
-    budget: float | int,
+    budget: float | None,
+    budget_macs: int | None,
     nblocks: int | None,
     rank: int | None,
 ) -> list[tuple[int, int, int]]:
-    """Valid configurations within ``budget``, most preferred first (``ValueError`` below
-    the cheapest one, which is named)."""
+    """Valid configurations within ``budget`` (a fraction) or ``budget_macs`` (a count),
+    most preferred first (``BudgetTooSmallError`` below the cheapest one, which is named)."""
     if nblocks is not None:
         nblocks = _check_nblocks(nblocks, in_features, out_features)
     if rank is not None:
@@ -137,7 +138,7 @@ def _select(
             f"Monarch layer with {where}"
         )
     minimum = min(cost for _, _, cost in configs)
-    macs = resolve_budget(budget, out_features, in_features, minimum, "Monarch")
+    macs = resolve_budget(budget, budget_macs, out_features, in_features, minimum, "Monarch")
     feasible = [c for c in configs if c[2] <= macs]
     return sorted(feasible, key=lambda c: _preference(in_features, out_features, c), reverse=True)
 
@@ -278,31 +279,36 @@ class MonarchLinear(StructuredLinear):
         cls,
         in_features: int,
         out_features: int,
-        budget: float | int,
+        budget: float | None = None,
         *,
+        budget_macs: int | None = None,
         nblocks: int | None = None,
         rank: int | None = None,
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> MonarchLinear:
-        """A freshly initialised layer at the largest configuration within ``budget``.
+        """A freshly initialised layer at the largest configuration within the budget.
 
         Args:
             in_features, out_features: layer shape.
-            budget: fraction in ``(0, 1]`` of ``out * in`` MACs (float) or a MAC count (int).
+            budget: fraction in ``(0, 1]`` of ``out * in`` MACs (the int 1 means 1.0).
+            budget_macs: the budget as an absolute MAC count (an int >= 1) instead;
+                exactly one of ``budget`` and ``budget_macs``.
             nblocks, rank: fix either (or both); the others are searched. Among the
                 configurations with the most MACs within budget, the one with the most
                 nearly square blocks (``b r`` closest to ``sqrt(p s)``), then the most
                 blocks, is taken.
 
         Raises:
-            ValueError: budget below the cheapest allowed configuration (named; ``n + m``
-                MACs at ``nblocks = rank = 1`` when neither is fixed).
+            BudgetTooSmallError: budget below the cheapest allowed configuration (named;
+                ``n + m`` MACs at ``nblocks = rank = 1`` when neither is fixed).
+            TypeError, ValueError: a malformed budget (both or neither given, an int
+                other than 1 as ``budget``, a fraction outside ``(0, 1]``).
         """
         in_features = check_positive_int("in_features", in_features)
         out_features = check_positive_int("out_features", out_features)
-        b, r, _ = _select(in_features, out_features, budget, nblocks, rank)[0]
+        b, r, _ = _select(in_features, out_features, budget, budget_macs, nblocks, rank)[0]
         return cls(
             in_features, out_features, nblocks=b, rank=r, bias=bias, device=device, dtype=dtype
         )
@@ -311,13 +317,16 @@ class MonarchLinear(StructuredLinear):
     def from_dense(
         cls,
         weight: Tensor,
-        budget: float | int,
+        budget: float | None = None,
         *,
+        budget_macs: int | None = None,
         bias: Tensor | None = None,
         nblocks: int | str | None = None,
         rank: int | None = None,
     ) -> MonarchLinear:
-        """Frobenius-optimal Monarch approximation of ``weight`` ``(out, in)`` within budget.
+        """Frobenius-optimal Monarch approximation of ``weight`` ``(out, in)`` within
+        ``budget`` (a fraction in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a
+        MAC count), exactly one given; ``bias`` ``(out,)`` is copied.
 
         The configuration is chosen as in :meth:`for_budget`; ``nblocks="best"`` instead
         tries every ``nblocks`` (each at its largest rank within budget) and keeps the
@@ -333,7 +342,7 @@ class MonarchLinear(StructuredLinear):
         if isinstance(nblocks, str):
             if nblocks != "best":
                 raise ValueError(f"nblocks must be an int, None or 'best', got {nblocks!r}")
-            feasible = _select(in_features, out_features, budget, None, rank)
+            feasible = _select(in_features, out_features, budget, budget_macs, None, rank)
             best: dict[int, tuple[int, int, int]] = {}
             for config in feasible:  # most preferred first: keeps each b's largest cost
                 best.setdefault(config[0], config)
@@ -344,7 +353,7 @@ class MonarchLinear(StructuredLinear):
                 candidates.append((error, order, b, r))
             _, _, b, r = min(candidates)
         elif nblocks is None or isinstance(nblocks, int):
-            b, r, _ = _select(in_features, out_features, budget, nblocks, rank)[0]
+            b, r, _ = _select(in_features, out_features, budget, budget_macs, nblocks, rank)[0]
         else:
             raise TypeError(f"nblocks must be an int, None or 'best', got {nblocks!r}")
         layer = cls(

@@ -196,14 +196,17 @@ class PixelflyLinear(BlockSparseLinear):
         cls,
         in_features: int,
         out_features: int,
-        budget: float | int,
+        budget: float | None = None,
         *,
+        budget_macs: int | None = None,
         block_size: int | None = None,
         lowrank_fraction: float = DEFAULT_LOWRANK_FRACTION,
     ) -> tuple[int, int, int]:
-        """``(block_size, rank, butterfly_levels)`` for ``budget`` under the split rule
-        of the class docstring; ``ValueError`` naming the minimum when even the smallest
-        layer does not fit."""
+        """``(block_size, rank, butterfly_levels)`` for ``budget`` (a fraction in
+        ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a MAC count), exactly one
+        given, under the split rule of the class docstring;
+        :class:`~gblr.structured.BudgetTooSmallError` naming the minimum when even the
+        smallest layer does not fit."""
         check_positive_int("in_features", in_features)
         check_positive_int("out_features", out_features)
         fraction = _check_fraction(lowrank_fraction)
@@ -223,7 +226,7 @@ class PixelflyLinear(BlockSparseLinear):
         if block_size is None:
             candidates = [1 << k for k in range(6) if 1 << k <= min(32, in_features, out_features)]
             floor = min(minimum(b) for b in candidates)
-            macs = resolve_budget(budget, out_features, in_features, floor, "Pixelfly")
+            macs = resolve_budget(budget, budget_macs, out_features, in_features, floor, "Pixelfly")
             share = macs - math.floor(fraction * macs)
             block_size = default_block_size(
                 in_features,
@@ -232,7 +235,9 @@ class PixelflyLinear(BlockSparseLinear):
             )
         else:
             check_positive_int("block_size", block_size)
-        macs = resolve_budget(budget, out_features, in_features, minimum(block_size), "Pixelfly")
+        macs = resolve_budget(
+            budget, budget_macs, out_features, in_features, minimum(block_size), "Pixelfly"
+        )
         costs = level_costs(block_size)
 
         def most_levels(allowed: int) -> int:
@@ -252,18 +257,22 @@ class PixelflyLinear(BlockSparseLinear):
         cls,
         in_features: int,
         out_features: int,
-        budget: float | int,
+        budget: float | None = None,
         *,
+        budget_macs: int | None = None,
         block_size: int | None = None,
         lowrank_fraction: float = DEFAULT_LOWRANK_FRACTION,
         **kwargs,
     ) -> PixelflyLinear:
-        """A randomly initialised layer at the configuration :meth:`config_for` picks
-        (``kwargs`` go to the constructor: ``bias``, ``device``, ``dtype``)."""
+        """A randomly initialised layer at the configuration :meth:`config_for` picks for
+        ``budget`` (a fraction in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a
+        MAC count), exactly one given (``kwargs`` go to the constructor: ``bias``,
+        ``device``, ``dtype``)."""
         block_size, rank, levels = cls.config_for(
             in_features,
             out_features,
             budget,
+            budget_macs=budget_macs,
             block_size=block_size,
             lowrank_fraction=lowrank_fraction,
         )
@@ -273,15 +282,18 @@ class PixelflyLinear(BlockSparseLinear):
     def from_dense(
         cls,
         weight: Tensor,
-        budget: float | int,
+        budget: float | None = None,
         *,
+        budget_macs: int | None = None,
         bias: Tensor | None = None,
         block_size: int | None = None,
         lowrank_fraction: float = DEFAULT_LOWRANK_FRACTION,
         refits: int = DEFAULT_REFITS,
     ) -> PixelflyLinear:
         """Approximate ``weight`` ``(out, in)`` by ``S + U V`` at the configuration
-        :meth:`config_for` picks.
+        :meth:`config_for` picks for ``budget`` (a fraction in ``(0, 1]`` of ``out * in``
+        MACs) or ``budget_macs`` (a MAC count), exactly one given; ``bias`` ``(out,)`` is
+        copied.
 
         Order: the low-rank term starts as the truncated SVD of ``weight``; then up to
         ``refits`` alternating least-squares sweeps refit ``U`` (with ``V`` fixed) and
@@ -305,6 +317,7 @@ class PixelflyLinear(BlockSparseLinear):
             in_features,
             out_features,
             budget,
+            budget_macs=budget_macs,
             block_size=block_size,
             lowrank_fraction=lowrank_fraction,
         )
