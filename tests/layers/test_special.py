@@ -1,4 +1,4 @@
-"""The paper's expressiveness special cases (DESIGN.md §2.1)."""
+"""The paper's expressiveness special cases (docs/design.md#special-cases)."""
 
 import pytest
 import torch

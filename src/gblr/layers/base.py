@@ -1,7 +1,7 @@
 """The learned GBLR matrix shared by :class:`GBLRLinear` and :class:`GBLRConv2d`.
 
 A GBLR matrix ``W`` of shape ``(m, n)`` (out x in) is ``sum_k D(a_k) U_k V_k D(b_k)`` with
-``K`` components of rank ``r`` (DESIGN.md §2.1). Parameters:
+``K`` components of rank ``r`` (docs/design.md#a-gblr-matrix). Parameters:
 
 - ``U``: ``(K, r, m)`` left factors (``U_k`` transposed, so that masking is a contiguous
   broadcast), ``V``: ``(K, r, n)`` right factors;
@@ -509,7 +509,8 @@ class GBLRMatrixMixin(nn.Module):
         return int(self.live_mask().sum().item())
 
     def matrix_flops(self) -> int:
-        """MACs of ``W @ x`` for one input column, live components only (DESIGN §2.1)."""
+        """MACs of ``W @ x`` for one input column, live components only
+        (docs/design.md#cost-in-macs)."""
         col_lengths, row_lengths = self.interval_lengths()
         return gblr_cost(row_lengths, col_lengths, self.rank_per_component)
 

@@ -18,7 +18,7 @@ class GBLRLinear(GBLRMatrixMixin):
     """Linear layer ``y = x W^T + b`` with ``W`` a Generalized Block Low-Rank matrix.
 
     ``W = sum_k D(a_k) U_k V_k D(b_k)``: ``K`` components of rank ``r``, each confined to a
-    learned (circular) row interval and column interval. See DESIGN.md §2.
+    learned (circular) row interval and column interval. See docs/design.md#the-math.
 
     Args:
         in_features: size of each input sample ``n``.

@@ -1,4 +1,4 @@
-"""Exact GBLR layers for the classic structures (DESIGN.md §2.1, the paper's special cases).
+"""Exact GBLR layers for the paper's special cases (docs/design.md#special-cases).
 
 Each helper returns a bias-free :class:`GBLRLinear` whose ``dense_weight()`` equals the given
 structured matrix and whose ``flops()`` is the cost stated below:

@@ -1,4 +1,7 @@
-"""Optimizer parameter groups that treat GBLR structure parameters apart (DESIGN.md §2.3)."""
+"""Optimizer parameter groups that treat GBLR structure parameters apart.
+
+See docs/design.md#learning-the-structure.
+"""
 
 from __future__ import annotations
 

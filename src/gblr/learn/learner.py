@@ -1,8 +1,9 @@
 """``StructureLearner``: proximal width updates, σ annealing and an exact FLOPs budget.
 
-DESIGN.md §2.3. The objective is ``L(θ) + λ · Σ_layers cost(W)``, with the cost relaxed to
-``Σ_k r (w_R,k m + w_C,k n)``. After every optimizer step, each width is soft-thresholded
-by ``τ · (its cost per unit width)`` and clamped to [0, 1]; locations wrap modulo 1:
+The objective (docs/design.md#learning-the-structure) is ``L(θ) + λ · Σ_layers cost(W)``,
+with the cost relaxed to ``Σ_k r (w_R,k m + w_C,k n)``. After every optimizer step, each
+width is soft-thresholded by ``τ · (its cost per unit width)`` and clamped to [0, 1];
+locations wrap modulo 1:
 
 - λ mode: ``τ = η λ / D`` (``η`` the structure learning rate, ``D`` the dense MACs of all
   GBLR layers, so ``λ`` is the penalty per unit of the model's dense cost);

@@ -2,7 +2,7 @@
 
 An interval of a dimension of size ``n`` is given by a width ``w`` and a location ``l``,
 both fractions of ``n``: it covers the indices ``l*n, l*n + 1, ..., l*n + w*n - 1``,
-wrapping around modulo ``n`` (DESIGN.md §2.1).
+wrapping around modulo ``n`` (docs/design.md#a-gblr-matrix).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def gaudi_mask(
     """Gaussian-Dirichlet (Gaudi) masks of ``K`` circular intervals on a grid of size ``n``.
 
     The mask is the inverse real DFT of the boxcar's closed-form spectrum, evaluated at
-    real-valued width and location, times a Gaussian low-pass filter (DESIGN.md §2.2)::
+    real-valued width and location, times a Gaussian low-pass filter
+    (docs/design.md#the-gaudi-mask)::
 
         M[k] = w sinc(k w) / sinc(k / n) exp(-i pi k (2 l + w - 1/n)) exp(-k^2 / (2 sigma^2))
         mask = irfft(M, n, norm="forward"),   k = 0 .. n // 2
