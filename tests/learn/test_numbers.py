@@ -72,6 +72,13 @@ def test_a_model_built_with_nan_is_refused_by_the_constructor():
         gblr.StructureLearner(model, target=0.5, total_steps=10)
 
 
+def test_a_model_still_on_the_meta_device_is_refused_by_name():
+    with torch.device("meta"):
+        model = nn.Sequential(gblr.GBLRLinear(16, 16))
+    with pytest.raises(ValueError, match=r"\['0'\] are on the meta device.*to_empty"):
+        gblr.StructureLearner(model, target=0.5, total_steps=10)
+
+
 def test_records_with_overflowed_gradients_give_no_secant_and_no_swap():
     """Gradients reach the learner only through refine's records. One that overflowed in
     a single entry (what torch.amp.GradScaler skips the optimizer step for) used to pay

@@ -321,6 +321,16 @@ class StructureLearner:
             )
         # Names for errors: "" is the model itself.
         self.layer_names = [name or "(model)" for name, _ in named]
+        on_meta = [
+            name for name, layer in zip(self.layer_names, layers, strict=True)
+            if any(p.is_meta for p in layer.parameters(recurse=False))
+        ]
+        if on_meta:
+            raise ValueError(
+                f"the GBLR layers {on_meta[:3]} are on the meta device (no values yet): "
+                "materialise the model first (model.to_empty(device=...) and "
+                "load_state_dict) and build the learner on it"
+            )
         self.total_steps = _check_int("total_steps", total_steps, 1)
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         self.sigma_start_step = _check_int("sigma_start_step", sigma_start_step, 0)
