@@ -310,3 +310,15 @@ def test_an_unfinished_sweep_run_is_continued_only_when_it_is_the_same_run(tmp_p
     assert _continue(run) == {"resume": "last"}  # check_resume then compares the configs
     (folder / "config.yaml").write_text("smoke: true\n")
     assert _continue(run) == {}  # a smoke run is never continued by a real one
+
+
+def test_a_code_running_token_cache_is_ignored_not_run(tmp_path, marker):
+    from gblr.recipes.text import load_tokenizer, token_stream
+
+    tokenizer, cache = load_tokenizer("bytes"), tmp_path / "cache"
+    expected = token_stream("some text to tokenize", tokenizer, cache_dir=cache)
+    (written,) = [p for p in cache.iterdir() if p.is_file() and not p.name.startswith(".")]
+    torch.save({"ids": RunsAShellCommand(marker)}, written)
+    with pytest.warns(UserWarning, match="ignoring unreadable token cache"):
+        again = token_stream("some text to tokenize", tokenizer, cache_dir=cache)
+    assert torch.equal(again, expected)
