@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -461,20 +460,13 @@ def _load_cache(path: Path, key: dict) -> torch.Tensor | None:
 
 
 def _save_cache(path: Path, key: dict, ids: torch.Tensor) -> None:
+    from .report import save_atomically
+
     # int32 halves the file; ids of every real vocabulary fit
     stored = ids.to(torch.int32) if int(key["vocab_size"]) <= 2**31 - 1 else ids
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            payload = {"key": json.dumps(key, sort_keys=True), "n": ids.numel(), "ids": stored}
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # a reader (or a crash) never sees a half-written file under the final name
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    payload = {"key": json.dumps(key, sort_keys=True), "n": ids.numel(), "ids": stored}
+    # a reader (or a crash) never sees a half-written file under the final name
+    save_atomically(lambda handle: torch.save(payload, handle), path)
 
 
 def token_stream(
