@@ -45,6 +45,7 @@ def test_bad_demo_arguments(capsys):
     assert "unknown ['butterfly']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_short_setting_end_to_end(tmp_path, capsys):
     pytest.importorskip("lightning")
     pytest.importorskip("sklearn")

@@ -10,6 +10,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"
 NEEDS = {"hf_trainer_gpt2.py": "transformers"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda path: path.name)
 def test_example_runs_in_smoke_mode(script, tmp_path):
     if script.name in NEEDS:

@@ -24,3 +24,9 @@ def test_ci_runs_the_readme_test_command():
     test_command = commands[1].strip()
     assert "pytest" in test_command
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ci_also_runs_the_slow_tests_the_readme_command_leaves_out():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "-m 'not slow'" in pyproject  # the README's command: the fast suite
+    assert "python -m pytest -q -m slow" in (ROOT / ".ci" / "run").read_text()

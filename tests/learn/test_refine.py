@@ -214,6 +214,7 @@ def test_learner_records_only_around_refine_steps_and_resumes_bit_for_bit():
     assert torch.equal(resumed_layer.U, layer.U) and torch.equal(resumed_layer.widths, layer.widths)
 
 
+@pytest.mark.slow
 def test_refine_recovers_a_seed_left_a_cell_off_at_1_1x():
     """Seed 20 at 1.1x the planted cost: with the five other options the learner ends
     with intervals one to three cells too wide or shifted by one, leaving a row and a

@@ -268,6 +268,7 @@ def test_learner_leaves_pairs_that_still_move():
     assert learner.untangles == 0
 
 
+@pytest.mark.slow
 def test_untangling_recovers_the_seed_left_in_a_tangle_at_1_1x():
     """Seed 12 at 1.1x the planted cost: with the four other options the learner ends
     with two components holding two planted blocks as a mixture on wider intervals
