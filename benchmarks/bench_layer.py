@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import gblr
-from gblr.recipes.report import save_atomically
+from gblr.files import save_atomically
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import machine_description, write_json_atomically
-from gblr.recipes.report import save_atomically
+from gblr.files import save_atomically
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("dense", "gblr", "lowrank", "monarch", "blockdiag", "blocksparse", "pixelfly")

@@ -186,6 +186,8 @@ DOCUMENTED_MODULES = [
     "gblr.recipes.sweep",
     "gblr.recipes.report",
     "gblr.deploy",
+    "gblr.files",
+    "gblr.modules",
     "gblr.integrations.lightning",
     "gblr.integrations.hf",
 ]

@@ -148,10 +148,11 @@ def _holds_demo(out: Path, structures: Sequence[str]) -> bool:
 def _demo(args: argparse.Namespace, out: Path) -> int:
     import torch
 
+    from .files import save_atomically
     from .recipes.data import digits
     from .recipes.engine import train_classifier
     from .recipes.models import VisionTransformer, structure_model
-    from .recipes.report import save_atomically, write_report
+    from .recipes.report import write_report
     from .recipes.smoke import SMOKE_BANNER, mark_smoke_report
 
     if args.smoke:

@@ -344,7 +344,29 @@ def _layer_entry(
     return None
 
 
-def _rows_seen(module: nn.Module, unit: str, inputs: tuple[Any, ...], output: Any) -> int:
+def call_rows(module: nn.Module, unit: str, inputs: tuple[Any, ...], output: Any) -> int:
+    """How many vectors one forward call of ``module`` multiplied by its matrix, read from
+    the call's ``inputs`` and ``output`` (as a forward hook sees them).
+
+    Args:
+        module: the layer (only the tensors are read).
+        unit: ``"position"`` for a convolution (one vector per output pixel per image, from
+            an ``(N, C, H, W)`` or ``(C, H, W)`` output), else one per row of the input's
+            last dimension.
+        inputs: the positional inputs of the call.
+        output: what the call returned.
+
+    Returns:
+        The count; 0 when the tensors give none (no tensor, a scalar).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.cost import call_rows
+        >>> layer = torch.nn.Linear(4, 3)
+        >>> x = torch.zeros(2, 5, 4)
+        >>> call_rows(layer, "row", (x,), layer(x))
+        10
+    """
     if unit == "position":
         if not isinstance(output, Tensor) or output.dim() < 3:
             return 0
@@ -416,7 +438,7 @@ def count_flops(
             unit = entry[5]
 
             def hook(mod, inputs, output, _name=name, _unit=unit):
-                rows_seen[_name] = rows_seen.get(_name, 0) + _rows_seen(mod, _unit, inputs, output)
+                rows_seen[_name] = rows_seen.get(_name, 0) + call_rows(mod, _unit, inputs, output)
 
             handles.append(module.register_forward_hook(hook))
         try:

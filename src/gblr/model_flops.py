@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import SupportsFlops, _rows_seen
+from .cost import SupportsFlops, call_rows
 
 __all__ = ["ModelFlops", "StructuredFlops", "count_model_flops"]
 
@@ -166,7 +166,7 @@ def count_model_flops(model: nn.Module, example_input: Any) -> ModelFlops:
 
         def after(mod, inputs, output, _name=name, _unit=unit):
             inside[_name] = inside.get(_name, 0) + counter.get_total_flops() - entry[_name]
-            rows[_name] = rows.get(_name, 0) + _rows_seen(mod, _unit, inputs, output)
+            rows[_name] = rows.get(_name, 0) + call_rows(mod, _unit, inputs, output)
 
         handles.append(module.register_forward_pre_hook(before))
         handles.append(module.register_forward_hook(after))

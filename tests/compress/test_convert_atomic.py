@@ -196,7 +196,7 @@ def test_a_failure_while_installing_puts_the_originals_back(monkeypatch):
     model = mlp()
     before = snapshot(model)
     calls = []
-    set_submodule = convert_module._set_submodule
+    set_submodule = convert_module.set_submodule
 
     def failing(model, name, module):
         calls.append(name)
@@ -204,7 +204,7 @@ def test_a_failure_while_installing_puts_the_originals_back(monkeypatch):
             raise RuntimeError("setattr refused")
         set_submodule(model, name, module)
 
-    monkeypatch.setattr(convert_module, "_set_submodule", failing)
+    monkeypatch.setattr(convert_module, "set_submodule", failing)
     with pytest.raises(RuntimeError, match="setattr refused"):
         gblr.convert(model, budget=0.5, min_features=1)
     assert calls == ["0", "2.0", "2.1"]

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from gblr.recipes.report import save_atomically
+from gblr.files import save_atomically
 
 
 def test_save_atomically_writes_text_and_bytes_with_plain_permissions(tmp_path):

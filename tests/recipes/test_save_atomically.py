@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gblr.recipes.report import replacement_target, save_atomically
+from gblr.files import replacement_target, save_atomically
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,7 +107,7 @@ def _start_hanging_save(folder: Path, name: str) -> subprocess.Popen:
         f"""
         import time
         from pathlib import Path
-        from gblr.recipes.report import save_atomically
+        from gblr.files import save_atomically
 
         def write(handle):
             handle.write(b"half of it")

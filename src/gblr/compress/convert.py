@@ -33,6 +33,7 @@ from ..cost import fraction_budget_macs
 from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
+from ..modules import set_submodule
 from ..ops.whitened import weighted_low_rank, whitening
 from ..structured.base import BudgetTooSmallError, StructuredLinear
 from .calibrate import check_calibration, input_second_moments
@@ -362,7 +363,17 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
-def _kind(module: nn.Module, conv1d: type | None) -> str | None:
+def convertible_kind(module: nn.Module, conv1d: type | None = None) -> str | None:
+    """The kind of layer ``convert`` would replace ``module`` as: ``"Linear"``,
+    ``"Conv2d"`` or ``"Conv1D"`` (Hugging Face's, when its class is given as ``conv1d``);
+    ``None`` for any other module, a GBLR layer included (already structured).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.compress.convert import convertible_kind
+        >>> convertible_kind(torch.nn.Linear(4, 4)), convertible_kind(torch.nn.ReLU())
+        ('Linear', None)
+    """
     if isinstance(module, (GBLRLinear, GBLRConv2d)):
         return None
     if isinstance(module, nn.Linear):
@@ -465,12 +476,6 @@ def _global_allocation(
                 macs[index] += 1
             break
     return macs
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _build_layer(
@@ -896,7 +901,7 @@ def convert(
     spec = _STRUCTURES.get(structure)  # None: "dense", nothing is replaced
 
     conv1d = _conv1d_type()
-    if (kind := _kind(model, conv1d)) is not None:
+    if (kind := convertible_kind(model, conv1d)) is not None:
         raise ValueError(
             f"model is itself a {kind} layer ({type(model).__name__}); convert replaces a "
             "model's layers in place and cannot replace the object you hold: convert "
@@ -905,7 +910,7 @@ def convert(
     aliases: dict[int, list[str]] = {}
     candidates = []
     for name, module in model.named_modules(remove_duplicate=False):
-        if (kind := _kind(module, conv1d)) is None:
+        if (kind := convertible_kind(module, conv1d)) is None:
             continue
         if id(module) in aliases:
             aliases[id(module)].append(name)
@@ -1069,7 +1074,7 @@ def _install(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> Non
         for name, layer in replacements:
             parent, child = _parent_and_child(model, name)
             done.append((parent, child, getattr(parent, child)))
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
     except BaseException:
         for parent, child, original in reversed(done):
             setattr(parent, child, original)

@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..files import replacement_target
 from ..layers.base import GBLRMatrixMixin
-from .frozen import FrozenGBLRConv2d, FrozenGBLRMatrix, _set_submodule
+from ..modules import set_submodule
+from .frozen import FrozenGBLRConv2d, FrozenGBLRMatrix
 
 __all__ = ["ONNX_PLANS", "OnnxExport", "export_onnx"]
 
@@ -227,7 +229,7 @@ def export_onnx(
             report.macs += macs
             report.gblr_macs += module.flops()
             report.dense_macs += module.dense_flops()
-        _set_submodule(exported, name, replaced[id(module)])
+        set_submodule(exported, name, replaced[id(module)])
 
     trace_inputs = inputs
     dynamic_shapes = None
@@ -236,8 +238,6 @@ def export_onnx(
         trace_inputs = tuple(torch.cat([x, x]) if x.shape[:1] == (1,) else x for x in inputs)
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if x.dim() else None for x in inputs)
-
-    from ..recipes.report import replacement_target
 
     target = report.path
     target.parent.mkdir(parents=True, exist_ok=True)

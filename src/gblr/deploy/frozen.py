@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from ..cost import gblr_cost
 from ..layers.base import GBLRMatrixMixin, check_positive_int
-from ..layers.conv import GBLRConv2d, _positive_pair
+from ..layers.conv import GBLRConv2d, positive_pair
 from ..layers.linear import GBLRLinear
+from ..modules import set_submodule
 from . import panels as PN
 from . import plans as P
 
@@ -549,9 +550,9 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
         super().__init__()
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
-        self.kernel_size = _positive_pair("kernel_size", kernel_size)
-        self.stride = _positive_pair("stride", stride)
-        self.dilation = _positive_pair("dilation", dilation)
+        self.kernel_size = positive_pair("kernel_size", kernel_size)
+        self.stride = positive_pair("stride", stride)
+        self.dilation = positive_pair("dilation", dilation)
         if isinstance(padding, str):
             if padding not in ("valid", "same"):
                 raise ValueError(
@@ -561,7 +562,7 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
                 raise ValueError("padding='same' needs stride=1, as in nn.Conv2d")
             self.padding: tuple[int, int] | str = padding
         else:
-            self.padding = _positive_pair("padding", padding, minimum=0)
+            self.padding = positive_pair("padding", padding, minimum=0)
         kh, kw = self.kernel_size
         self._init_frozen(
             out_channels,
@@ -683,12 +684,6 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
         )
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def freeze(model: nn.Module) -> nn.Module:
     """Replace, in place, every GBLR layer of ``model`` by its frozen inference form.
 
@@ -736,7 +731,7 @@ def freeze(model: nn.Module) -> nn.Module:
                     if isinstance(module, GBLRLinear)
                     else FrozenGBLRConv2d.from_gblr(module)
                 )
-            _set_submodule(model, name, frozen[id(module)])
+            set_submodule(model, name, frozen[id(module)])
         elif isinstance(module, FrozenGBLRMatrix):
             already_frozen = True
     if not frozen and not already_frozen:

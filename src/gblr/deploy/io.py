@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..files import save_atomically
 from ..layers.conv import GBLRConv2d
 from ..layers.linear import GBLRLinear
 from .frozen import PLAN_CHOICES, FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix
@@ -855,7 +856,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             (one parameter under several names) are stored once and tied again by
             :func:`load`.
         path: the file to write (conventionally ``*.safetensors``); its folder must exist.
-            Written atomically (:func:`gblr.recipes.report.save_atomically`): an existing
+            Written atomically (:func:`gblr.files.save_atomically`): an existing
             file is replaced only once the new one is complete, and a failed save leaves
             no temporary file. As with ``cp`` and editors, a symbolic link is followed
             (its target is rewritten, the link stays) and a read-only file is refused
@@ -877,8 +878,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         >>> bool(torch.equal(gblr.load(path)[0].u_packed, model[0].u_packed))
         True
     """
-    from ..recipes.report import save_atomically
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = _file_argument(path)

@@ -189,12 +189,12 @@ class GBLRMatrixMixin(nn.Module):
                 self.widths.copy_(w)
                 self.locations.copy_(torch.remainder(loc, 1.0))
         else:
-            self._init_structure(structure_init, init_cost)  # also checks init_cost
+            self.init_structure(structure_init, init_cost)  # also checks init_cost
         # On the meta device (``device="meta"`` or ``with torch.device("meta")``) tensors
         # have shapes but no values: the factors' scale, which reads the structure, is
         # left out, as every value is (load a state dict after ``to_empty``).
         if not self.U.is_meta:
-            self._init_factors(factor_init)
+            self.init_factors(factor_init)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         """Keep widths and locations in float32/float64 under ``.half()``, ``.to(bf16)``...
@@ -229,7 +229,30 @@ class GBLRMatrixMixin(nn.Module):
         return (self.rows, self.cols)
 
     # ------------------------------------------------------------------ init
-    def _init_structure(self, scheme: str, init_cost: float | None) -> None:
+    def init_structure(self, scheme: StructureInit, init_cost: float | None = None) -> None:
+        """Set widths and locations afresh by ``scheme``, as the constructor's
+        ``structure_init`` does (factors are left as they are: follow with
+        :meth:`init_factors` for the scale that matches the new structure).
+
+        Args:
+            scheme: ``"full"``, ``"random"``, ``"half"`` or ``"blocks"``.
+            init_cost: the starting cost as a fraction of dense MACs, in (0, 1]; needed by
+                ``"half"`` and ``"blocks"``, ignored by the others.
+
+        Raises:
+            ValueError: unknown ``scheme``, or ``init_cost`` out of (0, 1].
+            TypeError: ``init_cost`` is not a number where it is needed.
+
+        Examples:
+            >>> from gblr import GBLRLinear
+            >>> layer = GBLRLinear(8, 8, structure_init="full")
+            >>> layer.init_structure("half", 0.25)
+            >>> layer.init_factors()
+            >>> layer.flops() <= 0.25 * layer.dense_flops()
+            True
+        """
+        if scheme not in STRUCTURE_INITS:
+            raise ValueError(f"structure_init must be one of {STRUCTURE_INITS}, got {scheme!r}")
         k, r, m, n = self.num_components, self.rank_per_component, self.rows, self.cols
         with torch.no_grad():
             if scheme == "full":
@@ -333,8 +356,11 @@ class GBLRMatrixMixin(nn.Module):
             spacing = torch.arange(num_narrow, dtype=self.locations.dtype) / num_narrow
             self.locations[:, num_full:] = spacing.to(self.locations.device)
 
-    def _init_factors(self, scheme: FactorInit = "balanced") -> None:
-        """Match ``nn.Linear``'s weight variance ``1 / (3 n)`` at the starting structure.
+    def init_factors(self, scheme: FactorInit = "balanced") -> None:
+        """Draw ``U`` and ``V`` afresh for the current structure, as the constructor's
+        ``factor_init`` does (``"balanced"`` or ``"uniform"``).
+
+        Match ``nn.Linear``'s weight variance ``1 / (3 n)`` at the starting structure.
 
         The entry variance is divided by the expected number of (component, rank) terms
         covering an entry, so narrow starts are not scaled down. ``"balanced"`` (default):
@@ -343,7 +369,19 @@ class GBLRMatrixMixin(nn.Module):
         moves both alike; on the digits ViT at 0.1-0.2 of the MACs it trained faster than
         ``"uniform"`` (``V`` at ``nn.Linear``'s bound ``1/sqrt(n)``, ``U`` carrying the rest:
         with entries of ``U`` near 1, Adam's steps of size ``lr`` barely change them).
+
+        Raises:
+            ValueError: unknown ``scheme``.
+
+        Examples:
+            >>> from gblr import GBLRLinear
+            >>> layer = GBLRLinear(16, 16, structure_init="full")
+            >>> layer.init_factors("uniform")
+            >>> bool(layer.V.abs().max() <= 0.25)
+            True
         """
+        if scheme not in FACTOR_INITS:
+            raise ValueError(f"factor_init must be one of {FACTOR_INITS}, got {scheme!r}")
         with torch.no_grad():
             coverage = (self.widths[0].clamp(0, 1) * self.widths[1].clamp(0, 1)).sum().item()
             terms = max(coverage, 1.0 / max(self.rows, self.cols)) * self.rank_per_component

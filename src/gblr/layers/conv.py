@@ -15,7 +15,22 @@ from .base import EvaluationOrder, FactorInit, GBLRMatrixMixin, StructureInit, c
 __all__ = ["GBLRConv2d"]
 
 
-def _positive_pair(name: str, value: int | tuple[int, int], minimum: int = 1) -> tuple[int, int]:
+def positive_pair(name: str, value: int | tuple[int, int], minimum: int = 1) -> tuple[int, int]:
+    """``value`` as a pair of ints ``>= minimum`` (an int is used for both sides), as the
+    convolution arguments ``kernel_size``, ``stride``, ``padding`` and ``dilation``.
+
+    Shared with :class:`gblr.deploy.FrozenGBLRConv2d` so that both layers accept and
+    refuse the same arguments.
+
+    Raises:
+        TypeError: not an int or a pair of ints (a bool is refused).
+        ValueError: a side is below ``minimum``; ``name`` is in the message.
+
+    Examples:
+        >>> from gblr.layers.conv import positive_pair
+        >>> positive_pair("stride", 2), positive_pair("padding", (0, 1), minimum=0)
+        ((2, 2), (0, 1))
+    """
     pair = _pair(value)
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -78,9 +93,9 @@ class GBLRConv2d(GBLRMatrixMixin):
         super().__init__()
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
-        self.kernel_size = _positive_pair("kernel_size", kernel_size)
-        self.stride = _positive_pair("stride", stride)
-        self.dilation = _positive_pair("dilation", dilation)
+        self.kernel_size = positive_pair("kernel_size", kernel_size)
+        self.stride = positive_pair("stride", stride)
+        self.dilation = positive_pair("dilation", dilation)
         if isinstance(padding, str):
             if padding not in ("valid", "same"):
                 raise ValueError(
@@ -90,7 +105,7 @@ class GBLRConv2d(GBLRMatrixMixin):
                 raise ValueError("padding='same' needs stride=1, as in nn.Conv2d")
             self.padding: tuple[int, int] | str = padding
         else:
-            self.padding = _positive_pair("padding", padding, minimum=0)
+            self.padding = positive_pair("padding", padding, minimum=0)
         kh, kw = self.kernel_size
         self._init_gblr(
             out_channels,

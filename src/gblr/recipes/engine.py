@@ -260,7 +260,7 @@ def _merge_metrics(out_dir: Path, resumed_step: int) -> None:
     resumed run's rows (columns united)."""
     import csv
 
-    from .report import save_atomically
+    from ..files import save_atomically
 
     kept, current = out_dir / _METRICS_BEFORE_RESUME, out_dir / _METRICS
     if not kept.is_file():

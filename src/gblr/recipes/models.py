@@ -362,7 +362,7 @@ def structure_model(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             for _, layer in gblr_layers(model):
-                layer._init_structure(structure_init, budget)
-                layer._init_factors(factor_init)
+                layer.init_structure(structure_init, budget)
+                layer.init_factors(factor_init)
                 project_to_budget([layer], int(budget * layer.dense_flops()))
     return report

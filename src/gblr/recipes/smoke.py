@@ -84,7 +84,7 @@ def write_run_report(run_dir: str | Path) -> Path:
 
 def mark_smoke_report(path: str | Path) -> None:
     """Put :data:`SMOKE_BANNER` on top of a Markdown report (once)."""
-    from .report import save_atomically
+    from ..files import save_atomically
 
     path = Path(path)
     text = path.read_text(encoding="utf-8")
@@ -264,7 +264,7 @@ def _first_block(config: TrainConfig) -> list[str]:
     """The structured layers of ``config`` in the first block (parent module) holding one."""
     import fnmatch
 
-    from ..compress.convert import _kind
+    from ..compress.convert import convertible_kind
     from .train import build_model, data_shape  # train imports this module
 
     in_chans, num_classes = data_shape(config)
@@ -278,7 +278,7 @@ def _first_block(config: TrainConfig) -> list[str]:
     names = [
         name
         for name, module in model.named_modules()
-        if _kind(module, None) is not None
+        if convertible_kind(module) is not None
         and any(fnmatch.fnmatchcase(name, p) for p in include)
         and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
     ]

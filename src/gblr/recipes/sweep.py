@@ -139,7 +139,7 @@ def run_sweep(
         >>> sorted(os.listdir(out))
         ['dense', 'gblr-0.5', 'sweep.json', 'sweep.md', 'sweep.png']
     """
-    from .report import save_atomically
+    from ..files import save_atomically
     from .smoke import SMOKE_BANNER, smoke_kind
     from .train import train_from_config
 

@@ -460,7 +460,7 @@ def _load_cache(path: Path, key: dict) -> torch.Tensor | None:
 
 
 def _save_cache(path: Path, key: dict, ids: torch.Tensor) -> None:
-    from .report import save_atomically
+    from ..files import save_atomically
 
     # int32 halves the file; ids of every real vocabulary fit
     stored = ids.to(torch.int32) if int(key["vocab_size"]) <= 2**31 - 1 else ids

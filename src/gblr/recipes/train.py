@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import save_atomically
 from .config import TEXT_DATASETS, TrainConfig, config_to_dict
-from .report import save_atomically
 from .run_folder import (
     RunFolderError,
     RunLock,
@@ -374,8 +374,9 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
 def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: TrainConfig) -> None:
     """Give ``model`` the structured layers whose shapes ``state`` holds, without the
     structure search (their values come from ``state``)."""
-    from ..compress.convert import _set_submodule, convert
+    from ..compress.convert import convert
     from ..layers import GBLRConv2d, GBLRLinear
+    from ..modules import set_submodule
 
     # A random structure of the same kind and budget has the searched layers' parameter
     # shapes, except for the number of GBLR components, which the search chooses.
@@ -411,7 +412,7 @@ def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: Tr
                 dilation=layer.dilation,
                 **options,
             )
-        _set_submodule(model, name, rebuilt)
+        set_submodule(model, name, rebuilt)
 
 
 def run_length(config: TrainConfig, train_size: int) -> tuple[int, float]:

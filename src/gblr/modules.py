@@ -1,0 +1,42 @@
+"""Model surgery shared by the layers that rewrite a model in place (``convert``,
+``freeze``, ``export_onnx``, the recipes' checkpoint loading).
+
+It sits below every package (torch only, no gblr imports) so that ``compress/``,
+``deploy/`` and ``recipes/`` use one helper instead of each keeping a copy.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["set_submodule"]
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (as ``named_modules`` names it).
+
+    The parent must exist; the child is set with ``setattr``, so it is added when missing
+    and replaced when present (inside an ``nn.Sequential`` or ``nn.ModuleList`` too, whose
+    children are named by their index). Unlike ``nn.Module.set_submodule`` of recent
+    PyTorch versions, it works on every supported version and does not check the type of
+    what it replaces.
+
+    Args:
+        model: the model to change in place.
+        name: a dotted submodule name, e.g. ``"blocks.0.qkv"``; not empty.
+        module: the new submodule.
+
+    Raises:
+        AttributeError: a parent on the path does not exist.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.modules import set_submodule
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> set_submodule(model, "0", torch.nn.Identity())
+        >>> type(model[0]).__name__
+        'Identity'
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
