@@ -669,9 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and not 0 < value <= 1:
             parser.error(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
     if args.command == "demo":
-        from .structured import FAMILIES
+        from .compress import structures
 
-        allowed = {"dense", "gblr", *FAMILIES}
+        allowed = {"dense", *structures()}
         unknown = [name for name in args.structures if name not in allowed]
         if unknown:
             parser.error(f"--structures: unknown {unknown}; allowed: {sorted(allowed)}")

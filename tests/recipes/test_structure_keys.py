@@ -183,3 +183,25 @@ def test_the_reported_macs_ratio_leaves_excluded_layers_out(tmp_path):
     result = train_from_config(load_config("digits-vit-gblr", [*TINY, *options]), progress=False)
     # only the structured layers (blocks.1) count: they sit at the budget
     assert result["macs_ratio"] == pytest.approx(0.3, abs=0.02)
+
+
+def test_a_structure_added_with_register_structure_reaches_the_configs(monkeypatch):
+    import importlib
+
+    from gblr.compress import register_structure
+
+    # the module, not the function gblr.compress.convert that shadows its name
+    convert_module = importlib.import_module("gblr.compress.convert")
+    from gblr.recipes.sweep import sweep_runs
+
+    # one registry for convert and the configs: a user's structure (here low-rank's fit
+    # under another name) is a structure.kind, a --structure and a sweep entry
+    monkeypatch.setattr(convert_module, "_STRUCTURES", dict(convert_module._STRUCTURES))
+    register_structure("mylowrank", convert_module._STRUCTURES["lowrank"].fit)
+    config = load_config("digits-vit-gblr", [*TINY, "structure.kind=mylowrank"])
+    model = build_structured_model(config, 1, 10)
+    assert type(model.blocks[0].qkv).__name__ == "LowRankLinear"
+    assert len(sweep_runs(config, ["mylowrank"], [0.3], Path("sweep"))) == 1
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"structure\.kind must be one of"):
+        load_config("digits-vit-gblr", [*TINY, "structure.kind=mylowrank"])

@@ -109,7 +109,8 @@ class ModelConfig:
 @dataclass
 class StructureConfig:
     """Which layers become structured and how. ``kind``: ``dense``, ``gblr`` or a
-    baseline family (``gblr.structured.FAMILIES``). ``budget``: MACs of the ``include``
+    baseline family (``gblr.structured.FAMILIES``), or a structure added with
+    :func:`gblr.compress.register_structure`. ``budget``: MACs of the ``include``
     layers (glob patterns over module names, minus ``exclude``) as a fraction of dense;
     for GBLR the learner's target, reached from ``start_cost`` (GBLR only; default: the
     budget itself; with ``init: search`` the cost the layers are fitted at) over
@@ -478,7 +479,8 @@ def _check_devices(devices: int | str | list[int]) -> None:
 
 
 def _validate(config: TrainConfig) -> None:
-    from ..structured import FAMILIES
+    # convert's registry: the families and any structure added with register_structure
+    from ..compress import structures
 
     _choice("model.name", config.model.name, MODELS)
     if config.model.name in ("timm", "torchvision", "hf-causal-lm") and not config.model.source:
@@ -494,7 +496,7 @@ def _validate(config: TrainConfig) -> None:
         _positive(f"model.{key}", getattr(config.model, key))
     if not 0.0 <= config.model.drop_path < 1.0:
         raise ValueError(f"model.drop_path must be in [0, 1), got {config.model.drop_path!r}")
-    _choice("structure.kind", config.structure.kind, ["dense", "gblr", *sorted(FAMILIES)])
+    _choice("structure.kind", config.structure.kind, ["dense", *structures()])
     for key in ("budget", "start_cost"):
         value = getattr(config.structure, key)
         if value is not None and not 0.0 < value <= 1.0:

@@ -37,9 +37,9 @@ def sweep_runs(
         [('dense', 1.0, 'dense'), ('gblr', 0.2, 'gblr-0.2'), ('gblr', 0.5, 'gblr-0.5'),
          ('lowrank', 0.2, 'lowrank-0.2'), ('lowrank', 0.5, 'lowrank-0.5')]
     """
-    from ..structured import FAMILIES
+    from ..compress import structures as known_structures
 
-    allowed = {"dense", "gblr", *FAMILIES}
+    allowed = {"dense", *known_structures()}
     unknown = [s for s in structures if s not in allowed]
     if unknown:
         raise ValueError(f"structures: unknown {unknown}; allowed: {sorted(allowed)}")
