@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["replacement_target", "save_atomically"]
+__all__ = ["process_alive", "replacement_target", "save_atomically"]
 
 _TEMPORARY = re.compile(r"^\..*\.gblr-(?P<host>\w+)-(?P<pid>\d+)-\w+\.tmp$")
 
@@ -28,7 +28,8 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this machine is running (unknown: assumed running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -57,7 +58,7 @@ def _sweep_temporaries(folder: Path) -> None:
         if match is None or match["host"] != host:
             continue
         pid = int(match["pid"])
-        if pid != me and not _process_alive(pid):
+        if pid != me and not process_alive(pid):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
 

@@ -568,6 +568,18 @@ def _validate(config: TrainConfig) -> None:
     _check_structure_keys_apply(config.structure)
 
 
+def _rank_per_component_unused(s: StructureConfig) -> str | None:
+    """Why a baseline family has no use for ``rank_per_component`` here, or None where it
+    is the unit in which the global allocation of a search hands out MACs."""
+    if s.init == "random":
+        return "init: random"
+    if s.allocation == "uniform":
+        return "allocation: uniform"
+    if s.budget >= 1.0:
+        return f"budget: {s.budget} (every layer at its full cost)"
+    return None
+
+
 def _check_structure_keys_apply(structure: StructureConfig) -> None:
     """Refuse a ``structure`` key set to a value that its kind and init would not use.
 
@@ -604,15 +616,8 @@ def _check_structure_keys_apply(structure: StructureConfig) -> None:
             f"gblr with init: search; the {s.kind} family is projected onto the weights "
             "without refinement steps: set structure.search_steps=0 or null"
         )
-    if family and s.rank_per_component != 1:
-        if s.init == "random":
-            how = "init: random"
-        elif s.allocation == "uniform":
-            how = "allocation: uniform"
-        elif s.budget >= 1.0:
-            how = f"budget: {s.budget} (every layer at its full cost)"
-        else:
-            return  # the unit in which the global allocation hands out MACs
+    how = _rank_per_component_unused(s)
+    if family and s.rank_per_component != 1 and how is not None:
         raise ValueError(
             f"structure.rank_per_component={s.rank_per_component!r} applies only to "
             "structure.kind: gblr, or to a baseline family with init: search and "
@@ -646,8 +651,7 @@ def with_structure(config: TrainConfig, kind: str, budget: float | None = None) 
         structure["start_cost"] = None
         if structure["init"] == "search":
             structure["search_steps"] = None
-        unused = structure["init"] == "random" or structure["allocation"] == "uniform"
-        if unused or structure["budget"] >= 1.0:  # as _check_structure_keys_apply says
+        if _rank_per_component_unused(StructureConfig(**structure)) is not None:
             structure["rank_per_component"] = 1
     return config_from_dict(data)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pickle
 from collections.abc import Sequence
@@ -138,30 +139,38 @@ def _numpy_part(name: str):
     raise ImportError(f"numpy has no module {name}")  # pragma: no cover - numpy's layout
 
 
+@functools.cache
+def _array_globals() -> dict[tuple[str, str], object]:
+    """The only globals an array pickle may name: numpy's array rebuilders (under numpy
+    2's and 1's module names) and the codec that protocol 2 writes bytes with."""
+    import codecs
+
+    multiarray, numeric = _numpy_part("multiarray"), _numpy_part("numeric")
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+    }
+    for prefix in ("numpy._core", "numpy.core"):
+        allowed[(f"{prefix}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{prefix}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{prefix}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Reads a pickle of containers, numbers, strings and numpy arrays, and nothing else:
     any other global a pickle names (a function a crafted file would have called) is
     refused before it is looked up, so reading a file never runs its code."""
 
     def find_class(self, module: str, name: str):
-        import codecs
-
-        multiarray, numeric = _numpy_part("multiarray"), _numpy_part("numeric")
-        allowed = {
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            ("_codecs", "encode"): codecs.encode,  # bytes in a protocol-2 pickle
-        }
-        for prefix in ("numpy._core", "numpy.core"):
-            allowed[(f"{prefix}.multiarray", "_reconstruct")] = multiarray._reconstruct
-            allowed[(f"{prefix}.multiarray", "scalar")] = multiarray.scalar
-            allowed[(f"{prefix}.numeric", "_frombuffer")] = numeric._frombuffer
-        if (module, name) not in allowed:
+        found = _array_globals().get((module, name))
+        if found is None:
             raise pickle.UnpicklingError(
                 f"the file names {module}.{name}, which is not an array, number, string or "
                 "container; it is not read (files are never allowed to run code)"
             )
-        return allowed[(module, name)]
+        return found
 
 
 def read_array_pickle(path: str | Path) -> object:
@@ -192,9 +201,8 @@ def read_array_pickle(path: str | Path) -> object:
     try:
         with open(path, "rb") as handle:
             return _ArrayUnpickler(handle, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError) as error:
-        raise ValueError(f"{path}: {error}") from None
-    except (TypeError, ValueError, KeyError, MemoryError, OverflowError) as error:
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError,
+            TypeError, ValueError, KeyError, MemoryError, OverflowError) as error:  # fmt: skip
         raise ValueError(f"{path} is not a readable array pickle: {error}") from None
 
 

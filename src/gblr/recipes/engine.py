@@ -649,7 +649,9 @@ def train_module(
         (2, 0)
     """
     model = module.model
-    resumed_step = None if resume is None else check_resume(resume, model)
+    resumed_step = None
+    if resume is not None:  # a recipe's run_info holds its config: resumed only unchanged
+        resumed_step = check_resume(resume, model, module.run_info.get("config"))
     if compile_mode is not None:
         _check_compile_mode(compile_mode)
         # In place (nn.Module.compile): parameter names, checkpoints and the learner's view
@@ -814,8 +816,9 @@ def train_classifier(
     optimizer, schedule, step, the structure learner's state and the model's layer
     types) every ``checkpoint_every_n_steps`` (50) and at the end; ``resume`` (a
     checkpoint path) continues such a run, after checking that it holds a model of this
-    structure. ``stop_after`` ends the run early at that step while every schedule
-    still spans ``steps`` (an interruption). Resuming reproduces the uninterrupted run
+    structure (and, when ``run_info`` holds a config, that it was written with it).
+    ``stop_after`` ends the run early at that step while every schedule still spans
+    ``steps`` (an interruption). Resuming reproduces the uninterrupted run
     exactly: the data order is one seeded stream over the whole run
     (:class:`ShuffleStream`), resumed at the samples consumed.
 

@@ -13,8 +13,9 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from ..files import process_alive
 
 __all__ = [
     "RunFolderError",
@@ -112,26 +113,23 @@ def library_files(folder: str | Path) -> list[Path]:
         ['checkpoints/last.ckpt', 'config.yaml']
     """
     folder = Path(folder).expanduser()
-    found: set[Path] = set()
-    for pattern in _RUN_PATTERNS:
-        found.update(p for p in folder.glob(pattern) if p.is_file() and not p.is_symlink())
-    found.update(standin_files(folder / SMOKE_DATA))
-    return sorted(found)
+    return sorted({*_matching(folder, _RUN_PATTERNS), *standin_files(folder / SMOKE_DATA)})
 
 
-def standin_files(root: Path) -> Iterator[Path]:
+def standin_files(root: Path) -> set[Path]:
     """The stand-in data files that a smoke run wrote under ``root`` (its ``smoke-data``)."""
-    for pattern in _STANDIN_PATTERNS:
-        yield from (p for p in root.glob(pattern) if p.is_file() and not p.is_symlink())
+    return _matching(root, _STANDIN_PATTERNS)
 
 
-def remove_library_files(
-    folder: str | Path, *, run_files: bool = True, standin: bool = True
-) -> list[Path]:
+def _matching(root: Path, patterns: tuple[str, ...]) -> set[Path]:
+    # a link is never the library's: it may point at a user's file
+    return {p for q in patterns for p in root.glob(q) if p.is_file() and not p.is_symlink()}
+
+
+def remove_library_files(folder: str | Path, *, standin: bool = True) -> list[Path]:
     """Delete what a run of the library wrote into ``folder`` (see :func:`library_files`)
     and the library's sub-folders left empty; a user's files, and the folders holding
-    them, stay. ``run_files``/``standin``: the run's own files / a smoke run's stand-in
-    data under ``folder/smoke-data``.
+    them, stay. ``standin``: also a smoke run's stand-in data under ``folder/smoke-data``.
 
     Returns:
         The deleted files.
@@ -150,9 +148,10 @@ def remove_library_files(
         ['figures', 'figures/my-plot.png']
     """
     folder = Path(folder).expanduser()
-    stand_in = set(standin_files(folder / SMOKE_DATA))
-    own = set(library_files(folder)) - stand_in if run_files else set()
-    files = sorted(own | stand_in if standin else own)
+    files = library_files(folder)
+    if not standin:
+        kept = standin_files(folder / SMOKE_DATA)
+        files = [path for path in files if path not in kept]
     for path in files:
         # tolerant: under DDP every process may start here and find a file gone already
         path.unlink(missing_ok=True)
@@ -179,16 +178,6 @@ def is_launching_process() -> bool:
         value = os.environ.get(name, "0").strip()
         if value not in ("", "0"):
             return False
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
     return True
 
 
@@ -254,7 +243,7 @@ class RunLock:
         if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
             # another machine's run (a shared file system), or a lock being written now
             return False
-        return not _alive(pid)
+        return not process_alive(pid)
 
     def _busy_message(self) -> str:
         owner = self._owner()

@@ -149,7 +149,7 @@ def _write_standin(config: TrainConfig, root: Path) -> str:
     data = config.data
     rng = np.random.default_rng(config.seed)
     # the previous smoke run's stand-in is written afresh, never mixed; only its files go
-    for path in list(standin_files(root.parent)):
+    for path in standin_files(root.parent):
         path.unlink()
     root.mkdir(parents=True, exist_ok=True)
     if data.name in ("cifar10", "cifar100"):

@@ -569,7 +569,7 @@ def _claim_folder(
             )
         return True  # a smoke run only checked the setup: the real run takes its place
     if resume is not None:
-        return False  # continues the run (check_resume compares the configs)
+        return False  # continues the run (the engine's check_resume compares the configs)
     if config.smoke or overwrite:
         return True
     raise RunFolderError(
@@ -603,7 +603,7 @@ def _train(
 
     from ..model_flops import count_model_flops
     from .data import batch_mixer
-    from .engine import check_resume, train_classifier, train_language_model
+    from .engine import train_classifier, train_language_model
 
     text = config.data.name in TEXT_DATASETS
     if text:
@@ -625,8 +625,6 @@ def _train(
     settings = config_to_dict(config)
     if resume == "last":
         resume = out / "checkpoints" / "last.ckpt"
-    if resume is not None:
-        check_resume(resume, model, settings)  # before anything in the run folder changes
     optim, learner = config.optim, config.learner
     warmup = round(optim.warmup * unit)
     ramp = warmup if learner.budget_ramp is None else round(learner.budget_ramp * unit)
