@@ -29,7 +29,14 @@ def _host_tag() -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` on this machine is running (unknown: assumed running)."""
+    """Whether process ``pid`` on this machine is running (unknown: assumed running).
+
+    Examples:
+        >>> import os
+        >>> from gblr.files import process_alive
+        >>> process_alive(os.getpid())
+        True
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
