@@ -369,15 +369,24 @@ def test_uniform_factor_init_is_the_linear_bound_on_v():
         gblr.GBLRLinear(100, 50, factor_init="xavier")
 
 
-@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (48, 200)])
+@pytest.mark.parametrize("scheme", ["blocks", "blockdiag"])
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (48, 200), (64, 64)])
 @pytest.mark.parametrize("cost", [0.1, 0.3])
-def test_blocks_init_is_a_block_diagonal_next_to_full_components(shape, cost):
+def test_blocks_init_is_a_block_diagonal_next_to_full_components(scheme, shape, cost):
     n, m = shape
-    layer = gblr.GBLRLinear(n, m, structure_init="blocks", init_cost=cost).eval()
+    layer = gblr.GBLRLinear(n, m, structure_init=scheme, init_cost=cost).eval()
     col_lengths, row_lengths = layer.interval_lengths()
     full = (col_lengths == n) & (row_lengths == m)
     strips = layer.live_mask() & ~full
-    assert full.sum() >= 1 and strips.sum() >= 1
+    # "blocks" puts half the cost on full components, "blockdiag" none.
+    assert (full.sum() >= 1) if scheme == "blocks" else (full.sum() == 0)
+    assert strips.sum() >= 1
+    # No strip wraps around the end of the long side (blocks run down the diagonal).
+    starts = layer.interval_starts()
+    assert ((starts[0] + col_lengths)[strips] <= n).all()
+    assert ((starts[1] + row_lengths)[strips] <= m).all()
+    # The start spends the budget: what is left cannot pay for one more cell (r MACs).
+    assert cost * m * n - layer.rank_per_component < layer.flops() <= cost * m * n
     # Strips are one or two lines of the shorter side wide (as many strips as the
     # components left over from the full ones) and tile it without overlap.
     short_lengths = col_lengths if n <= m else row_lengths

@@ -35,11 +35,13 @@ from ..ops.gaudi import (
 
 __all__ = ["EVALUATION_ORDERS", "FACTOR_INITS", "STRUCTURE_INITS", "GBLRMatrixMixin"]
 
-STRUCTURE_INITS = ("full", "random", "half", "blocks")
+STRUCTURE_INITS = ("full", "random", "half", "blocks", "blockdiag")
+# The schemes that place a starting cost (init_cost) on the matrix.
+COSTED_STRUCTURE_INITS = ("half", "blocks", "blockdiag")
 FACTOR_INITS = ("balanced", "uniform")
 EVALUATION_ORDERS = ("auto", "materialize", "factored")
 
-StructureInit = Literal["full", "random", "half", "blocks"]
+StructureInit = Literal["full", "random", "half", "blocks", "blockdiag"]
 FactorInit = Literal["balanced", "uniform"]
 EvaluationOrder = Literal["auto", "materialize", "factored"]
 
@@ -142,7 +144,7 @@ class GBLRMatrixMixin(nn.Module):
             raise ValueError(
                 f"structure_init must be one of {STRUCTURE_INITS}, got {structure_init!r}"
             )
-        if structure_init in ("half", "blocks"):
+        if structure_init in COSTED_STRUCTURE_INITS:
             if init_cost is None:
                 raise ValueError(
                     f"structure_init={structure_init!r} needs init_cost, the starting cost as "
@@ -150,7 +152,7 @@ class GBLRMatrixMixin(nn.Module):
                 )
         elif init_cost is not None:
             raise ValueError(
-                "init_cost is only used with structure_init='half' or 'blocks', got "
+                f"init_cost is only used with structure_init in {COSTED_STRUCTURE_INITS}, got "
                 f"init_cost={init_cost!r} with structure_init={structure_init!r}"
             )
         if factor_init not in FACTOR_INITS:
@@ -235,9 +237,10 @@ class GBLRMatrixMixin(nn.Module):
         :meth:`init_factors` for the scale that matches the new structure).
 
         Args:
-            scheme: ``"full"``, ``"random"``, ``"half"`` or ``"blocks"``.
+            scheme: ``"full"``, ``"random"``, ``"half"``, ``"blocks"`` or
+                ``"blockdiag"`` (see :class:`gblr.GBLRLinear`).
             init_cost: the starting cost as a fraction of dense MACs, in (0, 1]; needed by
-                ``"half"`` and ``"blocks"``, ignored by the others.
+                ``"half"``, ``"blocks"`` and ``"blockdiag"``, ignored by the others.
 
         Raises:
             ValueError: unknown ``scheme``, or ``init_cost`` out of (0, 1].
@@ -263,8 +266,10 @@ class GBLRMatrixMixin(nn.Module):
                 self.locations.uniform_(0.0, 1.0)
             elif scheme == "half":
                 self._init_half(init_cost, k, r, m, n)
-            else:
+            elif scheme == "blocks":
                 self._init_blocks(init_cost, 0.5)
+            else:
+                self._init_blocks(init_cost, 0.0)
 
     def _init_blocks(self, init_cost: object, full_share: float) -> None:
         """``full_share`` of the starting cost on full-width components, the rest on a
@@ -276,7 +281,10 @@ class GBLRMatrixMixin(nn.Module):
         A strip of ``r`` lines is an exact dense ``a x r`` block at ``r (a + r)`` MACs, so
         a dense ``a x b`` block costs within ``1 + r / a`` of its own ``a b`` MACs: the
         start holds (nearly) the block-diagonal special case next to a low-rank part,
-        and training can move MACs between the two.
+        and training can move MACs between the two. ``full_share=0`` is the pure
+        block-diagonal start (``"blockdiag"``). Whole blocks are chosen at or under the
+        budget; what they leave lengthens strips by whole cells, so the start costs the
+        budget to within one cell (``r`` MACs).
         """
         if isinstance(init_cost, bool) or not isinstance(init_cost, (int, float)):
             raise TypeError(f"init_cost must be a number in (0, 1], got {init_cost!r}")
@@ -298,7 +306,9 @@ class GBLRMatrixMixin(nn.Module):
             self._init_half(init_cost, k, r, m, n)
             return
         block_long = min(block_long, float(long))
-        blocks = max(1, round(long / block_long))
+        # Whole blocks at or under the budget (more blocks are smaller); what is left over
+        # lengthens strips by whole cells below.
+        blocks = max(1, math.ceil(long / block_long - 1e-9))
         index = torch.arange(num_strips, dtype=torch.int64)
         # Integer boundaries: strip i holds lines [i S // N, (i + 1) S // N) of the S lines.
         first, end = index * short // num_strips, (index + 1) * short // num_strips
@@ -309,7 +319,19 @@ class GBLRMatrixMixin(nn.Module):
         # long side; a strip lies in the block of its centre on the diagonal.
         block = torch.floor((index + 0.5) * lines / short * blocks)
         long_start = torch.floor(block * long / blocks)
-        long_width = (torch.floor((block + 1) * long / blocks) - long_start) / long
+        long_length = torch.floor((block + 1) * long / blocks) - long_start
+        # The budget the whole blocks leave: one more long cell for as many strips as it
+        # pays for (a cell costs r MACs), so the start spends the budget, not up to a
+        # block's worth less. Those strips reach a cell into the next block.
+        spent = float((long_length + (end - first).double()).sum()) * r
+        extra = int((strips_budget - spent) // r)
+        if extra > 0:
+            per_strip = torch.full((num_strips,), extra // num_strips, dtype=torch.float64)
+            per_strip[: extra % num_strips] += 1
+            long_length = torch.minimum(long_length + per_strip, torch.tensor(float(long)))
+            # The last block's strips grow backwards: no interval wraps past the end.
+            long_start = torch.minimum(long_start, long - long_length)
+        long_width = long_length / long
         short_side, long_side = (0, 1) if n <= m else (1, 0)
         with torch.no_grad():
             self.widths.zero_()

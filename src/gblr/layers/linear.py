@@ -29,10 +29,12 @@ class GBLRLinear(GBLRMatrixMixin):
         structure_init: starting widths/locations: ``"full"`` (every interval full: a
             rank ``K r`` low-rank matrix), ``"random"`` (uniform widths and locations),
             ``"half"`` (half of ``init_cost`` on full components, half on narrow ones
-            along the diagonal) or ``"blocks"`` (half on full components, half on a
-            block-diagonal matrix of one- or two-line strips).
-        init_cost: starting cost as a fraction of the dense MACs, for ``"half"`` and
-            ``"blocks"``.
+            along the diagonal), ``"blocks"`` (half on full components, half on a
+            block-diagonal matrix of one- or two-line strips) or ``"blockdiag"`` (all of
+            ``init_cost`` on such a block-diagonal: the start that trained best from
+            scratch on the real-task benchmarks, docs/BENCHMARKS.md).
+        init_cost: starting cost as a fraction of the dense MACs, for ``"half"``,
+            ``"blocks"`` and ``"blockdiag"``.
         factor_init: ``"balanced"`` (default: each component's two factors get equal
             norms, normal entries) or ``"uniform"`` (``V`` at ``nn.Linear``'s bound, ``U``
             carrying the rest, the scheme before 0.2); both give the weight
