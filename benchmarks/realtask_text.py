@@ -78,14 +78,15 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     import torch
 
     from gblr.recipes.engine import train_language_model
-    from gblr.recipes.models import CausalTransformer, structure_model
+    from gblr.recipes.models import CausalTransformer, gblr_start_cost, structure_model
     from gblr.recipes.text import LMBlocks
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     train_stream, validation_stream = _streams()
     steps = QUICK_STEPS if quick else STEPS
     options = dict(options)
-    start_cost = min(1.0, options.pop("start_cost_ratio", 1.0) * budget)
+    ratio = options.pop("start_cost_ratio", None)
+    start_cost = gblr_start_cost(budget, None if ratio is None else min(1.0, ratio * budget))
     structure_options = options.pop("structure", {})
     engine_options = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
     if "sigma" in engine_options and engine_options["sigma"] is not None:

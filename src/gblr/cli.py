@@ -151,7 +151,7 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     from .files import save_atomically
     from .recipes.data import digits
     from .recipes.engine import train_classifier
-    from .recipes.models import VisionTransformer, structure_model
+    from .recipes.models import VisionTransformer, gblr_start_cost, structure_model
     from .recipes.report import write_report
     from .recipes.smoke import SMOKE_BANNER, mark_smoke_report
 
@@ -167,8 +167,8 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
         torch.manual_seed(args.seed)
         model = VisionTransformer()
         start_cost = args.budget
-        if structure == "gblr" and args.start_cost is not None:
-            start_cost = args.start_cost
+        if structure == "gblr":
+            start_cost = gblr_start_cost(args.budget, args.start_cost)
         structure_model(model, structure, start_cost, seed=args.seed)
         print(f"\n[{structure}]")
         result = train_classifier(
@@ -534,7 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", type=float, default=0.1, help="MACs as a fraction of dense (default 0.1)"
     )
     demo_parser.add_argument(
-        "--start-cost", type=float, default=None, help="GBLR starting cost (default: --budget)"
+        "--start-cost",
+        type=float,
+        default=None,
+        help="GBLR starting cost (default: 1.25 x --budget)",
     )
     demo_parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3)")
     demo_parser.add_argument(

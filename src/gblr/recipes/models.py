@@ -301,6 +301,29 @@ def mixer_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> MlpM
     return MlpMixer(32, 4, 3, num_classes, 512, 8, 0.5, 4.0, drop_path)
 
 
+# GBLR layers trained from scratch start at this multiple of the budget, and the
+# learner's budget ramp prunes them to it during the warm-up. Chosen on the real-task
+# suite (docs/BENCHMARKS.md, 5 of 6 task-budget cells better than starting at the
+# budget): without the ramp's pressure, widths that drift below a grid cell are never
+# given back, and a start at the budget ends 3-15% under it.
+GBLR_START_RATIO = 1.25
+
+
+def gblr_start_cost(budget: float, start_cost: float | None = None) -> float:
+    """The starting cost of GBLR layers trained from scratch to ``budget`` (fractions of
+    the dense MACs): ``start_cost`` when given, else ``GBLR_START_RATIO`` times the
+    budget, at most 1.
+
+    Examples:
+        >>> from gblr.recipes.models import gblr_start_cost
+        >>> gblr_start_cost(0.2), gblr_start_cost(0.9), gblr_start_cost(0.2, 0.5)
+        (0.25, 1.0, 0.5)
+    """
+    if start_cost is not None:
+        return start_cost
+    return min(1.0, GBLR_START_RATIO * budget)
+
+
 def structure_model(
     model: nn.Module,
     structure: str,
@@ -310,18 +333,22 @@ def structure_model(
     exclude: str | Sequence[str] | None = None,
     rank_per_component: int = 1,
     seed: int = 0,
-    structure_init: str = "half",
+    structure_init: str = "blockdiag",
     factor_init: str = "balanced",
 ) -> ConversionReport | None:
     """Make ``model``'s ``include`` linear layers structured, for training from scratch.
 
     ``"dense"`` leaves the model alone (returns ``None``). ``"gblr"``: GBLR layers at a
-    starting cost of ``budget`` (the paper's half-full/half-narrow initialisation) with
-    components of rank ``rank_per_component``; a :class:`gblr.StructureLearner` then
-    moves the MACs between layers. A baseline family: its largest configuration within
-    ``budget`` in every layer (uniform allocation, so ``rank_per_component`` only checks
-    that no layer is narrower). Layers matching ``exclude`` (glob patterns over module
-    names, as ``include``) stay dense; every pattern must match some linear layer.
+    starting cost of ``budget`` (callers pass :func:`gblr_start_cost` of their budget)
+    with components of rank ``rank_per_component``, started by ``structure_init``
+    (default ``"blockdiag"``: GBLR's block-diagonal special case, which trained best from
+    scratch on the real-task benchmarks, docs/BENCHMARKS.md; ``"half"`` is the paper's
+    half-full/half-narrow start) and ``factor_init`` (see :class:`gblr.GBLRLinear`); a
+    :class:`gblr.StructureLearner` then moves the MACs between layers. A baseline
+    family: its largest configuration within ``budget`` in every layer (uniform
+    allocation, so ``rank_per_component`` only checks that no layer is narrower). Layers
+    matching ``exclude`` (glob patterns over module names, as ``include``) stay dense;
+    every pattern must match some linear layer.
 
     Examples:
         >>> import torch
@@ -355,7 +382,9 @@ def structure_model(
         min_features=1,
         seed=seed,
     )
-    if structure == "gblr" and (structure_init != "half" or factor_init != "balanced"):
+    if structure == "gblr":
+        # Drawn afresh here, layer after layer from one seed: convert seeds each layer's
+        # fit alike, which would start layers of one shape from equal factors.
         from ..learn.groups import gblr_layers
         from ..learn.learner import project_to_budget
 

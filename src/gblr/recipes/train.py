@@ -216,7 +216,7 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
     that cannot apply to the config's kind and init.
     """
     from ..compress.convert import convert
-    from .models import structure_model
+    from .models import gblr_start_cost, structure_model
 
     s = config.structure
     if s.kind == "dense":
@@ -226,11 +226,12 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
         structure_model(
             model,
             s.kind,
-            start,
+            gblr_start_cost(s.budget, s.start_cost) if s.kind == "gblr" else s.budget,
             include=s.include,
             exclude=s.exclude,
             rank_per_component=s.rank_per_component,
             seed=config.seed,
+            **({} if s.start is None else {"structure_init": s.start}),
         )
         return
     options: dict[str, Any] = {}
