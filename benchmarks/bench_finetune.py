@@ -64,7 +64,7 @@ def time_steps(model, batch, kind, device, autocast, steps, warmup, structured):
     optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-4, weight_decay=0.05))
     learner = None
     if structured and gblr.learn.groups.gblr_layers(model):
-        learner = gblr.StructureLearner(model, target=model._budget, total_steps=10**6)
+        learner = gblr.StructureLearner(model, budget=model._budget, total_steps=10**6)
     labels = torch.randint(0, 1000, (batch.shape[0],), device=device)
     times = []
     for step in range(warmup + steps):
@@ -114,8 +114,10 @@ def main() -> None:
                 continue  # the baseline families structure linear layers, not convolutions
             torch.manual_seed(0)
             model, batch, kind = build(name, args.tiny)
-            gblr.convert(model, structure=structure, budget=budget, init="random",
-                         include=include, min_features=1)  # fmt: skip
+            config = gblr.compress.config_class(structure)(
+                budget=budget, init="random", include=include, min_features=1
+            )
+            gblr.convert(model, config)
             model._budget = budget
             speed = time_steps(model, batch, kind, device, autocast, args.steps, args.warmup, True)
             rows.append(

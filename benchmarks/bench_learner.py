@@ -6,15 +6,19 @@
 2. Recovery: ``GBLRLinear(64, 64)`` from random structures is regressed onto
    :func:`gblr.learn.synthetic.planted_blocks` targets with the learner in budget mode at
    1.1x and 1.5x the planted cost; a seed counts as recovered at relative Frobenius error
-   <= 2e-2. Goal: every seed at 1.1x. Seven learner variants in the same run: ``paper``
-   (one uniform threshold), ``adaptive+shift`` (``adaptive=1.0, max_shift=1.0``),
-   ``adaptive+shift+ramp`` (also ``max_shift_ramp=4.0``), ``...+merge`` (also
-   ``merge=1e-3``), ``...+untangle`` (also ``untangle=1e-4``), ``...+refine`` (also
-   ``refine=1e-6``) and ``adaptive+shift+ramp+refine`` (without merge and untangle).
-   ``--lr-decay F`` decays the learning rate linearly to zero over the last fraction F of
-   the steps (default 0: constant, as the earlier results); ``--merge-every N`` sets the
-   steps between the learner's merge, untangle and refine passes (default 10) in both
-   parts. The overhead part also times one merge pass (:func:`gblr.merge_components`) on
+   <= 2e-2. Goal: every seed at 1.1x. Seven learner variants (``gblr.LearnerConfig``) in
+   the same run: ``paper`` (one uniform threshold), ``adaptive+shift``
+   (``adaptive=AdaptiveConfig(1.0)``, ``shift_limit=ShiftLimitConfig(cells=1.0)``; named
+   ``adaptive=1.0, max_shift=1.0`` in docs/BENCHMARKS.md, the learner's keywords when
+   measured), ``adaptive+shift+ramp`` (also ``cells_during_ramp=4.0``: ``max_shift_ramp``),
+   ``...+merge`` (also ``MergeConfig(1e-3)``), ``...+untangle`` (also
+   ``UntangleConfig(1e-4)``), ``...+refine`` (also ``RefineConfig(1e-6)``: all of
+   ``LearnerConfig.planted()``) and ``adaptive+shift+ramp+refine`` (without merge and
+   untangle). ``--lr-decay F`` decays the learning rate linearly to zero over the last
+   fraction F of the steps (default 0: constant, as the earlier results);
+   ``--merge-every N`` sets ``pass_every``, the steps between the learner's merge,
+   untangle and refine passes (default 10), in both parts.
+   The overhead part also times one merge pass (:func:`gblr.merge_components`) on
    the ViT, amortized over ``N`` steps, the learner's untangle pass twice (when every
    component has just settled, all overlapping pairs searched: the worst case, once per
    settling; and when none changed since the previous pass: the steady state), and what
@@ -30,8 +34,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
-import inspect
 import statistics
 import sys
 import time
@@ -47,41 +51,20 @@ from gblr.recipes.models import VisionTransformer, structure_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import RESULTS, machine_description, write_json_atomically
 
-# Learner options compared on the recovery task: the paper's plain method, and the
-# options that made recovery more reliable (StructureLearner's docstring says why).
+# Learner configs compared on the recovery task: the paper's plain method, and the passes
+# that made recovery more reliable (docs/BENCHMARKS.md says why), added one at a time.
+_ALL = gblr.LearnerConfig.planted()
+_RAMP = dataclasses.replace(_ALL, merge=None, untangle=None, refine=None)
 VARIANTS = {
-    "paper": {},
-    "adaptive+shift": {"adaptive": 1.0, "max_shift": 1.0},
-    "adaptive+shift+ramp": {"adaptive": 1.0, "max_shift": 1.0, "max_shift_ramp": 4.0},
-    "adaptive+shift+ramp+merge": {
-        "adaptive": 1.0,
-        "max_shift": 1.0,
-        "max_shift_ramp": 4.0,
-        "merge": 1e-3,
-    },
-    "adaptive+shift+ramp+merge+untangle": {
-        "adaptive": 1.0,
-        "max_shift": 1.0,
-        "max_shift_ramp": 4.0,
-        "merge": 1e-3,
-        "untangle": 1e-4,
-    },
-    "adaptive+shift+ramp+refine": {
-        "adaptive": 1.0,
-        "max_shift": 1.0,
-        "max_shift_ramp": 4.0,
-        "refine": 1e-6,
-    },
-    "adaptive+shift+ramp+merge+untangle+refine": {
-        "adaptive": 1.0,
-        "max_shift": 1.0,
-        "max_shift_ramp": 4.0,
-        "merge": 1e-3,
-        "untangle": 1e-4,
-        "refine": 1e-6,
-    },
+    "paper": gblr.LearnerConfig.paper(),
+    "adaptive+shift": dataclasses.replace(_RAMP, shift_limit=gblr.ShiftLimitConfig(cells=1.0)),
+    "adaptive+shift+ramp": _RAMP,
+    "adaptive+shift+ramp+merge": dataclasses.replace(_RAMP, merge=_ALL.merge),
+    "adaptive+shift+ramp+merge+untangle": dataclasses.replace(_ALL, refine=None),
+    "adaptive+shift+ramp+refine": dataclasses.replace(_RAMP, refine=_ALL.refine),
+    "adaptive+shift+ramp+merge+untangle+refine": _ALL,
 }
-MERGE_EVERY = inspect.signature(gblr.StructureLearner).parameters["merge_every"].default
+MERGE_EVERY = gblr.LearnerConfig().pass_every
 
 
 def gblr_vit() -> nn.Module:
@@ -98,7 +81,7 @@ def measure_overhead(repeats: int, batch: int, merge_every: int = MERGE_EVERY) -
     torch.manual_seed(0)
     model = gblr_vit()
     optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=1e-3, weight_decay=0.05))
-    learner = gblr.StructureLearner(model, target=0.3, total_steps=1000, warmup_steps=500)
+    learner = gblr.StructureLearner(model, budget=0.3, total_steps=1000, warmup_steps=500)
     images = torch.randn(batch, 3, 32, 32)
     labels = torch.randint(0, 10, (batch,))
 
@@ -130,14 +113,14 @@ def measure_overhead(repeats: int, batch: int, merge_every: int = MERGE_EVERY) -
     for _ in range(max(1, repeats // 5)):
         copy = gblr_vit()
         copy.load_state_dict(model.state_dict())
-        untangler = gblr.StructureLearner(
-            copy, target=0.3, total_steps=1000, untangle=1e-4, merge_every=merge_every
-        )
-        untangler._untangle_pass()  # records every block: nothing is settled yet
+        config = gblr.LearnerConfig(untangle=_ALL.untangle, pass_every=merge_every)
+        untangler = gblr.StructureLearner(copy, config, budget=0.3, total_steps=1000)
+        untangle = untangler.passes["untangle"]
+        untangle.run()  # records every block: nothing is settled yet
         start = time.perf_counter()
-        untangler._untangle_pass()  # every component settled at once: all pairs searched
+        untangle.run()  # every component settled at once: all pairs searched
         middle = time.perf_counter()
-        untangler._untangle_pass()  # nothing changed: no pair searched again
+        untangle.run()  # nothing changed: no pair searched again
         end = time.perf_counter()
         untangle_all.append(middle - start)
         untangle_steady.append(end - middle)
@@ -148,19 +131,19 @@ def measure_overhead(repeats: int, batch: int, merge_every: int = MERGE_EVERY) -
     refined = gblr_vit()
     refined.load_state_dict(model.state_dict())
     refine_optimizer = torch.optim.AdamW(gblr.param_groups(refined, lr=1e-3, weight_decay=0.05))
-    refiner = gblr.StructureLearner(
-        refined, target=0.3, total_steps=1000, warmup_steps=0, refine=1e-6, merge_every=merge_every
-    )
+    config = gblr.LearnerConfig(refine=_ALL.refine, pass_every=merge_every)
+    refiner = gblr.StructureLearner(refined, config, budget=0.3, total_steps=1000)
+    schedule = refiner.passes["refine"].schedule
     plain_train, recorded_train, plain_learner, refine_learner = [], [], [], []
     for _ in range(max(2, repeats // 5) * merge_every):
-        recording = refiner.layers[0].__dict__.get("_factor_record") is not None
+        recording = refiner.layers[0].factor_record is not None
         start = time.perf_counter()
         train_step(refined, refine_optimizer)
         middle = time.perf_counter()
         refiner.step()
         end = time.perf_counter()
         (recorded_train if recording else plain_train).append(middle - start)
-        is_pass = refiner._is_refine_step(refiner.step_count)
+        is_pass = schedule.is_half_step(refiner.step_count)
         (refine_learner if is_pass else plain_learner).append(end - middle)
     refine_extra_ms = 1e3 * (
         2 * (statistics.median(recorded_train) - statistics.median(plain_train))
@@ -251,13 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     payload["lr_decay"] = args.lr_decay
     payload["merge_every"] = args.merge_every
     for variant in [] if args.skip_recovery else args.variants:
-        options = {**VARIANTS[variant], "merge_every": args.merge_every}
-        payload["recovery"][variant] = {"learner_options": options}
+        config = dataclasses.replace(VARIANTS[variant], pass_every=args.merge_every)
+        payload["recovery"][variant] = {"learner_config": config.to_dict()}
         for factor in args.factors:
             runs = [
-                recovery_run(
-                    seed, factor, steps=args.steps, learner_options=options, lr_decay=args.lr_decay
-                )
+                recovery_run(seed, factor, steps=args.steps, config=config, lr_decay=args.lr_decay)
                 for seed in seeds
             ]
             recovered = sum(run["error"] <= 2e-2 for run in runs)

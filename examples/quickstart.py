@@ -27,11 +27,12 @@ train, test = digits()
 model = VisionTransformer()  # 4 blocks; qkv, proj, fc1, fc2 in each
 
 # 2. Every linear layer of the blocks becomes a GBLR layer starting at 60% of its MACs.
-gblr.convert(model, budget=0.6, init="random", include="blocks.*", min_features=1)
+config = gblr.GBLRConfig(budget=0.6, init="random", include="blocks.*", min_features=1)
+gblr.convert(model, config)
 
 # 3. Train: widths and locations are parameters too; the learner brings the MACs to 30%.
 optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=2e-3, weight_decay=0.05))
-learner = gblr.StructureLearner(model, target=0.3, total_steps=steps, warmup_steps=steps // 3)
+learner = gblr.StructureLearner(model, budget=0.3, total_steps=steps, warmup_steps=steps // 3)
 loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
 step = 0
 while step < steps:

@@ -229,3 +229,37 @@ def test_the_checker_reports_upward_imports_private_names_and_circles():
     assert not any(line.startswith(("gblr.learn.learner", "gblr:")) for line in found)
     assert not any("__version__" in line for line in found)
     assert part_cycles(FAKE) == [["deploy", "recipes", "deploy"]]
+
+
+def foreign_dict_uses(sources: Sources) -> list[str]:
+    """Every read or write of another object's ``__dict__`` by key (``layer.__dict__["x"]``,
+    ``.get``, ``.pop``, ``.setdefault``): a side channel past the interface of the object's
+    class, which the import checks above cannot see. An object's own (``self.__dict__``,
+    for caches that must not go through ``nn.Module.__setattr__``) is its business."""
+    found = []
+    for module, (text, _) in sources.items():
+        for node in ast.walk(ast.parse(text, filename=module)):
+            if isinstance(node, ast.Subscript):
+                target = node.value
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if node.func.attr not in ("get", "pop", "setdefault", "__getitem__"):
+                    continue
+                target = node.func.value
+            else:
+                continue
+            if (
+                isinstance(target, ast.Attribute)
+                and target.attr == "__dict__"
+                and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+            ):
+                found.append(f"{module}:{node.lineno} reads another object's __dict__ by key")
+    return found
+
+
+def test_no_module_reaches_into_another_objects_dict():
+    """The learner's refine pass used to talk to the layers through
+    ``layer.__dict__["_factor_record"]``; layers now declare ``factor_record`` and
+    ``record_factors`` (issue 21)."""
+    assert foreign_dict_uses(package_sources()) == []
+    fake = {"gblr.learn.x": ('layer.__dict__["_record"] = {}\nself.__dict__.get("_c")\n', False)}
+    assert foreign_dict_uses(fake) == ["gblr.learn.x:1 reads another object's __dict__ by key"]

@@ -23,7 +23,9 @@ def test_small_vit_matches_a_hand_count_and_a_converted_one_sums_its_layers():
     assert dense.macs == dense.dense_macs == small_vit_macs(3)
     assert dense.structured == ()
 
-    gblr.convert(model, budget=0.3, init="random", include="blocks.*", min_features=1)
+    gblr.convert(
+        model, gblr.GBLRConfig(budget=0.3, init="random", include="blocks.*", min_features=1)
+    )
     converted = count_model_flops(model, images)
     layers = gblr.count_flops(model, images, include=["blocks.*"])  # per-layer totals
     assert len(converted.structured) == len(layers) == 16
@@ -48,7 +50,9 @@ def test_gpt2_counts_conv1d_attention_and_head_and_takes_keyword_inputs():
     per_layer = tokens * (dim * 3 * dim + dim * dim + 2 * dim * 4 * dim) + 2 * tokens**2 * dim
     expected = 2 * per_layer + tokens * dim * 50  # two blocks and the LM head
     assert count_model_flops(model, {"input_ids": ids}).macs == expected
-    gblr.convert(model, budget=0.5, init="random", include="transformer.h.*", min_features=1)
+    gblr.convert(
+        model, gblr.GBLRConfig(budget=0.5, init="random", include="transformer.h.*", min_features=1)
+    )
     converted = count_model_flops(model, (ids,))
     assert len(converted.structured) == 8 and converted.dense_macs == expected
     assert converted.macs < expected

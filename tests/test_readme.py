@@ -15,7 +15,7 @@ def test_readme_python_example_runs():
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["y"].shape == (8, 384)
     assert namespace["exact"].flops() == 3 * 4 * 5
-    assert namespace["learner"].summary()["mac_ratio"] <= 0.3
+    assert namespace["learner"].summary()["macs_ratio"] <= 0.3
 
 
 def test_ci_runs_the_readme_test_command():

@@ -8,10 +8,27 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import deploy, structured
 from .compress import ConversionReport, convert, fit_dense
+from .compress.configs import (
+    BlockDiagConfig,
+    BlockSparseConfig,
+    ConversionConfig,
+    GBLRConfig,
+    LowRankConfig,
+    MonarchConfig,
+    PixelflyConfig,
+)
 from .cost import FlopsReport, LayerFlops, count_flops
 from .deploy import FrozenGBLRConv2d, FrozenGBLRLinear, export_onnx, freeze, load, plan, save
 from .layers import GBLRConv2d, GBLRLinear, special
 from .learn import StructureLearner, merge_components, param_groups, untangle_components
+from .learn.config import (
+    AdaptiveConfig,
+    LearnerConfig,
+    MergeConfig,
+    RefineConfig,
+    ShiftLimitConfig,
+    UntangleConfig,
+)
 from .model_flops import ModelFlops, count_model_flops
 from .ops import boxcar_mask, gaudi_mask
 
@@ -21,15 +38,28 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "AdaptiveConfig",
+    "BlockDiagConfig",
+    "BlockSparseConfig",
+    "ConversionConfig",
     "ConversionReport",
     "FlopsReport",
     "FrozenGBLRConv2d",
     "FrozenGBLRLinear",
+    "GBLRConfig",
     "GBLRConv2d",
     "GBLRLinear",
     "LayerFlops",
+    "LearnerConfig",
+    "LowRankConfig",
+    "MergeConfig",
     "ModelFlops",
+    "MonarchConfig",
+    "PixelflyConfig",
+    "RefineConfig",
+    "ShiftLimitConfig",
     "StructureLearner",
+    "UntangleConfig",
     "__version__",
     "boxcar_mask",
     "convert",

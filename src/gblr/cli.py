@@ -54,7 +54,7 @@ def fit_matrix(args: argparse.Namespace) -> int:
     optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2, structure_lr=2e-3))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     learner = gblr.StructureLearner(
-        layer, target=args.budget, total_steps=args.steps, warmup_steps=args.steps // 2
+        layer, budget=args.budget, total_steps=args.steps, warmup_steps=args.steps // 2
     )
     target_energy = target.pow(2).sum()
     start = time.perf_counter()

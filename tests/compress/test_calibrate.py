@@ -108,9 +108,7 @@ def test_calibrated_conversion_fits_the_outputs(structure):
         calibration = [x[:256], x[256:]] if calibrated else None
         report = gblr.convert(
             model,
-            structure=structure,
-            budget=0.3,
-            min_features=1,
+            gblr.compress.config_class(structure)(budget=0.3, min_features=1),
             calibration=calibration,
             progress=False,
         )
@@ -137,7 +135,9 @@ def test_calibrated_gblr_and_lowrank_give_the_same_matrix():
     x = correlated_inputs()
     models = {name: mlp() for name in ("gblr", "lowrank")}
     for name, model in models.items():
-        gblr.convert(model, structure=name, budget=0.4, min_features=1, calibration=[x])
+        gblr.convert(
+            model, gblr.compress.config_class(name)(budget=0.4, min_features=1), calibration=[x]
+        )
     for index in (0, 2):
         assert torch.allclose(
             models["gblr"][index].dense_weight(),
@@ -149,9 +149,11 @@ def test_calibrated_gblr_and_lowrank_give_the_same_matrix():
 def test_calibration_is_refused_where_it_cannot_apply():
     x = [correlated_inputs()]
     with pytest.raises(ValueError, match="calibration is supported by structure"):
-        gblr.convert(mlp(), structure="monarch", budget=0.5, min_features=1, calibration=x)
+        gblr.convert(mlp(), gblr.MonarchConfig(budget=0.5, min_features=1), calibration=x)
     with pytest.raises(ValueError, match="needs init='svd', got init='search'"):
-        gblr.convert(mlp(), budget=0.5, init="search", min_features=1, calibration=x)
+        gblr.convert(
+            mlp(), gblr.GBLRConfig(budget=0.5, init="search", min_features=1), calibration=x
+        )
 
     class WithConv(nn.Module):
         def __init__(self):
@@ -164,19 +166,25 @@ def test_calibration_is_refused_where_it_cannot_apply():
 
     model = WithConv()
     with pytest.raises(ValueError, match=r"exclude the convolutions \['conv'\]"):
-        gblr.convert(model, budget=0.5, min_features=1, calibration=[torch.randn(2, 3, 8, 8)])
+        gblr.convert(
+            model,
+            gblr.GBLRConfig(budget=0.5, min_features=1),
+            calibration=[torch.randn(2, 3, 8, 8)],
+        )
     assert isinstance(model.conv, nn.Conv2d)  # nothing was converted
     report = gblr.convert(
-        model, budget=0.5, min_features=1, exclude="conv", calibration=[torch.randn(2, 3, 8, 8)]
+        model,
+        gblr.GBLRConfig(budget=0.5, exclude="conv", min_features=1),
+        calibration=[torch.randn(2, 3, 8, 8)],
     )
     assert [layer.name for layer in report.layers] == ["fc"]
 
 
 def test_progress_bar_is_shown_when_asked(capsys):
     pytest.importorskip("tqdm")
-    gblr.convert(mlp(), budget=0.5, min_features=1, progress=True)
+    gblr.convert(mlp(), gblr.GBLRConfig(budget=0.5, min_features=1), progress=True)
     assert "gblr.convert" in capsys.readouterr().err
-    gblr.convert(mlp(), budget=0.5, min_features=1, progress=False)
+    gblr.convert(mlp(), gblr.GBLRConfig(budget=0.5, min_features=1), progress=False)
     assert "gblr.convert" not in capsys.readouterr().err
 
 

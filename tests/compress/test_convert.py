@@ -3,6 +3,8 @@ import torch
 from torch import nn
 
 import gblr
+from gblr import ConversionConfig, GBLRConfig, LowRankConfig
+from gblr.compress import config_class
 from tests.compress.test_search import svd_error
 
 
@@ -29,7 +31,7 @@ def test_svd_at_full_budget_reproduces_the_dense_model():
     model = mlp_with_conv()
     x = torch.randn(5, 3, 4, 4)
     expected = model(x)
-    report = gblr.convert(model, budget=1.0, init="svd", min_features=1)
+    report = gblr.convert(model, GBLRConfig(budget=1.0, min_features=1))
     assert isinstance(model.conv, gblr.GBLRConv2d)
     assert all(isinstance(model.head[i], gblr.GBLRLinear) for i in (0, 2))
     assert relative(model(x), expected) <= 1e-4
@@ -42,7 +44,7 @@ def test_layers_keep_bias_dtype_device_and_mode():
     model[0].train()
     model[1].eval()
     bias = model[0].bias.detach().clone()
-    gblr.convert(model, budget=0.5, init="svd")
+    gblr.convert(model, GBLRConfig(budget=0.5))
     assert model[0].training and not model[1].training
     assert model[0].U.dtype == torch.bfloat16 and model[0].widths.dtype == torch.float32
     assert torch.equal(model[0].bias.detach(), bias)
@@ -53,7 +55,8 @@ def test_layers_keep_bias_dtype_device_and_mode():
 @pytest.mark.parametrize("init", ["search", "svd", "random"])
 def test_uniform_allocation_meets_each_layer_budget(init):
     model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 24))
-    report = gblr.convert(model, budget=0.4, init=init, allocation="uniform", steps=10)
+    steps = {"search_steps": 10} if init == "search" else {}
+    report = gblr.convert(model, GBLRConfig(budget=0.4, init=init, allocation="uniform", **steps))
     for layer in report.layers:
         assert layer.macs_after <= 0.4 * layer.macs_before
         assert layer.macs_after >= 0.3 * layer.macs_before
@@ -70,7 +73,7 @@ def test_outputs_degrade_gracefully_as_the_budget_shrinks():
     for budget in (0.9, 0.5, 0.2):
         model = mlp_with_conv(seed=1)
         expected = model(x)
-        gblr.convert(model, budget=budget, min_features=1, steps=0)
+        gblr.convert(model, GBLRConfig(budget=budget, min_features=1))
         errors.append(relative(model(x), expected))
     assert errors[0] <= errors[1] <= errors[2]
     # Random (incompressible) weights; measured 2026-11-26: 0.22, 0.50, 0.74.
@@ -94,8 +97,8 @@ def test_global_allocation_spends_the_budget_where_it_helps():
     uniform_model = nn.Sequential(*[nn.Linear(64, m.out_features) for m in model])
     uniform_model.load_state_dict(model.state_dict())
 
-    report = gblr.convert(model, budget=0.3, steps=0)
-    uniform = gblr.convert(uniform_model, budget=0.3, steps=0, allocation="uniform")
+    report = gblr.convert(model, GBLRConfig(budget=0.3))
+    uniform = gblr.convert(uniform_model, GBLRConfig(budget=0.3, allocation="uniform"))
     total = sum(w.numel() for w in weights)
     assert abs(report.macs_after - 0.3 * total) <= 0.01 * 0.3 * total
     ratios = [layer.ratio for layer in report.layers]
@@ -118,13 +121,14 @@ def test_include_exclude_and_min_features():
     model.add_module("encoder_b", nn.Linear(32, 32))
     model.add_module("tiny", nn.Linear(32, 4))
     model.add_module("head", nn.Linear(32, 10))
-    report = gblr.convert(model, budget=0.5, init="svd", include="encoder_*", exclude=["*_b"])
+    config = GBLRConfig(budget=0.5, include="encoder_*", exclude=["*_b"])
+    report = gblr.convert(model, config)
     assert [layer.name for layer in report.layers] == ["encoder_a"]
     assert isinstance(model.encoder_b, nn.Linear) and not isinstance(
         model.encoder_b, gblr.GBLRLinear
     )
 
-    report = gblr.convert(model, budget=0.5, init="svd", min_features=8)
+    report = gblr.convert(model, GBLRConfig(budget=0.5, min_features=8))
     assert [layer.name for layer in report.layers] == ["encoder_b", "head"]
     assert [name for name, _ in report.skipped] == ["tiny"]
     assert "min_features=8" in report.skipped[0][1]
@@ -134,7 +138,7 @@ def test_include_exclude_and_min_features():
 
 def test_grouped_conv_is_skipped_with_a_reason():
     model = nn.Sequential(nn.Conv2d(16, 32, 3, groups=4), nn.Conv2d(32, 32, 1))
-    report = gblr.convert(model, budget=0.5, init="svd")
+    report = gblr.convert(model, GBLRConfig(budget=0.5))
     assert [layer.name for layer in report.layers] == ["1"]
     assert report.skipped[0][0] == "0" and "groups=4" in report.skipped[0][1]
 
@@ -142,7 +146,7 @@ def test_grouped_conv_is_skipped_with_a_reason():
 def test_shared_module_is_converted_once():
     shared = nn.Linear(32, 32)
     model = nn.Sequential(shared, nn.ReLU(), shared)
-    report = gblr.convert(model, budget=0.5, init="svd")
+    report = gblr.convert(model, GBLRConfig(budget=0.5))
     assert len(report.layers) == 1 and report.layers[0].aliases == ("2",)
     assert isinstance(model[0], gblr.GBLRLinear) and model[2] is model[0]
 
@@ -151,30 +155,29 @@ def test_seeded_conversion_is_deterministic():
     outputs = []
     for _ in range(2):
         model = mlp_with_conv(seed=3)
-        gblr.convert(model, budget=0.3, min_features=1, steps=5, seed=7)
+        config = GBLRConfig(budget=0.3, min_features=1, init="search", search_steps=5, seed=7)
+        gblr.convert(model, config)
         outputs.append(model(torch.ones(2, 3, 4, 4)))
     assert torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
+    ("config", "error", "match"),
     [
-        ({"budget": 0.0}, ValueError, "budget"),
-        ({"budget": 1.5}, ValueError, "budget"),
-        ({"budget": True}, TypeError, "budget"),
-        ({"structure": "monarchy"}, ValueError, "structure must be one of"),
-        ({"init": "zeros"}, ValueError, "init"),
-        ({"allocation": "greedy"}, ValueError, "allocation"),
-        ({"include": "decoder.*"}, ValueError, r"matches no convertible layer; available: 0, 1"),
-        ({"exclude": ["0", "nope"]}, ValueError, "'nope'"),
-        ({"include": 3}, TypeError, "include"),
-        ({"min_features": 0}, ValueError, "min_features"),
+        ("monarchy", ValueError, "structure must be one of"),
+        (
+            GBLRConfig(include="decoder.*"),
+            ValueError,
+            r"matches no convertible layer; available: 0, 1",
+        ),
+        (GBLRConfig(exclude=["0", "nope"]), ValueError, "'nope'"),
+        ({"budget": 0.5}, TypeError, r"config must be a conversion config .* got dict"),
     ],
 )
-def test_bad_arguments(kwargs, error, match):
+def test_bad_arguments(config, error, match):
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
     with pytest.raises(error, match=match):
-        gblr.convert(model, **kwargs)
+        gblr.convert(model, config)
     assert isinstance(model[0], nn.Linear) and not isinstance(model[0], gblr.GBLRLinear)
 
 
@@ -194,7 +197,7 @@ def test_gpt2_conv1d_layers_keep_their_orientation():
     with torch.no_grad():
         expected = model(tokens).logits
     # lm_head shares its weight with the token embedding: left dense
-    report = gblr.convert(model, budget=1.0, init="svd", exclude="lm_head")
+    report = gblr.convert(model, GBLRConfig(budget=1.0, exclude="lm_head"))
     names = [layer.name for layer in report.layers]
     assert "transformer.h.0.attn.c_attn" in names and "transformer.h.1.mlp.c_proj" in names
     c_attn = model.transformer.h[0].attn.c_attn
@@ -205,7 +208,7 @@ def test_gpt2_conv1d_layers_keep_their_orientation():
         assert relative(model(tokens).logits, expected) <= 1e-4
 
     model = transformers.GPT2LMHeadModel(config).eval()
-    report = gblr.convert(model, budget=0.5, exclude="lm_head", steps=0)
+    report = gblr.convert(model, GBLRConfig(budget=0.5, exclude="lm_head"))
     assert abs(report.ratio - 0.5) <= 0.01
     with torch.no_grad():
         assert torch.isfinite(model(tokens).logits).all()
@@ -216,27 +219,29 @@ def test_cuda_model_converts_in_place_on_the_device():
     model = mlp_with_conv().cuda()
     x = torch.randn(4, 3, 4, 4, device="cuda")
     expected = model(x)
-    gblr.convert(model, budget=1.0, init="svd", min_features=1)
+    gblr.convert(model, GBLRConfig(budget=1.0, min_features=1))
     assert model.conv.U.is_cuda and model.head[0].U.is_cuda
     assert relative(model(x), expected) <= 1e-4
-    report = gblr.convert(mlp_with_conv().cuda(), budget=0.5, min_features=1, steps=20)
+    config = GBLRConfig(budget=0.5, min_features=1, init="search", search_steps=20)
+    report = gblr.convert(mlp_with_conv().cuda(), config)
     assert abs(report.ratio - 0.5) <= 0.01
 
 
 @pytest.mark.parametrize("structure", sorted(gblr.structured.FAMILIES))
-@pytest.mark.parametrize("init", ["search", "random"])
+@pytest.mark.parametrize("init", ["project", "random"])
 def test_every_baseline_family_converts_linear_layers(structure, init):
     family = gblr.structured.FAMILIES[structure]
     model = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64), nn.Conv2d(3, 8, 3))
     bias = model[0].bias.detach().clone()
-    report = gblr.convert(model, structure=structure, budget=0.5, init=init, allocation="uniform")
+    config = config_class(structure)(budget=0.5, init=init, allocation="uniform")
+    report = gblr.convert(model, config)
     assert isinstance(model[0], family) and isinstance(model[2], family)
     assert isinstance(model[3], nn.Conv2d)  # the baselines convert Linear layers only
     assert [name for name, _ in report.skipped] == ["3"]
     assert torch.equal(model[0].bias.detach(), bias)
     for layer, module in zip(report.layers, (model[0], model[2])):
         assert layer.macs_after == module.flops() <= 0.5 * layer.macs_before
-    if init == "search":  # from_dense is the family's projection of the weights
+    if init == "project":  # from_dense is the family's projection of the weights
         assert all(layer.error < 1 for layer in report.layers)
     counted = {row.name: row.macs for row in gblr.count_flops(model).layers}
     assert counted["0"] == model[0].flops() and counted["2"] == model[2].flops()
@@ -245,7 +250,7 @@ def test_every_baseline_family_converts_linear_layers(structure, init):
 def test_structure_dense_is_a_no_op_with_a_report():
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 16))
     before = [module for module in model]
-    report = gblr.convert(model, structure="dense", budget=0.3)
+    report = gblr.convert(model, ConversionConfig(structure="dense"))
     assert [module for module in model] == before
     assert report.ratio == 1.0 and [layer.error for layer in report.layers] == [0.0, 0.0]
 
@@ -253,7 +258,7 @@ def test_structure_dense_is_a_no_op_with_a_report():
 def test_a_budget_the_family_cannot_express_keeps_the_layer_dense():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     with pytest.warns(UserWarning, match="converted no layer"):
-        report = gblr.convert(model, structure="lowrank", budget=0.01, allocation="uniform")
+        report = gblr.convert(model, LowRankConfig(budget=0.01, allocation="uniform"))
     assert report.layers == [] and len(report.skipped) == 2
     assert "128 MACs" in report.skipped[0][1]
     assert not isinstance(model[0], gblr.structured.StructuredLinear)

@@ -1,7 +1,9 @@
 """``gblr.convert`` is all or nothing: arguments and weights are checked before anything
 changes, a failing fit leaves the model as it was, and tied weights stay tied."""
 
+import dataclasses
 import importlib
+import json
 import warnings
 
 import pytest
@@ -9,6 +11,8 @@ import torch
 from torch import nn
 
 import gblr
+from gblr import GBLRConfig, LowRankConfig, MonarchConfig
+from gblr.compress import configs
 from gblr.structured import BudgetTooSmallError
 
 # the module (``gblr.compress.convert`` the attribute is the function)
@@ -44,48 +48,53 @@ def mlp():
 
 
 # --------------------------------------------------------------------------- arguments
+BATCH = [torch.randn(4, 32)]
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
+    ("config", "kwargs", "error", "match"),
     [
-        # steps=-1 used to make fit_dense raise a ValueError that was taken for "budget
-        # too small": every layer skipped, nothing raised
-        ({"init": "search", "steps": -1}, ValueError, r"steps must be an int >= 0.*got -1"),
-        ({"steps": -1}, ValueError, r"steps must be an int >= 0"),
-        ({"steps": 1.5}, TypeError, r"steps .* got 1\.5"),
-        ({"steps": True}, TypeError, "steps"),
-        ({"seed": "a"}, TypeError, r"seed must be an int, got 'a'"),
-        ({"seed": 2**70}, ValueError, r"seed must be an int in"),
-        ({"progress": "yes"}, TypeError, r"progress must be True, False or None"),
-        ({"min_features": 1.5}, TypeError, "min_features must be a positive int"),
-        ({"rank_per_component": 0}, ValueError, "rank_per_component must be a positive int"),
-        ({"rank_per_component": 2.0}, TypeError, "rank_per_component"),
+        (GBLRConfig(), {"progress": "yes"}, TypeError, r"progress must be True, False or None"),
         (
-            {"rank_per_component": 40},
+            GBLRConfig(rank_per_component=40),
+            {},
             ValueError,
             r"rank_per_component=40 exceeds min\(out, in\) of 2 layer\(s\): '0' \(48x32\), '2\.1'",
         ),
-        ({"structure": 3}, TypeError, r"structure must be a str, one of \['dense', "),
-        ({"structure": "gblR"}, ValueError, r"structure must be one of .*'gblR'"),
-        ({"init": None}, TypeError, "init must be a str"),
-        ({"allocation": "Global"}, ValueError, "allocation must be one of"),
-        ({"budget": "0.3"}, TypeError, "budget must be a float fraction"),
-        ({"budget": float("nan")}, ValueError, r"budget must be a fraction in \(0, 1\]"),
-        ({"budget": -0.5}, ValueError, "budget"),
-        ({"include": []}, ValueError, r"include must hold at least one glob pattern"),
-        ({"exclude": ()}, ValueError, r"exclude must hold at least one glob pattern"),
-        ({"include": ["2.*", 3]}, TypeError, "include must be a glob pattern"),
-        ({"calibration": torch.randn(4, 32)}, TypeError, r"single Tensor.*calibration=\[batch\]"),
-        ({"calibration": {"x": torch.randn(4, 32)}}, TypeError, "single mapping"),
-        ({"calibration": 3}, TypeError, "calibration must be an iterable of batches"),
-        ({"calibration": [torch.randn(4, 32)], "init": "search"}, ValueError, "init='svd'"),
-        ({"calibration": [torch.randn(4, 32)], "structure": "monarch"}, ValueError, "lowrank"),
+        (
+            LowRankConfig(rank_per_component=40),  # the allocation's unit: checked too
+            {},
+            ValueError,
+            r"rank_per_component=40 exceeds",
+        ),
+        (3, {}, TypeError, r"config must be a conversion config .* got int"),
+        ("gblR", {}, ValueError, r"structure must be one of .*'gblR'"),
+        (GBLRConfig(include=["2.*", "nope"]), {}, ValueError, r"include pattern 'nope' matches"),
+        (
+            GBLRConfig(),
+            {"calibration": torch.randn(4, 32)},
+            TypeError,
+            r"single Tensor.*calibration=\[batch\]",
+        ),
+        (GBLRConfig(), {"calibration": {"x": torch.randn(4, 32)}}, TypeError, "single mapping"),
+        (GBLRConfig(), {"calibration": 3}, TypeError, "calibration must be an iterable of batches"),
+        (GBLRConfig(init="search"), {"calibration": BATCH}, ValueError, "init='svd'"),
+        (GBLRConfig(init="random"), {"calibration": BATCH}, ValueError, "init='svd'"),
+        (MonarchConfig(), {"calibration": BATCH}, ValueError, "lowrank"),
+        (LowRankConfig(init="random"), {"calibration": BATCH}, ValueError, "init='project'"),
+        (GBLRConfig(), {"budget": 0.5}, ValueError, r"not both: got GBLRConfig\(budget=0\.3"),
+        (GBLRConfig(), {"steps": 0}, ValueError, "dataclasses.replace"),
+        (GBLRConfig(), {"stepz": 0}, TypeError, r"unexpected keyword argument\(s\) \['stepz'\]"),
+        ("gblr", {"structure": "gblr"}, TypeError, "multiple values for argument 'structure'"),
     ],
 )
-def test_every_argument_is_checked_before_the_model_changes(kwargs, error, match):
+def test_every_argument_is_checked_before_the_model_changes(config, kwargs, error, match):
     model = mlp()
     before = snapshot(model)
+    if isinstance(config, gblr.ConversionConfig):
+        config = dataclasses.replace(config, min_features=1)
     with pytest.raises(error, match=match):
-        gblr.convert(model, **{"min_features": 1, **kwargs})
+        gblr.convert(model, config, **kwargs)
     assert_unchanged(model, before)
 
 
@@ -97,13 +106,6 @@ def test_a_model_that_is_itself_a_layer_is_refused():
     assert_unchanged(layer, before)
 
 
-def test_ignored_options_are_accepted_for_structures_that_ignore_them():
-    # steps is documented as used by structure="gblr", init="search" only
-    model = mlp()
-    report = gblr.convert(model, structure="lowrank", budget=0.5, steps=3, min_features=1)
-    assert len(report.layers) == 3
-
-
 # --------------------------------------------------------------------------- weights
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_weights_name_the_layer_and_change_nothing(bad):
@@ -112,7 +114,7 @@ def test_non_finite_weights_name_the_layer_and_change_nothing(bad):
         model[2][1].weight[3, 4] = bad
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"'2\.1': .*of 1536.*exclude=\['2\.1'\]") as caught:
-        gblr.convert(model, budget=0.5, min_features=1)
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5, min_features=1))
     assert "LinAlgError" not in type(caught.value).__name__
     assert "'0'" not in str(caught.value)  # only the broken layer is named
     assert_unchanged(model, before)  # layer 0, fitted first, was not replaced either
@@ -122,7 +124,7 @@ def test_excluded_non_finite_layers_do_not_block_the_others():
     model = mlp()
     with torch.no_grad():
         model[0].weight.fill_(float("nan"))
-    report = gblr.convert(model, budget=0.5, min_features=1, exclude="0")
+    report = gblr.convert(model, gblr.GBLRConfig(budget=0.5, exclude="0", min_features=1))
     assert [layer.name for layer in report.layers] == ["2.0", "2.1"]
 
 
@@ -130,7 +132,7 @@ def test_weights_not_loaded_are_refused():
     with torch.device("meta"):
         model = mlp()
     with pytest.raises(ValueError, match="meta device"):
-        gblr.convert(model, budget=0.5, min_features=1)
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5, min_features=1))
     assert type(model[0]) is nn.Linear
 
 
@@ -140,7 +142,7 @@ def test_non_finite_calibration_inputs_name_the_layers():
     batch = torch.randn(8, 32)
     batch[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"calibration inputs of \['0', '2\.0', '2\.1'\]"):
-        gblr.convert(model, budget=0.5, min_features=1, calibration=[batch])
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5, min_features=1), calibration=[batch])
     assert_unchanged(model, before)
 
 
@@ -148,18 +150,18 @@ def test_non_finite_calibration_inputs_name_the_layers():
 def flaky_structure(monkeypatch, error, fail_at=2):
     """A structure that fits like "gblr" until its ``fail_at``-th layer, which raises."""
     calls = []
-    gblr_fit = convert_module._STRUCTURES["gblr"].fit
+    gblr_fit = configs._STRUCTURES["gblr"].fit
 
-    def fit(weight, macs, **options):
+    def fit(weight, macs, config, **options):
         calls.append(tuple(weight.shape))
         if len(calls) == fail_at:
             raise error
-        return gblr_fit(weight, macs, **options)
+        return gblr_fit(weight, macs, GBLRConfig(seed=config.seed), **options)
 
     monkeypatch.setitem(
-        convert_module._STRUCTURES,
+        configs._STRUCTURES,
         "flaky",
-        convert_module._Structure(fit, supports_conv2d=True),
+        configs._Structure(fit, supports_conv2d=True),
     )
     return calls
 
@@ -177,7 +179,7 @@ def test_a_failing_fit_leaves_the_model_as_it_was(monkeypatch, error):
     calls = flaky_structure(monkeypatch, error)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match=r"fitting layer '2\.0' .*model is unchanged") as caught:
-        gblr.convert(model, structure="flaky", budget=0.5, min_features=1)
+        gblr.convert(model, gblr.ConversionConfig(structure="flaky", budget=0.5, min_features=1))
     assert caught.value.__cause__ is error
     assert len(calls) == 2  # the first layer was fitted, and still not installed
     assert_unchanged(model, before)
@@ -188,7 +190,7 @@ def test_an_interrupted_conversion_leaves_the_model_as_it_was(monkeypatch):
     flaky_structure(monkeypatch, KeyboardInterrupt(), fail_at=3)
     before = snapshot(model)
     with pytest.raises(KeyboardInterrupt):
-        gblr.convert(model, structure="flaky", budget=0.5, min_features=1)
+        gblr.convert(model, gblr.ConversionConfig(structure="flaky", budget=0.5, min_features=1))
     assert_unchanged(model, before)
 
 
@@ -206,7 +208,7 @@ def test_a_failure_while_installing_puts_the_originals_back(monkeypatch):
 
     monkeypatch.setattr(convert_module, "set_submodule", failing)
     with pytest.raises(RuntimeError, match="setattr refused"):
-        gblr.convert(model, budget=0.5, min_features=1)
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5, min_features=1))
     assert calls == ["0", "2.0", "2.1"]
     assert_unchanged(model, before)
 
@@ -214,7 +216,9 @@ def test_a_failure_while_installing_puts_the_originals_back(monkeypatch):
 def test_only_a_budget_too_small_leaves_a_layer_dense(monkeypatch):
     model = mlp()
     flaky_structure(monkeypatch, BudgetTooSmallError("below the smallest layer"))
-    report = gblr.convert(model, structure="flaky", budget=0.5, min_features=1)
+    report = gblr.convert(
+        model, gblr.ConversionConfig(structure="flaky", budget=0.5, min_features=1)
+    )
     assert report.skipped == [("2.0", "below the smallest layer")]
     assert isinstance(model[0], gblr.GBLRLinear) and type(model[2][0]) is nn.Linear
 
@@ -236,7 +240,7 @@ def test_a_family_layer_the_global_allocation_leaves_no_macs_stays_dense():
     # 0.0005 of the MACs is 6 here: the three large layers get 2 each, the small one none
     # (a 0-MAC budget used to fail as a malformed MAC count and abort the conversion).
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(3)], nn.Linear(16, 16))
-    report = gblr.convert(model, structure="blocksparse", budget=0.0005, min_features=1)
+    report = gblr.convert(model, gblr.BlockSparseConfig(budget=0.0005, min_features=1))
     assert [layer.macs_after for layer in report.layers] == [2, 2, 2]
     ((name, reason),) = report.skipped
     assert name == "3" and "left this layer 0 MACs" in reason
@@ -246,7 +250,7 @@ def test_a_family_layer_the_global_allocation_leaves_no_macs_stays_dense():
 def test_converting_nothing_warns():
     model = mlp()
     with pytest.warns(UserWarning, match=r"converted no layer \(3 skipped"):
-        report = gblr.convert(model, budget=0.5, min_features=64)
+        report = gblr.convert(model, gblr.GBLRConfig(budget=0.5, min_features=64))
     assert report.layers == []
 
 
@@ -266,7 +270,7 @@ class TiedLM(nn.Module):
 def test_a_head_tied_to_the_embedding_stays_dense_and_tied():
     model = TiedLM()
     with pytest.warns(UserWarning, match=r"tied layer.*head.*embed\.weight"):
-        report = gblr.convert(model, budget=0.5)
+        report = gblr.convert(model, gblr.GBLRConfig(budget=0.5))
     assert [layer.name for layer in report.layers] == ["body"]
     assert type(model.head) is nn.Linear and model.head.weight is model.embed.weight
     ((name, reason),) = report.skipped
@@ -278,7 +282,7 @@ def test_an_excluded_tied_head_is_not_warned_about():
     model = TiedLM()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report = gblr.convert(model, budget=0.5, exclude="head")
+        report = gblr.convert(model, gblr.GBLRConfig(budget=0.5, exclude="head"))
     assert [layer.name for layer in report.layers] == ["body"] and report.skipped == []
 
 
@@ -288,7 +292,7 @@ def test_distinct_linears_sharing_one_weight_get_one_structured_module():
     model = nn.Sequential(first, nn.Tanh(), second)
     x = torch.randn(4, 32)
     expected = model(x)
-    report = gblr.convert(model, budget=1.0, init="svd")
+    report = gblr.convert(model, gblr.GBLRConfig(budget=1.0))
     assert isinstance(model[0], gblr.GBLRLinear) and model[2] is model[0]
     assert len(report.layers) == 1 and report.layers[0].aliases == ("2",)
     assert torch.allclose(model(x), expected, atol=1e-5)
@@ -302,7 +306,7 @@ def test_tied_linears_with_different_biases_stay_dense_and_tied():
     model = nn.Sequential(first, nn.Tanh(), second, nn.Linear(32, 32))
     before = snapshot(model)
     with pytest.warns(UserWarning, match="share one weight but differ"):
-        report = gblr.convert(model, budget=0.5)
+        report = gblr.convert(model, gblr.GBLRConfig(budget=0.5))
     assert [layer.name for layer in report.layers] == ["3"]
     assert [name for name, _ in report.skipped] == ["0", "2"]
     assert model[0] is before[0]["0"] and model[2] is before[0]["2"]
@@ -314,7 +318,7 @@ def test_a_tied_layer_whose_partner_is_excluded_stays_dense():
     second.weight = first.weight
     model = nn.Sequential(first, second)
     with pytest.warns(UserWarning) as record:
-        report = gblr.convert(model, budget=0.5, exclude="1")
+        report = gblr.convert(model, gblr.GBLRConfig(budget=0.5, exclude="1"))
     messages = [str(item.message) for item in record]
     assert any("shared with 1.weight" in message for message in messages)
     assert any("converted no layer" in message for message in messages)
@@ -325,7 +329,7 @@ def test_calibration_pools_the_inputs_of_tied_modules():
     first, second = nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=False)
     second.weight = first.weight
     model = nn.Sequential(first, nn.Tanh(), second)
-    report = gblr.convert(model, budget=0.5, calibration=[torch.randn(16, 32)])
+    report = gblr.convert(model, gblr.GBLRConfig(budget=0.5), calibration=[torch.randn(16, 32)])
     assert report.calibrated and report.layers[0].aliases == ("2",)
     assert model[2] is model[0]
 
@@ -337,7 +341,7 @@ def test_gpt2_tied_lm_head_stays_tied_without_exclude():
     )
     model = transformers.GPT2LMHeadModel(config).eval()
     with pytest.warns(UserWarning, match="lm_head"):
-        report = gblr.convert(model, budget=0.5)
+        report = gblr.convert(model, gblr.GBLRConfig(budget=0.5))
     assert [name for name, _ in report.skipped] == ["lm_head"]
     assert model.lm_head.weight is model.transformer.wte.weight
     assert len(report.layers) == 4
@@ -349,7 +353,7 @@ def test_gpt2_tied_lm_head_stays_tied_without_exclude():
 def test_torch_transformer_layers_keep_the_linears_torch_reads_directly():
     layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
     model = nn.Sequential(layer, nn.Linear(32, 32)).eval()
-    report = gblr.convert(model, budget=0.5)
+    report = gblr.convert(model, gblr.GBLRConfig(budget=0.5))
     assert [layer.name for layer in report.layers] == ["1"]
     assert {name for name, _ in report.skipped} == {
         "0.self_attn.out_proj",
@@ -367,6 +371,26 @@ def test_torch_transformer_layers_keep_the_linears_torch_reads_directly():
         (("dense", lambda *a, **k: None), {}, ValueError, "reserved"),
         (("mine", "not callable"), {}, TypeError, "fit must be callable"),
         (("mine", lambda *a, **k: None), {"supports_conv2d": 1}, TypeError, "supports_conv2d"),
+        (("mine", lambda *a, **k: None), {"config": dict}, TypeError, "config must be"),
+        (
+            ("mine", lambda *a, **k: None),
+            {"config": LowRankConfig},
+            ValueError,
+            r"config LowRankConfig names structure 'lowrank', not 'mine'",
+        ),
+        (
+            # the fit of gblr < 0.2 took the options as keywords
+            ("mine", lambda weight, macs, *, init, rank_per_component, steps, seed: None),
+            {},
+            TypeError,
+            r"fit must be callable as fit\(weight, macs, config\)",
+        ),
+        (
+            ("mine", lambda weight, macs, config: None),
+            {"supports_calibration": True},
+            TypeError,
+            r"fit\(weight, macs, config, whitening=S\)",
+        ),
     ],
 )
 def test_register_structure_checks_its_arguments(args, kwargs, error, match):
@@ -378,13 +402,17 @@ def test_register_structure_checks_its_arguments(args, kwargs, error, match):
 def test_numpy_numbers_are_accepted_as_ints_and_floats():
     np = pytest.importorskip("numpy")
     model = mlp()
-    report = gblr.convert(
-        model,
+    config = GBLRConfig(
         budget=np.float32(0.5),
         init="search",
-        steps=np.int64(0),
+        search_steps=np.int64(0),
         seed=np.int64(1),
         rank_per_component=np.int64(2),
         min_features=np.int64(1),
     )
+    report = gblr.convert(model, config)
     assert len(report.layers) == 3 and report.budget == 0.5
+    # the config holds plain Python numbers: JSON-safe
+    data = config.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert [type(data[key]) for key in ("budget", "search_steps", "seed")] == [float, int, int]

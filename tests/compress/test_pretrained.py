@@ -42,7 +42,7 @@ def test_full_budget_svd_conversion_reproduces_the_embeddings(encoder):
     load, embed = encoder
     model = load()
     expected = embed(model)
-    report = gblr.convert(model, budget=1.0, init="svd")
+    report = gblr.convert(model, gblr.GBLRConfig(budget=1.0))
     assert len(report.layers) == 37  # 6 x (q, k, v, o, up, down) + pooler
     cosine = (embed(model) * expected).sum(-1)
     assert cosine.min() >= 1 - 1e-5
@@ -53,7 +53,7 @@ def test_search_at_half_budget_is_never_worse_than_svd_on_any_layer(encoder):
     load, embed = encoder
     model = load()
     expected = embed(model)
-    report = gblr.convert(model, budget=0.5, init="search", steps=0)
+    report = gblr.convert(model, gblr.GBLRConfig(budget=0.5, init="search", search_steps=0))
     print(report)  # per-layer error next to SVD's at the same MACs (pytest -s shows it)
     assert len(report.layers) == 37
     assert abs(report.ratio - 0.5) <= 0.005
@@ -72,7 +72,7 @@ def test_gblr_is_never_worse_than_low_rank_at_equal_budget(encoder):
     results = {}
     for structure in ("gblr", "lowrank"):
         report = gblr.convert(
-            load(), structure=structure, budget=0.3, allocation="uniform", steps=0
+            load(), gblr.compress.config_class(structure)(budget=0.3, allocation="uniform")
         )
         results[structure] = {layer.name: layer for layer in report.layers}
     assert results["gblr"].keys() == results["lowrank"].keys()

@@ -76,7 +76,7 @@ def test_round_trip_in_a_fresh_process(tmp_path):
 def test_round_trip_with_model_factory_in_a_fresh_process(tmp_path):
     torch.manual_seed(1)
     model = Net()
-    gblr.convert(model, budget=0.5, init="svd", min_features=4)
+    gblr.convert(model, gblr.GBLRConfig(budget=0.5, min_features=4))
     model = gblr.freeze(model.eval())
     x = torch.randn(7, 12)
     gblr.save(model, tmp_path / "net.safetensors")

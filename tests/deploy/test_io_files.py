@@ -430,3 +430,92 @@ def test_a_rebuilt_model_is_created_on_the_meta_device_first(saved, monkeypatch)
     gblr.load(saved)
     assert calls == [{"meta"}]
     assert io.FORMAT_VERSION == "2"
+
+
+# --------------------------------------------------------------------------- config
+@pytest.fixture
+def converted(tmp_path) -> tuple[Path, gblr.GBLRConfig]:
+    """A model converted with a config, frozen and saved: the file holds the config."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    config = gblr.GBLRConfig(budget=0.5, include=["0", "2"], min_features=1, seed=3)
+    gblr.convert(model, config)
+    return gblr.save(gblr.freeze(model.eval()), tmp_path / "m.safetensors"), config
+
+
+def test_the_conversion_config_is_saved_with_the_model(converted):
+    path, config = converted
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.config == config.to_dict()
+    assert gblr.ConversionConfig.from_file(path) == config
+    assert gblr.GBLRConfig.from_file(path) == config
+    with pytest.raises(ValueError, match="holds a GBLRConfig, not a LowRankConfig"):
+        gblr.LowRankConfig.from_file(path)
+    loaded = gblr.load(path)  # the model loads as before
+    assert isinstance(loaded[0], gblr.FrozenGBLRLinear)
+
+
+def test_a_file_without_a_config_still_loads(saved):
+    # written from a model gblr.convert did not make, as every file before configs
+    assert load_checkpoint(saved).config is None
+    assert "config" not in split(saved.read_bytes())[0]["__metadata__"]
+    with pytest.raises(ValueError, match="holds no conversion config"):
+        gblr.ConversionConfig.from_file(saved)
+    gblr.load(saved)
+
+
+def test_the_config_is_covered_by_the_checksum(converted):
+    path, _ = converted
+    edit(path, _set("__metadata__/config", '{"structure": "gblr", "budget": 0.9}'), sign=False)
+    with pytest.raises(GBLRFileError, match="checksum mismatch"):
+        gblr.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", r"the config metadata is not valid JSON"),
+        ("[]", r"the config must be a JSON object, got \[\]"),
+        ('{"budget": 0.5}', r"the config's structure must be a non-empty string, got None"),
+        ('{"structure": ""}', r"the config's structure must be a non-empty string"),
+        ('{"structure": "gblr", "budget": {"a": 1}}', r"the config's 'budget' must be null"),
+        ('{"structure": "gblr", "budget": 1e999}', r"the config's 'budget' must be null"),
+        ('{"structure": "gblr", "budget": NaN}', r"NaN is not a JSON number"),
+        ('{"structure": "gblr", "include": [1]}', r"'include' must be .* a list of strings"),
+        ('{"structure": "gblr", "seed": 1, "seed": 2}', r"duplicate key 'seed'"),
+        (json.dumps({"structure": "x", **{f"k{i}": 0 for i in range(64)}}), r"at most 64 keys"),
+    ],
+)
+def test_a_crafted_config_is_refused(converted, text, message):
+    path, _ = converted
+    edit(path, _set("__metadata__/config", text))
+    with pytest.raises(GBLRFileError, match=message):
+        gblr.load(path)
+
+
+def test_a_config_this_gblr_cannot_read_leaves_the_model_loadable(converted):
+    # The loader checks the form; the fields are the configs' business (a newer gblr, a
+    # structure registered elsewhere): the model loads, reading the config says why not.
+    path, _ = converted
+    edit(path, _set("__metadata__/config", '{"structure": "gblr", "steps": 3}'))
+    gblr.load(path)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['steps'\] for GBLRConfig"):
+        gblr.ConversionConfig.from_file(path)
+    edit(path, _set("__metadata__/config", '{"structure": "elsewhere"}'))
+    with pytest.raises(ValueError, match="structure must be one of"):
+        gblr.ConversionConfig.from_file(path)
+
+
+def test_a_config_in_a_format_1_file_is_refused(converted):
+    path, _ = converted
+    edit(path, lambda header: header["__metadata__"].update(format_version="1"))
+    with pytest.raises(GBLRFileError, match=r"unexpected \['config'\]"):
+        gblr.load(path)
+
+
+def test_saving_refuses_a_gblr_config_that_is_not_one(tmp_path):
+    model = gblr.freeze(nn.Sequential(gblr.GBLRLinear(8, 4)).eval())
+    model.gblr_config = {"structure": "gblr"}
+    with pytest.raises(TypeError, match=r"model\.gblr_config must be a conversion config"):
+        gblr.save(model, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()

@@ -43,16 +43,17 @@ def test_trainer_callback_learns_widths(tmp_path):
         learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=1,
         use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
-    callback = GBLRTrainerCallback(target=0.3, warmup_steps=2)
+    config = gblr.LearnerConfig.paper()
+    callback = GBLRTrainerCallback(config=config, budget=0.3, warmup_steps=2)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=Dataset(), callbacks=[callback]
     )
     trainer.train()
-    assert callback.learner.step_count == 5
+    assert callback.learner.step_count == 5 and callback.learner.config is config
     assert not torch.equal(before, model.body.widths.detach())
     assert gblr.count_flops(model).ratio <= 0.3
-    logged = [entry for entry in trainer.state.log_history if "gblr/mac_ratio" in entry]
-    assert logged and logged[-1]["gblr/mac_ratio"] <= 0.3
+    logged = [entry for entry in trainer.state.log_history if "gblr/macs_ratio" in entry]
+    assert logged and logged[-1]["gblr/macs_ratio"] <= 0.3
 
 
 def test_bad_arguments():
@@ -64,6 +65,10 @@ def test_learner_keywords_are_checked_when_the_callback_is_made():
     with pytest.raises(
         TypeError, match=r"unknown StructureLearner keyword argument\(s\) \['sigmaa'\]"
     ):
-        GBLRTrainerCallback(target=0.5, sigmaa=1.0)
+        GBLRTrainerCallback(budget=0.5, sigmaa=1.0)
+    with pytest.raises(ValueError, match=r"budget must be a fraction in \(0, 1\]"):
+        GBLRTrainerCallback(budget=1.5)
     with pytest.raises(ValueError, match=r"target must be a fraction in \(0, 1\]"):
-        GBLRTrainerCallback(target=1.5)
+        GBLRTrainerCallback(target=1.5)  # the deprecated name, named as given
+    with pytest.warns(FutureWarning, match=r"GBLRTrainerCallback\(target=\.\.\.\) is deprecated"):
+        assert GBLRTrainerCallback(target=0.5).learner_kwargs == {"budget": 0.5}

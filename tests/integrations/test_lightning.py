@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -44,7 +46,7 @@ def trainer(tmp_path, callback, max_steps, **kwargs):
 def test_callback_learns_widths_and_meets_budget(tmp_path):
     module = TinyModule()
     before = [layer.widths.detach().clone() for layer in (module.net[0], module.net[2])]
-    callback = GBLRCallback(target=0.3, warmup_steps=3, log_every_n_steps=1)
+    callback = GBLRCallback(budget=0.3, warmup_steps=3, log_every_n_steps=1)
     trainer(tmp_path, callback, 6, enable_checkpointing=False).fit(module, loader())
     assert callback.learner.step_count == 6
     assert callback.learner.total_steps == 6  # from estimated_stepping_batches
@@ -54,7 +56,7 @@ def test_callback_learns_widths_and_meets_budget(tmp_path):
 
 
 def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
-    callback = GBLRCallback(target=0.5)
+    callback = GBLRCallback(budget=0.5)
     trainer(tmp_path, callback, 3, accumulate_grad_batches=2, enable_checkpointing=False).fit(
         TinyModule(), loader()
     )
@@ -84,7 +86,7 @@ def test_bad_arguments():
 def test_log_every_n_steps_is_a_positive_int(value, error):
     """0 used to pass and divide by zero (``global_step % 0``) at the first step."""
     with pytest.raises(error, match=rf"log_every_n_steps must be an int >= 1, got {value!r}"):
-        GBLRCallback(target=0.5, log_every_n_steps=value)
+        GBLRCallback(budget=0.5, log_every_n_steps=value)
 
 
 def test_learner_keywords_are_checked_when_the_callback_is_made():
@@ -93,10 +95,32 @@ def test_learner_keywords_are_checked_when_the_callback_is_made():
         TypeError, match=r"unknown StructureLearner keyword argument\(s\) \['traget'\]"
     ):
         GBLRCallback(traget=0.5)
-    with pytest.raises(ValueError, match=r"got the int 500; .* pass target_macs=500"):
-        GBLRCallback(target=500)
-    with pytest.raises(ValueError, match="exactly one of target"):
-        GBLRCallback(target=0.5, lam=0.1)
+    with pytest.raises(ValueError, match=r"got the int 500; .* pass budget_macs=500"):
+        GBLRCallback(budget=500)
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        GBLRCallback(budget=0.5, lam=0.1)
     with pytest.raises(TypeError, match=r"learner must be a gblr\.StructureLearner"):
         GBLRCallback(learner="not a learner")
-    GBLRCallback(target_macs=500)  # an absolute budget passes through
+    with pytest.raises(TypeError, match=r"config must be a gblr\.LearnerConfig"):
+        GBLRCallback(config={"sigma": None}, budget=0.5)
+    with pytest.raises(ValueError, match=r"either config= or the deprecated GBLRCallback"):
+        GBLRCallback(config=gblr.LearnerConfig(), budget=0.5, merge=1e-3)
+    with pytest.raises(ValueError, match="merge must be in"), pytest.warns(FutureWarning):
+        GBLRCallback(budget=0.5, merge=2.0)
+    GBLRCallback(budget_macs=500)  # an absolute budget passes through
+
+
+def test_config_reaches_the_learner_and_old_keywords_warn_once(tmp_path):
+    config = gblr.LearnerConfig(sigma=None, merge=gblr.MergeConfig(1e-3))
+    callback = GBLRCallback(config=config, budget=0.5)
+    with pytest.warns(FutureWarning, match="deprecated since gblr") as caught:
+        old = GBLRCallback(target=0.5, sigma=None, merge=1e-3)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith("GBLRCallback(sigma=..., merge=...) is deprecated") for m in messages)
+    assert any(m.startswith("GBLRCallback(target=...) is deprecated") for m in messages)
+    assert old.learner_kwargs == callback.learner_kwargs == {"config": config, "budget": 0.5}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, old, 2, enable_checkpointing=False).fit(TinyModule(), loader())
+    assert not [w for w in caught if "deprecated since gblr" in str(w.message)]  # no more
+    assert old.learner.config == config

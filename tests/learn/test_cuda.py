@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -58,14 +59,14 @@ def test_cuda_learner_with_every_option_keeps_the_budget_on_the_device():
     layer = gblr.GBLRLinear(32, 32, bias=False, structure_init="random").cuda()
     optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
     budget = int(1.2 * planted)
+    config = dataclasses.replace(gblr.LearnerConfig.planted(), pass_every=10)
     learner = gblr.StructureLearner(
-        layer, target_macs=budget, total_steps=300, warmup_steps=150, adaptive=1.0, max_shift=1.0,
-        max_shift_ramp=4.0, merge=1e-3, untangle=1e-4, refine=1e-6,
-    )  # fmt: skip
+        layer, config, budget_macs=budget, total_steps=300, warmup_steps=150
+    )
     regression_steps(layer, target, optimizer, learner, 300)
     assert layer.flops() <= budget
     # refine passes ran on recorded CUDA tensors: each computed a secant curvature
-    assert len(learner._curvatures[0]) > 0
+    assert len(learner.passes["refine"].curvatures[0]) > 0
     assert all(parameter.is_cuda for parameter in layer.parameters())
     layer.eval()
     with torch.no_grad():

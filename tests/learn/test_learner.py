@@ -18,11 +18,8 @@ def test_planted_structure_is_recovered(recovery_runs):
     on an Intel Xeon). The paper's plain method is chaotic here: 4-5/5 on an AMD EPYC in
     earlier sessions, 3/5 on the Xeon (seeds 1 and 4 at 0.038 and 0.036).
     """
-    options = {
-        "adaptive": 1.0, "max_shift": 1.0, "max_shift_ramp": 4.0, "merge": 1e-3,
-        "untangle": 1e-4, "refine": 1e-6, "merge_every": 20,
-    }  # fmt: skip
-    runs = recovery_runs(range(5), budget_factor=1.5, learner_options=options, lr_decay=0.25)
+    config = gblr.LearnerConfig.planted()
+    runs = recovery_runs(range(5), budget_factor=1.5, config=config, lr_decay=0.25)
     assert all(run["macs"] <= run["budget"] for run in runs)
     errors = [run["error"] for run in runs]
     assert sum(error <= 2e-2 for error in errors) >= 4, errors
@@ -36,8 +33,10 @@ def test_adaptive_and_shift_options_recover_reliably_at_1_1x(recovery_runs):
     written (errors 0.004 0.001 0.083 0.388 0.404); with adaptive=1, max_shift=1 all 5
     recovered (largest error 0.009). Floor 4 of 5 for a margin of one seed.
     """
-    options = {"adaptive": 1.0, "max_shift": 1.0}
-    runs = recovery_runs(range(5, 10), budget_factor=1.1, learner_options=options)
+    config = gblr.LearnerConfig(
+        adaptive=gblr.AdaptiveConfig(1.0), shift_limit=gblr.ShiftLimitConfig(cells=1.0)
+    )
+    runs = recovery_runs(range(5, 10), budget_factor=1.1, config=config)
     assert all(run["macs"] <= run["budget"] for run in runs)
     errors = [run["error"] for run in runs]
     assert sum(error <= 2e-2 for error in errors) >= 4, errors
@@ -49,8 +48,11 @@ def test_ramp_shift_option_recovers_the_seeds_the_others_miss_at_1_1x(recovery_r
     adaptive=1, max_shift=1 alone (seed 0 collapsed during the ramp) when this was written
     (errors then 0.0073 and 0.0012 with the option); seed 1 is a control that recovers
     either way. Floor: 2 of 3, a margin of one seed."""
-    options = {"adaptive": 1.0, "max_shift": 1.0, "max_shift_ramp": 4.0}
-    runs = recovery_runs((0, 1, 3), budget_factor=1.1, learner_options=options)
+    config = gblr.LearnerConfig(
+        adaptive=gblr.AdaptiveConfig(1.0),
+        shift_limit=gblr.ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0),
+    )
+    runs = recovery_runs((0, 1, 3), budget_factor=1.1, config=config)
     assert all(run["macs"] <= run["budget"] for run in runs)
     errors = [run["error"] for run in runs]
     assert sum(error <= 2e-2 for error in errors) >= 2, errors
@@ -58,9 +60,9 @@ def test_ramp_shift_option_recovers_the_seeds_the_others_miss_at_1_1x(recovery_r
 
 def test_max_shift_ramp_limits_moves_during_the_warmup():
     model = two_layer_model()
-    learner = gblr.StructureLearner(
-        model, target=1.0, sigma=None, total_steps=20, warmup_steps=3, max_shift_ramp=4.0
-    )
+    shift_limit = gblr.ShiftLimitConfig(cells=None, cells_during_ramp=4.0)
+    config = gblr.LearnerConfig(sigma=None, shift_limit=shift_limit)
+    learner = gblr.StructureLearner(model, config, budget=1.0, total_steps=20, warmup_steps=3)
     layer = model[0]
     cells = torch.tensor([[1 / 32], [1 / 48]])
     for step in range(6):
@@ -71,7 +73,7 @@ def test_max_shift_ramp_limits_moves_during_the_warmup():
         moved = (torch.remainder(layer.locations.detach() - before + 0.5, 1.0) - 0.5).abs()
         if step < 3:  # during the ramp: at most 4 cells
             assert (moved / cells).max() <= 4.0 + 1e-4 and (moved / cells).min() >= 4 - 1e-4
-        else:  # after it, no max_shift was given: the whole move
+        else:  # after it, no limit (cells=None): the whole move
             assert (moved / cells).min() > 9.9
 
 
@@ -87,11 +89,12 @@ def one_layer(u_scale):
 def test_adaptive_thresholds_shrink_the_component_that_carries_little_weight():
     # Component 0 carries 100x the weight of component 1; a budget of one full component.
     uniform = one_layer([1.0, 0.01])
-    gblr.StructureLearner(uniform, target_macs=32, total_steps=5).step()
+    gblr.StructureLearner(uniform, budget_macs=32, total_steps=5).step()
     lengths = torch.stack(uniform.interval_lengths())
     assert torch.equal(lengths[:, 0], lengths[:, 1])  # one threshold: both shrink alike
     weighted = one_layer([1.0, 0.01])
-    learner = gblr.StructureLearner(weighted, target_macs=32, total_steps=5, adaptive=1.0)
+    config = gblr.LearnerConfig(adaptive=gblr.AdaptiveConfig(1.0))
+    learner = gblr.StructureLearner(weighted, config, budget_macs=32, total_steps=5)
     learner.step()
     assert weighted.flops() <= 32  # still met exactly by one global threshold
     assert weighted.live_mask().tolist() == [True, False]
@@ -100,9 +103,8 @@ def test_adaptive_thresholds_shrink_the_component_that_carries_little_weight():
 
 def test_max_shift_limits_structure_moves_after_the_warmup_only():
     model = two_layer_model()
-    learner = gblr.StructureLearner(
-        model, target=1.0, sigma=None, total_steps=20, warmup_steps=3, max_shift=2.0
-    )
+    config = gblr.LearnerConfig(sigma=None, shift_limit=gblr.ShiftLimitConfig(cells=2.0))
+    learner = gblr.StructureLearner(model, config, budget=1.0, total_steps=20, warmup_steps=3)
     layer = model[0]  # 32 in (columns), 48 out (rows)
     cells = torch.tensor([[1 / 32], [1 / 48]])
 
@@ -156,31 +158,31 @@ def test_budget_is_met_exactly():
     model = two_layer_model()
     x, y = regression_data()
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
-    learner = gblr.StructureLearner(model, target=0.25, total_steps=60, warmup_steps=30)
+    learner = gblr.StructureLearner(model, budget=0.25, total_steps=60, warmup_steps=30)
     train(model, learner, optimizer, 60, x, y)
     report = gblr.count_flops(model)
     assert 0.23 <= report.ratio <= 0.25
-    assert learner.summary()["mac_ratio"] == pytest.approx(report.ratio)
+    assert learner.summary()["macs_ratio"] == pytest.approx(report.ratio)
 
 
 def test_budget_as_absolute_macs():
     model = two_layer_model()
     x, y = regression_data()
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
-    learner = gblr.StructureLearner(model, target_macs=500, total_steps=20)
+    learner = gblr.StructureLearner(model, budget_macs=500, total_steps=20)
     train(model, learner, optimizer, 20, x, y)
     assert 450 <= gblr.count_flops(model).macs <= 500
 
 
 def test_warmup_ramps_the_target_down_monotonically():
     model = two_layer_model()
-    learner = gblr.StructureLearner(model, target=0.2, total_steps=100, warmup_steps=50)
+    learner = gblr.StructureLearner(model, budget=0.2, total_steps=100, warmup_steps=50)
     targets = [learner.target_at(step) for step in range(0, 101)]
     assert targets[0] == learner.start_cost
     assert all(a >= b for a, b in zip(targets, targets[1:]))
     assert targets[50] == targets[100] == learner.final_target
     linear = gblr.StructureLearner(
-        model, target=0.2, total_steps=100, warmup_steps=50, ramp="linear"
+        model, gblr.LearnerConfig(ramp="linear"), budget=0.2, total_steps=100, warmup_steps=50
     )
     middle = (linear.start_cost + linear.final_target) / 2
     assert abs(linear.target_at(25) - middle) <= 1
@@ -195,7 +197,7 @@ def test_irrelevant_layer_gets_no_macs():
     x = torch.randn(128, 24, generator=generator)
     y = x @ torch.randn(24, 24, generator=generator) / 5
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
-    learner = gblr.StructureLearner(model, target=0.3, total_steps=400, warmup_steps=200)
+    learner = gblr.StructureLearner(model, budget=0.3, total_steps=400, warmup_steps=200)
     for _ in range(400):
         loss = (used(x) - y).pow(2).mean()
         optimizer.zero_grad()
@@ -226,18 +228,22 @@ def test_lambda_mode_is_monotone():
 def test_sigma_schedules_are_monotone_and_hit_their_end():
     model = two_layer_model()
     for schedule in ("linear", "geometric"):
+        config = gblr.LearnerConfig(sigma=(1.0, 100.0), sigma_schedule=schedule)
         learner = gblr.StructureLearner(
-            model, target=0.5, sigma=(1.0, 100.0), sigma_schedule=schedule,
-            total_steps=50, sigma_start_step=10,
-        )  # fmt: skip
+            model, config, budget=0.5, total_steps=50, sigma_start_step=10
+        )
         values = [learner.sigma_at(step) for step in range(0, 60)]
         assert all(a <= b for a, b in zip(values, values[1:]))
         assert values[0] == values[10] == 1.0
         assert values[50] == pytest.approx(100.0) and values[59] == pytest.approx(100.0)
         assert float(model[0].sigma) == 1.0  # applied to the layers at once
-    constant = gblr.StructureLearner(model, target=0.5, sigma=7.0, total_steps=5)
+    constant = gblr.StructureLearner(
+        model, gblr.LearnerConfig(sigma=7.0), budget=0.5, total_steps=5
+    )
     assert {constant.sigma_at(s) for s in range(10)} == {7.0}
-    untouched = gblr.StructureLearner(model, target=0.5, sigma=None, total_steps=5)
+    untouched = gblr.StructureLearner(
+        model, gblr.LearnerConfig.finetune(), budget=0.5, total_steps=5
+    )
     assert untouched.sigma_at(3) is None and float(model[0].sigma) == 7.0
 
 
@@ -247,7 +253,7 @@ def test_locations_wrap_and_widths_stay_in_range():
         model[0].locations.add_(3.7)
         model[0].widths[0, 0] = 1.5
         model[0].widths[1, 0] = -0.5
-    learner = gblr.StructureLearner(model, target=1.0, total_steps=5)
+    learner = gblr.StructureLearner(model, budget=1.0, total_steps=5)
     learner.step()
     assert model[0].locations.min() >= 0 and model[0].locations.max() < 1
     assert model[0].widths.min() >= 0 and model[0].widths.max() <= 1
@@ -292,12 +298,12 @@ def test_state_dict_resume_is_bit_identical(options, resume_at):
 
 def test_summary_has_the_logging_fields():
     model = two_layer_model()
-    learner = gblr.StructureLearner(model, target=0.4, total_steps=10)
+    learner = gblr.StructureLearner(model, budget=0.4, total_steps=10)
     learner.step()
     summary = learner.summary()
-    for key in ("sigma", "mac_ratio", "macs", "threshold", "live_components", "target_macs"):
+    for key in ("sigma", "macs_ratio", "macs", "threshold", "live_components", "target_macs"):
         assert key in summary
-    assert summary["mac_ratio"] <= 0.4
+    assert summary["macs_ratio"] <= 0.4
     lam_summary = gblr.StructureLearner(model, lam=0.1, structure_lr=1e-2, total_steps=10).summary()
     assert lam_summary["lam"] == 0.1 and "target_macs" not in lam_summary
 
@@ -305,25 +311,19 @@ def test_summary_has_the_logging_fields():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"target": 0.0}, ValueError, "target"),
-        ({"target": -0.5}, ValueError, "target"),
-        ({"target": 1.5}, ValueError, "target"),
-        ({"target": 0}, ValueError, "target"),
-        ({"target": True}, TypeError, "target"),
+        ({"budget": 0.0}, ValueError, "budget"),
+        ({"budget": -0.5}, ValueError, "budget"),
+        ({"budget": 1.5}, ValueError, "budget"),
+        ({"budget": 0}, ValueError, "budget"),
+        ({"budget": True}, TypeError, "budget"),
         ({}, ValueError, "exactly one"),
-        ({"target": 0.3, "lam": 0.1}, ValueError, "exactly one"),
+        ({"budget": 0.3, "lam": 0.1}, ValueError, "exactly one"),
         ({"lam": -1.0, "structure_lr": 0.1}, ValueError, "lam"),
         ({"lam": 0.1}, ValueError, "structure learning rate"),
-        ({"target": 0.3, "sigma": (0.0, 10.0)}, ValueError, "sigma"),
-        ({"target": 0.3, "sigma_schedule": "cosine"}, ValueError, "sigma_schedule"),
-        ({"target": 0.3, "ramp": "cubic"}, ValueError, "ramp"),
-        ({"target": 0.3, "total_steps": 0}, ValueError, "total_steps"),
-        ({"target": 0.3, "warmup_steps": -1}, ValueError, "warmup_steps"),
-        ({"target": 0.3, "adaptive": -1.0}, ValueError, "adaptive"),
-        ({"target": 0.3, "adaptive": "yes"}, TypeError, "adaptive"),
-        ({"target": 0.3, "max_shift": 0}, ValueError, "max_shift"),
-        ({"target": 0.3, "max_shift": True}, ValueError, "max_shift"),
-        ({"target": 0.3, "max_shift_ramp": -1.0}, ValueError, "max_shift_ramp"),
+        ({"budget": 0.3, "total_steps": 0}, ValueError, "total_steps"),
+        ({"budget": 0.3, "warmup_steps": -1}, ValueError, "warmup_steps"),
+        ({"budget": 0.3, "config": {"pass_every": 5}}, TypeError, "LearnerConfig.from_dict"),
+        ({"budget": 0.3, "pass_every": 5}, TypeError, r"unexpected keyword argument\(s\) \['pass"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -334,7 +334,7 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_model_without_gblr_layers_is_refused():
     with pytest.raises(ValueError, match="no GBLR layer"):
-        gblr.StructureLearner(nn.Linear(4, 4), target=0.5, total_steps=10)
+        gblr.StructureLearner(nn.Linear(4, 4), budget=0.5, total_steps=10)
 
 
 def test_planted_blocks_cost_matches_the_exact_gblr_representation():

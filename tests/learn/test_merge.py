@@ -187,24 +187,26 @@ def test_learner_merges_only_after_the_warm_up_and_reports_it():
     with torch.no_grad():
         layer.V[1] = layer.V[0]
     layer.train()
-    learner = gblr.StructureLearner(
-        layer, target=1.0, total_steps=40, warmup_steps=20, merge=1e-6, merge_every=10, sigma=None
-    )
+    config = gblr.LearnerConfig(sigma=None, merge=gblr.MergeConfig(1e-6), pass_every=10)
+    learner = gblr.StructureLearner(layer, config, budget=1.0, total_steps=40, warmup_steps=20)
     for _ in range(20):
         learner.step()
     assert learner.summary()["merges"] == 0 and layer.live_components() == 3
     for _ in range(10):
         learner.step()
     assert learner.summary()["merges"] == 1 and layer.live_components() == 2
-    resumed = gblr.StructureLearner(layer, target=1.0, total_steps=40, merge=1e-6)
+    resumed = gblr.StructureLearner(layer, config, budget=1.0, total_steps=40)
     resumed.load_state_dict(learner.state_dict())
-    assert resumed.merges == 1
+    assert resumed.passes["merge"].merges == 1
 
 
 @pytest.mark.parametrize("merge", [-1e-3, 1.0, "x"])
-def test_learner_refuses_a_bad_merge_tolerance(merge):
+def test_a_bad_merge_tolerance_is_refused(merge):
+    error = TypeError if isinstance(merge, str) else ValueError
+    with pytest.raises(error, match=r"MergeConfig\.tolerance"):
+        gblr.MergeConfig(merge)
     layer = _layer(8, 8, [(0, 2, 0, 2)])
-    with pytest.raises(TypeError if isinstance(merge, str) else ValueError, match="merge"):
+    with pytest.raises(error, match="merge"), pytest.warns(FutureWarning):  # the old keyword
         gblr.StructureLearner(layer, target=0.5, total_steps=10, merge=merge)
 
 
@@ -213,8 +215,12 @@ def test_merging_recovers_the_seed_whose_block_was_split_at_1_1x():
     """Seed 13 at 1.1x the planted cost: without merging the learner ends with one planted
     block covered by two components that split its rows (error 0.085, measured
     2026-12-01 with the other three options); merging them recovers it (0.0014)."""
-    options = {"adaptive": 1.0, "max_shift": 1.0, "max_shift_ramp": 4.0, "merge": 1e-3}
-    run = recovery_run(13, budget_factor=1.1, learner_options=options)
+    config = gblr.LearnerConfig(
+        adaptive=gblr.AdaptiveConfig(1.0),
+        shift_limit=gblr.ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0),
+        merge=gblr.MergeConfig(1e-3),
+    )
+    run = recovery_run(13, budget_factor=1.1, config=config)
     assert run["error"] <= 2e-2
     assert run["macs"] <= run["budget"]
 
@@ -223,7 +229,7 @@ def test_merging_recovers_the_seed_whose_block_was_split_at_1_1x():
 def test_merged_factors_are_the_ones_closest_to_the_kept_components(rank):
     """The product is fixed; among its factorizations the one nearest the old factors
     (sign, scale, rotation) is returned, so Adam's moments still match their entries."""
-    from gblr.learn.merge import _closest_factors
+    from gblr.learn.factors import closest_factors
 
     old_u = torch.randn(rank, 11, dtype=torch.float64)
     old_v = torch.randn(rank, 7, dtype=torch.float64)
@@ -233,12 +239,12 @@ def test_merged_factors_are_the_ones_closest_to_the_kept_components(rank):
         new_u, new_v = rotation @ old_u, rotation @ old_v
     else:  # a sign flip and a rescaled split
         new_u, new_v = scale * old_u, old_v / scale
-    u, v = _closest_factors(new_u, new_v, old_u, old_v)
+    u, v = closest_factors(new_u, new_v, old_u, old_v)
     assert torch.allclose(u.T @ v, new_u.T @ new_v, atol=1e-12)
     assert torch.allclose(u, old_u, atol=1e-9) and torch.allclose(v, old_v, atol=1e-9)
     # Against perturbed old factors, no other split along the row is closer.
     target_u, target_v = old_u + 0.1, old_v - 0.1
-    u, v = _closest_factors(new_u, new_v, target_u, target_v)
+    u, v = closest_factors(new_u, new_v, target_u, target_v)
     best = (u - target_u).pow(2).sum() + (v - target_v).pow(2).sum()
     for s in torch.logspace(-1, 1, 41, dtype=torch.float64):
         for sign in (1.0, -1.0):

@@ -36,7 +36,7 @@ def two_layers():
 )
 def test_a_non_finite_parameter_names_the_layer_and_the_step(name, index, value):
     model = two_layers()
-    learner = gblr.StructureLearner(model, target=0.5, total_steps=10)
+    learner = gblr.StructureLearner(model, budget=0.5, total_steps=10)
     learner.step()
     learner.step()
     with torch.no_grad():
@@ -51,7 +51,7 @@ def test_a_non_finite_parameter_names_the_layer_and_the_step(name, index, value)
 def test_a_nan_loss_is_reported_at_the_step_after_the_optimizer_used_it():
     model = two_layers()
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=1e-2))
-    learner = gblr.StructureLearner(model, target=0.5, total_steps=10)
+    learner = gblr.StructureLearner(model, budget=0.5, total_steps=10)
     x = torch.randn(4, 8)
     for step in range(1, 4):
         loss = model(x).pow(2).mean() * (math.nan if step == 3 else 1.0)
@@ -69,14 +69,14 @@ def test_a_model_built_with_nan_is_refused_by_the_constructor():
     with torch.no_grad():
         model[0].widths[1, 1] = math.nan
     with pytest.raises(FloatingPointError, match=r"layer '0' .* when the learner was built"):
-        gblr.StructureLearner(model, target=0.5, total_steps=10)
+        gblr.StructureLearner(model, budget=0.5, total_steps=10)
 
 
 def test_a_model_still_on_the_meta_device_is_refused_by_name():
     with torch.device("meta"):
         model = nn.Sequential(gblr.GBLRLinear(16, 16))
     with pytest.raises(ValueError, match=r"\['0'\] are on the meta device.*to_empty"):
-        gblr.StructureLearner(model, target=0.5, total_steps=10)
+        gblr.StructureLearner(model, budget=0.5, total_steps=10)
 
 
 def test_records_with_overflowed_gradients_give_no_secant_and_no_swap():
@@ -86,9 +86,8 @@ def test_records_with_overflowed_gradients_give_no_secant_and_no_swap():
     dropped: no curvature estimate, no swap, and the next pass works as usual."""
     torch.manual_seed(0)
     layer = gblr.GBLRLinear(12, 12, bias=False, structure_init="random", sigma=None)
-    learner = gblr.StructureLearner(
-        layer, target=1.0, total_steps=50, warmup_steps=0, refine=1e-9, sigma=None
-    )
+    config = gblr.LearnerConfig(sigma=None, refine=gblr.RefineConfig(1e-9))
+    learner = gblr.StructureLearner(layer, config, budget=1.0, total_steps=50, warmup_steps=0)
     optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
     target = torch.randn(12, 12)
     col_len, _ = layer.interval_lengths()
@@ -99,22 +98,24 @@ def test_records_with_overflowed_gradients_give_no_secant_and_no_swap():
         loss = (layer.dense_weight() - target).pow(2).sum()
         optimizer.zero_grad()
         loss.backward()
-        record = layer.__dict__.get("_factor_record")
+        record = layer.factor_record
         if step == 15:  # the second pass, when a curvature is known
             record["grad_v"][k, 0, outside] = math.inf
         else:
             optimizer.step()  # as GradScaler: no optimizer step from inf gradients
         learner.step()
     # Passes at steps 5, 15 and 25: the one at 15 had an infinite record.
-    assert len(learner._curvatures[0]) == 2
-    assert all(math.isfinite(c) for c in learner._curvatures[0])
+    curvatures = learner.passes["refine"].curvatures[0]
+    assert len(curvatures) == 2
+    assert all(math.isfinite(c) for c in curvatures)
     assert torch.isfinite(layer.U).all() and torch.isfinite(layer.V).all()
 
 
 # ---------------------------------------------------------------- sigma = inf
 def test_sigma_inf_trains_through_exact_boxcars():
     model = two_layers()
-    learner = gblr.StructureLearner(model, target=0.5, total_steps=10, sigma=math.inf)
+    config = gblr.LearnerConfig(sigma=math.inf)
+    learner = gblr.StructureLearner(model, config, budget=0.5, total_steps=10)
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=1e-2))
     x = torch.randn(4, 8)
     for _ in range(3):
@@ -137,16 +138,18 @@ def test_sigma_inf_trains_through_exact_boxcars():
 
 def test_sigma_inf_pair_is_a_constant_and_a_finite_to_inf_schedule_is_refused():
     model = two_layers()
-    learner = gblr.StructureLearner(model, target=0.5, total_steps=10, sigma=(math.inf, math.inf))
+    learner = gblr.StructureLearner(
+        model, gblr.LearnerConfig(sigma=(math.inf, math.inf)), budget=0.5, total_steps=10
+    )
     assert learner.sigma_at(7) == math.inf
     for sigma in [(1.0, math.inf), (math.inf, 1.0)]:
         with pytest.raises(ValueError, match=r"sigma=.*finite ends.*math.inf"):
-            gblr.StructureLearner(model, target=0.5, total_steps=10, sigma=sigma)
+            gblr.LearnerConfig(sigma=sigma)
     with pytest.raises(ValueError, match="sigma"):
-        gblr.StructureLearner(model, target=0.5, total_steps=10, sigma=math.nan)
+        gblr.LearnerConfig(sigma=math.nan)
     # A σ that the layers' float32 buffer would hold as 0 (no bandwidth: NaN masks).
     with pytest.raises(ValueError, match=r"sigma=1e-200 rounds to 0 in the layers' float32"):
-        gblr.StructureLearner(model, target=0.5, total_steps=10, sigma=(1e-200, 1.0))
+        gblr.LearnerConfig(sigma=(1e-200, 1.0))
     with pytest.raises(ValueError, match=r"sigma=1e-200 rounds to 0"):
         gblr.GBLRLinear(4, 4, sigma=1e-200)
 
@@ -165,44 +168,44 @@ def test_large_sigma_tables_approach_the_boxcar_ones_and_tiny_sigma_gives_no_nan
 # ---------------------------------------------------------------- budgets
 def test_int_one_is_all_of_the_dense_macs_as_in_convert():
     model = two_layers()
-    one = gblr.StructureLearner(model, target=1, total_steps=10)
-    assert one.final_target == gblr.StructureLearner(model, target=1.0, total_steps=10).final_target
+    one = gblr.StructureLearner(model, budget=1, total_steps=10)
+    assert one.final_target == gblr.StructureLearner(model, budget=1.0, total_steps=10).final_target
     assert one.final_target == 8 * 12 + 12 * 6
 
 
-@pytest.mark.parametrize("target", [2, 500, 10**9])
-def test_an_int_target_is_refused_with_the_argument_that_takes_a_count(target):
-    with pytest.raises(ValueError, match=rf"got the int {target}; .* pass target_macs={target}"):
-        gblr.StructureLearner(two_layers(), target=target, total_steps=10)
+@pytest.mark.parametrize("budget", [2, 500, 10**9])
+def test_an_int_budget_is_refused_with_the_argument_that_takes_a_count(budget):
+    with pytest.raises(ValueError, match=rf"got the int {budget}; .* pass budget_macs={budget}"):
+        gblr.StructureLearner(two_layers(), budget=budget, total_steps=10)
 
 
-def test_target_macs_is_an_absolute_count():
+def test_budget_macs_is_an_absolute_count():
     model = two_layers()
-    learner = gblr.StructureLearner(model, target_macs=100, total_steps=10)
+    learner = gblr.StructureLearner(model, budget_macs=100, total_steps=10)
     learner.step()
     assert learner.final_target == 100 and learner.macs() <= 100
-    with pytest.raises(TypeError, match="target_macs must be an int"):
-        gblr.StructureLearner(model, target_macs=100.0, total_steps=10)
-    with pytest.raises(ValueError, match="exactly one of target"):
-        gblr.StructureLearner(model, target=0.5, target_macs=100, total_steps=10)
-    with pytest.raises(ValueError, match="exactly one of target"):
-        gblr.StructureLearner(model, target_macs=100, lam=0.1, structure_lr=0.1, total_steps=10)
+    with pytest.raises(TypeError, match="budget_macs must be an int"):
+        gblr.StructureLearner(model, budget_macs=100.0, total_steps=10)
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        gblr.StructureLearner(model, budget=0.5, budget_macs=100, total_steps=10)
+    with pytest.raises(ValueError, match="exactly one of budget"):
+        gblr.StructureLearner(model, budget_macs=100, lam=0.1, structure_lr=0.1, total_steps=10)
 
 
 def test_a_budget_below_one_component_names_the_smallest_one():
     model = two_layers()  # 168 dense MACs; the cheapest component: 2 MACs at rank 1
     with pytest.raises(ValueError, match=r"minimum of 2 MACs.*at least 0\.01191 .*at least 2"):
-        gblr.StructureLearner(model, target=0.01, total_steps=10)
+        gblr.StructureLearner(model, budget=0.01, total_steps=10)
     with pytest.raises(ValueError, match="minimum of 2 MACs"):
-        gblr.StructureLearner(model, target_macs=1, total_steps=10)
+        gblr.StructureLearner(model, budget_macs=1, total_steps=10)
     # The printed minimum is accepted and keeps a component alive.
-    learner = gblr.StructureLearner(model, target=0.01191, total_steps=10)
+    learner = gblr.StructureLearner(model, budget=0.01191, total_steps=10)
     learner.step()
     assert learner.macs() == 2
     assert sum(layer.live_components() for layer in learner.layers) == 1
     ranked = nn.Sequential(gblr.GBLRLinear(8, 8, rank_per_component=2))
     with pytest.raises(ValueError, match=r"minimum of 4 MACs .*rank 2"):
-        gblr.StructureLearner(ranked, target_macs=3, total_steps=10)
+        gblr.StructureLearner(ranked, budget_macs=3, total_steps=10)
 
 
 # ---------------------------------------------------------------- refine
@@ -215,9 +218,10 @@ def _mlp_run(seed, *, refine_residual=None, steps=90):
         torch.manual_seed(seed)
         model = nn.Sequential(gblr.GBLRLinear(4, 4), nn.ReLU(), gblr.GBLRLinear(4, 4))
         optimizer = torch.optim.Adam(gblr.param_groups(model, lr=1e-3))
-        learner = gblr.StructureLearner(
-            model, target=1.0, total_steps=200, adaptive=1.0, refine=1e-6
+        config = gblr.LearnerConfig(
+            adaptive=gblr.AdaptiveConfig(1.0), refine=gblr.RefineConfig(1e-6)
         )
+        learner = gblr.StructureLearner(model, config, budget=1.0, total_steps=200)
         x = torch.randn(32, 4)
         first = None
         for _ in range(steps):
@@ -228,7 +232,7 @@ def _mlp_run(seed, *, refine_residual=None, steps=90):
             optimizer.step()
             learner.step()
         largest = max(float(p.detach().abs().max()) for p in model.parameters())
-        return first, float(loss.detach()), largest, learner.refines
+        return first, float(loss.detach()), largest, learner.passes["refine"].refines
     finally:
         if refine_residual is not None:
             refine_module._MAX_RESIDUAL = saved
@@ -267,9 +271,9 @@ def test_a_swap_that_reveals_a_far_fit_is_not_made(monkeypatch):
             layer.U.zero_(), layer.V.zero_()
             layer.U[0, 0, 2:8], layer.V[0, 0, 4:10] = block_u, block_v[1:]
         layer.train()
-        layer.__dict__["_factor_record"] = {}
+        layer.record_factors()
         (layer.dense_weight() - target).pow(2).sum().backward()  # c = 2
-        record = layer.__dict__.pop("_factor_record")
+        record, layer.factor_record = layer.factor_record, None
         scale = float(refine_module._dense(record).square().sum())  # c ‖W‖² / 2
         return refine_module._refine_layer(layer, record, curvature=2.0, min_gain=1e-9), scale
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,15 +17,15 @@ def _record(layer, target, curvature=2.0, calls=1):
     """Arm the layer's recording, run ``calls`` training forwards of the quadratic loss
     ``curvature / 2 * |W - T|^2`` and backward; return the record and the gradient G."""
     layer.train()
-    layer.__dict__["_factor_record"] = {}
+    layer.record_factors()
     layer.zero_grad(set_to_none=True)
     loss = 0.0
     for _ in range(calls):
         weight = layer.dense_weight()
         loss = loss + 0.5 * curvature * (weight - target).pow(2).sum()
     loss.backward()
-    record = layer.__dict__["_factor_record"]
-    layer.__dict__["_factor_record"] = None
+    record = layer.factor_record
+    layer.record_factors(False)
     return record, calls * curvature * (weight.detach() - target)
 
 
@@ -177,8 +178,10 @@ def test_no_swap_when_nothing_pays():
 @pytest.mark.parametrize(
     "refine, error", [(-1e-3, ValueError), (1.0, ValueError), ("x", TypeError), (True, TypeError)]
 )
-def test_learner_refuses_a_bad_refine_floor(refine, error):
-    with pytest.raises(error, match="refine"):
+def test_a_bad_refine_floor_is_refused(refine, error):
+    with pytest.raises(error, match=r"RefineConfig\.floor"):
+        gblr.RefineConfig(refine)
+    with pytest.raises(error, match="refine"), pytest.warns(FutureWarning):  # the old keyword
         gblr.StructureLearner(gblr.GBLRLinear(8, 8), target=0.5, total_steps=10, refine=refine)
 
 
@@ -187,30 +190,34 @@ def test_learner_records_only_around_refine_steps_and_resumes_bit_for_bit():
     torch.manual_seed(0)
     layer = gblr.GBLRLinear(32, 32, bias=False, structure_init="random")
     optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2))
-    options = {"target_macs": int(1.2 * planted), "total_steps": 300, "warmup_steps": 100}
-    learner = gblr.StructureLearner(layer, refine=1e-6, **options)
+    options = {"budget_macs": int(1.2 * planted), "total_steps": 300, "warmup_steps": 100}
+    config = gblr.LearnerConfig(refine=gblr.RefineConfig(1e-6))
+    learner = gblr.StructureLearner(layer, config, **options)
+    refine = learner.passes["refine"]
     regression_steps(layer, target, optimizer, learner, 100)
-    assert learner.refines == 0 and learner._curvatures == [[]]
+    assert refine.refines == 0 and refine.curvatures == [[]]
     # Refine steps fall at 5 mod 10 after the warm-up: recording is armed for the steps
     # 4 and 5 mod 10 only.
-    assert layer.__dict__["_factor_record"] is None
+    assert layer.factor_record is None
     regression_steps(layer, target, optimizer, learner, 3)
-    assert layer.__dict__["_factor_record"] == {}
+    assert layer.factor_record == {}
     regression_steps(layer, target, optimizer, learner, 1)  # step 104: kept for the secant
-    assert learner._refine_previous[0] is not None
+    assert refine.previous[0] is not None
     state = copy.deepcopy((layer.state_dict(), optimizer.state_dict(), learner.state_dict()))
     regression_steps(layer, target, optimizer, learner, 96)
-    assert len(learner._curvatures[0]) > 0 and learner.summary()["refines"] == learner.refines
+    assert len(refine.curvatures[0]) > 0 and learner.summary()["refines"] == refine.refines
 
     torch.manual_seed(0)
     resumed_layer = gblr.GBLRLinear(32, 32, bias=False, structure_init="random")
     resumed_optimizer = torch.optim.Adam(gblr.param_groups(resumed_layer, lr=1e-2))
-    resumed = gblr.StructureLearner(resumed_layer, refine=1e-6, **options)
+    resumed = gblr.StructureLearner(resumed_layer, config, **options)
     resumed_layer.load_state_dict(state[0])
     resumed_optimizer.load_state_dict(state[1])
     resumed.load_state_dict(state[2])
     regression_steps(resumed_layer, target, resumed_optimizer, resumed, 96)
-    assert resumed.refines == learner.refines and resumed._curvatures == learner._curvatures
+    resumed_refine = resumed.passes["refine"]
+    assert resumed_refine.refines == refine.refines
+    assert resumed_refine.curvatures == refine.curvatures
     assert torch.equal(resumed_layer.U, layer.U) and torch.equal(resumed_layer.widths, layer.widths)
 
 
@@ -220,11 +227,8 @@ def test_refine_recovers_a_seed_left_a_cell_off_at_1_1x():
     with intervals one to three cells too wide or shifted by one, leaving a row and a
     column of two blocks out (error 0.077, measured 2026-12-01); refine recovers it
     (0.002 in the same measurement)."""
-    options = {
-        "adaptive": 1.0, "max_shift": 1.0, "max_shift_ramp": 4.0, "merge": 1e-3,
-        "untangle": 1e-4, "refine": 1e-6,
-    }  # fmt: skip
-    run = recovery_run(20, budget_factor=1.1, learner_options=options)
+    config = dataclasses.replace(gblr.LearnerConfig.planted(), pass_every=10)
+    run = recovery_run(20, budget_factor=1.1, config=config)
     assert run["error"] <= 2e-2
     assert run["macs"] <= run["budget"]
 
@@ -268,20 +272,19 @@ def test_convolutions_record_the_kernel_matrix_gradients_and_refine(order):
     )  # fmt: skip
     images = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     weights = torch.randn(2, 5, 6, 6, dtype=torch.float64)
-    conv.__dict__["_factor_record"] = {}
+    conv.record_factors()
     (conv(images) * weights).sum().backward()
-    record = conv.__dict__["_factor_record"]
+    record = conv.factor_record
     kernel = conv.dense_kernel().detach().requires_grad_(True)
     (torch.nn.functional.conv2d(images, kernel, padding=1) * weights).sum().backward()
     grad = kernel.grad.reshape(5, -1)
     assert torch.allclose(record["grad_u"], torch.einsum("ij,krj->kri", grad, record["v"]))
     assert torch.allclose(record["grad_v"], torch.einsum("ij,kri->krj", grad, record["u"]))
 
-    conv.__dict__["_factor_record"] = None
+    conv.record_factors(False)
     optimizer = torch.optim.Adam(gblr.param_groups(conv, lr=1e-2))
-    learner = gblr.StructureLearner(
-        conv, target=0.5, total_steps=40, warmup_steps=10, sigma=None, refine=1e-9
-    )
+    config = gblr.LearnerConfig(sigma=None, refine=gblr.RefineConfig(1e-9))
+    learner = gblr.StructureLearner(conv, config, budget=0.5, total_steps=40, warmup_steps=10)
     for _ in range(40):
         loss = (conv(images) - 1.0).pow(2).mean()
         optimizer.zero_grad()
@@ -289,5 +292,6 @@ def test_convolutions_record_the_kernel_matrix_gradients_and_refine(order):
         optimizer.step()
         learner.step()
     # Passes at steps 15, 25, 35, each with the secant of the step before it.
-    assert len(learner._curvatures[0]) == 3 and min(learner._curvatures[0]) > 0
+    curvatures = learner.passes["refine"].curvatures[0]
+    assert len(curvatures) == 3 and min(curvatures) > 0
     assert learner.macs() <= learner.final_target

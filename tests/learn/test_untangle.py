@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -219,38 +220,43 @@ def test_bad_arguments_are_refused(name, value):
 @pytest.mark.parametrize(
     "untangle, error", [(-1e-3, ValueError), (1.0, ValueError), ("x", TypeError), (True, TypeError)]
 )
-def test_learner_refuses_a_bad_untangle_tolerance(untangle, error):
-    with pytest.raises(error, match="untangle"):
-        gblr.StructureLearner(gblr.GBLRLinear(8, 8), target=0.5, total_steps=10, untangle=untangle)
+def test_a_bad_untangle_tolerance_is_refused(untangle, error):
+    with pytest.raises(error, match=r"UntangleConfig\.tolerance"):
+        gblr.UntangleConfig(untangle)
+    layer = gblr.GBLRLinear(8, 8)
+    with pytest.raises(error, match="untangle"), pytest.warns(FutureWarning):  # the old keyword
+        gblr.StructureLearner(layer, target=0.5, total_steps=10, untangle=untangle)
 
 
 def test_learner_untangles_settled_pairs_after_the_warm_up_and_resumes():
     layer, _ = _tangled_layer(16, 16, [(0, 6, 0, 5), (3, 7, 4, 8)], seed=0)
     layer.train()
-    options = {"target": 1.0, "total_steps": 60, "warmup_steps": 20, "sigma": None}
-    learner = gblr.StructureLearner(layer, untangle=1e-8, merge_every=10, **options)
+    config = gblr.LearnerConfig(sigma=None, untangle=gblr.UntangleConfig(1e-8), pass_every=10)
+    options = {"budget": 1.0, "total_steps": 60, "warmup_steps": 20}
+    learner = gblr.StructureLearner(layer, config, **options)
+    untangle = learner.passes["untangle"]
     for _ in range(20):
         learner.step()
     # Warm-up: no pass at all, so no reference yet either.
-    assert learner.summary()["untangles"] == 0 and learner._untangle_reference is None
+    assert learner.summary()["untangles"] == 0 and untangle.reference is None
     for _ in range(10):
         learner.step()
     # First pass after the warm-up: only records each block (settledness needs two).
-    assert learner.untangles == 0 and learner._untangle_reference is not None
+    assert untangle.untangles == 0 and untangle.reference is not None
     state = learner.state_dict()
-    resumed = gblr.StructureLearner(layer, untangle=1e-8, **options)
+    resumed = gblr.StructureLearner(layer, config, **options)
     resumed.load_state_dict(state)
     for _ in range(10):
         learner.step()
-    assert learner.untangles == 1 and layer.flops() == 6 + 5 + 7 + 8
+    assert untangle.untangles == 1 and layer.flops() == 6 + 5 + 7 + 8
     # The resumed learner made the same decision from the stored reference.
     layer_copy, _ = _tangled_layer(16, 16, [(0, 6, 0, 5), (3, 7, 4, 8)], seed=0)
     layer_copy.train()
-    resumed_copy = gblr.StructureLearner(layer_copy, untangle=1e-8, **options)
+    resumed_copy = gblr.StructureLearner(layer_copy, config, **options)
     resumed_copy.load_state_dict(state)
     for _ in range(10):
         resumed_copy.step()
-    assert resumed_copy.untangles == 1
+    assert resumed_copy.passes["untangle"].untangles == 1
     assert torch.equal(layer_copy.U, layer.U) and torch.equal(layer_copy.widths, layer.widths)
     del resumed
 
@@ -258,14 +264,13 @@ def test_learner_untangles_settled_pairs_after_the_warm_up_and_resumes():
 def test_learner_leaves_pairs_that_still_move():
     layer, _ = _tangled_layer(16, 16, [(0, 6, 0, 5), (3, 7, 4, 8)], seed=0)
     layer.train()
-    learner = gblr.StructureLearner(
-        layer, target=1.0, total_steps=60, warmup_steps=0, sigma=None, untangle=1e-8
-    )
+    config = gblr.LearnerConfig(sigma=None, untangle=gblr.UntangleConfig(1e-8))
+    learner = gblr.StructureLearner(layer, config, budget=1.0, total_steps=60, warmup_steps=0)
     for step in range(1, 41):
         with torch.no_grad():  # a block that keeps changing by 5% every 10 steps
             layer.U.mul_(1.05 ** (1 / 10) if step % 2 else 1.0)
         learner.step()
-    assert learner.untangles == 0
+    assert learner.passes["untangle"].untangles == 0
 
 
 @pytest.mark.slow
@@ -274,7 +279,8 @@ def test_untangling_recovers_the_seed_left_in_a_tangle_at_1_1x():
     with two components holding two planted blocks as a mixture on wider intervals
     (61 MACs for blocks of 51; error 0.038, measured 2026-12-01); untangling them
     recovers it (0.003 in the same measurement)."""
-    options = {"adaptive": 1.0, "max_shift": 1.0, "max_shift_ramp": 4.0, "merge": 1e-3}
-    run = recovery_run(12, budget_factor=1.1, learner_options={**options, "untangle": 1e-4})
+    planted = gblr.LearnerConfig.planted()  # without refine, passes every 10 steps
+    config = dataclasses.replace(planted, refine=None, pass_every=10)
+    run = recovery_run(12, budget_factor=1.1, config=config)
     assert run["error"] <= 2e-2
     assert run["macs"] <= run["budget"]

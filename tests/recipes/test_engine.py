@@ -76,24 +76,25 @@ def test_two_process_ddp_keeps_the_structure_identical_on_both_ranks(tmp_path):
     assert result["macs_ratio"] <= 0.3
 
 
-def test_learner_options_reach_the_structure_learner(tmp_path):
+def test_the_learner_config_reaches_the_structure_learner(tmp_path):
+    import gblr
     from gblr.integrations.lightning import GBLRCallback
 
-    options = {
-        "adaptive": 1.0,
-        "max_shift": 2.0,
-        "merge": 1e-3,
-        "untangle": 1e-4,
-        "refine": 1e-6,
-        "merge_every": 20,
-    }
+    config = gblr.LearnerConfig(
+        sigma=(2.0, 50.0),
+        adaptive=gblr.AdaptiveConfig(1.0),
+        shift_limit=gblr.ShiftLimitConfig(cells=2.0),
+        merge=gblr.MergeConfig(1e-3),
+        untangle=gblr.UntangleConfig(1e-4),
+        refine=gblr.RefineConfig(1e-6),
+        pass_every=20,
+    )
     seen = {}
 
     class Probe(pl.Callback):
         def on_train_end(self, trainer, pl_module):
             (callback,) = [c for c in trainer.callbacks if isinstance(c, GBLRCallback)]
-            learner = callback.learner
-            seen.update({key: getattr(learner, key) for key in options})
+            seen["config"] = callback.learner.config
 
     train, _ = digits()
     train_classifier(
@@ -104,7 +105,9 @@ def test_learner_options_reach_the_structure_learner(tmp_path):
         batch_size=16,
         target=0.3,
         progress=False,
-        learner_options=options,
+        learner_config=config,
         extra_callbacks=[Probe()],
     )
-    assert seen == options
+    assert seen["config"] is config
+    with pytest.raises(TypeError, match=r"\['learner_options'\]: .* learner_config="):
+        train_classifier(gblr_vit(), train, None, steps=1, learner_options={"merge": 1e-3})

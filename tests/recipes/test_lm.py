@@ -47,7 +47,7 @@ def test_causal_lm_loss_matches_the_models_own_and_perplexity_is_token_weighted(
 
 def test_causal_lm_trains_a_converted_gpt2_with_the_structure_learner():
     model = tiny_gpt2()
-    gblr.convert(model, structure="gblr", budget=0.5, init="random", min_features=1)
+    gblr.convert(model, gblr.GBLRConfig(budget=0.5, init="random", min_features=1))
     widths = {n: m.widths.detach().clone() for n, m in gblr.learn.groups.gblr_layers(model)}
     module = CausalLMModule(model, lr=3e-3, warmup_steps=2, total_steps=12)
     data = torch.randint(0, 50, (24, 16), generator=torch.Generator().manual_seed(2))
@@ -61,7 +61,7 @@ def test_causal_lm_trains_a_converted_gpt2_with_the_structure_learner():
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=[GBLRCallback(target=0.3, warmup_steps=6, total_steps=12)],
+        callbacks=[GBLRCallback(budget=0.3, warmup_steps=6, total_steps=12)],
     )
     before = trainer.validate(module, loader, verbose=False)[0]["val/loss"]
     trainer.fit(module, loader)

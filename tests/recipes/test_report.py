@@ -1,4 +1,5 @@
-"""``save_atomically``: the one way the recipes write run files."""
+"""``save_atomically``: the one way the recipes write run files; and the report's reading
+of a run's logged metrics."""
 
 import os
 
@@ -29,3 +30,13 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         save_atomically(failing, path, text=True)
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_metrics_of_older_run_folders_are_read_under_the_current_names(tmp_path):
+    """The learner's summary said ``mac_ratio`` before it said ``macs_ratio``; a run
+    folder of then still gets its MACs curve in the report."""
+    from gblr.recipes.report import _read_metrics
+
+    (tmp_path / "metrics.csv").write_text("step,gblr/mac_ratio,train/loss\n1,0.5,2.0\n2,0.4,\n")
+    series = _read_metrics(tmp_path)
+    assert series == {"gblr/macs_ratio": [(1.0, 0.5), (2.0, 0.4)], "train/loss": [(1.0, 2.0)]}

@@ -88,12 +88,13 @@ def test_start_sets_how_gblr_layers_start():
     # default: the block-diagonal special case (no full component); half: the paper's
     assert _full_components(_build()) == 0
     assert _full_components(_build("structure.start=half", "structure.budget=0.5")) > 0
-    with pytest.raises(ValueError, match="structure.start"):
+    with pytest.raises(ValueError, match=r"structure\.start"):
         _build("structure.start=diagonal")
     with pytest.raises(ValueError, match=r"structure\.start='half' applies only"):
-        _build("structure.start=half", "structure.kind=lowrank")
-    with pytest.raises(ValueError, match=r"structure\.start='half' applies only"):
         _build(*SEARCH, "structure.start=half")
+    # a GBLR recipe's start does not stop its baseline comparison (as start_cost)
+    lowrank = _build("structure.start=half", "structure.kind=lowrank")
+    assert all(isinstance(layer, StructuredLinear) for layer in _block_layers(lowrank, 0))
 
 
 def test_the_configs_gblr_starts_are_the_layers_costed_inits():
@@ -225,18 +226,20 @@ def test_the_reported_macs_ratio_leaves_excluded_layers_out(tmp_path):
 
 
 def test_a_structure_added_with_register_structure_reaches_the_configs(monkeypatch):
-    import importlib
+    import dataclasses
 
-    from gblr.compress import register_structure
-
-    # the module, not the function gblr.compress.convert that shadows its name
-    convert_module = importlib.import_module("gblr.compress.convert")
+    from gblr.compress import LowRankConfig, configs, register_structure
     from gblr.recipes.sweep import sweep_runs
 
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class MyLowRankConfig(LowRankConfig):
+        structure: str = dataclasses.field(default="mylowrank", init=False)
+
     # one registry for convert and the configs: a user's structure (here low-rank's fit
-    # under another name) is a structure.kind, a --structure and a sweep entry
-    monkeypatch.setattr(convert_module, "_STRUCTURES", dict(convert_module._STRUCTURES))
-    register_structure("mylowrank", convert_module._STRUCTURES["lowrank"].fit)
+    # and options under another name) is a structure.kind, a --structure and a sweep entry
+    monkeypatch.setattr(configs, "_STRUCTURES", dict(configs._STRUCTURES))
+    fit = configs._STRUCTURES["lowrank"].fit
+    register_structure("mylowrank", fit, config=MyLowRankConfig)
     config = load_config("digits-vit-gblr", [*TINY, "structure.kind=mylowrank"])
     model = build_structured_model(config, 1, 10)
     assert type(model.blocks[0].qkv).__name__ == "LowRankLinear"

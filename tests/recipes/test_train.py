@@ -111,7 +111,7 @@ def test_train_command_runs_a_shipped_cifar_config_end_to_end(cifar_root, tmp_pa
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
     header = (out / "metrics.csv").read_text().splitlines()[0]
-    assert "val/accuracy" in header and "gblr/mac_ratio" in header  # validated every epoch
+    assert "val/accuracy" in header and "gblr/macs_ratio" in header  # validated every epoch
     assert "figures/masks.png" in (out / "REPORT.md").read_text()
     capsys.readouterr()
 

@@ -1,8 +1,9 @@
 """Model surgery: replace a model's dense layers by structured ones under a MAC budget.
 
-``convert(model, budget=0.3)`` swaps every matching ``nn.Linear``, ``nn.Conv2d`` and
-Hugging Face ``Conv1D`` (GPT-2 family; weight stored ``(in, out)``) for a structured layer
-fitted to its weights, in place, and returns a :class:`ConversionReport`.
+``convert(model, GBLRConfig(budget=0.3))`` swaps every matching ``nn.Linear``,
+``nn.Conv2d`` and Hugging Face ``Conv1D`` (GPT-2 family; weight stored ``(in, out)``) for a
+structured layer fitted to its weights, in place, and returns a :class:`ConversionReport`.
+The config (:mod:`gblr.compress.configs`) says which structure and how.
 
 Budgets are MACs per input row (per output position for convolutions), the same unit as
 ``layer.flops()``. ``allocation="uniform"`` gives every layer ``budget`` times its dense
@@ -20,9 +21,8 @@ from __future__ import annotations
 import fnmatch
 import heapq
 import math
-import numbers
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,23 @@ from ..modules import set_submodule
 from ..ops.whitened import weighted_low_rank, whitening
 from ..structured.base import BudgetTooSmallError, StructuredLinear
 from .calibrate import check_calibration, input_second_moments
+from .configs import (
+    DEFAULT_SEARCH_STEPS,
+    FAMILY_CONFIGS,
+    INITS,
+    ConversionConfig,
+    FamilyConfig,
+    GBLRConfig,
+    _as_patterns,
+    _check_choice,
+    _check_int,
+    _config_text,
+    _registered,
+    config_class,
+    config_from_dict,
+    register_structure,
+    structures,
+)
 from .search import _svd_layer, empty_layer, fit_dense
 
 __all__ = [
@@ -47,77 +64,13 @@ __all__ = [
     "structures",
 ]
 
-INITS = ("search", "svd", "random")
-ALLOCATIONS = ("uniform", "global")
-
 
 # --------------------------------------------------------------------------- structures
-@dataclass(frozen=True)
-class _Structure:
-    fit: Callable[..., nn.Module]
-    supports_conv2d: bool
-    supports_calibration: bool = False
-
-
-_STRUCTURES: dict[str, _Structure] = {}
-
-
-def register_structure(
-    name: str,
-    fit: Callable[..., nn.Module],
-    *,
-    supports_conv2d: bool = False,
-    supports_calibration: bool = False,
-) -> None:
-    """Make ``convert(..., structure=name)`` available.
-
-    Args:
-        name: the structure's name.
-        fit: ``fit(weight (out, in), macs, *, init, rank_per_component, steps, seed)`` →
-            a bias-free module mapping ``(..., in) -> (..., out)`` whose ``flops()`` is at
-            most ``macs`` and whose ``dense_weight()`` gives its matrix in eval mode.
-        supports_conv2d: whether the returned module is a GBLR matrix layer whose factors
-            and intervals can be moved into a :class:`gblr.GBLRConv2d`.
-        supports_calibration: whether ``fit`` also takes ``whitening=S`` (``(in, in)``,
-            :func:`gblr.ops.whitened.whitening`) and then minimizes the output
-            error ``||(W - Ŵ) S||`` instead of the weight error.
-
-    ``fit`` raises :class:`gblr.structured.BudgetTooSmallError` when the structure cannot
-    be built within ``macs`` at that shape: :func:`convert` then leaves that layer dense
-    (listed in ``report.skipped``). Any other exception stops the conversion with the
-    model unchanged.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string, got {name!r}")
-    if name == "dense":  # convert's no-op baseline
-        raise ValueError("name 'dense' is reserved (structure='dense' converts nothing)")
-    if not callable(fit):
-        raise TypeError(f"fit must be callable, got {type(fit).__name__}")
-    for flag, value in (
-        ("supports_conv2d", supports_conv2d),
-        ("supports_calibration", supports_calibration),
-    ):
-        if not isinstance(value, bool):
-            raise TypeError(f"{flag} must be a bool, got {value!r}")
-    _STRUCTURES[name] = _Structure(fit, supports_conv2d, supports_calibration)
-
-
-def structures() -> list[str]:
-    """Names accepted by ``convert(structure=...)``."""
-    return sorted(_STRUCTURES)
-
-
 def _fit_gblr(
-    weight: Tensor,
-    macs: int,
-    *,
-    init: str,
-    rank_per_component: int,
-    steps: int,
-    seed: int,
-    whitening: Tensor | None = None,
+    weight: Tensor, macs: int, config: GBLRConfig, *, whitening: Tensor | None = None
 ) -> GBLRLinear:
     m, n = weight.shape
+    init, rank_per_component, seed = config.init, config.rank_per_component, config.seed
     if macs < 2 * rank_per_component:  # pays for nothing: one dead component
         return empty_layer(weight, rank_per_component)
     if whitening is not None:  # init "svd" (convert checks): the calibrated truncated SVD
@@ -138,7 +91,7 @@ def _fit_gblr(
             weight,
             budget_macs=macs,
             rank_per_component=rank_per_component,
-            steps=steps,
+            steps=config.search_steps,
             seed=seed,
         )
     if init == "svd":
@@ -175,22 +128,17 @@ def _fit_gblr(
     return layer.eval()
 
 
-register_structure("gblr", _fit_gblr, supports_conv2d=True, supports_calibration=True)
+register_structure(
+    "gblr", _fit_gblr, config=GBLRConfig, supports_conv2d=True, supports_calibration=True
+)
 
 
 def _family_fit(family: type[StructuredLinear]) -> Callable[..., nn.Module]:
-    """``fit`` for a baseline family: its projection ``from_dense`` (``init`` "search" or
-    "svd"), or a fresh layer at the budget (``"random"``)."""
+    """``fit`` for a baseline family: its projection ``from_dense`` (``init="project"``),
+    or a fresh layer at the budget (``"random"``)."""
 
     def fit(
-        weight: Tensor,
-        macs: int,
-        *,
-        init: str,
-        rank_per_component: int,
-        steps: int,
-        seed: int,
-        whitening: Tensor | None = None,
+        weight: Tensor, macs: int, config: FamilyConfig, *, whitening: Tensor | None = None
     ) -> nn.Module:
         if macs < 1:  # the global allocation can leave a small layer nothing: keep it dense
             raise BudgetTooSmallError(
@@ -198,11 +146,11 @@ def _family_fit(family: type[StructuredLinear]) -> Callable[..., nn.Module]:
             )
         if whitening is not None:
             return family.from_dense(weight, budget_macs=macs, whitening=whitening)
-        if init != "random":
+        if config.init == "project":
             return family.from_dense(weight, budget_macs=macs)
         out_features, in_features = weight.shape
         with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
-            torch.manual_seed(seed)
+            torch.manual_seed(config.seed)
             return family.for_budget(
                 in_features,
                 out_features,
@@ -220,7 +168,10 @@ def _register_families() -> None:
 
     for name, family in structured.FAMILIES.items():
         register_structure(
-            name, _family_fit(family), supports_calibration=family.supports_calibration
+            name,
+            _family_fit(family),
+            config=FAMILY_CONFIGS[name],
+            supports_calibration=family.supports_calibration,
         )
 
 
@@ -259,23 +210,31 @@ class LayerConversion:
 class ConversionReport:
     """What :func:`convert` did: converted layers, skipped layers and totals.
 
-    ``print(report)`` gives a table.
+    ``print(report)`` gives a table headed by the config; ``report.config`` is the config
+    used (also recorded on the model as ``model.gblr_config``), and ``structure``,
+    ``init`` (``None`` for a structure without one), ``allocation`` and ``budget`` repeat
+    its main fields.
 
     Examples:
         >>> import torch, gblr
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
-        >>> report = gblr.convert(model, budget=0.25, init="svd")
-        >>> len(report.layers), round(report.ratio, 2)
-        (1, 0.25)
+        >>> report = gblr.convert(model, gblr.GBLRConfig(budget=0.25))
+        >>> len(report.layers), round(report.ratio, 2), report.config.budget
+        (1, 0.25, 0.25)
+        >>> print(str(report).splitlines()[0])
+        GBLRConfig(budget=0.25)
+        >>> report.to_dict()["config"]["structure"]
+        'gblr'
     """
 
     structure: str
-    init: str
+    init: str | None
     allocation: str
     budget: float
     layers: list[LayerConversion] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     calibrated: bool = False
+    config: ConversionConfig | None = None
 
     @property
     def macs_before(self) -> int:
@@ -304,6 +263,7 @@ class ConversionReport:
                 for layer in self.layers
             ],
             "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
+            "config": None if self.config is None else self.config.to_dict(),
         }
 
     def __str__(self) -> str:
@@ -343,9 +303,15 @@ class ConversionReport:
             )
         )
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        if self.config is not None:
+            title = _config_text(self.config)
+        else:
+            title = (
+                f"structure={self.structure} init={self.init} allocation={self.allocation} "
+                f"budget={self.budget:g}"
+            )
         lines = [
-            f"structure={self.structure} init={self.init} allocation={self.allocation} "
-            f"budget={self.budget:g}"
+            title
             + (" (errors: of the outputs on the calibration inputs)" if self.calibrated else ""),
             "  ".join(h.ljust(w) for h, w in zip(header, widths)),
         ]
@@ -529,85 +495,97 @@ def _with_progress(items: Iterable, total: int, progress: bool | None) -> Iterab
 
 
 # --------------------------------------------------------------------------- checks
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {list(choices)}, got {value!r}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
+# convert's arguments before configs (deprecated since 0.2, removed in 0.3): the
+# positional ones after the model, in their old order, then the keyword-only ones.
+_OLD_POSITIONAL = ("structure", "budget", "init", "include", "exclude", "allocation")
+_OLD_ARGUMENTS = (*_OLD_POSITIONAL, "rank_per_component", "min_features", "steps", "seed")
 
 
-def _check_int(name: str, value: object, minimum: int, allowed: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {allowed}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return int(value)
-
-
-def _check_arguments(
-    structure: object,
-    budget: object,
-    init: object,
-    allocation: object,
-    rank_per_component: object,
-    min_features: object,
-    steps: object,
-    seed: object,
-    progress: object,
-    calibration: object,
-) -> float:
-    """Every argument's type and range, before the model is looked at; the budget as a
-    float. Each error names the argument, the value and what is allowed."""
-    _check_choice("structure", structure, ["dense", *structures()])
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+def _config_argument(
+    config: object, args: tuple[Any, ...], old: dict[str, Any]
+) -> ConversionConfig:
+    """The config of a call to :func:`convert`: the one given, the default config of a
+    structure name, or one built from the old arguments (with a ``FutureWarning`` that
+    names it)."""
+    if len(args) > len(_OLD_POSITIONAL) - 1:
         raise TypeError(
-            f"budget must be a float fraction in (0, 1] of the dense MACs, got {budget!r}"
+            f"convert takes at most 2 positional arguments (model, config), got {2 + len(args)}"
         )
-    if not 0 < float(budget) <= 1:  # NaN fails this too
-        raise ValueError(f"budget must be a fraction in (0, 1] of the dense MACs, got {budget!r}")
-    _check_choice("init", init, INITS)
-    _check_choice("allocation", allocation, ALLOCATIONS)
-    _check_int("rank_per_component", rank_per_component, 1, "a positive int")
-    _check_int("min_features", min_features, 1, "a positive int")
+    unknown = [key for key in old if key not in _OLD_ARGUMENTS]
+    if unknown:
+        raise TypeError(
+            f"convert got unexpected keyword argument(s) {unknown}; it takes model, config, "
+            f"calibration= and progress= (and, deprecated, {list(_OLD_ARGUMENTS)})"
+        )
+    given = dict(zip(_OLD_POSITIONAL[1:], args))
+    for key, value in old.items():
+        if key in given or (key == "structure" and config is not None):
+            raise TypeError(f"convert got multiple values for argument {key!r}")
+        given[key] = value
+    if isinstance(config, ConversionConfig):
+        if given:
+            raise ValueError(
+                f"give the options in the config or (deprecated) as arguments, not both: "
+                f"got {_config_text(config)} and {sorted(given)}; change the config with "
+                "dataclasses.replace(config, ...)"
+            )
+        return config
+    if config is not None and not isinstance(config, str):
+        raise TypeError(
+            "config must be a conversion config (gblr.GBLRConfig, gblr.LowRankConfig, ...), "
+            f"a structure name or None (GBLRConfig()), got {type(config).__name__}"
+        )
+    if not given:  # None or a structure's name: its default config
+        return config_from_dict({"structure": "gblr" if config is None else config})
+    structure = given.pop("structure", "gblr" if config is None else config)
+    built = _old_config(structure, given)
+    warnings.warn(
+        "gblr.convert with the options as arguments (structure=, budget=, init=, ...) is "
+        "deprecated since gblr 0.2 and will be removed in 0.3; pass one config: "
+        f"gblr.convert(model, {_config_text(built)})",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return built
+
+
+def _old_config(structure: object, given: dict[str, Any]) -> ConversionConfig:
+    """The config the old arguments meant: ``init`` "svd"/"search" is a family's
+    projection, ``steps`` counts only with ``init="search"``, and options that the
+    structure's config does not have are checked as before, then dropped (ignored)."""
+    cls = config_class(structure)
+    init = _check_choice("init", given.pop("init", "svd"), INITS)
+    steps = given.pop("steps", DEFAULT_SEARCH_STEPS)
     _check_int("steps", steps, 0, "an int >= 0 (refinement steps of init='search')")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch.manual_seed), got {seed}")
+    rank = given.pop("rank_per_component", 1)
+    _check_int("rank_per_component", rank, 1, "a positive int")
+    if issubclass(cls, GBLRConfig):
+        given.update(init=init, rank_per_component=rank)
+        if init == "search":
+            given["search_steps"] = steps
+    elif issubclass(cls, FamilyConfig):
+        given.update(init="random" if init == "random" else "project", rank_per_component=rank)
+    return config_from_dict({"structure": structure, **given})
+
+
+def _check_call(config: ConversionConfig, progress: object, calibration: object) -> None:
+    """convert's own arguments, before the model is looked at."""
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(
             f"progress must be True, False or None (only on a terminal), got {progress!r}"
         )
-    if calibration is not None:
-        check_calibration(calibration)
-        spec = _STRUCTURES.get(structure)
-        if spec is None or not spec.supports_calibration:
-            supported = [name for name, item in _STRUCTURES.items() if item.supports_calibration]
-            raise ValueError(
-                f"calibration is supported by structure {supported}, got structure={structure!r}"
-            )
-        if init != "svd":
-            raise ValueError(
-                f"calibration fits the calibrated truncated SVD: it needs init='svd', got "
-                f"init={init!r}"
-            )
-    return float(budget)
-
-
-def _as_patterns(name: str, value: str | Sequence[str] | None) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
-        raise TypeError(f"{name} must be a glob pattern (str) or a list of them, got {value!r}")
-    if not value:
+    if calibration is None:
+        return
+    check_calibration(calibration)
+    spec = _registered().get(config.structure)
+    if spec is None or not spec.supports_calibration:
+        supported = [name for name, item in _registered().items() if item.supports_calibration]
         raise ValueError(
-            f"{name} must hold at least one glob pattern, got {value!r} "
-            f"({name}=None: {'every layer' if name == 'include' else 'no layer'})"
+            f"calibration is supported by structure {supported}, got structure={config.structure!r}"
         )
-    return list(value)
+    refusal = config._calibration_refusal()
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def _check_patterns_match(name: str, patterns: list[str] | None, names: list[str]) -> None:
@@ -779,62 +757,47 @@ def _tie_groups(
 # --------------------------------------------------------------------------- convert
 def convert(
     model: nn.Module,
-    structure: str = "gblr",
-    budget: float = 0.3,
-    init: str = "svd",
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    allocation: str = "global",
-    *,
-    rank_per_component: int = 1,
-    min_features: int = 16,
-    steps: int = 200,
-    seed: int = 0,
-    progress: bool | None = None,
+    config: ConversionConfig | str | None = None,
+    *args: Any,
     calibration: Iterable[Any] | None = None,
+    progress: bool | None = None,
+    **old: Any,
 ) -> ConversionReport:
     """Replace, in place, the model's dense layers by structured layers fitted to them.
 
-    All or nothing: every argument and every selected layer's weights are checked before
-    anything is fitted, all layers are fitted before any is replaced, and if anything
-    fails (an exception, ``KeyboardInterrupt`` included) the model keeps its original
-    modules and parameters.
+    ``config`` says which structure and how (as ``peft.get_peft_model(model,
+    LoraConfig(...))``): :class:`gblr.GBLRConfig` (the default, ``GBLRConfig()``: GBLR
+    layers at 0.3 of the MACs from the truncated SVD), a baseline family's config
+    (:class:`gblr.LowRankConfig`, :class:`gblr.MonarchConfig`,
+    :class:`gblr.BlockDiagConfig`, :class:`gblr.BlockSparseConfig`,
+    :class:`gblr.PixelflyConfig`: those convert Linear and Conv1D layers and skip
+    convolutions), or :class:`gblr.ConversionConfig` (``structure="dense"``: convert
+    nothing, report the layers: a baseline for scripts; or a structure registered
+    without a config of its own). A structure's name (``"lowrank"``) means its default
+    config. The config is recorded on the model as ``model.gblr_config`` when a layer
+    was converted, and :func:`gblr.save` writes it into the file
+    (:meth:`gblr.ConversionConfig.from_file` reads it back).
+
+    All or nothing: the config, the arguments and every selected layer's weights are
+    checked before anything is fitted, all layers are fitted before any is replaced, and
+    if anything fails (an exception, ``KeyboardInterrupt`` included) the model keeps its
+    original modules and parameters.
+
+    Deprecated: the options as arguments, ``convert(model, structure="gblr",
+    budget=0.3, init="svd", include=None, exclude=None, allocation="global", *,
+    rank_per_component=1, min_features=16, steps=200, seed=0)``, still work until gblr
+    0.3 and give the same model, with a ``FutureWarning`` naming the config to pass
+    instead (``steps`` is ``GBLRConfig(search_steps=)``; for a family, ``init`` "svd"
+    and "search" are ``init="project"``; options a structure ignores are dropped).
+    A config and such arguments together are a ``ValueError``.
 
     Args:
         model: any ``nn.Module``; every ``nn.Linear``, ``nn.Conv2d`` (``groups=1``, zero
             padding) and Hugging Face ``Conv1D`` among ``named_modules()`` is a candidate.
             It cannot itself be such a layer (it is replaced in place: wrap it, e.g. in
             ``nn.Sequential``).
-        structure: ``"dense"`` (no change: a baseline for scripts) or a name from
-            :func:`structures`: ``"gblr"`` or a baseline family of
-            :mod:`gblr.structured` (``"lowrank"``, ``"blockdiag"``, ...; those convert
-            Linear and Conv1D layers, and skip convolutions).
-        budget: fraction in ``(0, 1]`` of the converted layers' dense MACs. With
-            ``init="svd"``, ``1.0`` means no compression: each layer becomes its exact
-            full-rank factorization (costing more MACs than dense, until a structure
-            learner prunes it while fine-tuning).
-        init: ``"svd"`` (default: truncated SVD, full intervals; seconds, and as good
-            as the search after fine-tuning on the real-task benchmarks), ``"search"``
-            (:func:`gblr.fit_dense`: structure searched from the weights, a lower weight
-            error before fine-tuning, minutes on a transformer), ``"random"`` (fresh
-            layer at the budget's cost, for training from scratch). For the baseline
-            families ``"svd"`` and ``"search"`` both mean the family's projection of the
-            weights (``from_dense``).
-        include: glob pattern(s) over module names; only matching layers are converted.
-            Every pattern must match some candidate, and a list must not be empty.
-        exclude: glob pattern(s); matching layers are left dense (same rules).
-        allocation: ``"global"`` (layers compete for the model's budget, see the module
-            docstring) or ``"uniform"`` (every layer gets the same ratio).
-        rank_per_component: ``r`` of every GBLR component, at most ``min(out, in)`` of
-            every converted layer; for the baseline families only the unit (rank ``r``)
-            in which the global allocation hands out MACs.
-        min_features: layers with ``min(out, in)`` below this are skipped (listed in the
-            report).
-        steps: refinement steps of ``fit_dense``; used by ``structure="gblr"`` with
-            ``init="search"`` only, ignored otherwise (but always checked: an int >= 0).
-        seed: seeds every fit; equal seeds give equal models.
-        progress: show a progress bar over the layers (``tqdm``, when installed); the
-            default ``None`` shows it only when standard error is a terminal.
+        config: a :class:`gblr.ConversionConfig` (of any structure), a structure name
+            (``"dense"`` or one of :func:`structures`) or ``None`` (``GBLRConfig()``).
         calibration: example inputs of the model (an iterable of batches: tensors, tuples
             of positional arguments, or mappings of keyword arguments such as a
             tokenizer's output; one batch alone goes in a list). The model runs once over
@@ -843,12 +806,16 @@ def convert(
             inputs, instead of the weight error
             (:mod:`gblr.compress.calibrate`); the global allocation weighs layers by the
             same output errors, and the report's errors are output errors. For
-            ``"gblr"`` (``init="svd"``) and ``"lowrank"``, Linear and Conv1D layers.
+            ``GBLRConfig(init="svd")`` and ``LowRankConfig(init="project")``, Linear and
+            Conv1D layers.
+        progress: show a progress bar over the layers (``tqdm``, when installed); the
+            default ``None`` shows it only when standard error is a terminal.
 
     Returns:
-        A :class:`ConversionReport`. Converted layers keep their bias, dtype, device and
-        train/eval mode; they are :class:`gblr.GBLRLinear` (for ``Linear`` and ``Conv1D``,
-        input ``(..., in)``) or :class:`gblr.GBLRConv2d`, or the family's
+        A :class:`ConversionReport` (``report.config``: the config used). Converted
+        layers keep their bias, dtype, device and train/eval mode; they are
+        :class:`gblr.GBLRLinear` (for ``Linear`` and ``Conv1D``, input ``(..., in)``) or
+        :class:`gblr.GBLRConv2d`, or the family's
         :class:`gblr.structured.StructuredLinear`. Layers left dense are listed in
         ``report.skipped`` with the reason: one the family cannot express at its share
         of the budget (below the family's smallest configuration), the Linear children of
@@ -866,40 +833,38 @@ def convert(
 
     Raises:
         TypeError: an argument of the wrong type (named, with what is allowed).
-        ValueError: an argument out of range, a pattern that matches no layer, a
-            model that is itself a layer, ``rank_per_component`` above a layer's
-            ``min(out, in)``, or weights that are NaN, inf or not loaded (the layers are
-            named). Raised before the model is changed.
+        ValueError: a config together with old-style arguments, an argument out of
+            range, a pattern that matches no layer, a model that is itself a layer,
+            ``rank_per_component`` above a layer's ``min(out, in)``, or weights that are
+            NaN, inf or not loaded (the layers are named). Raised before the model is
+            changed.
         RuntimeError: fitting a layer failed (the layer is named, the cause chained);
             the model is unchanged.
 
     Examples:
         >>> import torch, gblr
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
-        >>> report = gblr.convert(model, budget=0.5, init="svd")
+        >>> report = gblr.convert(model, gblr.GBLRConfig(budget=0.5))
         >>> isinstance(model[0], gblr.GBLRLinear), report.ratio <= 0.5
         (True, True)
+        >>> model.gblr_config == gblr.GBLRConfig(budget=0.5)
+        True
+        >>> dense = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        >>> report = gblr.convert(dense, "dense")  # a structure's name: its defaults
+        >>> report.config.structure, report.ratio, type(dense[0]).__name__
+        ('dense', 1.0, 'Linear')
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    budget = _check_arguments(
-        structure,
-        budget,
-        init,
-        allocation,
-        rank_per_component,
-        min_features,
-        steps,
-        seed,
-        progress,
-        calibration,
-    )
-    # NumPy integers pass the checks; the fits want plain ints.
-    rank_per_component, min_features = int(rank_per_component), int(min_features)
-    steps, seed = int(steps), int(seed)
-    include_patterns = _as_patterns("include", include)
-    exclude_patterns = _as_patterns("exclude", exclude)
-    spec = _STRUCTURES.get(structure)  # None: "dense", nothing is replaced
+    config = _config_argument(config, args, old)
+    _check_call(config, progress, calibration)
+    structure, budget, allocation = config.structure, config.budget, config.allocation
+    # The allocation's unit of rank (GBLR's rank per component; 1 without one).
+    rank_per_component = getattr(config, "rank_per_component", 1)
+    min_features = config.min_features
+    include_patterns = _as_patterns("include", config.include)
+    exclude_patterns = _as_patterns("exclude", config.exclude)
+    spec = _registered().get(structure)  # None: "dense", nothing is replaced
 
     conv1d = _conv1d_type()
     if (kind := convertible_kind(model, conv1d)) is not None:
@@ -923,7 +888,12 @@ def convert(
     _check_patterns_match("exclude", exclude_patterns, names)
 
     report = ConversionReport(
-        structure, init, allocation, budget, calibrated=calibration is not None
+        structure,
+        getattr(config, "init", None),
+        allocation,
+        budget,
+        calibrated=calibration is not None,
+        config=config,
     )
     selected = []
     for name, module, kind in candidates:
@@ -1014,24 +984,15 @@ def convert(
         weight = target.module.weight
         options = {} if factor is None else {"whitening": factor}
         try:
-            fitted = spec.fit(
-                matrix,
-                macs,
-                init=init,
-                rank_per_component=rank_per_component,
-                steps=steps,
-                seed=seed,
-                **options,
-            )
+            fitted = spec.fit(matrix, macs, config, **options)
         except BudgetTooSmallError as error:  # a family that cannot express this budget here
             report.skipped.append((target.name, str(error)))
             continue
         except Exception as error:
             raise RuntimeError(
                 f"gblr.convert: fitting layer {target.name!r} ({target.kind} "
-                f"{matrix.shape[0]}x{matrix.shape[1]}, {macs} MACs, structure={structure!r}, "
-                f"init={init!r}) failed with {type(error).__name__}: {error}; the model is "
-                "unchanged"
+                f"{matrix.shape[0]}x{matrix.shape[1]}, {macs} MACs, {_config_text(config)}) "
+                f"failed with {type(error).__name__}: {error}; the model is unchanged"
             ) from error
         fitted.eval()
         with torch.no_grad():
@@ -1058,7 +1019,10 @@ def convert(
             )
         )
     _install(model, [(name, layer) for target, layer in replacements for name in target.names])
-    if not report.layers:
+    if report.layers:
+        # The config that made the model (gblr.save writes it), as peft's model.peft_config.
+        model.gblr_config = config
+    else:
         warnings.warn(
             f"gblr.convert converted no layer ({len(report.skipped)} skipped, reasons in "
             "report.skipped)",

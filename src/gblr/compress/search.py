@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..cost import fraction_budget_macs
 from ..layers.linear import GBLRLinear
+from ..learn.config import LearnerConfig
 from ..learn.groups import param_groups
 from ..learn.learner import StructureLearner
 
@@ -320,7 +321,8 @@ def _error(layer: GBLRLinear | None, weight: Tensor) -> float:
 def _refine(layer: GBLRLinear, weight: Tensor, macs: int, steps: int, lr: float) -> GBLRLinear:
     """Proximal refinement; returns the best (eval-mode error) state seen."""
     optimizer = torch.optim.Adam(param_groups(layer, lr=lr, structure_lr=lr))
-    learner = StructureLearner(layer, target_macs=macs, sigma=(10.0, 100.0), total_steps=steps)
+    config = LearnerConfig(sigma=(10.0, 100.0))
+    learner = StructureLearner(layer, config, budget_macs=macs, total_steps=steps)
     energy = weight.pow(2).sum().clamp_min(1e-30)
     best_error, best_state = (
         _error(layer, weight),

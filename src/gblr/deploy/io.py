@@ -10,6 +10,10 @@ header's ``__metadata__`` (string values only) holds:
   and timed plan choices), ``aliases`` (state-dict keys stored under another key: tied
   weights), ``root`` (class name of the saved model) and ``model``: a description from
   which :func:`load` can rebuild the model without code, or ``null`` (see :func:`load`);
+- ``config`` (optional, from gblr 0.2): JSON of the conversion config that made the
+  model (``model.gblr_config``, set by :func:`gblr.convert`; a flat object with its
+  ``structure`` name, :meth:`gblr.ConversionConfig.to_dict`), read back by
+  :meth:`gblr.ConversionConfig.from_file`;
 - ``sha256``: hex digest of every other metadata entry (the versions included) followed
   by every stored tensor (name, dtype, shape, byte count, bytes) in sorted name order, so
   a file that was truncated, or whose tensors, structure or versions were changed after
@@ -87,6 +91,9 @@ _STORED_DTYPES = {
     if hasattr(torch, name)
 }
 _METADATA_KEYS = {"format", "format_version", "gblr_version", "structure", "sha256"}
+_OPTIONAL_METADATA_KEYS = {"config"}  # format version 2 only
+# Entries of the conversion config: a flat JSON object of a few options.
+_MAX_CONFIG_KEYS = 64
 # safetensors' own limit: a larger header is not one that a real model needs.
 _MAX_HEADER_BYTES = 100_000_000
 # Largest size accepted for one dimension of a layer, and for a rank.
@@ -303,13 +310,16 @@ def _list(value: Any, where: str, length: int | None = None, max_length: int | N
     return value
 
 
-def _keys(value: Any, where: str, required: Iterable[str]) -> dict[str, Any]:
+def _keys(
+    value: Any, where: str, required: Iterable[str], optional: Iterable[str] = ()
+) -> dict[str, Any]:
     _expect(isinstance(value, dict), where, "a JSON object", value)
-    required = set(required)
-    missing, extra = required - value.keys(), value.keys() - required
+    required, optional = set(required), set(optional)
+    missing, extra = required - value.keys(), value.keys() - required - optional
     if missing or extra:
+        also = f" (and optionally {sorted(optional)})" if optional else ""
         raise _Invalid(
-            f"{where} must have exactly the keys {sorted(required)}; missing "
+            f"{where} must have exactly the keys {sorted(required)}{also}; missing "
             f"{sorted(missing)}, unexpected {_show(sorted(extra))}"
         )
     return value
@@ -600,6 +610,37 @@ def _check_structure(structure: Any, stored: Iterable[str]) -> None:
         _check_spec(structure["model"], "model")
 
 
+def _check_config(config: Any) -> dict[str, Any]:
+    """The conversion config's plain data: a flat JSON object naming its structure, whose
+    values are JSON scalars (finite numbers) or lists of strings. Its fields are the
+    business of :mod:`gblr.compress.configs`, which checks them when it reads them."""
+    _expect(isinstance(config, dict), "the config", "a JSON object", config)
+    _expect(
+        len(config) <= _MAX_CONFIG_KEYS,
+        "the config",
+        f"a JSON object of at most {_MAX_CONFIG_KEYS} keys",
+        f"{len(config)} keys",
+    )
+    _expect(
+        isinstance(config.get("structure"), str) and config["structure"] != "",
+        "the config's structure",
+        "a non-empty string",
+        config.get("structure"),
+    )
+    for key, value in config.items():
+        scalar = value is None or isinstance(value, (bool, str))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _expect(
+            scalar
+            or (number and math.isfinite(value))
+            or (isinstance(value, list) and all(isinstance(item, str) for item in value)),
+            f"the config's {_show(key)}",
+            "null, true, false, a finite number, a string or a list of strings",
+            value,
+        )
+    return config
+
+
 def _check_layer_tensors(entry: dict[str, Any], state: dict[str, Tensor]) -> None:
     """The stored tensors of a frozen layer have the sizes and intervals of its entry (a
     layer is built from the entry, then filled from the tensors)."""
@@ -854,7 +895,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         model: a module containing frozen GBLR layers (after :func:`gblr.freeze`), or one
             frozen layer. Unfrozen GBLR layers are refused: freeze first. Tied weights
             (one parameter under several names) are stored once and tied again by
-            :func:`load`.
+            :func:`load`. The conversion config that :func:`gblr.convert` recorded on the
+            model (``model.gblr_config``) is saved with it, as peft saves
+            ``adapter_config.json`` next to the weights
+            (:meth:`gblr.ConversionConfig.from_file` reads it back).
         path: the file to write (conventionally ``*.safetensors``); its folder must exist.
             Written atomically (:func:`gblr.files.save_atomically`): an existing
             file is replaced only once the new one is complete, and a failed save leaves
@@ -866,7 +910,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         The path written (as given; for a link, the link).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or ``path`` not a path.
+        TypeError: ``model`` is not an ``nn.Module``, ``path`` not a path, or
+            ``model.gblr_config`` not a conversion config.
         ValueError: no frozen GBLR layer, an unfrozen one, an empty path, a folder, or
             a folder that does not exist.
         PermissionError: ``path`` is a read-only file, or its folder is not writable.
@@ -904,6 +949,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             f"model ({type(model).__name__}) has no frozen GBLR layer to save; "
             "gblr.save writes frozen models (gblr.freeze), use torch.save otherwise"
         )
+    config = _config_metadata(model)
     layers = [_layer_entry(ns[0], ns[1:], modules[key]) for key, ns in names.items()]
     tensors, aliases = _unique_tensors(model.state_dict())
     structure = json.dumps(
@@ -921,10 +967,32 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "gblr_version": _gblr_version(),
         "structure": structure,
     }
+    if config is not None:
+        metadata["config"] = config
     metadata["sha256"] = _digest(metadata, _tensor_records(tensors))
     data = _safetensors().save(tensors, metadata=metadata)
     save_atomically(lambda handle: handle.write(data), path)
     return path
+
+
+def _config_metadata(model: nn.Module) -> str | None:
+    """The JSON of ``model.gblr_config`` (the conversion config :func:`gblr.convert`
+    records), checked as :func:`load_checkpoint` will check it; ``None`` without one."""
+    config = getattr(model, "gblr_config", None)
+    if config is None:
+        return None
+    to_dict = getattr(config, "to_dict", None)
+    if not callable(to_dict):
+        raise TypeError(
+            "model.gblr_config must be a conversion config (gblr.ConversionConfig, as "
+            f"gblr.convert sets it) or None, got {type(config).__name__}"
+        )
+    data = to_dict()
+    try:
+        _check_config(data)
+        return json.dumps(data, sort_keys=True, allow_nan=False)
+    except (_Invalid, TypeError, ValueError) as error:
+        raise ValueError(f"model.gblr_config cannot be saved: {error}") from None
 
 
 # --------------------------------------------------------------------------- load
@@ -942,6 +1010,10 @@ class FrozenCheckpoint:
         gblr_version: the version that wrote the file (covered by the checksum from
             format version 2 on).
         format_version: the file's format version.
+        config: the conversion config that made the model, as plain data
+            (:meth:`gblr.ConversionConfig.to_dict`; :meth:`gblr.ConversionConfig.from_file`
+            gives the config itself), or ``None`` (the model had none, or an older gblr
+            wrote the file).
 
     Examples:
         >>> import os, tempfile
@@ -966,6 +1038,7 @@ class FrozenCheckpoint:
     root: str
     gblr_version: str
     format_version: str = FORMAT_VERSION
+    config: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Tensor]:
         """Every state-dict key, aliases included, mapped to its tensor."""
@@ -1113,7 +1186,8 @@ def _verified(path: Path, data: bytes) -> FrozenCheckpoint:
             f"{_gblr_version()}, reads versions {', '.join(READABLE_VERSIONS)}); a newer "
             "gblr may read it"
         )
-    _keys(metadata, "the gblr metadata", _METADATA_KEYS)
+    optional = _OPTIONAL_METADATA_KEYS if version == "2" else ()
+    _keys(metadata, "the gblr metadata", _METADATA_KEYS, optional)
     for key, value in metadata.items():
         _str(value, f"the metadata's {key}")
     digest = metadata["sha256"]
@@ -1143,6 +1217,9 @@ def _verified(path: Path, data: bytes) -> FrozenCheckpoint:
         )
     structure = _parse_json(metadata["structure"], "the structure metadata")
     _check_structure(structure, table)
+    config = None
+    if "config" in metadata:
+        config = _check_config(_parse_json(metadata["config"], "the config metadata"))
     try:
         tensors = _safetensors().load(data)
     except Exception as error:  # its own error types; the checks above leave none expected
@@ -1156,6 +1233,7 @@ def _verified(path: Path, data: bytes) -> FrozenCheckpoint:
         root=structure["root"],
         gblr_version=metadata["gblr_version"],
         format_version=version,
+        config=config,
     )
     state = checkpoint.state_dict()
     for entry in checkpoint.layers:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cost import check_fraction_budget
+from ..learn.arguments import BUDGET_ALIASES, check_budget_arguments, resolve_deprecated
+from ..learn.config import DEPRECATED_OPTIONS, LearnerConfig
 from ..learn.learner import StructureLearner
 
 
@@ -31,34 +32,44 @@ def log_items(learner: StructureLearner, prefix: str = "gblr/") -> dict[str, flo
 
 def _learner_keywords() -> list[str]:
     parameters = inspect.signature(StructureLearner.__init__).parameters
-    return [name for name in parameters if name not in ("self", "model")]
+    return [
+        name
+        for name, parameter in parameters.items()
+        if name not in ("self", "model") and parameter.kind != parameter.VAR_KEYWORD
+    ]
 
 
-def check_learner_arguments(learner: StructureLearner | None, learner_kwargs: dict) -> None:
+def check_learner_arguments(
+    learner: StructureLearner | None, learner_kwargs: dict[str, Any], caller: str
+) -> dict[str, Any]:
     """Check what a callback was given, when it is given: the learner itself is built only
     when training starts, and a misspelt keyword or a wrong budget should not wait for
-    that."""
+    that. Returns the keyword arguments in their current form: deprecated ones become a
+    ``config`` and ``budget``/``budget_macs``, with a ``FutureWarning`` naming ``caller``,
+    so that the learner built later warns no more."""
     if learner is not None and learner_kwargs:
         raise ValueError("give either learner or learner keyword arguments, not both")
     if learner is None and not learner_kwargs:
-        raise ValueError("give a learner, or its keyword arguments (target=, target_macs= or lam=)")
+        raise ValueError("give a learner, or its keyword arguments (budget=, budget_macs= or lam=)")
     if learner is not None:
         if not isinstance(learner, StructureLearner):
             raise TypeError(
                 f"learner must be a gblr.StructureLearner, got {type(learner).__name__}"
             )
-        return
+        return {}
     allowed = _learner_keywords()
-    unknown = sorted(set(learner_kwargs) - set(allowed))
+    deprecated = [*BUDGET_ALIASES, *DEPRECATED_OPTIONS]
+    unknown = sorted(set(learner_kwargs) - set(allowed) - set(deprecated))
     if unknown:
         raise TypeError(
-            f"unknown StructureLearner keyword argument(s) {unknown}; allowed: {allowed}"
+            f"unknown StructureLearner keyword argument(s) {unknown}; allowed: {allowed} "
+            f"(deprecated: {deprecated})"
         )
-    budgets = [n for n in ("target", "target_macs", "lam") if learner_kwargs.get(n) is not None]
-    if len(budgets) != 1:
-        raise ValueError(
-            "give exactly one of target (budget mode, a fraction of the dense MACs), "
-            f"target_macs (budget mode, a MAC count) and lam (λ mode), got {budgets or 'none'}"
-        )
-    if budgets[0] != "lam":
-        check_fraction_budget(learner_kwargs.get("target"), learner_kwargs.get("target_macs"))
+    config = learner_kwargs.get("config")
+    if config is not None and not isinstance(config, LearnerConfig):
+        raise TypeError(f"config must be a gblr.LearnerConfig or None, got {config!r}")
+    check_budget_arguments(learner_kwargs)
+    rest = {key: value for key, value in learner_kwargs.items() if key != "config"}
+    # resolve_deprecated <- this function <- the callback's __init__ <- its caller
+    config, rest = resolve_deprecated(config, rest, caller=caller, stacklevel=4)
+    return rest if config is None else {"config": config, **rest}

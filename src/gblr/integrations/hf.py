@@ -12,6 +12,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("gblr.integrations.hf needs transformers: pip install 'gblr[hf]'") from error
 
+from ..learn.config import LearnerConfig
 from ..learn.learner import StructureLearner
 from ._common import build_learner, check_learner_arguments, log_items
 
@@ -23,9 +24,14 @@ class GBLRTrainerCallback(TrainerCallback):
 
     Args:
         learner: an existing learner, or None to build one when training begins from
-            ``learner_kwargs`` (``total_steps`` defaults to the trainer's ``max_steps``).
-        **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`; names and
-            the budget are checked here, the rest when the learner is built.
+            ``config`` and ``learner_kwargs`` (``total_steps`` defaults to the trainer's
+            ``max_steps``).
+        config: the learner's :class:`gblr.LearnerConfig` (default: the paper's method;
+            ``LearnerConfig.finetune()`` for a converted model).
+        **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`
+            (``budget=``, ``budget_macs=`` or ``lam=``, ``warmup_steps=``, ...); names,
+            the config and the budget are checked here, the rest when the learner is
+            built. Its deprecated keywords warn here, once.
 
     When a run resumes from a checkpoint, the learner continues from the trainer's
     ``global_step`` (σ schedule and budget ramp included); its starting cost is the one
@@ -33,13 +39,25 @@ class GBLRTrainerCallback(TrainerCallback):
 
     Examples:
         >>> from gblr.integrations.hf import GBLRTrainerCallback
-        >>> callback = GBLRTrainerCallback(target=0.25, warmup_steps=500)
+        >>> import gblr
+        >>> callback = GBLRTrainerCallback(
+        ...     config=gblr.LearnerConfig.finetune(), budget=0.25, warmup_steps=500
+        ... )
     """
 
-    def __init__(self, learner: StructureLearner | None = None, **learner_kwargs: Any) -> None:
-        check_learner_arguments(learner, learner_kwargs)
+    def __init__(
+        self,
+        learner: StructureLearner | None = None,
+        *,
+        config: LearnerConfig | None = None,
+        **learner_kwargs: Any,
+    ) -> None:
+        if config is not None:
+            learner_kwargs["config"] = config
         self.learner = learner
-        self.learner_kwargs = learner_kwargs
+        self.learner_kwargs = check_learner_arguments(
+            learner, learner_kwargs, "GBLRTrainerCallback"
+        )
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.learner is None:

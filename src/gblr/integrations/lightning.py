@@ -14,6 +14,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "gblr.integrations.lightning needs Lightning: pip install 'gblr[train]'"
     ) from error
 
+from ..learn.config import LearnerConfig
 from ..learn.learner import StructureLearner
 from ._common import build_learner, check_learner_arguments, log_items
 
@@ -24,26 +25,31 @@ class GBLRCallback(pl.Callback):
     """Runs ``learner.step()`` after every optimizer step and logs ``learner.summary()``.
 
     Args:
-        learner: an existing learner, or None to build one at fit start from
-            ``learner_kwargs`` (``total_steps`` defaults to the trainer's
+        learner: an existing learner, or None to build one at fit start from ``config``
+            and ``learner_kwargs`` (``total_steps`` defaults to the trainer's
             ``estimated_stepping_batches``).
+        config: the learner's :class:`gblr.LearnerConfig` (default: the paper's method).
         log_every_n_steps: how often the summary is logged (under ``gblr/``): an int >= 1.
         **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`
-            (``target=``, ``target_macs=`` or ``lam=``, ``sigma=``, ``warmup_steps=``,
-            ...); names and the budget are checked here, the rest when the learner is
-            built at fit start.
+            (``budget=``, ``budget_macs=`` or ``lam=``, ``warmup_steps=``, ...); names,
+            the config and the budget are checked here, the rest when the learner is
+            built at fit start. Its deprecated keywords (``target=``, ``sigma=``,
+            ``merge=``, ...) warn here, once.
 
     The learner's state is saved in and restored from Lightning checkpoints.
 
     Examples:
         >>> from gblr.integrations.lightning import GBLRCallback
-        >>> callback = GBLRCallback(target=0.3, warmup_steps=1000)
+        >>> import gblr
+        >>> callback = GBLRCallback(budget=0.3, warmup_steps=1000)
+        >>> finetune = GBLRCallback(config=gblr.LearnerConfig.finetune(), budget=0.5)
     """
 
     def __init__(
         self,
         learner: StructureLearner | None = None,
         *,
+        config: LearnerConfig | None = None,
         log_every_n_steps: int = 50,
         **learner_kwargs: Any,
     ) -> None:
@@ -55,9 +61,10 @@ class GBLRCallback(pl.Callback):
             )
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps}")
-        check_learner_arguments(learner, learner_kwargs)
+        if config is not None:
+            learner_kwargs["config"] = config
         self.learner = learner
-        self.learner_kwargs = learner_kwargs
+        self.learner_kwargs = check_learner_arguments(learner, learner_kwargs, "GBLRCallback")
         self.log_every_n_steps = log_every_n_steps
         self._pending_state: dict[str, Any] | None = None
         self._last_global_step = 0

@@ -113,6 +113,12 @@ class GBLRMatrixMixin(nn.Module):
     widths: nn.Parameter
     locations: nn.Parameter
     sigma: Tensor
+    #: What the structure learner's ``refine`` pass reads (see :meth:`record_factors`):
+    #: ``None`` when not recording, else the record of the training forwards since it was
+    #: armed: ``u`` ``(K, r, out)``, ``v`` ``(K, r, in)`` (masked factors, detached) and,
+    #: after the backward, ``grad_u``, ``grad_v`` (the loss gradients with respect to
+    #: them, summed over the forwards). Not part of the module's ``state_dict``.
+    factor_record: dict[str, Tensor] | None = None
 
     def _init_gblr(
         self,
@@ -170,6 +176,7 @@ class GBLRMatrixMixin(nn.Module):
         self.rank_per_component = rank_per_component
         self.num_components = num_components
         self.evaluation_order = evaluation_order  # validated by the property setter
+        self.factor_record = None
 
         factory = {"device": device, "dtype": dtype}
         k, r = num_components, rank_per_component
@@ -485,7 +492,7 @@ class GBLRMatrixMixin(nn.Module):
                 u, v = mask_factors_unchecked(
                     self.U, self.V, self.widths, self.locations, self._sigma_value()
                 )
-                record = self.__dict__.get("_factor_record")
+                record = self.factor_record
                 if record is not None and u.requires_grad:
                     _record_factor_gradients(record, u, v)
             return u.reshape(-1, self.rows), v.reshape(-1, self.cols)
@@ -494,6 +501,27 @@ class GBLRMatrixMixin(nn.Module):
         u = (self.U * row_mask.to(dtype).unsqueeze(1)).reshape(-1, self.rows)
         v = (self.V * col_mask.to(dtype).unsqueeze(1)).reshape(-1, self.cols)
         return u, v
+
+    def record_factors(self, enabled: bool = True) -> None:
+        """Arm (``enabled``) or stop the recording of :attr:`factor_record`.
+
+        Armed, the next eager training forwards store their masked factors and, through
+        hooks, the loss gradients with respect to them: those gradients are not masked
+        (``dL/dũ_k = G ṽ_k`` at every row, ``G`` the loss gradient of the dense weight),
+        so they tell what extending an interval by one cell would gain. Under
+        ``torch.compile`` nothing is recorded. Arming again starts a new, empty record.
+
+        Examples:
+            >>> import torch, gblr
+            >>> layer = gblr.GBLRLinear(6, 4, num_components=2)
+            >>> layer.record_factors()
+            >>> layer(torch.randn(3, 6)).sum().backward()
+            >>> sorted(layer.factor_record), tuple(layer.factor_record["grad_v"].shape)
+            (['grad_u', 'grad_v', 'u', 'v'], (2, 1, 6))
+            >>> layer.record_factors(False); layer.factor_record is None
+            True
+        """
+        self.factor_record = {} if enabled else None
 
     def gblr_weight(self) -> Tensor:
         """The ``(out, in)`` GBLR matrix in the current mode (training: Gaudi; eval: exact)."""

@@ -14,95 +14,18 @@ failure of one of the two seeds that missed at 1.1x the planted cost.
 
 from __future__ import annotations
 
-import numpy
+from typing import Any
+
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..layers.base import GBLRMatrixMixin
-from ..ops.gaudi import boxcar_mask
+from .config import MergeConfig
+from .factors import check_fraction, circular_spans, closest_factors, exact_factors
 from .groups import gblr_layers
+from .passes import LearnerPass
 
-__all__ = ["merge_components"]
-
-
-def _check_fraction(name: str, value: object) -> float:
-    """``value`` as a float in ``[0, 1)`` (a tolerance or a fraction), else a clear error.
-
-    Raises:
-        TypeError: not a real number (bools refused).
-        ValueError: outside ``[0, 1)`` (NaN included).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
-    if not 0 <= value < 1:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _spans(starts: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Smallest circular interval holding intervals ``i`` and ``j``, for all pairs.
-
-    Args:
-        starts, lengths: ``(K,)`` int64 integer intervals on a circle of ``n`` cells.
-
-    Returns:
-        ``(start, length)``, each ``(K, K)`` int64; ``length <= n``.
-    """
-    s_i, s_j = starts[:, None], starts[None, :]
-    l_i, l_j = lengths[:, None], lengths[None, :]
-    from_i = torch.maximum(l_i, torch.remainder(s_j - s_i, n) + l_j)
-    from_j = torch.maximum(l_j, torch.remainder(s_i - s_j, n) + l_i)
-    use_i = from_i <= from_j
-    start = torch.where(use_i, s_i.expand_as(from_i), s_j.expand_as(from_j))
-    length = torch.minimum(torch.where(use_i, from_i, from_j), torch.tensor(n))
-    return start, length
-
-
-def _masked_factors(layer: GBLRMatrixMixin) -> tuple[Tensor, Tensor]:
-    """The exact (boxcar-masked) factors ``(K, r, rows)`` and ``(K, r, cols)`` in float64
-    (in either mode: ``layer.masks()`` gives Gaudi masks while training)."""
-    row_mask = boxcar_mask(layer.widths[1], layer.locations[1], layer.rows, torch.float64)
-    col_mask = boxcar_mask(layer.widths[0], layer.locations[0], layer.cols, torch.float64)
-    u = layer.U.detach().to(torch.float64) * row_mask.unsqueeze(1)
-    v = layer.V.detach().to(torch.float64) * col_mask.unsqueeze(1)
-    return u, v
-
-
-def _closest_factors(
-    new_u: Tensor, new_v: Tensor, old_u: Tensor, old_v: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Factors of ``new_u^T new_v`` as close as possible to the kept component's old ones.
-
-    ``new_u^T new_v`` is unchanged by ``new_u -> Q new_u, new_v -> Q^{-T} new_v``. The
-    optimizer's state (Adam's moments) belongs to the old entries, so a sign flip or a
-    rescaled split would point it the wrong way. Rank 1: the sign and the scale that
-    minimise ``|u - u_old|^2 + |v - v_old|^2`` (the roots of a quartic). Higher ranks:
-    the orthogonal ``Q`` of the Procrustes problem that aligns ``new_u`` with ``old_u``,
-    then the sign and scale of each row as for rank 1.
-
-    Args:
-        new_u: ``(r, rows)``; new_v: ``(r, cols)``; old_u, old_v: the same shapes.
-
-    Returns:
-        ``(u, v)`` with ``u^T v == new_u^T new_v``.
-    """
-    if new_u.shape[0] > 1:
-        left, _, right = torch.linalg.svd(old_u @ new_u.T)
-        rotation = left @ right  # orthogonal: Q^{-T} = Q
-        new_u, new_v = rotation @ new_u, rotation @ new_v
-    # Per row, f(s) = |s u - u_old|^2 + |v / s - v_old|^2 over s != 0 (s < 0 flips the
-    # sign); f'(s) = 0 is the quartic uu s^4 - uo s^3 + vo s - vv = 0, whose real roots
-    # are compared (r is small).
-    uu, vv = new_u.pow(2).sum(1).tolist(), new_v.pow(2).sum(1).tolist()
-    uo, vo = (new_u * old_u).sum(1).tolist(), (new_v * old_v).sum(1).tolist()
-    scales = []
-    for a, b, c, d in zip(uu, uo, vo, vv):
-        roots = numpy.roots([a, -b, 0.0, c, -d])
-        real = [z.real for z in roots if abs(z.imag) <= 1e-9 * abs(z) and z.real != 0]
-        candidates = real or [(d / a) ** 0.25]
-        scales.append(min(candidates, key=lambda z: a * z * z - 2 * b * z + d / z**2 - 2 * c / z))
-    scale = torch.tensor(scales, dtype=new_u.dtype, device=new_u.device)[:, None]
-    return new_u * scale, new_v / scale
+__all__ = ["MergePass", "merge_components"]
 
 
 @torch.no_grad()
@@ -115,15 +38,15 @@ def _merge_layer(layer: GBLRMatrixMixin, tolerance: float) -> int:
     col_start, row_start = layer.interval_starts()
     row_len, col_len = row_len[live].cpu(), col_len[live].cpu()
     row_start, col_start = row_start[live].cpu(), col_start[live].cpu()
-    row_span_start, row_span = _spans(row_start, row_len, layer.rows)
-    col_span_start, col_span = _spans(col_start, col_len, layer.cols)
+    row_span_start, row_span = circular_spans(row_start, row_len, layer.rows)
+    col_span_start, col_span = circular_spans(col_start, col_len, layer.cols)
     own = row_len + col_len
     saving = (own[:, None] + own[None, :]) - (row_span + col_span)
     pairs = torch.triu((saving > 0), diagonal=1).nonzero()
     if pairs.numel() == 0:
         return 0
 
-    u, v = _masked_factors(layer)
+    u, v = exact_factors(layer)
     u, v = u[live].flatten(0, 1), v[live].flatten(0, 1)  # (L r, rows), (L r, cols)
     # The pair's block is X^T Y with X = [u_i; u_j] (2r, rows), Y = [v_i; v_j]; its
     # squared singular values are the eigenvalues of (X X^T)(Y Y^T), read off the Grams.
@@ -168,9 +91,7 @@ def _merge_layer(layer: GBLRMatrixMixin, tolerance: float) -> int:
         left, singular, right = torch.linalg.svd(r_x @ r_y.T)
         new_u = (q_x @ left[:, :r] * singular[:r]).T  # (r, rows), zero outside the intervals
         new_v = (q_y @ right[:r].T).T  # (r, cols), orthonormal rows
-        new_u, new_v = _closest_factors(
-            new_u, new_v, u[a * r : (a + 1) * r], v[a * r : (a + 1) * r]
-        )
+        new_u, new_v = closest_factors(new_u, new_v, u[a * r : (a + 1) * r], v[a * r : (a + 1) * r])
         rows = (row_span_start[a, b] + torch.arange(int(row_span[a, b]))) % layer.rows
         cols = (col_span_start[a, b] + torch.arange(int(col_span[a, b]))) % layer.cols
         rows, cols = rows.to(layer.U.device), cols.to(layer.V.device)
@@ -220,8 +141,41 @@ def merge_components(model: nn.Module, tolerance: float = 1e-3) -> int:
         >>> gblr.merge_components(layer), layer.flops()
         (1, 8)
     """
-    tolerance = _check_fraction("tolerance", tolerance)
+    tolerance = check_fraction("tolerance", tolerance)
     layers = [layer for _, layer in gblr_layers(model)]
     if not layers:
         raise ValueError("model has no GBLR layer (GBLRLinear or GBLRConv2d)")
     return sum(_merge_layer(layer, tolerance) for layer in layers)
+
+
+class MergePass(LearnerPass):
+    """The learner's merge pass (:class:`gblr.MergeConfig`): every ``pass_every`` steps
+    after the budget ramp, merge pairs of components of a layer whose summed blocks are
+    one cheaper component (as :func:`merge_components`). It only lowers the MACs.
+
+    Examples:
+        >>> import gblr
+        >>> from gblr.learn.merge import MergePass
+        >>> from gblr.learn.passes import PassSchedule
+        >>> merge = MergePass(gblr.MergeConfig(), [gblr.GBLRLinear(8, 8)], PassSchedule(0, 10))
+        >>> merge.after_shrink(5); merge.summary()  # not a pass step
+        {'merges': 0.0}
+    """
+
+    name = "merge"
+    counter = "merges"
+    config: MergeConfig
+
+    def start(self) -> None:
+        self.merges = 0
+
+    def after_shrink(self, step: int) -> None:
+        if self.schedule.is_pass_step(step):
+            tolerance = self.config.tolerance
+            self.merges += sum(_merge_layer(layer, tolerance) for layer in self.layers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"merges": self.merges}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.merges = int(state.get("merges", 0))  # absent in states saved before merging

@@ -45,6 +45,10 @@ import torch
 from torch import Tensor
 
 from ..layers.base import GBLRMatrixMixin
+from .config import RefineConfig
+from .passes import LearnerPass
+
+__all__ = ["RefinePass", "average_gradients_across_processes", "secant_curvature"]
 
 # A swap is made when its predicted gain exceeds this multiple of its predicted cost (plus
 # the floor): the quadratic model is rough, and a swap that only just pays would be undone.
@@ -52,6 +56,10 @@ _MARGIN = 2.0
 # Largest relative residual ‖G‖ / (c ‖W‖) a swap may reveal (module docstring): beyond it
 # the curvature can be off by the factor 2 at which a Newton step stops lowering the loss.
 _MAX_RESIDUAL = 0.5
+# The learner's pass: the curvature used is the median of each layer's last secant
+# estimates (one per pass; a single estimate can be far off when a rounding boundary was
+# crossed).
+_CURVATURE_HISTORY = 8
 
 
 def _working(tensor: Tensor) -> Tensor:
@@ -231,3 +239,104 @@ def _move_end(layer: GBLRMatrixMixin, k: int, dim: int, side: int, cells: int) -
     layer.widths[dim, k] = (layer.widths[dim, k] + cells / n).clamp(0.0, 1.0)
     if side == 0:
         layer.locations[dim, k] = torch.remainder(layer.locations[dim, k] - cells / n, 1.0)
+
+
+def _finite_record(record: dict[str, Tensor]) -> bool:
+    """Whether a record's factors and gradients are all finite."""
+    names = ("u", "v", "grad_u", "grad_v")
+    return bool(torch.stack([torch.isfinite(record[n]).all() for n in names]).all())
+
+
+def _cloned(record: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    return None if record is None else {name: t.clone() for name, t in record.items()}
+
+
+class RefinePass(LearnerPass):
+    """The learner's refine pass (:class:`gblr.RefineConfig`): half-way between merge
+    passes after the budget ramp, each layer makes its best swap of one grid cell (one
+    interval end trimmed, another grown, the MACs unchanged) when the quadratic model of
+    this module predicts a gain above twice its cost plus the floor.
+
+    The layers record their masked factors and loss gradients
+    (:meth:`GBLRMatrixMixin.record_factors`) on the step before a pass and on the pass's
+    step, for the secant curvature (the median of each layer's last 8); nothing is
+    recorded under ``torch.compile``. Gradients are averaged over ``torch.distributed``
+    processes, so that replicas make the same swaps; a step whose record is not finite
+    (an overflow that ``torch.amp.GradScaler`` skips) gives no curvature and no swap.
+
+    Examples:
+        >>> import torch, gblr
+        >>> model = torch.nn.Sequential(gblr.GBLRLinear(8, 8))
+        >>> config = gblr.LearnerConfig(refine=gblr.RefineConfig(), pass_every=4)
+        >>> learner = gblr.StructureLearner(model, config, budget=1.0, total_steps=10)
+        >>> model[0].factor_record  # armed: step 1 is the one before the first pass (2)
+        {}
+        >>> learner.passes["refine"].curvatures
+        [[]]
+    """
+
+    name = "refine"
+    counter = "refines"
+    config: RefineConfig
+
+    def start(self) -> None:
+        self.refines = 0
+        # Per layer: the record of the previous step (when one was taken), and the last
+        # secant curvature estimates.
+        self.previous: list[dict[str, Tensor] | None] = [None] * len(self.layers)
+        self.curvatures: list[list[float]] = [[] for _ in self.layers]
+        self._arm_recording(0)
+
+    def after_shrink(self, step: int) -> None:
+        """Collect this step's records; on a refine step, estimate each layer's curvature
+        and make its best swap; arm the recording for the next step."""
+        refine_now = self.schedule.is_half_step(step)
+        for index, layer in enumerate(self.layers):
+            record = layer.factor_record
+            current = record if record and "grad_u" in record and "grad_v" in record else None
+            if current is not None and not _finite_record(current):
+                # An overflowing step (one that torch.amp.GradScaler skips): no secant and
+                # no swap from it, as the scaler takes no optimizer step from it.
+                current = None
+            if current is not None:
+                average_gradients_across_processes(current)
+            previous = self.previous[index]  # always the step just before
+            if refine_now and current is not None:
+                if previous is not None:
+                    estimate = secant_curvature(previous, current)
+                    if estimate is not None:
+                        history = self.curvatures[index]
+                        history.append(estimate)
+                        del history[:-_CURVATURE_HISTORY]
+                if self.curvatures[index]:
+                    curvature = float(torch.tensor(self.curvatures[index]).median())
+                    if _refine_layer(layer, current, curvature, self.config.floor) is not None:
+                        self.refines += 1
+            # Kept only for the secant of the next step (four factor-sized tensors).
+            next_is_pass = self.schedule.is_half_step(step + 1)
+            self.previous[index] = current if next_is_pass else None
+        self._arm_recording(step)
+
+    def _arm_recording(self, step: int) -> None:
+        """Record the forward after ``step`` when it is a refine step or the one before it
+        (the secant needs two consecutive steps); otherwise record nothing."""
+        upcoming = step + 1
+        wanted = self.schedule.is_half_step(upcoming) or self.schedule.is_half_step(upcoming + 1)
+        for layer in self.layers:
+            layer.record_factors(wanted)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "refines": self.refines,
+            "refine_previous": self.previous,
+            "curvatures": self.curvatures,
+            "factor_records": [layer.factor_record for layer in self.layers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.refines = int(state.get("refines", 0))
+        count = len(self.layers)
+        self.previous = [_cloned(r) for r in state.get("refine_previous", [None] * count)]
+        self.curvatures = [list(map(float, h)) for h in state.get("curvatures", [[]] * count)]
+        for layer, record in zip(self.layers, state.get("factor_records", [None] * count)):
+            layer.factor_record = _cloned(record)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from ..layers.base import FactorInit
+    from .config import LearnerConfig
     from .learner import StructureLearner
 
 __all__ = ["planted_blocks", "recovery_run", "regression_steps"]
@@ -86,7 +87,7 @@ def recovery_run(
     size: int = 64,
     steps: int = 1500,
     lr: float = 1e-2,
-    learner_options: dict | None = None,
+    config: LearnerConfig | None = None,
     lr_decay: float = 0.0,
     factor_init: FactorInit = "uniform",
 ) -> dict[str, float]:
@@ -102,8 +103,8 @@ def recovery_run(
         size: matrix side.
         steps: optimizer steps.
         lr: learning rate of factors and structure.
-        learner_options: extra :class:`StructureLearner` keywords, e.g.
-            ``{"adaptive": 1.0, "max_shift": 1.0}`` (default: the paper's plain method).
+        config: the learner's :class:`gblr.LearnerConfig`, e.g.
+            ``LearnerConfig.planted()`` (default: the paper's plain method).
         lr_decay: fraction of the steps, at the end, over which the learning rate of
             factors and structure decays linearly to zero (default 0: constant). With a
             constant rate, Adam's normalised steps keep moving interval ends by up to a
@@ -135,11 +136,7 @@ def recovery_run(
     )
     budget = int(budget_factor * planted_cost)
     learner = StructureLearner(
-        layer,
-        target_macs=budget,
-        total_steps=steps,
-        warmup_steps=steps // 2,
-        **(learner_options or {}),
+        layer, config, budget_macs=budget, total_steps=steps, warmup_steps=steps // 2
     )
     regression_steps(layer, target, optimizer, learner, steps, schedule)
     layer.eval()

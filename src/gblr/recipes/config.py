@@ -23,7 +23,10 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported when called: configs load without torch
+    from ..learn.config import LearnerConfig as StructureLearnerConfig
 
 __all__ = [
     "CONFIG_DIR",
@@ -37,6 +40,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "flatten_config",
+    "learner_config",
     "load_config",
     "resume_changes",
     "shipped_configs",
@@ -220,11 +224,11 @@ class LearnerConfig:
     exact boxcars after a structure search); the MACs target ramped from the starting
     cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``).
     ``adaptive``, ``max_shift``, ``max_shift_ramp``, ``merge``, ``untangle``, ``refine``:
-    :class:`gblr.StructureLearner`'s options against structure collapses, blocks split
-    over two components, pairs holding two blocks as a mixture and intervals a cell or
-    two off (off by default: the paper's method; built for planted structures, they did
-    not help on real tasks, see docs/faq.md); ``merge_every``: steps between their
-    passes.
+    the learner's optional passes against structure collapses, blocks split over two
+    components, pairs holding two blocks as a mixture and intervals a cell or two off
+    (off by default: the paper's method; built for planted structures, they did not help
+    on real tasks, see docs/faq.md); ``merge_every``: steps between their passes.
+    :func:`learner_config` turns the section into a :class:`gblr.LearnerConfig`.
 
     Examples:
         >>> from gblr.recipes.config import LearnerConfig
@@ -593,8 +597,8 @@ def _rank_per_component_unused(s: StructureConfig) -> str | None:
 def _check_structure_keys_apply(structure: StructureConfig) -> None:
     """Refuse a ``structure`` key set to a value that its kind and init would not use.
 
-    Not checked: ``kind: dense`` (nothing is structured) and ``start_cost`` with a
-    baseline family (documented as GBLR's starting cost; a GBLR recipe sets it, and
+    Not checked: ``kind: dense`` (nothing is structured) and ``start_cost`` or ``start``
+    with a baseline family (documented as GBLR's starting cost; a GBLR recipe sets it, and
     ``structure.kind=lowrank`` on that recipe should not need a second override).
     ``--structure`` and ``gblr sweep`` go through :func:`with_structure`, which resets
     every GBLR-only key. Values that say what happens anyway are accepted:
@@ -604,11 +608,11 @@ def _check_structure_keys_apply(structure: StructureConfig) -> None:
     s = structure
     if s.kind == "dense":
         return
-    if s.start is not None and (s.kind != "gblr" or s.init != "random"):
+    if s.start is not None and s.kind == "gblr" and s.init != "random":
         raise ValueError(
-            f"structure.start={s.start!r} applies only to structure.kind: gblr with init: "
-            f"random (how GBLR layers trained from scratch start), not {s.kind} with init: "
-            f"{s.init}: remove the key or set structure.start=null"
+            f"structure.start={s.start!r} applies only to init: random (how GBLR layers "
+            "trained from scratch start), not to init: search, which fits the layers to "
+            "the weights: remove the key or set structure.start=null"
         )
 
     if s.init == "random":
@@ -671,6 +675,38 @@ def with_structure(config: TrainConfig, kind: str, budget: float | None = None) 
         if _rank_per_component_unused(StructureConfig(**structure)) is not None:
             structure["rank_per_component"] = 1
     return config_from_dict(data)
+
+
+def learner_config(config: TrainConfig) -> StructureLearnerConfig:
+    """The :class:`gblr.LearnerConfig` of the config's ``learner`` section: the one
+    place where its keys become the learner's config (``adaptive: 0`` is off,
+    ``max_shift``/``max_shift_ramp`` are one ``shift_limit``, ``merge_every`` is
+    ``pass_every``). ``sigma_start`` and ``budget_ramp`` are durations of the run and go
+    to the learner as steps.
+
+    Examples:
+        >>> from gblr.recipes.config import learner_config, load_config
+        >>> config = load_config("digits-vit-gblr", ["learner.merge=1e-3"])
+        >>> learned = learner_config(config)
+        >>> learned.sigma, learned.merge, learned.adaptive
+        ((1.0, 100.0), MergeConfig(tolerance=0.001), None)
+    """
+    from ..learn.config import config_from_options
+
+    learner = config.learner
+    return config_from_options(
+        {
+            "sigma": None if learner.sigma is None else tuple(learner.sigma),
+            "sigma_schedule": learner.sigma_schedule,
+            "adaptive": learner.adaptive,
+            "max_shift": learner.max_shift,
+            "max_shift_ramp": learner.max_shift_ramp,
+            "merge": learner.merge,
+            "untangle": learner.untangle,
+            "refine": learner.refine,
+            "merge_every": learner.merge_every,
+        }
+    )
 
 
 def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:

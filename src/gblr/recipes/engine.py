@@ -31,6 +31,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from ..cost import count_flops
 from ..integrations.lightning import GBLRCallback
+from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers, param_groups
 from .config import COMPILE_MODES
 
@@ -601,10 +602,8 @@ def train_module(
     warmup_steps: int = 0,
     target: float | None = None,
     budget_ramp_steps: int | None = None,
-    sigma: tuple[float, float] | None = (1.0, 100.0),
-    sigma_schedule: str = "geometric",
+    learner_config: LearnerConfig | None = None,
     sigma_start_step: int = 0,
-    learner_options: dict[str, Any] | None = None,
     structure_include: str | list[str] = "blocks.*",
     structure_exclude: str | list[str] | None = None,
     num_workers: int = 0,
@@ -648,6 +647,12 @@ def train_module(
         >>> result["steps"], result["global_rank"]
         (2, 0)
     """
+    replaced = sorted({"sigma", "sigma_schedule", "learner_options"} & set(trainer_kwargs))
+    if replaced:  # they would otherwise reach lightning.Trainer, which names no culprit
+        raise TypeError(
+            f"train_module got {replaced}: the learner's options are one "
+            "learner_config=gblr.LearnerConfig(sigma=..., sigma_schedule=..., ...) now"
+        )
     model = module.model
     resumed_step = None
     if resume is not None:  # a recipe's run_info holds its config: resumed only unchanged
@@ -663,13 +668,11 @@ def train_module(
     if gblr_layers(model) and target is not None:
         callbacks.append(
             GBLRCallback(
-                target=target,
+                config=learner_config,
+                budget=target,
                 warmup_steps=warmup_steps if budget_ramp_steps is None else budget_ramp_steps,
-                sigma=sigma,
-                sigma_schedule=sigma_schedule,
                 sigma_start_step=sigma_start_step,
                 total_steps=steps,
-                **(learner_options or {}),
             )
         )
     if progress:
@@ -799,9 +802,10 @@ def train_classifier(
     ``batch_size`` samples per step; or give ``global_batch_size``, split evenly over
     the processes. With GBLR layers in ``model`` and a ``target`` (fraction of their
     dense MACs), a structure learner ramps their cost from the starting cost to
-    ``target`` over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals σ over
-    ``sigma`` (None: left alone) from ``sigma_start_step`` on the ``sigma_schedule``;
-    ``learner_options``: more :class:`gblr.StructureLearner` keywords.
+    ``target`` over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals σ from
+    ``sigma_start_step`` on; ``learner_config``: how it learns, a
+    :class:`gblr.LearnerConfig` (default: the paper's method, σ 1 → 100; a recipe's
+    ``learner`` section gives it through :func:`gblr.recipes.config.learner_config`).
     ``structure_include``/``structure_exclude``: glob patterns of the layers whose MACs
     ratio is reported.
     Other keyword arguments go to ``lightning.Trainer`` (``accelerator``, ``devices``,

@@ -17,6 +17,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..compress.configs import (
+    ConversionConfig,
+    FamilyConfig,
+    GBLRConfig,
+    config_class,
+    config_from_dict,
+)
 from ..compress.convert import ConversionReport, convert
 
 __all__ = [
@@ -324,6 +331,38 @@ def gblr_start_cost(budget: float, start_cost: float | None = None) -> float:
     return min(1.0, GBLR_START_RATIO * budget)
 
 
+def _conversion_config(
+    kind: str,
+    budget: float,
+    *,
+    init: str,
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    rank_per_component: int = 1,
+    seed: int = 0,
+    allocation: str | None = None,
+    search_steps: int | None = None,
+) -> ConversionConfig:
+    """The :func:`gblr.convert` config of a recipe's structure: ``init`` is the recipes'
+    ``random`` (from scratch) or ``search`` (fitted to the weights: GBLR's search, a
+    family's projection); options the structure's config lacks are left out. The include
+    patterns choose the layers (``min_features=1``)."""
+    options: dict[str, object] = dict(
+        budget=budget, include=include, exclude=exclude, min_features=1, seed=seed
+    )
+    if allocation is not None:
+        options["allocation"] = allocation
+    structure = config_class(kind)
+    if issubclass(structure, GBLRConfig):
+        options.update(init=init, rank_per_component=rank_per_component)
+        if init == "search" and search_steps is not None:
+            options["search_steps"] = search_steps
+    elif issubclass(structure, FamilyConfig):
+        fitted = "random" if init == "random" else "project"
+        options.update(init=fitted, rank_per_component=rank_per_component)
+    return config_from_dict({"structure": kind, **options})
+
+
 def structure_model(
     model: nn.Module,
     structure: str,
@@ -370,18 +409,17 @@ def structure_model(
     """
     if structure == "dense":
         return None
-    report = convert(
-        model,
-        structure=structure,
-        budget=budget,
+    config = _conversion_config(
+        structure,
+        budget,
         init="random",
         include=include,
         exclude=exclude,
         allocation="uniform",
         rank_per_component=rank_per_component,
-        min_features=1,
         seed=seed,
     )
+    report = convert(model, config)
     if structure == "gblr":
         # Drawn afresh here, layer after layer from one seed: convert seeds each layer's
         # fit alike, which would start layers of one shape from equal factors.

@@ -202,6 +202,10 @@ def _savefig(figure, path: Path) -> None:
     save_atomically(lambda f: figure.savefig(f, format="png", dpi=110, bbox_inches="tight"), path)
 
 
+# Logged names that changed: run folders written before still draw their curves.
+_RENAMED_METRICS = {"gblr/mac_ratio": "gblr/macs_ratio"}
+
+
 def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
     path = run_dir / "metrics.csv"
     series: dict[str, list[tuple[float, float]]] = {}
@@ -213,6 +217,7 @@ def _read_metrics(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
             for key, value in row.items():
                 if key in ("step", "epoch") or value in ("", None):
                     continue
+                key = _RENAMED_METRICS.get(key, key)
                 series.setdefault(key, []).append((step, float(value)))
     return series
 
@@ -298,7 +303,7 @@ def write_report(run_dir: str | Path) -> Path:
     series = _read_metrics(run_dir)
     panels = [
         key
-        for key in ("train/loss", "train/accuracy", "gblr/sigma", "gblr/mac_ratio")
+        for key in ("train/loss", "train/accuracy", "gblr/sigma", "gblr/macs_ratio")
         if key in series
     ]
     if panels:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..files import save_atomically
-from .config import TEXT_DATASETS, TrainConfig, config_to_dict
+from .config import TEXT_DATASETS, TrainConfig, config_to_dict, learner_config
 from .run_folder import (
     RunFolderError,
     RunLock,
@@ -216,7 +216,7 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
     that cannot apply to the config's kind and init.
     """
     from ..compress.convert import convert
-    from .models import gblr_start_cost, structure_model
+    from .models import _conversion_config, gblr_start_cost, structure_model
 
     s = config.structure
     if s.kind == "dense":
@@ -234,23 +234,19 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
             **({} if s.start is None else {"structure_init": s.start}),
         )
         return
-    options: dict[str, Any] = {}
-    if s.allocation is not None:
-        options["allocation"] = s.allocation
-    if s.search_steps is not None:
-        options["steps"] = s.search_steps
-    convert(
-        model,
-        structure=s.kind,
-        budget=start,
+    # min_features=1: the include patterns choose the layers (and _structure_like agrees)
+    conversion = _conversion_config(
+        s.kind,
+        start,
         init="search",
         include=s.include,
         exclude=s.exclude,
         rank_per_component=s.rank_per_component,
-        min_features=1,  # the include patterns choose the layers (and _structure_like agrees)
         seed=config.seed,
-        **options,
+        allocation=s.allocation,
+        search_steps=s.search_steps,
     )
+    convert(model, conversion)
 
 
 def build_structured_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
@@ -378,20 +374,21 @@ def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: Tr
     from ..compress.convert import convert
     from ..layers import GBLRConv2d, GBLRLinear
     from ..modules import set_submodule
+    from .models import _conversion_config
 
     # A random structure of the same kind and budget has the searched layers' parameter
     # shapes, except for the number of GBLR components, which the search chooses.
-    convert(
-        model,
-        structure=config.structure.kind,
-        budget=config.structure.budget,
+    s = config.structure
+    conversion = _conversion_config(
+        s.kind,
+        s.budget,
         init="random",
-        include=config.structure.include,
-        exclude=config.structure.exclude,
-        rank_per_component=config.structure.rank_per_component,
-        min_features=1,
+        include=s.include,
+        exclude=s.exclude,
+        rank_per_component=s.rank_per_component,
         seed=config.seed,
     )
+    convert(model, conversion)
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, (GBLRLinear, GBLRConv2d)) or f"{name}.U" not in state:
             continue
@@ -655,18 +652,8 @@ def _train(
         structure_lr=optim.structure_lr,
         target=config.structure.budget if config.structure.kind == "gblr" else None,
         budget_ramp_steps=ramp,
-        sigma=None if learner.sigma is None else tuple(learner.sigma),
-        sigma_schedule=learner.sigma_schedule,
+        learner_config=learner_config(config),
         sigma_start_step=round(learner.sigma_start * unit),
-        learner_options={
-            "adaptive": learner.adaptive,
-            "max_shift": learner.max_shift,
-            "max_shift_ramp": learner.max_shift_ramp,
-            "merge": learner.merge,
-            "untangle": learner.untangle,
-            "refine": learner.refine,
-            "merge_every": learner.merge_every,
-        },
         structure_include=config.structure.include,
         structure_exclude=config.structure.exclude,
         num_workers=config.data.num_workers,

@@ -2,7 +2,8 @@
 
 Each family is one file with a :class:`StructuredLinear` subclass (``forward``,
 ``flops()``, ``dense_weight()``, ``for_budget`` and ``from_dense``). ``FAMILIES`` maps the
-names ``gblr.convert(structure=...)`` accepts to the classes.
+structure names to the classes; each family's config for :func:`gblr.convert`
+(``gblr.LowRankConfig``, ...) is in :mod:`gblr.compress.configs`.
 """
 
 from .base import BudgetTooSmallError, StructuredLinear
