@@ -2,6 +2,7 @@
 error on real pretrained weights.
 
     python benchmarks/bench_families.py                 # CPU; about 5 minutes on 2 cores
+    python benchmarks/bench_families.py --device cuda --autocast bf16 --skip-errors
 
 1. Time of forward, and of forward + backward (fixed upstream gradient), of each family
    at budget 0.3 for a 768x3072 layer, at 4096 and 64 rows, against ``nn.Linear`` timed
@@ -26,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gblr
+from bench_layer import _sync as sync_device
 from bench_layer import machine_description, write_json_atomically
 from gblr.structured import FAMILIES
 
@@ -42,17 +44,30 @@ def make_layer(name: str, in_features: int, out_features: int, budget: float) ->
     return FAMILIES[name].for_budget(in_features, out_features, budget)
 
 
-def time_ratio(layer: nn.Module, dense: nn.Module, x: torch.Tensor, backward: bool, repeats: int):
-    grad = torch.randn(x.shape[0], dense.out_features)
+def time_ratio(
+    layer: nn.Module,
+    dense: nn.Module,
+    x: torch.Tensor,
+    backward: bool,
+    repeats: int,
+    autocast: torch.dtype | None = None,
+):
+    grad = torch.randn(x.shape[0], dense.out_features, device=x.device)
+
+    def synchronize():
+        # CUDA launches return before the work is done: time to the end of the kernels
+        sync_device(x.device)
 
     def step(module):
         def run():
-            if backward:
-                module.zero_grad(set_to_none=True)
-                module(x).backward(grad)
-            else:
-                with torch.no_grad():
-                    module(x)
+            with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+                if backward:
+                    module.zero_grad(set_to_none=True)
+                    module(x).float().backward(grad)
+                else:
+                    with torch.no_grad():
+                        module(x)
+            synchronize()
 
         return run
 
@@ -64,6 +79,7 @@ def time_ratio(layer: nn.Module, dense: nn.Module, x: torch.Tensor, backward: bo
         order = ["layer", "dense"] if repeat % 2 == 0 else ["dense", "layer"]
         this = {}
         for name in order:
+            synchronize()
             start = time.perf_counter()
             runs[name]()
             this[name] = time.perf_counter() - start
@@ -72,17 +88,24 @@ def time_ratio(layer: nn.Module, dense: nn.Module, x: torch.Tensor, backward: bo
     return statistics.median(ratios), 1e3 * statistics.median(times["layer"])
 
 
-def speed(families: list[str], budget: float, repeats: int) -> list[dict]:
+def speed(
+    families: list[str],
+    budget: float,
+    repeats: int,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    rows_list: list[int],
+) -> list[dict]:
     rows = []
     in_features, out_features = 768, 3072
     torch.manual_seed(0)
-    dense = nn.Linear(in_features, out_features)
+    dense = nn.Linear(in_features, out_features).to(device)
     for name in families:
-        layer = make_layer(name, in_features, out_features, budget)
-        for batch in (4096, 64):
-            x = torch.randn(batch, in_features, requires_grad=True)
-            forward, forward_ms = time_ratio(layer, dense, x, False, repeats)
-            both, both_ms = time_ratio(layer, dense, x, True, repeats)
+        layer = make_layer(name, in_features, out_features, budget).to(device)
+        for batch in rows_list:
+            x = torch.randn(batch, in_features, device=device, requires_grad=True)
+            forward, forward_ms = time_ratio(layer, dense, x, False, repeats, autocast)
+            both, both_ms = time_ratio(layer, dense, x, True, repeats, autocast)
             row = {
                 "family": name,
                 "rows": batch,
@@ -153,15 +176,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", type=Path, default=RESULTS / "bench_families_cpu.json")
     parser.add_argument("--skip-speed", action="store_true", help="only the error table")
+    parser.add_argument("--skip-errors", action="store_true", help="only the speed table")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    parser.add_argument("--rows", type=int, nargs="+", default=[4096, 64])
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    autocast = {"none": None, "bf16": torch.bfloat16}[args.autocast]
     payload = {
         "benchmark": "bench_families",
         "date": datetime.date.today().isoformat(),
-        "machine": machine_description(torch.device("cpu")),
+        "machine": machine_description(device),
         "torch": torch.__version__,
+        "device": device.type,
+        "autocast": args.autocast,
         "budget": args.budget,
-        "speed": [] if args.skip_speed else speed(args.families, args.budget, args.repeats),
-        "pretrained_errors": pretrained_errors(args.families, args.error_budgets),
+        "speed": []
+        if args.skip_speed
+        else speed(args.families, args.budget, args.repeats, device, autocast, args.rows),
+        "pretrained_errors": []
+        if args.skip_errors
+        else pretrained_errors(args.families, args.error_budgets),
     }
     write_json_atomically(args.output, payload)
     print(f"wrote {args.output}")

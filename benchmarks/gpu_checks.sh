@@ -10,7 +10,8 @@
 #      and torch.compile'd (default and reduce-overhead), the open question;
 #   2. issue 7: frozen inference, every plan incl. the Triton one, bf16, roofline bound;
 #   3. the CUDA / Triton tests (correctness);
-#   4. the rest: float32 and CUDA-graph layer steps, structure search, fine-tuning
+#   4. issue 19: every structured family's training step at equal MACs, bf16;
+#   5. the rest: float32 and CUDA-graph layer steps, structure search, fine-tuning
 #      throughput, host overhead per step, a kernel profile.
 # Unpack here with: tar -xzf gpu_results.tar.gz -C <folder>. steps.txt (packed too, and
 # also written beside the archive) lists each step's exit status and seconds; 124 means
@@ -69,7 +70,10 @@ step inference_bf16 150 python3 benchmarks/bench_inference.py --device cuda --dt
 # 3. correctness
 step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/ops tests/layers \
   tests/compress tests/deploy tests/learn -k "cuda or triton"
-# 4. the rest
+# 4. issue 19: every family's training step at equal MACs (GBLR vs low-rank's target: 2x)
+step families_bf16 60 python3 benchmarks/bench_families.py --device cuda --autocast bf16 \
+  --skip-errors --repeats 15 --output "$R/bench_families_cuda_bf16.json"
+# 5. the rest
 step layer_fp32 60 $B --autocast none --rows 8192 64 --output "$R/bench_layer_cuda_none.json"
 # (capturing nn.Linear's backward at 64 rows failed inside cuBLAS on an H100, torch 2.11)
 step layer_bf16_graph 60 $B --autocast bf16 --rows 8192 --graph \

@@ -11,7 +11,7 @@ import torch
 import gblr
 from gblr.ops import boxcar_mask, gaudi_mask_on_grid, interval_lengths, interval_starts
 from gblr.ops.gaudi import _gaudi_mask_on_grid_traceable, mask_factors
-from tests.conftest import circular_boxcar
+from tests.conftest import DEVICE, circular_boxcar
 
 STARTS, LENGTHS, N = [0, 6, 3, 2], [3, 4, 7, 0], 7  # includes a wrap, a full and an empty box
 
@@ -95,9 +95,11 @@ def test_triton_kernels_give_a_non_finite_interval_the_empty_box():
     arbitrary int64 (an out-of-range read), so the interval is made empty first."""
     torch.manual_seed(0)
     k, r, rows, cols = 4, 1, N, 5
-    u, v = torch.randn(k, r, rows), torch.randn(k, r, cols)
-    widths = torch.tensor([[1.0, 0.4, 0.6, 1.0], [LENGTHS[0] / N, math.nan, 3 / N, 1.0]])
-    locations = torch.tensor([[0.0, 0.2, math.inf, 0.0], [0.0, 0.5, 1 / N, 0.0]])
+    u, v = torch.randn(k, r, rows, device=DEVICE), torch.randn(k, r, cols, device=DEVICE)
+    widths = torch.tensor(
+        [[1.0, 0.4, 0.6, 1.0], [LENGTHS[0] / N, math.nan, 3 / N, 1.0]], device=DEVICE
+    )
+    locations = torch.tensor([[0.0, 0.2, math.inf, 0.0], [0.0, 0.5, 1 / N, 0.0]], device=DEVICE)
     u_out, v_out = mask_factors(u, v, widths, locations, backend="triton")
     assert torch.isfinite(u_out).all() and torch.isfinite(v_out).all()
     assert torch.count_nonzero(u_out[1]) == 0  # NaN row width: the empty row interval
@@ -106,3 +108,14 @@ def test_triton_kernels_give_a_non_finite_interval_the_empty_box():
         backend="torch",
     )  # fmt: skip
     assert torch.allclose(u_out, ref_u) and torch.allclose(v_out, ref_v)
+
+
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    """Compiled Triton kernels cannot read CPU memory: a clear error, not a crash inside
+    Triton's launcher (seen on an H200, 2026-12-04)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    u, v = torch.randn(2, 1, 5), torch.randn(2, 1, 6)
+    widths, locations = torch.full((2, 2), 0.5), torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r"backend='triton' needs every tensor on one CUDA"):
+        mask_factors(u, v, widths, locations, backend="triton")

@@ -215,8 +215,12 @@ def test_a_second_run_into_a_busy_folder_is_refused(finished_run, tmp_path, caps
 
 
 def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     import socket
 
     folder = tmp_path / "run"

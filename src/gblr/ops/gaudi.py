@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -337,6 +338,20 @@ def _triton_available() -> bool:
     return True
 
 
+def _check_triton_device(*tensors: Tensor) -> None:
+    """Compiled Triton kernels read CUDA memory only; CPU tensors run through Triton's
+    interpreter (``TRITON_INTERPRET=1``) alone, and otherwise fail deep inside Triton."""
+    if not _triton_available():
+        raise ValueError("backend='triton' needs the triton package, which is not installed")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    devices = {t.device.type for t in tensors}
+    if devices != {"cuda"} and not (interpreted and devices == {"cpu"}):
+        raise ValueError(
+            f"backend='triton' needs every tensor on one CUDA device (or CPU tensors under "
+            f"TRITON_INTERPRET=1), got devices {sorted(devices)}"
+        )
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The autocast dtype if autocast is enabled for ``device_type``, else ``None``."""
     try:
@@ -488,6 +503,8 @@ def mask_factors(
         )
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "triton":
+        _check_triton_device(factor_u, factor_v, widths, locations)
     return mask_factors_unchecked(
         factor_u, factor_v, widths, locations, _sigma_or_none(sigma), backend
     )

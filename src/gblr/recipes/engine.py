@@ -185,9 +185,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_resume(
-    path: str | Path, model: nn.Module, config: dict[str, Any] | None = None
-) -> int:
+def check_resume(path: str | Path, model: nn.Module, config: dict[str, Any] | None = None) -> int:
     """Refuse to resume ``model`` from ``path`` when the file is missing, unreadable (see
     :func:`read_checkpoint`), holds a model of another structure (see
     :func:`check_checkpoint_structure`) or, given the run's ``config`` (as
