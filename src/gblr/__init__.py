@@ -17,6 +17,7 @@ from .compress.configs import (
     MonarchConfig,
     PixelflyConfig,
 )
+from .compress.distill import DistillConfig, distill
 from .cost import FlopsReport, LayerFlops, count_flops
 from .deploy import FrozenGBLRConv2d, FrozenGBLRLinear, export_onnx, freeze, load, plan, save
 from .layers import GBLRConv2d, GBLRLinear, special
@@ -43,6 +44,7 @@ __all__ = [
     "BlockSparseConfig",
     "ConversionConfig",
     "ConversionReport",
+    "DistillConfig",
     "FlopsReport",
     "FrozenGBLRConv2d",
     "FrozenGBLRLinear",
@@ -66,6 +68,7 @@ __all__ = [
     "count_flops",
     "count_model_flops",
     "deploy",
+    "distill",
     "export_onnx",
     "fit_dense",
     "freeze",

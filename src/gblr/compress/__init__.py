@@ -15,6 +15,7 @@ from .configs import (
     structures,
 )
 from .convert import ConversionReport, LayerConversion, convert
+from .distill import DistillConfig, DistillResult, distill, distillation_loss
 from .search import fit_dense
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "BlockSparseConfig",
     "ConversionConfig",
     "ConversionReport",
+    "DistillConfig",
+    "DistillResult",
     "FamilyConfig",
     "GBLRConfig",
     "LayerConversion",
@@ -31,6 +34,8 @@ __all__ = [
     "config_class",
     "config_from_dict",
     "convert",
+    "distill",
+    "distillation_loss",
     "fit_dense",
     "register_structure",
     "structures",

@@ -1,4 +1,6 @@
-"""Hugging Face ``transformers.Trainer`` callback that drives a :class:`gblr.StructureLearner`.
+"""Hugging Face ``transformers.Trainer`` integration: a callback that drives a
+:class:`gblr.StructureLearner`, and a trainer that recovers a converted model by
+distillation to the original.
 
 Needs ``transformers`` (``pip install "gblr[hf]"``).
 """
@@ -7,16 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
+
 try:
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("gblr.integrations.hf needs transformers: pip install 'gblr[hf]'") from error
 
+from ..compress.distill import distillation_loss, model_output
 from ..learn.config import LearnerConfig
+from ..learn.groups import gblr_layers, param_groups
 from ..learn.learner import StructureLearner
 from ._common import build_learner, check_learner_arguments, log_items
 
-__all__ = ["GBLRTrainerCallback"]
+__all__ = ["GBLRDistillationTrainer", "GBLRTrainerCallback"]
 
 
 class GBLRTrainerCallback(TrainerCallback):
@@ -80,3 +87,101 @@ class GBLRTrainerCallback(TrainerCallback):
         logs.update(items)  # seen by the reporting callbacks that run after this one
         if state.log_history:  # the trainer recorded its own copy of logs before this hook
             state.log_history[-1].update(items)
+
+
+class GBLRDistillationTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains a converted model (the student, ``model=``)
+    to reproduce the original (``teacher=``) on unlabelled inputs: the loss of
+    :func:`gblr.compress.distill.distillation_loss` (mean squared error of the outputs,
+    padding masked), the optimizer over :func:`gblr.param_groups` (the paper's settings
+    for widths and locations), and, for GBLR students, a :class:`GBLRTrainerCallback`
+    holding the MACs. Everything else is the ``Trainer``'s: arguments, schedulers,
+    logging, checkpoints, evaluation (its loss is the same distillation loss).
+
+    Args:
+        *args: the ``Trainer``'s positional arguments (``model``, ``args``, ...).
+        teacher: the original model; kept in eval mode, moved to the student's device.
+        output: which output to match (:attr:`gblr.compress.distill.DistillConfig.output`;
+            ``"auto"``: ``last_hidden_state``, else ``logits``).
+        structure_lr: learning rate of GBLR widths and locations (default: the
+            ``TrainingArguments``' ``learning_rate``).
+        budget: GBLR layers' MACs as a fraction of their dense MACs (default: the MACs
+            they have when the trainer is made); ignored for a student without GBLR
+            layers.
+        learner_config: the structure learner's config (default
+            :meth:`gblr.LearnerConfig.finetune`).
+        **kwargs: the ``Trainer``'s keyword arguments.
+
+    Batches are the tokenizer's output (``input_ids``, ``attention_mask``, ...); a
+    ``labels`` column, if any, is not used. Keep ``remove_unused_columns`` at its default
+    only if every column is an input of the model.
+
+    Examples:
+        >>> from gblr.integrations.hf import GBLRDistillationTrainer
+        >>> # trainer = GBLRDistillationTrainer(model=student, teacher=original,
+        >>> #     args=TrainingArguments("out", max_steps=150, learning_rate=3e-4),
+        >>> #     train_dataset=tokenized)
+        >>> # trainer.train()
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher: nn.Module,
+        output: str = "auto",
+        structure_lr: float | None = None,
+        budget: float | None = None,
+        learner_config: LearnerConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+        super().__init__(*args, **kwargs)
+        if self.model is teacher:
+            raise ValueError("model and teacher are the same module: train a converted copy")
+        self.teacher = teacher.eval()
+        self.distill_output = output
+        self.structure_lr = structure_lr
+        if gblr_layers(self.model):
+            config = learner_config or LearnerConfig.finetune()
+            if budget is None:
+                macs = sum(layer.matrix_flops() for _, layer in gblr_layers(self.model))
+                callback = GBLRTrainerCallback(config=config, budget_macs=max(1, macs))
+            else:
+                callback = GBLRTrainerCallback(config=config, budget=budget)
+            self.add_callback(callback)
+
+    def _distillation_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        device = next(iter(model.parameters())).device
+        if next(iter(self.teacher.parameters())).device != device:
+            self.teacher.to(device)
+        with torch.no_grad():
+            target = model_output(self.teacher, inputs, self.distill_output)
+        student = model_output(model, inputs, self.distill_output)
+        return distillation_loss(student, target, inputs.get("attention_mask"))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = self._distillation_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self._distillation_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        target = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, target)
+        groups = param_groups(
+            target,
+            lr=self.args.learning_rate,
+            structure_lr=self.structure_lr,
+            weight_decay=self.args.weight_decay,
+        )
+        # the groups carry their own lr (and the structure group its betas)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer

@@ -1,0 +1,366 @@
+"""Recovering a converted model by distillation to the original: :func:`distill`.
+
+After :func:`gblr.convert` a model's structured layers only approximate the dense ones.
+Training the converted model (the *student*) to reproduce the original's outputs (the
+*teacher*) on unlabelled inputs recovers most of the gap without a task loss or labels:
+the loss is the mean squared error between the two models' outputs (token-level hidden
+states for an encoder, logits for a classifier), padding masked. The optimizer is AdamW
+over :func:`gblr.param_groups` (the paper's settings for widths and locations), with a
+linear warm-up and a cosine decay; a :class:`gblr.StructureLearner` with
+:meth:`gblr.LearnerConfig.finetune` holds the GBLR layers' MACs where the conversion put
+them (or at ``budget``). This is the recovery of the real-task suite's T3
+(docs/RESULTS.md). The Hugging Face ``Trainer`` form of the same loss is
+:class:`gblr.integrations.hf.GBLRDistillationTrainer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..learn.config import LearnerConfig
+from ..learn.groups import gblr_layers, param_groups
+from ..learn.learner import StructureLearner
+
+__all__ = ["DistillConfig", "DistillResult", "distill", "distillation_loss", "model_output"]
+
+OUTPUT_FIELDS = ("last_hidden_state", "logits")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _rate(name: str, value: object, *, allow_zero: bool = False, at_most: float = math.inf):
+    allowed = f"a finite number {'>=' if allow_zero else '>'} 0"
+    if at_most < math.inf:
+        allowed += f" and <= {at_most:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value <= at_most and math.isfinite(value)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How :func:`distill` trains: a frozen, validated record (saved in reports).
+
+    Args:
+        steps: optimizer steps (the batches are cycled).
+        lr: peak learning rate of the weights (AdamW).
+        structure_lr: learning rate of GBLR widths and locations (default ``lr``).
+        weight_decay: AdamW weight decay of the 2-D weights.
+        warmup_fraction: share of ``steps`` over which the learning rate rises linearly
+            from ``lr / warmup`` to ``lr``; a cosine decay to 0 follows.
+        output: which output to match: ``"auto"`` (``last_hidden_state``, else
+            ``logits``, else the output itself or its first element), or the name of
+            an output field (``"pooler_output"``, ``"logits"``, ...).
+        learner: the structure learner's config for GBLR layers (default
+            :meth:`gblr.LearnerConfig.finetune`: σ left as the conversion set it).
+
+    Examples:
+        >>> from gblr.compress.distill import DistillConfig
+        >>> DistillConfig(steps=200, lr=1e-4).warmup_steps
+        20
+    """
+
+    steps: int = 150
+    lr: float = 3e-4
+    structure_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    output: str = "auto"
+    learner: LearnerConfig | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("steps", self.steps)
+        _rate("lr", self.lr)
+        if self.structure_lr is not None:
+            _rate("structure_lr", self.structure_lr)
+        _rate("weight_decay", self.weight_decay, allow_zero=True)
+        _rate("warmup_fraction", self.warmup_fraction, allow_zero=True, at_most=1.0)
+        if not isinstance(self.output, str) or not self.output:
+            raise TypeError(f"output must be 'auto' or an output field's name, got {self.output!r}")
+        if self.learner is not None and not isinstance(self.learner, LearnerConfig):
+            raise TypeError(
+                f"learner must be a gblr.LearnerConfig or None, got {type(self.learner).__name__}"
+            )
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of the linear warm-up (at least 1)."""
+        return max(1, round(self.steps * self.warmup_fraction))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-ready data (the learner's config as its own dict)."""
+        data = dataclasses.asdict(self)
+        data["learner"] = None if self.learner is None else self.learner.to_dict()
+        return data
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill` did.
+
+    Attributes:
+        steps: optimizer steps taken.
+        first_loss: the loss of the first step (before any update).
+        last_loss: the mean loss of the last ``min(10, steps)`` steps.
+        seconds: wall-clock time of the training loop.
+        macs: MACs per input row of the GBLR layers at the end (``None`` without any).
+        config: the :class:`DistillConfig` used.
+    """
+
+    steps: int
+    first_loss: float
+    last_loss: float
+    seconds: float
+    macs: int | None
+    config: DistillConfig
+
+
+def _select(output: Any, field: str) -> Tensor:
+    """The tensor named by ``field`` (see :attr:`DistillConfig.output`) in a model output."""
+    if field == "auto":
+        if isinstance(output, Tensor):
+            return output
+        for name in OUTPUT_FIELDS:
+            value = output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+            if isinstance(value, Tensor):
+                return value
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+            return output[0]
+        raise TypeError(
+            f"cannot find the output to match in a {type(output).__name__}: give "
+            f"output= the name of one of its fields"
+        )
+    value = output.get(field) if isinstance(output, Mapping) else getattr(output, field, None)
+    if not isinstance(value, Tensor):
+        raise ValueError(
+            f"output={field!r}: the model's {type(output).__name__} has no tensor field "
+            f"of that name"
+        )
+    return value
+
+
+def model_output(model: nn.Module, batch: Any, output: str = "auto") -> Tensor:
+    """Run ``model`` on ``batch`` and return the tensor that distillation matches.
+
+    Args:
+        model: any module.
+        batch: a mapping (called as ``model(**batch)``, as Hugging Face models take
+            their tokenizer's output), a tuple or list (``model(*batch)``) or a tensor.
+        output: see :attr:`DistillConfig.output`.
+
+    Returns:
+        The selected output, e.g. ``(batch, tokens, hidden)`` hidden states.
+    """
+    if isinstance(batch, Mapping):
+        result = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        result = model(*batch)
+    else:
+        result = model(batch)
+    return _select(result, output)
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error between two outputs, over the positions ``mask`` keeps.
+
+    Args:
+        student: ``(batch, ..., features)`` output of the model being trained.
+        teacher: the same shape, the target (no gradient needed).
+        mask: optional ``(batch, tokens)`` attention mask (1 = a real token) for
+            ``(batch, tokens, features)`` outputs; padded positions do not count.
+
+    Returns:
+        A scalar: the mean over kept positions and features.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.compress.distill import distillation_loss
+        >>> out = torch.ones(2, 3, 4)
+        >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+        >>> float(distillation_loss(out, out * 0, mask))
+        1.0
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher outputs differ in shape: {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    error = (student.float() - teacher.float()).pow(2)
+    if mask is None:
+        return error.mean()
+    if student.dim() != 3 or tuple(mask.shape) != tuple(student.shape[:2]):
+        raise ValueError(
+            f"mask must be (batch, tokens) = {tuple(student.shape[:2])} for outputs of shape "
+            f"(batch, tokens, features), got mask {tuple(mask.shape)} for outputs "
+            f"{tuple(student.shape)}"
+        )
+    keep = mask.unsqueeze(-1).to(error.dtype)
+    return (error * keep).sum() / (keep.sum() * student.shape[-1]).clamp_min(1.0)
+
+
+def _mask_of(batch: Any) -> Tensor | None:
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        return mask if isinstance(mask, Tensor) else None
+    return None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def _cycle(batches: Iterable[Any]):
+    """Each batch in turn, again from the first when the iterable ends (a DataLoader
+    reshuffles then, as in epochs)."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("batches is empty: give at least one batch")
+
+
+def _lr_factor(config: DistillConfig):
+    warmup = config.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        span = max(1, config.steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span))
+
+    return factor
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable[Any],
+    config: DistillConfig | None = None,
+    *,
+    budget: float | None = None,
+    progress: bool = False,
+) -> DistillResult:
+    """Train ``student`` (a converted model) to reproduce ``teacher`` (the original).
+
+    Args:
+        student: the converted model, trained in place (left in eval mode).
+        teacher: the original model (not changed; run in eval mode without gradients).
+        batches: an iterable of inputs both models take (see :func:`model_output`),
+            e.g. a list of tokenizer outputs or a ``DataLoader``; cycled for
+            ``config.steps`` steps. A mapping's ``attention_mask`` masks padding.
+        config: a :class:`DistillConfig` (default: ``DistillConfig()``).
+        budget: GBLR layers' MACs as a fraction of their dense MACs, held by a
+            :class:`gblr.StructureLearner` (default: the MACs they have now).
+        progress: print the loss every tenth of the run.
+
+    Returns:
+        A :class:`DistillResult`.
+
+    Examples:
+        >>> import copy, torch, gblr
+        >>> from gblr.compress.distill import DistillConfig, distill
+        >>> teacher = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        >>> student = copy.deepcopy(teacher)
+        >>> _ = gblr.convert(student, gblr.GBLRConfig(budget=0.5), progress=False)
+        >>> result = distill(student, teacher, [torch.randn(8, 16)], DistillConfig(steps=5))
+        >>> result.steps
+        5
+    """
+    if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+        raise TypeError(
+            f"student and teacher must be torch.nn.Module, got {type(student).__name__} and "
+            f"{type(teacher).__name__}"
+        )
+    if student is teacher:
+        raise ValueError("student and teacher are the same module: distill a converted copy")
+    config = DistillConfig() if config is None else config
+    if not isinstance(config, DistillConfig):
+        raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
+    device = next(iter(student.parameters())).device
+    optimizer = torch.optim.AdamW(
+        param_groups(
+            student,
+            lr=config.lr,
+            structure_lr=config.structure_lr,
+            weight_decay=config.weight_decay,
+        )
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
+    learner = None
+    if gblr_layers(student):
+        learner_config = config.learner or LearnerConfig.finetune()
+        if budget is None:
+            # hold the MACs the conversion chose (its global allocation), not a new budget
+            current = sum(layer.matrix_flops() for _, layer in gblr_layers(student))
+            learner = StructureLearner(
+                student, learner_config, budget_macs=max(1, current), total_steps=config.steps
+            )
+        else:
+            learner = StructureLearner(
+                student, learner_config, budget=budget, total_steps=config.steps
+            )
+    teacher_mode = teacher.training
+    teacher.eval()
+    student.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    try:
+        for step, batch in zip(range(config.steps), _cycle(batches)):
+            batch = _to_device(batch, device)
+            with torch.no_grad():
+                target = model_output(teacher, batch, config.output)
+            loss = distillation_loss(
+                model_output(student, batch, config.output), target, _mask_of(batch)
+            )
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"distillation loss is {float(loss.detach())} at step {step}: lower lr "
+                    f"(now {config.lr:g}) or check the inputs"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if learner is not None:
+                learner.step()
+            losses.append(float(loss.detach()))
+            if progress and (step + 1) % max(1, config.steps // 10) == 0:
+                print(f"distill step {step + 1}/{config.steps}: loss {losses[-1]:.4g}", flush=True)
+    finally:
+        student.eval()
+        teacher.train(teacher_mode)
+    seconds = time.perf_counter() - start
+    tail = losses[-min(10, len(losses)) :]
+    return DistillResult(
+        steps=len(losses),
+        first_loss=losses[0],
+        last_loss=sum(tail) / len(tail),
+        seconds=seconds,
+        macs=None if learner is None else learner.macs(),
+        config=config,
+    )
