@@ -15,7 +15,9 @@ from .configs import (
     structures,
 )
 from .convert import ConversionReport, LayerConversion, convert
+from .pretrained import apply_structure, from_pretrained, model_structure, save_pretrained
 from .search import fit_dense
+from .unload import merge_and_unload
 
 __all__ = [
     "BlockDiagConfig",
@@ -28,10 +30,15 @@ __all__ = [
     "LowRankConfig",
     "MonarchConfig",
     "PixelflyConfig",
+    "apply_structure",
     "config_class",
     "config_from_dict",
     "convert",
     "fit_dense",
+    "from_pretrained",
+    "merge_and_unload",
+    "model_structure",
     "register_structure",
+    "save_pretrained",
     "structures",
 ]
