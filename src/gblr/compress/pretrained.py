@@ -704,7 +704,7 @@ def from_pretrained(directory: str | os.PathLike, *, device: str | torch.device 
     """
     folder = _folder_argument(directory)
     weights = folder / WEIGHTS_NAME
-    if (folder / "modules.json").is_file() and tensor_file_kind(weights) != FORMAT:
+    if (folder / "modules.json").is_file():
         return _load_sentence_transformer(folder, device)
     kind = tensor_file_kind(weights)
     if kind != FORMAT:
