@@ -224,6 +224,34 @@ def test_structure_restores_a_checkpoint_without_converting_again():
     assert torch.equal(restored(IDS).last_hidden_state, model(IDS).last_hidden_state)
 
 
+def test_trainer_checkpoints_are_gblr_folders_and_resume(tmp_path):
+    pytest.importorskip("accelerate")
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, num_labels=2,
+    )  # fmt: skip
+
+    def build():
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification(config)
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5))
+        return model
+
+    data = [{"input_ids": torch.tensor([1, 2 + i, 3, 4]), "labels": torch.tensor(i % 2)}
+            for i in range(8)]  # fmt: skip
+    arguments = {"max_steps": 2, "save_steps": 1, "per_device_train_batch_size": 4,
+                 "report_to": [], "use_cpu": True, "disable_tqdm": True}  # fmt: skip
+    args = transformers.TrainingArguments(str(tmp_path), **arguments)
+    transformers.Trainer(model=build(), args=args, train_dataset=data).train()
+    with pytest.raises(RuntimeError):  # the checkpoint is no dense model
+        transformers.BertForSequenceClassification.from_pretrained(tmp_path / "checkpoint-1")
+    resumed = build()
+    trainer = transformers.Trainer(model=resumed, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    loaded = gblr.from_pretrained(tmp_path / "checkpoint-2")
+    assert torch.equal(loaded(IDS).logits, resumed.eval()(IDS).logits)
+
+
 # --------------------------------------------------------------------------- refusals
 def test_a_folder_that_is_not_gblr_is_refused_clearly(tmp_path):
     dense = tiny_bert()

@@ -700,7 +700,22 @@ def from_pretrained(directory: str | os.PathLike, *, device: str | torch.device 
         ImportError: the model's library is not installed.
 
     Examples:
-        See :func:`gblr.save_pretrained`.
+        >>> import tempfile, warnings, torch, gblr, transformers
+        >>> config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+        >>> model = transformers.GPT2LMHeadModel(config).eval()
+        >>> with warnings.catch_warnings():  # the head tied to the embedding stays dense
+        ...     warnings.simplefilter("ignore")
+        ...     _ = gblr.convert(model, gblr.LowRankConfig(budget=0.5))
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save_pretrained(folder)  # after convert: the gblr folder
+        >>> loaded = gblr.from_pretrained(folder)
+        >>> type(loaded.transformer.h[0].mlp.c_fc).__name__
+        'LowRankLinear'
+        >>> try:  # a dense loader refuses it instead of loading random layers
+        ...     _ = transformers.GPT2LMHeadModel.from_pretrained(folder)
+        ... except RuntimeError:
+        ...     print("refused")
+        refused
     """
     folder = _folder_argument(directory)
     weights = folder / WEIGHTS_NAME
