@@ -152,12 +152,7 @@ def tiny_bert():
 IDS = torch.tensor([[1, 5, 7, 2, 9, 3]])
 
 FAMILY_CONFIGS = [
-    gblr.GBLRConfig(budget=0.5),
-    gblr.LowRankConfig(budget=0.5),
-    gblr.BlockDiagConfig(budget=0.5),
-    gblr.MonarchConfig(budget=0.5),
-    gblr.BlockSparseConfig(budget=0.5),
-    gblr.PixelflyConfig(budget=0.5),
+    gblr.compress.config_class(structure)(budget=0.5) for structure in gblr.compress.structures()
 ]
 
 

@@ -11,12 +11,7 @@ import gblr
 from gblr.compress.unload import is_structured
 
 CONFIGS = [
-    gblr.GBLRConfig(budget=0.5),
-    gblr.LowRankConfig(budget=0.5),
-    gblr.BlockDiagConfig(budget=0.5),
-    gblr.MonarchConfig(budget=0.5),
-    gblr.BlockSparseConfig(budget=0.5),
-    gblr.PixelflyConfig(budget=0.5),
+    gblr.compress.config_class(structure)(budget=0.5) for structure in gblr.compress.structures()
 ]
 
 

@@ -48,6 +48,7 @@ from ..deploy.io import (
     frozen_layer_entry,
     frozen_layer_from_entry,
     load_tensors,
+    matrix_shape_of,
     save_tensors,
     tensor_file_kind,
 )
@@ -193,12 +194,8 @@ def _check(ok: bool, where: str, expected: str, value: Any) -> None:
 
 
 def _positive(value: Any, where: str, minimum: int = 1) -> int:
-    _check(
-        isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= _LARGEST,
-        where,
-        f"an int in [{minimum}, {_LARGEST}]",
-        value,
-    )
+    ok = isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= _LARGEST
+    _check(ok, where, f"an int in [{minimum}, {_LARGEST}]", value)
     return value
 
 
@@ -303,14 +300,9 @@ def _matrix_shape(module: nn.Module) -> tuple[int, int] | None:
     structured layer; ``None`` for anything else."""
     if is_structured(module):
         return module.matrix_shape
-    if isinstance(module, nn.Linear):
-        return (module.out_features, module.in_features)
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return (module.out_channels, module.in_channels // module.groups * kh * kw)
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # weight (in, out)
         return tuple(module.weight.shape[::-1])
-    return None
+    return matrix_shape_of(module)
 
 
 def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:

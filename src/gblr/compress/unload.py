@@ -76,16 +76,9 @@ def dense_layer(layer: nn.Module) -> nn.Module:
     bias = layer.bias.detach().clone() if layer.bias is not None else None
     factory = {"device": weight.device, "dtype": weight.dtype}
     if isinstance(layer, (GBLRConv2d, FrozenGBLRConv2d)):
-        dense: nn.Module = nn.Conv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            bias=bias is not None,
-            **factory,
-        )
+        sizes = (layer.in_channels, layer.out_channels, layer.kernel_size)
+        options = {key: getattr(layer, key) for key in ("stride", "padding", "dilation")}
+        dense: nn.Module = nn.Conv2d(*sizes, bias=bias is not None, **options, **factory)
         weight = weight.reshape(layer.out_channels, layer.in_channels, *layer.kernel_size)
     elif getattr(layer, REPLACED_ATTRIBUTE, None) == "Conv1D":
         out_features, in_features = weight.shape

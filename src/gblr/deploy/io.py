@@ -56,10 +56,16 @@ __all__ = [
     "FORMAT",
     "FrozenCheckpoint",
     "GBLRFileError",
+    "frozen_layer_entry",
+    "frozen_layer_from_entry",
     "is_gblr_file",
     "load",
     "load_checkpoint",
+    "load_tensors",
+    "matrix_shape_of",
     "save",
+    "save_tensors",
+    "tensor_file_kind",
 ]
 
 FORMAT = "gblr.frozen"
@@ -590,15 +596,7 @@ def _check_structure(structure: Any, stored: Iterable[str]) -> None:
     _keys(structure, "the structure", ("root", "layers", "aliases", "model"))
     _str(structure["root"], "the structure's root")
     stored = set(stored)
-    aliases = structure["aliases"]
-    _expect(isinstance(aliases, dict), "the structure's aliases", "a JSON object", aliases)
-    for alias, key in aliases.items():
-        _expect(
-            isinstance(key, str) and key in stored and alias not in stored,
-            f"the alias {_show(alias)}",
-            "a key not stored itself, naming a stored tensor",
-            key,
-        )
+    _check_aliases(structure["aliases"], stored, "the structure's aliases")
     names: set[str] = set()
     for i, entry in enumerate(_list(structure["layers"], "the structure's layers")):
         _check_layer(entry, f"layers[{i}]")
@@ -608,6 +606,18 @@ def _check_structure(structure: Any, stored: Iterable[str]) -> None:
             names.add(name)
     if structure["model"] is not None:
         _check_spec(structure["model"], "model")
+
+
+def _check_aliases(aliases: Any, stored: set[str], where: str) -> None:
+    """Tied keys: each names a stored tensor and is not stored itself."""
+    _expect(isinstance(aliases, dict), where, "a JSON object", aliases)
+    for alias, key in aliases.items():
+        _expect(
+            isinstance(key, str) and key in stored and alias not in stored,
+            f"the alias {_show(alias)}",
+            "a key not stored itself, naming a stored tensor",
+            key,
+        )
 
 
 def _check_config(config: Any) -> dict[str, Any]:
@@ -1115,18 +1125,7 @@ def is_gblr_file(path: str | os.PathLike) -> bool:
         >>> is_gblr_file(os.path.join(folder, "state.pt")), is_gblr_file(folder)
         (False, False)
     """
-    try:
-        path = Path(path)
-        if not path.is_file():
-            return False
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
-                return False
-            header = _parse_json(handle.read(size), "the header")
-        return isinstance(header, dict) and _gblr_metadata(header) is not None
-    except (OSError, ValueError, TypeError, _Invalid):
-        return False
+    return tensor_file_kind(path) == FORMAT
 
 
 def load_checkpoint(path: str | os.PathLike) -> FrozenCheckpoint:
@@ -1247,7 +1246,17 @@ _REPLACEABLE = {
 }
 
 
-def _matrix_shape(module: nn.Module) -> tuple[int, int] | None:
+def matrix_shape_of(module: nn.Module) -> tuple[int, int] | None:
+    """``(out, in)`` of the matrix a layer multiplies by: ``nn.Linear``, ``nn.Conv2d``
+    (``(out_channels, in_channels / groups * kh * kw)``), a GBLR or frozen layer;
+    ``None`` for any other module.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.deploy.io import matrix_shape_of
+        >>> matrix_shape_of(torch.nn.Conv2d(3, 8, 3)), matrix_shape_of(torch.nn.ReLU())
+        ((8, 27), None)
+    """
     if isinstance(module, (GBLRLinear, GBLRConv2d, FrozenGBLRMatrix)):
         return module.matrix_shape
     if isinstance(module, nn.Linear):
@@ -1270,13 +1279,13 @@ def _install(model: nn.Module, entry: dict[str, Any], path: Path) -> nn.Module:
                 f"{name!r} (a {entry['class']} in the file)"
             ) from None
         allowed = _REPLACEABLE[entry["class"]]
-        if not isinstance(current, allowed) or _matrix_shape(current) != (
+        if not isinstance(current, allowed) or matrix_shape_of(current) != (
             entry["out"],
             entry["in"],
         ):
             raise ValueError(
                 f"cannot load {str(path)!r}: module {name!r} of the model from model_factory "
-                f"is {type(current).__name__} with matrix shape {_matrix_shape(current)}; the "
+                f"is {type(current).__name__} with matrix shape {matrix_shape_of(current)}; the "
                 f"file has a {entry['class']} of shape ({entry['out']}, {entry['in']}) there "
                 f"(replaceable: {', '.join(t.__name__ for t in allowed)} of that shape)"
             )
@@ -1548,14 +1557,7 @@ def load_tensors(path: str | os.PathLike, *, kind: str) -> tuple[dict[str, Tenso
                 "after saving"
             )
         aliases = _parse_json(metadata["aliases"], "the aliases metadata")
-        _expect(isinstance(aliases, dict), "the aliases", "a JSON object", aliases)
-        for alias, key in aliases.items():
-            _expect(
-                isinstance(key, str) and key in table and alias not in table,
-                f"the alias {_show(alias)}",
-                "a key not stored itself, naming a stored tensor",
-                key,
-            )
+        _check_aliases(aliases, set(table), "the aliases")
         try:
             tensors = _safetensors().load(data)
         except Exception as error:  # its own error types; the checks above leave none expected
