@@ -7,7 +7,16 @@ Efficient Deep Neural Networks" (ICLR 2024, arXiv:2310.18882).
 from importlib.metadata import PackageNotFoundError, version
 
 from . import deploy, structured
-from .compress import ConversionReport, convert, fit_dense
+from .compress import (
+    ConversionReport,
+    apply_structure,
+    convert,
+    fit_dense,
+    from_pretrained,
+    merge_and_unload,
+    model_structure,
+    save_pretrained,
+)
 from .compress.configs import (
     BlockDiagConfig,
     BlockSparseConfig,
@@ -63,6 +72,7 @@ __all__ = [
     "StructureLearner",
     "UntangleConfig",
     "__version__",
+    "apply_structure",
     "boxcar_mask",
     "convert",
     "count_flops",
@@ -72,12 +82,16 @@ __all__ = [
     "export_onnx",
     "fit_dense",
     "freeze",
+    "from_pretrained",
     "gaudi_mask",
     "load",
+    "merge_and_unload",
     "merge_components",
+    "model_structure",
     "param_groups",
     "plan",
     "save",
+    "save_pretrained",
     "special",
     "structured",
     "untangle_components",

@@ -16,7 +16,9 @@ from .configs import (
 )
 from .convert import ConversionReport, LayerConversion, convert
 from .distill import DistillConfig, DistillResult, distill, distillation_loss
+from .pretrained import apply_structure, from_pretrained, model_structure, save_pretrained
 from .search import fit_dense
+from .unload import merge_and_unload
 
 __all__ = [
     "BlockDiagConfig",
@@ -31,12 +33,17 @@ __all__ = [
     "LowRankConfig",
     "MonarchConfig",
     "PixelflyConfig",
+    "apply_structure",
     "config_class",
     "config_from_dict",
     "convert",
     "distill",
     "distillation_loss",
     "fit_dense",
+    "from_pretrained",
+    "merge_and_unload",
+    "model_structure",
     "register_structure",
+    "save_pretrained",
     "structures",
 ]

@@ -54,7 +54,9 @@ from .configs import (
     register_structure,
     structures,
 )
+from .pretrained import protect_save_pretrained
 from .search import _svd_layer, empty_layer, fit_dense
+from .unload import REPLACED_ATTRIBUTE
 
 __all__ = [
     "ConversionReport",
@@ -474,6 +476,8 @@ def _build_layer(
             if bias is not None:
                 layer.bias.copy_(bias)
     layer = layer.to(device=device, dtype=dtype)
+    if kind == "Conv1D":  # merge_and_unload gives a Conv1D back, from_pretrained keeps it
+        setattr(layer, REPLACED_ATTRIBUTE, kind)
     return layer.train(original.training)
 
 
@@ -1022,6 +1026,9 @@ def convert(
     if report.layers:
         # The config that made the model (gblr.save writes it), as peft's model.peft_config.
         model.gblr_config = config
+        # A transformers model's own save_pretrained writes a gblr folder (which dense
+        # loaders refuse), never a folder that loads as a dense model with random layers.
+        protect_save_pretrained(model)
     else:
         warnings.warn(
             f"gblr.convert converted no layer ({len(report.skipped)} skipped, reasons in "

@@ -731,6 +731,11 @@ def freeze(model: nn.Module) -> nn.Module:
                     if isinstance(module, GBLRLinear)
                     else FrozenGBLRConv2d.from_gblr(module)
                 )
+                # What the layer replaced, when convert marked it (a Hugging Face Conv1D):
+                # merge_and_unload and from_pretrained read it.
+                replaced = getattr(module, "gblr_replaced", None)
+                if replaced is not None:
+                    frozen[id(module)].gblr_replaced = replaced
             set_submodule(model, name, frozen[id(module)])
         elif isinstance(module, FrozenGBLRMatrix):
             already_frozen = True

@@ -56,10 +56,16 @@ __all__ = [
     "FORMAT",
     "FrozenCheckpoint",
     "GBLRFileError",
+    "frozen_layer_entry",
+    "frozen_layer_from_entry",
     "is_gblr_file",
     "load",
     "load_checkpoint",
+    "load_tensors",
+    "matrix_shape_of",
     "save",
+    "save_tensors",
+    "tensor_file_kind",
 ]
 
 FORMAT = "gblr.frozen"
@@ -590,15 +596,7 @@ def _check_structure(structure: Any, stored: Iterable[str]) -> None:
     _keys(structure, "the structure", ("root", "layers", "aliases", "model"))
     _str(structure["root"], "the structure's root")
     stored = set(stored)
-    aliases = structure["aliases"]
-    _expect(isinstance(aliases, dict), "the structure's aliases", "a JSON object", aliases)
-    for alias, key in aliases.items():
-        _expect(
-            isinstance(key, str) and key in stored and alias not in stored,
-            f"the alias {_show(alias)}",
-            "a key not stored itself, naming a stored tensor",
-            key,
-        )
+    _check_aliases(structure["aliases"], stored, "the structure's aliases")
     names: set[str] = set()
     for i, entry in enumerate(_list(structure["layers"], "the structure's layers")):
         _check_layer(entry, f"layers[{i}]")
@@ -608,6 +606,18 @@ def _check_structure(structure: Any, stored: Iterable[str]) -> None:
             names.add(name)
     if structure["model"] is not None:
         _check_spec(structure["model"], "model")
+
+
+def _check_aliases(aliases: Any, stored: set[str], where: str) -> None:
+    """Tied keys: each names a stored tensor and is not stored itself."""
+    _expect(isinstance(aliases, dict), where, "a JSON object", aliases)
+    for alias, key in aliases.items():
+        _expect(
+            isinstance(key, str) and key in stored and alias not in stored,
+            f"the alias {_show(alias)}",
+            "a key not stored itself, naming a stored tensor",
+            key,
+        )
 
 
 def _check_config(config: Any) -> dict[str, Any]:
@@ -1115,18 +1125,7 @@ def is_gblr_file(path: str | os.PathLike) -> bool:
         >>> is_gblr_file(os.path.join(folder, "state.pt")), is_gblr_file(folder)
         (False, False)
     """
-    try:
-        path = Path(path)
-        if not path.is_file():
-            return False
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
-                return False
-            header = _parse_json(handle.read(size), "the header")
-        return isinstance(header, dict) and _gblr_metadata(header) is not None
-    except (OSError, ValueError, TypeError, _Invalid):
-        return False
+    return tensor_file_kind(path) == FORMAT
 
 
 def load_checkpoint(path: str | os.PathLike) -> FrozenCheckpoint:
@@ -1247,7 +1246,17 @@ _REPLACEABLE = {
 }
 
 
-def _matrix_shape(module: nn.Module) -> tuple[int, int] | None:
+def matrix_shape_of(module: nn.Module) -> tuple[int, int] | None:
+    """``(out, in)`` of the matrix a layer multiplies by: ``nn.Linear``, ``nn.Conv2d``
+    (``(out_channels, in_channels / groups * kh * kw)``), a GBLR or frozen layer;
+    ``None`` for any other module.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.deploy.io import matrix_shape_of
+        >>> matrix_shape_of(torch.nn.Conv2d(3, 8, 3)), matrix_shape_of(torch.nn.ReLU())
+        ((8, 27), None)
+    """
     if isinstance(module, (GBLRLinear, GBLRConv2d, FrozenGBLRMatrix)):
         return module.matrix_shape
     if isinstance(module, nn.Linear):
@@ -1270,13 +1279,13 @@ def _install(model: nn.Module, entry: dict[str, Any], path: Path) -> nn.Module:
                 f"{name!r} (a {entry['class']} in the file)"
             ) from None
         allowed = _REPLACEABLE[entry["class"]]
-        if not isinstance(current, allowed) or _matrix_shape(current) != (
+        if not isinstance(current, allowed) or matrix_shape_of(current) != (
             entry["out"],
             entry["in"],
         ):
             raise ValueError(
                 f"cannot load {str(path)!r}: module {name!r} of the model from model_factory "
-                f"is {type(current).__name__} with matrix shape {_matrix_shape(current)}; the "
+                f"is {type(current).__name__} with matrix shape {matrix_shape_of(current)}; the "
                 f"file has a {entry['class']} of shape ({entry['out']}, {entry['in']}) there "
                 f"(replaceable: {', '.join(t.__name__ for t in allowed)} of that shape)"
             )
@@ -1422,3 +1431,173 @@ def load(
         ) from None
     _tie(model, checkpoint.aliases)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- other formats
+# The same safe container for other gblr formats (gblr.save_pretrained's weights): the
+# tensors as safetensors, string metadata covered by a sha256 with the tensors, tied
+# tensors stored once, and every check of load_checkpoint on reading.
+def save_tensors(
+    tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str], *, kind: str
+) -> Path:
+    """Write ``tensors`` to the safetensors file ``path`` (atomically) with ``metadata``.
+
+    The header's metadata is ``metadata`` plus ``format`` (``kind``), ``gblr_version``,
+    ``aliases`` (JSON: keys that are the same tensor as a stored key; tied weights are
+    stored once) and ``sha256`` over all of them and every tensor, which
+    :func:`load_tensors` checks.
+
+    Args:
+        tensors: name -> tensor (a ``state_dict()``; any device).
+        path: the file to write, as :func:`gblr.save`.
+        metadata: string values; the keys above are reserved.
+        kind: the format name, such as ``"gblr.pretrained"``.
+
+    Returns:
+        The path written.
+
+    Examples:
+        >>> import os, tempfile, torch
+        >>> from gblr.deploy.io import load_tensors, save_tensors
+        >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+        >>> weight = torch.ones(2, 2)
+        >>> _ = save_tensors({"a": weight, "b": weight}, path, {"note": "hi"}, kind="demo")
+        >>> tensors, metadata = load_tensors(path, kind="demo")
+        >>> sorted(tensors), metadata["note"]
+        (['a', 'b'], 'hi')
+    """
+    reserved = {"format", "gblr_version", "aliases", "sha256"} & metadata.keys()
+    if reserved:
+        raise ValueError(f"metadata keys {sorted(reserved)} are reserved")
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise TypeError("metadata values must be strings")
+    path = _file_argument(path)
+    stored, aliases = _unique_tensors(tensors)
+    header = {
+        "format": kind,
+        "gblr_version": _gblr_version(),
+        "aliases": json.dumps(aliases, sort_keys=True),
+        **metadata,
+    }
+    header["sha256"] = _digest(header, _tensor_records(stored))
+    data = _safetensors().save(stored, metadata=header)
+    save_atomically(lambda handle: handle.write(data), path)
+    return path
+
+
+def tensor_file_kind(path: str | os.PathLike) -> str | None:
+    """The ``format`` a safetensors file's metadata names (``"gblr.frozen"``,
+    ``"gblr.pretrained"``, ``"pt"`` for transformers' files...), or ``None`` for a file
+    that is not a readable safetensors file or names none. Reads the header only; never
+    raises for a bad file.
+
+    Examples:
+        >>> import os, tempfile, torch
+        >>> from gblr.deploy.io import save_tensors, tensor_file_kind
+        >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+        >>> tensor_file_kind(save_tensors({"a": torch.ones(1)}, path, {}, kind="demo"))
+        'demo'
+    """
+    try:
+        path = Path(path)
+        if not path.is_file():
+            return None
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= min(_MAX_HEADER_BYTES, path.stat().st_size - 8):
+                return None
+            header = _parse_json(handle.read(size), "the header")
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        kind = metadata.get("format") if isinstance(metadata, dict) else None
+        return kind if isinstance(kind, str) else None
+    except (OSError, ValueError, TypeError, _Invalid):
+        return None
+
+
+def load_tensors(path: str | os.PathLike, *, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read and verify a file written by :func:`save_tensors` with the same ``kind``.
+
+    Every check of :func:`load_checkpoint` applies (header, tensor table, sha256 over the
+    metadata and tensors); tied keys come back as the same tensor.
+
+    Returns:
+        ``(tensors, metadata)``: every key (aliases included) -> tensor on the CPU, and the
+        metadata without ``format``, ``aliases`` and ``sha256``.
+
+    Raises:
+        FileNotFoundError, ValueError, TypeError: as :func:`load_checkpoint`.
+        GBLRFileError: not a ``kind`` file, truncated, damaged or edited; the message names
+            the file and the reason.
+    """
+    path = _file_argument(path)
+    data = _read_file(path)
+    try:
+        header, header_size = _header(data)
+        metadata = header.pop("__metadata__", None)
+        _expect(isinstance(metadata, dict), "the safetensors metadata", "a JSON object", metadata)
+        if metadata.get("format") != kind:
+            raise _Invalid(
+                f"not a {kind!r} file (its metadata names the format "
+                f"{_show(metadata.get('format'))})"
+            )
+        for key in ("gblr_version", "aliases", "sha256"):
+            _expect(key in metadata, f"the metadata's {key}", "present", None)
+        for key, value in metadata.items():
+            _str(value, f"the metadata's {key}")
+        table = _tensor_table(header, len(data) - 8 - header_size)
+        start, view = 8 + header_size, memoryview(data)
+        records = [
+            (name, str(entry.dtype), entry.shape, view[start + entry.begin : start + entry.end])
+            for name, entry in table.items()
+        ]
+        digest = metadata["sha256"]
+        if _digest(metadata, records) != digest:
+            raise _Invalid(
+                "checksum mismatch: the tensors or the metadata were modified or corrupted "
+                "after saving"
+            )
+        aliases = _parse_json(metadata["aliases"], "the aliases metadata")
+        _check_aliases(aliases, set(table), "the aliases")
+        try:
+            tensors = _safetensors().load(data)
+        except Exception as error:  # its own error types; the checks above leave none expected
+            raise _Invalid(f"unreadable tensor data ({_show(str(error))})") from None
+    except _Invalid as error:
+        raise GBLRFileError(f"cannot load {str(path)!r}: {error}") from None
+    for alias, key in aliases.items():
+        tensors[alias] = tensors[key]
+    rest = {k: v for k, v in metadata.items() if k not in ("format", "aliases", "sha256")}
+    return tensors, rest
+
+
+def frozen_layer_entry(layer: FrozenGBLRMatrix) -> dict[str, Any]:
+    """The JSON description of a frozen layer that :func:`gblr.save` writes (class,
+    shapes, integer intervals, dtype, plan), without its names.
+
+    Examples:
+        >>> import torch, gblr
+        >>> from gblr.deploy.io import frozen_layer_entry
+        >>> layer = gblr.FrozenGBLRLinear.from_gblr(gblr.GBLRLinear(8, 4, num_components=2))
+        >>> entry = frozen_layer_entry(layer)
+        >>> entry["class"], entry["out"], entry["in"], len(entry["row_intervals"])
+        ('FrozenGBLRLinear', 4, 8, 2)
+    """
+    entry = _layer_entry("", [], layer)
+    del entry["name"], entry["aliases"]
+    return entry
+
+
+def frozen_layer_from_entry(entry: Any, where: str) -> FrozenGBLRMatrix:
+    """A zero-filled frozen layer of a :func:`frozen_layer_entry` description, on the
+    CPU, after checking every field as :func:`load_checkpoint` does.
+
+    Raises:
+        ValueError: the description is malformed (``where`` names it in the message).
+    """
+    try:
+        _expect(isinstance(entry, dict), where, "a JSON object", entry)
+        full = {"name": "", "aliases": [], **entry}
+        _check_layer(full, where)
+        return _frozen_from_entry(full, "cpu")
+    except _Invalid as error:
+        raise ValueError(str(error)) from None
