@@ -10,6 +10,7 @@ from . import deploy, structured
 from .compress import (
     ConversionReport,
     apply_structure,
+    compress_pretrained,
     convert,
     fit_dense,
     from_pretrained,
@@ -74,6 +75,7 @@ __all__ = [
     "__version__",
     "apply_structure",
     "boxcar_mask",
+    "compress_pretrained",
     "convert",
     "count_flops",
     "count_model_flops",

@@ -16,6 +16,7 @@ from .configs import (
 )
 from .convert import ConversionReport, LayerConversion, convert
 from .distill import DistillConfig, DistillResult, distill, distillation_loss
+from .pipeline import CompressionResult, compress_pretrained
 from .pretrained import apply_structure, from_pretrained, model_structure, save_pretrained
 from .search import fit_dense
 from .unload import merge_and_unload
@@ -23,6 +24,7 @@ from .unload import merge_and_unload
 __all__ = [
     "BlockDiagConfig",
     "BlockSparseConfig",
+    "CompressionResult",
     "ConversionConfig",
     "ConversionReport",
     "DistillConfig",
@@ -34,6 +36,7 @@ __all__ = [
     "MonarchConfig",
     "PixelflyConfig",
     "apply_structure",
+    "compress_pretrained",
     "config_class",
     "config_from_dict",
     "convert",
