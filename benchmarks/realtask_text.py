@@ -81,7 +81,7 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     import torch
 
     from gblr.learn.config import config_from_options
-    from gblr.recipes.engine import train_language_model
+    from gblr.recipes.engine import EngineConfig, train_language_model
     from gblr.recipes.models import CausalTransformer, gblr_start_cost, structure_model
     from gblr.recipes.text import LMBlocks
 
@@ -109,23 +109,21 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     blocks = LMBlocks(train_stream, block_size=CONTEXT)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = train_language_model(
-            model,
-            blocks,
-            None,
+        config = EngineConfig(
             steps=steps,
             batch_size=BATCH,
             lr=LR,
             warmup_steps=steps // 10,
-            target=budget,
-            learner_config=config_from_options(learner_options),
+            budget=budget,
+            learner=config_from_options(learner_options),
             out_dir=folder,
             seed=seed,
             progress=False,
             logger=None,
-            accelerator="cpu",
+            trainer={"accelerator": "cpu"},
             **engine_options,
         )
+        result = train_language_model(model, blocks, None, config)
     windows = _validation_windows(validation_stream, 16 if quick else EVAL_WINDOWS, CONTEXT)
     model.eval()
     total = 0.0

@@ -51,7 +51,7 @@ def train_digits(
     import torch
 
     from gblr.learn.config import config_from_options
-    from gblr.recipes.engine import train_classifier
+    from gblr.recipes.engine import EngineConfig, train_classifier
     from gblr.recipes.models import gblr_start_cost, structure_model
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -77,22 +77,20 @@ def train_digits(
     )
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = train_classifier(
-            model,
-            train,
-            test,
+        config = EngineConfig(
             steps=steps,
             lr=LR,
             warmup_steps=steps // 3,
-            target=budget,
-            learner_config=config_from_options(learner_options),
+            budget=budget,
+            learner=config_from_options(learner_options),
             out_dir=folder,
             seed=seed,
             progress=False,
             logger=None,
-            accelerator="cpu",
+            trainer={"accelerator": "cpu"},
             **engine_options,
         )
+        result = train_classifier(model, train, test, config)
     # The test cross-entropy moves less by chance than the accuracy of 449 images.
     images, labels = test.tensors
     model.eval()

@@ -20,7 +20,7 @@ from torch.utils.data import Subset
 
 import gblr
 from gblr.recipes.data import digits
-from gblr.recipes.engine import train_classifier
+from gblr.recipes.engine import EngineConfig, train_classifier
 from gblr.recipes.models import VisionTransformer
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,17 +51,20 @@ if __name__ == "__main__":  # spawned processes import this file
     options = dict(accelerator="cpu", devices=2, strategy="ddp_spawn") if args.smoke else dict(
         accelerator="gpu", devices=args.devices, strategy=args.strategy
     )  # fmt: skip
+    config = EngineConfig(
+        steps=10 if args.smoke else 1500,
+        global_batch_size=32 if args.smoke else 256,
+        warmup_steps=5 if args.smoke else 500,
+        budget=0.3,
+        progress=not args.smoke,
+        trainer=options,
+    )
     result = train_classifier(
         model,
         Subset(train, range(256)) if args.smoke else train,
         test,
-        steps=10 if args.smoke else 1500,
-        global_batch_size=32 if args.smoke else 256,
-        warmup_steps=5 if args.smoke else 500,
-        target=0.3,
-        progress=not args.smoke,
-        extra_callbacks=[SaveWidths(folder)],
-        **options,
+        config,
+        callbacks=[SaveWidths(folder)],
     )
     ranks = [torch.load(path) for path in sorted(folder.glob("widths_*.pt"))]
     same = all(torch.equal(r[name], ranks[0][name]) for r in ranks for name in ranks[0])

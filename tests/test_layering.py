@@ -17,7 +17,8 @@ ROOT = "gblr"  # the façade, gblr/__init__.py: it imports the core and is exemp
 # the parts of lower layers. Parts of one layer are independent of each other: deploy/
 # loads a frozen model without the learner, structured/ needs no GBLR learning.
 LAYERS: list[list[str]] = [
-    ["ops", "cost", "files", "modules"],  # no gblr imports
+    ["tables"],  # the one table printer: no gblr imports
+    ["ops", "cost", "files", "modules"],
     ["layers", "model_flops"],
     ["learn", "structured", "deploy"],
     ["compress"],
@@ -148,19 +149,14 @@ def violations(sources: Sources) -> list[str]:
     return found
 
 
-def part_cycles(sources: Sources) -> list[list[str]]:
-    """The circles of imports between parts (each as the parts in order, first repeated)."""
-    graph: dict[str, set[str]] = {}
-    for edge in edges(sources):
-        here, there = part(edge.source), part(edge.target)
-        if here != there and edge.source != ROOT and edge.key() not in ALLOWED_EXCEPTIONS:
-            graph.setdefault(here, set()).add(there)
-    cycles, done = [], set()
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The circles of a graph (each as its nodes in order, the first repeated)."""
+    found, done = [], set()
 
     def visit(node: str, path: list[str]) -> None:
         for after in sorted(graph.get(node, ())):
             if after in path:
-                cycles.append([*path[path.index(after) :], after])
+                found.append([*path[path.index(after) :], after])
             elif after not in done:
                 visit(after, [*path, after])
         done.add(node)
@@ -168,7 +164,32 @@ def part_cycles(sources: Sources) -> list[list[str]]:
     for start in sorted(graph):
         if start not in done:
             visit(start, [start])
-    return cycles
+    return found
+
+
+def part_cycles(sources: Sources) -> list[list[str]]:
+    """The circles of imports between parts (each as the parts in order, first repeated)."""
+    graph: dict[str, set[str]] = {}
+    for edge in edges(sources):
+        here, there = part(edge.source), part(edge.target)
+        if here != there and edge.source != ROOT and edge.key() not in ALLOWED_EXCEPTIONS:
+            graph.setdefault(here, set()).add(there)
+    return cycles(graph)
+
+
+def module_cycles(sources: Sources) -> list[list[str]]:
+    """The circles of imports between modules, inside a part or across parts (each as
+    the modules in order, first repeated): ``smoke`` and ``train`` of recipes/ used to
+    import each other. Reading the root's version (:data:`ROOT_NAMES_FOR_ALL`) is no
+    import of the root's modules, and a package may import its own modules."""
+    graph: dict[str, set[str]] = {}
+    for edge in edges(sources):
+        if edge.target not in sources or edge.source == edge.target:
+            continue
+        if edge.target == ROOT and edge.name in ROOT_NAMES_FOR_ALL:
+            continue
+        graph.setdefault(edge.source, set()).add(edge.target)
+    return cycles(graph)
 
 
 def reported(sources: Sources) -> list[str]:
@@ -188,6 +209,10 @@ def test_imports_flow_downwards_and_no_private_name_crosses_parts():
 
 def test_no_import_circle_between_parts():
     assert part_cycles(package_sources()) == []
+
+
+def test_no_import_circle_between_modules():
+    assert module_cycles(package_sources()) == []
 
 
 def test_every_allowed_exception_is_still_needed():
@@ -229,6 +254,16 @@ def test_the_checker_reports_upward_imports_private_names_and_circles():
     assert not any(line.startswith(("gblr.learn.learner", "gblr:")) for line in found)
     assert not any("__version__" in line for line in found)
     assert part_cycles(FAKE) == [["deploy", "recipes", "deploy"]]
+    assert module_cycles(FAKE) == [["gblr.deploy", "gblr.recipes.report", "gblr.deploy"]]
+    # inside one part, through a function body, and not through the root's version
+    inside = {
+        **FAKE,
+        "gblr.recipes.smoke": ("def f():\n    from .train import build\n", False),
+        "gblr.recipes.train": ("from .smoke import f\nfrom .. import __version__\n", False),
+    }
+    assert ["gblr.recipes.smoke", "gblr.recipes.train", "gblr.recipes.smoke"] in module_cycles(
+        inside
+    )
 
 
 def foreign_dict_uses(sources: Sources) -> list[str]:

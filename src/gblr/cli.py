@@ -12,6 +12,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - for the annotations only
+    from .recipes.config import TrainConfig
 
 __all__ = ["main"]
 
@@ -45,6 +49,8 @@ def fit_matrix(args: argparse.Namespace) -> int:
     import torch
 
     import gblr
+
+    from .tables import text_table
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -86,16 +92,15 @@ def fit_matrix(args: argparse.Namespace) -> int:
     print()
     print(gblr.count_flops(layer))
     print()
-    print(f"{'method':<28}{'MACs/row':>10}{'ratio':>8}{'rel. error':>12}")
-    print(
-        f"{'GBLR (learned, exact masks)':<28}{macs:>10,}{macs / (rows * cols):>8.3f}{error:>12.4f}"
-    )
     svd_macs = svd_rank * (rows + cols)
-    print(
-        f"{f'truncated SVD, rank {svd_rank}':<28}{svd_macs:>10,}"
-        f"{svd_macs / (rows * cols):>8.3f}{svd_error:>12.4f}"
-    )
-    print(f"{'dense':<28}{rows * cols:>10,}{1.0:>8.3f}{0.0:>12.4f}")
+    methods = [
+        ("GBLR (learned, exact masks)", macs, error),
+        (f"truncated SVD, rank {svd_rank}", svd_macs, svd_error),
+        ("dense", rows * cols, 0.0),
+    ]
+    cells = [[name, f"{m:,}", f"{m / (rows * cols):.3f}", f"{e:.4f}"] for name, m, e in methods]
+    header = ["method", "MACs/row", "ratio", "rel. error"]
+    print(text_table(header, cells, align="<>>>", widths=(28, 10, 8, 12), sep=""))
     print(f"\n{layer.live_components()} live components; {elapsed:.1f} s")
     return 0
 
@@ -107,17 +112,18 @@ def demo(args: argparse.Namespace) -> int:
     """Train a small ViT on the embedded digits data: dense, GBLR and baselines at equal MACs.
 
     scikit-learn's bundled 8x8 handwritten digits (no download), a 4-block ViT (dim 64,
-    2x2 patches). GBLR layers start at --start-cost of the dense MACs (default: the
+    2x2 patches): a sweep of the digits-vit-gblr config over the structures at one
+    budget. GBLR layers start at --start-cost of the dense MACs (default: 1.25 x the
     budget) and the structure learner holds them to --budget while σ anneals 1 -> 100;
     low-rank, Monarch and block-diagonal get their largest configuration within --budget
     in every layer. The default budget, 10% of the MACs, is where the families differ (at
     30% all of them are within a point of dense). Prints a table (test accuracy, MACs
-    ratio of the transformer blocks, training time) and writes it with the training logs
-    to --out (an earlier demo there is kept: this one goes to OUT-2, OUT-3, ...). One seed:
-    for means over seeds see benchmarks/realtasks.py.
+    ratio of the transformer blocks, training time) and writes it to --out, each model's
+    run (training logs, model_state.pt, REPORT.md) in OUT/<structure> (an earlier demo
+    there is kept: this one goes to OUT-2, OUT-3, ...). One seed: for means over seeds
+    see benchmarks/realtasks.py.
     """
-    from .recipes.run_folder import RunLock
-    from .recipes.smoke import refuse_real_folder
+    from .recipes.run_folder import RunLock, refuse_real_folder, unused_folder
 
     # The demo prints its own summary; Lightning's per-run banners (accelerators found,
     # tips) would repeat four times between the models' progress bars.
@@ -126,15 +132,12 @@ def demo(args: argparse.Namespace) -> int:
     if args.smoke:
         refuse_real_folder(out)
         args.steps = 2
-    elif _holds_demo(out, args.structures):
+    else:
         # an earlier demo's results stay: this one gets the next free folder, as
         # Lightning's loggers give each run a new version
-        out = next(
-            folder
-            for folder in (out.with_name(f"{out.name}-{k}") for k in range(2, 10_000))
-            if not folder.exists()
-        )
-        print(f"{args.out} holds an earlier demo (kept); this one writes to {out}")
+        out = unused_folder(out, functools.partial(_holds_demo, structures=args.structures))
+        if out != Path(args.out):
+            print(f"{args.out} holds an earlier demo (kept); this one writes to {out}")
     with RunLock(out):
         return _demo(args, out)
 
@@ -145,77 +148,70 @@ def _holds_demo(out: Path, structures: Sequence[str]) -> bool:
     return holds_run(out) or any(holds_run(out / name) for name in structures)
 
 
-def _demo(args: argparse.Namespace, out: Path) -> int:
-    import torch
+def _demo_config(args: argparse.Namespace) -> TrainConfig:
+    """The demo's runs as one config: digits-vit-gblr with the demo's steps (a third of
+    them warm-up), learning rate, budget, GBLR starting cost and seed, logging every 10
+    steps (every step of a shorter run)."""
+    from .recipes.config import load_config
 
+    overrides = [
+        f"optim.steps={args.steps}",
+        f"optim.warmup={args.steps // 3}",
+        f"optim.lr={args.lr}",
+        f"structure.budget={args.budget}",
+        f"seed={args.seed}",
+        f"trainer.log_every_n_steps={min(10, args.steps)}",
+        "trainer.logger=csv",
+        f"smoke={str(bool(args.smoke)).lower()}",
+        "name=gblr-demo",
+    ]
+    if args.start_cost is not None:
+        overrides.append(f"structure.start_cost={args.start_cost}")
+    return load_config("digits-vit-gblr", overrides)
+
+
+def _demo(args: argparse.Namespace, out: Path) -> int:
     from .files import save_atomically
     from .recipes.data import digits
-    from .recipes.engine import train_classifier
-    from .recipes.models import VisionTransformer, gblr_start_cost, structure_model
-    from .recipes.report import write_report
-    from .recipes.smoke import SMOKE_BANNER, mark_smoke_report
+    from .recipes.run_folder import SMOKE_BANNER
+    from .recipes.sweep import sweep_runs, train_runs
+    from .tables import markdown_table, text_table
 
     if args.smoke:
         print("smoke run: 2 steps per model, to check the setup (its numbers are not results)")
+    config = _demo_config(args)
+    runs = sweep_runs(
+        config, args.structures, [args.budget], out, folder_name=lambda structure, _: structure
+    )
     train_set, test_set = digits(seed=args.seed)
     print(
         f"gblr demo: ViT on digits ({len(train_set)} train / {len(test_set)} test images, "
         f"8x8), {args.steps} steps per model, MACs budget {args.budget:.0%} of dense"
     )
-    results = []
-    for structure in args.structures:
-        torch.manual_seed(args.seed)
-        model = VisionTransformer()
-        start_cost = args.budget
-        if structure == "gblr":
-            start_cost = gblr_start_cost(args.budget, args.start_cost)
-        structure_model(model, structure, start_cost, seed=args.seed)
-        print(f"\n[{structure}]")
-        result = train_classifier(
-            model,
-            train_set,
-            test_set,
-            steps=args.steps,
-            lr=args.lr,
-            warmup_steps=args.steps // 3,
-            target=args.budget,
-            out_dir=out / structure,
-            seed=args.seed,
-            progress=not args.quiet,
-        )
-        results.append({"structure": structure, **result})
-        save_atomically(
-            functools.partial(torch.save, model.state_dict()), out / structure / "model_state.pt"
-        )
-    header = f"{'structure':<10}{'accuracy':>10}{'MACs ratio':>12}{'seconds':>10}"
-    lines = [header] + [
-        f"{r['structure']:<10}{r['accuracy']:>10.4f}{r['macs_ratio']:>12.3f}{r['seconds']:>10.1f}"
+    results = [
+        {"structure": run.structure.kind, **result}
+        for run, result in zip(runs, train_runs(runs, progress=not args.quiet), strict=True)
+    ]
+    rows = [
+        [r["structure"], f"{r['accuracy']:.4f}", f"{r['macs_ratio']:.3f}", f"{r['seconds']:.1f}"]
         for r in results
     ]
-    print("\n" + "\n".join(lines))
+    columns = ["structure", "accuracy", "MACs ratio", "seconds"]
+    print("\n" + text_table(columns, rows, align="<>>>", widths=(10, 10, 12, 10), sep=""))
     settings = {key: value for key, value in vars(args).items() if key != "handler"}
     payload = json.dumps({"settings": settings, "results": results}, indent=2)
     save_atomically(lambda f: f.write(payload), out / "results.json", text=True)
-    table = [
-        "| structure | test accuracy | MACs ratio (blocks) | train seconds |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    table += [
-        f"| {r['structure']} | {r['accuracy']:.4f} | {r['macs_ratio']:.3f} | {r['seconds']:.1f} |"
-        for r in results
-    ]
+    table = markdown_table(
+        ["structure", "test accuracy", "MACs ratio (blocks)", "train seconds"], rows, align="<>>>"
+    )
     command = "gblr demo " + " ".join(
         f"--{key.replace('_', '-')} {value}"
         for key, value in settings.items()
         if key in ("steps", "budget", "start_cost", "lr", "seed") and value is not None
     )
     banner = SMOKE_BANNER if args.smoke else ""
-    markdown = f"{banner}# gblr demo\n\n`{command}`\n\n" + "\n".join(table) + "\n"
+    markdown = f"{banner}# gblr demo\n\n`{command}`\n\n{table}\n"
     save_atomically(lambda f: f.write(markdown), out / "results.md", text=True)
-    for structure in args.structures:
-        report = write_report(out / structure)
-        if args.smoke:
-            mark_smoke_report(report)
     print(
         f"\n{_SMOKE_PREFIX if args.smoke else ''}wrote {out / 'results.md'}, "
         f"{out / 'results.json'} and a REPORT.md per model"
@@ -401,7 +397,8 @@ def sweep(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     out = args.out or f"{config.out.removesuffix('-gblr')}-sweep"
     if args.smoke:
-        from .recipes.smoke import SMOKE_DATA, smoke_config
+        from .recipes.run_folder import SMOKE_DATA
+        from .recipes.smoke import smoke_config
 
         config, notes = smoke_config(config, data_dir=Path(out) / SMOKE_DATA)
         print("\n".join(notes).replace("smoke run:", "smoke sweep, every run:", 1))
@@ -429,7 +426,7 @@ def report(args: argparse.Namespace) -> int:
     """Write REPORT.md with PNG figures into a run folder: learned masks of every GBLR
     layer, MACs per layer, training curves (needs model_state.pt, uses metrics.csv)."""
     from .deploy.io import is_gblr_file
-    from .recipes.smoke import write_run_report  # marks a smoke run's report as such
+    from .recipes.report import write_run_report  # marks a smoke run's report as such
 
     run_dir = Path(args.run_dir)
     if not run_dir.exists():
@@ -532,7 +529,7 @@ def flops(args: argparse.Namespace) -> int:
     is_config = path.suffix in (".yaml", ".yml") or (not path.exists() and not path.suffix)
     if is_config or (path / "config.yaml").is_file() or path.suffix == ".ckpt":
         try:
-            from .recipes.train import model_from_run
+            from .recipes.build import model_from_run
         except ImportError:  # no Lightning: read the state dict alone
             model_from_run = None
         if model_from_run is not None:

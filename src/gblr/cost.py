@@ -23,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .tables import text_table
+
 __all__ = [
     "FlopsReport",
     "LayerFlops",
@@ -304,19 +306,13 @@ class FlopsReport:
         rows.append(
             ["total", "", "", f"{self.macs:,}", f"{self.dense_macs:,}", f"{self.ratio:.3f}", ""]
         )
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-        def fmt(r: list[str]) -> str:
-            cells = [
-                str(c).ljust(w) if i < 3 else str(c).rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths))
-            ]
-            return "  ".join(cells).rstrip()
-
-        rule = "  ".join("-" * w for w in widths)
-        lines = [fmt(header), rule, *[fmt(r) for r in rows[:-1]], rule, fmt(rows[-1])]
-        lines.append("(1 MAC = 1 FLOP, fvcore convention; convolutions per output position)")
-        return "\n".join(lines)
+        return text_table(
+            header,
+            rows,
+            align="<<<>>>>",
+            rules=(0, len(rows) - 1),
+            notes=["(1 MAC = 1 FLOP, fvcore convention; convolutions per output position)"],
+        )
 
     def __str__(self) -> str:
         return self.table()

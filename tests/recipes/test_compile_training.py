@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 from gblr.recipes.config import load_config
 from gblr.recipes.data import digits
-from gblr.recipes.engine import train_classifier
+from gblr.recipes.engine import EngineConfig, train_classifier
 from gblr.recipes.models import VisionTransformer, structure_model
 
 pytest.importorskip("lightning")
@@ -23,10 +23,11 @@ def _train(compile_mode, train_set):
     model = VisionTransformer(dim=16, depth=1, heads=2)
     structure_model(model, "gblr", 0.5)
     widths = {name: p.detach().clone() for name, p in model.named_parameters() if "widths" in name}
-    result = train_classifier(
-        model, train_set, None, steps=3, batch_size=8, target=0.4, accelerator="cpu",
-        logger=None, progress=False, out_dir=tempfile.mkdtemp(), compile_mode=compile_mode,
+    config = EngineConfig(
+        steps=3, batch_size=8, budget=0.4, trainer={"accelerator": "cpu"}, logger=None,
+        progress=False, out_dir=tempfile.mkdtemp(), compile_mode=compile_mode,
     )  # fmt: skip
+    result = train_classifier(model, train_set, None, config)
     moved = any(not torch.equal(p, widths[n]) for n, p in model.named_parameters() if n in widths)
     return model, result, moved
 
@@ -63,9 +64,5 @@ def test_bad_compile_mode_is_refused():
         load_config("digits-vit-gblr", ["trainer.compile=fastest"])
     config = load_config("digits-vit-gblr", ["trainer.compile=reduce-overhead"])
     assert config.trainer.compile == "reduce-overhead"
-    train_set, _ = digits(seed=0)
     with pytest.raises(ValueError, match=r"compile_mode must be one of .*'max-autotune'"):
-        train_classifier(
-            VisionTransformer(dim=16, depth=1, heads=2), train_set, None, steps=1,
-            logger=None, progress=False, compile_mode="fast",
-        )  # fmt: skip
+        EngineConfig(steps=1, logger=None, progress=False, compile_mode="fast")

@@ -1,3 +1,6 @@
+import dataclasses
+import warnings
+
 import pytest
 import torch
 from torch.utils.data import Subset
@@ -5,7 +8,7 @@ from torch.utils.data import Subset
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("sklearn")
 from gblr.recipes.data import digits  # noqa: E402
-from gblr.recipes.engine import train_classifier  # noqa: E402
+from gblr.recipes.engine import EngineConfig, train_classifier  # noqa: E402
 from gblr.recipes.models import VisionTransformer, structure_model  # noqa: E402
 
 
@@ -19,16 +22,19 @@ def gblr_vit():
 def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path):
     train, test = digits()
     train = Subset(train, range(256))  # 8 steps per pass over the data at batch 32
-    settings = dict(steps=24, batch_size=32, warmup_steps=12, target=0.3, progress=False)
+    config = EngineConfig(steps=24, batch_size=32, warmup_steps=12, budget=0.3, progress=False)
 
     full = gblr_vit()
-    train_classifier(full, train, test, **settings)
+    train_classifier(full, train, test, config)
 
     interrupted = gblr_vit()
-    train_classifier(interrupted, train, test, checkpoint_dir=tmp_path, stop_after=16, **settings)
+    stopped = dataclasses.replace(config, checkpoint_dir=tmp_path, stop_after=16)
+    train_classifier(interrupted, train, test, stopped)
     assert (tmp_path / "last.ckpt").is_file()
     resumed = gblr_vit()
-    train_classifier(resumed, train, test, resume=tmp_path / "last.ckpt", **settings)
+    train_classifier(
+        resumed, train, test, dataclasses.replace(config, resume=tmp_path / "last.ckpt")
+    )
 
     expected = full.state_dict()
     for name, value in resumed.state_dict().items():
@@ -55,18 +61,16 @@ class SaveWidths(pl.Callback):
 def test_two_process_ddp_keeps_the_structure_identical_on_both_ranks(tmp_path):
     train, test = digits()
     model = gblr_vit()
-    result = train_classifier(
-        model,
-        Subset(train, range(256)),
-        test,
+    config = EngineConfig(
         steps=10,
         batch_size=16,
         warmup_steps=5,
-        target=0.3,
+        budget=0.3,
         progress=False,
-        strategy="ddp_spawn",
-        devices=2,
-        extra_callbacks=[SaveWidths(tmp_path)],
+        trainer={"strategy": "ddp_spawn", "devices": 2},
+    )
+    result = train_classifier(
+        model, Subset(train, range(256)), test, config, callbacks=[SaveWidths(tmp_path)]
     )
     ranks = [torch.load(tmp_path / f"widths_rank{rank}.pt") for rank in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 4
@@ -97,17 +101,75 @@ def test_the_learner_config_reaches_the_structure_learner(tmp_path):
             seen["config"] = callback.learner.config
 
     train, _ = digits()
-    train_classifier(
-        gblr_vit(),
-        Subset(train, range(64)),
-        None,
-        steps=4,
-        batch_size=16,
-        target=0.3,
-        progress=False,
-        learner_config=config,
-        extra_callbacks=[Probe()],
-    )
+    engine = EngineConfig(steps=4, batch_size=16, budget=0.3, progress=False, learner=config)
+    train_classifier(gblr_vit(), Subset(train, range(64)), None, engine, callbacks=[Probe()])
     assert seen["config"] is config
     with pytest.raises(TypeError, match=r"\['learner_options'\]: .* learner_config="):
+        EngineConfig(steps=1, trainer={"learner_options": {"merge": 1e-3}})
+    with pytest.warns(FutureWarning), pytest.raises(TypeError, match=r"\['learner_options'\]"):
         train_classifier(gblr_vit(), train, None, steps=1, learner_options={"merge": 1e-3})
+
+
+def test_the_old_keywords_warn_and_give_the_same_run(tmp_path):
+    """``train_classifier(..., steps=..., target=..., learner_config=..., extra_callbacks=...,
+    accelerator=...)`` (before EngineConfig) still works until 0.3: the same run, bit for
+    bit, with a FutureWarning naming the replacement."""
+    import gblr
+
+    train, test = digits()
+    train = Subset(train, range(64))
+    learner = gblr.LearnerConfig(sigma=(2.0, 50.0))
+    seen = []
+
+    class Count(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            seen.append(trainer.global_step)
+
+    new = gblr_vit()
+    config = EngineConfig(
+        steps=4, batch_size=16, warmup_steps=2, budget=0.3, learner=learner, progress=False,
+        lr=2e-3, trainer={"accelerator": "cpu"},
+    )  # fmt: skip
+    expected = train_classifier(new, train, test, config, callbacks=[Count()])
+    old = gblr_vit()
+    with pytest.warns(FutureWarning, match=r"train_classifier\(steps=\.\.\., .* EngineConfig"):
+        result = train_classifier(
+            old, train, test, steps=4, batch_size=16, warmup_steps=2, target=0.3,
+            learner_config=learner, progress=False, lr=2e-3, accelerator="cpu",
+            extra_callbacks=[Count()],
+        )  # fmt: skip
+    assert seen == [4, 4]
+    assert {k: v for k, v in result.items() if k != "seconds"} == {
+        k: v for k, v in expected.items() if k != "seconds"
+    }
+    for name, value in old.state_dict().items():
+        assert torch.equal(value, new.state_dict()[name]), name
+    with pytest.raises(TypeError, match="config= and the keywords"):
+        train_classifier(gblr_vit(), train, None, config, steps=2)
+    with pytest.raises(TypeError, match=r"needs config=EngineConfig"):
+        train_classifier(gblr_vit(), train, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the config form warns about nothing of its own
+        EngineConfig(steps=1)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"steps": 0}, ValueError, r"EngineConfig.steps must be an integer >= 1, got 0"),
+        ({"steps": 2.5}, TypeError, r"EngineConfig.steps must be an integer >= 1, got 2.5"),
+        ({"steps": 1, "lr": 0.0}, ValueError, r"EngineConfig.lr must be a finite number > 0"),
+        ({"steps": 1, "min_lr": 1.0}, ValueError, r"min_lr must be in \[0, lr=0.001\]"),
+        ({"steps": 1, "budget": 0}, ValueError, r"budget must be a fraction in \(0, 1\]"),
+        ({"steps": 1, "learner": {}}, TypeError, r"learner must be a gblr.LearnerConfig"),
+        ({"steps": 1, "logger": "wandb"}, ValueError, r"logger must be one of .*'wandb'"),
+        ({"steps": 1, "compile_mode": "fast"}, ValueError, r"compile_mode must be one of"),
+        ({"steps": 1, "structure_include": 3}, TypeError, r"structure_include must be a glob"),
+        ({"steps": 1, "label_smoothing": 1.0}, ValueError, r"label_smoothing must be in"),
+        ({"steps": 1, "trainer": [1]}, TypeError, r"trainer must be a mapping"),
+        ({"steps": 1, "stop_after": 0}, ValueError, r"stop_after must be an integer >= 1 or"),
+    ],
+)
+def test_engine_config_refuses_bad_values_naming_them(options, error, message):
+    with pytest.raises(error, match=message):
+        EngineConfig(**options)

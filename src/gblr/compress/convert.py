@@ -36,6 +36,7 @@ from ..learn.learner import project_to_budget
 from ..modules import set_submodule
 from ..ops.whitened import weighted_low_rank, whitening
 from ..structured.base import BudgetTooSmallError, StructuredLinear
+from ..tables import text_table
 from .calibrate import check_calibration, input_second_moments
 from .configs import (
     DEFAULT_SEARCH_STEPS,
@@ -304,7 +305,6 @@ class ConversionReport:
                 "",
             )
         )
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         if self.config is not None:
             title = _config_text(self.config)
         else:
@@ -312,15 +312,10 @@ class ConversionReport:
                 f"structure={self.structure} init={self.init} allocation={self.allocation} "
                 f"budget={self.budget:g}"
             )
-        lines = [
-            title
-            + (" (errors: of the outputs on the calibration inputs)" if self.calibrated else ""),
-            "  ".join(h.ljust(w) for h, w in zip(header, widths)),
-        ]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-        for name, reason in self.skipped:
-            lines.append(f"skipped {name}: {reason}")
-        return "\n".join(lines)
+        calibrated = " (errors: of the outputs on the calibration inputs)"
+        skipped = [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        table = text_table(header, rows, notes=skipped)
+        return f"{title}{calibrated if self.calibrated else ''}\n{table}"
 
 
 # --------------------------------------------------------------------------- helpers

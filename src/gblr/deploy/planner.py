@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..tables import text_table
 from .frozen import FrozenGBLRConv2d, FrozenGBLRMatrix
 from .plans import GPU_PLANS, PLANS, row_bucket
 
@@ -105,11 +106,8 @@ class PlanReport:
                     f"{1 / layer.speedup:.2f}x",
                 ]
             )
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append("(times: median ms of one forward per plan; 'vs dense': chosen / dense)")
-        return "\n".join(lines)
+        note = "(times: median ms of one forward per plan; 'vs dense': chosen / dense)"
+        return text_table(header, rows, rules=(0,), notes=[note])
 
     def __str__(self) -> str:
         return self.table()

@@ -8,7 +8,9 @@ the model's layer types in every checkpoint so that resuming with a different
 structure is refused with the reason. :func:`train_classifier` runs a classifier with
 a Lightning ``Trainer`` (devices, nodes, strategy and precision are Lightning's own
 options) and, for models with GBLR layers, the
-:class:`gblr.integrations.lightning.GBLRCallback`.
+:class:`gblr.integrations.lightning.GBLRCallback`, as an :class:`EngineConfig` says
+(:mod:`gblr.recipes.engine_config`). Reading and checking checkpoints before a resume
+is :mod:`gblr.recipes.checkpoints` (its names are importable from here too).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +33,22 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from ..cost import count_flops
 from ..integrations.lightning import GBLRCallback
-from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers, param_groups
-from .config import COMPILE_MODES
+from .checkpoints import (
+    CHECKPOINT_KEY,
+    _merge_metrics,
+    _set_aside_metrics,
+    check_checkpoint_structure,
+    check_resume,
+    layer_types,
+    read_checkpoint,
+)
+from .engine_config import ENGINE_LOGGERS, EngineConfig, engine_config_from_keywords
 
 __all__ = [
     "CausalLMModule",
     "ClassificationModule",
+    "EngineConfig",
     "ShuffleStream",
     "check_checkpoint_structure",
     "check_resume",
@@ -49,236 +60,6 @@ __all__ = [
     "train_language_model",
     "train_module",
 ]
-
-CHECKPOINT_KEY = "gblr"
-
-
-def layer_types(model: nn.Module) -> dict[str, str]:
-    """Class name of every module that holds parameters of its own, by module name.
-
-    Examples:
-        >>> from gblr.recipes.engine import layer_types
-        >>> from gblr.recipes.models import VisionTransformer
-        >>> types = layer_types(VisionTransformer(dim=16, depth=1, heads=2))
-        >>> types["patch"], types["blocks.0.qkv"], types["head"], len(types)
-        ('Conv2d', 'Linear', 'Linear', 10)
-    """
-    return {
-        name: type(module).__name__
-        for name, module in model.named_modules()
-        if any(True for _ in module.parameters(recurse=False))
-    }
-
-
-def check_checkpoint_structure(
-    checkpoint: dict[str, Any], model: nn.Module, path: str | Path, prefix: str = "model."
-) -> None:
-    """Refuse a Lightning checkpoint whose model does not have ``model``'s structure.
-
-    Compares the layer types recorded by :class:`ClassificationModule` (or
-    :class:`CausalLMModule`) at save time, then the tensor names and shapes.
-
-    Raises:
-        ValueError: naming the first layers that differ and what each side has.
-
-    Examples:
-        >>> import os, tempfile
-        >>> import torch
-        >>> from gblr.recipes.data import digits
-        >>> from gblr.recipes.engine import (
-        ...     check_checkpoint_structure, read_checkpoint, train_classifier
-        ... )
-        >>> from gblr.recipes.models import VisionTransformer
-        >>> folder = tempfile.mkdtemp()
-        >>> _ = train_classifier(
-        ...     VisionTransformer(dim=16, depth=1, heads=2), digits()[0], None, steps=1,
-        ...     batch_size=8, accelerator="cpu", logger=None, progress=False, out_dir=folder,
-        ...     checkpoint_dir=folder,
-        ... )
-        >>> path = os.path.join(folder, "last.ckpt")
-        >>> checkpoint = read_checkpoint(path)
-        >>> same, wider = (VisionTransformer(dim=d, depth=1, heads=2) for d in (16, 32))
-        >>> check_checkpoint_structure(checkpoint, same, path)
-        >>> try:
-        ...     check_checkpoint_structure(checkpoint, wider, path)
-        ... except ValueError as error:
-        ...     print(type(error).__name__)
-        ValueError
-    """
-    record = checkpoint.get(CHECKPOINT_KEY, {})
-    saved_types = record.get("layer_types")
-    if saved_types is not None:
-        current = layer_types(model)
-        differing = [
-            f"{name!r} is {saved_types.get(name, 'absent')} there, "
-            f"{current.get(name, 'absent')} here"
-            for name in sorted(set(saved_types) | set(current))
-            if saved_types.get(name) != current.get(name)
-        ]
-        if differing:
-            saved_kind = record.get("structure", "unknown")
-            raise ValueError(
-                f"checkpoint {path} holds a model of another structure (saved: "
-                f"{saved_kind!r}); {len(differing)} layers differ, e.g. "
-                + "; ".join(differing[:3])
-                + ". Resume with the config that wrote it, or start a new run (another out "
-                "folder)."
-            )
-    from .report import checkpoint_model_state
-
-    state = checkpoint_model_state(checkpoint, prefix)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    reshaped = [
-        f"{key}: {tuple(state[key].shape)} there, {tuple(value.shape)} here"
-        for key, value in expected.items()
-        if key in state and tuple(state[key].shape) != tuple(value.shape)
-    ]
-    if missing or unexpected or reshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}")
-        if reshaped:
-            parts.append(f"other shapes {reshaped[:3]}")
-        raise ValueError(
-            f"checkpoint {path} does not fit this model ({'; '.join(parts)}): it was saved "
-            "from a model of another structure or size"
-        )
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint of the engine, read without running code: tensors, numbers,
-    strings and containers only (``torch.load(weights_only=True)``), on the CPU.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not such a checkpoint (truncated, corrupt, another
-            format, or a pickle that would build other objects, which is not run).
-
-    Examples:
-        >>> import os, tempfile
-        >>> from gblr.recipes.engine import read_checkpoint
-        >>> path = os.path.join(tempfile.mkdtemp(), "last.ckpt")
-        >>> with open(path, "wb") as handle:
-        ...     _ = handle.write(b"not a checkpoint")
-        >>> try:
-        ...     read_checkpoint(path)
-        ... except ValueError as error:
-        ...     print("not a checkpoint written by gblr's training" in str(error))
-        True
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    from .report import read_tensor_file
-
-    what = "a checkpoint written by gblr's training"
-    checkpoint = read_tensor_file(path, "the checkpoint", what)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(
-            f"cannot read the checkpoint {path} (no state_dict in it): it is truncated, "
-            "corrupt or not a checkpoint written by gblr's training"
-        )
-    return checkpoint
-
-
-def check_resume(path: str | Path, model: nn.Module, config: dict[str, Any] | None = None) -> int:
-    """Refuse to resume ``model`` from ``path`` when the file is missing, unreadable (see
-    :func:`read_checkpoint`), holds a model of another structure (see
-    :func:`check_checkpoint_structure`) or, given the run's ``config`` (as
-    :func:`gblr.recipes.config.config_to_dict` writes it), was written with another
-    config in anything but :data:`gblr.recipes.config.RESUME_MAY_CHANGE`.
-
-    Returns:
-        The optimizer step the checkpoint was saved at.
-
-    Examples:
-        A 2-step run that saves ``last.ckpt``, then a model of another structure refused:
-
-        >>> import os, tempfile
-        >>> from gblr.recipes.data import digits
-        >>> from gblr.recipes.engine import check_resume, train_classifier
-        >>> from gblr.recipes.models import VisionTransformer, structure_model
-        >>> train, _ = digits()
-        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
-        >>> _ = structure_model(model, "gblr", 0.5)
-        >>> folder = tempfile.mkdtemp()
-        >>> _ = train_classifier(
-        ...     model, train, None, steps=2, batch_size=8, accelerator="cpu",
-        ...     logger=None, progress=False, out_dir=folder, checkpoint_dir=folder,
-        ... )
-        >>> check_resume(os.path.join(folder, "last.ckpt"), model)
-        2
-        >>> dense = VisionTransformer(dim=16, depth=1, heads=2)
-        >>> try:
-        ...     check_resume(os.path.join(folder, "last.ckpt"), dense)
-        ... except ValueError as error:
-        ...     print(str(error).split(";")[1].strip())
-        4 layers differ, e.g. 'blocks.0.fc1' is GBLRLinear there, Linear here
-    """
-    checkpoint = read_checkpoint(path)
-    check_checkpoint_structure(checkpoint, model, path)
-    if config is not None:
-        from .config import resume_changes
-
-        saved = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
-        if not isinstance(saved, dict):
-            raise ValueError(
-                f"checkpoint {path} holds no gblr config (not written by gblr train): "
-                "cannot check that it is this run's"
-            )
-        changes = resume_changes(saved, config)
-        if changes:
-            raise ValueError(
-                f"checkpoint {path} was written with another config; a resumed run "
-                "continues the checkpoint's optimizer, schedule and model, so these "
-                f"changes would not take effect: {'; '.join(changes[:6])}"
-                + (f" (and {len(changes) - 6} more)" if len(changes) > 6 else "")
-                + ". Resume with the checkpoint's settings, or start a new run "
-                "(--overwrite, or another --out)."
-            )
-    return int(checkpoint.get("global_step", 0))
-
-
-_METRICS, _METRICS_BEFORE_RESUME = "metrics.csv", "metrics.before-resume.csv"
-
-
-def _set_aside_metrics(out_dir: Path) -> None:
-    """Lightning's CSV logger deletes ``metrics.csv`` when it starts; on resume, keep the
-    rows written so far next to it until :func:`_merge_metrics` puts them back."""
-    current, kept = out_dir / _METRICS, out_dir / _METRICS_BEFORE_RESUME
-    if current.is_file() and not kept.is_file():
-        current.replace(kept)
-
-
-def _merge_metrics(out_dir: Path, resumed_step: int) -> None:
-    """``metrics.csv`` = the rows before ``resumed_step`` from before the resume, then the
-    resumed run's rows (columns united)."""
-    import csv
-
-    from ..files import save_atomically
-
-    kept, current = out_dir / _METRICS_BEFORE_RESUME, out_dir / _METRICS
-    if not kept.is_file():
-        return
-    rows: list[dict[str, str]] = []
-    with open(kept, newline="") as handle:
-        rows += [r for r in csv.DictReader(handle) if int(float(r["step"])) < resumed_step]
-    if current.is_file():
-        with open(current, newline="") as handle:
-            rows += list(csv.DictReader(handle))
-    columns = sorted({key for row in rows for key in row})
-
-    def write(handle) -> None:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    save_atomically(write, current, text=True)
-    kept.unlink()
 
 
 class _ScheduledModule(pl.LightningModule):
@@ -560,7 +341,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
     return evaluate_topk(model, dataset, batch_size, ks=(1,))[0]
 
 
-LOGGERS = ("csv", "tensorboard", "both")
+LOGGERS = ENGINE_LOGGERS
 
 
 def _loggers(out_dir: str | Path | None, logger: str | None) -> Any:
@@ -593,39 +374,19 @@ def train_module(
     module: _ScheduledModule,
     train_set: Dataset,
     val_set: Dataset | None,
+    config: EngineConfig | None = None,
     *,
-    steps: int,
-    batch_size: int = 64,
-    global_batch_size: int | None = None,
-    warmup_steps: int = 0,
-    target: float | None = None,
-    budget_ramp_steps: int | None = None,
-    learner_config: LearnerConfig | None = None,
-    sigma_start_step: int = 0,
-    structure_include: str | list[str] = "blocks.*",
-    structure_exclude: str | list[str] | None = None,
-    num_workers: int = 0,
-    val_every_n_steps: int | None = None,
-    out_dir: str | Path | None = None,
-    logger: str | None = "csv",
-    seed: int = 0,
-    progress: bool = True,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every_n_steps: int = 50,
-    resume: str | Path | None = None,
-    stop_after: int | None = None,
-    extra_callbacks: list[pl.Callback] | None = None,
-    compile_mode: str | None = None,
+    callbacks: Sequence[pl.Callback] = (),
     before_fit: Callable[[], None] | None = None,
-    **trainer_kwargs: Any,
+    **deprecated: Any,
 ) -> dict[str, Any]:
-    """Train a :class:`ClassificationModule` or :class:`CausalLMModule` for ``steps``
-    optimizer steps with a Lightning ``Trainer``; see :func:`train_classifier` for the
-    options. ``compile_mode``: ``torch.compile`` the model in place with this mode
-    (``"default"``, ``"reduce-overhead"``: CUDA graphs, ``"max-autotune"``, ...), or
-    None for eager mode. ``before_fit``: called once the ``Trainer`` is built (its
-    options checked) and before training starts, in the launching process only: where a
-    recipe writes into its run folder, so that a run failing at start-up writes nothing.
+    """Train a :class:`ClassificationModule` or :class:`CausalLMModule` as ``config``
+    says (its optimizer fields are the module's own, given when it was made); see
+    :func:`train_classifier`. ``callbacks``: more Lightning callbacks. ``before_fit``:
+    called once the ``Trainer`` is built (its options checked) and before training
+    starts, in the launching process only: where a recipe writes into its run folder, so
+    that a run failing at start-up writes nothing. The keywords it took before
+    :class:`EngineConfig` still work until gblr 0.3, with a ``FutureWarning``.
 
     Returns:
         ``{"macs_ratio", "seconds", "steps", "global_rank"}``.
@@ -633,112 +394,120 @@ def train_module(
     Examples:
         >>> import tempfile
         >>> from gblr.recipes.data import digits
-        >>> from gblr.recipes.engine import ClassificationModule, train_module
+        >>> from gblr.recipes.engine import ClassificationModule, EngineConfig, train_module
         >>> from gblr.recipes.models import VisionTransformer
         >>> train, test = digits()
         >>> model = VisionTransformer(dim=16, depth=1, heads=2)
         >>> module = ClassificationModule(model, total_steps=2)
-        >>> result = train_module(
-        ...     module, train, None, steps=2, batch_size=8, accelerator="cpu",
-        ...     logger=None, progress=False, out_dir=tempfile.mkdtemp(),
+        >>> config = EngineConfig(
+        ...     steps=2, batch_size=8, logger=None, progress=False, out_dir=tempfile.mkdtemp(),
         ... )
+        >>> result = train_module(module, train, None, config)
         >>> result["steps"], result["global_rank"]
         (2, 0)
     """
-    replaced = sorted({"sigma", "sigma_schedule", "learner_options"} & set(trainer_kwargs))
-    if replaced:  # they would otherwise reach lightning.Trainer, which names no culprit
-        raise TypeError(
-            f"train_module got {replaced}: the learner's options are one "
-            "learner_config=gblr.LearnerConfig(sigma=..., sigma_schedule=..., ...) now"
-        )
+    config, old_callbacks = engine_config_from_keywords("train_module", config, deprecated)
+    return _run(module, train_set, val_set, config, [*old_callbacks, *callbacks], before_fit)
+
+
+def _run(
+    module: _ScheduledModule,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    config: EngineConfig,
+    extra_callbacks: list[pl.Callback],
+    before_fit: Callable[[], None] | None,
+) -> dict[str, Any]:
+    """The run of :func:`train_module` (``config`` checked)."""
+    c = config
     model = module.model
     resumed_step = None
-    if resume is not None:  # a recipe's run_info holds its config: resumed only unchanged
-        resumed_step = check_resume(resume, model, module.run_info.get("config"))
-    if compile_mode is not None:
-        _check_compile_mode(compile_mode)
+    if c.resume is not None:  # a recipe's run_info holds its config: resumed only unchanged
+        resumed_step = check_resume(c.resume, model, module.run_info.get("config"))
+    if c.compile_mode is not None:
         # In place (nn.Module.compile): parameter names, checkpoints and the learner's view
         # of the GBLR layers stay those of the eager model. GBLR layers compile to one graph
         # whose sigma is a tensor, so the learner's annealing does not recompile it.
-        model.compile(mode=None if compile_mode == "default" else compile_mode)
-    pl.seed_everything(seed, workers=True, verbose=False)
+        model.compile(mode=None if c.compile_mode == "default" else c.compile_mode)
+    pl.seed_everything(c.seed, workers=True, verbose=False)
     callbacks: list[pl.Callback] = []
-    if gblr_layers(model) and target is not None:
+    if gblr_layers(model) and c.budget is not None:
         callbacks.append(
             GBLRCallback(
-                config=learner_config,
-                budget=target,
-                warmup_steps=warmup_steps if budget_ramp_steps is None else budget_ramp_steps,
-                sigma_start_step=sigma_start_step,
-                total_steps=steps,
+                config=c.learner,
+                budget=c.budget,
+                warmup_steps=c.warmup_steps if c.budget_ramp_steps is None else c.budget_ramp_steps,
+                sigma_start_step=c.sigma_start_step,
+                total_steps=c.steps,
             )
         )
-    if progress:
+    if c.progress:
         try:
             from lightning.pytorch.callbacks import RichProgressBar
 
             callbacks.append(RichProgressBar(leave=True))
         except (ImportError, ModuleNotFoundError):  # rich not installed: Lightning's tqdm bar
             pass
-    callbacks.extend(extra_callbacks or [])
-    if checkpoint_dir is not None:
+    callbacks.extend(extra_callbacks)
+    if c.checkpoint_dir is not None:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         callbacks.append(
             ModelCheckpoint(
-                dirpath=str(checkpoint_dir),
+                dirpath=str(c.checkpoint_dir),
                 save_last=True,
-                every_n_train_steps=checkpoint_every_n_steps,
+                every_n_train_steps=c.checkpoint_every_n_steps,
                 # always last.ckpt: a last-v1.ckpt next to an old one would make a later
                 # --resume continue the old run
                 enable_version_counter=False,
             )
         )
-    validate = val_set is not None and val_every_n_steps is not None
+    validate = val_set is not None and c.val_every_n_steps is not None
     trainer_options = {
-        "max_steps": steps if stop_after is None else min(stop_after, steps),
+        "max_steps": c.steps if c.stop_after is None else min(c.stop_after, c.steps),
         "accelerator": "cpu",
-        "logger": _loggers(out_dir, logger),
+        "logger": _loggers(c.out_dir, c.logger),
         "callbacks": callbacks,
-        "enable_checkpointing": checkpoint_dir is not None,
-        "enable_progress_bar": progress,
+        "enable_checkpointing": c.checkpoint_dir is not None,
+        "enable_progress_bar": c.progress,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
-        "log_every_n_steps": min(10, steps),  # a short run logs too
+        "log_every_n_steps": min(10, c.steps),  # a short run logs too
         "deterministic": True,
         "limit_val_batches": 1.0 if validate else 0,
     }
     if validate:
-        trainer_options["val_check_interval"] = val_every_n_steps
-    trainer_options.update(trainer_kwargs)
+        trainer_options["val_check_interval"] = c.val_every_n_steps
+    trainer_options.update(c.trainer)
     trainer = pl.Trainer(**trainer_options)
-    if global_batch_size is not None:
-        if global_batch_size % trainer.world_size:
+    batch_size = c.batch_size
+    if c.global_batch_size is not None:
+        if c.global_batch_size % trainer.world_size:
             raise ValueError(
-                f"global_batch_size={global_batch_size} must be a multiple of the number of "
+                f"global_batch_size={c.global_batch_size} must be a multiple of the number of "
                 f"processes ({trainer.world_size})"
             )
-        batch_size = global_batch_size // trainer.world_size
+        batch_size = c.global_batch_size // trainer.world_size
     from .run_folder import is_launching_process
 
     if is_launching_process():
         if before_fit is not None:
             before_fit()
-        if resumed_step is not None and out_dir is not None:
-            _set_aside_metrics(Path(out_dir))
+        if resumed_step is not None and c.out_dir is not None:
+            _set_aside_metrics(Path(c.out_dir))
     # One sampler stream for the whole run; Lightning splits it over the processes.
-    sampler = ShuffleStream(len(train_set), steps * batch_size * trainer.world_size, seed)
+    sampler = ShuffleStream(len(train_set), c.steps * batch_size * trainer.world_size, c.seed)
     trainer.callbacks.append(_ResumeDataOrder(sampler, batch_size * trainer.world_size))
     loader = DataLoader(
         train_set,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=True,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        num_workers=c.num_workers,
+        persistent_workers=c.num_workers > 0,
     )
     val_loader = (
-        DataLoader(val_set, batch_size=batch_size, num_workers=num_workers) if validate else None
+        DataLoader(val_set, batch_size=batch_size, num_workers=c.num_workers) if validate else None
     )
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -749,18 +518,23 @@ def train_module(
         # call trips a deprecation inside Lightning.
         warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_data")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        # A recipe writes its config.yaml first, and replaces or sets aside (on resume) an
+        # older run's metrics itself: the CSV logger's warning about a folder that is not
+        # empty says nothing here.
+        warnings.filterwarnings("ignore", message=r"Experiment logs directory .* not empty")
         trainer.fit(
             module,
             loader,
             val_loader,
-            ckpt_path=None if resume is None else str(resume),
+            ckpt_path=None if c.resume is None else str(c.resume),
             weights_only=True,  # a checkpoint never runs code (read_checkpoint checked it)
         )
     seconds = time.perf_counter() - start
-    if resumed_step is not None and out_dir is not None and trainer.is_global_zero:
-        _merge_metrics(Path(out_dir), resumed_step)
-    excluded = None if structure_exclude is None else _include_patterns(structure_exclude)
-    flops = count_flops(model, include=_include_patterns(structure_include), exclude=excluded)
+    if resumed_step is not None and c.out_dir is not None and trainer.is_global_zero:
+        _merge_metrics(Path(c.out_dir), resumed_step)
+    exclude = c.structure_exclude
+    excluded = None if exclude is None else _include_patterns(exclude)
+    flops = count_flops(model, include=_include_patterns(c.structure_include), exclude=excluded)
     return {
         "macs_ratio": flops.ratio,
         "seconds": seconds,
@@ -769,60 +543,60 @@ def train_module(
     }
 
 
-def _check_compile_mode(mode: object) -> None:
-    """Raise ValueError unless ``mode`` is one of :data:`COMPILE_MODES`."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(
-            f"compile_mode must be one of {COMPILE_MODES} (torch.compile modes) or None for "
-            f"eager mode, got {mode!r}"
-        )
+def _module_options(config: EngineConfig, run_info: dict[str, Any] | None) -> dict[str, Any]:
+    """The options of :class:`ClassificationModule` / :class:`CausalLMModule` that
+    ``config`` holds."""
+    return dict(
+        lr=config.lr,
+        min_lr=config.min_lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        total_steps=config.steps,
+        structure_lr=config.structure_lr,
+        run_info=run_info,
+    )
 
 
 def train_classifier(
     model: nn.Module,
     train_set: Dataset,
     test_set: Dataset | None,
+    config: EngineConfig | None = None,
     *,
-    steps: int,
-    lr: float = 1e-3,
-    min_lr: float = 0.0,
-    weight_decay: float = 0.05,
-    warmup_steps: int = 0,
-    structure_lr: float | None = None,
-    label_smoothing: float = 0.0,
     batch_mix: Any = None,
     run_info: dict[str, Any] | None = None,
-    **options: Any,
+    callbacks: Sequence[pl.Callback] = (),
+    before_fit: Callable[[], None] | None = None,
+    **deprecated: Any,
 ) -> dict[str, Any]:
-    """Train ``model`` for ``steps`` optimizer steps and evaluate it.
+    """Train ``model`` as ``config`` (an :class:`EngineConfig`) says and evaluate it.
 
-    ``batch_size`` (default 64) is per process: a run on ``devices=4`` takes 4 ×
-    ``batch_size`` samples per step; or give ``global_batch_size``, split evenly over
-    the processes. With GBLR layers in ``model`` and a ``target`` (fraction of their
-    dense MACs), a structure learner ramps their cost from the starting cost to
-    ``target`` over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals σ from
-    ``sigma_start_step`` on; ``learner_config``: how it learns, a
-    :class:`gblr.LearnerConfig` (default: the paper's method, σ 1 → 100; a recipe's
-    ``learner`` section gives it through :func:`gblr.recipes.config.learner_config`).
-    ``structure_include``/``structure_exclude``: glob patterns of the layers whose MACs
-    ratio is reported.
-    Other keyword arguments go to ``lightning.Trainer`` (``accelerator``, ``devices``,
-    ``num_nodes``, ``strategy``, ``precision``, ``gradient_clip_val``, ...).
-    ``test_set`` (optional) is also the validation set every ``val_every_n_steps``.
-    ``logger``: ``csv`` (``out_dir/metrics.csv``), ``tensorboard``
-    (``out_dir/tensorboard``), ``both`` or None. ``lr``, ``min_lr``, ``weight_decay``,
-    ``warmup_steps``, ``structure_lr``, ``label_smoothing``, ``batch_mix``, ``run_info``:
-    see :class:`ClassificationModule`.
+    A :class:`ClassificationModule` of ``model`` with ``config``'s optimizer, run by a
+    Lightning ``Trainer`` (``config.trainer``: devices, nodes, strategy, precision are
+    Lightning's own options). With GBLR layers in ``model`` and a ``config.budget``, a
+    :class:`gblr.integrations.lightning.GBLRCallback` ramps their cost from the starting
+    cost to the budget over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals
+    σ from ``sigma_start_step`` on, as ``config.learner`` says (default: the paper's
+    method; a recipe's ``learner`` section gives it through
+    :func:`gblr.recipes.config.learner_config`). ``test_set`` (optional) is also the
+    validation set every ``val_every_n_steps``.
+
+    ``batch_mix``: applied to each training batch (see :class:`ClassificationModule`);
+    ``run_info``: stored in every checkpoint under ``"gblr"`` (a recipe's config, which a
+    resume then must match); ``callbacks``: more Lightning callbacks; ``before_fit``: see
+    :func:`train_module`. The keywords it took before :class:`EngineConfig` (``steps=``,
+    ``lr=``, ``target=``, ..., Lightning's options) still work until gblr 0.3, with a
+    ``FutureWarning``, and give the same run.
 
     Checkpoints: with ``checkpoint_dir``, Lightning saves ``last.ckpt`` there (model,
     optimizer, schedule, step, the structure learner's state and the model's layer
-    types) every ``checkpoint_every_n_steps`` (50) and at the end; ``resume`` (a
-    checkpoint path) continues such a run, after checking that it holds a model of this
-    structure (and, when ``run_info`` holds a config, that it was written with it).
-    ``stop_after`` ends the run early at that step while every schedule still spans
-    ``steps`` (an interruption). Resuming reproduces the uninterrupted run
-    exactly: the data order is one seeded stream over the whole run
-    (:class:`ShuffleStream`), resumed at the samples consumed.
+    types) every ``checkpoint_every_n_steps`` and at the end; ``resume`` (a checkpoint
+    path) continues such a run, after checking that it holds a model of this structure
+    (and, when ``run_info`` holds a config, that it was written with it). ``stop_after``
+    ends the run early at that step while every schedule still spans ``steps`` (an
+    interruption). Resuming reproduces the uninterrupted run exactly: the data order is
+    one seeded stream over the whole run (:class:`ShuffleStream`), resumed at the samples
+    consumed.
 
     Returns:
         ``{"accuracy", "top5", "macs_ratio", "seconds", "steps", "global_rank"}``: test
@@ -836,35 +610,29 @@ def train_classifier(
         >>> import tempfile
         >>> import torch
         >>> from gblr.recipes.data import digits
-        >>> from gblr.recipes.engine import train_classifier
+        >>> from gblr.recipes.engine import EngineConfig, train_classifier
         >>> from gblr.recipes.models import VisionTransformer, structure_model
         >>> train, test = digits()
         >>> model = VisionTransformer(dim=16, depth=1, heads=2)
         >>> _ = structure_model(model, "gblr", 0.5)
-        >>> result = train_classifier(
-        ...     model, train, test, steps=2, batch_size=8, target=0.5, accelerator="cpu",
-        ...     logger=None, progress=False, out_dir=tempfile.mkdtemp(),
+        >>> config = EngineConfig(
+        ...     steps=2, batch_size=8, budget=0.5, logger=None, progress=False,
+        ...     out_dir=tempfile.mkdtemp(), trainer={"accelerator": "cpu"},
         ... )
+        >>> result = train_classifier(model, train, test, config)
         >>> sorted(result)
         ['accuracy', 'global_rank', 'macs_ratio', 'seconds', 'steps', 'top5']
         >>> result["steps"], 0.0 <= result["accuracy"] <= 1.0, round(result["macs_ratio"], 1)
         (2, True, 0.5)
     """
+    config, old_callbacks = engine_config_from_keywords("train_classifier", config, deprecated)
     module = ClassificationModule(
         model,
-        lr=lr,
-        min_lr=min_lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        total_steps=steps,
-        structure_lr=structure_lr,
-        label_smoothing=label_smoothing,
+        label_smoothing=config.label_smoothing,
         batch_mix=batch_mix,
-        run_info=run_info,
+        **_module_options(config, run_info),
     )
-    result = train_module(
-        module, train_set, test_set, steps=steps, warmup_steps=warmup_steps, **options
-    )
+    result = _run(module, train_set, test_set, config, [*old_callbacks, *callbacks], before_fit)
     top1, top5 = (math.nan, math.nan) if test_set is None else evaluate_topk(model, test_set)
     return {"accuracy": top1, "top5": top5, **result}
 
@@ -873,50 +641,46 @@ def train_language_model(
     model: nn.Module,
     train_set: Dataset,
     val_set: Dataset | None,
+    config: EngineConfig | None = None,
     *,
-    steps: int,
-    lr: float = 1e-3,
-    min_lr: float = 0.0,
-    weight_decay: float = 0.05,
-    warmup_steps: int = 0,
-    structure_lr: float | None = None,
     run_info: dict[str, Any] | None = None,
-    **options: Any,
+    callbacks: Sequence[pl.Callback] = (),
+    before_fit: Callable[[], None] | None = None,
+    **deprecated: Any,
 ) -> dict[str, Any]:
     """Train a causal language model (:class:`CausalLMModule`) on ``train_set`` (blocks
-    of token ids ``(T,)`` int64); options as :func:`train_classifier`. ``val_set`` blocks
-    are scored every ``val_every_n_steps`` (``val/loss``, ``val/perplexity``).
+    of token ids ``(T,)`` int64) as ``config`` says; options as :func:`train_classifier`
+    (``config.label_smoothing`` must be 0). ``val_set`` blocks are scored every
+    ``val_every_n_steps`` (``val/loss``, ``val/perplexity``).
 
     Returns:
         ``{"macs_ratio", "seconds", "steps", "global_rank"}``.
+
+    Raises:
+        ValueError: ``config.label_smoothing`` is not 0.
 
     Examples:
         Two steps of a tiny byte-level language model (blocks of 16 token ids):
 
         >>> import tempfile
         >>> import torch
-        >>> from gblr.recipes.engine import train_language_model
+        >>> from gblr.recipes.engine import EngineConfig, train_language_model
         >>> from gblr.recipes.text import LMBlocks, load_tokenizer, token_stream
         >>> stream = token_stream("the cat sat on the mat. " * 20, load_tokenizer("bytes"))
         >>> blocks = LMBlocks(stream, block_size=16)
         >>> model = torch.nn.Sequential(torch.nn.Embedding(256, 16), torch.nn.Linear(16, 256))
-        >>> result = train_language_model(
-        ...     model, blocks, blocks, steps=2, batch_size=4, accelerator="cpu",
-        ...     logger=None, progress=False, out_dir=tempfile.mkdtemp(),
+        >>> config = EngineConfig(
+        ...     steps=2, batch_size=4, logger=None, progress=False, out_dir=tempfile.mkdtemp()
         ... )
+        >>> result = train_language_model(model, blocks, blocks, config)
         >>> sorted(result), result["steps"]
         (['global_rank', 'macs_ratio', 'seconds', 'steps'], 2)
     """
-    module = CausalLMModule(
-        model,
-        lr=lr,
-        min_lr=min_lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        total_steps=steps,
-        structure_lr=structure_lr,
-        run_info=run_info,
-    )
-    return train_module(
-        module, train_set, val_set, steps=steps, warmup_steps=warmup_steps, **options
-    )
+    config, old_callbacks = engine_config_from_keywords("train_language_model", config, deprecated)
+    if config.label_smoothing:
+        raise ValueError(
+            "train_language_model: EngineConfig.label_smoothing must be 0 (a classifier's "
+            f"option), got {config.label_smoothing!r}"
+        )
+    module = CausalLMModule(model, **_module_options(config, run_info))
+    return _run(module, train_set, val_set, config, [*old_callbacks, *callbacks], before_fit)

@@ -18,8 +18,17 @@ from torch import Tensor
 from ..cost import gblr_cost
 from ..files import save_atomically
 from ..ops.gaudi import interval_lengths, interval_starts
+from ..tables import text_table
+from .run_folder import mark_smoke_report, smoke_kind
 
-__all__ = ["layer_costs", "load_state", "overlap_image", "write_report"]
+__all__ = [
+    "format_costs",
+    "layer_costs",
+    "load_state",
+    "overlap_image",
+    "write_report",
+    "write_run_report",
+]
 
 STATE_FILE = "model_state.pt"
 
@@ -182,20 +191,34 @@ def layer_costs(state: dict[str, Tensor]) -> list[dict]:
 
 
 def format_costs(rows: list[dict]) -> str:
-    """The per-layer cost table as text."""
-    header = f"{'layer':<28}{'kind':<7}{'shape':>12}{'MACs/row':>12}{'dense':>10}{'ratio':>8}"
-    lines = [header]
-    for row in rows:
-        shape = f"{row['shape'][0]}x{row['shape'][1]}"
-        ratio = row["macs"] / row["dense_macs"]
-        lines.append(
-            f"{row['name']:<28}{row['kind']:<7}{shape:>12}{row['macs']:>12,}"
-            f"{row['dense_macs']:>10,}{ratio:>8.3f}"
-        )
+    """The per-layer cost table of :func:`layer_costs` (or rows like them) as text, with
+    a total row.
+
+    Examples:
+        >>> from gblr.recipes.report import format_costs
+        >>> row = {"name": "fc", "kind": "GBLR", "shape": (8, 4), "macs": 16, "dense_macs": 32}
+        >>> print(format_costs([row]).splitlines()[1])
+        fc                          GBLR            8x4          16        32   0.500
+    """
+    header = ["layer", "kind", "shape", "MACs/row", "dense", "ratio"]
+    cells = [
+        [
+            row["name"],
+            row["kind"],
+            f"{row['shape'][0]}x{row['shape'][1]}",
+            f"{row['macs']:,}",
+            f"{row['dense_macs']:,}",
+            f"{row['macs'] / row['dense_macs']:.3f}",
+        ]
+        for row in rows
+    ]
     macs = sum(row["macs"] for row in rows)
     dense = sum(row["dense_macs"] for row in rows)
-    lines.append(f"{'total':<28}{'':<7}{'':>12}{macs:>12,}{dense:>10,}{macs / max(dense, 1):>8.3f}")
-    return "\n".join(lines)
+    cells.append(["total", "", "", f"{macs:,}", f"{dense:,}", f"{macs / max(dense, 1):.3f}"])
+    return text_table(header, cells, align="<<>>>>", widths=_COST_WIDTHS, sep="")
+
+
+_COST_WIDTHS = (28, 7, 12, 12, 10, 8)
 
 
 def _savefig(figure, path: Path) -> None:
@@ -322,3 +345,26 @@ def write_report(run_dir: str | Path) -> Path:
     report = run_dir / "REPORT.md"
     save_atomically(lambda f: f.write("\n".join(lines)), report, text=True)
     return report
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """:func:`write_report`, with a banner on top when the folder holds a smoke run (so
+    that its numbers are not taken for results); returns the Markdown path.
+
+    Examples:
+        >>> import tempfile
+        >>> from gblr.recipes.config import load_config
+        >>> from gblr.recipes.report import write_run_report
+        >>> from gblr.recipes.smoke import smoke_config
+        >>> from gblr.recipes.train import train_from_config
+        >>> out = tempfile.mkdtemp()
+        >>> config = load_config("digits-vit-gblr", ["trainer.logger=none", f"out={out}"])
+        >>> smoke, _ = smoke_config(config)
+        >>> _ = train_from_config(smoke, progress=False)
+        >>> write_run_report(out).read_text().startswith("> **Smoke run**")
+        True
+    """
+    path = write_report(run_dir)
+    if smoke_kind(run_dir):
+        mark_smoke_report(path)
+    return path

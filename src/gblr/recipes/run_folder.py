@@ -1,5 +1,10 @@
 """Run folders: which run may write into one, and what the library may delete from one.
 
+The one place that keeps smoke runs and real runs apart (:func:`smoke_kind`,
+:func:`claim_folder`, :func:`refuse_real_folder`, the smoke banner) and that locks a
+folder (:class:`RunLock`); the library's one atomic writer is
+:func:`gblr.files.save_atomically`.
+
 A run folder (``config.out``) belongs to one run. A new run refuses a folder that holds
 another run unless told to replace it (``overwrite``) or to continue it (``resume``); a
 lock file refuses a second run writing into the same folder at the same time; replacing
@@ -13,17 +18,24 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from ..files import process_alive
+from ..files import process_alive, save_atomically
 
 __all__ = [
+    "SMOKE_BANNER",
     "RunFolderError",
     "RunLock",
+    "claim_folder",
     "holds_run",
     "is_launching_process",
     "library_files",
+    "mark_smoke_report",
+    "refuse_real_folder",
     "remove_library_files",
+    "smoke_kind",
+    "unused_folder",
 ]
 
 LOCK_NAME = ".gblr-run.lock"
@@ -70,7 +82,14 @@ _RUN_MARKERS = ("config.yaml", "results.json", "model_state.pt")
 
 
 class RunFolderError(ValueError):
-    """A run folder holds another run, or another run is writing into it."""
+    """A run folder holds another run, or another run is writing into it (a
+    ``ValueError``, so that the command line prints it as one line).
+
+    Examples:
+        >>> from gblr.recipes.run_folder import RunFolderError
+        >>> issubclass(RunFolderError, ValueError)
+        True
+    """
 
 
 def holds_run(folder: str | Path) -> bool:
@@ -268,3 +287,180 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+SMOKE_BANNER = (
+    "> **Smoke run** (`--smoke`): a few steps of a tiny stand-in model of the config's "
+    "family, on stand-in data where the real data was absent, to check the setup. Its "
+    "numbers are not results.\n\n"
+)
+
+
+def smoke_kind(folder: str | Path) -> bool | None:
+    """Whether ``folder`` holds a smoke run, sweep or demo (``True``), another one
+    (``False``) or neither (``None``), as its ``config.yaml``, ``sweep.json`` or (a demo)
+    ``results.json`` says.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.run_folder import smoke_kind
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> print(smoke_kind(folder))
+        None
+        >>> _ = (folder / "config.yaml").write_text("smoke: true")
+        >>> smoke_kind(folder)
+        True
+    """
+    folder = Path(folder).expanduser()
+    if (folder / "config.yaml").is_file():
+        import yaml
+
+        data = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    elif (folder / "sweep.json").is_file():
+        data = json.loads((folder / "sweep.json").read_text(encoding="utf-8")).get("config")
+    elif (folder / "results.json").is_file():  # gblr demo: its settings hold the flag
+        data = json.loads((folder / "results.json").read_text(encoding="utf-8")).get("settings")
+    else:
+        return None
+    return bool(isinstance(data, dict) and data.get("smoke", False))
+
+
+def refuse_real_folder(folder: str | Path, what: str = "run") -> None:
+    """Refuse to write a smoke run (or sweep, or demo: ``what``) into a folder that holds
+    a real run, sweep or demo.
+
+    Raises:
+        ValueError: naming the folder.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.run_folder import refuse_real_folder
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> refuse_real_folder(folder)  # empty: a smoke run may go there
+        >>> _ = (folder / "config.yaml").write_text("smoke: false")
+        >>> try:
+        ...     refuse_real_folder(folder, "sweep")
+        ... except ValueError as error:
+        ...     print(str(error).split(" holds ")[1].split(";")[0])
+        a sweep that is not a smoke run
+    """
+    if smoke_kind(folder) is False:
+        raise ValueError(
+            f"{folder} holds a {what} that is not a smoke run; --smoke would overwrite it. "
+            f"Give the smoke {what} another folder with --out"
+        )
+
+
+def mark_smoke_report(path: str | Path) -> None:
+    """Put :data:`SMOKE_BANNER` on top of a Markdown report (once).
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.run_folder import SMOKE_BANNER, mark_smoke_report
+        >>> path = Path(tempfile.mkdtemp()) / "REPORT.md"
+        >>> _ = path.write_text("# Run report")
+        >>> mark_smoke_report(path); mark_smoke_report(path)
+        >>> path.read_text() == SMOKE_BANNER + "# Run report"
+        True
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if not text.startswith(SMOKE_BANNER):
+        save_atomically(lambda f: f.write(SMOKE_BANNER + text), path, text=True)
+
+
+def claim_folder(out: str | Path, *, smoke: bool, resume: bool, overwrite: bool) -> bool:
+    """Refuse ``out`` when it holds a run that a new run may not write over; returns
+    whether the old run's files are to be deleted when the new one starts.
+
+    A smoke run (``smoke``) replaces a smoke run without asking and never replaces a real
+    run unless told (``overwrite``); a real run replaces a smoke run but cannot resume
+    one; another real run is continued (``resume``) or replaced (``overwrite``) only when
+    told.
+
+    Raises:
+        RunFolderError: the folder holds a run this one may not write over; the message
+            says what is there and which option to give.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.run_folder import RunFolderError, claim_folder
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> claim_folder(folder, smoke=False, resume=False, overwrite=False)  # empty
+        False
+        >>> _ = (folder / "config.yaml").write_text("smoke: true")
+        >>> claim_folder(folder, smoke=False, resume=False, overwrite=False)  # replaces it
+        True
+        >>> _ = (folder / "config.yaml").write_text("smoke: false")
+        >>> try:
+        ...     claim_folder(folder, smoke=False, resume=False, overwrite=False)
+        ... except RunFolderError as error:
+        ...     print(str(error).split(" holds ")[1].split(" (")[0])
+        a run already
+    """
+    out = Path(out).expanduser()
+    if not holds_run(out):
+        return False
+    kind = smoke_kind(out)
+    if smoke and kind is False and not overwrite:
+        raise RunFolderError(
+            f"{out} holds a run that is not a smoke run; --smoke would overwrite it. Give "
+            "the smoke run another folder with --out (or --overwrite to replace the run)"
+        )
+    if kind is True and not smoke:
+        if resume:
+            raise RunFolderError(
+                f"{out} holds a smoke run (--smoke): there is no real run to resume; "
+                "start it without --resume"
+            )
+        return True  # a smoke run only checked the setup: the real run takes its place
+    if resume:
+        return False  # continues the run (the engine's check_resume compares the configs)
+    if smoke or overwrite:
+        return True
+    raise RunFolderError(
+        f"{out} holds a run already ({_run_summary(out)}); nothing was changed. To continue "
+        "it: --resume; to replace it: --overwrite (deletes only the files gblr wrote "
+        "there); or give this run another folder with --out"
+    )
+
+
+def _run_summary(out: Path) -> str:
+    results = out / "results.json"
+    if results.is_file():
+        try:
+            result = json.loads(results.read_text(encoding="utf-8")).get("result", {})
+            return f"finished: {result.get('steps', '?')} steps of {result.get('name', '?')}"
+        except (OSError, ValueError, AttributeError):
+            return "finished"
+    return "unfinished: no results.json; it may be resumed"
+
+
+def unused_folder(out: str | Path, holds: Callable[[Path], bool]) -> Path:
+    """``out`` when ``holds(out)`` is false, else the first of ``OUT-2``, ``OUT-3``, ...
+    that does not exist: a new folder for a run that keeps earlier ones, as Lightning's
+    loggers give each run a new version.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.run_folder import holds_run, unused_folder
+        >>> folder = Path(tempfile.mkdtemp()) / "demo"
+        >>> unused_folder(folder, holds_run) == folder
+        True
+        >>> folder.mkdir(); _ = (folder / "results.json").write_text("{}")
+        >>> unused_folder(folder, holds_run).name
+        'demo-2'
+    """
+    out = Path(out)
+    if not holds(out):
+        return out
+    return next(
+        folder
+        for folder in (out.with_name(f"{out.name}-{k}") for k in range(2, 10_000))
+        if not folder.exists()
+    )

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from .config import TrainConfig, config_to_dict, flatten_config
-from .run_folder import SMOKE_DATA, standin_files
+from .run_folder import SMOKE_DATA, refuse_real_folder, smoke_kind, standin_files
 
-__all__ = ["smoke_config", "smoke_kind"]
+__all__ = ["first_samples", "smoke_config", "smoke_kind"]
 
 
 SMOKE_STEPS = 2
@@ -25,74 +25,17 @@ _SMOKE_BATCH = 4
 _SMOKE_SEQ_LEN = 32
 SMOKE_TEXT_CHARS = 200_000  # of a real corpus: tokenized in well under a second
 _SMOKE_CLASSES, _SMOKE_PER_CLASS = 4, 3  # of a stand-in image folder
-SMOKE_BANNER = (
-    "> **Smoke run** (`--smoke`): a few steps of a tiny stand-in model of the config's "
-    "family, on stand-in data where the real data was absent, to check the setup. Its "
-    "numbers are not results.\n\n"
-)
-
-
-def smoke_kind(folder: str | Path) -> bool | None:
-    """Whether ``folder`` holds a smoke run, sweep or demo (``True``), another one
-    (``False``) or neither (``None``), as its ``config.yaml``, ``sweep.json`` or (a demo)
-    ``results.json`` says.
-
-    Examples:
-        >>> import tempfile
-        >>> from pathlib import Path
-        >>> from gblr.recipes.smoke import smoke_kind
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> print(smoke_kind(folder))
-        None
-        >>> _ = (folder / "config.yaml").write_text("smoke: true")
-        >>> smoke_kind(folder)
-        True
-    """
-    folder = Path(folder).expanduser()
-    if (folder / "config.yaml").is_file():
-        import yaml
-
-        data = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    elif (folder / "sweep.json").is_file():
-        data = json.loads((folder / "sweep.json").read_text(encoding="utf-8")).get("config")
-    elif (folder / "results.json").is_file():  # gblr demo: its settings hold the flag
-        data = json.loads((folder / "results.json").read_text(encoding="utf-8")).get("settings")
-    else:
-        return None
-    return bool(isinstance(data, dict) and data.get("smoke", False))
-
-
-def refuse_real_folder(folder: str | Path) -> None:
-    """Refuse to write a smoke run into a folder that holds a real run, sweep or demo."""
-    if smoke_kind(folder) is False:
-        raise ValueError(
-            f"{folder} holds a run that is not a smoke run; --smoke would overwrite it. "
-            "Give the smoke run another folder with --out"
-        )
-
-
-def write_run_report(run_dir: str | Path) -> Path:
-    """:func:`gblr.recipes.report.write_report`, with a banner on top when the folder
-    holds a smoke run (so that its numbers are not taken for results)."""
-    from .report import write_report
-
-    path = write_report(run_dir)
-    if smoke_kind(run_dir):
-        mark_smoke_report(path)
-    return path
-
-
-def mark_smoke_report(path: str | Path) -> None:
-    """Put :data:`SMOKE_BANNER` on top of a Markdown report (once)."""
-    from ..files import save_atomically
-
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if not text.startswith(SMOKE_BANNER):
-        save_atomically(lambda f: f.write(SMOKE_BANNER + text), path, text=True)
 
 
 def first_samples(dataset: Any, count: int) -> Any:
+    """The first ``count`` samples of ``dataset`` (all of it when it has no more; None
+    stays None): what a smoke run reads of real data.
+
+    Examples:
+        >>> from gblr.recipes.smoke import first_samples
+        >>> len(first_samples(list(range(10)), 3)), len(first_samples(list(range(2)), 3))
+        (3, 2)
+    """
     if dataset is None or len(dataset) <= count:
         return dataset
     return torch.utils.data.Subset(dataset, range(count))
@@ -265,7 +208,7 @@ def _first_block(config: TrainConfig) -> list[str]:
     import fnmatch
 
     from ..compress.convert import convertible_kind
-    from .train import build_model, data_shape  # train imports this module
+    from .build import build_model, data_shape
 
     in_chans, num_classes = data_shape(config)
     model = build_model(config, in_chans, num_classes)

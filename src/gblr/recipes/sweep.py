@@ -11,20 +11,38 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..tables import markdown_table
 from .config import TEXT_DATASETS, TrainConfig, config_to_dict, with_structure
 
-__all__ = ["run_sweep", "sweep_runs"]
+__all__ = ["run_folder_name", "run_sweep", "sweep_runs", "train_runs"]
+
+
+def run_folder_name(structure: str, budget: float) -> str:
+    """A sweep's run folder: ``<structure>-<budget>``, ``dense`` for the dense model.
+
+    Examples:
+        >>> from gblr.recipes.sweep import run_folder_name
+        >>> run_folder_name("gblr", 0.3), run_folder_name("dense", 1.0)
+        ('gblr-0.3', 'dense')
+    """
+    return "dense" if structure == "dense" else f"{structure}-{budget:g}"
 
 
 def sweep_runs(
-    config: TrainConfig, structures: Sequence[str], budgets: Sequence[float], out: Path
+    config: TrainConfig,
+    structures: Sequence[str],
+    budgets: Sequence[float],
+    out: Path,
+    *,
+    folder_name: Callable[[str, float], str] = run_folder_name,
 ) -> list[TrainConfig]:
     """The configs of a sweep: every structure except ``dense`` at every budget, and the
-    dense model once when ``dense`` is listed.
+    dense model once when ``dense`` is listed; each writes into
+    ``out/folder_name(structure, budget)`` (default :func:`run_folder_name`).
 
     Examples:
         >>> from pathlib import Path
@@ -50,7 +68,7 @@ def sweep_runs(
     for structure in dict.fromkeys(structures):  # in order, once each
         for budget in [1.0] if structure == "dense" else budgets:
             run = with_structure(config, structure, budget)  # checked like any config
-            name = "dense" if structure == "dense" else f"{structure}-{budget:g}"
+            name = folder_name(structure, budget)
             run.out, run.name = str(out / name), f"{config.name}/{name}"
             runs.append(run)
     return runs
@@ -95,7 +113,7 @@ def _continue(run: TrainConfig) -> dict[str, Any]:
     another run is left to :func:`gblr.recipes.train.train_from_config` to refuse."""
     import yaml
 
-    from .smoke import smoke_kind
+    from .run_folder import smoke_kind
 
     folder = Path(run.out).expanduser()
     if smoke_kind(folder) != run.smoke:
@@ -109,6 +127,44 @@ def _continue(run: TrainConfig) -> dict[str, Any]:
     return {"overwrite": saved == config_to_dict(run)}
 
 
+def train_runs(runs: Sequence[TrainConfig], *, progress: bool = True) -> list[dict[str, Any]]:
+    """Train each run (:func:`gblr.recipes.train.train_from_config`) in turn, in its own
+    folder; a finished run (its ``results.json``, smoke or real as the run) is read, not
+    repeated, and an unfinished one is resumed where it can be.
+
+    Returns:
+        Each run's result, as its ``results.json`` holds it.
+
+    Examples:
+        >>> import contextlib, io, tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.config import load_config
+        >>> from gblr.recipes.sweep import sweep_runs, train_runs
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=1"]
+        >>> config = load_config("digits-vit-gblr", [*tiny, "trainer.logger=none"])
+        >>> runs = sweep_runs(config, ["gblr"], [0.5], Path(tempfile.mkdtemp()))
+        >>> with contextlib.redirect_stdout(io.StringIO()) as printed:
+        ...     first = train_runs(runs, progress=False)
+        ...     again = train_runs(runs, progress=False)  # finished: read, not repeated
+        >>> first == again, first[0]["steps"], "done before" in printed.getvalue()
+        (True, 1, True)
+    """
+    from .train import train_from_config
+
+    results = []
+    for run in runs:
+        finished = Path(run.out) / "results.json"
+        result = json.loads(finished.read_text())["result"] if finished.is_file() else None
+        # a smoke run's results never stand for a real run's, nor the other way round
+        if result is not None and result.get("smoke", False) == run.smoke:
+            print(f"[{run.name}] done before, read {finished}")
+        else:
+            print(f"\n[{run.name}]")
+            result = train_from_config(run, progress=progress, **_continue(run))
+        results.append(result)
+    return results
+
+
 def run_sweep(
     config: TrainConfig,
     structures: Sequence[str],
@@ -117,8 +173,8 @@ def run_sweep(
     *,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train every run of the sweep (skipping finished ones) and write
-    ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``out``.
+    """Train every run of the sweep (skipping finished ones, :func:`train_runs`) and
+    write ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``out``.
 
     Returns:
         One row per run: structure, budget, the metric, GFLOPs, MACs ratio, seconds.
@@ -140,44 +196,41 @@ def run_sweep(
         ['dense', 'gblr-0.5', 'sweep.json', 'sweep.md', 'sweep.png']
     """
     from ..files import save_atomically
-    from .smoke import SMOKE_BANNER, smoke_kind
-    from .train import train_from_config
+    from .run_folder import SMOKE_BANNER, refuse_real_folder
 
     out = Path(out).expanduser()
-    if config.smoke and smoke_kind(out) is False:
-        raise ValueError(
-            f"{out} holds a sweep that is not a smoke run; --smoke would overwrite it. "
-            "Give the smoke sweep another folder with --out"
-        )
+    if config.smoke:
+        refuse_real_folder(out, "sweep")
     metric, label = _metric(config)
-    rows = []
-    for run in sweep_runs(config, structures, budgets, out):
-        finished = Path(run.out) / "results.json"
-        result = json.loads(finished.read_text())["result"] if finished.is_file() else None
-        # a smoke run's results never stand for a real run's, nor the other way round
-        if result is not None and result.get("smoke", False) == config.smoke:
-            print(f"[{run.name}] done before, read {finished}")
-        else:
-            print(f"\n[{run.name}]")
-            result = train_from_config(run, progress=progress, **_continue(run))
-        rows.append(
-            {
-                "structure": run.structure.kind,
-                "budget": run.structure.budget,
-                metric: result.get(metric, math.nan),
-                "gflops": result["gflops"],
-                "macs_ratio": result["macs_ratio"],
-                "seconds": result["seconds"],
-                "run": run.out,
-            }
-        )
-    header = f"| structure | budget | {metric} | GFLOPs | MACs ratio (structured) | seconds |"
-    table = [header, "| --- | ---: | ---: | ---: | ---: | ---: |"] + [
-        f"| {r['structure']} | {r['budget']:g} | {r[metric]:.4f} | {r['gflops']:.4g} | "
-        f"{r['macs_ratio']:.3f} | {r['seconds']:.0f} |"
-        for r in rows
+    runs = sweep_runs(config, structures, budgets, out)
+    rows = [
+        {
+            "structure": run.structure.kind,
+            "budget": run.structure.budget,
+            metric: result.get(metric, math.nan),
+            "gflops": result["gflops"],
+            "macs_ratio": result["macs_ratio"],
+            "seconds": result["seconds"],
+            "run": run.out,
+        }
+        for run, result in zip(runs, train_runs(runs, progress=progress), strict=True)
     ]
-    text = f"# Sweep: {config.name}\n\n![{label} vs GFLOPs](sweep.png)\n\n" + "\n".join(table)
+    table = markdown_table(
+        ["structure", "budget", metric, "GFLOPs", "MACs ratio (structured)", "seconds"],
+        [
+            [
+                r["structure"],
+                f"{r['budget']:g}",
+                f"{r[metric]:.4f}",
+                f"{r['gflops']:.4g}",
+                f"{r['macs_ratio']:.3f}",
+                f"{r['seconds']:.0f}",
+            ]
+            for r in rows
+        ],
+        align="<>>>>>",
+    )
+    text = f"# Sweep: {config.name}\n\n![{label} vs GFLOPs](sweep.png)\n\n" + table
     if config.smoke:
         text = SMOKE_BANNER + text
     save_atomically(lambda f: f.write(text + "\n"), out / "sweep.md", text=True)

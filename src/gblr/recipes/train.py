@@ -9,6 +9,10 @@ and top-5 test accuracy; causal language models (Hugging Face) report the perple
 the test split with the standard sliding-window evaluation. Either may start from
 pretrained weights (``model.pretrained``) fitted to a MACs budget by a structure search
 (``structure.init: search``), or from scratch.
+
+Building the data and the model from a config is :mod:`gblr.recipes.build` (its names
+are importable from here too); claiming and locking the run folder is
+:mod:`gblr.recipes.run_folder`; the Lightning run itself is :mod:`gblr.recipes.engine`.
 """
 
 from __future__ import annotations
@@ -19,398 +23,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..files import save_atomically
-from .config import TEXT_DATASETS, TrainConfig, config_to_dict, learner_config
-from .run_folder import (
-    RunFolderError,
-    RunLock,
-    holds_run,
-    is_launching_process,
-    remove_library_files,
+from .build import (
+    apply_structure,
+    build_datasets,
+    build_model,
+    build_structured_model,
+    data_shape,
+    example_input,
+    model_from_run,
 )
-from .smoke import SMOKE_TEXT_CHARS, first_samples, smoke_kind, write_run_report
+from .config import TEXT_DATASETS, TrainConfig, config_to_dict, learner_config
+from .engine_config import EngineConfig
+from .report import write_run_report
+from .run_folder import RunLock, claim_folder, is_launching_process, remove_library_files
+from .smoke import SMOKE_TEXT_CHARS, first_samples
 
 __all__ = [
     "build_datasets",
     "build_model",
     "build_structured_model",
     "data_shape",
+    "engine_config",
     "example_input",
     "model_from_run",
     "run_length",
     "train_from_config",
 ]
-
-
-def _image_stats(config: TrainConfig, model: nn.Module | None) -> tuple[Any, Any]:
-    if config.data.mean is not None and config.data.std is not None:
-        return tuple(config.data.mean), tuple(config.data.std)
-    pretrained = getattr(model, "pretrained_cfg", None) or {}  # timm models carry theirs
-    if "mean" in pretrained and "std" in pretrained:
-        return tuple(pretrained["mean"]), tuple(pretrained["std"])
-    from .data import _IMAGENET_MEAN, _IMAGENET_STD
-
-    return _IMAGENET_MEAN, _IMAGENET_STD
-
-
-def build_datasets(
-    config: TrainConfig, model: nn.Module | None = None
-) -> tuple[Any, Any, int, int]:
-    """``(train, test, in_chans, num_classes)`` of an image dataset in ``config.data``;
-    ``model`` (optional) supplies a timm model's normalization statistics.
-
-    Examples:
-        >>> from gblr.recipes.config import load_config
-        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
-        >>> config = load_config("digits-vit-gblr", tiny)
-        >>> from gblr.recipes.train import build_datasets
-        >>> train, test, in_chans, num_classes = build_datasets(config)
-        >>> len(train), len(test), in_chans, num_classes
-        (1348, 449, 1, 10)
-    """
-    from .data import digits, image_folder, load_cifar
-
-    data = config.data
-    if data.name == "digits":
-        train, test = digits(seed=config.seed, image_size=config.model.image_size)
-        return train, test, 1, 10
-    if data.name in ("cifar10", "cifar100"):
-        classes = 10 if data.name == "cifar10" else 100
-        # a smoke run may read its own stand-in files; read safely all the same
-        verify = data.verify and not config.smoke
-        options = dict(classes=classes, download=data.download, verify=verify)
-        train = load_cifar(data.root, train=True, augment=data.augment, **options)
-        test = load_cifar(data.root, train=False, **options)
-        return train, test, 3, classes
-    if data.name in TEXT_DATASETS:
-        raise ValueError(f"data.name={data.name!r} is text; build_datasets reads images")
-    train_root, val_root = data.root, data.val_root
-    if data.name == "imagenet":
-        train_root, val_root = f"{data.root}/train", f"{data.root}/val"
-    if val_root is None:
-        raise ValueError("data.val_root must name the validation image folder")
-    mean, std = _image_stats(config, model)
-    size = config.model.image_size
-    train = image_folder(train_root, size, train=True, mean=mean, std=std)
-    test = image_folder(val_root, size, train=False, mean=mean, std=std)
-    if test.classes != train.classes:
-        raise ValueError(f"the validation folder {val_root} has other classes than {train_root}")
-    return train, test, 3, len(train.classes)
-
-
-def data_shape(config: TrainConfig) -> tuple[int, int]:
-    """``(in_chans, num_classes)`` of ``config.data`` without reading the images
-    (``(0, 0)`` for text).
-
-    Examples:
-        >>> from gblr.recipes.config import load_config
-        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
-        >>> config = load_config("digits-vit-gblr", tiny)
-        >>> from gblr.recipes.train import data_shape
-        >>> data_shape(config)  # digits: 1 channel, 10 classes
-        (1, 10)
-    """
-    name = config.data.name
-    if name in TEXT_DATASETS:
-        return 0, 0
-    if name in ("digits", "cifar10", "cifar100"):
-        return {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100)}[name]
-    root = Path(config.data.root or "").expanduser()
-    if name == "imagenet":
-        root = root / "train"
-    if not root.is_dir():
-        raise FileNotFoundError(f"no image folder at {root} (data.root): cannot count classes")
-    return 3, sum(1 for child in root.iterdir() if child.is_dir())
-
-
-def _timm_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    try:
-        import timm
-    except ImportError as error:
-        raise ImportError("model.name='timm' needs timm: pip install 'gblr[vision]'") from error
-    m = config.model
-    kwargs = {"drop_path_rate": m.drop_path, **m.kwargs}
-    return timm.create_model(m.source, pretrained=m.pretrained, num_classes=num_classes, **kwargs)
-
-
-def _torchvision_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    try:
-        import torchvision
-    except ImportError as error:
-        raise ImportError(
-            "model.name='torchvision' needs torchvision: pip install 'gblr[vision]'"
-        ) from error
-    m = config.model
-    if m.source not in torchvision.models.list_models(module=torchvision.models):
-        raise ValueError(f"model.source={m.source!r} is not a torchvision classification model")
-    if not m.pretrained:
-        return torchvision.models.get_model(m.source, weights=None, num_classes=num_classes)
-    # ImageNet weights come with a 1000-class head; another number of classes gets a new one
-    model = torchvision.models.get_model(m.source, weights="DEFAULT", **m.kwargs)
-    if num_classes != 1000:
-        if not isinstance(getattr(model, "fc", None), nn.Linear):
-            raise ValueError(
-                f"pretrained {m.source} has no 'fc' head to replace for {num_classes} classes"
-            )
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-    return model
-
-
-def _hf_causal_lm(config: TrainConfig) -> nn.Module:
-    try:
-        import transformers
-    except ImportError as error:
-        raise ImportError(
-            "model.name='hf-causal-lm' needs transformers: pip install 'gblr[hf]'"
-        ) from error
-    m = config.model
-    if m.pretrained:
-        return transformers.AutoModelForCausalLM.from_pretrained(m.source, **m.kwargs)
-    try:
-        model_config = transformers.AutoConfig.for_model(m.source, **m.kwargs)
-    except ValueError as error:
-        raise ValueError(
-            f"model.source={m.source!r}: without model.pretrained it must be a model type "
-            f"such as 'gpt2' (a randomly initialised model is built): {error}"
-        ) from None
-    return transformers.AutoModelForCausalLM.from_config(model_config)
-
-
-def build_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
-    """The dense network of ``config.model`` (structure is applied separately).
-
-    Examples:
-        >>> from gblr.recipes.config import load_config
-        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
-        >>> config = load_config("digits-vit-gblr", tiny)
-        >>> from gblr.recipes.train import build_model
-        >>> model = build_model(config, in_chans=1, num_classes=10)
-        >>> type(model).__name__, type(model.blocks[0].qkv).__name__
-        ('VisionTransformer', 'Linear')
-    """
-    from .models import MlpMixer, VisionTransformer
-
-    m = config.model
-    if m.name == "timm":
-        return _timm_model(config, num_classes)
-    if m.name == "torchvision":
-        return _torchvision_model(config, num_classes)
-    if m.name == "hf-causal-lm":
-        return _hf_causal_lm(config)
-    size = (m.image_size, m.patch_size, in_chans, num_classes, m.dim, m.depth)
-    if m.name == "vit":
-        return VisionTransformer(*size, m.heads, m.mlp_ratio, m.drop_path, **m.kwargs)
-    return MlpMixer(*size, m.token_mlp_ratio, m.channel_mlp_ratio, m.drop_path, **m.kwargs)
-
-
-def apply_structure(model: nn.Module, config: TrainConfig) -> None:
-    """Make ``model``'s ``structure.include`` layers, minus ``structure.exclude``,
-    structured, in place (seeded).
-
-    GBLR layers start at ``structure.start_cost`` (default: the budget), from scratch
-    (``init: random``) or fitted to the weights (``init: search``); the learner then
-    takes them to ``structure.budget``. The baseline families, which no learner moves,
-    start at the budget. :func:`gblr.recipes.config.load_config` has refused the keys
-    that cannot apply to the config's kind and init.
-    """
-    from ..compress.convert import convert
-    from .models import _conversion_config, gblr_start_cost, structure_model
-
-    s = config.structure
-    if s.kind == "dense":
-        return
-    start = s.start_cost if s.kind == "gblr" and s.start_cost is not None else s.budget
-    if s.init == "random":
-        structure_model(
-            model,
-            s.kind,
-            gblr_start_cost(s.budget, s.start_cost) if s.kind == "gblr" else s.budget,
-            include=s.include,
-            exclude=s.exclude,
-            rank_per_component=s.rank_per_component,
-            seed=config.seed,
-            **({} if s.start is None else {"structure_init": s.start}),
-        )
-        return
-    # min_features=1: the include patterns choose the layers (and _structure_like agrees)
-    conversion = _conversion_config(
-        s.kind,
-        start,
-        init="search",
-        include=s.include,
-        exclude=s.exclude,
-        rank_per_component=s.rank_per_component,
-        seed=config.seed,
-        allocation=s.allocation,
-        search_steps=s.search_steps,
-    )
-    convert(model, conversion)
-
-
-def build_structured_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
-    """:func:`build_model` with ``config.structure`` applied (seeded by ``config.seed``).
-
-    Examples:
-        >>> from gblr.recipes.config import load_config
-        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
-        >>> config = load_config("digits-vit-gblr", tiny)
-        >>> from gblr.recipes.train import build_structured_model, example_input
-        >>> model = build_structured_model(config, in_chans=1, num_classes=10)
-        >>> type(model.blocks[0].qkv).__name__, model(example_input(config)).shape
-        ('GBLRLinear', torch.Size([1, 10]))
-    """
-    torch.manual_seed(config.seed)
-    model = build_model(config, in_chans, num_classes)
-    apply_structure(model, config)
-    return model
-
-
-def example_input(config: TrainConfig) -> Any:
-    """One example input for ``config.model``: an image ``(1, C, S, S)`` or one window of
-    token ids ``(1, seq_len)``.
-
-    Examples:
-        >>> from gblr.recipes.config import load_config
-        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=2"]
-        >>> config = load_config("digits-vit-gblr", tiny)
-        >>> from gblr.recipes.train import example_input
-        >>> example_input(config).shape
-        torch.Size([1, 1, 8, 8])
-    """
-    if config.data.name in TEXT_DATASETS:
-        return torch.zeros(1, config.data.seq_len, dtype=torch.long)
-    in_chans, _ = data_shape(config)
-    return torch.zeros(1, in_chans, config.model.image_size, config.model.image_size)
-
-
-def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
-    """The model of a run folder (``config.yaml`` + ``model_state.pt``), of a Lightning
-    checkpoint written by ``gblr train``, or of a config (its starting structure).
-
-    A config with ``structure.init: search`` builds its dense model only (the search
-    needs the pretrained weights and time); a run folder or checkpoint rebuilds the
-    structure from the saved state.
-
-    Returns:
-        ``(model, what, example)``: the model (eval mode) with its trained state when
-        there is one, a phrase saying which it is, and one example input
-        (:func:`example_input`).
-
-    Raises:
-        FileNotFoundError: nothing of the kind at ``source``.
-        ValueError: a checkpoint without the config that made it, or weights that do not
-            fit the config's model.
-
-    Examples:
-        A shipped config gives its starting structure (a run folder: the trained model):
-
-        >>> from gblr.recipes.train import model_from_run
-        >>> model, what, example = model_from_run("digits-vit-gblr")
-        >>> what
-        'config digits-vit-gblr (starting structure, untrained)'
-        >>> example.shape, model(example).shape
-        (torch.Size([1, 1, 8, 8]), torch.Size([1, 10]))
-        >>> try:
-        ...     model_from_run("no/such/run")
-        ... except FileNotFoundError as error:
-        ...     print(type(error).__name__)
-        FileNotFoundError
-    """
-    from .config import config_from_dict, load_config
-    from .report import STATE_FILE, checkpoint_model_state, load_state
-
-    path = Path(source)
-    state = None
-    if path.is_dir():
-        if not (path / "config.yaml").is_file():
-            raise FileNotFoundError(f"no config.yaml in the run folder {path}")
-        config = load_config(path / "config.yaml")
-        what = f"run {path}"
-        if (path / STATE_FILE).is_file():
-            state = load_state(path / STATE_FILE)
-        else:
-            what += " (no model_state.pt: its starting structure)"
-    elif path.suffix == ".ckpt":
-        from .engine import read_checkpoint
-
-        checkpoint = read_checkpoint(path)
-        settings = checkpoint.get("gblr", {}).get("config")
-        if settings is None:
-            raise ValueError(f"{path} holds no gblr config (not written by gblr train)")
-        config = config_from_dict(settings)
-        state = checkpoint_model_state(checkpoint)  # already read: not loaded twice
-        what = f"checkpoint {path} (step {checkpoint.get('global_step', '?')})"
-    else:
-        config = load_config(path)
-        what = f"config {config.name} (starting structure, untrained)"
-    if config.smoke:
-        what += " [smoke run: a tiny stand-in model, not the recipe's]"
-    in_chans, num_classes = data_shape(config)
-    if state is None and config.structure.init == "search":
-        config.structure.kind = "dense"
-        what = f"config {config.name} (dense model before its structure search)"
-    torch.manual_seed(config.seed)
-    model = build_model(config, in_chans, num_classes)
-    if state is not None and config.structure.init == "search":
-        _structure_like(model, state, config)
-    elif config.structure.kind != "dense":
-        apply_structure(model, config)
-    if state is not None:
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-            raise ValueError(
-                f"the weights of {what} do not fit the model its config builds: {first[:300]}"
-            ) from None
-    return model.eval(), what, example_input(config)
-
-
-def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: TrainConfig) -> None:
-    """Give ``model`` the structured layers whose shapes ``state`` holds, without the
-    structure search (their values come from ``state``)."""
-    from ..compress.convert import convert
-    from ..layers import GBLRConv2d, GBLRLinear
-    from ..modules import set_submodule
-    from .models import _conversion_config
-
-    # A random structure of the same kind and budget has the searched layers' parameter
-    # shapes, except for the number of GBLR components, which the search chooses.
-    s = config.structure
-    conversion = _conversion_config(
-        s.kind,
-        s.budget,
-        init="random",
-        include=s.include,
-        exclude=s.exclude,
-        rank_per_component=s.rank_per_component,
-        seed=config.seed,
-    )
-    convert(model, conversion)
-    for name, layer in list(model.named_modules()):
-        if not isinstance(layer, (GBLRLinear, GBLRConv2d)) or f"{name}.U" not in state:
-            continue
-        components, rank = state[f"{name}.U"].shape[:2]
-        options = dict(
-            rank_per_component=int(rank),
-            num_components=int(components),
-            bias=layer.bias is not None,
-        )
-        if isinstance(layer, GBLRLinear):
-            rebuilt = GBLRLinear(layer.in_features, layer.out_features, **options)
-        else:
-            rebuilt = GBLRConv2d(
-                layer.in_channels,
-                layer.out_channels,
-                layer.kernel_size,
-                stride=layer.stride,
-                padding=layer.padding,
-                dilation=layer.dilation,
-                **options,
-            )
-        set_submodule(model, name, rebuilt)
 
 
 def run_length(config: TrainConfig, train_size: int) -> tuple[int, float]:
@@ -438,6 +78,70 @@ def run_length(config: TrainConfig, train_size: int) -> tuple[int, float]:
             f"({train_size} samples): not one step per epoch"
         )
     return max(1, math.ceil(optim.epochs * per_epoch)), float(per_epoch)
+
+
+def engine_config(
+    config: TrainConfig,
+    train_size: int,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> EngineConfig:
+    """The :class:`gblr.recipes.engine.EngineConfig` of a recipe's run: durations in run
+    units (epochs or steps, :func:`run_length` over ``train_size`` samples) become steps,
+    the ``learner`` section a :class:`gblr.LearnerConfig`, and the run writes into
+    ``config.out`` (checkpoints in ``config.out/checkpoints``). ``resume``, ``progress``,
+    ``stop_after``: as :func:`train_from_config` takes them (``resume`` a path).
+
+    Examples:
+        >>> from gblr.recipes.config import load_config
+        >>> from gblr.recipes.train import engine_config
+        >>> engine = engine_config(load_config("digits-vit-gblr"), train_size=1348)
+        >>> engine.steps, engine.warmup_steps, engine.budget, engine.global_batch_size
+        (1500, 500, 0.3, 64)
+        >>> engine.learner.sigma, str(engine.checkpoint_dir)
+        ((1.0, 100.0), 'runs/digits-vit-gblr/checkpoints')
+    """
+    steps, unit = run_length(config, train_size)
+    optim, learner = config.optim, config.learner
+    out = Path(config.out).expanduser()
+    warmup = round(optim.warmup * unit)
+    ramp = warmup if learner.budget_ramp is None else round(learner.budget_ramp * unit)
+    if config.trainer.val_every is not None:
+        val_every = max(1, round(config.trainer.val_every * unit))
+    else:
+        val_every = round(unit) if optim.epochs is not None else None
+    if val_every is not None and val_every > steps:
+        val_every = None
+    return EngineConfig(
+        steps=steps,
+        global_batch_size=optim.batch_size,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        warmup_steps=warmup,
+        structure_lr=optim.structure_lr,
+        label_smoothing=0.0 if config.data.name in TEXT_DATASETS else config.data.label_smoothing,
+        budget=config.structure.budget if config.structure.kind == "gblr" else None,
+        budget_ramp_steps=ramp,
+        learner=learner_config(config),
+        sigma_start_step=round(learner.sigma_start * unit),
+        structure_include=config.structure.include,
+        structure_exclude=config.structure.exclude,
+        num_workers=config.data.num_workers,
+        val_every_n_steps=val_every,
+        out_dir=out,
+        logger=config.trainer.logger,
+        seed=config.seed,
+        progress=progress,
+        checkpoint_dir=out / "checkpoints",
+        checkpoint_every_n_steps=config.trainer.checkpoint_every_n_steps,
+        resume=resume,
+        stop_after=stop_after,
+        compile_mode=config.trainer.compile,
+        trainer=_trainer_options(config),
+    )
 
 
 def _trainer_options(config: TrainConfig) -> dict[str, Any]:
@@ -542,50 +246,10 @@ def train_from_config(
     if not is_launching_process():  # a worker started by a launcher: the folder is rank 0's
         return _train(config, out, resume, progress, stop_after, replace=False)
     with RunLock(out):
-        replace = _claim_folder(out, config, resume, overwrite)
-        return _train(config, out, resume, progress, stop_after, replace=replace)
-
-
-def _claim_folder(
-    out: Path, config: TrainConfig, resume: str | Path | None, overwrite: bool
-) -> bool:
-    """Refuse ``out`` when it holds a run that this one may not write over; returns
-    whether the old run's files are to be deleted when this one starts."""
-    if not holds_run(out):
-        return False
-    kind = smoke_kind(out)
-    if config.smoke and kind is False and not overwrite:
-        raise RunFolderError(
-            f"{out} holds a run that is not a smoke run; --smoke would overwrite it. Give "
-            "the smoke run another folder with --out (or --overwrite to replace the run)"
+        replace = claim_folder(
+            out, smoke=config.smoke, resume=resume is not None, overwrite=overwrite
         )
-    if kind is True and not config.smoke:
-        if resume is not None:
-            raise RunFolderError(
-                f"{out} holds a smoke run (--smoke): there is no real run to resume; "
-                "start it without --resume"
-            )
-        return True  # a smoke run only checked the setup: the real run takes its place
-    if resume is not None:
-        return False  # continues the run (the engine's check_resume compares the configs)
-    if config.smoke or overwrite:
-        return True
-    raise RunFolderError(
-        f"{out} holds a run already ({_run_summary(out)}); nothing was changed. To continue "
-        "it: --resume; to replace it: --overwrite (deletes only the files gblr wrote "
-        "there); or give this run another folder with --out"
-    )
-
-
-def _run_summary(out: Path) -> str:
-    results = out / "results.json"
-    if results.is_file():
-        try:
-            result = json.loads(results.read_text(encoding="utf-8")).get("result", {})
-            return f"finished: {result.get('steps', '?')} steps of {result.get('name', '?')}"
-        except (OSError, ValueError, AttributeError):
-            return "finished"
-    return "unfinished: no results.json; it may be resumed"
+        return _train(config, out, resume, progress, stop_after, replace=replace)
 
 
 def _train(
@@ -619,19 +283,12 @@ def _train(
         train_set = first_samples(train_set, (config.optim.steps or 1) * batch)
         val_set = first_samples(val_set, 2 * batch)
     apply_structure(model, config)
-    steps, unit = run_length(config, len(train_set))
     settings = config_to_dict(config)
     if resume == "last":
         resume = out / "checkpoints" / "last.ckpt"
-    optim, learner = config.optim, config.learner
-    warmup = round(optim.warmup * unit)
-    ramp = warmup if learner.budget_ramp is None else round(learner.budget_ramp * unit)
-    if config.trainer.val_every is not None:
-        val_every = max(1, round(config.trainer.val_every * unit))
-    else:
-        val_every = round(unit) if optim.epochs is not None else None
-    if val_every is not None and val_every > steps:
-        val_every = None
+    engine = engine_config(
+        config, len(train_set), resume=resume, progress=progress, stop_after=stop_after
+    )
 
     def start_run() -> None:
         """The run has started: the old run's files go, this one's config is written."""
@@ -642,45 +299,20 @@ def _train(
             lambda f: yaml.safe_dump(settings, f, sort_keys=False), out / "config.yaml", text=True
         )
 
-    options: dict[str, Any] = dict(
-        steps=steps,
-        global_batch_size=optim.batch_size,
-        lr=optim.lr,
-        min_lr=optim.min_lr,
-        weight_decay=optim.weight_decay,
-        warmup_steps=warmup,
-        structure_lr=optim.structure_lr,
-        target=config.structure.budget if config.structure.kind == "gblr" else None,
-        budget_ramp_steps=ramp,
-        learner_config=learner_config(config),
-        sigma_start_step=round(learner.sigma_start * unit),
-        structure_include=config.structure.include,
-        structure_exclude=config.structure.exclude,
-        num_workers=config.data.num_workers,
-        val_every_n_steps=val_every,
-        out_dir=out,
-        logger=config.trainer.logger,
-        seed=config.seed,
-        progress=progress,
-        checkpoint_dir=out / "checkpoints",
-        checkpoint_every_n_steps=config.trainer.checkpoint_every_n_steps,
-        resume=resume,
-        stop_after=stop_after,
-        run_info={"structure": config.structure.kind, "config": settings},
-        compile_mode=config.trainer.compile,
-        before_fit=start_run,
-        **_trainer_options(config),
-    )
+    run_info = {"structure": config.structure.kind, "config": settings}
     if text:
-        result = train_language_model(model, train_set, val_set, **options)
+        result = train_language_model(
+            model, train_set, val_set, engine, run_info=run_info, before_fit=start_run
+        )
     else:
         result = train_classifier(
             model,
             train_set,
             val_set,
-            label_smoothing=config.data.label_smoothing,
+            engine,
             batch_mix=batch_mixer(config.data.mixup, config.data.cutmix, num_classes),
-            **options,
+            run_info=run_info,
+            before_fit=start_run,
         )
     result = {"name": config.name, "structure": config.structure.kind, **result}
     if config.smoke:
