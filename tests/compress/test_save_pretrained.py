@@ -344,3 +344,12 @@ def test_unsupported_models_are_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError):
         gblr.save_pretrained(tiny_bert(), tmp_path / "file")
+
+
+def test_a_frozen_description_far_larger_than_its_matrix_is_refused():
+    model = tiny_bert()
+    gblr.convert(model, gblr.GBLRConfig(budget=0.5))
+    structure = gblr.model_structure(gblr.freeze(model))
+    structure["layers"][0]["rank_per_component"] = 2**30
+    with pytest.raises(ValueError, match="far larger than"):
+        gblr.apply_structure(tiny_bert(), structure)

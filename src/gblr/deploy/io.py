@@ -1598,6 +1598,16 @@ def frozen_layer_from_entry(entry: Any, where: str) -> FrozenGBLRMatrix:
         _expect(isinstance(entry, dict), where, "a JSON object", entry)
         full = {"name": "", "aliases": [], **entry}
         _check_layer(full, where)
+        # Without stored tensors to compare with first (as load does): sizes bounded by the
+        # dense matrix, so that a crafted description cannot make it allocate without end.
+        rank, lengths = full["rank_per_component"], 0
+        for key in ("row_intervals", "col_intervals"):
+            lengths += sum(length for _, length in full[key])
+        if rank * lengths > 64 * full["out"] * full["in"] + 2**20:
+            raise _Invalid(
+                f"{where} describes factors far larger than its {full['out']}x{full['in']} "
+                "matrix; the file is damaged or was not written by gblr"
+            )
         return _frozen_from_entry(full, "cpu")
     except _Invalid as error:
         raise ValueError(str(error)) from None
