@@ -308,3 +308,39 @@ def test_a_layer_the_global_allocation_gives_its_dense_macs_stays_dense():
     full = nn.Sequential(nn.Linear(32, 32))
     assert gblr.convert(full, GBLRConfig(budget=1.0, min_features=1)).dense_layers == []
     assert isinstance(full[0], gblr.GBLRLinear)
+
+
+def test_keep_dense_false_structures_every_layer_and_a_run_restores_kept_layers():
+    from types import SimpleNamespace
+
+    from gblr.recipes.train import _structure_like
+
+    def model():
+        generator = torch.Generator().manual_seed(0)
+        net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        with torch.no_grad():
+            net[0].weight.copy_(
+                torch.randn(64, 2, generator=generator) @ torch.randn(2, 64, generator=generator)
+            )
+            net[2].weight.copy_(torch.randn(64, 64, generator=generator))
+        return net
+
+    every = gblr.convert(model(), GBLRConfig(budget=0.55, keep_dense=False))
+    assert every.dense_layers == [] and len(every.layers) == 2
+    assert "keep_dense=False" in str(every).splitlines()[0]
+    with pytest.raises(TypeError, match="keep_dense must be True or False, got 1"):
+        GBLRConfig(keep_dense=1)
+
+    # A recipe run's weights come back without the search: the kept layer stays dense.
+    searched = model()
+    assert gblr.convert(searched, GBLRConfig(budget=0.55)).dense_layers == ["2"]
+    structure = SimpleNamespace(
+        kind="gblr", budget=0.55, include=None, exclude=None, rank_per_component=1
+    )
+    fresh = model()
+    _structure_like(fresh, searched.state_dict(), SimpleNamespace(structure=structure, seed=0))
+    fresh.load_state_dict(searched.state_dict())
+    assert type(fresh[2]) is nn.Linear and isinstance(fresh[0], gblr.GBLRLinear)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), searched(x))

@@ -863,7 +863,8 @@ def convert(
         :class:`gblr.structured.StructuredLinear`. With ``allocation="global"`` (and a
         budget below 1), a layer whose share of the budget is at least its dense MACs
         stays as it is (its ``nn.Linear`` and weights, exact): a structured layer at that
-        cost could only lose accuracy. It is in ``report.layers`` with ``dense=True``
+        cost could only lose accuracy (``keep_dense=False`` in the config converts it
+        all the same). It is in ``report.layers`` with ``dense=True``
         (its MACs count in the totals) and named in ``report.dense_layers``. Layers left
         dense for other reasons are listed in ``report.skipped`` with the reason: one the
         family cannot express at its share of the budget (below the family's smallest
@@ -1029,7 +1030,7 @@ def convert(
     # A layer the global allocation gives its dense MACs stays dense: exact, same cost.
     # (budget 1.0 is "no compression": GBLR's exact full-rank factorization, to learn from.)
     keep = [
-        allocation == "global" and budget < 1.0 and macs >= size
+        config.keep_dense and allocation == "global" and budget < 1.0 and macs >= size
         for macs, size in zip(layer_macs, dense)
     ]
 
