@@ -246,29 +246,24 @@ class FrozenGBLRMatrix(nn.Module):
         rank = int(self.row_intervals.shape[0]) * self.rank_per_component
         return "lowrank" if rank * (m + n) < m * n else "dense"
 
+    def _build_factors(self) -> tuple[Tensor, Tensor]:
+        """The padded factors from the parameters (static shapes: traceable)."""
+        with torch.no_grad():
+            return P.padded_factors(
+                self.u_packed,
+                self.v_packed,
+                self.row_intervals,
+                self.col_intervals,
+                self.rank_per_component,
+                self.matrix_shape,
+            )
+
     def _factors(self) -> tuple[Tensor, Tensor]:
-        if _is_compiling():
-            # In the graph from the parameters (static shapes): no cache to validate.
-            with torch.no_grad():
-                return P.padded_factors(
-                    self.u_packed,
-                    self.v_packed,
-                    self.row_intervals,
-                    self.col_intervals,
-                    self.rank_per_component,
-                    self.matrix_shape,
-                )
+        if _is_compiling():  # in the graph, from the parameters: no cache to validate
+            return self._build_factors()
         items = self._cache()
         if "factors" not in items:
-            with torch.no_grad():
-                items["factors"] = P.padded_factors(
-                    self.u_packed,
-                    self.v_packed,
-                    self.row_intervals,
-                    self.col_intervals,
-                    self.rank_per_component,
-                    self.matrix_shape,
-                )
+            items["factors"] = self._build_factors()
         return items["factors"]
 
     def _weight(self) -> Tensor:
