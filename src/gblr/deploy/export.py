@@ -514,19 +514,27 @@ def export_onnx(
     try:
         staged = workdir / target.name
         with _quiet_exporter():
-            program = torch.onnx.export(
-                exported,
-                tuple(trace_values) if not kwargs else (),
-                kwargs=dict(zip(kwargs, trace_values, strict=True)) if kwargs else None,
-                dynamo=True,
-                dynamic_shapes=(
-                    tuple(shapes) if not kwargs else dict(zip(kwargs, shapes, strict=True))
-                ),
-                input_names=names,
-                output_names=outputs,
-                opset_version=opset_version,
-                verbose=False,
-            )
+            try:
+                program = torch.onnx.export(
+                    exported,
+                    tuple(trace_values) if not kwargs else (),
+                    kwargs=dict(zip(kwargs, trace_values, strict=True)) if kwargs else None,
+                    dynamo=True,
+                    dynamic_shapes=(
+                        tuple(shapes) if not kwargs else dict(zip(kwargs, shapes, strict=True))
+                    ),
+                    input_names=names,
+                    output_names=outputs,
+                    opset_version=opset_version,
+                    verbose=False,
+                )
+            except Exception as error:
+                if axes and hasattr(error, "add_note"):  # Python 3.11+
+                    error.add_note(
+                        f"gblr.export_onnx exported these axes as symbolic: {axes}; if the "
+                        "model fixes one of them, give dynamic_axes= with only those that vary"
+                    )
+                raise
             report.inputs, report.outputs = _name_axes(program, axes)
             program.save(
                 str(staged),
