@@ -136,7 +136,9 @@ class ConversionConfig:
             default: exact at the same cost, where a structured layer could only lose
             accuracy; listed in ``report.dense_layers``), or becomes a structured layer
             at that cost all the same (``False``: every selected layer structured, e.g.
-            for a structure learner that moves MACs between them while fine-tuning).
+            for a structure learner that moves MACs between them while fine-tuning). A
+            structure's ``init="random"`` (fresh layers, nothing fitted to the weights)
+            keeps no layer dense.
         min_features: layers with ``min(out, in)`` below this are skipped (listed in the
             report).
         seed: seeds every fit; equal seeds give equal models.

@@ -864,8 +864,9 @@ def convert(
         budget below 1), a layer whose share of the budget is at least its dense MACs
         stays as it is (its ``nn.Linear`` and weights, exact): a structured layer at that
         cost could only lose accuracy (``keep_dense=False`` in the config converts it
-        all the same). It is in ``report.layers`` with ``dense=True``
-        (its MACs count in the totals) and named in ``report.dense_layers``. Layers left
+        all the same, and so does ``init="random"``, which fits nothing to the weights).
+        It is in ``report.layers`` with ``dense=True`` (its MACs count in the totals)
+        and named in ``report.dense_layers``. Layers left
         dense for other reasons are listed in ``report.skipped`` with the reason: one the
         family cannot express at its share of the budget (below the family's smallest
         configuration), the Linear children of
@@ -1029,8 +1030,10 @@ def convert(
 
     # A layer the global allocation gives its dense MACs stays dense: exact, same cost.
     # (budget 1.0 is "no compression": GBLR's exact full-rank factorization, to learn from.)
+    # Not for init="random": nothing is fitted to the weights, every layer starts fresh.
+    keeps = config.keep_dense and getattr(config, "init", None) != "random"
     keep = [
-        config.keep_dense and allocation == "global" and budget < 1.0 and macs >= size
+        keeps and allocation == "global" and budget < 1.0 and macs >= size
         for macs, size in zip(layer_macs, dense)
     ]
 

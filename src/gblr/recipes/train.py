@@ -372,7 +372,7 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
 def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: TrainConfig) -> None:
     """Give ``model`` the structured layers whose shapes ``state`` holds, without the
     structure search (their values come from ``state``)."""
-    from ..compress.convert import _conv1d_type, convert, convertible_kind
+    from ..compress.convert import convert, convertible_kind
     from ..layers import GBLRConv2d, GBLRLinear
     from ..modules import set_submodule
     from .models import _conversion_config
@@ -382,7 +382,10 @@ def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: Tr
     # the search kept dense (their share of the budget paid for them) are dense in
     # ``state``: they stay; every other selected layer is structured.
     s = config.structure
-    conv1d = _conv1d_type()
+    try:  # Hugging Face's Conv1D (GPT-2) is a convertible layer too
+        from transformers.pytorch_utils import Conv1D as conv1d
+    except ImportError:
+        conv1d = None
     kept = [
         name
         for name, layer in model.named_modules()
