@@ -182,10 +182,16 @@ def test_calibration_is_refused_where_it_cannot_apply():
 
 def test_progress_bar_is_shown_when_asked(capsys):
     pytest.importorskip("tqdm")
-    gblr.convert(mlp(), gblr.GBLRConfig(budget=0.5, min_features=1), progress=True)
-    assert "gblr.convert" in capsys.readouterr().err
+    model = mlp()
+    gblr.convert(model, gblr.GBLRConfig(budget=0.5, min_features=1), progress=True)
+    shown = capsys.readouterr().err
+    # per layer: the count, the time spent and left, and the layer being fitted
+    assert "gblr.convert" in shown and "2/2 [" in shown and "<" in shown, shown
+    assert "layer/s, 2]" in shown or "s/layer, 2]" in shown, shown
     gblr.convert(mlp(), gblr.GBLRConfig(budget=0.5, min_features=1), progress=False)
     assert "gblr.convert" not in capsys.readouterr().err
+    gblr.convert(mlp(), gblr.GBLRConfig(budget=0.5, min_features=1))  # not a terminal
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40)])

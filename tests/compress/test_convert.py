@@ -262,3 +262,85 @@ def test_a_budget_the_family_cannot_express_keeps_the_layer_dense():
     assert report.layers == [] and len(report.skipped) == 2
     assert "128 MACs" in report.skipped[0][1]
     assert not isinstance(model[0], gblr.structured.StructuredLinear)
+
+
+def test_a_layer_the_global_allocation_gives_its_dense_macs_stays_dense():
+    # Issue 22: such a layer became a rank-n/2 GBLR layer (its factors cost as much as
+    # the dense matrix) with an error of 0.26-0.33 instead of staying exact.
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():  # rank 2 (cheap to keep) and random (incompressible)
+        model[0].weight.copy_(
+            torch.randn(64, 2, generator=generator) @ torch.randn(2, 64, generator=generator)
+        )
+        model[2].weight.copy_(torch.randn(64, 64, generator=generator))
+    dense_layer = model[2]
+    before = {k: v.clone() for k, v in dense_layer.state_dict().items()}
+    x = torch.randn(5, 64, generator=generator)
+    hidden = torch.relu(model[0](x))
+    with torch.no_grad():
+        expected = dense_layer(hidden)
+
+    report = gblr.convert(model, GBLRConfig(budget=0.55))
+    assert report.dense_layers == ["2"]
+    assert isinstance(model[0], gblr.GBLRLinear)
+    assert model[2] is dense_layer and type(model[2]) is nn.Linear  # the same module
+    for key, value in dense_layer.state_dict().items():
+        assert torch.equal(value, before[key])
+    with torch.no_grad():
+        assert torch.equal(model[2](hidden), expected)  # exact
+    kept = report.layers[1]
+    assert (kept.name, kept.dense, kept.error) == ("2", True, 0.0)
+    assert kept.macs_after == kept.macs_before == 64 * 64
+    assert 0.2 < kept.svd_error < 0.5  # what the SVD at the same MACs would have lost
+    # MACs: the report's totals are what the model costs, within the budget.
+    assert report.macs_after == model[0].flops() + 64 * 64 <= 0.55 * 2 * 64 * 64
+    counted = gblr.count_model_flops(model, x)
+    assert counted.macs == 5 * report.macs_after
+    assert "kept dense (1; their share of the budget pays for the dense layer" in str(report)
+    assert "Linear (kept dense)" in str(report)
+    assert report.to_dict()["dense_layers"] == ["2"]
+    assert report.to_dict()["layers"][1]["dense"] is True
+    assert model.gblr_config == GBLRConfig(budget=0.55)
+
+    # budget 1.0 keeps its meaning (GBLR's exact full-rank factorization, to learn from),
+    # and the uniform allocation never reaches a layer's dense MACs below it.
+    full = nn.Sequential(nn.Linear(32, 32))
+    assert gblr.convert(full, GBLRConfig(budget=1.0, min_features=1)).dense_layers == []
+    assert isinstance(full[0], gblr.GBLRLinear)
+
+
+def test_keep_dense_false_structures_every_layer_and_a_run_restores_kept_layers():
+    from types import SimpleNamespace
+
+    from gblr.recipes.train import _structure_like
+
+    def model():
+        generator = torch.Generator().manual_seed(0)
+        net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+        with torch.no_grad():
+            net[0].weight.copy_(
+                torch.randn(64, 2, generator=generator) @ torch.randn(2, 64, generator=generator)
+            )
+            net[2].weight.copy_(torch.randn(64, 64, generator=generator))
+        return net
+
+    every = gblr.convert(model(), GBLRConfig(budget=0.55, keep_dense=False))
+    assert every.dense_layers == [] and len(every.layers) == 2
+    assert "keep_dense=False" in str(every).splitlines()[0]
+    with pytest.raises(TypeError, match="keep_dense must be True or False, got 1"):
+        GBLRConfig(keep_dense=1)
+
+    # A recipe run's weights come back without the search: the kept layer stays dense.
+    searched = model()
+    assert gblr.convert(searched, GBLRConfig(budget=0.55)).dense_layers == ["2"]
+    structure = SimpleNamespace(
+        kind="gblr", budget=0.55, include=None, exclude=None, rank_per_component=1
+    )
+    fresh = model()
+    _structure_like(fresh, searched.state_dict(), SimpleNamespace(structure=structure, seed=0))
+    fresh.load_state_dict(searched.state_dict())
+    assert type(fresh[2]) is nn.Linear and isinstance(fresh[0], gblr.GBLRLinear)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), searched(x))

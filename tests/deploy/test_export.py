@@ -2,6 +2,9 @@
 frozen model computes, at any batch size; bad input is refused and a failed export
 writes nothing."""
 
+import sys
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -155,3 +158,158 @@ def test_a_link_is_written_through_and_a_read_only_file_is_refused(tmp_path):
     with pytest.raises(PermissionError, match="read-only"):
         gblr.export_onnx(frozen, x, link, check=False)
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["m.onnx"]
+
+
+# --------------------------------------------------------------------------- text models
+def small_bert():
+    """A 2-layer BERT with random weights (built offline from a config), converted by
+    gblr and frozen."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    gblr.convert(model, gblr.GBLRConfig(budget=0.5, min_features=8))
+    return gblr.freeze(model)
+
+
+def tokens(batch, length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 120, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2 :] = 0  # a padded sentence
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_small_bert_runs_in_onnxruntime_at_two_sequence_lengths_and_matches_torch(tmp_path, capfd):
+    # Issue 22, must hold: the file fixed the sequence length at the example's ("Got: 17
+    # Expected: 8"), named its outputs layer_norm_12 and printed "Evaluation failed".
+    model = small_bert()
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either
+        done = gblr.export_onnx(model, tokens(2, 8, seed=0), tmp_path / "bert.onnx")
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""
+    assert done.inputs == {
+        "input_ids": ["batch", "sequence"],
+        "attention_mask": ["batch", "sequence"],
+    }
+    assert done.outputs == {
+        "last_hidden_state": ["batch", "sequence", 32],
+        "pooler_output": ["batch", 32],
+    }
+    assert done.checked_shapes == [
+        {"input_ids": [2, 8], "attention_mask": [2, 8]},
+        {"input_ids": [1, 7], "attention_mask": [1, 7]},
+    ]
+    assert done.max_abs_error is not None and done.max_abs_error <= 1e-5
+    session = onnxruntime.InferenceSession(str(done.path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "pooler_output"]
+    for batch, length in ((2, 8), (3, 17)):
+        feeds = tokens(batch, length, seed=length)
+        got = session.run(None, {name: x.numpy() for name, x in feeds.items()})
+        with torch.no_grad():
+            expected = model(**feeds)
+        torch.testing.assert_close(
+            torch.from_numpy(got[0]), expected.last_hidden_state, rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            torch.from_numpy(got[1]), expected.pooler_output, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_names_and_axes_can_be_given(tmp_path, capfd):
+    model = small_bert()
+    feeds = tokens(2, 8, seed=1)
+    capfd.readouterr()
+    done = gblr.export_onnx(
+        model,
+        (feeds["input_ids"], feeds["attention_mask"]),  # positional: the forward's names
+        tmp_path / "bert.onnx",
+        input_names=["ids", "mask"],
+        output_names=["tokens", "sentence"],
+        dynamic_axes={"ids": {0: "n"}, "mask": {0: "n"}},  # a fixed sequence length
+    )
+    # A fixed length makes onnxscript's constant folding try (and fail) BERT's
+    # token_type_ids gather; its "Evaluation failed" log stays quiet.
+    assert capfd.readouterr().err == ""
+    assert done.inputs == {"ids": ["n", 8], "mask": ["n", 8]}
+    assert done.outputs == {"tokens": ["n", 8, 32], "sentence": ["n", 32]}
+    assert [shape["ids"] for shape in done.checked_shapes] == [[2, 8], [1, 8]]
+    session = onnxruntime.InferenceSession(str(done.path), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="Got: 17 Expected: 8"):
+        other = tokens(1, 17, seed=2)
+        session.run(
+            None, {"ids": other["input_ids"].numpy(), "mask": other["attention_mask"].numpy()}
+        )
+
+
+def test_output_names_of_tuples_and_a_sequence_axis_of_size_one(tmp_path):
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 16)
+            self.layer = gblr.GBLRLinear(16, 8, num_components=2)
+
+        def forward(self, token_ids):
+            hidden = self.layer(self.embed(token_ids))
+            return hidden, hidden.mean(1)
+
+    torch.manual_seed(2)
+    model = gblr.freeze(Pair().eval())
+    done = gblr.export_onnx(model, torch.randint(0, 50, (1, 1)), tmp_path / "pair.onnx")
+    assert done.inputs == {"token_ids": ["batch", "sequence"]}
+    assert list(done.outputs) == ["output_0", "output_1"]
+    assert done.checked_shapes == [{"token_ids": [1, 1]}, {"token_ids": [2, 2]}]
+    x = torch.randint(0, 50, (3, 5))
+    got = run_onnx(done.path, x)
+    with torch.no_grad():
+        expected = model(x)
+    for produced, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(produced, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_names_and_axes_are_refused(tmp_path):
+    frozen = frozen_sequential()
+    x = torch.randn(2, 3, 5, 5)
+    cases = [
+        ({"input_names": ["a", "b"]}, ValueError, r"input_names must name all 1 .*\['input'\]"),
+        ({"input_names": "a"}, TypeError, "input_names must be a list of str"),
+        ({"output_names": ["y", "z"]}, ValueError, r"output_names must name all 1.*\['output'\]"),
+        ({"dynamic_axes": {"x": {0: "batch"}}}, ValueError, r"input 'x'.*inputs: \['input'\]"),
+        ({"dynamic_axes": {"input": {4: "w"}}}, ValueError, r"dimension 4.*has 4"),
+        ({"dynamic_axes": {"input": {0: 1}}}, TypeError, r"must be an axis name"),
+        ({"dynamic_axes": {"input": "batch"}}, TypeError, r"dimension: axis name"),
+        ({"dynamic_axes": [0]}, TypeError, "dynamic_axes must be a mapping"),
+        ({"dynamic_batch": "yes"}, TypeError, "dynamic_batch must be True or False"),
+    ]
+    for options, error, message in cases:
+        with pytest.raises(error, match=message):
+            gblr.export_onnx(frozen, x, tmp_path / "m.onnx", **options)
+    with pytest.raises(TypeError, match="mapping of names to tensors"):
+        gblr.export_onnx(frozen, {"input": [1, 2]}, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_axis_the_model_cannot_vary_is_refused(tmp_path):
+    class Fixed(nn.Module):  # reads exactly 4 rows: dimension 0 is not free
+        def __init__(self):
+            super().__init__()
+            self.layer = gblr.GBLRLinear(8, 8, num_components=2)
+
+        def forward(self, x):
+            return self.layer(x).reshape(4, 16)
+
+    model = gblr.freeze(Fixed().eval())
+    with pytest.raises(Exception, match=r"inferred a static shape of 4") as caught:
+        gblr.export_onnx(model, torch.randn(4, 2, 8), tmp_path / "m.onnx")
+    notes = " ".join(getattr(caught.value, "__notes__", []))  # Python 3.11+
+    assert sys.version_info < (3, 11) or "give dynamic_axes= with only those" in notes
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".onnx"]

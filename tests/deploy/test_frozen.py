@@ -185,3 +185,57 @@ def test_freeze_root_layer_and_bad_arguments():
         FrozenGBLRLinear(4, 4, row_intervals=[(0, 1)], col_intervals=[(0, 1), (1, 1)])
     with pytest.raises(TypeError, match=r"gblr\.GBLRLinear"):
         FrozenGBLRLinear.from_gblr(nn.Linear(3, 3))
+
+
+class _CountGraphs:
+    """A torch.compile backend that runs the graph eagerly and counts compilations."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs += 1
+        return graph_module.forward
+
+
+def test_a_frozen_model_compiles_to_one_graph_with_no_recompile_for_another_batch():
+    # Issue 22: plan_for read the intervals (Tensor.item()) in the forward: 48 graph
+    # breaks on two layers, and a recompile per row bucket up to the recompile limit.
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    conv = gblr.GBLRConv2d(3, 8, 3, padding=1, structure_init="half", init_cost=0.5)
+    model = nn.Sequential(
+        conv,
+        nn.Flatten(),
+        structured_linear(8 * 4 * 4, 29),  # wrapped, narrow and full intervals
+        nn.ReLU(),
+        gblr.GBLRLinear(29, 64, num_components=3),
+    )
+    frozen = gblr.freeze(model.eval())
+    assert [frozen[i].compiled_plan() for i in (0, 2, 4)] == ["dense", "lowrank", "lowrank"]
+    frozen[2].plan = "segment"  # an eager-only plan: the compiled forward runs lowrank
+    frozen[4].plan = "dense"  # a compiled plan: kept
+    assert [frozen[i].compiled_plan() for i in (2, 4)] == ["lowrank", "dense"]
+    x = torch.randn(3, 3, 4, 4)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(frozen)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+    counter = _CountGraphs()
+    compiled = torch.compile(frozen, backend=counter, fullgraph=True)
+    for batch in (3, 5, 8):  # (torch guards conv2d on batch <= 15 itself)
+        x = torch.randn(batch, 3, 4, 4)
+        torch._dynamo.mark_dynamic(x, 0)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), frozen(x), rtol=1e-5, atol=1e-5)
+    assert counter.graphs == 1
+    # The compiled graph reads the parameters: new weights are seen without recompiling.
+    with torch.no_grad():
+        frozen[4].u_packed.mul_(2)
+    x = torch.randn(4, 3, 4, 4)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), frozen(x), rtol=1e-5, atol=1e-5)
+    assert counter.graphs == 1
+    torch._dynamo.reset()

@@ -5,7 +5,7 @@ structures.
 ``peft.get_peft_model(model, LoraConfig(...))`` and ``torchao.quantize_(model,
 Int4WeightOnlyConfig())`` are: every structure has one config class holding the options
 every structure shares (:class:`ConversionConfig`: ``budget``, ``include``, ``exclude``,
-``allocation``, ``min_features``, ``seed``) and only the options that structure uses
+``allocation``, ``keep_dense``, ``min_features``, ``seed``) and only the options that structure uses
 (:class:`GBLRConfig`: ``init``, ``rank_per_component``, ``search_steps``; a baseline
 family's config, :class:`FamilyConfig`: ``init``, ``rank_per_component``). A config is
 checked when it is made, is immutable (``dataclasses.replace`` gives a changed copy), and
@@ -131,6 +131,14 @@ class ConversionConfig:
         allocation: ``"global"`` (layers compete for the model's budget: MACs go where
             they lower the summed normalized error most) or ``"uniform"`` (every layer
             gets ``budget`` times its own MACs).
+        keep_dense: with ``allocation="global"`` and a budget below 1, a layer whose
+            share of the budget is at least its dense MACs stays as it is (``True``, the
+            default: exact at the same cost, where a structured layer could only lose
+            accuracy; listed in ``report.dense_layers``), or becomes a structured layer
+            at that cost all the same (``False``: every selected layer structured, e.g.
+            for a structure learner that moves MACs between them while fine-tuning). A
+            structure's ``init="random"`` (fresh layers, nothing fitted to the weights)
+            keeps no layer dense.
         min_features: layers with ``min(out, in)`` below this are skipped (listed in the
             report).
         seed: seeds every fit; equal seeds give equal models.
@@ -151,6 +159,7 @@ class ConversionConfig:
     include: str | tuple[str, ...] | None = None
     exclude: str | tuple[str, ...] | None = None
     allocation: Literal["global", "uniform"] = "global"
+    keep_dense: bool = True
     min_features: int = 16
     seed: int = 0
 
@@ -167,6 +176,8 @@ class ConversionConfig:
             patterns = _as_patterns(name, value)
             self._set(name, value if patterns is None or isinstance(value, str) else tuple(value))
         _check_choice("allocation", self.allocation, ALLOCATIONS)
+        if not isinstance(self.keep_dense, bool):
+            raise TypeError(f"keep_dense must be True or False, got {self.keep_dense!r}")
         minimum = _check_int("min_features", self.min_features, 1, "a positive int")
         self._set("min_features", minimum)
         self._set("seed", _check_seed(self.seed))

@@ -193,6 +193,10 @@ class LayerConversion:
     calibration inputs, ``||(W - Ŵ) S|| / ||W S||``.
     ``aliases``: other names of the same module object (shared layers), or of distinct
     modules tied to the same weight and bias, all replaced by the one structured module.
+    ``dense``: the layer was kept as it is (its share of the global allocation pays for
+    its dense MACs, so a structured layer could only lose accuracy): ``macs_after`` is
+    its dense cost and ``error`` 0; ``svd_error`` is still the truncated SVD's at those
+    MACs.
     """
 
     name: str
@@ -203,6 +207,7 @@ class LayerConversion:
     error: float
     svd_error: float
     aliases: tuple[str, ...] = ()
+    dense: bool = False
 
     @property
     def ratio(self) -> float:
@@ -213,7 +218,10 @@ class LayerConversion:
 class ConversionReport:
     """What :func:`convert` did: converted layers, skipped layers and totals.
 
-    ``print(report)`` gives a table headed by the config; ``report.config`` is the config
+    ``layers`` holds every layer the budget was spread over, those kept dense included
+    (``layer.dense``, names in :attr:`dense_layers`), so that ``macs_after`` and
+    ``ratio`` are the MACs the model now costs. ``print(report)`` gives a table headed by
+    the config; ``report.config`` is the config
     used (also recorded on the model as ``model.gblr_config``), and ``structure``,
     ``init`` (``None`` for a structure without one), ``allocation`` and ``budget`` repeat
     its main fields.
@@ -238,6 +246,11 @@ class ConversionReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     calibrated: bool = False
     config: ConversionConfig | None = None
+
+    @property
+    def dense_layers(self) -> list[str]:
+        """Names of the layers kept dense: their share of the budget pays for them."""
+        return [layer.name for layer in self.layers if layer.dense]
 
     @property
     def macs_before(self) -> int:
@@ -266,6 +279,7 @@ class ConversionReport:
                 for layer in self.layers
             ],
             "skipped": [{"name": name, "reason": reason} for name, reason in self.skipped],
+            "dense_layers": self.dense_layers,
             "config": None if self.config is None else self.config.to_dict(),
         }
 
@@ -283,7 +297,7 @@ class ConversionReport:
         rows = [
             (
                 layer.name,
-                layer.kind,
+                f"{layer.kind} (kept dense)" if layer.dense else layer.kind,
                 f"{layer.shape[0]}x{layer.shape[1]}",
                 f"{layer.macs_before:,}",
                 f"{layer.macs_after:,}",
@@ -313,8 +327,14 @@ class ConversionReport:
                 f"budget={self.budget:g}"
             )
         calibrated = " (errors: of the outputs on the calibration inputs)"
-        skipped = [f"skipped {name}: {reason}" for name, reason in self.skipped]
-        table = text_table(header, rows, notes=skipped)
+        notes = []
+        if self.dense_layers:
+            notes.append(
+                f"kept dense ({len(self.dense_layers)}; their share of the budget pays for "
+                f"the dense layer, which is exact): {', '.join(self.dense_layers)}"
+            )
+        notes += [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        table = text_table(header, rows, notes=notes)
         return f"{title}{calibrated if self.calibrated else ''}\n{table}"
 
 
@@ -396,34 +416,51 @@ def _global_allocation(
     total: int,
     rank_per_component: int,
 ) -> list[int]:
-    """MACs per layer: greedy fill of rank units by normalized error removed per MAC."""
+    """MACs per layer: greedy fill of rank units by normalized error removed per MAC.
+
+    A layer's last step is the dense layer itself: once no further rank unit fits within
+    its dense MACs, what is left of its error goes for the MACs left to its dense cost
+    (nothing, for a square matrix at half its rank, whose factors cost as much as the
+    dense matrix). A layer given its dense MACs stays dense (exact)."""
     r = rank_per_component
     ranks = [0] * len(curves)
-    heap = []
-    for index, (curve, (m, n)) in enumerate(zip(curves, shapes)):
-        if curve.numel() >= r and r * (m + n) <= m * n:
-            gain = float(curve[:r].sum()) / (r * (m + n))
-            heap.append((-gain, index))
-    heapq.heapify(heap)
+    made_dense = [False] * len(curves)
+    heap: list[tuple[float, int, bool]] = []
+
+    def push(index: int) -> None:
+        curve, (m, n) = curves[index], shapes[index]
+        rank = ranks[index]
+        if rank + r <= min(m, n) and (rank + r) * (m + n) <= m * n:
+            gain = float(curve[rank : rank + r].sum()) / (r * (m + n))
+            heapq.heappush(heap, (-gain, index, False))
+            return
+        rest = m * n - rank * (m + n)
+        left = float(curve[rank:].sum())
+        gain = math.inf if rest <= 0 else left / rest
+        heapq.heappush(heap, (-gain, index, True))
+
+    for index in range(len(curves)):
+        push(index)
     remaining = total
     while heap:
-        _, index = heapq.heappop(heap)
+        _, index, dense_step = heapq.heappop(heap)
         m, n = shapes[index]
-        cost = r * (m + n)
+        cost = max(0, m * n - ranks[index] * (m + n)) if dense_step else r * (m + n)
         if cost > remaining:
             continue  # a cheaper layer may still fit
-        ranks[index] += r
         remaining -= cost
-        curve = curves[index]
-        following = ranks[index]
-        # A layer never gets more than its dense MACs.
-        if following + r <= min(m, n) and (following + r) * (m + n) <= m * n:
-            gain = float(curve[following : following + r].sum()) / cost
-            heapq.heappush(heap, (-gain, index))
+        if dense_step:
+            made_dense[index] = True
+        else:
+            ranks[index] += r
+            push(index)
     # MACs no rank unit could use go to the layers in proportion to their size, so the
     # structured fit (which spends MACs on intervals, not only on whole ranks) uses them.
-    macs = [rank * (m + n) for rank, (m, n) in zip(ranks, shapes)]
     dense = [m * n for m, n in shapes]
+    macs = [
+        size if full else rank * (m + n)
+        for size, full, rank, (m, n) in zip(dense, made_dense, ranks, shapes)
+    ]
     open_layers = [i for i in range(len(dense)) if macs[i] < dense[i]]
     spare = total - sum(macs)
     while spare > 0 and open_layers:
@@ -476,21 +513,26 @@ def _build_layer(
     return layer.train(original.training)
 
 
-def _with_progress(items: Iterable, total: int, progress: bool | None) -> Iterable:
-    """``items`` behind a tqdm bar on standard error (``None``: only on a terminal)."""
-    if progress is False:
-        return items
+def _progress_bar(total: int, progress: bool | None) -> Any:
+    """A tqdm bar over ``total`` layers on standard error, with the time left (``None``:
+    no bar: ``progress=False``, tqdm not installed, or ``progress=None`` and standard
+    error is not a terminal)."""
+    if progress is False or total == 0:
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional: no bar
-        return items
-    return tqdm(
-        items,
+        return None
+    bar = tqdm(
         total=total,
         desc="gblr.convert",
         unit="layer",
         disable=None if progress is None else False,
     )
+    if bar.disable:
+        bar.close()
+        return None
+    return bar
 
 
 # --------------------------------------------------------------------------- checks
@@ -807,17 +849,27 @@ def convert(
             same output errors, and the report's errors are output errors. For
             ``GBLRConfig(init="svd")`` and ``LowRankConfig(init="project")``, Linear and
             Conv1D layers.
-        progress: show a progress bar over the layers (``tqdm``, when installed); the
-            default ``None`` shows it only when standard error is a terminal.
+        progress: show a progress bar over the layers, with the layer being fitted and
+            the time left (``tqdm``, when installed); the default ``None`` shows it only
+            when standard error is a terminal, ``False`` never. (A display option of this
+            call, not of the conversion: it is not part of the config that
+            ``model.gblr_config`` records and :func:`gblr.save` writes.)
 
     Returns:
         A :class:`ConversionReport` (``report.config``: the config used). Converted
         layers keep their bias, dtype, device and train/eval mode; they are
         :class:`gblr.GBLRLinear` (for ``Linear`` and ``Conv1D``, input ``(..., in)``) or
         :class:`gblr.GBLRConv2d`, or the family's
-        :class:`gblr.structured.StructuredLinear`. Layers left dense are listed in
-        ``report.skipped`` with the reason: one the family cannot express at its share
-        of the budget (below the family's smallest configuration), the Linear children of
+        :class:`gblr.structured.StructuredLinear`. With ``allocation="global"`` (and a
+        budget below 1), a layer whose share of the budget is at least its dense MACs
+        stays as it is (its ``nn.Linear`` and weights, exact): a structured layer at that
+        cost could only lose accuracy (``keep_dense=False`` in the config converts it
+        all the same, and so does ``init="random"``, which fits nothing to the weights).
+        It is in ``report.layers`` with ``dense=True`` (its MACs count in the totals)
+        and named in ``report.dense_layers``. Layers left
+        dense for other reasons are listed in ``report.skipped`` with the reason: one the
+        family cannot express at its share of the budget (below the family's smallest
+        configuration), the Linear children of
         ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (torch reads their
         ``.weight``), and *tied* layers (below). A ``UserWarning`` says when
         tied layers were left dense and when no layer was converted at all.
@@ -976,62 +1028,116 @@ def convert(
         total = int(budget * sum(dense))
         layer_macs = _global_allocation(curves, shapes, total, rank_per_component)
 
+    # A layer the global allocation gives its dense MACs stays dense: exact, same cost.
+    # (budget 1.0 is "no compression": GBLR's exact full-rank factorization, to learn from.)
+    # Not for init="random": nothing is fitted to the weights, every layer starts fresh.
+    keeps = config.keep_dense and getattr(config, "init", None) != "random"
+    keep = [
+        keeps and allocation == "global" and budget < 1.0 and macs >= size
+        for macs, size in zip(layer_macs, dense)
+    ]
+
     # Everything is fitted before anything is replaced: a failure leaves the model as it was.
     replacements: list[tuple[_Target, nn.Module]] = []
-    fits = zip(targets, matrices, curves, layer_macs, whitenings, strict=True)
-    for target, matrix, curve, macs, factor in _with_progress(fits, len(targets), progress):
-        weight = target.module.weight
-        options = {} if factor is None else {"whitening": factor}
-        try:
-            fitted = spec.fit(matrix, macs, config, **options)
-        except BudgetTooSmallError as error:  # a family that cannot express this budget here
-            report.skipped.append((target.name, str(error)))
-            continue
-        except Exception as error:
-            raise RuntimeError(
-                f"gblr.convert: fitting layer {target.name!r} ({target.kind} "
-                f"{matrix.shape[0]}x{matrix.shape[1]}, {macs} MACs, {_config_text(config)}) "
-                f"failed with {type(error).__name__}: {error}; the model is unchanged"
-            ) from error
-        fitted.eval()
-        with torch.no_grad():
-            difference = fitted.dense_weight().to(matrix.dtype) - matrix
-            reference = matrix
-            if factor is not None:  # output errors on the calibration inputs
-                factor = factor.to(matrix.dtype)
-                difference, reference = difference @ factor, matrix @ factor
-            error = float(difference.norm() / reference.norm().clamp_min(1e-30))
-        layer = _build_layer(target.module, target.kind, fitted, weight.device, weight.dtype)
-        replacements.append((target, layer))
-        report.layers.append(
-            LayerConversion(
-                name=target.name,
-                kind=target.kind,
-                shape=tuple(matrix.shape),
-                macs_before=matrix.shape[0] * matrix.shape[1],
-                macs_after=int(fitted.flops()),
-                error=error,
-                aliases=tuple(target.names[1:]),
-                svd_error=_svd_error(
-                    curve, int(fitted.flops()), tuple(matrix.shape), rank_per_component
-                ),
-            )
-        )
+    fits = zip(targets, matrices, curves, layer_macs, whitenings, keep, strict=True)
+    bar = _progress_bar(len(targets), progress)
+    try:
+        for target, matrix, curve, macs, factor, kept in fits:
+            if bar is not None:
+                bar.set_postfix_str(target.name, refresh=False)
+            shape = tuple(matrix.shape)
+            if kept:
+                size = shape[0] * shape[1]
+                svd_error = _svd_error(curve, size, shape, rank_per_component)
+                report.layers.append(
+                    LayerConversion(
+                        target.name,
+                        target.kind,
+                        shape,
+                        size,
+                        size,
+                        0.0,
+                        svd_error,
+                        aliases=tuple(target.names[1:]),
+                        dense=True,
+                    )
+                )
+            else:
+                fitted = _fit_target(spec, config, target, matrix, macs, factor, report)
+                if fitted is not None:
+                    replacements.append((target, fitted[0]))
+                    report.layers.append(
+                        LayerConversion(
+                            name=target.name,
+                            kind=target.kind,
+                            shape=shape,
+                            macs_before=shape[0] * shape[1],
+                            macs_after=fitted[1],
+                            error=fitted[2],
+                            aliases=tuple(target.names[1:]),
+                            svd_error=_svd_error(curve, fitted[1], shape, rank_per_component),
+                        )
+                    )
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     _install(model, [(name, layer) for target, layer in replacements for name in target.names])
-    if report.layers:
+    if replacements:
         # The config that made the model (gblr.save writes it), as peft's model.peft_config.
         model.gblr_config = config
         # A transformers model's own save_pretrained writes a gblr folder (which dense
         # loaders refuse), never a folder that loads as a dense model with random layers.
         protect_save_pretrained(model)
     else:
+        kept_dense = len(report.dense_layers)
         warnings.warn(
             f"gblr.convert converted no layer ({len(report.skipped)} skipped, reasons in "
-            "report.skipped)",
+            "report.skipped"
+            + (f"; {kept_dense} kept dense, report.dense_layers" if kept_dense else "")
+            + ")",
             UserWarning,
             stacklevel=2,
         )
     return report
+
+
+def _fit_target(
+    spec: Any,
+    config: ConversionConfig,
+    target: _Target,
+    matrix: Tensor,
+    macs: int,
+    factor: Tensor | None,
+    report: ConversionReport,
+) -> tuple[nn.Module, int, float] | None:
+    """``(layer, MACs, error)``: the structured layer fitted to one target, with its bias,
+    dtype, device and mode; ``None`` when the structure cannot be built at ``macs`` (the
+    layer is then listed in ``report.skipped``)."""
+    weight = target.module.weight
+    options = {} if factor is None else {"whitening": factor}
+    try:
+        fitted = spec.fit(matrix, macs, config, **options)
+    except BudgetTooSmallError as error:  # a family that cannot express this budget here
+        report.skipped.append((target.name, str(error)))
+        return None
+    except Exception as error:
+        raise RuntimeError(
+            f"gblr.convert: fitting layer {target.name!r} ({target.kind} "
+            f"{matrix.shape[0]}x{matrix.shape[1]}, {macs} MACs, {_config_text(config)}) "
+            f"failed with {type(error).__name__}: {error}; the model is unchanged"
+        ) from error
+    fitted.eval()
+    with torch.no_grad():
+        difference = fitted.dense_weight().to(matrix.dtype) - matrix
+        reference = matrix
+        if factor is not None:  # output errors on the calibration inputs
+            factor = factor.to(matrix.dtype)
+            difference, reference = difference @ factor, matrix @ factor
+        error = float(difference.norm() / reference.norm().clamp_min(1e-30))
+    layer = _build_layer(target.module, target.kind, fitted, weight.device, weight.dtype)
+    return layer, int(fitted.flops()), error
 
 
 def _install(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> None:

@@ -6,6 +6,11 @@ packed into two flat tensors. It has no widths, locations or Gaudi masks, so loa
 running it needs no training code. Its forward runs one of the execution plans of
 :mod:`gblr.deploy.plans`, chosen per row-count bucket (:func:`gblr.plan`, or set by hand
 with ``layer.plan = "segment"``).
+
+Under ``torch.compile`` a frozen layer is one graph with no host reads: it runs the plan
+:meth:`FrozenGBLRMatrix.compiled_plan` chose ahead from its shapes (``dense`` or
+``lowrank``), and builds that plan's operands in the graph from its parameters instead
+of reading the eager caches.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from . import plans as P
 __all__ = ["PLAN_CHOICES", "FrozenGBLRConv2d", "FrozenGBLRLinear", "FrozenGBLRMatrix", "freeze"]
 
 PLAN_CHOICES = ("auto", *P.PLANS, *P.GPU_PLANS)
+# The plans a compiled forward runs: one or two matrix products, traced as they are.
+COMPILED_PLANS = ("dense", "lowrank")
+
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def _interval_buffer(name: str, value: object, size: int) -> Tensor:
@@ -213,21 +222,54 @@ class FrozenGBLRMatrix(nn.Module):
         self.__dict__.pop("_plan_memo", None)
         return super()._apply(fn, recurse)
 
+    def compiled_plan(self) -> str:
+        """The plan a forward traced by ``torch.compile`` (or ``torch.export``) runs,
+        chosen ahead from static Python data (the shapes; nothing is read from a tensor):
+        :attr:`plan` when it is ``"dense"`` or ``"lowrank"``, otherwise whichever of the
+        two costs fewer MACs per row (``out * in`` against ``K r (out + in)``). The
+        other plans (Python loops over slices of the intervals, a custom kernel) and the
+        timed choices of :func:`gblr.plan` need operands read from the intervals, which
+        would break the graph.
+
+        Examples:
+            >>> import torch, gblr
+            >>> layer = gblr.freeze(gblr.GBLRLinear(64, 64, num_components=4))
+            >>> layer.compiled_plan()  # 4 (64 + 64) MACs < 64 * 64
+            'lowrank'
+            >>> layer.plan = "dense"
+            >>> layer.compiled_plan()
+            'dense'
+        """
+        if self._plan in COMPILED_PLANS:
+            return self._plan
+        m, n = self.matrix_shape
+        rank = int(self.row_intervals.shape[0]) * self.rank_per_component
+        return "lowrank" if rank * (m + n) < m * n else "dense"
+
+    def _build_factors(self) -> tuple[Tensor, Tensor]:
+        """The padded factors from the parameters (static shapes: traceable)."""
+        with torch.no_grad():
+            return P.padded_factors(
+                self.u_packed,
+                self.v_packed,
+                self.row_intervals,
+                self.col_intervals,
+                self.rank_per_component,
+                self.matrix_shape,
+            )
+
     def _factors(self) -> tuple[Tensor, Tensor]:
+        if _is_compiling():  # in the graph, from the parameters: no cache to validate
+            return self._build_factors()
         items = self._cache()
         if "factors" not in items:
-            with torch.no_grad():
-                items["factors"] = P.padded_factors(
-                    self.u_packed,
-                    self.v_packed,
-                    self.row_intervals,
-                    self.col_intervals,
-                    self.rank_per_component,
-                    self.matrix_shape,
-                )
+            items["factors"] = self._build_factors()
         return items["factors"]
 
     def _weight(self) -> Tensor:
+        if _is_compiling():
+            with torch.no_grad():
+                return P.dense_matrix(*self._factors())
         items = self._cache()
         if "dense" not in items:
             with torch.no_grad():
@@ -486,8 +528,10 @@ class FrozenGBLRLinear(FrozenGBLRMatrix):
                 f"input's last dimension must be in_features={self.in_features}, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        rows = x.numel() // self.in_features
-        plan = self.plan_for(rows)
+        if _is_compiling():
+            plan = self.compiled_plan()
+        else:
+            plan = self.plan_for(x.numel() // self.in_features)
         if plan == "dense":  # F.linear takes any leading dims: no reshapes on the fast path
             return P.run_dense(x, self._weight(), self._parameters["bias"])
         x2 = x.reshape(-1, self.in_features)
@@ -636,7 +680,10 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
         if unbatched:
             x = x.unsqueeze(0)
         out_h, out_w = self._output_size(x.shape[-2], x.shape[-1])
-        plan = self.plan_for(x.shape[0] * out_h * out_w)
+        if _is_compiling():
+            plan = self.compiled_plan()
+        else:
+            plan = self.plan_for(x.shape[0] * out_h * out_w)
         y = self._conv(x, plan, out_h, out_w)
         return y.squeeze(0) if unbatched else y
 

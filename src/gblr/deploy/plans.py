@@ -90,7 +90,13 @@ def row_bucket(rows: int) -> int:
 
 # --------------------------------------------------------------------------- packing
 def packed_indices(
-    starts: Tensor, lengths: Tensor, rank: int, size: int, *, rank_major: bool
+    starts: Tensor,
+    lengths: Tensor,
+    rank: int,
+    size: int,
+    *,
+    rank_major: bool,
+    total: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Where each entry of a packed factor lives in the zero-padded factor.
 
@@ -100,6 +106,9 @@ def packed_indices(
         size: the dimension (``m`` for ``U``, ``n`` for ``V``).
         rank_major: ``False`` for ``u_packed`` (each block ``(length, r)``), ``True`` for
             ``v_packed`` (each block ``(r, length)``).
+        total: ``r * sum(lengths)`` when the caller knows it (the packed factor's size):
+            then nothing is read back from the tensors, and the computation traces under
+            ``torch.compile`` as one graph of static shapes.
 
     Returns:
         ``(position, rank_index)``, each ``(r * sum(lengths),)`` int64: the entry's index
@@ -107,8 +116,11 @@ def packed_indices(
     """
     device = starts.device
     sizes = lengths * rank
-    total = int(sizes.sum())
-    component = torch.repeat_interleave(torch.arange(starts.numel(), device=device), sizes)
+    if total is None:
+        total = int(sizes.sum())
+    component = torch.repeat_interleave(
+        torch.arange(starts.numel(), device=device), sizes, output_size=total
+    )
     offsets = torch.cumsum(sizes, 0) - sizes
     within = torch.arange(total, device=device) - offsets[component]
     if rank_major:
@@ -136,10 +148,20 @@ def padded_factors(
     v = v_packed.new_zeros(k * rank, n)
     if k:
         rows, u_rank = packed_indices(
-            row_intervals[:, 0], row_intervals[:, 1], rank, m, rank_major=False
+            row_intervals[:, 0],
+            row_intervals[:, 1],
+            rank,
+            m,
+            rank_major=False,
+            total=u_packed.numel(),
         )
         cols, v_rank = packed_indices(
-            col_intervals[:, 0], col_intervals[:, 1], rank, n, rank_major=True
+            col_intervals[:, 0],
+            col_intervals[:, 1],
+            rank,
+            n,
+            rank_major=True,
+            total=v_packed.numel(),
         )
         u[rows, u_rank] = u_packed
         v[v_rank, cols] = v_packed

@@ -8,6 +8,7 @@ Used by training (:mod:`gblr.recipes.train`), smoke runs (:mod:`gblr.recipes.smo
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -363,24 +364,37 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
 def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: TrainConfig) -> None:
     """Give ``model`` the structured layers whose shapes ``state`` holds, without the
     structure search (their values come from ``state``)."""
-    from ..compress.convert import convert
+    from ..compress.convert import convert, convertible_kind
     from ..layers import GBLRConv2d, GBLRLinear
     from ..modules import set_submodule
     from .models import _conversion_config
 
     # A random structure of the same kind and budget has the searched layers' parameter
-    # shapes, except for the number of GBLR components, which the search chooses.
+    # shapes, except for the number of GBLR components, which the search chooses. Layers
+    # the search kept dense (their share of the budget paid for them) are dense in
+    # ``state``: they stay; every other selected layer is structured.
     s = config.structure
+    try:  # Hugging Face's Conv1D (GPT-2) is a convertible layer too
+        from transformers.pytorch_utils import Conv1D as conv1d
+    except ImportError:
+        conv1d = None
+    kept = [
+        name
+        for name, layer in model.named_modules()
+        if convertible_kind(layer, conv1d) is not None
+        and getattr(state.get(f"{name}.weight"), "shape", None) == layer.weight.shape
+    ]
+    excluded = [s.exclude] if isinstance(s.exclude, str) else list(s.exclude or [])
     conversion = _conversion_config(
         s.kind,
         s.budget,
         init="random",
         include=s.include,
-        exclude=s.exclude,
+        exclude=excluded + kept or None,
         rank_per_component=s.rank_per_component,
         seed=config.seed,
     )
-    convert(model, conversion)
+    convert(model, dataclasses.replace(conversion, keep_dense=False))
     for name, layer in list(model.named_modules()):
         if not isinstance(layer, (GBLRLinear, GBLRConv2d)) or f"{name}.U" not in state:
             continue
