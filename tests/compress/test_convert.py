@@ -313,7 +313,7 @@ def test_a_layer_the_global_allocation_gives_its_dense_macs_stays_dense():
 def test_keep_dense_false_structures_every_layer_and_a_run_restores_kept_layers():
     from types import SimpleNamespace
 
-    from gblr.recipes.train import _structure_like
+    from gblr.recipes.build import _structure_like
 
     def model():
         generator = torch.Generator().manual_seed(0)
