@@ -226,3 +226,17 @@ def test_docstrings_cross_reference_in_the_syntax_the_site_renders():
         if role.search(line)
     ]
     assert not found, found
+
+
+def test_every_public_name_has_an_api_page_entry():
+    """Each class and function of ``gblr.__all__`` is rendered on the API page (modules
+    such as ``gblr.deploy`` are documented through their members)."""
+    entries = set(re.findall(r"^::: (\S+)", (ROOT / "docs" / "api.md").read_text(), re.M))
+    missing = [
+        name
+        for name in gblr.__all__
+        if not name.startswith("__")
+        and not inspect.ismodule(getattr(gblr, name))
+        and f"gblr.{name}" not in entries
+    ]
+    assert not missing, missing
