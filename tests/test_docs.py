@@ -213,3 +213,30 @@ def test_public_docstrings_have_shapes_and_an_example_that_runs(obj):
     for test in finder.find(obj, obj.__qualname__, globs={}):
         runner.run(test)
     assert runner.failures == 0, f"{obj.__qualname__}: {runner.failures} failing examples"
+
+
+def test_docstrings_cross_reference_in_the_syntax_the_site_renders():
+    """mkdocstrings shows a Sphinx role (``:class:`X```) as raw text: references are
+    autorefs links (``[`X`][]`` or ``[`X`][full.path]``), which the strict build checks."""
+    role = re.compile(r":(class|func|meth|data|attr|mod|exc|obj):`")
+    found = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "src").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if role.search(line)
+    ]
+    assert not found, found
+
+
+def test_every_public_name_has_an_api_page_entry():
+    """Each class and function of ``gblr.__all__`` is rendered on the API page (modules
+    such as ``gblr.deploy`` are documented through their members)."""
+    entries = set(re.findall(r"^::: (\S+)", (ROOT / "docs" / "api.md").read_text(), re.M))
+    missing = [
+        name
+        for name in gblr.__all__
+        if not name.startswith("__")
+        and not inspect.ismodule(getattr(gblr, name))
+        and f"gblr.{name}" not in entries
+    ]
+    assert not missing, missing

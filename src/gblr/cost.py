@@ -2,7 +2,8 @@
 
 Convention (fvcore's): one multiply-accumulate (MAC) counts as one "FLOP". A linear
 layer's cost is given per input row, a convolution's per output position; with an
-example input, :func:`count_flops` also multiplies by the rows/positions actually seen.
+example input, [`count_flops`][gblr.cost.count_flops] also multiplies by the rows/positions actually
+seen.
 
 This module sits at the bottom of the package: it knows structured layers only through
 the small interface they share (``flops()``, ``dense_flops()``, optionally
@@ -38,7 +39,7 @@ __all__ = [
 
 @runtime_checkable
 class SupportsFlops(Protocol):
-    """What :func:`count_flops` needs from a structured layer."""
+    """What [`count_flops`][gblr.cost.count_flops] needs from a structured layer."""
 
     matrix_shape: tuple[int, int]
     """``(out, in)`` of the layer's weight matrix (``(out, in*kh*kw)`` for a conv)."""
@@ -92,9 +93,9 @@ def check_fraction_budget(
     fraction_name: str = "target",
     macs_name: str = "target_macs",
 ) -> None:
-    """The checks of :func:`fraction_budget_macs` that need no layer: exactly one of the
-    two given, ``fraction`` a number in (0, 1] (or the int 1), ``macs`` an int >= 1.
-    For callers that build the layers later (the training callbacks), so that a wrong
+    """The checks of [`fraction_budget_macs`][gblr.cost.fraction_budget_macs] that need no layer:
+    exactly one of the two given, ``fraction`` a number in (0, 1] (or the int 1), ``macs`` an int >=
+    1. For callers that build the layers later (the training callbacks), so that a wrong
     budget fails when it is given, not when training starts.
 
     Examples:
@@ -152,7 +153,7 @@ def fraction_budget_macs(
 
     Args:
         fraction: a number in (0, 1]: that fraction of ``dense_macs`` (floored). The int
-            ``1`` means 1.0 (all of the dense MACs), as in :func:`gblr.convert`; any other
+            ``1`` means 1.0 (all of the dense MACs), as in [`gblr.convert`][]; any other
             int is refused, since it used to mean a MAC count and silently reading it as a
             fraction (or ``1`` as one MAC) would change a model's cost without a word.
         macs: an absolute count of MACs (an int >= 1), or ``None``.
@@ -199,7 +200,7 @@ def fraction_budget_macs(
 
 @dataclasses.dataclass(frozen=True)
 class LayerFlops:
-    """One row of a :class:`FlopsReport`.
+    """One row of a [`FlopsReport`][gblr.cost.FlopsReport].
 
     ``macs`` and ``dense_macs`` are per input row (linear) or per output position (conv).
     ``total_macs``/``total_dense_macs`` are filled only when an example input was given:
@@ -386,7 +387,7 @@ def count_flops(
     """Count the MACs of every linear, convolution and structured layer of ``model``.
 
     Structured layers (anything with ``flops()`` and ``dense_flops()``, e.g.
-    :class:`gblr.GBLRLinear`) report their live cost; ``nn.Linear`` and ``nn.Conv2d``
+    [`gblr.GBLRLinear`][]) report their live cost; ``nn.Linear`` and ``nn.Conv2d``
     count as dense. Modules inside a counted structured layer are not counted again.
 
     Args:
@@ -398,7 +399,7 @@ def count_flops(
         exclude: glob patterns of layers to leave out.
 
     Returns:
-        A :class:`FlopsReport` (``print(report)`` shows a table).
+        A [`FlopsReport`][gblr.cost.FlopsReport] (``print(report)`` shows a table).
 
     Examples:
         >>> import torch, gblr

@@ -1,8 +1,8 @@
 """Files written atomically, by the conventions of ``cp`` and editors.
 
-:func:`save_atomically` is the one writer of every file the library saves (frozen models,
-ONNX exports, run folders, reports, token caches): a reader sees the old file or the new
-one, never a partial one. It sits at the bottom of the package (no torch, no gblr
+[`save_atomically`][gblr.files.save_atomically] is the one writer of every file the library saves
+(frozen models, ONNX exports, run folders, reports, token caches): a reader sees the old file or the
+new one, never a partial one. It sits at the bottom of the package (no torch, no gblr
 imports) so that every layer can use it.
 """
 
@@ -53,8 +53,8 @@ def _sweep_temporaries(folder: Path) -> None:
 
     A killed process (``kill -9``, out of memory, power loss) cannot remove its own
     temporary file; the next save into the folder does. Only files named by
-    :func:`save_atomically` on this machine whose process is gone are deleted: a save in
-    progress, or one on another machine sharing the folder, is never touched."""
+    [`save_atomically`][gblr.files.save_atomically] on this machine whose process is gone are
+    deleted: a save in progress, or one on another machine sharing the folder, is never touched."""
     host, me = _host_tag(), os.getpid()
     try:
         entries = list(os.scandir(folder))
@@ -131,7 +131,7 @@ def save_atomically(
     never a partial one. A process killed mid-write cannot clean up: the next save into
     the same folder removes temporary files of processes that are gone. The file is
     flushed to disk before the rename. Symbolic links and read-only files follow
-    :func:`replacement_target` (the link's target is rewritten; a read-only file is
+    `replacement_target` (the link's target is rewritten; a read-only file is
     refused). A new file gets the permissions a plain ``open`` would give it; a replaced
     file keeps its permissions. The folder is created when missing.
 

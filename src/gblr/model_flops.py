@@ -1,12 +1,12 @@
 """Whole-model MACs: every linear, convolution and attention matmul of one forward pass.
 
-:func:`gblr.count_flops` lists the layers that can be structured; this module counts
+[`gblr.count_flops`][] lists the layers that can be structured; this module counts
 everything a forward pass multiplies, in the fvcore convention (one multiply-accumulate
 counts as one FLOP), so that "5.65 GFLOPs of 17.6" style numbers come out directly.
 
 It runs the model once under torch's ``FlopCounterMode`` (matmuls, convolutions,
 scaled-dot-product attention) and replaces what happens inside each structured layer
-(anything with ``flops()``/``dense_flops()``, e.g. :class:`gblr.GBLRLinear`, a baseline
+(anything with ``flops()``/``dense_flops()``, e.g. [`gblr.GBLRLinear`][], a baseline
 family, a frozen layer) by the layer's exact cost times the rows it processed: the
 training form of a GBLR layer computes masked dense products whose size says nothing
 about its cost. Elementwise work (norms, activations, softmax) is not counted, as in
@@ -29,7 +29,8 @@ __all__ = ["ModelFlops", "StructuredFlops", "count_model_flops"]
 
 @dataclasses.dataclass(frozen=True)
 class StructuredFlops:
-    """One structured layer in a :class:`ModelFlops`: MACs for the whole example input."""
+    """One structured layer in a [`ModelFlops`][gblr.model_flops.ModelFlops]: MACs for the whole
+    example input."""
 
     name: str
     kind: str
@@ -138,7 +139,7 @@ def count_model_flops(model: nn.Module, example_input: Any) -> ModelFlops:
             arguments (e.g. ``{"input_ids": ids}``); batch 1 gives per-image numbers.
 
     Returns:
-        A :class:`ModelFlops` (``print()`` it; ``.gflops``, ``.ratio``).
+        A [`ModelFlops`][gblr.model_flops.ModelFlops] (``print()`` it; ``.gflops``, ``.ratio``).
 
     Examples:
         >>> import torch, gblr

@@ -1,7 +1,7 @@
 """The library's one table printer: plain-text tables for the terminal and Markdown
 tables for reports.
 
-Every table the library prints or writes (the MACs reports of :mod:`gblr.cost`, the
+Every table the library prints or writes (the MACs reports of `gblr.cost`, the
 conversion and plan reports, a run's cost per layer, ``gblr sweep`` and ``gblr demo``)
 is made here from a header and rows of cells that the caller has already formatted.
 """
@@ -98,7 +98,7 @@ def markdown_table(
     """A Markdown (GitHub) table; ``align``: ``<`` or ``>`` per column (default left).
 
     Raises:
-        ValueError: as :func:`text_table`.
+        ValueError: as [`text_table`][gblr.tables.text_table].
 
     Examples:
         >>> from gblr.tables import markdown_table

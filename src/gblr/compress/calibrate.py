@@ -87,7 +87,8 @@ def input_second_moments(
         name -> second moment of that layer's input rows.
 
     Raises:
-        TypeError: ``calibration`` is not an iterable of batches (:func:`check_calibration`).
+        TypeError: ``calibration`` is not an iterable of batches
+            ([`check_calibration`][gblr.compress.calibrate.check_calibration]).
         ValueError: ``calibration`` is empty, a layer never ran, or a layer's inputs held
             NaN or inf (the layers are named).
     """

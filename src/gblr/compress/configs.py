@@ -1,21 +1,24 @@
-"""One config per structure: what :func:`gblr.convert` builds, and the registry of
+"""One config per structure: what [`gblr.convert`][] builds, and the registry of
 structures.
 
 ``gblr.convert(model, GBLRConfig(budget=0.3))`` is the call, as
 ``peft.get_peft_model(model, LoraConfig(...))`` and ``torchao.quantize_(model,
 Int4WeightOnlyConfig())`` are: every structure has one config class holding the options
-every structure shares (:class:`ConversionConfig`: ``budget``, ``include``, ``exclude``,
-``allocation``, ``keep_dense``, ``min_features``, ``seed``) and only the options that structure uses
-(:class:`GBLRConfig`: ``init``, ``rank_per_component``, ``search_steps``; a baseline
-family's config, :class:`FamilyConfig`: ``init``, ``rank_per_component``). A config is
+every structure shares ([`ConversionConfig`][gblr.compress.configs.ConversionConfig]: ``budget``,
+``include``, ``exclude``, ``allocation``, ``keep_dense``, ``min_features``, ``seed``) and only the
+options that structure uses ([`GBLRConfig`][gblr.compress.configs.GBLRConfig]: ``init``,
+``rank_per_component``, ``search_steps``; a baseline family's config,
+[`FamilyConfig`][gblr.compress.configs.FamilyConfig]: ``init``, ``rank_per_component``). A config is
 checked when it is made, is immutable (``dataclasses.replace`` gives a changed copy), and
 round-trips through plain JSON data with its structure's name inside
-(:meth:`ConversionConfig.to_dict`, :func:`config_from_dict`). :func:`gblr.convert`
-records the config on the model (``model.gblr_config``), :func:`gblr.save` writes it
-into the file and :meth:`ConversionConfig.from_file` reads it back.
+([`ConversionConfig.to_dict`][gblr.compress.configs.ConversionConfig.to_dict],
+[`config_from_dict`][gblr.compress.configs.config_from_dict]). [`gblr.convert`][] records the config
+on the model (``model.gblr_config``), [`gblr.save`][] writes it into the file and
+[`ConversionConfig.from_file`][gblr.compress.configs.ConversionConfig.from_file] reads it back.
 
-:func:`register_structure` adds a structure with its fit function and its config class
-(:class:`ConversionConfig` itself when it needs only the shared options).
+[`register_structure`][gblr.compress.configs.register_structure] adds a structure with its fit
+function and its config class ([`ConversionConfig`][gblr.compress.configs.ConversionConfig] itself
+when it needs only the shared options).
 """
 
 from __future__ import annotations
@@ -114,14 +117,15 @@ class ConversionConfig:
     nothing, report the layers: a baseline for scripts) and of a structure registered
     without a config class of its own.
 
-    A structure with options of its own has a subclass naming it (:class:`GBLRConfig`,
-    the baseline families' :class:`LowRankConfig`, ...), whose ``structure`` is fixed;
-    here it is given. Every field is checked when the config is made (``TypeError`` /
-    ``ValueError`` naming the field, the value and what is allowed); configs are frozen.
+    A structure with options of its own has a subclass naming it
+    ([`GBLRConfig`][gblr.compress.configs.GBLRConfig], the baseline families'
+    [`LowRankConfig`][gblr.compress.configs.LowRankConfig], ...), whose ``structure`` is fixed; here
+    it is given. Every field is checked when the config is made (``TypeError`` / ``ValueError``
+    naming the field, the value and what is allowed); configs are frozen.
 
     Attributes:
-        structure: the structure's name: ``"dense"`` or one of :func:`structures` whose
-            config class is this one.
+        structure: the structure's name: ``"dense"`` or one of
+            [`structures`][gblr.compress.configs.structures] whose config class is this one.
         budget: fraction in ``(0, 1]`` of the converted layers' dense MACs (per input
             row; per output position for convolutions). The int 1 means 1.0.
         include: glob pattern(s) over module names; only matching layers are converted
@@ -212,10 +216,11 @@ class ConversionConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConversionConfig:
-        """The config of ``data`` (as :meth:`to_dict` gives it). ``"structure"``, when
-        present, must be this class's (use :func:`config_from_dict` for any structure);
-        the class's own structure may be left out. Unknown keys are a ``ValueError``
-        listing the allowed ones; the values are checked as by the constructor.
+        """The config of ``data`` (as `to_dict` gives it). ``"structure"``, when
+        present, must be this class's (use
+        [`config_from_dict`][gblr.compress.configs.config_from_dict] for any structure); the class's
+        own structure may be left out. Unknown keys are a ``ValueError`` listing the allowed ones;
+        the values are checked as by the constructor.
 
         Examples:
             >>> from gblr import GBLRConfig
@@ -244,15 +249,15 @@ class ConversionConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ConversionConfig:
-        """The config of the conversion that made a model saved by :func:`gblr.save`
-        (which writes ``model.gblr_config``, set by :func:`gblr.convert`).
+        """The config of the conversion that made a model saved by [`gblr.save`][]
+        (which writes ``model.gblr_config``, set by [`gblr.convert`][]).
 
-        The file is verified first (:func:`gblr.deploy.load_checkpoint`). Called on a
+        The file is verified first (`gblr.deploy.load_checkpoint`). Called on a
         subclass, the config must be of that class.
 
         Raises:
             ValueError: the file holds no config (saved from a model that
-                :func:`gblr.convert` did not make, or by a gblr before configs), or one
+                [`gblr.convert`][] did not make, or by a gblr before configs), or one
                 of another class, or of a structure not registered here.
             GBLRFileError: the file is damaged or not a gblr file.
 
@@ -295,13 +300,13 @@ def _check_init_and_rank(config: GBLRConfig | FamilyConfig, inits: Sequence[str]
 
 @dataclass(frozen=True, kw_only=True)
 class GBLRConfig(ConversionConfig):
-    """Convert to GBLR layers (:class:`gblr.GBLRLinear`, :class:`gblr.GBLRConv2d`): the
-    shared options of :class:`ConversionConfig` and
+    """Convert to GBLR layers ([`gblr.GBLRLinear`][], [`gblr.GBLRConv2d`][]): the
+    shared options of [`ConversionConfig`][gblr.compress.configs.ConversionConfig] and
 
     Attributes:
         init: ``"svd"`` (default: truncated SVD on full intervals; seconds, and as good
             as the search after fine-tuning on the real-task benchmarks), ``"search"``
-            (:func:`gblr.fit_dense`: structure searched from the weights, a lower weight
+            ([`gblr.fit_dense`][]: structure searched from the weights, a lower weight
             error before fine-tuning, minutes on a transformer) or ``"random"`` (a fresh
             layer at the budget's cost started as GBLR's block-diagonal special case,
             ``GBLRLinear(structure_init="blockdiag")``, for training from scratch).
@@ -311,7 +316,7 @@ class GBLRConfig(ConversionConfig):
         rank_per_component: ``r`` of every component, at most ``min(out, in)`` of every
             converted layer; also the unit (rank ``r``, ``r (out + in)`` MACs) in which
             the global allocation hands out MACs.
-        search_steps: refinement steps of :func:`gblr.fit_dense` per layer, an int >= 0;
+        search_steps: refinement steps of [`gblr.fit_dense`][] per layer, an int >= 0;
             only with ``init="search"`` (another value with another init is refused).
 
     Examples:
@@ -355,10 +360,13 @@ class GBLRConfig(ConversionConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class FamilyConfig(ConversionConfig):
-    """The options of a baseline family of :mod:`gblr.structured` (each has a subclass
-    naming it: :class:`LowRankConfig`, :class:`MonarchConfig`, :class:`BlockDiagConfig`,
-    :class:`BlockSparseConfig`, :class:`PixelflyConfig`): the shared options of
-    :class:`ConversionConfig` and
+    """The options of a baseline family of [`gblr.structured`][] (each has a subclass
+    naming it: [`LowRankConfig`][gblr.compress.configs.LowRankConfig],
+    [`MonarchConfig`][gblr.compress.configs.MonarchConfig],
+    [`BlockDiagConfig`][gblr.compress.configs.BlockDiagConfig],
+    [`BlockSparseConfig`][gblr.compress.configs.BlockSparseConfig],
+    [`PixelflyConfig`][gblr.compress.configs.PixelflyConfig]): the shared options of
+    [`ConversionConfig`][gblr.compress.configs.ConversionConfig] and
 
     Attributes:
         init: ``"project"`` (default: the family's projection of the weights, its
@@ -392,9 +400,9 @@ class FamilyConfig(ConversionConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class LowRankConfig(FamilyConfig):
-    """:class:`gblr.structured.LowRankLinear` layers (``U V``, the rank the budget pays
+    """[`gblr.structured.LowRankLinear`][] layers (``U V``, the rank the budget pays
     for; its projection is the truncated SVD, and it can be fitted to calibration inputs).
-    Options: those of :class:`FamilyConfig`.
+    Options: those of [`FamilyConfig`][gblr.compress.configs.FamilyConfig].
 
     Examples:
         >>> import torch, gblr
@@ -409,9 +417,9 @@ class LowRankConfig(FamilyConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class MonarchConfig(FamilyConfig):
-    """:class:`gblr.structured.MonarchLinear` layers (two block-diagonal factors with
+    """[`gblr.structured.MonarchLinear`][] layers (two block-diagonal factors with
     permutations; the largest configuration within each layer's MACs). Options: those of
-    :class:`FamilyConfig`.
+    [`FamilyConfig`][gblr.compress.configs.FamilyConfig].
 
     Examples:
         >>> import gblr
@@ -424,8 +432,8 @@ class MonarchConfig(FamilyConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class BlockDiagConfig(FamilyConfig):
-    """:class:`gblr.structured.BlockDiagLinear` layers (the fewest diagonal blocks within
-    each layer's MACs). Options: those of :class:`FamilyConfig`.
+    """[`gblr.structured.BlockDiagLinear`][] layers (the fewest diagonal blocks within
+    each layer's MACs). Options: those of [`FamilyConfig`][gblr.compress.configs.FamilyConfig].
 
     Examples:
         >>> import torch, gblr
@@ -440,9 +448,9 @@ class BlockDiagConfig(FamilyConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class BlockSparseConfig(FamilyConfig):
-    """:class:`gblr.structured.BlockSparseLinear` layers (the tiles of largest norm, as
+    """[`gblr.structured.BlockSparseLinear`][] layers (the tiles of largest norm, as
     many as each layer's MACs pay for; random positions with ``init="random"``). Options:
-    those of :class:`FamilyConfig`.
+    those of [`FamilyConfig`][gblr.compress.configs.FamilyConfig].
 
     Examples:
         >>> import gblr
@@ -455,9 +463,9 @@ class BlockSparseConfig(FamilyConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class PixelflyConfig(FamilyConfig):
-    """:class:`gblr.structured.PixelflyLinear` layers (butterfly block-sparse pattern plus
+    """[`gblr.structured.PixelflyLinear`][] layers (butterfly block-sparse pattern plus
     low-rank, at the configuration each layer's MACs pay for). Options: those of
-    :class:`FamilyConfig`.
+    [`FamilyConfig`][gblr.compress.configs.FamilyConfig].
 
     Examples:
         >>> import gblr
@@ -509,7 +517,7 @@ def register_structure(
     supports_conv2d: bool = False,
     supports_calibration: bool = False,
 ) -> None:
-    """Make ``name`` a structure of :func:`gblr.convert` (and of the recipes' configs,
+    """Make ``name`` a structure of [`gblr.convert`][] (and of the recipes' configs,
     ``--structure`` and ``gblr sweep``).
 
     Args:
@@ -518,19 +526,19 @@ def register_structure(
             ``(..., in) -> (..., out)`` whose ``flops()`` is at most ``macs`` and whose
             ``dense_weight()`` gives its matrix in eval mode; ``config`` is the
             conversion's config (an instance of ``config``).
-        config: the structure's config class: :class:`ConversionConfig` (the default:
-            the shared options only; the user gives ``structure=name``), or a subclass
-            naming this structure, ``structure: str = field(default=name, init=False)``,
-            with the structure's own options as further fields (checked in
-            ``__post_init__``).
+        config: the structure's config class:
+            [`ConversionConfig`][gblr.compress.configs.ConversionConfig] (the default: the shared
+            options only; the user gives ``structure=name``), or a subclass naming this structure,
+            ``structure: str = field(default=name, init=False)``, with the structure's own options
+            as further fields (checked in ``__post_init__``).
         supports_conv2d: whether the returned module is a GBLR matrix layer whose factors
-            and intervals can be moved into a :class:`gblr.GBLRConv2d`.
+            and intervals can be moved into a [`gblr.GBLRConv2d`][].
         supports_calibration: whether ``fit`` also takes ``whitening=S`` (``(in, in)``,
-            :func:`gblr.ops.whitened.whitening`) and then minimizes the output
+            `gblr.ops.whitened.whitening`) and then minimizes the output
             error ``||(W - Ŵ) S||`` instead of the weight error.
 
-    ``fit`` raises :class:`gblr.structured.BudgetTooSmallError` when the structure cannot
-    be built within ``macs`` at that shape: :func:`gblr.convert` then leaves that layer
+    ``fit`` raises [`gblr.structured.BudgetTooSmallError`][] when the structure cannot
+    be built within ``macs`` at that shape: [`gblr.convert`][] then leaves that layer
     dense (listed in ``report.skipped``). Any other exception stops the conversion with
     the model unchanged.
 
@@ -597,7 +605,8 @@ def _registered() -> dict[str, _Structure]:
 
 def structures() -> list[str]:
     """Names of the registered structures: ``"gblr"``, the baseline families and any
-    added with :func:`register_structure` (``"dense"``, convert nothing, is not one).
+    added with [`register_structure`][gblr.compress.configs.register_structure] (``"dense"``,
+    convert nothing, is not one).
 
     Examples:
         >>> from gblr.compress import structures
@@ -608,7 +617,8 @@ def structures() -> list[str]:
 
 
 def config_class(structure: str) -> type[ConversionConfig]:
-    """The config class of ``structure``: ``"dense"`` or a name from :func:`structures`.
+    """The config class of ``structure``: ``"dense"`` or a name from
+    [`structures`][gblr.compress.configs.structures].
 
     Examples:
         >>> from gblr.compress import config_class
@@ -621,8 +631,9 @@ def config_class(structure: str) -> type[ConversionConfig]:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> ConversionConfig:
-    """The config of any structure from its plain data (:meth:`ConversionConfig.to_dict`),
-    dispatched on ``data["structure"]`` through the registry.
+    """The config of any structure from its plain data
+    ([`ConversionConfig.to_dict`][gblr.compress.configs.ConversionConfig.to_dict]), dispatched on
+    ``data["structure"]`` through the registry.
 
     Raises:
         TypeError: ``data`` is not a mapping, or a value of the wrong type.

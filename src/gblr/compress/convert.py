@@ -2,8 +2,9 @@
 
 ``convert(model, GBLRConfig(budget=0.3))`` swaps every matching ``nn.Linear``,
 ``nn.Conv2d`` and Hugging Face ``Conv1D`` (GPT-2 family; weight stored ``(in, out)``) for a
-structured layer fitted to its weights, in place, and returns a :class:`ConversionReport`.
-The config (:mod:`gblr.compress.configs`) says which structure and how.
+structured layer fitted to its weights, in place, and returns a
+[`ConversionReport`][gblr.compress.convert.ConversionReport]. The config (`gblr.compress.configs`)
+says which structure and how.
 
 Budgets are MACs per input row (per output position for convolutions), the same unit as
 ``layer.flops()``. ``allocation="uniform"`` gives every layer ``budget`` times its dense
@@ -216,10 +217,11 @@ class LayerConversion:
 
 @dataclass
 class ConversionReport:
-    """What :func:`convert` did: converted layers, skipped layers and totals.
+    """What [`convert`][gblr.compress.convert.convert] did: converted layers, skipped layers and
+    totals.
 
     ``layers`` holds every layer the budget was spread over, those kept dense included
-    (``layer.dense``, names in :attr:`dense_layers`), so that ``macs_after`` and
+    (``layer.dense``, names in `dense_layers`), so that ``macs_after`` and
     ``ratio`` are the MACs the model now costs. ``print(report)`` gives a table headed by
     the config; ``report.config`` is the config
     used (also recorded on the model as ``model.gblr_config``), and ``structure``,
@@ -545,9 +547,9 @@ _OLD_ARGUMENTS = (*_OLD_POSITIONAL, "rank_per_component", "min_features", "steps
 def _config_argument(
     config: object, args: tuple[Any, ...], old: dict[str, Any]
 ) -> ConversionConfig:
-    """The config of a call to :func:`convert`: the one given, the default config of a
-    structure name, or one built from the old arguments (with a ``FutureWarning`` that
-    names it)."""
+    """The config of a call to [`convert`][gblr.compress.convert.convert]: the one given, the
+    default config of a structure name, or one built from the old arguments (with a
+    ``FutureWarning`` that names it)."""
     if len(args) > len(_OLD_POSITIONAL) - 1:
         raise TypeError(
             f"convert takes at most 2 positional arguments (model, config), got {2 + len(args)}"
@@ -807,17 +809,17 @@ def convert(
     """Replace, in place, the model's dense layers by structured layers fitted to them.
 
     ``config`` says which structure and how (as ``peft.get_peft_model(model,
-    LoraConfig(...))``): :class:`gblr.GBLRConfig` (the default, ``GBLRConfig()``: GBLR
+    LoraConfig(...))``): [`gblr.GBLRConfig`][] (the default, ``GBLRConfig()``: GBLR
     layers at 0.3 of the MACs from the truncated SVD), a baseline family's config
-    (:class:`gblr.LowRankConfig`, :class:`gblr.MonarchConfig`,
-    :class:`gblr.BlockDiagConfig`, :class:`gblr.BlockSparseConfig`,
-    :class:`gblr.PixelflyConfig`: those convert Linear and Conv1D layers and skip
-    convolutions), or :class:`gblr.ConversionConfig` (``structure="dense"``: convert
+    ([`gblr.LowRankConfig`][], [`gblr.MonarchConfig`][],
+    [`gblr.BlockDiagConfig`][], [`gblr.BlockSparseConfig`][],
+    [`gblr.PixelflyConfig`][]: those convert Linear and Conv1D layers and skip
+    convolutions), or [`gblr.ConversionConfig`][] (``structure="dense"``: convert
     nothing, report the layers: a baseline for scripts; or a structure registered
     without a config of its own). A structure's name (``"lowrank"``) means its default
     config. The config is recorded on the model as ``model.gblr_config`` when a layer
-    was converted, and :func:`gblr.save` writes it into the file
-    (:meth:`gblr.ConversionConfig.from_file` reads it back).
+    was converted, and [`gblr.save`][] writes it into the file
+    ([`gblr.ConversionConfig.from_file`][] reads it back).
 
     All or nothing: the config, the arguments and every selected layer's weights are
     checked before anything is fitted, all layers are fitted before any is replaced, and
@@ -837,15 +839,16 @@ def convert(
             padding) and Hugging Face ``Conv1D`` among ``named_modules()`` is a candidate.
             It cannot itself be such a layer (it is replaced in place: wrap it, e.g. in
             ``nn.Sequential``).
-        config: a :class:`gblr.ConversionConfig` (of any structure), a structure name
-            (``"dense"`` or one of :func:`structures`) or ``None`` (``GBLRConfig()``).
+        config: a [`gblr.ConversionConfig`][] (of any structure), a structure name
+            (``"dense"`` or one of [`structures`][gblr.compress.configs.structures]) or ``None``
+            (``GBLRConfig()``).
         calibration: example inputs of the model (an iterable of batches: tensors, tuples
             of positional arguments, or mappings of keyword arguments such as a
             tokenizer's output; one batch alone goes in a list). The model runs once over
             them and every layer is fitted to minimize its *output* error on those
             inputs, ``||(W - Ŵ) S||`` with ``S Sᵀ`` the second moment of the layer's
             inputs, instead of the weight error
-            (:mod:`gblr.compress.calibrate`); the global allocation weighs layers by the
+            (`gblr.compress.calibrate`); the global allocation weighs layers by the
             same output errors, and the report's errors are output errors. For
             ``GBLRConfig(init="svd")`` and ``LowRankConfig(init="project")``, Linear and
             Conv1D layers.
@@ -853,14 +856,14 @@ def convert(
             the time left (``tqdm``, when installed); the default ``None`` shows it only
             when standard error is a terminal, ``False`` never. (A display option of this
             call, not of the conversion: it is not part of the config that
-            ``model.gblr_config`` records and :func:`gblr.save` writes.)
+            ``model.gblr_config`` records and [`gblr.save`][] writes.)
 
     Returns:
-        A :class:`ConversionReport` (``report.config``: the config used). Converted
-        layers keep their bias, dtype, device and train/eval mode; they are
-        :class:`gblr.GBLRLinear` (for ``Linear`` and ``Conv1D``, input ``(..., in)``) or
-        :class:`gblr.GBLRConv2d`, or the family's
-        :class:`gblr.structured.StructuredLinear`. With ``allocation="global"`` (and a
+        A [`ConversionReport`][gblr.compress.convert.ConversionReport] (``report.config``: the
+        config used). Converted layers keep their bias, dtype, device and train/eval mode; they are
+        [`gblr.GBLRLinear`][] (for ``Linear`` and ``Conv1D``, input ``(..., in)``) or
+        [`gblr.GBLRConv2d`][], or the family's
+        [`gblr.structured.StructuredLinear`][]. With ``allocation="global"`` (and a
         budget below 1), a layer whose share of the budget is at least its dense MACs
         stays as it is (its ``nn.Linear`` and weights, exact): a structured layer at that
         cost could only lose accuracy (``keep_dense=False`` in the config converts it

@@ -1,16 +1,17 @@
-"""Recovering a converted model by distillation to the original: :func:`distill`.
+"""Recovering a converted model by distillation to the original:
+[`distill`][gblr.compress.distill.distill].
 
-After :func:`gblr.convert` a model's structured layers only approximate the dense ones.
+After [`gblr.convert`][] a model's structured layers only approximate the dense ones.
 Training the converted model (the *student*) to reproduce the original's outputs (the
 *teacher*) on unlabelled inputs recovers most of the gap without a task loss or labels:
 the loss is the mean squared error between the two models' outputs (token-level hidden
 states for an encoder, logits for a classifier), padding masked. The optimizer is AdamW
-over :func:`gblr.param_groups` (the paper's settings for widths and locations), with a
-linear warm-up and a cosine decay; a :class:`gblr.StructureLearner` with
-:meth:`gblr.LearnerConfig.finetune` holds the GBLR layers' MACs where the conversion put
+over [`gblr.param_groups`][] (the paper's settings for widths and locations), with a
+linear warm-up and a cosine decay; a [`gblr.StructureLearner`][] with
+[`gblr.LearnerConfig.finetune`][] holds the GBLR layers' MACs where the conversion put
 them (or at ``budget``). This is the recovery of the real-task suite's T3
 (docs/RESULTS.md). The Hugging Face ``Trainer`` form of the same loss is
-:class:`gblr.integrations.hf.GBLRDistillationTrainer`.
+[`gblr.integrations.hf.GBLRDistillationTrainer`][].
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _rate(name: str, value: object, *, allow_zero: bool = False, at_most: float 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """How :func:`distill` trains: a frozen, validated record (saved in reports).
+    """How [`distill`][gblr.compress.distill.distill] trains: a frozen, validated record (saved in
+    reports).
 
     Args:
         steps: optimizer steps (the batches are cycled).
@@ -69,7 +71,7 @@ class DistillConfig:
             ``logits``, else the output itself or its first element), or the name of
             an output field (``"pooler_output"``, ``"logits"``, ...).
         learner: the structure learner's config for GBLR layers (default
-            :meth:`gblr.LearnerConfig.finetune`: σ left as the conversion set it).
+            [`gblr.LearnerConfig.finetune`][]: σ left as the conversion set it).
 
     Examples:
         >>> from gblr.compress.distill import DistillConfig
@@ -113,7 +115,7 @@ class DistillConfig:
 
 @dataclass
 class DistillResult:
-    """What :func:`distill` did.
+    """What [`distill`][gblr.compress.distill.distill] did.
 
     Attributes:
         steps: optimizer steps taken.
@@ -121,7 +123,7 @@ class DistillResult:
         last_loss: the mean loss of the last ``min(10, steps)`` steps.
         seconds: wall-clock time of the training loop.
         macs: MACs per input row of the GBLR layers at the end (``None`` without any).
-        config: the :class:`DistillConfig` used.
+        config: the [`DistillConfig`][gblr.compress.distill.DistillConfig] used.
     """
 
     steps: int
@@ -133,7 +135,7 @@ class DistillResult:
 
 
 def _select(output: Any, field: str) -> Tensor:
-    """The tensor named by ``field`` (see :attr:`DistillConfig.output`) in a model output."""
+    """The tensor named by ``field`` (see `DistillConfig.output`) in a model output."""
     if field == "auto":
         if isinstance(output, Tensor):
             return output
@@ -163,7 +165,7 @@ def model_output(model: nn.Module, batch: Any, output: str = "auto") -> Tensor:
         model: any module.
         batch: a mapping (called as ``model(**batch)``, as Hugging Face models take
             their tokenizer's output), a tuple or list (``model(*batch)``) or a tensor.
-        output: see :attr:`DistillConfig.output`.
+        output: see `DistillConfig.output`.
 
     Returns:
         The selected output, e.g. ``(batch, tokens, hidden)`` hidden states.
@@ -270,16 +272,18 @@ def distill(
     Args:
         student: the converted model, trained in place (left in eval mode).
         teacher: the original model (not changed; run in eval mode without gradients).
-        batches: an iterable of inputs both models take (see :func:`model_output`),
-            e.g. a list of tokenizer outputs or a ``DataLoader``; cycled for
-            ``config.steps`` steps. A mapping's ``attention_mask`` masks padding.
-        config: a :class:`DistillConfig` (default: ``DistillConfig()``).
+        batches: an iterable of inputs both models take (see
+            [`model_output`][gblr.compress.distill.model_output]), e.g. a list of tokenizer outputs
+            or a ``DataLoader``; cycled for ``config.steps`` steps. A mapping's ``attention_mask``
+            masks padding.
+        config: a [`DistillConfig`][gblr.compress.distill.DistillConfig] (default:
+            ``DistillConfig()``).
         budget: GBLR layers' MACs as a fraction of their dense MACs, held by a
-            :class:`gblr.StructureLearner` (default: the MACs they have now).
+            [`gblr.StructureLearner`][] (default: the MACs they have now).
         progress: print the loss every tenth of the run.
 
     Returns:
-        A :class:`DistillResult`.
+        A [`DistillResult`][gblr.compress.distill.DistillResult].
 
     Examples:
         >>> import copy, torch, gblr

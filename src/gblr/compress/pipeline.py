@@ -1,12 +1,12 @@
 """The main job of a user with a pretrained text model, in one call:
-:func:`compress_pretrained` (and ``gblr compress``).
+[`compress_pretrained`][gblr.compress.pipeline.compress_pretrained] (and ``gblr compress``).
 
 Load a transformers or sentence-transformers model (a local folder, an installed package
 that ships one, or a Hugging Face Hub name where the network allows), convert its layers
-to a structure at a MACs budget (:func:`gblr.convert`), optionally recover it by
-distillation to the original on the lines of a text file (:func:`gblr.distill`), measure
+to a structure at a MACs budget ([`gblr.convert`][]), optionally recover it by
+distillation to the original on the lines of a text file ([`gblr.distill`][]), measure
 its quality against the original on held-out lines before and after, and save a folder
-that :func:`gblr.from_pretrained` loads in one call, with a report (``report.json``,
+that [`gblr.from_pretrained`][] loads in one call, with a report (``report.json``,
 ``report.md``): MACs and error against the truncated SVD per layer, quality, times.
 
 Quality is the mean cosine between the compressed and the original model's sentence
@@ -115,7 +115,7 @@ def load_text_model(source: str) -> LoadedModel:
 
     Raises:
         ValueError: ``source`` is none of these, or is a gblr folder (already
-            compressed: load it with :func:`gblr.from_pretrained`).
+            compressed: load it with [`gblr.from_pretrained`][]).
         ImportError: transformers (or sentence-transformers) is not installed.
     """
     if not isinstance(source, str) or not source:
@@ -210,15 +210,15 @@ def _agreement(student: Tensor, teacher: Tensor) -> dict[str, float]:
 
 @dataclass
 class CompressionResult:
-    """What :func:`compress_pretrained` did.
+    """What [`compress_pretrained`][gblr.compress.pipeline.compress_pretrained] did.
 
     Attributes:
         model: the compressed model (the loaded model, converted in place).
-        conversion: :func:`gblr.convert`'s report (per layer: MACs, error, SVD error).
+        conversion: [`gblr.convert`][]'s report (per layer: MACs, error, SVD error).
         quality_before / quality_after: ``cosine`` and ``neighbour_agreement`` against
             the original on the held-out lines, after conversion and after distillation
             (empty without a text file; ``quality_after`` also without distillation).
-        distillation: :func:`gblr.distill`'s result, or ``None``.
+        distillation: [`gblr.distill`][]'s result, or ``None``.
         seconds: ``load``, ``convert``, ``distill``, ``save`` wall-clock seconds.
         folder: the saved folder, or ``None``.
         source: what was loaded; texts: ``train`` and ``test`` line counts.
@@ -314,15 +314,15 @@ def compress_pretrained(
     """Compress a pretrained text model to a MACs budget, recover it, save it, report.
 
     Args:
-        source: see :func:`load_text_model`.
-        config: the conversion (:class:`gblr.GBLRConfig`, a baseline family's config or a
-            :class:`gblr.ConversionConfig`; default ``GBLRConfig()``).
+        source: see [`load_text_model`][gblr.compress.pipeline.load_text_model].
+        config: the conversion ([`gblr.GBLRConfig`][], a baseline family's config or a
+            [`gblr.ConversionConfig`][]; default ``GBLRConfig()``).
         text: a UTF-8 text file, one sentence or paragraph per line: every tenth line is
             held out to measure the quality, the rest calibrate the conversion (families
             that use data) and feed the distillation.
         distillation: recover by distillation to the original on ``text`` with this
             config (``None``: no recovery). Needs ``text``.
-        out: folder to save into (:func:`gblr.save_pretrained`, with the tokenizer,
+        out: folder to save into ([`gblr.save_pretrained`][], with the tokenizer,
             ``report.json`` and ``report.md``); ``None`` saves nothing.
         overwrite: replace another model's files in ``out``.
         batch_size, max_length: token batches for calibration, distillation and quality.
@@ -331,7 +331,7 @@ def compress_pretrained(
         progress: conversion progress bar (default: when standard error is a terminal).
 
     Returns:
-        A :class:`CompressionResult`.
+        A [`CompressionResult`][gblr.compress.pipeline.CompressionResult].
 
     Examples:
         >>> import gblr  # doctest: +SKIP

@@ -1,12 +1,13 @@
 """A save/load round trip for converted Hugging Face, sentence-transformers and timm models.
 
-:func:`save_pretrained` writes a folder that :func:`from_pretrained` loads in one call,
-with no code from the user:
+[`save_pretrained`][gblr.compress.pretrained.save_pretrained] writes a folder that
+[`from_pretrained`][gblr.compress.pretrained.from_pretrained] loads in one call, with no code from
+the user:
 
 - ``config.json``: the base architecture's own config (transformers' ``config.json``;
   for timm the ``architecture``, ``num_classes`` and ``model_args`` of its Hub format);
 - ``model.safetensors``: every tensor of the model (GBLR and baseline layers included),
-  in gblr's safe container (:func:`gblr.deploy.io.save_tensors`: safetensors, a sha256
+  in gblr's safe container ([`gblr.deploy.io.save_tensors`][]: safetensors, a sha256
   over tensors and metadata, nothing pickled). Its metadata holds the library, the
   architecture, the base config and the *structure*: for every structured layer its
   class, what it replaced (``Linear``, ``Conv1D``, ``Conv2d``) and the shape parameters
@@ -23,8 +24,8 @@ class: ``AutoModel``, ``BertModel``, a task head) refuses the folder with a size
 error whose report names that key, timm's strict loading refuses the unexpected keys, and
 ``SentenceTransformer(folder)`` refuses it through transformers. Trainer's checkpoint
 resume, which loads ``model.safetensors`` non-strictly into the live converted model,
-still works. :func:`gblr.convert` (and :func:`from_pretrained`) make a converted
-transformers model's own ``model.save_pretrained(folder)`` write this same folder.
+still works. [`gblr.convert`][] (and [`from_pretrained`][gblr.compress.pretrained.from_pretrained])
+make a converted transformers model's own ``model.save_pretrained(folder)`` write this same folder.
 """
 
 from __future__ import annotations
@@ -150,8 +151,8 @@ def model_structure(model: nn.Module) -> dict[str, Any]:
     weights do not tell (number of components and rank per component; a frozen layer's
     integer intervals; a family's rank, blocks or block positions). With the model's
     ``state_dict()`` (which holds the widths, locations and factors) it is everything
-    :func:`apply_structure` needs to rebuild the layers on a dense copy of the
-    architecture, without converting again.
+    [`apply_structure`][gblr.compress.pretrained.apply_structure] needs to rebuild the layers on a
+    dense copy of the architecture, without converting again.
 
     Use it to make a checkpoint of a converted model restorable without the conversion
     (Lightning: store it in ``on_save_checkpoint``, apply it in ``on_load_checkpoint``,
@@ -306,7 +307,8 @@ def _matrix_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
-    """Put the structured layers a :func:`model_structure` describes into ``model``, in
+    """Put the structured layers a [`model_structure`][gblr.compress.pretrained.model_structure]
+    describes into ``model``, in
     place: each named module (a dense ``nn.Linear``/``nn.Conv2d``/``Conv1D`` of the same
     matrix shape, or a structured layer) is replaced by a new layer of the described
     class and shape, on the device of the module it replaces, its values to be loaded
@@ -316,7 +318,8 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
     Args:
         model: the architecture the structure was taken from, dense (freshly built) or
             already structured.
-        structure: what :func:`model_structure` returned (plain JSON data).
+        structure: what [`model_structure`][gblr.compress.pretrained.model_structure] returned
+            (plain JSON data).
 
     Returns:
         ``model``.
@@ -522,12 +525,12 @@ def save_pretrained(
     state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Save a converted (or frozen) transformers, sentence-transformers or timm model so
-    that :func:`gblr.from_pretrained` loads it in one call.
+    that [`gblr.from_pretrained`][] loads it in one call.
 
     The folder holds the base architecture's own config (``config.json``) and
     ``model.safetensors`` with every tensor and the structure of every gblr layer (see
-    :mod:`gblr.compress.pretrained`): nothing is pickled, nothing is searched again on
-    load. Works for GBLR layers in training form, frozen ones (:func:`gblr.freeze`) and
+    `gblr.compress.pretrained`): nothing is pickled, nothing is searched again on
+    load. Works for GBLR layers in training form, frozen ones ([`gblr.freeze`][]) and
     every baseline family's layers, and for models with no gblr layer at all. Dense
     loaders (``AutoModel.from_pretrained``, ``SentenceTransformer(...)``, timm) refuse
     the folder with an error instead of loading random layers.
@@ -540,8 +543,8 @@ def save_pretrained(
 
     Args:
         model: a ``transformers.PreTrainedModel``, a ``SentenceTransformer`` or a timm
-            model, typically after :func:`gblr.convert` (and training, or
-            :func:`gblr.freeze`).
+            model, typically after [`gblr.convert`][] (and training, or
+            [`gblr.freeze`][]).
         save_directory: the folder (created when missing).
         overwrite: replace a ``config.json``/``model.safetensors`` (and, for
             sentence-transformers, the files it saves) that gblr did not write.
@@ -589,7 +592,8 @@ def save_pretrained(
 
 def _save_sentence_transformer(model: nn.Module, save_directory, overwrite: bool) -> Path:
     """``model.save`` into a staging folder (its transformer modules through
-    :func:`save_pretrained`), then every file renamed into the target."""
+    [`save_pretrained`][gblr.compress.pretrained.save_pretrained]), then every file renamed into the
+    target."""
     probe = Path(save_directory) if isinstance(save_directory, (str, os.PathLike)) else None
     protect_save_pretrained(model)
     with _staging(probe) as stage:
@@ -635,9 +639,10 @@ def _hf_save_pretrained(
 
 def protect_save_pretrained(model: nn.Module) -> nn.Module:
     """Make ``save_pretrained`` of every transformers model in ``model`` that holds gblr
-    layers write the folder of :func:`save_pretrained` (an instance attribute; the class
-    is untouched). :func:`gblr.convert` and :func:`from_pretrained` call it, and
-    :func:`gblr.merge_and_unload` undoes it. Without transformers loaded, nothing to do.
+    layers write the folder of [`save_pretrained`][gblr.compress.pretrained.save_pretrained] (an
+    instance attribute; the class is untouched). [`gblr.convert`][] and
+    [`from_pretrained`][gblr.compress.pretrained.from_pretrained] call it, and
+    [`gblr.merge_and_unload`][] undoes it. Without transformers loaded, nothing to do.
 
     Returns:
         ``model``.
@@ -666,14 +671,15 @@ def _folder_argument(directory: Any) -> Path:
 
 
 def from_pretrained(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
-    """Load a folder written by :func:`gblr.save_pretrained` (or by the
+    """Load a folder written by [`gblr.save_pretrained`][] (or by the
     ``save_pretrained`` of a converted transformers model), in eval mode.
 
     The base architecture is built from the stored config (transformers: the model
     class named in the file, from its config; timm: ``timm.create_model(architecture,
     num_classes=..., **model_args)``; sentence-transformers: the saved modules), the
-    stored structure is applied (:func:`apply_structure`, nothing is searched) and every
-    tensor is loaded strictly and verified (sha256). Nothing is unpickled or executed
+    stored structure is applied ([`apply_structure`][gblr.compress.pretrained.apply_structure],
+    nothing is searched) and every tensor is loaded strictly and verified (sha256). Nothing is
+    unpickled or executed
     from the folder: the architecture is a class of the installed library.
 
     Args:

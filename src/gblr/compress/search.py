@@ -9,7 +9,7 @@
    which it is concentrated (the pair that captures the most energy per MAC), fit the
    covered block by its truncated SVD, subtract, until the budget is spent.
 3. **Proximal refinement** of the better start: Adam on factors, widths and locations
-   with the :class:`gblr.StructureLearner` budget projection keeping the cost exact.
+   with the [`gblr.StructureLearner`][] budget projection keeping the cost exact.
 """
 
 from __future__ import annotations
@@ -356,14 +356,15 @@ def fit_dense(
     lr: float = 3e-3,
     seed: int = 0,
 ) -> GBLRLinear:
-    """A bias-free :class:`GBLRLinear` approximating ``weight`` within a MAC budget.
+    """A bias-free [`GBLRLinear`][gblr.layers.linear.GBLRLinear] approximating ``weight`` within a
+    MAC budget.
 
     Args:
         weight: ``(out, in)`` dense matrix (any float dtype, CPU or CUDA), at least one
             row and one column. The search runs in float32 (float64 for float64 input)
             on the matrix's device.
         budget: a fraction in (0, 1] of the ``out * in`` MACs per row (the int ``1`` is
-            1.0, as in :func:`gblr.convert`; other ints are refused: an absolute count
+            1.0, as in [`gblr.convert`][]; other ints are refused: an absolute count
             goes to ``budget_macs``).
         budget_macs: the budget as an absolute count of MACs per row (an int). Exactly
             one of ``budget`` and ``budget_macs``. A budget below one component
@@ -374,9 +375,9 @@ def fit_dense(
         seed: seeds the randomized SVDs and the refinement; equal seeds give equal layers.
 
     Returns:
-        :class:`GBLRLinear` in eval mode, ``flops() <= budget``, on ``weight``'s device,
-        in float32 (float64 for float64 input), ``sigma = inf``. Its relative Frobenius
-        error is at most that of the truncated SVD with the same MAC budget.
+        [`GBLRLinear`][gblr.layers.linear.GBLRLinear] in eval mode, ``flops() <= budget``, on
+        ``weight``'s device, in float32 (float64 for float64 input), ``sigma = inf``. Its relative
+        Frobenius error is at most that of the truncated SVD with the same MAC budget.
 
     Examples:
         >>> import torch, gblr

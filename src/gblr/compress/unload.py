@@ -1,9 +1,10 @@
-"""Back to plain layers: :func:`merge_and_unload` turns every structured layer of a model
-into the dense layer it replaced, holding the exact matrix the structured layer computes.
+"""Back to plain layers: [`merge_and_unload`][gblr.compress.unload.merge_and_unload] turns every
+structured layer of a model into the dense layer it replaced, holding the exact matrix the
+structured layer computes.
 
 A layer converted from a Hugging Face ``Conv1D`` (GPT-2 family) is marked by
-:func:`gblr.convert` (``layer.gblr_replaced = "Conv1D"``, kept by :func:`gblr.freeze` and
-by :func:`gblr.from_pretrained`) and comes back as a ``Conv1D``; every other linear layer
+[`gblr.convert`][] (``layer.gblr_replaced = "Conv1D"``, kept by [`gblr.freeze`][] and
+by [`gblr.from_pretrained`][]) and comes back as a ``Conv1D``; every other linear layer
 comes back as ``nn.Linear`` and every convolution as ``nn.Conv2d``.
 """
 
@@ -20,7 +21,7 @@ from ..structured.base import StructuredLinear
 
 __all__ = ["REPLACED_ATTRIBUTE", "is_structured", "merge_and_unload"]
 
-#: The attribute :func:`gblr.convert` sets on a layer that replaced something other than
+#: The attribute [`gblr.convert`][] sets on a layer that replaced something other than
 #: ``nn.Linear``/``nn.Conv2d`` (today only ``"Conv1D"``, Hugging Face's).
 REPLACED_ATTRIBUTE = "gblr_replaced"
 
@@ -109,16 +110,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace, in place, every gblr structured layer of ``model`` by the plain layer it
     replaced, holding the exact dense matrix the structured layer computes.
 
-    The inverse of :func:`gblr.convert` up to the approximation: GBLR layers in training
-    form (:class:`gblr.GBLRLinear`, :class:`gblr.GBLRConv2d`), frozen ones
-    (:func:`gblr.freeze`) and every baseline family's layer
-    (:mod:`gblr.structured`) become ``nn.Linear`` / ``nn.Conv2d`` / Hugging Face
+    The inverse of [`gblr.convert`][] up to the approximation: GBLR layers in training
+    form ([`gblr.GBLRLinear`][], [`gblr.GBLRConv2d`][]), frozen ones
+    ([`gblr.freeze`][]) and every baseline family's layer
+    ([`gblr.structured`][]) become ``nn.Linear`` / ``nn.Conv2d`` / Hugging Face
     ``Conv1D`` (whichever the layer replaced) with weight ``(out, in)`` (``Conv1D``:
     ``(in, out)``; ``Conv2d``: ``(out, in, kh, kw)``) equal to the layer's eval-mode
     matrix, and the same bias, device, dtype and train/eval mode. A layer shared under
     several names becomes one dense layer under all of them. As peft's
     ``merge_and_unload``, the model is changed in place and returned; the conversion
-    config (``model.gblr_config``) and the ``save_pretrained`` that :func:`gblr.convert`
+    config (``model.gblr_config``) and the ``save_pretrained`` that [`gblr.convert`][]
     put on Hugging Face models are removed, so ``model.save_pretrained`` writes a plain
     dense folder again.
 

@@ -6,9 +6,9 @@ execution plan per layer, device and input size, and save/load it without traini
     gblr.save(model, "model.safetensors")       # tensors + structure JSON + sha256
     model = gblr.load("model.safetensors")      # or load(path, model_factory=MyModel)
 
-ONNX: :func:`export_onnx` exports a copy of the model in which every frozen layer is a
-dense or a low-rank product in plain ``nn.Linear``/``nn.Conv2d`` modules (the ``segment``,
-``panels`` and ``blocksparse`` plans are Python loops over slices, ``triton`` a custom
+ONNX: [`export_onnx`][gblr.deploy.export.export_onnx] exports a copy of the model in which every
+frozen layer is a dense or a low-rank product in plain ``nn.Linear``/``nn.Conv2d`` modules (the
+``segment``, ``panels`` and ``blocksparse`` plans are Python loops over slices, ``triton`` a custom
 kernel), and checks the file with ``onnxruntime``.
 """
 

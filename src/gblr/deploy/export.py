@@ -5,9 +5,9 @@ slices chosen from the integer intervals, and ``triton`` is a custom kernel: non
 graph an ONNX runtime can run well. What exports is the product a layer computes, in one
 of two plain forms that every runtime optimizes: ``dense`` (one ``Gemm``/``Conv`` with
 the materialized matrix) and ``lowrank`` (two, through the ``K r`` padded rank). So
-:func:`export_onnx` exports a copy of the model in which every frozen layer is replaced
-by ``nn.Linear``/``nn.Conv2d`` modules holding those matrices; the model itself is left
-untouched.
+[`export_onnx`][gblr.deploy.export.export_onnx] exports a copy of the model in which every frozen
+layer is replaced by ``nn.Linear``/``nn.Conv2d`` modules holding those matrices; the model itself is
+left untouched.
 
 The file's inputs and outputs have names (the forward's parameter names or the keys of a
 tokenizer's output; the keys of a Hugging Face ``ModelOutput``), and every dimension that
@@ -45,7 +45,7 @@ ONNX_PLANS = ("auto", "dense", "lowrank")
 
 @dataclass
 class OnnxExport:
-    """What :func:`export_onnx` wrote.
+    """What [`export_onnx`][gblr.deploy.export.export_onnx] wrote.
 
     Attributes:
         path: the ``.onnx`` file (tensors over 2 GB go to ``path`` + ``.data`` next to it).
@@ -371,14 +371,14 @@ def export_onnx(
 ) -> OnnxExport:
     """Export a frozen model to ONNX, each frozen layer as a dense or a low-rank product.
 
-    The model is copied; in the copy every :class:`~gblr.FrozenGBLRLinear` /
-    :class:`~gblr.FrozenGBLRConv2d` becomes ``nn.Linear``/``nn.Conv2d`` modules, and the
+    The model is copied; in the copy every [`FrozenGBLRLinear`][gblr.FrozenGBLRLinear] /
+    [`FrozenGBLRConv2d`][gblr.FrozenGBLRConv2d] becomes ``nn.Linear``/``nn.Conv2d`` modules, and the
     copy is exported with ``torch.onnx.export(dynamo=True)``. The file is written to a
     temporary name, checked with ``onnxruntime`` when it is installed, and only then
     renamed to ``path``: a failed export leaves no partial file. Nothing is printed.
 
     Args:
-        model: a model after :func:`gblr.freeze` (training-form GBLR layers are refused).
+        model: a model after [`gblr.freeze`][] (training-form GBLR layers are refused).
         example_input: the model's inputs for tracing and the check: a tensor, a tuple
             of positional inputs, or a mapping of keyword inputs (a tokenizer's output,
             ``{"input_ids": (B, S), "attention_mask": (B, S)}``).
@@ -410,7 +410,7 @@ def export_onnx(
         opset_version: ONNX opset; ``None`` for the exporter's default.
 
     Returns:
-        An :class:`OnnxExport` (path, per-layer plan, MACs, checked error, the file's
+        An `OnnxExport` (path, per-layer plan, MACs, checked error, the file's
         input and output names and shapes).
 
     Raises:

@@ -4,13 +4,13 @@ A frozen layer keeps only what eval mode uses: the integer intervals of the live
 components (both intervals non-empty) and each component's factors over its intervals,
 packed into two flat tensors. It has no widths, locations or Gaudi masks, so loading and
 running it needs no training code. Its forward runs one of the execution plans of
-:mod:`gblr.deploy.plans`, chosen per row-count bucket (:func:`gblr.plan`, or set by hand
+[`gblr.deploy.plans`][], chosen per row-count bucket ([`gblr.plan`][], or set by hand
 with ``layer.plan = "segment"``).
 
 Under ``torch.compile`` a frozen layer is one graph with no host reads: it runs the plan
-:meth:`FrozenGBLRMatrix.compiled_plan` chose ahead from its shapes (``dense`` or
-``lowrank``), and builds that plan's operands in the graph from its parameters instead
-of reading the eager caches.
+[`FrozenGBLRMatrix.compiled_plan`][gblr.deploy.frozen.FrozenGBLRMatrix.compiled_plan] chose ahead
+from its shapes (``dense`` or ``lowrank``), and builds that plan's operands in the graph from its
+parameters instead of reading the eager caches.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ class FrozenGBLRMatrix(nn.Module):
         row_intervals, col_intervals: int64 buffers ``(K, 2)`` of ``(start, length)``.
         bias: ``(out,)`` or ``None``.
         plan: ``"auto"`` (the timed choice for the input's row-count bucket if
-            :func:`gblr.plan` stored one, else a cost-model default) or a plan name of
-            :data:`gblr.deploy.plans.PLANS` to force.
-        plan_cache: ``{(device type, dtype name, row bucket): plan}`` from :func:`gblr.plan`.
+            [`gblr.plan`][] stored one, else a cost-model default) or a plan name of
+            [`gblr.deploy.plans.PLANS`][] to force.
+        plan_cache: ``{(device type, dtype name, row bucket): plan}`` from [`gblr.plan`][].
 
     Factors and bias are parameters with ``requires_grad=False``: the layer is for
     inference; ``.to(dtype)`` and ``.to(device)`` convert them like any module.
@@ -169,7 +169,8 @@ class FrozenGBLRMatrix(nn.Module):
 
     @property
     def plan(self) -> str:
-        """The forced plan, or ``"auto"``; one of :data:`PLAN_CHOICES`."""
+        """The forced plan, or ``"auto"``; one of
+        [`PLAN_CHOICES`][gblr.deploy.frozen.PLAN_CHOICES]."""
         return self._plan
 
     @plan.setter
@@ -188,7 +189,7 @@ class FrozenGBLRMatrix(nn.Module):
         (``load_state_dict`` and in-place edits bump their version, ``.data =`` changes
         their pointer; ``.to()`` empties it in ``_apply``). Intervals change only together
         with the factors, whose sizes they fix. Operands that copy the bias key on it too
-        (:meth:`_bias_key`)."""
+        (`_bias_key`)."""
         # Read from the module's dict directly and build no generator: this runs on every
         # forward, and a small layer's whole matmul takes about ten microseconds.
         params = self._parameters
@@ -225,10 +226,10 @@ class FrozenGBLRMatrix(nn.Module):
     def compiled_plan(self) -> str:
         """The plan a forward traced by ``torch.compile`` (or ``torch.export``) runs,
         chosen ahead from static Python data (the shapes; nothing is read from a tensor):
-        :attr:`plan` when it is ``"dense"`` or ``"lowrank"``, otherwise whichever of the
+        `plan` when it is ``"dense"`` or ``"lowrank"``, otherwise whichever of the
         two costs fewer MACs per row (``out * in`` against ``K r (out + in)``). The
         other plans (Python loops over slices of the intervals, a custom kernel) and the
-        timed choices of :func:`gblr.plan` need operands read from the intervals, which
+        timed choices of [`gblr.plan`][] need operands read from the intervals, which
         would break the graph.
 
         Examples:
@@ -301,7 +302,7 @@ class FrozenGBLRMatrix(nn.Module):
 
     def _panel_ops(self, bucket: int, forms: tuple[str, str] = ("auto", "auto")) -> PN.PanelOps:
         """The panels plan's operands for ``bucket``, ``forms`` = ``(stage1, stage2)`` of
-        :func:`gblr.deploy.panels.panel_ops`."""
+        [`gblr.deploy.panels.panel_ops`][]."""
         items = self._cache()
         key = ("panels", bucket, self._bias_key(), forms)  # the operands hold the bias
         if key not in items:
@@ -450,10 +451,10 @@ def _fill(frozen: FrozenGBLRMatrix, layer: GBLRMatrixMixin, u: Tensor, v: Tensor
 
 
 class FrozenGBLRLinear(FrozenGBLRMatrix):
-    """Inference form of :class:`gblr.GBLRLinear`: ``y = x W^T + b`` with ``W`` fixed.
+    """Inference form of [`gblr.GBLRLinear`][]: ``y = x W^T + b`` with ``W`` fixed.
 
-    Usually made by :func:`gblr.freeze` or :meth:`from_gblr`; the constructor makes a
-    zero-filled layer of a given structure (what :func:`gblr.load` fills).
+    Usually made by [`gblr.freeze`][] or `from_gblr`; the constructor makes a
+    zero-filled layer of a given structure (what [`gblr.load`][] fills).
 
     Args:
         in_features, out_features: ``n`` and ``m``.
@@ -546,19 +547,20 @@ class FrozenGBLRLinear(FrozenGBLRMatrix):
 
 
 class FrozenGBLRConv2d(FrozenGBLRMatrix):
-    """Inference form of :class:`gblr.GBLRConv2d`.
+    """Inference form of [`gblr.GBLRConv2d`][].
 
     The ``(out_channels, in_channels * kh * kw)`` kernel matrix is frozen as in
-    :class:`FrozenGBLRLinear`. ``dense`` and ``lowrank`` run as convolutions (a ``K r``
-    channel convolution then a 1x1 one); ``segment`` and ``blocksparse`` run on the
-    unfolded input (``F.unfold``) as matrix products.
+    [`FrozenGBLRLinear`][gblr.deploy.frozen.FrozenGBLRLinear]. ``dense`` and ``lowrank`` run as
+    convolutions (a ``K r`` channel convolution then a 1x1 one); ``segment`` and ``blocksparse`` run
+    on the unfolded input (``F.unfold``) as matrix products.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as
             ``nn.Conv2d`` (``groups=1``, zero padding; ``padding`` may be ``"same"`` or
             ``"valid"``).
         row_intervals, col_intervals, rank_per_component, device, dtype: as
-            :class:`FrozenGBLRLinear`, columns over ``in_channels * kh * kw``.
+            [`FrozenGBLRLinear`][gblr.deploy.frozen.FrozenGBLRLinear], columns over ``in_channels *
+            kh * kw``.
 
     Shapes:
         input ``(N, C_in, H, W)`` or ``(C_in, H, W)``, output ``(N, C_out, H', W')``.
@@ -711,7 +713,7 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
         )
 
     def plan_for(self, rows: int) -> str:
-        """As :meth:`FrozenGBLRMatrix.plan_for`; the untimed default is ``dense`` or
+        """As `FrozenGBLRMatrix.plan_for`; the untimed default is ``dense`` or
         ``lowrank`` only (the unfolded plans pay for copying the input ``kh kw`` times,
         which the cost model does not see)."""
         chosen = super().plan_for(rows)
@@ -734,8 +736,9 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
 def freeze(model: nn.Module) -> nn.Module:
     """Replace, in place, every GBLR layer of ``model`` by its frozen inference form.
 
-    Each :class:`gblr.GBLRLinear` / :class:`gblr.GBLRConv2d` becomes a
-    :class:`FrozenGBLRLinear` / :class:`FrozenGBLRConv2d` holding the exact eval-mode
+    Each [`gblr.GBLRLinear`][] / [`gblr.GBLRConv2d`][] becomes a
+    [`FrozenGBLRLinear`][gblr.deploy.frozen.FrozenGBLRLinear] /
+    [`FrozenGBLRConv2d`][gblr.deploy.frozen.FrozenGBLRConv2d] holding the exact eval-mode
     matrix: the integer intervals of ``layer.interval_starts()`` /
     ``layer.interval_lengths()``, dead components (an empty interval) dropped, factors
     kept only over their intervals, bias kept, same device and dtype. A layer shared under
@@ -752,7 +755,7 @@ def freeze(model: nn.Module) -> nn.Module:
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: ``model`` has neither GBLR layers nor frozen ones (as
-            :class:`gblr.StructureLearner`, it asks to convert the model first).
+            [`gblr.StructureLearner`][], it asks to convert the model first).
 
     Examples:
         >>> import torch, gblr

@@ -9,11 +9,12 @@ header's ``__metadata__`` (string values only) holds:
   names it is shared under, class, shape arguments, rank, integer intervals, dtype, plan
   and timed plan choices), ``aliases`` (state-dict keys stored under another key: tied
   weights), ``root`` (class name of the saved model) and ``model``: a description from
-  which :func:`load` can rebuild the model without code, or ``null`` (see :func:`load`);
+  which [`load`][gblr.deploy.io.load] can rebuild the model without code, or ``null`` (see
+  [`load`][gblr.deploy.io.load]);
 - ``config`` (optional, from gblr 0.2): JSON of the conversion config that made the
-  model (``model.gblr_config``, set by :func:`gblr.convert`; a flat object with its
-  ``structure`` name, :meth:`gblr.ConversionConfig.to_dict`), read back by
-  :meth:`gblr.ConversionConfig.from_file`;
+  model (``model.gblr_config``, set by [`gblr.convert`][]; a flat object with its
+  ``structure`` name, [`gblr.ConversionConfig.to_dict`][]), read back by
+  [`gblr.ConversionConfig.from_file`][];
 - ``sha256``: hex digest of every other metadata entry (the versions included) followed
   by every stored tensor (name, dtype, shape, byte count, bytes) in sorted name order, so
   a file that was truncated, or whose tensors, structure or versions were changed after
@@ -23,8 +24,9 @@ Reading trusts nothing in the file: the header is checked field by field (types,
 keys, ranges, nesting) before anything is built, every tensor's byte count must match its
 dtype and shape and the data must fill the file exactly, and the model is built on the
 ``meta`` device and compared with the stored tensors before any memory is allocated for
-it, so a crafted file makes :func:`load` allocate no more than a small multiple of its
-own size, and anything wrong is a :class:`GBLRFileError`. Nothing from the file is
+it, so a crafted file makes [`load`][gblr.deploy.io.load] allocate no more than a small multiple of
+its own size, and anything wrong is a [`GBLRFileError`][gblr.deploy.io.GBLRFileError]. Nothing from
+the file is
 executed or unpickled: the model description names only a fixed set of ``torch.nn``
 classes. Files of format version ``"1"`` (whose checksum did not cover the versions) are
 still read.
@@ -110,7 +112,8 @@ _MAX_DEPTH = 64
 
 
 class GBLRFileError(ValueError):
-    """A file given to :func:`load` or :func:`load_checkpoint` that :func:`save` did not
+    """A file given to [`load`][gblr.deploy.io.load] or `load_checkpoint` that
+    [`save`][gblr.deploy.io.save] did not
     write as it is: not a gblr file, truncated, damaged, edited, or of an unknown format
     version. The message names the file and what is wrong with it.
 
@@ -131,7 +134,7 @@ class GBLRFileError(ValueError):
 
 
 class _Invalid(Exception):
-    """A reason to refuse a file; :func:`load_checkpoint` adds the file's name."""
+    """A reason to refuse a file; `load_checkpoint` adds the file's name."""
 
 
 def _safetensors():
@@ -192,7 +195,7 @@ _PARAMETERLESS_BY_NAME = {kind.__name__: kind for kind in _PARAMETERLESS}
 
 
 def _model_spec(module: nn.Module, name: str = "", seen: dict[int, str] | None = None):
-    """A description of ``module`` that :func:`_build` can rebuild, or ``None``.
+    """A description of ``module`` that [`_build`][gblr.deploy.io._build] can rebuild, or ``None``.
 
     Covers what is common in small deployed models without importing user code: frozen
     GBLR layers, ``nn.Sequential``, ``Linear``, ``Conv2d`` (zero padding), ``LayerNorm``
@@ -623,7 +626,7 @@ def _check_aliases(aliases: Any, stored: set[str], where: str) -> None:
 def _check_config(config: Any) -> dict[str, Any]:
     """The conversion config's plain data: a flat JSON object naming its structure, whose
     values are JSON scalars (finite numbers) or lists of strings. Its fields are the
-    business of :mod:`gblr.compress.configs`, which checks them when it reads them."""
+    business of `gblr.compress.configs`, which checks them when it reads them."""
     _expect(isinstance(config, dict), "the config", "a JSON object", config)
     _expect(
         len(config) <= _MAX_CONFIG_KEYS,
@@ -902,15 +905,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save a frozen model (tensors as safetensors, structure as JSON metadata).
 
     Args:
-        model: a module containing frozen GBLR layers (after :func:`gblr.freeze`), or one
+        model: a module containing frozen GBLR layers (after [`gblr.freeze`][]), or one
             frozen layer. Unfrozen GBLR layers are refused: freeze first. Tied weights
             (one parameter under several names) are stored once and tied again by
-            :func:`load`. The conversion config that :func:`gblr.convert` recorded on the
-            model (``model.gblr_config``) is saved with it, as peft saves
+            [`load`][gblr.deploy.io.load]. The conversion config that [`gblr.convert`][] recorded on
+            the model (``model.gblr_config``) is saved with it, as peft saves
             ``adapter_config.json`` next to the weights
-            (:meth:`gblr.ConversionConfig.from_file` reads it back).
+            ([`gblr.ConversionConfig.from_file`][] reads it back).
         path: the file to write (conventionally ``*.safetensors``); its folder must exist.
-            Written atomically (:func:`gblr.files.save_atomically`): an existing
+            Written atomically ([`gblr.files.save_atomically`][]): an existing
             file is replaced only once the new one is complete, and a failed save leaves
             no temporary file. As with ``cp`` and editors, a symbolic link is followed
             (its target is rewritten, the link stays) and a read-only file is refused
@@ -986,8 +989,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def _config_metadata(model: nn.Module) -> str | None:
-    """The JSON of ``model.gblr_config`` (the conversion config :func:`gblr.convert`
-    records), checked as :func:`load_checkpoint` will check it; ``None`` without one."""
+    """The JSON of ``model.gblr_config`` (the conversion config [`gblr.convert`][]
+    records), checked as `load_checkpoint` will check it; ``None`` without one."""
     config = getattr(model, "gblr_config", None)
     if config is None:
         return None
@@ -1008,20 +1011,20 @@ def _config_metadata(model: nn.Module) -> str | None:
 # --------------------------------------------------------------------------- load
 @dataclasses.dataclass(frozen=True)
 class FrozenCheckpoint:
-    """The verified contents of a file written by :func:`gblr.save`.
+    """The verified contents of a file written by [`gblr.save`][].
 
     Attributes:
         path: where it was read from.
         tensors: the stored tensors by state-dict key (CPU).
         aliases: state-dict keys that are the same tensor as another key (tied weights).
         layers: per frozen GBLR layer, its metadata (name, class, shapes, intervals...).
-        model_spec: the model description :func:`load` rebuilds from, or ``None``.
+        model_spec: the model description [`load`][gblr.deploy.io.load] rebuilds from, or ``None``.
         root: class name of the saved model.
         gblr_version: the version that wrote the file (covered by the checksum from
             format version 2 on).
         format_version: the file's format version.
         config: the conversion config that made the model, as plain data
-            (:meth:`gblr.ConversionConfig.to_dict`; :meth:`gblr.ConversionConfig.from_file`
+            ([`gblr.ConversionConfig.to_dict`][]; [`gblr.ConversionConfig.from_file`][]
             gives the config itself), or ``None`` (the model had none, or an older gblr
             wrote the file).
 
@@ -1110,9 +1113,9 @@ def _gblr_metadata(header: dict[str, Any]) -> dict[str, str] | None:
 
 
 def is_gblr_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a file that says it was written by :func:`gblr.save` (its
+    """Whether ``path`` is a file that says it was written by [`gblr.save`][] (its
     safetensors header names the format). Reads the header only; use
-    :func:`load_checkpoint` to verify the whole file. Never raises for a bad file.
+    `load_checkpoint` to verify the whole file. Never raises for a bad file.
 
     Examples:
         >>> import os, tempfile, torch, gblr
@@ -1129,10 +1132,10 @@ def is_gblr_file(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint(path: str | os.PathLike) -> FrozenCheckpoint:
-    """Read and verify a file written by :func:`gblr.save`, without building a model.
+    """Read and verify a file written by [`gblr.save`][], without building a model.
 
     Everything in the header is checked before it is used (see the module's docstring):
-    a file that is not what :func:`gblr.save` wrote is refused with the reason, never
+    a file that is not what [`gblr.save`][] wrote is refused with the reason, never
     with an error from deep inside JSON, safetensors or torch, and reading it allocates
     at most a small multiple of the file's size.
 
@@ -1357,7 +1360,7 @@ def _rebuild(checkpoint: FrozenCheckpoint) -> nn.Module:
 def load(
     path: str | os.PathLike, model_factory: Callable[[], nn.Module] | None = None
 ) -> nn.Module:
-    """Load a model saved by :func:`gblr.save`, in eval mode.
+    """Load a model saved by [`gblr.save`][], in eval mode.
 
     With ``model_factory`` (like ``peft.PeftModel.from_pretrained(base_model, path)``):
     the factory builds the architecture (the original dense model, or the GBLR-trained
@@ -1371,14 +1374,14 @@ def load(
     model was a frozen layer, or an ``nn.Sequential`` (nested) of frozen layers,
     ``Linear``, ``Conv2d``, ``LayerNorm`` and parameter-free activations. Any other
     architecture is code, which a tensor file cannot (and should not) carry: then a
-    ``ValueError`` asks for ``model_factory``; :func:`load_checkpoint` returns the
+    ``ValueError`` asks for ``model_factory``; `load_checkpoint` returns the
     verified tensors and metadata in every case.
 
     Either way, weights that were tied when saved (one parameter under several names) are
     one parameter again, and modules shared under several names are one module.
 
     Args:
-        path: a file written by :func:`gblr.save`.
+        path: a file written by [`gblr.save`][].
         model_factory: ``() -> nn.Module``, or ``None``.
 
     Returns:
@@ -1386,7 +1389,7 @@ def load(
 
     Raises:
         GBLRFileError: (a ``ValueError``) the file is damaged, edited or inconsistent
-            (see :func:`load_checkpoint`).
+            (see `load_checkpoint`).
         ValueError: the model cannot be rebuilt without a factory, or the factory's model
             does not match the file.
         TypeError: ``model_factory`` is not callable or does not return an ``nn.Module``.
@@ -1445,11 +1448,11 @@ def save_tensors(
     The header's metadata is ``metadata`` plus ``format`` (``kind``), ``gblr_version``,
     ``aliases`` (JSON: keys that are the same tensor as a stored key; tied weights are
     stored once) and ``sha256`` over all of them and every tensor, which
-    :func:`load_tensors` checks.
+    [`load_tensors`][gblr.deploy.io.load_tensors] checks.
 
     Args:
         tensors: name -> tensor (a ``state_dict()``; any device).
-        path: the file to write, as :func:`gblr.save`.
+        path: the file to write, as [`gblr.save`][].
         metadata: string values; the keys above are reserved.
         kind: the format name, such as ``"gblr.pretrained"``.
 
@@ -1515,9 +1518,10 @@ def tensor_file_kind(path: str | os.PathLike) -> str | None:
 
 
 def load_tensors(path: str | os.PathLike, *, kind: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read and verify a file written by :func:`save_tensors` with the same ``kind``.
+    """Read and verify a file written by [`save_tensors`][gblr.deploy.io.save_tensors] with the same
+    ``kind``.
 
-    Every check of :func:`load_checkpoint` applies (header, tensor table, sha256 over the
+    Every check of `load_checkpoint` applies (header, tensor table, sha256 over the
     metadata and tensors); tied keys come back as the same tensor.
 
     Returns:
@@ -1525,7 +1529,7 @@ def load_tensors(path: str | os.PathLike, *, kind: str) -> tuple[dict[str, Tenso
         metadata without ``format``, ``aliases`` and ``sha256``.
 
     Raises:
-        FileNotFoundError, ValueError, TypeError: as :func:`load_checkpoint`.
+        FileNotFoundError, ValueError, TypeError: as `load_checkpoint`.
         GBLRFileError: not a ``kind`` file, truncated, damaged or edited; the message names
             the file and the reason.
     """
@@ -1571,7 +1575,7 @@ def load_tensors(path: str | os.PathLike, *, kind: str) -> tuple[dict[str, Tenso
 
 
 def frozen_layer_entry(layer: FrozenGBLRMatrix) -> dict[str, Any]:
-    """The JSON description of a frozen layer that :func:`gblr.save` writes (class,
+    """The JSON description of a frozen layer that [`gblr.save`][] writes (class,
     shapes, integer intervals, dtype, plan), without its names.
 
     Examples:
@@ -1588,8 +1592,8 @@ def frozen_layer_entry(layer: FrozenGBLRMatrix) -> dict[str, Any]:
 
 
 def frozen_layer_from_entry(entry: Any, where: str) -> FrozenGBLRMatrix:
-    """A zero-filled frozen layer of a :func:`frozen_layer_entry` description, on the
-    CPU, after checking every field as :func:`load_checkpoint` does.
+    """A zero-filled frozen layer of a [`frozen_layer_entry`][gblr.deploy.io.frozen_layer_entry]
+    description, on the CPU, after checking every field as `load_checkpoint` does.
 
     Raises:
         ValueError: the description is malformed (``where`` names it in the message).

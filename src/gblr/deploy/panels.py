@@ -22,7 +22,8 @@ plan separates the two halves:
      32 runs at ~0.7 of one with a side of 128 (2 EPYC cores, MKL: 27.5 vs 39.6 GMAC/s,
      depth 260).
 
-   The form (and the segment width) is chosen by a time model, :func:`_gemm_time`.
+   The form (and the segment width) is chosen by a time model,
+   [`_gemm_time`][gblr.deploy.panels._gemm_time].
 2. **Stage 2** cuts the output into panels of rows of ``W`` (columns of ``y``). Each panel
    ``y[:, p0:p1]`` is written once, by one GEMM per contiguous range of ``Z`` columns whose
    components cover it (small gaps are padded with zeros rather than split into another
@@ -44,7 +45,8 @@ with a leading stride, written in place (``torch.mm(..., out=slice)``, ``addmm_`
 are no gathers and no scatter. Factors outside a component's intervals are exact zeros,
 so padding a range or a union with them changes no result. The bias is one more column
 of ``Z`` (all ones) with the bias as its ``U`` row, so the GEMMs add it as they write.
-Rows are processed in chunks (:func:`chunk_rows`) so that stage 2 reads ``Z`` from cache.
+Rows are processed in chunks ([`chunk_rows`][gblr.deploy.panels.chunk_rows]) so that stage 2 reads
+``Z`` from cache.
 """
 
 from __future__ import annotations
@@ -287,22 +289,23 @@ def panel_ops(
         row_intervals, col_intervals: ``(K, 2)`` int64 ``(start, length)``, lengths >= 1.
         rank: ``r``.
         rows: the number of input rows the plan is for (its bucket): call overheads are
-            spread over them (over one chunk of :func:`chunk_rows` rows at most).
+            spread over them (over one chunk of [`chunk_rows`][gblr.deploy.panels.chunk_rows] rows
+            at most).
         bias: ``(m,)`` or ``None``. It becomes column 0 of ``Z`` (all ones) and one more
             row of each panel's first ``U`` range, so the GEMMs add it as they write.
         stage1: ``"groups"``, ``"segments"`` (see the module's docstring) or ``"auto"``:
-            whichever the time model :func:`_gemm_time` finds faster, trying segment
-            widths of ``_SEGMENT_WIDTHS`` columns.
+            whichever the time model [`_gemm_time`][gblr.deploy.panels._gemm_time] finds faster,
+            trying segment widths of ``_SEGMENT_WIDTHS`` columns.
         stage2: ``"panels"``, ``"head"`` (see the module's docstring; a layer without
             bias nor full-row components has no head and gets ``"panels"``) or
             ``"auto"``: whichever the time model finds faster.
 
     Returns:
-        A :class:`PanelOps`.
+        A [`PanelOps`][gblr.deploy.panels.PanelOps].
 
     Raises:
-        ValueError: ``stage1`` is not one of :data:`STAGE1_FORMS`, or ``stage2`` not one
-            of :data:`STAGE2_FORMS`.
+        ValueError: ``stage1`` is not one of [`STAGE1_FORMS`][gblr.deploy.panels.STAGE1_FORMS], or
+            ``stage2`` not one of [`STAGE2_FORMS`][gblr.deploy.panels.STAGE2_FORMS].
     """
     if stage1 not in STAGE1_FORMS:
         raise ValueError(f"stage1 must be one of {STAGE1_FORMS}, got {stage1!r}")
@@ -430,16 +433,17 @@ def panel_ops(
 
 
 def chunk_rows(out_features: int, width: int) -> int:
-    """Rows per chunk of :func:`run_panels`: a power of two (256 .. 4096) such that a
-    chunk's ``Z`` and output rows (``width + out_features`` floats each) take about 8 MB,
-    so that stage 2 reads ``Z`` from cache rather than memory."""
+    """Rows per chunk of [`run_panels`][gblr.deploy.panels.run_panels]: a power of two (256 .. 4096)
+    such that a chunk's ``Z`` and output rows (``width + out_features`` floats each) take about 8
+    MB, so that stage 2 reads ``Z`` from cache rather than memory."""
     target = (8 << 20) // (4 * max(out_features + width, 1))
     return int(min(4096, max(256, 1 << max(target, 1).bit_length() - 1)))
 
 
 def run_panels(x: Tensor, ops: PanelOps) -> Tensor:
-    """``(N, n) -> (N, m)`` through the two stages of :func:`panel_ops`, in chunks of
-    :func:`chunk_rows` input rows (bias included when the ops were built with one)."""
+    """``(N, n) -> (N, m)`` through the two stages of [`panel_ops`][gblr.deploy.panels.panel_ops],
+    in chunks of [`chunk_rows`][gblr.deploy.panels.chunk_rows] input rows (bias included when the
+    ops were built with one)."""
     rows = x.shape[0]
     chunk = max(1, min(rows, chunk_rows(ops.out_features, ops.width)))  # rows may be 0
     y = x.new_empty(rows, ops.out_features)

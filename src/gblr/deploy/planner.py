@@ -26,7 +26,7 @@ _DENSE_EQUIVALENT = 0.9
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    """One row of a :class:`PlanReport`: the median time (ms) of every candidate for one
+    """One row of a `PlanReport`: the median time (ms) of every candidate for one
     layer at one input size, and the plan stored for its bucket.
 
     Examples:
@@ -57,7 +57,7 @@ class LayerPlan:
 
 @dataclasses.dataclass(frozen=True)
 class PlanReport:
-    """What :func:`plan` chose; ``str(report)`` is a table.
+    """What [`plan`][gblr.deploy.planner.plan] chose; ``str(report)`` is a table.
 
     Examples:
         >>> import torch, gblr
@@ -173,16 +173,16 @@ def plan(
     be the dense product in pieces). Cached operands of plans not chosen are freed.
 
     Args:
-        model: a module with frozen GBLR layers (:func:`gblr.freeze`), or one such layer.
+        model: a module with frozen GBLR layers ([`gblr.freeze`][]), or one such layer.
         example_input: a tensor, or a tuple of positional arguments, for ``model``,
             giving every frozen layer at least one row (an empty batch is refused).
-        candidates: plan names from :data:`gblr.deploy.PLANS` and ``GPU_PLANS`` (default:
+        candidates: plan names from `gblr.deploy.PLANS` and ``GPU_PLANS`` (default:
             all; ``GPU_PLANS`` are timed only for CUDA inputs with triton installed).
         repeats: timed runs per candidate (>= 1).
         warmup: untimed runs per candidate before timing (>= 0).
 
     Returns:
-        A :class:`PlanReport` (``print(report)`` shows a table).
+        A `PlanReport` (``print(report)`` shows a table).
 
     Examples:
         >>> import torch, gblr

@@ -2,7 +2,7 @@
 
 A frozen GBLR matrix ``W (m, n)`` is given by ``K`` live components of rank ``r``: integer
 circular row intervals ``(start, length)`` ``(K, 2)``, column intervals ``(K, 2)``, and
-factors packed over their intervals only (see :class:`gblr.FrozenGBLRLinear`):
+factors packed over their intervals only (see [`gblr.FrozenGBLRLinear`][]):
 
 - ``u_packed``: for each component ``k`` in order, ``U_k`` of shape ``(len R_k, r)``
   row-major (row ``t`` belongs to output index ``(start_k + t) mod m``);
@@ -23,12 +23,12 @@ laid out:
 ``segment``
     the GBLR form ``z_k = V_k x[C_k]``, ``y[R_k] += U_k z_k``. Components are sorted and
     partitioned into runs of consecutive components (dynamic programming over a cost
-    model, see :func:`partition_components`); a run is evaluated over the union of its
-    members' intervals as two GEMMs, zero-padded inside the union, so the work is in a
-    few large matrix products rather than ``K`` small ones. Wrap-around intervals are at
+    model, see [`partition_components`][gblr.deploy.plans.partition_components]); a run is evaluated
+    over the union of its members' intervals as two GEMMs, zero-padded inside the union, so the work
+    is in a few large matrix products rather than ``K`` small ones. Wrap-around intervals are at
     most two slices each.
 ``panels``
-    the segment form in two stages (:mod:`gblr.deploy.panels`): every ``z_k`` into one
+    the segment form in two stages ([`gblr.deploy.panels`][]): every ``z_k`` into one
     buffer, then each output panel written once by the GEMMs of the components covering
     it, in cache-sized chunks of rows.
 
@@ -263,7 +263,7 @@ def partition_components(
         rows: the number of input rows the partition is for (its bucket).
 
     Returns:
-        A :class:`Partition`.
+        A [`Partition`][gblr.deploy.plans.Partition].
     """
     m, n = shape
     k = row_intervals.shape[0]
@@ -357,7 +357,7 @@ def _empty_output(x: Tensor, bias: Tensor | None, m: int) -> Tensor:
 
 
 def run_segment(x: Tensor, ops: SegmentOps, bias: Tensor | None) -> Tensor:
-    """``(N, n) -> (N, m)`` through the runs of :func:`segment_ops`."""
+    """``(N, n) -> (N, m)`` through the runs of [`segment_ops`][gblr.deploy.plans.segment_ops]."""
     m = ops.out_features
     y: Tensor | None = None
     for col_pieces, row_pieces in ops.runs:
@@ -435,7 +435,7 @@ def block_ops(weight: Tensor, rows: int, block: int | None = None) -> BlockOps:
 
 
 def run_blocks(x: Tensor, ops: BlockOps, bias: Tensor | None) -> Tensor:
-    """``(N, n) -> (N, m)`` through the blocks of :func:`block_ops`."""
+    """``(N, n) -> (N, m)`` through the blocks of [`block_ops`][gblr.deploy.plans.block_ops]."""
     m = ops.out_features
     y: Tensor | None = None
     for c_from, c_to, r_from, r_to, block_t in ops.blocks:
@@ -473,8 +473,8 @@ def default_plan(
 
     ``dense`` when the structure costs more than half the dense MACs; otherwise the
     cheapest of ``lowrank``, ``segment`` and (when its cost is given) ``panels`` by the
-    cost model of :func:`partition_components`, if it is clearly (20%) below dense, else
-    ``dense``.
+    cost model of [`partition_components`][gblr.deploy.plans.partition_components], if it is clearly
+    (20%) below dense, else ``dense``.
     """
     m, n = shape
     dense = float(m * n)

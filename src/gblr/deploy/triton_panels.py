@@ -21,7 +21,7 @@ plan matches ``dense`` to float32 rounding.
 
 Correctness is tested on the CPU with Triton's interpreter (``TRITON_INTERPRET=1``, as
 ``tests/conftest.py`` sets when there is no GPU); the plan is a timing candidate of
-:func:`gblr.plan` only on CUDA. Importing this module needs ``triton``.
+[`gblr.plan`][] only on CUDA. Importing this module needs ``triton``.
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ class TritonPanelOps:
 
 
 def _stage(blocks: list[tuple[int, Tensor, Tensor]], device: torch.device, dtype) -> Stage:
-    """Pack ``[(out column, A column indices (d,), B (d, w))]`` into a :class:`Stage`,
-    each block cut into tiles of at most ``BLOCK_N`` output columns."""
+    """Pack ``[(out column, A column indices (d,), B (d, w))]`` into a
+    [`Stage`][gblr.deploy.triton_panels.Stage], each block cut into tiles of at most ``BLOCK_N``
+    output columns."""
     tasks, indices, factors = [], [], []
     index_offset = factor_offset = 0
     for col0, index, factor in blocks:
@@ -148,7 +149,7 @@ def _stage(blocks: list[tuple[int, Tensor, Tensor]], device: torch.device, dtype
 
 
 def triton_panel_ops(ops: PanelOps) -> TritonPanelOps:
-    """Repack :class:`gblr.deploy.panels.PanelOps` (built on the layer's device and dtype)
+    """Repack [`gblr.deploy.panels.PanelOps`][] (built on the layer's device and dtype)
     into the two task tables of the triton plan. The ops must be in the basic forms
     (``panel_ops(..., stage1="groups", stage2="panels")``): the kernel writes each block of
     ``Z`` and each panel of the output once."""

@@ -1,5 +1,5 @@
 """Hugging Face ``transformers.Trainer`` integration: a callback that drives a
-:class:`gblr.StructureLearner`, and a trainer that recovers a converted model by
+[`gblr.StructureLearner`][], and a trainer that recovers a converted model by
 distillation to the original.
 
 Needs ``transformers`` (``pip install "gblr[hf]"``).
@@ -33,9 +33,9 @@ class GBLRTrainerCallback(TrainerCallback):
         learner: an existing learner, or None to build one when training begins from
             ``config`` and ``learner_kwargs`` (``total_steps`` defaults to the trainer's
             ``max_steps``).
-        config: the learner's :class:`gblr.LearnerConfig` (default: the paper's method;
+        config: the learner's [`gblr.LearnerConfig`][] (default: the paper's method;
             ``LearnerConfig.finetune()`` for a converted model).
-        **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`
+        **learner_kwargs: keyword arguments of [`gblr.StructureLearner`][]
             (``budget=``, ``budget_macs=`` or ``lam=``, ``warmup_steps=``, ...); names,
             the config and the budget are checked here, the rest when the learner is
             built. Its deprecated keywords warn here, once.
@@ -92,16 +92,17 @@ class GBLRTrainerCallback(TrainerCallback):
 class GBLRDistillationTrainer(Trainer):
     """A ``transformers.Trainer`` that trains a converted model (the student, ``model=``)
     to reproduce the original (``teacher=``) on unlabelled inputs: the loss of
-    :func:`gblr.compress.distill.distillation_loss` (mean squared error of the outputs,
-    padding masked), the optimizer over :func:`gblr.param_groups` (the paper's settings
-    for widths and locations), and, for GBLR students, a :class:`GBLRTrainerCallback`
-    holding the MACs. Everything else is the ``Trainer``'s: arguments, schedulers,
-    logging, checkpoints, evaluation (its loss is the same distillation loss).
+    [`gblr.compress.distill.distillation_loss`][] (mean squared error of the outputs,
+    padding masked), the optimizer over [`gblr.param_groups`][] (the paper's settings
+    for widths and locations), and, for GBLR students, a
+    [`GBLRTrainerCallback`][gblr.integrations.hf.GBLRTrainerCallback] holding the MACs. Everything
+    else is the ``Trainer``'s: arguments, schedulers, logging, checkpoints, evaluation (its loss is
+    the same distillation loss).
 
     Args:
         *args: the ``Trainer``'s positional arguments (``model``, ``args``, ...).
         teacher: the original model; kept in eval mode, moved to the student's device.
-        output: which output to match (:attr:`gblr.compress.distill.DistillConfig.output`;
+        output: which output to match (`gblr.compress.distill.DistillConfig.output`;
             ``"auto"``: ``last_hidden_state``, else ``logits``).
         structure_lr: learning rate of GBLR widths and locations (default: the
             ``TrainingArguments``' ``learning_rate``).
@@ -109,7 +110,7 @@ class GBLRDistillationTrainer(Trainer):
             they have when the trainer is made); ignored for a student without GBLR
             layers.
         learner_config: the structure learner's config (default
-            :meth:`gblr.LearnerConfig.finetune`).
+            [`gblr.LearnerConfig.finetune`][]).
         **kwargs: the ``Trainer``'s keyword arguments.
 
     Batches are the tokenizer's output (``input_ids``, ``attention_mask``, ...); a

@@ -1,4 +1,4 @@
-"""Lightning callback that drives a :class:`gblr.StructureLearner`.
+"""Lightning callback that drives a [`gblr.StructureLearner`][].
 
 Needs ``lightning`` (``pip install "gblr[train]"``).
 """
@@ -28,9 +28,9 @@ class GBLRCallback(pl.Callback):
         learner: an existing learner, or None to build one at fit start from ``config``
             and ``learner_kwargs`` (``total_steps`` defaults to the trainer's
             ``estimated_stepping_batches``).
-        config: the learner's :class:`gblr.LearnerConfig` (default: the paper's method).
+        config: the learner's [`gblr.LearnerConfig`][] (default: the paper's method).
         log_every_n_steps: how often the summary is logged (under ``gblr/``): an int >= 1.
-        **learner_kwargs: keyword arguments of :class:`gblr.StructureLearner`
+        **learner_kwargs: keyword arguments of [`gblr.StructureLearner`][]
             (``budget=``, ``budget_macs=`` or ``lam=``, ``warmup_steps=``, ...); names,
             the config and the budget are checked here, the rest when the learner is
             built at fit start. Its deprecated keywords (``target=``, ``sigma=``,

@@ -1,4 +1,4 @@
-"""The learned GBLR matrix shared by :class:`GBLRLinear` and :class:`GBLRConv2d`.
+"""The learned GBLR matrix shared by `GBLRLinear` and `GBLRConv2d`.
 
 A GBLR matrix ``W`` of shape ``(m, n)`` (out x in) is ``sum_k D(a_k) U_k V_k D(b_k)`` with
 ``K`` components of rank ``r`` (docs/design.md#a-gblr-matrix). Parameters:
@@ -105,7 +105,7 @@ def _record_factor_gradients(record: dict, u: Tensor, v: Tensor) -> None:
 class GBLRMatrixMixin(nn.Module):
     """Parameters, masks, cost and initialisation of a learned GBLR matrix.
 
-    Subclasses set the matrix shape through :meth:`_init_gblr` and define ``forward``.
+    Subclasses set the matrix shape through `_init_gblr` and define ``forward``.
     """
 
     U: nn.Parameter
@@ -113,7 +113,7 @@ class GBLRMatrixMixin(nn.Module):
     widths: nn.Parameter
     locations: nn.Parameter
     sigma: Tensor
-    #: What the structure learner's ``refine`` pass reads (see :meth:`record_factors`):
+    #: What the structure learner's ``refine`` pass reads (see `record_factors`):
     #: ``None`` when not recording, else the record of the training forwards since it was
     #: armed: ``u`` ``(K, r, out)``, ``v`` ``(K, r, in)`` (masked factors, detached) and,
     #: after the backward, ``grad_u``, ``grad_v`` (the loss gradients with respect to
@@ -241,11 +241,11 @@ class GBLRMatrixMixin(nn.Module):
     def init_structure(self, scheme: StructureInit, init_cost: float | None = None) -> None:
         """Set widths and locations afresh by ``scheme``, as the constructor's
         ``structure_init`` does (factors are left as they are: follow with
-        :meth:`init_factors` for the scale that matches the new structure).
+        `init_factors` for the scale that matches the new structure).
 
         Args:
             scheme: ``"full"``, ``"random"``, ``"half"``, ``"blocks"`` or
-                ``"blockdiag"`` (see :class:`gblr.GBLRLinear`).
+                ``"blockdiag"`` (see [`gblr.GBLRLinear`][]).
             init_cost: the starting cost as a fraction of dense MACs, in (0, 1]; needed by
                 ``"half"``, ``"blocks"`` and ``"blockdiag"``, ignored by the others.
 
@@ -436,12 +436,12 @@ class GBLRMatrixMixin(nn.Module):
             ``(col_mask (K, in), row_mask (K, out))``. Training: Gaudi masks (bandwidth
             ``self.sigma``) of widths and locations rounded to the grid with a
             straight-through gradient (widths clamped to [0, 1] the same way), see
-            :func:`gblr.ops.gaudi_mask_on_grid`. Eval: exact 0/1 boxcars; a NaN or
+            [`gblr.ops.gaudi_mask_on_grid`][]. Eval: exact 0/1 boxcars; a NaN or
             infinite width or location is a ``ValueError`` there (checked once per change
             of the parameters, so inference pays no device sync per forward; under
             ``torch.compile`` the mask rows of such components are NaN instead). In
             training the rows are NaN (torch backend) or empty (Triton backend, whose
-            kernels read no flags on the host); :class:`gblr.StructureLearner` raises on
+            kernels read no flags on the host); [`gblr.StructureLearner`][] raises on
             its next step.
         """
         if not self.training:
@@ -476,7 +476,7 @@ class GBLRMatrixMixin(nn.Module):
     def masked_factors(self) -> tuple[Tensor, Tensor]:
         """``(U_masked (K*r, out), V_masked (K*r, in))`` with ``W = U_masked.T @ V_masked``.
 
-        Training: :func:`gblr.ops.mask_factors` without its argument checks (on CUDA one
+        Training: [`gblr.ops.mask_factors`][] without its argument checks (on CUDA one
         fused Triton launch each way; under autocast its output already has the autocast
         dtype).
         """
@@ -503,7 +503,7 @@ class GBLRMatrixMixin(nn.Module):
         return u, v
 
     def record_factors(self, enabled: bool = True) -> None:
-        """Arm (``enabled``) or stop the recording of :attr:`factor_record`.
+        """Arm (``enabled``) or stop the recording of `factor_record`.
 
         Armed, the next eager training forwards store their masked factors and, through
         hooks, the loss gradients with respect to them: those gradients are not masked
@@ -532,7 +532,7 @@ class GBLRMatrixMixin(nn.Module):
     def _check_structure_finite(self) -> None:
         """``ValueError`` naming the layer, the entry and its value if a width or location
         is NaN or infinite: it has no integer interval, so eval, ``flops()`` and
-        :func:`gblr.freeze` would otherwise make up one (or drop the component).
+        [`gblr.freeze`][] would otherwise make up one (or drop the component).
 
         Checked once per change of the two parameters (their in-place version counters
         and storage), so repeated eval forwards read nothing from the device.

@@ -19,7 +19,7 @@ def positive_pair(name: str, value: int | tuple[int, int], minimum: int = 1) -> 
     """``value`` as a pair of ints ``>= minimum`` (an int is used for both sides), as the
     convolution arguments ``kernel_size``, ``stride``, ``padding`` and ``dilation``.
 
-    Shared with :class:`gblr.deploy.FrozenGBLRConv2d` so that both layers accept and
+    Shared with [`gblr.deploy.FrozenGBLRConv2d`][] so that both layers accept and
     refuse the same arguments.
 
     Raises:
@@ -50,9 +50,9 @@ class GBLRConv2d(GBLRMatrixMixin):
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as
             ``nn.Conv2d`` (``padding`` may be an int, a pair, ``"valid"`` or ``"same"``).
         rank_per_component, num_components, structure_init, init_cost, factor_init: as
-            :class:`gblr.GBLRLinear`, over the kernel matrix.
+            [`gblr.GBLRLinear`][], over the kernel matrix.
         widths, locations, sigma, evaluation_order, device, dtype: as
-            :class:`gblr.GBLRLinear`; ``evaluation_order="factored"`` evaluates a
+            [`gblr.GBLRLinear`][]; ``evaluation_order="factored"`` evaluates a
             ``K r``-channel convolution followed by a 1x1 convolution.
 
     Shapes:

@@ -42,7 +42,7 @@ class GBLRLinear(GBLRMatrixMixin):
         widths, locations: explicit ``(2, K)`` starting values (row 0: input intervals,
             row 1: output intervals), fractions in [0, 1]; override ``structure_init``.
         sigma: Gaudi mask bandwidth used in training mode (default ``inf``: exact
-            Dirichlet form; :class:`gblr.StructureLearner` anneals it).
+            Dirichlet form; [`gblr.StructureLearner`][] anneals it).
         evaluation_order: ``"auto"`` picks, from the number of input rows, the cheaper of
             ``"materialize"`` (build ``W``, one matmul) and ``"factored"`` (two thin
             matmuls through the rank). Both are exact.
@@ -158,7 +158,7 @@ class GBLRLinear(GBLRMatrixMixin):
             sigma: as in the constructor.
 
         Returns:
-            A :class:`GBLRLinear` whose ``dense_weight()`` in eval mode is
+            A [`GBLRLinear`][gblr.layers.linear.GBLRLinear] whose ``dense_weight()`` in eval mode is
             ``sum_k D(a_k) U_k V_k D(b_k)``, on the device and dtype of ``factors_u``.
         """
         if factors_u.dim() != 3 or factors_v.dim() != 3:

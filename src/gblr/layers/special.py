@@ -1,7 +1,8 @@
 """Exact GBLR layers for the paper's special cases (docs/design.md#special-cases).
 
-Each helper returns a bias-free :class:`GBLRLinear` whose ``dense_weight()`` equals the given
-structured matrix and whose ``flops()`` is the cost stated below:
+Each helper returns a bias-free [`GBLRLinear`][gblr.layers.linear.GBLRLinear] whose
+``dense_weight()`` equals the given structured matrix and whose ``flops()`` is the cost stated
+below:
 
 ==================  ===========================================  ==========================
 structure           components                                   MACs per input row
@@ -116,7 +117,8 @@ def low_rank(factor_u: Tensor, factor_v: Tensor, *, rank_per_component: int = 1)
         rank_per_component: ``r``; must divide ``R``. ``R / r`` components are used.
 
     Returns:
-        Bias-free :class:`GBLRLinear` in eval mode, ``flops() == R * (out + in)``.
+        Bias-free [`GBLRLinear`][gblr.layers.linear.GBLRLinear] in eval mode, ``flops() == R * (out
+        + in)``.
 
     Examples:
         >>> import torch, gblr
@@ -156,7 +158,8 @@ def block_low_rank(
         rank_per_component: ``r``, at most the smallest block side.
 
     Returns:
-        Bias-free :class:`GBLRLinear` in eval mode, ``flops() == r (q out + p in)``.
+        Bias-free [`GBLRLinear`][gblr.layers.linear.GBLRLinear] in eval mode, ``flops() == r (q out
+        + p in)``.
 
     Examples:
         >>> import torch, gblr
@@ -201,7 +204,8 @@ def block_sparse(weight: Tensor, block_size: int | tuple[int, int]) -> GBLRLinea
         block_size: ``b`` or ``(bh, bw)``.
 
     Returns:
-        Bias-free :class:`GBLRLinear` in eval mode with ``dense_weight() == weight``.
+        Bias-free [`GBLRLinear`][gblr.layers.linear.GBLRLinear] in eval mode with ``dense_weight()
+        == weight``.
 
     Examples:
         >>> import torch, gblr
@@ -232,8 +236,8 @@ def block_diagonal(blocks: Sequence[Tensor]) -> GBLRLinear:
         blocks: non-empty sequence of 2-D ``(h_i, w_i)`` tensors.
 
     Returns:
-        Bias-free :class:`GBLRLinear` in eval mode of shape ``(sum h_i, sum w_i)``;
-        ``flops() == sum_i min(w_i (h_i + 1), h_i (w_i + 1))``, i.e. ``b (b + 1)`` per
+        Bias-free [`GBLRLinear`][gblr.layers.linear.GBLRLinear] in eval mode of shape ``(sum h_i,
+        sum w_i)``; ``flops() == sum_i min(w_i (h_i + 1), h_i (w_i + 1))``, i.e. ``b (b + 1)`` per
         square ``b x b`` block.
 
     Examples:

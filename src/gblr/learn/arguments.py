@@ -1,6 +1,6 @@
 """The structure learner's keyword arguments that need no model: the budget (exactly one
 of ``budget``, ``budget_macs`` and ``lam``) and the deprecated keywords, for
-:class:`gblr.StructureLearner` and the training callbacks, which check what they are given
+[`gblr.StructureLearner`][] and the training callbacks, which check what they are given
 when they are made and build the learner later.
 """
 
@@ -30,8 +30,8 @@ def resolve_deprecated(
     """The config and keyword arguments that ``caller``'s deprecated keywords mean, with
     one ``FutureWarning`` naming the replacement of each.
 
-    The options of :data:`~gblr.learn.config.DEPRECATED_OPTIONS` become a
-    :class:`gblr.LearnerConfig` (checked under their old names; a ``ValueError`` when
+    The options of [`DEPRECATED_OPTIONS`][gblr.learn.config.DEPRECATED_OPTIONS] become a
+    [`gblr.LearnerConfig`][] (checked under their old names; a ``ValueError`` when
     ``config`` is given too), ``target``/``target_macs`` become ``budget``/``budget_macs``
     (a ``ValueError`` when both names of one are given). Other keys pass through.
 
@@ -78,7 +78,7 @@ def resolve_deprecated(
 def check_budget_arguments(arguments: Mapping[str, Any]) -> None:
     """The budget checks that need no model: exactly one of ``budget``, ``budget_macs``
     and ``lam`` (or the deprecated ``target``, ``target_macs``, named as given), and a
-    budget of the right type and range (:func:`gblr.cost.check_fraction_budget`).
+    budget of the right type and range ([`gblr.cost.check_fraction_budget`][]).
 
     Examples:
         >>> from gblr.learn.arguments import check_budget_arguments

@@ -1,8 +1,8 @@
-"""How the structure is learned: :class:`LearnerConfig` and the sub-configs of the
-learner's optional passes.
+"""How the structure is learned: [`LearnerConfig`][gblr.learn.config.LearnerConfig] and the
+sub-configs of the learner's optional passes.
 
 The budget (``budget``/``budget_macs``/``lam``) and the run's length stay keywords of
-:class:`gblr.StructureLearner`: they belong to a run, the config to a method. What each
+[`gblr.StructureLearner`][]: they belong to a run, the config to a method. What each
 option does, and what it was measured to do, is in docs/BENCHMARKS.md ("The structure
 learner's options").
 """
@@ -105,13 +105,14 @@ class _Config:
         object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as JSON-safe data (see :meth:`LearnerConfig.to_dict`)."""
+        """The config as JSON-safe data (see
+        [`LearnerConfig.to_dict`][gblr.learn.config.LearnerConfig.to_dict])."""
         fields = dataclasses.fields(self)
         return {field.name: _plain(getattr(self, field.name)) for field in fields}
 
     @classmethod
     def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
-        """The config of :meth:`to_dict`'s data; unknown keys are a ``ValueError`` listing
+        """The config of `to_dict`'s data; unknown keys are a ``ValueError`` listing
         the allowed ones."""
         return cls(**cls._check_keys(data))
 
@@ -154,7 +155,8 @@ class AdaptiveConfig(_Config):
 
     Attributes:
         exponent: ``γ``, a finite number > 0 (``adaptive=None`` in the
-            :class:`LearnerConfig` is the paper's one uniform threshold).
+            [`LearnerConfig`][gblr.learn.config.LearnerConfig] is the paper's one uniform
+            threshold).
 
     Examples:
         >>> from gblr import AdaptiveConfig
@@ -213,7 +215,7 @@ class _FractionConfig(_Config):
 @dataclass(frozen=True)
 class MergeConfig(_FractionConfig):
     """Merging pairs of components whose summed blocks are one cheaper component
-    (:func:`gblr.merge_components`), every ``pass_every`` steps after the budget ramp.
+    ([`gblr.merge_components`][]), every ``pass_every`` steps after the budget ramp.
 
     Attributes:
         tolerance: relative squared error allowed per merge, in ``[0, 1)``.
@@ -230,7 +232,7 @@ class MergeConfig(_FractionConfig):
 @dataclass(frozen=True)
 class UntangleConfig(_FractionConfig):
     """Re-splitting settled overlapping pairs of rank-1 components into blocks on
-    smaller intervals (:func:`gblr.untangle_components`, saving at least 5% of a pair's
+    smaller intervals ([`gblr.untangle_components`][], saving at least 5% of a pair's
     MACs), every ``pass_every`` steps after the budget ramp.
 
     Attributes:
@@ -248,7 +250,7 @@ class UntangleConfig(_FractionConfig):
 @dataclass(frozen=True)
 class RefineConfig(_FractionConfig):
     """Budget-neutral swaps of interval end cells judged by a quadratic model of the
-    loss (:mod:`gblr.learn.refine`), half-way between merge passes after the ramp.
+    loss ([`gblr.learn.refine`][]), half-way between merge passes after the ramp.
 
     Attributes:
         floor: the least predicted gain of a swap, a fraction in ``[0, 1)`` of the
@@ -267,13 +269,13 @@ class RefineConfig(_FractionConfig):
 
 @dataclass(frozen=True)
 class LearnerConfig(_Config):
-    """How :class:`gblr.StructureLearner` learns the structure: the σ schedule, the shape
+    """How [`gblr.StructureLearner`][] learns the structure: the σ schedule, the shape
     of the budget ramp and the optional passes (each ``None``: off).
 
     Checked when made (a ``TypeError``/``ValueError`` naming the field, the value and
-    what is allowed), frozen, and round-trips through JSON (:meth:`to_dict`,
-    :meth:`from_dict`); the learner saves it in its ``state_dict()``. Presets:
-    :meth:`paper` (the defaults), :meth:`finetune` and :meth:`planted`; change one with
+    what is allowed), frozen, and round-trips through JSON (`to_dict`,
+    `from_dict`); the learner saves it in its ``state_dict()``. Presets:
+    `paper` (the defaults), `finetune` and `planted`; change one with
     ``dataclasses.replace(LearnerConfig.planted(), pass_every=10)``.
 
     Attributes:
@@ -286,11 +288,12 @@ class LearnerConfig(_Config):
         ramp: shape of the budget's warm-up ramp from the starting cost:
             ``"geometric"`` (equal time per factor of cost, so the last cuts are
             gradual) or ``"linear"``.
-        adaptive: adaptive-lasso thresholds (:class:`AdaptiveConfig`).
-        shift_limit: a per-step limit on structure moves (:class:`ShiftLimitConfig`).
-        merge: merge passes (:class:`MergeConfig`).
-        untangle: untangle passes (:class:`UntangleConfig`).
-        refine: refine passes (:class:`RefineConfig`).
+        adaptive: adaptive-lasso thresholds ([`AdaptiveConfig`][gblr.learn.config.AdaptiveConfig]).
+        shift_limit: a per-step limit on structure moves
+            ([`ShiftLimitConfig`][gblr.learn.config.ShiftLimitConfig]).
+        merge: merge passes ([`MergeConfig`][gblr.learn.config.MergeConfig]).
+        untangle: untangle passes ([`UntangleConfig`][gblr.learn.config.UntangleConfig]).
+        refine: refine passes ([`RefineConfig`][gblr.learn.config.RefineConfig]).
         pass_every: steps between merge, untangle and refine passes, an int >= 1.
 
     Examples:
@@ -358,7 +361,7 @@ class LearnerConfig(_Config):
 
     @classmethod
     def finetune(cls) -> LearnerConfig:
-        """For fine-tuning a converted model (after :func:`gblr.convert`): ``sigma=None``
+        """For fine-tuning a converted model (after [`gblr.convert`][]): ``sigma=None``
         leaves σ as the layers have it (∞: the exact masks of the fit), so the structure
         moves only where the loss asks and the start is not blurred.
 
@@ -408,7 +411,7 @@ class LearnerConfig(_Config):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LearnerConfig:
-        """The config of ``data`` (as :meth:`to_dict` gives it). Unknown keys, here or
+        """The config of ``data`` (as `to_dict` gives it). Unknown keys, here or
         in a pass's dict, are a ``ValueError`` listing the allowed ones; the values are
         checked as by the constructor.
 
@@ -472,12 +475,14 @@ DEPRECATED_OPTIONS: dict[str, str] = {
 
 
 def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
-    """The :class:`LearnerConfig` that the deprecated :class:`gblr.StructureLearner`
-    keywords in ``options`` describe (every key one of :data:`DEPRECATED_OPTIONS`),
-    checked as they were, under their old names; the same run as before, bit for bit.
+    """The [`LearnerConfig`][gblr.learn.config.LearnerConfig] that the deprecated
+    [`gblr.StructureLearner`][] keywords in ``options`` describe (every key one of
+    [`DEPRECATED_OPTIONS`][gblr.learn.config.DEPRECATED_OPTIONS]), checked as they were, under their
+    old names; the same run as before, bit for bit.
 
     ``adaptive=0`` was the paper's uniform threshold (``adaptive=None``);
-    ``max_shift``/``max_shift_ramp`` are one :class:`ShiftLimitConfig`.
+    ``max_shift``/``max_shift_ramp`` are one
+    [`ShiftLimitConfig`][gblr.learn.config.ShiftLimitConfig].
 
     Examples:
         >>> from gblr.learn.config import config_from_options
@@ -525,7 +530,7 @@ def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
 
 def deprecation_text(caller: str, options: Mapping[str, Any]) -> str:
     """The ``FutureWarning`` for ``caller(<old keywords>)``: each keyword and the
-    :class:`LearnerConfig` field that replaces it.
+    [`LearnerConfig`][gblr.learn.config.LearnerConfig] field that replaces it.
 
     Examples:
         >>> from gblr.learn.config import deprecation_text

@@ -1,7 +1,7 @@
 """Helpers shared by the learner and its passes (merge, untangle, refine): argument
 checks, the exact factors of a layer, circular spans and factor alignment.
 
-Shapes follow :class:`gblr.layers.base.GBLRMatrixMixin`: ``U`` is ``(K, r, rows)``,
+Shapes follow [`gblr.layers.base.GBLRMatrixMixin`][]: ``U`` is ``(K, r, rows)``,
 ``V`` ``(K, r, cols)``; intervals are integer ``(start, length)`` on a circle of ``n``
 cells.
 """

@@ -12,9 +12,10 @@ locations wrap modulo 1:
   Layers compete for one budget.
 
 This module is the core: checks, the budget projection, the σ schedule, the budget ramp
-and the state. The optional passes of :class:`gblr.LearnerConfig` are objects
+and the state. The optional passes of [`gblr.LearnerConfig`][] are objects
 (``passes.py``, ``merge.py``, ``untangle.py``, ``refine.py``) that the core calls at fixed
-hooks, in the order of :data:`PASSES` (docs/design.md, "Adding a learner pass").
+hooks, in the order of [`PASSES`][gblr.learn.learner.PASSES] (docs/design.md, "Adding a learner
+pass").
 """
 
 from __future__ import annotations
@@ -130,20 +131,21 @@ class _StructureView:
 
 
 class StructureLearner:
-    """Learns every GBLR layer's structure and MACs share; call :meth:`step` after
+    """Learns every GBLR layer's structure and MACs share; call `step` after
     ``optimizer.step()``.
 
     How it learns (σ schedule, budget ramp, optional passes) is a
-    :class:`gblr.LearnerConfig`; the budget and the run's length are keywords here.
+    [`gblr.LearnerConfig`][]; the budget and the run's length are keywords here.
     What the options were measured to do: docs/BENCHMARKS.md (the structure learner's
     section); they help on planted structures and did not help on real tasks.
 
     Args:
         model: a module containing GBLR layers.
-        config: a :class:`gblr.LearnerConfig` (default: :meth:`LearnerConfig.paper`, the
-            paper's method). Kept as :attr:`config` and saved in :meth:`state_dict`.
+        config: a [`gblr.LearnerConfig`][] (default:
+            [`LearnerConfig.paper`][gblr.learn.config.LearnerConfig.paper], the paper's method).
+            Kept as `config` and saved in `state_dict`.
         budget: budget mode: a fraction in (0, 1] of the dense MACs of all GBLR layers
-            (the int ``1`` is 1.0, as in :func:`gblr.convert`; other ints are refused:
+            (the int ``1`` is 1.0, as in [`gblr.convert`][]; other ints are refused:
             an absolute count goes to ``budget_macs``).
         budget_macs: budget mode: an absolute budget, MACs per input row summed over the
             GBLR layers (an int).
@@ -152,7 +154,7 @@ class StructureLearner:
             budget below the cheapest component (``2 r`` MACs: one row and one column at
             rank ``r``) would leave every layer empty: a ``ValueError`` names the
             smallest budget allowed.
-        total_steps: number of :meth:`step` calls in the run; σ reaches its end here.
+        total_steps: number of `step` calls in the run; σ reaches its end here.
         warmup_steps: budget mode: the budget ramps from the starting cost down to its
             final value over these steps, shaped by ``config.ramp`` (0: the full cut at
             once). The passes run only after it.
@@ -162,7 +164,7 @@ class StructureLearner:
         structure_lr: λ mode: a fixed ``η``.
         **deprecated: until gblr 0.3, with a ``FutureWarning`` naming the replacement:
             ``target``/``target_macs`` (now ``budget``/``budget_macs``) and the options
-            now in :class:`gblr.LearnerConfig`: ``sigma``, ``sigma_schedule``, ``ramp``,
+            now in [`gblr.LearnerConfig`][]: ``sigma``, ``sigma_schedule``, ``ramp``,
             ``adaptive`` (``adaptive=AdaptiveConfig(exponent)``, 0 was off),
             ``max_shift``/``max_shift_ramp`` (``shift_limit=ShiftLimitConfig(cells,
             cells_during_ramp)``), ``merge``, ``untangle``, ``refine`` (``MergeConfig``,
@@ -170,7 +172,7 @@ class StructureLearner:
             They build the same config, so the run is the same bit for bit; with
             ``config`` they are a ``ValueError``.
 
-    Non-finite numbers: :meth:`step` (and the constructor) raise ``FloatingPointError``
+    Non-finite numbers: `step` (and the constructor) raise ``FloatingPointError``
     naming the layer (its module name), the parameter and the step when a width,
     location or factor is NaN or infinite; they come from a NaN or infinite loss or
     gradient that the optimizer applied. Gradients themselves are not read (except by
@@ -456,7 +458,7 @@ class StructureLearner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (and σ on every layer); load the model's
+        """Restore `state_dict` output (and σ on every layer); load the model's
         state first.
 
         A state saved with another config is refused (``ValueError`` naming the fields

@@ -149,9 +149,10 @@ def merge_components(model: nn.Module, tolerance: float = 1e-3) -> int:
 
 
 class MergePass(LearnerPass):
-    """The learner's merge pass (:class:`gblr.MergeConfig`): every ``pass_every`` steps
+    """The learner's merge pass ([`gblr.MergeConfig`][]): every ``pass_every`` steps
     after the budget ramp, merge pairs of components of a layer whose summed blocks are
-    one cheaper component (as :func:`merge_components`). It only lowers the MACs.
+    one cheaper component (as [`merge_components`][gblr.learn.merge.merge_components]). It only
+    lowers the MACs.
 
     Examples:
         >>> import gblr

@@ -1,8 +1,8 @@
 """The structure learner's optional passes: the interface, their schedule, and the two
 passes that only constrain the proximal step (``adaptive``, ``shift_limit``).
 
-A pass is built from its sub-config of :class:`gblr.LearnerConfig` and the GBLR layers,
-and the learner calls its hooks at fixed points of every :meth:`StructureLearner.step`
+A pass is built from its sub-config of [`gblr.LearnerConfig`][] and the GBLR layers,
+and the learner calls its hooks at fixed points of every `StructureLearner.step`
 (docs/design.md, "Adding a learner pass"):
 
 1. ``before_shrink(step)``: after the optimizer moved the structure, before the learner
@@ -65,14 +65,14 @@ class PassSchedule:
 
 
 class LearnerPass:
-    """One optional behaviour of :class:`gblr.StructureLearner`; every hook does nothing
+    """One optional behaviour of [`gblr.StructureLearner`][]; every hook does nothing
     unless a subclass overrides it.
 
-    Subclasses set ``name`` (their :class:`gblr.LearnerConfig` field, also their key in
+    Subclasses set ``name`` (their [`gblr.LearnerConfig`][] field, also their key in
     the learner's ``state_dict()["passes"]``), are built as ``(config, layers,
-    schedule)`` and set up their state in :meth:`start`.
-    :meth:`state_dict` keys are those of the learner's flat state before the passes
-    were split out, so that :meth:`load_state_dict` reads either form (missing keys:
+    schedule)`` and set up their state in `start`.
+    `state_dict` keys are those of the learner's flat state before the passes
+    were split out, so that `load_state_dict` reads either form (missing keys:
     the pass's defaults).
 
     Examples:
@@ -114,7 +114,7 @@ class LearnerPass:
         """Called last in the step, once every pass has run."""
 
     def summary(self) -> dict[str, float]:
-        """Numbers for :meth:`StructureLearner.summary` (default: the counter)."""
+        """Numbers for `StructureLearner.summary` (default: the counter)."""
         return {} if self.counter is None else {self.counter: float(getattr(self, self.counter))}
 
     def state_dict(self) -> dict[str, Any]:
@@ -122,7 +122,7 @@ class LearnerPass:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; the model's state is already loaded."""
+        """Restore `state_dict` output; the model's state is already loaded."""
 
 
 def component_importance(layers: list[GBLRMatrixMixin]) -> Tensor:
@@ -151,10 +151,10 @@ def component_importance(layers: list[GBLRMatrixMixin]) -> Tensor:
 
 
 class AdaptivePass(LearnerPass):
-    """Adaptive-lasso thresholds (:class:`gblr.AdaptiveConfig`): each component's
+    """Adaptive-lasso thresholds ([`gblr.AdaptiveConfig`][]): each component's
     threshold weighted by ``(mean importance / importance_k) ** exponent``
-    (:func:`component_importance`), so that components carrying little weight per MAC
-    shrink first.
+    ([`component_importance`][gblr.learn.passes.component_importance]), so that components carrying
+    little weight per MAC shrink first.
 
     Examples:
         >>> import gblr
@@ -182,7 +182,7 @@ class AdaptivePass(LearnerPass):
 
 class ShiftLimitPass(LearnerPass):
     """Limits each width and location to a few grid cells of its value after the
-    previous step (:class:`gblr.ShiftLimitConfig`), clamping the optimizer's move before
+    previous step ([`gblr.ShiftLimitConfig`][]), clamping the optimizer's move before
     the proximal shrink.
 
     Why: with the paper's Adam betas ``(0, 0.999)`` a converged structure sees tiny

@@ -252,13 +252,13 @@ def _cloned(record: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
 
 
 class RefinePass(LearnerPass):
-    """The learner's refine pass (:class:`gblr.RefineConfig`): half-way between merge
+    """The learner's refine pass ([`gblr.RefineConfig`][]): half-way between merge
     passes after the budget ramp, each layer makes its best swap of one grid cell (one
     interval end trimmed, another grown, the MACs unchanged) when the quadratic model of
     this module predicts a gain above twice its cost plus the floor.
 
     The layers record their masked factors and loss gradients
-    (:meth:`GBLRMatrixMixin.record_factors`) on the step before a pass and on the pass's
+    (`GBLRMatrixMixin.record_factors`) on the step before a pass and on the pass's
     step, for the secant curvature (the median of each layer's last 8); nothing is
     recorded under ``torch.compile``. Gradients are averaged over ``torch.distributed``
     processes, so that replicas make the same swaps; a step whose record is not finite

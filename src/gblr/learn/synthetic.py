@@ -91,10 +91,11 @@ def recovery_run(
     lr_decay: float = 0.0,
     factor_init: FactorInit = "uniform",
 ) -> dict[str, float]:
-    """Regress a randomly started ``GBLRLinear`` onto :func:`planted_blocks` under a budget.
+    """Regress a randomly started ``GBLRLinear`` onto
+    [`planted_blocks`][gblr.learn.synthetic.planted_blocks] under a budget.
 
     The layer starts from random widths and locations; Adam (``param_groups``) trains the
-    factors and the structure while a :class:`gblr.StructureLearner` holds the exact cost
+    factors and the structure while a [`gblr.StructureLearner`][] holds the exact cost
     to ``budget_factor`` times the planted cost (ramped down over the first half).
 
     Args:
@@ -103,7 +104,7 @@ def recovery_run(
         size: matrix side.
         steps: optimizer steps.
         lr: learning rate of factors and structure.
-        config: the learner's :class:`gblr.LearnerConfig`, e.g.
+        config: the learner's [`gblr.LearnerConfig`][], e.g.
             ``LearnerConfig.planted()`` (default: the paper's plain method).
         lr_decay: fraction of the steps, at the end, over which the learning rate of
             factors and structure decays linearly to zero (default 0: constant). With a

@@ -223,7 +223,8 @@ def _untangle_layer(
     banned: set[tuple[int, int]] | None = None,
     fresh: Tensor | None = None,
 ) -> list[tuple[int, int, int, int]]:
-    """Untangle overlapping pairs of one layer (see :func:`untangle_components`).
+    """Untangle overlapping pairs of one layer (see
+    [`untangle_components`][gblr.learn.untangle.untangle_components]).
 
     Args:
         allowed: ``(K,)`` bool, the components that may take part (default all).
@@ -330,9 +331,9 @@ def _search_pairs(
     tolerance: float,
     limits: Tensor,
 ) -> dict[tuple[int, int], tuple[int, list[Any]] | None]:
-    """:func:`_best_factorizations` for the given pairs (indices into ``live``; spans
-    shorter than the dimensions), in batches zero-padded to the longest span.
-    ``limits`` ``(L, L)``: the most MACs worth finding per pair."""
+    """[`_best_factorizations`][gblr.learn.untangle._best_factorizations] for the given pairs
+    (indices into ``live``; spans shorter than the dimensions), in batches zero-padded to the
+    longest span. ``limits`` ``(L, L)``: the most MACs worth finding per pair."""
     found: dict[tuple[int, int], tuple[int, list[Any]] | None] = {}
     if not pairs:
         return found
@@ -420,10 +421,11 @@ def untangle_components(model: nn.Module, tolerance: float = 1e-4, min_saving: f
 
 
 class UntanglePass(LearnerPass):
-    """The learner's untangle pass (:class:`gblr.UntangleConfig`): every ``pass_every``
+    """The learner's untangle pass ([`gblr.UntangleConfig`][]): every ``pass_every``
     steps after the budget ramp, re-split overlapping pairs of settled rank-1 components
-    into blocks on smaller intervals (as :func:`untangle_components`, saving at least 5%
-    of a pair's MACs). It only lowers the MACs.
+    into blocks on smaller intervals (as
+    [`untangle_components`][gblr.learn.untangle.untangle_components], saving at least 5% of a pair's
+    MACs). It only lowers the MACs.
 
     A component is settled when its exact block moved by at most 1% since the previous
     pass, so blocks still growing are not cut; a pair is searched when one of its

@@ -205,7 +205,8 @@ def boxcar_mask(
 def _grid_kernels(
     n: int, sigma: float | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """Lookup tables for :func:`gaudi_mask_on_grid`, computed in float64.
+    """Lookup tables for [`gaudi_mask_on_grid`][gblr.ops.gaudi.gaudi_mask_on_grid], computed in
+    float64.
 
     Returns:
         ``cumulative`` ``(3n + 1,)``: entry ``i + 2n`` (``-2n <= i <= n``) is the sum of the
@@ -523,9 +524,9 @@ def _cosine_series(coefficients: Tensor, n: int, half_sample: bool) -> Tensor:
 
 
 def _grid_tables_from_tensor(n: int, sigma: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """:func:`_grid_kernels` built from a 0-d ``sigma`` tensor (``inf`` = no smoothing) with
-    real tensor operations only, so ``torch.compile`` traces it without reading σ on the
-    host (a graph break) or specializing on its value (a recompile every step).
+    """[`_grid_kernels`][gblr.ops.gaudi._grid_kernels] built from a 0-d ``sigma`` tensor (``inf`` =
+    no smoothing) with real tensor operations only, so ``torch.compile`` traces it without reading σ
+    on the host (a graph break) or specializing on its value (a recompile every step).
     ``exp(-(k/σ)²/2)`` is exactly 1 at σ = inf, so one formula covers both cases."""
     k = torch.arange(n // 2 + 1, device=sigma.device, dtype=torch.float64)
     gauss = _gaussian(k, sigma.to(torch.float64))
@@ -545,7 +546,8 @@ def _grid_tables_from_tensor(n: int, sigma: Tensor, dtype: torch.dtype) -> tuple
 
 
 def _cached_grid_tables(sigma: Tensor, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """:func:`_grid_kernels` for a CPU ``sigma`` tensor (reading it costs no device sync)."""
+    """[`_grid_kernels`][gblr.ops.gaudi._grid_kernels] for a CPU ``sigma`` tensor (reading it costs
+    no device sync)."""
     value = float(sigma)
     cumulative, edge = _grid_kernels(n, None if math.isinf(value) else value, dtype, sigma.device)
     return cumulative.clone(), edge.clone()  # an op's outputs must not alias a cache
@@ -583,7 +585,8 @@ def _gaudi_mask_on_grid_traceable(
     width: Tensor, location: Tensor, n: int, sigma: Tensor, dtype: torch.dtype
 ) -> Tensor:
     """``(K,)`` widths and locations -> ``(K, n)`` masks equal in value and gradient to
-    :func:`gaudi_mask_on_grid`, written with differentiable tensor operations only.
+    [`gaudi_mask_on_grid`][gblr.ops.gaudi.gaudi_mask_on_grid], written with differentiable tensor
+    operations only.
 
     The mask's value comes from the cumulative table (detached); its derivatives are
     attached linearly: ``mask + (w - w.detach()) * E_end + (l - l.detach()) * (E_end -
@@ -606,12 +609,12 @@ def _gaudi_mask_on_grid_traceable(
 def mask_factors_traceable(
     factor_u: Tensor, factor_v: Tensor, widths: Tensor, locations: Tensor, sigma: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """:func:`mask_factors` for code that ``torch.compile`` traces: ``sigma`` is a 0-d
-    tensor (``inf`` for none), no custom autograd node and no host read, so a compiled
-    training step has no graph break and σ can change every step without a recompile.
+    """[`mask_factors`][gblr.ops.gaudi.mask_factors] for code that ``torch.compile`` traces:
+    ``sigma`` is a 0-d tensor (``inf`` for none), no custom autograd node and no host read, so a
+    compiled training step has no graph break and σ can change every step without a recompile.
 
-    Shapes as in :func:`mask_factors`; returns the promoted dtype of factor and mask (the
-    torch backend's rule).
+    Shapes as in [`mask_factors`][gblr.ops.gaudi.mask_factors]; returns the promoted dtype of factor
+    and mask (the torch backend's rule).
     """
     dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
     rows, cols = factor_u.shape[2], factor_v.shape[2]
@@ -631,9 +634,9 @@ def mask_factors_unchecked(
     sigma: float | None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """:func:`mask_factors` without argument checks, for layers whose shapes are right by
-    construction (it runs in every training forward); ``sigma`` a positive float or
-    ``None`` (no smoothing), never ``inf``."""
+    """[`mask_factors`][gblr.ops.gaudi.mask_factors] without argument checks, for layers whose
+    shapes are right by construction (it runs in every training forward); ``sigma`` a positive float
+    or ``None`` (no smoothing), never ``inf``."""
     if backend == "auto":
         backend = "triton" if factor_u.is_cuda and _triton_available() else "torch"
     if backend == "torch":

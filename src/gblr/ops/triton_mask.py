@@ -7,7 +7,7 @@ against the factor and two edge kernels: 85 kernels per training step of a 768x3
 layer (measured on an H100, docs/BENCHMARKS.md), which bound a GPU step by launch
 overhead. Here each direction is one launch for both factors; the grid rounding of
 widths and locations and the mask values (read from the cumulative table of
-:func:`gblr.ops.gaudi._grid_kernels`) are computed on the fly.
+[`gblr.ops.gaudi._grid_kernels`][]) are computed on the fly.
 
 Correctness is tested on the CPU with Triton's interpreter (``TRITON_INTERPRET=1``, set
 before triton is first imported). Importing this module needs ``triton``.

@@ -1,7 +1,7 @@
 """Low-rank approximation under an input-weighted norm: ``min ||(W - Ŵ) S||_F``.
 
 ``S Sᵀ`` is the second moment of the layer's inputs, so the norm is the expected output
-error ``E ||(W - Ŵ) x||²`` (see :mod:`gblr.compress.calibrate`).
+error ``E ||(W - Ŵ) x||²`` (see `gblr.compress.calibrate`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def weighted_low_rank(weight: Tensor, whitening_factor: Tensor, rank: int) -> tu
 
     Args:
         weight: ``(out, in)``.
-        whitening_factor: ``S`` ``(in, in)``, lower triangular (:func:`whitening`).
+        whitening_factor: ``S`` ``(in, in)``, lower triangular (`whitening`).
         rank: ``k``, at most ``min(out, in)``.
 
     Returns:

@@ -2,7 +2,7 @@
 ``config.model``, the structure of ``config.structure`` applied to it, one example input,
 and the model of a finished run (a run folder, a checkpoint or a config).
 
-Used by training (:mod:`gblr.recipes.train`), smoke runs (:mod:`gblr.recipes.smoke`) and
+Used by training (`gblr.recipes.train`), smoke runs (`gblr.recipes.smoke`) and
 ``gblr flops``; it trains nothing.
 """
 
@@ -196,7 +196,7 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
     GBLR layers start at ``structure.start_cost`` (default: the budget), from scratch
     (``init: random``) or fitted to the weights (``init: search``); the learner then
     takes them to ``structure.budget``. The baseline families, which no learner moves,
-    start at the budget. :func:`gblr.recipes.config.load_config` has refused the keys
+    start at the budget. [`gblr.recipes.config.load_config`][] has refused the keys
     that cannot apply to the config's kind and init.
 
     Examples:
@@ -243,7 +243,8 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
 
 
 def build_structured_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:
-    """:func:`build_model` with ``config.structure`` applied (seeded by ``config.seed``).
+    """[`build_model`][gblr.recipes.build.build_model] with ``config.structure`` applied (seeded by
+    ``config.seed``).
 
     Examples:
         >>> from gblr.recipes.config import load_config
@@ -289,7 +290,7 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
     Returns:
         ``(model, what, example)``: the model (eval mode) with its trained state when
         there is one, a phrase saying which it is, and one example input
-        (:func:`example_input`).
+        ([`example_input`][gblr.recipes.build.example_input]).
 
     Raises:
         FileNotFoundError: nothing of the kind at ``source``.

@@ -2,9 +2,10 @@
 the checks before a run resumes from one (same structure, same config); and the
 metrics file kept whole across a resume.
 
-:class:`gblr.recipes.engine.ClassificationModule` and
-:class:`~gblr.recipes.engine.CausalLMModule` write the record (:data:`CHECKPOINT_KEY`);
-:func:`gblr.recipes.engine.train_module` runs these checks before it resumes.
+[`gblr.recipes.engine.ClassificationModule`][] and
+[`CausalLMModule`][gblr.recipes.engine.CausalLMModule] write the record
+([`CHECKPOINT_KEY`][gblr.recipes.checkpoints.CHECKPOINT_KEY]);
+[`gblr.recipes.engine.train_module`][] runs these checks before it resumes.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def check_checkpoint_structure(
 ) -> None:
     """Refuse a Lightning checkpoint whose model does not have ``model``'s structure.
 
-    Compares the layer types recorded by :class:`ClassificationModule` (or
-    :class:`CausalLMModule`) at save time, then the tensor names and shapes.
+    Compares the layer types recorded by `ClassificationModule` (or
+    `CausalLMModule`) at save time, then the tensor names and shapes.
 
     Raises:
         ValueError: naming the first layers that differ and what each side has.
@@ -159,10 +160,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def check_resume(path: str | Path, model: nn.Module, config: dict[str, Any] | None = None) -> int:
     """Refuse to resume ``model`` from ``path`` when the file is missing, unreadable (see
-    :func:`read_checkpoint`), holds a model of another structure (see
-    :func:`check_checkpoint_structure`) or, given the run's ``config`` (as
-    :func:`gblr.recipes.config.config_to_dict` writes it), was written with another
-    config in anything but :data:`gblr.recipes.config.RESUME_MAY_CHANGE`.
+    [`read_checkpoint`][gblr.recipes.checkpoints.read_checkpoint]), holds a model of another
+    structure (see
+    [`check_checkpoint_structure`][gblr.recipes.checkpoints.check_checkpoint_structure]) or, given
+    the run's ``config`` (as [`gblr.recipes.config.config_to_dict`][] writes it), was written with
+    another config in anything but `gblr.recipes.config.RESUME_MAY_CHANGE`.
 
     Returns:
         The optimizer step the checkpoint was saved at.
@@ -222,7 +224,8 @@ _METRICS, _METRICS_BEFORE_RESUME = "metrics.csv", "metrics.before-resume.csv"
 
 def _set_aside_metrics(out_dir: Path) -> None:
     """Lightning's CSV logger deletes ``metrics.csv`` when it starts; on resume, keep the
-    rows written so far next to it until :func:`_merge_metrics` puts them back."""
+    rows written so far next to it until [`_merge_metrics`][gblr.recipes.checkpoints._merge_metrics]
+    puts them back."""
     current, kept = out_dir / _METRICS, out_dir / _METRICS_BEFORE_RESUME
     if current.is_file() and not kept.is_file():
         current.replace(kept)

@@ -80,8 +80,8 @@ RESUME_MAY_CHANGE = (
 
 @dataclass
 class ModelConfig:
-    """The network. ``vit``: :class:`~gblr.recipes.models.VisionTransformer`;
-    ``mixer``: :class:`~gblr.recipes.models.MlpMixer` (``heads``/``mlp_ratio`` are the
+    """The network. ``vit``: [`VisionTransformer`][gblr.recipes.models.VisionTransformer];
+    ``mixer``: [`MlpMixer`][gblr.recipes.models.MlpMixer] (``heads``/``mlp_ratio`` are the
     ViT's, ``token_mlp_ratio``/``channel_mlp_ratio`` the Mixer's). Input channels and
     classes come from the data. Models of other libraries name their ``source``:
     ``timm`` (``timm.create_model(source, pretrained, num_classes, **kwargs)``),
@@ -117,16 +117,16 @@ class ModelConfig:
 class StructureConfig:
     """Which layers become structured and how. ``kind``: ``dense``, ``gblr`` or a
     baseline family (``gblr.structured.FAMILIES``), or a structure added with
-    :func:`gblr.compress.register_structure`. ``budget``: MACs of the ``include``
+    [`gblr.compress.register_structure`][]. ``budget``: MACs of the ``include``
     layers (glob patterns over module names, minus ``exclude``) as a fraction of dense;
     for GBLR the learner's target, reached from ``start_cost`` (GBLR only; default: the
     budget itself; with ``init: search`` the cost the layers are fitted at) over
     ``learner.budget_ramp``. ``init``: ``random`` (training from scratch) or ``search``
-    (fit each layer to its pretrained weights, :func:`gblr.convert`, with ``allocation``
+    (fit each layer to its pretrained weights, [`gblr.convert`][], with ``allocation``
     ``global`` or ``uniform`` and, for GBLR, ``search_steps`` of refinement).
     ``rank_per_component``: GBLR's rank per component, and the unit in which a family's
     global allocation hands out MACs. ``start`` (GBLR with ``init: random`` only): how the
-    layers start, a ``structure_init`` of :class:`gblr.GBLRLinear` that places a cost
+    layers start, a ``structure_init`` of [`gblr.GBLRLinear`][] that places a cost
     (default ``blockdiag``, GBLR's block-diagonal special case, the start that trained
     best on the real-task benchmarks; ``half`` is the paper's). A key set where it cannot
     apply is refused.
@@ -195,7 +195,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW over :func:`gblr.param_groups`; linear warm-up from ``lr`` × 0 to ``lr``,
+    """AdamW over [`gblr.param_groups`][]; linear warm-up from ``lr`` × 0 to ``lr``,
     cosine decay to ``min_lr``. ``batch_size`` is the global batch (split over all
     devices). Give exactly one of ``epochs`` and ``steps``.
 
@@ -228,7 +228,8 @@ class LearnerConfig:
     components, pairs holding two blocks as a mixture and intervals a cell or two off
     (off by default: the paper's method; built for planted structures, they did not help
     on real tasks, see docs/faq.md); ``merge_every``: steps between their passes.
-    :func:`learner_config` turns the section into a :class:`gblr.LearnerConfig`.
+    [`learner_config`][gblr.recipes.config.learner_config] turns the section into a
+    [`gblr.LearnerConfig`][].
 
     Examples:
         >>> from gblr.recipes.config import LearnerConfig
@@ -281,7 +282,7 @@ class TrainerConfig:
 @dataclass
 class TrainConfig:
     """A whole training run; ``out`` is its folder. ``smoke`` marks a smoke run (set by
-    ``--smoke``, see :func:`gblr.recipes.smoke.smoke_config`): a few steps of a tiny
+    ``--smoke``, see [`gblr.recipes.smoke.smoke_config`][]): a few steps of a tiny
     stand-in that checks the setup; its numbers are not results.
 
     Examples:
@@ -600,10 +601,10 @@ def _check_structure_keys_apply(structure: StructureConfig) -> None:
     Not checked: ``kind: dense`` (nothing is structured) and ``start_cost`` or ``start``
     with a baseline family (documented as GBLR's starting cost; a GBLR recipe sets it, and
     ``structure.kind=lowrank`` on that recipe should not need a second override).
-    ``--structure`` and ``gblr sweep`` go through :func:`with_structure`, which resets
-    every GBLR-only key. Values that say what happens anyway are accepted:
-    ``allocation: uniform`` with ``init: random``, ``search_steps: 0`` for a family's
-    search.
+    ``--structure`` and ``gblr sweep`` go through
+    [`with_structure`][gblr.recipes.config.with_structure], which resets every GBLR-only key. Values
+    that say what happens anyway are accepted: ``allocation: uniform`` with ``init: random``,
+    ``search_steps: 0`` for a family's search.
     """
     s = structure
     if s.kind == "dense":
@@ -678,7 +679,7 @@ def with_structure(config: TrainConfig, kind: str, budget: float | None = None) 
 
 
 def learner_config(config: TrainConfig) -> StructureLearnerConfig:
-    """The :class:`gblr.LearnerConfig` of the config's ``learner`` section: the one
+    """The [`gblr.LearnerConfig`][] of the config's ``learner`` section: the one
     place where its keys become the learner's config (``adaptive: 0`` is off,
     ``max_shift``/``max_shift_ramp`` are one ``shift_limit``, ``merge_every`` is
     ``pass_every``). ``sigma_start`` and ``budget_ramp`` are durations of the run and go
@@ -747,7 +748,8 @@ def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfi
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """A checked config from plain data (as written by :func:`config_to_dict`).
+    """A checked config from plain data (as written by
+    [`config_to_dict`][gblr.recipes.config.config_to_dict]).
 
     Examples:
         >>> from gblr.recipes.config import config_from_dict
@@ -784,7 +786,7 @@ def flatten_config(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def resume_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The keys (``section.key``) in which config data ``current`` differs from the
-    config ``saved`` with a checkpoint, other than those in :data:`RESUME_MAY_CHANGE`:
+    config ``saved`` with a checkpoint, other than those in `RESUME_MAY_CHANGE`:
     resuming with any of them changed is refused.
 
     Examples:

@@ -233,10 +233,10 @@ def load_cifar(
     policy (both need torchvision).
 
     The files are read safely: with ``verify`` (the default) each must have the MD5 of
-    the official release (:data:`CIFAR_MD5`) before it is opened as a pickle, and every
-    file is read by :func:`read_array_pickle`, which builds arrays, lists and strings
-    only. ``verify=False`` reads files in CIFAR's format that are not the official ones
-    (a subset, stand-in data).
+    the official release (`CIFAR_MD5`) before it is opened as a pickle, and every
+    file is read by [`read_array_pickle`][gblr.recipes.data.read_array_pickle], which builds arrays,
+    lists and strings only. ``verify=False`` reads files in CIFAR's format that are not the official
+    ones (a subset, stand-in data).
 
     Returns:
         A dataset of ``(image (3, 32, 32) float32 normalized, label int64)``.

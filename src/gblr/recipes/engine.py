@@ -2,15 +2,16 @@
 
 ``ClassificationModule`` wraps any classifier and ``CausalLMModule`` any next-token
 language model (a Hugging Face ``*ForCausalLM`` or a module returning logits): AdamW
-over :func:`gblr.param_groups` (structure parameters get their own group), linear
+over [`gblr.param_groups`][] (structure parameters get their own group), linear
 warm-up then cosine decay, loss and accuracy (or perplexity) logged, and a record of
 the model's layer types in every checkpoint so that resuming with a different
-structure is refused with the reason. :func:`train_classifier` runs a classifier with
-a Lightning ``Trainer`` (devices, nodes, strategy and precision are Lightning's own
-options) and, for models with GBLR layers, the
-:class:`gblr.integrations.lightning.GBLRCallback`, as an :class:`EngineConfig` says
-(:mod:`gblr.recipes.engine_config`). Reading and checking checkpoints before a resume
-is :mod:`gblr.recipes.checkpoints` (its names are importable from here too).
+structure is refused with the reason. [`train_classifier`][gblr.recipes.engine.train_classifier]
+runs a classifier with a Lightning ``Trainer`` (devices, nodes, strategy and precision are
+Lightning's own options) and, for models with GBLR layers, the
+[`gblr.integrations.lightning.GBLRCallback`][], as an
+[`EngineConfig`][gblr.recipes.engine_config.EngineConfig] says (`gblr.recipes.engine_config`).
+Reading and checking checkpoints before a resume is `gblr.recipes.checkpoints` (its names are
+importable from here too).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ __all__ = [
 
 
 class _ScheduledModule(pl.LightningModule):
-    """AdamW over :func:`gblr.param_groups` with linear warm-up and cosine decay, and a
+    """AdamW over [`gblr.param_groups`][] with linear warm-up and cosine decay, and a
     record of the model's layer types (and ``run_info``) in each checkpoint."""
 
     def __init__(
@@ -182,7 +183,7 @@ class CausalLMModule(_ScheduledModule):
     with ``input_ids`` and optionally ``labels`` (``-100`` = ignored). The loss is the
     cross-entropy of the logits at position ``t`` against the token at ``t + 1``;
     validation logs it and its perplexity. Optimizer and schedule as
-    :class:`ClassificationModule`.
+    [`ClassificationModule`][gblr.recipes.engine.ClassificationModule].
 
     Examples:
         >>> import torch
@@ -242,7 +243,7 @@ class ShuffleStream(torch.utils.data.Sampler[int]):
     pass ``e`` ordered by ``(seed, e)`` alone, starting at sample ``offset``.
 
     Lightning restarts a half-read loader from its beginning when resuming; with
-    ``offset`` set to the samples already consumed (:class:`_ResumeDataOrder`), the
+    ``offset`` set to the samples already consumed (`_ResumeDataOrder`), the
     resumed run reads exactly what the uninterrupted run would have read.
 
     Examples:
@@ -380,13 +381,16 @@ def train_module(
     before_fit: Callable[[], None] | None = None,
     **deprecated: Any,
 ) -> dict[str, Any]:
-    """Train a :class:`ClassificationModule` or :class:`CausalLMModule` as ``config``
-    says (its optimizer fields are the module's own, given when it was made); see
-    :func:`train_classifier`. ``callbacks``: more Lightning callbacks. ``before_fit``:
-    called once the ``Trainer`` is built (its options checked) and before training
+    """Train a [`ClassificationModule`][gblr.recipes.engine.ClassificationModule] or
+    [`CausalLMModule`][gblr.recipes.engine.CausalLMModule] as ``config`` says (its optimizer fields
+    are the module's own, given when it was made); see
+    [`train_classifier`][gblr.recipes.engine.train_classifier]. ``callbacks``: more Lightning
+    callbacks. ``before_fit``: called once the ``Trainer`` is built (its options checked) and before
+    training
     starts, in the launching process only: where a recipe writes into its run folder, so
     that a run failing at start-up writes nothing. The keywords it took before
-    :class:`EngineConfig` still work until gblr 0.3, with a ``FutureWarning``.
+    [`EngineConfig`][gblr.recipes.engine_config.EngineConfig] still work until gblr 0.3, with a
+    ``FutureWarning``.
 
     Returns:
         ``{"macs_ratio", "seconds", "steps", "global_rank"}``.
@@ -418,7 +422,7 @@ def _run(
     extra_callbacks: list[pl.Callback],
     before_fit: Callable[[], None] | None,
 ) -> dict[str, Any]:
-    """The run of :func:`train_module` (``config`` checked)."""
+    """The run of [`train_module`][gblr.recipes.engine.train_module] (``config`` checked)."""
     c = config
     model = module.model
     resumed_step = None
@@ -544,8 +548,8 @@ def _run(
 
 
 def _module_options(config: EngineConfig, run_info: dict[str, Any] | None) -> dict[str, Any]:
-    """The options of :class:`ClassificationModule` / :class:`CausalLMModule` that
-    ``config`` holds."""
+    """The options of [`ClassificationModule`][gblr.recipes.engine.ClassificationModule] /
+    [`CausalLMModule`][gblr.recipes.engine.CausalLMModule] that ``config`` holds."""
     return dict(
         lr=config.lr,
         min_lr=config.min_lr,
@@ -569,23 +573,26 @@ def train_classifier(
     before_fit: Callable[[], None] | None = None,
     **deprecated: Any,
 ) -> dict[str, Any]:
-    """Train ``model`` as ``config`` (an :class:`EngineConfig`) says and evaluate it.
+    """Train ``model`` as ``config`` (an [`EngineConfig`][gblr.recipes.engine_config.EngineConfig])
+    says and evaluate it.
 
-    A :class:`ClassificationModule` of ``model`` with ``config``'s optimizer, run by a
-    Lightning ``Trainer`` (``config.trainer``: devices, nodes, strategy, precision are
-    Lightning's own options). With GBLR layers in ``model`` and a ``config.budget``, a
-    :class:`gblr.integrations.lightning.GBLRCallback` ramps their cost from the starting
-    cost to the budget over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals
+    A [`ClassificationModule`][gblr.recipes.engine.ClassificationModule] of ``model`` with
+    ``config``'s optimizer, run by a Lightning ``Trainer`` (``config.trainer``: devices, nodes,
+    strategy, precision are Lightning's own options). With GBLR layers in ``model`` and a
+    ``config.budget``, a [`gblr.integrations.lightning.GBLRCallback`][] ramps their cost from the
+    starting cost to the budget over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals
     σ from ``sigma_start_step`` on, as ``config.learner`` says (default: the paper's
     method; a recipe's ``learner`` section gives it through
-    :func:`gblr.recipes.config.learner_config`). ``test_set`` (optional) is also the
+    [`gblr.recipes.config.learner_config`][]). ``test_set`` (optional) is also the
     validation set every ``val_every_n_steps``.
 
-    ``batch_mix``: applied to each training batch (see :class:`ClassificationModule`);
-    ``run_info``: stored in every checkpoint under ``"gblr"`` (a recipe's config, which a
-    resume then must match); ``callbacks``: more Lightning callbacks; ``before_fit``: see
-    :func:`train_module`. The keywords it took before :class:`EngineConfig` (``steps=``,
-    ``lr=``, ``target=``, ..., Lightning's options) still work until gblr 0.3, with a
+    ``batch_mix``: applied to each training batch (see
+    [`ClassificationModule`][gblr.recipes.engine.ClassificationModule]); ``run_info``: stored in
+    every checkpoint under ``"gblr"`` (a recipe's config, which a resume then must match);
+    ``callbacks``: more Lightning callbacks; ``before_fit``: see
+    [`train_module`][gblr.recipes.engine.train_module]. The keywords it took before
+    [`EngineConfig`][gblr.recipes.engine_config.EngineConfig] (``steps=``, ``lr=``, ``target=``,
+    ..., Lightning's options) still work until gblr 0.3, with a
     ``FutureWarning``, and give the same run.
 
     Checkpoints: with ``checkpoint_dir``, Lightning saves ``last.ckpt`` there (model,
@@ -595,8 +602,8 @@ def train_classifier(
     (and, when ``run_info`` holds a config, that it was written with it). ``stop_after``
     ends the run early at that step while every schedule still spans ``steps`` (an
     interruption). Resuming reproduces the uninterrupted run exactly: the data order is
-    one seeded stream over the whole run (:class:`ShuffleStream`), resumed at the samples
-    consumed.
+    one seeded stream over the whole run ([`ShuffleStream`][gblr.recipes.engine.ShuffleStream]),
+    resumed at the samples consumed.
 
     Returns:
         ``{"accuracy", "top5", "macs_ratio", "seconds", "steps", "global_rank"}``: test
@@ -648,10 +655,11 @@ def train_language_model(
     before_fit: Callable[[], None] | None = None,
     **deprecated: Any,
 ) -> dict[str, Any]:
-    """Train a causal language model (:class:`CausalLMModule`) on ``train_set`` (blocks
-    of token ids ``(T,)`` int64) as ``config`` says; options as :func:`train_classifier`
-    (``config.label_smoothing`` must be 0). ``val_set`` blocks are scored every
-    ``val_every_n_steps`` (``val/loss``, ``val/perplexity``).
+    """Train a causal language model ([`CausalLMModule`][gblr.recipes.engine.CausalLMModule]) on
+    ``train_set`` (blocks of token ids ``(T,)`` int64) as ``config`` says; options as
+    [`train_classifier`][gblr.recipes.engine.train_classifier] (``config.label_smoothing`` must be
+    0). ``val_set`` blocks are scored every ``val_every_n_steps`` (``val/loss``,
+    ``val/perplexity``).
 
     Returns:
         ``{"macs_ratio", "seconds", "steps", "global_rank"}``.

@@ -1,7 +1,9 @@
-"""What one run of the training engine does: :class:`EngineConfig`, the config that
-:func:`gblr.recipes.engine.train_classifier`, :func:`~gblr.recipes.engine.train_language_model`
-and :func:`~gblr.recipes.engine.train_module` take (issue 21: a config object, not two
-dozen keywords), and the reading of the keywords they took before it.
+"""What one run of the training engine does:
+[`EngineConfig`][gblr.recipes.engine_config.EngineConfig], the config that
+[`gblr.recipes.engine.train_classifier`][],
+[`train_language_model`][gblr.recipes.engine.train_language_model] and
+[`train_module`][gblr.recipes.engine.train_module] take (issue 21: a config object, not two dozen
+keywords), and the reading of the keywords they took before it.
 
 Everything in it is data (numbers, names, paths): what a run needs at run time that is
 not data (a batch mixer, callbacks, the ``before_fit`` hook, the checkpoint's
@@ -66,7 +68,7 @@ def _check_patterns(name: str, value: object, *, optional: bool) -> None:
 class EngineConfig:
     """One run of the training engine: how long, how it optimizes, how the structure is
     learned, and where it logs and checkpoints. Checked when made; frozen (derive
-    another with :func:`dataclasses.replace`).
+    another with `dataclasses.replace`).
 
     Run:
         steps: optimizer steps of the whole run (every schedule spans them).
@@ -75,7 +77,7 @@ class EngineConfig:
         num_workers: data-loading processes.
         seed: seeds the model's training and the data order.
 
-    Optimizer (AdamW over :func:`gblr.param_groups`, linear warm-up then cosine decay):
+    Optimizer (AdamW over [`gblr.param_groups`][], linear warm-up then cosine decay):
         lr: peak learning rate of every parameter group.
         min_lr: learning rate at the end of the cosine decay, in ``[0, lr]``.
         weight_decay: of the weight matrices (not biases, norms, structure).
@@ -89,7 +91,7 @@ class EngineConfig:
             learner takes them to (was ``target``).
         budget_ramp_steps: steps over which the cost ramps from the start to ``budget``
             (default ``warmup_steps``).
-        learner: how it learns, a :class:`gblr.LearnerConfig` (default the paper's
+        learner: how it learns, a [`gblr.LearnerConfig`][] (default the paper's
             method, σ 1 → 100; was ``learner_config``).
         sigma_start_step: σ anneals from this step on.
         structure_include, structure_exclude: glob patterns of the layers whose MACs
@@ -231,8 +233,9 @@ _FIELDS = tuple(f.name for f in fields(EngineConfig))
 def engine_config_from_keywords(
     caller: str, config: EngineConfig | None, keywords: Mapping[str, Any]
 ) -> tuple[EngineConfig, list[Any]]:
-    """The :class:`EngineConfig` that ``caller``'s keywords from before it mean (with a
-    ``FutureWarning`` naming the replacement), or ``config`` itself when none was given.
+    """The [`EngineConfig`][gblr.recipes.engine_config.EngineConfig] that ``caller``'s keywords from
+    before it mean (with a ``FutureWarning`` naming the replacement), or ``config`` itself when none
+    was given.
 
     ``target`` is ``budget`` and ``learner_config`` is ``learner`` now; ``extra_callbacks``
     are returned apart (the engine's ``callbacks=``); the keywords that are no field go

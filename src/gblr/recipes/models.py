@@ -4,10 +4,11 @@ A compact ViT, MLP-Mixer and GPT-style causal transformer written here (rather t
 from timm) so that every linear layer of the blocks is a plain ``nn.Linear`` with a
 predictable name (``blocks.<i>.{qkv, proj, fc1, fc2}``;
 ``blocks.<i>.{token_mlp, channel_mlp}.{fc1, fc2}``),
-which :func:`structure_model` then swaps through :func:`gblr.convert`, and so that the
-package needs no timm for training from scratch. Patch embedding and classifier stay
-dense, as in the paper. Sizes of the paper's CIFAR models: :func:`vit_small_patch4_32`
-and :func:`mixer_small_patch4_32`.
+which [`structure_model`][gblr.recipes.models.structure_model] then swaps through
+[`gblr.convert`][], and so that the package needs no timm for training from scratch. Patch embedding
+and classifier stay dense, as in the paper. Sizes of the paper's CIFAR models:
+[`vit_small_patch4_32`][gblr.recipes.models.vit_small_patch4_32] and
+[`mixer_small_patch4_32`][gblr.recipes.models.mixer_small_patch4_32].
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class CausalTransformer(nn.Module):
 
     Shapes: input ``(N, T)`` token ids (int64, ``T <= context``), output logits
     ``(N, T, vocab_size)``. The structured candidates are ``blocks.*.{qkv, proj, fc1,
-    fc2}``, as in :class:`VisionTransformer`.
+    fc2}``, as in [`VisionTransformer`][gblr.recipes.models.VisionTransformer].
 
     Examples:
         >>> import torch
@@ -343,7 +344,7 @@ def _conversion_config(
     allocation: str | None = None,
     search_steps: int | None = None,
 ) -> ConversionConfig:
-    """The :func:`gblr.convert` config of a recipe's structure: ``init`` is the recipes'
+    """The [`gblr.convert`][] config of a recipe's structure: ``init`` is the recipes'
     ``random`` (from scratch) or ``search`` (fitted to the weights: GBLR's search, a
     family's projection); options the structure's config lacks are left out. The include
     patterns choose the layers (``min_features=1``)."""
@@ -378,12 +379,13 @@ def structure_model(
     """Make ``model``'s ``include`` linear layers structured, for training from scratch.
 
     ``"dense"`` leaves the model alone (returns ``None``). ``"gblr"``: GBLR layers at a
-    starting cost of ``budget`` (callers pass :func:`gblr_start_cost` of their budget)
-    with components of rank ``rank_per_component``, started by ``structure_init``
-    (default ``"blockdiag"``: GBLR's block-diagonal special case, which trained best from
-    scratch on the real-task benchmarks, docs/BENCHMARKS.md; ``"half"`` is the paper's
-    half-full/half-narrow start) and ``factor_init`` (see :class:`gblr.GBLRLinear`); a
-    :class:`gblr.StructureLearner` then moves the MACs between layers. A baseline
+    starting cost of ``budget`` (callers pass
+    [`gblr_start_cost`][gblr.recipes.models.gblr_start_cost] of their budget) with components of
+    rank ``rank_per_component``, started by ``structure_init`` (default ``"blockdiag"``: GBLR's
+    block-diagonal special case, which trained best from scratch on the real-task benchmarks,
+    docs/BENCHMARKS.md; ``"half"`` is the paper's half-full/half-narrow start) and ``factor_init``
+    (see [`gblr.GBLRLinear`][]); a [`gblr.StructureLearner`][] then moves the MACs between layers. A
+    baseline
     family: its largest configuration within ``budget`` in every layer (uniform
     allocation, so ``rank_per_component`` only checks that no layer is narrower). Layers
     matching ``exclude`` (glob patterns over module names, as ``include``) stay dense;

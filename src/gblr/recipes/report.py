@@ -191,8 +191,8 @@ def layer_costs(state: dict[str, Tensor]) -> list[dict]:
 
 
 def format_costs(rows: list[dict]) -> str:
-    """The per-layer cost table of :func:`layer_costs` (or rows like them) as text, with
-    a total row.
+    """The per-layer cost table of [`layer_costs`][gblr.recipes.report.layer_costs] (or rows like
+    them) as text, with a total row.
 
     Examples:
         >>> from gblr.recipes.report import format_costs
@@ -348,8 +348,8 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def write_run_report(run_dir: str | Path) -> Path:
-    """:func:`write_report`, with a banner on top when the folder holds a smoke run (so
-    that its numbers are not taken for results); returns the Markdown path.
+    """[`write_report`][gblr.recipes.report.write_report], with a banner on top when the folder
+    holds a smoke run (so that its numbers are not taken for results); returns the Markdown path.
 
     Examples:
         >>> import tempfile

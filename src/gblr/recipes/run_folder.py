@@ -1,9 +1,11 @@
 """Run folders: which run may write into one, and what the library may delete from one.
 
-The one place that keeps smoke runs and real runs apart (:func:`smoke_kind`,
-:func:`claim_folder`, :func:`refuse_real_folder`, the smoke banner) and that locks a
-folder (:class:`RunLock`); the library's one atomic writer is
-:func:`gblr.files.save_atomically`.
+The one place that keeps smoke runs and real runs apart
+([`smoke_kind`][gblr.recipes.run_folder.smoke_kind],
+[`claim_folder`][gblr.recipes.run_folder.claim_folder],
+[`refuse_real_folder`][gblr.recipes.run_folder.refuse_real_folder], the smoke banner) and that locks
+a folder ([`RunLock`][gblr.recipes.run_folder.RunLock]); the library's one atomic writer is
+[`gblr.files.save_atomically`][].
 
 A run folder (``config.out``) belongs to one run. A new run refuses a folder that holds
 another run unless told to replace it (``overwrite``) or to continue it (``resume``); a
@@ -118,7 +120,7 @@ def holds_run(folder: str | Path) -> bool:
 
 def library_files(folder: str | Path) -> list[Path]:
     """The files in ``folder`` that a run of the library writes (sorted), and nothing else:
-    what :func:`remove_library_files` may delete.
+    what [`remove_library_files`][gblr.recipes.run_folder.remove_library_files] may delete.
 
     Examples:
         >>> import tempfile
@@ -146,9 +148,10 @@ def _matching(root: Path, patterns: tuple[str, ...]) -> set[Path]:
 
 
 def remove_library_files(folder: str | Path, *, standin: bool = True) -> list[Path]:
-    """Delete what a run of the library wrote into ``folder`` (see :func:`library_files`)
-    and the library's sub-folders left empty; a user's files, and the folders holding
-    them, stay. ``standin``: also a smoke run's stand-in data under ``folder/smoke-data``.
+    """Delete what a run of the library wrote into ``folder`` (see
+    [`library_files`][gblr.recipes.run_folder.library_files]) and the library's sub-folders left
+    empty; a user's files, and the folders holding them, stay. ``standin``: also a smoke run's
+    stand-in data under ``folder/smoke-data``.
 
     Returns:
         The deleted files.
@@ -354,7 +357,7 @@ def refuse_real_folder(folder: str | Path, what: str = "run") -> None:
 
 
 def mark_smoke_report(path: str | Path) -> None:
-    """Put :data:`SMOKE_BANNER` on top of a Markdown report (once).
+    """Put `SMOKE_BANNER` on top of a Markdown report (once).
 
     Examples:
         >>> import tempfile

@@ -1,9 +1,9 @@
 """Smoke runs: a config's whole pipeline in seconds, to check a setup before a long run.
 
 ``gblr train|finetune|sweep|demo --smoke`` (what Lightning's ``fast_dev_run`` is to a
-Trainer): :func:`smoke_config` turns a config into a tiny run of the same model class,
-data format and structure on stand-in data; the helpers here keep smoke runs and real
-runs apart in their folders and reports.
+Trainer): [`smoke_config`][gblr.recipes.smoke.smoke_config] turns a config into a tiny run of the
+same model class, data format and structure on stand-in data; the helpers here keep smoke runs and
+real runs apart in their folders and reports.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def smoke_config(
     run's folder first removes the smoke run's files.
 
     Args:
-        config: from :func:`gblr.recipes.config.load_config`.
+        config: from [`gblr.recipes.config.load_config`][].
         steps: optimizer steps (default 2).
         data_dir: where stand-in data goes (default ``<out>/smoke-data``).
 

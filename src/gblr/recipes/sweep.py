@@ -42,7 +42,8 @@ def sweep_runs(
 ) -> list[TrainConfig]:
     """The configs of a sweep: every structure except ``dense`` at every budget, and the
     dense model once when ``dense`` is listed; each writes into
-    ``out/folder_name(structure, budget)`` (default :func:`run_folder_name`).
+    ``out/folder_name(structure, budget)`` (default
+    [`run_folder_name`][gblr.recipes.sweep.run_folder_name]).
 
     Examples:
         >>> from pathlib import Path
@@ -110,7 +111,7 @@ def _plot(rows: list[dict[str, Any]], metric: str, label: str, path: Path, title
 def _continue(run: TrainConfig) -> dict[str, Any]:
     """How to go on with an unfinished run of the sweep in its folder: resume it from its
     last checkpoint, or (no checkpoint yet, same config) start it afresh; a folder holding
-    another run is left to :func:`gblr.recipes.train.train_from_config` to refuse."""
+    another run is left to [`gblr.recipes.train.train_from_config`][] to refuse."""
     import yaml
 
     from .run_folder import smoke_kind
@@ -128,7 +129,7 @@ def _continue(run: TrainConfig) -> dict[str, Any]:
 
 
 def train_runs(runs: Sequence[TrainConfig], *, progress: bool = True) -> list[dict[str, Any]]:
-    """Train each run (:func:`gblr.recipes.train.train_from_config`) in turn, in its own
+    """Train each run ([`gblr.recipes.train.train_from_config`][]) in turn, in its own
     folder; a finished run (its ``results.json``, smoke or real as the run) is read, not
     repeated, and an unfinished one is resumed where it can be.
 
@@ -173,8 +174,9 @@ def run_sweep(
     *,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train every run of the sweep (skipping finished ones, :func:`train_runs`) and
-    write ``sweep.json``, ``sweep.md`` and ``sweep.png`` into ``out``.
+    """Train every run of the sweep (skipping finished ones,
+    [`train_runs`][gblr.recipes.sweep.train_runs]) and write ``sweep.json``, ``sweep.md`` and
+    ``sweep.png`` into ``out``.
 
     Returns:
         One row per run: structure, budget, the metric, GFLOPs, MACs ratio, seconds.

@@ -250,10 +250,10 @@ def _looks_local(name: str) -> bool:
 def load_tokenizer(name_or_path: str | os.PathLike, chunk_chars: int = 1 << 20) -> Tokenizer:
     """The tokenizer for a recipe.
 
-    ``"bytes"`` gives a :class:`ByteTokenizer`. Anything else is loaded with
-    ``transformers.AutoTokenizer.from_pretrained`` (extra ``[hf]``) and wrapped in
-    :class:`HFTokenizer`: a Hub name (``"gpt2"``, downloaded once on a machine with
-    internet access, then cached by Hugging Face), a local folder (from
+    ``"bytes"`` gives a [`ByteTokenizer`][gblr.recipes.text.ByteTokenizer]. Anything else is loaded
+    with ``transformers.AutoTokenizer.from_pretrained`` (extra ``[hf]``) and wrapped in
+    [`HFTokenizer`][gblr.recipes.text.HFTokenizer]: a Hub name (``"gpt2"``, downloaded once on a
+    machine with internet access, then cached by Hugging Face), a local folder (from
     ``save_pretrained``, or holding just a ``tokenizer.json``; works offline), or a
     ``tokenizer.json`` file.
 
@@ -474,12 +474,12 @@ def token_stream(
 ) -> torch.Tensor:
     """The whole ``text`` tokenized as one stream: int64 tensor ``(T,)``.
 
-    Uses ``tokenizer.encode_tensor`` when it has one (:class:`ByteTokenizer`,
-    :class:`HFTokenizer`), else ``encode``. With ``cache_dir``, the ids are kept in
-    ``cache_dir/tokens-<hash>.pt``, keyed by the SHA-256 of the text's UTF-8 bytes, its
-    length, the tokenizer's ``name`` and ``vocab_size`` and a format version; the file is
-    written atomically, and an unreadable or mismatched file is ignored (with a warning)
-    and rewritten.
+    Uses ``tokenizer.encode_tensor`` when it has one
+    ([`ByteTokenizer`][gblr.recipes.text.ByteTokenizer],
+    [`HFTokenizer`][gblr.recipes.text.HFTokenizer]), else ``encode``. With ``cache_dir``, the ids
+    are kept in ``cache_dir/tokens-<hash>.pt``, keyed by the SHA-256 of the text's UTF-8 bytes, its
+    length, the tokenizer's ``name`` and ``vocab_size`` and a format version; the file is written
+    atomically, and an unreadable or mismatched file is ignored (with a warning) and rewritten.
 
     Examples:
         >>> import tempfile

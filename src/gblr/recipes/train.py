@@ -10,9 +10,9 @@ the test split with the standard sliding-window evaluation. Either may start fro
 pretrained weights (``model.pretrained``) fitted to a MACs budget by a structure search
 (``structure.init: search``), or from scratch.
 
-Building the data and the model from a config is :mod:`gblr.recipes.build` (its names
+Building the data and the model from a config is [`gblr.recipes.build`][] (its names
 are importable from here too); claiming and locking the run folder is
-:mod:`gblr.recipes.run_folder`; the Lightning run itself is :mod:`gblr.recipes.engine`.
+[`gblr.recipes.run_folder`][]; the Lightning run itself is [`gblr.recipes.engine`][].
 """
 
 from __future__ import annotations
@@ -88,11 +88,12 @@ def engine_config(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> EngineConfig:
-    """The :class:`gblr.recipes.engine.EngineConfig` of a recipe's run: durations in run
-    units (epochs or steps, :func:`run_length` over ``train_size`` samples) become steps,
-    the ``learner`` section a :class:`gblr.LearnerConfig`, and the run writes into
+    """The [`gblr.recipes.engine.EngineConfig`][] of a recipe's run: durations in run
+    units (epochs or steps, `run_length` over ``train_size`` samples) become steps,
+    the ``learner`` section a [`gblr.LearnerConfig`][], and the run writes into
     ``config.out`` (checkpoints in ``config.out/checkpoints``). ``resume``, ``progress``,
-    ``stop_after``: as :func:`train_from_config` takes them (``resume`` a path).
+    ``stop_after``: as [`train_from_config`][gblr.recipes.train.train_from_config] takes them
+    (``resume`` a path).
 
     Examples:
         >>> from gblr.recipes.config import load_config
@@ -203,14 +204,14 @@ def train_from_config(
     second run into the same folder at the same time is refused (a lock file). Nothing
     in the folder changes until the run has started (the data read, the model built,
     the checkpoint and the ``Trainer`` options checked); replacing a run then deletes
-    only the files gblr writes (see :func:`gblr.recipes.run_folder.library_files`).
+    only the files gblr writes (see [`gblr.recipes.run_folder.library_files`][]).
 
     Args:
-        config: from :func:`gblr.recipes.config.load_config`.
+        config: from [`gblr.recipes.config.load_config`][].
         resume: a checkpoint to continue, or ``"last"`` for the run folder's own
             ``checkpoints/last.ckpt``. A checkpoint of another structure, or written with
             another config (other than where the run runs and logs, see
-            :data:`gblr.recipes.config.RESUME_MAY_CHANGE`), is refused with the keys that
+            `gblr.recipes.config.RESUME_MAY_CHANGE`), is refused with the keys that
             differ.
         progress: show progress bars.
         stop_after: stop at this optimizer step (an interruption; schedules still span

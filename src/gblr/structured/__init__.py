@@ -1,9 +1,9 @@
 """Hand-designed structured families, the baselines GBLR is compared with at equal MACs.
 
-Each family is one file with a :class:`StructuredLinear` subclass (``forward``,
-``flops()``, ``dense_weight()``, ``for_budget`` and ``from_dense``). ``FAMILIES`` maps the
-structure names to the classes; each family's config for :func:`gblr.convert`
-(``gblr.LowRankConfig``, ...) is in :mod:`gblr.compress.configs`.
+Each family is one file with a [`StructuredLinear`][gblr.structured.base.StructuredLinear] subclass
+(``forward``, ``flops()``, ``dense_weight()``, ``for_budget`` and ``from_dense``). ``FAMILIES`` maps
+the structure names to the classes; each family's config for [`gblr.convert`][]
+(``gblr.LowRankConfig``, ...) is in `gblr.compress.configs`.
 """
 
 from .base import BudgetTooSmallError, StructuredLinear

@@ -1,19 +1,19 @@
 """The interface every structured linear family shares (docs/design.md#adding-a-structure-family).
 
-A family is one file: a subclass of :class:`StructuredLinear` that implements
-``_matmul`` (the bias-free product), ``dense_weight``, ``flops``, and the two classmethods
-``for_budget`` (a fresh, randomly initialised layer at the largest configuration whose
+A family is one file: a subclass of [`StructuredLinear`][gblr.structured.base.StructuredLinear] that
+implements ``_matmul`` (the bias-free product), ``dense_weight``, ``flops``, and the two
+classmethods ``for_budget`` (a fresh, randomly initialised layer at the largest configuration whose
 MACs do not exceed a budget; for training from scratch) and ``from_dense`` (the family's
 projection of a dense matrix under a budget).
 
-Budgets are given as everywhere in gblr (:func:`gblr.cost.fraction_budget_macs`):
+Budgets are given as everywhere in gblr ([`gblr.cost.fraction_budget_macs`][]):
 ``budget`` is a fraction in ``(0, 1]`` of the dense MACs ``out * in`` per input row (the
 int ``1`` means 1.0; any other int is refused), and an absolute MAC count is the separate
 keyword ``budget_macs``; exactly one of the two. When a family's discrete parameters
 cannot hit the budget exactly, the largest configuration not above it is taken
 (``flops()`` reports the actual MACs); a budget below the family's smallest configuration
-is a :class:`BudgetTooSmallError` (a ``ValueError``) naming that minimum, which
-``gblr.convert`` turns into "this layer stays dense".
+is a [`BudgetTooSmallError`][gblr.structured.base.BudgetTooSmallError] (a ``ValueError``) naming
+that minimum, which ``gblr.convert`` turns into "this layer stays dense".
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ class BudgetTooSmallError(ValueError):
     """A valid budget below the smallest layer a family can build at that shape.
 
     Distinct from every other ``ValueError`` (a malformed argument) so that
-    :func:`gblr.convert` can leave exactly these layers dense, listed in
+    [`gblr.convert`][] can leave exactly these layers dense, listed in
     ``report.skipped``, and let every other failure propagate. A structure registered
-    with :func:`gblr.compress.register_structure` raises it for the same purpose.
+    with [`gblr.compress.register_structure`][] raises it for the same purpose.
 
     Examples:
         >>> import torch
@@ -64,7 +64,7 @@ def resolve_budget(
 
     Raises:
         TypeError, ValueError: a malformed budget (from
-            :func:`gblr.cost.fraction_budget_macs`: both or neither given, a bool or str,
+            [`gblr.cost.fraction_budget_macs`][]: both or neither given, a bool or str,
             an int other than 1 as ``budget``, a fraction outside ``(0, 1]``, a count < 1).
         BudgetTooSmallError: a well-formed budget below the family's ``minimum`` MACs; the
             message names that minimum, as a count and as the smallest fraction.

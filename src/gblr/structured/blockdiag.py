@@ -139,7 +139,7 @@ class BlockDiagLinear(StructuredLinear):
     ) -> int:
         """Fewest blocks (the most MACs) whose cost fits ``budget`` (a fraction in
         ``(0, 1]`` of ``out * in``) or ``budget_macs`` (a MAC count);
-        :class:`~gblr.structured.BudgetTooSmallError` below the most blocks' cost."""
+        [`BudgetTooSmallError`][gblr.structured.BudgetTooSmallError] below the most blocks' cost."""
         largest = min(in_features, out_features)
         costs = {p: cls.cost(in_features, out_features, p) for p in range(1, largest + 1)}
         macs = resolve_budget(

@@ -4,7 +4,7 @@ The tiles are evaluated by gathering the input blocks they read, one batched pro
 (``bmm``) over all tiles, and an ``index_add`` of the products into the output blocks, so
 the MACs ``forward`` performs are exactly ``num_tiles * b * b`` per input row (the
 ``index_add`` is additions only). The helpers here are shared with
-:mod:`gblr.structured.pixelfly`, whose sparse part is a block-sparse matrix too.
+[`gblr.structured.pixelfly`][], whose sparse part is a block-sparse matrix too.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .base import StructuredLinear, check_weight, copy_bias, resolve_budget
 __all__ = ["BlockSparseLinear", "default_block_size"]
 
 MAX_DEFAULT_BLOCK_SIZE = 32
-"""The default block size when the budget allows it (see :func:`default_block_size`)."""
+"""The default block size when the budget allows it (see `default_block_size`)."""
 
 
 def default_block_size(
@@ -189,7 +189,7 @@ class BlockSparseLinear(StructuredLinear):
     **Default block size** (``for_budget``/``from_dense`` without ``block_size``): the
     largest power of two ``<= min(32, in, out)`` for which the budget pays for as many
     tiles as the grid has block rows and block columns (else: whose single tile fits), so
-    that the tiles can reach every part of the matrix (:func:`default_block_size`). With
+    that the tiles can reach every part of the matrix (`default_block_size`). With
     one 32 x 32 tile a 64 x 192 layer at 10% of its MACs left most outputs at zero, and a
     ViT trained with it from scratch stayed at chance on 2 of 3 seeds.
 
@@ -269,8 +269,8 @@ class BlockSparseLinear(StructuredLinear):
     ) -> tuple[int, int]:
         """``(block_size, num_tiles)``: the most tiles whose MACs fit ``budget`` (a
         fraction in ``(0, 1]`` of ``out * in``) or ``budget_macs`` (a MAC count), exactly
-        one given; :class:`~gblr.structured.BudgetTooSmallError` naming the minimum, one
-        tile, when none fits."""
+        one given; [`BudgetTooSmallError`][gblr.structured.BudgetTooSmallError] naming the minimum,
+        one tile, when none fits."""
         check_positive_int("in_features", in_features)
         check_positive_int("out_features", out_features)
         if block_size is None:

@@ -79,8 +79,9 @@ class LowRankLinear(StructuredLinear):
         budget_macs: int | None = None,
     ) -> int:
         """Largest rank whose MACs fit ``budget`` (a fraction in ``(0, 1]`` of ``out * in``)
-        or ``budget_macs`` (a MAC count); :class:`~gblr.structured.BudgetTooSmallError`
-        below rank 1 (``in + out`` MACs)."""
+        or ``budget_macs`` (a MAC count);
+        [`BudgetTooSmallError`][gblr.structured.BudgetTooSmallError] below rank 1 (``in + out``
+        MACs)."""
         macs = resolve_budget(
             budget, budget_macs, out_features, in_features, in_features + out_features, "low-rank"
         )
@@ -120,7 +121,7 @@ class LowRankLinear(StructuredLinear):
         between the factors; ``bias`` ``(out,)`` is copied.
         With ``whitening`` ``S`` ``(in, in)`` (lower triangular, ``S Sᵀ`` the inputs'
         second moment): the rank minimizing the output error ``||(W - Ŵ) S||`` instead
-        (:func:`gblr.ops.whitened.weighted_low_rank`)."""
+        (`gblr.ops.whitened.weighted_low_rank`)."""
         weight = check_weight(weight)
         out_features, in_features = weight.shape
         if whitening is not None:

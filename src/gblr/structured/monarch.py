@@ -28,15 +28,16 @@ Entry ``(o, c)`` with ``o`` in output group ``l`` (row ``u = o // b``) and ``c``
 chunk ``k`` (offset ``i``) is ``sum_t left[l, u, k r + t] * right[k, l r + t, i]``. So with
 the rows taken in group order (``P^T W``), ``W`` is a block-low-rank matrix on a ``b x b``
 grid with every block of rank ``<= r``; conversely every such matrix is a Monarch matrix
-(each block owns its own factor slices). Hence the projection (:meth:`MonarchLinear.from_dense`)
-is the per-block truncated SVD (the paper's Algorithm 1, generalized to rank ``r``), exact
-in the Frobenius norm by Eckart–Young, and a GBLR matrix with one rank-``r`` component per
-grid block represents ``P^T W`` exactly at ``r b (m + n)`` MACs.
+(each block owns its own factor slices). Hence the projection
+([`MonarchLinear.from_dense`][gblr.structured.monarch.MonarchLinear.from_dense]) is the per-block
+truncated SVD (the paper's Algorithm 1, generalized to rank ``r``), exact in the Frobenius norm by
+Eckart–Young, and a GBLR matrix with one rank-``r`` component per grid block represents ``P^T W``
+exactly at ``r b (m + n)`` MACs.
 
 Sizes and cost
 --------------
 Any ``1 <= nblocks <= min(in, out)`` and ``1 <= rank <= min(p, s)`` is allowed; sizes that
-``nblocks`` does not divide are zero-padded internally (see above), and :meth:`flops`
+``nblocks`` does not divide are zero-padded internally (see above), and `flops`
 counts the MACs the two batched products really execute, padding included::
 
     flops = b * (b r) * p + b * s * (b r) = b^2 r (ceil(n / b) + ceil(m / b))
@@ -66,7 +67,8 @@ def _split_sizes(total: int, parts: int) -> list[int]:
 
 
 def monarch_flops(in_features: int, out_features: int, nblocks: int, rank: int = 1) -> int:
-    """MACs per input row of :class:`MonarchLinear`: ``b^2 r (ceil(n/b) + ceil(m/b))``."""
+    """MACs per input row of [`MonarchLinear`][gblr.structured.monarch.MonarchLinear]: ``b^2 r
+    (ceil(n/b) + ceil(m/b))``."""
     b = nblocks
     return b * b * rank * (-(-in_features // b) + -(-out_features // b))
 
@@ -328,7 +330,7 @@ class MonarchLinear(StructuredLinear):
         ``budget`` (a fraction in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a
         MAC count), exactly one given; ``bias`` ``(out,)`` is copied.
 
-        The configuration is chosen as in :meth:`for_budget`; ``nblocks="best"`` instead
+        The configuration is chosen as in `for_budget`; ``nblocks="best"`` instead
         tries every ``nblocks`` (each at its largest rank within budget) and keeps the
         smallest projection error (one batched SVD per candidate: costly for big matrices).
         The projection is the paper's Algorithm 1 generalized to rank ``r``: view the

@@ -75,9 +75,9 @@ class PixelflyLinear(BlockSparseLinear):
     """``W = S + U V``: block-sparse ``S`` on the flat block butterfly pattern plus rank
     ``rank`` (Pixelated Butterfly, Chen et al., ICLR 2022).
 
-    ``S`` has ``b x b`` tiles at the positions of :func:`butterfly_pattern` (block rows
+    ``S`` has ``b x b`` tiles at the positions of `butterfly_pattern` (block rows
     ``ceil(out/b)``, block cols ``ceil(in/b)``, indices folded modulo the shorter side).
-    The sparse part is a :class:`~gblr.structured.blocksparse.BlockSparseLinear` (this
+    The sparse part is a [`BlockSparseLinear`][gblr.structured.blocksparse.BlockSparseLinear] (this
     class extends it): sizes not divisible by ``b`` are zero-padded the same way (full
     edge tiles computed, padding counted in the cost).
 
@@ -205,8 +205,8 @@ class PixelflyLinear(BlockSparseLinear):
         """``(block_size, rank, butterfly_levels)`` for ``budget`` (a fraction in
         ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a MAC count), exactly one
         given, under the split rule of the class docstring;
-        :class:`~gblr.structured.BudgetTooSmallError` naming the minimum when even the
-        smallest layer does not fit."""
+        [`BudgetTooSmallError`][gblr.structured.BudgetTooSmallError] naming the minimum when even
+        the smallest layer does not fit."""
         check_positive_int("in_features", in_features)
         check_positive_int("out_features", out_features)
         fraction = _check_fraction(lowrank_fraction)
@@ -264,7 +264,7 @@ class PixelflyLinear(BlockSparseLinear):
         lowrank_fraction: float = DEFAULT_LOWRANK_FRACTION,
         **kwargs,
     ) -> PixelflyLinear:
-        """A randomly initialised layer at the configuration :meth:`config_for` picks for
+        """A randomly initialised layer at the configuration `config_for` picks for
         ``budget`` (a fraction in ``(0, 1]`` of ``out * in`` MACs) or ``budget_macs`` (a
         MAC count), exactly one given (``kwargs`` go to the constructor: ``bias``,
         ``device``, ``dtype``)."""
@@ -291,7 +291,7 @@ class PixelflyLinear(BlockSparseLinear):
         refits: int = DEFAULT_REFITS,
     ) -> PixelflyLinear:
         """Approximate ``weight`` ``(out, in)`` by ``S + U V`` at the configuration
-        :meth:`config_for` picks for ``budget`` (a fraction in ``(0, 1]`` of ``out * in``
+        `config_for` picks for ``budget`` (a fraction in ``(0, 1]`` of ``out * in``
         MACs) or ``budget_macs`` (a MAC count), exactly one given; ``bias`` ``(out,)`` is
         copied.
 
