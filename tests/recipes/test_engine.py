@@ -173,3 +173,31 @@ def test_the_old_keywords_warn_and_give_the_same_run(tmp_path):
 def test_engine_config_refuses_bad_values_naming_them(options, error, message):
     with pytest.raises(error, match=message):
         EngineConfig(**options)
+
+
+def test_engine_trainer_drops_only_lightnings_litlogger_tip(caplog):
+    import logging
+
+    import lightning.pytorch as pl
+
+    from gblr.recipes.engine import _without_litlogger_tip
+
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    assert "litlogger" in caplog.text  # Lightning prints it (so the test can fail)
+    caplog.clear()
+    with _without_litlogger_tip():
+        pl.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    assert "litlogger" not in caplog.text
+    assert caplog.text  # its other lines (GPU available: ...) still come through
+
+
+def test_progress_bar_is_labelled_by_steps_not_epochs():
+    pytest.importorskip("rich")
+    from types import SimpleNamespace
+
+    from gblr.recipes.engine import _step_progress_bar
+
+    bar = _step_progress_bar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # a gblr run counts steps
+    assert bar._get_train_description(0).strip() == "Training"  # Lightning's: "Epoch 0/-2"

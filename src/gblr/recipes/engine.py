@@ -16,6 +16,8 @@ importable from here too).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 import warnings
@@ -323,6 +325,39 @@ def evaluate_topk(
     return tuple(c / max(total, 1) for c in correct)
 
 
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_litlogger_tip():
+    """Lightning advertises its cloud logger on every Trainer made without it; a gblr run
+    prints what the user can act on, so that one line is dropped (nothing else)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tip = _DropLitLoggerTip()
+    logger.addFilter(tip)
+    try:
+        yield
+    finally:
+        logger.removeFilter(tip)
+
+
+def _step_progress_bar():
+    """Lightning's rich progress bar labelled "Training": gblr runs count steps
+    (``max_epochs=-1``), where Lightning's label read "Epoch 0/-2"."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    class StepProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+                return super()._get_train_description(current_epoch)
+            width = len(self.validation_description)
+            return f"{'Training':{width}}"
+
+    return StepProgressBar(leave=True)
+
+
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` (in eval mode, on its own device) on ``dataset``.
 
@@ -446,12 +481,9 @@ def _run(
             )
         )
     if c.progress:
-        try:
-            from lightning.pytorch.callbacks import RichProgressBar
-
-            callbacks.append(RichProgressBar(leave=True))
-        except (ImportError, ModuleNotFoundError):  # rich not installed: Lightning's tqdm bar
-            pass
+        # without rich, Lightning's own tqdm bar
+        with contextlib.suppress(ImportError, ModuleNotFoundError):
+            callbacks.append(_step_progress_bar())
     callbacks.extend(extra_callbacks)
     if c.checkpoint_dir is not None:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -483,7 +515,8 @@ def _run(
     if validate:
         trainer_options["val_check_interval"] = c.val_every_n_steps
     trainer_options.update(c.trainer)
-    trainer = pl.Trainer(**trainer_options)
+    with _without_litlogger_tip():
+        trainer = pl.Trainer(**trainer_options)
     batch_size = c.batch_size
     if c.global_batch_size is not None:
         if c.global_batch_size % trainer.world_size:
