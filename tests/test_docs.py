@@ -24,6 +24,9 @@ import gblr
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").rglob("*.md"))
 SNIPPET = re.compile(r'^--8<-- "([^"]+)"$', re.M)
+# An example script shown in a page: written out (so that GitHub shows the code, where an
+# include line would show only its path) after a marker naming the script
+MIRROR = re.compile(r"<!-- mirror: (\S+) -->\n```python\n(.*?)```", re.S)
 
 
 def blocks(language: str) -> list[tuple[Path, str]]:
@@ -48,16 +51,25 @@ def test_site_builds_strictly(tmp_path):
     assert (tmp_path / "site" / "api" / "index.html").stat().st_size > 100_000
 
 
-def test_included_snippets_are_example_scripts_that_ci_runs():
-    included = [name for _, block in blocks("python") for name in SNIPPET.findall(block.strip())]
-    assert included, "the guides include no example"
-    for name in included:
-        assert name.startswith("examples/") and (ROOT / name).is_file(), name
+def mirrors() -> list[tuple[Path, str, str]]:
+    return [(page, name, code) for page in PAGES for name, code in MIRROR.findall(page.read_text())]
+
+
+def test_pages_show_example_scripts_as_written_and_equal_to_the_files_ci_runs():
+    found = mirrors()
+    assert found, "the guides show no example"
+    for page, name, code in found:
+        assert name.startswith("examples/") and (ROOT / name).is_file(), (page, name)
+        assert code == (ROOT / name).read_text(), f"{page} shows an old copy of {name}"
+    # include lines show only a path on GitHub; the changelog page is the one include
+    included = [(page, SNIPPET.findall(page.read_text())) for page in PAGES]
+    assert [page.name for page, names in included if names] == ["changelog.md"]
 
 
 def test_python_blocks_written_in_the_guides_run():
+    shown_scripts = {code for _, _, code in mirrors()}  # they run in test_examples.py
     for page, code in blocks("python"):
-        if not SNIPPET.search(code):  # included scripts run in test_examples.py
+        if code not in shown_scripts:
             exec(compile(code, str(page), "exec"), {})
 
 
