@@ -117,13 +117,10 @@ def embeddings(model, encoded: dict[str, Any]):
 
 def agreement(student, teacher) -> tuple[float, float]:
     """Mean cosine of matching embeddings ``(N, d)``, and nearest-neighbour agreement."""
-    cosine = float((student * teacher).sum(-1).mean())
-    neighbours = []
-    for embedding in (student, teacher):
-        similarity = embedding @ embedding.t()
-        similarity.fill_diagonal_(-math.inf)
-        neighbours.append(similarity.argmax(-1))
-    return cosine, float((neighbours[0] == neighbours[1]).float().mean())
+    from gblr.compress.pipeline import embedding_agreement
+
+    scores = embedding_agreement(student, teacher)
+    return scores["cosine"], scores["neighbour_agreement"]
 
 
 def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict) -> dict:

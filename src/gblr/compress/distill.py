@@ -27,32 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from ..learn.config import LearnerConfig
-from ..learn.groups import gblr_layers, param_groups
+from ..learn.factors import check_fraction, check_int
+from ..learn.groups import check_rate, gblr_layers, param_groups
 from ..learn.learner import StructureLearner
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distillation_loss", "model_output"]
 
 OUTPUT_FIELDS = ("last_hidden_state", "logits")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _rate(name: str, value: object, *, allow_zero: bool = False, at_most: float = math.inf):
-    allowed = f"a finite number {'>=' if allow_zero else '>'} 0"
-    if at_most < math.inf:
-        allowed += f" and <= {at_most:g}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be {allowed}, got {value!r}")
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value <= at_most and math.isfinite(value)):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -65,7 +46,7 @@ class DistillConfig:
         lr: peak learning rate of the weights (AdamW).
         structure_lr: learning rate of GBLR widths and locations (default ``lr``).
         weight_decay: AdamW weight decay of the 2-D weights.
-        warmup_fraction: share of ``steps`` over which the learning rate rises linearly
+        warmup_fraction: share of ``steps`` (in [0, 1)) over which the learning rate rises linearly
             from ``lr / warmup`` to ``lr``; a cosine decay to 0 follows.
         output: which output to match: ``"auto"`` (``last_hidden_state``, else
             ``logits``, else the output itself or its first element), or the name of
@@ -88,12 +69,12 @@ class DistillConfig:
     learner: LearnerConfig | None = None
 
     def __post_init__(self) -> None:
-        _positive_int("steps", self.steps)
-        _rate("lr", self.lr)
+        check_int("steps", self.steps, 1)
+        check_rate("lr", self.lr)
         if self.structure_lr is not None:
-            _rate("structure_lr", self.structure_lr)
-        _rate("weight_decay", self.weight_decay, allow_zero=True)
-        _rate("warmup_fraction", self.warmup_fraction, allow_zero=True, at_most=1.0)
+            check_rate("structure_lr", self.structure_lr)
+        check_rate("weight_decay", self.weight_decay, allow_zero=True)
+        check_fraction("warmup_fraction", self.warmup_fraction)
         if not isinstance(self.output, str) or not self.output:
             raise TypeError(f"output must be 'auto' or an output field's name, got {self.output!r}")
         if self.learner is not None and not isinstance(self.learner, LearnerConfig):
@@ -258,6 +239,17 @@ def _lr_factor(config: DistillConfig):
     return factor
 
 
+def learner_budget(model: nn.Module, budget: float | None) -> dict[str, Any]:
+    """The budget keyword of the [`gblr.StructureLearner`][] that recovery runs with:
+    ``budget`` (a fraction of the GBLR layers' dense MACs) when given, else the MACs the
+    GBLR layers have now (``budget_macs``): what the conversion chose, its global
+    allocation included, is held rather than replaced by a new budget."""
+    if budget is not None:
+        return {"budget": budget}
+    current = sum(layer.matrix_flops() for _, layer in gblr_layers(model))
+    return {"budget_macs": max(1, current)}
+
+
 def distill(
     student: nn.Module,
     teacher: nn.Module,
@@ -318,16 +310,12 @@ def distill(
     learner = None
     if gblr_layers(student):
         learner_config = config.learner or LearnerConfig.finetune()
-        if budget is None:
-            # hold the MACs the conversion chose (its global allocation), not a new budget
-            current = sum(layer.matrix_flops() for _, layer in gblr_layers(student))
-            learner = StructureLearner(
-                student, learner_config, budget_macs=max(1, current), total_steps=config.steps
-            )
-        else:
-            learner = StructureLearner(
-                student, learner_config, budget=budget, total_steps=config.steps
-            )
+        learner = StructureLearner(
+            student,
+            learner_config,
+            total_steps=config.steps,
+            **learner_budget(student, budget),
+        )
     teacher_mode = teacher.training
     teacher.eval()
     student.train()

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import save_atomically
+from ..learn.factors import check_int
 from .configs import ConversionConfig, FamilyConfig
 from .convert import ConversionReport, convert
 from .distill import DistillConfig, DistillResult, distill
@@ -40,6 +41,7 @@ __all__ = [
     "CompressionResult",
     "TextSplit",
     "compress_pretrained",
+    "embedding_agreement",
     "load_text_model",
     "read_texts",
     "sentence_embeddings",
@@ -78,10 +80,11 @@ def read_texts(path: str | Path, *, min_words: int = 3) -> TextSplit:
             f"text file {str(path)!r} has {len(kept)} line(s) of at least {min_words} words; "
             f"give at least 2 (one line per sentence or paragraph)"
         )
-    test = kept[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] or kept[-1:]
     held = set(range(HELD_OUT_EVERY - 1, len(kept), HELD_OUT_EVERY)) or {len(kept) - 1}
-    train = [line for i, line in enumerate(kept) if i not in held]
-    return TextSplit(train=train, test=test)
+    return TextSplit(
+        train=[line for i, line in enumerate(kept) if i not in held],
+        test=[kept[i] for i in sorted(held)],
+    )
 
 
 @dataclass
@@ -195,7 +198,18 @@ def sentence_embeddings(
     return torch.nn.functional.normalize(torch.cat(pooled), dim=-1)
 
 
-def _agreement(student: Tensor, teacher: Tensor) -> dict[str, float]:
+def embedding_agreement(student: Tensor, teacher: Tensor) -> dict[str, float]:
+    """How close two models' unit-length embeddings ``(N, d)`` of the same N inputs are:
+    ``cosine``, the mean cosine of matching rows, and ``neighbour_agreement``, the share
+    of inputs whose nearest other input is the same under both (with ``N >= 2``).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.compress.pipeline import embedding_agreement
+        >>> e = torch.nn.functional.normalize(torch.randn(5, 3), dim=-1)
+        >>> embedding_agreement(e, e)
+        {'cosine': 1.0, 'neighbour_agreement': 1.0}
+    """
     cosine = float((student * teacher).sum(-1).mean())
     if student.shape[0] < 2:
         return {"cosine": cosine}
@@ -343,9 +357,8 @@ def compress_pretrained(
         raise ValueError("distillation needs text=: a file of lines to distil on")
     if distillation is not None and not isinstance(distillation, DistillConfig):
         raise TypeError(f"distillation must be a DistillConfig, got {type(distillation).__name__}")
-    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("max_length", max_length, 1)
     seconds: dict[str, float] = {}
     texts = read_texts(text) if text is not None else None
     if out is not None:
@@ -366,7 +379,9 @@ def compress_pretrained(
             _batches(loaded.tokenizer, texts.train[: 8 * batch_size], batch_size, max_length)
         )
     start = time.perf_counter()
-    report = _convert(loaded, config, calibration, progress)
+    # a sentence-transformer is converted through its transformer (its other modules pool
+    # and normalise), which the calibration batches (token ids) feed
+    report = convert(loaded.encoder, config, calibration=calibration, progress=progress)
     seconds["convert"] = time.perf_counter() - start
 
     def quality() -> dict[str, float]:
@@ -374,7 +389,7 @@ def compress_pretrained(
         embedded = sentence_embeddings(
             loaded.encoder, loaded.tokenizer, texts.test, max_length=max_length
         )
-        return _agreement(embedded, reference)
+        return embedding_agreement(embedded, reference)
 
     result = CompressionResult(
         model=loaded.model, conversion=report, seconds=seconds, source=source
@@ -419,12 +434,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
             f"out {str(out)!r} already holds {taken} of an earlier run: choose another "
             "folder, or pass overwrite=True (--overwrite) to replace them"
         )
-
-
-def _convert(loaded: LoadedModel, config, calibration, progress) -> ConversionReport:
-    # a sentence-transformer is converted through its transformer (its other modules
-    # pool and normalise), which the calibration batches (token ids) feed
-    return convert(loaded.encoder, config, calibration=calibration, progress=progress)
 
 
 def _save(loaded: LoadedModel, out: Path, overwrite: bool) -> Path:

@@ -17,7 +17,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("gblr.integrations.hf needs transformers: pip install 'gblr[hf]'") from error
 
-from ..compress.distill import distillation_loss, model_output
+from ..compress.distill import distillation_loss, learner_budget, model_output
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers, param_groups
 from ..learn.learner import StructureLearner
@@ -145,12 +145,9 @@ class GBLRDistillationTrainer(Trainer):
         self.structure_lr = structure_lr
         if gblr_layers(self.model):
             config = learner_config or LearnerConfig.finetune()
-            if budget is None:
-                macs = sum(layer.matrix_flops() for _, layer in gblr_layers(self.model))
-                callback = GBLRTrainerCallback(config=config, budget_macs=max(1, macs))
-            else:
-                callback = GBLRTrainerCallback(config=config, budget=budget)
-            self.add_callback(callback)
+            self.add_callback(
+                GBLRTrainerCallback(config=config, **learner_budget(self.model, budget))
+            )
 
     def _distillation_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         inputs = {key: value for key, value in inputs.items() if key != "labels"}

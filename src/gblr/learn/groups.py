@@ -22,7 +22,15 @@ def gblr_layers(model: nn.Module) -> list[tuple[str, GBLRMatrixMixin]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, GBLRMatrixMixin)]
 
 
-def _check_rate(name: str, value: object, *, allow_zero: bool = False) -> float:
+def check_rate(name: str, value: object, *, allow_zero: bool = False) -> float:
+    """``value`` as a float when it is a finite number > 0 (``>= 0`` with ``allow_zero``):
+    a learning rate or a weight decay; else a TypeError/ValueError naming it.
+
+    Examples:
+        >>> from gblr.learn.groups import check_rate
+        >>> check_rate("lr", 3e-4)
+        0.0003
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
@@ -68,9 +76,9 @@ def param_groups(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    lr = _check_rate("lr", lr)
-    structure_lr = lr if structure_lr is None else _check_rate("structure_lr", structure_lr)
-    weight_decay = _check_rate("weight_decay", weight_decay, allow_zero=True)
+    lr = check_rate("lr", lr)
+    structure_lr = lr if structure_lr is None else check_rate("structure_lr", structure_lr)
+    weight_decay = check_rate("weight_decay", weight_decay, allow_zero=True)
 
     structure_ids = {
         id(p) for _, layer in gblr_layers(model) for p in (layer.widths, layer.locations)
