@@ -92,7 +92,7 @@ def test_masks_of_non_finite_intervals_are_nan_rows():
 
 def test_triton_kernels_give_a_non_finite_interval_the_empty_box():
     """The Triton backend reads no flags on the host; its kernels would round NaN to an
-    arbitrary int64 (an out-of-range read), so the interval is made empty first."""
+    arbitrary int64 (an out-of-range read), so the kernels make the interval empty."""
     torch.manual_seed(0)
     k, r, rows, cols = 4, 1, N, 5
     u, v = torch.randn(k, r, rows, device=DEVICE), torch.randn(k, r, cols, device=DEVICE)

@@ -378,13 +378,8 @@ class _MaskFactorsTriton(torch.autograd.Function):
         u_cumulative, u_edge = _grid_kernels(rows, sigma, table_dtype, factor_u.device)
         v_cumulative, v_edge = _grid_kernels(cols, sigma, table_dtype, factor_u.device)
         factor_u, factor_v = factor_u.contiguous(), factor_v.contiguous()
-        # A non-finite width or location would round to an arbitrary int64 inside the
-        # kernels (an out-of-range table read); it gets the empty interval instead. No
-        # host read here: the learner, eval and the interval queries report such values.
-        widths, locations = (
-            torch.where(torch.isfinite(t), t, 0.0).contiguous()
-            for t in (widths.detach(), locations.detach())
-        )
+        # The kernels give a non-finite width or location the empty interval themselves.
+        widths, locations = widths.detach().contiguous(), locations.detach().contiguous()
         u_out = torch.empty(factor_u.shape, dtype=out_dtype, device=factor_u.device)
         v_out = torch.empty(factor_v.shape, dtype=out_dtype, device=factor_u.device)
         block = triton_mask.block_size(max(rows, cols))

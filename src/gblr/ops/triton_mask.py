@@ -35,6 +35,11 @@ def _interval(width_ptr, location_ptr, component, n):
     """``(start, length)`` on the grid, as ``gaudi_mask_on_grid`` rounds them."""
     width = tl.load(width_ptr + component)
     location = tl.load(location_ptr + component)
+    # A NaN or infinite value would round to an arbitrary integer (an out-of-range table
+    # read); it gets the empty interval at 0 here, in the kernel, so the hot path needs no
+    # extra launches to clean it (the learner and the interval queries report such values).
+    width = tl.where((width == width) & (tl.abs(width) < float("inf")), width, 0.0)
+    location = tl.where((location == location) & (tl.abs(location) < float("inf")), location, 0.0)
     length = _round_half_even(tl.minimum(tl.maximum(width, 0.0), 1.0) * n).to(tl.int64)
     start = _round_half_even(location * n).to(tl.int64) % n
     start = tl.where(start < 0, start + n, start)
