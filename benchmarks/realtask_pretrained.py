@@ -6,11 +6,11 @@ converted with ``gblr.convert(model, config)`` (``include="encoder.layer.*"``) a
 library's defaults (global allocation; GBLR with its default initialisation). The families
 that can use data (GBLR and low-rank) get ``calibration=``: 128 training sentences in
 batches of 32, and fit each layer's outputs on them instead of its weights. Then the
-converted model is recovered by distillation to the dense model: token-level MSE of the
-last hidden states (padding masked), AdamW over ``gblr.param_groups`` (lr 3e-4, weight
-decay 0.01, warm-up over the first tenth, cosine decay), batch 16 sentences; GBLR models
-keep their MACs with ``gblr.StructureLearner(LearnerConfig.finetune(), budget=budget)``
-as the compress guide says.
+converted model is recovered by the library's ``gblr.distill`` to the dense model:
+token-level MSE of the last hidden states (padding masked), AdamW over
+``gblr.param_groups`` (lr 3e-4, weight decay 0.01, warm-up over the first tenth, cosine
+decay), batch 16 sentences; GBLR models keep their MACs with a structure learner
+(``LearnerConfig.finetune()``, ``budget=budget``), as the compress guide says.
 
 Text: the English prose of the Python documentation's topic pages that the standard library
 ships (``pydoc_data.topics``), cut into sentences of 6 to 60 words; whole topics are held
@@ -24,7 +24,6 @@ time is reported.
 from __future__ import annotations
 
 import functools
-import math
 import re
 import time
 import zlib
@@ -148,13 +147,9 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     convert_options = dict(options.pop("convert", {}))
     learner_options = dict(options.pop("learner", {}))
     structure_lr = options.pop("structure_lr", None)
-    # Convert at more MACs and let the learner prune down to the budget while distilling.
-    start_ratio = options.pop("start_cost_ratio", 1.0)
     if options:
         raise ValueError(f"unknown GBLR options for T3: {sorted(options)}")
     steps = QUICK_STEPS if quick else STEPS
-    if start_ratio != 1.0:
-        learner_options.setdefault("warmup_steps", steps // 2)
     student = _load_encoder(path)
     include = QUICK_INCLUDE if quick else INCLUDE
     # "convert": fields of the structure's config (gblr.compress.configs), and
@@ -163,7 +158,7 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     config = gblr.compress.config_from_dict(
         {
             "structure": structure,
-            "budget": min(1.0, start_ratio * budget),
+            "budget": budget,
             "include": include,
             "seed": seed,
             **convert_options,
@@ -184,47 +179,28 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     convert_seconds = time.perf_counter() - start
     converted_cosine, converted_agreement = agreement(embeddings(student, test), reference)
 
-    student.train()
-    optimizer = torch.optim.AdamW(
-        gblr.param_groups(student, lr=LR, structure_lr=structure_lr, weight_decay=0.01)
+    # The library's own recovery (gblr.distill: AdamW over param_groups, warm-up over the
+    # first tenth, cosine decay, masked MSE of the last hidden states, the learner holding
+    # the budget); the batches are drawn in the seed's order.
+    learner_config = config_from_options({"sigma": None, **learner_options})
+    distill_config = gblr.DistillConfig(
+        steps=steps, lr=LR, structure_lr=structure_lr, weight_decay=0.01, learner=learner_config
     )
-    warmup = max(1, steps // 10)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    learner = None
-    if gblr.learn.groups.gblr_layers(student):
-        # A variant's "learner" holds warmup_steps and the keys of a recipe's learner
-        # section; σ is left as the conversion set it unless the variant says otherwise.
-        warmup_steps = learner_options.pop("warmup_steps", 0)
-        config = config_from_options({"sigma": None, **learner_options})
-        learner = gblr.StructureLearner(
-            student, config, budget=budget, total_steps=steps, warmup_steps=warmup_steps
-        )
     train = encoded["train"]
     order = torch.randperm(
         train["input_ids"].shape[0], generator=torch.Generator().manual_seed(seed)
     )
-    start = time.perf_counter()
-    for step in range(steps):
-        index = order[(step * BATCH + torch.arange(BATCH)) % len(order)]
-        batch = _trimmed({k: v[index] for k, v in train.items()})
-        with torch.no_grad():
-            target = _hidden(teacher, batch)
-        mask = batch["attention_mask"].unsqueeze(-1).to(target.dtype)
-        error = (_hidden(student, batch) - target).pow(2) * mask
-        loss = error.sum() / (mask.sum() * target.shape[-1])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if learner is not None:
-            learner.step()
-    seconds = time.perf_counter() - start
+    batches = [
+        _trimmed(
+            {
+                k: v[order[(step * BATCH + torch.arange(BATCH)) % len(order)]]
+                for k, v in train.items()
+            }
+        )
+        for step in range(steps)
+    ]
+    result = gblr.distill(student, teacher, batches, distill_config, budget=budget)
+    seconds = result.seconds
     student.eval()
     cosine, neighbour_agreement = agreement(embeddings(student, test), reference)
     flops = gblr.count_flops(student, include=[include])
