@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..cost import gblr_cost
 from ..layers.base import GBLRMatrixMixin, check_positive_int
-from ..layers.conv import GBLRConv2d, positive_pair
+from ..layers.conv import GBLRConv2d, conv_geometry, positive_pair
 from ..layers.linear import GBLRLinear
 from ..modules import set_submodule
 from . import panels as PN
@@ -628,13 +628,8 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
             raise TypeError(f"layer must be a gblr.GBLRConv2d, got {type(layer).__name__}")
         rows, cols, u, v = _pack(layer)
         frozen = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.bias is not None,
+            **conv_geometry(layer),
+            bias=layer.bias is not None,
             row_intervals=rows,
             col_intervals=cols,
             rank_per_component=layer.rank_per_component,
