@@ -24,8 +24,7 @@ def positive_pair(name: str, value: int | tuple[int, int], minimum: int = 1) -> 
     """``value`` as a pair of ints ``>= minimum`` (an int is used for both sides), as the
     convolution arguments ``kernel_size``, ``stride``, ``padding`` and ``dilation``.
 
-    Shared with [`gblr.deploy.FrozenGBLRConv2d`][] so that both layers accept and
-    refuse the same arguments.
+    The check of each pair of ``checked_geometry``.
 
     Raises:
         TypeError: not an int or a pair of ints (a bool is refused).
@@ -42,6 +41,43 @@ def positive_pair(name: str, value: int | tuple[int, int], minimum: int = 1) -> 
     if any(v < minimum for v in pair):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def checked_geometry(
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int] | str,
+    dilation: int | tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int] | str, tuple[int, int]]:
+    """``(kernel_size, stride, padding, dilation)`` checked as ``nn.Conv2d`` takes them,
+    pairs as tuples (``padding`` may also be ``"valid"`` or ``"same"``, the latter with
+    ``stride=1``).
+
+    Shared by [`gblr.GBLRConv2d`][] and [`gblr.deploy.FrozenGBLRConv2d`][], so that both
+    accept and refuse the same geometry.
+
+    Raises:
+        TypeError: an argument is not an int or a pair of ints (see ``positive_pair``).
+        ValueError: a size below 1 (a padding below 0), another padding string, or
+            ``padding="same"`` with a stride; the argument is named in the message.
+
+    Examples:
+        >>> from gblr.layers.conv import checked_geometry
+        >>> checked_geometry(3, 2, 1, 1)
+        ((3, 3), (2, 2), (1, 1), (1, 1))
+        >>> checked_geometry((1, 3), 1, "same", 2)[2]
+        'same'
+    """
+    kernel_size = positive_pair("kernel_size", kernel_size)
+    stride = positive_pair("stride", stride)
+    dilation = positive_pair("dilation", dilation)
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        if padding == "same" and stride != (1, 1):
+            raise ValueError("padding='same' needs stride=1, as in nn.Conv2d")
+        return kernel_size, stride, padding, dilation
+    return kernel_size, stride, positive_pair("padding", padding, minimum=0), dilation
 
 
 _OTHER_TORCH_CONVS = (
@@ -222,19 +258,9 @@ class GBLRConv2d(GBLRMatrixMixin):
         super().__init__()
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
-        self.kernel_size = positive_pair("kernel_size", kernel_size)
-        self.stride = positive_pair("stride", stride)
-        self.dilation = positive_pair("dilation", dilation)
-        if isinstance(padding, str):
-            if padding not in ("valid", "same"):
-                raise ValueError(
-                    f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
-                )
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError("padding='same' needs stride=1, as in nn.Conv2d")
-            self.padding: tuple[int, int] | str = padding
-        else:
-            self.padding = positive_pair("padding", padding, minimum=0)
+        self.kernel_size, self.stride, self.padding, self.dilation = checked_geometry(
+            kernel_size, stride, padding, dilation
+        )
         kh, kw = self.kernel_size
         self._init_gblr(
             out_channels,
