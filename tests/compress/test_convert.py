@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -141,6 +143,17 @@ def test_grouped_conv_is_skipped_with_a_reason():
     report = gblr.convert(model, GBLRConfig(budget=0.5))
     assert [layer.name for layer in report.layers] == ["1"]
     assert report.skipped[0][0] == "0" and "groups=4" in report.skipped[0][1]
+
+
+def test_a_conv_gblr_conv2d_refuses_is_skipped_with_the_same_reason():
+    padded = nn.Conv2d(16, 32, 3, padding=1, padding_mode="circular")
+    model = nn.Sequential(padded, nn.Conv2d(32, 32, 1))
+    report = gblr.convert(model, GBLRConfig(budget=0.5))
+    assert [layer.name for layer in report.layers] == ["1"] and model[0] is padded
+    reason = "padding_mode='circular' is not supported (only 'zeros')"
+    assert report.skipped == [("0", reason)]
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        gblr.GBLRConv2d.like(padded)
 
 
 def test_shared_module_is_converted_once():

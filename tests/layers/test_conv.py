@@ -100,3 +100,59 @@ def test_wrong_input_is_refused():
         conv(torch.randn(1, 2, 5, 5))
     with pytest.raises(ValueError, match="in_channels=3"):
         conv(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize(
+    "conv_args",
+    [
+        {"kernel_size": 3, "padding": 1},
+        {"kernel_size": (3, 5), "stride": (2, 1), "padding": (0, 2), "dilation": (1, 2)},
+        {"kernel_size": 3, "dilation": 2, "padding": "same", "bias": False},
+        {"kernel_size": 2, "stride": 3, "padding": "valid"},
+    ],
+)
+def test_like_copies_the_geometry_of_a_conv2d(conv_args):
+    conv = torch.nn.Conv2d(3, 5, **conv_args, dtype=torch.float64)
+    layer = gblr.GBLRConv2d.like(conv, structure_init="random", sigma=4.0, num_components=3)
+    assert layer.U.dtype == torch.float64 and layer.num_components == 3
+    assert (layer.bias is None) == (conv.bias is None)
+    # the template itself, given the GBLR kernel, is the reference: nn.Conv2d's forward
+    # with its own stride, padding and dilation
+    with torch.no_grad():
+        conv.weight.copy_(layer.dense_kernel())
+        if conv.bias is not None:
+            conv.bias.copy_(layer.bias)
+    x = torch.randn(2, 3, 11, 9, dtype=torch.float64)
+    expected = conv(x)
+    for order in ORDERS:
+        layer.evaluation_order = order
+        out = layer(x)
+        assert out.shape == expected.shape
+        assert torch.allclose(out, expected, atol=1e-10), order
+
+
+def test_like_takes_gblr_and_frozen_templates_and_given_options_win():
+    source = gblr.GBLRConv2d(4, 6, (1, 3), stride=2, padding=(0, 1), bias=False)
+    frozen = gblr.FrozenGBLRConv2d.from_gblr(source.eval())
+    for template in (source, frozen):
+        layer = gblr.GBLRConv2d.like(template, bias=True, dtype=torch.float64)
+        assert (layer.in_channels, layer.out_channels) == (4, 6)
+        assert (layer.kernel_size, layer.stride, layer.padding) == ((1, 3), (2, 2), (0, 1))
+        assert layer.dilation == (1, 1)
+        assert layer.bias is not None and layer.U.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    ("conv", "options", "error", "match"),
+    [
+        (torch.nn.Conv2d(4, 4, 3, groups=2), {}, ValueError, r"grouped convolution \(groups=2\)"),
+        (torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), {}, ValueError, "'reflect'"),
+        (torch.nn.Linear(4, 4), {}, TypeError, "Linear without"),
+        (torch.nn.Conv1d(4, 4, 3), {}, TypeError, "got Conv1d"),
+        (torch.nn.ConvTranspose2d(4, 4, 3), {}, TypeError, "got ConvTranspose2d"),
+        (torch.nn.Conv2d(4, 4, 3), {"stride": 2}, TypeError, r"\['stride'\]"),
+    ],
+)
+def test_like_refuses_what_gblr_conv2d_does_not_compute(conv, options, error, match):
+    with pytest.raises(error, match=match):
+        gblr.GBLRConv2d.like(conv, **options)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cost import fraction_budget_macs
-from ..layers.conv import GBLRConv2d
+from ..layers.conv import GBLRConv2d, unsupported_conv
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
 from ..modules import set_submodule
@@ -383,10 +383,9 @@ def _skip_reason(
     module: nn.Module, kind: str, min_features: int, supports_conv2d: bool
 ) -> str | None:
     if kind == "Conv2d":
-        if module.groups != 1:
-            return f"grouped convolution (groups={module.groups}) is not supported"
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+        reason = unsupported_conv(module)
+        if reason is not None:
+            return reason
         if not supports_conv2d:
             return "this structure converts Linear layers only"
     out_features, in_features = _matrix(module, kind).shape
@@ -490,14 +489,8 @@ def _build_layer(
         if bias is not None:  # dtype and device follow below with the whole layer
             layer.bias = nn.Parameter(bias.clone())
     else:
-        conv = original
-        layer = GBLRConv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
+        layer = GBLRConv2d.like(
+            original,
             bias=bias is not None,
             rank_per_component=fitted.rank_per_component,
             num_components=fitted.num_components,

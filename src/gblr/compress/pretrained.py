@@ -48,13 +48,14 @@ from ..deploy.frozen import FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix
 from ..deploy.io import (
     frozen_layer_entry,
     frozen_layer_from_entry,
+    geometry_entry,
     load_tensors,
     matrix_shape_of,
     save_tensors,
     tensor_file_kind,
 )
 from ..files import save_atomically
-from ..layers.conv import GBLRConv2d
+from ..layers.conv import CONV_GEOMETRY, GBLRConv2d
 from ..layers.linear import GBLRLinear
 from ..modules import set_submodule
 from ..structured import (
@@ -99,7 +100,6 @@ _FAMILY_ARGS: dict[type, tuple[str, ...]] = {
     PixelflyLinear: ("block_size", "rank", "butterfly_levels"),
 }
 _GBLR_ARGS = ("rank_per_component", "num_components", "evaluation_order")
-_CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
 _CLASSES: dict[str, type] = {
     cls.__name__: cls
     for cls in (*_FAMILY_ARGS, GBLRLinear, GBLRConv2d, FrozenGBLRLinear, FrozenGBLRConv2d)
@@ -128,9 +128,7 @@ def _describe(layer: nn.Module) -> dict[str, Any]:
         entry = {"class": kind.__name__, "bias": layer.bias is not None}
         entry["dtype"] = str(next(p for p in layer.parameters() if p.is_floating_point()).dtype)
         if isinstance(layer, GBLRConv2d):
-            for name in _CONV_ARGS:
-                value = getattr(layer, name)
-                entry[name] = value if isinstance(value, (int, str)) else list(value)
+            entry.update(geometry_entry(layer))
         else:
             entry.update(in_features=layer.in_features, out_features=layer.out_features)
         for name in _GBLR_ARGS if isinstance(layer, GBLRConv2d | GBLRLinear) else ():
@@ -219,7 +217,7 @@ def _pairs(entry: dict[str, Any], where: str) -> None:
 
 def _keys_of(kind: type) -> set[str]:
     keys = {"class", "bias", "dtype"}
-    keys |= set(_CONV_ARGS) if kind is GBLRConv2d else {"in_features", "out_features"}
+    keys |= set(CONV_GEOMETRY) if kind is GBLRConv2d else {"in_features", "out_features"}
     if kind in (GBLRLinear, GBLRConv2d):
         keys |= set(_GBLR_ARGS)
     return keys | set(_FAMILY_ARGS.get(kind, ()))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..cost import gblr_cost
 from ..layers.base import GBLRMatrixMixin, check_positive_int
-from ..layers.conv import GBLRConv2d, positive_pair
+from ..layers.conv import GBLRConv2d, checked_geometry, conv_geometry
 from ..layers.linear import GBLRLinear
 from ..modules import set_submodule
 from . import panels as PN
@@ -596,19 +596,9 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
         super().__init__()
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
-        self.kernel_size = positive_pair("kernel_size", kernel_size)
-        self.stride = positive_pair("stride", stride)
-        self.dilation = positive_pair("dilation", dilation)
-        if isinstance(padding, str):
-            if padding not in ("valid", "same"):
-                raise ValueError(
-                    f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
-                )
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError("padding='same' needs stride=1, as in nn.Conv2d")
-            self.padding: tuple[int, int] | str = padding
-        else:
-            self.padding = positive_pair("padding", padding, minimum=0)
+        self.kernel_size, self.stride, self.padding, self.dilation = checked_geometry(
+            kernel_size, stride, padding, dilation
+        )
         kh, kw = self.kernel_size
         self._init_frozen(
             out_channels,
@@ -628,13 +618,8 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
             raise TypeError(f"layer must be a gblr.GBLRConv2d, got {type(layer).__name__}")
         rows, cols, u, v = _pack(layer)
         frozen = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.bias is not None,
+            **conv_geometry(layer),
+            bias=layer.bias is not None,
             row_intervals=rows,
             col_intervals=cols,
             rank_per_component=layer.rank_per_component,

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..files import save_atomically
-from ..layers.conv import GBLRConv2d
+from ..layers.conv import CONV_GEOMETRY, GBLRConv2d
 from ..layers.linear import GBLRLinear
 from .frozen import PLAN_CHOICES, FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix
 
@@ -170,15 +170,38 @@ def _layer_entry(name: str, aliases: list[str], layer: FrozenGBLRMatrix) -> dict
         "plan_cache": [[*key, choice] for key, choice in sorted(layer.plan_cache.items())],
     }
     if isinstance(layer, FrozenGBLRConv2d):
-        entry.update(
-            in_channels=layer.in_channels,
-            out_channels=layer.out_channels,
-            kernel_size=list(layer.kernel_size),
-            stride=list(layer.stride),
-            padding=layer.padding if isinstance(layer.padding, str) else list(layer.padding),
-            dilation=list(layer.dilation),
-        )
+        entry.update(geometry_entry(layer))
     return entry
+
+
+def geometry_entry(conv: nn.Module) -> dict[str, Any]:
+    """The geometry of a 2-D convolution (``nn.Conv2d`` or a GBLR one, grouped too) as
+    JSON-safe values, keyed as its constructor's arguments (``CONV_GEOMETRY``): pairs
+    as lists; [`geometry_arguments`][gblr.deploy.io.geometry_arguments] reads them back.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.deploy.io import geometry_entry
+        >>> geometry_entry(torch.nn.Conv2d(3, 8, 3, padding="same"))["padding"]
+        'same'
+    """
+    values = {name: getattr(conv, name) for name in CONV_GEOMETRY}
+    return {name: v if isinstance(v, (int, str)) else list(v) for name, v in values.items()}
+
+
+def geometry_arguments(entry: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of a convolution from its (checked)
+    [`geometry_entry`][gblr.deploy.io.geometry_entry] in ``entry``: lists as tuples.
+
+    Examples:
+        >>> from gblr.deploy.io import geometry_arguments
+        >>> arguments = geometry_arguments({"in_channels": 3, "out_channels": 8,
+        ...     "kernel_size": [3, 3], "stride": [1, 1], "padding": "same", "dilation": [1, 1]})
+        >>> arguments["kernel_size"], arguments["padding"]
+        ((3, 3), 'same')
+    """
+    values = {name: entry[name] for name in CONV_GEOMETRY}
+    return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
 
 
 _PARAMETERLESS = {
@@ -231,12 +254,7 @@ def _model_spec(module: nn.Module, name: str = "", seen: dict[int, str] | None =
     if kind is nn.Conv2d and module.padding_mode == "zeros":
         return {
             "type": "Conv2d",
-            "in_channels": module.in_channels,
-            "out_channels": module.out_channels,
-            "kernel_size": list(module.kernel_size),
-            "stride": list(module.stride),
-            "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
-            "dilation": list(module.dilation),
+            **geometry_entry(module),
             "groups": module.groups,
             "bias": module.bias is not None,
             "dtype": str(module.weight.dtype),
@@ -471,7 +489,6 @@ _LAYER_KEYS = (
     "plan",
     "plan_cache",
 )
-_CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
 
 
 def _check_layer(entry: Any, where: str) -> None:
@@ -484,7 +501,7 @@ def _check_layer(entry: Any, where: str) -> None:
         kind,
     )
     conv = kind == "FrozenGBLRConv2d"
-    _keys(entry, where, _LAYER_KEYS + (_CONV_KEYS if conv else ()))
+    _keys(entry, where, _LAYER_KEYS + (CONV_GEOMETRY if conv else ()))
     _module_name(entry["name"], f"{where}.name", root=True)
     for i, alias in enumerate(_list(entry["aliases"], f"{where}.aliases")):
         _module_name(alias, f"{where}.aliases[{i}]", root=False)
@@ -552,7 +569,7 @@ def _check_spec(spec: Any, where: str, depth: int = 0) -> None:
         _bool(spec["bias"], f"{where}.bias")
         _dtype(spec["dtype"], f"{where}.dtype")
     elif kind == "Conv2d":
-        _keys(spec, where, ("type", "groups", "bias", "dtype", *_CONV_KEYS))
+        _keys(spec, where, ("type", "groups", "bias", "dtype", *CONV_GEOMETRY))
         _int(spec["in_channels"], f"{where}.in_channels", 1)
         _int(spec["out_channels"], f"{where}.out_channels", 1)
         _pair(spec["kernel_size"], f"{where}.kernel_size", 1)
@@ -700,17 +717,7 @@ def _frozen_from_entry(
             entry["in"], entry["out"], entry["bias"], **common
         )
     else:
-        padding = entry["padding"]
-        layer = FrozenGBLRConv2d(
-            entry["in_channels"],
-            entry["out_channels"],
-            tuple(entry["kernel_size"]),
-            tuple(entry["stride"]),
-            padding if isinstance(padding, str) else tuple(padding),
-            tuple(entry["dilation"]),
-            entry["bias"],
-            **common,
-        )
+        layer = FrozenGBLRConv2d(**geometry_arguments(entry), bias=entry["bias"], **common)
     layer.plan = entry["plan"]
     for device_type, dtype, bucket, choice in entry["plan_cache"]:
         layer.plan_cache[(device_type, dtype, bucket)] = choice
@@ -735,16 +742,10 @@ def _module(spec: dict[str, Any], name: str, entries: dict[str, dict[str, Any]],
             dtype=_DTYPES[spec["dtype"]],
         )
     if kind == "Conv2d":
-        padding = spec["padding"]
         return nn.Conv2d(
-            spec["in_channels"],
-            spec["out_channels"],
-            tuple(spec["kernel_size"]),
-            tuple(spec["stride"]),
-            padding if isinstance(padding, str) else tuple(padding),
-            tuple(spec["dilation"]),
-            spec["groups"],
-            spec["bias"],
+            **geometry_arguments(spec),
+            groups=spec["groups"],
+            bias=spec["bias"],
             device=device,
             dtype=_DTYPES[spec["dtype"]],
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +15,16 @@ from .base import EvaluationOrder, FactorInit, GBLRMatrixMixin, StructureInit, c
 
 __all__ = ["GBLRConv2d"]
 
+# The constructor arguments that fix a convolution's geometry, in the order of
+# ``nn.Conv2d``'s, GBLRConv2d's and FrozenGBLRConv2d's signatures.
+CONV_GEOMETRY = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+
 
 def positive_pair(name: str, value: int | tuple[int, int], minimum: int = 1) -> tuple[int, int]:
     """``value`` as a pair of ints ``>= minimum`` (an int is used for both sides), as the
     convolution arguments ``kernel_size``, ``stride``, ``padding`` and ``dilation``.
 
-    Shared with [`gblr.deploy.FrozenGBLRConv2d`][] so that both layers accept and
-    refuse the same arguments.
+    The check of each pair of ``checked_geometry``.
 
     Raises:
         TypeError: not an int or a pair of ints (a bool is refused).
@@ -37,6 +41,115 @@ def positive_pair(name: str, value: int | tuple[int, int], minimum: int = 1) -> 
     if any(v < minimum for v in pair):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def checked_geometry(
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int],
+    padding: int | tuple[int, int] | str,
+    dilation: int | tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int] | str, tuple[int, int]]:
+    """``(kernel_size, stride, padding, dilation)`` checked as ``nn.Conv2d`` takes them,
+    pairs as tuples (``padding`` may also be ``"valid"`` or ``"same"``, the latter with
+    ``stride=1``).
+
+    Shared by [`gblr.GBLRConv2d`][] and [`gblr.deploy.FrozenGBLRConv2d`][], so that both
+    accept and refuse the same geometry.
+
+    Raises:
+        TypeError: an argument is not an int or a pair of ints (see ``positive_pair``).
+        ValueError: a size below 1 (a padding below 0), another padding string, or
+            ``padding="same"`` with a stride; the argument is named in the message.
+
+    Examples:
+        >>> from gblr.layers.conv import checked_geometry
+        >>> checked_geometry(3, 2, 1, 1)
+        ((3, 3), (2, 2), (1, 1), (1, 1))
+        >>> checked_geometry((1, 3), 1, "same", 2)[2]
+        'same'
+    """
+    kernel_size = positive_pair("kernel_size", kernel_size)
+    stride = positive_pair("stride", stride)
+    dilation = positive_pair("dilation", dilation)
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        if padding == "same" and stride != (1, 1):
+            raise ValueError("padding='same' needs stride=1, as in nn.Conv2d")
+        return kernel_size, stride, padding, dilation
+    return kernel_size, stride, positive_pair("padding", padding, minimum=0), dilation
+
+
+_OTHER_TORCH_CONVS = (
+    nn.Conv1d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def unsupported_conv(conv: nn.Module) -> str | None:
+    """Why a GBLR convolution cannot take ``conv``'s place, or ``None`` when it can.
+
+    The GBLR convolutions compute ``groups=1`` convolutions with zero padding;
+    [`gblr.convert`][] skips a convolution with this reason, and
+    [`GBLRConv2d.like`][gblr.GBLRConv2d.like] refuses it with it.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.layers.conv import unsupported_conv
+        >>> unsupported_conv(torch.nn.Conv2d(4, 4, 3)) is None
+        True
+        >>> unsupported_conv(torch.nn.Conv2d(4, 4, 3, groups=2))
+        'grouped convolution (groups=2) is not supported'
+    """
+    groups = getattr(conv, "groups", 1)
+    if groups != 1:
+        return f"grouped convolution (groups={groups}) is not supported"
+    padding_mode = getattr(conv, "padding_mode", "zeros")
+    if padding_mode != "zeros":
+        return f"padding_mode={padding_mode!r} is not supported (only 'zeros')"
+    return None
+
+
+def conv_geometry(conv: nn.Module) -> dict[str, Any]:
+    """The geometry of a 2-D convolution, as keyword arguments of its constructor.
+
+    One place for what a layer that replaces, freezes or rebuilds a convolution copies
+    from it: ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``
+    and ``dilation`` (in that order, as ``CONV_GEOMETRY``), each as ``conv`` holds it
+    (pairs as tuples; ``padding`` may be ``"same"`` or ``"valid"``).
+
+    Args:
+        conv: an ``nn.Conv2d``, a [`gblr.GBLRConv2d`][] or a
+            [`gblr.FrozenGBLRConv2d`][]: any module with those six attributes.
+
+    Raises:
+        TypeError: ``conv`` is not a 2-D convolution (it lacks one of the attributes,
+            or is another of torch's convolutions, a transposed one included).
+        ValueError: ``conv`` is a convolution the GBLR layers do not compute (grouped,
+            or padded other than with zeros; the reason is ``unsupported_conv``'s).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.layers.conv import conv_geometry
+        >>> geometry = conv_geometry(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1))
+        >>> geometry["kernel_size"], geometry["stride"], geometry["padding"]
+        ((3, 3), (2, 2), (1, 1))
+    """
+    missing = [name for name in CONV_GEOMETRY if not hasattr(conv, name)]
+    # torch's other convolutions have the same attributes and compute something else
+    if missing or isinstance(conv, _OTHER_TORCH_CONVS):
+        lacking = f" without {missing}" if missing else ""
+        raise TypeError(
+            "conv must be a 2-D convolution (nn.Conv2d, gblr.GBLRConv2d or "
+            f"gblr.FrozenGBLRConv2d), got {type(conv).__name__}{lacking}"
+        )
+    reason = unsupported_conv(conv)
+    if reason is not None:
+        raise ValueError(f"conv ({type(conv).__name__}): {reason}")
+    return {name: getattr(conv, name) for name in CONV_GEOMETRY}
 
 
 class GBLRConv2d(GBLRMatrixMixin):
@@ -68,6 +181,58 @@ class GBLRConv2d(GBLRMatrixMixin):
 
     counts_per_position = True
 
+    @classmethod
+    def like(cls, conv: nn.Module, **options: Any) -> GBLRConv2d:
+        """A GBLR convolution with ``conv``'s geometry, to take its place.
+
+        ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding`` and
+        ``dilation`` are ``conv``'s; ``bias`` (whether there is one), ``device`` and
+        ``dtype`` are ``conv``'s unless given. The weights are not copied: the factors,
+        widths and locations are initialized as ``options`` say (for a fit of ``conv``'s
+        kernel, see [`gblr.convert`][]).
+
+        Args:
+            conv: an ``nn.Conv2d`` (``groups=1``, ``padding_mode="zeros"``), a
+                [`gblr.GBLRConv2d`][] or a [`gblr.FrozenGBLRConv2d`][].
+            **options: the other keyword arguments of [`gblr.GBLRConv2d`][] (``bias``,
+                ``rank_per_component``, ``num_components``, ``structure_init``, ...).
+
+        Returns:
+            The new layer; on input ``(N, C_in, H, W)`` its output has ``conv``'s shape
+            ``(N, C_out, H', W')``.
+
+        Raises:
+            TypeError: ``conv`` is not a 2-D convolution, or ``options`` names a geometry
+                argument (those are ``conv``'s).
+            ValueError: ``conv`` is grouped or not zero-padded, which a GBLR convolution
+                does not compute.
+
+        Examples:
+            >>> import torch, gblr
+            >>> conv = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+            >>> layer = gblr.GBLRConv2d.like(conv, num_components=4)
+            >>> layer.stride, layer.padding, layer.bias is None
+            ((2, 2), (1, 1), True)
+            >>> x = torch.randn(2, 3, 8, 8)
+            >>> layer(x).shape == conv(x).shape
+            True
+        """
+        given = sorted(set(options) & set(CONV_GEOMETRY))
+        if given:
+            raise TypeError(
+                f"GBLRConv2d.like takes the geometry from conv; got {given} in options, "
+                "which may only hold the other GBLRConv2d arguments"
+            )
+        geometry = conv_geometry(conv)
+        template = next(
+            (t for t in (*conv.parameters(), *conv.buffers()) if t.is_floating_point()), None
+        )
+        options.setdefault("bias", getattr(conv, "bias", None) is not None)
+        if template is not None:
+            options.setdefault("device", template.device)
+            options.setdefault("dtype", template.dtype)
+        return cls(**geometry, **options)
+
     def __init__(
         self,
         in_channels: int,
@@ -93,19 +258,9 @@ class GBLRConv2d(GBLRMatrixMixin):
         super().__init__()
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.out_channels = check_positive_int("out_channels", out_channels)
-        self.kernel_size = positive_pair("kernel_size", kernel_size)
-        self.stride = positive_pair("stride", stride)
-        self.dilation = positive_pair("dilation", dilation)
-        if isinstance(padding, str):
-            if padding not in ("valid", "same"):
-                raise ValueError(
-                    f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}"
-                )
-            if padding == "same" and self.stride != (1, 1):
-                raise ValueError("padding='same' needs stride=1, as in nn.Conv2d")
-            self.padding: tuple[int, int] | str = padding
-        else:
-            self.padding = positive_pair("padding", padding, minimum=0)
+        self.kernel_size, self.stride, self.padding, self.dilation = checked_geometry(
+            kernel_size, stride, padding, dilation
+        )
         kh, kw = self.kernel_size
         self._init_gblr(
             out_channels,

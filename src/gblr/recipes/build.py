@@ -408,13 +408,5 @@ def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: Tr
         if isinstance(layer, GBLRLinear):
             rebuilt = GBLRLinear(layer.in_features, layer.out_features, **options)
         else:
-            rebuilt = GBLRConv2d(
-                layer.in_channels,
-                layer.out_channels,
-                layer.kernel_size,
-                stride=layer.stride,
-                padding=layer.padding,
-                dilation=layer.dilation,
-                **options,
-            )
+            rebuilt = GBLRConv2d.like(layer, **options)
         set_submodule(model, name, rebuilt)
