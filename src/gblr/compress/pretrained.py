@@ -13,6 +13,8 @@ the user:
   class, what it replaced (``Linear``, ``Conv1D``, ``Conv2d``) and the shape parameters
   that the weights alone do not tell (components, ranks, intervals, each baseline
   family's blocks), so that loading searches nothing again;
+- ``generation_config.json``: a transformers generation model's ``generation_config``
+  (the defaults of ``generate``), restored on load;
 - for a sentence-transformers model, the folder of ``SentenceTransformer.save`` whose
   transformer module's subfolder is such a folder.
 
@@ -82,6 +84,7 @@ FORMAT = "gblr.pretrained"
 FORMAT_VERSION = "1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 #: An empty tensor of this name is in every weights file: a dense loader's report of
 #: unexpected keys then says how to load the folder.
 HINT_KEY = "gblr.load_with.gblr.from_pretrained"
@@ -512,6 +515,32 @@ def _write_folder(
     save_tensors(tensors, directory / WEIGHTS_NAME, metadata, kind=FORMAT)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     save_atomically(lambda handle: handle.write(text), directory / CONFIG_NAME, text=True)
+    generation = _generation_config(model, library)
+    if generation is not None:
+        settings = generation.to_json_string(use_diff=True)
+        save_atomically(
+            lambda handle: handle.write(settings), directory / GENERATION_CONFIG_NAME, text=True
+        )
+
+
+def _generation_config(model: nn.Module, library: str) -> Any:
+    """A transformers generation model's ``generation_config`` (what ``generate`` uses
+    by default), or ``None`` for other models."""
+    if library != "transformers":
+        return None
+    can_generate = getattr(model, "can_generate", None)
+    if not callable(can_generate) or not can_generate():
+        return None
+    return getattr(model, "generation_config", None)
+
+
+def _files_of(model: nn.Module, library: str) -> list[str]:
+    """The files [`save_pretrained`][gblr.compress.pretrained.save_pretrained] writes for
+    ``model`` (besides a sentence-transformer's)."""
+    files = [WEIGHTS_NAME, CONFIG_NAME]
+    if _generation_config(model, library) is not None:
+        files.append(GENERATION_CONFIG_NAME)
+    return files
 
 
 def save_pretrained(
@@ -583,7 +612,7 @@ def save_pretrained(
         if model_args is not None or state_dict is not None:
             raise ValueError("model_args and state_dict are not taken for sentence-transformers")
         return _save_sentence_transformer(model, save_directory, overwrite)
-    directory = _target_folder(save_directory, overwrite, [WEIGHTS_NAME, CONFIG_NAME])
+    directory = _target_folder(save_directory, overwrite, _files_of(model, library))
     _write_folder(model, directory, library, model_args, state_dict)
     return directory
 
@@ -631,7 +660,7 @@ def _hf_save_pretrained(
             "save it, then upload the folder (huggingface_hub.upload_folder)"
         )
     if is_main_process:
-        directory = _target_folder(save_directory, False, [WEIGHTS_NAME, CONFIG_NAME])
+        directory = _target_folder(save_directory, False, _files_of(model, "transformers"))
         _write_folder(model, directory, "transformers", None, state_dict)
 
 
@@ -764,10 +793,24 @@ def _load_folder(folder: Path) -> nn.Module:
             f"{where} its tensors do not match the {architecture} rebuilt from its config "
             f"and structure: {str(error)[:600]}"
         ) from None
+    generation = folder / GENERATION_CONFIG_NAME
+    if library == "transformers" and generation.is_file():
+        model.generation_config = _read_generation_config(generation, where)
     if "conversion_config" in metadata:
         with contextlib.suppress(ValueError, TypeError):
             model.gblr_config = config_from_dict(json.loads(metadata["conversion_config"]))
     return protect_save_pretrained(model)
+
+
+def _read_generation_config(path: Path, where: str) -> Any:
+    """The ``GenerationConfig`` saved beside the weights."""
+    import transformers
+
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        return transformers.GenerationConfig.from_dict(settings)
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"{where} unreadable {path.name} ({error})") from None
 
 
 def _base_model(library: str, architecture: str, config: dict[str, Any], where: str):
