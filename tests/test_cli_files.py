@@ -4,6 +4,7 @@ clear line and a non-zero exit, never a traceback; a file of gblr.save gets its 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +63,13 @@ def test_flops_of_a_safetensors_state_dict(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("name", "content"),
     [
-        ("junk.pt", os.urandom(300)),
+        # fixed bytes: the same test ids in every process (pytest-xdist compares them)
+        ("junk.pt", random.Random(0).randbytes(300)),
         ("empty.pt", b""),
         ("notes.txt", b"hello\n"),
         ("junk.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      "),
     ],
+    ids=["junk.pt", "empty.pt", "notes.txt", "junk.safetensors"],
 )
 def test_flops_of_garbage_is_one_line(tmp_path, capsys, name, content):
     path = tmp_path / name
