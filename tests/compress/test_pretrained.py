@@ -53,27 +53,34 @@ def test_search_at_half_budget_is_never_worse_than_svd_on_any_layer(encoder):
     load, embed = encoder
     model = load()
     expected = embed(model)
-    report = gblr.convert(model, gblr.GBLRConfig(budget=0.5, init="search", search_steps=0))
+    # The first block holds every layer shape of the encoder (q, k, v, o: 384 x 384; the
+    # feed-forward pair: 1536 x 384 and 384 x 1536); the whole model (37 layers) took
+    # 44-59 s here and is measured in docs/BENCHMARKS.md.
+    config = gblr.GBLRConfig(budget=0.5, init="search", search_steps=0, include="encoder.layer.0.*")
+    report = gblr.convert(model, config)
     print(report)  # per-layer error next to SVD's at the same MACs (pytest -s shows it)
-    assert len(report.layers) == 37
+    assert len(report.layers) == 6
     assert abs(report.ratio - 0.5) <= 0.005
     for layer in report.layers:
         assert layer.error <= layer.svd_error + 1e-6, layer.name
     # Trained transformer weights are close to full rank: without fine-tuning, half the
-    # MACs keep only part of the embedding. Measured 2026-11-26 (global allocation):
-    # cosine 0.43-0.50 to the dense embeddings; 0.66-0.81 at budget 0.9.
+    # MACs of even one block lose part of the embedding. Measured 2026-12-04 (global
+    # allocation over the block): cosine 0.913-0.953 to the dense embeddings (the whole
+    # model at 0.5: 0.43-0.50, measured 2026-11-26).
     cosine = (embed(model) * expected).sum(-1)
     print("cosine to dense embeddings:", [round(c, 3) for c in cosine.tolist()])
-    assert cosine.min() >= 0.3
+    assert cosine.min() >= 0.8 and cosine.max() < 0.9999
 
 
 def test_gblr_is_never_worse_than_low_rank_at_equal_budget(encoder):
     load, _ = encoder
     results = {}
     for structure in ("gblr", "lowrank"):
-        report = gblr.convert(
-            load(), gblr.compress.config_class(structure)(budget=0.3, allocation="uniform")
+        # the first block holds every layer shape of the encoder
+        config = gblr.compress.config_class(structure)(
+            budget=0.3, allocation="uniform", include="encoder.layer.0.*"
         )
+        report = gblr.convert(load(), config)
         results[structure] = {layer.name: layer for layer in report.layers}
     assert results["gblr"].keys() == results["lowrank"].keys()
     for name, ours in results["gblr"].items():
