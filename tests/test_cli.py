@@ -50,15 +50,17 @@ def test_demo_short_setting_end_to_end(tmp_path, capsys):
     pytest.importorskip("lightning")
     pytest.importorskip("sklearn")
     out = tmp_path / "report"
+    # three of the five default models: the others train the same way (CI's time)
+    structures = ["dense", "gblr", "lowrank"]
     arguments = ["demo", "--steps", "150", "--budget", "0.3", "--quiet", "--out", str(out)]
-    assert main(arguments) == 0
+    assert main([*arguments, "--structures", *structures]) == 0
     results = {r["structure"]: r for r in json.loads((out / "results.json").read_text())["results"]}
-    assert list(results) == ["dense", "gblr", "lowrank", "monarch", "blockdiag"]
+    assert list(results) == structures
     # The GBLR run ends within its MACs target; the baselines stay within it. Measured
     # 2026-12-04 with the block-diagonal start at 1.25x the budget: 0.227 (the budget ramp
     # removes whole one-line strips, not cells, and overshoots in 150 steps; issue 19).
     assert 0.2 <= results["gblr"]["macs_ratio"] <= 0.3
-    assert all(results[name]["macs_ratio"] <= 0.3 for name in ("lowrank", "monarch", "blockdiag"))
+    assert results["lowrank"]["macs_ratio"] <= 0.3
     assert results["dense"]["macs_ratio"] == 1.0
     # Measured 2026-11-26 at 150 steps: dense 0.82, GBLR 0.56, low-rank 0.64, Monarch 0.66
     # (10 classes: chance is 0.10).

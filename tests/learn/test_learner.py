@@ -31,15 +31,17 @@ def test_adaptive_and_shift_options_recover_reliably_at_1_1x(recovery_runs):
 
     Seeds 5-9 are those where the paper's plain method recovered only 2 of 5 when this was
     written (errors 0.004 0.001 0.083 0.388 0.404); with adaptive=1, max_shift=1 all 5
-    recovered (largest error 0.009). Floor 4 of 5 for a margin of one seed.
+    recovered (largest error 0.009). The test runs seed 5 and the three the plain method
+    missed (two rounds of two processes, for CI's time); floor 3 of 4 for a margin of one
+    seed, which the plain method (1 of 4) does not reach.
     """
     config = gblr.LearnerConfig(
         adaptive=gblr.AdaptiveConfig(1.0), shift_limit=gblr.ShiftLimitConfig(cells=1.0)
     )
-    runs = recovery_runs(range(5, 10), budget_factor=1.1, config=config)
+    runs = recovery_runs((5, 7, 8, 9), budget_factor=1.1, config=config)
     assert all(run["macs"] <= run["budget"] for run in runs)
     errors = [run["error"] for run in runs]
-    assert sum(error <= 2e-2 for error in errors) >= 4, errors
+    assert sum(error <= 2e-2 for error in errors) >= 3, errors
 
 
 @pytest.mark.slow
