@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -64,10 +64,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 TIMM_PREFIX = "timm:"
 
 
-def _held_out(count: int) -> set[int]:
-    """The indices of ``count`` items held out for the quality: every tenth (the last
-    one when there are fewer than ten)."""
-    return set(range(HELD_OUT_EVERY - 1, count, HELD_OUT_EVERY)) or {count - 1}
+T = TypeVar("T")
+
+
+def _split(items: list[T]) -> tuple[list[T], list[T]]:
+    """``(train, test)``: every tenth item held out for the quality (the last one when
+    there are fewer than ten), the rest for calibration and distillation, in order."""
+    held = set(range(HELD_OUT_EVERY - 1, len(items), HELD_OUT_EVERY)) or {len(items) - 1}
+    train = [item for i, item in enumerate(items) if i not in held]
+    return train, [items[i] for i in sorted(held)]
 
 
 @dataclass(frozen=True)
@@ -100,11 +105,8 @@ def read_texts(path: str | Path, *, min_words: int = 3) -> TextSplit:
             f"text file {str(path)!r} has {len(kept)} line(s) of at least {min_words} words; "
             f"give at least 2 (one line per sentence or paragraph)"
         )
-    held = _held_out(len(kept))
-    return TextSplit(
-        train=[line for i, line in enumerate(kept) if i not in held],
-        test=[kept[i] for i in sorted(held)],
-    )
+    train, test = _split(kept)
+    return TextSplit(train=train, test=test)
 
 
 @dataclass(frozen=True)
@@ -149,12 +151,8 @@ def read_images(path: str | Path) -> ImageSplit:
             f"images folder {str(path)!r} holds {len(files)} image(s) (endings "
             f"{', '.join(IMAGE_SUFFIXES)}) directly or in class sub-folders; give at least 2"
         )
-    held = _held_out(len(files))
-    return ImageSplit(
-        train=[f for i, f in enumerate(files) if i not in held],
-        test=[files[i] for i in sorted(held)],
-        classes=[d.name for d in classes],
-    )
+    train, test = _split(files)
+    return ImageSplit(train=train, test=test, classes=[d.name for d in classes])
 
 
 class _ImageBatches:
