@@ -17,6 +17,7 @@ per byte on 512 windows spread evenly over the held-out modules.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -95,6 +96,8 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     engine_options = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
     learner_options = {name: options.pop(name) for name in _LEARNER_OPTIONS if name in options}
     learner_options.update(options.pop("learner", {}))
+    # LearnerConfig fields that have no deprecated keyword (e.g. exact_from).
+    learner_fields = options.pop("learner_config", {})
     if options:
         raise ValueError(f"unknown GBLR options for T2: {sorted(options)}")
     torch.manual_seed(seed)
@@ -115,7 +118,9 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
             lr=LR,
             warmup_steps=steps // 10,
             budget=budget,
-            learner=config_from_options(learner_options),
+            learner=dataclasses.replace(
+                config_from_options(learner_options), **learner_fields
+            ),
             out_dir=folder,
             seed=seed,
             progress=False,

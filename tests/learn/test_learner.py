@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -353,3 +354,48 @@ def test_planted_blocks_cost_matches_the_exact_gblr_representation():
 def test_recovery_run_refuses_a_bad_lr_decay(lr_decay, error):
     with pytest.raises(error, match="lr_decay"):
         recovery_run(0, lr_decay=lr_decay)
+
+
+def test_exact_from_ends_the_schedule_on_exact_masks():
+    """σ follows its schedule up to ``exact_from * total_steps`` and is inf from there, so
+    the last steps train the masks that evaluation uses (eval mode: exact boxcars)."""
+    model = two_layer_model()
+    config = gblr.LearnerConfig(sigma=(1.0, 100.0), exact_from=0.8)
+    learner = gblr.StructureLearner(
+        model, config, budget=0.5, total_steps=50, sigma_start_step=10
+    )
+    values = [learner.sigma_at(step) for step in range(60)]
+    assert values[10] == 1.0 and values[39] < 100.0
+    assert all(a < b for a, b in zip(values[10:40], values[11:40]))
+    assert values[40:] == [math.inf] * 20
+    assert values[39] == pytest.approx(100.0 ** (29 / 30))  # geometric over steps 10..40
+    learner.step_count = 39
+    learner.step()  # step 40: the layers switch to exact masks
+    layer = model[0]
+    assert float(layer.sigma) == math.inf and learner.summary()["sigma"] == math.inf
+    x = torch.randn(3, layer.in_features)
+    training = layer(x)
+    layer.eval()
+    assert torch.allclose(training, layer(x), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (0.0, ValueError, r"exact_from must be in \(0, 1\] or None, got 0.0"),
+        (1.5, ValueError, r"exact_from must be in \(0, 1\] or None, got 1.5"),
+        (True, TypeError, r"exact_from must be a number in \(0, 1\] or None, got True"),
+        ("0.9", TypeError, r"exact_from must be a number"),
+    ],
+)
+def test_exact_from_refuses_bad_values(value, error, match):
+    with pytest.raises(error, match=match):
+        gblr.LearnerConfig(exact_from=value)
+
+
+def test_exact_from_needs_a_sigma_schedule_and_round_trips():
+    with pytest.raises(ValueError, match=r"exact_from=0.9 needs a σ schedule, but sigma is None"):
+        gblr.LearnerConfig(sigma=None, exact_from=0.9)
+    config = gblr.LearnerConfig(exact_from=1)
+    assert config.exact_from == 1.0 and isinstance(config.exact_from, float)
+    assert gblr.LearnerConfig.from_dict(config.to_dict()) == config

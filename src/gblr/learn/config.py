@@ -295,6 +295,13 @@ class LearnerConfig(_Config):
         untangle: untangle passes ([`UntangleConfig`][gblr.learn.config.UntangleConfig]).
         refine: refine passes ([`RefineConfig`][gblr.learn.config.RefineConfig]).
         pass_every: steps between merge, untangle and refine passes, an int >= 1.
+        exact_from: the fraction of the learner's ``total_steps``, in (0, 1], from which
+            the masks are exact boxcars (σ = inf), the masks that evaluation and the
+            frozen form use; the σ schedule then runs from ``sigma_start_step`` to that
+            step. ``None``: σ follows the schedule to the last step, so training ends
+            on smoothed masks (with σ = 100 a one-line interval of a 512-wide layer
+            still blurs over its neighbours) while evaluation uses exact ones. Needs a
+            σ schedule (``sigma`` not ``None``).
 
     Examples:
         >>> import torch, gblr
@@ -318,6 +325,7 @@ class LearnerConfig(_Config):
     untangle: UntangleConfig | None = None
     refine: RefineConfig | None = None
     pass_every: int = 10
+    exact_from: float | None = None
 
     # The optional passes: field name -> its config class.
     PASS_CONFIGS: ClassVar[dict[str, type[_Config]]] = {
@@ -343,6 +351,18 @@ class LearnerConfig(_Config):
                     f"{name} must be a gblr.{cls.__name__} or None (off), got {value!r}"
                 )
         check_int("pass_every", self.pass_every, 1)
+        if self.exact_from is not None:
+            value = self.exact_from
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"exact_from must be a number in (0, 1] or None, got {value!r}")
+            if not 0 < value <= 1:
+                raise ValueError(f"exact_from must be in (0, 1] or None, got {value!r}")
+            if self.sigma is None:
+                raise ValueError(
+                    f"exact_from={value!r} needs a σ schedule, but sigma is None (the "
+                    "layers' σ left alone); give sigma=(start, end) or leave exact_from None"
+                )
+            self._set("exact_from", float(value))
 
     @classmethod
     def paper(cls) -> LearnerConfig:

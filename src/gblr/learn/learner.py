@@ -340,9 +340,14 @@ class StructureLearner:
         if self.sigma_range is None:
             return None
         start, end = self.sigma_range
+        last = self.total_steps
+        if self.config.exact_from is not None:
+            last = max(1, round(self.config.exact_from * self.total_steps))
+            if step >= last:
+                return math.inf
         if start == end:  # also σ = inf, where the schedules' arithmetic gives NaN
             return start
-        span = max(1, self.total_steps - self.sigma_start_step)
+        span = max(1, last - self.sigma_start_step)
         progress = min(1.0, max(0.0, (step - self.sigma_start_step) / span))
         if self.config.sigma_schedule == "constant":
             return start
