@@ -361,18 +361,37 @@ def test_exact_from_ends_the_schedule_on_exact_masks():
     the last steps train the masks that evaluation uses (eval mode: exact boxcars)."""
     model = two_layer_model()
     config = gblr.LearnerConfig(sigma=(1.0, 100.0), exact_from=0.8)
-    learner = gblr.StructureLearner(
-        model, config, budget=0.5, total_steps=50, sigma_start_step=10
-    )
+    learner = gblr.StructureLearner(model, config, budget=0.5, total_steps=50, sigma_start_step=10)
     values = [learner.sigma_at(step) for step in range(60)]
     assert values[10] == 1.0 and values[39] < 100.0
     assert all(a < b for a, b in zip(values[10:40], values[11:40]))
     assert values[40:] == [math.inf] * 20
     assert values[39] == pytest.approx(100.0 ** (29 / 30))  # geometric over steps 10..40
-    learner.step_count = 39
-    learner.step()  # step 40: the layers switch to exact masks
     layer = model[0]
+    assert layer.widths.requires_grad and not learner.exact_phase()
+    # Built before the switch, as a training loop builds it: it holds the structure too.
+    optimizer = torch.optim.Adam(gblr.param_groups(model, lr=1e-2))
+    learner.step_count = 39
+    learner.step()  # step 40: exact masks and a fixed structure
+    assert learner.exact_phase()
     assert float(layer.sigma) == math.inf and learner.summary()["sigma"] == math.inf
+    assert not layer.widths.requires_grad and not layer.locations.requires_grad
+    assert layer.U.requires_grad
+    # The optimizer now trains the factors only.
+    widths, locations, factors = (
+        t.detach().clone() for t in (layer.widths, layer.locations, layer.U)
+    )
+    model.train()
+    model(torch.randn(4, 32)).pow(2).mean().backward()
+    optimizer.step()
+    assert torch.equal(layer.widths, widths) and torch.equal(layer.locations, locations)
+    assert not torch.equal(layer.U, factors)
+    # A learner restored in the final phase fixes the structure of the model it is given.
+    fresh = two_layer_model()
+    restored = gblr.StructureLearner(fresh, config, budget=0.5, total_steps=50)
+    assert fresh[0].widths.requires_grad
+    restored.load_state_dict(learner.state_dict())
+    assert not fresh[0].widths.requires_grad and float(fresh[0].sigma) == math.inf
     x = torch.randn(3, layer.in_features)
     training = layer(x)
     layer.eval()

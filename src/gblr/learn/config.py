@@ -297,11 +297,14 @@ class LearnerConfig(_Config):
         pass_every: steps between merge, untangle and refine passes, an int >= 1.
         exact_from: the fraction of the learner's ``total_steps``, in (0, 1], from which
             the masks are exact boxcars (σ = inf), the masks that evaluation and the
-            frozen form use; the σ schedule then runs from ``sigma_start_step`` to that
-            step. ``None``: σ follows the schedule to the last step, so training ends
-            on smoothed masks (with σ = 100 a one-line interval of a 512-wide layer
-            still blurs over its neighbours) while evaluation uses exact ones. Needs a
-            σ schedule (``sigma`` not ``None``).
+            frozen form use, and the structure is fixed (widths and locations stop
+            requiring gradients, so optimizers skip them): the last steps train the
+            factors of the structure that will be deployed. The σ schedule then runs
+            from ``sigma_start_step`` to that step. ``None``: σ follows the schedule to
+            the last step and the structure moves to the end, so training ends on
+            smoothed masks (with σ = 100 a one-line interval of a 512-wide layer still
+            blurs over its neighbours) while evaluation uses exact ones. Needs a σ
+            schedule (``sigma`` not ``None``).
 
     Examples:
         >>> import torch, gblr

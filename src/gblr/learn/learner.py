@@ -343,7 +343,7 @@ class StructureLearner:
         last = self.total_steps
         if self.config.exact_from is not None:
             last = max(1, round(self.config.exact_from * self.total_steps))
-            if step >= last:
+            if self.exact_phase(step):
                 return math.inf
         if start == end:  # also σ = inf, where the schedules' arithmetic gives NaN
             return start
@@ -378,12 +378,28 @@ class StructureLearner:
                 return float(group["lr"])
         raise ValueError("the optimizer given to StructureLearner does not hold the GBLR widths")
 
+    def exact_phase(self, step: int | None = None) -> bool:
+        """Whether ``step`` (default: the steps taken) is in the final phase of
+        ``config.exact_from``: exact masks and a fixed structure."""
+        exact_from = self.config.exact_from
+        if exact_from is None:
+            return False
+        step = self.step_count if step is None else step
+        return step >= max(1, round(exact_from * self.total_steps))
+
     def _apply_sigma(self) -> None:
         sigma = self.sigma_at(self.step_count)
         if sigma is None:
             return
         for layer in self.layers:
             layer.sigma.fill_(sigma)
+        # The final phase trains the factors of the structure that evaluation and the
+        # frozen form use: widths and locations stop (no gradient, so optimizers skip
+        # them); with exact masks every move of theirs would be a discrete jump.
+        if self.exact_phase():
+            for layer in self.layers:
+                layer.widths.requires_grad_(False)
+                layer.locations.requires_grad_(False)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
