@@ -354,7 +354,9 @@ def compress(args: argparse.Namespace) -> int:
     With data, --text FILE for a text model (one sentence or paragraph per line) or
     --images DIR for an image model (one sub-folder per class, or a flat folder of images,
     preprocessed with the model's timm data config), every tenth line or image is held
-    out: the conversion is calibrated on the rest, the model is recovered by --steps of
+    out: the conversion is calibrated on the rest (unless a layer it converts is a
+    convolution, e.g. a ViT's patch embedding under gblr: the report says), the model is
+    recovered by --steps of
     distillation to the original (--steps 0: none; an image model's logits are matched),
     and its quality against the original (output cosine, nearest-neighbour agreement, an
     image classifier's top-1 agreement) is measured before and after; if distillation

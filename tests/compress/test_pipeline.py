@@ -165,3 +165,19 @@ def test_compress_minilm_end_to_end(text_file, tmp_path):
     expected = result.model.encode(LINES[:4], convert_to_tensor=True)
     got = reloaded.encode(LINES[:4], convert_to_tensor=True)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_structure_without_calibration_is_converted_to_the_weights(tiny_bert, text_file):
+    """Monarch takes no calibration inputs: the pipeline converts to the weights, as
+    gblr.convert does without data, and says why."""
+    config = gblr.MonarchConfig(budget=0.5)
+    result = compress_pretrained(str(tiny_bert), config, text=text_file, progress=False)
+    assert not result.conversion.calibrated
+    assert "calibration is supported by structure" in result.uncalibrated
+    assert "Not calibrated (fitted to the weights)" in result.markdown()
+    expected = transformers.AutoModel.from_pretrained(tiny_bert).eval()
+    gblr.convert(expected, config, progress=False)
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 102]])}
+    with torch.no_grad():
+        got = result.model(**batch).last_hidden_state
+        assert torch.allclose(got, expected(**batch).last_hidden_state, atol=1e-5)

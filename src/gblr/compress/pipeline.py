@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..files import save_atomically
 from ..learn.factors import check_int
 from .configs import ConversionConfig, FamilyConfig
-from .convert import ConversionReport, convert
+from .convert import ConversionReport, convert, select_layers
 from .distill import DistillConfig, DistillResult, distill
 
 __all__ = [
@@ -62,6 +62,7 @@ HELD_OUT_EVERY = 10  # every tenth line (image) of the data is held out for the 
 #: The file name endings read as images (those of torchvision's ``ImageFolder``).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TIMM_PREFIX = "timm:"
+CALIBRATION_BATCHES = 8  # the first batches of the training data calibrate the conversion
 
 
 T = TypeVar("T")
@@ -496,6 +497,10 @@ class CompressionResult:
             ``path``, ``train`` and ``test`` counts, and for images ``classes`` (the
             number of class sub-folders, 0 for a flat folder) and ``outputs`` (what was
             compared and distilled: ``"logits"`` or ``"features"``); empty without data.
+        uncalibrated: why the conversion was not calibrated although there was data and
+            ``calibrate=True`` (a layer to convert is a convolution, or the structure does
+            not support calibration); ``""`` otherwise. Whether it was calibrated is
+            ``conversion.calibrated``.
     """
 
     model: nn.Module
@@ -511,6 +516,7 @@ class CompressionResult:
     model_kind: str = "text"
     library: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    uncalibrated: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: everything but the model."""
@@ -527,6 +533,7 @@ class CompressionResult:
             "model": {"kind": self.model_kind, "library": self.library},
             "data": self.data,
             "conversion": self.conversion.to_dict(),
+            "uncalibrated": self.uncalibrated or None,
             "texts": self.texts,
             "quality_before": self.quality_before,
             "quality_after": self.quality_after,
@@ -551,6 +558,10 @@ class CompressionResult:
             f"converted layers ({report.ratio:.3f}).",
             "",
         ]
+        if report.calibrated:
+            lines += ["Calibrated: fitted to the layers' outputs on the training data.", ""]
+        elif self.uncalibrated:
+            lines += [f"Not calibrated (fitted to the weights): {self.uncalibrated}.", ""]
         if self.quality_before:
             image = self.model_kind == "image"
             held = f"{self.data.get('test', 0)} held-out {'images' if image else 'lines'}"
@@ -624,9 +635,13 @@ def compress_pretrained(
         overwrite: replace another model's files in ``out``.
         batch_size: inputs per batch for calibration, distillation and quality.
         max_length: tokens per line (text).
-        calibrate: fit the conversion to the layers' outputs on the training data
-            (families that support it), not only to their weights; not done for an
-            image model with convolutions (calibration fits Linear layers only).
+        calibrate: fit the conversion to the layers' outputs on the first
+            ``8 * batch_size`` training inputs, not only to their weights, where
+            [`gblr.convert`][] takes calibration: not when a layer it would replace is a
+            convolution (calibration fits Linear and Conv1D layers only: a CNN, or a
+            ViT's patch embedding under GBLR; a baseline family skips convolutions) nor
+            for a structure without calibration; then the conversion is fitted to the
+            weights and ``uncalibrated`` in the result says why.
         random_weights: ``timm:<name>`` sources only: random weights, nothing downloaded.
         progress: conversion progress bar (default: when standard error is a terminal).
 
@@ -720,12 +735,18 @@ def compress_pretrained(
             return _ImageBatches(files, loaded.transform, batch_size)
 
     reference = outputs(teacher) if teacher is not None else None
-    # calibration fits Linear layers only: an image model with convolutions (a CNN, a
-    # ViT's patch embedding) is converted to its weights (the report says calibrated)
-    convolutional = any(isinstance(m, nn.Conv2d) for m in loaded.encoder.modules())
     calibration = None
-    if has_data and calibrate and not (pictures is not None and convolutional):
-        calibration = train_batches(8)
+    uncalibrated = ""
+    if has_data and calibrate:
+        # convert's own rule: not when a layer it replaces is a convolution (a CNN's, a
+        # ViT's patch embedding under GBLR: calibration fits Linear and Conv1D layers
+        # only) nor for a structure without calibration; then convert to the weights
+        # (the report says why)
+        refusal = select_layers(loaded.encoder, config).calibration_refusal
+        if refusal is None:
+            calibration = train_batches(CALIBRATION_BATCHES)
+        else:
+            uncalibrated = refusal
     start = time.perf_counter()
     # a sentence-transformer is converted through its transformer (its other modules pool
     # and normalise), which the calibration batches (token ids) feed
@@ -744,6 +765,7 @@ def compress_pretrained(
         model_kind=loaded.kind,
         library=loaded.library,
         data=data,
+        uncalibrated=uncalibrated,
     )
     if has_data:
         if texts is not None:
