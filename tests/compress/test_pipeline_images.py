@@ -214,6 +214,8 @@ def test_compress_refuses_mixed_or_mismatched_data_and_stray_random_weights(
     (bert / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="text model: give text="):
         compress_pretrained(str(bert), images=digit_folder)
+    with pytest.raises(ValueError, match=r"timm image model: give images=.*datasets of images"):
+        compress_pretrained(str(vit_folder), dataset=text)  # refused before it is read
     with pytest.raises(ValueError, match="random_weights=True is for 'timm:<name>'"):
         compress_pretrained(str(vit_folder), random_weights=True)
     with pytest.raises(ValueError, match="cannot create timm model 'no_such_model'"):
