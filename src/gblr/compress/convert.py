@@ -813,9 +813,10 @@ class LayerSelection:
         skipped: ``(name, reason)`` of the other matched layers, left dense: too small, a
             convolution the structure cannot convert, or a Linear child of a torch module
             that reads its weight (``nn.MultiheadAttention``).
-        aliases: every name of each selected or skipped module, by ``id(module)``.
-        targets: the layers that would be replaced (selected layers tied to one weight
-            grouped as one); empty for ``structure="dense"``, which replaces nothing.
+        aliases: every name of each convertible module, by ``id(module)``.
+        targets: the layers that would be replaced, each with its ``name``, ``kind``,
+            ``modules`` and ``names`` (selected modules tied to one weight are one
+            target); empty for ``structure="dense"``, which replaces nothing.
         tied: ``(name, reason)`` of the selected layers that stay dense because they are
             tied to weights that stay (empty for ``"dense"``).
     """
