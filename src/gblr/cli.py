@@ -351,10 +351,15 @@ def compress(args: argparse.Namespace) -> int:
     format or written by gblr.save_pretrained, or timm:NAME (pretrained weights through
     timm, which needs the network or the cache; --random-weights: random ones). Its layers
     become --structure at --budget of their MACs (global allocation, as gblr.convert).
-    With data, --text FILE for a text model (one sentence or paragraph per line) or
-    --images DIR for an image model (one sub-folder per class, or a flat folder of images,
-    preprocessed with the model's timm data config), every tenth line or image is held
-    out: the conversion is calibrated on the rest, the model is recovered by --steps of
+    With data, --text FILE for a text model (one sentence or paragraph per line), or
+    --dataset for a text model: a Hugging Face datasets dataset (a save_to_disk folder, a
+    .csv/.json/.jsonl/.parquet/.txt file, or a Hub name where the network allows), whose
+    rows of --dataset-column (default "text", or its only string column) of
+    --dataset-split (default "train") are the lines, or --images DIR for an image model
+    (one sub-folder per class, or a flat folder of images, preprocessed with the model's
+    timm data config), every tenth line or image is held out: the conversion is
+    calibrated on the rest (unless a layer it converts is a convolution, e.g. a ViT's
+    patch embedding under gblr: the report says), the model is recovered by --steps of
     distillation to the original (--steps 0: none; an image model's logits are matched),
     and its quality against the original (output cosine, nearest-neighbour agreement, an
     image classifier's top-1 agreement) is measured before and after; if distillation
@@ -371,13 +376,16 @@ def compress(args: argparse.Namespace) -> int:
         fields["include"] = args.include
     config = config_from_dict(fields)
     distillation = None
-    if (args.text is not None or args.images is not None) and args.steps > 0:
+    if any(x is not None for x in (args.text, args.images, args.dataset)) and args.steps > 0:
         distillation = DistillConfig(steps=args.steps, lr=args.lr)
     result = compress_pretrained(
         args.model,
         config,
         text=args.text,
         images=args.images,
+        dataset=args.dataset,
+        dataset_column=args.dataset_column,
+        dataset_split=args.dataset_split,
         random_weights=args.random_weights,
         distillation=distillation,
         out=args.out,
@@ -702,6 +710,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--images", help="folder of images, flat or one sub-folder per class (image models)"
     )
+    data.add_argument(
+        "--dataset",
+        help="Hugging Face datasets dataset: save_to_disk folder, .csv/.json/.jsonl/.parquet/"
+        ".txt file or Hub name (text models)",
+    )
+    compress_parser.add_argument(
+        "--dataset-column", help="the text column of --dataset (default: text, or the only one)"
+    )
+    compress_parser.add_argument(
+        "--dataset-split", help="the split of --dataset (default: train, when it has splits)"
+    )
     compress_parser.add_argument(
         "--random-weights",
         action="store_true",
@@ -711,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=150,
-        help="distillation steps with --text or --images (default 150)",
+        help="distillation steps with --text, --dataset or --images (default 150)",
     )
     compress_parser.add_argument(
         "--lr", type=float, default=3e-4, help="distillation learning rate (default 3e-4)"

@@ -357,3 +357,55 @@ def test_keep_dense_false_structures_every_layer_and_a_run_restores_kept_layers(
     x = torch.randn(3, 64)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), searched(x))
+
+
+def test_select_layers_names_what_convert_replaces_and_why_calibration_is_refused():
+    """One hand-built model: a convolution (GBLR converts it, a family skips it), a
+    grouped one (always skipped), torch attention (its projection stays), a small layer,
+    two layers tied to one weight and an excluded layer; written out here, then checked
+    against what convert does."""
+    from gblr.compress.convert import select_layers
+
+    tied = nn.Linear(32, 32)
+    twin = nn.Linear(32, 32)
+    twin.weight, twin.bias = tied.weight, tied.bias
+    model = nn.ModuleDict(
+        {
+            "conv": nn.Conv2d(3, 32, 4, stride=4),
+            "grouped": nn.Conv2d(32, 32, 1, groups=4),
+            "attn": nn.MultiheadAttention(32, 2),
+            "small": nn.Linear(32, 4),
+            "a": tied,
+            "b": twin,
+            "head": nn.Linear(32, 32),
+        }
+    )
+    config = GBLRConfig(budget=0.5, exclude="head")
+    selection = select_layers(model, config)
+    assert [name for name, _, _ in selection.selected] == ["conv", "a", "b"]
+    skipped = dict(selection.skipped)
+    assert list(skipped) == ["grouped", "attn.out_proj", "small"]
+    assert "groups=4" in skipped["grouped"] and "MultiheadAttention" in skipped["attn.out_proj"]
+    assert [(t.name, t.kind, t.names) for t in selection.targets] == [
+        ("conv", "Conv2d", ["conv"]),
+        ("a", "Linear", ["a", "b"]),
+    ]
+    assert selection.convolutions == ["conv"]
+    assert "exclude the convolutions ['conv']" in selection.calibration_refusal
+    with pytest.raises(ValueError, match=re.escape(selection.calibration_refusal)):
+        gblr.convert(model, config, calibration=[torch.randn(1, 3, 8, 8)], progress=False)
+
+    family = select_layers(model, LowRankConfig(budget=0.5, exclude="head"))
+    assert family.convolutions == [] and family.calibration_refusal is None
+    assert "Linear layers only" in dict(family.skipped)["conv"]
+    assert "calibration is supported by" in select_layers(model, "monarch").calibration_refusal
+    dense = select_layers(model, "dense")
+    assert dense.targets == [] and [n for n, _, _ in dense.selected] == ["conv", "a", "b", "head"]
+
+    report = gblr.convert(model, config, progress=False)
+    assert [layer.name for layer in report.layers] == ["conv", "a"]
+    assert report.skipped == selection.skipped
+    with pytest.raises(ValueError, match="pattern 'nope' matches no convertible layer"):
+        select_layers(model, GBLRConfig(include="nope"))
+    with pytest.raises(TypeError, match="config must be a conversion config"):
+        select_layers(model, 3)

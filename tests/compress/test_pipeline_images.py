@@ -101,6 +101,9 @@ def test_compress_recovers_a_vit_and_saves_a_folder_that_reloads_equal(
     # lr 1e-3 (0.990 at 3e-3, 0.983 at 1e-2); top-1 agreement 0.0 -> 1.0
     assert result.kept == "distilled"
     assert result.quality_after["cosine"] > result.quality_before["cosine"] + 0.1
+    # GBLR converts the patch embedding, a convolution: converted without calibration
+    assert not result.conversion.calibrated
+    assert "patch_embed.proj" in result.uncalibrated
 
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == {"kind": "image", "library": "timm"}
@@ -119,8 +122,11 @@ def test_compress_recovers_a_vit_and_saves_a_folder_that_reloads_equal(
         assert -1.0 <= quality["cosine"] <= 1.0 + 1e-6
         assert 0.0 <= quality["neighbour_agreement"] <= 1.0
         assert 0.0 <= quality["top1_agreement"] <= 1.0
+    assert not report["conversion"]["calibrated"]
+    assert "patch_embed.proj" in report["uncalibrated"]
     markdown = (out / "report.md").read_text()
     assert "image model (timm)" in markdown and "6 held-out images" in markdown
+    assert "Not calibrated (fitted to the weights): " in markdown
 
     reloaded = gblr.from_pretrained(out)
     assert any(type(m).__module__.startswith("gblr") for m in reloaded.modules())
@@ -153,6 +159,34 @@ def test_compress_command_reports_quality_against_an_independent_computation(
     assert report["quality_before"]["top1_agreement"] == pytest.approx(float(top1))
 
 
+def test_a_vit_whose_converted_layers_are_all_linear_is_calibrated(vit_folder, digit_folder):
+    """A baseline family skips the patch embedding (a convolution), so every layer it
+    converts is Linear and the conversion is calibrated: on the first training images,
+    exactly as gblr.convert calibrates the same ViT here."""
+    config = gblr.LowRankConfig(budget=0.5)
+    result = compress_pretrained(
+        str(vit_folder), config, images=digit_folder, batch_size=16, progress=False
+    )
+    assert result.conversion.calibrated and result.uncalibrated == ""
+    assert "Calibrated: fitted to the layers' outputs" in result.markdown()
+    assert any(name == "patch_embed.proj" for name, _ in result.conversion.skipped)
+
+    transform = load_image_model(str(vit_folder)).transform
+    train = read_images(digit_folder).train  # 54 images: 4 batches of 16, all 8 asked for
+    batches = [
+        torch.stack([transform(Image.open(f).convert("RGB")) for f in train[i : i + 16]])
+        for i in range(0, len(train), 16)
+    ]
+    expected, uncalibrated = _tiny_vit(), _tiny_vit()
+    gblr.convert(expected, config, calibration=batches, progress=False)
+    gblr.convert(uncalibrated, config, progress=False)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got = result.model(images)
+        assert torch.allclose(got, expected(images), atol=1e-5)
+        assert not torch.allclose(got, uncalibrated(images), atol=1e-3)
+
+
 def test_compress_loads_timm_own_folder_format(tmp_path):
     folder = tmp_path / "timm-format"
     timm.models.save_for_hf(_tiny_vit(), folder, model_args=VIT_ARGS)
@@ -180,6 +214,8 @@ def test_compress_refuses_mixed_or_mismatched_data_and_stray_random_weights(
     (bert / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="text model: give text="):
         compress_pretrained(str(bert), images=digit_folder)
+    with pytest.raises(ValueError, match=r"timm image model: give images=.*datasets of images"):
+        compress_pretrained(str(vit_folder), dataset=text)  # refused before it is read
     with pytest.raises(ValueError, match="random_weights=True is for 'timm:<name>'"):
         compress_pretrained(str(vit_folder), random_weights=True)
     with pytest.raises(ValueError, match="cannot create timm model 'no_such_model'"):

@@ -63,8 +63,10 @@ from .unload import REPLACED_ATTRIBUTE
 __all__ = [
     "ConversionReport",
     "LayerConversion",
+    "LayerSelection",
     "convert",
     "register_structure",
+    "select_layers",
     "structures",
 ]
 
@@ -613,15 +615,21 @@ def _check_call(config: ConversionConfig, progress: object, calibration: object)
     if calibration is None:
         return
     check_calibration(calibration)
+    refusal = _config_calibration_refusal(config)
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
+def _config_calibration_refusal(config: ConversionConfig) -> str | None:
+    """Why ``config`` cannot be fitted to calibration inputs (its structure, or its
+    options), or ``None``."""
     spec = _registered().get(config.structure)
     if spec is None or not spec.supports_calibration:
         supported = [name for name, item in _registered().items() if item.supports_calibration]
-        raise ValueError(
+        return (
             f"calibration is supported by structure {supported}, got structure={config.structure!r}"
         )
-    refusal = config._calibration_refusal()
-    if refusal is not None:
-        raise ValueError(refusal)
+    return config._calibration_refusal()
 
 
 def _check_patterns_match(name: str, patterns: list[str] | None, names: list[str]) -> None:
@@ -790,6 +798,141 @@ def _tie_groups(
     return targets, skipped
 
 
+@dataclass
+class LayerSelection:
+    """The layers [`gblr.convert`][] picks in a model under a config
+    ([`select_layers`][gblr.compress.convert.select_layers]).
+
+    Attributes:
+        config: the config (``GBLRConfig()`` for ``None``, a structure name's defaults).
+        selected: ``(name, module, kind)`` of every layer the config selects: a
+            convertible layer (``kind``: ``"Linear"``, ``"Conv2d"`` or ``"Conv1D"``)
+            matched by ``include`` and not by ``exclude`` (by any of its names), that the
+            structure can convert and that is large enough (``min_features``); a module
+            registered under several names appears once, under its first.
+        skipped: ``(name, reason)`` of the other matched layers, left dense: too small, a
+            convolution the structure cannot convert, or a Linear child of a torch module
+            that reads its weight (``nn.MultiheadAttention``).
+        aliases: every name of each convertible module, by ``id(module)``.
+        targets: the layers that would be replaced, each with its ``name``, ``kind``,
+            ``modules`` and ``names`` (selected modules tied to one weight are one
+            target); empty for ``structure="dense"``, which replaces nothing.
+        tied: ``(name, reason)`` of the selected layers that stay dense because they are
+            tied to weights that stay (empty for ``"dense"``).
+    """
+
+    config: ConversionConfig
+    selected: list[tuple[str, nn.Module, str]]
+    skipped: list[tuple[str, str]]
+    aliases: dict[int, list[str]]
+    targets: list[_Target] = field(default_factory=list)
+    tied: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def convolutions(self) -> list[str]:
+        """The names of the ``Conv2d`` layers that would be replaced: calibration
+        (``convert(..., calibration=...)``) is refused while there are any."""
+        return [target.name for target in self.targets if target.kind == "Conv2d"]
+
+    @property
+    def calibration_refusal(self) -> str | None:
+        """Why ``convert(model, config, calibration=...)`` would refuse calibration
+        inputs (the structure or its options do not support it, or a layer to replace is
+        a convolution), or ``None`` when it takes them."""
+        refusal = _config_calibration_refusal(self.config)
+        if refusal is None and self.convolutions:
+            refusal = (
+                "calibration fits Linear and Conv1D layers only; exclude the convolutions "
+                f"{self.convolutions[:5]} or convert them without calibration"
+            )
+        return refusal
+
+
+def select_layers(model: nn.Module, config: ConversionConfig | str | None = None) -> LayerSelection:
+    """The layers [`gblr.convert`][] would replace in ``model`` under ``config``, and
+    those it would leave dense with the reason, without changing anything: the selection
+    ``convert`` itself makes (``include``, ``exclude``, ``min_features``, what the
+    structure converts, tied weights), before weights are checked and the budget spread.
+
+    Args:
+        model: any ``nn.Module`` (not itself a layer, as for ``convert``).
+        config: as for [`gblr.convert`][]: a [`gblr.ConversionConfig`][], a structure
+            name or ``None`` (``GBLRConfig()``).
+
+    Returns:
+        A [`LayerSelection`][gblr.compress.convert.LayerSelection].
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``config`` is not a config, a
+            structure name or ``None``.
+        ValueError: ``model`` is itself a layer, or an ``include`` or ``exclude`` pattern
+            matches no convertible layer (the layers are listed).
+
+    Examples:
+        >>> import torch, gblr
+        >>> from gblr.compress.convert import select_layers
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 4, stride=4), torch.nn.Flatten(),
+        ...                             torch.nn.Linear(32, 32), torch.nn.Linear(32, 4))
+        >>> selection = select_layers(model, gblr.GBLRConfig())
+        >>> [name for name, _, _ in selection.selected], selection.convolutions
+        (['0', '2'], ['0'])
+        >>> select_layers(model, gblr.LowRankConfig()).convolutions  # families skip convs
+        []
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, ConversionConfig):
+        config = _config_argument(config, (), {})
+    include_patterns = _as_patterns("include", config.include)
+    exclude_patterns = _as_patterns("exclude", config.exclude)
+    spec = _registered().get(config.structure)  # None: "dense", nothing is replaced
+
+    conv1d = _conv1d_type()
+    if (kind := convertible_kind(model, conv1d)) is not None:
+        raise ValueError(
+            f"model is itself a {kind} layer ({type(model).__name__}); convert replaces a "
+            "model's layers in place and cannot replace the object you hold: convert "
+            "nn.Sequential(model) and use its [0]"
+        )
+    aliases: dict[int, list[str]] = {}
+    candidates = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if (kind := convertible_kind(module, conv1d)) is None:
+            continue
+        if id(module) in aliases:
+            aliases[id(module)].append(name)
+        else:
+            aliases[id(module)] = [name]
+            candidates.append((name, module, kind))
+    names = [alias for _, module, _ in candidates for alias in aliases[id(module)]]
+    _check_patterns_match("include", include_patterns, names)
+    _check_patterns_match("exclude", exclude_patterns, names)
+
+    selection = LayerSelection(config, [], [], aliases)
+    supports_conv2d = spec is None or spec.supports_conv2d
+    for name, module, kind in candidates:
+        # A shared module is one layer: selected by any of its names, excluded by any.
+        module_names = aliases[id(module)]
+        if include_patterns and not any(
+            fnmatch.fnmatchcase(alias, p) for alias in module_names for p in include_patterns
+        ):
+            continue
+        if exclude_patterns and any(
+            fnmatch.fnmatchcase(alias, p) for alias in module_names for p in exclude_patterns
+        ):
+            continue
+        reason = _skip_reason(module, kind, config.min_features, supports_conv2d)
+        if reason is None:
+            reason = _parent_reason(model, module_names)
+        if reason is not None:
+            selection.skipped.append((name, reason))
+            continue
+        selection.selected.append((name, module, kind))
+    if spec is not None:
+        selection.targets, selection.tied = _tie_groups(model, selection.selected, aliases)
+    return selection
+
+
 # --------------------------------------------------------------------------- convert
 def convert(
     model: nn.Module,
@@ -908,32 +1051,8 @@ def convert(
     structure, budget, allocation = config.structure, config.budget, config.allocation
     # The allocation's unit of rank (GBLR's rank per component; 1 without one).
     rank_per_component = getattr(config, "rank_per_component", 1)
-    min_features = config.min_features
-    include_patterns = _as_patterns("include", config.include)
-    exclude_patterns = _as_patterns("exclude", config.exclude)
     spec = _registered().get(structure)  # None: "dense", nothing is replaced
-
-    conv1d = _conv1d_type()
-    if (kind := convertible_kind(model, conv1d)) is not None:
-        raise ValueError(
-            f"model is itself a {kind} layer ({type(model).__name__}); convert replaces a "
-            "model's layers in place and cannot replace the object you hold: convert "
-            "nn.Sequential(model) and use its [0]"
-        )
-    aliases: dict[int, list[str]] = {}
-    candidates = []
-    for name, module in model.named_modules(remove_duplicate=False):
-        if (kind := convertible_kind(module, conv1d)) is None:
-            continue
-        if id(module) in aliases:
-            aliases[id(module)].append(name)
-        else:
-            aliases[id(module)] = [name]
-            candidates.append((name, module, kind))
-    names = [alias for _, module, _ in candidates for alias in aliases[id(module)]]
-    _check_patterns_match("include", include_patterns, names)
-    _check_patterns_match("exclude", exclude_patterns, names)
-
+    selection = select_layers(model, config)
     report = ConversionReport(
         structure,
         getattr(config, "init", None),
@@ -942,28 +1061,9 @@ def convert(
         calibrated=calibration is not None,
         config=config,
     )
-    selected = []
-    for name, module, kind in candidates:
-        # A shared module is one layer: selected by any of its names, excluded by any.
-        module_names = aliases[id(module)]
-        if include_patterns and not any(
-            fnmatch.fnmatchcase(alias, p) for alias in module_names for p in include_patterns
-        ):
-            continue
-        if exclude_patterns and any(
-            fnmatch.fnmatchcase(alias, p) for alias in module_names for p in exclude_patterns
-        ):
-            continue
-        reason = _skip_reason(module, kind, min_features, spec is None or spec.supports_conv2d)
-        if reason is None:
-            reason = _parent_reason(model, module_names)
-        if reason is not None:
-            report.skipped.append((name, reason))
-            continue
-        selected.append((name, module, kind))
-
+    report.skipped += selection.skipped
     if spec is None:  # the baseline of baselines: report the layers, change nothing
-        for name, module, kind in selected:
+        for name, module, kind in selection.selected:
             out_features, in_features = _matrix(module, kind).shape
             macs = out_features * in_features
             report.layers.append(
@@ -971,7 +1071,7 @@ def convert(
             )
         return report
 
-    targets, tied = _tie_groups(model, selected, aliases)
+    targets, tied = selection.targets, selection.tied
     report.skipped += tied
     if tied:
         warnings.warn(
@@ -993,12 +1093,8 @@ def convert(
     shapes = [tuple(matrix.shape) for matrix in matrices]
     whitenings: list[Tensor | None] = [None] * len(targets)
     if calibration is not None and targets:
-        convs = [target.name for target in targets if target.kind == "Conv2d"]
-        if convs:
-            raise ValueError(
-                f"calibration fits Linear and Conv1D layers only; exclude the convolutions "
-                f"{convs[:5]} or convert them without calibration"
-            )
+        if selection.convolutions:
+            raise ValueError(selection.calibration_refusal)
         moments = input_second_moments(
             model, {target.name: target.modules for target in targets}, calibration
         )

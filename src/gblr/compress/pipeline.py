@@ -6,7 +6,8 @@ package that ships one, or a Hugging Face Hub name where the network allows) or 
 model (timm: a local folder in timm's own format or written by [`gblr.save_pretrained`][],
 or ``timm:<name>``), convert its layers to a structure at a MACs budget
 ([`gblr.convert`][]), optionally recover it by distillation to the original on the lines
-of a text file or the images of a folder ([`gblr.distill`][]), measure its quality against
+of a text file, the rows of a text column of a Hugging Face ``datasets`` dataset or the
+images of a folder ([`gblr.distill`][]), measure its quality against
 the original on held-out inputs before and after, and save a folder that
 [`gblr.from_pretrained`][] loads in one call, with a report (``report.json``,
 ``report.md``): MACs and error against the truncated SVD per layer, quality, times.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -40,12 +42,14 @@ from torch import Tensor, nn
 from ..files import save_atomically
 from ..learn.factors import check_int
 from .configs import ConversionConfig, FamilyConfig
-from .convert import ConversionReport, convert
+from .convert import ConversionReport, convert, select_layers
 from .distill import DistillConfig, DistillResult, distill
 
 __all__ = [
+    "DATASET_FILES",
     "IMAGE_SUFFIXES",
     "CompressionResult",
+    "DatasetTextSplit",
     "ImageSplit",
     "TextSplit",
     "compress_pretrained",
@@ -53,6 +57,7 @@ __all__ = [
     "load_image_model",
     "load_text_model",
     "model_outputs",
+    "read_dataset",
     "read_images",
     "read_texts",
     "sentence_embeddings",
@@ -62,6 +67,7 @@ HELD_OUT_EVERY = 10  # every tenth line (image) of the data is held out for the 
 #: The file name endings read as images (those of torchvision's ``ImageFolder``).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TIMM_PREFIX = "timm:"
+CALIBRATION_BATCHES = 8  # the first batches of the training data calibrate the conversion
 
 
 T = TypeVar("T")
@@ -99,14 +105,188 @@ def read_texts(path: str | Path, *, min_words: int = 3) -> TextSplit:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as error:
         raise ValueError(f"text file {str(path)!r} is not UTF-8 text ({error})") from None
-    kept = [" ".join(line.split()) for line in lines if len(line.split()) >= min_words]
-    if len(kept) < 2:
-        raise ValueError(
-            f"text file {str(path)!r} has {len(kept)} line(s) of at least {min_words} words; "
-            f"give at least 2 (one line per sentence or paragraph)"
+    return TextSplit(
+        *_usable_texts(
+            lines,
+            min_words,
+            f"text file {str(path)!r} has {{count}} line(s) of at least {min_words} words; "
+            "give at least 2 (one line per sentence or paragraph)",
         )
-    train, test = _split(kept)
-    return TextSplit(train=train, test=test)
+    )
+
+
+def _usable_texts(rows: Any, min_words: int, refusal: str) -> tuple[list[str], list[str]]:
+    """``(train, test)`` of the texts among ``rows`` with at least ``min_words`` words
+    (white space collapsed), split by ``_split``; ``ValueError(refusal)`` (``{count}``:
+    the number kept) with fewer than 2."""
+    kept = [
+        " ".join(row.split())
+        for row in rows
+        if isinstance(row, str) and len(row.split()) >= min_words
+    ]
+    if len(kept) < 2:
+        raise ValueError(refusal.format(count=len(kept)))
+    return _split(kept)
+
+
+@dataclass(frozen=True)
+class DatasetTextSplit(TextSplit):
+    """Texts of a column of a Hugging Face ``datasets`` dataset, as ``TextSplit``
+    (``train`` and held-out ``test``), with the ``split`` they came from (``None`` for a
+    dataset without splits) and their ``column``."""
+
+    split: str | None
+    column: str
+
+
+#: The data file endings read with ``datasets.load_dataset`` (and the builder of each).
+DATASET_FILES = {
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+
+
+def read_dataset(
+    source: str | Path,
+    *,
+    column: str | None = None,
+    split: str | None = None,
+    min_words: int = 3,
+) -> DatasetTextSplit:
+    """The texts of one column of a Hugging Face ``datasets`` dataset (rows with at least
+    ``min_words`` words), every tenth held out (``test``), the rest ``train``: what
+    [`read_texts`][gblr.compress.pipeline.read_texts] does with the lines of a file.
+
+    Args:
+        source: a folder written by ``Dataset.save_to_disk`` or
+            ``DatasetDict.save_to_disk`` (``datasets.load_from_disk``); a data file
+            ending in ``.csv``, ``.json``, ``.jsonl``, ``.parquet`` or ``.txt`` (one
+            ``text`` column, a row per line), or a folder of such files
+            (``datasets.load_dataset``); else a Hub dataset name, given to
+            ``datasets.load_dataset`` (needs the network, or the Hugging Face cache).
+        column: the column of text; default ``"text"`` when the dataset has such a
+            string column, else its only string column.
+        split: the split of a dataset with splits (default ``"train"``); a dataset
+            without splits is read whole.
+        min_words: rows with fewer words are left out.
+
+    Returns:
+        A [`DatasetTextSplit`][gblr.compress.pipeline.DatasetTextSplit].
+
+    Raises:
+        ImportError: ``datasets`` is not installed.
+        FileNotFoundError: ``source`` names a data file that does not exist.
+        ValueError: ``source`` cannot be loaded (the cause is given), ``split`` is not
+            one of its splits (they are listed), ``column`` is not one of its string
+            columns or no column is given and there is no single one (they are listed),
+            or fewer than 2 rows have ``min_words`` words.
+
+    Examples:
+        >>> from gblr.compress.pipeline import read_dataset  # doctest: +SKIP
+        >>> texts = read_dataset("reviews.csv", column="review")  # doctest: +SKIP
+        >>> texts.split, texts.column, len(texts.train) + len(texts.test)  # doctest: +SKIP
+        ('train', 'review', 1000)
+    """
+    if not isinstance(source, (str, Path)) or not str(source):
+        raise TypeError(
+            f"dataset must be a folder, a data file or a Hub dataset name (a str or Path), "
+            f"got {source!r}"
+        )
+    for name, value in (("dataset_column", column), ("dataset_split", split)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise TypeError(f"{name} must be a name (a non-empty str) or None, got {value!r}")
+    check_int("min_words", min_words, 1)
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(
+            "dataset= (--dataset) needs the datasets package: pip install datasets (or 'gblr[hf]')"
+        ) from error
+    loaded = _load_dataset(datasets, source)
+    shown = str(source)
+    if isinstance(loaded, datasets.DatasetDict):
+        wanted = "train" if split is None else split
+        if wanted not in loaded:
+            choose = " (choose one with dataset_split= / --dataset-split)" if split is None else ""
+            raise ValueError(
+                f"dataset {shown!r} has no split {wanted!r}; its splits: {list(loaded)}{choose}"
+            )
+        table, split = loaded[wanted], wanted
+    else:
+        own = None if loaded.split is None else str(loaded.split)
+        if split is not None and split != own:
+            raise ValueError(
+                f"dataset_split={split!r}, but dataset {shown!r} has no splits (it is one "
+                f"dataset{'' if own is None else f', the split {own!r}'}): leave "
+                "dataset_split out"
+            )
+        table, split = loaded, own
+    where = f"dataset {shown!r}" + ("" if split is None else f" (split {split!r})")
+    strings = [
+        name
+        for name, feature in table.features.items()
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    ]
+    if column is None:
+        if "text" in strings or len(strings) == 1:
+            column = "text" if "text" in strings else strings[0]
+        else:
+            raise ValueError(
+                f"{where} has {len(strings)} string columns {strings} and none is 'text': "
+                "name the column of text with dataset_column= (--dataset-column)"
+                + ("" if strings else f"; its columns: {list(table.features)}")
+            )
+    elif column not in strings:
+        kind = "not a string column" if column in table.features else "no column"
+        raise ValueError(
+            f"dataset_column={column!r} is {kind} of {where}; its string columns: {strings}"
+        )
+    train, test = _usable_texts(
+        table[column],
+        min_words,
+        f"column {column!r} of {where} has {{count}} row(s) of at least {min_words} words; "
+        "give at least 2",
+    )
+    return DatasetTextSplit(train=train, test=test, split=split, column=column)
+
+
+def _load_dataset(datasets: Any, source: str | Path) -> Any:
+    """A ``Dataset`` or ``DatasetDict``: ``load_from_disk`` for a folder it wrote,
+    ``load_dataset`` for a data file (by its ending), a folder of them or a Hub name."""
+    path = Path(source)
+    builder = DATASET_FILES.get(path.suffix.lower())
+    saved = any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+    if path.is_dir() and saved:
+        what, load = "a save_to_disk folder", functools.partial(datasets.load_from_disk, str(path))
+    elif path.is_dir():
+        what, load = "a folder of data files", functools.partial(datasets.load_dataset, str(path))
+    elif path.is_file():
+        if builder is None:
+            raise ValueError(
+                f"dataset file {str(path)!r} is not a data file read here: the endings read "
+                f"are {list(DATASET_FILES)} (or give a folder written by save_to_disk, or a "
+                "Hub dataset name)"
+            )
+        what = f"a {path.suffix.lower()} file"
+        load = functools.partial(datasets.load_dataset, builder, data_files=str(path))
+    elif builder is not None:
+        raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
+    else:
+        what = (
+            "a Hub dataset name (no such local folder or file; the Hub needs the network "
+            "or the Hugging Face cache)"
+        )
+        load = functools.partial(datasets.load_dataset, str(source))
+    try:
+        return load()
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if error.__cause__ is not None and str(error.__cause__):  # a parse error, ...
+            detail += f": {str(error.__cause__).splitlines()[0]}"
+        raise ValueError(f"cannot load dataset {str(source)!r} as {what} ({detail})") from None
 
 
 @dataclass(frozen=True)
@@ -492,10 +672,15 @@ class CompressionResult:
             conversion's, and ``quality_before`` is its quality).
         model_kind: ``"text"`` or ``"image"``; library: ``"transformers"``,
             ``"sentence-transformers"`` or ``"timm"``.
-        data: what the data was: ``kind`` (``"text file"`` or ``"image folder"``),
-            ``path``, ``train`` and ``test`` counts, and for images ``classes`` (the
+        data: what the data was: ``kind`` (``"text file"``, ``"dataset"`` or
+            ``"image folder"``), ``path``, ``train`` and ``test`` counts, for a dataset
+            its ``split`` and ``column``, and for images ``classes`` (the
             number of class sub-folders, 0 for a flat folder) and ``outputs`` (what was
             compared and distilled: ``"logits"`` or ``"features"``); empty without data.
+        uncalibrated: why the conversion was not calibrated although there was data and
+            ``calibrate=True`` (a layer to convert is a convolution, or the structure does
+            not support calibration); ``""`` otherwise. Whether it was calibrated is
+            ``conversion.calibrated``.
     """
 
     model: nn.Module
@@ -511,6 +696,7 @@ class CompressionResult:
     model_kind: str = "text"
     library: str = ""
     data: dict[str, Any] = field(default_factory=dict)
+    uncalibrated: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: everything but the model."""
@@ -527,6 +713,7 @@ class CompressionResult:
             "model": {"kind": self.model_kind, "library": self.library},
             "data": self.data,
             "conversion": self.conversion.to_dict(),
+            "uncalibrated": self.uncalibrated or None,
             "texts": self.texts,
             "quality_before": self.quality_before,
             "quality_after": self.quality_after,
@@ -551,13 +738,22 @@ class CompressionResult:
             f"converted layers ({report.ratio:.3f}).",
             "",
         ]
+        if report.calibrated:
+            lines += ["Calibrated: fitted to the layers' outputs on the training data.", ""]
+        elif self.uncalibrated:
+            lines += [f"Not calibrated (fitted to the weights): {self.uncalibrated}.", ""]
         if self.quality_before:
             image = self.model_kind == "image"
             held = f"{self.data.get('test', 0)} held-out {'images' if image else 'lines'}"
             what = f"{self.data.get('outputs', 'output')} cosine" if image else "embedding cosine"
             top1 = "top1_agreement" in self.quality_before
+            where = self.data.get("path", "")
+            if self.data.get("kind") == "dataset":
+                split = self.data.get("split")
+                where += f" ({'' if split is None else f'split {split}, '}"
+                where += f"column {self.data.get('column')})"
             lines += [
-                f"Quality against the original on {held} of {self.data.get('path', '')}:",
+                f"Quality against the original on {held} of {where}:",
                 "",
                 f"| when | {what} | nearest-neighbour agreement |"
                 + (" top-1 agreement |" if top1 else ""),
@@ -590,6 +786,9 @@ def compress_pretrained(
     *,
     text: str | Path | None = None,
     images: str | Path | None = None,
+    dataset: str | Path | None = None,
+    dataset_column: str | None = None,
+    dataset_split: str | None = None,
     distillation: DistillConfig | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
@@ -617,16 +816,30 @@ def compress_pretrained(
             data config: every tenth image is held out to measure the quality, the rest
             calibrate and feed the distillation (of the model's outputs: its logits, or
             its pooled features without a classifier). Not with ``text``.
-        distillation: recover by distillation to the original on ``text`` or ``images``
-            with this config (``None``: no recovery). Needs one of them.
+        dataset: for a text model, instead of ``text``: a Hugging Face ``datasets``
+            dataset, whose rows of one text column are used as the lines of ``text``
+            are (see [`read_dataset`][gblr.compress.pipeline.read_dataset]): a folder
+            written by ``save_to_disk``, a ``.csv``, ``.json``, ``.jsonl``, ``.parquet``
+            or ``.txt`` file, or a Hub dataset name (needs the network or the Hugging
+            Face cache). Not for an image model: datasets of images are not read, give
+            ``images`` (a folder).
+        dataset_column: the column of text of ``dataset`` (default ``"text"``, or its
+            only string column).
+        dataset_split: the split of ``dataset`` (default ``"train"`` when it has splits).
+        distillation: recover by distillation to the original on ``text``, ``dataset``
+            or ``images`` with this config (``None``: no recovery). Needs one of them.
         out: folder to save into ([`gblr.save_pretrained`][], with a text model's
             tokenizer, ``report.json`` and ``report.md``); ``None`` saves nothing.
         overwrite: replace another model's files in ``out``.
         batch_size: inputs per batch for calibration, distillation and quality.
         max_length: tokens per line (text).
-        calibrate: fit the conversion to the layers' outputs on the training data
-            (families that support it), not only to their weights; not done for an
-            image model with convolutions (calibration fits Linear layers only).
+        calibrate: fit the conversion to the layers' outputs on the first
+            ``8 * batch_size`` training inputs, not only to their weights, where
+            [`gblr.convert`][] takes calibration: not when a layer it would replace is a
+            convolution (calibration fits Linear and Conv1D layers only: a CNN, or a
+            ViT's patch embedding under GBLR; a baseline family skips convolutions) nor
+            for a structure without calibration; then the conversion is fitted to the
+            weights and ``uncalibrated`` in the result says why.
         random_weights: ``timm:<name>`` sources only: random weights, nothing downloaded.
         progress: conversion progress bar (default: when standard error is a terminal).
 
@@ -634,9 +847,12 @@ def compress_pretrained(
         A [`CompressionResult`][gblr.compress.pipeline.CompressionResult].
 
     Raises:
-        ValueError: both ``text`` and ``images``, data of the other kind than the model,
-            ``distillation`` without data, or ``out`` holding an earlier report without
-            ``overwrite``.
+        ValueError: more than one of ``text``, ``images`` and ``dataset``, data of the
+            other kind than the model, ``dataset_column`` or ``dataset_split`` without
+            ``dataset``, data that cannot be read (a dataset that cannot be loaded, a
+            missing split or column: listed), ``distillation`` without data, or ``out``
+            holding an earlier report without ``overwrite``. All before ``out`` is
+            written.
 
     Examples:
         >>> import gblr  # doctest: +SKIP
@@ -649,21 +865,37 @@ def compress_pretrained(
     """
     if not isinstance(source, str) or not source:
         raise TypeError(f"source must be a folder, package or model name (a str), got {source!r}")
-    if text is not None and images is not None:
+    given = {
+        name: value
+        for name, value in (("text", text), ("images", images), ("dataset", dataset))
+        if value is not None
+    }
+    if len(given) > 1:
+        shown = " and ".join(f"{name}={str(value)!r}" for name, value in given.items())
         raise ValueError(
-            f"give text= (a text model) or images= (an image model), not both: got "
-            f"text={str(text)!r} and images={str(images)!r}"
+            f"give text= or dataset= (a text model) or images= (an image model), "
+            f"{'not both' if len(given) == 2 else 'only one'}: got {shown}"
         )
-    if distillation is not None and text is None and images is None:
+    for name, value in (("dataset_column", dataset_column), ("dataset_split", dataset_split)):
+        if value is not None and dataset is None:
+            raise ValueError(f"{name}={value!r} names a part of dataset=, which is not given")
+    if distillation is not None and not given:
         raise ValueError(
-            "distillation needs text= (a file of lines, for a text model) or images= (a "
-            "folder of images, for an image model) to distil on"
+            "distillation needs text= (a file of lines) or dataset= (a datasets dataset), "
+            "for a text model, or images= (a folder of images, for an image model) to "
+            "distil on"
         )
     if distillation is not None and not isinstance(distillation, DistillConfig):
         raise TypeError(f"distillation must be a DistillConfig, got {type(distillation).__name__}")
     check_int("batch_size", batch_size, 1)
     check_int("max_length", max_length, 1)
     kind = _source_kind(source)
+    if dataset is not None and kind == "image":
+        raise ValueError(
+            f"dataset={str(dataset)!r} is read as text, for text models, but {source!r} is a "
+            "timm image model: give images= (--images, a folder of images); datasets of "
+            "images are not read"
+        )
     for name, value, wanted in (("text", text, "text"), ("images", images, "image")):
         if value is not None and kind != wanted:
             other = "images= (a folder of images)" if kind == "image" else "text= (a text file)"
@@ -672,7 +904,11 @@ def compress_pretrained(
                 f"{'a timm image' if kind == 'image' else 'a text'} model: give {other}"
             )
     seconds: dict[str, float] = {}
-    texts = read_texts(text) if text is not None else None
+    texts: TextSplit | None = None
+    if text is not None:
+        texts = read_texts(text)
+    elif dataset is not None:
+        texts = read_dataset(dataset, column=dataset_column, split=dataset_split)
     pictures = read_images(images) if images is not None else None
     if out is not None:
         out = Path(out)
@@ -685,8 +921,12 @@ def compress_pretrained(
     data: dict[str, Any] = {}
     logits = False
     if texts is not None:
-        assert text is not None and teacher is not None
-        data = {"kind": "text file", "path": str(text), **_counts(texts)}
+        assert teacher is not None
+        if isinstance(texts, DatasetTextSplit):
+            data = {"kind": "dataset", "path": str(dataset), "split": texts.split}
+            data |= {"column": texts.column, **_counts(texts)}
+        else:
+            data = {"kind": "text file", "path": str(text), **_counts(texts)}
 
         def outputs(model: nn.Module) -> Tensor:
             assert texts is not None
@@ -720,12 +960,18 @@ def compress_pretrained(
             return _ImageBatches(files, loaded.transform, batch_size)
 
     reference = outputs(teacher) if teacher is not None else None
-    # calibration fits Linear layers only: an image model with convolutions (a CNN, a
-    # ViT's patch embedding) is converted to its weights (the report says calibrated)
-    convolutional = any(isinstance(m, nn.Conv2d) for m in loaded.encoder.modules())
     calibration = None
-    if has_data and calibrate and not (pictures is not None and convolutional):
-        calibration = train_batches(8)
+    uncalibrated = ""
+    if has_data and calibrate:
+        # convert's own rule: not when a layer it replaces is a convolution (a CNN's, a
+        # ViT's patch embedding under GBLR: calibration fits Linear and Conv1D layers
+        # only) nor for a structure without calibration; then convert to the weights
+        # (the report says why)
+        refusal = select_layers(loaded.encoder, config).calibration_refusal
+        if refusal is None:
+            calibration = train_batches(CALIBRATION_BATCHES)
+        else:
+            uncalibrated = refusal
     start = time.perf_counter()
     # a sentence-transformer is converted through its transformer (its other modules pool
     # and normalise), which the calibration batches (token ids) feed
@@ -744,6 +990,7 @@ def compress_pretrained(
         model_kind=loaded.kind,
         library=loaded.library,
         data=data,
+        uncalibrated=uncalibrated,
     )
     if has_data:
         if texts is not None:
