@@ -81,7 +81,7 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     ``seconds``."""
     import torch
 
-    from gblr.learn.config import config_from_options
+    from gblr.learn.config import LearnerConfig, config_from_options
     from gblr.recipes.engine import EngineConfig, train_language_model
     from gblr.recipes.models import CausalTransformer, gblr_start_cost, structure_model
     from gblr.recipes.text import LMBlocks
@@ -118,8 +118,10 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
             lr=LR,
             warmup_steps=steps // 10,
             budget=budget,
+            # The library's default final phase, unless a variant sets its own.
             learner=dataclasses.replace(
-                config_from_options(learner_options), **learner_fields
+                config_from_options(learner_options),
+                **{"exact_from": LearnerConfig().exact_from, **learner_fields},
             ),
             out_dir=folder,
             seed=seed,

@@ -57,8 +57,10 @@ def test_every_pass_config_has_its_pass_in_the_learner():
 
 
 def test_presets():
-    assert gblr.LearnerConfig.paper() == gblr.LearnerConfig()
-    assert gblr.LearnerConfig.finetune() == gblr.LearnerConfig(sigma=None)
+    # The default is the paper's method with a final phase of exact masks.
+    assert gblr.LearnerConfig.paper() == gblr.LearnerConfig(exact_from=None)
+    assert gblr.LearnerConfig().exact_from == 0.95
+    assert gblr.LearnerConfig.finetune() == gblr.LearnerConfig(sigma=None, exact_from=None)
     planted = gblr.LearnerConfig.planted()
     assert planted.adaptive == gblr.AdaptiveConfig(1.0)
     assert planted.shift_limit == gblr.ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0)
@@ -115,14 +117,16 @@ def _planted_run(steps=70, **learner_arguments):
 @pytest.mark.parametrize(
     ("config", "keywords"),
     [
-        (gblr.LearnerConfig.paper(), {}),
+        (gblr.LearnerConfig(), {}),  # no learner keyword: the default config
         (gblr.LearnerConfig.planted(), PLANTED_KEYWORDS),
-        (
-            gblr.LearnerConfig(sigma=(2.0, 50.0), sigma_schedule="linear", ramp="linear"),
+        (  # the keywords describe runs without the final phase
+            gblr.LearnerConfig(
+                sigma=(2.0, 50.0), sigma_schedule="linear", ramp="linear", exact_from=None
+            ),
             {"sigma": (2.0, 50.0), "sigma_schedule": "linear", "ramp": "linear"},
         ),
     ],
-    ids=["paper", "planted", "linear"],
+    ids=["default", "planted", "linear"],
 )
 def test_config_and_deprecated_keywords_give_bit_identical_runs(config, keywords):
     planted = planted_blocks(32, seed=3, block_sides=(4, 12))[1]
@@ -156,7 +160,10 @@ def test_deprecated_keywords_warn_with_their_replacement():
     assert any("StructureLearner(target=...) is deprecated" in m and "use budget=" in m
                for m in messages)  # fmt: skip
     assert learner.config == gblr.LearnerConfig(
-        merge=gblr.MergeConfig(1e-3), shift_limit=gblr.ShiftLimitConfig(1.0), pass_every=5
+        merge=gblr.MergeConfig(1e-3),
+        shift_limit=gblr.ShiftLimitConfig(1.0),
+        pass_every=5,
+        exact_from=None,  # the old keywords' runs had no final phase
     )
 
 

@@ -64,6 +64,8 @@ def test_overrides_are_typed_and_merged():
         (["learner.untangle=-1"], r"learner.untangle must be a tolerance in \[0, 1\) or null"),
         (["learner.refine=2"], r"learner.refine must be a tolerance in \[0, 1\) or null"),
         (["learner.merge_every=0"], r"learner.merge_every must be finite and > 0"),
+        (["learner.exact_from=0"], r"learner.exact_from must be a fraction of the run in \(0, 1\]"),
+        (["learner.exact_from=1.5"], r"learner.exact_from must be .* got 1.5"),
         (["optim=3"], r"optim must be a mapping"),
         (["optim.lr"], r"must look like section.key=value"),
         # the start-up failures that used to reach Lightning after config.yaml was written
@@ -120,3 +122,16 @@ def test_bad_files_say_what_is_wrong(tmp_path):
     small.write_text("extends: cifar10-vit-s-gblr\nmodel:\n  depth: 2\n")
     config = load_config(small)
     assert config.model.depth == 2 and config.model.dim == 384 and config.data.name == "cifar10"
+
+
+def test_the_learner_section_sets_the_final_phase():
+    from gblr.recipes.config import learner_config
+
+    assert learner_config(load_config("digits-vit-gblr")).exact_from == 0.95  # the default
+    assert (
+        learner_config(load_config("digits-vit-gblr", ["learner.exact_from=0.9"])).exact_from == 0.9
+    )
+    assert (
+        learner_config(load_config("digits-vit-gblr", ["learner.exact_from=null"])).exact_from
+        is None
+    )

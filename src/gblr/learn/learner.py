@@ -142,7 +142,9 @@ class StructureLearner:
     Args:
         model: a module containing GBLR layers.
         config: a [`gblr.LearnerConfig`][] (default:
-            [`LearnerConfig.paper`][gblr.learn.config.LearnerConfig.paper], the paper's method).
+            ``LearnerConfig()``: the paper's method,
+            [`LearnerConfig.paper`][gblr.learn.config.LearnerConfig.paper], with a final
+            phase of exact masks and a fixed structure, ``exact_from=0.95``).
             Kept as `config` and saved in `state_dict`.
         budget: budget mode: a fraction in (0, 1] of the dense MACs of all GBLR layers
             (the int ``1`` is 1.0, as in [`gblr.convert`][]; other ints are refused:
@@ -338,7 +340,7 @@ class StructureLearner:
     def sigma_at(self, step: int) -> float | None:
         """σ used for the forward passes after ``step`` learner steps."""
         if self.sigma_range is None:
-            return None
+            return math.inf if self.exact_phase(step) else None
         start, end = self.sigma_range
         last = self.total_steps
         if self.config.exact_from is not None:

@@ -228,6 +228,9 @@ class LearnerConfig:
     components, pairs holding two blocks as a mixture and intervals a cell or two off
     (off by default: the paper's method; built for planted structures, they did not help
     on real tasks, see docs/faq.md); ``merge_every``: steps between their passes.
+    ``exact_from``: the fraction of the run from which the masks are exact and the
+    structure is fixed (default 0.95; ``null``: the paper's method, σ annealed and the
+    structure learned to the last step; see [`gblr.LearnerConfig`][]).
     [`learner_config`][gblr.recipes.config.learner_config] turns the section into a
     [`gblr.LearnerConfig`][].
 
@@ -248,6 +251,7 @@ class LearnerConfig:
     untangle: float | None = None
     refine: float | None = None
     merge_every: int = 10
+    exact_from: float | None = 0.95
 
 
 @dataclass
@@ -561,6 +565,16 @@ def _validate(config: TrainConfig) -> None:
     _positive("learner.max_shift", config.learner.max_shift)
     _positive("learner.max_shift_ramp", config.learner.max_shift_ramp)
     _positive("learner.merge_every", config.learner.merge_every)
+    exact_from = config.learner.exact_from
+    if exact_from is not None and (
+        isinstance(exact_from, bool)
+        or not isinstance(exact_from, (int, float))
+        or not 0 < exact_from <= 1
+    ):
+        raise ValueError(
+            f"learner.exact_from must be a fraction of the run in (0, 1] or null, got "
+            f"{exact_from!r}"
+        )
     for key in ("merge", "untangle", "refine"):
         tolerance = getattr(config.learner, key)
         if tolerance is not None and not (
@@ -682,8 +696,8 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
     """The [`gblr.LearnerConfig`][] of the config's ``learner`` section: the one
     place where its keys become the learner's config (``adaptive: 0`` is off,
     ``max_shift``/``max_shift_ramp`` are one ``shift_limit``, ``merge_every`` is
-    ``pass_every``). ``sigma_start`` and ``budget_ramp`` are durations of the run and go
-    to the learner as steps.
+    ``pass_every``; ``exact_from`` is passed as it is). ``sigma_start`` and
+    ``budget_ramp`` are durations of the run and go to the learner as steps.
 
     Examples:
         >>> from gblr.recipes.config import learner_config, load_config
@@ -695,7 +709,7 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
     from ..learn.config import config_from_options
 
     learner = config.learner
-    return config_from_options(
+    options = config_from_options(
         {
             "sigma": None if learner.sigma is None else tuple(learner.sigma),
             "sigma_schedule": learner.sigma_schedule,
@@ -708,6 +722,7 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
             "merge_every": learner.merge_every,
         }
     )
+    return dataclasses.replace(options, exact_from=learner.exact_from)
 
 
 def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
