@@ -1,14 +1,17 @@
 """T1 of the real-task suite (benchmarks/realtasks.py): from scratch, vision.
 
 scikit-learn's bundled 8x8 handwritten digits (1,348 training / 449 test images, the
-split of seed 0 for every run), a 4-block ViT (dim 64, 2x2 patches, as ``gblr demo``) or
-a 4-block MLP-Mixer (dim 64, 2x2 patches: 16 tokens, token MLP 32, channel MLP 256). The
-blocks' linear layers are dense, GBLR or a baseline family at the budget; patch embedding
-and classifier stay dense. Training as ``gblr demo``: the library's engine, AdamW over
-``gblr.param_groups`` (lr 2e-3, weight decay 0.05), warm-up over the first third and
-cosine decay, batch 64; the seed sets the initialisation and the data order. GBLR runs
-with the library's defaults for training from scratch (``structure_model`` and the
-engine's structure learner), changed only by a variant's options.
+split of seed 0 for every run), a 4-block ViT (dim 64, 2x2 patches, as ``gblr demo``), a
+4-block MLP-Mixer (dim 64, 2x2 patches: 16 tokens, token MLP 32, channel MLP 256), or a
+pixel MLP (256 -> 512 -> 512 -> 10, no normalisation layer) on the digits upsampled to
+16x16 with noise (``t1-mlp``) or placed at random offsets of a 16x16 canvas
+(``t1-mlp-shift``). The blocks' linear layers (the MLP's two hidden layers) are dense,
+GBLR or a baseline family at the budget; patch embedding and classifier stay dense.
+Training as ``gblr demo``: the library's engine, AdamW over ``gblr.param_groups`` (lr
+2e-3, weight decay 0.05), warm-up over the first third and cosine decay, batch 64; the
+seed sets the initialisation and the data order. GBLR runs with the library's defaults
+for training from scratch (``structure_model`` and the engine's structure learner),
+changed only by a variant's options.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def train_digits(
     """One run; returns ``accuracy`` (test top-1), ``macs_ratio``, ``seconds``."""
     import torch
 
-    from gblr.learn.config import config_from_options
+    from gblr.learn.config import LearnerConfig, config_from_options
     from gblr.recipes.engine import EngineConfig, train_classifier
     from gblr.recipes.models import gblr_start_cost, structure_model
 
@@ -163,8 +166,10 @@ def train_digits(
             lr=LR,
             warmup_steps=steps // 3,
             budget=budget,
+            # The library's default final phase, unless a variant sets its own.
             learner=dataclasses.replace(
-                config_from_options(learner_options), **learner_fields
+                config_from_options(learner_options),
+                **{"exact_from": LearnerConfig().exact_from, **learner_fields},
             ),
             out_dir=folder,
             seed=seed,
@@ -196,9 +201,7 @@ def run_t1_mlp(structure: str, budget: float, seed: int, quick: bool, options: d
     return train_digits("mlp", structure, budget, seed, quick, options)
 
 
-def run_t1_mlp_shift(
-    structure: str, budget: float, seed: int, quick: bool, options: dict
-) -> dict:
+def run_t1_mlp_shift(structure: str, budget: float, seed: int, quick: bool, options: dict) -> dict:
     return train_digits("mlp-shift", structure, budget, seed, quick, options)
 
 

@@ -43,7 +43,7 @@ def _check_task_files(tmp_path: Path, task: str, labels: set[str], metric: str) 
 
 @pytest.mark.slow
 def test_vision_and_text_tasks_run_end_to_end_and_resume(tmp_path):
-    arguments = ["--tasks", "t1-vit", "t2", "--structures", "dense", "gblr", "lowrank"]
+    arguments = ["--tasks", "t1-vit", "t1-mlp", "t2", "--structures", "dense", "gblr", "lowrank"]
     arguments += ["--budgets", "0.2", "--variant", 'adaptive={"learner": {"adaptive": 1.0}}']
     result = _run(tmp_path, *arguments)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,6 +51,7 @@ def test_vision_and_text_tasks_run_end_to_end_and_resume(tmp_path):
     runs = _check_task_files(tmp_path, "t1-vit", labels, "accuracy")
     gblr_runs = [run for run in runs if run["structure"] == "gblr"]
     assert all(run["macs_ratio"] <= 0.2 + 1e-9 for run in gblr_runs)
+    _check_task_files(tmp_path, "t1-mlp", labels, "accuracy")
     _check_task_files(tmp_path, "t2", labels, "perplexity")
     # A second call finds every run done and only rewrites the tables.
     again = _run(tmp_path, *arguments)
