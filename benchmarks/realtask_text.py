@@ -17,7 +17,6 @@ per byte on 512 windows spread evenly over the held-out modules.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -28,6 +27,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from realtask_options import scratch_options
+
 STEPS = 600
 QUICK_STEPS = 3
 LR = 2e-3
@@ -36,10 +37,6 @@ DIM = 96
 BATCH = 32
 EVAL_WINDOWS = 512
 HELD_OUT_MODULUS = 10
-# GBLR options a variant may set, and where they go: the engine's, and the learner's (at
-# the top level or under "learner", in the keys of a recipe's learner section).
-_ENGINE_OPTIONS = ("structure_lr", "sigma_start_step")
-_LEARNER_OPTIONS = ("sigma", "sigma_schedule")
 
 
 def stdlib_files() -> dict[str, list[Path]]:
@@ -81,33 +78,22 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     ``seconds``."""
     import torch
 
-    from gblr.learn.config import LearnerConfig, config_from_options
     from gblr.recipes.engine import EngineConfig, train_language_model
-    from gblr.recipes.models import CausalTransformer, gblr_start_cost, structure_model
+    from gblr.recipes.models import CausalTransformer, structure_model
     from gblr.recipes.text import LMBlocks
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     train_stream, validation_stream = _streams()
     steps = QUICK_STEPS if quick else STEPS
-    options = dict(options)
-    ratio = options.pop("start_cost_ratio", None)
-    start_cost = gblr_start_cost(budget, None if ratio is None else min(1.0, ratio * budget))
-    structure_options = options.pop("structure", {})
-    engine_options = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
-    learner_options = {name: options.pop(name) for name in _LEARNER_OPTIONS if name in options}
-    learner_options.update(options.pop("learner", {}))
-    # LearnerConfig fields that have no deprecated keyword (e.g. exact_from).
-    learner_fields = options.pop("learner_config", {})
-    if options:
-        raise ValueError(f"unknown GBLR options for T2: {sorted(options)}")
+    variant = scratch_options(options, budget, "T2")
     torch.manual_seed(seed)
     model = CausalTransformer(vocab_size=256, context=CONTEXT, dim=DIM, depth=4, heads=4)
     structure_model(
         model,
         structure,
-        start_cost if structure == "gblr" else budget,
+        variant.start_cost if structure == "gblr" else budget,
         seed=seed,
-        **structure_options,
+        **variant.structure,
     )
     blocks = LMBlocks(train_stream, block_size=CONTEXT)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
@@ -118,17 +104,13 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
             lr=LR,
             warmup_steps=steps // 10,
             budget=budget,
-            # The library's default final phase, unless a variant sets its own.
-            learner=dataclasses.replace(
-                config_from_options(learner_options),
-                **{"exact_from": LearnerConfig().exact_from, **learner_fields},
-            ),
+            learner=variant.learner,
             out_dir=folder,
             seed=seed,
             progress=False,
             logger=None,
             trainer={"accelerator": "cpu"},
-            **engine_options,
+            **variant.engine,
         )
         result = train_language_model(model, blocks, None, config)
     windows = _validation_windows(validation_stream, 16 if quick else EVAL_WINDOWS, CONTEXT)

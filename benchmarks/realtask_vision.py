@@ -16,21 +16,17 @@ changed only by a variant's options.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import tempfile
 import warnings
 from typing import Any
 
+from realtask_options import scratch_options
+
 STEPS = 800
 QUICK_STEPS = 3
 LR = 2e-3
-
-# GBLR options a variant may set, and where they go: the engine's, and the learner's (at
-# the top level or under "learner", in the keys of a recipe's learner section).
-_ENGINE_OPTIONS = ("structure_lr", "sigma_start_step")
-_LEARNER_OPTIONS = ("sigma", "sigma_schedule")
 
 
 @functools.cache
@@ -44,10 +40,10 @@ MLP_HIDDEN = 512
 CANVAS = 16
 
 
-@functools.cache
-def _upsampled_data() -> tuple[Any, Any]:
-    """The digits upsampled to 16x16 (bilinear) with Gaussian pixel noise (std 0.5,
-    seed 0): 256 pixels of which neighbours are alike."""
+def _digits_on_canvas(place: Any, noise: float) -> tuple[Any, Any]:
+    """The digits as 16x16 images, ``place(images, generator)`` putting each ``(N, 1, 8,
+    8)`` batch on the canvas, plus Gaussian pixel noise of std ``noise``, standardized;
+    one generator seeded 0 draws everything, train set first."""
     import torch
     from torch.utils.data import TensorDataset
 
@@ -55,43 +51,48 @@ def _upsampled_data() -> tuple[Any, Any]:
     datasets = []
     for dataset in _data():
         images, labels = dataset.tensors
-        large = torch.nn.functional.interpolate(
-            images, size=(CANVAS, CANVAS), mode="bilinear", align_corners=False
-        )
-        large = large + 0.5 * torch.randn(large.shape, generator=generator)
-        datasets.append(TensorDataset((large - large.mean()) / large.std(), labels))
+        canvas = place(images, generator)
+        canvas = canvas + noise * torch.randn(canvas.shape, generator=generator)
+        datasets.append(TensorDataset((canvas - canvas.mean()) / canvas.std(), labels))
     return datasets[0], datasets[1]
 
 
 @functools.cache
-def _shifted_data() -> tuple[Any, Any]:
-    """The digits placed at a random offset of a 16x16 canvas (the offset drawn once per
-    image, seed 0, train and test alike) with Gaussian pixel noise (std 0.25): a dense
-    MLP on the 256 pixels has to learn every position anew from 1,348 images, so
-    locality matters, as in images larger than 8x8."""
+def _upsampled_data() -> tuple[Any, Any]:
+    """The digits upsampled to 16x16 (bilinear) with pixel noise of std 0.5: 256 pixels
+    of which neighbours are alike."""
     import torch
-    from torch.utils.data import TensorDataset
 
-    generator = torch.Generator().manual_seed(0)
-    datasets = []
-    for dataset in _data():
-        images, labels = dataset.tensors
+    def upsample(images: Any, generator: Any) -> Any:
+        return torch.nn.functional.interpolate(
+            images, size=(CANVAS, CANVAS), mode="bilinear", align_corners=False
+        )
+
+    return _digits_on_canvas(upsample, 0.5)
+
+
+@functools.cache
+def _shifted_data() -> tuple[Any, Any]:
+    """The digits at a random offset of a 16x16 canvas (drawn once per image) with pixel
+    noise of std 0.25: a dense MLP on the 256 pixels has to learn every position anew
+    from 1,348 images."""
+    import torch
+
+    def shift(images: Any, generator: Any) -> Any:
         count = images.shape[0]
         canvas = torch.zeros(count, 1, CANVAS, CANVAS)
         offsets = torch.randint(0, CANVAS - 8 + 1, (count, 2), generator=generator)
         for index, (row, col) in enumerate(offsets.tolist()):
             canvas[index, :, row : row + 8, col : col + 8] = images[index] - images.min()
-        canvas = canvas + 0.25 * torch.randn(canvas.shape, generator=generator)
-        canvas = (canvas - canvas.mean()) / canvas.std()
-        datasets.append(TensorDataset(canvas, labels))
-    return datasets[0], datasets[1]
+        return canvas
+
+    return _digits_on_canvas(shift, 0.25)
 
 
 def _mlp():
-    """Pixels (flattened 8x8, row by row) -> 256 -> 256 -> 10 with GELU; the two hidden
-    layers are ``blocks.0`` and ``blocks.1`` (the layers the suite structures), the
-    classifier is ``head``. Nearby input columns are nearby pixels: the task rewards
-    local mixing, as a block-diagonal matrix gives it."""
+    """Pixels (a 16x16 canvas flattened row by row) -> 512 -> 512 -> 10 with GELU, no
+    normalisation layer; the two hidden layers are ``blocks.0`` and ``blocks.1`` (the
+    layers the suite structures), the classifier is ``head``."""
     from torch import nn
 
     class PixelMlp(nn.Module):
@@ -127,37 +128,22 @@ def train_digits(
     """One run; returns ``accuracy`` (test top-1), ``macs_ratio``, ``seconds``."""
     import torch
 
-    from gblr.learn.config import LearnerConfig, config_from_options
     from gblr.recipes.engine import EngineConfig, train_classifier
-    from gblr.recipes.models import gblr_start_cost, structure_model
+    from gblr.recipes.models import structure_model
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    if model_name == "mlp-shift":
-        train, test = _shifted_data()
-    elif model_name == "mlp":
-        train, test = _upsampled_data()
-    else:
-        train, test = _data()
+    data = {"mlp": _upsampled_data, "mlp-shift": _shifted_data}.get(model_name, _data)
+    train, test = data()
     steps = QUICK_STEPS if quick else STEPS
-    options = dict(options)
-    ratio = options.pop("start_cost_ratio", None)
-    start_cost = gblr_start_cost(budget, None if ratio is None else min(1.0, ratio * budget))
-    structure_options = options.pop("structure", {})
-    engine_options = {name: options.pop(name) for name in _ENGINE_OPTIONS if name in options}
-    learner_options = {name: options.pop(name) for name in _LEARNER_OPTIONS if name in options}
-    learner_options.update(options.pop("learner", {}))
-    # LearnerConfig fields that have no deprecated keyword (e.g. exact_from).
-    learner_fields = options.pop("learner_config", {})
-    if options:
-        raise ValueError(f"unknown GBLR options for T1: {sorted(options)}")
+    variant = scratch_options(options, budget, "T1")
     torch.manual_seed(seed)
     model = _model(model_name)
     structure_model(
         model,
         structure,
-        start_cost if structure == "gblr" else budget,
+        variant.start_cost if structure == "gblr" else budget,
         seed=seed,
-        **structure_options,
+        **variant.structure,
     )
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -166,17 +152,13 @@ def train_digits(
             lr=LR,
             warmup_steps=steps // 3,
             budget=budget,
-            # The library's default final phase, unless a variant sets its own.
-            learner=dataclasses.replace(
-                config_from_options(learner_options),
-                **{"exact_from": LearnerConfig().exact_from, **learner_fields},
-            ),
+            learner=variant.learner,
             out_dir=folder,
             seed=seed,
             progress=False,
             logger=None,
             trainer={"accelerator": "cpu"},
-            **engine_options,
+            **variant.engine,
         )
         result = train_classifier(model, train, test, config)
     # The test cross-entropy moves less by chance than the accuracy of 449 images.

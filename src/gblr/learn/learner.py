@@ -339,16 +339,14 @@ class StructureLearner:
     # ------------------------------------------------------------------ schedules
     def sigma_at(self, step: int) -> float | None:
         """σ used for the forward passes after ``step`` learner steps."""
+        if self.exact_phase(step):
+            return math.inf
         if self.sigma_range is None:
-            return math.inf if self.exact_phase(step) else None
+            return None
         start, end = self.sigma_range
-        last = self.total_steps
-        if self.config.exact_from is not None:
-            last = max(1, round(self.config.exact_from * self.total_steps))
-            if self.exact_phase(step):
-                return math.inf
         if start == end:  # also σ = inf, where the schedules' arithmetic gives NaN
             return start
+        last = self.total_steps if self.exact_step is None else self.exact_step
         span = max(1, last - self.sigma_start_step)
         progress = min(1.0, max(0.0, (step - self.sigma_start_step) / span))
         if self.config.sigma_schedule == "constant":
@@ -380,14 +378,18 @@ class StructureLearner:
                 return float(group["lr"])
         raise ValueError("the optimizer given to StructureLearner does not hold the GBLR widths")
 
+    @property
+    def exact_step(self) -> int | None:
+        """The step from which ``config.exact_from``'s final phase runs (``None``: none)."""
+        if self.config.exact_from is None:
+            return None
+        return max(1, round(self.config.exact_from * self.total_steps))
+
     def exact_phase(self, step: int | None = None) -> bool:
         """Whether ``step`` (default: the steps taken) is in the final phase of
         ``config.exact_from``: exact masks and a fixed structure."""
-        exact_from = self.config.exact_from
-        if exact_from is None:
-            return False
         step = self.step_count if step is None else step
-        return step >= max(1, round(exact_from * self.total_steps))
+        return self.exact_step is not None and step >= self.exact_step
 
     def _apply_sigma(self) -> None:
         sigma = self.sigma_at(self.step_count)

@@ -1,0 +1,53 @@
+"""The GBLR options a variant of a from-scratch real task may set (``--variant NAME=JSON``
+of benchmarks/realtasks.py), split into where they go; shared by T1 and T2.
+
+Keys: ``start_cost_ratio`` (starting cost as a multiple of the budget, at most 1),
+``structure`` (keywords of ``gblr.recipes.models.structure_model``), the engine's
+``structure_lr`` and ``sigma_start_step``, the learner's deprecated keywords (``sigma``,
+``sigma_schedule`` at the top level, the rest under ``learner``, as a recipe's learner
+section names them) and ``learner_config`` (``gblr.LearnerConfig`` fields that have no
+such keyword, e.g. ``exact_from``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ENGINE_OPTIONS = ("structure_lr", "sigma_start_step")
+LEARNER_OPTIONS = ("sigma", "sigma_schedule")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScratchOptions:
+    """``start_cost`` of GBLR layers, ``structure`` and ``engine`` keywords, ``learner``."""
+
+    start_cost: float
+    structure: dict[str, Any]
+    engine: dict[str, Any]
+    learner: Any  # gblr.LearnerConfig
+
+
+def scratch_options(options: dict[str, Any], budget: float, task: str) -> ScratchOptions:
+    """Split a variant's ``options`` for a run at ``budget``; an unknown key is a
+    ``ValueError`` naming ``task``."""
+    from gblr.learn.config import LearnerConfig, config_from_options
+    from gblr.recipes.models import gblr_start_cost
+
+    options = dict(options)
+    ratio = options.pop("start_cost_ratio", None)
+    start_cost = gblr_start_cost(budget, None if ratio is None else min(1.0, ratio * budget))
+    structure = options.pop("structure", {})
+    engine = {name: options.pop(name) for name in ENGINE_OPTIONS if name in options}
+    learner_options = {name: options.pop(name) for name in LEARNER_OPTIONS if name in options}
+    learner_options.update(options.pop("learner", {}))
+    learner_fields = options.pop("learner_config", {})
+    if options:
+        raise ValueError(f"unknown GBLR options for {task}: {sorted(options)}")
+    # The deprecated keywords describe runs without the final phase; the suite runs the
+    # library's default one unless a variant sets its own.
+    learner = dataclasses.replace(
+        config_from_options(learner_options),
+        **{"exact_from": LearnerConfig().exact_from, **learner_fields},
+    )
+    return ScratchOptions(start_cost, structure, engine, learner)
