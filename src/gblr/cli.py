@@ -352,20 +352,21 @@ def compress(args: argparse.Namespace) -> int:
     timm, which needs the network or the cache; --random-weights: random ones). Its layers
     become --structure at --budget of their MACs (global allocation, as gblr.convert).
     With data, --text FILE for a text model (one sentence or paragraph per line), or
-    --dataset for a text model: a Hugging Face datasets dataset (a save_to_disk folder, a
-    .csv/.json/.jsonl/.parquet/.txt file, or a Hub name where the network allows), whose
-    rows of --dataset-column (default "text", or its only string column) of
-    --dataset-split (default "train") are the lines, or --images DIR for an image model
-    (one sub-folder per class, or a flat folder of images, preprocessed with the model's
-    timm data config), every tenth line or image is held out: the conversion is
-    calibrated on the rest (unless a layer it converts is a convolution, e.g. a ViT's
-    patch embedding under gblr: the report says), the model is recovered by --steps of
-    distillation to the original (--steps 0: none; an image model's logits are matched),
-    and its quality against the original (output cosine, nearest-neighbour agreement, an
-    image classifier's top-1 agreement) is measured before and after; if distillation
-    lowers the held-out cosine, the converted weights are kept. OUT gets a folder that
-    gblr.from_pretrained loads in one call, a text model's tokenizer, report.json and
-    report.md (which say the kind of model and data).
+    --images DIR for an image model (one sub-folder per class, or a flat folder of images,
+    preprocessed with the model's timm data config), or --dataset for either: a Hugging
+    Face datasets dataset (a save_to_disk folder, a .csv/.json/.jsonl/.parquet/.txt file,
+    or a Hub name where the network allows) whose rows of --dataset-column of
+    --dataset-split (default "train") are the lines (a text model: a string column,
+    default "text" or the only one) or the images (an image model: an Image column,
+    default the only one, else "image" or "img"), every tenth line or image is held out:
+    the conversion is calibrated on the rest (unless a layer it converts is a
+    convolution, e.g. a ViT's patch embedding under gblr: the report says), the model is
+    recovered by --steps of distillation to the original (--steps 0: none; an image
+    model's logits are matched), and its quality against the original (output cosine,
+    nearest-neighbour agreement, an image classifier's top-1 agreement) is measured
+    before and after; if distillation lowers the held-out cosine, the converted weights
+    are kept. OUT gets a folder that gblr.from_pretrained loads in one call, a text
+    model's tokenizer, report.json and report.md (which say the kind of model and data).
     """
     from .compress.configs import config_from_dict
     from .compress.distill import DistillConfig
@@ -713,10 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--dataset",
         help="Hugging Face datasets dataset: save_to_disk folder, .csv/.json/.jsonl/.parquet/"
-        ".txt file or Hub name (text models)",
+        ".txt file or Hub name (a text column for text models, an Image column for image "
+        "models)",
     )
     compress_parser.add_argument(
-        "--dataset-column", help="the text column of --dataset (default: text, or the only one)"
+        "--dataset-column",
+        help="the column of --dataset: of text (default: text, or the only string column) or, "
+        "for an image model, of images (default: the only Image column, else image or img)",
     )
     compress_parser.add_argument(
         "--dataset-split", help="the split of --dataset (default: train, when it has splits)"

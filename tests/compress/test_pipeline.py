@@ -188,16 +188,6 @@ def test_a_structure_without_calibration_is_converted_to_the_weights(tiny_bert, 
         assert torch.allclose(got, expected(**batch).last_hidden_state, atol=1e-5)
 
 
-@pytest.fixture()
-def hf_datasets(tmp_path, monkeypatch):
-    """The datasets package, offline (a Hub name fails at once instead of retrying),
-    with its cache of loaded data files in tmp_path."""
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
-    return datasets
-
-
 def _held_out(rows):
     """Every tenth row held out, the rest in order: read_texts's split, written again."""
     return [r for i, r in enumerate(rows) if i % 10 != 9], rows[9::10]

@@ -1,7 +1,8 @@
 """``gblr compress`` / ``gblr.compress_pretrained`` on a timm image model: a tiny random
 ViT saved to disk with its dense weights (the "pretrained model"), an ImageFolder of
-scikit-learn's handwritten digits written as PNGs, a compressed, recovered, reloadable
-model and a report out."""
+scikit-learn's handwritten digits written as PNGs (or a ``datasets`` dataset with an
+Image column of images made here), a compressed, recovered, reloadable model and a
+report out."""
 
 import json
 
@@ -12,7 +13,12 @@ import torch
 import gblr
 from gblr.cli import main
 from gblr.compress.distill import DistillConfig
-from gblr.compress.pipeline import compress_pretrained, load_image_model, read_images
+from gblr.compress.pipeline import (
+    compress_pretrained,
+    load_image_model,
+    read_dataset_images,
+    read_images,
+)
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("torchvision")
@@ -207,15 +213,15 @@ def test_compress_refuses_mixed_or_mismatched_data_and_stray_random_weights(
     text.write_text("a line of several words\n" * 4, encoding="utf-8")
     with pytest.raises(ValueError, match="not both"):
         compress_pretrained(str(vit_folder), text=text, images=digit_folder)
-    with pytest.raises(ValueError, match="timm image model: give images="):
+    with pytest.raises(
+        ValueError, match=r"image model: give images= .* or dataset= \(with an Image"
+    ):
         compress_pretrained(str(vit_folder), text=text)
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="text model: give text="):
         compress_pretrained(str(bert), images=digit_folder)
-    with pytest.raises(ValueError, match=r"timm image model: give images=.*datasets of images"):
-        compress_pretrained(str(vit_folder), dataset=text)  # refused before it is read
     with pytest.raises(ValueError, match="random_weights=True is for 'timm:<name>'"):
         compress_pretrained(str(vit_folder), random_weights=True)
     with pytest.raises(ValueError, match="cannot create timm model 'no_such_model'"):
@@ -232,3 +238,144 @@ def test_compress_refuses_mixed_or_mismatched_data_and_stray_random_weights(
     assert main([*args, "--images", str(text)]) == 1
     assert "must be a folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def _pictures(count):
+    """``count`` random 32x32 RGB PIL images, made here (decoded PNGs are equal to them)."""
+    generator = np.random.default_rng(0)
+    return [
+        Image.fromarray(generator.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        for _ in range(count)
+    ]
+
+
+def _image_dataset(hf_datasets, columns):
+    """A ``datasets.Dataset`` of ``columns`` (name: values): lists holding PIL images
+    (or None) as ``datasets.Image`` columns, of str as strings, else of int64."""
+
+    def feature(values):
+        if any(isinstance(value, Image.Image) for value in values):
+            return hf_datasets.Image()
+        return hf_datasets.Value("string" if isinstance(values[0], str) else "int64")
+
+    features = hf_datasets.Features({name: feature(v) for name, v in columns.items()})
+    return hf_datasets.Dataset.from_dict(columns, features=features)
+
+
+def test_compress_on_an_image_dataset_equals_compress_on_a_folder_of_its_images(
+    hf_datasets, vit_folder, tmp_path, capsys
+):
+    """The rows of a dataset's Image column are the files of a folder: the same held-out
+    tenth, the same calibration (a baseline family calibrates the ViT), the same
+    quality; and distillation cycles through the dataset's batches."""
+    pictures = _pictures(20)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for index, picture in enumerate(pictures):
+        picture.save(folder / f"{index:02d}.png")
+    # the first block's MLP only: a calibrated fit of every layer would take seconds
+    config = gblr.LowRankConfig(budget=0.5, include="blocks.0.mlp.*")
+    files = compress_pretrained(
+        str(vit_folder), config, images=folder, batch_size=8, progress=False
+    )
+    assert files.conversion.calibrated
+    captions = [f"picture {index}" for index in range(20)]  # a string column, not read
+    table = _image_dataset(hf_datasets, {"caption": captions, "photo": pictures})
+    hf_datasets.DatasetDict({"train": table}).save_to_disk(tmp_path / "saved")
+
+    out = tmp_path / "out"
+    args = [str(vit_folder), "--structure", "lowrank", "--include", "blocks.0.mlp.*"]
+    args += ["--out", str(out), "--batch-size", "8"]
+    dataset = ["--dataset", str(tmp_path / "saved")]  # the only Image column is the default
+    assert main(["compress", *args, *dataset, "--steps", "4", "--quiet"]) == 0  # 3 batches
+    printed = capsys.readouterr().out
+    assert f"2 held-out images of {tmp_path / 'saved'} (split train, column photo)" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"] == {
+        "kind": "dataset",
+        "path": str(tmp_path / "saved"),
+        "split": "train",
+        "column": "photo",
+        "train": 18,
+        "test": 2,
+        "outputs": "logits",
+    }
+    assert report["conversion"]["calibrated"]
+    assert report["quality_before"] == pytest.approx(files.quality_before, abs=1e-6)
+    assert report["distillation"]["steps"] == 4 and report["quality_after"]
+
+
+def test_read_dataset_images_reads_an_image_column_a_batch_at_a_time(hf_datasets, tmp_path):
+    pictures = _pictures(12)
+    rows = [*pictures[:5], None, *pictures[5:]]  # a row without an image is left out
+    labels = list(range(len(rows)))
+    table = _image_dataset(hf_datasets, {"label": labels, "img": rows, "mask": rows})
+    table.save_to_disk(tmp_path / "two")
+    split = read_dataset_images(tmp_path / "two")  # of two Image columns, "img" is read
+    assert (split.split, split.column) == (None, "img")
+    kept = [index for index in labels if index != 5]
+    assert (split.train, split.test) == ([i for i in kept if i != 10], [10])
+    opened = [np.asarray(image) for image in split.open(split.test + split.train[:2])]
+    for got, expected in zip(opened, [pictures[9], pictures[0], pictures[1]], strict=True):
+        assert np.array_equal(got, np.asarray(expected))
+
+    # stored undecoded (bytes and path): decoded when a batch is read
+    raw = table.cast_column("img", hf_datasets.Image(decode=False))
+    raw.save_to_disk(tmp_path / "raw")
+    split = read_dataset_images(tmp_path / "raw", column="img")
+    assert np.array_equal(np.asarray(next(split.open([0]))), np.asarray(pictures[0]))
+
+
+def test_read_dataset_images_names_the_image_columns_it_has(hf_datasets, tmp_path):
+    pictures = _pictures(3)
+    texts = hf_datasets.Dataset.from_dict({"text": ["a b c"] * 3, "label": [0, 1, 2]})
+    texts.save_to_disk(tmp_path / "texts")
+    with pytest.raises(ValueError, match=r"has no Image column.*\['text', 'label'\]"):
+        read_dataset_images(tmp_path / "texts")
+    two = _image_dataset(hf_datasets, {"label": [0, 1, 2], "left": pictures, "right": pictures})
+    hf_datasets.DatasetDict({"train": two}).save_to_disk(tmp_path / "two")
+    with pytest.raises(
+        ValueError,
+        match=r"dataset '.*two' \(split 'train'\) has 2 Image columns \['left', 'right'\] and "
+        r"none is 'image' or 'img': name the one to read with dataset_column=",
+    ):
+        read_dataset_images(tmp_path / "two")
+    with pytest.raises(
+        ValueError,
+        match=r"dataset_column='label' is not an Image column of dataset '.*two' \(split "
+        r"'train'\); its Image columns: \['left', 'right'\]",
+    ):
+        read_dataset_images(tmp_path / "two", column="label")
+    with pytest.raises(ValueError, match=r"dataset_column='image' is no column"):
+        read_dataset_images(tmp_path / "two", column="image")
+    assert read_dataset_images(tmp_path / "two", column="right").column == "right"
+    _image_dataset(hf_datasets, {"image": pictures[:1]}).save_to_disk(tmp_path / "one")
+    with pytest.raises(ValueError, match=r"column 'image' of .* has 1 row\(s\) with an image"):
+        read_dataset_images(tmp_path / "one")
+
+
+def test_compress_refuses_image_dataset_errors_before_writing_out(
+    hf_datasets, vit_folder, tmp_path, capsys
+):
+    """Refused before the model is loaded and before --out is written."""
+    pictures = _pictures(3)
+    two = _image_dataset(hf_datasets, {"label": [0, 1, 2], "left": pictures, "right": pictures})
+    two.save_to_disk(tmp_path / "two")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("a line of several words\n" * 4, encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["compress", str(vit_folder), "--out", str(out)]
+    for extra, message in (
+        (["--dataset", str(lines)], "has no Image column, which an image model reads"),
+        (["--dataset", str(tmp_path / "two")], "2 Image columns ['left', 'right']"),
+        (
+            ["--dataset", str(tmp_path / "two"), "--dataset-column", "label"],
+            "dataset_column='label' is not an Image column",
+        ),
+        (["--dataset", str(tmp_path / "two"), "--dataset-split", "test"], "has no splits"),
+    ):
+        assert main([*args, *extra, "--steps", "2"]) == 1
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not both: got images="):
+        compress_pretrained(str(vit_folder), images=tmp_path, dataset=tmp_path / "two")
+    assert not out.exists()

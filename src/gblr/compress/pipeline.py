@@ -6,10 +6,10 @@ package that ships one, or a Hugging Face Hub name where the network allows) or 
 model (timm: a local folder in timm's own format or written by [`gblr.save_pretrained`][],
 or ``timm:<name>``), convert its layers to a structure at a MACs budget
 ([`gblr.convert`][]), optionally recover it by distillation to the original on the lines
-of a text file, the rows of a text column of a Hugging Face ``datasets`` dataset or the
-images of a folder ([`gblr.distill`][]), measure its quality against
-the original on held-out inputs before and after, and save a folder that
-[`gblr.from_pretrained`][] loads in one call, with a report (``report.json``,
+of a text file, the rows of a text column of a Hugging Face ``datasets`` dataset, the
+images of a folder or those of an ``Image`` column of a dataset ([`gblr.distill`][]),
+measure its quality against the original on held-out inputs before and after, and save a
+folder that [`gblr.from_pretrained`][] loads in one call, with a report (``report.json``,
 ``report.md``): MACs and error against the truncated SVD per layer, quality, times.
 
 Text quality is the mean cosine between the compressed and the original model's sentence
@@ -32,9 +32,10 @@ import importlib.util
 import json
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -45,10 +46,14 @@ from .configs import ConversionConfig, FamilyConfig
 from .convert import ConversionReport, convert, select_layers
 from .distill import DistillConfig, DistillResult, distill
 
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
 __all__ = [
     "DATASET_FILES",
     "IMAGE_SUFFIXES",
     "CompressionResult",
+    "DatasetImageSplit",
     "DatasetTextSplit",
     "ImageSplit",
     "TextSplit",
@@ -58,6 +63,7 @@ __all__ = [
     "load_text_model",
     "model_outputs",
     "read_dataset",
+    "read_dataset_images",
     "read_images",
     "read_texts",
     "sentence_embeddings",
@@ -190,6 +196,109 @@ def read_dataset(
         >>> texts.split, texts.column, len(texts.train) + len(texts.test)  # doctest: +SKIP
         ('train', 'review', 1000)
     """
+    check_int("min_words", min_words, 1)
+    table, split, where = _dataset_table(source, column, split)
+    import datasets  # imported by _dataset_table: it is installed
+
+    strings = [
+        name
+        for name, feature in table.features.items()
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    ]
+    column = _dataset_column(table, where, column, strings, "string", ("text",), "a text")
+    train, test = _usable_texts(
+        table[column],
+        min_words,
+        f"column {column!r} of {where} has {{count}} row(s) of at least {min_words} words; "
+        "give at least 2",
+    )
+    return DatasetTextSplit(train=train, test=test, split=split, column=column)
+
+
+@dataclass(frozen=True)
+class DatasetImageSplit:
+    """Rows of an ``Image`` column of a Hugging Face ``datasets`` dataset: ``train``
+    (calibration and distillation) and held-out ``test`` row numbers, the ``split`` they
+    came from (``None`` for a dataset without splits), their ``column``, and ``rows``: the
+    dataset (that column only), decoded a batch at a time by
+    [`open`][gblr.compress.pipeline.DatasetImageSplit.open], never whole."""
+
+    train: list[int]
+    test: list[int]
+    split: str | None
+    column: str
+    rows: Any = field(repr=False, compare=False)
+
+    def open(self, items: list[int]) -> Iterator[PILImage]:
+        """The images (PIL) of the rows numbered ``items``, decoded now: one batch."""
+        # one indexing call per batch: datasets decodes just these rows' images
+        yield from self.rows[items][self.column]
+
+
+def read_dataset_images(
+    source: str | Path, *, column: str | None = None, split: str | None = None
+) -> DatasetImageSplit:
+    """The rows of one ``datasets.Image`` column of a Hugging Face ``datasets`` dataset
+    (rows without an image left out), every tenth held out (``test``), the rest
+    ``train``: what [`read_images`][gblr.compress.pipeline.read_images] does with the
+    files of a folder. Only the rows' numbers are read here; the images are decoded a
+    batch at a time when used
+    ([`DatasetImageSplit.open`][gblr.compress.pipeline.DatasetImageSplit.open]).
+
+    Args:
+        source: as for [`read_dataset`][gblr.compress.pipeline.read_dataset]: a
+            ``save_to_disk`` folder, a data file or a folder of them, or a Hub dataset
+            name (needs the network, or the Hugging Face cache).
+        column: the column of images, of feature type ``datasets.Image``; default the
+            dataset's only such column, else its ``"image"`` or ``"img"`` one.
+        split: the split of a dataset with splits (default ``"train"``); a dataset
+            without splits is read whole.
+
+    Returns:
+        A [`DatasetImageSplit`][gblr.compress.pipeline.DatasetImageSplit].
+
+    Raises:
+        ImportError: ``datasets`` is not installed.
+        FileNotFoundError: ``source`` names a data file that does not exist.
+        ValueError: ``source`` cannot be loaded (the cause is given), ``split`` is not
+            one of its splits (they are listed), ``column`` is not one of its ``Image``
+            columns or no column is given and none is the default (they are listed), or
+            fewer than 2 rows hold an image.
+
+    Examples:
+        >>> from gblr.compress.pipeline import read_dataset_images  # doctest: +SKIP
+        >>> photos = read_dataset_images("photos-saved")  # doctest: +SKIP
+        >>> photos.split, photos.column, len(photos.train), len(photos.test)  # doctest: +SKIP
+        ('train', 'image', 90, 10)
+    """
+    table, split, where = _dataset_table(source, column, split)
+    import datasets  # imported by _dataset_table: it is installed
+
+    pictures = [
+        name for name, feature in table.features.items() if isinstance(feature, datasets.Image)
+    ]
+    column = _dataset_column(table, where, column, pictures, "Image", ("image", "img"), "an image")
+    rows = table.select_columns([column])
+    if not rows.features[column].decode:  # stored undecoded: decode when a batch is read
+        rows = rows.cast_column(column, datasets.Image())
+    # the rows holding an image, from the Arrow column's validity: nothing is decoded
+    valid = rows.with_format("arrow")[column].is_valid().to_pylist()
+    kept = [i for i, present in enumerate(valid) if present]
+    if len(kept) < 2:
+        raise ValueError(
+            f"column {column!r} of {where} has {len(kept)} row(s) with an image; give at least 2"
+        )
+    train, test = _split(kept)
+    return DatasetImageSplit(train=train, test=test, split=split, column=column, rows=rows)
+
+
+def _dataset_table(
+    source: str | Path, column: str | None, split: str | None
+) -> tuple[Any, str | None, str]:
+    """``(table, split, where)``: the ``datasets.Dataset`` of ``split`` of ``source``
+    (the ``"train"`` split of a dataset with splits by default; a dataset without splits
+    whole, with its own split name or ``None``), and how to name it in errors.
+    ``column`` is only checked to be a name here."""
     if not isinstance(source, (str, Path)) or not str(source):
         raise TypeError(
             f"dataset must be a folder, a data file or a Hub dataset name (a str or Path), "
@@ -198,7 +307,6 @@ def read_dataset(
     for name, value in (("dataset_column", column), ("dataset_split", split)):
         if value is not None and (not isinstance(value, str) or not value):
             raise TypeError(f"{name} must be a name (a non-empty str) or None, got {value!r}")
-    check_int("min_words", min_words, 1)
     try:
         import datasets
     except ImportError as error:
@@ -224,33 +332,45 @@ def read_dataset(
                 "dataset_split out"
             )
         table, split = loaded, own
-    where = f"dataset {shown!r}" + ("" if split is None else f" (split {split!r})")
-    strings = [
-        name
-        for name, feature in table.features.items()
-        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-    ]
-    if column is None:
-        if "text" in strings or len(strings) == 1:
-            column = "text" if "text" in strings else strings[0]
-        else:
-            raise ValueError(
-                f"{where} has {len(strings)} string columns {strings} and none is 'text': "
-                "name the column of text with dataset_column= (--dataset-column)"
-                + ("" if strings else f"; its columns: {list(table.features)}")
-            )
-    elif column not in strings:
-        kind = "not a string column" if column in table.features else "no column"
+    return table, split, f"dataset {shown!r}" + ("" if split is None else f" (split {split!r})")
+
+
+def _dataset_column(
+    table: Any,
+    where: str,
+    column: str | None,
+    candidates: list[str],
+    what: str,
+    preferred: tuple[str, ...],
+    model: str,
+) -> str:
+    """``column`` if it is one of ``candidates`` (the table's columns of the type
+    ``what`` names), or by default the first of ``preferred`` among them, else the only
+    one; a ``ValueError`` that lists them otherwise (``model``: the kind of model that
+    reads such a column, for the message)."""
+    if column is not None:
+        if column in candidates:
+            return column
+        article = "an" if what[0].lower() in "aeiou" else "a"  # "an Image", "a string"
+        kind = f"not {article} {what} column" if column in table.features else "no column"
         raise ValueError(
-            f"dataset_column={column!r} is {kind} of {where}; its string columns: {strings}"
+            f"dataset_column={column!r} is {kind} of {where}; its {what} columns: {candidates}"
         )
-    train, test = _usable_texts(
-        table[column],
-        min_words,
-        f"column {column!r} of {where} has {{count}} row(s) of at least {min_words} words; "
-        "give at least 2",
+    for name in preferred:
+        if name in candidates:
+            return name
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ValueError(
+            f"{where} has no {what} column, which {model} model reads; its columns: "
+            f"{list(table.features)}"
+        )
+    named = " or ".join(repr(name) for name in preferred)
+    raise ValueError(
+        f"{where} has {len(candidates)} {what} columns {candidates} and none is {named}: "
+        "name the one to read with dataset_column= (--dataset-column)"
     )
-    return DatasetTextSplit(train=train, test=test, split=split, column=column)
 
 
 def _load_dataset(datasets: Any, source: str | Path) -> Any:
@@ -299,6 +419,15 @@ class ImageSplit:
     test: list[Path]
     classes: list[str]
 
+    def open(self, items: list[Path]) -> Iterator[PILImage]:
+        """The images (PIL) of the files ``items``, one at a time, each open until the
+        next is asked for (convert it before)."""
+        from PIL import Image
+
+        for file in items:
+            with Image.open(file) as image:
+                yield image
+
 
 def read_images(path: str | Path) -> ImageSplit:
     """The image files (endings in ``IMAGE_SUFFIXES``: ``.jpg``, ``.png``, ...) of a
@@ -336,24 +465,32 @@ def read_images(path: str | Path) -> ImageSplit:
 
 
 class _ImageBatches:
-    """``(batch, 3, H, W)`` tensors of image files through a preprocessing transform,
-    read again at each pass (re-iterable, so [`gblr.distill`][] can cycle it)."""
+    """``(batch, 3, H, W)`` tensors of images, ``batch_size`` at a time (the last batch
+    may be smaller): ``items`` (image files, or a dataset's row numbers) opened by
+    ``read`` (an [`ImageSplit`][gblr.compress.pipeline.ImageSplit]'s or a
+    [`DatasetImageSplit`][gblr.compress.pipeline.DatasetImageSplit]'s ``open``) one batch
+    at a time, converted to RGB and put through the model's preprocessing ``transform``
+    (PIL image to a ``(3, H, W)`` tensor). Read again at each pass (re-iterable, so
+    [`gblr.distill`][] can cycle it) rather than held decoded in memory."""
 
-    def __init__(self, files: list[Path], transform: Any, batch_size: int) -> None:
-        self.files, self.transform, self.batch_size = files, transform, batch_size
+    def __init__(
+        self,
+        items: list[Any],
+        read: Callable[[list[Any]], Iterable[PILImage]],
+        transform: Callable[[PILImage], Tensor],
+        batch_size: int,
+    ) -> None:
+        self.items, self.read = items, read
+        self.transform, self.batch_size = transform, batch_size
 
     def __len__(self) -> int:
-        return math.ceil(len(self.files) / self.batch_size)
+        return math.ceil(len(self.items) / self.batch_size)
 
-    def __iter__(self):
-        from PIL import Image
-
-        for start in range(0, len(self.files), self.batch_size):
-            images = []
-            for file in self.files[start : start + self.batch_size]:
-                with Image.open(file) as image:
-                    images.append(self.transform(image.convert("RGB")))
-            yield torch.stack(images)
+    def __iter__(self) -> Iterator[Tensor]:
+        for start in range(0, len(self.items), self.batch_size):
+            # converted as each image is handed over: a file is open only until the next
+            batch = self.read(self.items[start : start + self.batch_size])
+            yield torch.stack([self.transform(image.convert("RGB")) for image in batch])
 
 
 @dataclass
@@ -674,8 +811,9 @@ class CompressionResult:
             ``"sentence-transformers"`` or ``"timm"``.
         data: what the data was: ``kind`` (``"text file"``, ``"dataset"`` or
             ``"image folder"``), ``path``, ``train`` and ``test`` counts, for a dataset
-            its ``split`` and ``column``, and for images ``classes`` (the
-            number of class sub-folders, 0 for a flat folder) and ``outputs`` (what was
+            its ``split`` and ``column`` (of text, or of images for an image model), for
+            an image folder ``classes`` (the number of class sub-folders, 0 for a flat
+            folder), and for images (a folder's or a dataset's) ``outputs`` (what was
             compared and distilled: ``"logits"`` or ``"features"``); empty without data.
         uncalibrated: why the conversion was not calibrated although there was data and
             ``calibrate=True`` (a layer to convert is a convolution, or the structure does
@@ -816,15 +954,19 @@ def compress_pretrained(
             data config: every tenth image is held out to measure the quality, the rest
             calibrate and feed the distillation (of the model's outputs: its logits, or
             its pooled features without a classifier). Not with ``text``.
-        dataset: for a text model, instead of ``text``: a Hugging Face ``datasets``
-            dataset, whose rows of one text column are used as the lines of ``text``
-            are (see [`read_dataset`][gblr.compress.pipeline.read_dataset]): a folder
-            written by ``save_to_disk``, a ``.csv``, ``.json``, ``.jsonl``, ``.parquet``
-            or ``.txt`` file, or a Hub dataset name (needs the network or the Hugging
-            Face cache). Not for an image model: datasets of images are not read, give
-            ``images`` (a folder).
-        dataset_column: the column of text of ``dataset`` (default ``"text"``, or its
-            only string column).
+        dataset: instead of ``text`` or ``images``: a Hugging Face ``datasets`` dataset,
+            a folder written by ``save_to_disk``, a ``.csv``, ``.json``, ``.jsonl``,
+            ``.parquet`` or ``.txt`` file, or a Hub dataset name (needs the network or
+            the Hugging Face cache). For a text model the rows of one text column are
+            used as the lines of ``text`` are (see
+            [`read_dataset`][gblr.compress.pipeline.read_dataset]); for an image model
+            the images of one ``datasets.Image`` column as the images of ``images`` are
+            (every tenth row held out, the model's preprocessing; see
+            [`read_dataset_images`][gblr.compress.pipeline.read_dataset_images]),
+            decoded a batch at a time.
+        dataset_column: the column of ``dataset`` to read: for a text model a string
+            column (default ``"text"``, or its only string column), for an image model
+            an ``Image`` column (default its only one, else ``"image"`` or ``"img"``).
         dataset_split: the split of ``dataset`` (default ``"train"`` when it has splits).
         distillation: recover by distillation to the original on ``text``, ``dataset``
             or ``images`` with this config (``None``: no recovery). Needs one of them.
@@ -850,9 +992,9 @@ def compress_pretrained(
         ValueError: more than one of ``text``, ``images`` and ``dataset``, data of the
             other kind than the model, ``dataset_column`` or ``dataset_split`` without
             ``dataset``, data that cannot be read (a dataset that cannot be loaded, a
-            missing split or column: listed), ``distillation`` without data, or ``out``
-            holding an earlier report without ``overwrite``. All before ``out`` is
-            written.
+            missing split, a missing column or one of the wrong type for the model:
+            listed), ``distillation`` without data, or ``out`` holding an earlier report
+            without ``overwrite``. All before ``out`` is written.
 
     Examples:
         >>> import gblr  # doctest: +SKIP
@@ -873,7 +1015,7 @@ def compress_pretrained(
     if len(given) > 1:
         shown = " and ".join(f"{name}={str(value)!r}" for name, value in given.items())
         raise ValueError(
-            f"give text= or dataset= (a text model) or images= (an image model), "
+            f"give text= (a text model), images= (an image model) or dataset= (either), "
             f"{'not both' if len(given) == 2 else 'only one'}: got {shown}"
         )
     for name, value in (("dataset_column", dataset_column), ("dataset_split", dataset_split)):
@@ -881,35 +1023,39 @@ def compress_pretrained(
             raise ValueError(f"{name}={value!r} names a part of dataset=, which is not given")
     if distillation is not None and not given:
         raise ValueError(
-            "distillation needs text= (a file of lines) or dataset= (a datasets dataset), "
-            "for a text model, or images= (a folder of images, for an image model) to "
-            "distil on"
+            "distillation needs text= (a file of lines, for a text model), images= (a "
+            "folder of images, for an image model) or dataset= (a datasets dataset: a text "
+            "column for a text model, an Image column for an image model) to distil on"
         )
     if distillation is not None and not isinstance(distillation, DistillConfig):
         raise TypeError(f"distillation must be a DistillConfig, got {type(distillation).__name__}")
     check_int("batch_size", batch_size, 1)
     check_int("max_length", max_length, 1)
     kind = _source_kind(source)
-    if dataset is not None and kind == "image":
-        raise ValueError(
-            f"dataset={str(dataset)!r} is read as text, for text models, but {source!r} is a "
-            "timm image model: give images= (--images, a folder of images); datasets of "
-            "images are not read"
-        )
     for name, value, wanted in (("text", text, "text"), ("images", images, "image")):
         if value is not None and kind != wanted:
-            other = "images= (a folder of images)" if kind == "image" else "text= (a text file)"
+            other = (
+                "images= (a folder of images) or dataset= (with an Image column)"
+                if kind == "image"
+                else "text= (a text file) or dataset= (with a text column)"
+            )
             raise ValueError(
                 f"{name}={str(value)!r} is data for {wanted} models, but {source!r} is "
                 f"{'a timm image' if kind == 'image' else 'a text'} model: give {other}"
             )
     seconds: dict[str, float] = {}
     texts: TextSplit | None = None
+    pictures: ImageSplit | DatasetImageSplit | None = None
+    # all data is read (a dataset: only its rows' numbers, for images) before out is
+    # checked and the model loaded, so that bad data is refused before any work
     if text is not None:
         texts = read_texts(text)
+    elif images is not None:
+        pictures = read_images(images)
+    elif dataset is not None and kind == "image":
+        pictures = read_dataset_images(dataset, column=dataset_column, split=dataset_split)
     elif dataset is not None:
         texts = read_dataset(dataset, column=dataset_column, split=dataset_split)
-    pictures = read_images(images) if images is not None else None
     if out is not None:
         out = Path(out)
         _check_out(out, overwrite)
@@ -940,24 +1086,23 @@ def compress_pretrained(
             return list(_batches(loaded.tokenizer, lines, batch_size, max_length))
 
     elif pictures is not None:
-        assert images is not None
         logits = int(getattr(loaded.model, "num_classes", 0) or 0) > 0
-        data = {
-            "kind": "image folder",
-            "path": str(images),
-            **_counts(pictures),
-            "classes": len(pictures.classes),
-            "outputs": "logits" if logits else "features",
-        }
-        test_batches = _ImageBatches(pictures.test, loaded.transform, batch_size)
+        if isinstance(pictures, DatasetImageSplit):
+            data = {"kind": "dataset", "path": str(dataset), "split": pictures.split}
+            data |= {"column": pictures.column, **_counts(pictures)}
+        else:
+            data = {"kind": "image folder", "path": str(images), **_counts(pictures)}
+            data["classes"] = len(pictures.classes)
+        data["outputs"] = "logits" if logits else "features"
+        test_batches = _ImageBatches(pictures.test, pictures.open, loaded.transform, batch_size)
 
         def outputs(model: nn.Module) -> Tensor:
             return model_outputs(model, test_batches)
 
         def train_batches(count: int | None = None) -> Any:
             assert pictures is not None
-            files = pictures.train if count is None else pictures.train[: count * batch_size]
-            return _ImageBatches(files, loaded.transform, batch_size)
+            items = pictures.train if count is None else pictures.train[: count * batch_size]
+            return _ImageBatches(items, pictures.open, loaded.transform, batch_size)
 
     reference = outputs(teacher) if teacher is not None else None
     calibration = None
@@ -1023,7 +1168,7 @@ def compress_pretrained(
     return result
 
 
-def _counts(split: TextSplit | ImageSplit) -> dict[str, int]:
+def _counts(split: TextSplit | ImageSplit | DatasetImageSplit) -> dict[str, int]:
     return {"train": len(split.train), "test": len(split.test)}
 
 
