@@ -239,9 +239,7 @@ def test_lambda_mode_is_monotone():
 def test_sigma_schedules_are_monotone_and_hit_their_end():
     model = two_layer_model()
     for schedule in ("linear", "geometric"):
-        config = gblr.LearnerConfig(
-            sigma=(1.0, 100.0), sigma_schedule=schedule, exact_from=None
-        )
+        config = gblr.LearnerConfig(sigma=(1.0, 100.0), sigma_schedule=schedule, exact_from=None)
         learner = gblr.StructureLearner(
             model, config, budget=0.5, total_steps=50, sigma_start_step=10
         )
