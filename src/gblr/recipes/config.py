@@ -127,9 +127,10 @@ class StructureConfig:
     ``rank_per_component``: GBLR's rank per component, and the unit in which a family's
     global allocation hands out MACs. ``start`` (GBLR with ``init: random`` only): how the
     layers start, a ``structure_init`` of [`gblr.GBLRLinear`][] that places a cost
-    (default ``blockdiag``, GBLR's block-diagonal special case, the start that trained
-    best on the real-task benchmarks; ``half`` is the paper's). A key set where it cannot
-    apply is refused.
+    (default ``blocks``: half on full-width components, half on GBLR's block-diagonal
+    special case, the start that trained best on the real-task benchmarks; ``blockdiag``
+    is its block-diagonal part alone, ``half`` the paper's start). A key set where it
+    cannot apply is refused.
 
     Examples:
         >>> from gblr.recipes.config import StructureConfig
