@@ -206,6 +206,33 @@ def test_compress_loads_timm_own_folder_format(tmp_path):
     assert gblr.from_pretrained(out)(images).shape == (2, 10)
 
 
+def test_compress_a_timm_name_with_random_weights_saves_a_folder_that_reloads_equal(tmp_path):
+    # timm:<name> is created by name (pretrained weights need the network; random ones do
+    # not): the same path as a Hub model, short of the download. test_vit is timm's own
+    # tiny ViT for tests.
+    if "test_vit" not in timm.list_models("test_vit"):
+        pytest.skip("this timm has no test_vit model")
+    out = tmp_path / "out"
+    result = compress_pretrained(
+        "timm:test_vit",
+        gblr.LowRankConfig(budget=0.5),
+        random_weights=True,
+        out=out,
+        progress=False,
+    )
+    assert result.model_kind == "image" and result.library == "timm"
+    assert result.conversion.layers, "nothing was converted"
+    size = result.model.pretrained_cfg["input_size"]
+    images = torch.randn(2, *size)
+    reloaded = gblr.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = result.model.eval()(images)
+        assert torch.allclose(reloaded(images), expected, atol=1e-5)
+    # the folder is a compressed model: the pipeline refuses to compress it again
+    with pytest.raises(ValueError, match="already compressed"):
+        load_image_model(str(out))
+
+
 def test_compress_refuses_mixed_or_mismatched_data_and_stray_random_weights(
     vit_folder, digit_folder, tmp_path, capsys
 ):
