@@ -58,7 +58,9 @@ def test_demo_short_setting_end_to_end(tmp_path, capsys):
     assert list(results) == structures
     # The GBLR run ends within its MACs target; the baselines stay within it. Measured
     # 2026-12-04 with the block-diagonal start at 1.25x the budget: 0.227 (the budget ramp
-    # removes whole one-line strips, not cells, and overshoots in 150 steps; issue 19).
+    # removes whole one-line strips, not cells, and overshoots in 150 steps; issue 19);
+    # 2026-12-05 with the "blocks" start at 2x: 0.299, accuracy 0.82 (at 3x the 50-step
+    # ramp killed the model: 0.13, which the accuracy floor below catches).
     assert 0.2 <= results["gblr"]["macs_ratio"] <= 0.3
     assert results["lowrank"]["macs_ratio"] <= 0.3
     assert results["dense"]["macs_ratio"] == 1.0
