@@ -1069,8 +1069,7 @@ def compress_pretrained(
     if texts is not None:
         assert teacher is not None
         if isinstance(texts, DatasetTextSplit):
-            data = {"kind": "dataset", "path": str(dataset), "split": texts.split}
-            data |= {"column": texts.column, **_counts(texts)}
+            data = _dataset_data(dataset, texts)
         else:
             data = {"kind": "text file", "path": str(text), **_counts(texts)}
 
@@ -1088,8 +1087,7 @@ def compress_pretrained(
     elif pictures is not None:
         logits = int(getattr(loaded.model, "num_classes", 0) or 0) > 0
         if isinstance(pictures, DatasetImageSplit):
-            data = {"kind": "dataset", "path": str(dataset), "split": pictures.split}
-            data |= {"column": pictures.column, **_counts(pictures)}
+            data = _dataset_data(dataset, pictures)
         else:
             data = {"kind": "image folder", "path": str(images), **_counts(pictures)}
             data["classes"] = len(pictures.classes)
@@ -1170,6 +1168,14 @@ def compress_pretrained(
 
 def _counts(split: TextSplit | ImageSplit | DatasetImageSplit) -> dict[str, int]:
     return {"train": len(split.train), "test": len(split.test)}
+
+
+def _dataset_data(
+    source: str | Path | None, split: DatasetTextSplit | DatasetImageSplit
+) -> dict[str, Any]:
+    """The report's ``data`` for the rows read from dataset ``source``."""
+    where = {"kind": "dataset", "path": str(source), "split": split.split}
+    return where | {"column": split.column, **_counts(split)}
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
