@@ -138,6 +138,40 @@ def test_full_init_is_a_low_rank_matrix():
     assert layer.flops() == 6 * (20 + 12)
 
 
+@pytest.mark.parametrize(
+    ("scheme", "cost"), [("full", None), ("half", 0.5), ("blocks", 0.9), ("blocks", 0.3)]
+)
+def test_narrowed_full_components_still_cover_every_line(scheme, cost):
+    # The learner narrows an interval from its end. Full components that all started at
+    # 0 left the last lines of every side uncovered together (the digits ViT lost the
+    # value rows of qkv and fell to chance); spread starts keep every line covered when
+    # each full component keeps its spacing's share of a side (and a line, for rounding).
+    layer = gblr.GBLRLinear(64, 192, structure_init=scheme, init_cost=cost).eval()
+    col_lengths, row_lengths = layer.interval_lengths()
+    full = ((col_lengths == 64) & (row_lengths == 192)).nonzero().flatten()
+    assert len(full) >= 4
+    # The spread does not change the starting matrix: its intervals are still full.
+    assert torch.equal(layer.dense_weight(), _with_starts_at_zero(layer).dense_weight())
+    with torch.no_grad():
+        layer.widths[0, full] = 1.0 / len(full) + 1.0 / 64
+        layer.widths[1, full] = 1.0 / len(full) + 1.0 / 192
+    starts, lengths = layer.interval_starts(), layer.interval_lengths()
+    for side, size in ((0, 64), (1, 192)):
+        covered = torch.zeros(size, dtype=torch.bool)
+        for k in full.tolist():
+            covered[(torch.arange(int(lengths[side][k])) + int(starts[side][k])) % size] = True
+        assert covered.all(), (side, (~covered).nonzero().flatten().tolist())
+
+
+def _with_starts_at_zero(layer: gblr.GBLRLinear) -> gblr.GBLRLinear:
+    copy = gblr.GBLRLinear(64, 192, num_components=layer.num_components).eval()
+    copy.load_state_dict(layer.state_dict())
+    full = (copy.widths >= 1).all(0)
+    with torch.no_grad():
+        copy.locations[:, full] = 0.0
+    return copy
+
+
 def test_default_num_components_and_weight_scale():
     layer = gblr.GBLRLinear(300, 200)
     assert layer.num_components == 200

@@ -241,14 +241,17 @@ def _mlp_run(seed, *, refine_residual=None, steps=90):
 
 
 def test_refine_does_not_diverge_on_a_small_network_from_the_first_step():
-    """Without the check of the model's domain (measured 2026-12-04), seed 16 reached
-    factors of 7e4 and a loss of 3e12 by step 85 (swaps predicted to gain 4.6 on a loss of
-    0.18 raised it to 230, and each larger gradient made the next swap larger)."""
-    first, last, largest, refines = _mlp_run(16)
+    """Without the check of the model's domain (measured 2026-12-04 on seed 16, before the
+    full components' starts were spread), a run reached factors of 7e4 and a loss of 3e12
+    by step 85 (swaps predicted to gain 4.6 on a loss of 0.18 raised it to 230, and each
+    larger gradient made the next swap larger). Measured 2026-12-05 with spread starts:
+    unchecked, seeds 1, 2, 5, 6 and 7 of the first eight end in NaN widths (the learner
+    raises); checked, seed 1 ends at a loss of 0.036 from 0.10 with 11 swaps."""
+    first, last, largest, refines = _mlp_run(1)
     assert refines > 0  # swaps are still made
     assert last < first and largest < 20
-    _, last_unchecked, largest_unchecked, _ = _mlp_run(16, refine_residual=math.inf)
-    assert largest_unchecked > 1e3 or not math.isfinite(last_unchecked)
+    with pytest.raises(FloatingPointError, match="not finite"):
+        _mlp_run(1, refine_residual=math.inf)
 
 
 def test_a_swap_that_reveals_a_far_fit_is_not_made(monkeypatch):

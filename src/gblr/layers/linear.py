@@ -31,7 +31,7 @@ class GBLRLinear(GBLRMatrixMixin):
             ``"half"`` (half of ``init_cost`` on full components, half on narrow ones
             along the diagonal), ``"blocks"`` (half on full components, half on a
             block-diagonal matrix of one- or two-line strips: the recipes' start for
-            training from scratch, at 2x the budget, the one that trained best on the
+            training from scratch, at 3x the budget, the one that trained best on the
             real-task benchmarks, docs/BENCHMARKS.md) or ``"blockdiag"`` (all of
             ``init_cost`` on such a block-diagonal).
         init_cost: starting cost as a fraction of the dense MACs, for ``"half"``,

@@ -119,8 +119,9 @@ class StructureConfig:
     baseline family (``gblr.structured.FAMILIES``), or a structure added with
     [`gblr.compress.register_structure`][]. ``budget``: MACs of the ``include``
     layers (glob patterns over module names, minus ``exclude``) as a fraction of dense;
-    for GBLR the learner's target, reached from ``start_cost`` (GBLR only; default: the
-    budget itself; with ``init: search`` the cost the layers are fitted at) over
+    for GBLR the learner's target, reached from ``start_cost`` (GBLR only; default: with
+    ``init: random``, [`gblr.recipes.models.gblr_start_cost`][] of the budget, with
+    ``init: search`` the budget itself, the cost the layers are fitted at) over
     ``learner.budget_ramp``. ``init``: ``random`` (training from scratch) or ``search``
     (fit each layer to its pretrained weights, [`gblr.convert`][], with ``allocation``
     ``global`` or ``uniform`` and, for GBLR, ``search_steps`` of refinement).
