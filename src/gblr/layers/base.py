@@ -285,9 +285,8 @@ class GBLRMatrixMixin(nn.Module):
         A full interval covers every line wherever it starts, so the matrix does not
         change; what changes is where the interval lets go of lines when the learner
         narrows it (its start stays, its end moves). Full intervals that all started at 0
-        would all give up the same last lines: on the digits ViT pruned from 0.9 to 0.3 of
-        the MACs within 50 steps, no component covered most of the value rows of ``qkv``
-        any more and the model fell to chance (docs/BENCHMARKS.md, "Full components let go
+        would all give up the same last lines, and a fast prune could leave whole output
+        ranges (a ViT's value rows) uncovered (docs/BENCHMARKS.md, "Full components let go
         of the same lines").
         """
         if count > 0:
