@@ -164,7 +164,9 @@ def test_narrowed_full_components_still_cover_every_line(scheme, cost):
 
 
 def _with_starts_at_zero(layer: gblr.GBLRLinear) -> gblr.GBLRLinear:
-    copy = gblr.GBLRLinear(64, 192, num_components=layer.num_components).eval()
+    copy = gblr.GBLRLinear(
+        layer.in_features, layer.out_features, num_components=layer.num_components
+    ).eval()
     copy.load_state_dict(layer.state_dict())
     full = (copy.widths >= 1).all(0)
     with torch.no_grad():

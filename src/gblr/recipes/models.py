@@ -313,9 +313,7 @@ def mixer_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> MlpM
 # cost), and the learner's budget ramp prunes them to it during the warm-up: the learner
 # only cuts, so what it may choose between must be there at the start. Chosen on the
 # real-task suite (docs/BENCHMARKS.md, "The start, at a higher cost" and "Full components
-# let go of the same lines"): with the "blocks" start and the full components spread along
-# the diagonal, 3x was the best family in 5 of the 10 from-scratch cells, 2x in 1; 3x costs
-# a few points against 2x in runs of 150 steps (the short demo), where nothing collapses.
+# let go of the same lines"), which also gives what 3x costs in very short runs.
 GBLR_START_RATIO = 3.0
 
 
