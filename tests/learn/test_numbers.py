@@ -48,6 +48,20 @@ def test_a_non_finite_parameter_names_the_layer_and_the_step(name, index, value)
     assert learner.step_count == 3  # the step that found them
 
 
+def test_finite_factors_whose_sum_overflows_are_not_reported():
+    model = two_layers()
+    learner = gblr.StructureLearner(model, budget=0.5, total_steps=10)
+    with torch.no_grad():
+        model[0].U.fill_(3e38)  # finite in float32, but their float32 sum is infinite
+    assert not torch.isfinite(model[0].U.sum())
+    learner.step()
+    assert learner.step_count == 1
+    with torch.no_grad():
+        model[0].U[0, 0, 0] = -math.inf  # now one entry is not finite
+    with pytest.raises(FloatingPointError, match=r"the U of layer '0' .* 0 NaN and 1 infinite"):
+        learner.step()
+
+
 def test_a_nan_loss_is_reported_at_the_step_after_the_optimizer_used_it():
     model = two_layers()
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=1e-2))

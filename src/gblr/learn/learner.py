@@ -69,6 +69,11 @@ def _budget_threshold(
     return high
 
 
+def _sum_to_screen(tensor: Tensor) -> Tensor:
+    """``tensor``'s sum, in float32 at least (half-precision sums overflow early)."""
+    return tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+
+
 def project_to_budget(layers: list[GBLRMatrixMixin], macs: int) -> None:
     """Shrink the layers' widths (one global soft threshold, in place) until their exact
     MACs per row are at most ``macs``: the learner's budget projection, applied once.
@@ -308,22 +313,28 @@ class StructureLearner:
         """``FloatingPointError`` naming the layer, the parameter and ``when`` if a width,
         location or factor is NaN or infinite.
 
-        One device sync for all layers (``isfinite`` reduced on the device, then one read):
-        the learner already reads the cost on the host every step. Gradients are not
-        checked here: a step that ``torch.amp.GradScaler`` skipped for non-finite
-        gradients leaves the parameters finite, and the learner then steps as usual.
+        One device sync for all layers, and one pass over each tensor: a NaN or infinite
+        entry makes the tensor's sum NaN or infinite, so the sums screen every step (an
+        element-wise ``isfinite`` takes several passes and was a measurable share of a
+        small model's training step, docs/BENCHMARKS.md). Only a sum that is not finite,
+        which a finite tensor's sum can also be when it overflows, is followed by the
+        element-wise check. Gradients are not checked here: a step that
+        ``torch.amp.GradScaler`` skipped for non-finite gradients leaves the parameters
+        finite, and the learner then steps as usual.
         """
         tensors = [
-            (index, name, getattr(layer, name))
+            (index, name, getattr(layer, name).detach())
             for index, layer in enumerate(self.layers)
             for name in ("widths", "locations", "U", "V")
         ]
         device = tensors[0][2].device
-        flags = torch.stack([torch.isfinite(t).all().to(device) for _, _, t in tensors])
-        if bool(flags.all()):
+        sums = torch.stack([_sum_to_screen(t).to(device) for _, _, t in tensors])
+        if bool(torch.isfinite(sums).all()):
             return
-        index, name, tensor = tensors[int((~flags).nonzero()[0, 0])]
-        values = tensor.detach()
+        flags = [bool(torch.isfinite(t).all()) for _, _, t in tensors]
+        if all(flags):
+            return  # a sum overflowed; every entry is finite
+        index, name, values = tensors[flags.index(False)]
         nan = int(torch.isnan(values).sum())
         inf = int(torch.isinf(values).sum())
         layer = self.layers[index]
