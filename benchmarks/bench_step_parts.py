@@ -1,0 +1,135 @@
+"""Where a small GBLR model's training step goes: forward, backward, AdamW, learner.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_step_parts.py
+
+The real tasks' pixel MLP (benchmarks/realtask_vision.py: 256 -> 512 -> 512 -> 10, both
+hidden layers structured) on one random batch of 64, one torch thread: GBLR started at
+3x the budget of 0.1 and ramped to it over the first third of 800 steps, as the suite
+trains it, against low-rank at the budget. Medians over steps ``--skip`` .. ``--steps``
+of each part, in ms. Also the learner's non-finite screen (one sum per tensor) against the
+element-wise ``isfinite(t).all()`` it replaced, on the same tensors, in the same process.
+Writes ``benchmarks/results/bench_step_parts.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_layer import machine_description, write_json_atomically
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BUDGET = 0.1
+
+
+def _parts(structure: str, steps: int, skip: int) -> dict[str, float]:
+    """Median ms of each part of a training step, steps ``skip`` .. ``steps``."""
+    import realtask_vision
+
+    import gblr
+    from gblr.recipes.models import gblr_start_cost, structure_model
+
+    torch.manual_seed(0)
+    model = realtask_vision._mlp()
+    start = gblr_start_cost(BUDGET) if structure == "gblr" else BUDGET
+    structure_model(model, structure, start, seed=0)
+    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=2e-3, weight_decay=0.05))
+    learner = None
+    if structure == "gblr":
+        learner = gblr.StructureLearner(
+            model, budget=BUDGET, total_steps=steps, warmup_steps=steps // 3
+        )
+    images, labels = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
+    times: dict[str, list[float]] = {"forward": [], "backward": [], "adamw": [], "learner": []}
+    for step in range(steps):
+        start_time = time.perf_counter()
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        forward_end = time.perf_counter()
+        loss.backward()
+        backward_end = time.perf_counter()
+        optimizer.step()
+        adamw_end = time.perf_counter()
+        if learner is not None:
+            learner.step()
+        learner_end = time.perf_counter()
+        if step >= skip:
+            times["forward"].append(forward_end - start_time)
+            times["backward"].append(backward_end - forward_end)
+            times["adamw"].append(adamw_end - backward_end)
+            times["learner"].append(learner_end - adamw_end)
+    result = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    result["step"] = sum(result.values())
+    return result
+
+
+def _screens(repeats: int) -> dict[str, float]:
+    """Median ms of the two non-finite checks on the GBLR MLP's structure and factors."""
+    import realtask_vision
+
+    from gblr.layers.base import GBLRMatrixMixin
+    from gblr.learn.learner import _sum_to_screen
+    from gblr.recipes.models import structure_model
+
+    model = realtask_vision._mlp()
+    structure_model(model, "gblr", 0.3, seed=0)
+    tensors = [
+        getattr(layer, name).detach()
+        for layer in model.modules()
+        if isinstance(layer, GBLRMatrixMixin)
+        for name in ("widths", "locations", "U", "V")
+    ]
+
+    def elementwise() -> bool:
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+    def sums() -> bool:
+        return bool(torch.isfinite(torch.stack([_sum_to_screen(t) for t in tensors])).all())
+
+    samples: dict[str, list[float]] = {"elementwise_ms": [], "sums_ms": []}
+    for _ in range(repeats):  # the two alternate, so both see the same machine
+        for name, check in (("elementwise_ms", elementwise), ("sums_ms", sums)):
+            start = time.perf_counter()
+            for _ in range(20):
+                check()
+            samples[name].append((time.perf_counter() - start) / 20 * 1e3)
+    result = {name: statistics.median(values) for name, values in samples.items()}
+    result["factor_entries"] = sum(t.numel() for t in tensors)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--skip", type=int, default=100, help="steps left out of the medians")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--output", type=Path, default=RESULTS / "bench_step_parts.json")
+    args = parser.parse_args(argv)
+    if not 0 <= args.skip < args.steps:
+        parser.error(f"--skip must be in [0, --steps), got {args.skip} with --steps {args.steps}")
+    torch.set_num_threads(1)
+    report = {
+        "machine": machine_description(torch.device("cpu")),
+        "date": time.strftime("%Y-%m-%d"),
+        "budget": BUDGET,
+        "steps": args.steps,
+        "skip": args.skip,
+        "gblr_ms": _parts("gblr", args.steps, args.skip),
+        "lowrank_ms": _parts("lowrank", args.steps, args.skip),
+        "non_finite_screen": _screens(args.repeats),
+    }
+    for name in ("gblr_ms", "lowrank_ms"):
+        print(name, {key: round(value, 2) for key, value in report[name].items()})
+    print("non-finite screen", report["non_finite_screen"])
+    write_json_atomically(args.output, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
