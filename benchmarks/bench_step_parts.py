@@ -30,9 +30,8 @@ BUDGET = 0.1
 
 def _parts(structure: str, steps: int, skip: int) -> dict[str, float]:
     """Median ms of each part of a training step, steps ``skip`` .. ``steps``."""
-    import realtask_vision
-
     import gblr
+    import realtask_vision
     from gblr.recipes.models import gblr_start_cost, structure_model
 
     torch.manual_seed(0)
@@ -72,7 +71,6 @@ def _parts(structure: str, steps: int, skip: int) -> dict[str, float]:
 def _screens(repeats: int) -> dict[str, float]:
     """Median ms of the two non-finite checks on the GBLR MLP's structure and factors."""
     import realtask_vision
-
     from gblr.layers.base import GBLRMatrixMixin
     from gblr.learn.learner import _sum_to_screen
     from gblr.recipes.models import structure_model
