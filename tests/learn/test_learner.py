@@ -443,3 +443,40 @@ def test_exact_from_with_sigma_left_alone_and_the_presets():
     assert gblr.LearnerConfig.from_dict(config.to_dict()) == config
     paper = gblr.LearnerConfig.paper()
     assert gblr.LearnerConfig.from_dict(paper.to_dict()) == paper
+
+
+def _sequential_bisection(view, widths, target, scale):
+    """The budget threshold by one halving at a time, each costed on its own."""
+    if view.cost(widths) <= target:
+        return 0.0
+    per_unit = view.unit_cost if scale is None else view.unit_cost * scale
+    low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        if view.cost(view.shrink(widths, middle, scale)) <= target:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_budget_threshold_is_the_sequential_bisection_bit_for_bit(dtype):
+    from gblr.learn.learner import _budget_threshold, _StructureView
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        shapes = torch.randint(3, 70, (int(torch.randint(1, 4, (1,), generator=generator)), 2))
+        torch.manual_seed(trial)
+        layers = [
+            gblr.GBLRLinear(int(n), int(m), structure_init="random", dtype=dtype)
+            for n, m in shapes.tolist()
+        ]
+        view = _StructureView(layers)
+        widths = view.widths().clamp(0.0, 1.0)
+        scale = None if trial % 2 else torch.rand(widths.shape, generator=generator) + 0.1
+        target = int(torch.randint(0, view.cost(widths) + 1, (1,), generator=generator))
+        expected = _sequential_bisection(view, widths, target, scale)
+        threshold = _budget_threshold(view, widths, target, scale)
+        assert threshold == expected  # the same float, not just close
+        assert view.cost(view.shrink(widths, threshold, scale)) <= target

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy
 import torch
 from torch import Tensor, nn
 
@@ -50,22 +51,49 @@ PASSES: tuple[type[LearnerPass], ...] = (
     RefinePass,
 )
 _BISECTION_STEPS = 60
+# Halvings per batched evaluation (2**2 - 1 thresholds costed at once, in NumPy): the
+# fastest of 1-4 on the pixel MLP, where the bisection was most of the learner's step
+# (docs/BENCHMARKS.md, "Overhead on a small model").
+_HALVINGS_PER_ROUND = 2
+
+
+def _midpoints(low: float, high: float, levels: int) -> list[float]:
+    """The midpoints ``levels`` halvings of ``[low, high]`` can visit, in increasing order,
+    each computed as a sequential bisection computes it (``0.5 * (a + b)``)."""
+    if levels == 0:
+        return []
+    middle = 0.5 * (low + high)
+    return [
+        *_midpoints(low, middle, levels - 1),
+        middle,
+        *_midpoints(middle, high, levels - 1),
+    ]
 
 
 def _budget_threshold(
     view: _StructureView, widths: Tensor, target: int, scale: Tensor | None = None
 ) -> float:
-    """Smallest global threshold whose shrunk widths cost at most ``target`` MACs."""
+    """Smallest global threshold whose shrunk widths cost at most ``target`` MACs.
+
+    A bisection of ``_BISECTION_STEPS`` halvings, evaluated ``_HALVINGS_PER_ROUND`` at a
+    time: the cost does not increase with the threshold, so the first of a round's
+    midpoints that fits and the last that does not are the bracket the sequential
+    halvings reach, bit for bit.
+    """
     if view.cost(widths) <= target:
         return 0.0
     per_unit = view.unit_cost if scale is None else view.unit_cost * scale
     low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
-    for _ in range(_BISECTION_STEPS):
-        middle = 0.5 * (low + high)
-        if view.cost(view.shrink(widths, middle, scale)) <= target:
-            high = middle
-        else:
-            low = middle
+    host_widths = widths.detach().to(torch.float64).cpu().numpy()
+    host_per_unit = per_unit.detach().to(torch.float64).cpu().numpy()
+    for _ in range(_BISECTION_STEPS // _HALVINGS_PER_ROUND):
+        points = _midpoints(low, high, _HALVINGS_PER_ROUND)
+        fits = (view.costs(host_widths, points, host_per_unit) <= target).tolist()
+        first_fit = fits.index(True) if True in fits else len(points)
+        if first_fit < len(points):
+            high = points[first_fit]
+        if first_fit > 0:
+            low = points[first_fit - 1]
     return high
 
 
@@ -107,7 +135,9 @@ class _StructureView:
         self.dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         self.dims = torch.cat(dims, dim=1).to(device)
         self.dims_in_dtype = self.dims.to(self.dtype)  # cost() runs ~60 times per step
+        self.dims_numpy = self.dims_in_dtype.cpu().numpy()
         self.ranks = torch.cat(ranks).to(device)
+        self.ranks_numpy = self.ranks.cpu().numpy()
         # Relaxed cost per unit of width: r * m for a row width, r * n for a column width.
         self.unit_cost = self.dims * self.ranks
         self.dense_macs = sum(layer.rows * layer.cols for layer in layers)
@@ -121,6 +151,19 @@ class _StructureView:
         lengths = torch.round(widths * self.dims_in_dtype)
         live = (lengths > 0).all(dim=0)
         return int((self.ranks * lengths.sum(dim=0) * live).sum().item())
+
+    def costs(
+        self, widths: numpy.ndarray, thresholds: list[float], per_unit: numpy.ndarray
+    ) -> numpy.ndarray:
+        """``(len(thresholds),)`` exact MACs of float64 ``widths`` shrunk by each threshold
+        times ``per_unit``: the same numbers as ``cost(shrink(widths, t, scale))`` (the same
+        IEEE operations in the same order), batched and in NumPy, whose calls on a few
+        thousand numbers cost a fraction of torch's."""
+        shrunk = widths - numpy.asarray(thresholds)[:, None, None] * per_unit
+        dtype = numpy.float64 if self.dtype == torch.float64 else numpy.float32
+        lengths = numpy.round(numpy.clip(shrunk, 0.0, 1.0).astype(dtype) * self.dims_numpy)
+        live = (lengths > 0).all(axis=1)
+        return (self.ranks_numpy * lengths.sum(axis=1, dtype=numpy.float64) * live).sum(axis=1)
 
     def shrink(self, widths: Tensor, threshold: float, scale: Tensor | None = None) -> Tensor:
         per_unit = self.unit_cost if scale is None else self.unit_cost * scale
