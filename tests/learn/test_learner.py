@@ -445,15 +445,22 @@ def test_exact_from_with_sigma_left_alone_and_the_presets():
     assert gblr.LearnerConfig.from_dict(paper.to_dict()) == paper
 
 
-def _sequential_bisection(view, widths, target, scale):
-    """The budget threshold by one halving at a time, each costed on its own."""
-    if view.cost(widths) <= target:
+def _torch_cost(view, widths, dtype):
+    """Exact MACs of widths counted in torch, independently of the learner's NumPy count."""
+    lengths = torch.round(widths.clamp(0.0, 1.0).to(dtype) * view.dims.to(dtype))
+    live = (lengths > 0).all(dim=0)
+    return int((view.ranks * lengths.sum(dim=0) * live).sum().item())
+
+
+def _sequential_bisection(view, widths, target, scale, dtype):
+    """The budget threshold by one halving at a time, each costed on its own in torch."""
+    if _torch_cost(view, widths, dtype) <= target:
         return 0.0
     per_unit = view.unit_cost if scale is None else view.unit_cost * scale
     low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
     for _ in range(60):
         middle = 0.5 * (low + high)
-        if view.cost(view.shrink(widths, middle, scale)) <= target:
+        if _torch_cost(view, view.shrink(widths, middle, scale), dtype) <= target:
             high = middle
         else:
             low = middle
@@ -475,8 +482,12 @@ def test_batched_budget_threshold_is_the_sequential_bisection_bit_for_bit(dtype)
         view = _StructureView(layers)
         widths = view.widths().clamp(0.0, 1.0)
         scale = None if trial % 2 else torch.rand(widths.shape, generator=generator) + 0.1
+        assert view.cost(widths) == _torch_cost(view, widths, dtype)
         target = int(torch.randint(0, view.cost(widths) + 1, (1,), generator=generator))
-        expected = _sequential_bisection(view, widths, target, scale)
+        expected = _sequential_bisection(view, widths, target, scale, dtype)
         threshold = _budget_threshold(view, widths, target, scale)
         assert threshold == expected  # the same float, not just close
-        assert view.cost(view.shrink(widths, threshold, scale)) <= target
+        shrunk = view.shrink(widths, threshold, scale)
+        assert view.cost(shrunk) == _torch_cost(view, shrunk, dtype) <= target
+        view.write(shrunk)  # the layers' own count of the written widths agrees
+        assert view.cost(shrunk) == sum(layer.flops() for layer in view.layers)

@@ -80,11 +80,11 @@ def _budget_threshold(
     midpoints that fits and the last that does not are the bracket the sequential
     halvings reach, bit for bit.
     """
-    if view.cost(widths) <= target:
+    host_widths = widths.detach().to(torch.float64).cpu().numpy()
+    if view._exact_costs(host_widths[None])[0] <= target:
         return 0.0
     per_unit = view.unit_cost if scale is None else view.unit_cost * scale
     low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
-    host_widths = widths.detach().to(torch.float64).cpu().numpy()
     host_per_unit = per_unit.detach().to(torch.float64).cpu().numpy()
     for _ in range(_BISECTION_STEPS // _HALVINGS_PER_ROUND):
         points = _midpoints(low, high, _HALVINGS_PER_ROUND)
@@ -129,15 +129,16 @@ class _StructureView:
             dims.append(torch.tensor([[layer.cols] * k, [layer.rows] * k], dtype=torch.float64))
             ranks.append(torch.full((k,), float(layer.rank_per_component), dtype=torch.float64))
         device = layers[0].widths.device
-        # Costs are computed in the widths' own precision, so that they round exactly as
-        # the layers' flops() do.
-        dtypes = {layer.widths.dtype for layer in layers}
-        self.dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         self.dims = torch.cat(dims, dim=1).to(device)
-        self.dims_in_dtype = self.dims.to(self.dtype)  # cost() runs ~60 times per step
-        self.dims_numpy = self.dims_in_dtype.cpu().numpy()
         self.ranks = torch.cat(ranks).to(device)
-        self.ranks_numpy = self.ranks.cpu().numpy()
+        # The exact costs are counted on the host, in NumPy: the learner reads them every
+        # step (the bisection about 30 times), and NumPy's calls on a few thousand numbers
+        # cost a fraction of torch's. They round in the widths' own precision, as the
+        # layers' flops() do.
+        dtypes = {layer.widths.dtype for layer in layers}
+        cost_dtype = numpy.float64 if torch.float64 in dtypes else numpy.float32
+        self.dims_numpy = torch.cat(dims, dim=1).numpy().astype(cost_dtype)
+        self.ranks_numpy = torch.cat(ranks).numpy()
         # Relaxed cost per unit of width: r * m for a row width, r * n for a column width.
         self.unit_cost = self.dims * self.ranks
         self.dense_macs = sum(layer.rows * layer.cols for layer in layers)
@@ -146,22 +147,22 @@ class _StructureView:
         return torch.cat([layer.widths.detach().to(torch.float64) for layer in self.layers], 1)
 
     def cost(self, widths: Tensor) -> int:
-        """Exact MACs of the widths (clamped to [0, 1]): live components only."""
-        widths = widths.clamp(0.0, 1.0).to(self.dtype)
-        lengths = torch.round(widths * self.dims_in_dtype)
-        live = (lengths > 0).all(dim=0)
-        return int((self.ranks * lengths.sum(dim=0) * live).sum().item())
+        """Exact MACs of the ``(2, ΣK)`` widths (clamped to [0, 1]): live components only."""
+        host = widths.detach().to(torch.float64).cpu().numpy()
+        return int(self._exact_costs(host[None])[0])
 
     def costs(
         self, widths: numpy.ndarray, thresholds: list[float], per_unit: numpy.ndarray
     ) -> numpy.ndarray:
         """``(len(thresholds),)`` exact MACs of float64 ``widths`` shrunk by each threshold
-        times ``per_unit``: the same numbers as ``cost(shrink(widths, t, scale))`` (the same
-        IEEE operations in the same order), batched and in NumPy, whose calls on a few
-        thousand numbers cost a fraction of torch's."""
-        shrunk = widths - numpy.asarray(thresholds)[:, None, None] * per_unit
-        dtype = numpy.float64 if self.dtype == torch.float64 else numpy.float32
-        lengths = numpy.round(numpy.clip(shrunk, 0.0, 1.0).astype(dtype) * self.dims_numpy)
+        times ``per_unit``: ``cost(shrink(widths, t, scale))`` for every ``t`` at once."""
+        return self._exact_costs(widths - numpy.asarray(thresholds)[:, None, None] * per_unit)
+
+    def _exact_costs(self, widths: numpy.ndarray) -> numpy.ndarray:
+        """``(T,)`` exact MACs of ``(T, 2, ΣK)`` float64 widths, clamped to [0, 1] and
+        rounded to whole lines in the widths' own precision, as the layers' flops() do."""
+        clamped = numpy.clip(widths, 0.0, 1.0).astype(self.dims_numpy.dtype)
+        lengths = numpy.round(clamped * self.dims_numpy)
         live = (lengths > 0).all(axis=1)
         return (self.ranks_numpy * lengths.sum(axis=1, dtype=numpy.float64) * live).sum(axis=1)
 
