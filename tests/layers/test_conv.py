@@ -66,6 +66,46 @@ def test_gradients_flow():
         assert getattr(conv, name).grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_components_that_are_off_add_nothing_and_get_no_gradient(order):
+    torch.manual_seed(0)
+    conv = gblr.GBLRConv2d(
+        3,
+        5,
+        3,
+        padding=1,
+        num_components=4,
+        structure_init="random",
+        sigma=3.0,
+        evaluation_order=order,
+        dtype=torch.float64,
+    )
+    with torch.no_grad():
+        conv.widths[0, 1] = 0.0
+        conv.widths[1, 2] = 0.0
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    conv(x).square().sum().backward()
+    # Reference: every component masked by the public op, the kernel built by hand.
+    params = {
+        name: getattr(conv, name).detach().clone().requires_grad_()
+        for name in ("U", "V", "widths", "locations")
+    }
+    u, v = gblr.ops.mask_factors(
+        params["U"], params["V"], params["widths"], params["locations"], 3.0
+    )
+    kernel = (u.reshape(-1, 5).T @ v.reshape(-1, 27)).reshape(5, 3, 3, 3)
+    F.conv2d(x, kernel, conv.bias.detach(), padding=1).square().sum().backward()
+    assert torch.allclose(conv(x), F.conv2d(x, kernel, conv.bias, padding=1), atol=1e-12)
+    on = torch.tensor([True, False, False, True])
+    for name in ("U", "V"):
+        assert torch.allclose(getattr(conv, name).grad, params[name].grad, atol=1e-12), name
+    for name in ("widths", "locations"):
+        ours, reference = getattr(conv, name).grad, params[name].grad
+        assert torch.allclose(ours[:, on], reference[:, on], atol=1e-12), name
+        assert torch.equal(ours[:, ~on], torch.zeros_like(ours[:, ~on])), name
+    assert params["widths"].grad[:, ~on].abs().sum() > 0
+
+
 def test_state_dict_round_trip():
     conv = gblr.GBLRConv2d(3, 4, 3, structure_init="random", sigma=2.0)
     clone = gblr.GBLRConv2d(3, 4, 3)

@@ -122,6 +122,69 @@ def test_dead_component_contributes_and_costs_nothing():
         assert torch.equal(layer(x), reference)
 
 
+def off_components_layer():
+    """A float64 layer whose components 1 (row width 0), 3 (column width below 0) and 4
+    (both 0) are off, with non-zero factors everywhere."""
+    torch.manual_seed(0)
+    layer = random_layer(num_components=6, sigma=2.0)
+    with torch.no_grad():
+        layer.widths[1, 1] = 0.0
+        layer.widths[0, 3] = -0.2
+        layer.widths[:, 4] = 0.0
+    return layer
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_components_that_are_off_get_no_gradient_and_are_not_computed(order):
+    layer = off_components_layer()
+    layer.evaluation_order = order
+    x = torch.randn(5, 13, dtype=torch.float64)
+    target = torch.randn(5, 9, dtype=torch.float64)
+    (layer(x) - target).square().sum().backward()
+    # Independent reference: every component masked by the public op, product by hand.
+    params = {
+        name: getattr(layer, name).detach().clone().requires_grad_()
+        for name in ("U", "V", "widths", "locations", "bias")
+    }
+    u, v = gblr.ops.mask_factors(
+        params["U"], params["V"], params["widths"], params["locations"], 2.0
+    )
+    weight = u.reshape(-1, 9).T @ v.reshape(-1, 13)
+    (x @ weight.T + params["bias"] - target).square().sum().backward()
+    off = torch.tensor([False, True, False, True, True, False])
+    assert torch.allclose(layer(x), x @ weight.T + params["bias"], atol=1e-12)
+    for name in ("U", "V", "bias"):
+        assert torch.allclose(getattr(layer, name).grad, params[name].grad, atol=1e-12), name
+    for name in ("widths", "locations"):
+        ours, reference = getattr(layer, name).grad, params[name].grad
+        assert torch.allclose(ours[:, ~off], reference[:, ~off], atol=1e-12), name
+        assert torch.equal(ours[:, off], torch.zeros_like(ours[:, off])), name
+    # Through the smoothing alone, a zero width does get a gradient: that is what is cut.
+    assert params["widths"].grad[:, off].abs().sum() > 0
+    u_computed, v_computed = layer.masked_factors()
+    assert u_computed.shape == (3, 9) and v_computed.shape == (3, 13)
+    layer.eval()
+    assert layer.masked_factors()[0].shape == (6, 9)  # eval: all K (exact boxcars)
+
+
+def test_layer_with_every_component_off_is_its_bias():
+    layer = off_components_layer()
+    with torch.no_grad():
+        layer.widths.zero_()
+    x = torch.randn(4, 13, dtype=torch.float64)
+    for order in ORDERS:
+        layer.evaluation_order = order
+        assert torch.equal(layer(x), layer.bias.expand(4, 9))
+
+
+def test_recorded_factors_cover_every_component_even_those_off():
+    layer = off_components_layer()
+    layer.record_factors()
+    layer(torch.randn(3, 13, dtype=torch.float64)).sum().backward()
+    assert layer.factor_record["grad_u"].shape == layer.U.shape
+    assert layer.factor_record["u"].shape == layer.U.shape
+
+
 def test_flops_counts_live_intervals():
     widths = torch.tensor([[0.25, 1.0, 0.5], [0.5, 0.0, 1.0]])
     layer = gblr.GBLRLinear(

@@ -172,6 +172,27 @@ def test_budget_is_met_exactly():
     assert learner.summary()["macs_ratio"] == pytest.approx(report.ratio)
 
 
+def test_a_component_the_cut_removed_stays_removed():
+    model = two_layer_model()
+    x, y = regression_data()
+    optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
+    learner = gblr.StructureLearner(model, budget=0.25, total_steps=60, warmup_steps=30)
+    layers = [model[0], model[2]]
+    removed_before = [torch.zeros(layer.num_components, dtype=torch.bool) for layer in layers]
+    for _ in range(60):
+        loss = (model(x) - y).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+        for layer, before in zip(layers, removed_before):
+            removed = (layer.widths <= 0).any(0)
+            assert not (before & ~removed).any(), "a removed component came back"
+            before |= removed
+    # The cut did remove components (the default start costs 3x the budget).
+    assert sum(int(before.sum()) for before in removed_before) > 10
+
+
 def test_budget_as_absolute_macs():
     model = two_layer_model()
     x, y = regression_data()

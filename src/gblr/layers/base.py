@@ -83,6 +83,24 @@ def _as_interval_tensor(name: str, value: object, num_components: int) -> Tensor
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
+def _switch_off_empty(widths: Tensor, locations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(widths, locations, off (K,))``: the ``(2, K)`` structure as the training forward
+    uses it. A component with a width at or below 0 on either side is off: its masks are
+    zero, so it adds nothing, and it gets no gradient. Through the smoothing alone, its
+    widths would get one, and Adam (first moment 0 for the structure) would lift a zero
+    width by about the learning rate whatever the gradient's size: components the budget
+    cut had removed came back thousands of times per run and were cut again
+    (docs/BENCHMARKS.md, "Components that come back"). A NaN width is not off (the
+    learner reports it).
+    """
+    off = (widths.detach() <= 0).any(dim=0)
+    return (
+        torch.where(off, widths.detach(), widths),
+        torch.where(off, locations.detach(), locations),
+        off,
+    )
+
+
 def _record_factor_gradients(record: dict, u: Tensor, v: Tensor) -> None:
     """Keep the masked factors ``(K, r, out)``, ``(K, r, in)`` of this forward in
     ``record`` and, from the backward, the loss gradients with respect to them (summed
@@ -490,23 +508,33 @@ class GBLRMatrixMixin(nn.Module):
         return cached[1]
 
     def masked_factors(self) -> tuple[Tensor, Tensor]:
-        """``(U_masked (K*r, out), V_masked (K*r, in))`` with ``W = U_masked.T @ V_masked``.
+        """``(U_masked (K'*r, out), V_masked (K'*r, in))`` with ``W = U_masked.T @ V_masked``.
 
-        Training: [`gblr.ops.mask_factors`][] without its argument checks (on CUDA one
-        fused Triton launch each way; under autocast its output already has the autocast
-        dtype).
+        ``K' = K`` except in training on the CPU, where only the components that are on
+        (both widths above 0) are computed; the others' terms are exact zeros. Training:
+        [`gblr.ops.mask_factors`][] without its argument checks (on CUDA one fused Triton
+        launch each way; under autocast its output already has the autocast dtype), and a
+        component that is off gets no gradient, on every path.
         """
         if self.training:
+            widths, locations, off = _switch_off_empty(self.widths, self.locations)
             if _is_compiling():
                 # Under torch.compile: σ stays a tensor (reading it on the host would break
                 # the graph, and a Python float would recompile at every σ step) and the
                 # compiler fuses the masking into its own kernels.
-                u, v = mask_factors_traceable(
-                    self.U, self.V, self.widths, self.locations, self.sigma
-                )
+                u, v = mask_factors_traceable(self.U, self.V, widths, locations, self.sigma)
             else:
+                factor_u, factor_v = self.U, self.V
+                # Components that are off add exact zeros: on the CPU they are left out of
+                # the masking and both products (on CUDA, finding them would cost a sync).
+                # Not while factors are recorded: the records hold all K components.
+                if factor_u.device.type == "cpu" and self.factor_record is None:
+                    on = (~off).nonzero().flatten()
+                    if on.numel() < off.numel():
+                        factor_u, factor_v = factor_u[on], factor_v[on]
+                        widths, locations = widths[:, on], locations[:, on]
                 u, v = mask_factors_unchecked(
-                    self.U, self.V, self.widths, self.locations, self._sigma_value()
+                    factor_u, factor_v, widths, locations, self._sigma_value()
                 )
                 record = self.factor_record
                 if record is not None and u.requires_grad:
@@ -622,15 +650,18 @@ class GBLRMatrixMixin(nn.Module):
         """MACs of the dense matrix of the same shape for one input column: ``out * in``."""
         return self.rows * self.cols
 
-    def _choose_order(self, vectors: int) -> str:
+    def _choose_order(self, vectors: int, rank_terms: int | None = None) -> str:
         """Evaluation order for ``vectors`` input columns, by the MACs each really spends.
 
         ``materialize``: build ``W`` (``m n K r``) then one product (``vectors m n``);
         ``factored``: two thin products through the ``K r`` rank (``vectors K r (m + n)``).
+        ``rank_terms``: the ``K r`` rows of the masked factors actually computed (default:
+        all).
         """
         if self._evaluation_order != "auto":
             return self._evaluation_order
-        m, n, kr = self.rows, self.cols, self.num_components * self.rank_per_component
+        m, n = self.rows, self.cols
+        kr = self.num_components * self.rank_per_component if rank_terms is None else rank_terms
         materialize = m * n * kr + vectors * m * n
         factored = vectors * kr * (m + n)
         return "factored" if factored < materialize else "materialize"

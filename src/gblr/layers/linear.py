@@ -116,7 +116,7 @@ class GBLRLinear(GBLRMatrixMixin):
             )
         rows = x.numel() // self.in_features
         u, v = self.masked_factors()
-        if self._choose_order(rows) == "materialize":
+        if self._choose_order(rows, u.shape[0]) == "materialize":
             return F.linear(x, u.t() @ v, self.bias)
         return F.linear(F.linear(x, v), u.t(), self.bias)
 
