@@ -44,10 +44,12 @@ def scratch_options(options: dict[str, Any], budget: float, task: str) -> Scratc
     learner_fields = options.pop("learner_config", {})
     if options:
         raise ValueError(f"unknown GBLR options for {task}: {sorted(options)}")
-    # The deprecated keywords describe runs without the final phase; the suite runs the
-    # library's default one unless a variant sets its own.
+    # The deprecated keywords describe runs without the final phase, in which removed
+    # components came back; the suite runs the library's defaults of both unless a
+    # variant sets its own.
+    default = LearnerConfig()
     learner = dataclasses.replace(
         config_from_options(learner_options),
-        **{"exact_from": LearnerConfig().exact_from, **learner_fields},
+        **{"exact_from": default.exact_from, "revive": default.revive, **learner_fields},
     )
     return ScratchOptions(start_cost, structure, engine, learner)

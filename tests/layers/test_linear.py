@@ -167,6 +167,16 @@ def test_components_that_are_off_get_no_gradient_and_are_not_computed(order):
     assert layer.masked_factors()[0].shape == (6, 9)  # eval: all K (exact boxcars)
 
 
+def test_revive_empty_keeps_the_smoothing_gradient_of_zero_widths():
+    layer = off_components_layer()
+    layer.revive_empty = True
+    x = torch.randn(5, 13, dtype=torch.float64)
+    layer(x).square().sum().backward()
+    off = torch.tensor([False, True, False, True, True, False])
+    assert layer.widths.grad[:, off].abs().sum() > 0
+    assert layer.masked_factors()[0].shape == (6, 9)
+
+
 def test_layer_with_every_component_off_is_its_bias():
     layer = off_components_layer()
     with torch.no_grad():

@@ -34,6 +34,7 @@ PLANTED_KEYWORDS = {
         (lambda: gblr.LearnerConfig(pass_every=2.0), TypeError, "pass_every"),
         (lambda: gblr.LearnerConfig(merge=1e-3), TypeError, r"merge must be a gblr.MergeConfig"),
         (lambda: gblr.LearnerConfig(adaptive=1.0), TypeError, "adaptive must be"),
+        (lambda: gblr.LearnerConfig(revive=1), TypeError, r"revive must be True or False, got 1"),
         (lambda: gblr.AdaptiveConfig(0.0), ValueError, r"exponent .*adaptive=None"),
         (lambda: gblr.AdaptiveConfig("yes"), TypeError, "AdaptiveConfig.exponent"),
         (lambda: gblr.ShiftLimitConfig(cells=0), ValueError, "ShiftLimitConfig.cells"),
@@ -57,15 +58,18 @@ def test_every_pass_config_has_its_pass_in_the_learner():
 
 
 def test_presets():
-    # The default is the paper's method with a final phase of exact masks.
-    assert gblr.LearnerConfig.paper() == gblr.LearnerConfig(exact_from=None)
+    # The default is the paper's method with a final phase of exact masks, and removed
+    # components kept off.
+    assert gblr.LearnerConfig.paper() == gblr.LearnerConfig(exact_from=None, revive=True)
     assert gblr.LearnerConfig().exact_from == 0.95
+    assert gblr.LearnerConfig().revive is False
     assert gblr.LearnerConfig.finetune() == gblr.LearnerConfig(sigma=None, exact_from=None)
     planted = gblr.LearnerConfig.planted()
     assert planted.adaptive == gblr.AdaptiveConfig(1.0)
     assert planted.shift_limit == gblr.ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0)
     assert (planted.merge.tolerance, planted.untangle.tolerance) == (1e-3, 1e-4)
     assert (planted.refine.floor, planted.pass_every) == (1e-6, 20)
+    assert planted.revive is True
     with pytest.raises(dataclasses.FrozenInstanceError):
         planted.pass_every = 10  # type: ignore[misc]
 
@@ -121,7 +125,11 @@ def _planted_run(steps=70, **learner_arguments):
         (gblr.LearnerConfig.planted(), PLANTED_KEYWORDS),
         (  # the keywords describe runs without the final phase
             gblr.LearnerConfig(
-                sigma=(2.0, 50.0), sigma_schedule="linear", ramp="linear", exact_from=None
+                sigma=(2.0, 50.0),
+                sigma_schedule="linear",
+                ramp="linear",
+                exact_from=None,
+                revive=True,
             ),
             {"sigma": (2.0, 50.0), "sigma_schedule": "linear", "ramp": "linear"},
         ),
@@ -164,6 +172,7 @@ def test_deprecated_keywords_warn_with_their_replacement():
         shift_limit=gblr.ShiftLimitConfig(1.0),
         pass_every=5,
         exact_from=None,  # the old keywords' runs had no final phase
+        revive=True,  # and let removed components come back
     )
 
 

@@ -135,3 +135,13 @@ def test_the_learner_section_sets_the_final_phase():
         learner_config(load_config("digits-vit-gblr", ["learner.exact_from=null"])).exact_from
         is None
     )
+
+
+def test_the_learner_section_says_whether_removed_components_come_back():
+    from gblr.recipes.config import learner_config
+
+    assert learner_config(load_config("digits-vit-gblr")).revive is False  # the default
+    revived = learner_config(load_config("digits-vit-gblr", ["learner.revive=true"]))
+    assert revived.revive is True
+    with pytest.raises(ValueError, match=r"learner.revive must be bool, got 2"):
+        load_config("digits-vit-gblr", ["learner.revive=2"])

@@ -83,22 +83,17 @@ def _as_interval_tensor(name: str, value: object, num_components: int) -> Tensor
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
-def _switch_off_empty(widths: Tensor, locations: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(widths, locations, off (K,))``: the ``(2, K)`` structure as the training forward
-    uses it. A component with a width at or below 0 on either side is off: its masks are
-    zero, so it adds nothing, and it gets no gradient. Through the smoothing alone, its
-    widths would get one, and Adam (first moment 0 for the structure) would lift a zero
-    width by about the learning rate whatever the gradient's size: components the budget
-    cut had removed came back thousands of times per run and were cut again
-    (docs/BENCHMARKS.md, "Components that come back"). A NaN width is not off (the
-    learner reports it).
+def _off_components(widths: Tensor) -> Tensor:
+    """``(K,)`` bool: the components of the ``(2, K)`` widths that are off in training.
+
+    A width at or below 0 on either side: the masks are zero, so the component adds
+    nothing. Through the smoothing alone its widths would still get a gradient, and Adam
+    (first moment 0 for the structure) would lift a zero width by about the learning
+    rate whatever the gradient's size: components the budget cut had removed came back
+    thousands of times per run and were cut again (docs/BENCHMARKS.md, "Components that
+    come back"). A NaN width is not off (the learner reports it).
     """
-    off = (widths.detach() <= 0).any(dim=0)
-    return (
-        torch.where(off, widths.detach(), widths),
-        torch.where(off, locations.detach(), locations),
-        off,
-    )
+    return (widths.detach() <= 0).any(dim=0)
 
 
 def _record_factor_gradients(record: dict, u: Tensor, v: Tensor) -> None:
@@ -137,6 +132,10 @@ class GBLRMatrixMixin(nn.Module):
     #: after the backward, ``grad_u``, ``grad_v`` (the loss gradients with respect to
     #: them, summed over the forwards). Not part of the module's ``state_dict``.
     factor_record: dict[str, Tensor] | None = None
+    # False: a component with a zero width is off in the training forward (no gradient,
+    # not computed on the CPU); True: its widths keep the smoothing's gradient and the
+    # optimizer may bring it back. The learner sets it from LearnerConfig.revive.
+    revive_empty: bool = False
 
     def _init_gblr(
         self,
@@ -514,10 +513,15 @@ class GBLRMatrixMixin(nn.Module):
         (both widths above 0) are computed; the others' terms are exact zeros. Training:
         [`gblr.ops.mask_factors`][] without its argument checks (on CUDA one fused Triton
         launch each way; under autocast its output already has the autocast dtype), and a
-        component that is off gets no gradient, on every path.
+        component that is off gets no gradient, on every path, unless ``revive_empty``
+        (set by [`gblr.StructureLearner`][] from ``LearnerConfig.revive``).
         """
         if self.training:
-            widths, locations, off = _switch_off_empty(self.widths, self.locations)
+            widths, locations = self.widths, self.locations
+            off = None if self.revive_empty else _off_components(widths)
+            if off is not None:
+                widths = torch.where(off, widths.detach(), widths)
+                locations = torch.where(off, locations.detach(), locations)
             if _is_compiling():
                 # Under torch.compile: σ stays a tensor (reading it on the host would break
                 # the graph, and a Python float would recompile at every σ step) and the
@@ -528,7 +532,7 @@ class GBLRMatrixMixin(nn.Module):
                 # Components that are off add exact zeros: on the CPU they are left out of
                 # the masking and both products (on CUDA, finding them would cost a sync).
                 # Not while factors are recorded: the records hold all K components.
-                if factor_u.device.type == "cpu" and self.factor_record is None:
+                if off is not None and factor_u.is_cpu and self.factor_record is None:
                     on = (~off).nonzero().flatten()
                     if on.numel() < off.numel():
                         factor_u, factor_v = factor_u[on], factor_v[on]

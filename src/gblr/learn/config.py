@@ -307,6 +307,15 @@ class LearnerConfig(_Config):
             (no normalisation layer to absorb the difference) that cost 1.3-1.6 points,
             docs/BENCHMARKS.md. ``None``: σ follows the schedule to the last step and
             the structure moves to the end (the paper's method).
+        revive: whether a component the budget cut removed (a width at 0) may come back.
+            ``False`` (default): it stays off, with no gradient, and on the CPU the
+            training forward does not compute it (the layers' ``revive_empty``). Real
+            tasks did not tell the two apart, and the pixel MLP's training step took
+            half the time (docs/BENCHMARKS.md, "Components that come back"). ``True``
+            (the paper's method, and `planted`): zero widths keep the gradient of the
+            Gaudi smoothing, so Adam lifts them again (all K components computed); on
+            planted blocks at a tight budget, that is how the options recover what
+            they first missed.
 
     Examples:
         >>> import torch, gblr
@@ -331,6 +340,7 @@ class LearnerConfig(_Config):
     refine: RefineConfig | None = None
     pass_every: int = 10
     exact_from: float | None = 0.95
+    revive: bool = False
 
     # The optional passes: field name -> its config class.
     PASS_CONFIGS: ClassVar[dict[str, type[_Config]]] = {
@@ -363,24 +373,29 @@ class LearnerConfig(_Config):
             if not 0 < value <= 1:
                 raise ValueError(f"exact_from must be in (0, 1] or None, got {value!r}")
             self._set("exact_from", float(value))
+        if not isinstance(self.revive, bool):
+            raise TypeError(f"revive must be True or False, got {self.revive!r}")
 
     @classmethod
     def paper(cls) -> LearnerConfig:
         """The paper's method: σ annealed 1 → 100 geometrically over the whole run, a
-        geometric budget ramp, no optional pass, the structure learned to the last step.
+        geometric budget ramp, no optional pass, the structure learned to the last step,
+        removed components free to come back.
 
-        The default differs in one field: ``exact_from=0.95`` (the last 5% of the steps
+        The default differs in two fields: ``exact_from=0.95`` (the last 5% of the steps
         train the factors of the fixed structure through exact masks, the masks
-        evaluation uses). None of the optional passes helped on the real-task
+        evaluation uses) and ``revive=False`` (what the cut removed stays removed, and
+        is not computed). None of the optional passes helped on the real-task
         benchmarks (docs/BENCHMARKS.md, "Real tasks decide the defaults").
 
         Examples:
             >>> import dataclasses
             >>> from gblr import LearnerConfig
-            >>> LearnerConfig.paper() == dataclasses.replace(LearnerConfig(), exact_from=None)
+            >>> default = LearnerConfig()
+            >>> LearnerConfig.paper() == dataclasses.replace(default, exact_from=None, revive=True)
             True
         """
-        return cls(exact_from=None)
+        return cls(exact_from=None, revive=True)
 
     @classmethod
     def finetune(cls) -> LearnerConfig:
@@ -412,6 +427,7 @@ class LearnerConfig(_Config):
         """
         return cls(
             exact_from=None,  # as it was measured there
+            revive=True,
             adaptive=AdaptiveConfig(1.0),
             shift_limit=ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0),
             merge=MergeConfig(1e-3),
@@ -504,8 +520,8 @@ def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
     """The [`LearnerConfig`][gblr.learn.config.LearnerConfig] that the deprecated
     [`gblr.StructureLearner`][] keywords in ``options`` describe (every key one of
     [`DEPRECATED_OPTIONS`][gblr.learn.config.DEPRECATED_OPTIONS]), checked as they were, under their
-    old names; the same run as before, bit for bit (so ``exact_from=None``: those runs
-    had no final phase).
+    old names; the same run as before, bit for bit (so ``exact_from=None`` and
+    ``revive=True``: those runs had no final phase, and removed components came back).
 
     ``adaptive=0`` was the paper's uniform threshold (``adaptive=None``);
     ``max_shift``/``max_shift_ramp`` are one
@@ -552,8 +568,9 @@ def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
             fields[name] = cls(check_fraction(name, options[name]))
     if "merge_every" in options:
         fields["pass_every"] = check_int("merge_every", options["merge_every"], 1)
-    # The keywords describe the runs of before the final phase existed.
-    return LearnerConfig(**fields, exact_from=None)
+    # The keywords describe the runs of before the final phase existed, when removed
+    # components could come back.
+    return LearnerConfig(**fields, exact_from=None, revive=True)
 
 
 def deprecation_text(caller: str, options: Mapping[str, Any]) -> str:

@@ -193,8 +193,9 @@ class StructureLearner:
         config: a [`gblr.LearnerConfig`][] (default:
             ``LearnerConfig()``: the paper's method,
             [`LearnerConfig.paper`][gblr.learn.config.LearnerConfig.paper], with a final
-            phase of exact masks and a fixed structure, ``exact_from=0.95``).
-            Kept as `config` and saved in `state_dict`.
+            phase of exact masks and a fixed structure, ``exact_from=0.95``, and removed
+            components kept off, ``revive=False``). Kept as `config` and saved in
+            `state_dict`; the learner sets every GBLR layer's ``revive_empty`` from it.
         budget: budget mode: a fraction in (0, 1] of the dense MACs of all GBLR layers
             (the int ``1`` is 1.0, as in [`gblr.convert`][]; other ints are refused:
             an absolute count goes to ``budget_macs``).
@@ -306,6 +307,8 @@ class StructureLearner:
 
         self.view = _StructureView(layers)
         self.layers = layers
+        for layer in layers:
+            layer.revive_empty = self.config.revive
         self.lam: float | None = None
         self.final_target: int | None = None
         self._check_finite("when the learner was built")

@@ -232,7 +232,9 @@ class LearnerConfig:
     on real tasks, see docs/faq.md); ``merge_every``: steps between their passes.
     ``exact_from``: the fraction of the run from which the masks are exact and the
     structure is fixed (default 0.95; ``null``: the paper's method, σ annealed and the
-    structure learned to the last step; see [`gblr.LearnerConfig`][]).
+    structure learned to the last step; see [`gblr.LearnerConfig`][]). ``revive``:
+    whether components the budget cut removed may come back (default false: they stay
+    off and are not computed; true: the paper's method).
     [`learner_config`][gblr.recipes.config.learner_config] turns the section into a
     [`gblr.LearnerConfig`][].
 
@@ -254,6 +256,7 @@ class LearnerConfig:
     refine: float | None = None
     merge_every: int = 10
     exact_from: float | None = 0.95
+    revive: bool = False
 
 
 @dataclass
@@ -698,7 +701,7 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
     """The [`gblr.LearnerConfig`][] of the config's ``learner`` section: the one
     place where its keys become the learner's config (``adaptive: 0`` is off,
     ``max_shift``/``max_shift_ramp`` are one ``shift_limit``, ``merge_every`` is
-    ``pass_every``; ``exact_from`` is passed as it is). ``sigma_start`` and
+    ``pass_every``; ``exact_from`` and ``revive`` are passed as they are). ``sigma_start`` and
     ``budget_ramp`` are durations of the run and go to the learner as steps.
 
     Examples:
@@ -724,7 +727,7 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
             "merge_every": learner.merge_every,
         }
     )
-    return dataclasses.replace(options, exact_from=learner.exact_from)
+    return dataclasses.replace(options, exact_from=learner.exact_from, revive=learner.revive)
 
 
 def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
