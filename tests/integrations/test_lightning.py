@@ -111,7 +111,11 @@ def test_learner_keywords_are_checked_when_the_callback_is_made():
 
 
 def test_config_reaches_the_learner_and_old_keywords_warn_once(tmp_path):
-    config = gblr.LearnerConfig(sigma=None, merge=gblr.MergeConfig(1e-3), exact_from=None)
+    # The old keywords describe runs without the final phase, where removed components
+    # came back.
+    config = gblr.LearnerConfig(
+        sigma=None, merge=gblr.MergeConfig(1e-3), exact_from=None, revive=True
+    )
     callback = GBLRCallback(config=config, budget=0.5)
     with pytest.warns(FutureWarning, match="deprecated since gblr") as caught:
         old = GBLRCallback(target=0.5, sigma=None, merge=1e-3)
