@@ -132,9 +132,10 @@ class GBLRMatrixMixin(nn.Module):
     #: after the backward, ``grad_u``, ``grad_v`` (the loss gradients with respect to
     #: them, summed over the forwards). Not part of the module's ``state_dict``.
     factor_record: dict[str, Tensor] | None = None
-    # False: a component with a zero width is off in the training forward (no gradient,
-    # not computed on the CPU); True: its widths keep the smoothing's gradient and the
-    # optimizer may bring it back. The learner sets it from LearnerConfig.revive.
+    #: ``False`` (default): a component with a width at or below 0 is off in the training
+    #: forward (no gradient, not computed on the CPU); ``True``: its widths keep the Gaudi
+    #: smoothing's gradient and the optimizer may bring it back (every component
+    #: computed). [`gblr.StructureLearner`][] sets it from ``LearnerConfig.revive``.
     revive_empty: bool = False
 
     def _init_gblr(

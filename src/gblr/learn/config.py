@@ -310,8 +310,8 @@ class LearnerConfig(_Config):
         revive: whether a component the budget cut removed (a width at 0) may come back.
             ``False`` (default): it stays off, with no gradient, and on the CPU the
             training forward does not compute it (the layers' ``revive_empty``). Real
-            tasks did not tell the two apart, and the pixel MLP's training step took
-            half the time (docs/BENCHMARKS.md, "Components that come back"). ``True``
+            tasks did not tell the two apart, and training is faster without the
+            removed components (docs/BENCHMARKS.md, "Components that come back"). ``True``
             (the paper's method, and `planted`): zero widths keep the gradient of the
             Gaudi smoothing, so Adam lifts them again (all K components computed); on
             planted blocks at a tight budget, that is how the options recover what
