@@ -81,21 +81,32 @@ def _budget_threshold(
     halvings reach, bit for bit.
     """
     host_widths = widths.detach().to(torch.float64).cpu().numpy()
-    if view._exact_costs(host_widths[None])[0] <= target:
+    lengths = view._lengths(host_widths[None])
+    if view._cost_of_lengths(lengths)[0] <= target:
         return 0.0
     per_unit = view.unit_cost if scale is None else view.unit_cost * scale
     low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
-    host_per_unit = per_unit.detach().to(torch.float64).cpu().numpy()
     # A component with no line on a side at the threshold 0 has none at any larger one
     # (the shrink only narrows), so the halvings count the components live at 0 alone:
     # the same costs, on a fraction of the widths once the cut has removed most
-    # components. The bracket above comes from all of them, as before.
-    columns = (view._lengths(host_widths) > 0).all(axis=0).nonzero()[0]
-    host_widths = numpy.ascontiguousarray(host_widths[:, columns])
-    host_per_unit = numpy.ascontiguousarray(host_per_unit[:, columns])
+    # components. The bracket above comes from all of them, as before. The subsets are
+    # copied C-contiguous: NumPy is several times slower on the strided arrays that
+    # indexing returns.
+    columns = (lengths[0] > 0).all(axis=0).nonzero()[0]
+    host_per_unit = per_unit.detach().to(torch.float64).cpu().numpy()
+    live_widths, live_per_unit, dims, ranks = (
+        numpy.ascontiguousarray(array)
+        for array in (
+            host_widths[:, columns],
+            host_per_unit[:, columns],
+            view.dims_numpy[:, columns],
+            view.ranks_numpy[columns],
+        )
+    )
     for _ in range(_BISECTION_STEPS // _HALVINGS_PER_ROUND):
         points = _midpoints(low, high, _HALVINGS_PER_ROUND)
-        fits = (view.costs(host_widths, points, host_per_unit, columns) <= target).tolist()
+        costs = view.costs(live_widths, points, live_per_unit, dims, ranks)
+        fits = (costs <= target).tolist()
         first_fit = fits.index(True) if True in fits else len(points)
         if first_fit < len(points):
             high = points[first_fit]
@@ -156,49 +167,36 @@ class _StructureView:
     def cost(self, widths: Tensor) -> int:
         """Exact MACs of the ``(2, ΣK)`` widths (clamped to [0, 1]): live components only."""
         host = widths.detach().to(torch.float64).cpu().numpy()
-        return int(self._exact_costs(host[None])[0])
+        return int(self._cost_of_lengths(self._lengths(host[None]))[0])
 
     def costs(
         self,
         widths: numpy.ndarray,
         thresholds: list[float],
         per_unit: numpy.ndarray,
-        columns: numpy.ndarray | None = None,
+        dims: numpy.ndarray | None = None,
+        ranks: numpy.ndarray | None = None,
     ) -> numpy.ndarray:
         """``(len(thresholds),)`` exact MACs of float64 ``widths`` shrunk by each threshold
         times ``per_unit``: ``cost(shrink(widths, t, scale))`` for every ``t`` at once.
-        ``columns``: the components that ``widths`` and ``per_unit`` hold, in order
-        (default: all)."""
+        ``dims`` ``(2, C)`` and ``ranks`` ``(C,)``: those of the ``C`` components that
+        ``widths`` holds (default: all of the view's)."""
         shrunk = widths - numpy.asarray(thresholds)[:, None, None] * per_unit
-        return self._exact_costs(shrunk, columns)
+        return self._cost_of_lengths(self._lengths(shrunk, dims), ranks)
 
-    def _lengths(
-        self, widths: numpy.ndarray, columns: numpy.ndarray | None = None
-    ) -> numpy.ndarray:
-        """Whole lines of ``(..., 2, K)`` float64 widths, clamped to [0, 1] and rounded in
-        the widths' own precision, as the layers' flops() do (``columns``: as in `costs`)."""
-        dims = self.dims_numpy if columns is None else self._columns(columns)[0]
+    def _lengths(self, widths: numpy.ndarray, dims: numpy.ndarray | None = None) -> numpy.ndarray:
+        """Whole lines of ``(T, 2, C)`` float64 widths, clamped to [0, 1] and rounded in the
+        widths' own precision, as the layers' flops() do (``dims``: as in `costs`)."""
+        dims = self.dims_numpy if dims is None else dims
         return numpy.round(numpy.clip(widths, 0.0, 1.0).astype(dims.dtype) * dims)
 
-    def _exact_costs(
-        self, widths: numpy.ndarray, columns: numpy.ndarray | None = None
+    def _cost_of_lengths(
+        self, lengths: numpy.ndarray, ranks: numpy.ndarray | None = None
     ) -> numpy.ndarray:
-        """``(T,)`` exact MACs of ``(T, 2, K)`` float64 widths: live components only."""
-        lengths = self._lengths(widths, columns)
+        """``(T,)`` exact MACs of ``(T, 2, C)`` line counts: live components only."""
+        ranks = self.ranks_numpy if ranks is None else ranks
         live = (lengths > 0).all(axis=1)
-        ranks = self.ranks_numpy if columns is None else self._columns(columns)[1]
         return (ranks * lengths.sum(axis=1, dtype=numpy.float64) * live).sum(axis=1)
-
-    def _columns(self, columns: numpy.ndarray) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """``(dims (2, C), ranks (C,))`` of the components ``columns``, C-contiguous (NumPy
-        is several times slower on the strided arrays that indexing returns), kept for
-        the calls of one bisection."""
-        cached = self.__dict__.get("_columns_cache")
-        if cached is None or cached[0] is not columns:
-            dims = numpy.ascontiguousarray(self.dims_numpy[:, columns])
-            cached = (columns, dims, numpy.ascontiguousarray(self.ranks_numpy[columns]))
-            self.__dict__["_columns_cache"] = cached
-        return cached[1], cached[2]
 
     def shrink(self, widths: Tensor, threshold: float, scale: Tensor | None = None) -> Tensor:
         per_unit = self.unit_cost if scale is None else self.unit_cost * scale
