@@ -201,3 +201,39 @@ def test_progress_bar_is_labelled_by_steps_not_epochs():
     bar = _step_progress_bar()
     bar._trainer = SimpleNamespace(max_epochs=-1)  # a gblr run counts steps
     assert bar._get_train_description(0).strip() == "Training"  # Lightning's: "Epoch 0/-2"
+
+
+def test_training_steps_log_when_the_logger_writes_and_at_the_last_step(tmp_path, monkeypatch):
+    """A ``self.log`` costs Lightning about a small model's whole step, so the training step
+    logs only on the steps the trainer writes to its loggers, and on the last step (whose
+    ``train/steps_done`` reaches the launching process of a spawn strategy)."""
+    import csv
+
+    from gblr.recipes.engine import ClassificationModule
+
+    logged_at = []
+    original = ClassificationModule.log_dict
+
+    def log_dict(self, metrics, *args, **kwargs):
+        if "train/loss" in metrics:
+            logged_at.append(self.global_step)
+        return original(self, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(ClassificationModule, "log_dict", log_dict)
+    train, _ = digits()
+    config = EngineConfig(
+        steps=25,
+        batch_size=16,
+        budget=0.5,
+        progress=False,
+        out_dir=tmp_path,
+        trainer={"log_every_n_steps": 10},
+    )
+    result = train_classifier(gblr_vit(), Subset(train, range(128)), None, config)
+    assert logged_at == [9, 19, 24]
+    assert result["steps"] == 25
+    with open(tmp_path / "metrics.csv") as handle:
+        written = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    # the CSV logger writes what it wrote before: every 10th step, with its loss
+    assert [int(row["step"]) for row in written] == [9, 19]
+    assert all(float(row["train/loss"]) > 0 for row in written)

@@ -110,6 +110,20 @@ class _ScheduledModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"layer_types": layer_types(self.model), **self.run_info}
 
+    def _logs_this_step(self) -> bool:
+        """Whether this training step's metrics are logged: on the steps the trainer writes
+        to its loggers (every ``log_every_n_steps``) and on the last step. One ``self.log``
+        costs Lightning as much as a whole training step of a small model (it copies the
+        metric's metadata each call), and the values of the other steps reach no logger:
+        the progress bar shows the last logged ones. The last step always logs, so
+        ``train/steps_done`` reaches the launching process of a spawn strategy."""
+        trainer = self.trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is None or connector.should_update_logs:
+            return True
+        final = trainer.max_steps > 0 and self.global_step + 1 >= trainer.max_steps
+        return final or trainer.is_last_batch
+
 
 class ClassificationModule(_ScheduledModule):
     """Cross-entropy training of ``model`` (``(N, ...) -> (N, classes)`` logits).
@@ -159,11 +173,12 @@ class ClassificationModule(_ScheduledModule):
             inputs, labels = self.batch_mix(inputs, labels)
         logits = self.model(inputs)
         loss = self.loss(logits, labels)
-        hard = labels.argmax(-1) if labels.dim() > 1 else labels
-        accuracy = (logits.argmax(-1) == hard).float().mean()
-        self.log_dict({"train/loss": loss, "train/accuracy": accuracy}, prog_bar=True)
-        # also reaches the launching process of a spawn strategy (its trainer stays at 0)
-        self.log("train/steps_done", float(self.global_step + 1), reduce_fx="max")
+        if self._logs_this_step():
+            hard = labels.argmax(-1) if labels.dim() > 1 else labels
+            accuracy = (logits.argmax(-1) == hard).float().mean()
+            self.log_dict({"train/loss": loss, "train/accuracy": accuracy}, prog_bar=True)
+            # also reaches the launching process of a spawn strategy (its trainer stays at 0)
+            self.log("train/steps_done", float(self.global_step + 1), reduce_fx="max")
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -220,7 +235,8 @@ class CausalLMModule(_ScheduledModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         total, count = self._summed_loss(batch)
         loss = total / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True)
+        if self._logs_this_step():
+            self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:
