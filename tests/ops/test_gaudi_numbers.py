@@ -90,6 +90,35 @@ def test_masks_of_non_finite_intervals_are_nan_rows():
         assert torch.isfinite(mask[good]).all()  # the smoothed one: finite, not a boxcar
 
 
+@pytest.mark.parametrize("sigma", [None, 3.0])
+def test_the_checked_finite_path_gives_the_guarded_masks_and_gradients_bit_for_bit(sigma):
+    """``mask_factors_unchecked`` on the CPU skips the masks' element-wise guards once one
+    sum has shown every width and location finite: nothing may change but the speed."""
+    from gblr.ops.gaudi import _GaudiMaskOnGrid, _known_finite
+
+    torch.manual_seed(0)
+    width = torch.rand(12, dtype=torch.float32) * 1.4 - 0.2  # some clamp to 0 and to 1
+    location = torch.randn(12, dtype=torch.float32) * 3  # some wrap several times
+    results = []
+    for finite in (False, True):
+        w, loc = width.clone().requires_grad_(), location.clone().requires_grad_()
+        mask = _GaudiMaskOnGrid.apply(w, loc, 19, sigma, torch.float32, finite)
+        (mask * torch.linspace(-1, 2, 19)).sum().backward()
+        results.append((mask, w.grad, loc.grad))
+    for guarded, fast in zip(*results):
+        assert torch.equal(guarded, fast)
+    assert _known_finite(width, location)
+    for value in (math.nan, math.inf, -math.inf):
+        bad = location.clone()
+        bad[3] = value
+        assert not _known_finite(width, bad)
+    both = location.clone()
+    both[0], both[1] = math.inf, -math.inf  # a sum of NaN, not a finite cancellation
+    assert not _known_finite(width, both)
+    huge = torch.full((4,), 3e38)  # finite float32 values whose float32 sum overflows
+    assert _known_finite(huge, torch.zeros(4))
+
+
 def test_triton_kernels_give_a_non_finite_interval_the_empty_box():
     """The Triton backend reads no flags on the host; its kernels would round NaN to an
     arbitrary int64 (an out-of-range read), so the kernels make the interval empty."""

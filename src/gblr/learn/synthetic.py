@@ -105,7 +105,8 @@ def recovery_run(
         steps: optimizer steps.
         lr: learning rate of factors and structure.
         config: the learner's [`gblr.LearnerConfig`][], e.g.
-            ``LearnerConfig.planted()`` (default: the paper's plain method).
+            ``LearnerConfig.planted()`` (default: ``LearnerConfig()``, the library's
+            default; ``LearnerConfig.paper()`` is the paper's plain method).
         lr_decay: fraction of the steps, at the end, over which the learning rate of
             factors and structure decays linearly to zero (default 0: constant). With a
             constant rate, Adam's normalised steps keep moving interval ends by up to a

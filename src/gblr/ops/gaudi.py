@@ -152,16 +152,21 @@ def interval_starts(location: Tensor, n: int) -> Tensor:
 # The masks' own rounding, with no host read (it runs in every training forward and in
 # compiled graphs). A non-finite value would convert to an arbitrary int64 (an index out of
 # range); it gets the empty interval here, and the masks that use these are NaN there.
-def _lengths(width: Tensor, n: int) -> Tensor:
+# ``finite=True`` (the caller has checked every value) skips those element-wise guards:
+# the same result, fewer small kernels per training forward.
+def _lengths(width: Tensor, n: int, finite: bool = False) -> Tensor:
     width = width.detach()
     lengths = torch.round(width.clamp(0.0, 1.0) * n)
-    return torch.where(torch.isfinite(width), lengths, 0.0).to(torch.int64)
+    if not finite:
+        lengths = torch.where(torch.isfinite(width), lengths, 0.0)
+    return lengths.to(torch.int64)
 
 
-def _starts(location: Tensor, n: int) -> Tensor:
+def _starts(location: Tensor, n: int, finite: bool = False) -> Tensor:
     location = location.detach()
-    starts = torch.round(torch.where(torch.isfinite(location), location, 0.0) * n)
-    return torch.remainder(starts.to(torch.int64), n)
+    if not finite:
+        location = torch.where(torch.isfinite(location), location, 0.0)
+    return torch.remainder(torch.round(location * n).to(torch.int64), n)
 
 
 def _poison(mask: Tensor, width: Tensor, location: Tensor) -> Tensor:
@@ -169,6 +174,16 @@ def _poison(mask: Tensor, width: Tensor, location: Tensor) -> Tensor:
     gives a NaN output, not an arbitrary interval or a silently dropped component."""
     finite = torch.isfinite(width.detach()) & torch.isfinite(location.detach())
     return torch.where(finite.unsqueeze(-1), mask, torch.nan)
+
+
+def _known_finite(widths: Tensor, locations: Tensor) -> bool:
+    """Whether every width and location is finite, known without an element-wise pass:
+    a float64 sum is finite only if every entry is. Only on the CPU (elsewhere reading
+    the answer would cost a device sync per forward): ``False`` means "not known"."""
+    if widths.device.type != "cpu":
+        return False
+    total = widths.detach().sum(dtype=torch.float64) + locations.detach().sum(dtype=torch.float64)
+    return math.isfinite(float(total))
 
 
 def boxcar_mask(
@@ -261,8 +276,8 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
     is needed and the ``(K, n)`` work is contiguous row copies and one reduction."""
 
     @staticmethod
-    def forward(ctx, width, location, n, sigma, dtype):  # type: ignore[override]
-        lengths, starts = _lengths(width, n), _starts(location, n)
+    def forward(ctx, width, location, n, sigma, dtype, finite=False):  # type: ignore[override]
+        lengths, starts = _lengths(width, n, finite), _starts(location, n, finite)
         cumulative, edge = _grid_kernels(n, sigma, dtype, width.device)
         windows = cumulative.unfold(0, n, 1)  # row a: cumulative[a : a + n]
         # mask[j] = C(j - s + 1) - C(j - s - L + 1), C the table's value at offset 2n.
@@ -270,7 +285,8 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
         mask = windows.index_select(0, first.reshape(-1)) - windows.index_select(
             0, (first - lengths).reshape(-1)
         )
-        mask = _poison(mask, width.reshape(-1), location.reshape(-1))
+        if not finite:
+            mask = _poison(mask, width.reshape(-1), location.reshape(-1))
         ctx.save_for_backward(starts, lengths, edge)
         ctx.n = n
         return mask.reshape(*width.shape, n)
@@ -286,7 +302,7 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
         grad_end = torch.linalg.vecdot(grad_mask, at_end).reshape(starts.shape)
         grad_start = torch.linalg.vecdot(grad_mask, at_start).reshape(starts.shape)
         # Widening moves the end; moving the box moves both ends the same way.
-        return grad_end, grad_end - grad_start, None, None, None
+        return grad_end, grad_end - grad_start, None, None, None, None
 
 
 def gaudi_mask_on_grid(
@@ -636,8 +652,10 @@ def mask_factors_unchecked(
         backend = "triton" if factor_u.is_cuda and _triton_available() else "torch"
     if backend == "torch":
         rows, cols = factor_u.shape[2], factor_v.shape[2]
-        row_mask = gaudi_mask_on_grid(widths[1], locations[1], rows, sigma)
-        col_mask = gaudi_mask_on_grid(widths[0], locations[0], cols, sigma)
+        dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
+        finite = _known_finite(widths, locations)
+        row_mask = _GaudiMaskOnGrid.apply(widths[1], locations[1], rows, sigma, dtype, finite)
+        col_mask = _GaudiMaskOnGrid.apply(widths[0], locations[0], cols, sigma, dtype, finite)
         return (
             factor_u * row_mask.to(factor_u.dtype).unsqueeze(1),
             factor_v * col_mask.to(factor_v.dtype).unsqueeze(1),
