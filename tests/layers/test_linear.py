@@ -188,11 +188,24 @@ def test_layer_with_every_component_off_is_its_bias():
 
 
 def test_recorded_factors_cover_every_component_even_those_off():
+    """While recording, the CPU computes all K (as CUDA always does): the off components
+    are gated by ``where`` instead of left out, with the same output and gradients."""
+    x = torch.randn(3, 13, dtype=torch.float64)
+    skipped = off_components_layer()
+    skipped(x).sum().backward()
     layer = off_components_layer()
     layer.record_factors()
-    layer(torch.randn(3, 13, dtype=torch.float64)).sum().backward()
+    output = layer(x)
+    output.sum().backward()
     assert layer.factor_record["grad_u"].shape == layer.U.shape
     assert layer.factor_record["u"].shape == layer.U.shape
+    assert torch.allclose(output, skipped(x), atol=1e-12)
+    off = torch.tensor([False, True, False, True, True, False])
+    for name in ("U", "V", "widths", "locations"):
+        ours, reference = getattr(layer, name).grad, getattr(skipped, name).grad
+        assert torch.allclose(ours, reference, atol=1e-12), name
+    assert torch.equal(layer.widths.grad[:, off], torch.zeros(2, 3, dtype=torch.float64))
+    assert layer.widths.grad[:, ~off].abs().sum() > 0
 
 
 def test_flops_counts_live_intervals():

@@ -519,25 +519,28 @@ class GBLRMatrixMixin(nn.Module):
         """
         if self.training:
             widths, locations = self.widths, self.locations
+            factor_u, factor_v = self.U, self.V
             off = None if self.revive_empty else _off_components(widths)
+            compiling = _is_compiling()
+            # Components that are off add exact zeros: on the CPU they are left out of the
+            # masking and both products, which also keeps their widths and locations out of
+            # the gradient (on CUDA, finding them would cost a sync). Not while factors are
+            # recorded: the records hold all K components.
+            if off is not None and not compiling and factor_u.is_cpu and self.factor_record is None:
+                on = (~off).nonzero().flatten()
+                if on.numel() < off.numel():
+                    factor_u, factor_v = factor_u[on], factor_v[on]
+                    widths, locations = widths[:, on], locations[:, on]
+                off = None
             if off is not None:
                 widths = torch.where(off, widths.detach(), widths)
                 locations = torch.where(off, locations.detach(), locations)
-            if _is_compiling():
+            if compiling:
                 # Under torch.compile: σ stays a tensor (reading it on the host would break
                 # the graph, and a Python float would recompile at every σ step) and the
                 # compiler fuses the masking into its own kernels.
-                u, v = mask_factors_traceable(self.U, self.V, widths, locations, self.sigma)
+                u, v = mask_factors_traceable(factor_u, factor_v, widths, locations, self.sigma)
             else:
-                factor_u, factor_v = self.U, self.V
-                # Components that are off add exact zeros: on the CPU they are left out of
-                # the masking and both products (on CUDA, finding them would cost a sync).
-                # Not while factors are recorded: the records hold all K components.
-                if off is not None and factor_u.is_cpu and self.factor_record is None:
-                    on = (~off).nonzero().flatten()
-                    if on.numel() < off.numel():
-                        factor_u, factor_v = factor_u[on], factor_v[on]
-                        widths, locations = widths[:, on], locations[:, on]
                 u, v = mask_factors_unchecked(
                     factor_u, factor_v, widths, locations, self._sigma_value()
                 )
