@@ -7,8 +7,9 @@ hidden layers structured) on one random batch of 64, one torch thread: GBLR star
 3x the budget of 0.1 and ramped to it over the first third of 800 steps, as the suite
 trains it, against low-rank at the budget. Medians over steps ``--skip`` .. ``--steps``
 of each part, in ms. Also the learner's non-finite screen (one sum per tensor) against the
-element-wise ``isfinite(t).all()`` it replaced, on the same tensors, in the same process.
-Writes ``benchmarks/results/bench_step_parts.json``.
+element-wise ``isfinite(t).all()`` it replaced, on the same tensors, in the same process,
+and one AdamW step of each model after training, torch's default (a for-loop on the CPU)
+against ``fused=True``, alternating, on the last step's gradients. Writes ``benchmarks/results/bench_step_parts.json``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET = 0.1
 
 
-def _parts(structure: str, steps: int, skip: int) -> dict[str, float]:
-    """Median ms of each part of a training step, steps ``skip`` .. ``steps``."""
+def _parts(structure: str, steps: int, skip: int, repeats: int) -> dict[str, float]:
+    """Median ms of each part of a training step, steps ``skip`` .. ``steps``, and of an
+    AdamW step after them (``adamw_default``, ``adamw_fused``: ``repeats`` each)."""
     import gblr
     import realtask_vision
     from gblr.recipes.models import gblr_start_cost, structure_model
@@ -65,6 +67,17 @@ def _parts(structure: str, steps: int, skip: int) -> dict[str, float]:
             times["learner"].append(learner_end - adamw_end)
     result = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     result["step"] = sum(result.values())
+    optimizers = {
+        name: torch.optim.AdamW(gblr.param_groups(model, lr=2e-3, weight_decay=0.05), **options)
+        for name, options in (("adamw_default", {}), ("adamw_fused", {"fused": True}))
+    }
+    samples: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(repeats):  # alternating, so both see the same machine
+        for name, optimizer in optimizers.items():
+            start_time = time.perf_counter()
+            optimizer.step()
+            samples[name].append(time.perf_counter() - start_time)
+    result.update({name: statistics.median(values) * 1e3 for name, values in samples.items()})
     return result
 
 
@@ -118,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "budget": BUDGET,
         "steps": args.steps,
         "skip": args.skip,
-        "gblr_ms": _parts("gblr", args.steps, args.skip),
-        "lowrank_ms": _parts("lowrank", args.steps, args.skip),
+        "gblr_ms": _parts("gblr", args.steps, args.skip, 10 * args.repeats),
+        "lowrank_ms": _parts("lowrank", args.steps, args.skip, 10 * args.repeats),
         "non_finite_screen": _screens(args.repeats),
     }
     for name in ("gblr_ms", "lowrank_ms"):
