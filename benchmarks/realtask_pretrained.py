@@ -10,7 +10,8 @@ converted model is recovered by the library's ``gblr.distill`` to the dense mode
 token-level MSE of the last hidden states (padding masked), AdamW over
 ``gblr.param_groups`` (lr 3e-4, weight decay 0.01, warm-up over the first tenth, cosine
 decay), batch 16 sentences; GBLR models keep their MACs with a structure learner
-(``LearnerConfig.finetune()``, ``budget=budget``), as the compress guide says.
+(``LearnerConfig.finetune()``, ``budget=budget``), as the compress guide says. The run's
+seed orders the batches and seeds the student's dropout (``DistillConfig.seed``).
 
 Text: the English prose of the Python documentation's topic pages that the standard library
 ships (``pydoc_data.topics``), cut into sentences of 6 to 60 words; whole topics are held
@@ -23,6 +24,7 @@ time is reported.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import time
@@ -182,9 +184,19 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     # The library's own recovery (gblr.distill: AdamW over param_groups, warm-up over the
     # first tenth, cosine decay, masked MSE of the last hidden states, the learner holding
     # the budget); the batches are drawn in the seed's order.
-    learner_config = config_from_options({"sigma": None, **learner_options})
+    learner_config = gblr.LearnerConfig.finetune()
+    if learner_options:  # a variant's options, in the learner's keyword form
+        learner_config = dataclasses.replace(
+            config_from_options({"sigma": None, **learner_options}), revive=learner_config.revive
+        )
+    # Seeded: the student trains with dropout on.
     distill_config = gblr.DistillConfig(
-        steps=steps, lr=LR, structure_lr=structure_lr, weight_decay=0.01, learner=learner_config
+        steps=steps,
+        lr=LR,
+        structure_lr=structure_lr,
+        weight_decay=0.01,
+        learner=learner_config,
+        seed=seed,
     )
     train = encoded["train"]
     order = torch.randperm(

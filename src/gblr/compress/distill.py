@@ -30,6 +30,7 @@ from ..learn.config import LearnerConfig
 from ..learn.factors import check_fraction, check_int
 from ..learn.groups import check_rate, gblr_layers, param_groups
 from ..learn.learner import StructureLearner
+from .configs import _check_seed
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distillation_loss", "model_output"]
 
@@ -53,6 +54,10 @@ class DistillConfig:
             an output field (``"pooler_output"``, ``"logits"``, ...).
         learner: the structure learner's config for GBLR layers (default
             [`gblr.LearnerConfig.finetune`][]: σ left as the conversion set it).
+        seed: seeds the random draws of the student in training mode (its dropout) on a
+            forked random state, so the same seed gives the same run and the caller's
+            random state is left as it was; ``None`` draws from torch's global generator
+            as the caller left it.
 
     Examples:
         >>> from gblr.compress.distill import DistillConfig
@@ -67,6 +72,7 @@ class DistillConfig:
     warmup_fraction: float = 0.1
     output: str = "auto"
     learner: LearnerConfig | None = None
+    seed: int | None = 0
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, 1)
@@ -81,6 +87,8 @@ class DistillConfig:
             raise TypeError(
                 f"learner must be a gblr.LearnerConfig or None, got {type(self.learner).__name__}"
             )
+        if self.seed is not None:
+            _check_seed(self.seed)
 
     @property
     def warmup_steps(self) -> int:
@@ -321,31 +329,37 @@ def distill(
     student.train()
     losses: list[float] = []
     start = time.perf_counter()
-    try:
-        for step, batch in zip(range(config.steps), _cycle(batches)):
-            batch = _to_device(batch, device)
-            with torch.no_grad():
-                target = model_output(teacher, batch, config.output)
-            loss = distillation_loss(
-                model_output(student, batch, config.output), target, _mask_of(batch)
-            )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"distillation loss is {float(loss.detach())} at step {step}: lower lr "
-                    f"(now {config.lr:g}) or check the inputs"
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices, enabled=config.seed is not None):
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        try:
+            for step, batch in zip(range(config.steps), _cycle(batches)):
+                batch = _to_device(batch, device)
+                with torch.no_grad():
+                    target = model_output(teacher, batch, config.output)
+                loss = distillation_loss(
+                    model_output(student, batch, config.output), target, _mask_of(batch)
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if learner is not None:
-                learner.step()
-            losses.append(float(loss.detach()))
-            if progress and (step + 1) % max(1, config.steps // 10) == 0:
-                print(f"distill step {step + 1}/{config.steps}: loss {losses[-1]:.4g}", flush=True)
-    finally:
-        student.eval()
-        teacher.train(teacher_mode)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"distillation loss is {float(loss.detach())} at step {step}: lower lr "
+                        f"(now {config.lr:g}) or check the inputs"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                if learner is not None:
+                    learner.step()
+                losses.append(float(loss.detach()))
+                if progress and (step + 1) % max(1, config.steps // 10) == 0:
+                    print(
+                        f"distill step {step + 1}/{config.steps}: loss {losses[-1]:.4g}", flush=True
+                    )
+        finally:
+            student.eval()
+            teacher.train(teacher_mode)
     seconds = time.perf_counter() - start
     tail = losses[-min(10, len(losses)) :]
     return DistillResult(
