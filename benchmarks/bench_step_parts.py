@@ -9,7 +9,8 @@ trains it, against low-rank at the budget. Medians over steps ``--skip`` .. ``--
 of each part, in ms. Also the learner's non-finite screen (one sum per tensor) against the
 element-wise ``isfinite(t).all()`` it replaced, on the same tensors, in the same process,
 and one AdamW step of each model after training, torch's default (a for-loop on the CPU)
-against ``fused=True``, alternating, on the last step's gradients. Writes ``benchmarks/results/bench_step_parts.json``.
+against ``fused=True``, alternating, on the last step's gradients. Writes
+``benchmarks/results/bench_step_parts.json``.
 """
 
 from __future__ import annotations

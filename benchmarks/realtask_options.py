@@ -45,11 +45,16 @@ def scratch_options(options: dict[str, Any], budget: float, task: str) -> Scratc
     if options:
         raise ValueError(f"unknown GBLR options for {task}: {sorted(options)}")
     # The deprecated keywords describe runs without the final phase, in which removed
-    # components came back; the suite runs the library's defaults of both unless a
-    # variant sets its own.
+    # components came back and every width took the same cut; the suite runs the
+    # library's defaults of all three unless a variant sets its own.
     default = LearnerConfig()
     learner = dataclasses.replace(
         config_from_options(learner_options),
-        **{"exact_from": default.exact_from, "revive": default.revive, **learner_fields},
+        **{
+            "exact_from": default.exact_from,
+            "revive": default.revive,
+            "cut_exponent": default.cut_exponent,
+            **learner_fields,
+        },
     )
     return ScratchOptions(start_cost, structure, engine, learner)

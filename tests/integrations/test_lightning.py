@@ -114,7 +114,7 @@ def test_config_reaches_the_learner_and_old_keywords_warn_once(tmp_path):
     # The old keywords describe runs without the final phase, where removed components
     # came back.
     config = gblr.LearnerConfig(
-        sigma=None, merge=gblr.MergeConfig(1e-3), exact_from=None, revive=True
+        sigma=None, merge=gblr.MergeConfig(1e-3), exact_from=None, revive=True, cut_exponent=0.0
     )
     callback = GBLRCallback(config=config, budget=0.5)
     with pytest.warns(FutureWarning, match="deprecated since gblr") as caught:

@@ -35,6 +35,11 @@ PLANTED_KEYWORDS = {
         (lambda: gblr.LearnerConfig(merge=1e-3), TypeError, r"merge must be a gblr.MergeConfig"),
         (lambda: gblr.LearnerConfig(adaptive=1.0), TypeError, "adaptive must be"),
         (lambda: gblr.LearnerConfig(revive=1), TypeError, r"revive must be True or False, got 1"),
+        (lambda: gblr.LearnerConfig(cut_exponent=True), TypeError, r"cut_exponent must be"),
+        (lambda: gblr.LearnerConfig(cut_exponent="0.5"), TypeError, r"cut_exponent must be"),
+        (lambda: gblr.LearnerConfig(cut_exponent=-0.1), ValueError, r"cut_exponent .*got -0.1"),
+        (lambda: gblr.LearnerConfig(cut_exponent=1.5), ValueError, r"in \[0, 1\]"),
+        (lambda: gblr.LearnerConfig(cut_exponent=math.nan), ValueError, r"cut_exponent"),
         (lambda: gblr.AdaptiveConfig(0.0), ValueError, r"exponent .*adaptive=None"),
         (lambda: gblr.AdaptiveConfig("yes"), TypeError, "AdaptiveConfig.exponent"),
         (lambda: gblr.ShiftLimitConfig(cells=0), ValueError, "ShiftLimitConfig.cells"),
@@ -60,16 +65,20 @@ def test_every_pass_config_has_its_pass_in_the_learner():
 def test_presets():
     # The default is the paper's method with a final phase of exact masks, and removed
     # components kept off.
-    assert gblr.LearnerConfig.paper() == gblr.LearnerConfig(exact_from=None, revive=True)
+    paper = gblr.LearnerConfig(exact_from=None, revive=True, cut_exponent=0.0)
+    assert gblr.LearnerConfig.paper() == paper
     assert gblr.LearnerConfig().exact_from == 0.95
     assert gblr.LearnerConfig().revive is False
-    assert gblr.LearnerConfig.finetune() == gblr.LearnerConfig(sigma=None, exact_from=None)
+    assert gblr.LearnerConfig().cut_exponent == 0.5
+    finetune = gblr.LearnerConfig(sigma=None, exact_from=None, cut_exponent=0.0)
+    assert gblr.LearnerConfig.finetune() == finetune
+    assert gblr.LearnerConfig.from_dict(gblr.LearnerConfig().to_dict()) == gblr.LearnerConfig()
     planted = gblr.LearnerConfig.planted()
     assert planted.adaptive == gblr.AdaptiveConfig(1.0)
     assert planted.shift_limit == gblr.ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0)
     assert (planted.merge.tolerance, planted.untangle.tolerance) == (1e-3, 1e-4)
     assert (planted.refine.floor, planted.pass_every) == (1e-6, 20)
-    assert planted.revive is True
+    assert planted.revive is True and planted.cut_exponent == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         planted.pass_every = 10  # type: ignore[misc]
 
@@ -130,6 +139,7 @@ def _planted_run(steps=70, **learner_arguments):
                 ramp="linear",
                 exact_from=None,
                 revive=True,
+                cut_exponent=0.0,
             ),
             {"sigma": (2.0, 50.0), "sigma_schedule": "linear", "ramp": "linear"},
         ),
@@ -173,6 +183,7 @@ def test_deprecated_keywords_warn_with_their_replacement():
         pass_every=5,
         exact_from=None,  # the old keywords' runs had no final phase
         revive=True,  # and let removed components come back
+        cut_exponent=0.0,  # and cut every width alike
     )
 
 

@@ -39,12 +39,13 @@ def test_adaptive_and_shift_options_recover_reliably_at_1_1x(recovery_runs):
     # exact_from=None and revive=True: as measured. With the default final phase (the
     # structure fixed for the last 5% of the steps) seeds 5 and 7 miss (errors 0.20 and
     # 0.07; 2026-12-04); with removed components kept off, seeds 5 and 7 miss (0.18 and
-    # 0.09; 2026-12-05).
+    # 0.09; 2026-12-05). cut_exponent=0: the uniform cut it was measured with.
     config = gblr.LearnerConfig(
         adaptive=gblr.AdaptiveConfig(1.0),
         shift_limit=gblr.ShiftLimitConfig(cells=1.0),
         exact_from=None,
         revive=True,
+        cut_exponent=0.0,
     )
     runs = recovery_runs((5, 7, 8, 9), budget_factor=1.1, config=config)
     assert all(run["macs"] <= run["budget"] for run in runs)
@@ -197,13 +198,14 @@ def _comebacks(config=None):
 
 
 def test_a_component_the_cut_removed_stays_removed():
-    learner, comebacks, removed = _comebacks()
+    # The uniform cut removes more components than the default's: more to watch.
+    learner, comebacks, removed = _comebacks(gblr.LearnerConfig(cut_exponent=0.0))
     assert not any(layer.revive_empty for layer in learner.layers)
     assert comebacks == 0 and removed > 10
 
 
 def test_revive_lets_removed_components_come_back_as_the_papers_method_did():
-    learner, comebacks, _ = _comebacks(gblr.LearnerConfig(revive=True))
+    learner, comebacks, _ = _comebacks(gblr.LearnerConfig(revive=True, cut_exponent=0.0))
     assert all(layer.revive_empty for layer in learner.layers)
     assert comebacks > 0
 
@@ -530,3 +532,35 @@ def test_batched_budget_threshold_is_the_sequential_bisection_bit_for_bit(dtype)
         assert view.cost(shrunk) == _torch_cost(view, shrunk, dtype) <= target
         view.write(shrunk)  # the layers' own count of the written widths agrees
         assert view.cost(shrunk) == sum(layer.flops() for layer in view.layers)
+
+
+def _strips_and_full_components(cut_exponent):
+    """One learner step at 95% of the start's MACs on a 64 x 64 layer of four full-width
+    components and four strips (one column, all rows): ``(widths before, after)``."""
+    widths = torch.tensor([[1.0] * 4 + [1 / 64] * 4, [1.0] * 8], dtype=torch.float64)
+    layer = gblr.GBLRLinear(
+        64, 64, num_components=8, widths=widths, locations=torch.zeros(2, 8), sigma=None
+    ).double()
+    start = layer.flops()
+    config = gblr.LearnerConfig(sigma=None, cut_exponent=cut_exponent)
+    learner = gblr.StructureLearner(
+        layer, config, budget_macs=int(0.95 * start), total_steps=10, warmup_steps=0
+    )
+    learner.step()
+    assert layer.flops() <= 0.95 * start
+    return widths, layer.widths.detach().clone()
+
+
+def test_the_cut_scales_each_width_by_its_power_and_spares_strips():
+    """Each width loses ``t * (cost per unit width) * width ** p`` for one global ``t``
+    (recomputed here from the widths before and after), so a one-column strip loses
+    ``(1/64) ** 0.5`` of a full side's cut and keeps its column, where the paper's
+    uniform cut (``p = 0``) closes every strip first."""
+    before, after = _strips_and_full_components(0.5)
+    cut = (before - after) / (64 * before.sqrt())  # r = 1, both sides 64 wide
+    assert torch.allclose(cut, cut[0, 0].expand_as(cut), rtol=1e-9)
+    assert cut[0, 0] > 0
+    assert (after[0, 4:] * 64).round().min() >= 1  # every strip keeps its column
+    before, uniform = _strips_and_full_components(0.0)
+    assert (uniform[0, 4:] * 64).round().max() == 0  # every strip closed
+    assert torch.allclose(before - uniform, (before - uniform)[1, 0].expand(2, 8))

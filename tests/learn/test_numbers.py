@@ -232,13 +232,14 @@ def _mlp_run(seed, *, refine_residual=None, steps=90):
         torch.manual_seed(seed)
         model = nn.Sequential(gblr.GBLRLinear(4, 4), nn.ReLU(), gblr.GBLRLinear(4, 4))
         optimizer = torch.optim.Adam(gblr.param_groups(model, lr=1e-3))
-        # exact_from=None and revive=True: the σ schedule and the dynamics of the measured
+        # exact_from=None, revive=True, cut 0: the σ schedule and the dynamics of the measured
         # run (chaotic: another schedule gives another trajectory).
         config = gblr.LearnerConfig(
             adaptive=gblr.AdaptiveConfig(1.0),
             refine=gblr.RefineConfig(1e-6),
             exact_from=None,
             revive=True,
+            cut_exponent=0.0,
         )
         learner = gblr.StructureLearner(model, config, budget=1.0, total_steps=200)
         x = torch.randn(32, 4)

@@ -316,6 +316,15 @@ class LearnerConfig(_Config):
             Gaudi smoothing, so Adam lifts them again (all K components computed); on
             planted blocks at a tight budget, that is how the options recover what
             they first missed.
+        cut_exponent: the budget cut of each width is scaled by ``width ** cut_exponent``
+            (one global threshold still meets the budget exactly), a number in [0, 1].
+            ``0``: the paper's soft threshold, the same cost-weighted cut for every
+            width, which closes a one-line side (a strip of a block-diagonal) some
+            hundreds of times sooner than a full one, so a start's local structure dies
+            in the budget ramp whatever the data says. ``1``: cuts in proportion to the
+            widths, which keeps every component about as it was and selects nothing.
+            Default 0.5, chosen on the real-task benchmarks (docs/BENCHMARKS.md, "A cut
+            that spares narrow intervals").
 
     Examples:
         >>> import torch, gblr
@@ -341,6 +350,7 @@ class LearnerConfig(_Config):
     pass_every: int = 10
     exact_from: float | None = 0.95
     revive: bool = False
+    cut_exponent: float = 0.5
 
     # The optional passes: field name -> its config class.
     PASS_CONFIGS: ClassVar[dict[str, type[_Config]]] = {
@@ -375,6 +385,11 @@ class LearnerConfig(_Config):
             self._set("exact_from", float(value))
         if not isinstance(self.revive, bool):
             raise TypeError(f"revive must be True or False, got {self.revive!r}")
+        allowed = "a number in [0, 1] (0: the paper's uniform cut)"
+        exponent = _check_real("cut_exponent", self.cut_exponent, allowed)
+        if not 0 <= exponent <= 1:
+            raise ValueError(f"cut_exponent must be {allowed}, got {self.cut_exponent!r}")
+        self._set("cut_exponent", exponent)
 
     @classmethod
     def paper(cls) -> LearnerConfig:
@@ -382,20 +397,22 @@ class LearnerConfig(_Config):
         geometric budget ramp, no optional pass, the structure learned to the last step,
         removed components free to come back.
 
-        The default differs in two fields: ``exact_from=0.95`` (the last 5% of the steps
-        train the factors of the fixed structure through exact masks, the masks
-        evaluation uses) and ``revive=False`` (what the cut removed stays removed, and
-        is not computed). None of the optional passes helped on the real-task
-        benchmarks (docs/BENCHMARKS.md, "Real tasks decide the defaults").
+        The default differs in three fields: ``exact_from=0.95`` (the last 5% of the
+        steps train the factors of the fixed structure through exact masks, the masks
+        evaluation uses), ``revive=False`` (what the cut removed stays removed, and is
+        not computed) and ``cut_exponent=0.5`` (narrow intervals are cut less). None of
+        the optional passes helped on the real-task benchmarks (docs/BENCHMARKS.md, "Real
+        tasks decide the defaults").
 
         Examples:
             >>> import dataclasses
             >>> from gblr import LearnerConfig
             >>> default = LearnerConfig()
-            >>> LearnerConfig.paper() == dataclasses.replace(default, exact_from=None, revive=True)
+            >>> paper = dataclasses.replace(default, exact_from=None, revive=True, cut_exponent=0.0)
+            >>> LearnerConfig.paper() == paper
             True
         """
-        return cls(exact_from=None, revive=True)
+        return cls(exact_from=None, revive=True, cut_exponent=0.0)
 
     @classmethod
     def finetune(cls) -> LearnerConfig:
@@ -403,14 +420,15 @@ class LearnerConfig(_Config):
         leaves σ as the layers have it (∞: the exact masks of the fit), so the structure
         moves only where the loss asks and the start is not blurred; the masks are exact
         throughout, so there is no final phase (``exact_from=None``: the structure moves
-        to the last step, as on the pretrained benchmarks).
+        to the last step, as on the pretrained benchmarks), and the paper's uniform cut
+        (``cut_exponent=0``: the pretrained benchmark was measured with it).
 
         Examples:
             >>> from gblr import LearnerConfig
             >>> LearnerConfig.finetune().sigma, LearnerConfig.finetune().exact_from
             (None, None)
         """
-        return cls(sigma=None, exact_from=None)
+        return cls(sigma=None, exact_from=None, cut_exponent=0.0)
 
     @classmethod
     def planted(cls) -> LearnerConfig:
@@ -428,6 +446,7 @@ class LearnerConfig(_Config):
         return cls(
             exact_from=None,  # as it was measured there
             revive=True,
+            cut_exponent=0.0,
             adaptive=AdaptiveConfig(1.0),
             shift_limit=ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0),
             merge=MergeConfig(1e-3),
@@ -520,8 +539,9 @@ def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
     """The [`LearnerConfig`][gblr.learn.config.LearnerConfig] that the deprecated
     [`gblr.StructureLearner`][] keywords in ``options`` describe (every key one of
     [`DEPRECATED_OPTIONS`][gblr.learn.config.DEPRECATED_OPTIONS]), checked as they were, under their
-    old names; the same run as before, bit for bit (so ``exact_from=None`` and
-    ``revive=True``: those runs had no final phase, and removed components came back).
+    old names; the same run as before, bit for bit (so ``exact_from=None``,
+    ``revive=True`` and ``cut_exponent=0``: those runs had no final phase, removed
+    components came back and every width took the same cut).
 
     ``adaptive=0`` was the paper's uniform threshold (``adaptive=None``);
     ``max_shift``/``max_shift_ramp`` are one
@@ -570,7 +590,7 @@ def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
         fields["pass_every"] = check_int("merge_every", options["merge_every"], 1)
     # The keywords describe the runs of before the final phase existed, when removed
     # components could come back.
-    return LearnerConfig(**fields, exact_from=None, revive=True)
+    return LearnerConfig(**fields, exact_from=None, revive=True, cut_exponent=0.0)
 
 
 def deprecation_text(caller: str, options: Mapping[str, Any]) -> str:

@@ -55,6 +55,8 @@ _BISECTION_STEPS = 60
 # fastest of 1-4 on the pixel MLP, where the bisection was most of the learner's step
 # (docs/BENCHMARKS.md, "Overhead on a small model").
 _HALVINGS_PER_ROUND = 2
+# Widths at or near 0 are cut as if this wide (cut_exponent scales the cut by width ** p).
+_NARROWEST_CUT_WIDTH = 1e-6
 
 
 def _midpoints(low: float, high: float, levels: int) -> list[float]:
@@ -514,6 +516,10 @@ class StructureLearner:
             factor = each.threshold_scale()
             if factor is not None:
                 scale = factor if scale is None else scale * factor
+        if self.config.cut_exponent:
+            # A narrow interval is cut less; the floor keeps 0 ** p at a finite scale.
+            factor = widths.clamp_min(_NARROWEST_CUT_WIDTH) ** self.config.cut_exponent
+            scale = factor if scale is None else scale * factor
         if self.lam is not None:
             self.threshold = self._structure_lr() * self.lam / self.view.dense_macs
         else:

@@ -234,7 +234,9 @@ class LearnerConfig:
     structure is fixed (default 0.95; ``null``: the paper's method, σ annealed and the
     structure learned to the last step; see [`gblr.LearnerConfig`][]). ``revive``:
     whether components the budget cut removed may come back (default false: they stay
-    off and are not computed; true: the paper's method).
+    off and are not computed; true: the paper's method). ``cut_exponent``: each width's
+    budget cut is scaled by ``width ** cut_exponent`` (default 0.5: narrow intervals are
+    cut less; 0: the paper's uniform cut).
     [`learner_config`][gblr.recipes.config.learner_config] turns the section into a
     [`gblr.LearnerConfig`][].
 
@@ -257,6 +259,7 @@ class LearnerConfig:
     merge_every: int = 10
     exact_from: float | None = 0.95
     revive: bool = False
+    cut_exponent: float = 0.5
 
 
 @dataclass
@@ -701,7 +704,8 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
     """The [`gblr.LearnerConfig`][] of the config's ``learner`` section: the one
     place where its keys become the learner's config (``adaptive: 0`` is off,
     ``max_shift``/``max_shift_ramp`` are one ``shift_limit``, ``merge_every`` is
-    ``pass_every``; ``exact_from`` and ``revive`` are passed as they are). ``sigma_start`` and
+    ``pass_every``; ``exact_from``, ``revive`` and ``cut_exponent`` are passed as they
+    are). ``sigma_start`` and
     ``budget_ramp`` are durations of the run and go to the learner as steps.
 
     Examples:
@@ -727,7 +731,12 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
             "merge_every": learner.merge_every,
         }
     )
-    return dataclasses.replace(options, exact_from=learner.exact_from, revive=learner.revive)
+    return dataclasses.replace(
+        options,
+        exact_from=learner.exact_from,
+        revive=learner.revive,
+        cut_exponent=learner.cut_exponent,
+    )
 
 
 def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
