@@ -329,7 +329,7 @@ def distill(
     student.train()
     losses: list[float] = []
     start = time.perf_counter()
-    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+    cuda_devices = [device.index] if device.type == "cuda" else []  # a tensor's has an index
     with torch.random.fork_rng(devices=cuda_devices, enabled=config.seed is not None):
         if config.seed is not None:
             torch.manual_seed(config.seed)

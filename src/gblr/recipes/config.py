@@ -705,8 +705,8 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
     place where its keys become the learner's config (``adaptive: 0`` is off,
     ``max_shift``/``max_shift_ramp`` are one ``shift_limit``, ``merge_every`` is
     ``pass_every``; ``exact_from``, ``revive`` and ``cut_exponent`` are passed as they
-    are). ``sigma_start`` and
-    ``budget_ramp`` are durations of the run and go to the learner as steps.
+    are). ``sigma_start`` and ``budget_ramp`` are durations of the run and go to the
+    learner as steps.
 
     Examples:
         >>> from gblr.recipes.config import learner_config, load_config
