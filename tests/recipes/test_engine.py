@@ -110,6 +110,23 @@ def test_the_learner_config_reaches_the_structure_learner(tmp_path):
         train_classifier(gblr_vit(), train, None, steps=1, learner_options={"merge": 1e-3})
 
 
+def test_layers_kept_dense_count_in_the_budget_the_learner_holds():
+    """A global allocation may keep a structured layer dense: its MACs count in the run's
+    budget (the result's ``macs_ratio``) but the learner cannot move them, so they come off
+    the learner's budget (else a learner that fills its budget overspends the run's)."""
+    import gblr
+    from gblr.recipes.engine import _learner_budget
+
+    mixed = torch.nn.Sequential(torch.nn.Linear(8, 8), gblr.GBLRLinear(16, 16))  # 64 + 256
+    engine = EngineConfig(steps=1, budget=0.5, structure_include="*")
+    assert _learner_budget(mixed, engine) == {"budget_macs": 160 - 64}
+    only_gblr = torch.nn.Sequential(gblr.GBLRLinear(8, 8), gblr.GBLRLinear(16, 16))
+    assert _learner_budget(only_gblr, engine) == {"budget": 0.5}
+    # a layer outside the structured ones costs nothing of the budget
+    outside = dataclasses.replace(engine, structure_include="1")
+    assert _learner_budget(mixed, outside) == {"budget": 0.5}
+
+
 def test_the_old_keywords_warn_and_give_the_same_run(tmp_path):
     """``train_classifier(..., steps=..., target=..., learner_config=..., extra_callbacks=...,
     accelerator=...)`` (before EngineConfig) still works until 0.3: the same run, bit for

@@ -34,7 +34,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("the training engine needs Lightning: pip install 'gblr[train]'") from error
 
-from ..cost import count_flops
+from ..cost import FlopsReport, count_flops
 from ..integrations.lightning import GBLRCallback
 from ..learn.groups import gblr_layers, param_groups
 from .checkpoints import (
@@ -422,6 +422,29 @@ def _include_patterns(include: str | list[str]) -> list[str]:
     return [q for p in patterns for q in (p, p + ".*")]
 
 
+def _structured_layers_flops(model: nn.Module, c: EngineConfig) -> FlopsReport:
+    """MACs per row of the ``structure_include`` layers (less ``structure_exclude``): what
+    ``budget`` and the result's ``macs_ratio`` are fractions of."""
+    excluded = None if c.structure_exclude is None else _include_patterns(c.structure_exclude)
+    return count_flops(model, include=_include_patterns(c.structure_include), exclude=excluded)
+
+
+def _learner_budget(model: nn.Module, c: EngineConfig) -> dict[str, Any]:
+    """The structure learner's budget keyword for ``c.budget`` of the structured layers.
+
+    A layer that a global allocation kept dense (its share of the budget was at least its
+    dense cost) counts in that budget but is not the learner's to move: its MACs come off
+    the learner's, which then spends ``budget_macs``. With every structured layer a GBLR
+    layer, the fraction as it is."""
+    report = _structured_layers_flops(model, c)
+    modules = dict(model.named_modules())
+    learned = {id(layer) for _, layer in gblr_layers(model)}
+    fixed = sum(layer.macs for layer in report.layers if id(modules[layer.name]) not in learned)
+    if fixed == 0:
+        return {"budget": c.budget}
+    return {"budget_macs": math.floor(c.budget * report.dense_macs) - fixed}
+
+
 def train_module(
     module: _ScheduledModule,
     train_set: Dataset,
@@ -490,7 +513,7 @@ def _run(
         callbacks.append(
             GBLRCallback(
                 config=c.learner,
-                budget=c.budget,
+                **_learner_budget(model, c),
                 warmup_steps=c.warmup_steps if c.budget_ramp_steps is None else c.budget_ramp_steps,
                 sigma_start_step=c.sigma_start_step,
                 total_steps=c.steps,
@@ -585,9 +608,7 @@ def _run(
     seconds = time.perf_counter() - start
     if resumed_step is not None and c.out_dir is not None and trainer.is_global_zero:
         _merge_metrics(Path(c.out_dir), resumed_step)
-    exclude = c.structure_exclude
-    excluded = None if exclude is None else _include_patterns(exclude)
-    flops = count_flops(model, include=_include_patterns(c.structure_include), exclude=excluded)
+    flops = _structured_layers_flops(model, c)
     return {
         "macs_ratio": flops.ratio,
         "seconds": seconds,
