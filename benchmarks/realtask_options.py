@@ -45,8 +45,9 @@ def scratch_options(options: dict[str, Any], budget: float, task: str) -> Scratc
     if options:
         raise ValueError(f"unknown GBLR options for {task}: {sorted(options)}")
     # The deprecated keywords describe runs without the final phase, in which removed
-    # components came back and every width took the same cut; the suite runs the
-    # library's defaults of all three unless a variant sets its own.
+    # components came back, every width took the same cut and the budget was an upper
+    # bound only; the suite runs the library's defaults of all four unless a variant
+    # sets its own.
     default = LearnerConfig()
     learner = dataclasses.replace(
         config_from_options(learner_options),
@@ -54,6 +55,7 @@ def scratch_options(options: dict[str, Any], budget: float, task: str) -> Scratc
             "exact_from": default.exact_from,
             "revive": default.revive,
             "cut_exponent": default.cut_exponent,
+            "fill_budget": default.fill_budget,
             **learner_fields,
         },
     )

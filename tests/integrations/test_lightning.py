@@ -112,9 +112,14 @@ def test_learner_keywords_are_checked_when_the_callback_is_made():
 
 def test_config_reaches_the_learner_and_old_keywords_warn_once(tmp_path):
     # The old keywords describe runs without the final phase, where removed components
-    # came back.
+    # came back, every width took the same cut and the budget was an upper bound only.
     config = gblr.LearnerConfig(
-        sigma=None, merge=gblr.MergeConfig(1e-3), exact_from=None, revive=True, cut_exponent=0.0
+        sigma=None,
+        merge=gblr.MergeConfig(1e-3),
+        exact_from=None,
+        revive=True,
+        cut_exponent=0.0,
+        fill_budget=False,
     )
     callback = GBLRCallback(config=config, budget=0.5)
     with pytest.warns(FutureWarning, match="deprecated since gblr") as caught:

@@ -40,6 +40,7 @@ PLANTED_KEYWORDS = {
         (lambda: gblr.LearnerConfig(cut_exponent=-0.1), ValueError, r"cut_exponent .*got -0.1"),
         (lambda: gblr.LearnerConfig(cut_exponent=1.5), ValueError, r"in \[0, 1\]"),
         (lambda: gblr.LearnerConfig(cut_exponent=math.nan), ValueError, r"cut_exponent"),
+        (lambda: gblr.LearnerConfig(fill_budget=1), TypeError, r"fill_budget must be True or"),
         (lambda: gblr.AdaptiveConfig(0.0), ValueError, r"exponent .*adaptive=None"),
         (lambda: gblr.AdaptiveConfig("yes"), TypeError, "AdaptiveConfig.exponent"),
         (lambda: gblr.ShiftLimitConfig(cells=0), ValueError, "ShiftLimitConfig.cells"),
@@ -65,12 +66,13 @@ def test_every_pass_config_has_its_pass_in_the_learner():
 def test_presets():
     # The default is the paper's method with a final phase of exact masks, and removed
     # components kept off.
-    paper = gblr.LearnerConfig(exact_from=None, revive=True, cut_exponent=0.0)
+    paper = gblr.LearnerConfig(exact_from=None, revive=True, cut_exponent=0.0, fill_budget=False)
     assert gblr.LearnerConfig.paper() == paper
     assert gblr.LearnerConfig().exact_from == 0.95
     assert gblr.LearnerConfig().revive is False
     assert gblr.LearnerConfig().cut_exponent == 0.5
-    finetune = gblr.LearnerConfig(sigma=None, exact_from=None, cut_exponent=0.0)
+    assert gblr.LearnerConfig().fill_budget is True
+    finetune = gblr.LearnerConfig(sigma=None, exact_from=None, cut_exponent=0.0, fill_budget=False)
     assert gblr.LearnerConfig.finetune() == finetune
     assert gblr.LearnerConfig.from_dict(gblr.LearnerConfig().to_dict()) == gblr.LearnerConfig()
     planted = gblr.LearnerConfig.planted()
@@ -79,6 +81,7 @@ def test_presets():
     assert (planted.merge.tolerance, planted.untangle.tolerance) == (1e-3, 1e-4)
     assert (planted.refine.floor, planted.pass_every) == (1e-6, 20)
     assert planted.revive is True and planted.cut_exponent == 0.0
+    assert planted.fill_budget is False
     with pytest.raises(dataclasses.FrozenInstanceError):
         planted.pass_every = 10  # type: ignore[misc]
 
@@ -140,6 +143,7 @@ def _planted_run(steps=70, **learner_arguments):
                 exact_from=None,
                 revive=True,
                 cut_exponent=0.0,
+                fill_budget=False,
             ),
             {"sigma": (2.0, 50.0), "sigma_schedule": "linear", "ramp": "linear"},
         ),
@@ -184,6 +188,7 @@ def test_deprecated_keywords_warn_with_their_replacement():
         exact_from=None,  # the old keywords' runs had no final phase
         revive=True,  # and let removed components come back
         cut_exponent=0.0,  # and cut every width alike
+        fill_budget=False,  # and left what the loss freed of the budget unspent
     )
 
 

@@ -39,13 +39,14 @@ def test_adaptive_and_shift_options_recover_reliably_at_1_1x(recovery_runs):
     # exact_from=None and revive=True: as measured. With the default final phase (the
     # structure fixed for the last 5% of the steps) seeds 5 and 7 miss (errors 0.20 and
     # 0.07; 2026-12-04); with removed components kept off, seeds 5 and 7 miss (0.18 and
-    # 0.09; 2026-12-05). cut_exponent=0: the uniform cut it was measured with.
+    # 0.09; 2026-12-05). cut_exponent=0 and fill_budget=False: as it was measured.
     config = gblr.LearnerConfig(
         adaptive=gblr.AdaptiveConfig(1.0),
         shift_limit=gblr.ShiftLimitConfig(cells=1.0),
         exact_from=None,
         revive=True,
         cut_exponent=0.0,
+        fill_budget=False,
     )
     runs = recovery_runs((5, 7, 8, 9), budget_factor=1.1, config=config)
     assert all(run["macs"] <= run["budget"] for run in runs)
@@ -62,7 +63,8 @@ def test_ramp_shift_option_recovers_the_seeds_the_others_miss_at_1_1x(recovery_r
     config = gblr.LearnerConfig(
         adaptive=gblr.AdaptiveConfig(1.0),
         shift_limit=gblr.ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0),
-        cut_exponent=0.0,  # the uniform cut of the planted preset, as measured
+        cut_exponent=0.0,  # the uniform cut of the planted preset
+        fill_budget=False,  # and its budget as an upper bound only, as measured
     )
     runs = recovery_runs((0, 1, 3), budget_factor=1.1, config=config)
     assert all(run["macs"] <= run["budget"] for run in runs)
@@ -527,12 +529,104 @@ def test_batched_budget_threshold_is_the_sequential_bisection_bit_for_bit(dtype)
         assert view.cost(widths) == _torch_cost(view, widths, dtype)
         target = int(torch.randint(0, view.cost(widths) + 1, (1,), generator=generator))
         expected = _sequential_bisection(view, widths, target, scale, dtype)
-        threshold = _budget_threshold(view, widths, target, scale)
+        threshold, returned_scale = _budget_threshold(view, widths, target, scale)
         assert threshold == expected  # the same float, not just close
+        assert returned_scale is scale
         shrunk = view.shrink(widths, threshold, scale)
         assert view.cost(shrunk) == _torch_cost(view, shrunk, dtype) <= target
         view.write(shrunk)  # the layers' own count of the written widths agrees
         assert view.cost(shrunk) == sum(layer.flops() for layer in view.layers)
+
+
+def _sequential_growth(view, widths, target, scale, dtype):
+    """The most negative threshold (the largest growth of the live widths, by ``scale``)
+    whose cost fits ``target``, by one halving at a time, each costed on its own in
+    torch; components not live do not grow. ``(threshold, scale with them at 0)``."""
+    live = (torch.round(widths.clamp(0, 1).to(dtype) * view.dims.to(dtype)) > 0).all(dim=0)
+    scale = (torch.ones_like(widths) if scale is None else scale) * live
+    per_unit = view.unit_cost * scale
+    room = max(float(((1 - widths[:, i]) / per_unit[:, i]).max()) for i in live.nonzero())
+    low, high = -room * (1 + 1e-9) - 1e-12, 0.0
+    if _torch_cost(view, view.shrink(widths, low, scale), dtype) <= target:
+        return low, scale
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        if _torch_cost(view, view.shrink(widths, middle, scale), dtype) <= target:
+            high = middle
+        else:
+            low = middle
+    return high, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_fill_grows_the_live_widths_to_the_budget_as_a_sequential_bisection(dtype):
+    from gblr.learn.learner import _budget_threshold, _StructureView
+
+    generator = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        shapes = torch.randint(3, 70, (int(torch.randint(1, 4, (1,), generator=generator)), 2))
+        torch.manual_seed(trial)
+        layers = [
+            gblr.GBLRLinear(int(n), int(m), structure_init="random", dtype=dtype)
+            for n, m in shapes.tolist()
+        ]
+        view = _StructureView(layers)
+        widths = (0.5 * view.widths()).clamp(0.0, 1.0)
+        widths[trial % 2, trial % 3 :: 3] = 0.0  # closed components, which must not grow
+        scale = None if trial % 2 else torch.rand(widths.shape, generator=generator) + 0.1
+        cost, full = view.cost(widths), view.cost(torch.ones_like(widths) * (widths > 0))
+        target = int(torch.randint(cost + 1, full + full // 4 + 2, (1,), generator=generator))
+        expected, expected_scale = _sequential_growth(view, widths, target, scale, dtype)
+        threshold, grown_scale = _budget_threshold(view, widths, target, scale, fill=True)
+        assert threshold == expected < 0  # the same float, not just close
+        assert torch.equal(grown_scale, expected_scale)
+        grown = view.shrink(widths, threshold, grown_scale)
+        assert _torch_cost(view, grown, dtype) <= target
+        closed = ~(torch.round(widths.to(dtype) * view.dims.to(dtype)) > 0).all(dim=0)
+        assert torch.equal(grown[:, closed], widths[:, closed])
+        assert (grown >= widths).all()
+        # Without fill, or at the budget already, the widths are left as they are.
+        assert _budget_threshold(view, widths, target, scale)[0] == 0.0
+        assert _budget_threshold(view, widths, cost, scale, fill=True)[0] == 0.0
+
+
+def _shrinking_run(fill_budget, steps=40, warmup_steps=10):
+    """A 48 x 40 and a 40 x 48 layer whose loss pulls every width down, learned to 0.3 of
+    their MACs: ``(learner, ratio after each step, live components after each step)``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(gblr.GBLRLinear(48, 40), gblr.GBLRLinear(40, 48))
+    optimizer = torch.optim.Adam(gblr.param_groups(model, lr=2e-2))
+    config = gblr.LearnerConfig(fill_budget=fill_budget)
+    learner = gblr.StructureLearner(
+        model, config, budget=0.3, total_steps=steps, warmup_steps=warmup_steps
+    )
+    ratios, live = [], []
+    x = torch.randn(16, 48)
+    for _ in range(steps):
+        loss = model(x).pow(2).mean() + sum(layer.widths.sum() for layer in model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+        ratios.append(learner.summary()["macs_ratio"])
+        live.append(sum(int(layer.live_mask().sum()) for layer in model))
+    return learner, ratios, live
+
+
+def test_fill_budget_keeps_the_model_at_its_budget_after_the_warm_up():
+    learner, ratios, live = _shrinking_run(fill_budget=True)
+    # Steps 11..37 (after the warm-up, before the final phase at 0.95 * 40 = 38): within
+    # one line of the widest layer (at rank 1: 48 MACs) of the budget.
+    line = 48 / learner.view.dense_macs
+    after_warmup = ratios[10 : learner.exact_step - 1]
+    assert all(0.3 - line < ratio <= 0.3 for ratio in after_warmup)
+    assert all(b <= a for a, b in zip(live, live[1:]))  # nothing closed comes back
+    # The final phase fixes the structure: no growth there.
+    assert ratios[learner.exact_step - 1 :] == [ratios[learner.exact_step - 1]] * (
+        len(ratios) - learner.exact_step + 1
+    )
+    _, without, _ = _shrinking_run(fill_budget=False)
+    assert without[-1] < 0.3 - 5 * line  # the loss alone leaves the budget unspent
 
 
 def _strips_and_full_components(cut_exponent):

@@ -231,7 +231,10 @@ def test_a_bad_untangle_tolerance_is_refused(untangle, error):
 def test_learner_untangles_settled_pairs_after_the_warm_up_and_resumes():
     layer, _ = _tangled_layer(16, 16, [(0, 6, 0, 5), (3, 7, 4, 8)], seed=0)
     layer.train()
-    config = gblr.LearnerConfig(sigma=None, untangle=gblr.UntangleConfig(1e-8), pass_every=10)
+    # fill_budget=False: the budget only bounds here (a fill would widen the blocks to it)
+    config = gblr.LearnerConfig(
+        sigma=None, untangle=gblr.UntangleConfig(1e-8), pass_every=10, fill_budget=False
+    )
     options = {"budget": 1.0, "total_steps": 60, "warmup_steps": 20}
     learner = gblr.StructureLearner(layer, config, **options)
     untangle = learner.passes["untangle"]

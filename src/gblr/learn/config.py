@@ -325,6 +325,15 @@ class LearnerConfig(_Config):
             widths, which keeps every component about as it was and selects nothing.
             Default 0.5, chosen on the real-task benchmarks (docs/BENCHMARKS.md, "A cut
             that spares narrow intervals").
+        fill_budget: whether the learner spends the whole budget: after the warm-up and
+            before the final phase, when the live components cost less than the budget
+            (the loss closed some of them, and the cut only ever narrows), the live widths
+            grow by the cut's own rule run backwards, one global negative threshold with
+            the same per-width scale, until they cost the budget again. Closed components
+            stay closed. ``False``: the budget is an upper bound only (the paper's
+            method); a language model from scratch then ended at 0.44 of a 0.5 budget.
+            Default ``True``, chosen on the real-task benchmarks (docs/BENCHMARKS.md, "A
+            budget that is spent"). Budget mode only (λ mode has no budget to fill).
 
     Examples:
         >>> import torch, gblr
@@ -351,6 +360,7 @@ class LearnerConfig(_Config):
     exact_from: float | None = 0.95
     revive: bool = False
     cut_exponent: float = 0.5
+    fill_budget: bool = True
 
     # The optional passes: field name -> its config class.
     PASS_CONFIGS: ClassVar[dict[str, type[_Config]]] = {
@@ -390,6 +400,8 @@ class LearnerConfig(_Config):
         if not 0 <= exponent <= 1:
             raise ValueError(f"cut_exponent must be {allowed}, got {self.cut_exponent!r}")
         self._set("cut_exponent", exponent)
+        if not isinstance(self.fill_budget, bool):
+            raise TypeError(f"fill_budget must be True or False, got {self.fill_budget!r}")
 
     @classmethod
     def paper(cls) -> LearnerConfig:
@@ -397,10 +409,11 @@ class LearnerConfig(_Config):
         geometric budget ramp, no optional pass, the structure learned to the last step,
         removed components free to come back.
 
-        The default differs in three fields: ``exact_from=0.95`` (the last 5% of the
+        The default differs in four fields: ``exact_from=0.95`` (the last 5% of the
         steps train the factors of the fixed structure through exact masks, the masks
         evaluation uses), ``revive=False`` (what the cut removed stays removed, and is
-        not computed) and ``cut_exponent=0.5`` (narrow intervals are cut less). None of
+        not computed), ``cut_exponent=0.5`` (narrow intervals are cut less) and
+        ``fill_budget=True`` (what the loss frees of the budget is spent again). None of
         the optional passes helped on the real-task benchmarks (docs/BENCHMARKS.md, "Real
         tasks decide the defaults").
 
@@ -408,11 +421,13 @@ class LearnerConfig(_Config):
             >>> import dataclasses
             >>> from gblr import LearnerConfig
             >>> default = LearnerConfig()
-            >>> paper = dataclasses.replace(default, exact_from=None, revive=True, cut_exponent=0.0)
+            >>> paper = dataclasses.replace(
+            ...     default, exact_from=None, revive=True, cut_exponent=0.0, fill_budget=False
+            ... )
             >>> LearnerConfig.paper() == paper
             True
         """
-        return cls(exact_from=None, revive=True, cut_exponent=0.0)
+        return cls(exact_from=None, revive=True, cut_exponent=0.0, fill_budget=False)
 
     @classmethod
     def finetune(cls) -> LearnerConfig:
@@ -421,14 +436,15 @@ class LearnerConfig(_Config):
         moves only where the loss asks and the start is not blurred; the masks are exact
         throughout, so there is no final phase (``exact_from=None``: the structure moves
         to the last step, as on the pretrained benchmarks), and the paper's uniform cut
-        (``cut_exponent=0``: the pretrained benchmark was measured with it).
+        with the budget as an upper bound only (``cut_exponent=0``, ``fill_budget=False``:
+        the pretrained benchmark was measured with them).
 
         Examples:
             >>> from gblr import LearnerConfig
             >>> LearnerConfig.finetune().sigma, LearnerConfig.finetune().exact_from
             (None, None)
         """
-        return cls(sigma=None, exact_from=None, cut_exponent=0.0)
+        return cls(sigma=None, exact_from=None, cut_exponent=0.0, fill_budget=False)
 
     @classmethod
     def planted(cls) -> LearnerConfig:
@@ -447,6 +463,7 @@ class LearnerConfig(_Config):
             exact_from=None,  # as it was measured there
             revive=True,
             cut_exponent=0.0,
+            fill_budget=False,
             adaptive=AdaptiveConfig(1.0),
             shift_limit=ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0),
             merge=MergeConfig(1e-3),
@@ -540,8 +557,9 @@ def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
     [`gblr.StructureLearner`][] keywords in ``options`` describe (every key one of
     [`DEPRECATED_OPTIONS`][gblr.learn.config.DEPRECATED_OPTIONS]), checked as they were, under their
     old names; the same run as before, bit for bit (so ``exact_from=None``,
-    ``revive=True`` and ``cut_exponent=0``: those runs had no final phase, removed
-    components came back and every width took the same cut).
+    ``revive=True``, ``cut_exponent=0`` and ``fill_budget=False``: those runs had no
+    final phase, removed components came back, every width took the same cut and the
+    budget was an upper bound only).
 
     ``adaptive=0`` was the paper's uniform threshold (``adaptive=None``);
     ``max_shift``/``max_shift_ramp`` are one
@@ -590,7 +608,9 @@ def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
         fields["pass_every"] = check_int("merge_every", options["merge_every"], 1)
     # The keywords describe the runs of before the final phase existed, when removed
     # components could come back.
-    return LearnerConfig(**fields, exact_from=None, revive=True, cut_exponent=0.0)
+    return LearnerConfig(
+        **fields, exact_from=None, revive=True, cut_exponent=0.0, fill_budget=False
+    )
 
 
 def deprecation_text(caller: str, options: Mapping[str, Any]) -> str:

@@ -73,9 +73,18 @@ def _midpoints(low: float, high: float, levels: int) -> list[float]:
 
 
 def _budget_threshold(
-    view: _StructureView, widths: Tensor, target: int, scale: Tensor | None = None
-) -> float:
-    """Smallest global threshold whose shrunk widths cost at most ``target`` MACs.
+    view: _StructureView,
+    widths: Tensor,
+    target: int,
+    scale: Tensor | None = None,
+    fill: bool = False,
+) -> tuple[float, Tensor | None]:
+    """Smallest global threshold whose shrunk widths cost at most ``target`` MACs, and the
+    ``scale`` to shrink with.
+
+    Widths that already fit get ``0``, or with ``fill`` and a cost under ``target`` the
+    most negative threshold (the largest growth) that still fits, with ``scale`` set to 0
+    for every component that is not live: what the cut closed stays closed.
 
     A bisection of ``_BISECTION_STEPS`` halvings, evaluated ``_HALVINGS_PER_ROUND`` at a
     time: the cost does not increase with the threshold, so the first of a round's
@@ -84,12 +93,23 @@ def _budget_threshold(
     """
     host_widths = widths.detach().to(torch.float64).cpu().numpy()
     lengths = view._lengths(host_widths[None])
-    if view._cost_of_lengths(lengths)[0] <= target:
-        return 0.0
     per_unit = view.unit_cost if scale is None else view.unit_cost * scale
-    low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
+    cost = view._cost_of_lengths(lengths)[0]
+    if cost > target:
+        low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
+    elif cost == target or not fill:
+        return 0.0, scale
+    else:
+        live = torch.as_tensor((lengths[0] > 0).all(axis=0), device=widths.device)
+        scale = (torch.ones_like(widths) if scale is None else scale) * live
+        per_unit = view.unit_cost * scale
+        room = torch.where(live, (1.0 - widths) / per_unit.where(live, 1.0), 0.0)
+        low, high = -float(room.max().item()) * (1 + 1e-9) - 1e-12, 0.0
+        if view.cost(view.shrink(widths, low, scale)) <= target:
+            return low, scale  # every live width can reach 1 within the budget
     # A component with no line on a side at the threshold 0 has none at any larger one
-    # (the shrink only narrows), so the halvings count the components live at 0 alone:
+    # (the shrink only narrows; a growth leaves such components alone, their scale is 0),
+    # so the halvings count the components live at 0 alone:
     # the same costs, on a fraction of the widths once the cut has removed most
     # components. The bracket above comes from all of them, as before. The subsets are
     # copied C-contiguous: NumPy is several times slower on the strided arrays that
@@ -114,7 +134,7 @@ def _budget_threshold(
             high = points[first_fit]
         if first_fit > 0:
             low = points[first_fit - 1]
-    return high
+    return high, scale
 
 
 def _sum_to_screen(tensor: Tensor) -> Tensor:
@@ -135,7 +155,7 @@ def project_to_budget(layers: list[GBLRMatrixMixin], macs: int) -> None:
     """
     view = _StructureView(layers)
     widths = view.widths().clamp(0.0, 1.0)
-    view.write(view.shrink(widths, _budget_threshold(view, widths, macs)))
+    view.write(view.shrink(widths, _budget_threshold(view, widths, macs)[0]))
 
 
 class _StructureView:
@@ -525,13 +545,20 @@ class StructureLearner:
         else:
             target = self.target_at(step)
             assert target is not None
-            self.threshold = _budget_threshold(self.view, widths, target, scale)
+            self.threshold, scale = _budget_threshold(
+                self.view, widths, target, scale, fill=self._fills(step)
+            )
         self.view.write(self.view.shrink(widths, self.threshold, scale))
         for each in passes:
             each.after_shrink(step)
         for each in passes:
             each.end_step(step)
         self._apply_sigma()
+
+    def _fills(self, step: int) -> bool:
+        """Whether ``step`` grows the live widths back to the budget
+        (``config.fill_budget``): after the warm-up, before the final phase."""
+        return self.config.fill_budget and step > self.warmup_steps and not self.exact_phase(step)
 
     # ------------------------------------------------------------------ reporting
     def macs(self) -> int:

@@ -236,7 +236,9 @@ class LearnerConfig:
     whether components the budget cut removed may come back (default false: they stay
     off and are not computed; true: the paper's method). ``cut_exponent``: each width's
     budget cut is scaled by ``width ** cut_exponent`` (default 0.5: narrow intervals are
-    cut less; 0: the paper's uniform cut).
+    cut less; 0: the paper's uniform cut). ``fill_budget``: whether the live widths grow
+    back to the budget when the loss closes components after the warm-up (default true;
+    false: the budget is an upper bound only, the paper's method).
     [`learner_config`][gblr.recipes.config.learner_config] turns the section into a
     [`gblr.LearnerConfig`][].
 
@@ -260,6 +262,7 @@ class LearnerConfig:
     exact_from: float | None = 0.95
     revive: bool = False
     cut_exponent: float = 0.5
+    fill_budget: bool = True
 
 
 @dataclass
@@ -704,9 +707,9 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
     """The [`gblr.LearnerConfig`][] of the config's ``learner`` section: the one
     place where its keys become the learner's config (``adaptive: 0`` is off,
     ``max_shift``/``max_shift_ramp`` are one ``shift_limit``, ``merge_every`` is
-    ``pass_every``; ``exact_from``, ``revive`` and ``cut_exponent`` are passed as they
-    are). ``sigma_start`` and ``budget_ramp`` are durations of the run and go to the
-    learner as steps.
+    ``pass_every``; ``exact_from``, ``revive``, ``cut_exponent`` and ``fill_budget`` are
+    passed as they are). ``sigma_start`` and ``budget_ramp`` are durations of the run and
+    go to the learner as steps.
 
     Examples:
         >>> from gblr.recipes.config import learner_config, load_config
@@ -736,6 +739,7 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
         exact_from=learner.exact_from,
         revive=learner.revive,
         cut_exponent=learner.cut_exponent,
+        fill_budget=learner.fill_budget,
     )
 
 
