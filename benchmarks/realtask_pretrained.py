@@ -148,6 +148,7 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     structure = options.pop("family", structure)
     convert_options = dict(options.pop("convert", {}))
     learner_options = dict(options.pop("learner", {}))
+    learner_fields = dict(options.pop("learner_config", {}))
     structure_lr = options.pop("structure_lr", None)
     if options:
         raise ValueError(f"unknown GBLR options for T3: {sorted(options)}")
@@ -189,6 +190,8 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
         learner_config = dataclasses.replace(
             config_from_options({"sigma": None, **learner_options}), revive=learner_config.revive
         )
+    # gblr.LearnerConfig fields that have no keyword form, e.g. cut_exponent
+    learner_config = dataclasses.replace(learner_config, **learner_fields)
     # Seeded: the student trains with dropout on.
     distill_config = gblr.DistillConfig(
         steps=steps,
