@@ -125,6 +125,9 @@ def test_layers_kept_dense_count_in_the_budget_the_learner_holds():
     # a layer outside the structured ones costs nothing of the budget
     outside = dataclasses.replace(engine, structure_include="1")
     assert _learner_budget(mixed, outside) == {"budget": 0.5}
+    tight = dataclasses.replace(engine, budget=0.2)  # 64 of 64 MACs left: none for GBLR
+    with pytest.raises(ValueError, match=r"budget=0.2 .* \['0'\]\): nothing is left"):
+        _learner_budget(mixed, tight)
 
 
 def test_the_old_keywords_warn_and_give_the_same_run(tmp_path):

@@ -442,7 +442,16 @@ def _learner_budget(model: nn.Module, c: EngineConfig) -> dict[str, Any]:
     fixed = sum(layer.macs for layer in report.layers if id(modules[layer.name]) not in learned)
     if fixed == 0:
         return {"budget": c.budget}
-    return {"budget_macs": math.floor(c.budget * report.dense_macs) - fixed}
+    budget_macs = math.floor(c.budget * report.dense_macs) - fixed
+    if budget_macs <= 0:
+        kept = [layer.name for layer in report.layers if id(modules[layer.name]) not in learned]
+        raise ValueError(
+            f"budget={c.budget} of the structured layers ({report.dense_macs} dense MACs per "
+            f"row) is spent by the layers that are not GBLR layers ({fixed} MACs: "
+            f"{kept[:3]}{' ...' if len(kept) > 3 else ''}): nothing is left for the GBLR "
+            "layers; raise the budget or exclude those layers (structure_exclude)"
+        )
+    return {"budget_macs": budget_macs}
 
 
 def train_module(
