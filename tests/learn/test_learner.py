@@ -493,12 +493,9 @@ def _torch_cost(view, widths, dtype):
     return int((view.ranks * lengths.sum(dim=0) * live).sum().item())
 
 
-def _sequential_bisection(view, widths, target, scale, dtype):
-    """The budget threshold by one halving at a time, each costed on its own in torch."""
-    if _torch_cost(view, widths, dtype) <= target:
-        return 0.0
-    per_unit = view.unit_cost if scale is None else view.unit_cost * scale
-    low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
+def _halvings(view, widths, target, scale, dtype, low, high):
+    """``high`` after 60 halvings of ``[low, high]`` (``high`` fits ``target``, ``low``
+    does not), each midpoint costed on its own in torch."""
     for _ in range(60):
         middle = 0.5 * (low + high)
         if _torch_cost(view, view.shrink(widths, middle, scale), dtype) <= target:
@@ -508,12 +505,23 @@ def _sequential_bisection(view, widths, target, scale, dtype):
     return high
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_batched_budget_threshold_is_the_sequential_bisection_bit_for_bit(dtype):
-    from gblr.learn.learner import _budget_threshold, _StructureView
+def _sequential_bisection(view, widths, target, scale, dtype):
+    """The budget threshold by one halving at a time, each costed on its own in torch."""
+    if _torch_cost(view, widths, dtype) <= target:
+        return 0.0
+    per_unit = view.unit_cost if scale is None else view.unit_cost * scale
+    high = float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
+    return _halvings(view, widths, target, scale, dtype, 0.0, high)
 
-    generator = torch.Generator().manual_seed(0)
-    for trial in range(40):
+
+def _random_structures(seed, trials, dtype, width_factor=1.0):
+    """``(generator, view, widths, scale)`` of 1-3 random GBLR layers per trial,
+    with components closed on one side as the cut leaves them and, on even trials, a
+    random per-width scale."""
+    from gblr.learn.learner import _StructureView
+
+    generator = torch.Generator().manual_seed(seed)
+    for trial in range(trials):
         shapes = torch.randint(3, 70, (int(torch.randint(1, 4, (1,), generator=generator)), 2))
         torch.manual_seed(trial)
         layers = [
@@ -521,11 +529,18 @@ def test_batched_budget_threshold_is_the_sequential_bisection_bit_for_bit(dtype)
             for n, m in shapes.tolist()
         ]
         view = _StructureView(layers)
-        widths = view.widths().clamp(0.0, 1.0)
-        # Components removed on one side, as the cut leaves them: the halvings count only
-        # the components live at the threshold 0.
+        widths = (width_factor * view.widths()).clamp(0.0, 1.0)
         widths[trial % 2, trial % 3 :: 3] = 0.0
         scale = None if trial % 2 else torch.rand(widths.shape, generator=generator) + 0.1
+        yield generator, view, widths, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_budget_threshold_is_the_sequential_bisection_bit_for_bit(dtype):
+    from gblr.learn.learner import _budget_threshold
+
+    # The closed components: the halvings count only the components live at threshold 0.
+    for generator, view, widths, scale in _random_structures(0, 40, dtype):
         assert view.cost(widths) == _torch_cost(view, widths, dtype)
         target = int(torch.randint(0, view.cost(widths) + 1, (1,), generator=generator))
         expected = _sequential_bisection(view, widths, target, scale, dtype)
@@ -546,34 +561,18 @@ def _sequential_growth(view, widths, target, scale, dtype):
     scale = (torch.ones_like(widths) if scale is None else scale) * live
     per_unit = view.unit_cost * scale
     room = max(float(((1 - widths[:, i]) / per_unit[:, i]).max()) for i in live.nonzero())
-    low, high = -room * (1 + 1e-9) - 1e-12, 0.0
+    low = -room * (1 + 1e-9) - 1e-12
     if _torch_cost(view, view.shrink(widths, low, scale), dtype) <= target:
         return low, scale
-    for _ in range(60):
-        middle = 0.5 * (low + high)
-        if _torch_cost(view, view.shrink(widths, middle, scale), dtype) <= target:
-            high = middle
-        else:
-            low = middle
-    return high, scale
+    return _halvings(view, widths, target, scale, dtype, low, 0.0), scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_fill_grows_the_live_widths_to_the_budget_as_a_sequential_bisection(dtype):
-    from gblr.learn.learner import _budget_threshold, _StructureView
+    from gblr.learn.learner import _budget_threshold
 
-    generator = torch.Generator().manual_seed(1)
-    for trial in range(30):
-        shapes = torch.randint(3, 70, (int(torch.randint(1, 4, (1,), generator=generator)), 2))
-        torch.manual_seed(trial)
-        layers = [
-            gblr.GBLRLinear(int(n), int(m), structure_init="random", dtype=dtype)
-            for n, m in shapes.tolist()
-        ]
-        view = _StructureView(layers)
-        widths = (0.5 * view.widths()).clamp(0.0, 1.0)
-        widths[trial % 2, trial % 3 :: 3] = 0.0  # closed components, which must not grow
-        scale = None if trial % 2 else torch.rand(widths.shape, generator=generator) + 0.1
+    # The closed components must not grow.
+    for generator, view, widths, scale in _random_structures(1, 30, dtype, 0.5):
         cost, full = view.cost(widths), view.cost(torch.ones_like(widths) * (widths > 0))
         target = int(torch.randint(cost + 1, full + full // 4 + 2, (1,), generator=generator))
         expected, expected_scale = _sequential_growth(view, widths, target, scale, dtype)

@@ -459,11 +459,8 @@ class LearnerConfig(_Config):
             >>> config.shift_limit, config.pass_every
             (ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0), 20)
         """
-        return cls(
-            exact_from=None,  # as it was measured there
-            revive=True,
-            cut_exponent=0.0,
-            fill_budget=False,
+        return dataclasses.replace(
+            cls.paper(),  # the paper's method plus every pass, as it was measured there
             adaptive=AdaptiveConfig(1.0),
             shift_limit=ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0),
             merge=MergeConfig(1e-3),
@@ -606,11 +603,9 @@ def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
             fields[name] = cls(check_fraction(name, options[name]))
     if "merge_every" in options:
         fields["pass_every"] = check_int("merge_every", options["merge_every"], 1)
-    # The keywords describe the runs of before the final phase existed, when removed
-    # components could come back.
-    return LearnerConfig(
-        **fields, exact_from=None, revive=True, cut_exponent=0.0, fill_budget=False
-    )
+    # The keywords describe the paper's method, as they ran before the final phase, kept
+    # removals, the scaled cut and the filled budget existed.
+    return dataclasses.replace(LearnerConfig.paper(), **fields)
 
 
 def deprecation_text(caller: str, options: Mapping[str, Any]) -> str:

@@ -439,16 +439,17 @@ def _learner_budget(model: nn.Module, c: EngineConfig) -> dict[str, Any]:
     report = _structured_layers_flops(model, c)
     modules = dict(model.named_modules())
     learned = {id(layer) for _, layer in gblr_layers(model)}
-    fixed = sum(layer.macs for layer in report.layers if id(modules[layer.name]) not in learned)
-    if fixed == 0:
+    kept = [layer for layer in report.layers if id(modules[layer.name]) not in learned]
+    if not kept:
         return {"budget": c.budget}
+    fixed = sum(layer.macs for layer in kept)
     budget_macs = math.floor(c.budget * report.dense_macs) - fixed
     if budget_macs <= 0:
-        kept = [layer.name for layer in report.layers if id(modules[layer.name]) not in learned]
+        names = [layer.name for layer in kept]
         raise ValueError(
             f"budget={c.budget} of the structured layers ({report.dense_macs} dense MACs per "
             f"row) is spent by the layers that are not GBLR layers ({fixed} MACs: "
-            f"{kept[:3]}{' ...' if len(kept) > 3 else ''}): nothing is left for the GBLR "
+            f"{names[:3]}{' ...' if len(names) > 3 else ''}): nothing is left for the GBLR "
             "layers; raise the budget or exclude those layers (structure_exclude)"
         )
     return {"budget_macs": budget_macs}
