@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import gblr
+from gblr.layers.base import BLOCKS_FULL_SHARE
 from tests.conftest import circular_boxcar
 
 ORDERS = ["materialize", "factored"]
@@ -491,6 +492,60 @@ def test_uniform_factor_init_is_the_linear_bound_on_v():
         gblr.GBLRLinear(100, 50, factor_init="xavier")
 
 
+@pytest.mark.parametrize("full_share", [0.0, 0.25, 0.5, 2 / 3, 0.75, 0.9])
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (64, 64)])
+def test_blocks_full_share_is_the_cost_on_full_components(full_share, shape):
+    n, m = shape
+    cost = 0.3
+    layer = gblr.GBLRLinear(n, m, structure_init="full")
+    layer.init_structure("blocks", cost, full_share=full_share)
+    col_lengths, row_lengths = layer.interval_lengths()
+    full = (col_lengths == n) & (row_lengths == m)
+    # Whole full components at or under their share: short by less than one (r (m + n)).
+    full_cost = layer.rank_per_component * (m + n)
+    budget = cost * m * n
+    assert full_share * budget - full_cost < full.sum().item() * full_cost <= full_share * budget
+    # The strips spend the rest: the start costs the budget within one cell.
+    assert budget - layer.rank_per_component < layer.flops() <= budget
+    if full_share == 0.0:
+        blockdiag = gblr.GBLRLinear(n, m, structure_init="blockdiag", init_cost=cost)
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                layer.interval_lengths() + layer.interval_starts(),
+                blockdiag.interval_lengths() + blockdiag.interval_starts(),
+            )
+        )
+
+
+def test_blocks_default_full_share_is_the_constant():
+    layer = gblr.GBLRLinear(64, 128, structure_init="blocks", init_cost=0.3)
+    explicit = gblr.GBLRLinear(64, 128, structure_init="full")
+    explicit.init_structure("blocks", 0.3, full_share=BLOCKS_FULL_SHARE)
+    assert torch.equal(layer.widths, explicit.widths)
+    assert torch.equal(layer.locations, explicit.locations)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "full_share", "error", "match"),
+    [
+        ("blocks", 1.0, ValueError, r"full_share must be in \[0, 1\), got 1.0"),
+        ("blocks", -0.1, ValueError, "full_share must be in"),
+        ("blocks", float("nan"), ValueError, "full_share must be in"),
+        ("blocks", "0.5", TypeError, "full_share must be a number"),
+        ("blocks", True, TypeError, "full_share must be a number"),
+        ("half", 0.5, ValueError, "only used with structure_init='blocks'"),
+        ("blockdiag", 0.0, ValueError, "only used with structure_init='blocks'"),
+    ],
+)
+def test_blocks_full_share_is_checked(scheme, full_share, error, match):
+    layer = gblr.GBLRLinear(64, 64, structure_init="full")
+    before = (layer.widths.clone(), layer.locations.clone())
+    with pytest.raises(error, match=match):
+        layer.init_structure(scheme, 0.3, full_share=full_share)
+    assert torch.equal(layer.widths, before[0]) and torch.equal(layer.locations, before[1])
+
+
 @pytest.mark.parametrize("scheme", ["blocks", "blockdiag"])
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (48, 200), (64, 64)])
 @pytest.mark.parametrize("cost", [0.1, 0.3])
@@ -500,7 +555,7 @@ def test_blocks_init_is_a_block_diagonal_next_to_full_components(scheme, shape, 
     col_lengths, row_lengths = layer.interval_lengths()
     full = (col_lengths == n) & (row_lengths == m)
     strips = layer.live_mask() & ~full
-    # "blocks" puts half the cost on full components, "blockdiag" none.
+    # "blocks" puts BLOCKS_FULL_SHARE of the cost on full components, "blockdiag" none.
     assert (full.sum() >= 1) if scheme == "blocks" else (full.sum() == 0)
     assert strips.sum() >= 1
     # No strip wraps around the end of the long side (blocks run down the diagonal).

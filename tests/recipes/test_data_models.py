@@ -97,6 +97,23 @@ def test_structure_model_takes_the_gblr_start(structure_init):
     assert torch.allclose(layer.widths, reference.widths, atol=2 / 64)
 
 
+def test_structure_model_passes_the_blocks_full_share():
+    model = VisionTransformer(depth=1)
+    structure_model(model, "gblr", 0.6, structure_init="blocks", full_share=0.75)
+    reference = gblr.GBLRLinear(64, 128, structure_init="full")
+    reference.init_structure("blocks", 0.6, full_share=0.75)
+    layer = model.blocks[0].fc1
+    full = (layer.widths == 1.0).all(0)
+    assert full.sum() == (reference.widths == 1.0).all(0).sum() > 0
+    # more full components than the default share gives
+    default = gblr.GBLRLinear(64, 128, structure_init="blocks", init_cost=0.6)
+    assert full.sum() > (default.widths == 1.0).all(0).sum()
+    with pytest.raises(ValueError, match="full_share is only used with structure_init='blocks'"):
+        structure_model(
+            VisionTransformer(depth=1), "gblr", 0.6, structure_init="half", full_share=0.5
+        )
+
+
 def test_vit_bad_sizes():
     with pytest.raises(ValueError, match="patch_size"):
         VisionTransformer(image_size=8, patch_size=3)

@@ -33,11 +33,22 @@ from ..ops.gaudi import (
     mask_factors_unchecked,
 )
 
-__all__ = ["EVALUATION_ORDERS", "FACTOR_INITS", "STRUCTURE_INITS", "GBLRMatrixMixin"]
+__all__ = [
+    "BLOCKS_FULL_SHARE",
+    "EVALUATION_ORDERS",
+    "FACTOR_INITS",
+    "STRUCTURE_INITS",
+    "GBLRMatrixMixin",
+]
 
 STRUCTURE_INITS = ("full", "random", "half", "blocks", "blockdiag")
 # The schemes that place a starting cost (init_cost) on the matrix.
 COSTED_STRUCTURE_INITS = ("half", "blocks", "blockdiag")
+# The share of a "blocks" start's cost on full-width components (a low-rank part); the
+# rest is a block-diagonal. Two thirds and three quarters were measured against it on the
+# real-task suite over 10 seeds and moved every cell but one within noise
+# (docs/BENCHMARKS.md, "The full components' share of the 3x start").
+BLOCKS_FULL_SHARE = 0.5
 FACTOR_INITS = ("balanced", "uniform")
 EVALUATION_ORDERS = ("auto", "materialize", "factored")
 
@@ -256,7 +267,13 @@ class GBLRMatrixMixin(nn.Module):
         return (self.rows, self.cols)
 
     # ------------------------------------------------------------------ init
-    def init_structure(self, scheme: StructureInit, init_cost: float | None = None) -> None:
+    def init_structure(
+        self,
+        scheme: StructureInit,
+        init_cost: float | None = None,
+        *,
+        full_share: float | None = None,
+    ) -> None:
         """Set widths and locations afresh by ``scheme``, as the constructor's
         ``structure_init`` does (factors are left as they are: follow with
         `init_factors` for the scale that matches the new structure).
@@ -266,10 +283,14 @@ class GBLRMatrixMixin(nn.Module):
                 ``"blockdiag"`` (see [`gblr.GBLRLinear`][]).
             init_cost: the starting cost as a fraction of dense MACs, in (0, 1]; needed by
                 ``"half"``, ``"blocks"`` and ``"blockdiag"``, ignored by the others.
+            full_share: ``"blocks"`` only: the share of ``init_cost`` on full-width
+                components, in [0, 1) (default ``gblr.layers.base.BLOCKS_FULL_SHARE``;
+                0 is ``"blockdiag"``); the rest is the block-diagonal.
 
         Raises:
-            ValueError: unknown ``scheme``, or ``init_cost`` out of (0, 1].
-            TypeError: ``init_cost`` is not a number where it is needed.
+            ValueError: unknown ``scheme``, ``init_cost`` out of (0, 1], ``full_share``
+                out of [0, 1) or given with a scheme other than ``"blocks"``.
+            TypeError: ``init_cost`` or ``full_share`` is not a number where it is needed.
 
         Examples:
             >>> from gblr import GBLRLinear
@@ -281,6 +302,17 @@ class GBLRMatrixMixin(nn.Module):
         """
         if scheme not in STRUCTURE_INITS:
             raise ValueError(f"structure_init must be one of {STRUCTURE_INITS}, got {scheme!r}")
+        if full_share is None:
+            full_share = BLOCKS_FULL_SHARE
+        elif scheme != "blocks":
+            raise ValueError(
+                f"full_share is only used with structure_init='blocks', got "
+                f"full_share={full_share!r} with structure_init={scheme!r}"
+            )
+        elif isinstance(full_share, bool) or not isinstance(full_share, (int, float)):
+            raise TypeError(f"full_share must be a number in [0, 1), got {full_share!r}")
+        elif not 0.0 <= full_share < 1.0:
+            raise ValueError(f"full_share must be in [0, 1), got {full_share}")
         k, r, m, n = self.num_components, self.rank_per_component, self.rows, self.cols
         with torch.no_grad():
             if scheme == "full":
@@ -292,7 +324,7 @@ class GBLRMatrixMixin(nn.Module):
             elif scheme == "half":
                 self._init_half(init_cost, k, r, m, n)
             elif scheme == "blocks":
-                self._init_blocks(init_cost, 0.5)
+                self._init_blocks(init_cost, float(full_share))
             else:
                 self._init_blocks(init_cost, 0.0)
 

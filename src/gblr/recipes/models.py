@@ -375,6 +375,7 @@ def structure_model(
     seed: int = 0,
     structure_init: str = "blocks",
     factor_init: str = "balanced",
+    full_share: float | None = None,
 ) -> ConversionReport | None:
     """Make ``model``'s ``include`` linear layers structured, for training from scratch.
 
@@ -386,7 +387,9 @@ def structure_model(
     special case, so that the learner, pruning the start to the budget, keeps global or local
     maps as the data rewards: the start that trained best from scratch on the real-task
     benchmarks, docs/BENCHMARKS.md; ``"blockdiag"`` is the block-diagonal part alone,
-    ``"half"`` the paper's half-full/half-narrow start) and ``factor_init`` (see
+    ``"half"`` the paper's half-full/half-narrow start; ``full_share``, with ``"blocks"``
+    only, another share of the start on full-width components, as in
+    ``GBLRLinear.init_structure``) and ``factor_init`` (see
     [`gblr.GBLRLinear`][]); a [`gblr.StructureLearner`][] then moves the MACs between layers.
     A baseline family: its largest configuration within ``budget`` in every layer (uniform
     allocation, so ``rank_per_component`` only checks that no layer is narrower). Layers
@@ -433,7 +436,7 @@ def structure_model(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             for _, layer in gblr_layers(model):
-                layer.init_structure(structure_init, budget)
+                layer.init_structure(structure_init, budget, full_share=full_share)
                 layer.init_factors(factor_init)
                 project_to_budget([layer], int(budget * layer.dense_flops()))
     return report
