@@ -409,3 +409,21 @@ def test_select_layers_names_what_convert_replaces_and_why_calibration_is_refuse
         select_layers(model, GBLRConfig(include="nope"))
     with pytest.raises(TypeError, match="config must be a conversion config"):
         select_layers(model, 3)
+
+
+def test_random_init_starts_as_the_recipes_blocks_start():
+    # init="random" is the start for training from scratch: full components next to the
+    # block-diagonal strips, as GBLRLinear(structure_init="blocks") places them.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64))
+    gblr.convert(model, GBLRConfig(budget=0.6, init="random", allocation="uniform", min_features=1))
+    for layer in (model[0], model[2]):
+        reference = gblr.GBLRLinear(
+            layer.in_features, layer.out_features, structure_init="blocks", init_cost=0.6
+        )
+        assert torch.equal(layer.widths, reference.widths)
+        assert torch.equal(layer.locations, reference.locations)
+        col_lengths, row_lengths = layer.interval_lengths()
+        full = (col_lengths == layer.in_features) & (row_lengths == layer.out_features)
+        assert 0 < full.sum() < layer.live_mask().sum()  # both kinds of component
+        assert layer.flops() <= 0.6 * layer.dense_flops()

@@ -308,8 +308,10 @@ class GBLRConfig(ConversionConfig):
             as the search after fine-tuning on the real-task benchmarks), ``"search"``
             ([`gblr.fit_dense`][]: structure searched from the weights, a lower weight
             error before fine-tuning, minutes on a transformer) or ``"random"`` (a fresh
-            layer at the budget's cost started as GBLR's block-diagonal special case,
-            ``GBLRLinear(structure_init="blockdiag")``, for training from scratch).
+            layer at the budget's cost, ``GBLRLinear(structure_init="blocks")``: full
+            components next to GBLR's block-diagonal special case, as the recipes start,
+            for training from scratch with a [`gblr.StructureLearner`][] that prunes it:
+            convert at a multiple of the learner's budget, the recipes at 3x).
             With ``"svd"``, ``budget=1.0`` means no compression: each layer becomes its
             exact full-rank factorization (more MACs than dense until a structure
             learner prunes it).
