@@ -7,6 +7,8 @@ data, several seeds each.
     python benchmarks/realtasks.py --tasks t3 --docs         # then refresh RESULTS.md / README
     python benchmarks/realtasks.py --tasks t1-vit --structures gblr \\
         --variant adaptive='{"learner": {"adaptive": 1.0}}'  # an experiment beside the default
+    python benchmarks/realtasks.py --tasks t1-vit --paired gblr blocksparse \\
+        --with benchmarks/results/realtasks-experiments/ten-seeds  # seed by seed, no runs
 
 Tasks (all data offline, nothing downloaded; details in each task's module):
 
@@ -28,6 +30,10 @@ processes (``--workers``, one torch thread each); each finished run is written a
 where it stopped. At the end each task gets ``OUT/<task>.md`` (mean ± std over seeds,
 seconds per run) and a plot ``FIGURES/realtasks_<task>.png`` (metric against the MACs
 ratio, one line per family, error bars: std over seeds).
+
+``--paired A B`` runs nothing: it compares two labels of ``OUT`` (and of the ``--with``
+folders) seed by seed, the mean difference with its standard error, which tells a gap
+from the spread between seeds that every family shares.
 """
 
 from __future__ import annotations
@@ -422,6 +428,94 @@ def update_docs(out: Path, pages: Sequence[Path] | None = None) -> list[Path]:
     return changed
 
 
+def merged_runs(task: str, folders: Sequence[Path], quick: bool) -> list[dict[str, Any]]:
+    """The runs of ``task`` in ``folders``' ``<task>.json`` (missing files are skipped),
+    quick or full as ``quick``; a run found in two folders must be the same run.
+
+    Raises:
+        ValueError: one run key with different results in two folders.
+    """
+    runs: dict[str, dict[str, Any]] = {}
+    for folder in folders:
+        for record in _load(folder / f"{task}.json")["runs"]:
+            if record.get("quick", False) != quick:
+                continue
+            earlier = runs.setdefault(record["key"], record)
+            if earlier is not record and earlier != record:
+                raise ValueError(
+                    f"run {record['key']!r} of {task} differs between the folders {folders}"
+                )
+    return list(runs.values())
+
+
+def paired_differences(
+    spec: TaskSpec, runs: Sequence[dict[str, Any]], first: str, second: str
+) -> list[dict[str, Any]]:
+    """Label ``first`` against ``second`` seed by seed, per budget both have a seed at.
+
+    Returns rows of ``budget``, ``seeds`` (how many shared), ``first`` / ``second`` (their
+    means over the shared seeds, accuracy in %), ``difference`` (mean of the per-seed
+    differences, signed so that positive means ``first`` is better), ``stderr`` (its
+    standard error; 0 with one seed) and ``wins`` (seeds where ``first`` is better).
+    ``dense`` runs at budget 1 and pairs with any budget.
+    """
+
+    def by_seed(label: str) -> dict[float, dict[int, float]]:
+        table: dict[float, dict[int, float]] = {}
+        for record in runs:
+            if record["label"] == label:
+                value = _scaled(spec, float(record[spec.metric]))
+                table.setdefault(float(record["budget"]), {})[int(record["seed"])] = value
+        return table
+
+    a, b = by_seed(first), by_seed(second)
+    budgets = sorted(
+        {budget for budget in a if budget in b or second == "dense"}
+        | ({budget for budget in b} if first == "dense" else set())
+    )
+    sign = 1.0 if spec.higher_is_better else -1.0
+    rows = []
+    for budget in budgets:
+        left = a.get(budget) or a.get(1.0, {})
+        right = b.get(budget) or b.get(1.0, {})
+        seeds = sorted(set(left) & set(right))
+        if not seeds:
+            continue
+        differences = [sign * (left[seed] - right[seed]) for seed in seeds]
+        rows.append(
+            {
+                "budget": budget,
+                "seeds": len(seeds),
+                "first": statistics.fmean(left[seed] for seed in seeds),
+                "second": statistics.fmean(right[seed] for seed in seeds),
+                "difference": statistics.fmean(differences),
+                "stderr": statistics.stdev(differences) / math.sqrt(len(seeds))
+                if len(seeds) > 1
+                else 0.0,
+                "wins": sum(difference > 0 for difference in differences),
+            }
+        )
+    return rows
+
+
+def paired_table(spec: TaskSpec, rows: Sequence[dict[str, Any]], first: str, second: str) -> str:
+    """Markdown of `paired_differences`' rows."""
+    better = "higher" if spec.higher_is_better else "lower"
+    lines = [
+        f"{spec.name}: {first} against {second}, seed by seed ({spec.metric}, {better} is "
+        "better; difference > 0: the first is better)",
+        "",
+        f"| budget | seeds | {first} | {second} | difference ± s.e. | {first} better on |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['budget']:g} | {row['seeds']} | {row['first']:.2f} | {row['second']:.2f} "
+            f"| {row['difference']:+.2f} ± {row['stderr']:.2f} | {row['wins']} of {row['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
 def parse_variants(texts: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``NAME=JSON`` pairs: GBLR options of each variant."""
     variants = {}
@@ -456,7 +550,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="then refresh the marked tables of docs/RESULTS.md and README.md from OUT",
     )
+    parser.add_argument(
+        "--paired",
+        nargs=2,
+        metavar=("A", "B"),
+        help="run nothing: compare labels A and B seed by seed (OUT and the --with folders)",
+    )
+    parser.add_argument(
+        "--with",
+        dest="also",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="with --paired: more runs, e.g. extra seeds in an experiment folder",
+    )
     args = parser.parse_args(argv)
+    if args.also and not args.paired:
+        parser.error("--with only goes with --paired")
     try:
         variants = parse_variants(args.variant)
     except ValueError as error:  # json.JSONDecodeError included
@@ -465,6 +576,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out = args.out or results / ("realtasks-quick" if args.quick else "realtasks")
     # A quick run's plots are not results: they stay beside its JSON.
     figures = args.figures or (args.out if args.quick else ROOT / "docs" / "figures")
+    if args.paired:
+        first, second = args.paired
+        for name in args.tasks:
+            spec = TASKS[name]
+            try:
+                runs = merged_runs(name, [args.out, *args.also], args.quick)
+            except ValueError as error:
+                parser.error(str(error))
+            rows = paired_differences(spec, runs, first, second)
+            if rows:
+                print(paired_table(spec, rows, first, second) + "\n")
+            else:
+                print(f"{name}: no seed where both {first} and {second} ran\n")
+        return 0
     for name in args.tasks:
         spec = TASKS[name]
         budgets = args.budgets or spec.budgets

@@ -2,6 +2,7 @@
 and writes its files; its numbers are not checked here (they are benchmarks)."""
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,48 @@ def test_a_family_over_its_budget_is_never_the_best():
     table = realtasks.markdown_table(spec, realtasks.summarize(spec, payload, False), "m")
     assert "| pixelfly | 99.00 ± 0.00 (over budget) |" in table
     assert "| gblr | **91.00 ± 1.41** |" in table
+
+
+def test_paired_differences_match_a_seed_by_seed_count(tmp_path):
+    realtasks = _realtasks_module()
+    generator = random.Random(0)
+
+    def record(label, budget, seed, value, metric):
+        return {"label": label, "budget": budget, "seed": seed, metric: value,
+                "key": f"{label}|{budget}|{seed}", "quick": False}  # fmt: skip
+
+    for task, metric, scale, sign in (("t1-vit", "accuracy", 100, 1), ("t2", "perplexity", 1, -1)):
+        spec = realtasks.TASKS[task]
+        values = {
+            (label, seed): generator.uniform(0.5, 1.0) for label in ("a", "b") for seed in range(6)
+        }
+        first = [record(label, 0.1, seed, v, metric) for (label, seed), v in values.items()]
+        # seed 5 of "b" lives in a second folder; seed 4 of "a" nowhere (not shared)
+        main_runs = [r for r in first if (r["label"], r["seed"]) not in {("b", 5), ("a", 4)}]
+        extra_runs = [r for r in first if (r["label"], r["seed"]) == ("b", 5)]
+        for folder, runs in (("main", main_runs), ("extra", extra_runs)):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            (tmp_path / folder / f"{task}.json").write_text(json.dumps({"runs": runs}))
+        runs = realtasks.merged_runs(task, [tmp_path / "main", tmp_path / "extra"], quick=False)
+        [row] = realtasks.paired_differences(spec, runs, "a", "b")
+        seeds = [0, 1, 2, 3, 5]
+        differences = [sign * scale * (values["a", s] - values["b", s]) for s in seeds]
+        assert row["seeds"] == 5 and row["budget"] == 0.1
+        assert row["difference"] == pytest.approx(sum(differences) / 5)
+        mean = sum(differences) / 5
+        spread = (sum((d - mean) ** 2 for d in differences) / 4) ** 0.5
+        assert row["stderr"] == pytest.approx(spread / 5**0.5)
+        assert row["wins"] == sum(d > 0 for d in differences)
+        assert row["first"] == pytest.approx(scale * sum(values["a", s] for s in seeds) / 5)
+        assert "| 0.1 | 5 |" in realtasks.paired_table(spec, [row], "a", "b")
+    # One run with two results in two folders is refused, not silently picked.
+    changed = dict(extra_runs[0], perplexity=9.0)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "t2.json").write_text(json.dumps({"runs": [changed]}))
+    with pytest.raises(ValueError, match="differs between the folders"):
+        realtasks.merged_runs("t2", [tmp_path / "extra", tmp_path / "other"], quick=False)
+
+
+def test_paired_with_needs_paired(tmp_path):
+    result = _run(tmp_path, "--tasks", "t2", "--with", str(tmp_path))
+    assert result.returncode != 0 and "--with only goes with --paired" in result.stderr
