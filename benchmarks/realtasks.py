@@ -469,15 +469,14 @@ def paired_differences(
         return table
 
     a, b = by_seed(first), by_seed(second)
-    budgets = sorted(
-        {budget for budget in a if budget in b or second == "dense"}
-        | ({budget for budget in b} if first == "dense" else set())
-    )
+    # dense ran at budget 1 only: it pairs with the other label's every budget
+    pairs = ((first, a), (second, b))
+    budgets = sorted({budget for label, table in pairs if label != "dense" for budget in table})
     sign = 1.0 if spec.higher_is_better else -1.0
     rows = []
     for budget in budgets:
-        left = a.get(budget) or a.get(1.0, {})
-        right = b.get(budget) or b.get(1.0, {})
+        left = a.get(1.0 if first == "dense" else budget, {})
+        right = b.get(1.0 if second == "dense" else budget, {})
         seeds = sorted(set(left) & set(right))
         if not seeds:
             continue

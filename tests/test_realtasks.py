@@ -179,6 +179,14 @@ def test_paired_differences_match_a_seed_by_seed_count(tmp_path):
         assert row["wins"] == sum(d > 0 for d in differences)
         assert row["first"] == pytest.approx(scale * sum(values["a", s] for s in seeds) / 5)
         assert "| 0.1 | 5 |" in realtasks.paired_table(spec, [row], "a", "b")
+        # dense ran at budget 1 only and pairs with each budget of the other label
+        dense = [record("dense", 1.0, seed, 0.7, metric) for seed in range(3)]
+        [row] = realtasks.paired_differences(spec, runs + dense, "a", "dense")
+        assert row["budget"] == 0.1 and row["seeds"] == 3
+        expected = sum(sign * scale * (values["a", s] - 0.7) for s in range(3)) / 3
+        assert row["difference"] == pytest.approx(expected)
+        [reverse] = realtasks.paired_differences(spec, runs + dense, "dense", "a")
+        assert reverse["difference"] == pytest.approx(-expected)
     # One run with two results in two folders is refused, not silently picked.
     changed = dict(extra_runs[0], perplexity=9.0)
     (tmp_path / "other").mkdir()
