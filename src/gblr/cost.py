@@ -12,13 +12,14 @@ the small interface they share (``flops()``, ``dense_flops()``, optionally
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import decimal
 import fnmatch
 import fractions
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -34,6 +35,7 @@ __all__ = [
     "count_flops",
     "fraction_budget_macs",
     "gblr_cost",
+    "layer_rows",
 ]
 
 
@@ -393,8 +395,9 @@ def count_flops(
     Args:
         model: any module.
         example_input: optional input (a tensor, or a tuple of positional arguments). When
-            given, the model runs once on it under ``torch.no_grad()`` and each layer's MACs
-            are multiplied by the rows (linear) or output positions (conv) it processed.
+            given, the model runs once on it, in eval mode under ``torch.no_grad()`` (the
+            modules' training flags restored after it), and each layer's MACs are
+            multiplied by the rows (linear) or output positions (conv) it processed.
         include: glob patterns over ``named_modules()`` names; only matching layers count.
         exclude: glob patterns of layers to leave out.
 
@@ -428,24 +431,13 @@ def count_flops(
         if isinstance(module, SupportsFlops):
             counted_prefixes.append(name)
 
-    rows_seen: dict[str, int] = {}
-    if example_input is not None:
-        handles = []
-        for name, module, entry in entries:
-            unit = entry[5]
-
-            def hook(mod, inputs, output, _name=name, _unit=unit):
-                rows_seen[_name] = rows_seen.get(_name, 0) + call_rows(mod, _unit, inputs, output)
-
-            handles.append(module.register_forward_hook(hook))
-        try:
-            args = example_input if isinstance(example_input, tuple) else (example_input,)
-            with torch.no_grad():
-                model(*args)
-        finally:
-            for handle in handles:
-                handle.remove()
-
+    rows = (
+        _rows_of_one_forward(
+            model, [(module, entry[5]) for _, module, entry in entries], example_input
+        )
+        if example_input is not None
+        else [None] * len(entries)
+    )
     layers = tuple(
         LayerFlops(
             name=name,
@@ -455,8 +447,79 @@ def count_flops(
             dense_macs=entry[3],
             live_components=entry[4],
             unit=entry[5],
-            rows=rows_seen.get(name, 0) if example_input is not None else None,
+            rows=seen,
         )
-        for name, _, entry in entries
+        for (name, _, entry), seen in zip(entries, rows, strict=True)
     )
     return FlopsReport(layers=layers, with_input=example_input is not None)
+
+
+def _rows_of_one_forward(
+    model: nn.Module, modules: list[tuple[nn.Module, str]], example_input: Any
+) -> list[int]:
+    """Rows (``unit`` ``"row"``) or output positions (``"position"``) each of ``modules``
+    processed, summed over its calls, in one forward of ``model`` on ``example_input`` (a
+    tensor, or a tuple of positional arguments). The forward runs in eval mode under
+    ``torch.no_grad()``, so that counting changes nothing (dropout draws no random
+    numbers, batch norm keeps its statistics); every module's training flag is restored."""
+    seen = [0] * len(modules)
+    handles = []
+    for index, (module, unit) in enumerate(modules):
+
+        def hook(mod, inputs, output, _index=index, _unit=unit):
+            seen[_index] += call_rows(mod, _unit, inputs, output)
+
+        handles.append(module.register_forward_hook(hook))
+    training = {module: module.training for module in model.modules()}
+    model.eval()
+    # A compiled model (nn.Module.compile) runs this one pass eagerly: compiling a graph
+    # for it would cost more than the pass and leave one more graph behind. torch < 2.6
+    # has no stance to set; there the pass compiles.
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    eager = set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    try:
+        args = example_input if isinstance(example_input, tuple) else (example_input,)
+        with torch.no_grad(), eager:
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in training.items():
+            module.training = flag
+    return seen
+
+
+def layer_rows(model: nn.Module, layers: Sequence[nn.Module], example_input: Any) -> list[int]:
+    """How many rows (a linear layer) or output positions (a convolution) each of
+    ``layers`` multiplies in one forward pass of ``model`` on ``example_input``: what a
+    layer's per-row MACs are multiplied by to give its cost for that input.
+
+    The pass runs in eval mode under ``torch.no_grad()`` (dropout draws no random numbers,
+    batch norm keeps its statistics); each module's training flag is restored after it,
+    as in [`count_flops`][gblr.cost.count_flops].
+
+    Args:
+        model: the module to run.
+        layers: modules of ``model`` (structured layers, ``nn.Linear``, ``nn.Conv2d``).
+        example_input: a tensor, or a tuple of positional arguments of ``model``.
+
+    Returns:
+        One count per layer, in order; 0 for a layer the pass did not call.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.cost import layer_rows
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+        >>> layer_rows(model, [model[0], model[1]], torch.zeros(3, 5, 4))
+        [15, 15]
+    """
+    modules = []
+    for layer in layers:
+        entry = _layer_entry(layer)
+        if entry is None:
+            raise TypeError(
+                "layers must be structured layers, nn.Linear or nn.Conv2d, got "
+                f"{type(layer).__name__}"
+            )
+        modules.append((layer, entry[5]))
+    return _rows_of_one_forward(model, modules, example_input)

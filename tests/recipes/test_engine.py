@@ -113,21 +113,47 @@ def test_the_learner_config_reaches_the_structure_learner(tmp_path):
 def test_layers_kept_dense_count_in_the_budget_the_learner_holds():
     """A global allocation may keep a structured layer dense: its MACs count in the run's
     budget (the result's ``macs_ratio``) but the learner cannot move them, so they come off
-    the learner's budget (else a learner that fills its budget overspends the run's)."""
+    the learner's budget (else a learner that fills its budget overspends the run's). The
+    budget is counted for one forward pass on the example, which the learner gets too."""
     import gblr
     from gblr.recipes.engine import _learner_budget
 
-    mixed = torch.nn.Sequential(torch.nn.Linear(8, 8), gblr.GBLRLinear(16, 16))  # 64 + 256
+    mixed = torch.nn.Sequential(torch.nn.Linear(8, 8), gblr.GBLRLinear(8, 16))  # 64 + 128
+    example = torch.zeros(3, 8)  # 3 rows through each layer: 192 + 384 MACs
     engine = EngineConfig(steps=1, budget=0.5, structure_include="*")
-    assert _learner_budget(mixed, engine) == {"budget_macs": 160 - 64}
-    only_gblr = torch.nn.Sequential(gblr.GBLRLinear(8, 8), gblr.GBLRLinear(16, 16))
-    assert _learner_budget(only_gblr, engine) == {"budget": 0.5}
+    kept = _learner_budget(mixed, engine, example)
+    assert kept.pop("example_input") is example
+    assert kept == {"budget_macs": 288 - 192}
+    only_gblr = torch.nn.Sequential(gblr.GBLRLinear(8, 8), gblr.GBLRLinear(8, 16))
+    assert _learner_budget(only_gblr, engine, example)["budget"] == 0.5
     # a layer outside the structured ones costs nothing of the budget
     outside = dataclasses.replace(engine, structure_include="1")
-    assert _learner_budget(mixed, outside) == {"budget": 0.5}
-    tight = dataclasses.replace(engine, budget=0.2)  # 64 of 64 MACs left: none for GBLR
-    with pytest.raises(ValueError, match=r"budget=0.2 .* \['0'\]\): nothing is left"):
-        _learner_budget(mixed, tight)
+    assert _learner_budget(mixed, outside, example)["budget"] == 0.5
+    tight = dataclasses.replace(engine, budget=1 / 3)  # 192 of 192 MACs left: none for GBLR
+    with pytest.raises(ValueError, match=r"budget=0.33.* \['0'\]\): nothing is left"):
+        _learner_budget(mixed, tight, example)
+
+
+def test_the_budget_and_macs_ratio_are_per_example_on_a_mixer():
+    """An MLP-Mixer's token-mixing layers run on ``dim`` rows per image, its channel-mixing
+    layers on ``tokens``: the run's budget and ``macs_ratio`` are the structured layers'
+    MACs for one image, not per row."""
+    import gblr
+    from gblr.recipes.models import MlpMixer
+
+    train, test = digits()
+    torch.manual_seed(0)
+    model = MlpMixer(image_size=8, patch_size=2, in_chans=1, dim=32, depth=1)
+    structure_model(model, "gblr", 0.6)
+    config = EngineConfig(steps=6, batch_size=16, warmup_steps=3, budget=0.3, progress=False)
+    result = train_classifier(model, Subset(train, range(96)), test, config)
+    image = train[0][0][None]
+    per_image = gblr.count_flops(model, image, include=["blocks.*"])
+    assert result["macs_ratio"] == per_image.ratio
+    assert 0.25 <= per_image.ratio <= 0.3
+    token_layer = per_image["blocks.0.token_mlp.fc1"]
+    channel_layer = per_image["blocks.0.channel_mlp.fc1"]
+    assert (token_layer.rows, channel_layer.rows) == (32, 16)  # dim 32, 16 patches
 
 
 def test_the_old_keywords_warn_and_give_the_same_run(tmp_path):

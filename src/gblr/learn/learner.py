@@ -11,6 +11,11 @@ locations wrap modulo 1:
   exact (integer, live-components-only) cost of all GBLR layers is at most the budget.
   Layers compete for one budget.
 
+Costs are per input row (per output position for a convolution) summed over the layers,
+or, with an ``example_input``, each layer's per-row cost times the rows it processes in
+one forward pass of it: what a forward pass costs when layers see different numbers of
+rows (an MLP-Mixer's token- and channel-mixing layers, a CNN's stages).
+
 This module is the core: checks, the budget projection, the σ schedule, the budget ramp
 and the state. The optional passes of [`gblr.LearnerConfig`][] are objects
 (``passes.py``, ``merge.py``, ``untangle.py``, ``refine.py``) that the core calls at fixed
@@ -27,7 +32,7 @@ import numpy
 import torch
 from torch import Tensor, nn
 
-from ..cost import fraction_budget_macs
+from ..cost import fraction_budget_macs, layer_rows
 from ..layers.base import GBLRMatrixMixin
 from .arguments import BUDGET_ALIASES, budget_names, check_budget_arguments, resolve_deprecated
 from .config import DEPRECATED_OPTIONS, SIGMA_SCHEDULES, LearnerConfig, check_sigma
@@ -158,16 +163,44 @@ def project_to_budget(layers: list[GBLRMatrixMixin], macs: int) -> None:
     view.write(view.shrink(widths, _budget_threshold(view, widths, macs)[0]))
 
 
-class _StructureView:
-    """All GBLR widths of a model as flat ``(2, ΣK)`` tensors, for vectorized cost math."""
+def _row_weights(
+    model: nn.Module, layers: list[GBLRMatrixMixin], names: list[str], example_input: Any
+) -> tuple[list[int], int]:
+    """Each layer's rows in one forward pass on ``example_input``, divided by their greatest
+    common divisor, and that divisor: ``([1, ...], 1)`` without an input, so that layers
+    which all see the same rows cost exactly what they cost per row."""
+    if example_input is None:
+        return [1] * len(layers), 1
+    device = layers[0].widths.device
+    example = torch.utils._pytree.tree_map_only(Tensor, lambda t: t.to(device), example_input)
+    rows = layer_rows(model, layers, example)
+    missing = [name for name, count in zip(names, rows, strict=True) if count == 0]
+    if missing:
+        raise ValueError(
+            f"example_input: the GBLR layers {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+            "did not run in the model's forward pass on it, so their cost per example is "
+            "unknown; give an input that runs every GBLR layer (model(*example_input) for a "
+            "tuple), or leave example_input out to count every layer per row"
+        )
+    unit = math.gcd(*rows)
+    return [count // unit for count in rows], unit
 
-    def __init__(self, layers: list[GBLRMatrixMixin]) -> None:
+
+class _StructureView:
+    """All GBLR widths of a model as flat ``(2, ΣK)`` tensors, for vectorized cost math.
+
+    ``weights``: each layer's rows per unit of cost (default 1 each: per-row costs)."""
+
+    def __init__(self, layers: list[GBLRMatrixMixin], weights: list[int] | None = None) -> None:
         self.layers = layers
+        weights = [1] * len(layers) if weights is None else weights
         dims, ranks = [], []
-        for layer in layers:
+        for layer, weight in zip(layers, weights, strict=True):
             k = layer.num_components
             dims.append(torch.tensor([[layer.cols] * k, [layer.rows] * k], dtype=torch.float64))
-            ranks.append(torch.full((k,), float(layer.rank_per_component), dtype=torch.float64))
+            # MACs per line of a component: its rank times the rows it is applied to.
+            line_macs = float(layer.rank_per_component * weight)
+            ranks.append(torch.full((k,), line_macs, dtype=torch.float64))
         device = layers[0].widths.device
         self.dims = torch.cat(dims, dim=1).to(device)
         self.ranks = torch.cat(ranks).to(device)
@@ -181,7 +214,9 @@ class _StructureView:
         self.ranks_numpy = torch.cat(ranks).numpy()
         # Relaxed cost per unit of width: r * m for a row width, r * n for a column width.
         self.unit_cost = self.dims * self.ranks
-        self.dense_macs = sum(layer.rows * layer.cols for layer in layers)
+        self.dense_macs = sum(
+            layer.rows * layer.cols * weight for layer, weight in zip(layers, weights, strict=True)
+        )
 
     def widths(self) -> Tensor:
         return torch.cat([layer.widths.detach().to(torch.float64) for layer in self.layers], 1)
@@ -254,7 +289,8 @@ class StructureLearner:
             (the int ``1`` is 1.0, as in [`gblr.convert`][]; other ints are refused:
             an absolute count goes to ``budget_macs``).
         budget_macs: budget mode: an absolute budget, MACs per input row summed over the
-            GBLR layers (an int).
+            GBLR layers (an int), or with ``example_input`` MACs of the GBLR layers in
+            one forward pass on it.
         lam: λ mode: penalty weight per unit of the GBLR layers' total dense cost.
             Exactly one of ``budget``, ``budget_macs`` and ``lam`` must be given. A
             budget below the cheapest component (``2 r`` MACs: one row and one column at
@@ -268,6 +304,17 @@ class StructureLearner:
         optimizer: λ mode: the optimizer whose structure group's current learning rate is
             ``η`` (follows LR schedulers). Alternatively give ``structure_lr``.
         structure_lr: λ mode: a fixed ``η``.
+        example_input: optional input of ``model`` (a tensor, or a tuple of positional
+            arguments; moved to the GBLR layers' device), for example one sample of the
+            training data. The model runs once on it (eval mode, no gradient, training
+            flags restored) and each layer's cost is then its per-row MACs times the rows
+            (positions, for a convolution) it processed: the budget becomes a fraction
+            of a forward pass's MACs, and layers that see more rows per example pay more
+            for each line. Without it every layer counts per row, which is the same
+            where all GBLR layers see the same rows (a transformer's linear layers) and
+            not where they do not (an MLP-Mixer's token- and channel-mixing layers, a
+            CNN's stages). Every GBLR layer must run on it (``ValueError`` naming those
+            that do not).
         **deprecated: until gblr 0.3, with a ``FutureWarning`` naming the replacement:
             ``target``/``target_macs`` (now ``budget``/``budget_macs``) and the options
             now in [`gblr.LearnerConfig`][]: ``sigma``, ``sigma_schedule``, ``ramp``,
@@ -313,6 +360,7 @@ class StructureLearner:
         sigma_start_step: int = 0,
         optimizer: torch.optim.Optimizer | None = None,
         structure_lr: float | None = None,
+        example_input: Any = None,
         **deprecated: Any,
     ) -> None:
         unknown = sorted(set(deprecated) - set(DEPRECATED_OPTIONS) - set(BUDGET_ALIASES))
@@ -320,7 +368,7 @@ class StructureLearner:
             raise TypeError(
                 f"StructureLearner got unexpected keyword argument(s) {unknown}; it takes "
                 "model, config, budget=, budget_macs=, lam=, total_steps=, warmup_steps=, "
-                "sigma_start_step=, optimizer=, structure_lr="
+                "sigma_start_step=, optimizer=, structure_lr=, example_input="
             )
         if config is not None and not isinstance(config, LearnerConfig):
             raise TypeError(
@@ -359,7 +407,12 @@ class StructureLearner:
         self.sigma_start_step = check_int("sigma_start_step", sigma_start_step, 0)
         self.sigma_range = check_sigma(self.config.sigma)
 
-        self.view = _StructureView(layers)
+        # Costs are counted in units of `rows_unit` rows: row_weights are each layer's rows
+        # in the example divided by it (all 1 without one).
+        self.row_weights, self.rows_unit = _row_weights(
+            model, layers, self.layer_names, example_input
+        )
+        self.view = _StructureView(layers, self.row_weights)
         self.layers = layers
         for layer in layers:
             layer.revive_empty = self.config.revive
@@ -367,19 +420,25 @@ class StructureLearner:
         self.final_target: int | None = None
         self._check_finite("when the learner was built")
         if lam is None:
-            rank = min(layer.rank_per_component for layer in layers)
-            self.final_target = fraction_budget_macs(
+            cheapest, weight = min(
+                zip(layers, self.row_weights, strict=True),
+                key=lambda pair: pair[0].rank_per_component * pair[1],
+            )
+            rank = cheapest.rank_per_component
+            rows = "" if example_input is None else f", applied to {weight * self.rows_unit} rows"
+            final_macs = fraction_budget_macs(
                 budgets.get("budget"),
                 budgets.get("budget_macs"),
-                self.view.dense_macs,
+                self.view.dense_macs * self.rows_unit,
                 fraction_name=fraction_name,
                 macs_name=macs_name,
-                minimum=2 * rank,
+                minimum=2 * rank * weight * self.rows_unit,
                 minimum_reason=(
-                    f"the cheapest component: one row and one column at rank {rank}; "
+                    f"the cheapest component: one row and one column at rank {rank}{rows}; "
                     "below it every GBLR layer would be empty"
                 ),
             )
+            self.final_target = final_macs // self.rows_unit
         else:
             if isinstance(lam, bool) or not isinstance(lam, (int, float)):
                 raise TypeError(f"lam must be a number >= 0, got {lam!r}")
@@ -469,6 +528,11 @@ class StructureLearner:
 
     def target_at(self, step: int) -> int | None:
         """Budget (MACs) enforced at ``step``: ramped from the starting cost over warm-up."""
+        target = self._target_at(step)
+        return None if target is None else target * self.rows_unit
+
+    def _target_at(self, step: int) -> int | None:
+        """`target_at` in the view's units of ``rows_unit`` rows."""
         if self.final_target is None:
             return None
         if self.warmup_steps == 0 or self.start_cost <= self.final_target:
@@ -543,7 +607,7 @@ class StructureLearner:
         if self.lam is not None:
             self.threshold = self._structure_lr() * self.lam / self.view.dense_macs
         else:
-            target = self.target_at(step)
+            target = self._target_at(step)
             assert target is not None
             self.threshold, scale = _budget_threshold(
                 self.view, widths, target, scale, fill=self._fills(step)
@@ -562,8 +626,9 @@ class StructureLearner:
 
     # ------------------------------------------------------------------ reporting
     def macs(self) -> int:
-        """Exact MACs per row of all GBLR layers now."""
-        return self.view.cost(self.view.widths())
+        """Exact MACs of all GBLR layers now: per row, or with ``example_input`` in one
+        forward pass on it."""
+        return self.view.cost(self.view.widths()) * self.rows_unit
 
     def summary(self) -> dict[str, float]:
         """Numbers for logging: step, MACs, ``macs_ratio``, threshold, live components,
@@ -574,8 +639,8 @@ class StructureLearner:
         summary: dict[str, float] = {
             "step": float(self.step_count),
             "macs": float(macs),
-            "dense_macs": float(self.view.dense_macs),
-            "macs_ratio": macs / self.view.dense_macs,
+            "dense_macs": float(self.view.dense_macs * self.rows_unit),
+            "macs_ratio": macs / (self.view.dense_macs * self.rows_unit),
             "threshold": self.threshold,
             "live_components": float(live),
         }
@@ -594,9 +659,11 @@ class StructureLearner:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step count, starting cost, last threshold, the
-        config (``config.to_dict()``) and each pass's state under ``"passes"``."""
+        config (``config.to_dict()``), the layers' rows per unit of cost (``row_weights``,
+        from ``example_input``) and each pass's state under ``"passes"``."""
         return {
             "step_count": self.step_count,
+            "row_weights": list(self.row_weights),
             "start_cost": self.start_cost,
             "threshold": self.threshold,
             "final_target": self.final_target,
@@ -609,9 +676,11 @@ class StructureLearner:
         """Restore `state_dict` output (and σ on every layer); load the model's
         state first.
 
-        A state saved with another config is refused (``ValueError`` naming the fields
-        that differ). States without ``"config"``, saved before the passes were split
-        out, hold the passes' state at the top level; they load too.
+        A state saved with another config, or with costs counted over other rows (another
+        ``example_input``, or one against none), is refused (``ValueError`` naming what
+        differs). States without ``"config"``, saved before the passes were split out, hold
+        the passes' state at the top level; they load too; states without
+        ``"row_weights"`` were counted per row.
         """
         missing = {"step_count", "start_cost", "threshold"} - set(state)
         if missing:
@@ -625,6 +694,14 @@ class StructureLearner:
                     "learner with the saved one (LearnerConfig.from_dict(state['config'])). "
                     f"Differences (this learner's != saved): {'; '.join(differences)}"
                 )
+        saved_weights = [int(w) for w in state.get("row_weights", [1] * len(self.layers))]
+        if saved_weights != list(self.row_weights):
+            raise ValueError(
+                "the learner state was saved with costs counted over other rows per layer "
+                f"(row_weights {saved_weights[:8]}, this learner's {self.row_weights[:8]}): "
+                "build the learner with the same example_input as the saved run (none: "
+                "every layer counted per row)"
+            )
         self.step_count = int(state["step_count"])
         self.start_cost = int(state["start_cost"])
         self.threshold = float(state["threshold"])

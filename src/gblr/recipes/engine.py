@@ -110,6 +110,10 @@ class _ScheduledModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"layer_types": layer_types(self.model), **self.run_info}
 
+    def model_input(self, batch: Any) -> Any:
+        """What ``self.model`` is called with for a training ``batch``."""
+        return batch[0]
+
     def _logs_this_step(self) -> bool:
         """Whether this training step's metrics are logged: on the steps the trainer writes
         to its loggers (every ``log_every_n_steps``) and on the last step. One ``self.log``
@@ -214,6 +218,9 @@ class CausalLMModule(_ScheduledModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         output = self.model(input_ids)
         return output.logits if hasattr(output, "logits") else output
+
+    def model_input(self, batch: Any) -> Any:
+        return batch["input_ids"] if isinstance(batch, dict) else batch
 
     def _summed_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token loss and the number of predicted tokens."""
@@ -422,37 +429,53 @@ def _include_patterns(include: str | list[str]) -> list[str]:
     return [q for p in patterns for q in (p, p + ".*")]
 
 
-def _structured_layers_flops(model: nn.Module, c: EngineConfig) -> FlopsReport:
-    """MACs per row of the ``structure_include`` layers (less ``structure_exclude``): what
-    ``budget`` and the result's ``macs_ratio`` are fractions of."""
+def _one_example(module: _ScheduledModule, train_set: Dataset) -> Any:
+    """The first training sample as a batch of one, as the model takes it, on the model's
+    device: the structured layers' costs are counted for one forward pass on it."""
+    batch = torch.utils.data.default_collate([train_set[0]])
+    parameter = next(module.model.parameters(), None)
+    device = torch.device("cpu") if parameter is None else parameter.device
+    return torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: t.to(device), module.model_input(batch)
+    )
+
+
+def _structured_layers_flops(model: nn.Module, c: EngineConfig, example: Any) -> FlopsReport:
+    """MACs of the ``structure_include`` layers (less ``structure_exclude``) in one forward
+    pass on ``example``: what ``budget`` and the result's ``macs_ratio`` are fractions of.
+    Per example, not per row: an MLP-Mixer's token-mixing layers run on more rows per
+    example than its channel-mixing layers, and cost accordingly."""
     excluded = None if c.structure_exclude is None else _include_patterns(c.structure_exclude)
-    return count_flops(model, include=_include_patterns(c.structure_include), exclude=excluded)
+    return count_flops(
+        model, example, include=_include_patterns(c.structure_include), exclude=excluded
+    )
 
 
-def _learner_budget(model: nn.Module, c: EngineConfig) -> dict[str, Any]:
-    """The structure learner's budget keyword for ``c.budget`` of the structured layers.
+def _learner_budget(model: nn.Module, c: EngineConfig, example: Any) -> dict[str, Any]:
+    """The structure learner's budget keywords for ``c.budget`` of the structured layers'
+    MACs in one forward pass on ``example`` (which the learner is given too).
 
     A layer that a global allocation kept dense (its share of the budget was at least its
     dense cost) counts in that budget but is not the learner's to move: its MACs come off
     the learner's, which then spends ``budget_macs``. With every structured layer a GBLR
     layer, the fraction as it is."""
-    report = _structured_layers_flops(model, c)
+    report = _structured_layers_flops(model, c, example)
     modules = dict(model.named_modules())
     learned = {id(layer) for _, layer in gblr_layers(model)}
     kept = [layer for layer in report.layers if id(modules[layer.name]) not in learned]
     if not kept:
-        return {"budget": c.budget}
-    fixed = sum(layer.macs for layer in kept)
+        return {"budget": c.budget, "example_input": example}
+    fixed = sum(layer.total_macs for layer in kept)
     budget_macs = math.floor(c.budget * report.dense_macs) - fixed
     if budget_macs <= 0:
         names = [layer.name for layer in kept]
         raise ValueError(
             f"budget={c.budget} of the structured layers ({report.dense_macs} dense MACs per "
-            f"row) is spent by the layers that are not GBLR layers ({fixed} MACs: "
+            f"example) is spent by the layers that are not GBLR layers ({fixed} MACs: "
             f"{names[:3]}{' ...' if len(names) > 3 else ''}): nothing is left for the GBLR "
             "layers; raise the budget or exclude those layers (structure_exclude)"
         )
-    return {"budget_macs": budget_macs}
+    return {"budget_macs": budget_macs, "example_input": example}
 
 
 def train_module(
@@ -518,12 +541,13 @@ def _run(
         # whose sigma is a tensor, so the learner's annealing does not recompile it.
         model.compile(mode=None if c.compile_mode == "default" else c.compile_mode)
     pl.seed_everything(c.seed, workers=True, verbose=False)
+    example = _one_example(module, train_set)
     callbacks: list[pl.Callback] = []
     if gblr_layers(model) and c.budget is not None:
         callbacks.append(
             GBLRCallback(
                 config=c.learner,
-                **_learner_budget(model, c),
+                **_learner_budget(model, c, example),
                 warmup_steps=c.warmup_steps if c.budget_ramp_steps is None else c.budget_ramp_steps,
                 sigma_start_step=c.sigma_start_step,
                 total_steps=c.steps,
@@ -618,7 +642,7 @@ def _run(
     seconds = time.perf_counter() - start
     if resumed_step is not None and c.out_dir is not None and trainer.is_global_zero:
         _merge_metrics(Path(c.out_dir), resumed_step)
-    flops = _structured_layers_flops(model, c)
+    flops = _structured_layers_flops(model, c, _one_example(module, train_set))
     return {
         "macs_ratio": flops.ratio,
         "seconds": seconds,
