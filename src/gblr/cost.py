@@ -490,9 +490,11 @@ def _rows_of_one_forward(
 
 
 def layer_rows(model: nn.Module, layers: Sequence[nn.Module], example_input: Any) -> list[int]:
-    """How many rows (a linear layer) or output positions (a convolution) each of
-    ``layers`` multiplies in one forward pass of ``model`` on ``example_input``: what a
-    layer's per-row MACs are multiplied by to give its cost for that input.
+    """How many rows each of ``layers`` multiplies in one forward pass of ``model`` on
+    ``example_input``, summed over its calls: what a layer's per-row MACs are multiplied
+    by to give its cost for that input. A convolution (``nn.Conv2d``, or a structured
+    layer counted per position) counts its output positions; any other module the rows of
+    its input's last dimension.
 
     The pass runs in eval mode under ``torch.no_grad()`` (dropout draws no random numbers,
     batch norm keeps its statistics); each module's training flag is restored after it,
@@ -500,7 +502,8 @@ def layer_rows(model: nn.Module, layers: Sequence[nn.Module], example_input: Any
 
     Args:
         model: the module to run.
-        layers: modules of ``model`` (structured layers, ``nn.Linear``, ``nn.Conv2d``).
+        layers: modules of ``model`` (structured layers, ``nn.Linear``, ``nn.Conv2d``, a
+            Hugging Face ``Conv1D``, ...); each object counted once.
         example_input: a tensor, or a tuple of positional arguments of ``model``.
 
     Returns:
@@ -513,13 +516,13 @@ def layer_rows(model: nn.Module, layers: Sequence[nn.Module], example_input: Any
         >>> layer_rows(model, [model[0], model[1]], torch.zeros(3, 5, 4))
         [15, 15]
     """
-    modules = []
-    for layer in layers:
-        entry = _layer_entry(layer)
-        if entry is None:
-            raise TypeError(
-                "layers must be structured layers, nn.Linear or nn.Conv2d, got "
-                f"{type(layer).__name__}"
-            )
-        modules.append((layer, entry[5]))
-    return _rows_of_one_forward(model, modules, example_input)
+    distinct = list({id(layer): layer for layer in layers}.values())
+    units = [
+        "position"
+        if isinstance(layer, nn.Conv2d) or getattr(layer, "counts_per_position", False)
+        else "row"
+        for layer in distinct
+    ]
+    seen = _rows_of_one_forward(model, list(zip(distinct, units, strict=True)), example_input)
+    by_id = {id(layer): count for layer, count in zip(distinct, seen, strict=True)}
+    return [by_id[id(layer)] for layer in layers]

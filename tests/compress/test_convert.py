@@ -277,6 +277,66 @@ def test_a_budget_the_family_cannot_express_keeps_the_layer_dense():
     assert not isinstance(model[0], gblr.structured.StructuredLinear)
 
 
+class _TokenChannel(nn.Module):
+    """Two 32 x 32 linear layers with the same weight; per example ``token`` runs on 32
+    rows and ``channel`` on 4, as a Mixer's token- and channel-mixing layers differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(32, 32, generator=generator) * torch.logspace(0, -1, 32)
+        self.token, self.channel = nn.Linear(32, 32), nn.Linear(32, 32)
+        with torch.no_grad():
+            self.token.weight.copy_(weight)
+            self.channel.weight.copy_(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 32, 32)
+        return self.channel(self.token(x)[:, :4])
+
+
+def test_global_allocation_per_example_weighs_layers_by_their_rows():
+    example = torch.randn(1, 32, 32)
+    per_row = gblr.convert(_TokenChannel(), GBLRConfig(budget=0.3, init="svd"))
+    # the same weights: counted per row, the token layer gets as many MACs as the other
+    # (one more rank unit, which ties go to first)
+    assert per_row.layers[0].macs_after >= per_row.layers[1].macs_after
+    model = _TokenChannel()
+    report = gblr.convert(model, GBLRConfig(budget=0.3, init="svd"), example_input=example)
+    token, channel = report.layers
+    assert (token.rows, channel.rows) == (32, 4)
+    # per example, the token layer's MACs cost 8 times as much: it gets fewer of them
+    assert token.macs_after < channel.macs_after
+    # the report's totals are the model's cost on the example, by an independent count
+    counted = gblr.count_flops(model, example)
+    assert report.macs_after == counted.macs
+    assert report.macs_before == counted.dense_macs == 32 * 32 * 36
+    # within the budget; the SVD start spends whole rank units (64 MACs per row), so a
+    # little of it stays unspent, as per row (0.281 there)
+    assert 0.26 <= report.ratio <= 0.3
+    # the same rows everywhere: the per-row allocation, exactly
+    same_rows = nn.Sequential(_TokenChannel().channel, nn.ReLU(), _TokenChannel().token)
+    plain = nn.Sequential(_TokenChannel().channel, nn.ReLU(), _TokenChannel().token)
+    a = gblr.convert(same_rows, GBLRConfig(budget=0.3), example_input=torch.randn(5, 32))
+    b = gblr.convert(plain, GBLRConfig(budget=0.3))
+    assert [layer.macs_after for layer in a.layers] == [layer.macs_after for layer in b.layers]
+    assert a.macs_after == 5 * b.macs_after
+
+
+def test_a_layer_the_example_does_not_run_is_refused_before_any_change():
+    class ChannelOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _TokenChannel()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner.channel(x)
+
+    model = ChannelOnly()
+    with pytest.raises(ValueError, match=r"example_input: the layers \['inner.token'\] did not"):
+        gblr.convert(model, GBLRConfig(budget=0.3), example_input=torch.randn(1, 4, 32))
+    assert type(model.inner.token) is nn.Linear and type(model.inner.channel) is nn.Linear
+
+
 def test_a_layer_the_global_allocation_gives_its_dense_macs_stays_dense():
     # Issue 22: such a layer became a rank-n/2 GBLR layer (its factors cost as much as
     # the dense matrix) with an error of 0.26-0.33 instead of staying exact.

@@ -66,8 +66,8 @@ def test_layer_rows_counts_each_layers_rows_and_changes_nothing():
     assert model.training and model.token.training and not model.norm.training
     assert torch.equal(model.norm.running_mean, statistics)
     assert torch.equal(torch.get_rng_state(), generator_state)  # dropout drew nothing
-    with pytest.raises(TypeError, match=r"layers must be structured layers.*got ReLU"):
-        layer_rows(model, [nn.ReLU()], torch.randn(1, TOKENS, CHANNELS))
+    # a module listed twice is hooked once: its count is not doubled
+    assert layer_rows(model, [model.token, model.token], example) == [3 * CHANNELS] * 2
 
 
 def test_the_budget_is_met_per_example():

@@ -7,14 +7,17 @@ structured layer fitted to its weights, in place, and returns a
 says which structure and how.
 
 Budgets are MACs per input row (per output position for convolutions), the same unit as
-``layer.flops()``. ``allocation="uniform"`` gives every layer ``budget`` times its dense
-MACs; ``"global"`` spends ``budget`` times the converted layers' total where it lowers
-the summed normalized error most, using each layer's truncated-SVD error curve (exact
-from its singular values) as the measure: adding one unit of rank to a layer costs
-``out + in`` MACs and removes ``s_k^2 / ||W||^2`` of its normalized error, and since the
-gains shrink along each spectrum a greedy fill is optimal for that separable problem. The
-structured fit at the allotted MACs is never worse than that SVD (``fit_dense``), so the
-curve is an upper bound on the error actually reached.
+``layer.flops()``, summed over the layers; with an ``example_input`` each layer's MACs
+are multiplied by the rows (positions) it processes in one forward pass on it, so that a
+global allocation spends a forward pass's MACs. ``allocation="uniform"`` gives every
+layer ``budget`` times its dense MACs; ``"global"`` spends ``budget`` times the
+converted layers' total where it lowers the summed normalized error most, using each
+layer's truncated-SVD error curve (exact from its singular values) as the measure:
+adding one unit of rank to a layer costs ``out + in`` MACs and removes ``s_k^2 /
+||W||^2`` of its normalized error, and since the gains shrink along each spectrum a
+greedy fill is optimal for that separable problem. The structured fit at the allotted
+MACs is never worse than that SVD (``fit_dense``), so the curve is an upper bound on the
+error actually reached.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..cost import fraction_budget_macs
+from ..cost import fraction_budget_macs, layer_rows
 from ..layers.conv import GBLRConv2d, unsupported_conv
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
@@ -200,7 +203,9 @@ class LayerConversion:
     ``dense``: the layer was kept as it is (its share of the global allocation pays for
     its dense MACs, so a structured layer could only lose accuracy): ``macs_after`` is
     its dense cost and ``error`` 0; ``svd_error`` is still the truncated SVD's at those
-    MACs.
+    MACs. ``rows``: the rows (positions) the layer processed in the forward pass on
+    ``convert``'s ``example_input`` (1 without one): the report's totals weigh each layer
+    by it.
     """
 
     name: str
@@ -212,6 +217,7 @@ class LayerConversion:
     svd_error: float
     aliases: tuple[str, ...] = ()
     dense: bool = False
+    rows: int = 1
 
     @property
     def ratio(self) -> float:
@@ -259,11 +265,14 @@ class ConversionReport:
 
     @property
     def macs_before(self) -> int:
-        return sum(layer.macs_before for layer in self.layers)
+        """Dense MACs of the layers: per row summed, or for ``convert``'s
+        ``example_input`` (each layer's times its ``rows``)."""
+        return sum(layer.macs_before * layer.rows for layer in self.layers)
 
     @property
     def macs_after(self) -> int:
-        return sum(layer.macs_after for layer in self.layers)
+        """MACs of the layers now, in the unit of `macs_before`."""
+        return sum(layer.macs_after * layer.rows for layer in self.layers)
 
     @property
     def ratio(self) -> float:
@@ -419,26 +428,32 @@ def _global_allocation(
     shapes: list[tuple[int, int]],
     total: int,
     rank_per_component: int,
+    weights: list[int] | None = None,
 ) -> list[int]:
-    """MACs per layer: greedy fill of rank units by normalized error removed per MAC.
+    """MACs per row of each layer: greedy fill of rank units by normalized error removed
+    per MAC.
 
     A layer's last step is the dense layer itself: once no further rank unit fits within
     its dense MACs, what is left of its error goes for the MACs left to its dense cost
     (nothing, for a square matrix at half its rank, whose factors cost as much as the
-    dense matrix). A layer given its dense MACs stays dense (exact)."""
+    dense matrix). A layer given its dense MACs stays dense (exact). ``weights``: each
+    layer's rows per unit of ``total`` (default 1 each: ``total`` is per row); a layer's
+    MACs cost ``weight`` times as much, and what it is given is floored to whole MACs per
+    row."""
     r = rank_per_component
+    weights = [1] * len(curves) if weights is None else weights
     ranks = [0] * len(curves)
     made_dense = [False] * len(curves)
     heap: list[tuple[float, int, bool]] = []
 
     def push(index: int) -> None:
-        curve, (m, n) = curves[index], shapes[index]
+        curve, (m, n), weight = curves[index], shapes[index], weights[index]
         rank = ranks[index]
         if rank + r <= min(m, n) and (rank + r) * (m + n) <= m * n:
-            gain = float(curve[rank : rank + r].sum()) / (r * (m + n))
+            gain = float(curve[rank : rank + r].sum()) / (weight * r * (m + n))
             heapq.heappush(heap, (-gain, index, False))
             return
-        rest = m * n - rank * (m + n)
+        rest = weight * (m * n - rank * (m + n))
         left = float(curve[rank:].sum())
         gain = math.inf if rest <= 0 else left / rest
         heapq.heappush(heap, (-gain, index, True))
@@ -450,6 +465,7 @@ def _global_allocation(
         _, index, dense_step = heapq.heappop(heap)
         m, n = shapes[index]
         cost = max(0, m * n - ranks[index] * (m + n)) if dense_step else r * (m + n)
+        cost *= weights[index]
         if cost > remaining:
             continue  # a cheaper layer may still fit
         remaining -= cost
@@ -460,10 +476,11 @@ def _global_allocation(
             push(index)
     # MACs no rank unit could use go to the layers in proportion to their size, so the
     # structured fit (which spends MACs on intervals, not only on whole ranks) uses them.
-    dense = [m * n for m, n in shapes]
+    # Counted in the weighted unit of `total` until the end.
+    dense = [m * n * weight for (m, n), weight in zip(shapes, weights, strict=True)]
     macs = [
-        size if full else rank * (m + n)
-        for size, full, rank, (m, n) in zip(dense, made_dense, ranks, shapes)
+        size if full else rank * (m + n) * weight
+        for size, full, rank, (m, n), weight in zip(dense, made_dense, ranks, shapes, weights)
     ]
     open_layers = [i for i in range(len(dense)) if macs[i] < dense[i]]
     spare = total - sum(macs)
@@ -480,7 +497,26 @@ def _global_allocation(
             for index in open_layers[:spare]:
                 macs[index] += 1
             break
-    return macs
+    return [size // weight for size, weight in zip(macs, weights, strict=True)]
+
+
+def _target_rows(model: nn.Module, targets: list[_Target], example_input: Any) -> list[int]:
+    """Rows (positions) each target's modules process in one forward pass on
+    ``example_input``, summed over a target's modules; 1 each without an input."""
+    if example_input is None:
+        return [1] * len(targets)
+    modules = [module for target in targets for module in target.modules]
+    counts = dict(zip(map(id, modules), layer_rows(model, modules, example_input), strict=True))
+    rows = [sum(counts[id(module)] for module in target.modules) for target in targets]
+    missing = [target.name for target, count in zip(targets, rows, strict=True) if count == 0]
+    if missing:
+        raise ValueError(
+            f"example_input: the layers {missing[:3]}{' ...' if len(missing) > 3 else ''} did "
+            "not run in the model's forward pass on it, so their cost per example is "
+            "unknown; give an input that runs every selected layer (model(*example_input) "
+            "for a tuple), exclude them, or leave example_input out to count per row"
+        )
+    return rows
 
 
 def _build_layer(
@@ -941,6 +977,7 @@ def convert(
     *args: Any,
     calibration: Iterable[Any] | None = None,
     progress: bool | None = None,
+    example_input: Any = None,
     **old: Any,
 ) -> ConversionReport:
     """Replace, in place, the model's dense layers by structured layers fitted to them.
@@ -994,6 +1031,15 @@ def convert(
             when standard error is a terminal, ``False`` never. (A display option of this
             call, not of the conversion: it is not part of the config that
             ``model.gblr_config`` records and [`gblr.save`][] writes.)
+        example_input: optional input of ``model`` (a tensor, or a tuple of positional
+            arguments), for example one sample of its data. The model runs once on it (eval
+            mode, no gradient, training flags restored) and each selected layer's MACs are
+            counted times the rows (output positions, for a convolution) it processes
+            there: the budget is then a fraction of a forward pass's MACs, and the global
+            allocation weighs a layer that runs on more rows per example accordingly (a
+            CNN's early stages, an MLP-Mixer's token-mixing layers). Without it every
+            layer counts per row, which is the same where all selected layers see the
+            same rows (a transformer's linear layers). Each selected layer must run on it.
 
     Returns:
         A [`ConversionReport`][gblr.compress.convert.ConversionReport] (``report.config``: the
@@ -1047,6 +1093,8 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if "example_input" in old:
+        raise TypeError("convert() got example_input twice")
     config = _config_argument(config, args, old)
     _check_call(config, progress, calibration)
     structure, budget, allocation = config.structure, config.budget, config.allocation
@@ -1064,11 +1112,16 @@ def convert(
     )
     report.skipped += selection.skipped
     if spec is None:  # the baseline of baselines: report the layers, change nothing
-        for name, module, kind in selection.selected:
+        modules = [module for _, module, _ in selection.selected]
+        counts = [1] * len(modules) if example_input is None else None
+        if counts is None:
+            counts = layer_rows(model, modules, example_input)
+        for (name, module, kind), seen in zip(selection.selected, counts, strict=True):
             out_features, in_features = _matrix(module, kind).shape
             macs = out_features * in_features
+            shape = (out_features, in_features)
             report.layers.append(
-                LayerConversion(name, kind, (out_features, in_features), macs, macs, 0.0, 0.0)
+                LayerConversion(name, kind, shape, macs, macs, 0.0, 0.0, rows=seen)
             )
         return report
 
@@ -1109,6 +1162,7 @@ def convert(
         for matrix, factor in zip(matrices, whitenings, strict=True)
     ]
     dense = [m * n for m, n in shapes]
+    rows = _target_rows(model, targets, example_input)
     if allocation == "uniform" or budget >= 1.0:
         # At least 1 MAC, so that a layer too small for any MAC at this budget reaches the
         # structure's fit and is skipped there (BudgetTooSmallError), not refused as a
@@ -1118,8 +1172,12 @@ def convert(
             for size in dense
         ]
     else:
-        total = int(budget * sum(dense))
-        layer_macs = _global_allocation(curves, shapes, total, rank_per_component)
+        # Rows per unit of the budget: taking out their greatest common divisor leaves
+        # layers that all see the same rows with per-row costs, as without an example.
+        unit = math.gcd(*rows)
+        weights = [count // unit for count in rows]
+        total = int(budget * sum(size * weight for size, weight in zip(dense, weights)))
+        layer_macs = _global_allocation(curves, shapes, total, rank_per_component, weights)
 
     # A layer the global allocation gives its dense MACs stays dense: exact, same cost.
     # (budget 1.0 is "no compression": GBLR's exact full-rank factorization, to learn from.)
@@ -1132,10 +1190,10 @@ def convert(
 
     # Everything is fitted before anything is replaced: a failure leaves the model as it was.
     replacements: list[tuple[_Target, nn.Module]] = []
-    fits = zip(targets, matrices, curves, layer_macs, whitenings, keep, strict=True)
+    fits = zip(targets, matrices, curves, layer_macs, whitenings, keep, rows, strict=True)
     bar = _progress_bar(len(targets), progress)
     try:
-        for target, matrix, curve, macs, factor, kept in fits:
+        for target, matrix, curve, macs, factor, kept, seen in fits:
             if bar is not None:
                 bar.set_postfix_str(target.name, refresh=False)
             shape = tuple(matrix.shape)
@@ -1153,6 +1211,7 @@ def convert(
                         svd_error,
                         aliases=tuple(target.names[1:]),
                         dense=True,
+                        rows=seen,
                     )
                 )
             else:
@@ -1169,6 +1228,7 @@ def convert(
                             error=fitted[2],
                             aliases=tuple(target.names[1:]),
                             svd_error=_svd_error(curve, fitted[1], shape, rank_per_component),
+                            rows=seen,
                         )
                     )
             if bar is not None:
