@@ -150,6 +150,10 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     learner_options = dict(options.pop("learner", {}))
     learner_fields = dict(options.pop("learner_config", {}))
     structure_lr = options.pop("structure_lr", None)
+    # "distill": fields of gblr.DistillConfig (e.g. budget_ramp_fraction); "start_cost_ratio":
+    # convert at that multiple of the budget (at most 1) and let the learner prune to it.
+    distill_fields = dict(options.pop("distill", {}))
+    start_ratio = float(options.pop("start_cost_ratio", 1.0))
     if options:
         raise ValueError(f"unknown GBLR options for T3: {sorted(options)}")
     steps = QUICK_STEPS if quick else STEPS
@@ -161,7 +165,7 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
     config = gblr.compress.config_from_dict(
         {
             "structure": structure,
-            "budget": budget,
+            "budget": min(1.0, budget * start_ratio),
             "include": include,
             "seed": seed,
             **convert_options,
@@ -200,6 +204,7 @@ def run_t3(structure: str, budget: float, seed: int, quick: bool, options: dict)
         weight_decay=0.01,
         learner=learner_config,
         seed=seed,
+        **distill_fields,
     )
     train = encoded["train"]
     order = torch.randperm(

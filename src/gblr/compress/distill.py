@@ -54,6 +54,10 @@ class DistillConfig:
             an output field (``"pooler_output"``, ``"logits"``, ...).
         learner: the structure learner's config for GBLR layers (default
             [`gblr.LearnerConfig.finetune`][]: σ left as the conversion set it).
+        budget_ramp_fraction: share of ``steps`` (in [0, 1)) over which the learner's
+            budget ramps from the GBLR layers' cost at the start down to ``budget`` (the
+            learner's ``warmup_steps``, shaped by ``learner.ramp``), for a model converted
+            above the budget; 0 (the default) holds the budget from the first step.
         seed: seeds the random draws of the student in training mode (its dropout) on a
             forked random state, so the same seed gives the same run and the caller's
             random state is left as it was; ``None`` draws from torch's global generator
@@ -73,6 +77,7 @@ class DistillConfig:
     output: str = "auto"
     learner: LearnerConfig | None = None
     seed: int | None = 0
+    budget_ramp_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         check_int("steps", self.steps, 1)
@@ -81,6 +86,7 @@ class DistillConfig:
             check_rate("structure_lr", self.structure_lr)
         check_rate("weight_decay", self.weight_decay, allow_zero=True)
         check_fraction("warmup_fraction", self.warmup_fraction)
+        check_fraction("budget_ramp_fraction", self.budget_ramp_fraction)
         if not isinstance(self.output, str) or not self.output:
             raise TypeError(f"output must be 'auto' or an output field's name, got {self.output!r}")
         if self.learner is not None and not isinstance(self.learner, LearnerConfig):
@@ -322,6 +328,7 @@ def distill(
             student,
             learner_config,
             total_steps=config.steps,
+            warmup_steps=round(config.steps * config.budget_ramp_fraction),
             **learner_budget(student, budget),
         )
     teacher_mode = teacher.training
