@@ -63,6 +63,8 @@ def test_model_output_takes_mappings_tuples_and_tensors_and_named_fields():
         ({"lr": -1.0}, ValueError),
         ({"lr": float("nan")}, ValueError),
         ({"warmup_fraction": 1.5}, ValueError),
+        ({"budget_ramp_fraction": 1.0}, ValueError),
+        ({"budget_ramp_fraction": "half"}, TypeError),
         ({"weight_decay": True}, TypeError),
         ({"output": ""}, TypeError),
         ({"learner": {"sigma": None}}, TypeError),
@@ -109,6 +111,35 @@ def test_distillation_brings_the_converted_model_closer_to_the_original(structur
     assert gblr.count_flops(student).macs <= macs
     for parameter in teacher.parameters():
         assert parameter.grad is None
+
+
+def test_the_budget_ramps_down_from_a_conversion_above_it():
+    """Converted at 0.6 and distilled to 0.3 with the budget ramped over half the steps:
+    the learner's target falls step by step (the cut does not land at once) and ends at
+    the budget."""
+    teacher, batches, _ = _teacher_and_batches()
+    dense_macs = gblr.count_flops(teacher).dense_macs
+    costs = {}
+    for fraction in (0.0, 0.5):
+        student = copy.deepcopy(teacher)
+        gblr.convert(student, gblr.GBLRConfig(budget=0.6, keep_dense=False), progress=False)
+        seen: list[float] = []
+
+        def record(module, args, model=student, seen=seen):
+            seen.append(gblr.count_flops(model).macs / dense_macs)
+
+        hook = student[0].register_forward_pre_hook(record)
+        config = DistillConfig(steps=8, lr=3e-3, budget_ramp_fraction=fraction)
+        distill(student, teacher, batches, config, budget=0.3)
+        hook.remove()
+        costs[fraction] = seen
+        assert gblr.count_flops(student).ratio <= 0.3
+    # the forward of step 2 runs after one learner step: the whole cut at once without a
+    # ramp, a quarter of the way (of 4 ramp steps, geometrically) with one
+    assert costs[0.0][1] <= 0.3
+    assert 0.35 < costs[0.5][1] < 0.6
+    assert all(a >= b for a, b in zip(costs[0.5], costs[0.5][1:]))
+    assert DistillConfig().budget_ramp_fraction == 0.0
 
 
 def test_a_seeded_distillation_repeats_itself_and_leaves_the_callers_random_state():
