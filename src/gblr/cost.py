@@ -19,7 +19,7 @@ import fnmatch
 import fractions
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -394,7 +394,8 @@ def count_flops(
 
     Args:
         model: any module.
-        example_input: optional input (a tensor, or a tuple of positional arguments). When
+        example_input: optional input (a tensor, a tuple of positional arguments, or a
+            mapping of keyword arguments). When
             given, the model runs once on it, in eval mode under ``torch.no_grad()`` (the
             modules' training flags restored after it), and each layer's MACs are
             multiplied by the rows (linear) or output positions (conv) it processed.
@@ -459,9 +460,10 @@ def _rows_of_one_forward(
 ) -> list[int]:
     """Rows (``unit`` ``"row"``) or output positions (``"position"``) each of ``modules``
     processed, summed over its calls, in one forward of ``model`` on ``example_input`` (a
-    tensor, or a tuple of positional arguments). The forward runs in eval mode under
-    ``torch.no_grad()``, so that counting changes nothing (dropout draws no random
-    numbers, batch norm keeps its statistics); every module's training flag is restored."""
+    tensor, a tuple of positional arguments, or a mapping of keyword arguments). The
+    forward runs in eval mode under ``torch.no_grad()``, so that counting changes nothing
+    (dropout draws no random numbers, batch norm keeps its statistics); every module's
+    training flag is restored."""
     seen = [0] * len(modules)
     handles = []
     for index, (module, unit) in enumerate(modules):
@@ -478,9 +480,12 @@ def _rows_of_one_forward(
     set_stance = getattr(torch.compiler, "set_stance", None)
     eager = set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
     try:
-        args = example_input if isinstance(example_input, tuple) else (example_input,)
         with torch.no_grad(), eager:
-            model(*args)
+            if isinstance(example_input, Mapping):
+                model(**example_input)
+            else:
+                args = example_input if isinstance(example_input, tuple) else (example_input,)
+                model(*args)
     finally:
         for handle in handles:
             handle.remove()
@@ -504,7 +509,8 @@ def layer_rows(model: nn.Module, layers: Sequence[nn.Module], example_input: Any
         model: the module to run.
         layers: modules of ``model`` (structured layers, ``nn.Linear``, ``nn.Conv2d``, a
             Hugging Face ``Conv1D``, ...); each object counted once.
-        example_input: a tensor, or a tuple of positional arguments of ``model``.
+        example_input: a tensor, a tuple of positional arguments of ``model``, or a
+            mapping of keyword arguments (a tokenizer's output for a Hugging Face model).
 
     Returns:
         One count per layer, in order; 0 for a layer the pass did not call.

@@ -160,3 +160,24 @@ def test_a_state_counted_over_other_rows_is_refused():
     per_row = gblr.StructureLearner(model, budget=0.3, total_steps=10)
     with pytest.raises(ValueError, match=r"row_weights \[2, 1\], this learner's \[1, 1\]"):
         per_row.load_state_dict(state)
+
+
+def test_an_example_of_keyword_arguments_runs_the_model_with_them():
+    """As a Hugging Face model takes its tokenizer's output: ``model(**example_input)``."""
+
+    class KeywordModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _model()
+
+        def forward(self, input_ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return self.inner(input_ids * scale)
+
+    model = KeywordModel()
+    example = {"input_ids": torch.randn(2, TOKENS, CHANNELS), "scale": 0.5}
+    assert layer_rows(model, [model.inner.token, model.inner.channel], example) == [
+        2 * CHANNELS,
+        2 * TOKENS,
+    ]
+    learner = gblr.StructureLearner(model, budget=0.3, total_steps=5, example_input=example)
+    assert learner.row_weights == [2, 1]

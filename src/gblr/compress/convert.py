@@ -1031,8 +1031,9 @@ def convert(
             when standard error is a terminal, ``False`` never. (A display option of this
             call, not of the conversion: it is not part of the config that
             ``model.gblr_config`` records and [`gblr.save`][] writes.)
-        example_input: optional input of ``model`` (a tensor, or a tuple of positional
-            arguments), for example one sample of its data. The model runs once on it (eval
+        example_input: optional input of ``model`` (a tensor, a tuple of positional
+            arguments, or a mapping of keyword arguments such as a tokenizer's output), for
+            example one sample of its data. The model runs once on it (eval
             mode, no gradient, training flags restored) and each selected layer's MACs are
             counted times the rows (output positions, for a convolution) it processes
             there: the budget is then a fraction of a forward pass's MACs, and the global

@@ -26,6 +26,7 @@ pass").
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy
@@ -172,6 +173,8 @@ def _row_weights(
     if example_input is None:
         return [1] * len(layers), 1
     device = layers[0].widths.device
+    if isinstance(example_input, Mapping):  # e.g. a tokenizer's BatchEncoding
+        example_input = dict(example_input)
     example = torch.utils._pytree.tree_map_only(Tensor, lambda t: t.to(device), example_input)
     rows = layer_rows(model, layers, example)
     missing = [name for name, count in zip(names, rows, strict=True) if count == 0]
@@ -304,8 +307,9 @@ class StructureLearner:
         optimizer: λ mode: the optimizer whose structure group's current learning rate is
             ``η`` (follows LR schedulers). Alternatively give ``structure_lr``.
         structure_lr: λ mode: a fixed ``η``.
-        example_input: optional input of ``model`` (a tensor, or a tuple of positional
-            arguments; moved to the GBLR layers' device), for example one sample of the
+        example_input: optional input of ``model`` (a tensor, a tuple of positional
+            arguments, or a mapping of keyword arguments such as a tokenizer's output;
+            moved to the GBLR layers' device), for example one sample of the
             training data. The model runs once on it (eval mode, no gradient, training
             flags restored) and each layer's cost is then its per-row MACs times the rows
             (positions, for a convolution) it processed: the budget becomes a fraction
