@@ -1,5 +1,6 @@
 """Model surgery shared by the layers that rewrite a model in place (``convert``,
-``freeze``, ``export_onnx``, the recipes' checkpoint loading).
+``freeze``, ``export_onnx``, the recipes' checkpoint loading), and moving a model's inputs
+to a device (``distill``, the structure learner's and the engine's example inputs).
 
 It sits below every package (torch only, no gblr imports) so that ``compress/``,
 ``deploy/`` and ``recipes/`` use one helper instead of each keeping a copy.
@@ -7,9 +8,34 @@ It sits below every package (torch only, no gblr imports) so that ``compress/``,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import torch
 from torch import nn
 
-__all__ = ["set_submodule"]
+__all__ = ["set_submodule", "to_device"]
+
+
+def to_device(data: Any, device: torch.device | str) -> Any:
+    """``data`` with every tensor in it moved to ``device``: a tensor, a mapping (returned
+    as a ``dict``, e.g. from a tokenizer's ``BatchEncoding``), or a tuple or list of them,
+    nested; anything else as it is.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.modules import to_device
+        >>> moved = to_device({"ids": torch.zeros(2), "n": 3}, "cpu")
+        >>> moved["ids"].device.type, moved["n"]
+        ('cpu', 3)
+    """
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
+    if isinstance(data, Mapping):
+        return {key: to_device(value, device) for key, value in data.items()}
+    if isinstance(data, (tuple, list)):
+        return type(data)(to_device(value, device) for value in data)
+    return data
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

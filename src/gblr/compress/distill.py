@@ -30,6 +30,7 @@ from ..learn.config import LearnerConfig
 from ..learn.factors import check_fraction, check_int
 from ..learn.groups import check_rate, gblr_layers, param_groups
 from ..learn.learner import StructureLearner
+from ..modules import to_device
 from .configs import _check_seed
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "distillation_loss", "model_output"]
@@ -219,16 +220,6 @@ def _mask_of(batch: Any) -> Tensor | None:
     return None
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(value, device) for value in batch)
-    return batch
-
-
 def _cycle(batches: Iterable[Any]):
     """Each batch in turn, again from the first when the iterable ends (a DataLoader
     reshuffles then, as in epochs)."""
@@ -342,7 +333,7 @@ def distill(
             torch.manual_seed(config.seed)
         try:
             for step, batch in zip(range(config.steps), _cycle(batches)):
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 with torch.no_grad():
                     target = model_output(teacher, batch, config.output)
                 loss = distillation_loss(

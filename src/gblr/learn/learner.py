@@ -26,7 +26,6 @@ pass").
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from ..cost import fraction_budget_macs, layer_rows
 from ..layers.base import GBLRMatrixMixin
+from ..modules import to_device
 from .arguments import BUDGET_ALIASES, budget_names, check_budget_arguments, resolve_deprecated
 from .config import DEPRECATED_OPTIONS, SIGMA_SCHEDULES, LearnerConfig, check_sigma
 from .factors import check_int
@@ -172,11 +172,7 @@ def _row_weights(
     which all see the same rows cost exactly what they cost per row."""
     if example_input is None:
         return [1] * len(layers), 1
-    device = layers[0].widths.device
-    if isinstance(example_input, Mapping):  # e.g. a tokenizer's BatchEncoding
-        example_input = dict(example_input)
-    example = torch.utils._pytree.tree_map_only(Tensor, lambda t: t.to(device), example_input)
-    rows = layer_rows(model, layers, example)
+    rows = layer_rows(model, layers, to_device(example_input, layers[0].widths.device))
     missing = [name for name, count in zip(names, rows, strict=True) if count == 0]
     if missing:
         raise ValueError(

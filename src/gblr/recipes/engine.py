@@ -37,6 +37,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from ..cost import FlopsReport, count_flops
 from ..integrations.lightning import GBLRCallback
 from ..learn.groups import gblr_layers, param_groups
+from ..modules import to_device
 from .checkpoints import (
     CHECKPOINT_KEY,
     _merge_metrics,
@@ -435,9 +436,7 @@ def _one_example(module: _ScheduledModule, train_set: Dataset) -> Any:
     batch = torch.utils.data.default_collate([train_set[0]])
     parameter = next(module.model.parameters(), None)
     device = torch.device("cpu") if parameter is None else parameter.device
-    return torch.utils._pytree.tree_map_only(
-        torch.Tensor, lambda t: t.to(device), module.model_input(batch)
-    )
+    return to_device(module.model_input(batch), device)
 
 
 def _structured_layers_flops(model: nn.Module, c: EngineConfig, example: Any) -> FlopsReport:
