@@ -313,6 +313,7 @@ def test_global_allocation_per_example_weighs_layers_by_their_rows():
     # within the budget; the SVD start spends whole rank units (64 MACs per row), so a
     # little of it stays unspent, as per row (0.281 there)
     assert 0.26 <= report.ratio <= 0.3
+    assert "the total is for the example input" in str(report) and "(32, 4)" in str(report)
     # the same rows everywhere: the per-row allocation, exactly
     same_rows = nn.Sequential(_TokenChannel().channel, nn.ReLU(), _TokenChannel().token)
     plain = nn.Sequential(_TokenChannel().channel, nn.ReLU(), _TokenChannel().token)

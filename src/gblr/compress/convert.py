@@ -37,7 +37,7 @@ from ..cost import fraction_budget_macs, layer_rows
 from ..layers.conv import GBLRConv2d, unsupported_conv
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
-from ..modules import set_submodule
+from ..modules import set_submodule, to_device
 from ..ops.whitened import weighted_low_rank, whitening
 from ..structured.base import BudgetTooSmallError, StructuredLinear
 from ..tables import text_table
@@ -342,6 +342,13 @@ class ConversionReport:
             )
         calibrated = " (errors: of the outputs on the calibration inputs)"
         notes = []
+        if any(layer.rows != 1 for layer in self.layers):
+            notes.append(
+                "MACs per row (per position for convolutions); the total is for the example "
+                "input: each layer's MACs times the rows it ran on there "
+                f"({', '.join(str(layer.rows) for layer in self.layers[:8])}"
+                f"{', ...' if len(self.layers) > 8 else ''})"
+            )
         if self.dense_layers:
             notes.append(
                 f"kept dense ({len(self.dense_layers)}; their share of the budget pays for "
@@ -505,6 +512,9 @@ def _target_rows(model: nn.Module, targets: list[_Target], example_input: Any) -
     ``example_input``, summed over a target's modules; 1 each without an input."""
     if example_input is None:
         return [1] * len(targets)
+    parameter = next(model.parameters(), None)
+    if parameter is not None:
+        example_input = to_device(example_input, parameter.device)
     modules = [module for target in targets for module in target.modules]
     counts = dict(zip(map(id, modules), layer_rows(model, modules, example_input), strict=True))
     rows = [sum(counts[id(module)] for module in target.modules) for target in targets]
