@@ -36,6 +36,7 @@ __all__ = [
     "fraction_budget_macs",
     "gblr_cost",
     "layer_rows",
+    "row_weights",
 ]
 
 
@@ -395,10 +396,10 @@ def count_flops(
     Args:
         model: any module.
         example_input: optional input (a tensor, a tuple of positional arguments, or a
-            mapping of keyword arguments). When
-            given, the model runs once on it, in eval mode under ``torch.no_grad()`` (the
-            modules' training flags restored after it), and each layer's MACs are
-            multiplied by the rows (linear) or output positions (conv) it processed.
+            mapping of keyword arguments). When given, the model runs once on it, in eval
+            mode under ``torch.no_grad()`` (the modules' training flags restored after
+            it), and each layer's MACs are multiplied by the rows (linear) or output
+            positions (conv) it processed.
         include: glob patterns over ``named_modules()`` names; only matching layers count.
         exclude: glob patterns of layers to leave out.
 
@@ -532,3 +533,18 @@ def layer_rows(model: nn.Module, layers: Sequence[nn.Module], example_input: Any
     seen = _rows_of_one_forward(model, list(zip(distinct, units, strict=True)), example_input)
     by_id = {id(layer): count for layer, count in zip(distinct, seen, strict=True)}
     return [by_id[id(layer)] for layer in layers]
+
+
+def row_weights(rows: Sequence[int]) -> tuple[list[int], int]:
+    """``rows`` (each layer's rows on an example, all >= 1) divided by their greatest
+    common divisor, and that divisor: costs weighted by the first count are in units of the
+    second many rows. Layers that all see the same rows get weight 1 each, so that costing
+    them per example is costing them per row, exactly.
+
+    Examples:
+        >>> from gblr.cost import row_weights
+        >>> row_weights([64, 64, 16, 16]), row_weights([17, 17])
+        (([4, 4, 1, 1], 16), ([1, 1], 17))
+    """
+    unit = math.gcd(*rows)
+    return [count // unit for count in rows], unit

@@ -8,6 +8,7 @@ from torch import nn
 
 import gblr
 from gblr.cost import layer_rows
+from tests.learn.test_learner import train
 
 TOKENS, CHANNELS = 8, 16
 
@@ -38,12 +39,7 @@ def _train(model, learner, steps):
     torch.manual_seed(1)
     x, y = torch.randn(32, TOKENS, CHANNELS), torch.randn(32, TOKENS, CHANNELS)
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
-    for _ in range(steps):
-        loss = (model(x) - y).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        learner.step()
+    train(model, learner, optimizer, steps, x, y)
 
 
 def _cost_by_hand(model: TokenChannelMixer, examples: int = 1) -> tuple[int, int]:
@@ -120,11 +116,7 @@ def test_layers_on_the_same_rows_give_the_per_row_run_bit_for_bit():
     x, y = torch.randn(32, 16), torch.randn(32, 16)
     for model, learner in ((plain, per_row), (counted, per_example)):
         optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
-        for _ in range(30):
-            optimizer.zero_grad()
-            (model(x) - y).pow(2).mean().backward()
-            optimizer.step()
-            learner.step()
+        train(model, learner, optimizer, 30, x, y)
     for a, b in zip(plain.parameters(), counted.parameters(), strict=True):
         assert torch.equal(a, b)
     assert per_example.macs() == 7 * per_row.macs()

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..cost import fraction_budget_macs, layer_rows
+from ..cost import fraction_budget_macs, layer_rows, row_weights
 from ..layers.conv import GBLRConv2d, unsupported_conv
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
@@ -512,9 +512,6 @@ def _target_rows(model: nn.Module, targets: list[_Target], example_input: Any) -
     ``example_input``, summed over a target's modules; 1 each without an input."""
     if example_input is None:
         return [1] * len(targets)
-    parameter = next(model.parameters(), None)
-    if parameter is not None:
-        example_input = to_device(example_input, parameter.device)
     modules = [module for target in targets for module in target.modules]
     counts = dict(zip(map(id, modules), layer_rows(model, modules, example_input), strict=True))
     rows = [sum(counts[id(module)] for module in target.modules) for target in targets]
@@ -1113,6 +1110,9 @@ def convert(
     rank_per_component = getattr(config, "rank_per_component", 1)
     spec = _registered().get(structure)  # None: "dense", nothing is replaced
     selection = select_layers(model, config)
+    parameter = next(model.parameters(), None)
+    if example_input is not None and parameter is not None:
+        example_input = to_device(example_input, parameter.device)
     report = ConversionReport(
         structure,
         getattr(config, "init", None),
@@ -1124,8 +1124,8 @@ def convert(
     report.skipped += selection.skipped
     if spec is None:  # the baseline of baselines: report the layers, change nothing
         modules = [module for _, module, _ in selection.selected]
-        counts = [1] * len(modules) if example_input is None else None
-        if counts is None:
+        counts = [1] * len(modules)
+        if example_input is not None:
             counts = layer_rows(model, modules, example_input)
         for (name, module, kind), seen in zip(selection.selected, counts, strict=True):
             out_features, in_features = _matrix(module, kind).shape
@@ -1183,10 +1183,7 @@ def convert(
             for size in dense
         ]
     else:
-        # Rows per unit of the budget: taking out their greatest common divisor leaves
-        # layers that all see the same rows with per-row costs, as without an example.
-        unit = math.gcd(*rows)
-        weights = [count // unit for count in rows]
+        weights, _ = row_weights(rows)
         total = int(budget * sum(size * weight for size, weight in zip(dense, weights)))
         layer_macs = _global_allocation(curves, shapes, total, rank_per_component, weights)
 

@@ -45,9 +45,8 @@ STRUCTURE_INITS = ("full", "random", "half", "blocks", "blockdiag")
 # The schemes that place a starting cost (init_cost) on the matrix.
 COSTED_STRUCTURE_INITS = ("half", "blocks", "blockdiag")
 # The share of a "blocks" start's cost on full-width components (a low-rank part); the
-# rest is a block-diagonal. Two thirds and three quarters were measured against it on the
-# real-task suite over 10 seeds and moved every cell but one within noise
-# (docs/BENCHMARKS.md, "The full components' share of the 3x start").
+# rest is a block-diagonal. Chosen on the real-task suite (docs/BENCHMARKS.md, "Two
+# thirds or three quarters of the 3× start on full components").
 BLOCKS_FULL_SHARE = 0.5
 FACTOR_INITS = ("balanced", "uniform")
 EVALUATION_ORDERS = ("auto", "materialize", "factored")

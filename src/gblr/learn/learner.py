@@ -32,7 +32,7 @@ import numpy
 import torch
 from torch import Tensor, nn
 
-from ..cost import fraction_budget_macs, layer_rows
+from ..cost import fraction_budget_macs, layer_rows, row_weights
 from ..layers.base import GBLRMatrixMixin
 from ..modules import to_device
 from .arguments import BUDGET_ALIASES, budget_names, check_budget_arguments, resolve_deprecated
@@ -181,8 +181,7 @@ def _row_weights(
             "unknown; give an input that runs every GBLR layer (model(*example_input) for a "
             "tuple), or leave example_input out to count every layer per row"
         )
-    unit = math.gcd(*rows)
-    return [count // unit for count in rows], unit
+    return row_weights(rows)
 
 
 class _StructureView:

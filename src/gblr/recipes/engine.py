@@ -431,12 +431,9 @@ def _include_patterns(include: str | list[str]) -> list[str]:
 
 
 def _one_example(module: _ScheduledModule, train_set: Dataset) -> Any:
-    """The first training sample as a batch of one, as the model takes it, on the model's
-    device: the structured layers' costs are counted for one forward pass on it."""
-    batch = torch.utils.data.default_collate([train_set[0]])
-    parameter = next(module.model.parameters(), None)
-    device = torch.device("cpu") if parameter is None else parameter.device
-    return to_device(module.model_input(batch), device)
+    """The first training sample as a batch of one, as the model takes it: the structured
+    layers' costs are counted for one forward pass on it."""
+    return module.model_input(torch.utils.data.default_collate([train_set[0]]))
 
 
 def _structured_layers_flops(model: nn.Module, c: EngineConfig, example: Any) -> FlopsReport:
@@ -445,6 +442,9 @@ def _structured_layers_flops(model: nn.Module, c: EngineConfig, example: Any) ->
     Per example, not per row: an MLP-Mixer's token-mixing layers run on more rows per
     example than its channel-mixing layers, and cost accordingly."""
     excluded = None if c.structure_exclude is None else _include_patterns(c.structure_exclude)
+    parameter = next(model.parameters(), None)
+    if parameter is not None:  # after a run the model may be on another device
+        example = to_device(example, parameter.device)
     return count_flops(
         model, example, include=_include_patterns(c.structure_include), exclude=excluded
     )
@@ -641,7 +641,7 @@ def _run(
     seconds = time.perf_counter() - start
     if resumed_step is not None and c.out_dir is not None and trainer.is_global_zero:
         _merge_metrics(Path(c.out_dir), resumed_step)
-    flops = _structured_layers_flops(model, c, _one_example(module, train_set))
+    flops = _structured_layers_flops(model, c, example)
     return {
         "macs_ratio": flops.ratio,
         "seconds": seconds,
