@@ -57,6 +57,24 @@ def test_sequence_input_counts_every_row():
     assert report.macs == 15 * layer.flops()
 
 
+def test_hugging_face_conv1d_counts_as_a_dense_linear_layer():
+    """GPT-2's ``Conv1D`` stores its weight (in, out): counted as an (out, in) layer, its
+    MACs checked against the FLOPs torch's own counter sees in the same forward pass."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    model = nn.Sequential(pytorch_utils.Conv1D(12, 5), nn.Linear(12, 3))
+    x = torch.randn(2, 4, 5)
+    report = gblr.count_flops(model, x)
+    assert [layer.name for layer in report] == ["0", "1"]
+    assert report["0"].shape == (12, 5) and report["0"].kind == "Conv1D"
+    assert report["0"].rows == 8 and report["0"].macs == 60
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model[0](x)
+    assert report["0"].total_macs == counter.get_total_flops() // 2  # 2 FLOPs per MAC
+
+
 def test_include_exclude_globs():
     model = make_model()
     assert [l.name for l in gblr.count_flops(model, include=["1", "4"])] == ["1", "4"]

@@ -17,8 +17,8 @@ ROOT = "gblr"  # the façade, gblr/__init__.py: it imports the core and is exemp
 # the parts of lower layers. Parts of one layer are independent of each other: deploy/
 # loads a frozen model without the learner, structured/ needs no GBLR learning.
 LAYERS: list[list[str]] = [
-    ["tables"],  # the one table printer: no gblr imports
-    ["ops", "cost", "files", "modules"],
+    ["tables", "modules"],  # no gblr imports: the table printer, model surgery and inputs
+    ["ops", "cost", "files"],
     ["layers", "model_flops"],
     ["learn", "structured", "deploy"],
     ["compress"],

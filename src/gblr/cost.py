@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .modules import hf_conv1d_shape
 from .tables import text_table
 
 __all__ = [
@@ -337,6 +338,9 @@ def _layer_entry(
     if isinstance(module, nn.Linear):
         shape = (module.out_features, module.in_features)
         return kind, shape, shape[0] * shape[1], shape[0] * shape[1], None, "row"
+    conv1d = hf_conv1d_shape(module)
+    if conv1d is not None:  # a linear layer with its weight stored (in, out)
+        return kind, conv1d, conv1d[0] * conv1d[1], conv1d[0] * conv1d[1], None, "row"
     if isinstance(module, nn.Conv2d):
         cols = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
         macs = module.out_channels * cols
@@ -390,8 +394,9 @@ def count_flops(
     """Count the MACs of every linear, convolution and structured layer of ``model``.
 
     Structured layers (anything with ``flops()`` and ``dense_flops()``, e.g.
-    [`gblr.GBLRLinear`][]) report their live cost; ``nn.Linear`` and ``nn.Conv2d``
-    count as dense. Modules inside a counted structured layer are not counted again.
+    [`gblr.GBLRLinear`][]) report their live cost; ``nn.Linear``, Hugging Face's
+    ``Conv1D`` (GPT-2) and ``nn.Conv2d`` count as dense. Modules inside a counted
+    structured layer are not counted again.
 
     Args:
         model: any module.

@@ -1,6 +1,7 @@
 """Model surgery shared by the layers that rewrite a model in place (``convert``,
-``freeze``, ``export_onnx``, the recipes' checkpoint loading), and moving a model's inputs
-to a device (``distill``, the structure learner's and the engine's example inputs).
+``freeze``, ``export_onnx``, the recipes' checkpoint loading), moving a model's inputs
+to a device (``distill``, the structure learner's and the engine's example inputs), and
+recognising Hugging Face's ``Conv1D`` without importing transformers.
 
 It sits below every package (torch only, no gblr imports) so that ``compress/``,
 ``deploy/`` and ``recipes/`` use one helper instead of each keeping a copy.
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["set_submodule", "to_device"]
+__all__ = ["hf_conv1d_shape", "set_submodule", "to_device"]
 
 
 def to_device(data: Any, device: torch.device | str) -> Any:
@@ -36,6 +37,25 @@ def to_device(data: Any, device: torch.device | str) -> Any:
     if isinstance(data, (tuple, list)):
         return type(data)(to_device(value, device) for value in data)
     return data
+
+
+def hf_conv1d_shape(module: nn.Module) -> tuple[int, int] | None:
+    """``(out, in)`` of a Hugging Face ``Conv1D`` (GPT-2's linear layer, weight stored
+    ``(in, out)``), else ``None``. Recognised by its class name and its ``nf`` (output
+    size) attribute, so that counting a model's layers does not import transformers.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.modules import hf_conv1d_shape
+        >>> hf_conv1d_shape(torch.nn.Linear(4, 3)) is None
+        True
+    """
+    if type(module).__name__ != "Conv1D" or not hasattr(module, "nf"):
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    return int(weight.shape[1]), int(weight.shape[0])
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -99,10 +99,25 @@ def test_hf_trainer_distills_with_param_groups_and_holds_the_macs(setup, tmp_pat
         use_cpu=True,
         disable_tqdm=True,
     )
+    # counted per example (one text): every layer of MiniLM sees its tokens, so the
+    # learner trains as per row; its cost unit is that text's tokens
+    example = singles[0]
     trainer = GBLRDistillationTrainer(
-        model=student, teacher=teacher, args=args, train_dataset=dataset, data_collator=collator
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        example_input=example,
     )
     trainer.train()
+    (callback,) = [c for c in trainer.callback_handler.callbacks if hasattr(c, "learner")]
+    tokens = example["input_ids"].shape[1]
+    assert callback.learner.rows_unit == tokens and set(callback.learner.row_weights) == {1}
+    counted = gblr.count_flops(student, example)
+    assert callback.learner.macs() == sum(
+        layer.total_macs for layer in counted if layer.kind == "GBLRLinear"
+    )
     names = [group.get("name") for group in trainer.optimizer.param_groups]
     assert "structure" in names  # gblr.param_groups, not the Trainer's own two groups
     # the recovery itself is measured in the test above; 8 steps keep this one short

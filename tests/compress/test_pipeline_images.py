@@ -107,6 +107,14 @@ def test_compress_recovers_a_vit_and_saves_a_folder_that_reloads_equal(
     # lr 1e-3 (0.990 at 3e-3, 0.983 at 1e-2); top-1 agreement 0.0 -> 1.0
     assert result.kept == "distilled"
     assert result.quality_after["cosine"] > result.quality_before["cosine"] + 0.1
+    # The budget counts MACs per image: the patch embedding runs on 16 positions, the
+    # blocks' layers on 17 tokens (the class token too), so per row would differ; the
+    # distillation's learner holds what the conversion chose, per image.
+    image = torch.zeros(1, 3, 32, 32)
+    converted = result.conversion
+    assert {layer.rows for layer in converted.layers} == {16, 17}
+    names = [layer.name for layer in converted.layers]
+    assert gblr.count_flops(result.model, image, include=names).macs <= converted.macs_after
     # GBLR converts the patch embedding, a convolution: converted without calibration
     assert not result.conversion.calibrated
     assert "patch_embed.proj" in result.uncalibrated

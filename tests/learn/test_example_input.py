@@ -173,3 +173,34 @@ def test_an_example_of_keyword_arguments_runs_the_model_with_them():
     ]
     learner = gblr.StructureLearner(model, budget=0.3, total_steps=5, example_input=example)
     assert learner.row_weights == [2, 1]
+
+
+@pytest.mark.parametrize("budget", [None, 0.3])
+def test_distill_counts_its_budget_per_example(budget):
+    """``distill(example_input=...)``: the learner holds (or reaches) the MACs of one
+    forward pass on the example, and ``DistillResult.macs`` counts them per example; the
+    token layer runs on twice the channel layer's rows, so per row would differ."""
+    from gblr.compress.distill import DistillConfig, distill
+
+    teacher = _model()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # a narrower student, so holding its MACs is a real constraint
+        for layer in (student.token, student.channel):
+            layer.widths[:, 1::2] = 0.25
+    torch.manual_seed(2)
+    batches = [torch.randn(8, TOKENS, CHANNELS) for _ in range(3)]
+    start_macs, dense = _cost_by_hand(student)
+    result = distill(
+        student,
+        teacher,
+        batches,
+        DistillConfig(steps=6, lr=1e-3, budget_ramp_fraction=0.5),
+        budget=budget,
+        example_input=batches[0][:1],
+    )
+    macs, _ = _cost_by_hand(student)
+    assert result.macs == macs
+    limit = start_macs if budget is None else budget * dense
+    assert macs <= limit
+    per_row = student.token.flops() + student.channel.flops()
+    assert result.macs != per_row

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..cost import layer_rows
 from ..learn.config import LearnerConfig
 from ..learn.factors import check_fraction, check_int
 from ..learn.groups import check_rate, gblr_layers, param_groups
@@ -118,7 +119,8 @@ class DistillResult:
         first_loss: the loss of the first step (before any update).
         last_loss: the mean loss of the last ``min(10, steps)`` steps.
         seconds: wall-clock time of the training loop.
-        macs: MACs per input row of the GBLR layers at the end (``None`` without any).
+        macs: MACs of the GBLR layers at the end (``None`` without any): per input row,
+            or with `distill`'s ``example_input`` in one forward pass on it.
         config: the [`DistillConfig`][gblr.compress.distill.DistillConfig] used.
     """
 
@@ -244,14 +246,24 @@ def _lr_factor(config: DistillConfig):
     return factor
 
 
-def learner_budget(model: nn.Module, budget: float | None) -> dict[str, Any]:
+def learner_budget(
+    model: nn.Module, budget: float | None, example_input: Any = None
+) -> dict[str, Any]:
     """The budget keyword of the [`gblr.StructureLearner`][] that recovery runs with:
     ``budget`` (a fraction of the GBLR layers' dense MACs) when given, else the MACs the
     GBLR layers have now (``budget_macs``): what the conversion chose, its global
-    allocation included, is held rather than replaced by a new budget."""
+    allocation included, is held rather than replaced by a new budget. Those MACs are per
+    row, or with ``example_input`` (an input of ``model``) in one forward pass on it, as
+    the learner then counts them."""
     if budget is not None:
         return {"budget": budget}
-    current = sum(layer.matrix_flops() for _, layer in gblr_layers(model))
+    layers = [layer for _, layer in gblr_layers(model)]
+    if example_input is None:
+        rows = [1] * len(layers)
+    else:
+        device = layers[0].widths.device if layers else torch.device("cpu")
+        rows = layer_rows(model, layers, to_device(example_input, device))
+    current = sum(layer.matrix_flops() * count for layer, count in zip(layers, rows, strict=True))
     return {"budget_macs": max(1, current)}
 
 
@@ -262,6 +274,7 @@ def distill(
     config: DistillConfig | None = None,
     *,
     budget: float | None = None,
+    example_input: Any = None,
     progress: bool = False,
 ) -> DistillResult:
     """Train ``student`` (a converted model) to reproduce ``teacher`` (the original).
@@ -277,6 +290,12 @@ def distill(
             ``DistillConfig()``).
         budget: GBLR layers' MACs as a fraction of their dense MACs, held by a
             [`gblr.StructureLearner`][] (default: the MACs they have now).
+        example_input: one input of ``student`` (e.g. the first batch cut to one
+            example; moved to its device). The learner then weights each GBLR layer's
+            MACs by the rows it runs on for this input, so the budget is a share of a
+            forward pass's MACs (as [`gblr.convert`][]'s ``example_input`` allocates it);
+            this matters where layers see different numbers of rows (a CNN's stages, an
+            MLP-Mixer's token and channel layers). Default: every layer counts per row.
         progress: print the loss every tenth of the run.
 
     Returns:
@@ -320,7 +339,8 @@ def distill(
             learner_config,
             total_steps=config.steps,
             warmup_steps=round(config.steps * config.budget_ramp_fraction),
-            **learner_budget(student, budget),
+            example_input=example_input,
+            **learner_budget(student, budget, example_input),
         )
     teacher_mode = teacher.training
     teacher.eval()

@@ -499,7 +499,8 @@ class LoadedModel:
     that maps input batches to outputs: ``model`` itself, or a sentence-transformer's
     transformer), a text model's ``tokenizer``, its ``library`` (``"transformers"``,
     ``"sentence-transformers"`` or ``"timm"``), an image model's ``transform`` (its timm
-    evaluation preprocessing) and ``model_args`` (what timm builds it with)."""
+    evaluation preprocessing), ``model_args`` (what timm builds it with) and an image
+    model's ``input_size`` (channels, height, width: what its transform produces)."""
 
     model: nn.Module
     encoder: nn.Module
@@ -508,6 +509,7 @@ class LoadedModel:
     source: str
     transform: Any = None
     model_args: dict[str, Any] | None = None
+    input_size: tuple[int, ...] | None = None
 
     @property
     def kind(self) -> str:
@@ -678,7 +680,8 @@ def load_image_model(source: str, *, random_weights: bool = False) -> LoadedMode
     model = model.eval()
     data_config = _data_config(timm, model)
     transform = timm.data.create_transform(**data_config, is_training=False)
-    return LoadedModel(model, model, None, "timm", source, transform, model_args)
+    input_size = tuple(int(size) for size in data_config["input_size"])
+    return LoadedModel(model, model, None, "timm", source, transform, model_args, input_size)
 
 
 def _data_config(timm: Any, model: nn.Module) -> dict[str, Any]:
@@ -1115,10 +1118,17 @@ def compress_pretrained(
             calibration = train_batches(CALIBRATION_BATCHES)
         else:
             uncalibrated = refusal
+    # An image model's layers run on different numbers of rows per image (a CNN's
+    # stages, a ViT's patch embedding and blocks), so budgets count MACs per image: one
+    # input of the model's size, whose values do not matter. A text model's layers all
+    # see every token, so per token and per text allocate alike; they count per token.
+    example = None if loaded.input_size is None else torch.zeros(1, *loaded.input_size)
     start = time.perf_counter()
     # a sentence-transformer is converted through its transformer (its other modules pool
     # and normalise), which the calibration batches (token ids) feed
-    report = convert(loaded.encoder, config, calibration=calibration, progress=progress)
+    report = convert(
+        loaded.encoder, config, calibration=calibration, progress=progress, example_input=example
+    )
     seconds["convert"] = time.perf_counter() - start
 
     def quality() -> dict[str, float]:
@@ -1145,7 +1155,12 @@ def compress_pretrained(
         converted_state = copy.deepcopy(loaded.encoder.state_dict())
         start = time.perf_counter()
         result.distillation = distill(
-            loaded.encoder, teacher, batches, distillation, progress=bool(progress)
+            loaded.encoder,
+            teacher,
+            batches,
+            distillation,
+            example_input=example,
+            progress=bool(progress),
         )
         seconds["distill"] = time.perf_counter() - start
         result.quality_after = quality()

@@ -59,7 +59,7 @@ from ..deploy.io import (
 from ..files import save_atomically
 from ..layers.conv import CONV_GEOMETRY, GBLRConv2d
 from ..layers.linear import GBLRLinear
-from ..modules import set_submodule
+from ..modules import hf_conv1d_shape, set_submodule
 from ..structured import (
     BlockDiagLinear,
     BlockSparseLinear,
@@ -302,9 +302,8 @@ def _matrix_shape(module: nn.Module) -> tuple[int, int] | None:
     structured layer; ``None`` for anything else."""
     if is_structured(module):
         return module.matrix_shape
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # weight (in, out)
-        return tuple(module.weight.shape[::-1])
-    return matrix_shape_of(module)
+    conv1d = hf_conv1d_shape(module)
+    return conv1d if conv1d is not None else matrix_shape_of(module)
 
 
 def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:

@@ -111,6 +111,10 @@ class GBLRDistillationTrainer(Trainer):
             layers.
         learner_config: the structure learner's config (default
             [`gblr.LearnerConfig.finetune`][]).
+        example_input: one input of the student (e.g. a tokenizer's output for one
+            text): the budget and the learner then count each GBLR layer's MACs times the
+            rows it runs on for it, as [`gblr.distill`][gblr.compress.distill.distill]'s
+            ``example_input`` (default: per row).
         **kwargs: the ``Trainer``'s keyword arguments.
 
     Batches are the tokenizer's output (``input_ids``, ``attention_mask``, ...); a
@@ -133,6 +137,7 @@ class GBLRDistillationTrainer(Trainer):
         structure_lr: float | None = None,
         budget: float | None = None,
         learner_config: LearnerConfig | None = None,
+        example_input: Any = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(teacher, nn.Module):
@@ -145,8 +150,13 @@ class GBLRDistillationTrainer(Trainer):
         self.structure_lr = structure_lr
         if gblr_layers(self.model):
             config = learner_config or LearnerConfig.finetune()
+            counted = {} if example_input is None else {"example_input": example_input}
             self.add_callback(
-                GBLRTrainerCallback(config=config, **learner_budget(self.model, budget))
+                GBLRTrainerCallback(
+                    config=config,
+                    **counted,
+                    **learner_budget(self.model, budget, example_input),
+                )
             )
 
     def _distillation_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
