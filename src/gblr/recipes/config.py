@@ -199,7 +199,8 @@ class DataConfig:
 class OptimConfig:
     """AdamW over [`gblr.param_groups`][]; linear warm-up from ``lr`` × 0 to ``lr``,
     cosine decay to ``min_lr``. ``batch_size`` is the global batch (split over all
-    devices). Give exactly one of ``epochs`` and ``steps``.
+    devices). Give exactly one of ``epochs`` and ``steps``. ``structure_lr`` (GBLR widths
+    and locations) defaults to 3 × ``lr``, the engine's default.
 
     Examples:
         >>> from gblr.recipes.config import OptimConfig

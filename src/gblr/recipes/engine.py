@@ -66,6 +66,14 @@ __all__ = [
 ]
 
 
+#: The structure's learning rate as a multiple of the weights' when none is given. Widths
+#: and locations move by about their learning rate per step (Adam, β1 = 0) and may have
+#: hundreds of lines to cross; the paper's from-scratch configs use 10x. Of 0.1x, 1x, 3x
+#: and 10x, 3x trained best from scratch on the real-task suite (docs/BENCHMARKS.md,
+#: "The structure learned faster").
+STRUCTURE_LR_FACTOR = 3
+
+
 class _ScheduledModule(pl.LightningModule):
     """AdamW over [`gblr.param_groups`][] with linear warm-up and cosine decay, and a
     record of the model's layer types (and ``run_info``) in each checkpoint."""
@@ -92,8 +100,11 @@ class _ScheduledModule(pl.LightningModule):
         self.run_info = dict(run_info or {})
 
     def configure_optimizers(self) -> Any:
+        structure_lr = self.structure_lr
+        if structure_lr is None:
+            structure_lr = STRUCTURE_LR_FACTOR * self.lr
         groups = param_groups(
-            self.model, lr=self.lr, structure_lr=self.structure_lr, weight_decay=self.weight_decay
+            self.model, lr=self.lr, structure_lr=structure_lr, weight_decay=self.weight_decay
         )
         optimizer = torch.optim.AdamW(groups)
         warmup, total = self.warmup_steps, max(self.total_steps, self.warmup_steps + 1)
@@ -140,7 +151,8 @@ class ClassificationModule(_ScheduledModule):
         weight_decay: AdamW weight decay of weight matrices (not biases, norms, structure).
         warmup_steps: linear warm-up from 0 to ``lr``.
         total_steps: cosine decay to ``min_lr`` at this step.
-        structure_lr: learning rate of widths and locations (default ``lr``).
+        structure_lr: learning rate of widths and locations (default 3 × ``lr``,
+            `STRUCTURE_LR_FACTOR`).
         label_smoothing: of the cross-entropy loss.
         batch_mix: applied to each training batch ``(inputs, labels) -> (inputs,
             soft labels (N, classes))``, e.g. torchvision's ``MixUp``/``CutMix``.
