@@ -258,11 +258,9 @@ def learner_budget(
     if budget is not None:
         return {"budget": budget}
     layers = [layer for _, layer in gblr_layers(model)]
-    if example_input is None:
-        rows = [1] * len(layers)
-    else:
-        device = layers[0].widths.device if layers else torch.device("cpu")
-        rows = layer_rows(model, layers, to_device(example_input, device))
+    rows = [1] * len(layers)
+    if example_input is not None and layers:
+        rows = layer_rows(model, layers, to_device(example_input, layers[0].widths.device))
     current = sum(layer.matrix_flops() * count for layer, count in zip(layers, rows, strict=True))
     return {"budget_macs": max(1, current)}
 

@@ -150,11 +150,10 @@ class GBLRDistillationTrainer(Trainer):
         self.structure_lr = structure_lr
         if gblr_layers(self.model):
             config = learner_config or LearnerConfig.finetune()
-            counted = {} if example_input is None else {"example_input": example_input}
             self.add_callback(
                 GBLRTrainerCallback(
                     config=config,
-                    **counted,
+                    example_input=example_input,
                     **learner_budget(self.model, budget, example_input),
                 )
             )
