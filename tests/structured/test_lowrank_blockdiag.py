@@ -37,7 +37,29 @@ def test_flops_are_the_macs_forward_really_uses(in_features, out_features):
     low = LowRankLinear(in_features, out_features, rank=3)
     assert low.flops() == 3 * (in_features + out_features)
     diag = BlockDiagLinear(in_features, out_features, num_blocks=4)
-    assert diag.flops() == 4 * -(-out_features // 4) * -(-in_features // 4)
+
+    def pieces(size):  # the size rule: the first size % 4 pieces are one longer
+        return [size // 4 + (i < size % 4) for i in range(4)]
+
+    expected = sum(rows * cols for rows, cols in zip(pieces(out_features), pieces(in_features)))
+    assert diag.flops() == expected == BlockDiagLinear.cost(in_features, out_features, 4)
+
+
+def test_block_diagonal_padding_enters_no_product_and_gets_no_gradient():
+    # 7 inputs and 5 outputs over 3 blocks: pieces (3, 2, 2) and (2, 2, 1), so the stored
+    # (3, 2, 3) tiles hold padding; NaN there must not reach the output or the gradients.
+    layer = BlockDiagLinear(7, 5, num_blocks=3, dtype=torch.float64)
+    with torch.no_grad():
+        layer.blocks[1, :, 2] = float("nan")
+        layer.blocks[2, 1, :] = float("nan")
+        layer.blocks[2, :, 2] = float("nan")
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert torch.allclose(out, x @ layer.dense_weight().T + layer.bias)
+    out.sum().backward()
+    grad = layer.blocks.grad
+    assert grad[1, :, 2].eq(0).all() and grad[2, 1, :].eq(0).all() and grad[2, :, 2].eq(0).all()
+    assert torch.isfinite(x.grad).all()
 
 
 def test_block_diagonal_size_rule_and_dense_weight():
@@ -104,8 +126,9 @@ def test_budget_below_the_smallest_configuration_names_the_minimum():
     minimum = r"below the minimum of 112 MACs \(the smallest low-rank layer of shape \(48, 64\)\)"
     with pytest.raises(BudgetTooSmallError, match=rf"budget_macs=100, {minimum}"):
         LowRankLinear.for_budget(64, 48, budget_macs=100)
-    # 48 blocks of 1 x 2 (64 inputs over 48 blocks: the first 16 pieces have 2)
-    minimum = r"minimum of 96 MACs \(the smallest block-diagonal layer .*\): budget must be"
+    # 48 blocks, 16 of 1 x 2 and 32 of 1 x 1 (64 inputs over 48 blocks: the first 16
+    # pieces have 2): 16 * 2 + 32 * 1 MACs
+    minimum = r"minimum of 64 MACs \(the smallest block-diagonal layer .*\): budget must be"
     with pytest.raises(BudgetTooSmallError, match=minimum):
         BlockDiagLinear.from_dense(torch.randn(48, 64), 0.01)
 

@@ -20,21 +20,41 @@ def _split(size: int, parts: int) -> list[int]:
     return [base + 1 if i < extra else base for i in range(parts)]
 
 
+def _equal_shape_runs(
+    out_sizes: list[int], in_sizes: list[int]
+) -> list[tuple[int, int, int, int, int]]:
+    """``(first, last, col_start, rows, cols)`` for each run of consecutive blocks
+    ``first:last`` of one shape ``rows x cols``, whose input pieces start at column
+    ``col_start``: at most three runs, since the longer pieces of each side come first."""
+    runs, first, col_start = [], 0, 0
+    while first < len(out_sizes):
+        shape = (out_sizes[first], in_sizes[first])
+        last = first
+        while last < len(out_sizes) and (out_sizes[last], in_sizes[last]) == shape:
+            last += 1
+        runs.append((first, last, col_start, *shape))
+        col_start += (last - first) * shape[1]
+        first = last
+    return runs
+
+
 class BlockDiagLinear(StructuredLinear):
     """A block-diagonal linear layer with ``num_blocks`` blocks.
 
     Block ``i`` maps input piece ``i`` to output piece ``i``. **Size rule**: when ``in``
     or ``out`` is not a multiple of ``num_blocks``, the pieces are as even as possible
-    and the first ``size % num_blocks`` pieces are one longer (``_split``). All blocks are
-    evaluated by one batched product over ``(num_blocks, ceil(out/p), ceil(in/p))``
-    tiles, the shorter blocks zero-padded, so the cost counts the padding too.
+    and the first ``size % num_blocks`` pieces are one longer (``_split``). The blocks are
+    stored as ``(num_blocks, ceil(out/p), ceil(in/p))`` tiles, the shorter blocks
+    zero-padded, and evaluated by one batched product per run of blocks of one shape (at
+    most three runs; one when ``p`` divides both sizes), so the padding never enters a
+    product, never learns and costs nothing.
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
         num_blocks: ``p``, ``1 <= p <= min(in, out)`` (1 is dense).
 
-    Cost: ``p * ceil(out / p) * ceil(in / p)`` MACs per input row (``out * in / p``
-    when ``p`` divides both).
+    Cost: ``sum_i out_i * in_i`` MACs per input row over the blocks' sizes (``out * in /
+    p`` when ``p`` divides both).
 
     Shapes:
         input ``(..., in)``, output ``(..., out)``; ``blocks (p, ceil(out/p), ceil(in/p))``
@@ -73,60 +93,48 @@ class BlockDiagLinear(StructuredLinear):
         with torch.no_grad():
             self.blocks.uniform_(-bound, bound)
         self.uneven = block_out * p != out_features or block_in * p != in_features
-        # Input gather: block i reads inputs [start_i, start_i + in_i); padding reads an
-        # appended zero (index in_features). Output: the valid rows of each block.
-        gather, start = torch.full((p, block_in), in_features, dtype=torch.long), 0
-        mask = torch.zeros(p, block_out, block_in, dtype=torch.bool)
-        keep = []
-        for i, (rows, cols) in enumerate(zip(self.out_sizes, self.in_sizes)):
-            gather[i, :cols] = torch.arange(start, start + cols)
-            mask[i, :rows, :cols] = True
-            keep.append(torch.arange(rows) + i * block_out)
-            start += cols
-        self.register_buffer("gather_index", gather.to(device), persistent=False)
-        self.register_buffer("pad_mask", mask.to(device), persistent=False)
-        self.register_buffer("output_index", torch.cat(keep).to(device), persistent=False)
+        self._runs = _equal_shape_runs(self.out_sizes, self.in_sizes)
         if self.uneven:
             with torch.no_grad():
-                self.blocks.mul_(self.pad_mask)
-
-    def _block_values(self) -> Tensor:
-        # Padding entries are multiplied by zero so they never matter (nor learn).
-        return self.blocks * self.pad_mask if self.uneven else self.blocks
+                for i, (rows, cols) in enumerate(zip(self.out_sizes, self.in_sizes)):
+                    self.blocks[i, rows:].zero_()
+                    self.blocks[i, :, cols:].zero_()
 
     def _matmul(self, x: Tensor) -> Tensor:
-        p = self.num_blocks
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        if self.uneven:
-            rows = torch.cat([rows, rows.new_zeros(rows.shape[0], 1)], dim=1)
-            pieces = rows[:, self.gather_index]  # (N, p, block_in)
-        else:
-            pieces = rows.reshape(rows.shape[0], p, -1)
-        out = torch.bmm(pieces.transpose(0, 1), self._block_values().transpose(1, 2))
-        out = out.transpose(0, 1).reshape(rows.shape[0], -1)  # (N, p * block_out)
-        if self.uneven:
-            out = out[:, self.output_index]
+        count = rows.shape[0]
+        outs = []
+        # Each run's blocks are sliced out of the padded tiles, so its product holds no
+        # padding. Gathering zero-padded input pieces and picking the output rows back by
+        # index, as before, made an uneven layer's training step 2-4x slower on the CPU,
+        # for the same sums (bit for bit on every layer of the real-task suite;
+        # docs/BENCHMARKS.md, "Block-diagonal layers without padding").
+        for first, last, col_start, block_out, block_in in self._runs:
+            pieces = rows[:, col_start : col_start + (last - first) * block_in]
+            pieces = pieces.reshape(count, last - first, block_in).transpose(0, 1)
+            blocks = self.blocks[first:last, :block_out, :block_in]
+            out = torch.bmm(pieces, blocks.transpose(1, 2)).transpose(0, 1)
+            outs.append(out.reshape(count, -1))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out.reshape(*lead, self.out_features)
 
     def dense_weight(self) -> Tensor:
-        blocks = self._block_values()
         return torch.block_diag(
             *[
-                blocks[i, :rows, :cols]
+                self.blocks[i, :rows, :cols]
                 for i, (rows, cols) in enumerate(zip(self.out_sizes, self.in_sizes))
             ]
         )
 
     def flops(self) -> int:
-        return self.blocks.numel()
+        return sum(rows * cols for rows, cols in zip(self.out_sizes, self.in_sizes))
 
     @staticmethod
     def cost(in_features: int, out_features: int, num_blocks: int) -> int:
-        """MACs per row of ``num_blocks`` blocks (padding included)."""
-        return (
-            num_blocks * math.ceil(out_features / num_blocks) * math.ceil(in_features / num_blocks)
-        )
+        """MACs per row of ``num_blocks`` blocks: the sum of the blocks' sizes."""
+        pieces = zip(_split(out_features, num_blocks), _split(in_features, num_blocks))
+        return sum(rows * cols for rows, cols in pieces)
 
     @classmethod
     def blocks_for(
