@@ -92,13 +92,11 @@ class BlockDiagLinear(StructuredLinear):
         bound = 1.0 / math.sqrt(block_in)  # nn.Linear's default init per block
         with torch.no_grad():
             self.blocks.uniform_(-bound, bound)
-        self.uneven = block_out * p != out_features or block_in * p != in_features
         self._runs = _equal_shape_runs(self.out_sizes, self.in_sizes)
-        if self.uneven:
-            with torch.no_grad():
-                for i, (rows, cols) in enumerate(zip(self.out_sizes, self.in_sizes)):
-                    self.blocks[i, rows:].zero_()
-                    self.blocks[i, :, cols:].zero_()
+        with torch.no_grad():  # the padding of shorter blocks (no slice when p divides both)
+            for i, (rows, cols) in enumerate(zip(self.out_sizes, self.in_sizes)):
+                self.blocks[i, rows:].zero_()
+                self.blocks[i, :, cols:].zero_()
 
     def _matmul(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -128,7 +126,7 @@ class BlockDiagLinear(StructuredLinear):
         )
 
     def flops(self) -> int:
-        return sum(rows * cols for rows, cols in zip(self.out_sizes, self.in_sizes))
+        return self.cost(self.in_features, self.out_features, self.num_blocks)
 
     @staticmethod
     def cost(in_features: int, out_features: int, num_blocks: int) -> int:
