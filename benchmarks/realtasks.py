@@ -9,6 +9,7 @@ data, several seeds each.
         --variant adaptive='{"learner": {"adaptive": 1.0}}'  # an experiment beside the default
     python benchmarks/realtasks.py --tasks t1-vit --paired gblr blocksparse \\
         --with benchmarks/results/realtasks-experiments/ten-seeds  # seed by seed, no runs
+    python benchmarks/realtasks.py --standings              # each family's gap to the best
 
 Tasks (all data offline, nothing downloaded; details in each task's module):
 
@@ -33,7 +34,9 @@ ratio, one line per family, error bars: std over seeds).
 
 ``--paired A B`` runs nothing: it compares two labels of ``OUT`` (and of the ``--with``
 folders) seed by seed, the mean difference with its standard error, which tells a gap
-from the spread between seeds that every family shares.
+from the spread between seeds that every family shares. ``--standings`` runs nothing
+either: for every task and budget it gives each family's gap to the best family (means over
+seeds), and per metric how often each family is the best, its worst and its mean gap.
 """
 
 from __future__ import annotations
@@ -515,6 +518,92 @@ def paired_table(spec: TaskSpec, rows: Sequence[dict[str, Any]], first: str, sec
     return "\n".join(lines)
 
 
+def standings(
+    cells: Sequence[tuple[TaskSpec, Sequence[dict[str, Any]]]],
+) -> list[dict[str, Any]]:
+    """How far each family's mean is from the best family's, cell by cell.
+
+    Args:
+        cells: ``(spec, runs)`` per task; every budget of the runs is a cell. Only the
+            families of `FAMILIES` count (variants are left out), dense never.
+
+    Returns:
+        One row per task and budget: ``task``, ``metric``, ``budget``, ``best`` (the label
+        with the best mean among the families within their budget) and ``gaps``: label ->
+        its mean minus the best's, signed so that 0 is the best and a loss is negative (in
+        points of accuracy, or in the metric's own unit), ``None`` for a family over its
+        budget.
+    """
+    rows = []
+    for spec, runs in cells:
+        summary = summarize(spec, {"runs": runs}, False)
+        sign = 1.0 if spec.higher_is_better else -1.0
+        for budget in sorted({r["budget"] for r in summary if r["label"] != "dense"}):
+            at = {
+                r["label"]: r
+                for r in summary
+                if r["budget"] == budget and r["label"] in FAMILIES and r["label"] != "dense"
+            }
+            within = {label: r for label, r in at.items() if not over_budget(r)}
+            if not within:
+                continue
+            best = max(within, key=lambda label: sign * within[label][spec.metric])
+            top = _scaled(spec, within[best][spec.metric])
+            gaps = {
+                label: None if label not in within else sign * (_scaled(spec, r[spec.metric]) - top)
+                for label, r in at.items()
+            }
+            rows.append(
+                {"task": spec.name, "metric": spec.metric, "budget": budget, "best": best,
+                 "gaps": gaps}
+            )  # fmt: skip
+    return rows
+
+
+def standings_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown of `standings`' rows, then per metric each family's count of cells where it
+    is the best, its worst gap and its mean gap (over the cells it ran within budget)."""
+    labels = [f for f in FAMILIES if f != "dense" and any(f in r["gaps"] for r in rows)]
+    lines = [
+        "Gap of each family's mean to the best family's mean, per task and budget (0: the "
+        "best; accuracy in points, perplexity and cosine in their own units; a negative "
+        "number is a loss)",
+        "",
+        "| task | budget | " + " | ".join(labels) + " |",
+        "|---|---|" + "---|" * len(labels),
+    ]
+
+    def number(gap: float, metric: str) -> str:
+        return "0" if gap == 0 else f"{gap:+.{4 if metric == 'cosine' else 2}f}"
+
+    def cell(row: dict[str, Any], label: str) -> str:
+        if label not in row["gaps"]:
+            return ""
+        gap = row["gaps"][label]
+        if gap is None:
+            return "over budget"
+        return "**best**" if gap == 0 else number(gap, row["metric"])
+
+    for row in rows:
+        cells = [cell(row, label) for label in labels]
+        lines.append(f"| {row['task']} | {row['budget']:g} | " + " | ".join(cells) + " |")
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        of_metric = [r for r in rows if r["metric"] == metric]
+        summary = {"best in": [], "worst gap": [], "mean gap": []}
+        for label in labels:
+            gaps = [r["gaps"][label] for r in of_metric if r["gaps"].get(label) is not None]
+            if not gaps:
+                for values in summary.values():
+                    values.append("")
+                continue
+            summary["best in"].append(f"{sum(g == 0 for g in gaps)} of {len(gaps)}")
+            summary["worst gap"].append(number(min(gaps), metric))
+            summary["mean gap"].append(number(statistics.fmean(gaps), metric))
+        for name, values in summary.items():
+            lines.append(f"| {metric}: {name} | | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def parse_variants(texts: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``NAME=JSON`` pairs: GBLR options of each variant."""
     variants = {}
@@ -556,17 +645,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run nothing: compare labels A and B seed by seed (OUT and the --with folders)",
     )
     parser.add_argument(
+        "--standings",
+        action="store_true",
+        help="run nothing: each family's gap to the best per task and budget (OUT and the "
+        "--with folders), written to OUT/standings.md",
+    )
+    parser.add_argument(
         "--with",
         dest="also",
         type=Path,
         action="append",
         default=[],
         metavar="FOLDER",
-        help="with --paired: more runs, e.g. extra seeds in an experiment folder",
+        help="with --paired or --standings: more runs, e.g. extra seeds in another folder",
     )
     args = parser.parse_args(argv)
-    if args.also and not args.paired:
-        parser.error("--with only goes with --paired")
+    if args.also and not (args.paired or args.standings):
+        parser.error("--with only goes with --paired or --standings")
     try:
         variants = parse_variants(args.variant)
     except ValueError as error:  # json.JSONDecodeError included
@@ -575,6 +670,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out = args.out or results / ("realtasks-quick" if args.quick else "realtasks")
     # A quick run's plots are not results: they stay beside its JSON.
     figures = args.figures or (args.out if args.quick else ROOT / "docs" / "figures")
+    if args.standings:
+        cells = []
+        for name in args.tasks:
+            try:
+                cells.append((TASKS[name], merged_runs(name, [args.out, *args.also], args.quick)))
+            except ValueError as error:
+                parser.error(str(error))
+        table = standings_table(standings(cells)) + "\n"
+        print(table)
+        save_atomically(lambda handle: handle.write(table), args.out / "standings.md", text=True)
+        return 0
     if args.paired:
         first, second = args.paired
         for name in args.tasks:

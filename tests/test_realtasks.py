@@ -198,3 +198,63 @@ def test_paired_differences_match_a_seed_by_seed_count(tmp_path):
 def test_paired_with_needs_paired(tmp_path):
     result = _run(tmp_path, "--tasks", "t2", "--with", str(tmp_path))
     assert result.returncode != 0 and "--with only goes with --paired" in result.stderr
+
+
+def test_standings_gap_to_the_best_family_by_brute_force(tmp_path):
+    realtasks = _realtasks_module()
+    generator = random.Random(1)
+    cells = []
+    means: dict[tuple[str, float, str], float] = {}
+    for task, metric, scale in (("t1-vit", "accuracy", 100), ("t2", "perplexity", 1)):
+        spec = realtasks.TASKS[task]
+        runs = []
+        for budget in (0.1, 0.2):
+            for label in ("gblr", "lowrank", "blockdiag", "pixelfly", "gblr:variant"):
+                values = [generator.uniform(0.5, 1.0) for _ in range(3)]
+                means[task, budget, label] = scale * sum(values) / 3
+                # pixelfly ends over its budget at 0.1: shown, never the best
+                macs = budget * (1.5 if label == "pixelfly" and budget == 0.1 else 1.0)
+                runs += [
+                    {"label": label, "budget": budget, "seed": seed, metric: value,
+                     "macs_ratio": macs, "seconds": 1.0}
+                    for seed, value in enumerate(values)
+                ]  # fmt: skip
+        runs += [{"label": "dense", "budget": 1.0, "seed": 0, metric: 0.99 if scale > 1 else 0.1,
+                  "macs_ratio": 1.0, "seconds": 1.0}]  # fmt: skip
+        cells.append((spec, runs))
+    rows = realtasks.standings(cells)
+    assert [(r["task"], r["budget"]) for r in rows] == [
+        ("t1-vit", 0.1), ("t1-vit", 0.2), ("t2", 0.1), ("t2", 0.2)
+    ]  # fmt: skip
+    for row in rows:
+        sign = 1 if row["task"] == "t1-vit" else -1
+        families = ["gblr", "lowrank", "blockdiag", "pixelfly"]
+        within = [f for f in families if not (f == "pixelfly" and row["budget"] == 0.1)]
+        best = max(within, key=lambda f: sign * means[row["task"], row["budget"], f])
+        assert row["best"] == best
+        assert set(row["gaps"]) == set(families)  # no dense, no variant
+        for family in families:
+            if family not in within:
+                assert row["gaps"][family] is None
+                continue
+            expected = sign * (
+                means[row["task"], row["budget"], family] - means[row["task"], row["budget"], best]
+            )
+            assert row["gaps"][family] == pytest.approx(expected)
+            assert row["gaps"][family] <= 0
+    table = realtasks.standings_table(rows)
+    assert "| t1-vit | 0.1 |" in table and "over budget" in table
+    wins = sum(r["best"] == "gblr" for r in rows if r["task"] == "t1-vit")
+    assert f"| accuracy: best in | | {wins} of 2 |" in table
+    # The command line writes the same table from the folders' JSON files.
+    for spec, runs in cells:
+        for run in runs:
+            run.update(key=f"{run['label']}|{run['budget']}|{run['seed']}", quick=False)
+        (tmp_path / f"{spec.name}.json").write_text(json.dumps({"runs": runs}))
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--standings", "--tasks", "t1-vit", "t2",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "standings.md").read_text().strip() == table.strip()
