@@ -407,12 +407,12 @@ DOC_PAGES = ("docs/RESULTS.md", "README.md")
 def update_docs(out: Path, pages: Sequence[Path] | None = None) -> list[Path]:
     """Refresh the tables between ``<!-- realtasks:NAME -->`` and ``<!-- /realtasks:NAME -->``
     in ``pages`` (default: docs/RESULTS.md and README.md) from ``OUT/NAME.md``: NAME is
-    ``headline`` or a task. Returns the pages changed; a marker whose file is missing is
-    left as it is."""
+    ``headline``, ``standings`` or a task. Returns the pages changed; a marker whose file is
+    missing is left as it is."""
     changed = []
     for page in pages if pages is not None else [ROOT / name for name in DOC_PAGES]:
         text = original = page.read_text()
-        for name in ("headline", *TASKS):
+        for name in ("headline", "standings", *TASKS):
             source = out / f"{name}.md"
             opening, closing = f"<!-- realtasks:{name} -->", f"<!-- /realtasks:{name} -->"
             if opening not in text or not source.exists():
@@ -519,13 +519,14 @@ def paired_table(spec: TaskSpec, rows: Sequence[dict[str, Any]], first: str, sec
 
 
 def standings(
-    cells: Sequence[tuple[TaskSpec, Sequence[dict[str, Any]]]],
+    cells: Sequence[tuple[TaskSpec, Sequence[dict[str, Any]]]], quick: bool = False
 ) -> list[dict[str, Any]]:
     """How far each family's mean is from the best family's, cell by cell.
 
     Args:
         cells: ``(spec, runs)`` per task; every budget of the runs is a cell. Only the
             families of `FAMILIES` count (variants are left out), dense never.
+        quick: count the ``--quick`` runs instead of the full ones.
 
     Returns:
         One row per task and budget: ``task``, ``metric``, ``budget``, ``best`` (the label
@@ -536,7 +537,7 @@ def standings(
     """
     rows = []
     for spec, runs in cells:
-        summary = summarize(spec, {"runs": runs}, False)
+        summary = summarize(spec, {"runs": runs}, quick)
         sign = 1.0 if spec.higher_is_better else -1.0
         for budget in sorted({r["budget"] for r in summary if r["label"] != "dense"}):
             at = {
@@ -602,6 +603,21 @@ def standings_table(rows: Sequence[dict[str, Any]]) -> str:
         for name, values in summary.items():
             lines.append(f"| {metric}: {name} | | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def write_standings(
+    out: Path, folders: Sequence[Path], quick: bool, tasks: Sequence[str] | None = None
+) -> str:
+    """`standings_table` of ``tasks`` (default: every task) over the runs in ``folders``,
+    written to ``OUT/standings.md`` and returned; tasks without runs are left out."""
+    cells = []
+    for name in tasks or TASKS:
+        runs = merged_runs(name, folders, quick)
+        if runs:
+            cells.append((TASKS[name], runs))
+    table = standings_table(standings(cells, quick)) + "\n"
+    save_atomically(lambda handle: handle.write(table), out / "standings.md", text=True)
+    return table
 
 
 def parse_variants(texts: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -671,15 +687,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A quick run's plots are not results: they stay beside its JSON.
     figures = args.figures or (args.out if args.quick else ROOT / "docs" / "figures")
     if args.standings:
-        cells = []
-        for name in args.tasks:
-            try:
-                cells.append((TASKS[name], merged_runs(name, [args.out, *args.also], args.quick)))
-            except ValueError as error:
-                parser.error(str(error))
-        table = standings_table(standings(cells)) + "\n"
-        print(table)
-        save_atomically(lambda handle: handle.write(table), args.out / "standings.md", text=True)
+        try:
+            print(write_standings(args.out, [args.out, *args.also], args.quick, args.tasks))
+        except ValueError as error:
+            parser.error(str(error))
         return 0
     if args.paired:
         first, second = args.paired
@@ -705,6 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[{name}] {time.perf_counter() - start:.0f} s")
         print(report(spec, payload, args.out, figures, args.quick))
     print(headline(args.out, args.quick))
+    write_standings(args.out, [args.out], args.quick)
     if args.docs:
         if args.quick:
             parser.error("--docs takes the tables of a full run, not of --quick")

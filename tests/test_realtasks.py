@@ -54,6 +54,11 @@ def test_vision_and_text_tasks_run_end_to_end_and_resume(tmp_path):
     assert all(run["macs_ratio"] <= 0.2 + 1e-9 for run in gblr_runs)
     _check_task_files(tmp_path, "t1-mlp", labels, "accuracy")
     _check_task_files(tmp_path, "t2", labels, "perplexity")
+    # every task's gaps to the best family, from the quick runs, the variant left out
+    standings = (tmp_path / "standings.md").read_text()
+    for task in ("t1-vit", "t1-mlp", "t2"):
+        assert f"| {task} | 0.2 |" in standings
+    assert "| task | budget | gblr | lowrank |" in standings and "adaptive" not in standings
     # A second call finds every run done and only rewrites the tables.
     again = _run(tmp_path, *arguments)
     assert again.returncode == 0, again.stderr[-3000:]
