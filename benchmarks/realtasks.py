@@ -609,12 +609,21 @@ def write_standings(
     out: Path, folders: Sequence[Path], quick: bool, tasks: Sequence[str] | None = None
 ) -> str:
     """`standings_table` of ``tasks`` (default: every task) over the runs in ``folders``,
-    written to ``OUT/standings.md`` and returned; tasks without runs are left out."""
+    written to ``OUT/standings.md`` and returned; tasks without runs are left out.
+
+    Raises:
+        ValueError: no run of any of ``tasks`` in ``folders``; one run with two results.
+    """
     cells = []
     for name in tasks or TASKS:
         runs = merged_runs(name, folders, quick)
         if runs:
             cells.append((TASKS[name], runs))
+    if not cells:
+        kind = "quick " if quick else ""
+        raise ValueError(
+            f"no {kind}runs of {', '.join(tasks or TASKS)} in {', '.join(map(str, folders))}"
+        )
     table = standings_table(standings(cells, quick)) + "\n"
     save_atomically(lambda handle: handle.write(table), out / "standings.md", text=True)
     return table
@@ -678,6 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.also and not (args.paired or args.standings):
         parser.error("--with only goes with --paired or --standings")
+    if args.paired and args.standings:
+        parser.error("--paired and --standings each run nothing: give one of them")
     try:
         variants = parse_variants(args.variant)
     except ValueError as error:  # json.JSONDecodeError included

@@ -205,6 +205,14 @@ def test_paired_with_needs_paired(tmp_path):
     assert result.returncode != 0 and "--with only goes with --paired" in result.stderr
 
 
+def test_standings_without_runs_is_a_clear_error(tmp_path):
+    result = _run(tmp_path / "nothing-here", "--standings", "--tasks", "t2")
+    assert result.returncode != 0 and "no quick runs of t2 in" in result.stderr
+    assert not (tmp_path / "nothing-here").exists()
+    both = _run(tmp_path, "--standings", "--paired", "gblr", "lowrank")
+    assert both.returncode != 0 and "give one of them" in both.stderr
+
+
 def test_standings_gap_to_the_best_family_by_brute_force(tmp_path):
     realtasks = _realtasks_module()
     generator = random.Random(1)
