@@ -51,7 +51,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,23 +277,33 @@ def _scaled(spec: TaskSpec, value: float) -> float:
     return 100 * value if spec.metric == "accuracy" else value
 
 
+def best_within_budget(spec: TaskSpec, rows: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
+    """The summary row with the best mean among ``rows`` that are neither dense nor over
+    their budget (``None`` when there is none)."""
+    sign = 1.0 if spec.higher_is_better else -1.0
+    candidates = [r for r in rows if r["label"] != "dense" and not over_budget(r)]
+    return max(candidates, key=lambda r: sign * r[spec.metric], default=None)
+
+
 def markdown_table(spec: TaskSpec, rows: list[dict[str, Any]], machine: str) -> str:
     """The task's table: one row per family and budget, best non-dense family in bold."""
     extra = [(name, title) for name, title in spec.extra_columns if any(name in r for r in rows)]
     header = ["budget", "structure", spec.metric_label, "MACs ratio", "seeds", "train s"]
     header += [title for _, title in extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    best: dict[float, float] = {}
-    for row in rows:
-        if row["label"] == "dense" or over_budget(row):
-            continue
-        value = row[spec.metric] if spec.higher_is_better else -row[spec.metric]
-        best[row["budget"]] = max(best.get(row["budget"], -math.inf), value)
+    best = {}
+    for budget in {r["budget"] for r in rows}:
+        top = best_within_budget(spec, (r for r in rows if r["budget"] == budget))
+        if top is not None:
+            best[budget] = top[spec.metric]
     for row in rows:
         mean, std = _scaled(spec, row[spec.metric]), _scaled(spec, row[spec.metric + "_std"])
-        signed = row[spec.metric] if spec.higher_is_better else -row[spec.metric]
         metric = f"{mean:.2f} ± {std:.2f}" if spec.metric != "cosine" else f"{mean:.4f} ± {std:.4f}"
-        if row["label"] != "dense" and not over_budget(row) and signed == best.get(row["budget"]):
+        if (
+            row["label"] != "dense"
+            and not over_budget(row)
+            and row[spec.metric] == best.get(row["budget"])
+        ):
             metric = f"**{metric}**"
         if over_budget(row):
             metric += " (over budget)"
@@ -378,13 +388,8 @@ def headline(out: Path, quick: bool) -> str:
 
         for budget in sorted({r["budget"] for r in rows if r["label"] != "dense"}):
             at = {r["label"]: r for r in rows if r["budget"] == budget}
-            others = [
-                r
-                for label, r in at.items()
-                if label != "dense" and label.split(":")[0] != "gblr" and not over_budget(r)
-            ]
-            sign = 1 if spec.higher_is_better else -1
-            best = max(others, key=lambda r: sign * r[spec.metric], default=None)
+            others = [r for label, r in at.items() if label.split(":")[0] != "gblr"]
+            best = best_within_budget(spec, others)
             ours, lowrank = at.get("gblr"), at.get("lowrank")
             time_ratio = (
                 f"{ours['seconds'] / lowrank['seconds']:.2f}"
@@ -545,18 +550,17 @@ def standings(
                 for r in summary
                 if r["budget"] == budget and r["label"] in FAMILIES and r["label"] != "dense"
             }
-            within = {label: r for label, r in at.items() if not over_budget(r)}
-            if not within:
+            best = best_within_budget(spec, at.values())
+            if best is None:
                 continue
-            best = max(within, key=lambda label: sign * within[label][spec.metric])
-            top = _scaled(spec, within[best][spec.metric])
+            top = _scaled(spec, best[spec.metric])
             gaps = {
-                label: None if label not in within else sign * (_scaled(spec, r[spec.metric]) - top)
+                label: None if over_budget(r) else sign * (_scaled(spec, r[spec.metric]) - top)
                 for label, r in at.items()
             }
             rows.append(
-                {"task": spec.name, "metric": spec.metric, "budget": budget, "best": best,
-                 "gaps": gaps}
+                {"task": spec.name, "metric": spec.metric, "budget": budget,
+                 "best": best["label"], "gaps": gaps}
             )  # fmt: skip
     return rows
 
@@ -608,14 +612,15 @@ def standings_table(rows: Sequence[dict[str, Any]]) -> str:
 def write_standings(
     out: Path, folders: Sequence[Path], quick: bool, tasks: Sequence[str] | None = None
 ) -> str:
-    """`standings_table` of ``tasks`` (default: every task) over the runs in ``folders``,
-    written to ``OUT/standings.md`` and returned; tasks without runs are left out.
+    """`standings_table` of ``tasks`` (default: every task; in the order of `TASKS`) over
+    the runs in ``folders``, written to ``OUT/standings.md`` and returned; tasks without
+    runs are left out.
 
     Raises:
         ValueError: no run of any of ``tasks`` in ``folders``; one run with two results.
     """
     cells = []
-    for name in tasks or TASKS:
+    for name in [name for name in TASKS if tasks is None or name in tasks]:
         runs = merged_runs(name, folders, quick)
         if runs:
             cells.append((TASKS[name], runs))
