@@ -277,16 +277,7 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, width, location, n, sigma, dtype, finite=False):  # type: ignore[override]
-        lengths, starts = _lengths(width, n, finite), _starts(location, n, finite)
-        cumulative, edge = _grid_kernels(n, sigma, dtype, width.device)
-        windows = cumulative.unfold(0, n, 1)  # row a: cumulative[a : a + n]
-        # mask[j] = C(j - s + 1) - C(j - s - L + 1), C the table's value at offset 2n.
-        first = (2 * n + 1) - starts
-        mask = windows.index_select(0, first.reshape(-1)) - windows.index_select(
-            0, (first - lengths).reshape(-1)
-        )
-        if not finite:
-            mask = _poison(mask, width.reshape(-1), location.reshape(-1))
+        mask, starts, lengths, edge = _grid_mask_forward(width, location, n, sigma, dtype, finite)
         ctx.save_for_backward(starts, lengths, edge)
         ctx.n = n
         return mask.reshape(*width.shape, n)
@@ -294,15 +285,92 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mask):  # type: ignore[override]
         starts, lengths, edge = ctx.saved_tensors
-        n = ctx.n
-        periods = edge.unfold(0, n, 1)  # row a: edge[(a + j) mod n], 0 <= a <= n
-        grad_mask = grad_mask.reshape(-1, n).to(edge.dtype)
-        at_end = periods.index_select(0, torch.remainder(-(starts + lengths), n).reshape(-1))
-        at_start = periods.index_select(0, torch.remainder(-starts, n).reshape(-1))
-        grad_end = torch.linalg.vecdot(grad_mask, at_end).reshape(starts.shape)
-        grad_start = torch.linalg.vecdot(grad_mask, at_start).reshape(starts.shape)
-        # Widening moves the end; moving the box moves both ends the same way.
-        return grad_end, grad_end - grad_start, None, None, None, None
+        grad_width, grad_location = _grid_mask_backward(grad_mask, starts, lengths, edge, ctx.n)
+        return grad_width, grad_location, None, None, None, None
+
+
+def _grid_mask_forward(
+    width: Tensor, location: Tensor, n: int, sigma: float | None, dtype: torch.dtype, finite: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(mask (K, n), starts, lengths, edge)``: the forward of
+    [`_GaudiMaskOnGrid`][gblr.ops.gaudi._GaudiMaskOnGrid] for ``(K,)`` widths and
+    locations, and what its backward needs."""
+    lengths, starts = _lengths(width, n, finite), _starts(location, n, finite)
+    cumulative, edge = _grid_kernels(n, sigma, dtype, width.device)
+    windows = cumulative.unfold(0, n, 1)  # row a: cumulative[a : a + n]
+    # mask[j] = C(j - s + 1) - C(j - s - L + 1), C the table's value at offset 2n.
+    first = (2 * n + 1) - starts
+    mask = windows.index_select(0, first.reshape(-1)) - windows.index_select(
+        0, (first - lengths).reshape(-1)
+    )
+    if not finite:
+        mask = _poison(mask, width.reshape(-1), location.reshape(-1))
+    return mask, starts, lengths, edge
+
+
+def _grid_mask_backward(
+    grad_mask: Tensor, starts: Tensor, lengths: Tensor, edge: Tensor, n: int
+) -> tuple[Tensor, Tensor]:
+    """``(grad_width, grad_location)`` of the masks' ``(K, n)`` gradient ``grad_mask``:
+    the edge kernel at the box's end (width) and at both ends (location)."""
+    periods = edge.unfold(0, n, 1)  # row a: edge[(a + j) mod n], 0 <= a <= n
+    grad_mask = grad_mask.reshape(-1, n).to(edge.dtype)
+    at_end = periods.index_select(0, torch.remainder(-(starts + lengths), n).reshape(-1))
+    at_start = periods.index_select(0, torch.remainder(-starts, n).reshape(-1))
+    grad_end = torch.linalg.vecdot(grad_mask, at_end).reshape(starts.shape)
+    grad_start = torch.linalg.vecdot(grad_mask, at_start).reshape(starts.shape)
+    # Widening moves the end; moving the box moves both ends the same way.
+    return grad_end, grad_end - grad_start
+
+
+class _MaskFactorsTorch(torch.autograd.Function):
+    """Both factors masked by their Gaudi masks in one autograd node: the same arithmetic as
+    two [`_GaudiMaskOnGrid`][gblr.ops.gaudi._GaudiMaskOnGrid] masks times the factors under
+    autograd (so the same numbers, bit for bit), without the dozen nodes per layer (selects,
+    dtype copies, broadcasts) whose bookkeeping was much of a small layer's training step."""
+
+    @staticmethod
+    def forward(ctx, factor_u, factor_v, widths, locations, sigma, dtype, finite):  # type: ignore[override]
+        rows, cols = factor_u.shape[2], factor_v.shape[2]
+        row_mask, row_starts, row_lengths, row_edge = _grid_mask_forward(
+            widths[1], locations[1], rows, sigma, dtype, finite
+        )
+        col_mask, col_starts, col_lengths, col_edge = _grid_mask_forward(
+            widths[0], locations[0], cols, sigma, dtype, finite
+        )
+        row_scale = row_mask.to(factor_u.dtype).unsqueeze(1)
+        col_scale = col_mask.to(factor_v.dtype).unsqueeze(1)
+        ctx.save_for_backward(
+            factor_u, factor_v, row_scale, col_scale, row_starts, row_lengths, row_edge,
+            col_starts, col_lengths, col_edge,
+        )  # fmt: skip
+        ctx.mask_dtype = dtype
+        return factor_u * row_scale, factor_v * col_scale
+
+    @staticmethod
+    def backward(ctx, grad_u, grad_v):  # type: ignore[override]
+        (
+            factor_u, factor_v, row_scale, col_scale, row_starts, row_lengths, row_edge,
+            col_starts, col_lengths, col_edge,
+        ) = ctx.saved_tensors  # fmt: skip
+        needs_u, needs_v, needs_widths, needs_locations = ctx.needs_input_grad[:4]
+        grad_factor_u = grad_u * row_scale if needs_u else None
+        grad_factor_v = grad_v * col_scale if needs_v else None
+        grad_widths = grad_locations = None
+        if needs_widths or needs_locations:
+            sides = []
+            for grad, factor, starts, lengths, edge in (
+                (grad_v, factor_v, col_starts, col_lengths, col_edge),
+                (grad_u, factor_u, row_starts, row_lengths, row_edge),
+            ):
+                # What autograd does for ``factor * mask.to(factor.dtype).unsqueeze(1)``:
+                # the product's gradient summed over the broadcast rank dimension, back in
+                # the mask's dtype.
+                grad_mask = (grad * factor).sum(1, keepdim=True).squeeze(1).to(ctx.mask_dtype)
+                sides.append(_grid_mask_backward(grad_mask, starts, lengths, edge, factor.shape[2]))
+            grad_widths = torch.stack([sides[0][0], sides[1][0]]) if needs_widths else None
+            grad_locations = torch.stack([sides[0][1], sides[1][1]]) if needs_locations else None
+        return grad_factor_u, grad_factor_v, grad_widths, grad_locations, None, None, None
 
 
 def gaudi_mask_on_grid(
@@ -651,14 +719,8 @@ def mask_factors_unchecked(
     if backend == "auto":
         backend = "triton" if factor_u.is_cuda and _triton_available() else "torch"
     if backend == "torch":
-        rows, cols = factor_u.shape[2], factor_v.shape[2]
         dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
         finite = _known_finite(widths, locations)
-        row_mask = _GaudiMaskOnGrid.apply(widths[1], locations[1], rows, sigma, dtype, finite)
-        col_mask = _GaudiMaskOnGrid.apply(widths[0], locations[0], cols, sigma, dtype, finite)
-        return (
-            factor_u * row_mask.to(factor_u.dtype).unsqueeze(1),
-            factor_v * col_mask.to(factor_v.dtype).unsqueeze(1),
-        )
+        return _MaskFactorsTorch.apply(factor_u, factor_v, widths, locations, sigma, dtype, finite)
     out_dtype = _autocast_dtype(factor_u.device.type) or factor_u.dtype
     return _MaskFactorsTriton.apply(factor_u, factor_v, widths, locations, sigma, out_dtype)
