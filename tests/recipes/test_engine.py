@@ -301,3 +301,31 @@ def test_the_structure_learns_at_three_times_the_weights_rate_unless_told():
     assert rates[None]["structure"] == pytest.approx(6e-3)
     assert rates[None]["decay"] == pytest.approx(2e-3)
     assert rates[1e-4]["structure"] == pytest.approx(1e-4)
+
+
+def test_the_engine_updates_with_a_multi_tensor_adamw_that_matches_the_loop():
+    """The engine's AdamW is the foreach one on the CPU too (torch picks it on CUDA only),
+    and it moves a GBLR model exactly as the per-parameter loop does."""
+    from gblr.recipes.engine import ClassificationModule
+
+    def trained(foreach: bool | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = VisionTransformer(image_size=8, patch_size=4, dim=16, depth=1, heads=2)
+        structure_model(model, "gblr", 0.5)
+        optimizer = ClassificationModule(model, lr=2e-3, total_steps=10).configure_optimizers()[
+            "optimizer"
+        ]
+        if foreach is not None:
+            for group in optimizer.param_groups:
+                group["foreach"] = foreach
+        images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+        for _ in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    module = ClassificationModule(VisionTransformer(dim=16, depth=1, heads=2), total_steps=10)
+    assert module.configure_optimizers()["optimizer"].defaults["foreach"] is True
+    for engine, loop in zip(trained(None), trained(False), strict=True):
+        assert torch.equal(engine, loop)

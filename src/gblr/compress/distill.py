@@ -326,7 +326,8 @@ def distill(
             lr=config.lr,
             structure_lr=config.structure_lr,
             weight_decay=config.weight_decay,
-        )
+        ),
+        foreach=True,  # as the training engine's: the same numbers, fewer calls on the CPU
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
     learner = None
