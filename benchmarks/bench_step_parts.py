@@ -7,10 +7,14 @@ hidden layers structured) on one random batch of 64, one torch thread: GBLR star
 3x the budget of 0.1 and ramped to it over the first third of 800 steps, as the suite
 trains it, against low-rank at the budget. Medians over steps ``--skip`` .. ``--steps``
 of each part, in ms. Also the learner's non-finite screen (one sum per tensor) against the
-element-wise ``isfinite(t).all()`` it replaced, on the same tensors, in the same process,
-and one AdamW step of each model after training, torch's default (a for-loop on the CPU)
-against ``fused=True``, alternating, on the last step's gradients. Writes
-``benchmarks/results/bench_step_parts.json``.
+element-wise ``isfinite(t).all()`` it replaced, on the same tensors, in the same process;
+one AdamW step of each model after training, torch's default (a for-loop on the CPU)
+against ``foreach=True`` (what the training engine uses) and ``fused=True``, alternating,
+on the last step's gradients; and the masking of one layer's factors, forward and
+backward, by the torch backend's single autograd node against the composition of two
+grid masks and two products it replaced (the MLP's 512 x 512 layer and a 64 x 256 layer
+of the Mixer's size, every component on), alternating. The training step itself uses the
+engine's AdamW (``foreach=True``). Writes ``benchmarks/results/bench_step_parts.json``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ def _parts(structure: str, steps: int, skip: int, repeats: int) -> dict[str, flo
     model = realtask_vision._mlp()
     start = gblr_start_cost(BUDGET) if structure == "gblr" else BUDGET
     structure_model(model, structure, start, seed=0)
-    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=2e-3, weight_decay=0.05))
+    optimizer = torch.optim.AdamW(
+        gblr.param_groups(model, lr=2e-3, weight_decay=0.05), foreach=True
+    )
     learner = None
     if structure == "gblr":
         learner = gblr.StructureLearner(
@@ -70,7 +76,11 @@ def _parts(structure: str, steps: int, skip: int, repeats: int) -> dict[str, flo
     result["step"] = sum(result.values())
     optimizers = {
         name: torch.optim.AdamW(gblr.param_groups(model, lr=2e-3, weight_decay=0.05), **options)
-        for name, options in (("adamw_default", {}), ("adamw_fused", {"fused": True}))
+        for name, options in (
+            ("adamw_default", {}),
+            ("adamw_foreach", {"foreach": True}),
+            ("adamw_fused", {"fused": True}),
+        )
     }
     samples: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(repeats):  # alternating, so both see the same machine
@@ -116,6 +126,44 @@ def _screens(repeats: int) -> dict[str, float]:
     return result
 
 
+def _mask_paths(repeats: int) -> dict[str, dict[str, float]]:
+    """Median ms of one forward and backward of a layer's masked factors, by the single
+    autograd node (``one_node``) and by the composition it replaced (``composed``)."""
+    from gblr.ops.gaudi import _GaudiMaskOnGrid, _mask_dtype, _MaskFactorsTorch
+
+    def composed(u, v, widths, locations, sigma, dtype):
+        row = _GaudiMaskOnGrid.apply(widths[1], locations[1], u.shape[2], sigma, dtype, True)
+        col = _GaudiMaskOnGrid.apply(widths[0], locations[0], v.shape[2], sigma, dtype, True)
+        return u * row.to(u.dtype).unsqueeze(1), v * col.to(v.dtype).unsqueeze(1)
+
+    def one_node(u, v, widths, locations, sigma, dtype):
+        return _MaskFactorsTorch.apply(u, v, widths, locations, sigma, dtype, True)
+
+    result = {}
+    for rows, cols in ((512, 512), (256, 64)):
+        torch.manual_seed(0)
+        k = min(rows, cols)
+        leaves = [
+            torch.randn(k, 1, rows, requires_grad=True),
+            torch.randn(k, 1, cols, requires_grad=True),
+            (torch.rand(2, k) * 0.5 + 0.05).requires_grad_(),
+            torch.rand(2, k).requires_grad_(),
+        ]
+        dtype = _mask_dtype(torch.float32)
+        samples: dict[str, list[float]] = {"composed": [], "one_node": []}
+        for _ in range(repeats):  # the two alternate, so both see the same machine
+            for name, path in (("composed", composed), ("one_node", one_node)):
+                start = time.perf_counter()
+                for _ in range(20):
+                    u, v = path(*leaves, 4.0, dtype)
+                    (u.sum() + v.sum()).backward()
+                samples[name].append((time.perf_counter() - start) / 20 * 1e3)
+        result[f"{rows}x{cols}"] = {
+            name: statistics.median(values) for name, values in samples.items()
+        }
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=800)
@@ -135,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         "gblr_ms": _parts("gblr", args.steps, args.skip, 10 * args.repeats),
         "lowrank_ms": _parts("lowrank", args.steps, args.skip, 10 * args.repeats),
         "non_finite_screen": _screens(args.repeats),
+        "masking_ms": _mask_paths(args.repeats),
     }
     for name in ("gblr_ms", "lowrank_ms"):
         print(name, {key: round(value, 2) for key, value in report[name].items()})
     print("non-finite screen", report["non_finite_screen"])
+    print("masking (forward + backward)", report["masking_ms"])
     write_json_atomically(args.output, report)
     return 0
 

@@ -166,14 +166,15 @@ def _masked_by_composition(u, v, widths, locations, sigma, finite):
 @pytest.mark.parametrize("sigma", [None, 2.5])
 @pytest.mark.parametrize("learned", ["all", "factors", "structure", "u only"])
 @pytest.mark.parametrize("finite", [True, False])
-def test_one_node_masking_is_the_composed_masking_bit_for_bit(dtype, sigma, learned, finite):
+@pytest.mark.parametrize("r", [1, 2])
+def test_one_node_masking_is_the_composed_masking_bit_for_bit(dtype, sigma, learned, finite, r):
     """``_MaskFactorsTorch`` (one autograd node for both masks and products) gives the values
     and every gradient of the composition it replaced, to the last bit, whichever inputs
     need a gradient, with and without the element-wise guards."""
     from gblr.ops.gaudi import _mask_dtype, _MaskFactorsTorch
 
     torch.manual_seed(1)
-    k, r, rows, cols = 6, 2, 11, 7
+    k, rows, cols = 6, 11, 7
     inputs = {
         "u": torch.randn(k, r, rows, dtype=dtype),
         "v": torch.randn(k, r, cols, dtype=dtype),

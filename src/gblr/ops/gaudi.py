@@ -364,9 +364,12 @@ class _MaskFactorsTorch(torch.autograd.Function):
                 (grad_u, factor_u, row_starts, row_lengths, row_edge),
             ):
                 # What autograd does for ``factor * mask.to(factor.dtype).unsqueeze(1)``:
-                # the product's gradient summed over the broadcast rank dimension, back in
-                # the mask's dtype.
-                grad_mask = (grad * factor).sum(1, keepdim=True).squeeze(1).to(ctx.mask_dtype)
+                # the product's gradient summed over the broadcast rank dimension (no sum
+                # at rank 1, where the shapes already match), back in the mask's dtype.
+                grad_mask = grad * factor
+                if factor.shape[1] > 1:
+                    grad_mask = grad_mask.sum(1, keepdim=True)
+                grad_mask = grad_mask.squeeze(1).to(ctx.mask_dtype)
                 sides.append(_grid_mask_backward(grad_mask, starts, lengths, edge, factor.shape[2]))
             grad_widths = torch.stack([sides[0][0], sides[1][0]]) if needs_widths else None
             grad_locations = torch.stack([sides[0][1], sides[1][1]]) if needs_locations else None
