@@ -3,10 +3,11 @@ of benchmarks/realtasks.py), split into where they go; shared by T1 and T2.
 
 Keys: ``start_cost_ratio`` (starting cost as a multiple of the budget, at most 1),
 ``structure`` (keywords of ``gblr.recipes.models.structure_model``), the engine's
-``structure_lr``, ``sigma_start_step`` and ``weight_decay``, the learner's deprecated
-keywords (``sigma``, ``sigma_schedule`` at the top level, the rest under ``learner``, as a
-recipe's learner section names them) and ``learner_config`` (``gblr.LearnerConfig``
-fields that have no such keyword, e.g. ``exact_from``).
+``structure_lr``, ``sigma_start_step``, ``weight_decay`` and ``budget_ramp_steps`` (steps
+of the budget's ramp from the start down to the budget; default: the task's warm-up), the
+learner's deprecated keywords (``sigma``, ``sigma_schedule`` at the top level, the rest
+under ``learner``, as a recipe's learner section names them) and ``learner_config``
+(``gblr.LearnerConfig`` fields that have no such keyword, e.g. ``exact_from``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-ENGINE_OPTIONS = ("structure_lr", "sigma_start_step", "weight_decay")
+ENGINE_OPTIONS = ("structure_lr", "sigma_start_step", "weight_decay", "budget_ramp_steps")
 LEARNER_OPTIONS = ("sigma", "sigma_schedule")
 
 
