@@ -128,13 +128,8 @@ def train_digits(
     """One run; returns ``accuracy`` (test top-1), ``macs_ratio``, ``seconds``."""
     import torch
 
-    from gblr.recipes.engine import EngineConfig, train_classifier
     from gblr.recipes.models import structure_model
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    data = {"mlp": _upsampled_data, "mlp-shift": _shifted_data}.get(model_name, _data)
-    train, test = data()
-    steps = QUICK_STEPS if quick else STEPS
     variant = scratch_options(options, budget, "T1")
     torch.manual_seed(seed)
     model = _model(model_name)
@@ -145,6 +140,24 @@ def train_digits(
         seed=seed,
         **variant.structure,
     )
+    return fit_digits(model, model_name, budget, seed, quick, variant)
+
+
+def fit_digits(
+    model: Any, model_name: str, budget: float, seed: int, quick: bool, variant: Any
+) -> dict[str, Any]:
+    """Train an already structured ``model`` (of `_model` ``model_name``) on its digits data
+    with the engine at ``budget`` of its structured layers' MACs, ``variant`` a
+    ``ScratchOptions``; returns ``accuracy``, ``test_loss``, ``macs_ratio``, ``seconds``,
+    ``steps``."""
+    import torch
+
+    from gblr.recipes.engine import EngineConfig, train_classifier
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    data = {"mlp": _upsampled_data, "mlp-shift": _shifted_data}.get(model_name, _data)
+    train, test = data()
+    steps = QUICK_STEPS if quick else STEPS
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = EngineConfig(

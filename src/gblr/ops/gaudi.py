@@ -293,8 +293,9 @@ def _grid_mask_forward(
     width: Tensor, location: Tensor, n: int, sigma: float | None, dtype: torch.dtype, finite: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(mask (K, n), starts, lengths, edge)``: the forward of
-    [`_GaudiMaskOnGrid`][gblr.ops.gaudi._GaudiMaskOnGrid] for ``(K,)`` widths and
-    locations, and what its backward needs."""
+    [`_GaudiMaskOnGrid`][gblr.ops.gaudi._GaudiMaskOnGrid] for widths and locations of any
+    shape (``K`` entries; ``starts`` and ``lengths`` keep their shape), and what its backward
+    needs."""
     lengths, starts = _lengths(width, n, finite), _starts(location, n, finite)
     cumulative, edge = _grid_kernels(n, sigma, dtype, width.device)
     windows = cumulative.unfold(0, n, 1)  # row a: cumulative[a : a + n]

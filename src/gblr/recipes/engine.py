@@ -107,9 +107,10 @@ class _ScheduledModule(pl.LightningModule):
             self.model, lr=self.lr, structure_lr=structure_lr, weight_decay=self.weight_decay
         )
         # foreach: one multi-tensor update per group instead of a loop over parameters,
-        # the same numbers bit for bit; torch picks it on CUDA only, and on the CPU a GBLR
-        # model's many small tensors made the loop a tenth of a step (docs/BENCHMARKS.md,
-        # "Fewer autograd nodes and a multi-tensor AdamW").
+        # the same numbers bit for bit; torch picks it on CUDA only. On the CPU it saves
+        # the loop's calls on models with many small tensors (about 5% of the digits
+        # Mixer's GBLR step; docs/BENCHMARKS.md, "Fewer autograd nodes and a multi-tensor
+        # AdamW").
         optimizer = torch.optim.AdamW(groups, foreach=True)
         warmup, total = self.warmup_steps, max(self.total_steps, self.warmup_steps + 1)
         floor = self.min_lr / self.lr

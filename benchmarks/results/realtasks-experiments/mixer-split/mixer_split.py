@@ -8,17 +8,13 @@ JSON line (collected in runs.jsonl). Run from the repository root:
 """
 
 import json
-import logging
 import sys
-import tempfile
-import warnings
 
 sys.path.insert(0, "benchmarks")
 
 import torch
 
 import realtask_vision as rv
-from gblr.recipes.engine import EngineConfig, train_classifier
 from gblr.recipes.models import structure_model
 from realtask_options import scratch_options
 
@@ -32,37 +28,18 @@ def main() -> None:
     seed, budget = int(sys.argv[3]), float(sys.argv[4])
     include = {"token": "blocks.*.token_mlp.*", "channel": "blocks.*.channel_mlp.*"}[part]
     torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    train, test = rv._data()
     variant = scratch_options({}, budget, "T1")
     torch.manual_seed(seed)
     model = rv._model("mixer")
-    if family == "gblr":
-        structure_model(
-            model, "gblr", variant.start_cost, seed=seed, include=include, **variant.structure
-        )
-    else:
-        structure_model(model, family, budget, seed=seed, include=include)
+    start = variant.start_cost if family == "gblr" else budget
+    structure = variant.structure if family == "gblr" else {}
+    structure_model(model, family, start, seed=seed, include=include, **structure)
     # The engine's budget spans every block layer: the part's share plus the dense rest.
     if part == "token":
         engine_budget = (budget * TOKEN_MACS + CHANNEL_MACS) / (TOKEN_MACS + CHANNEL_MACS)
     else:
         engine_budget = (budget * CHANNEL_MACS + TOKEN_MACS) / (TOKEN_MACS + CHANNEL_MACS)
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        config = EngineConfig(
-            steps=rv.STEPS,
-            lr=rv.LR,
-            warmup_steps=rv.STEPS // 3,
-            budget=engine_budget,
-            learner=variant.learner,
-            out_dir=folder,
-            seed=seed,
-            progress=False,
-            logger=None,
-            trainer={"accelerator": "cpu"},
-        )
-        result = train_classifier(model, train, test, config)
+    result = rv.fit_digits(model, "mixer", engine_budget, seed, False, variant)
     row = {"family": family, "part": part, "seed": seed, "budget": budget}
     row.update(accuracy=result["accuracy"], macs_ratio=result["macs_ratio"])
     row.update(engine_budget=engine_budget, seconds=result["seconds"])
