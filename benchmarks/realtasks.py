@@ -103,6 +103,7 @@ TASKS = {
         _digits_task("t1-vit", "digits ViT"),
         _digits_task("t1-mixer", "digits MLP-Mixer"),
         _digits_task("t1-mlp", "digits pixel MLP"),
+        _digits_task("t1-mlp-few", "digits pixel MLP, 300 training images"),
         _digits_task("t1-mlp-shift", "shifted digits pixel MLP"),
         TaskSpec(
             "t2",
