@@ -482,6 +482,57 @@ def test_balanced_factors_keep_the_linear_weight_scale_and_equal_norms(structure
     assert 0.7 < (u / v).item() < 1.4
 
 
+def _factors_over_intervals(layer: gblr.GBLRLinear) -> dict[str, torch.Tensor]:
+    """Rank-1 ``U`` ``(K, rows)`` and ``V`` ``(K, cols)``, zero outside each interval."""
+    col_mask, row_mask = layer.eval().masks()
+    return {
+        "U": layer.U.detach().double()[:, 0] * row_mask.double(),
+        "V": layer.V.detach().double()[:, 0] * col_mask.double(),
+    }
+
+
+@pytest.mark.parametrize("structure_init", ["blockdiag", "blocks", "full"])
+def test_fixed_norm_factors_have_their_expected_norm_and_the_balanced_direction(structure_init):
+    init_cost = None if structure_init == "full" else 0.2
+
+    def layer(scheme: str, seed: int) -> gblr.GBLRLinear:
+        torch.manual_seed(seed)
+        return gblr.GBLRLinear(
+            96, 160, structure_init=structure_init, init_cost=init_cost, factor_init=scheme
+        )
+
+    fixed = _factors_over_intervals(layer("fixed_norm", 0))
+    col_lengths, row_lengths = layer("fixed_norm", 0).interval_lengths()
+    # The expected squared norm of the balanced draw, estimated over 100 seeds (the
+    # structure does not depend on the seed for these starts).
+    draws = [_factors_over_intervals(layer("balanced", seed)) for seed in range(100)]
+    for name, lengths in (("U", row_lengths), ("V", col_lengths)):
+        live = lengths > 0
+        # Same direction as the balanced draw of the same seed, by the cosine.
+        cosine = torch.nn.functional.cosine_similarity(draws[0][name], fixed[name], dim=1)[live]
+        assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-6)
+        # Exactly the expected norm, component by component.
+        expected = torch.stack([draw[name].pow(2).sum(1) for draw in draws]).mean(0).sqrt()
+        ratio = fixed[name].norm(dim=1)[live] / expected[live]
+        # 100 draws of a one-line factor estimate its norm within about 7% (1 std).
+        assert (ratio - 1).abs().max() < 0.3, (name, ratio.min(), ratio.max())
+        assert abs(ratio.mean() - 1) < 0.05, (name, ratio.mean())
+
+
+def test_fixed_norm_gives_every_input_line_of_the_block_diagonal_start_one_scale():
+    torch.manual_seed(0)
+    norms = {}
+    for scheme in ("balanced", "fixed_norm"):
+        layer = gblr.GBLRLinear(
+            256, 512, structure_init="blockdiag", init_cost=0.1, factor_init=scheme
+        ).eval()
+        norms[scheme] = layer.dense_weight().norm(dim=0)  # one norm per input line
+    spread = {scheme: (n.max() / n.min()).item() for scheme, n in norms.items()}
+    # Blocks differ by at most one line in length: a few percent; a normal draw of the
+    # strips' one-number factors spreads the lines' scales by orders of magnitude.
+    assert spread["fixed_norm"] < 1.1 < 10 < spread["balanced"], spread
+
+
 def test_uniform_factor_init_is_the_linear_bound_on_v():
     torch.manual_seed(0)
     layer = gblr.GBLRLinear(100, 50, factor_init="uniform")

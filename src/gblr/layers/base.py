@@ -48,11 +48,11 @@ COSTED_STRUCTURE_INITS = ("half", "blocks", "blockdiag")
 # rest is a block-diagonal. Chosen on the real-task suite (docs/BENCHMARKS.md, "Two
 # thirds or three quarters of the 3× start on full components").
 BLOCKS_FULL_SHARE = 0.5
-FACTOR_INITS = ("balanced", "uniform")
+FACTOR_INITS = ("balanced", "uniform", "fixed_norm")
 EVALUATION_ORDERS = ("auto", "materialize", "factored")
 
 StructureInit = Literal["full", "random", "half", "blocks", "blockdiag"]
-FactorInit = Literal["balanced", "uniform"]
+FactorInit = Literal["balanced", "uniform", "fixed_norm"]
 EvaluationOrder = Literal["auto", "materialize", "factored"]
 
 
@@ -452,7 +452,7 @@ class GBLRMatrixMixin(nn.Module):
 
     def init_factors(self, scheme: FactorInit = "balanced") -> None:
         """Draw ``U`` and ``V`` afresh for the current structure, as the constructor's
-        ``factor_init`` does (``"balanced"`` or ``"uniform"``).
+        ``factor_init`` does (``"balanced"``, ``"uniform"`` or ``"fixed_norm"``).
 
         Match ``nn.Linear``'s weight variance ``1 / (3 n)`` at the starting structure.
 
@@ -463,6 +463,12 @@ class GBLRMatrixMixin(nn.Module):
         moves both alike; on the digits ViT at 0.1-0.2 of the MACs it trained faster than
         ``"uniform"`` (``V`` at ``nn.Linear``'s bound ``1/sqrt(n)``, ``U`` carrying the rest:
         with entries of ``U`` near 1, Adam's steps of size ``lr`` barely change them).
+        ``"fixed_norm"``: drawn as ``"balanced"``, then each component's factors scaled to
+        exactly their expected norm over their intervals (the direction stays random). A
+        strip one line wide has a one-number factor, whose normal draw would give the
+        lines of GBLR's block-diagonal special case scales many times apart; with exact
+        norms that start, its structure kept fixed, was the best family on the pixel MLPs
+        of the real-task suite (docs/BENCHMARKS.md, "Few training images").
 
         Raises:
             ValueError: unknown ``scheme``.
@@ -492,6 +498,25 @@ class GBLRMatrixMixin(nn.Module):
             v_std = (math.sqrt(entry_std) * ratio.pow(-0.25)).to(self.V.dtype)
             self.U.normal_().mul_(u_std.to(self.U.device)[:, None, None])
             self.V.normal_().mul_(v_std.to(self.V.device)[:, None, None])
+            if scheme == "fixed_norm":
+                self._rescale_to_expected_norms(u_std, v_std, col_lengths, row_lengths)
+
+    def _rescale_to_expected_norms(
+        self, u_std: Tensor, v_std: Tensor, col_lengths: Tensor, row_lengths: Tensor
+    ) -> None:
+        """Scale every ``(component, rank)`` row of ``U`` and ``V`` so that its norm over
+        the component's interval is exactly ``std * sqrt(length)``: the expectation of
+        the normal draw's (``u_std``/``v_std`` ``(K,)``, lengths ``(K,)`` in lines)."""
+        intervals = (
+            (self.U, boxcar_mask(self.widths[1], self.locations[1], self.rows), u_std, row_lengths),
+            (self.V, boxcar_mask(self.widths[0], self.locations[0], self.cols), v_std, col_lengths),
+        )
+        for factor, mask, std, lengths in intervals:
+            inside = (factor * mask.to(factor.dtype)[:, None, :]).norm(dim=2, keepdim=True)
+            target = std.to(factor) * lengths.clamp_min(1).to(factor).sqrt()
+            scale = target[:, None, None] / inside.clamp_min(torch.finfo(factor.dtype).tiny)
+            # An empty interval (a component the start left off) keeps its draw.
+            factor.mul_(torch.where(inside > 0, scale, torch.ones_like(scale)))
 
     # ------------------------------------------------------------------ masks
     def masks(self) -> tuple[Tensor, Tensor]:

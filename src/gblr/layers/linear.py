@@ -37,9 +37,10 @@ class GBLRLinear(GBLRMatrixMixin):
         init_cost: starting cost as a fraction of the dense MACs, for ``"half"``,
             ``"blocks"`` and ``"blockdiag"``.
         factor_init: ``"balanced"`` (default: each component's two factors get equal
-            norms, normal entries) or ``"uniform"`` (``V`` at ``nn.Linear``'s bound, ``U``
-            carrying the rest, the scheme before 0.2); both give the weight
-            ``nn.Linear``'s variance at the starting structure.
+            norms, normal entries), ``"fixed_norm"`` (the same, each component's factors
+            scaled to exactly their expected norm) or ``"uniform"`` (``V`` at
+            ``nn.Linear``'s bound, ``U`` carrying the rest, the scheme before 0.2); all
+            give the weight ``nn.Linear``'s variance at the starting structure.
         widths, locations: explicit ``(2, K)`` starting values (row 0: input intervals,
             row 1: output intervals), fractions in [0, 1]; override ``structure_init``.
         sigma: Gaudi mask bandwidth used in training mode (default ``inf``: exact
