@@ -38,6 +38,23 @@ def test_structure_lr_and_optimizers_accept_the_groups():
         optimizer.step()
 
 
+def test_a_structure_lr_of_zero_trains_the_factors_and_keeps_the_structure():
+    torch.manual_seed(0)
+    net = model()
+    start = {name: p.detach().clone() for name, p in net.named_parameters()}
+    optimizer = torch.optim.AdamW(gblr.param_groups(net, lr=1e-2, structure_lr=0.0))
+    for _ in range(3):
+        optimizer.zero_grad()
+        (net[0](torch.randn(5, 8)).pow(2).sum() + net[3](torch.randn(2, 2, 5, 5)).sum()).backward()
+        optimizer.step()
+    for name, p in net.named_parameters():
+        if not name.startswith(("0.", "3.")):  # the GBLR layers, which ran
+            continue
+        moved = not torch.equal(p.detach(), start[name])
+        is_structure = name.endswith(("widths", "locations"))
+        assert moved != is_structure, name
+
+
 def test_frozen_and_shared_parameters():
     layer = nn.Linear(4, 4)
     net = nn.Sequential(layer, layer, gblr.GBLRLinear(4, 4))
@@ -53,7 +70,8 @@ def test_frozen_and_shared_parameters():
         ({"lr": 0.0}, ValueError),
         ({"lr": -1.0}, ValueError),
         ({"lr": "1e-3"}, TypeError),
-        ({"lr": 1e-3, "structure_lr": 0.0}, ValueError),
+        ({"lr": 1e-3, "structure_lr": -1e-3}, ValueError),
+        ({"lr": 1e-3, "structure_lr": float("inf")}, ValueError),
         ({"lr": 1e-3, "weight_decay": -0.1}, ValueError),
         ({"lr": float("nan")}, ValueError),
     ],

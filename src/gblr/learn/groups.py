@@ -60,7 +60,8 @@ def param_groups(
     Args:
         model: any module.
         lr: learning rate of the weights.
-        structure_lr: learning rate of widths and locations (default ``lr``).
+        structure_lr: learning rate of widths and locations (default ``lr``; 0 keeps the
+            structure where it is while the factors train).
         weight_decay: weight decay of the ``"decay"`` group.
 
     Returns:
@@ -77,7 +78,9 @@ def param_groups(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     lr = check_rate("lr", lr)
-    structure_lr = lr if structure_lr is None else check_rate("structure_lr", structure_lr)
+    structure_lr = (
+        lr if structure_lr is None else check_rate("structure_lr", structure_lr, allow_zero=True)
+    )
     weight_decay = check_rate("weight_decay", weight_decay, allow_zero=True)
 
     structure_ids = {

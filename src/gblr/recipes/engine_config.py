@@ -83,7 +83,7 @@ class EngineConfig:
         weight_decay: of the weight matrices (not biases, norms, structure).
         warmup_steps: linear warm-up from 0 to ``lr``.
         structure_lr: learning rate of widths and locations (default 3 × ``lr``:
-            `gblr.recipes.engine.STRUCTURE_LR_FACTOR`).
+            `gblr.recipes.engine.STRUCTURE_LR_FACTOR`; 0 keeps the structure fixed).
         label_smoothing: of a classifier's cross-entropy loss (in ``[0, 1)``; 0 for a
             language model).
 
