@@ -658,3 +658,84 @@ def test_the_cut_scales_each_width_by_its_power_and_spares_strips():
     before, uniform = _strips_and_full_components(0.0)
     assert (uniform[0, 4:] * 64).round().max() == 0  # every strip closed
     assert torch.allclose(before - uniform, (before - uniform)[1, 0].expand(2, 8))
+
+
+def _held_run(hold, steps=30, resume_at=None):
+    """Two layers started from GBLR's block-diagonal strips at 0.3 of their MACs, a loss
+    that pulls every width down and moves every location, learned to 0.2 with
+    ``hold_narrow_sides=hold``: ``(model, learner, widths at the start, locations at the
+    start, the ratio after each step)``; with ``resume_at`` the run is saved there and
+    finished by a fresh model, optimizer and learner loaded from the save."""
+    x = torch.randn(16, 48, generator=torch.Generator().manual_seed(1))
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            gblr.GBLRLinear(48, 40, structure_init="blockdiag", init_cost=0.3, sigma=None),
+            gblr.GBLRLinear(40, 48, structure_init="blockdiag", init_cost=0.3, sigma=None),
+        )
+        optimizer = torch.optim.Adam(gblr.param_groups(model, lr=2e-2))
+        config = gblr.LearnerConfig(sigma=None, hold_narrow_sides=hold)
+        learner = gblr.StructureLearner(
+            model, config, budget=0.2, total_steps=steps, warmup_steps=10
+        )
+        return model, optimizer, learner
+
+    def step(model, optimizer, learner):
+        loss = model(x).pow(2).mean() + sum(
+            layer.widths.sum() + (layer.locations * 0.3).sin().sum() for layer in model
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+        return learner.summary()["macs_ratio"]
+
+    model, optimizer, learner = setup()
+    widths = [layer.widths.detach().clone() for layer in model]
+    locations = [layer.locations.detach().clone() for layer in model]
+    ratios = []
+    for index in range(steps):
+        if index == resume_at:
+            saved = copy.deepcopy(
+                (model.state_dict(), optimizer.state_dict(), learner.state_dict())
+            )
+            model, optimizer, learner = setup()
+            for part, state in zip((model, optimizer, learner), saved):
+                part.load_state_dict(state)
+        ratios.append(step(model, optimizer, learner))
+    return model, learner, widths, locations, ratios
+
+
+def test_held_narrow_sides_keep_their_width_and_place_while_the_rest_is_cut():
+    model, learner, widths, locations, ratios = _held_run(hold=1)
+    for layer, start_widths, start_locations in zip(model, widths, locations):
+        lines = torch.round(start_widths * torch.tensor([[layer.cols], [layer.rows]]))
+        held = (lines > 0) & (lines <= 1)
+        assert held.any(0).all()  # every strip of the start holds its one-line side
+        assert torch.equal(layer.widths.detach()[held], start_widths[held])
+        assert torch.equal(layer.locations.detach(), start_locations)
+        # the long sides were learned and cut from 0.3 to the budget
+        assert (layer.widths.detach()[~held] < start_widths[~held]).any()
+    # After the warm-up and before the final phase the fill keeps the budget (to a line).
+    line = 48 / learner.view.dense_macs
+    assert all(0.2 - line < ratio <= 0.2 + 1e-9 for ratio in ratios[10 : learner.exact_step - 1])
+    # Without holding, the same loss closes the one-line sides: every strip dies.
+    *_, free_ratios = _held_run(hold=0)
+    assert free_ratios[-1] == 0.0
+
+
+def test_held_narrow_sides_resume_bit_for_bit():
+    reference, learner, *_ = _held_run(hold=1)
+    resumed, resumed_learner, *_ = _held_run(hold=1, resume_at=17)
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, reference.state_dict()[name]), name
+    assert torch.equal(resumed_learner.held_sides, learner.held_sides)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(-1, ValueError), (1.0, TypeError), (True, TypeError)]
+)
+def test_hold_narrow_sides_refuses_bad_values(value, error):
+    with pytest.raises(error, match="hold_narrow_sides"):
+        gblr.LearnerConfig(hold_narrow_sides=value)

@@ -334,6 +334,16 @@ class LearnerConfig(_Config):
             method); a language model from scratch then ended at 0.44 of a 0.5 budget.
             Default ``True``, chosen on the real-task benchmarks (docs/BENCHMARKS.md, "A
             budget that is spent"). Budget mode only (λ mode has no budget to fill).
+        hold_narrow_sides: ``0`` (default: off) or a number of lines ``n >= 1``: every
+            component that has a side at most ``n`` lines wide when the learner is built
+            keeps that side's width and both its locations (the optimizer's moves are
+            undone each step, and the budget's cut and fill leave that side out); its
+            other side is learned and cut as usual. With GBLR's block-diagonal start
+            (``structure_init="blockdiag"``, made of one-line strips) ``1`` keeps every
+            block dense and lets the learner set only how far each strip reaches and how
+            the budget splits between layers; learned freely, a one-line side moves by
+            about the structure's learning rate every step and the blocks fall apart
+            (docs/BENCHMARKS.md, "Few training images").
 
     Examples:
         >>> import torch, gblr
@@ -361,6 +371,7 @@ class LearnerConfig(_Config):
     revive: bool = False
     cut_exponent: float = 0.5
     fill_budget: bool = True
+    hold_narrow_sides: int = 0
 
     # The optional passes: field name -> its config class.
     PASS_CONFIGS: ClassVar[dict[str, type[_Config]]] = {
@@ -402,6 +413,7 @@ class LearnerConfig(_Config):
         self._set("cut_exponent", exponent)
         if not isinstance(self.fill_budget, bool):
             raise TypeError(f"fill_budget must be True or False, got {self.fill_budget!r}")
+        check_int("hold_narrow_sides", self.hold_narrow_sides, 0)
 
     @classmethod
     def paper(cls) -> LearnerConfig:

@@ -102,14 +102,17 @@ def _budget_threshold(
     per_unit = view.unit_cost if scale is None else view.unit_cost * scale
     cost = view._cost_of_lengths(lengths)[0]
     if cost > target:
-        low, high = 0.0, float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
+        # A width with no cut (a held side, scale 0) bounds nothing.
+        reach = torch.where(per_unit > 0, widths / per_unit.clamp_min(1e-300), 0.0)
+        low, high = 0.0, float(reach.max().item()) * (1 + 1e-9) + 1e-12
     elif cost == target or not fill:
         return 0.0, scale
     else:
         live = torch.as_tensor((lengths[0] > 0).all(axis=0), device=widths.device)
         scale = (torch.ones_like(widths) if scale is None else scale) * live
         per_unit = view.unit_cost * scale
-        room = torch.where(live, (1.0 - widths) / per_unit.where(live, 1.0), 0.0)
+        grows = live & (per_unit > 0)
+        room = torch.where(grows, (1.0 - widths) / per_unit.where(grows, 1.0), 0.0)
         low, high = -float(room.max().item()) * (1 + 1e-9) - 1e-12, 0.0
         if view.cost(view.shrink(widths, low, scale)) <= target:
             return low, scale  # every live width can reach 1 within the budget
@@ -459,6 +462,7 @@ class StructureLearner:
         self.step_count = 0
         self.threshold = 0.0
         self.start_cost = self.view.cost(self.view.widths())
+        self.held_sides, self.held_widths, self.held_locations = self._narrow_sides()
         schedule = PassSchedule(self.warmup_steps, self.config.pass_every)
         # name -> pass, in the order of PASSES: the passes the config turns on.
         self.passes: dict[str, LearnerPass] = {
@@ -593,8 +597,8 @@ class StructureLearner:
             each.before_shrink(step)
         for layer in self.layers:
             layer.locations.remainder_(1.0)
+        scale = self._hold_narrow_sides()
         widths = self.view.widths().clamp(0.0, 1.0)
-        scale = None
         for each in passes:
             factor = each.threshold_scale()
             if factor is not None:
@@ -655,6 +659,39 @@ class StructureLearner:
             summary["lam"] = self.lam
         return summary
 
+    def _narrow_sides(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``config.hold_narrow_sides``: the ``(2, ΣK)`` bool mask of the sides at most
+        that many lines wide (and not empty) now, and every layer's widths and locations
+        now, concatenated ``(2, ΣK)`` float64; ``None`` each when off."""
+        lines = self.config.hold_narrow_sides
+        if not lines:
+            return None, None, None
+        widths = self.view.widths().clamp(0.0, 1.0)
+        lengths = torch.as_tensor(self.view._lengths(widths.cpu().numpy()[None])[0])
+        held = ((lengths > 0) & (lengths <= lines)).to(widths.device)
+        locations = torch.cat([layer.locations.detach().double() for layer in self.layers], 1)
+        return held, self.view.widths(), locations
+
+    def _hold_narrow_sides(self) -> Tensor | None:
+        """Undo the optimizer's moves of the held sides' widths and of their components'
+        locations; returns the cut's ``(2, ΣK)`` scale (0 on a held side), or ``None``
+        when nothing is held."""
+        if self.held_sides is None:
+            return None
+        assert self.held_widths is not None and self.held_locations is not None
+        components = self.held_sides.any(0, keepdim=True).expand_as(self.held_sides)
+        start = 0
+        for layer in self.layers:
+            k = layer.num_components
+            part = slice(start, start + k)
+            for values, held, kept in (
+                (layer.widths, self.held_sides[:, part], self.held_widths[:, part]),
+                (layer.locations, components[:, part], self.held_locations[:, part]),
+            ):
+                values.copy_(torch.where(held, kept.to(values), values))
+            start += k
+        return (~self.held_sides).double()
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step count, starting cost, last threshold, the
@@ -669,6 +706,13 @@ class StructureLearner:
             "lam": self.lam,
             "config": self.config.to_dict(),
             "passes": {name: each.state_dict() for name, each in self.passes.items()},
+            "held": None
+            if self.held_sides is None
+            else {
+                "sides": self.held_sides.cpu(),
+                "widths": self.held_widths.cpu(),
+                "locations": self.held_locations.cpu(),
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -704,6 +748,14 @@ class StructureLearner:
         self.step_count = int(state["step_count"])
         self.start_cost = int(state["start_cost"])
         self.threshold = float(state["threshold"])
+        held = state.get("held")
+        if held is not None:  # the sides held since the saved run's start, not today's
+            device = self.view.dims.device
+            self.held_sides = torch.as_tensor(held["sides"], dtype=torch.bool, device=device)
+            self.held_widths = torch.as_tensor(held["widths"], dtype=torch.float64, device=device)
+            self.held_locations = torch.as_tensor(
+                held["locations"], dtype=torch.float64, device=device
+            )
         nested = state.get("passes")
         for name, each in self.passes.items():
             each.load_state_dict(state if nested is None else nested.get(name, {}))
