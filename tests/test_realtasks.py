@@ -271,3 +271,30 @@ def test_standings_gap_to_the_best_family_by_brute_force(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "standings.md").read_text().strip() == table.strip()
+
+
+def _vision_module():
+    sys.path.insert(0, str(SCRIPT.parent))  # it imports its sibling realtask_options
+    try:
+        import realtask_vision
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return realtask_vision
+
+
+def test_the_few_images_task_trains_on_a_fixed_subset_and_tests_on_every_image():
+    import torch
+
+    vision = _vision_module()
+    train, test = vision._few_data.__wrapped__()
+    again, _ = vision._few_data.__wrapped__()
+    full_train, full_test = vision._upsampled_data()
+    assert len(train) == vision.FEW_IMAGES == 300 and len(test) == len(full_test) == 449
+    assert torch.equal(train.tensors[0], again.tensors[0])  # the same subset every call
+    assert torch.equal(test.tensors[1], full_test.tensors[1])
+    # the subset's labels are drawn from the training labels without replacement
+    remaining = torch.bincount(full_train.tensors[1], minlength=10)
+    remaining -= torch.bincount(train.tensors[1], minlength=10)
+    assert (remaining >= 0).all() and len(train.tensors[1].unique()) == 10
+    result = vision.run_t1_mlp_few("gblr", 0.2, 0, True, {})
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 < result["macs_ratio"] <= 0.2 + 1e-9
