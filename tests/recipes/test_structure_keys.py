@@ -5,6 +5,7 @@ or the config is refused naming the key (issue 21: ``exclude`` and
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 pytest.importorskip("yaml")
@@ -100,10 +101,41 @@ def test_start_sets_how_gblr_layers_start():
 
 
 def test_the_configs_gblr_starts_are_the_layers_costed_inits():
-    from gblr.layers.base import COSTED_STRUCTURE_INITS
-    from gblr.recipes.config import GBLR_STARTS
+    from gblr.layers.base import COSTED_STRUCTURE_INITS, FACTOR_INITS
+    from gblr.recipes import config
 
-    assert sorted(GBLR_STARTS) == sorted(COSTED_STRUCTURE_INITS)
+    assert sorted(config.GBLR_STARTS) == sorted(COSTED_STRUCTURE_INITS)
+    assert sorted(config.FACTOR_INITS) == sorted(FACTOR_INITS)
+
+
+def _input_line_norms(model: nn.Module) -> torch.Tensor:
+    """The column norms of every GBLR layer's weight, concatenated."""
+    layers = [layer for layer in model.modules() if isinstance(layer, GBLRLinear)]
+    return torch.cat([layer.eval().dense_weight().norm(dim=0) for layer in layers])
+
+
+def test_factor_init_sets_how_gblr_factors_are_drawn():
+    local = ["structure.start=blockdiag", "structure.budget=0.2"]
+    balanced = _input_line_norms(_build(*local))
+    fixed = _input_line_norms(_build(*local, "structure.factor_init=fixed_norm"))
+    # exact norms give the strips' input lines far less spread than a normal draw
+    assert (fixed.max() / fixed.min()) * 3 < balanced.max() / balanced.min()
+    with pytest.raises(ValueError, match=r"structure\.factor_init"):
+        _build("structure.factor_init=xavier")
+    with pytest.raises(ValueError, match=r"structure\.factor_init='fixed_norm' applies only"):
+        _build(*SEARCH, "structure.factor_init=fixed_norm")
+    lowrank = _build("structure.factor_init=fixed_norm", "structure.kind=lowrank")
+    assert all(isinstance(layer, StructuredLinear) for layer in _block_layers(lowrank, 0))
+
+
+def test_the_learner_section_holds_narrow_sides():
+    from gblr.recipes.config import learner_config
+
+    config = load_config("digits-vit-gblr", [*TINY, "learner.hold_narrow_sides=1"])
+    assert learner_config(config).hold_narrow_sides == 1
+    assert learner_config(load_config("digits-vit-gblr", TINY)).hold_narrow_sides == 0
+    with pytest.raises(ValueError, match=r"learner\.hold_narrow_sides"):
+        load_config("digits-vit-gblr", [*TINY, "learner.hold_narrow_sides=-1"])
 
 
 def test_gblr_from_scratch_starts_above_the_budget_by_default():

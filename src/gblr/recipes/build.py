@@ -225,6 +225,7 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
             rank_per_component=s.rank_per_component,
             seed=config.seed,
             **({} if s.start is None else {"structure_init": s.start}),
+            **({} if s.factor_init is None else {"factor_init": s.factor_init}),
         )
         return
     # min_features=1: the include patterns choose the layers (and _structure_like agrees)

@@ -56,6 +56,8 @@ STRUCTURE_INITS = ("random", "search")
 # How GBLR layers trained from scratch may start: gblr.layers.base.COSTED_STRUCTURE_INITS
 # (a test keeps the two equal), kept here because configs load without torch.
 GBLR_STARTS = ("half", "blocks", "blockdiag")
+# How their factors may be drawn: gblr.layers.base.FACTOR_INITS (the same test).
+FACTOR_INITS = ("balanced", "uniform", "fixed_norm")
 ALLOCATIONS = ("uniform", "global")
 AUGMENTATIONS = ("none", "standard", "autoaugment")
 LOGGERS = ("csv", "tensorboard", "both", "none")
@@ -130,8 +132,11 @@ class StructureConfig:
     layers start, a ``structure_init`` of [`gblr.GBLRLinear`][] that places a cost
     (default ``blocks``: half on full-width components, half on GBLR's block-diagonal
     special case, the start that trained best on the real-task benchmarks; ``blockdiag``
-    is its block-diagonal part alone, ``half`` the paper's start). A key set where it
-    cannot apply is refused.
+    is its block-diagonal part alone, ``half`` the paper's start). ``factor_init`` (GBLR
+    with ``init: random`` only): how the factors are drawn, a ``factor_init`` of
+    [`gblr.GBLRLinear`][] (default ``balanced``; ``fixed_norm`` with ``start: blockdiag``
+    is the block-diagonal start of docs/RESULTS.md, "Choosing the start"). A key set where
+    it cannot apply is refused.
 
     Examples:
         >>> from gblr.recipes.config import StructureConfig
@@ -150,6 +155,7 @@ class StructureConfig:
     search_steps: int | None = None
     rank_per_component: int = 1
     start: str | None = None
+    factor_init: str | None = None
 
 
 @dataclass
@@ -239,7 +245,10 @@ class LearnerConfig:
     budget cut is scaled by ``width ** cut_exponent`` (default 0.5: narrow intervals are
     cut less; 0: the paper's uniform cut). ``fill_budget``: whether the live widths grow
     back to the budget when the loss closes components after the warm-up (default true;
-    false: the budget is an upper bound only, the paper's method).
+    false: the budget is an upper bound only, the paper's method). ``hold_narrow_sides``:
+    sides at most that many lines wide at the start keep their width and their
+    components' locations (default 0: off; 1 with ``structure.start: blockdiag`` keeps
+    every block of the block-diagonal start dense).
     [`learner_config`][gblr.recipes.config.learner_config] turns the section into a
     [`gblr.LearnerConfig`][].
 
@@ -264,6 +273,7 @@ class LearnerConfig:
     revive: bool = False
     cut_exponent: float = 0.5
     fill_budget: bool = True
+    hold_narrow_sides: int = 0
 
 
 @dataclass
@@ -533,6 +543,8 @@ def _validate(config: TrainConfig) -> None:
     _choice("structure.init", config.structure.init, STRUCTURE_INITS)
     if config.structure.start is not None:
         _choice("structure.start", config.structure.start, GBLR_STARTS)
+    if config.structure.factor_init is not None:
+        _choice("structure.factor_init", config.structure.factor_init, FACTOR_INITS)
     if config.structure.allocation is not None:
         _choice("structure.allocation", config.structure.allocation, ALLOCATIONS)
     _positive("structure.search_steps", config.structure.search_steps, zero=True)
@@ -577,6 +589,7 @@ def _validate(config: TrainConfig) -> None:
     _positive("learner.max_shift", config.learner.max_shift)
     _positive("learner.max_shift_ramp", config.learner.max_shift_ramp)
     _positive("learner.merge_every", config.learner.merge_every)
+    _positive("learner.hold_narrow_sides", config.learner.hold_narrow_sides, zero=True)
     exact_from = config.learner.exact_from
     if exact_from is not None and (
         isinstance(exact_from, bool)
@@ -641,6 +654,12 @@ def _check_structure_keys_apply(structure: StructureConfig) -> None:
             "trained from scratch start), not to init: search, which fits the layers to "
             "the weights: remove the key or set structure.start=null"
         )
+    if s.factor_init is not None and s.kind == "gblr" and s.init != "random":
+        raise ValueError(
+            f"structure.factor_init={s.factor_init!r} applies only to init: random (how "
+            "GBLR layers trained from scratch draw their factors), not to init: search, "
+            "which fits them to the weights: remove the key or set structure.factor_init=null"
+        )
 
     if s.init == "random":
         if s.allocation not in (None, "uniform"):
@@ -697,6 +716,7 @@ def with_structure(config: TrainConfig, kind: str, budget: float | None = None) 
     if kind != "gblr":
         structure["start_cost"] = None
         structure["start"] = None
+        structure["factor_init"] = None
         if structure["init"] == "search":
             structure["search_steps"] = None
         if _rank_per_component_unused(StructureConfig(**structure)) is not None:
@@ -708,9 +728,9 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
     """The [`gblr.LearnerConfig`][] of the config's ``learner`` section: the one
     place where its keys become the learner's config (``adaptive: 0`` is off,
     ``max_shift``/``max_shift_ramp`` are one ``shift_limit``, ``merge_every`` is
-    ``pass_every``; ``exact_from``, ``revive``, ``cut_exponent`` and ``fill_budget`` are
-    passed as they are). ``sigma_start`` and ``budget_ramp`` are durations of the run and
-    go to the learner as steps.
+    ``pass_every``; ``exact_from``, ``revive``, ``cut_exponent``, ``fill_budget`` and
+    ``hold_narrow_sides`` are passed as they are). ``sigma_start`` and ``budget_ramp`` are
+    durations of the run and go to the learner as steps.
 
     Examples:
         >>> from gblr.recipes.config import learner_config, load_config
@@ -741,6 +761,7 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
         revive=learner.revive,
         cut_exponent=learner.cut_exponent,
         fill_budget=learner.fill_budget,
+        hold_narrow_sides=learner.hold_narrow_sides,
     )
 
 
