@@ -58,18 +58,21 @@ def _digits_on_canvas(place: Any, noise: float) -> tuple[Any, Any]:
     return datasets[0], datasets[1]
 
 
+def _upsample(images: Any, generator: Any) -> Any:
+    """``(N, 1, 8, 8)`` digits bilinearly upsampled to the whole canvas (a `place` of
+    `_digits_on_canvas`; draws nothing)."""
+    import torch
+
+    return torch.nn.functional.interpolate(
+        images, size=(CANVAS, CANVAS), mode="bilinear", align_corners=False
+    )
+
+
 @functools.cache
 def _upsampled_data() -> tuple[Any, Any]:
     """The digits upsampled to 16x16 (bilinear) with pixel noise of std 0.5: 256 pixels
     of which neighbours are alike."""
-    import torch
-
-    def upsample(images: Any, generator: Any) -> Any:
-        return torch.nn.functional.interpolate(
-            images, size=(CANVAS, CANVAS), mode="bilinear", align_corners=False
-        )
-
-    return _digits_on_canvas(upsample, 0.5)
+    return _digits_on_canvas(_upsample, 0.5)
 
 
 FEW_IMAGES = 300
@@ -84,12 +87,7 @@ def _few_data() -> tuple[Any, Any]:
     import torch
     from torch.utils.data import TensorDataset
 
-    def upsample(images: Any, generator: Any) -> Any:
-        return torch.nn.functional.interpolate(
-            images, size=(CANVAS, CANVAS), mode="bilinear", align_corners=False
-        )
-
-    train, test = _digits_on_canvas(upsample, 1.0)
+    train, test = _digits_on_canvas(_upsample, 1.0)
     images, labels = train.tensors
     subset = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     subset = subset[:FEW_IMAGES]

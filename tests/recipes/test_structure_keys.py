@@ -91,12 +91,19 @@ def test_start_sets_how_gblr_layers_start():
     assert _full_components(_build()) > 0
     assert _full_components(_build("structure.start=blockdiag")) == 0
     assert _full_components(_build("structure.start=half", "structure.budget=0.5")) > 0
-    with pytest.raises(ValueError, match=r"structure\.start"):
-        _build("structure.start=diagonal")
-    with pytest.raises(ValueError, match=r"structure\.start='half' applies only"):
-        _build(*SEARCH, "structure.start=half")
-    # a GBLR recipe's start does not stop its baseline comparison (as start_cost)
-    lowrank = _build("structure.start=half", "structure.kind=lowrank")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "unknown"),
+    [("start", "half", "diagonal"), ("factor_init", "fixed_norm", "xavier")],
+)
+def test_a_from_scratch_gblr_key_is_checked_and_left_to_gblr(key, value, unknown):
+    with pytest.raises(ValueError, match=rf"structure\.{key}"):
+        _build(f"structure.{key}={unknown}")
+    with pytest.raises(ValueError, match=rf"structure\.{key}='{value}' applies only"):
+        _build(*SEARCH, f"structure.{key}={value}")
+    # a GBLR recipe's key does not stop its baseline comparison (as start_cost)
+    lowrank = _build(f"structure.{key}={value}", "structure.kind=lowrank")
     assert all(isinstance(layer, StructuredLinear) for layer in _block_layers(lowrank, 0))
 
 
@@ -120,12 +127,6 @@ def test_factor_init_sets_how_gblr_factors_are_drawn():
     fixed = _input_line_norms(_build(*local, "structure.factor_init=fixed_norm"))
     # exact norms give the strips' input lines far less spread than a normal draw
     assert (fixed.max() / fixed.min()) * 3 < balanced.max() / balanced.min()
-    with pytest.raises(ValueError, match=r"structure\.factor_init"):
-        _build("structure.factor_init=xavier")
-    with pytest.raises(ValueError, match=r"structure\.factor_init='fixed_norm' applies only"):
-        _build(*SEARCH, "structure.factor_init=fixed_norm")
-    lowrank = _build("structure.factor_init=fixed_norm", "structure.kind=lowrank")
-    assert all(isinstance(layer, StructuredLinear) for layer in _block_layers(lowrank, 0))
 
 
 def test_the_learner_section_holds_narrow_sides():

@@ -648,18 +648,15 @@ def _check_structure_keys_apply(structure: StructureConfig) -> None:
     s = structure
     if s.kind == "dense":
         return
-    if s.start is not None and s.kind == "gblr" and s.init != "random":
-        raise ValueError(
-            f"structure.start={s.start!r} applies only to init: random (how GBLR layers "
-            "trained from scratch start), not to init: search, which fits the layers to "
-            "the weights: remove the key or set structure.start=null"
-        )
-    if s.factor_init is not None and s.kind == "gblr" and s.init != "random":
-        raise ValueError(
-            f"structure.factor_init={s.factor_init!r} applies only to init: random (how "
-            "GBLR layers trained from scratch draw their factors), not to init: search, "
-            "which fits them to the weights: remove the key or set structure.factor_init=null"
-        )
+    from_scratch = {"start": "start", "factor_init": "draw their factors"}
+    for key, what in from_scratch.items():
+        value = getattr(s, key)
+        if value is not None and s.kind == "gblr" and s.init != "random":
+            raise ValueError(
+                f"structure.{key}={value!r} applies only to init: random (how GBLR layers "
+                f"trained from scratch {what}), not to init: search, which fits the layers "
+                f"to the weights: remove the key or set structure.{key}=null"
+            )
 
     if s.init == "random":
         if s.allocation not in (None, "uniform"):
