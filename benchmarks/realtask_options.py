@@ -45,19 +45,30 @@ def scratch_options(options: dict[str, Any], budget: float, task: str) -> Scratc
     learner_fields = options.pop("learner_config", {})
     if options:
         raise ValueError(f"unknown GBLR options for {task}: {sorted(options)}")
-    # The deprecated keywords describe runs without the final phase, in which removed
-    # components came back, every width took the same cut and the budget was an upper
-    # bound only; the suite runs the library's defaults of all four unless a variant
-    # sets its own.
-    default = LearnerConfig()
-    learner = dataclasses.replace(
-        config_from_options(learner_options),
-        **{
-            "exact_from": default.exact_from,
-            "revive": default.revive,
-            "cut_exponent": default.cut_exponent,
-            "fill_budget": default.fill_budget,
-            **learner_fields,
-        },
-    )
+    # A variant's learner keywords set only their own fields of the library's default
+    # LearnerConfig (config_from_options would start from the paper's method); until
+    # 2026-12-06 a variant without "sigma" ran the paper's σ schedule and no held sides,
+    # the default then (the "note" of each recorded row says on which code it ran).
+    given = config_from_options(learner_options)
+    fields = {
+        field: getattr(given, field)
+        for option in learner_options
+        for field in _LEARNER_FIELDS[option]
+    }
+    learner = dataclasses.replace(LearnerConfig(), **fields, **learner_fields)
     return ScratchOptions(start_cost, structure, engine, learner)
+
+
+# Each deprecated learner keyword and the LearnerConfig fields it sets.
+_LEARNER_FIELDS = {
+    "sigma": ("sigma",),
+    "sigma_schedule": ("sigma_schedule",),
+    "ramp": ("ramp",),
+    "adaptive": ("adaptive",),
+    "max_shift": ("shift_limit",),
+    "max_shift_ramp": ("shift_limit",),
+    "merge": ("merge",),
+    "untangle": ("untangle",),
+    "refine": ("refine",),
+    "merge_every": ("pass_every",),
+}

@@ -59,8 +59,11 @@ def fit_matrix(args: argparse.Namespace) -> int:
     layer = gblr.GBLRLinear(cols, rows, bias=False, structure_init="random")
     optimizer = torch.optim.Adam(gblr.param_groups(layer, lr=1e-2, structure_lr=2e-3))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+    # A random start finds blocks through the Gaussian smoothing (the default learner keeps
+    # the layers' exact masks, made for the block-diagonal start).
+    config = gblr.LearnerConfig(sigma=(1.0, 100.0), hold_narrow_sides=0)
     learner = gblr.StructureLearner(
-        layer, budget=args.budget, total_steps=args.steps, warmup_steps=args.steps // 2
+        layer, config, budget=args.budget, total_steps=args.steps, warmup_steps=args.steps // 2
     )
     target_energy = target.pow(2).sum()
     start = time.perf_counter()

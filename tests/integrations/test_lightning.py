@@ -120,6 +120,7 @@ def test_config_reaches_the_learner_and_old_keywords_warn_once(tmp_path):
         revive=True,
         cut_exponent=0.0,
         fill_budget=False,
+        hold_narrow_sides=0,
     )
     callback = GBLRCallback(config=config, budget=0.5)
     with pytest.warns(FutureWarning, match="deprecated since gblr") as caught:

@@ -64,15 +64,26 @@ def test_every_pass_config_has_its_pass_in_the_learner():
 
 
 def test_presets():
-    # The default is the paper's method with a final phase of exact masks, and removed
-    # components kept off.
-    paper = gblr.LearnerConfig(exact_from=None, revive=True, cut_exponent=0.0, fill_budget=False)
+    # The default differs from the paper's method in six fields (exact masks, a final
+    # phase, removed components kept off, the scaled cut, the filled budget, held strips).
+    paper = gblr.LearnerConfig(
+        sigma=(1.0, 100.0),
+        exact_from=None,
+        revive=True,
+        cut_exponent=0.0,
+        fill_budget=False,
+        hold_narrow_sides=0,
+    )
     assert gblr.LearnerConfig.paper() == paper
+    assert gblr.LearnerConfig().sigma is None
+    assert gblr.LearnerConfig().hold_narrow_sides == 1
     assert gblr.LearnerConfig().exact_from == 0.95
     assert gblr.LearnerConfig().revive is False
     assert gblr.LearnerConfig().cut_exponent == 0.5
     assert gblr.LearnerConfig().fill_budget is True
-    finetune = gblr.LearnerConfig(sigma=None, exact_from=None, cut_exponent=0.0, fill_budget=False)
+    finetune = gblr.LearnerConfig(
+        sigma=None, exact_from=None, cut_exponent=0.0, fill_budget=False, hold_narrow_sides=0
+    )
     assert gblr.LearnerConfig.finetune() == finetune
     assert gblr.LearnerConfig.from_dict(gblr.LearnerConfig().to_dict()) == gblr.LearnerConfig()
     planted = gblr.LearnerConfig.planted()
@@ -105,7 +116,7 @@ def test_to_dict_is_json_and_round_trips(config):
 def test_numbers_are_kept_as_floats_and_pairs_as_tuples():
     config = gblr.LearnerConfig(sigma=[1, 100], shift_limit=gblr.ShiftLimitConfig(2))
     assert config.sigma == (1.0, 100.0) and isinstance(config.shift_limit.cells, float)
-    assert config == gblr.LearnerConfig(shift_limit=gblr.ShiftLimitConfig(2.0))
+    assert config == gblr.LearnerConfig(sigma=(1.0, 100.0), shift_limit=gblr.ShiftLimitConfig(2.0))
 
 
 def test_unknown_keys_are_refused_listing_the_allowed_ones():
@@ -144,6 +155,7 @@ def _planted_run(steps=70, **learner_arguments):
                 revive=True,
                 cut_exponent=0.0,
                 fill_budget=False,
+                hold_narrow_sides=0,
             ),
             {"sigma": (2.0, 50.0), "sigma_schedule": "linear", "ramp": "linear"},
         ),
@@ -189,6 +201,8 @@ def test_deprecated_keywords_warn_with_their_replacement():
         revive=True,  # and let removed components come back
         cut_exponent=0.0,  # and cut every width alike
         fill_budget=False,  # and left what the loss freed of the budget unspent
+        sigma=(1.0, 100.0),  # and annealed σ
+        hold_narrow_sides=0,  # and held nothing
     )
 
 

@@ -75,7 +75,8 @@ def test_ramp_shift_option_recovers_the_seeds_the_others_miss_at_1_1x(recovery_r
 def test_max_shift_ramp_limits_moves_during_the_warmup():
     model = two_layer_model()
     shift_limit = gblr.ShiftLimitConfig(cells=None, cells_during_ramp=4.0)
-    config = gblr.LearnerConfig(sigma=None, shift_limit=shift_limit)
+    # Nothing held: the random start's narrow sides must be free to move.
+    config = gblr.LearnerConfig(sigma=None, shift_limit=shift_limit, hold_narrow_sides=0)
     learner = gblr.StructureLearner(model, config, budget=1.0, total_steps=20, warmup_steps=3)
     layer = model[0]
     cells = torch.tensor([[1 / 32], [1 / 48]])
@@ -117,7 +118,9 @@ def test_adaptive_thresholds_shrink_the_component_that_carries_little_weight():
 
 def test_max_shift_limits_structure_moves_after_the_warmup_only():
     model = two_layer_model()
-    config = gblr.LearnerConfig(sigma=None, shift_limit=gblr.ShiftLimitConfig(cells=2.0))
+    config = gblr.LearnerConfig(
+        sigma=None, shift_limit=gblr.ShiftLimitConfig(cells=2.0), hold_narrow_sides=0
+    )
     learner = gblr.StructureLearner(model, config, budget=1.0, total_steps=20, warmup_steps=3)
     layer = model[0]  # 32 in (columns), 48 out (rows)
     cells = torch.tensor([[1 / 32], [1 / 48]])
@@ -245,7 +248,10 @@ def test_irrelevant_layer_gets_no_macs():
     x = torch.randn(128, 24, generator=generator)
     y = x @ torch.randn(24, 24, generator=generator) / 5
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
-    learner = gblr.StructureLearner(model, budget=0.3, total_steps=400, warmup_steps=200)
+    # A random start moves its MACs through the Gaussian smoothing (σ annealed), with
+    # nothing held; the default learner is made for the block-diagonal start.
+    config = gblr.LearnerConfig(sigma=(1.0, 100.0), hold_narrow_sides=0)
+    learner = gblr.StructureLearner(model, config, budget=0.3, total_steps=400, warmup_steps=200)
     for _ in range(400):
         loss = (used(x) - y).pow(2).mean()
         optimizer.zero_grad()
@@ -341,17 +347,25 @@ def test_state_dict_resume_is_bit_identical(options, resume_at):
     resumed_model.load_state_dict(checkpoint[0])
     resumed_optimizer.load_state_dict(checkpoint[1])
     resumed_learner.load_state_dict(checkpoint[2])
-    assert float(resumed_model[0].sigma) == pytest.approx(learner.sigma_at(resume_at))
+    sigma = learner.sigma_at(resume_at)  # None: the default leaves σ alone (inf)
+    assert float(resumed_model[0].sigma) == (math.inf if sigma is None else pytest.approx(sigma))
     train(resumed_model, resumed_learner, resumed_optimizer, 20 - resume_at, x, y)
     for name, tensor in resumed_model.state_dict().items():
         assert torch.equal(tensor, reference[name]), name
-    assert resumed_learner.state_dict() == learner.state_dict()
+    resumed_state, state = resumed_learner.state_dict(), learner.state_dict()
+    resumed_held, held = resumed_state.pop("held"), state.pop("held")
+    assert resumed_state == state
+    assert (resumed_held is None) == (held is None)
+    for key in held or {}:  # the default holds narrow sides: tensors, compared one by one
+        assert torch.equal(resumed_held[key], held[key]), key
 
 
 def test_summary_has_the_logging_fields():
     model = two_layer_model()
-    learner = gblr.StructureLearner(model, budget=0.4, total_steps=10)
+    config = gblr.LearnerConfig(sigma=(1.0, 100.0))  # "sigma" is logged while σ anneals
+    learner = gblr.StructureLearner(model, config, budget=0.4, total_steps=10)
     learner.step()
+    assert "sigma" not in gblr.StructureLearner(model, budget=0.4, total_steps=10).summary()
     summary = learner.summary()
     for key in ("sigma", "macs_ratio", "macs", "threshold", "live_components", "target_macs"):
         assert key in summary
@@ -636,7 +650,7 @@ def _strips_and_full_components(cut_exponent):
         64, 64, num_components=8, widths=widths, locations=torch.zeros(2, 8), sigma=None
     ).double()
     start = layer.flops()
-    config = gblr.LearnerConfig(sigma=None, cut_exponent=cut_exponent)
+    config = gblr.LearnerConfig(sigma=None, cut_exponent=cut_exponent, hold_narrow_sides=0)
     learner = gblr.StructureLearner(
         layer, config, budget_macs=int(0.95 * start), total_steps=10, warmup_steps=0
     )

@@ -86,10 +86,10 @@ def _full_components(model: nn.Module) -> int:
 
 
 def test_start_sets_how_gblr_layers_start():
-    # default "blocks": full components next to a block-diagonal; "blockdiag" has none;
-    # half: the paper's
-    assert _full_components(_build()) > 0
-    assert _full_components(_build("structure.start=blockdiag")) == 0
+    # default "blockdiag": no full component; "blocks": full components next to a
+    # block-diagonal; half: the paper's
+    assert _full_components(_build()) == 0
+    assert _full_components(_build("structure.start=blocks")) > 0
     assert _full_components(_build("structure.start=half", "structure.budget=0.5")) > 0
 
 
@@ -123,8 +123,8 @@ def _input_line_norms(model: nn.Module) -> torch.Tensor:
 
 def test_factor_init_sets_how_gblr_factors_are_drawn():
     local = ["structure.start=blockdiag", "structure.budget=0.2"]
-    balanced = _input_line_norms(_build(*local))
-    fixed = _input_line_norms(_build(*local, "structure.factor_init=fixed_norm"))
+    balanced = _input_line_norms(_build(*local, "structure.factor_init=balanced"))
+    fixed = _input_line_norms(_build(*local))  # the default
     # exact norms give the strips' input lines far less spread than a normal draw
     assert (fixed.max() / fixed.min()) * 3 < balanced.max() / balanced.min()
 
@@ -132,9 +132,9 @@ def test_factor_init_sets_how_gblr_factors_are_drawn():
 def test_the_learner_section_holds_narrow_sides():
     from gblr.recipes.config import learner_config
 
-    config = load_config("digits-vit-gblr", [*TINY, "learner.hold_narrow_sides=1"])
-    assert learner_config(config).hold_narrow_sides == 1
-    assert learner_config(load_config("digits-vit-gblr", TINY)).hold_narrow_sides == 0
+    config = load_config("digits-vit-gblr", [*TINY, "learner.hold_narrow_sides=0"])
+    assert learner_config(config).hold_narrow_sides == 0
+    assert learner_config(load_config("digits-vit-gblr", TINY)).hold_narrow_sides == 1
     with pytest.raises(ValueError, match=r"learner\.hold_narrow_sides"):
         load_config("digits-vit-gblr", [*TINY, "learner.hold_narrow_sides=-1"])
 

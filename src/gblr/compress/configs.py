@@ -308,10 +308,10 @@ class GBLRConfig(ConversionConfig):
             as the search after fine-tuning on the real-task benchmarks), ``"search"``
             ([`gblr.fit_dense`][]: structure searched from the weights, a lower weight
             error before fine-tuning, minutes on a transformer) or ``"random"`` (a fresh
-            layer at the budget's cost, ``GBLRLinear(structure_init="blocks")``: full
-            components next to GBLR's block-diagonal special case, as the recipes start,
-            for training from scratch with a [`gblr.StructureLearner`][] that prunes it:
-            convert at a multiple of the learner's budget, the recipes at 3x).
+            layer at the budget's cost, ``GBLRLinear(structure_init="blockdiag",
+            factor_init="fixed_norm")``: GBLR's block-diagonal special case, as the
+            recipes start, for training from scratch with a [`gblr.StructureLearner`][]
+            at the same budget, whose default holds the blocks' one-line sides).
             With ``"svd"``, ``budget=1.0`` means no compression: each layer becomes its
             exact full-rank factorization (more MACs than dense until a structure
             learner prunes it).

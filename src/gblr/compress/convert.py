@@ -115,9 +115,9 @@ def _fit_gblr(
             return fit_dense(weight, budget_macs=macs, rank_per_component=r, steps=0)
         return layer.eval()
     # "random": a fresh layer at the budget's cost, nothing copied from the dense weights,
-    # started as the recipes start from scratch ("blocks": full components next to GBLR's
-    # block-diagonal special case; on the real-task benchmarks it trained better than the
-    # block-diagonal alone everywhere but the digits ViT, docs/BENCHMARKS.md).
+    # started as the recipes start from scratch (GBLR's block-diagonal special case, factors
+    # at their expected norm: what trained best from scratch on the real-task benchmarks,
+    # docs/BENCHMARKS.md, "A new default start").
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -127,8 +127,9 @@ def _fit_gblr(
             m,
             bias=False,
             rank_per_component=rank_per_component,
-            structure_init="blocks",
+            structure_init="blockdiag",
             init_cost=ratio,
+            factor_init="fixed_norm",
             dtype=weight.dtype,
             device=weight.device,
         )

@@ -323,7 +323,13 @@ def _refine(layer: GBLRLinear, weight: Tensor, macs: int, steps: int, lr: float)
     optimizer = torch.optim.Adam(param_groups(layer, lr=lr, structure_lr=lr))
     # revive=True and the uniform cut: the search as measured (docs/BENCHMARKS.md),
     # removed components free to come back while it fits the weights.
-    config = LearnerConfig(sigma=(10.0, 100.0), revive=True, cut_exponent=0.0, fill_budget=False)
+    config = LearnerConfig(
+        sigma=(10.0, 100.0),
+        revive=True,
+        cut_exponent=0.0,
+        fill_budget=False,
+        hold_narrow_sides=0,
+    )
     learner = StructureLearner(layer, config, budget_macs=macs, total_steps=steps)
     energy = weight.pow(2).sum().clamp_min(1e-30)
     best_error, best_state = (

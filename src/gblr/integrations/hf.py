@@ -33,7 +33,8 @@ class GBLRTrainerCallback(TrainerCallback):
         learner: an existing learner, or None to build one when training begins from
             ``config`` and ``learner_kwargs`` (``total_steps`` defaults to the trainer's
             ``max_steps``).
-        config: the learner's [`gblr.LearnerConfig`][] (default: the paper's method;
+        config: the learner's [`gblr.LearnerConfig`][] (default: ``LearnerConfig()``, the
+            library's default;
             ``LearnerConfig.finetune()`` for a converted model).
         **learner_kwargs: keyword arguments of [`gblr.StructureLearner`][]
             (``budget=``, ``budget_macs=`` or ``lam=``, ``warmup_steps=``, ...); names,

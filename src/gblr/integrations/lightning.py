@@ -28,7 +28,8 @@ class GBLRCallback(pl.Callback):
         learner: an existing learner, or None to build one at fit start from ``config``
             and ``learner_kwargs`` (``total_steps`` defaults to the trainer's
             ``estimated_stepping_batches``).
-        config: the learner's [`gblr.LearnerConfig`][] (default: the paper's method).
+        config: the learner's [`gblr.LearnerConfig`][] (default: ``LearnerConfig()``, the
+            library's default).
         log_every_n_steps: how often the summary is logged (under ``gblr/``): an int >= 1.
         **learner_kwargs: keyword arguments of [`gblr.StructureLearner`][]
             (``budget=``, ``budget_macs=`` or ``lam=``, ``warmup_steps=``, ...); names,

@@ -275,12 +275,16 @@ class LearnerConfig(_Config):
     Checked when made (a ``TypeError``/``ValueError`` naming the field, the value and
     what is allowed), frozen, and round-trips through JSON (`to_dict`,
     `from_dict`); the learner saves it in its ``state_dict()``. Presets:
-    `paper` (the defaults), `finetune` and `planted`; change one with
+    `paper`, `finetune` and `planted`; change one with
     ``dataclasses.replace(LearnerConfig.planted(), pass_every=10)``.
 
     Attributes:
         sigma: Gaudi bandwidth schedule: ``(start, end)``, a single number (constant),
-            or ``None`` to leave the layers' σ alone. Paper: 1 → 100. ``math.inf`` (only
+            or ``None`` (default) to leave the layers' σ alone: ∞, exact boxcar masks,
+            for layers made from scratch by the library. Paper: 1 → 100 (the default
+            until 2026-12-06; with the block-diagonal start the exact masks trained as
+            well or better on the real tasks, docs/BENCHMARKS.md, "A new default
+            start"). ``math.inf`` (only
             as a constant) trains through exact boxcar masks. A pair is kept as a tuple
             of floats.
         sigma_schedule: ``"geometric"`` (equal time per factor of σ), ``"linear"`` or
@@ -334,7 +338,7 @@ class LearnerConfig(_Config):
             method); a language model from scratch then ended at 0.44 of a 0.5 budget.
             Default ``True``, chosen on the real-task benchmarks (docs/BENCHMARKS.md, "A
             budget that is spent"). Budget mode only (λ mode has no budget to fill).
-        hold_narrow_sides: ``0`` (default: off) or a number of lines ``n >= 1``: every
+        hold_narrow_sides: ``0`` (off) or a number of lines ``n >= 1`` (default 1): every
             component that has a side at most ``n`` lines wide when the learner is built
             keeps that side's width and both its locations (the optimizer's moves are
             undone each step, and the budget's cut and fill leave that side out); its
@@ -343,7 +347,9 @@ class LearnerConfig(_Config):
             block dense and lets the learner set only how far each strip reaches and how
             the budget splits between layers; learned freely, a one-line side moves by
             about the structure's learning rate every step and the blocks fall apart
-            (docs/BENCHMARKS.md, "Few training images").
+            (docs/BENCHMARKS.md, "Few training images"). The default since 2026-12-06
+            (with that start, the library's default from scratch); the paper's method
+            and `finetune` hold nothing.
 
     Examples:
         >>> import torch, gblr
@@ -358,7 +364,7 @@ class LearnerConfig(_Config):
         True
     """
 
-    sigma: tuple[float, float] | float | None = (1.0, 100.0)
+    sigma: tuple[float, float] | float | None = None
     sigma_schedule: Literal["geometric", "linear", "constant"] = "geometric"
     ramp: Literal["geometric", "linear"] = "geometric"
     adaptive: AdaptiveConfig | None = None
@@ -371,7 +377,7 @@ class LearnerConfig(_Config):
     revive: bool = False
     cut_exponent: float = 0.5
     fill_budget: bool = True
-    hold_narrow_sides: int = 0
+    hold_narrow_sides: int = 1
 
     # The optional passes: field name -> its config class.
     PASS_CONFIGS: ClassVar[dict[str, type[_Config]]] = {
@@ -421,25 +427,39 @@ class LearnerConfig(_Config):
         geometric budget ramp, no optional pass, the structure learned to the last step,
         removed components free to come back.
 
-        The default differs in four fields: ``exact_from=0.95`` (the last 5% of the
-        steps train the factors of the fixed structure through exact masks, the masks
-        evaluation uses), ``revive=False`` (what the cut removed stays removed, and is
-        not computed), ``cut_exponent=0.5`` (narrow intervals are cut less) and
-        ``fill_budget=True`` (what the loss frees of the budget is spent again). None of
-        the optional passes helped on the real-task benchmarks (docs/BENCHMARKS.md, "Real
-        tasks decide the defaults").
+        The default differs in six fields: ``sigma=None`` (the layers' exact masks
+        throughout), ``exact_from=0.95`` (the last 5% of the steps train the factors of
+        the fixed structure), ``revive=False`` (what the cut removed stays removed, and
+        is not computed), ``cut_exponent=0.5`` (narrow intervals are cut less),
+        ``fill_budget=True`` (what the loss frees of the budget is spent again) and
+        ``hold_narrow_sides=1`` (the one-line sides of the block-diagonal start keep
+        their width and place). None of the optional passes helped on the real-task
+        benchmarks (docs/BENCHMARKS.md, "Real tasks decide the defaults").
 
         Examples:
             >>> import dataclasses
             >>> from gblr import LearnerConfig
             >>> default = LearnerConfig()
             >>> paper = dataclasses.replace(
-            ...     default, exact_from=None, revive=True, cut_exponent=0.0, fill_budget=False
+            ...     default,
+            ...     sigma=(1.0, 100.0),
+            ...     exact_from=None,
+            ...     revive=True,
+            ...     cut_exponent=0.0,
+            ...     fill_budget=False,
+            ...     hold_narrow_sides=0,
             ... )
             >>> LearnerConfig.paper() == paper
             True
         """
-        return cls(exact_from=None, revive=True, cut_exponent=0.0, fill_budget=False)
+        return cls(
+            sigma=(1.0, 100.0),
+            exact_from=None,
+            revive=True,
+            cut_exponent=0.0,
+            fill_budget=False,
+            hold_narrow_sides=0,
+        )
 
     @classmethod
     def finetune(cls) -> LearnerConfig:
@@ -449,14 +469,17 @@ class LearnerConfig(_Config):
         throughout, so there is no final phase (``exact_from=None``: the structure moves
         to the last step, as on the pretrained benchmarks), and the paper's uniform cut
         with the budget as an upper bound only (``cut_exponent=0``, ``fill_budget=False``:
-        the pretrained benchmark was measured with them).
+        the pretrained benchmark was measured with them), nothing held
+        (``hold_narrow_sides=0``: a fitted structure has no block-diagonal strips).
 
         Examples:
             >>> from gblr import LearnerConfig
             >>> LearnerConfig.finetune().sigma, LearnerConfig.finetune().exact_from
             (None, None)
         """
-        return cls(sigma=None, exact_from=None, cut_exponent=0.0, fill_budget=False)
+        return cls(
+            sigma=None, exact_from=None, cut_exponent=0.0, fill_budget=False, hold_narrow_sides=0
+        )
 
     @classmethod
     def planted(cls) -> LearnerConfig:

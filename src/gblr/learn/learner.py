@@ -280,12 +280,13 @@ class StructureLearner:
 
     Args:
         model: a module containing GBLR layers.
-        config: a [`gblr.LearnerConfig`][] (default:
-            ``LearnerConfig()``: the paper's method,
-            [`LearnerConfig.paper`][gblr.learn.config.LearnerConfig.paper], with a final
-            phase of exact masks and a fixed structure, ``exact_from=0.95``, and removed
-            components kept off, ``revive=False``). Kept as `config` and saved in
-            `state_dict`; the learner sets every GBLR layer's ``revive_empty`` from it.
+        config: a [`gblr.LearnerConfig`][] (default ``LearnerConfig()``: the layers'
+            σ left alone, the one-line sides of the block-diagonal start held, a final
+            phase with the structure fixed, removed components kept off, the scaled cut
+            and the filled budget; the paper's method is
+            [`LearnerConfig.paper`][gblr.learn.config.LearnerConfig.paper]). Kept as
+            `config` and saved in `state_dict`; the learner sets every GBLR layer's
+            ``revive_empty`` from it.
         budget: budget mode: a fraction in (0, 1] of the dense MACs of all GBLR layers
             (the int ``1`` is 1.0, as in [`gblr.convert`][]; other ints are refused:
             an absolute count goes to ``budget_macs``).
@@ -669,8 +670,10 @@ class StructureLearner:
         widths = self.view.widths().clamp(0.0, 1.0)
         lengths = torch.as_tensor(self.view._lengths(widths.cpu().numpy()[None])[0])
         held = ((lengths > 0) & (lengths <= lines)).to(widths.device)
+        # Kept as the step keeps them (widths in [0, 1], locations wrapped), so restoring
+        # them never undoes the step's own projection.
         locations = torch.cat([layer.locations.detach().double() for layer in self.layers], 1)
-        return held, self.view.widths(), locations
+        return held, widths, locations.remainder(1.0)
 
     def _hold_narrow_sides(self) -> Tensor | None:
         """Undo the optimizer's moves of the held sides' widths and of their components'

@@ -130,13 +130,12 @@ class StructureConfig:
     ``rank_per_component``: GBLR's rank per component, and the unit in which a family's
     global allocation hands out MACs. ``start`` (GBLR with ``init: random`` only): how the
     layers start, a ``structure_init`` of [`gblr.GBLRLinear`][] that places a cost
-    (default ``blocks``: half on full-width components, half on GBLR's block-diagonal
-    special case, the start that trained best on the real-task benchmarks; ``blockdiag``
-    is its block-diagonal part alone, ``half`` the paper's start). ``factor_init`` (GBLR
+    (default ``blockdiag``: GBLR's block-diagonal special case, the start that trained
+    best on the real-task benchmarks, docs/RESULTS.md, "Choosing the start"; ``blocks``
+    adds full-width components, ``half`` is the paper's start). ``factor_init`` (GBLR
     with ``init: random`` only): how the factors are drawn, a ``factor_init`` of
-    [`gblr.GBLRLinear`][] (default ``balanced``; ``fixed_norm`` with ``start: blockdiag``
-    is the block-diagonal start of docs/RESULTS.md, "Choosing the start"). A key set where
-    it cannot apply is refused.
+    [`gblr.GBLRLinear`][] (default ``fixed_norm``; ``balanced`` was the default before
+    2026-12-06). A key set where it cannot apply is refused.
 
     Examples:
         >>> from gblr.recipes.config import StructureConfig
@@ -229,8 +228,9 @@ class OptimConfig:
 @dataclass
 class LearnerConfig:
     """The structure learner (GBLR only): σ annealed from ``sigma[0]`` to ``sigma[1]``
-    from ``sigma_start`` to the end (``null``: σ left as the layers have it, e.g. ∞ =
-    exact boxcars after a structure search); the MACs target ramped from the starting
+    from ``sigma_start`` to the end (default ``null``: σ left as the layers have it, ∞ =
+    exact boxcars, for layers made from scratch or fitted by a structure search; the
+    paper's method is ``[1.0, 100.0]``); the MACs target ramped from the starting
     cost to ``structure.budget`` over ``budget_ramp`` (default: ``optim.warmup``).
     ``adaptive``, ``max_shift``, ``max_shift_ramp``, ``merge``, ``untangle``, ``refine``:
     the learner's optional passes against structure collapses, blocks split over two
@@ -247,18 +247,18 @@ class LearnerConfig:
     back to the budget when the loss closes components after the warm-up (default true;
     false: the budget is an upper bound only, the paper's method). ``hold_narrow_sides``:
     sides at most that many lines wide at the start keep their width and their
-    components' locations (default 0: off; 1 with ``structure.start: blockdiag`` keeps
-    every block of the block-diagonal start dense).
+    components' locations (default 1: every block of the default block-diagonal start
+    stays dense; 0: off, the paper's method).
     [`learner_config`][gblr.recipes.config.learner_config] turns the section into a
     [`gblr.LearnerConfig`][].
 
     Examples:
         >>> from gblr.recipes.config import LearnerConfig
-        >>> LearnerConfig().sigma, LearnerConfig(sigma=None).sigma_schedule
-        ([1.0, 100.0], 'geometric')
+        >>> LearnerConfig().sigma, LearnerConfig(sigma=[1.0, 100.0]).sigma_schedule
+        (None, 'geometric')
     """
 
-    sigma: list[float] | None = field(default_factory=lambda: [1.0, 100.0])
+    sigma: list[float] | None = None
     sigma_schedule: str = "geometric"
     sigma_start: float = 0.0
     budget_ramp: float | None = None
@@ -273,7 +273,7 @@ class LearnerConfig:
     revive: bool = False
     cut_exponent: float = 0.5
     fill_budget: bool = True
-    hold_narrow_sides: int = 0
+    hold_narrow_sides: int = 1
 
 
 @dataclass
@@ -734,7 +734,7 @@ def learner_config(config: TrainConfig) -> StructureLearnerConfig:
         >>> config = load_config("digits-vit-gblr", ["learner.merge=1e-3"])
         >>> learned = learner_config(config)
         >>> learned.sigma, learned.merge, learned.adaptive
-        ((1.0, 100.0), MergeConfig(tolerance=0.001), None)
+        (None, MergeConfig(tolerance=0.001), None)
     """
     from ..learn.config import config_from_options
 

@@ -701,8 +701,8 @@ def train_classifier(
     strategy, precision are Lightning's own options). With GBLR layers in ``model`` and a
     ``config.budget``, a [`gblr.integrations.lightning.GBLRCallback`][] ramps their cost from the
     starting cost to the budget over ``budget_ramp_steps`` (default ``warmup_steps``) and anneals
-    σ from ``sigma_start_step`` on, as ``config.learner`` says (default: the paper's
-    method; a recipe's ``learner`` section gives it through
+    σ from ``sigma_start_step`` on, as ``config.learner`` says (default: ``LearnerConfig()``,
+    the library's default from scratch; a recipe's ``learner`` section gives it through
     [`gblr.recipes.config.learner_config`][]). ``test_set`` (optional) is also the
     validation set every ``val_every_n_steps``.
 

@@ -92,8 +92,9 @@ class EngineConfig:
             learner takes them to (was ``target``).
         budget_ramp_steps: steps over which the cost ramps from the start to ``budget``
             (default ``warmup_steps``).
-        learner: how it learns, a [`gblr.LearnerConfig`][] (default the paper's
-            method, σ 1 → 100; was ``learner_config``).
+        learner: how it learns, a [`gblr.LearnerConfig`][] (default
+            ``LearnerConfig()``, the library's default from scratch: exact masks, the
+            block-diagonal start's one-line sides held; was ``learner_config``).
         sigma_start_step: σ anneals from this step on.
         structure_include, structure_exclude: glob patterns of the layers whose MACs
             ratio is reported.

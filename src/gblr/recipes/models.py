@@ -310,11 +310,11 @@ def mixer_small_patch4_32(num_classes: int = 10, drop_path: float = 0.1) -> MlpM
 
 
 # GBLR layers trained from scratch start at this multiple of the budget (at most the dense
-# cost), and the learner's budget ramp prunes them to it during the warm-up: the learner
-# only cuts, so what it may choose between must be there at the start. Chosen on the
-# real-task suite (docs/BENCHMARKS.md, "The start, at a higher cost" and "Full components
-# let go of the same lines"), which also gives what 3x costs in very short runs.
-GBLR_START_RATIO = 3.0
+# cost). The default block-diagonal start is made at the budget: its blocks are what
+# trains best from scratch on the real-task suite, and a start above the budget would
+# have the learner cut them down in the ramp (docs/BENCHMARKS.md, "A new default start";
+# the learned start it replaced began at 3x, "The start, at a higher cost").
+GBLR_START_RATIO = 1.0
 
 
 def gblr_start_cost(budget: float, start_cost: float | None = None) -> float:
@@ -324,8 +324,8 @@ def gblr_start_cost(budget: float, start_cost: float | None = None) -> float:
 
     Examples:
         >>> from gblr.recipes.models import gblr_start_cost
-        >>> gblr_start_cost(0.25), gblr_start_cost(0.6), gblr_start_cost(0.2, 0.5)
-        (0.75, 1.0, 0.5)
+        >>> gblr_start_cost(0.25), gblr_start_cost(0.2, 0.5)
+        (0.25, 0.5)
     """
     if start_cost is not None:
         return start_cost
@@ -373,8 +373,8 @@ def structure_model(
     exclude: str | Sequence[str] | None = None,
     rank_per_component: int = 1,
     seed: int = 0,
-    structure_init: str = "blocks",
-    factor_init: str = "balanced",
+    structure_init: str = "blockdiag",
+    factor_init: str = "fixed_norm",
     full_share: float | None = None,
 ) -> ConversionReport | None:
     """Make ``model``'s ``include`` linear layers structured, for training from scratch.
@@ -382,15 +382,17 @@ def structure_model(
     ``"dense"`` leaves the model alone (returns ``None``). ``"gblr"``: GBLR layers at a
     starting cost of ``budget`` (callers pass
     [`gblr_start_cost`][gblr.recipes.models.gblr_start_cost] of their budget) with components of
-    rank ``rank_per_component``, started by ``structure_init`` (default ``"blocks"``: half the
-    starting cost on full-width components, a low-rank part, and half on GBLR's block-diagonal
-    special case, so that the learner, pruning the start to the budget, keeps global or local
-    maps as the data rewards: the start that trained best from scratch on the real-task
-    benchmarks, docs/BENCHMARKS.md; ``"blockdiag"`` is the block-diagonal part alone,
-    ``"half"`` the paper's half-full/half-narrow start; ``full_share``, with ``"blocks"``
-    only, another share of the start on full-width components, as in
-    ``GBLRLinear.init_structure``) and ``factor_init`` (see
-    [`gblr.GBLRLinear`][]); a [`gblr.StructureLearner`][] then moves the MACs between layers.
+    rank ``rank_per_component``, started by ``structure_init`` (default ``"blockdiag"``:
+    GBLR's block-diagonal special case, one-line strips that make dense diagonal blocks,
+    which the default [`gblr.LearnerConfig`][] holds while it learns how far each strip
+    reaches and how the MACs split between layers: the start that trained best from
+    scratch on the real-task benchmarks, docs/BENCHMARKS.md, "A new default start";
+    ``"blocks"`` adds full-width components, a low-rank part (``full_share`` of the start,
+    as in ``GBLRLinear.init_structure``; the default until 2026-12-06, at 3x the budget,
+    with the paper's σ schedule), ``"half"`` the paper's half-full/half-narrow start) and
+    ``factor_init`` (default ``"fixed_norm"``: each component's factors at exactly their
+    expected norm, see [`gblr.GBLRLinear`][]); a [`gblr.StructureLearner`][] then moves
+    the MACs between layers.
     A baseline family: its largest configuration within ``budget`` in every layer (uniform
     allocation, so ``rank_per_component`` only checks that no layer is narrower). Layers
     matching ``exclude`` (glob patterns over module names, as ``include``) stay dense;

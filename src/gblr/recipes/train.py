@@ -101,8 +101,8 @@ def engine_config(
         >>> engine = engine_config(load_config("digits-vit-gblr"), train_size=1348)
         >>> engine.steps, engine.warmup_steps, engine.budget, engine.global_batch_size
         (1500, 500, 0.3, 64)
-        >>> engine.learner.sigma, str(engine.checkpoint_dir)
-        ((1.0, 100.0), 'runs/digits-vit-gblr/checkpoints')
+        >>> engine.learner.hold_narrow_sides, str(engine.checkpoint_dir)
+        (1, 'runs/digits-vit-gblr/checkpoints')
     """
     steps, unit = run_length(config, train_size)
     optim, learner = config.optim, config.learner
