@@ -116,8 +116,8 @@ def demo(args: argparse.Namespace) -> int:
 
     scikit-learn's bundled 8x8 handwritten digits (no download), a 4-block ViT (dim 64,
     2x2 patches): a sweep of the digits-vit-gblr config over the structures at one
-    budget. GBLR layers start at --start-cost of the dense MACs (default: 3 x the
-    budget, at most 1) and the structure learner holds them to --budget while σ anneals 1 -> 100;
+    budget. GBLR layers start as GBLR's block-diagonal special case at --start-cost of
+    the dense MACs (default: the budget) and the structure learner holds them to --budget;
     low-rank, Monarch and block-diagonal get their largest configuration within --budget
     in every layer. The default budget, 10% of the MACs, is where the families differ (at
     30% all of them are within a point of dense). Prints a table (test accuracy, MACs
@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--start-cost",
         type=float,
         default=None,
-        help="GBLR starting cost (default: 3 x --budget, at most 1)",
+        help="GBLR starting cost (default: --budget)",
     )
     demo_parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (2e-3)")
     demo_parser.add_argument(

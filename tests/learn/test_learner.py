@@ -47,6 +47,8 @@ def test_adaptive_and_shift_options_recover_reliably_at_1_1x(recovery_runs):
         revive=True,
         cut_exponent=0.0,
         fill_budget=False,
+        sigma=(1.0, 100.0),  # σ annealed and nothing held: the default when measured
+        hold_narrow_sides=0,
     )
     runs = recovery_runs((5, 7, 8, 9), budget_factor=1.1, config=config)
     assert all(run["macs"] <= run["budget"] for run in runs)
@@ -65,6 +67,8 @@ def test_ramp_shift_option_recovers_the_seeds_the_others_miss_at_1_1x(recovery_r
         shift_limit=gblr.ShiftLimitConfig(cells=1.0, cells_during_ramp=4.0),
         cut_exponent=0.0,  # the uniform cut of the planted preset
         fill_budget=False,  # and its budget as an upper bound only, as measured
+        sigma=(1.0, 100.0),  # σ annealed and nothing held: the default when measured
+        hold_narrow_sides=0,
     )
     runs = recovery_runs((0, 1, 3), budget_factor=1.1, config=config)
     assert all(run["macs"] <= run["budget"] for run in runs)

@@ -221,6 +221,8 @@ def test_merging_recovers_the_seed_whose_block_was_split_at_1_1x():
         merge=gblr.MergeConfig(1e-3),
         cut_exponent=0.0,  # the uniform cut of the planted preset
         fill_budget=False,  # and its budget as an upper bound only, as measured
+        sigma=(1.0, 100.0),  # σ annealed and nothing held: the default when measured
+        hold_narrow_sides=0,
     )
     run = recovery_run(13, budget_factor=1.1, config=config)
     assert run["error"] <= 2e-2

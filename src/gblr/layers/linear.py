@@ -30,10 +30,11 @@ class GBLRLinear(GBLRMatrixMixin):
             rank ``K r`` low-rank matrix), ``"random"`` (uniform widths and locations),
             ``"half"`` (half of ``init_cost`` on full components, half on narrow ones
             along the diagonal), ``"blocks"`` (half on full components, half on a
-            block-diagonal matrix of one- or two-line strips: the recipes' start for
-            training from scratch, at 3x the budget, the one that trained best on the
-            real-task benchmarks, docs/BENCHMARKS.md) or ``"blockdiag"`` (all of
-            ``init_cost`` on such a block-diagonal).
+            block-diagonal matrix of one- or two-line strips; the recipes' start until
+            2026-12-06, at 3x the budget) or ``"blockdiag"`` (all of ``init_cost`` on a
+            block-diagonal of one-line strips, dense diagonal blocks: the recipes' start
+            for training from scratch, at the budget, the one that trained best on the
+            real-task benchmarks, docs/BENCHMARKS.md, "A new default start").
         init_cost: starting cost as a fraction of the dense MACs, for ``"half"``,
             ``"blocks"`` and ``"blockdiag"``.
         factor_init: ``"balanced"`` (default: each component's two factors get equal
