@@ -61,7 +61,7 @@ def fit_matrix(args: argparse.Namespace) -> int:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     # A random start finds blocks through the Gaussian smoothing (the default learner keeps
     # the layers' exact masks, made for the block-diagonal start).
-    config = gblr.LearnerConfig(sigma=(1.0, 100.0), hold_narrow_sides=0)
+    config = gblr.LearnerConfig.annealed()
     learner = gblr.StructureLearner(
         layer, config, budget=args.budget, total_steps=args.steps, warmup_steps=args.steps // 2
     )

@@ -77,6 +77,8 @@ def test_presets():
     assert gblr.LearnerConfig.paper() == paper
     assert gblr.LearnerConfig().sigma is None
     assert gblr.LearnerConfig().hold_narrow_sides == 1
+    annealed = dataclasses.replace(gblr.LearnerConfig(), sigma=(1.0, 100.0), hold_narrow_sides=0)
+    assert gblr.LearnerConfig.annealed() == annealed
     assert gblr.LearnerConfig().exact_from == 0.95
     assert gblr.LearnerConfig().revive is False
     assert gblr.LearnerConfig().cut_exponent == 0.5

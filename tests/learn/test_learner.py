@@ -254,7 +254,7 @@ def test_irrelevant_layer_gets_no_macs():
     optimizer = torch.optim.Adam(gblr.param_groups(model, lr=3e-3))
     # A random start moves its MACs through the Gaussian smoothing (σ annealed), with
     # nothing held; the default learner is made for the block-diagonal start.
-    config = gblr.LearnerConfig(sigma=(1.0, 100.0), hold_narrow_sides=0)
+    config = gblr.LearnerConfig.annealed()
     learner = gblr.StructureLearner(model, config, budget=0.3, total_steps=400, warmup_steps=200)
     for _ in range(400):
         loss = (used(x) - y).pow(2).mean()

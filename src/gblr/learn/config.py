@@ -275,7 +275,7 @@ class LearnerConfig(_Config):
     Checked when made (a ``TypeError``/``ValueError`` naming the field, the value and
     what is allowed), frozen, and round-trips through JSON (`to_dict`,
     `from_dict`); the learner saves it in its ``state_dict()``. Presets:
-    `paper`, `finetune` and `planted`; change one with
+    `paper`, `annealed`, `finetune` and `planted`; change one with
     ``dataclasses.replace(LearnerConfig.planted(), pass_every=10)``.
 
     Attributes:
@@ -460,6 +460,22 @@ class LearnerConfig(_Config):
             fill_budget=False,
             hold_narrow_sides=0,
         )
+
+    @classmethod
+    def annealed(cls) -> LearnerConfig:
+        """For a start whose structure must move far, learned from wide or random
+        intervals (``structure_init="blocks"``, ``"half"``, ``"random"``): the default
+        with σ annealed 1 → 100 (geometric) and nothing held, the library's default until
+        2026-12-06. Small σ early lets widths and locations move far; the learned
+        ``"blocks"`` start at 3× the budget with it is the best family where a layer must
+        mix its inputs globally with no attention (docs/RESULTS.md, "Choosing the start").
+
+        Examples:
+            >>> from gblr import LearnerConfig
+            >>> LearnerConfig.annealed().sigma, LearnerConfig.annealed().hold_narrow_sides
+            ((1.0, 100.0), 0)
+        """
+        return cls(sigma=(1.0, 100.0), hold_narrow_sides=0)
 
     @classmethod
     def finetune(cls) -> LearnerConfig:

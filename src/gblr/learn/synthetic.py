@@ -105,11 +105,10 @@ def recovery_run(
         steps: optimizer steps.
         lr: learning rate of factors and structure.
         config: the learner's [`gblr.LearnerConfig`][], e.g.
-            ``LearnerConfig.planted()`` (default: the library's default with σ annealed
-            1 → 100 and nothing held, ``LearnerConfig(sigma=(1.0, 100.0),
-            hold_narrow_sides=0)``: a random start needs the smoothing to find blocks,
-            and has no block-diagonal strips to hold; ``LearnerConfig.paper()`` is the
-            paper's plain method).
+            ``LearnerConfig.planted()`` (default: ``LearnerConfig.annealed()``, the
+            library's default with σ annealed 1 → 100 and nothing held: a random start
+            needs the smoothing to find blocks, and has no block-diagonal strips to hold;
+            ``LearnerConfig.paper()`` is the paper's plain method).
         lr_decay: fraction of the steps, at the end, over which the learning rate of
             factors and structure decays linearly to zero (default 0: constant). With a
             constant rate, Adam's normalised steps keep moving interval ends by up to a
@@ -143,7 +142,7 @@ def recovery_run(
     if config is None:
         from .config import LearnerConfig
 
-        config = LearnerConfig(sigma=(1.0, 100.0), hold_narrow_sides=0)
+        config = LearnerConfig.annealed()
     learner = StructureLearner(
         layer, config, budget_macs=budget, total_steps=steps, warmup_steps=steps // 2
     )
