@@ -3,9 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_step_parts.py
 
 The real tasks' pixel MLP (benchmarks/realtask_vision.py: 256 -> 512 -> 512 -> 10, both
-hidden layers structured) on one random batch of 64, one torch thread: GBLR started at
-3x the budget of 0.1 and ramped to it over the first third of 800 steps, as the suite
-trains it, against low-rank at the budget. Medians over steps ``--skip`` .. ``--steps``
+hidden layers structured) on one random batch of 64, one torch thread: GBLR started as
+the suite trains it (the library's default start and learner: since 2026-12-06 the
+block-diagonal start at the budget of 0.1, before that 3x the budget ramped to it over
+the first third of the steps; ``benchmarks/results/bench_step_parts.json`` is a run of
+the earlier default), against low-rank at the budget. Medians over steps ``--skip`` .. ``--steps``
 of each part, in ms. Also the learner's non-finite screen (one sum per tensor) against the
 element-wise ``isfinite(t).all()`` it replaced, on the same tensors, in the same process;
 one AdamW step of each model after training, torch's default (a for-loop on the CPU)
