@@ -1,4 +1,5 @@
 import copy
+import gc
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 import gblr
+from gblr.layers.base import _skipped_gradients, skip_held_gradients
 from gblr.learn.synthetic import planted_blocks, recovery_run
 
 
@@ -678,7 +680,7 @@ def test_the_cut_scales_each_width_by_its_power_and_spares_strips():
     assert torch.allclose(before - uniform, (before - uniform)[1, 0].expand(2, 8))
 
 
-def _held_run(hold, steps=30, resume_at=None):
+def _held_run(hold, steps=30, resume_at=None, skip=True):
     """Two layers started from GBLR's block-diagonal strips at 0.3 of their MACs, a loss
     that pulls every width down and moves every location, learned to 0.2 with
     ``hold_narrow_sides=hold``: ``(model, learner, widths at the start, locations at the
@@ -697,6 +699,9 @@ def _held_run(hold, steps=30, resume_at=None):
         learner = gblr.StructureLearner(
             model, config, budget=0.2, total_steps=steps, warmup_steps=10
         )
+        if not skip:  # the layers compute the held sides' gradients, which are discarded
+            for layer in model:
+                skip_held_gradients(layer, learner, None)
         return model, optimizer, learner
 
     def step(model, optimizer, learner):
@@ -741,6 +746,22 @@ def test_held_narrow_sides_keep_their_width_and_place_while_the_rest_is_cut():
     # Without holding, the same loss closes the one-line sides: every strip dies.
     *_, free_ratios = _held_run(hold=0)
     assert free_ratios[-1] == 0.0
+
+
+def test_held_sides_skip_their_gradients_while_the_learner_lives_with_the_same_run():
+    skipped, learner, *_ = _held_run(hold=1)
+    computed, *_ = _held_run(hold=1, skip=False)
+    for name, tensor in skipped.state_dict().items():
+        assert torch.equal(tensor, computed.state_dict()[name]), name
+    # Each layer's strips hold one side and both locations: those gradients were skipped.
+    flags = [_skipped_gradients(layer) for layer in skipped]
+    assert all(flag is not None and flag[2] and flag[0] != flag[1] for flag in flags), flags
+    del learner
+    gc.collect()
+    assert all(_skipped_gradients(layer) is None for layer in skipped)
+    # Without holding nothing is skipped.
+    free, _alive_learner, *_ = _held_run(hold=0, steps=2)  # kept alive: none registered
+    assert all(_skipped_gradients(layer) is None for layer in free)
 
 
 def test_held_narrow_sides_resume_bit_for_bit():

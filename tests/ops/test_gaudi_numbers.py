@@ -209,6 +209,40 @@ def test_one_node_masking_is_the_composed_masking_bit_for_bit(dtype, sigma, lear
             assert torch.equal(composed, fused)
 
 
+@pytest.mark.parametrize("sigma", [None, 2.5])
+@pytest.mark.parametrize(
+    "skip", [(True, False, False), (False, True, True), (True, True, False), (True, False, True)]
+)
+def test_skipped_structure_gradients_are_zeros_and_the_rest_is_unchanged(sigma, skip):
+    """``skip`` (input widths, output widths, locations): what a learner holds comes back
+    as zeros, every other gradient and both outputs as without it, to the last bit."""
+    from gblr.ops.gaudi import mask_factors_unchecked
+
+    torch.manual_seed(2)
+    k, rows, cols = 6, 11, 7
+    inputs = (
+        torch.randn(k, 1, rows),
+        torch.randn(k, 1, cols),
+        torch.rand(2, k) * 0.9 + 0.05,
+        torch.rand(2, k),
+    )
+    weight_u, weight_v = torch.randn(k, 1, rows), torch.randn(k, 1, cols)
+    results = []
+    for each in (None, skip):
+        leaves = [value.clone().requires_grad_(True) for value in inputs]
+        out_u, out_v = mask_factors_unchecked(*leaves, sigma, backend="torch", skip=each)
+        ((out_u * weight_u).sum() + (out_v * weight_v).sum()).backward()
+        results.append((out_u, out_v, *(leaf.grad for leaf in leaves)))
+    (u, v, grad_u, grad_v, widths, locations), skipped = results
+    assert torch.equal(skipped[0], u) and torch.equal(skipped[1], v)
+    assert torch.equal(skipped[2], grad_u) and torch.equal(skipped[3], grad_v)
+    for side in (0, 1):
+        expected = torch.zeros_like(widths[side]) if skip[side] else widths[side]
+        assert torch.equal(skipped[4][side], expected)
+        assert skip[side] or bool(widths[side].abs().sum() > 0)  # a gradient to skip
+    assert torch.equal(skipped[5], torch.zeros_like(locations) if skip[2] else locations)
+
+
 def test_one_node_masking_passes_gradcheck():
     """The factors' gradients against finite differences in float64. (The structure's
     straight-through gradient has no finite difference on the grid: the test above ties it

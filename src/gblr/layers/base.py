@@ -16,6 +16,7 @@ and locations; in eval mode they are exact boxcars.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Literal
 
@@ -91,6 +92,35 @@ def _as_interval_tensor(name: str, value: object, num_components: int) -> Tensor
 # Whether torch.compile (dynamo) is tracing the current call; looked up once, not in
 # every forward (torch >= 2.3; older versions cannot trace these layers anyway).
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+# Layers whose structure gradients a live structure learner discards because it holds
+# those sides and restores them every step: layer -> (weak reference to the learner,
+# (input widths, output widths, locations)). Weak on both sides, so a layer never skips a
+# gradient that no learner is there to discard.
+_HELD_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def skip_held_gradients(
+    layer: nn.Module, owner: object, skip: tuple[bool, bool, bool] | None
+) -> None:
+    """While ``owner`` (a [`gblr.StructureLearner`][]) lives, let ``layer``'s training
+    masks return zeros instead of the gradients of the sides in ``skip`` (input widths,
+    output widths, every location), which ``owner`` holds and restores after every
+    optimizer step; ``None`` or all ``False``: compute them all again. The torch backend
+    only (CUDA's fused kernel computes them anyway)."""
+    if skip is None or not any(skip):
+        _HELD_STRUCTURE.pop(layer, None)
+    else:
+        _HELD_STRUCTURE[layer] = (weakref.ref(owner), tuple(bool(each) for each in skip))
+
+
+def _skipped_gradients(layer: nn.Module) -> tuple[bool, bool, bool] | None:
+    """The sides whose gradients ``layer`` may skip now (see `skip_held_gradients`)."""
+    entry = _HELD_STRUCTURE.get(layer)
+    if entry is None or entry[0]() is None:
+        return None
+    return entry[1]
 
 
 def _off_components(widths: Tensor) -> Tensor:
@@ -598,7 +628,12 @@ class GBLRMatrixMixin(nn.Module):
                 u, v = mask_factors_traceable(factor_u, factor_v, widths, locations, self.sigma)
             else:
                 u, v = mask_factors_unchecked(
-                    factor_u, factor_v, widths, locations, self._sigma_value()
+                    factor_u,
+                    factor_v,
+                    widths,
+                    locations,
+                    self._sigma_value(),
+                    skip=_skipped_gradients(self),
                 )
                 record = self.factor_record
                 if record is not None and u.requires_grad:

@@ -464,6 +464,7 @@ class StructureLearner:
         self.threshold = 0.0
         self.start_cost = self.view.cost(self.view.widths())
         self.held_sides, self.held_widths, self.held_locations = self._narrow_sides()
+        self._skip_held_gradients()
         schedule = PassSchedule(self.warmup_steps, self.config.pass_every)
         # name -> pass, in the order of PASSES: the passes the config turns on.
         self.passes: dict[str, LearnerPass] = {
@@ -675,6 +676,31 @@ class StructureLearner:
         locations = torch.cat([layer.locations.detach().double() for layer in self.layers], 1)
         return held, widths, locations.remainder(1.0)
 
+    def _skip_held_gradients(self) -> None:
+        """Tell each layer which of its sides are held in every component that can get a
+        gradient (the live ones; all of them with ``revive``), so its training masks skip
+        those gradients: `_hold_narrow_sides` undoes whatever the optimizer does with them.
+        The live set only shrinks and the held set is fixed, so this stays true."""
+        from ..layers.base import skip_held_gradients
+
+        start = 0
+        for layer in self.layers:
+            k = layer.num_components
+            skip = None
+            if self.held_sides is not None:
+                held = self.held_sides[:, start : start + k].to(layer.widths.device)
+                able = torch.ones(k, dtype=torch.bool, device=held.device)
+                if not self.config.revive:
+                    able = (layer.widths.detach() > 0).all(0)
+                if bool(able.any()):
+                    skip = (
+                        bool(held[0][able].all()),
+                        bool(held[1][able].all()),
+                        bool(held.any(0)[able].all()),
+                    )
+            skip_held_gradients(layer, self, skip)
+            start += k
+
     def _hold_narrow_sides(self) -> Tensor | None:
         """Undo the optimizer's moves of the held sides' widths and of their components'
         locations; returns the cut's ``(2, ΣK)`` scale (0 on a held side), or ``None``
@@ -761,6 +787,7 @@ class StructureLearner:
             self.held_locations = torch.as_tensor(
                 held["locations"], dtype=torch.float64, device=device
             )
+            self._skip_held_gradients()
         nested = state.get("passes")
         for name, each in self.passes.items():
             each.load_state_dict(state if nested is None else nested.get(name, {}))

@@ -309,16 +309,25 @@ def _grid_mask_forward(
     return mask, starts, lengths, edge
 
 
+def _grid_mask_backward_end(
+    grad_mask: Tensor, starts: Tensor, lengths: Tensor, edge: Tensor, n: int
+) -> Tensor:
+    """The width gradient of `_grid_mask_backward`: the edge kernel at the box's end."""
+    periods = edge.unfold(0, n, 1)  # row a: edge[(a + j) mod n], 0 <= a <= n
+    grad_mask = grad_mask.reshape(-1, n).to(edge.dtype)
+    at_end = periods.index_select(0, torch.remainder(-(starts + lengths), n).reshape(-1))
+    return torch.linalg.vecdot(grad_mask, at_end).reshape(starts.shape)
+
+
 def _grid_mask_backward(
     grad_mask: Tensor, starts: Tensor, lengths: Tensor, edge: Tensor, n: int
 ) -> tuple[Tensor, Tensor]:
     """``(grad_width, grad_location)`` of the masks' ``(K, n)`` gradient ``grad_mask``:
     the edge kernel at the box's end (width) and at both ends (location)."""
-    periods = edge.unfold(0, n, 1)  # row a: edge[(a + j) mod n], 0 <= a <= n
-    grad_mask = grad_mask.reshape(-1, n).to(edge.dtype)
-    at_end = periods.index_select(0, torch.remainder(-(starts + lengths), n).reshape(-1))
+    grad_end = _grid_mask_backward_end(grad_mask, starts, lengths, edge, n)
+    periods = edge.unfold(0, n, 1)
     at_start = periods.index_select(0, torch.remainder(-starts, n).reshape(-1))
-    grad_end = torch.linalg.vecdot(grad_mask, at_end).reshape(starts.shape)
+    grad_mask = grad_mask.reshape(-1, n).to(edge.dtype)
     grad_start = torch.linalg.vecdot(grad_mask, at_start).reshape(starts.shape)
     # Widening moves the end; moving the box moves both ends the same way.
     return grad_end, grad_end - grad_start
@@ -331,8 +340,9 @@ class _MaskFactorsTorch(torch.autograd.Function):
     dtype copies, broadcasts) whose bookkeeping was much of a small layer's training step."""
 
     @staticmethod
-    def forward(ctx, factor_u, factor_v, widths, locations, sigma, dtype, finite):  # type: ignore[override]
+    def forward(ctx, factor_u, factor_v, widths, locations, sigma, dtype, finite, skip=None):  # type: ignore[override]
         rows, cols = factor_u.shape[2], factor_v.shape[2]
+        ctx.skip = skip
         row_mask, row_starts, row_lengths, row_edge = _grid_mask_forward(
             widths[1], locations[1], rows, sigma, dtype, finite
         )
@@ -359,11 +369,20 @@ class _MaskFactorsTorch(torch.autograd.Function):
         grad_factor_v = grad_v * col_scale if needs_v else None
         grad_widths = grad_locations = None
         if needs_widths or needs_locations:
+            # ``skip``: (input widths, output widths, locations) whose gradients a structure
+            # learner discards (it holds them); they come back as zeros, the rest is the
+            # same arithmetic as without it, bit for bit.
+            skip_widths = ctx.skip[:2] if ctx.skip is not None else (False, False)
+            skip_locations = not needs_locations or (ctx.skip is not None and ctx.skip[2])
             sides = []
-            for grad, factor, starts, lengths, edge in (
-                (grad_v, factor_v, col_starts, col_lengths, col_edge),
-                (grad_u, factor_u, row_starts, row_lengths, row_edge),
+            for grad, factor, starts, lengths, edge, skip_width in (
+                (grad_v, factor_v, col_starts, col_lengths, col_edge, skip_widths[0]),
+                (grad_u, factor_u, row_starts, row_lengths, row_edge, skip_widths[1]),
             ):
+                if skip_width and skip_locations:
+                    zeros = torch.zeros(starts.shape, dtype=edge.dtype, device=edge.device)
+                    sides.append((zeros, zeros))
+                    continue
                 # What autograd does for ``factor * mask.to(factor.dtype).unsqueeze(1)``:
                 # the product's gradient summed over the broadcast rank dimension (no sum
                 # at rank 1, where the shapes already match), back in the mask's dtype.
@@ -371,10 +390,17 @@ class _MaskFactorsTorch(torch.autograd.Function):
                 if factor.shape[1] > 1:
                     grad_mask = grad_mask.sum(1, keepdim=True)
                 grad_mask = grad_mask.squeeze(1).to(ctx.mask_dtype)
-                sides.append(_grid_mask_backward(grad_mask, starts, lengths, edge, factor.shape[2]))
+                n = factor.shape[2]
+                if skip_locations:
+                    grad_end = _grid_mask_backward_end(grad_mask, starts, lengths, edge, n)
+                    sides.append((grad_end, torch.zeros_like(grad_end)))
+                else:
+                    sides.append(_grid_mask_backward(grad_mask, starts, lengths, edge, n))
+                if skip_width:
+                    sides[-1] = (torch.zeros_like(sides[-1][0]), sides[-1][1])
             grad_widths = torch.stack([sides[0][0], sides[1][0]]) if needs_widths else None
             grad_locations = torch.stack([sides[0][1], sides[1][1]]) if needs_locations else None
-        return grad_factor_u, grad_factor_v, grad_widths, grad_locations, None, None, None
+        return grad_factor_u, grad_factor_v, grad_widths, grad_locations, None, None, None, None
 
 
 def gaudi_mask_on_grid(
@@ -716,15 +742,20 @@ def mask_factors_unchecked(
     locations: Tensor,
     sigma: float | None,
     backend: str = "auto",
+    skip: tuple[bool, bool, bool] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """[`mask_factors`][gblr.ops.gaudi.mask_factors] without argument checks, for layers whose
     shapes are right by construction (it runs in every training forward); ``sigma`` a positive float
-    or ``None`` (no smoothing), never ``inf``."""
+    or ``None`` (no smoothing), never ``inf``. ``skip``: (input widths, output widths,
+    locations) whose gradients come back as zeros without being computed (the torch backend
+    only; a structure learner that holds them discards them anyway)."""
     if backend == "auto":
         backend = "triton" if factor_u.is_cuda and _triton_available() else "torch"
     if backend == "torch":
         dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
         finite = _known_finite(widths, locations)
-        return _MaskFactorsTorch.apply(factor_u, factor_v, widths, locations, sigma, dtype, finite)
+        return _MaskFactorsTorch.apply(
+            factor_u, factor_v, widths, locations, sigma, dtype, finite, skip
+        )
     out_dtype = _autocast_dtype(factor_u.device.type) or factor_u.dtype
     return _MaskFactorsTriton.apply(factor_u, factor_v, widths, locations, sigma, out_dtype)
