@@ -32,7 +32,7 @@ class ScratchOptions:
 def scratch_options(options: dict[str, Any], budget: float, task: str) -> ScratchOptions:
     """Split a variant's ``options`` for a run at ``budget``; an unknown key is a
     ``ValueError`` naming ``task``."""
-    from gblr.learn.config import LearnerConfig, config_from_options
+    from gblr.learn.config import DEPRECATED_OPTIONS, LearnerConfig, config_from_options
     from gblr.recipes.models import gblr_start_cost
 
     options = dict(options)
@@ -50,25 +50,11 @@ def scratch_options(options: dict[str, Any], budget: float, task: str) -> Scratc
     # 2026-12-06 a variant without "sigma" ran the paper's σ schedule and no held sides,
     # the default then (the "note" of each recorded row says on which code it ran).
     given = config_from_options(learner_options)
+    # The field each keyword sets: the left of its replacement, "shift_limit=..." for both
+    # max_shift keywords.
     fields = {
         field: getattr(given, field)
-        for option in learner_options
-        for field in _LEARNER_FIELDS[option]
+        for field in (DEPRECATED_OPTIONS[option].split("=")[0] for option in learner_options)
     }
     learner = dataclasses.replace(LearnerConfig(), **fields, **learner_fields)
     return ScratchOptions(start_cost, structure, engine, learner)
-
-
-# Each deprecated learner keyword and the LearnerConfig fields it sets.
-_LEARNER_FIELDS = {
-    "sigma": ("sigma",),
-    "sigma_schedule": ("sigma_schedule",),
-    "ramp": ("ramp",),
-    "adaptive": ("adaptive",),
-    "max_shift": ("shift_limit",),
-    "max_shift_ramp": ("shift_limit",),
-    "merge": ("merge",),
-    "untangle": ("untangle",),
-    "refine": ("refine",),
-    "merge_every": ("pass_every",),
-}

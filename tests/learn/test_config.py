@@ -66,15 +66,14 @@ def test_every_pass_config_has_its_pass_in_the_learner():
 def test_presets():
     # The default differs from the paper's method in six fields (exact masks, a final
     # phase, removed components kept off, the scaled cut, the filled budget, held strips).
-    paper = gblr.LearnerConfig(
-        sigma=(1.0, 100.0),
-        exact_from=None,
-        revive=True,
-        cut_exponent=0.0,
-        fill_budget=False,
-        hold_narrow_sides=0,
-    )
-    assert gblr.LearnerConfig.paper() == paper
+    assert gblr.LearnerConfig.paper().differences(gblr.LearnerConfig()) == [
+        "sigma: (1.0, 100.0) != None",
+        "exact_from: None != 0.95",
+        "revive: True != False",
+        "cut_exponent: 0.0 != 0.5",
+        "fill_budget: False != True",
+        "hold_narrow_sides: 0 != 1",
+    ]
     assert gblr.LearnerConfig().sigma is None
     assert gblr.LearnerConfig().hold_narrow_sides == 1
     annealed = dataclasses.replace(gblr.LearnerConfig(), sigma=(1.0, 100.0), hold_narrow_sides=0)

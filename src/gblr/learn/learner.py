@@ -25,6 +25,7 @@ pass").
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cost import fraction_budget_macs, layer_rows, row_weights
-from ..layers.base import GBLRMatrixMixin
+from ..layers.base import GBLRMatrixMixin, skip_held_gradients
 from ..modules import to_device
 from .arguments import BUDGET_ALIASES, budget_names, check_budget_arguments, resolve_deprecated
 from .config import DEPRECATED_OPTIONS, SIGMA_SCHEDULES, LearnerConfig, check_sigma
@@ -260,13 +261,19 @@ class _StructureView:
         per_unit = self.unit_cost if scale is None else self.unit_cost * scale
         return (widths - threshold * per_unit).clamp(0.0, 1.0)
 
+    @functools.cached_property
+    def parts(self) -> list[tuple[GBLRMatrixMixin, slice]]:
+        """Each layer with the slice of its components in the flat ``(2, ΣK)`` tensors."""
+        parts, start = [], 0
+        for layer in self.layers:
+            parts.append((layer, slice(start, start + layer.num_components)))
+            start += layer.num_components
+        return parts
+
     def write(self, widths: Tensor) -> None:
-        start = 0
         with torch.no_grad():
-            for layer in self.layers:
-                k = layer.num_components
-                layer.widths.copy_(widths[:, start : start + k])
-                start += k
+            for layer, part in self.parts:
+                layer.widths.copy_(widths[:, part])
 
 
 class StructureLearner:
@@ -463,8 +470,7 @@ class StructureLearner:
         self.step_count = 0
         self.threshold = 0.0
         self.start_cost = self.view.cost(self.view.widths())
-        self.held_sides, self.held_widths, self.held_locations = self._narrow_sides()
-        self._skip_held_gradients()
+        self._hold(*self._narrow_sides())
         schedule = PassSchedule(self.warmup_steps, self.config.pass_every)
         # name -> pass, in the order of PASSES: the passes the config turns on.
         self.passes: dict[str, LearnerPass] = {
@@ -676,20 +682,23 @@ class StructureLearner:
         locations = torch.cat([layer.locations.detach().double() for layer in self.layers], 1)
         return held, widths, locations.remainder(1.0)
 
-    def _skip_held_gradients(self) -> None:
-        """Tell each layer which of its sides are held in every component that can get a
-        gradient (the live ones; all of them with ``revive``), so its training masks skip
-        those gradients: `_hold_narrow_sides` undoes whatever the optimizer does with them.
-        The live set only shrinks and the held set is fixed, so this stays true."""
-        from ..layers.base import skip_held_gradients
-
-        start = 0
-        for layer in self.layers:
-            k = layer.num_components
+    def _hold(self, sides: Tensor | None, widths: Tensor | None, locations: Tensor | None) -> None:
+        """Hold ``sides`` (``(2, ΣK)`` bool) at ``widths`` with their components at
+        ``locations`` (``None`` each: nothing held): keeps them, the cut's scale they give
+        (0 on a held side) and which locations they hold, and tells each layer which of
+        its sides are held in every component that can get a gradient (the live ones; all
+        of them with ``revive``), so its training masks skip those gradients. The live set
+        only shrinks and the held set is fixed, so that stays true."""
+        self.held_sides, self.held_widths, self.held_locations = sides, widths, locations
+        self._held_scale = None if sides is None else (~sides).double()
+        self._held_components = (
+            None if sides is None else sides.any(0, keepdim=True).expand_as(sides)
+        )
+        for layer, part in self.view.parts:
             skip = None
-            if self.held_sides is not None:
-                held = self.held_sides[:, start : start + k].to(layer.widths.device)
-                able = torch.ones(k, dtype=torch.bool, device=held.device)
+            if sides is not None:
+                held = sides[:, part].to(layer.widths.device)
+                able = torch.ones(held.shape[1], dtype=torch.bool, device=held.device)
                 if not self.config.revive:
                     able = (layer.widths.detach() > 0).all(0)
                 if bool(able.any()):
@@ -699,7 +708,6 @@ class StructureLearner:
                         bool(held.any(0)[able].all()),
                     )
             skip_held_gradients(layer, self, skip)
-            start += k
 
     def _hold_narrow_sides(self) -> Tensor | None:
         """Undo the optimizer's moves of the held sides' widths and of their components'
@@ -708,18 +716,13 @@ class StructureLearner:
         if self.held_sides is None:
             return None
         assert self.held_widths is not None and self.held_locations is not None
-        components = self.held_sides.any(0, keepdim=True).expand_as(self.held_sides)
-        start = 0
-        for layer in self.layers:
-            k = layer.num_components
-            part = slice(start, start + k)
+        for layer, part in self.view.parts:
             for values, held, kept in (
                 (layer.widths, self.held_sides[:, part], self.held_widths[:, part]),
-                (layer.locations, components[:, part], self.held_locations[:, part]),
+                (layer.locations, self._held_components[:, part], self.held_locations[:, part]),
             ):
                 values.copy_(torch.where(held, kept.to(values), values))
-            start += k
-        return (~self.held_sides).double()
+        return self._held_scale
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -782,12 +785,11 @@ class StructureLearner:
         held = state.get("held")
         if held is not None:  # the sides held since the saved run's start, not today's
             device = self.view.dims.device
-            self.held_sides = torch.as_tensor(held["sides"], dtype=torch.bool, device=device)
-            self.held_widths = torch.as_tensor(held["widths"], dtype=torch.float64, device=device)
-            self.held_locations = torch.as_tensor(
-                held["locations"], dtype=torch.float64, device=device
+            self._hold(
+                torch.as_tensor(held["sides"], dtype=torch.bool, device=device),
+                torch.as_tensor(held["widths"], dtype=torch.float64, device=device),
+                torch.as_tensor(held["locations"], dtype=torch.float64, device=device),
             )
-            self._skip_held_gradients()
         nested = state.get("passes")
         for name, each in self.passes.items():
             each.load_state_dict(state if nested is None else nested.get(name, {}))

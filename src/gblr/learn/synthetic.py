@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .config import LearnerConfig
+
 if TYPE_CHECKING:
     from ..layers.base import FactorInit
-    from .config import LearnerConfig
     from .learner import StructureLearner
 
 __all__ = ["planted_blocks", "recovery_run", "regression_steps"]
@@ -140,8 +141,6 @@ def recovery_run(
     )
     budget = int(budget_factor * planted_cost)
     if config is None:
-        from .config import LearnerConfig
-
         config = LearnerConfig.annealed()
     learner = StructureLearner(
         layer, config, budget_macs=budget, total_steps=steps, warmup_steps=steps // 2

@@ -309,25 +309,24 @@ def _grid_mask_forward(
     return mask, starts, lengths, edge
 
 
-def _grid_mask_backward_end(
-    grad_mask: Tensor, starts: Tensor, lengths: Tensor, edge: Tensor, n: int
-) -> Tensor:
-    """The width gradient of `_grid_mask_backward`: the edge kernel at the box's end."""
+def _grid_mask_backward(
+    grad_mask: Tensor,
+    starts: Tensor,
+    lengths: Tensor,
+    edge: Tensor,
+    n: int,
+    locations: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``(grad_width, grad_location)`` of the masks' ``(K, n)`` gradient ``grad_mask``:
+    the edge kernel at the box's end (width) and at both ends (location; ``None`` without
+    ``locations``)."""
     periods = edge.unfold(0, n, 1)  # row a: edge[(a + j) mod n], 0 <= a <= n
     grad_mask = grad_mask.reshape(-1, n).to(edge.dtype)
     at_end = periods.index_select(0, torch.remainder(-(starts + lengths), n).reshape(-1))
-    return torch.linalg.vecdot(grad_mask, at_end).reshape(starts.shape)
-
-
-def _grid_mask_backward(
-    grad_mask: Tensor, starts: Tensor, lengths: Tensor, edge: Tensor, n: int
-) -> tuple[Tensor, Tensor]:
-    """``(grad_width, grad_location)`` of the masks' ``(K, n)`` gradient ``grad_mask``:
-    the edge kernel at the box's end (width) and at both ends (location)."""
-    grad_end = _grid_mask_backward_end(grad_mask, starts, lengths, edge, n)
-    periods = edge.unfold(0, n, 1)
+    grad_end = torch.linalg.vecdot(grad_mask, at_end).reshape(starts.shape)
+    if not locations:
+        return grad_end, None
     at_start = periods.index_select(0, torch.remainder(-starts, n).reshape(-1))
-    grad_mask = grad_mask.reshape(-1, n).to(edge.dtype)
     grad_start = torch.linalg.vecdot(grad_mask, at_start).reshape(starts.shape)
     # Widening moves the end; moving the box moves both ends the same way.
     return grad_end, grad_end - grad_start
@@ -379,8 +378,8 @@ class _MaskFactorsTorch(torch.autograd.Function):
                 (grad_v, factor_v, col_starts, col_lengths, col_edge, skip_widths[0]),
                 (grad_u, factor_u, row_starts, row_lengths, row_edge, skip_widths[1]),
             ):
+                zeros = torch.zeros(starts.shape, dtype=edge.dtype, device=edge.device)
                 if skip_width and skip_locations:
-                    zeros = torch.zeros(starts.shape, dtype=edge.dtype, device=edge.device)
                     sides.append((zeros, zeros))
                     continue
                 # What autograd does for ``factor * mask.to(factor.dtype).unsqueeze(1)``:
@@ -390,14 +389,15 @@ class _MaskFactorsTorch(torch.autograd.Function):
                 if factor.shape[1] > 1:
                     grad_mask = grad_mask.sum(1, keepdim=True)
                 grad_mask = grad_mask.squeeze(1).to(ctx.mask_dtype)
-                n = factor.shape[2]
-                if skip_locations:
-                    grad_end = _grid_mask_backward_end(grad_mask, starts, lengths, edge, n)
-                    sides.append((grad_end, torch.zeros_like(grad_end)))
-                else:
-                    sides.append(_grid_mask_backward(grad_mask, starts, lengths, edge, n))
-                if skip_width:
-                    sides[-1] = (torch.zeros_like(sides[-1][0]), sides[-1][1])
+                grad_width, grad_location = _grid_mask_backward(
+                    grad_mask, starts, lengths, edge, factor.shape[2], not skip_locations
+                )
+                sides.append(
+                    (
+                        zeros if skip_width else grad_width,
+                        zeros if grad_location is None else grad_location,
+                    )
+                )
             grad_widths = torch.stack([sides[0][0], sides[1][0]]) if needs_widths else None
             grad_locations = torch.stack([sides[0][1], sides[1][1]]) if needs_locations else None
         return grad_factor_u, grad_factor_v, grad_widths, grad_locations, None, None, None, None
