@@ -1,3 +1,4 @@
+import gc
 import io
 import math
 
@@ -633,3 +634,87 @@ def test_blocks_init_is_a_block_diagonal_next_to_full_components(scheme, shape, 
     assert (row_of_col.diff() >= 0).all()  # blocks run down the diagonal, in order
     # The cost is the budget's within one line per strip of rounding.
     assert abs(layer.flops() - cost * m * n) <= strips.sum().item() + 2 * (m + n)
+
+
+def _strip_layers(order="auto", rank=1, explicit=False):
+    """Two layers of one-line strips held by a learner: 48 -> 40 (row strips) and
+    40 -> 56 (column strips), or with ``explicit`` a 12 -> 9 layer of rank ``rank`` whose
+    six components read columns 0, 3, 3, 5, 8, 11 (two share a column)."""
+    torch.manual_seed(0)
+    if explicit:
+        columns = torch.tensor([0, 3, 3, 5, 8, 11], dtype=torch.float64) / 12
+        widths = torch.stack([torch.full((6,), 1 / 12), torch.full((6,), 4 / 9)])
+        locations = torch.stack([columns, torch.arange(6) / 9])
+        layers = [
+            gblr.GBLRLinear(
+                12, 9, rank_per_component=rank, num_components=6, widths=widths,
+                locations=locations, sigma=None, evaluation_order=order,
+            )
+        ]  # fmt: skip
+    else:
+        layers = [
+            gblr.GBLRLinear(
+                fan_in, fan_out, structure_init="blockdiag", init_cost=0.3, sigma=None,
+                evaluation_order=order,
+            )
+            for fan_in, fan_out in ((48, 40), (40, 56))
+        ]  # fmt: skip
+    model = torch.nn.Sequential(*layers)
+    learner = gblr.StructureLearner(
+        model, gblr.LearnerConfig(sigma=None), budget=0.2, total_steps=10, warmup_steps=2
+    )
+    return model, learner
+
+
+def _loss_and_gradients(model, x):
+    out = model(x)
+    (out.square().sum() + sum(layer.widths.sum() for layer in model)).backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("rank", "explicit"), [(1, False), (1, True), (2, True)])
+def test_strip_form_gives_the_masked_factors_product_and_its_gradients(rank, explicit):
+    """Held one-line sides are gathered or added into (`strips`): the output of the masked
+    factors' two products exactly (to rounding where two components share a line), and the
+    same gradients up to the order of a sum over rows; the dense weight's product too."""
+    x = torch.randn(3, 5, 12 if explicit else 48)
+    model, learner = _strip_layers(rank=rank, explicit=explicit)
+    reference, _reference_learner = _strip_layers("factored", rank=rank, explicit=explicit)
+    sides = [layer.strips()[0] for layer in model]
+    assert sides == ([0] if explicit else [1, 0])
+    assert all(layer.strips() is None for layer in reference)
+    out, grads = _loss_and_gradients(model, x)
+    expected, expected_grads = _loss_and_gradients(reference, x)
+    if explicit:
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(out, expected)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5)
+        assert grad.abs().sum() > 0 or "locations" in name or "widths" in name, name
+    dense = x
+    for layer in model:
+        dense = dense @ layer.dense_weight().detach().t() + layer.bias.detach()
+    torch.testing.assert_close(out.detach(), dense, rtol=1e-5, atol=1e-5)
+    del learner
+
+
+def test_strip_form_only_where_every_computed_component_is_one_held_line():
+    model, learner = _strip_layers()
+    assert all(layer.strips() is not None for layer in model)
+    model.eval()
+    assert all(layer.strips() is None for layer in model)  # eval: exact boxcars
+    model.train()
+    for sigma, strips in ((4.0, False), (math.inf, True)):  # smooth masks: not one entry
+        for layer in model:
+            layer.sigma.fill_(sigma)
+        assert all((layer.strips() is not None) is strips for layer in model)
+    with torch.no_grad():  # one component of each layer two lines wide on its held side
+        for layer in model:
+            side = layer.strips()[0]
+            layer.widths[side, 0] = 2 / (layer.cols if side == 0 else layer.rows)
+    assert all(layer.strips() is None for layer in model)
+    del learner
+    gc.collect()
+    free = _strip_layers()[0]  # its learner is gone: nothing is held
+    assert all(layer.strips() is None for layer in free)

@@ -264,3 +264,40 @@ def test_one_node_masking_passes_gradcheck():
         return _MaskFactorsTorch.apply(u, v, widths, locations, 1.5, torch.float64, True)
 
     assert torch.autograd.gradcheck(factors_only, (u, v))
+
+
+@pytest.mark.parametrize("side", [0, 1])
+def test_one_side_masked_alone_is_that_side_of_both(side):
+    """A factor given as ``None`` (the strip form computes that side itself): the other
+    side's output and gradients are those of masking both, to the last bit, and the
+    missing side's widths and locations get zeros."""
+    from gblr.ops.gaudi import _mask_dtype, _MaskFactorsTorch
+
+    torch.manual_seed(3)
+    k, rows, cols = 5, 10, 8
+    inputs = (
+        torch.randn(k, 2, rows),
+        torch.randn(k, 2, cols),
+        torch.rand(2, k, dtype=torch.float64) * 0.9 + 0.05,
+        torch.rand(2, k, dtype=torch.float64),
+    )
+    weights = (torch.randn(k, 2, rows), torch.randn(k, 2, cols))
+    results = []
+    for alone in (False, True):
+        leaves = [value.clone().requires_grad_(True) for value in inputs]
+        kept = 1 if side == 0 else 0  # side 0 (columns) masks V, side 1 (rows) U
+        factors = list(leaves[:2])
+        if alone:
+            factors[1 - kept] = None
+        outputs = _MaskFactorsTorch.apply(
+            *factors, leaves[2], leaves[3], None, _mask_dtype(torch.float64), True
+        )
+        assert alone is (outputs[1 - kept] is None)
+        (outputs[kept] * weights[kept]).sum().backward()
+        results.append((outputs[kept], leaves[kept].grad, leaves[2].grad, leaves[3].grad))
+    (out, grad, widths, locations), (out_alone, grad_alone, widths_alone, locations_alone) = results
+    assert torch.equal(out_alone, out) and torch.equal(grad_alone, grad)
+    assert torch.equal(widths_alone[side], widths[side])
+    assert torch.equal(locations_alone[side], locations[side])
+    assert bool(widths[side].abs().sum() > 0) and bool(locations[side].abs().sum() > 0)
+    assert not widths_alone[1 - side].any() and not locations_alone[1 - side].any()

@@ -32,6 +32,7 @@ from ..ops.gaudi import (
     interval_starts,
     mask_factors_traceable,
     mask_factors_unchecked,
+    strip_factors,
 )
 
 __all__ = [
@@ -604,23 +605,8 @@ class GBLRMatrixMixin(nn.Module):
         (set by [`gblr.StructureLearner`][] from ``LearnerConfig.revive``).
         """
         if self.training:
-            widths, locations = self.widths, self.locations
-            factor_u, factor_v = self.U, self.V
-            off = None if self.revive_empty else _off_components(widths)
             compiling = _is_compiling()
-            # Components that are off add exact zeros: on the CPU they are left out of the
-            # masking and both products, which also keeps their widths and locations out of
-            # the gradient (on CUDA, finding them would cost a sync). Not while factors are
-            # recorded: the records hold all K components.
-            if off is not None and not compiling and factor_u.is_cpu and self.factor_record is None:
-                on = (~off).nonzero().flatten()
-                if on.numel() < off.numel():
-                    factor_u, factor_v = factor_u[on], factor_v[on]
-                    widths, locations = widths[:, on], locations[:, on]
-                off = None
-            if off is not None:
-                widths = torch.where(off, widths.detach(), widths)
-                locations = torch.where(off, locations.detach(), locations)
+            factor_u, factor_v, widths, locations = self._computed_components(compiling)
             if compiling:
                 # Under torch.compile: σ stays a tensor (reading it on the host would break
                 # the graph, and a Python float would recompile at every σ step) and the
@@ -644,6 +630,56 @@ class GBLRMatrixMixin(nn.Module):
         u = (self.U * row_mask.to(dtype).unsqueeze(1)).reshape(-1, self.rows)
         v = (self.V * col_mask.to(dtype).unsqueeze(1)).reshape(-1, self.cols)
         return u, v
+
+    def _computed_components(self, compiling: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(U, V, widths, locations)`` of the components a training forward computes."""
+        widths, locations = self.widths, self.locations
+        factor_u, factor_v = self.U, self.V
+        off = None if self.revive_empty else _off_components(widths)
+        # Components that are off add exact zeros: on the CPU they are left out of the
+        # masking and both products, which also keeps their widths and locations out of
+        # the gradient (on CUDA, finding them would cost a sync). Not while factors are
+        # recorded: the records hold all K components.
+        if off is not None and not compiling and factor_u.is_cpu and self.factor_record is None:
+            on = (~off).nonzero().flatten()
+            if on.numel() < off.numel():
+                factor_u, factor_v = factor_u[on], factor_v[on]
+                widths, locations = widths[:, on], locations[:, on]
+            off = None
+        if off is not None:
+            widths = torch.where(off, widths.detach(), widths)
+            locations = torch.where(off, locations.detach(), locations)
+        return factor_u, factor_v, widths, locations
+
+    def strips(self) -> tuple[int, Tensor, Tensor, Tensor] | None:
+        """The training form of a layer whose computed components are each one line (an
+        input column or an output row) that a [`gblr.StructureLearner`][] holds, with
+        exact masks (the default block-diagonal start): ``(side, masked, values (K'*r,),
+        lines (K'*r,))`` as [`gblr.ops.gaudi.strip_factors`][] returns them, the masked
+        factor of the other side flattened to ``(K'*r, out or in)``. ``None`` in eval,
+        under ``torch.compile``, with an ``evaluation_order`` other than ``"auto"``, while
+        factors are recorded, off the CPU, with a Gaussian smoothing, or when no side is
+        one held line in every computed component.
+        """
+        if self._evaluation_order != "auto" or not self.training or _is_compiling():
+            return None
+        if self.factor_record is not None:
+            return None
+        skip = _skipped_gradients(self)
+        if skip is None or self._sigma_value() is not None:
+            return None
+        factor_u, factor_v, widths, locations = self._computed_components(False)
+        found = strip_factors(factor_u, factor_v, widths, locations, skip)
+        if found is None:
+            return None
+        side, masked, values, lines = found
+        rank = self.rank_per_component
+        return (
+            side,
+            masked.reshape(-1, masked.shape[2]),
+            values.reshape(-1),
+            lines.repeat_interleave(rank) if rank > 1 else lines,
+        )
 
     def record_factors(self, enabled: bool = True) -> None:
         """Arm (``enabled``) or stop the recording of `factor_record`.

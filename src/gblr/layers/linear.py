@@ -48,7 +48,10 @@ class GBLRLinear(GBLRMatrixMixin):
             Dirichlet form; [`gblr.StructureLearner`][] anneals it).
         evaluation_order: ``"auto"`` picks, from the number of input rows, the cheaper of
             ``"materialize"`` (build ``W``, one matmul) and ``"factored"`` (two thin
-            matmuls through the rank). Both are exact.
+            matmuls through the rank); in training on the CPU, when every component reads
+            one input column that a structure learner holds (the block-diagonal start),
+            or one output row, it gathers those columns or adds into those rows
+            instead of the product on that side (`strips`). All are exact.
         device, dtype: factory keywords as for ``nn.Linear``.
 
     Shapes:
@@ -116,6 +119,14 @@ class GBLRLinear(GBLRMatrixMixin):
                 f"input's last dimension must be in_features={self.in_features}, "
                 f"got input of shape {tuple(x.shape)}"
             )
+        strips = self.strips()
+        if strips is not None:
+            side, masked, values, lines = strips
+            if side == 0:  # one input column per rank term: a gather, then the rows
+                return F.linear(x.index_select(-1, lines) * values, masked.t(), self.bias)
+            terms = F.linear(x, masked) * values  # one output row per rank term
+            out = terms.new_zeros(*terms.shape[:-1], self.out_features).index_add(-1, lines, terms)
+            return out if self.bias is None else out + self.bias
         rows = x.numel() // self.in_features
         u, v = self.masked_factors()
         if self._choose_order(rows, u.shape[0]) == "materialize":

@@ -340,32 +340,35 @@ class _MaskFactorsTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, factor_u, factor_v, widths, locations, sigma, dtype, finite, skip=None):  # type: ignore[override]
-        rows, cols = factor_u.shape[2], factor_v.shape[2]
+        # A factor given as ``None`` is not masked (its output is ``None``): the caller
+        # computes that side itself (`strip_factors`); its widths and locations get zero
+        # gradients.
         ctx.skip = skip
-        row_mask, row_starts, row_lengths, row_edge = _grid_mask_forward(
-            widths[1], locations[1], rows, sigma, dtype, finite
-        )
-        col_mask, col_starts, col_lengths, col_edge = _grid_mask_forward(
-            widths[0], locations[0], cols, sigma, dtype, finite
-        )
-        row_scale = row_mask.to(factor_u.dtype).unsqueeze(1)
-        col_scale = col_mask.to(factor_v.dtype).unsqueeze(1)
-        ctx.save_for_backward(
-            factor_u, factor_v, row_scale, col_scale, row_starts, row_lengths, row_edge,
-            col_starts, col_lengths, col_edge,
-        )  # fmt: skip
+        saved, outputs = [], []
+        for factor, side in ((factor_u, 1), (factor_v, 0)):
+            if factor is None:
+                saved += [None] * 4
+                outputs.append(None)
+                continue
+            mask, starts, lengths, edge = _grid_mask_forward(
+                widths[side], locations[side], factor.shape[2], sigma, dtype, finite
+            )
+            scale = mask.to(factor.dtype).unsqueeze(1)
+            saved += [scale, starts, lengths, edge]
+            outputs.append(factor * scale)
+        ctx.save_for_backward(factor_u, factor_v, *saved)
         ctx.mask_dtype = dtype
-        return factor_u * row_scale, factor_v * col_scale
+        return tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_u, grad_v):  # type: ignore[override]
         (
-            factor_u, factor_v, row_scale, col_scale, row_starts, row_lengths, row_edge,
-            col_starts, col_lengths, col_edge,
+            factor_u, factor_v, row_scale, row_starts, row_lengths, row_edge,
+            col_scale, col_starts, col_lengths, col_edge,
         ) = ctx.saved_tensors  # fmt: skip
         needs_u, needs_v, needs_widths, needs_locations = ctx.needs_input_grad[:4]
-        grad_factor_u = grad_u * row_scale if needs_u else None
-        grad_factor_v = grad_v * col_scale if needs_v else None
+        grad_factor_u = grad_u * row_scale if needs_u and factor_u is not None else None
+        grad_factor_v = grad_v * col_scale if needs_v and factor_v is not None else None
         grad_widths = grad_locations = None
         if needs_widths or needs_locations:
             # ``skip``: (input widths, output widths, locations) whose gradients a structure
@@ -373,11 +376,17 @@ class _MaskFactorsTorch(torch.autograd.Function):
             # same arithmetic as without it, bit for bit.
             skip_widths = ctx.skip[:2] if ctx.skip is not None else (False, False)
             skip_locations = not needs_locations or (ctx.skip is not None and ctx.skip[2])
+            known = row_starts if row_starts is not None else col_starts
+            widths_shape, device = known.shape, known.device
             sides = []
             for grad, factor, starts, lengths, edge, skip_width in (
                 (grad_v, factor_v, col_starts, col_lengths, col_edge, skip_widths[0]),
                 (grad_u, factor_u, row_starts, row_lengths, row_edge, skip_widths[1]),
             ):
+                if factor is None:  # a side not masked here
+                    zeros = torch.zeros(widths_shape, dtype=ctx.mask_dtype, device=device)
+                    sides.append((zeros, zeros))
+                    continue
                 zeros = torch.zeros(starts.shape, dtype=edge.dtype, device=edge.device)
                 if skip_width and skip_locations:
                     sides.append((zeros, zeros))
@@ -759,3 +768,64 @@ def mask_factors_unchecked(
         )
     out_dtype = _autocast_dtype(factor_u.device.type) or factor_u.dtype
     return _MaskFactorsTriton.apply(factor_u, factor_v, widths, locations, sigma, out_dtype)
+
+
+def strip_factors(
+    factor_u: Tensor,
+    factor_v: Tensor,
+    widths: Tensor,
+    locations: Tensor,
+    skip: tuple[bool, bool, bool] | None,
+) -> tuple[int, Tensor, Tensor, Tensor] | None:
+    """The training form of a GBLR matrix whose every component is one line (one input
+    column, or one output row) that a structure learner holds, the block-diagonal start's
+    strips; ``None`` where that is not so.
+
+    With exact masks (``sigma=None``) such a component's masked factor on its one-line
+    side is a single entry per rank, so its product with the layer's input (columns) or
+    into the output (rows) is a gather or a scatter-add of single entries: it skips that
+    side's masking and a product as large as the dense layer's. The values are those of
+    `mask_factors_unchecked` (``sigma=None``) followed by the products, exactly where no
+    two components share a line; the entries' gradients differ by rounding only (a sum
+    over the rows in another order). The torch backend, CPU tensors.
+
+    Args:
+        factor_u: ``(K, r, out)`` left factors.
+        factor_v: ``(K, r, in)`` right factors.
+        widths: ``(2, K)`` (row 0 the input side).
+        locations: ``(2, K)``.
+        skip: the held sides as `mask_factors_unchecked` takes them; the form applies when
+            one side's widths and the locations are held and that side is one line in
+            every component.
+
+    Returns:
+        ``(side, masked, values (K, r), lines (K,) int64)``: ``side`` 0 (columns) with
+        ``masked = U_masked (K, r, out)`` and ``x @ V_masked[k, i].T == x[..., lines[k]]
+        * values[k, i]``, or 1 (rows) with ``masked = V_masked (K, r, in)`` and
+        ``U_masked[k, i] == values[k, i]`` at row ``lines[k]``, 0 elsewhere; or ``None``.
+    """
+    if skip is None or not skip[2] or not factor_u.is_cpu:
+        return None
+    if not _known_finite(widths, locations):
+        return None
+    for side, factor in ((0, factor_v), (1, factor_u)):
+        size = factor.shape[2]
+        if skip[side] and bool((_lengths(widths[side], size, finite=True) == 1).all()):
+            break
+    else:
+        return None
+    lines = _starts(locations[side], size, finite=True)
+    dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
+    masked_u, masked_v = _MaskFactorsTorch.apply(
+        factor_u if side == 0 else None,
+        factor_v if side == 1 else None,
+        widths,
+        locations,
+        None,
+        dtype,
+        True,
+        skip,
+    )
+    k, r = factor.shape[:2]
+    values = factor.gather(2, lines.view(k, 1, 1).expand(k, r, 1)).squeeze(2)
+    return side, masked_u if side == 0 else masked_v, values, lines
