@@ -16,7 +16,8 @@ on the last step's gradients; and the masking of one layer's factors, forward an
 backward, by the torch backend's single autograd node against the composition of two
 grid masks and two products it replaced (the MLP's 512 x 512 layer and a 64 x 256 layer
 of the Mixer's size, every component on), alternating. The training step itself uses the
-engine's AdamW (``foreach=True``). Writes ``benchmarks/results/bench_step_parts.json``.
+engine's AdamW (``gblr.learn.groups.adamw``: fused since 2026-12-06, ``foreach=True``
+before). Writes ``benchmarks/results/bench_step_parts.json``.
 """
 
 from __future__ import annotations
@@ -41,15 +42,14 @@ def _parts(structure: str, steps: int, skip: int, repeats: int) -> dict[str, flo
     AdamW step after them (``adamw_default``, ``adamw_fused``: ``repeats`` each)."""
     import gblr
     import realtask_vision
+    from gblr.learn.groups import adamw
     from gblr.recipes.models import gblr_start_cost, structure_model
 
     torch.manual_seed(0)
     model = realtask_vision._mlp()
     start = gblr_start_cost(BUDGET) if structure == "gblr" else BUDGET
     structure_model(model, structure, start, seed=0)
-    optimizer = torch.optim.AdamW(
-        gblr.param_groups(model, lr=2e-3, weight_decay=0.05), foreach=True
-    )
+    optimizer = adamw(gblr.param_groups(model, lr=2e-3, weight_decay=0.05))
     learner = None
     if structure == "gblr":
         learner = gblr.StructureLearner(

@@ -79,3 +79,45 @@ def test_frozen_and_shared_parameters():
 def test_bad_arguments(kwargs, error):
     with pytest.raises(error):
         gblr.param_groups(model(), **kwargs)
+
+
+def _adamw_reference_step(param, grad, lr, weight_decay, betas, eps=1e-8):
+    """One AdamW step from zero moments, written out (decoupled decay, bias correction)."""
+    first = (1 - betas[0]) * grad
+    second = (1 - betas[1]) * grad * grad
+    first_hat, second_hat = first / (1 - betas[0]), second / (1 - betas[1])
+    return param * (1 - lr * weight_decay) - lr * first_hat / (second_hat.sqrt() + eps)
+
+
+def test_adamw_is_fused_where_torch_takes_it_and_steps_as_adamw():
+    from gblr.learn.groups import adamw
+
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRLinear(8, 6, structure_init="half", init_cost=0.5))
+    groups = gblr.param_groups(model, lr=1e-2, weight_decay=0.1)
+    optimizer = adamw(groups)
+    assert optimizer.defaults["fused"] is True  # torch >= 2.4 takes CPU tensors
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    model(torch.randn(4, 8)).square().sum().backward()
+    optimizer.step()
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            expected = _adamw_reference_step(
+                before[id(param)], param.grad, group["lr"], group["weight_decay"], group["betas"]
+            )
+            torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_falls_back_to_foreach_where_fused_is_refused(monkeypatch):
+    from gblr.learn.groups import adamw
+
+    real = torch.optim.AdamW
+
+    def no_fused(params, **options):
+        if options.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be ... supported devices")
+        return real(params, **options)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    optimizer = adamw(gblr.param_groups(nn.Linear(3, 2), lr=1e-3))
+    assert optimizer.defaults["foreach"] is True and not optimizer.defaults["fused"]

@@ -36,7 +36,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from ..cost import FlopsReport, count_flops
 from ..integrations.lightning import GBLRCallback
-from ..learn.groups import gblr_layers, param_groups
+from ..learn.groups import adamw, gblr_layers, param_groups
 from ..modules import to_device
 from .checkpoints import (
     CHECKPOINT_KEY,
@@ -106,12 +106,7 @@ class _ScheduledModule(pl.LightningModule):
         groups = param_groups(
             self.model, lr=self.lr, structure_lr=structure_lr, weight_decay=self.weight_decay
         )
-        # foreach: one multi-tensor update per group instead of a loop over parameters,
-        # the same numbers bit for bit; torch picks it on CUDA only. On the CPU it saves
-        # the loop's calls on models with many small tensors (about 5% of the digits
-        # Mixer's GBLR step; docs/BENCHMARKS.md, "Fewer autograd nodes and a multi-tensor
-        # AdamW").
-        optimizer = torch.optim.AdamW(groups, foreach=True)
+        optimizer = adamw(groups)
         warmup, total = self.warmup_steps, max(self.total_steps, self.warmup_steps + 1)
         floor = self.min_lr / self.lr
 
