@@ -6,18 +6,23 @@ The real tasks' pixel MLP (benchmarks/realtask_vision.py: 256 -> 512 -> 512 -> 1
 hidden layers structured) on one random batch of 64, one torch thread: GBLR started as
 the suite trains it (the library's default start and learner: since 2026-12-06 the
 block-diagonal start at the budget of 0.1, before that 3x the budget ramped to it over
-the first third of the steps; ``benchmarks/results/bench_step_parts.json`` is a run of
-the earlier default), against low-rank at the budget. Medians over steps ``--skip`` .. ``--steps``
-of each part, in ms. Also the learner's non-finite screen (one sum per tensor) against the
-element-wise ``isfinite(t).all()`` it replaced, on the same tensors, in the same process;
-one AdamW step of each model after training, torch's default (a for-loop on the CPU)
-against ``foreach=True`` (what the training engine uses) and ``fused=True``, alternating,
-on the last step's gradients; and the masking of one layer's factors, forward and
-backward, by the torch backend's single autograd node against the composition of two
-grid masks and two products it replaced (the MLP's 512 x 512 layer and a 64 x 256 layer
-of the Mixer's size, every component on), alternating. The training step itself uses the
-engine's AdamW (``gblr.learn.groups.adamw``: fused since 2026-12-06, ``foreach=True``
-before). Writes ``benchmarks/results/bench_step_parts.json``.
+the first third of the steps), against low-rank at the budget. Medians over steps
+``--skip`` .. ``--steps`` of each part, in ms. The training step uses the engine's AdamW
+(``gblr.learn.groups.adamw``: fused since 2026-12-06, ``foreach=True`` before). Also,
+alternating where two things are compared, so that both see the same machine:
+
+- the learner's non-finite screen (one sum per tensor) against the element-wise
+  ``isfinite(t).all()`` it replaced, on the same tensors;
+- one AdamW step of each model after training: torch's default (a for-loop on the CPU),
+  ``foreach=True`` and ``fused=True``, on the last step's gradients;
+- the masking of one layer's factors, forward and backward, by the torch backend's single
+  autograd node against the composition of two grid masks and two products it replaced
+  (the MLP's 512 x 512 layer and a 64 x 256 layer of the Mixer's size, every component
+  on);
+- the 512 x 512 layer's forward and backward at the default start under a learner, by the
+  held strips' training form against the masked factors' two products.
+
+Writes ``benchmarks/results/bench_step_parts.json``.
 """
 
 from __future__ import annotations
@@ -166,6 +171,34 @@ def _mask_paths(repeats: int) -> dict[str, dict[str, float]]:
     return result
 
 
+def _strip_form(repeats: int) -> dict[str, float]:
+    """Median ms of one forward and backward of the pixel MLP's 512 x 512 layer at the
+    default start under a learner (batch 64): the held strips' training form
+    (``evaluation_order="auto"``) against the masked factors' two products
+    (``"factored"``), the same layer, alternating."""
+    import gblr
+    import realtask_vision
+    from gblr.recipes.models import structure_model
+
+    torch.manual_seed(0)
+    model = realtask_vision._mlp()
+    structure_model(model, "gblr", BUDGET, seed=0)
+    learner = gblr.StructureLearner(model, budget=BUDGET, total_steps=100)
+    layer = model.blocks[1]
+    inputs = torch.randn(64, layer.in_features)
+    samples: dict[str, list[float]] = {"strips": [], "masked_factors": []}
+    for _ in range(repeats):  # the two alternate, so both see the same machine
+        for name, order in (("strips", "auto"), ("masked_factors", "factored")):
+            layer._evaluation_order = order
+            start = time.perf_counter()
+            for _ in range(20):
+                layer(inputs).sum().backward()
+            samples[name].append((time.perf_counter() - start) / 20 * 1e3)
+    layer._evaluation_order = "auto"
+    del learner
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=800)
@@ -186,11 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         "lowrank_ms": _parts("lowrank", args.steps, args.skip, 10 * args.repeats),
         "non_finite_screen": _screens(args.repeats),
         "masking_ms": _mask_paths(args.repeats),
+        "strip_form_ms": _strip_form(args.repeats),
     }
     for name in ("gblr_ms", "lowrank_ms"):
         print(name, {key: round(value, 2) for key, value in report[name].items()})
     print("non-finite screen", report["non_finite_screen"])
     print("masking (forward + backward)", report["masking_ms"])
+    print("512 x 512 layer (forward + backward)", report["strip_form_ms"])
     write_json_atomically(args.output, report)
     return 0
 

@@ -672,18 +672,32 @@ def _loss_and_gradients(model, x):
     return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+def _count_strip_forwards(monkeypatch):
+    calls = []
+    real = gblr.GBLRLinear._strips_forward
+
+    def counted(self, *args):
+        calls.append(self)
+        return real(self, *args)
+
+    monkeypatch.setattr(gblr.GBLRLinear, "_strips_forward", counted)
+    return calls
+
+
 @pytest.mark.parametrize(("rank", "explicit"), [(1, False), (1, True), (2, True)])
-def test_strip_form_gives_the_masked_factors_product_and_its_gradients(rank, explicit):
+def test_strip_form_gives_the_masked_factors_product_and_its_gradients(rank, explicit, monkeypatch):
     """Held one-line sides are gathered or added into (`strips`): the output of the masked
     factors' two products exactly (to rounding where two components share a line), and the
     same gradients up to the order of a sum over rows; the dense weight's product too."""
-    x = torch.randn(3, 5, 12 if explicit else 48)
+    x = torch.randn(2, 3, 12 if explicit else 48)  # few rows: the strips pay
     model, learner = _strip_layers(rank=rank, explicit=explicit)
     reference, _reference_learner = _strip_layers("factored", rank=rank, explicit=explicit)
     sides = [layer.strips()[0] for layer in model]
     assert sides == ([0] if explicit else [1, 0])
     assert all(layer.strips() is None for layer in reference)
+    calls = _count_strip_forwards(monkeypatch)
     out, grads = _loss_and_gradients(model, x)
+    assert calls == list(model)
     expected, expected_grads = _loss_and_gradients(reference, x)
     if explicit:
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
@@ -718,3 +732,20 @@ def test_strip_form_only_where_every_computed_component_is_one_held_line():
     gc.collect()
     free = _strip_layers()[0]  # its learner is gone: nothing is held
     assert all(layer.strips() is None for layer in free)
+
+
+def test_many_rows_take_the_masked_factors_products_bit_for_bit(monkeypatch):
+    """With at least ``in * out / (K r)`` input rows the strips' element-wise work over the
+    rows would cost more than it saves: the forward is the masked factors' path exactly."""
+    model, learner = _strip_layers()
+    reference, _reference_learner = _strip_layers("factored")
+    for layer in (*model, *reference):  # "auto" would pick by the rows; fix one order
+        layer._choose_order = lambda vectors, rank_terms=None: "factored"
+    x = torch.randn(64, 48)  # 64 * 40 >= 48 * 40 and 64 * 40 >= 40 * 56
+    calls = _count_strip_forwards(monkeypatch)
+    out, grads = _loss_and_gradients(model, x)
+    assert calls == [] and all(layer.strips() is not None for layer in model)
+    expected, expected_grads = _loss_and_gradients(reference, x)
+    assert torch.equal(out, expected)
+    assert all(torch.equal(grad, expected_grads[name]) for name, grad in grads.items())
+    del learner

@@ -50,7 +50,8 @@ class GBLRLinear(GBLRMatrixMixin):
             ``"materialize"`` (build ``W``, one matmul) and ``"factored"`` (two thin
             matmuls through the rank); in training on the CPU, when every component reads
             one input column that a structure learner holds (the block-diagonal start),
-            or one output row, it gathers those columns or adds into those rows
+            or one output row, and the input rows are fewer than the layer's
+            ``in * out / (K r)``, it gathers those columns or adds into those rows
             instead of the product on that side (`strips`). All are exact.
         device, dtype: factory keywords as for ``nn.Linear``.
 
@@ -119,19 +120,32 @@ class GBLRLinear(GBLRMatrixMixin):
                 f"input's last dimension must be in_features={self.in_features}, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        strips = self.strips()
-        if strips is not None:
-            side, masked, values, lines = strips
-            if side == 0:  # one input column per rank term: a gather, then the rows
-                return F.linear(x.index_select(-1, lines) * values, masked.t(), self.bias)
-            terms = F.linear(x, masked) * values  # one output row per rank term
-            out = terms.new_zeros(*terms.shape[:-1], self.out_features).index_add(-1, lines, terms)
-            return out if self.bias is None else out + self.bias
         rows = x.numel() // self.in_features
+        # Held strips skip the product on their side, which pays when the rows are few;
+        # with many, their element-wise work over the rows costs more than the masking
+        # of a factor that they save (docs/BENCHMARKS.md, "Held strips and a fused AdamW").
+        terms = self.num_components * self.rank_per_component
+        if rows * terms < self.in_features * self.out_features:
+            strips = self.strips()
+            if strips is not None:
+                return self._strips_forward(x, *strips)
         u, v = self.masked_factors()
         if self._choose_order(rows, u.shape[0]) == "materialize":
             return F.linear(x, u.t() @ v, self.bias)
         return F.linear(F.linear(x, v), u.t(), self.bias)
+
+    def _strips_forward(
+        self, x: Tensor, side: int, masked: Tensor, values: Tensor, lines: Tensor
+    ) -> Tensor:
+        """The forward of held one-line strips (`strips`): a gather of ``x``'s columns
+        (``side`` 0) or an index-add into the output's rows (``side`` 1) times the strips'
+        entries, and the other side's product."""
+        if side == 0:
+            return F.linear(x.index_select(-1, lines) * values, masked.t(), self.bias)
+        products = F.linear(x, masked) * values
+        out = products.new_zeros(*products.shape[:-1], self.out_features)
+        out = out.index_add(-1, lines, products)
+        return out if self.bias is None else out + self.bias
 
     def dense_weight(self) -> Tensor:
         """The ``(out_features, in_features)`` weight in the current mode."""
