@@ -1,0 +1,84 @@
+"""Development probe: does a short run on 90% of the training images, scored on the other
+10%, pick the start that wins the full run? The default start against the learned start
+of before 2026-12-06, on the pixel MLPs of T1 (README beside this file).
+
+    OMP_NUM_THREADS=1 python benchmarks/results/realtasks-experiments/probe/probe.py STEPS
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))  # benchmarks/
+import realtask_vision as vision  # noqa: E402
+from gblr.recipes.engine import EngineConfig, train_classifier  # noqa: E402
+from gblr.recipes.models import structure_model  # noqa: E402
+from realtask_options import scratch_options  # noqa: E402
+
+LEARNED = {
+    "structure": {"structure_init": "blocks", "factor_init": "balanced"},
+    "start_cost_ratio": 3.0,
+    "sigma": [1.0, 100.0],
+    "learner_config": {"hold_narrow_sides": 0},
+}
+TASKS = (
+    ("mlp-few", vision._few_data),
+    ("mlp-shift", vision._shifted_data),
+    ("mlp", vision._upsampled_data),
+)
+
+
+def held_out_scores(task, images, labels, kept, held, budget, seed, options, steps):
+    """``(cross-entropy, accuracy)`` on ``held`` after ``steps`` steps on ``kept``."""
+    variant = scratch_options(options, budget, "T1")
+    torch.manual_seed(seed)
+    model = vision._model(task)
+    structure_model(model, "gblr", variant.start_cost, seed=seed, **variant.structure)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = EngineConfig(
+            steps=steps, lr=vision.LR, warmup_steps=steps // 3, budget=budget,
+            learner=variant.learner, out_dir=folder, seed=seed, progress=False,
+            logger=None, trainer={"accelerator": "cpu"}, **variant.engine,
+        )  # fmt: skip
+        train_classifier(model, TensorDataset(images[kept], labels[kept]), None, config)
+    model.eval()
+    with torch.no_grad():
+        logits = model(images[held])
+    loss = float(torch.nn.functional.cross_entropy(logits, labels[held]))
+    return loss, float((logits.argmax(1) == labels[held]).float().mean())
+
+
+def main() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 80
+    rows = []
+    for task, data in TASKS:
+        images, labels = data()[0].tensors
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(123))
+        held, kept = order[: len(labels) // 10], order[len(labels) // 10 :]
+        for budget in (0.1, 0.2):
+            for seed in (0, 1, 2):
+                row = {
+                    name: held_out_scores(
+                        task, images, labels, kept, held, budget, seed, options, steps
+                    )
+                    for name, options in (("default", {}), ("learned", LEARNED))
+                }
+                rows.append((task, budget, seed, row))
+                print(task, budget, seed, row, flush=True)
+    with open(HERE / f"probe_{steps}.json", "w") as handle:
+        json.dump(rows, handle)
+
+
+if __name__ == "__main__":
+    main()
