@@ -376,19 +376,16 @@ class _MaskFactorsTorch(torch.autograd.Function):
             # same arithmetic as without it, bit for bit.
             skip_widths = ctx.skip[:2] if ctx.skip is not None else (False, False)
             skip_locations = not needs_locations or (ctx.skip is not None and ctx.skip[2])
+            # One zeros tensor for every skipped gradient and every side not masked here:
+            # both sides' starts have the components' shape, the tables the mask's dtype.
             known = row_starts if row_starts is not None else col_starts
-            widths_shape, device = known.shape, known.device
+            zeros = torch.zeros(known.shape, dtype=ctx.mask_dtype, device=known.device)
             sides = []
             for grad, factor, starts, lengths, edge, skip_width in (
                 (grad_v, factor_v, col_starts, col_lengths, col_edge, skip_widths[0]),
                 (grad_u, factor_u, row_starts, row_lengths, row_edge, skip_widths[1]),
             ):
-                if factor is None:  # a side not masked here
-                    zeros = torch.zeros(widths_shape, dtype=ctx.mask_dtype, device=device)
-                    sides.append((zeros, zeros))
-                    continue
-                zeros = torch.zeros(starts.shape, dtype=edge.dtype, device=edge.device)
-                if skip_width and skip_locations:
+                if factor is None or (skip_width and skip_locations):
                     sides.append((zeros, zeros))
                     continue
                 # What autograd does for ``factor * mask.to(factor.dtype).unsqueeze(1)``:
