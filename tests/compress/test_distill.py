@@ -170,6 +170,30 @@ def test_a_seeded_distillation_repeats_itself_and_leaves_the_callers_random_stat
     assert DistillConfig().to_dict()["seed"] == 0
 
 
+def test_distill_steps_with_the_training_engines_adamw(monkeypatch):
+    """The engine's fused AdamW (`gblr.learn.groups.adamw`), over `param_groups`' groups."""
+    import sys
+
+    from gblr.learn.groups import adamw
+
+    made = []
+
+    def recording_adamw(groups):
+        made.append(adamw(groups))
+        return made[-1]
+
+    # ``gblr.compress.distill`` is also the function's name: the module by its full name.
+    monkeypatch.setattr(sys.modules["gblr.compress.distill"], "adamw", recording_adamw)
+    teacher, batches, _ = _teacher_and_batches()
+    student = copy.deepcopy(teacher)
+    gblr.convert(student, gblr.GBLRConfig(budget=0.3), progress=False)
+    distill(student, teacher, batches, DistillConfig(steps=2, lr=3e-3))
+    (optimizer,) = made
+    assert optimizer.defaults["fused"] or optimizer.defaults["foreach"]
+    names = [group.get("name") for group in optimizer.param_groups]
+    assert "structure" in names and optimizer.state  # it stepped
+
+
 def test_distill_refuses_the_teacher_as_student_and_empty_batches():
     teacher, batches, _ = _teacher_and_batches()
     with pytest.raises(ValueError, match="same module"):

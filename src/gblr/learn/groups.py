@@ -123,8 +123,7 @@ def adamw(groups: Iterable[dict[str, Any]] | Iterable[nn.Parameter]) -> torch.op
     makes about ten, and a GBLR layer's factors are full length for every component: on
     the real tasks' pixel MLP it took the AdamW step from 4.8 to 0.8 ms
     (docs/BENCHMARKS.md, "Held strips and a fused AdamW"). Its results differ from the
-    other forms in the last bits. The training engine uses it ([`gblr.distill`][] keeps
-    ``foreach`` until the real-task suite's T3 is rerun with it).
+    other forms in the last bits. The training engine and [`gblr.distill`][] use it.
 
     Examples:
         >>> import torch, gblr
