@@ -3,10 +3,13 @@
 of before 2026-12-06, on the pixel MLPs of T1 (README beside this file).
 
     OMP_NUM_THREADS=1 python benchmarks/results/realtasks-experiments/probe/probe.py STEPS
+    OMP_NUM_THREADS=1 python benchmarks/results/realtasks-experiments/probe/probe.py 240 \
+        --tasks vit mixer --seeds 0 1 2 3 4 --out probe_240_vit_mixer.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -30,11 +33,13 @@ LEARNED = {
     "sigma": [1.0, 100.0],
     "learner_config": {"hold_narrow_sides": 0},
 }
-TASKS = (
-    ("mlp-few", vision._few_data),
-    ("mlp-shift", vision._shifted_data),
-    ("mlp", vision._upsampled_data),
-)
+TASKS = {
+    "mlp-few": vision._few_data,
+    "mlp-shift": vision._shifted_data,
+    "mlp": vision._upsampled_data,
+    "vit": vision._data,
+    "mixer": vision._data,
+}
 
 
 def held_out_scores(task, images, labels, kept, held, budget, seed, options, steps):
@@ -59,15 +64,23 @@ def held_out_scores(task, images, labels, kept, held, budget, seed, options, ste
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("steps", type=int, nargs="?", default=80)
+    parser.add_argument(
+        "--tasks", nargs="+", choices=list(TASKS), default=["mlp-few", "mlp-shift", "mlp"]
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", help="file name beside this script (default probe_STEPS.json)")
+    args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 80
+    steps = args.steps
     rows = []
-    for task, data in TASKS:
-        images, labels = data()[0].tensors
+    for task in args.tasks:
+        images, labels = TASKS[task]()[0].tensors
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(123))
         held, kept = order[: len(labels) // 10], order[len(labels) // 10 :]
         for budget in (0.1, 0.2):
-            for seed in (0, 1, 2):
+            for seed in args.seeds:
                 row = {
                     name: held_out_scores(
                         task, images, labels, kept, held, budget, seed, options, steps
@@ -76,7 +89,7 @@ def main() -> None:
                 }
                 rows.append((task, budget, seed, row))
                 print(task, budget, seed, row, flush=True)
-    with open(HERE / f"probe_{steps}.json", "w") as handle:
+    with open(HERE / (args.out or f"probe_{steps}.json"), "w") as handle:
         json.dump(rows, handle)
 
 
