@@ -20,7 +20,12 @@ alternating where two things are compared, so that both see the same machine:
   (the MLP's 512 x 512 layer and a 64 x 256 layer of the Mixer's size, every component
   on);
 - the 512 x 512 layer's forward and backward at the default start under a learner, by the
-  held strips' training form against the masked factors' two products.
+  held strips' training form against the masked factors' two products;
+- the learner's budget bisection on the thresholds' inputs of a training run, by the
+  library's form (components whose line counts are the same at both ends of the bracket
+  leave it, and few components take more halvings per round) against the rounds of two
+  halvings over every live component it replaced (both give the same threshold, bit for
+  bit).
 
 Writes ``benchmarks/results/bench_step_parts.json``.
 """
@@ -199,6 +204,124 @@ def _strip_form(repeats: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def _bisection_rounds_of_two(view, widths, target, scale, fill):
+    """The budget bisection as the learner ran it until 2026-12-06 (late afternoon):
+    rounds of two halvings, every component live at 0 costed in each. The bracket and the
+    subset are the library's (`_budget_threshold` up to its halvings); ``None`` where it
+    makes no halvings."""
+    import numpy
+
+    from gblr.learn import learner as learner_module
+
+    host_widths = widths.detach().to(torch.float64).cpu().numpy()
+    lengths = view._lengths(host_widths[None])
+    per_unit = view.unit_cost if scale is None else view.unit_cost * scale
+    cost = view._cost_of_lengths(lengths)[0]
+    if cost > target:
+        reach = torch.where(per_unit > 0, widths / per_unit.clamp_min(1e-300), 0.0)
+        low, high = 0.0, float(reach.max().item()) * (1 + 1e-9) + 1e-12
+    elif cost == target or not fill:
+        return None  # no halvings
+    else:
+        live = torch.as_tensor((lengths[0] > 0).all(axis=0), device=widths.device)
+        scale = (torch.ones_like(widths) if scale is None else scale) * live
+        per_unit = view.unit_cost * scale
+        grows = live & (per_unit > 0)
+        room = torch.where(grows, (1.0 - widths) / per_unit.where(grows, 1.0), 0.0)
+        low, high = -float(room.max().item()) * (1 + 1e-9) - 1e-12, 0.0
+        if view.cost(view.shrink(widths, low, scale)) <= target:
+            return None  # no halvings
+    columns = (lengths[0] > 0).all(axis=0).nonzero()[0]
+    host_per_unit = per_unit.detach().to(torch.float64).cpu().numpy()
+    live_widths, live_per_unit, dims, ranks = (
+        numpy.ascontiguousarray(array)
+        for array in (
+            host_widths[:, columns],
+            host_per_unit[:, columns],
+            view.dims_numpy[:, columns],
+            view.ranks_numpy[columns],
+        )
+    )
+    for _ in range(30):
+        points = learner_module._midpoints(low, high, 2)
+        shrunk = live_widths - numpy.asarray(points)[:, None, None] * live_per_unit
+        costs = view._cost_of_lengths(view._lengths(shrunk, dims), ranks)
+        fits = (costs <= target).tolist()
+        first_fit = fits.index(True) if True in fits else len(points)
+        if first_fit < len(points):
+            high = points[first_fit]
+        if first_fit > 0:
+            low = points[first_fit - 1]
+    return high
+
+
+def _bisection(steps: int, repeats: int) -> dict[str, float]:
+    """Median ms per call of the budget bisection, the library's form (with the learner's
+    hint, and without) against the rounds of two it replaced, on the inputs of every call
+    with halvings (a cut or a fill) of a ``steps``-step training run of the GBLR MLP
+    (default start and learner, batch 64), alternating; and the number of calls
+    compared."""
+    import gblr
+    import realtask_vision
+    from gblr.learn import learner as learner_module
+    from gblr.learn.groups import adamw
+    from gblr.recipes.models import gblr_start_cost, structure_model
+
+    torch.manual_seed(0)
+    model = realtask_vision._mlp()
+    structure_model(model, "gblr", gblr_start_cost(BUDGET), seed=0)
+    optimizer = adamw(gblr.param_groups(model, lr=2e-3, weight_decay=0.05))
+    learner = gblr.StructureLearner(
+        model, budget=BUDGET, total_steps=steps, warmup_steps=steps // 3
+    )
+    recorded = []
+    library_form = learner_module._budget_threshold
+
+    hints = []
+
+    def recording(view, widths, target, scale=None, fill=False, hint=None):
+        recorded.append(
+            (view, widths.clone(), target, None if scale is None else scale.clone(), fill)
+        )
+        hints.append(hint)
+        return library_form(view, widths, target, scale, fill, hint)
+
+    learner_module._budget_threshold = recording
+    try:
+        images, labels = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+            learner.step()
+    finally:
+        learner_module._budget_threshold = library_form
+    calls = [
+        (args, hint)
+        for args, hint in zip(recorded, hints, strict=True)
+        if _bisection_rounds_of_two(*args) is not None
+    ]
+    for args, hint in calls:
+        expected = _bisection_rounds_of_two(*args)
+        if {library_form(*args)[0], library_form(*args, hint=hint)[0]} != {expected}:
+            raise RuntimeError("the bisections gave different thresholds")
+    forms = {
+        "rounds_of_two_ms": lambda args, hint: _bisection_rounds_of_two(*args),
+        "library_without_hint_ms": lambda args, hint: library_form(*args),
+        "library_ms": lambda args, hint: library_form(*args, hint=hint),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in forms}
+    for _ in range(repeats):  # alternating, so all see the same machine
+        for name, form in forms.items():
+            start = time.perf_counter()
+            for args, hint in calls:
+                form(args, hint)
+            samples[name].append((time.perf_counter() - start) / len(calls) * 1e3)
+    result = {name: statistics.median(values) for name, values in samples.items()}
+    result["calls"] = len(calls)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=800)
@@ -220,12 +343,14 @@ def main(argv: list[str] | None = None) -> int:
         "non_finite_screen": _screens(args.repeats),
         "masking_ms": _mask_paths(args.repeats),
         "strip_form_ms": _strip_form(args.repeats),
+        "bisection_ms": _bisection(min(args.steps, 300), args.repeats),
     }
     for name in ("gblr_ms", "lowrank_ms"):
         print(name, {key: round(value, 2) for key, value in report[name].items()})
     print("non-finite screen", report["non_finite_screen"])
     print("masking (forward + backward)", report["masking_ms"])
     print("512 x 512 layer (forward + backward)", report["strip_form_ms"])
+    print("budget bisection per learner step", report["bisection_ms"])
     write_json_atomically(args.output, report)
     return 0
 

@@ -530,8 +530,26 @@ def _sequential_bisection(view, widths, target, scale, dtype):
     if _torch_cost(view, widths, dtype) <= target:
         return 0.0
     per_unit = view.unit_cost if scale is None else view.unit_cost * scale
-    high = float((widths / per_unit).max().item()) * (1 + 1e-9) + 1e-12
+    # A held width (scale 0) is never cut, so it bounds nothing.
+    reach = torch.where(per_unit > 0, widths / per_unit, 0.0)
+    high = float(reach.max().item()) * (1 + 1e-9) + 1e-12
     return _halvings(view, widths, target, scale, dtype, 0.0, high)
+
+
+def _hints(threshold, generator):
+    """Hints for a bisection whose answer is ``threshold``: on it, near it on either side,
+    far off, of the other sign, and 0."""
+    wobble = float(torch.rand((), generator=generator, dtype=torch.float64)) - 0.5
+    return [
+        threshold,
+        threshold * (1 + 1e-4 * wobble),
+        threshold * (1 + 0.05 * wobble),
+        threshold * (1 + 0.1),
+        threshold * 3.0,
+        threshold * 1e-3,
+        -threshold,
+        0.0,
+    ]
 
 
 def _random_structures(seed, trials, dtype, width_factor=1.0):
@@ -567,10 +585,44 @@ def test_batched_budget_threshold_is_the_sequential_bisection_bit_for_bit(dtype)
         threshold, returned_scale = _budget_threshold(view, widths, target, scale)
         assert threshold == expected  # the same float, not just close
         assert returned_scale is scale
+        # A hint (the learner's last threshold) changes the work, never the result.
+        for hint in _hints(expected, generator):
+            assert _budget_threshold(view, widths, target, scale, hint=hint)[0] == expected
         shrunk = view.shrink(widths, threshold, scale)
         assert view.cost(shrunk) == _torch_cost(view, shrunk, dtype) <= target
         view.write(shrunk)  # the layers' own count of the written widths agrees
         assert view.cost(shrunk) == sum(layer.flops() for layer in view.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_budget_threshold_of_many_strips_is_the_sequential_bisection_bit_for_bit(dtype):
+    """Hundreds of live components, as the default start's strips give a pixel MLP: the
+    first rounds cost them all two halvings at a time, later rounds only those whose
+    line counts still differ between the bracket's ends, more halvings at a time."""
+    from gblr.learn.learner import _budget_threshold, _halvings_for, _StructureView
+
+    assert _halvings_for(1000) == 2 and _halvings_for(3) == 6 and _halvings_for(0) == 6
+    torch.manual_seed(0)
+    layers = [
+        gblr.GBLRLinear(n, m, structure_init="blockdiag", init_cost=0.2, dtype=dtype)
+        for n, m in ((256, 192), (192, 256))
+    ]
+    view = _StructureView(layers)
+    generator = torch.Generator().manual_seed(1)
+    # Long sides of random reach; the one-line sides held (scale 0), as the learner does.
+    widths = view.widths().clamp(0.0, 1.0)
+    one_line = widths * view.dims <= 1.5
+    widths = torch.where(
+        one_line, widths, torch.rand(widths.shape, generator=generator, dtype=torch.float64)
+    )
+    scale = (~one_line).double()
+    assert widths.shape[1] > 300
+    for fraction in (0.9, 0.5, 0.1):
+        target = int(fraction * view.cost(widths))
+        expected = _sequential_bisection(view, widths, target, scale, dtype)
+        assert _budget_threshold(view, widths, target, scale)[0] == expected
+        for hint in _hints(expected, generator):
+            assert _budget_threshold(view, widths, target, scale, hint=hint)[0] == expected
 
 
 def _sequential_growth(view, widths, target, scale, dtype):
@@ -598,6 +650,9 @@ def test_a_fill_grows_the_live_widths_to_the_budget_as_a_sequential_bisection(dt
         expected, expected_scale = _sequential_growth(view, widths, target, scale, dtype)
         threshold, grown_scale = _budget_threshold(view, widths, target, scale, fill=True)
         assert threshold == expected < 0  # the same float, not just close
+        for hint in _hints(expected, generator):
+            grown_with_hint = _budget_threshold(view, widths, target, scale, fill=True, hint=hint)
+            assert grown_with_hint[0] == expected
         assert torch.equal(grown_scale, expected_scale)
         grown = view.shrink(widths, threshold, grown_scale)
         assert _torch_cost(view, grown, dtype) <= target

@@ -25,6 +25,7 @@ pass").
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from typing import Any
@@ -58,25 +59,126 @@ PASSES: tuple[type[LearnerPass], ...] = (
     RefinePass,
 )
 _BISECTION_STEPS = 60
-# Halvings per batched evaluation (2**2 - 1 thresholds costed at once, in NumPy): the
-# fastest of 1-4 on the pixel MLP, where the bisection was most of the learner's step
-# (docs/BENCHMARKS.md, "Overhead on a small model").
+# Halvings per batched evaluation while many components are costed (2**2 - 1 thresholds
+# at once, in NumPy): the fastest of 1-4 on the pixel MLP, where the bisection was most of
+# the learner's step (docs/BENCHMARKS.md, "Overhead on a small model"). Fewer components
+# take more halvings at once, up to ``_MOST_HALVINGS_PER_ROUND``, while a round costs at
+# most ``_NUMBERS_PER_ROUND`` widths.
 _HALVINGS_PER_ROUND = 2
+_MOST_HALVINGS_PER_ROUND = 6
+_NUMBERS_PER_ROUND = 4096
 # Widths at or near 0 are cut as if this wide (cut_exponent scales the cut by width ** p).
 _NARROWEST_CUT_WIDTH = 1e-6
 
 
+def _halvings_for(components: int) -> int:
+    """Halvings per round for a bisection that costs ``components`` components: as many
+    as keep a round's ``(2**h - 1, 2, components)`` widths within ``_NUMBERS_PER_ROUND``,
+    between ``_HALVINGS_PER_ROUND`` and ``_MOST_HALVINGS_PER_ROUND``."""
+    points = _NUMBERS_PER_ROUND // max(2 * components, 1)
+    return max(_HALVINGS_PER_ROUND, min(_MOST_HALVINGS_PER_ROUND, (points + 1).bit_length() - 1))
+
+
 def _midpoints(low: float, high: float, levels: int) -> list[float]:
     """The midpoints ``levels`` halvings of ``[low, high]`` can visit, in increasing order,
-    each computed as a sequential bisection computes it (``0.5 * (a + b)``)."""
-    if levels == 0:
-        return []
-    middle = 0.5 * (low + high)
-    return [
-        *_midpoints(low, middle, levels - 1),
-        middle,
-        *_midpoints(middle, high, levels - 1),
-    ]
+    each computed as a sequential bisection computes it (``0.5 * (a + b)`` of the two
+    points around it)."""
+    points = [low, high]
+    for _ in range(levels):
+        refined = [low]
+        for left, right in zip(points, points[1:]):
+            refined += (0.5 * (left + right), right)
+        points = refined
+    return points[1:-1]
+
+
+# Thresholds costed first around a hint, relative to it: the learner's threshold moves
+# by far less than 10% between steps.
+_HINT_STEPS = (-0.1, -0.01, -0.001, 0.0, 0.001, 0.01, 0.1)
+
+
+class _Bracket:
+    """What a bisection knows of the cost between two thresholds: ``below``, known not to
+    fit the target, and ``above``, known to fit it (or the bisection's upper end, which
+    the halvings never reach), with the line counts there where known.
+
+    Each component's line counts do not increase with the threshold (every step of the
+    arithmetic is monotone, roundings included). So a threshold at or below ``below``
+    does not fit and one at or above ``above`` fits without costing it, and a component
+    with the same counts at both ends has them everywhere between: its MACs move to
+    ``fixed_cost`` and the thresholds between are costed on the other components alone.
+    MACs are whole numbers far below 2**53, so the split sums are the whole sums exactly.
+    The learner's bracket soon holds a few components, and then a round costs more
+    thresholds at once: the NumPy calls, not the numbers, are what a round costs.
+    """
+
+    def __init__(
+        self,
+        below: float,
+        above: float,
+        target: int,
+        widths: numpy.ndarray,
+        per_unit: numpy.ndarray,
+        dims: numpy.ndarray,
+        ranks: numpy.ndarray,
+        view: _StructureView,
+    ) -> None:
+        self.below, self.above, self.target, self.view = below, above, target, view
+        self.widths, self.per_unit, self.dims, self.ranks = widths, per_unit, dims, ranks
+        self.counts: list[numpy.ndarray | None] = [None, None]  # at below, at above
+        self.fixed_cost = 0.0
+
+    @property
+    def components(self) -> int:
+        return self.widths.shape[1]
+
+    def know(
+        self,
+        below: tuple[float, numpy.ndarray] | None = None,
+        above: tuple[float, numpy.ndarray] | None = None,
+    ) -> None:
+        """Record a threshold that does not fit (``below``) and one that fits (``above``),
+        each with its ``(2, C)`` line counts over the components costed now, where they
+        narrow the bracket."""
+        if below is not None and below[0] >= self.below:
+            self.below, self.counts[0] = below
+        if above is not None and above[0] <= self.above:
+            self.above, self.counts[1] = above
+        low_counts, high_counts = self.counts
+        if low_counts is None or high_counts is None:
+            return
+        moving = (low_counts != high_counts).any(axis=0)
+        if moving.all():
+            return
+        fixed = ~moving
+        self.fixed_cost += float(
+            self.view._cost_of_lengths(high_counts[None][:, :, fixed], self.ranks[fixed])[0]
+        )
+        self.widths, self.per_unit, self.dims, self.ranks = (
+            numpy.ascontiguousarray(array[..., moving])
+            for array in (self.widths, self.per_unit, self.dims, self.ranks)
+        )
+        self.counts = [low_counts[:, moving], high_counts[:, moving]]
+
+    def first_fit(self, points: list[float]) -> int:
+        """Index of the first of the increasing ``points`` that fits the target (``len``
+        if none does): those between the ends costed in one call, the others known from
+        the ends."""
+        first = bisect.bisect_right(points, self.below)  # the points before do not fit
+        last = bisect.bisect_left(points, self.above)  # the points from here fit
+        if first == last:
+            return first
+        costed = points[first:last]
+        shrunk = self.widths - numpy.asarray(costed)[:, None, None] * self.per_unit
+        counts = self.view._lengths(shrunk, self.dims)
+        fits = self.fixed_cost + self.view._cost_of_lengths(counts, self.ranks) <= self.target
+        # The costs do not increase, so the fits are some False, then True.
+        index = int(fits.argmax()) if fits[-1] else len(costed)
+        self.know(
+            (costed[index - 1], counts[index - 1]) if index > 0 else None,
+            (costed[index], counts[index]) if index < len(costed) else None,
+        )
+        return first + index
 
 
 def _budget_threshold(
@@ -85,6 +187,7 @@ def _budget_threshold(
     target: int,
     scale: Tensor | None = None,
     fill: bool = False,
+    hint: float | None = None,
 ) -> tuple[float, Tensor | None]:
     """Smallest global threshold whose shrunk widths cost at most ``target`` MACs, and the
     ``scale`` to shrink with.
@@ -93,10 +196,12 @@ def _budget_threshold(
     most negative threshold (the largest growth) that still fits, with ``scale`` set to 0
     for every component that is not live: what the cut closed stays closed.
 
-    A bisection of ``_BISECTION_STEPS`` halvings, evaluated ``_HALVINGS_PER_ROUND`` at a
-    time: the cost does not increase with the threshold, so the first of a round's
-    midpoints that fits and the last that does not are the bracket the sequential
-    halvings reach, bit for bit.
+    A bisection of ``_BISECTION_STEPS`` halvings, evaluated several at a time: the cost
+    does not increase with the threshold, so the first of a round's midpoints that fits
+    and the last that does not are the bracket the sequential halvings reach, bit for
+    bit. ``hint`` (the threshold of the learner's previous step) changes how fast, never
+    the result: thresholds near it are costed first, and a midpoint at or below one that
+    does not fit (or at or above one that fits) is decided without costing it.
     """
     host_widths = widths.detach().to(torch.float64).cpu().numpy()
     lengths = view._lengths(host_widths[None])
@@ -135,11 +240,23 @@ def _budget_threshold(
             view.ranks_numpy[columns],
         )
     )
-    for _ in range(_BISECTION_STEPS // _HALVINGS_PER_ROUND):
-        points = _midpoints(low, high, _HALVINGS_PER_ROUND)
-        costs = view.costs(live_widths, points, live_per_unit, dims, ranks)
-        fits = (costs <= target).tolist()
-        first_fit = fits.index(True) if True in fits else len(points)
+    bound = _Bracket(low, high, target, live_widths, live_per_unit, dims, ranks, view)
+    # The threshold 0 (one end of either bracket) leaves the widths as they are.
+    at_zero = (0.0, numpy.ascontiguousarray(lengths[0][:, columns]))
+    bound.know(*((at_zero, None) if low == 0.0 else (None, at_zero)))
+    if hint is not None and low < hint < high:
+        bound.first_fit(sorted({hint * (1.0 + step) for step in _HINT_STEPS} - {low, high}))
+    halvings_left = _BISECTION_STEPS
+    while halvings_left:
+        middle = 0.5 * (low + high)
+        if not bound.below < middle < bound.above:  # a halving known without costing
+            low, high = (low, middle) if middle >= bound.above else (middle, high)
+            halvings_left -= 1
+            continue
+        halvings = min(halvings_left, _halvings_for(bound.components))
+        halvings_left -= halvings
+        points = _midpoints(low, high, halvings)
+        first_fit = bound.first_fit(points)
         if first_fit < len(points):
             high = points[first_fit]
         if first_fit > 0:
@@ -228,31 +345,18 @@ class _StructureView:
         host = widths.detach().to(torch.float64).cpu().numpy()
         return int(self._cost_of_lengths(self._lengths(host[None]))[0])
 
-    def costs(
-        self,
-        widths: numpy.ndarray,
-        thresholds: list[float],
-        per_unit: numpy.ndarray,
-        dims: numpy.ndarray | None = None,
-        ranks: numpy.ndarray | None = None,
-    ) -> numpy.ndarray:
-        """``(len(thresholds),)`` exact MACs of float64 ``widths`` shrunk by each threshold
-        times ``per_unit``: ``cost(shrink(widths, t, scale))`` for every ``t`` at once.
-        ``dims`` ``(2, C)`` and ``ranks`` ``(C,)``: those of the ``C`` components that
-        ``widths`` holds (default: all of the view's)."""
-        shrunk = widths - numpy.asarray(thresholds)[:, None, None] * per_unit
-        return self._cost_of_lengths(self._lengths(shrunk, dims), ranks)
-
     def _lengths(self, widths: numpy.ndarray, dims: numpy.ndarray | None = None) -> numpy.ndarray:
         """Whole lines of ``(T, 2, C)`` float64 widths, clamped to [0, 1] and rounded in the
-        widths' own precision, as the layers' flops() do (``dims``: as in `costs`)."""
+        widths' own precision, as the layers' flops() do. ``dims``: ``(2, C)``, the line
+        counts of the ``C`` components ``widths`` holds (default: all of the view's)."""
         dims = self.dims_numpy if dims is None else dims
         return numpy.round(numpy.clip(widths, 0.0, 1.0).astype(dims.dtype) * dims)
 
     def _cost_of_lengths(
         self, lengths: numpy.ndarray, ranks: numpy.ndarray | None = None
     ) -> numpy.ndarray:
-        """``(T,)`` exact MACs of ``(T, 2, C)`` line counts: live components only."""
+        """``(T,)`` exact MACs of ``(T, 2, C)`` line counts: live components only.
+        ``ranks``: ``(C,)``, their MACs per line (default: all of the view's)."""
         ranks = self.ranks_numpy if ranks is None else ranks
         live = (lengths > 0).all(axis=1)
         return (ranks * lengths.sum(axis=1, dtype=numpy.float64) * live).sum(axis=1)
@@ -621,7 +725,7 @@ class StructureLearner:
             target = self._target_at(step)
             assert target is not None
             self.threshold, scale = _budget_threshold(
-                self.view, widths, target, scale, fill=self._fills(step)
+                self.view, widths, target, scale, fill=self._fills(step), hint=self.threshold
             )
         self.view.write(self.view.shrink(widths, self.threshold, scale))
         for each in passes:
