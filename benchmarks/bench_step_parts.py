@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -206,46 +207,18 @@ def _strip_form(repeats: int) -> dict[str, float]:
 
 def _bisection_rounds_of_two(view, widths, target, scale, fill):
     """The budget bisection as the learner ran it until 2026-12-06 (late afternoon):
-    rounds of two halvings, every component live at 0 costed in each. The bracket and the
-    subset are the library's (`_budget_threshold` up to its halvings); ``None`` where it
-    makes no halvings."""
-    import numpy
-
+    rounds of two halvings, every component live at 0 costed in each, from the library's
+    bracket (`_bisection_start`); ``None`` where it makes no halvings."""
     from gblr.learn import learner as learner_module
 
-    host_widths = widths.detach().to(torch.float64).cpu().numpy()
-    lengths = view._lengths(host_widths[None])
-    per_unit = view.unit_cost if scale is None else view.unit_cost * scale
-    cost = view._cost_of_lengths(lengths)[0]
-    if cost > target:
-        reach = torch.where(per_unit > 0, widths / per_unit.clamp_min(1e-300), 0.0)
-        low, high = 0.0, float(reach.max().item()) * (1 + 1e-9) + 1e-12
-    elif cost == target or not fill:
-        return None  # no halvings
-    else:
-        live = torch.as_tensor((lengths[0] > 0).all(axis=0), device=widths.device)
-        scale = (torch.ones_like(widths) if scale is None else scale) * live
-        per_unit = view.unit_cost * scale
-        grows = live & (per_unit > 0)
-        room = torch.where(grows, (1.0 - widths) / per_unit.where(grows, 1.0), 0.0)
-        low, high = -float(room.max().item()) * (1 + 1e-9) - 1e-12, 0.0
-        if view.cost(view.shrink(widths, low, scale)) <= target:
-            return None  # no halvings
-    columns = (lengths[0] > 0).all(axis=0).nonzero()[0]
-    host_per_unit = per_unit.detach().to(torch.float64).cpu().numpy()
-    live_widths, live_per_unit, dims, ranks = (
-        numpy.ascontiguousarray(array)
-        for array in (
-            host_widths[:, columns],
-            host_per_unit[:, columns],
-            view.dims_numpy[:, columns],
-            view.ranks_numpy[columns],
-        )
-    )
+    _, _, bound = learner_module._bisection_start(view, widths, target, scale, fill)
+    if bound is None:
+        return None
+    low, high = bound.below, bound.above
     for _ in range(30):
         points = learner_module._midpoints(low, high, 2)
-        shrunk = live_widths - numpy.asarray(points)[:, None, None] * live_per_unit
-        costs = view._cost_of_lengths(view._lengths(shrunk, dims), ranks)
+        shrunk = bound.widths - numpy.asarray(points)[:, None, None] * bound.per_unit
+        costs = view._cost_of_lengths(view._lengths(shrunk, bound.dims), bound.ranks)
         fits = (costs <= target).tolist()
         first_fit = fits.index(True) if True in fits else len(points)
         if first_fit < len(points):

@@ -203,6 +203,41 @@ def _budget_threshold(
     the result: thresholds near it are costed first, and a midpoint at or below one that
     does not fit (or at or above one that fits) is decided without costing it.
     """
+    threshold, scale, bound = _bisection_start(view, widths, target, scale, fill)
+    if bound is None:
+        return threshold, scale
+    low, high = bound.below, bound.above
+    if hint is not None and low < hint < high:
+        bound.first_fit(sorted({hint * (1.0 + step) for step in _HINT_STEPS} - {low, high}))
+    halvings_left = _BISECTION_STEPS
+    while halvings_left:
+        middle = 0.5 * (low + high)
+        if not bound.below < middle < bound.above:  # a halving known without costing
+            low, high = (low, middle) if middle >= bound.above else (middle, high)
+            halvings_left -= 1
+            continue
+        halvings = min(halvings_left, _halvings_for(bound.components))
+        halvings_left -= halvings
+        points = _midpoints(low, high, halvings)
+        first_fit = bound.first_fit(points)
+        if first_fit < len(points):
+            high = points[first_fit]
+        if first_fit > 0:
+            low = points[first_fit - 1]
+    return high, scale
+
+
+def _bisection_start(
+    view: _StructureView,
+    widths: Tensor,
+    target: int,
+    scale: Tensor | None,
+    fill: bool,
+) -> tuple[float, Tensor | None, _Bracket | None]:
+    """Where `_budget_threshold`'s bisection starts: ``(threshold, scale, None)`` when no
+    halving is needed (the widths fit, or every live width can grow to 1), else ``(0.0,
+    scale, bracket)`` with the bracket's ``below`` and ``above`` the halvings' two ends
+    and its components those live at the threshold 0."""
     host_widths = widths.detach().to(torch.float64).cpu().numpy()
     lengths = view._lengths(host_widths[None])
     per_unit = view.unit_cost if scale is None else view.unit_cost * scale
@@ -212,7 +247,7 @@ def _budget_threshold(
         reach = torch.where(per_unit > 0, widths / per_unit.clamp_min(1e-300), 0.0)
         low, high = 0.0, float(reach.max().item()) * (1 + 1e-9) + 1e-12
     elif cost == target or not fill:
-        return 0.0, scale
+        return 0.0, scale, None
     else:
         live = torch.as_tensor((lengths[0] > 0).all(axis=0), device=widths.device)
         scale = (torch.ones_like(widths) if scale is None else scale) * live
@@ -221,7 +256,7 @@ def _budget_threshold(
         room = torch.where(grows, (1.0 - widths) / per_unit.where(grows, 1.0), 0.0)
         low, high = -float(room.max().item()) * (1 + 1e-9) - 1e-12, 0.0
         if view.cost(view.shrink(widths, low, scale)) <= target:
-            return low, scale  # every live width can reach 1 within the budget
+            return low, scale, None  # every live width can reach 1 within the budget
     # A component with no line on a side at the threshold 0 has none at any larger one
     # (the shrink only narrows; a growth leaves such components alone, their scale is 0),
     # so the halvings count the components live at 0 alone:
@@ -244,24 +279,7 @@ def _budget_threshold(
     # The threshold 0 (one end of either bracket) leaves the widths as they are.
     at_zero = (0.0, numpy.ascontiguousarray(lengths[0][:, columns]))
     bound.know(*((at_zero, None) if low == 0.0 else (None, at_zero)))
-    if hint is not None and low < hint < high:
-        bound.first_fit(sorted({hint * (1.0 + step) for step in _HINT_STEPS} - {low, high}))
-    halvings_left = _BISECTION_STEPS
-    while halvings_left:
-        middle = 0.5 * (low + high)
-        if not bound.below < middle < bound.above:  # a halving known without costing
-            low, high = (low, middle) if middle >= bound.above else (middle, high)
-            halvings_left -= 1
-            continue
-        halvings = min(halvings_left, _halvings_for(bound.components))
-        halvings_left -= halvings
-        points = _midpoints(low, high, halvings)
-        first_fit = bound.first_fit(points)
-        if first_fit < len(points):
-            high = points[first_fit]
-        if first_fit > 0:
-            low = points[first_fit - 1]
-    return high, scale
+    return 0.0, scale, bound
 
 
 def _sum_to_screen(tensor: Tensor) -> Tensor:
