@@ -7,7 +7,11 @@ Keys: ``start_cost_ratio`` (starting cost as a multiple of the budget, at most 1
 of the budget's ramp from the start down to the budget; default: the task's warm-up), the
 learner's deprecated keywords (``sigma``, ``sigma_schedule`` at the top level, the rest
 under ``learner``, as a recipe's learner section names them) and ``learner_config``
-(``gblr.LearnerConfig`` fields that have no such keyword, e.g. ``exact_from``).
+(``gblr.LearnerConfig`` fields that have no such keyword, e.g. ``exact_from``), and
+``probe`` (T1 only: ``gblr.recipes.start_probe.StartProbe`` fields, ``{}`` for its
+defaults; the run then picks its start with
+``gblr.recipes.start_probe.train_classifier_probing_start`` between the start the other
+options describe and the learned start).
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ LEARNER_OPTIONS = ("sigma", "sigma_schedule")
 
 @dataclasses.dataclass(frozen=True)
 class ScratchOptions:
-    """``start_cost`` of GBLR layers, ``structure`` and ``engine`` keywords, ``learner``."""
+    """``start_cost`` of GBLR layers, ``structure`` and ``engine`` keywords, ``learner``,
+    ``probe`` (``StartProbe`` fields, or None for no probe)."""
 
     start_cost: float
     structure: dict[str, Any]
     engine: dict[str, Any]
     learner: Any  # gblr.LearnerConfig
+    probe: dict[str, Any] | None = None
 
 
 def scratch_options(options: dict[str, Any], budget: float, task: str) -> ScratchOptions:
@@ -43,6 +49,7 @@ def scratch_options(options: dict[str, Any], budget: float, task: str) -> Scratc
     learner_options = {name: options.pop(name) for name in LEARNER_OPTIONS if name in options}
     learner_options.update(options.pop("learner", {}))
     learner_fields = options.pop("learner_config", {})
+    probe = options.pop("probe", None)
     if options:
         raise ValueError(f"unknown GBLR options for {task}: {sorted(options)}")
     # A variant's learner keywords set only their own fields of the library's default
@@ -57,4 +64,4 @@ def scratch_options(options: dict[str, Any], budget: float, task: str) -> Scratc
         for field in (DEPRECATED_OPTIONS[option].split("=")[0] for option in learner_options)
     }
     learner = dataclasses.replace(LearnerConfig(), **fields, **learner_fields)
-    return ScratchOptions(start_cost, structure, engine, learner)
+    return ScratchOptions(start_cost, structure, engine, learner, probe)

@@ -86,6 +86,8 @@ def run_t2(structure: str, budget: float, seed: int, quick: bool, options: dict)
     train_stream, validation_stream = _streams()
     steps = QUICK_STEPS if quick else STEPS
     variant = scratch_options(options, budget, "T2")
+    if variant.probe is not None:
+        raise ValueError("the start probe (option 'probe') is for T1's classifiers only, not T2")
     torch.manual_seed(seed)
     model = CausalTransformer(vocab_size=256, context=CONTEXT, dim=DIM, depth=4, heads=4)
     structure_model(

@@ -156,6 +156,8 @@ def train_digits(
     variant = scratch_options(options, budget, "T1")
     torch.manual_seed(seed)
     model = _model(model_name)
+    if variant.probe is not None and structure == "gblr":
+        return fit_digits(model, model_name, budget, seed, quick, variant)
     structure_model(
         model,
         structure,
@@ -198,7 +200,10 @@ def fit_digits(
             trainer={"accelerator": "cpu"},
             **variant.engine,
         )
-        result = train_classifier(model, train, test, config)
+        if variant.probe is None:
+            result = train_classifier(model, train, test, config)
+        else:  # the model is still dense: the probe structures it
+            result = _train_probing_start(model, train, test, config, variant)
     # The test cross-entropy moves less by chance than the accuracy of 449 images.
     images, labels = test.tensors
     model.eval()
@@ -210,7 +215,39 @@ def fit_digits(
         "macs_ratio": result["macs_ratio"],
         "seconds": result["seconds"],
         "steps": steps,
+        **{key: result[key] for key in ("start", "probe_seconds", "probe") if key in result},
     }
+
+
+def _train_probing_start(model: Any, train: Any, test: Any, config: Any, variant: Any) -> dict:
+    """``gblr.recipes.start_probe.train_classifier_probing_start`` between the start that
+    ``variant`` describes (its structure keywords, starting cost and learner) and the
+    learned start."""
+    import dataclasses
+
+    from gblr.recipes.start_probe import LEARNED_START, GBLRStart, StartProbe
+
+    assert config.budget is not None
+    options = {"structure_init": "blockdiag", "factor_init": "fixed_norm", **variant.structure}
+    unknown = set(options) - {"structure_init", "factor_init"}
+    if unknown:
+        raise ValueError(f"a probing variant takes no structure keywords {sorted(unknown)}")
+    incumbent = GBLRStart(
+        "given",
+        start_cost_ratio=variant.start_cost / config.budget,
+        learner=variant.learner,
+        **options,
+    )
+    from gblr.recipes.start_probe import train_classifier_probing_start
+
+    return train_classifier_probing_start(
+        model,
+        train,
+        test,
+        dataclasses.replace(config, learner=None),
+        starts=(incumbent, LEARNED_START),
+        probe=StartProbe(**variant.probe),
+    )
 
 
 def run_t1_vit(structure: str, budget: float, seed: int, quick: bool, options: dict) -> dict:

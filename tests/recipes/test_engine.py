@@ -21,7 +21,11 @@ def gblr_vit():
     return model
 
 
-def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("every", [50, 8])
+def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, every):
+    """``every``: 50 saves the checkpoint when the interrupted run ends; 8 saves it from
+    the step's own checkpoint hook at step 16, where the data order's state must already
+    count that step's batch."""
     train, test = digits()
     train = Subset(train, range(256))  # 8 steps per pass over the data at batch 32
     config = EngineConfig(steps=24, batch_size=32, warmup_steps=12, budget=0.3, progress=False)
@@ -30,7 +34,9 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path):
     train_classifier(full, train, test, config)
 
     interrupted = gblr_vit()
-    stopped = dataclasses.replace(config, checkpoint_dir=tmp_path, stop_after=16)
+    stopped = dataclasses.replace(
+        config, checkpoint_dir=tmp_path, stop_after=16, checkpoint_every_n_steps=every
+    )
     train_classifier(interrupted, train, test, stopped)
     assert (tmp_path / "last.ckpt").is_file()
     resumed = gblr_vit()

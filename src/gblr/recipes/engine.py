@@ -60,6 +60,7 @@ __all__ = [
     "evaluate_topk",
     "layer_types",
     "read_checkpoint",
+    "topk_hits",
     "train_classifier",
     "train_language_model",
     "train_module",
@@ -309,21 +310,26 @@ class ShuffleStream(torch.utils.data.Sampler[int]):
 
 class _ResumeDataOrder(pl.Callback):
     """Saves how many samples the run consumed; restoring it (before Lightning builds the
-    loader's iterator) moves the stream there."""
+    loader's iterator) moves the stream there.
+
+    The count is read from the trainer's step when the checkpoint is written, not kept
+    from a hook: a checkpoint saved by ``ModelCheckpoint``'s own end-of-step hook may run
+    before this callback's, and must still count that step's batch.
+    """
 
     def __init__(self, sampler: ShuffleStream, batch_size: int) -> None:
         self.sampler, self.batch_size = sampler, batch_size
+        self._trainer: pl.Trainer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
 
     def state_dict(self) -> dict[str, int]:
-        return {"consumed": self._consumed}
+        steps = 0 if self._trainer is None else self._trainer.global_step
+        return {"consumed": steps * self.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.sampler.offset = int(state_dict["consumed"])
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self._consumed = trainer.global_step * self.batch_size
-
-    _consumed = 0
 
 
 @torch.no_grad()
@@ -345,20 +351,41 @@ def evaluate_topk(
         >>> evaluate_topk(model, TensorDataset(inputs, labels), ks=(1, 3, 5))
         (0.0, 1.0, 1.0)
     """
+    hits = topk_hits(model, dataset, batch_size, ks)
+    return tuple(int(column.sum()) / max(len(column), 1) for column in hits.T)
+
+
+@torch.no_grad()
+def topk_hits(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, ks: tuple[int, ...] = (1, 5)
+) -> torch.Tensor:
+    """Which samples of ``dataset`` ``model`` (in eval mode, on its own device) gets right
+    in its top k, for each k of ``ks``: a bool tensor ``(N, len(ks))`` in the dataset's
+    order (what [`evaluate_topk`][gblr.recipes.engine.evaluate_topk] averages; a paired
+    comparison of two models needs the samples themselves).
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from gblr.recipes.engine import topk_hits
+        >>> model = torch.nn.Linear(4, 3)
+        >>> inputs = torch.randn(5, 4)
+        >>> labels = model(inputs).argmax(dim=1)
+        >>> labels[0] = model(inputs[:1]).argmin()  # the least likely class: wrong at k = 1
+        >>> topk_hits(model, TensorDataset(inputs, labels), ks=(1, 3))[:, 0].tolist()
+        [False, True, True, True, True]
+    """
     training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = [0] * len(ks)
-    total = 0
+    hits = []
     for inputs, labels in DataLoader(dataset, batch_size=batch_size):
         logits = model(inputs.to(device)).float().cpu()
         ranked = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
-        hits = ranked == labels[:, None]
-        for i, k in enumerate(ks):
-            correct[i] += int(hits[:, :k].any(dim=-1).sum())
-        total += len(labels)
+        in_top = ranked == labels[:, None]
+        hits.append(torch.stack([in_top[:, :k].any(dim=-1) for k in ks], dim=1))
     model.train(training)
-    return tuple(c / max(total, 1) for c in correct)
+    return torch.cat(hits) if hits else torch.zeros(0, len(ks), dtype=torch.bool)
 
 
 class _DropLitLoggerTip(logging.Filter):

@@ -1,0 +1,195 @@
+import copy
+import dataclasses
+import math
+import statistics
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+pl = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("sklearn")
+from gblr.learn.groups import gblr_layers  # noqa: E402
+from gblr.recipes.data import digits  # noqa: E402
+from gblr.recipes.engine import EngineConfig, topk_hits, train_classifier  # noqa: E402
+from gblr.recipes.models import VisionTransformer, structure_model  # noqa: E402
+from gblr.recipes.start_probe import (  # noqa: E402
+    BLOCKDIAG_START,
+    LEARNED_START,
+    GBLRStart,
+    StartProbe,
+    _winner,
+    challenger_lead,
+    train_classifier_probing_start,
+)
+
+
+def _config(tmp_path, **changes):
+    options = dict(
+        steps=10, batch_size=8, budget=0.5, logger=None, progress=False, out_dir=tmp_path, seed=3
+    )
+    return EngineConfig(**{**options, **changes})
+
+
+def _vit():
+    torch.manual_seed(0)
+    return VisionTransformer(dim=16, depth=1, heads=2)
+
+
+def test_challenger_lead_is_the_paired_mean_and_its_standard_error_over_samples():
+    generator = torch.Generator().manual_seed(0)
+    incumbent = torch.rand(3, 40, generator=generator) < 0.6
+    challenger = torch.rand(3, 40, generator=generator) < 0.7
+    differences = [
+        statistics.mean(challenger[:, i].tolist()) - statistics.mean(incumbent[:, i].tolist())
+        for i in range(40)
+    ]
+    lead, error = challenger_lead(incumbent, challenger)
+    assert lead == pytest.approx(statistics.mean(differences), abs=1e-12)
+    assert error == pytest.approx(statistics.stdev(differences) / math.sqrt(40), abs=1e-12)
+
+
+def test_challenger_lead_refuses_tensors_it_cannot_pair():
+    with pytest.raises(ValueError, match="same shape"):
+        challenger_lead(torch.ones(2, 5, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least 2 held-out samples, got 1"):
+        challenger_lead(torch.ones(2, 1, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool))
+
+
+def test_the_largest_lead_beyond_z_standard_errors_wins_else_the_first_start():
+    starts = [GBLRStart("a"), GBLRStart("b"), GBLRStart("c")]
+    scores = {
+        "a": {},
+        "b": {"lead": 0.03, "standard_error": 0.01},
+        "c": {"lead": 0.05, "standard_error": 0.03},
+    }
+    assert _winner(starts, scores, z=1.0).name == "c"  # 0.05 > 0.03, the larger lead
+    assert _winner(starts, scores, z=2.0).name == "b"  # c is within 2 standard errors
+    assert _winner(starts, scores, z=4.0).name == "a"
+    assert _winner(starts, scores, z=math.inf).name == "a"
+    tied = {"a": {}, "b": {"lead": 0.0, "standard_error": 0.0}, "c": scores["c"]}
+    assert _winner(starts, tied, z=-1.0).name == "c"  # no lead is no reason to change
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: GBLRStart(""), "GBLRStart.name must be a non-empty string"),
+        (lambda: GBLRStart("x", structure_init="diagonal"), "GBLRStart.structure_init"),
+        (lambda: GBLRStart("x", factor_init="zeros"), "GBLRStart.factor_init"),
+        (lambda: GBLRStart("x", start_cost_ratio=0.5), "start_cost_ratio must be a number >= 1"),
+        (lambda: GBLRStart("x", learner={}), "GBLRStart.learner must be a gblr.LearnerConfig"),
+        (lambda: StartProbe(evaluate_at=(0.2, 1.0)), r"fractions in \(0, 1\)"),
+        (lambda: StartProbe(evaluate_at=()), "non-empty tuple"),
+        (lambda: StartProbe(held_out=0.0), "StartProbe.held_out must be a fraction"),
+        (lambda: StartProbe(z=float("nan")), "StartProbe.z must be a number"),
+        (lambda: StartProbe(split_seed=1.5), "StartProbe.split_seed must be an int"),
+    ],
+)
+def test_starts_and_probes_refuse_bad_values_naming_them(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_probing_refuses_runs_it_cannot_probe(tmp_path):
+    train, test = digits()
+    model = _vit()
+    with pytest.raises(ValueError, match=r"config\.budget must be set"):
+        train_classifier_probing_start(model, train, test, _config(tmp_path, budget=None))
+    with pytest.raises(ValueError, match=r"config\.stop_after must be None"):
+        train_classifier_probing_start(model, train, test, _config(tmp_path, stop_after=5))
+    with pytest.raises(ValueError, match="evaluation steps"):
+        probe = StartProbe(evaluate_at=(0.99,))
+        train_classifier_probing_start(model, train, test, _config(tmp_path), probe=probe)
+    tiny = Subset(train, range(12))
+    with pytest.raises(ValueError, match="fewer than 2 to compare"):
+        train_classifier_probing_start(model, tiny, test, _config(tmp_path))
+    with pytest.raises(ValueError, match="different names"):
+        starts = (BLOCKDIAG_START, GBLRStart("blockdiag", start_cost_ratio=2.0))
+        train_classifier_probing_start(model, train, test, _config(tmp_path), starts=starts)
+    structured = _vit()
+    structure_model(structured, "gblr", 0.5)
+    with pytest.raises(ValueError, match="already has GBLR layers"):
+        train_classifier_probing_start(structured, train, test, _config(tmp_path))
+    assert not gblr_layers(model)  # nothing was changed by the refusals
+
+
+def _by_hand(dense, start, folder, split_seed, stop_after):
+    """``start``'s probe and its continuation done by hand with the engine: ``dense``
+    structured as ``start`` says, trained on the training set less the held-out tenth up
+    to ``stop_after``, then resumed from there on every training sample. Returns the
+    model, its held-out accuracy at ``stop_after`` and the resumed run's result."""
+    train, test = digits()
+    model = copy.deepcopy(dense)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
+    held, kept = order[: round(0.1 * len(train))], order[round(0.1 * len(train)) :]
+    structure_model(
+        model,
+        "gblr",
+        min(1.0, 0.5 * start.start_cost_ratio),
+        seed=3,
+        structure_init=start.structure_init,
+        factor_init=start.factor_init,
+    )
+    config = dataclasses.replace(_config(folder), learner=start.learner)
+    stopped = dataclasses.replace(config, stop_after=stop_after, checkpoint_dir=folder)
+    train_classifier(model, Subset(train, kept.tolist()), None, stopped)
+    hits = topk_hits(model, Subset(train, held.tolist()), ks=(1,))[:, 0]
+    resumed = dataclasses.replace(config, resume=folder / "last.ckpt")
+    result = train_classifier(model, train, test, resumed)
+    return model, float(hits.double().mean()), result
+
+
+def _assert_same_model(ours, theirs):
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_kept_start_continues_its_probe_on_the_whole_training_set(tmp_path):
+    """With z = inf the first start always wins: the model must be that start's probe
+    continued on every training sample."""
+    train, test = digits()
+    probe = StartProbe(evaluate_at=(0.2, 0.4), z=math.inf, split_seed=5)
+    dense = _vit()
+    model = copy.deepcopy(dense)
+    result = train_classifier_probing_start(model, train, test, _config(tmp_path), probe=probe)
+    assert result["start"] == "blockdiag" and result["steps"] == 10
+    assert set(result["probe"]) == {"blockdiag", "learned"}
+    assert len(result["probe"]["learned"]["accuracy"]) == 2
+    assert result["seconds"] > result["probe_seconds"] > 0
+
+    by_hand, held_out, resumed = _by_hand(dense, BLOCKDIAG_START, tmp_path / "by-hand", 5, 4)
+    assert result["probe"]["blockdiag"]["accuracy"][-1] == held_out
+    assert result["accuracy"] == resumed["accuracy"]
+    _assert_same_model(model, by_hand)
+
+
+def test_a_challenger_that_leads_is_continued_in_the_model(tmp_path, monkeypatch):
+    """The decision itself is `_winner`'s (tested above); here a lead is given, and the
+    model must end as the challenger's probe continued, with its own structure and
+    learner."""
+    import gblr.recipes.start_probe as start_probe
+
+    monkeypatch.setattr(start_probe, "challenger_lead", lambda incumbent, challenger: (0.5, 0.1))
+    train, test = digits()
+    dense = _vit()
+    model = copy.deepcopy(dense)
+    result = train_classifier_probing_start(model, train, test, _config(tmp_path))
+    assert result["start"] == "learned" and result["probe"]["learned"]["lead"] == 0.5
+    by_hand, _, resumed = _by_hand(dense, LEARNED_START, tmp_path / "by-hand", 0, 4)
+    assert result["accuracy"] == resumed["accuracy"]
+    _assert_same_model(model, by_hand)
+
+
+def test_a_start_put_first_is_kept_at_infinite_z(tmp_path):
+    train, test = digits()
+    result = train_classifier_probing_start(
+        _vit(),
+        train,
+        test,
+        _config(tmp_path),
+        starts=(LEARNED_START, BLOCKDIAG_START),
+        probe=StartProbe(z=math.inf),
+    )
+    assert result["start"] == "learned"
+    assert "lead" in result["probe"]["blockdiag"] and "lead" not in result["probe"]["learned"]
