@@ -84,6 +84,7 @@ def test_the_largest_lead_beyond_z_standard_errors_wins_else_the_first_start():
         (lambda: StartProbe(held_out=0.0), "StartProbe.held_out must be a fraction"),
         (lambda: StartProbe(z=float("nan")), "StartProbe.z must be a number"),
         (lambda: StartProbe(split_seed=1.5), "StartProbe.split_seed must be an int"),
+        (lambda: StartProbe(then="resume"), "StartProbe.then must be one of"),
     ],
 )
 def test_starts_and_probes_refuse_bad_values_naming_them(make, message):
@@ -162,6 +163,19 @@ def test_the_kept_start_continues_its_probe_on_the_whole_training_set(tmp_path):
     assert result["probe"]["blockdiag"]["accuracy"][-1] == held_out
     assert result["accuracy"] == resumed["accuracy"]
     _assert_same_model(model, by_hand)
+
+
+def test_a_kept_start_restarted_is_its_unprobed_run_exactly(tmp_path):
+    train, test = digits()
+    dense = _vit()
+    model = copy.deepcopy(dense)
+    probe = StartProbe(z=math.inf, then="restart")
+    result = train_classifier_probing_start(model, train, test, _config(tmp_path), probe=probe)
+    assert result["start"] == "blockdiag"
+    structure_model(dense, "gblr", 0.5, seed=3)
+    unprobed = train_classifier(dense, train, test, _config(tmp_path / "unprobed"))
+    assert result["accuracy"] == unprobed["accuracy"]
+    _assert_same_model(model, dense)
 
 
 def test_a_challenger_that_leads_is_continued_in_the_model(tmp_path, monkeypatch):

@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 FACTOR_INITS = ("fixed_norm", "balanced")
+#: What the winner's run does after the probe (`StartProbe.then`).
+PROBE_THEN = ("continue", "restart")
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,12 @@ class StartProbe:
             [`challenger_lead`][gblr.recipes.start_probe.challenger_lead]); ``inf`` never
             replaces it.
         split_seed: seeds which samples are held out.
+        then: what the winner's run does next: ``"continue"`` from where its probe
+            stopped, on every training sample (the run costs ``1 + (len(starts) - 1) *
+            p`` of an unprobed one, ``p`` the last of ``evaluate_at``), or
+            ``"restart"`` from its first step on every training sample (``1 +
+            len(starts) * p``; where the first start is kept, the run is that start's
+            unprobed run exactly).
 
     Examples:
         >>> from gblr.recipes.start_probe import StartProbe
@@ -138,6 +146,7 @@ class StartProbe:
     held_out: float = 0.1
     z: float = 1.0
     split_seed: int = 0
+    then: str = "continue"
 
     def __post_init__(self) -> None:
         fractions = self.evaluate_at
@@ -161,6 +170,8 @@ class StartProbe:
             raise ValueError(f"StartProbe.z must be a number (inf allowed), got {self.z!r}")
         if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
             raise TypeError(f"StartProbe.split_seed must be an int, got {self.split_seed!r}")
+        if self.then not in PROBE_THEN:
+            raise ValueError(f"StartProbe.then must be one of {PROBE_THEN}, got {self.then!r}")
 
 
 def challenger_lead(
@@ -304,11 +315,13 @@ def train_classifier_probing_start(
     ([`challenger_lead`][gblr.recipes.start_probe.challenger_lead]; the one with the
     largest lead wins). ``model`` is then structured as the winner says and its run
     continues from where its probe stopped (its weights, optimizer, learner and schedule)
-    to ``config.steps``, on the whole ``train_set``; it is scored on ``test_set`` as
+    to ``config.steps`` on the whole ``train_set`` (with ``probe.then="restart"``: runs
+    again from its first step on the whole ``train_set``, so that a kept first start
+    gives exactly its unprobed run); it is scored on ``test_set`` as
     [`train_classifier`][gblr.recipes.engine.train_classifier] does. The probes write no
-    logs or checkpoints of their own outside a temporary folder; the continued run writes
-    what ``config`` says. The losers' probes cost ``len(starts) - 1`` times the probe's
-    steps on top of the run.
+    logs or checkpoints of their own outside a temporary folder; the final run writes
+    what ``config`` says. The probes cost ``len(starts) - 1`` (``"continue"``) or
+    ``len(starts)`` (``"restart"``) times the probe's steps on top of the run.
 
     Args:
         model: the model with its layers still dense (``nn.Linear``); changed in place.
@@ -321,7 +334,7 @@ def train_classifier_probing_start(
 
     Returns:
         [`train_classifier`][gblr.recipes.engine.train_classifier]'s result, with
-        ``seconds`` the whole training time (every probe and the continued run), and
+        ``seconds`` the whole training time (every probe and the final run), and
         ``start`` (the winner's name), ``probe_seconds`` and ``probe`` (per start: its
         held-out ``accuracy`` at each evaluation, and for each challenger its ``lead``
         over the first start and that lead's ``standard_error``).
@@ -388,7 +401,7 @@ def train_classifier_probing_start(
         final_config = dataclasses.replace(
             config,
             learner=winner.learner,
-            resume=Path(folder) / winner.name / "last.ckpt",
+            resume=None if probe.then == "restart" else Path(folder) / winner.name / "last.ckpt",
         )
         with warnings.catch_warnings():
             # the continued run checkpoints only where config says; the probe's own
