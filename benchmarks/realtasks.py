@@ -372,21 +372,28 @@ def _cell(spec: TaskSpec, row: dict[str, Any] | None, named: bool = False) -> st
     return f"{row['label']} {text}" if named else text
 
 
+#: The GBLR variant the headline shows beside the defaults when its runs are present:
+#: the start chosen by gblr.recipes.start_probe (--variant 'probe={"probe": {}}').
+PROBE_LABEL = "gblr:probe"
+
+
 def headline(out: Path, quick: bool) -> str:
     """One row per task and budget: GBLR (library defaults), the best other family, low
     rank and dense, and GBLR's training time over low-rank's, from every
-    ``OUT/<task>.json`` present; written to ``OUT/headline.md``."""
-    lines = [
-        "| task | budget | GBLR | best other family | low-rank | dense | GBLR time / low-rank |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    ``OUT/<task>.json`` present; written to ``OUT/headline.md``. Where any task has runs
+    of `PROBE_LABEL`, a column shows them (empty where a task has none)."""
+    summaries = {}
     for name, spec in TASKS.items():
         path = out / f"{name}.json"
-        if not path.exists():
-            continue
-        rows = summarize(spec, json.loads(path.read_text()), quick)
+        if path.exists():
+            summaries[name] = summarize(spec, json.loads(path.read_text()), quick)
+    probed = any(r["label"] == PROBE_LABEL for rows in summaries.values() for r in rows)
+    columns = ["task", "budget", "GBLR", *(["GBLR, start probe"] if probed else [])]
+    columns += ["best other family", "low-rank", "dense", "GBLR time / low-rank"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name, rows in summaries.items():
+        spec = TASKS[name]
         dense = next((r for r in rows if r["label"] == "dense"), None)
-
         for budget in sorted({r["budget"] for r in rows if r["label"] != "dense"}):
             at = {r["label"]: r for r in rows if r["budget"] == budget}
             others = [r for label, r in at.items() if label.split(":")[0] != "gblr"]
@@ -397,11 +404,11 @@ def headline(out: Path, quick: bool) -> str:
                 if ours and lowrank and lowrank["seconds"] > 0
                 else ""
             )
-            lines.append(
-                f"| {spec.name} ({spec.metric}) | {budget:g} | "
-                f"{_cell(spec, ours)} | {_cell(spec, best, named=True)} | "
-                f"{_cell(spec, lowrank)} | {_cell(spec, dense)} | {time_ratio} |"
-            )
+            cells = [f"{spec.name} ({spec.metric})", f"{budget:g}", _cell(spec, ours)]
+            if probed:
+                cells.append(_cell(spec, at.get(PROBE_LABEL)))
+            cells += [_cell(spec, best, named=True), _cell(spec, lowrank), _cell(spec, dense)]
+            lines.append("| " + " | ".join([*cells, time_ratio]) + " |")
     table = "\n".join(lines) + "\n"
     save_atomically(lambda handle: handle.write(table), out / "headline.md", text=True)
     return table

@@ -194,6 +194,7 @@ PUBLIC += [getattr(gblr.special, name) for name in gblr.special.__all__]
 DOCUMENTED_MODULES = [
     "gblr.recipes.config",
     "gblr.recipes.engine",
+    "gblr.recipes.start_probe",
     "gblr.recipes.data",
     "gblr.recipes.text",
     "gblr.recipes.models",

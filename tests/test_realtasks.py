@@ -152,6 +152,30 @@ def test_a_family_over_its_budget_is_never_the_best():
     assert "| gblr | **91.00 ± 1.41** |" in table
 
 
+def test_headline_shows_the_start_probe_only_where_it_ran(tmp_path):
+    realtasks = _realtasks_module()
+
+    def run(label, accuracy, seed, seconds=1.0):
+        return {"label": label, "budget": 0.1, "seed": seed, "accuracy": accuracy,
+                "macs_ratio": 0.1, "seconds": seconds}  # fmt: skip
+
+    runs = [run("gblr", 0.5, 0, 4.0), run("gblr", 0.7, 1, 4.0), run("lowrank", 0.8, 0)]
+    runs += [run("lowrank", 0.8, 1), run("blockdiag", 0.9, 0), run("blockdiag", 0.9, 1)]
+    (tmp_path / "t1-vit.json").write_text(json.dumps({"runs": runs}))
+    table = realtasks.headline(tmp_path, False)
+    assert "start probe" not in table
+    assert "| t1-vit (accuracy) | 0.1 | 60.00 ± 14.14 | blockdiag 90.00 ± 0.00 |" in table
+    probed = [run("gblr:probe", 0.95, 0), run("gblr:probe", 0.97, 1)]
+    (tmp_path / "t1-vit.json").write_text(json.dumps({"runs": runs + probed}))
+    (tmp_path / "t1-mixer.json").write_text(json.dumps({"runs": runs}))
+    lines = realtasks.headline(tmp_path, False).splitlines()
+    assert lines[0].split(" | ")[2:4] == ["GBLR", "GBLR, start probe"]
+    # the probe is GBLR's, never "the best other family"; its cell stays empty without runs
+    assert "| t1-vit (accuracy) | 0.1 | 60.00 ± 14.14 | 96.00 ± 1.41 | blockdiag 90.00" in lines[2]
+    assert "| t1-mixer (accuracy) | 0.1 | 60.00 ± 14.14 |  | blockdiag 90.00" in lines[3]
+    assert lines[2].endswith("| 4.00 |")
+
+
 def test_paired_differences_match_a_seed_by_seed_count(tmp_path):
     realtasks = _realtasks_module()
     generator = random.Random(0)
