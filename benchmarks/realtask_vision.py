@@ -225,7 +225,12 @@ def _train_probing_start(model: Any, train: Any, test: Any, config: Any, variant
     learned start."""
     import dataclasses
 
-    from gblr.recipes.start_probe import LEARNED_START, GBLRStart, StartProbe
+    from gblr.recipes.start_probe import (
+        LEARNED_START,
+        GBLRStart,
+        StartProbe,
+        train_classifier_probing_start,
+    )
 
     assert config.budget is not None
     options = {"structure_init": "blockdiag", "factor_init": "fixed_norm", **variant.structure}
@@ -238,8 +243,6 @@ def _train_probing_start(model: Any, train: Any, test: Any, config: Any, variant
         learner=variant.learner,
         **options,
     )
-    from gblr.recipes.start_probe import train_classifier_probing_start
-
     return train_classifier_probing_start(
         model,
         train,

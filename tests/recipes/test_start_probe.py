@@ -207,3 +207,37 @@ def test_a_start_put_first_is_kept_at_infinite_z(tmp_path):
     )
     assert result["start"] == "learned"
     assert "lead" in result["probe"]["blockdiag"] and "lead" not in result["probe"]["learned"]
+
+
+def test_batch_mix_and_run_info_reach_every_run_and_callbacks_the_final_one(tmp_path):
+    """``batch_mix`` and ``run_info`` go to the probes and the final run (whose resume
+    checks the probe's checkpoint against ``run_info``); ``callbacks`` and ``before_fit``
+    to the final run only."""
+    train, test = digits()
+    mixed = []
+
+    def batch_mix(inputs, labels):
+        mixed.append(len(labels))
+        return inputs, labels
+
+    class Ends(pl.Callback):
+        ends = 0
+
+        def on_train_end(self, trainer, module):
+            Ends.ends += 1
+            assert module.run_info == {"config": {"name": "probe-test"}}
+
+    started = []
+    result = train_classifier_probing_start(
+        _vit(),
+        train,
+        test,
+        _config(tmp_path),
+        batch_mix=batch_mix,
+        run_info={"config": {"name": "probe-test"}},
+        callbacks=[Ends()],
+        before_fit=lambda: started.append(True),
+    )
+    # two probes of 4 steps and the continued run's 6: every training batch was mixed
+    assert len(mixed) == 4 + 4 + 6 and set(mixed) == {8}
+    assert Ends.ends == 1 and started == [True] and result["steps"] == 10

@@ -19,7 +19,7 @@ import dataclasses
 import math
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,6 +304,10 @@ def train_classifier_probing_start(
     *,
     starts: Sequence[GBLRStart] = (BLOCKDIAG_START, LEARNED_START),
     probe: StartProbe | None = None,
+    batch_mix: Any = None,
+    run_info: dict[str, Any] | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+    before_fit: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Structure ``model`` with GBLR layers from the start that a probe prefers, and train it.
 
@@ -331,6 +335,9 @@ def train_classifier_probing_start(
         starts: the candidates, the first the incumbent (default: GBLR's block-diagonal
             start, the library's default, and the learned start).
         probe: how they are compared (default ``StartProbe()``).
+        batch_mix, run_info: as [`train_classifier`][gblr.recipes.engine.train_classifier]'s,
+            for the probes and the final run.
+        callbacks, before_fit: as `train_classifier`'s, for the final run only.
 
     Returns:
         [`train_classifier`][gblr.recipes.engine.train_classifier]'s result, with
@@ -387,7 +394,15 @@ def train_classifier_probing_start(
                 logger=None,
                 val_every_n_steps=None,
             )
-            result = train_classifier(candidate, kept, None, probe_config, callbacks=[recorder])
+            result = train_classifier(
+                candidate,
+                kept,
+                None,
+                probe_config,
+                batch_mix=batch_mix,
+                run_info=run_info,
+                callbacks=[recorder],
+            )
             probe_seconds += result["seconds"]
             hits[start.name] = torch.stack([recorder.hits[step] for step in steps])
             scores[start.name] = {
@@ -407,7 +422,16 @@ def train_classifier_probing_start(
             # the continued run checkpoints only where config says; the probe's own
             # ModelCheckpoint has nothing left to restore
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
-            result = train_classifier(model, train_set, test_set, final_config)
+            result = train_classifier(
+                model,
+                train_set,
+                test_set,
+                final_config,
+                batch_mix=batch_mix,
+                run_info=run_info,
+                callbacks=callbacks,
+                before_fit=before_fit,
+            )
     return {
         **result,
         "seconds": probe_seconds + result["seconds"],
