@@ -241,3 +241,51 @@ def test_batch_mix_and_run_info_reach_every_run_and_callbacks_the_final_one(tmp_
     # two probes of 4 steps and the continued run's 6: every training batch was mixed
     assert len(mixed) == 4 + 4 + 6 and set(mixed) == {8}
     assert Ends.ends == 1 and started == [True] and result["steps"] == 10
+
+
+def _probing_recipe(out):
+    from gblr.recipes.config import load_config
+
+    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
+    options = ["trainer.logger=none", "trainer.accelerator=cpu", f"out={out}"]
+    return load_config("digits-vit-gblr", [*tiny, *options, "structure.start=probe"])
+
+
+@pytest.mark.parametrize("lead", [None, 0.5])
+def test_a_recipe_run_saves_the_start_it_chose_and_its_model_loads(tmp_path, monkeypatch, lead):
+    """``structure.start=probe`` in a recipe: the run folder's config names the chosen start
+    (its structure, factors, starting cost and learner), so the trained model rebuilds
+    from it; ``lead`` 0.5 makes the learned start win."""
+    import yaml
+
+    import gblr.recipes.start_probe as start_probe
+    from gblr.recipes.build import model_from_run
+    from gblr.recipes.train import train_from_config
+
+    if lead is not None:
+        monkeypatch.setattr(start_probe, "challenger_lead", lambda a, b: (lead, 0.1))
+    results = train_from_config(_probing_recipe(tmp_path), progress=False)
+    expected = "blockdiag" if lead is None else "blocks"
+    assert results["start"] == expected and results["steps"] == 10
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["structure"]["start"] == expected
+    assert saved["learner"]["hold_narrow_sides"] == (1 if lead is None else 0)
+    model, _, example = model_from_run(tmp_path)
+    assert gblr_layers(model) and model(example).shape == (1, 10)
+    # resuming with the saved config (as the refusal below says) passes the engine's check
+    from gblr.recipes.checkpoints import check_resume
+    from gblr.recipes.config import config_to_dict, load_config
+
+    again = config_to_dict(load_config(str(tmp_path / "config.yaml")))
+    assert check_resume(tmp_path / "checkpoints" / "last.ckpt", model, again) == 10
+
+
+def test_a_probing_recipe_refuses_a_resume_and_a_structure_without_a_run(tmp_path):
+    from gblr.recipes.build import apply_structure, build_model
+    from gblr.recipes.train import train_from_config
+
+    config = _probing_recipe(tmp_path)
+    with pytest.raises(ValueError, match="cannot be resumed or stopped early"):
+        train_from_config(config, progress=False, stop_after=3)
+    with pytest.raises(ValueError, match="has no structure until a run chooses its start"):
+        apply_structure(build_model(config, in_chans=1, num_classes=10), config)

@@ -214,6 +214,11 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
     s = config.structure
     if s.kind == "dense":
         return
+    if s.kind == "gblr" and s.start == "probe":
+        raise ValueError(
+            "structure.start=probe has no structure until a run chooses its start: train "
+            "it (gblr train), then load the run folder, whose config.yaml names the start"
+        )
     start = s.start_cost if s.kind == "gblr" and s.start_cost is not None else s.budget
     if s.init == "random":
         structure_model(

@@ -56,6 +56,9 @@ STRUCTURE_INITS = ("random", "search")
 # How GBLR layers trained from scratch may start: gblr.layers.base.COSTED_STRUCTURE_INITS
 # (a test keeps the two equal), kept here because configs load without torch.
 GBLR_STARTS = ("half", "blocks", "blockdiag")
+# structure.start may also ask a probe to choose between blockdiag and the learned blocks
+# start (gblr.recipes.start_probe); the run saves the start it chose in its config.yaml.
+PROBE_START = "probe"
 # How their factors may be drawn: gblr.layers.base.FACTOR_INITS (the same test).
 FACTOR_INITS = ("balanced", "uniform", "fixed_norm")
 ALLOCATIONS = ("uniform", "global")
@@ -132,7 +135,10 @@ class StructureConfig:
     layers start, a ``structure_init`` of [`gblr.GBLRLinear`][] that places a cost
     (default ``blockdiag``: GBLR's block-diagonal special case, the start that trained
     best on the real-task benchmarks, docs/RESULTS.md, "Choosing the start"; ``blocks``
-    adds full-width components, ``half`` is the paper's start). ``factor_init`` (GBLR
+    adds full-width components, ``half`` is the paper's start; ``probe``: a probe on a
+    held-out tenth of the training set chooses between ``blockdiag`` and the learned
+    ``blocks`` start, [`gblr.recipes.start_probe`][], image classifiers only, and the run
+    saves the start it chose in its ``config.yaml``). ``factor_init`` (GBLR
     with ``init: random`` only): how the factors are drawn, a ``factor_init`` of
     [`gblr.GBLRLinear`][] (default ``fixed_norm``; ``balanced`` was the default before
     2026-12-06). A key set where it cannot apply is refused.
@@ -542,7 +548,7 @@ def _validate(config: TrainConfig) -> None:
             raise ValueError(f"structure.{key} must be in (0, 1], got {value!r}")
     _choice("structure.init", config.structure.init, STRUCTURE_INITS)
     if config.structure.start is not None:
-        _choice("structure.start", config.structure.start, GBLR_STARTS)
+        _choice("structure.start", config.structure.start, (*GBLR_STARTS, PROBE_START))
     if config.structure.factor_init is not None:
         _choice("structure.factor_init", config.structure.factor_init, FACTOR_INITS)
     if config.structure.allocation is not None:

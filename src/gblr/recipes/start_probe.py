@@ -305,9 +305,10 @@ def train_classifier_probing_start(
     starts: Sequence[GBLRStart] = (BLOCKDIAG_START, LEARNED_START),
     probe: StartProbe | None = None,
     batch_mix: Any = None,
-    run_info: dict[str, Any] | None = None,
+    run_info: dict[str, Any] | Callable[[GBLRStart], dict[str, Any]] | None = None,
     callbacks: Sequence[pl.Callback] = (),
     before_fit: Callable[[], None] | None = None,
+    on_choice: Callable[[GBLRStart], None] | None = None,
 ) -> dict[str, Any]:
     """Structure ``model`` with GBLR layers from the start that a probe prefers, and train it.
 
@@ -336,8 +337,10 @@ def train_classifier_probing_start(
             start, the library's default, and the learned start).
         probe: how they are compared (default ``StartProbe()``).
         batch_mix, run_info: as [`train_classifier`][gblr.recipes.engine.train_classifier]'s,
-            for the probes and the final run.
+            for the probes and the final run (``run_info`` may be a function of the start,
+            as a recipe's config differs by start).
         callbacks, before_fit: as `train_classifier`'s, for the final run only.
+        on_choice: called with the winner once it is chosen, before the final run.
 
     Returns:
         [`train_classifier`][gblr.recipes.engine.train_classifier]'s result, with
@@ -400,7 +403,7 @@ def train_classifier_probing_start(
                 None,
                 probe_config,
                 batch_mix=batch_mix,
-                run_info=run_info,
+                run_info=run_info(start) if callable(run_info) else run_info,
                 callbacks=[recorder],
             )
             probe_seconds += result["seconds"]
@@ -412,6 +415,8 @@ def train_classifier_probing_start(
             lead, error = challenger_lead(hits[starts[0].name], hits[start.name])
             scores[start.name].update(lead=lead, standard_error=error)
         winner = _winner(starts, scores, probe.z)
+        if on_choice is not None:
+            on_choice(winner)
         _structure(model, winner, config)
         final_config = dataclasses.replace(
             config,
@@ -428,7 +433,7 @@ def train_classifier_probing_start(
                 test_set,
                 final_config,
                 batch_mix=batch_mix,
-                run_info=run_info,
+                run_info=run_info(winner) if callable(run_info) else run_info,
                 callbacks=callbacks,
                 before_fit=before_fit,
             )

@@ -17,10 +17,11 @@ are importable from here too); claiming and locking the run folder is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,11 +35,21 @@ from .build import (
     example_input,
     model_from_run,
 )
-from .config import TEXT_DATASETS, TrainConfig, config_to_dict, learner_config
+from .config import (
+    GBLR_STARTS,
+    PROBE_START,
+    TEXT_DATASETS,
+    TrainConfig,
+    config_to_dict,
+    learner_config,
+)
 from .engine_config import EngineConfig
 from .report import write_run_report
 from .run_folder import RunLock, claim_folder, is_launching_process, remove_library_files
 from .smoke import SMOKE_TEXT_CHARS, first_samples
+
+if TYPE_CHECKING:
+    from .start_probe import GBLRStart
 
 __all__ = [
     "build_datasets",
@@ -48,6 +59,7 @@ __all__ = [
     "engine_config",
     "example_input",
     "model_from_run",
+    "probe_starts",
     "run_length",
     "train_from_config",
 ]
@@ -253,6 +265,74 @@ def train_from_config(
         return _train(config, out, resume, progress, stop_after, replace=replace)
 
 
+def _check_probing(
+    config: TrainConfig, text: bool, resume: str | Path | None, stop_after: int | None
+) -> None:
+    """Refuse what a run whose start a probe chooses cannot do."""
+    if text:
+        raise ValueError(
+            "structure.start=probe is for image classifiers; a language model's run takes "
+            f"structure.start in {GBLR_STARTS}"
+        )
+    if resume is not None or stop_after is not None:
+        raise ValueError(
+            "structure.start=probe chooses the start as the run begins and cannot be resumed "
+            "or stopped early: resume with the config the run saved, which names the start "
+            "it chose (gblr train --config OUT/config.yaml --resume)"
+        )
+
+
+def probe_starts(
+    config: TrainConfig, engine: EngineConfig
+) -> tuple[tuple[GBLRStart, GBLRStart], dict[str, TrainConfig]]:
+    """The starts a recipe with ``structure.start: probe`` chooses between, and the config
+    each one is: ``blockdiag`` (with the recipe's ``start_cost``, ``factor_init`` and
+    learner) and ``blocks``, the learned start (at 3x the budget, balanced factors, the
+    recipe's learner with σ annealed 1 -> 100 and nothing held).
+
+    Examples:
+        >>> from gblr.recipes.config import learner_config, load_config
+        >>> from gblr.recipes.train import engine_config, probe_starts
+        >>> config = load_config("digits-vit-gblr", ["structure.start=probe"])
+        >>> starts, configs = probe_starts(config, engine_config(config, train_size=1348))
+        >>> [start.name for start in starts], round(configs["blocks"].structure.start_cost, 6)
+        (['blockdiag', 'blocks'], 0.9)
+        >>> learner_config(configs["blocks"]) == starts[1].learner
+        True
+    """
+    from .models import gblr_start_cost
+    from .start_probe import LEARNED_START, GBLRStart
+
+    s, budget = config.structure, config.structure.budget
+    kept = dataclasses.replace(s, start="blockdiag", factor_init=s.factor_init or "fixed_norm")
+    learned_cost = min(1.0, LEARNED_START.start_cost_ratio * budget)
+    learned = dataclasses.replace(
+        s, start="blocks", factor_init="balanced", start_cost=learned_cost
+    )
+    annealed = dataclasses.replace(config.learner, sigma=[1.0, 100.0], hold_narrow_sides=0)
+    configs = {
+        "blockdiag": dataclasses.replace(config, structure=kept),
+        "blocks": dataclasses.replace(config, structure=learned, learner=annealed),
+    }
+    assert engine.learner is not None
+    starts = (
+        GBLRStart(
+            "blockdiag",
+            factor_init=kept.factor_init,
+            start_cost_ratio=gblr_start_cost(budget, s.start_cost) / budget,
+            learner=engine.learner,
+        ),
+        GBLRStart(
+            "blocks",
+            structure_init="blocks",
+            factor_init="balanced",
+            start_cost_ratio=learned_cost / budget,
+            learner=learner_config(configs["blocks"]),
+        ),
+    )
+    return starts, configs
+
+
 def _train(
     config: TrainConfig,
     out: Path,
@@ -283,7 +363,11 @@ def _train(
         batch = config.optim.batch_size
         train_set = first_samples(train_set, (config.optim.steps or 1) * batch)
         val_set = first_samples(val_set, 2 * batch)
-    apply_structure(model, config)
+    probing = config.structure.kind == "gblr" and config.structure.start == PROBE_START
+    if probing:
+        _check_probing(config, text, resume, stop_after)
+    else:
+        apply_structure(model, config)
     settings = config_to_dict(config)
     if resume == "last":
         resume = out / "checkpoints" / "last.ckpt"
@@ -305,6 +389,33 @@ def _train(
         result = train_language_model(
             model, train_set, val_set, engine, run_info=run_info, before_fit=start_run
         )
+    elif probing:
+        from .start_probe import StartProbe, train_classifier_probing_start
+
+        starts, configs = probe_starts(config, engine)
+
+        def chosen(start: Any) -> None:
+            # the run folder names the start it chose, so that its config rebuilds the model
+            settings.clear()
+            settings.update(config_to_dict(configs[start.name]))
+
+        result = train_classifier_probing_start(
+            model,
+            train_set,
+            val_set,
+            engine,
+            starts=starts,
+            # a smoke run is a few steps: probe at the first half
+            probe=StartProbe(evaluate_at=(0.5,)) if config.smoke else None,
+            batch_mix=batch_mixer(config.data.mixup, config.data.cutmix, num_classes),
+            run_info=lambda start: {
+                "structure": "gblr",
+                "config": config_to_dict(configs[start.name]),
+            },
+            before_fit=start_run,
+            on_choice=chosen,
+        )
+        result.pop("probe")
     else:
         result = train_classifier(
             model,
