@@ -289,3 +289,17 @@ def test_a_probing_recipe_refuses_a_resume_and_a_structure_without_a_run(tmp_pat
         train_from_config(config, progress=False, stop_after=3)
     with pytest.raises(ValueError, match="has no structure until a run chooses its start"):
         apply_structure(build_model(config, in_chans=1, num_classes=10), config)
+
+
+def test_a_probing_recipe_smoke_run_probes_on_its_few_samples(tmp_path):
+    """A smoke run reads a handful of samples for two steps; the probe must still run
+    (a quarter held out, one evaluation) and save the start it chose."""
+    import yaml
+
+    from gblr.recipes.smoke import smoke_config
+    from gblr.recipes.train import train_from_config
+
+    config, _ = smoke_config(_probing_recipe(tmp_path))
+    results = train_from_config(config, progress=False)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["structure"]["start"] == results["start"] in ("blockdiag", "blocks")

@@ -405,8 +405,8 @@ def _train(
             val_set,
             engine,
             starts=starts,
-            # a smoke run is a few steps: probe at the first half
-            probe=StartProbe(evaluate_at=(0.5,)) if config.smoke else None,
+            # a smoke run is a few steps on a few samples: probe at half of it, on a quarter
+            probe=StartProbe(evaluate_at=(0.5,), held_out=0.25) if config.smoke else None,
             batch_mix=batch_mixer(config.data.mixup, config.data.cutmix, num_classes),
             run_info=lambda start: {
                 "structure": "gblr",
