@@ -33,7 +33,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("the training engine needs Lightning: pip install 'gblr[train]'") from error
 
-from ..layers.base import COSTED_STRUCTURE_INITS
+from ..layers.base import COSTED_STRUCTURE_INITS, FACTOR_INITS
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers
 from .engine import EngineConfig, topk_hits, train_classifier
@@ -48,7 +48,6 @@ __all__ = [
     "train_classifier_probing_start",
 ]
 
-FACTOR_INITS = ("fixed_norm", "balanced")
 #: What the winner's run does after the probe (`StartProbe.then`).
 PROBE_THEN = ("continue", "restart")
 
@@ -61,7 +60,8 @@ class GBLRStart:
         name: what results call it (unique among the starts of a probe).
         structure_init: how every layer's components are laid out
             ([`structure_model`][gblr.recipes.models.structure_model]'s ``structure_init``).
-        factor_init: how their factors are drawn (``"fixed_norm"`` or ``"balanced"``).
+        factor_init: how their factors are drawn (a ``factor_init`` of
+            [`gblr.GBLRLinear`][]).
         start_cost_ratio: the starting cost as a multiple of the budget (capped at the
             dense MACs); the learner ramps it down to the budget.
         learner: the [`gblr.LearnerConfig`][] that trains from this start.
@@ -100,6 +100,11 @@ class GBLRStart:
             raise TypeError(
                 f"GBLRStart.learner must be a gblr.LearnerConfig, got {type(self.learner).__name__}"
             )
+
+    def start_cost(self, budget: float) -> float:
+        """The starting cost at ``budget`` (fractions of the dense MACs): the one place it
+        is computed, so that a recipe saves exactly the cost its probe started from."""
+        return min(1.0, self.start_cost_ratio * budget)
 
 
 #: The library's default start from scratch (`structure_model`'s and `LearnerConfig()`'s).
@@ -244,7 +249,7 @@ def _structure(model: nn.Module, start: GBLRStart, config: EngineConfig) -> None
     structure_model(
         model,
         "gblr",
-        min(1.0, start.start_cost_ratio * config.budget),
+        start.start_cost(config.budget),
         include=config.structure_include,
         exclude=config.structure_exclude,
         seed=config.seed,
@@ -259,7 +264,8 @@ def _check_arguments(
     config: EngineConfig,
     starts: Sequence[GBLRStart],
     probe: StartProbe,
-) -> None:
+) -> tuple[list[int], int]:
+    """Refuse what cannot be probed; else ``(evaluation steps, held-out sample count)``."""
     if not isinstance(config, EngineConfig):
         raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
     if config.budget is None:
@@ -294,6 +300,7 @@ def _check_arguments(
             f"StartProbe.evaluate_at={probe.evaluate_at} of config.steps={config.steps} gives "
             f"evaluation steps {steps}: each must be at least 1 and before the last step"
         )
+    return steps, held
 
 
 def train_classifier_probing_start(
@@ -371,13 +378,11 @@ def train_classifier_probing_start(
     """
     probe = StartProbe() if probe is None else probe
     starts = tuple(starts)
-    _check_arguments(model, train_set, config, starts, probe)
-    steps = sorted({round(f * config.steps) for f in probe.evaluate_at})
+    steps, held_count = _check_arguments(model, train_set, config, starts, probe)
     order = torch.randperm(
         len(train_set),  # type: ignore[arg-type]
         generator=torch.Generator().manual_seed(probe.split_seed),
     ).tolist()
-    held_count = round(probe.held_out * len(order))
     held_out, kept = Subset(train_set, order[:held_count]), Subset(train_set, order[held_count:])
     scores: dict[str, dict[str, Any]] = {}
     hits: dict[str, torch.Tensor] = {}

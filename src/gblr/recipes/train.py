@@ -299,26 +299,21 @@ def probe_starts(
         (['blockdiag', 'blocks'], 0.9)
         >>> learner_config(configs["blocks"]) == starts[1].learner
         True
+        >>> budget = config.structure.budget  # each config starts where its probe did
+        >>> all(configs[st.name].structure.start_cost == st.start_cost(budget) for st in starts)
+        True
     """
     from .models import gblr_start_cost
     from .start_probe import LEARNED_START, GBLRStart
 
     s, budget = config.structure, config.structure.budget
-    kept = dataclasses.replace(s, start="blockdiag", factor_init=s.factor_init or "fixed_norm")
-    learned_cost = min(1.0, LEARNED_START.start_cost_ratio * budget)
-    learned = dataclasses.replace(
-        s, start="blocks", factor_init="balanced", start_cost=learned_cost
-    )
-    annealed = dataclasses.replace(config.learner, sigma=[1.0, 100.0], hold_narrow_sides=0)
-    configs = {
-        "blockdiag": dataclasses.replace(config, structure=kept),
-        "blocks": dataclasses.replace(config, structure=learned, learner=annealed),
-    }
     assert engine.learner is not None
+    annealed = dataclasses.replace(config.learner, sigma=[1.0, 100.0], hold_narrow_sides=0)
+    learned_config = dataclasses.replace(config, learner=annealed)
     starts = (
         GBLRStart(
             "blockdiag",
-            factor_init=kept.factor_init,
+            factor_init=s.factor_init or "fixed_norm",
             start_cost_ratio=gblr_start_cost(budget, s.start_cost) / budget,
             learner=engine.learner,
         ),
@@ -326,10 +321,23 @@ def probe_starts(
             "blocks",
             structure_init="blocks",
             factor_init="balanced",
-            start_cost_ratio=learned_cost / budget,
-            learner=learner_config(configs["blocks"]),
+            start_cost_ratio=LEARNED_START.start_cost_ratio,
+            learner=learner_config(learned_config),
         ),
     )
+    # each config holds the very starting cost its probe used, so it rebuilds the model
+    configs = {
+        start.name: dataclasses.replace(
+            base,
+            structure=dataclasses.replace(
+                s,
+                start=start.structure_init,
+                factor_init=start.factor_init,
+                start_cost=start.start_cost(budget),
+            ),
+        )
+        for start, base in zip(starts, (config, learned_config))
+    }
     return starts, configs
 
 

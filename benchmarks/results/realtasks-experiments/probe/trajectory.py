@@ -25,13 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # benchmarks/
+from probe import LEARNED  # noqa: E402  (the learned start of probe.py, beside this file)
 
-LEARNED = {
-    "structure": {"structure_init": "blocks", "factor_init": "balanced"},
-    "start_cost_ratio": 3.0,
-    "sigma": [1.0, 100.0],
-    "learner_config": {"hold_narrow_sides": 0},
-}
 STARTS = {"default": {}, "learned": LEARNED}
 EVERY = 80
 FIRST = 160
