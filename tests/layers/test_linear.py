@@ -734,6 +734,48 @@ def test_strip_form_only_where_every_computed_component_is_one_held_line():
     assert all(layer.strips() is None for layer in free)
 
 
+def test_narrow_strips_take_the_window_form_with_the_masked_factors_values(monkeypatch):
+    """Strips whose long side is narrow are computed over windows
+    (`gblr.ops.strip_windows`): the masked factors' output and factor gradients, to
+    rounding; with many rows, the masked factors' products as before."""
+
+    def layers(order):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            gblr.GBLRLinear(64, 256, structure_init="blockdiag", init_cost=0.05,
+                            sigma=None, evaluation_order=order),
+            gblr.GBLRLinear(256, 64, structure_init="blockdiag", init_cost=0.05,
+                            sigma=None, evaluation_order=order),
+        )  # fmt: skip
+        config = gblr.LearnerConfig(sigma=None)
+        return model, gblr.StructureLearner(model, config, budget=0.05, total_steps=10)
+
+    model, learner = layers("auto")
+    reference, _reference_learner = layers("factored")
+    assert [layer.strips()[0] for layer in model] == [0, 1]
+    calls = []
+    real = gblr.layers.linear.strip_window_product
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(gblr.layers.linear, "strip_window_product", counted)
+    x = torch.randn(3, 64)
+    out, grads = _loss_and_gradients(model, x)
+    assert calls == [True, True]
+    expected, expected_grads = _loss_and_gradients(reference, x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        if "widths" not in name and "locations" not in name:
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5)
+    calls.clear()
+    model(torch.randn(300, 64))  # 300 * 64 rank terms >= 64 * 256: not the strips' forms
+    assert calls == []
+    del learner
+
+
 def test_many_rows_take_the_masked_factors_products_bit_for_bit(monkeypatch):
     """With at least ``in * out / (K r)`` input rows the strips' element-wise work over the
     rows would cost more than it saves: the forward is the masked factors' path exactly."""

@@ -651,6 +651,21 @@ class GBLRMatrixMixin(nn.Module):
             locations = torch.where(off, locations.detach(), locations)
         return factor_u, factor_v, widths, locations
 
+    def _held_strip_components(
+        self,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[bool, bool, bool]] | None:
+        """``(U, V, widths, locations, skip)`` of the computed components when the held
+        strips' training forms may apply (training, eager, on the CPU, exact masks, a
+        learner holding sides, ``evaluation_order="auto"``, no factor record); else ``None``."""
+        if self._evaluation_order != "auto" or not self.training or _is_compiling():
+            return None
+        if self.factor_record is not None:
+            return None
+        skip = _skipped_gradients(self)
+        if skip is None or self._sigma_value() is not None:
+            return None
+        return (*self._computed_components(False), skip)
+
     def strips(self) -> tuple[int, Tensor, Tensor, Tensor] | None:
         """The training form of a layer whose computed components are each one line (an
         input column or an output row) that a [`gblr.StructureLearner`][] holds, with
@@ -661,15 +676,10 @@ class GBLRMatrixMixin(nn.Module):
         factors are recorded, off the CPU, with a Gaussian smoothing, or when no side is
         one held line in every computed component.
         """
-        if self._evaluation_order != "auto" or not self.training or _is_compiling():
+        held = self._held_strip_components()
+        if held is None:
             return None
-        if self.factor_record is not None:
-            return None
-        skip = _skipped_gradients(self)
-        if skip is None or self._sigma_value() is not None:
-            return None
-        factor_u, factor_v, widths, locations = self._computed_components(False)
-        found = strip_factors(factor_u, factor_v, widths, locations, skip)
+        found = strip_factors(*held)
         if found is None:
             return None
         side, masked, values, lines = found

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.strip_windows import strip_window_product
 from .base import EvaluationOrder, FactorInit, GBLRMatrixMixin, StructureInit, check_positive_int
 
 __all__ = ["GBLRLinear"]
@@ -126,6 +127,12 @@ class GBLRLinear(GBLRMatrixMixin):
         # of a factor that they save (docs/BENCHMARKS.md, "Held strips and a fused AdamW").
         terms = self.num_components * self.rank_per_component
         if rows * terms < self.in_features * self.out_features:
+            held = self._held_strip_components()
+            if held is not None:
+                windowed = strip_window_product(x.reshape(rows, self.in_features), *held)
+                if windowed is not None:
+                    windowed = windowed.view(*x.shape[:-1], self.out_features)
+                    return windowed if self.bias is None else windowed + self.bias
             strips = self.strips()
             if strips is not None:
                 return self._strips_forward(x, *strips)

@@ -767,6 +767,34 @@ def mask_factors_unchecked(
     return _MaskFactorsTriton.apply(factor_u, factor_v, widths, locations, sigma, out_dtype)
 
 
+def held_strip_side(
+    factor_u: Tensor,
+    factor_v: Tensor,
+    widths: Tensor,
+    locations: Tensor,
+    skip: tuple[bool, bool, bool] | None,
+) -> int | None:
+    """The side (0: input columns, 1: output rows) on which every component is one line
+    whose width, like every location, a structure learner holds (``skip``, see
+    `mask_factors_unchecked`); ``None`` when there is none, off the CPU, or
+    when a width or location is not finite (known without an element-wise pass).
+
+    Args:
+        factor_u: ``(K, r, out)``.
+        factor_v: ``(K, r, in)``.
+        widths, locations: ``(2, K)`` (row 0 the input side).
+        skip: (input widths, output widths, locations) held, or ``None``.
+    """
+    if skip is None or not skip[2] or not factor_u.is_cpu:
+        return None
+    if not _known_finite(widths, locations):
+        return None
+    for side, factor in ((0, factor_v), (1, factor_u)):
+        if skip[side] and bool((_lengths(widths[side], factor.shape[2], finite=True) == 1).all()):
+            return side
+    return None
+
+
 def strip_factors(
     factor_u: Tensor,
     factor_v: Tensor,
@@ -801,17 +829,11 @@ def strip_factors(
         * values[k, i]``, or 1 (rows) with ``masked = V_masked (K, r, in)`` and
         ``U_masked[k, i] == values[k, i]`` at row ``lines[k]``, 0 elsewhere; or ``None``.
     """
-    if skip is None or not skip[2] or not factor_u.is_cpu:
+    side = held_strip_side(factor_u, factor_v, widths, locations, skip)
+    if side is None:
         return None
-    if not _known_finite(widths, locations):
-        return None
-    for side, factor in ((0, factor_v), (1, factor_u)):
-        size = factor.shape[2]
-        if skip[side] and bool((_lengths(widths[side], size, finite=True) == 1).all()):
-            break
-    else:
-        return None
-    lines = _starts(locations[side], size, finite=True)
+    factor = factor_v if side == 0 else factor_u
+    lines = _starts(locations[side], factor.shape[2], finite=True)
     dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
     masked_u, masked_v = _MaskFactorsTorch.apply(
         factor_u if side == 0 else None,
