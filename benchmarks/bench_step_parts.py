@@ -20,7 +20,7 @@ alternating where two things are compared, so that both see the same machine:
   (the MLP's 512 x 512 layer and a 64 x 256 layer of the Mixer's size, every component
   on);
 - the 512 x 512 layer's forward and backward at the default start under a learner, by the
-  held strips' training form against the masked factors' two products;
+  held strips' window form, their full-length form and the masked factors' two products;
 - the learner's budget bisection on the thresholds' inputs of a training run, by the
   library's form (components whose line counts are the same at both ends of the bracket
   leave it, and few components take more halvings per round) against the rounds of two
@@ -179,26 +179,41 @@ def _mask_paths(repeats: int) -> dict[str, dict[str, float]]:
 
 def _strip_form(repeats: int) -> dict[str, float]:
     """Median ms of one forward and backward of the pixel MLP's 512 x 512 layer at the
-    default start under a learner (batch 64): the held strips' training form
-    (``evaluation_order="auto"``) against the masked factors' two products
-    (``"factored"``), the same layer, alternating."""
+    default start under a learner (batch 64), after 150 training steps (past the budget's
+    ramp, the intervals as the run has them): the held strips' window form
+    (``evaluation_order="auto"``, since 2026-12-06 night), the strips' full-length form
+    (`GBLRLinear._strips_forward`, what "auto" took before) and the masked factors' two
+    products (``"factored"``), the same layer, alternating."""
     import gblr
     import realtask_vision
+    from gblr.learn.groups import adamw
     from gblr.recipes.models import structure_model
 
     torch.manual_seed(0)
     model = realtask_vision._mlp()
     structure_model(model, "gblr", BUDGET, seed=0)
-    learner = gblr.StructureLearner(model, budget=BUDGET, total_steps=100)
+    learner = gblr.StructureLearner(model, budget=BUDGET, total_steps=300, warmup_steps=100)
+    optimizer = adamw(gblr.param_groups(model, lr=2e-3, weight_decay=0.05))
+    images, labels = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
+    for _ in range(150):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        learner.step()
     layer = model.blocks[1]
     inputs = torch.randn(64, layer.in_features)
-    samples: dict[str, list[float]] = {"strips": [], "masked_factors": []}
-    for _ in range(repeats):  # the two alternate, so both see the same machine
-        for name, order in (("strips", "auto"), ("masked_factors", "factored")):
-            layer._evaluation_order = order
+    forms = {
+        "window": lambda: layer(inputs),
+        "strips": lambda: layer._strips_forward(inputs, *layer.strips()),
+        "masked_factors": lambda: layer(inputs),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in forms}
+    for _ in range(repeats):  # the forms alternate, so all see the same machine
+        for name, form in forms.items():
+            layer._evaluation_order = "factored" if name == "masked_factors" else "auto"
             start = time.perf_counter()
             for _ in range(20):
-                layer(inputs).sum().backward()
+                form().sum().backward()
             samples[name].append((time.perf_counter() - start) / 20 * 1e3)
     layer._evaluation_order = "auto"
     del learner

@@ -493,3 +493,22 @@ def test_random_init_starts_as_the_recipes_block_diagonal_start():
         weight = layer.dense_weight().detach()
         assert weight.count_nonzero() < 0.35 * weight.numel()
         assert layer.flops() <= 0.6 * layer.dense_flops()
+
+
+def test_converting_a_plain_model_does_not_import_transformers_models():
+    """With only transformers' lazy top-level package loaded (other libraries load it),
+    converting a plain model does not import its model classes (about 3 s)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    code = (
+        "import sys, torch, transformers, gblr\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(16, 16))\n"
+        "gblr.convert(model, gblr.GBLRConfig(budget=0.5, init='svd'))\n"
+        "print('transformers.modeling_utils' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip().splitlines()[-1] == "False"

@@ -734,7 +734,10 @@ def test_strip_form_only_where_every_computed_component_is_one_held_line():
     assert all(layer.strips() is None for layer in free)
 
 
-def test_narrow_strips_take_the_window_form_with_the_masked_factors_values(monkeypatch):
+@pytest.mark.parametrize("components_off", [False, True])
+def test_narrow_strips_take_the_window_form_with_the_masked_factors_values(
+    components_off, monkeypatch
+):
     """Strips whose long side is narrow are computed over windows
     (`gblr.ops.strip_windows`): the masked factors' output and factor gradients, to
     rounding; with many rows, the masked factors' products as before."""
@@ -753,6 +756,11 @@ def test_narrow_strips_take_the_window_form_with_the_masked_factors_values(monke
     model, learner = layers("auto")
     reference, _reference_learner = layers("factored")
     assert [layer.strips()[0] for layer in model] == [0, 1]
+    if components_off:  # read from all the factors, computed for the others only
+        with torch.no_grad():
+            for layer, twin, long_side in zip(model, reference, (1, 0), strict=True):
+                layer.widths[long_side, [3, 40]] = twin.widths[long_side, [3, 40]] = 0.0
+        assert all(layer._computed_index(False)[0].numel() == 62 for layer in model)
     calls = []
     real = gblr.layers.linear.strip_window_product
 

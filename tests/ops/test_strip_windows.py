@@ -138,3 +138,32 @@ def test_window_form_applies_only_to_held_one_line_sides_and_short_windows():
     bad = locations.clone()
     bad[1, 0] = float("nan")
     assert strip_window_product(x, u, v, widths, bad, (True, False, True)) is None
+
+
+@pytest.mark.parametrize("side", [0, 1])
+def test_components_read_from_all_factors_give_the_subset_product(side):
+    """``components``: the widths and locations of some components, the factors of all;
+    the product, and the gradients of every factor entry, are those of the subset's
+    factors (entries of the components left out get zero gradients)."""
+    shape = (48, 16) if side == 0 else (16, 48)
+    u, v, widths, locations, x = _strips(side, 2, shape, 16, 4, 8, seed=5)
+    components = torch.tensor([0, 2, 3, 7, 8, 9, 15])
+    skip = (side == 0, side == 1, True)
+    full = [t.clone().requires_grad_(True) for t in (u, v)]
+    out = strip_window_product(
+        x, *full, widths[:, components], locations[:, components], skip, components=components
+    )
+    subset = [t[components].clone().requires_grad_(True) for t in (u, v)]
+    expected = strip_window_product(
+        x, *subset, widths[:, components], locations[:, components], skip
+    )
+    assert out is not None and expected is not None
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    left_out = torch.ones(16, dtype=torch.bool)
+    left_out[components] = False
+    for whole, part in zip(full, subset, strict=True):
+        torch.testing.assert_close(whole.grad[components], part.grad, rtol=0, atol=1e-12)
+        assert (whole.grad[left_out] == 0).all()

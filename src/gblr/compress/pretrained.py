@@ -392,7 +392,10 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
 
 # --------------------------------------------------------------------------- libraries
 def _transformers_model_class() -> type | None:
-    module = sys.modules.get("transformers")
+    # A transformers model exists only once the module defining its base class has been
+    # imported; `transformers.PreTrainedModel` itself would import it (seconds) whenever
+    # the lazy top-level package is loaded, as other libraries do.
+    module = sys.modules.get("transformers.modeling_utils")
     return None if module is None else module.PreTrainedModel
 
 

@@ -633,30 +633,41 @@ class GBLRMatrixMixin(nn.Module):
 
     def _computed_components(self, compiling: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(U, V, widths, locations)`` of the components a training forward computes."""
+        on, off = self._computed_index(compiling)
         widths, locations = self.widths, self.locations
         factor_u, factor_v = self.U, self.V
-        off = None if self.revive_empty else _off_components(widths)
-        # Components that are off add exact zeros: on the CPU they are left out of the
-        # masking and both products, which also keeps their widths and locations out of
-        # the gradient (on CUDA, finding them would cost a sync). Not while factors are
-        # recorded: the records hold all K components.
-        if off is not None and not compiling and factor_u.is_cpu and self.factor_record is None:
-            on = (~off).nonzero().flatten()
-            if on.numel() < off.numel():
-                factor_u, factor_v = factor_u[on], factor_v[on]
-                widths, locations = widths[:, on], locations[:, on]
-            off = None
+        if on is not None:
+            factor_u, factor_v = factor_u[on], factor_v[on]
+            widths, locations = widths[:, on], locations[:, on]
         if off is not None:
             widths = torch.where(off, widths.detach(), widths)
             locations = torch.where(off, locations.detach(), locations)
         return factor_u, factor_v, widths, locations
 
+    def _computed_index(self, compiling: bool) -> tuple[Tensor | None, Tensor | None]:
+        """``(on, off)``: the indices ``(K',)`` of the components a training forward
+        computes where that leaves some out (else ``None``), and the ``(K,)`` components
+        that are off where they are computed anyway, their structure to detach (else
+        ``None``)."""
+        off = None if self.revive_empty else _off_components(self.widths)
+        # Components that are off add exact zeros: on the CPU they are left out of the
+        # masking and both products, which also keeps their widths and locations out of
+        # the gradient (on CUDA, finding them would cost a sync). Not while factors are
+        # recorded: the records hold all K components.
+        if off is not None and not compiling and self.U.is_cpu and self.factor_record is None:
+            on = (~off).nonzero().flatten()
+            return (on if on.numel() < off.numel() else None), None
+        return None, off
+
     def _held_strip_components(
         self,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[bool, bool, bool]] | None:
-        """``(U, V, widths, locations, skip)`` of the computed components when the held
-        strips' training forms may apply (training, eager, on the CPU, exact masks, a
-        learner holding sides, ``evaluation_order="auto"``, no factor record); else ``None``."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[bool, bool, bool], Tensor | None] | None:
+        """``(U, V, widths, locations, skip, on)`` when the held strips' training forms may
+        apply (training, eager, on the CPU, exact masks, a learner holding sides,
+        ``evaluation_order="auto"``, no factor record), else ``None``: all ``K``
+        components' factors, the computed components' widths and locations, and their
+        indices ``on`` (``None``: all), so that a form reads only the factors' entries it
+        needs instead of copying the computed components' factors."""
         if self._evaluation_order != "auto" or not self.training or _is_compiling():
             return None
         if self.factor_record is not None:
@@ -664,7 +675,11 @@ class GBLRMatrixMixin(nn.Module):
         skip = _skipped_gradients(self)
         if skip is None or self._sigma_value() is not None:
             return None
-        return (*self._computed_components(False), skip)
+        on, _ = self._computed_index(False)
+        widths, locations = self.widths, self.locations
+        if on is not None:
+            widths, locations = widths[:, on], locations[:, on]
+        return self.U, self.V, widths, locations, skip, on
 
     def strips(self) -> tuple[int, Tensor, Tensor, Tensor] | None:
         """The training form of a layer whose computed components are each one line (an
@@ -679,7 +694,10 @@ class GBLRMatrixMixin(nn.Module):
         held = self._held_strip_components()
         if held is None:
             return None
-        found = strip_factors(*held)
+        factor_u, factor_v, widths, locations, skip, on = held
+        if on is not None:
+            factor_u, factor_v = factor_u[on], factor_v[on]
+        found = strip_factors(factor_u, factor_v, widths, locations, skip)
         if found is None:
             return None
         side, masked, values, lines = found

@@ -129,7 +129,10 @@ class GBLRLinear(GBLRMatrixMixin):
         if rows * terms < self.in_features * self.out_features:
             held = self._held_strip_components()
             if held is not None:
-                windowed = strip_window_product(x.reshape(rows, self.in_features), *held)
+                *factors_and_structure, skip, on = held
+                windowed = strip_window_product(
+                    x.reshape(rows, self.in_features), *factors_and_structure, skip, components=on
+                )
                 if windowed is not None:
                     windowed = windowed.view(*x.shape[:-1], self.out_features)
                     return windowed if self.bias is None else windowed + self.bias

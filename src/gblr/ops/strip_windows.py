@@ -146,6 +146,7 @@ def strip_window_product(
     *,
     max_window: float = 0.5,
     margin: int = EDGE_MARGIN,
+    components: Tensor | None = None,
 ) -> Tensor | None:
     """``x @ W.T`` for a GBLR matrix of held one-line strips, its long side computed over
     windows (see the module's docstring); ``None`` where the form does not apply
@@ -163,6 +164,9 @@ def strip_window_product(
         max_window: the largest window, as a fraction of the long side, to compute this way.
         margin: lines kept past each interval's end (and before its start) for the width's
             gradient.
+        components: ``(K',)`` indices of the components that ``widths`` and ``locations``
+            (then ``(2, K')``) describe, of the factors' ``K`` (default: all ``K``); only
+            their entries are read.
 
     Returns:
         ``(rows, out)``, or ``None``.
@@ -187,7 +191,8 @@ def strip_window_product(
         return None
     long_side = 1 - side
     strip_factor, long_factor = (factor_v, factor_u) if side == 0 else (factor_u, factor_v)
-    k, rank, n = long_factor.shape
+    _, rank, n = long_factor.shape
+    k = widths.shape[1]
     lengths = _lengths(widths[long_side], n, finite=True)
     window = min(n, int(lengths.max()) + 2 * margin)
     if window > max_window * n:
@@ -195,7 +200,12 @@ def strip_window_product(
     starts = _starts(locations[long_side], n, finite=True)
     plan = _plan(tuple(starts.tolist()), long_side, rank, n, window, margin)
     groups, size, _ = plan.shape
-    blocks = long_factor.reshape(-1).index_select(0, plan.flat).view(plan.shape)
+    flat = plan.flat
+    if components is not None:  # the plan's rank terms are the computed components'
+        terms = (components.unsqueeze(1) * rank + torch.arange(rank)).reshape(-1)
+        flat = (terms[plan.reads] * n).view(groups, size, 1) + plan.positions.view(groups, 1, -1)
+        flat = flat.reshape(-1)
+    blocks = long_factor.reshape(-1).index_select(0, flat).view(plan.shape)
     term_lengths = torch.cat([lengths.repeat_interleave(rank), lengths.new_zeros(1)])
     mask_dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
     edge = _edge_around_end(n, margin, mask_dtype, long_factor.device)
@@ -208,9 +218,12 @@ def strip_window_product(
         edge,
         bool(skip[long_side]),
     )
-    lines = _starts(locations[side], strip_factor.shape[2], finite=True)
-    values = strip_factor.gather(2, lines.view(k, 1, 1).expand(k, rank, 1)).reshape(-1)
+    strip_size = strip_factor.shape[2]
+    lines = _starts(locations[side], strip_size, finite=True)
     lines = lines.repeat_interleave(rank) if rank > 1 else lines
+    if components is None:
+        terms = torch.arange(k * rank)
+    values = strip_factor.reshape(-1).index_select(0, terms * strip_size + lines)
     rows = x.shape[0]
     if side == 0:
         # The padding's rows of ``blocks`` are zeros: what it reads adds nothing.
