@@ -53,7 +53,10 @@ class GBLRLinear(GBLRMatrixMixin):
             one input column that a structure learner holds (the block-diagonal start),
             or one output row, and the input rows are fewer than the layer's
             ``in * out / (K r)``, it gathers those columns or adds into those rows
-            instead of the product on that side (`strips`). All are exact.
+            instead of the product on that side (`strips`), and where the other side's
+            intervals are short it multiplies only a window around each group of them
+            (`gblr.ops.strip_windows`: the width's gradient then reads the exact masks'
+            edge kernel within 8 lines of each end). The outputs are exact on all paths.
         device, dtype: factory keywords as for ``nn.Linear``.
 
     Shapes:
