@@ -692,8 +692,12 @@ class GBLRMatrixMixin(nn.Module):
         one held line in every computed component.
         """
         held = self._held_strip_components()
-        if held is None:
-            return None
+        return None if held is None else self._strips_of(held)
+
+    def _strips_of(
+        self, held: tuple[Tensor, Tensor, Tensor, Tensor, tuple[bool, bool, bool], Tensor | None]
+    ) -> tuple[int, Tensor, Tensor, Tensor] | None:
+        """`strips` from what `_held_strip_components` returned."""
         factor_u, factor_v, widths, locations, skip, on = held
         if on is not None:
             factor_u, factor_v = factor_u[on], factor_v[on]

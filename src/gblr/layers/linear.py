@@ -139,9 +139,9 @@ class GBLRLinear(GBLRMatrixMixin):
                 if windowed is not None:
                     windowed = windowed.view(*x.shape[:-1], self.out_features)
                     return windowed if self.bias is None else windowed + self.bias
-            strips = self.strips()
-            if strips is not None:
-                return self._strips_forward(x, *strips)
+                strips = self._strips_of(held)
+                if strips is not None:
+                    return self._strips_forward(x, *strips)
         u, v = self.masked_factors()
         if self._choose_order(rows, u.shape[0]) == "materialize":
             return F.linear(x, u.t() @ v, self.bias)

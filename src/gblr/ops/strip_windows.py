@@ -91,7 +91,7 @@ class _Plan(NamedTuple):
     slots: Tensor  # (G * B,) rank terms of each group, padded with ``terms``
     reads: Tensor  # (G * B,) the same, padded with 0 (read, then masked to zero)
     positions: Tensor  # (G * W,) the long side's line of each window column
-    flat: Tensor  # (G * B * W,) entries of the (terms, n) factor read
+    flat: Tensor  # (G * B * W,) entries of the (terms, n) factor read, all K computed
     offsets: Tensor  # (W,) each window column's offset from its group's start
     around_end: Tensor  # (2 * margin,) the columns of lines -margin.. past an end, less
     # the interval's length (modulo the window)
@@ -200,8 +200,10 @@ def strip_window_product(
     starts = _starts(locations[long_side], n, finite=True)
     plan = _plan(tuple(starts.tolist()), long_side, rank, n, window, margin)
     groups, size, _ = plan.shape
-    flat = plan.flat
-    if components is not None:  # the plan's rank terms are the computed components'
+    # The rank terms of the computed components among all the factors' K * r.
+    if components is None:
+        terms, flat = torch.arange(k * rank), plan.flat
+    else:
         terms = (components.unsqueeze(1) * rank + torch.arange(rank)).reshape(-1)
         flat = (terms[plan.reads] * n).view(groups, size, 1) + plan.positions.view(groups, 1, -1)
         flat = flat.reshape(-1)
@@ -221,8 +223,6 @@ def strip_window_product(
     strip_size = strip_factor.shape[2]
     lines = _starts(locations[side], strip_size, finite=True)
     lines = lines.repeat_interleave(rank) if rank > 1 else lines
-    if components is None:
-        terms = torch.arange(k * rank)
     values = strip_factor.reshape(-1).index_select(0, terms * strip_size + lines)
     rows = x.shape[0]
     if side == 0:
