@@ -5,7 +5,9 @@ split of seed 0 for every run), a 4-block ViT (dim 64, 2x2 patches, as ``gblr de
 4-block MLP-Mixer (dim 64, 2x2 patches: 16 tokens, token MLP 32, channel MLP 256), or a
 pixel MLP (256 -> 512 -> 512 -> 10, no normalisation layer) on the digits upsampled to
 16x16 with noise (``t1-mlp``; ``t1-mlp-few``: more noise and 300 training images) or
-placed at random offsets of a 16x16 canvas (``t1-mlp-shift``). The blocks' linear layers
+placed at random offsets of a 16x16 canvas (``t1-mlp-shift``), or upsampled as ``t1-mlp``
+with the 256 pixels in one fixed random order (``t1-mlp-perm``: no neighbouring inputs are
+alike, as in tabular data). The blocks' linear layers
 (the MLP's two hidden layers) are dense, GBLR or a baseline family at the budget; patch
 embedding and classifier stay dense.
 Training as ``gblr demo``: the library's engine, AdamW over ``gblr.param_groups`` (lr
@@ -112,6 +114,24 @@ def _shifted_data() -> tuple[Any, Any]:
     return _digits_on_canvas(shift, 0.25)
 
 
+@functools.cache
+def _permuted_data() -> tuple[Any, Any]:
+    """`_upsampled_data` with the 256 pixels of every image in one fixed random order
+    (drawn with seed 0, the same for train and test): the same information as ``t1-mlp``,
+    none of it in which inputs are neighbours. A dense layer, and low-rank, are indifferent
+    to the order; a structure that groups neighbouring inputs is not."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    order = torch.randperm(CANVAS * CANVAS, generator=torch.Generator().manual_seed(0))
+    permuted = []
+    for dataset in _upsampled_data():
+        images, labels = dataset.tensors
+        flat = images.flatten(1)[:, order]
+        permuted.append(TensorDataset(flat.reshape(images.shape), labels))
+    return permuted[0], permuted[1]
+
+
 def _mlp():
     """Pixels (a 16x16 canvas flattened row by row) -> 512 -> 512 -> 10 with GELU, no
     normalisation layer; the two hidden layers are ``blocks.0`` and ``blocks.1`` (the
@@ -180,9 +200,12 @@ def fit_digits(
     from gblr.recipes.engine import EngineConfig, train_classifier
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    data = {"mlp": _upsampled_data, "mlp-few": _few_data, "mlp-shift": _shifted_data}.get(
-        model_name, _data
-    )
+    data = {
+        "mlp": _upsampled_data,
+        "mlp-few": _few_data,
+        "mlp-shift": _shifted_data,
+        "mlp-perm": _permuted_data,
+    }.get(model_name, _data)
     train, test = data()
     steps = QUICK_STEPS if quick else STEPS
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
@@ -267,6 +290,10 @@ def run_t1_mlp_few(structure: str, budget: float, seed: int, quick: bool, option
 
 def run_t1_mlp_shift(structure: str, budget: float, seed: int, quick: bool, options: dict) -> dict:
     return train_digits("mlp-shift", structure, budget, seed, quick, options)
+
+
+def run_t1_mlp_perm(structure: str, budget: float, seed: int, quick: bool, options: dict) -> dict:
+    return train_digits("mlp-perm", structure, budget, seed, quick, options)
 
 
 def run_t1_mixer(structure: str, budget: float, seed: int, quick: bool, options: dict) -> dict:

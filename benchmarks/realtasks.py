@@ -16,6 +16,10 @@ Tasks (all data offline, nothing downloaded; details in each task's module):
 - ``t1-vit``, ``t1-mixer`` (benchmarks/realtask_vision.py): from scratch, vision. The
   digits ViT and MLP-Mixer, their blocks' linear layers structured at 0.1 and 0.2 of the
   dense MACs; test accuracy. 5 seeds.
+- ``t1-mlp``, ``t1-mlp-few``, ``t1-mlp-shift``, ``t1-mlp-perm`` (the same module): a pixel
+  MLP whose two hidden layers are structured, on the digits upsampled to 16x16 (all
+  images; 300 of them with more noise; at random offsets of the canvas; with the pixels
+  in one fixed random order). 5 seeds.
 - ``t2`` (benchmarks/realtask_text.py): from scratch, language. A byte-level GPT-style model
   on the Python standard library's own source files, whole modules held out; held-out
   perplexity per byte at 0.25 and 0.5 of the blocks' linear MACs. 3 seeds.
@@ -105,6 +109,7 @@ TASKS = {
         _digits_task("t1-mlp", "digits pixel MLP"),
         _digits_task("t1-mlp-few", "digits pixel MLP, 300 training images"),
         _digits_task("t1-mlp-shift", "shifted digits pixel MLP"),
+        _digits_task("t1-mlp-perm", "digits pixel MLP, pixels in a fixed random order"),
         TaskSpec(
             "t2",
             "T2 from scratch, language: byte-level GPT on the Python standard library",

@@ -322,3 +322,22 @@ def test_the_few_images_task_trains_on_a_fixed_subset_and_tests_on_every_image()
     assert (remaining >= 0).all() and len(train.tensors[1].unique()) == 10
     result = vision.run_t1_mlp_few("gblr", 0.2, 0, True, {})
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 < result["macs_ratio"] <= 0.2 + 1e-9
+
+
+def test_the_permuted_pixels_task_is_the_upsampled_task_in_one_fixed_pixel_order():
+    import torch
+
+    vision = _vision_module()
+    train, test = vision._permuted_data.__wrapped__()
+    plain_train, plain_test = vision._upsampled_data()
+    for permuted, plain in ((train, plain_train), (test, plain_test)):
+        assert torch.equal(permuted.tensors[1], plain.tensors[1])
+        flat, plain_flat = permuted.tensors[0].flatten(1), plain.tensors[0].flatten(1)
+        assert not torch.equal(flat, plain_flat)
+        # one order for every image, train and test alike: find it from the first image's
+        # distinct pixel values and check it on all of them
+        order = [int((plain_flat[0] == value).nonzero()[0]) for value in flat[0]]
+        assert sorted(order) == list(range(flat.shape[1]))
+        assert torch.equal(flat, plain_flat[:, order])
+    result = vision.run_t1_mlp_perm("gblr", 0.2, 0, True, {})
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 < result["macs_ratio"] <= 0.2 + 1e-9
