@@ -46,7 +46,7 @@ if __name__ == "__main__":  # spawned processes import this file
     train, test = digits()
     torch.manual_seed(0)
     model = VisionTransformer(dim=32, depth=1, heads=2) if args.smoke else VisionTransformer()
-    config = gblr.GBLRConfig(budget=0.9, init="random", include="blocks.*", min_features=1)
+    config = gblr.GBLRConfig(budget=0.3, init="random", include="blocks.*", min_features=1)
     gblr.convert(model, config)
     options = dict(accelerator="cpu", devices=2, strategy="ddp_spawn") if args.smoke else dict(
         accelerator="gpu", devices=args.devices, strategy=args.strategy
