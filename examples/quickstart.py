@@ -33,10 +33,9 @@ model = VisionTransformer()  # 4 blocks; qkv, proj, fc1, fc2 in each
 config = gblr.GBLRConfig(budget=0.3, init="random", include="blocks.*", min_features=1)
 gblr.convert(model, config)
 
-# 3. Train: widths and locations are parameters too, at 3x the weights' learning rate as
-#    the recipes do; the learner holds the MACs at 30% and learns where they go.
-groups = gblr.param_groups(model, lr=2e-3, structure_lr=6e-3, weight_decay=0.05)
-optimizer = torch.optim.AdamW(groups)
+# 3. Train: widths and locations are parameters too (at the weights' learning rate unless
+#    told); the learner holds the MACs at 30% and learns where they go.
+optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=2e-3, weight_decay=0.05))
 learner = gblr.StructureLearner(model, budget=0.3, total_steps=steps, warmup_steps=steps // 3)
 loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
 step = 0

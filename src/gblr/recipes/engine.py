@@ -67,12 +67,12 @@ __all__ = [
 ]
 
 
-#: The structure's learning rate as a multiple of the weights' when none is given. Widths
-#: and locations move by about their learning rate per step (Adam, β1 = 0) and may have
-#: hundreds of lines to cross; the paper's from-scratch configs use 10x. Of 0.1x, 1x, 3x
-#: and 10x, 3x trained best from scratch on the real-task suite (docs/BENCHMARKS.md,
-#: "The structure learned faster").
-STRUCTURE_LR_FACTOR = 3
+#: The structure's learning rate as a multiple of the weights' when none is given, the
+#: same as `gblr.param_groups`' default, so a plain PyTorch loop trains as the engine does.
+#: Widths and locations move by about their learning rate per step (Adam, β1 = 0) in
+#: fractions of their side, so a higher rate moves long sides by many lines a step
+#: (docs/BENCHMARKS.md, "The structure's learning rate, again").
+STRUCTURE_LR_FACTOR = 1
 
 
 class _ScheduledModule(pl.LightningModule):
@@ -152,7 +152,7 @@ class ClassificationModule(_ScheduledModule):
         weight_decay: AdamW weight decay of weight matrices (not biases, norms, structure).
         warmup_steps: linear warm-up from 0 to ``lr``.
         total_steps: cosine decay to ``min_lr`` at this step.
-        structure_lr: learning rate of widths and locations (default 3 × ``lr``,
+        structure_lr: learning rate of widths and locations (default ``lr``,
             `STRUCTURE_LR_FACTOR`).
         label_smoothing: of the cross-entropy loss.
         batch_mix: applied to each training batch ``(inputs, labels) -> (inputs,

@@ -82,7 +82,7 @@ class EngineConfig:
         min_lr: learning rate at the end of the cosine decay, in ``[0, lr]``.
         weight_decay: of the weight matrices (not biases, norms, structure).
         warmup_steps: linear warm-up from 0 to ``lr``.
-        structure_lr: learning rate of widths and locations (default 3 × ``lr``:
+        structure_lr: learning rate of widths and locations (default ``lr``:
             `gblr.recipes.engine.STRUCTURE_LR_FACTOR`; 0 keeps the structure fixed).
         label_smoothing: of a classifier's cross-entropy loss (in ``[0, 1)``; 0 for a
             language model).
