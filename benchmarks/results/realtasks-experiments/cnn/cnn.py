@@ -88,10 +88,7 @@ def main() -> None:
             trainer={"accelerator": "cpu"},
         )
         result = train_classifier(model, train, test, config)
-    live = {
-        name: int((layer.widths.detach() > 0).all(0).sum())
-        for name, layer in gblr.learn.groups.gblr_layers(model)
-    }
+    live = {name: layer.live_components() for name, layer in gblr.learn.groups.gblr_layers(model)}
     record = {
         "seed": args.seed,
         "structure_lr": args.structure_lr,
