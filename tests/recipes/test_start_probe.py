@@ -79,6 +79,9 @@ def test_the_largest_lead_beyond_z_standard_errors_wins_else_the_first_start():
         (lambda: GBLRStart("x", factor_init="zeros"), "GBLRStart.factor_init"),
         (lambda: GBLRStart("x", start_cost_ratio=0.5), "start_cost_ratio must be a number >= 1"),
         (lambda: GBLRStart("x", learner={}), "GBLRStart.learner must be a gblr.LearnerConfig"),
+        (lambda: GBLRStart("x", structure_lr_factor=-1.0), "structure_lr_factor must be None"),
+        (lambda: GBLRStart("x", structure_lr_factor=math.inf), "got inf"),
+        (lambda: GBLRStart("x", structure_lr_factor=True), "structure_lr_factor must be None"),
         (lambda: StartProbe(evaluate_at=(0.2, 1.0)), r"fractions in \(0, 1\)"),
         (lambda: StartProbe(evaluate_at=()), "non-empty tuple"),
         (lambda: StartProbe(held_out=0.0), "StartProbe.held_out must be a fraction"),
@@ -132,7 +135,13 @@ def _by_hand(dense, start, folder, split_seed, stop_after):
         structure_init=start.structure_init,
         factor_init=start.factor_init,
     )
-    config = dataclasses.replace(_config(folder), learner=start.learner)
+    config = _config(folder)
+    factor = start.structure_lr_factor
+    config = dataclasses.replace(
+        config,
+        learner=start.learner,
+        structure_lr=None if factor is None else factor * config.lr,
+    )
     stopped = dataclasses.replace(config, stop_after=stop_after, checkpoint_dir=folder)
     train_classifier(model, Subset(train, kept.tolist()), None, stopped)
     hits = topk_hits(model, Subset(train, held.tolist()), ks=(1,))[:, 0]
@@ -193,6 +202,40 @@ def test_a_challenger_that_leads_is_continued_in_the_model(tmp_path, monkeypatch
     by_hand, _, resumed = _by_hand(dense, LEARNED_START, tmp_path / "by-hand", 0, 4)
     assert result["accuracy"] == resumed["accuracy"]
     _assert_same_model(model, by_hand)
+
+
+@pytest.mark.parametrize("named_rate", [None, 0.02])
+def test_each_start_trains_its_structure_at_its_own_rate_unless_the_run_names_one(
+    tmp_path, monkeypatch, named_rate
+):
+    """The learned start was chosen with its structure at 3x the weights' rate, the
+    block-diagonal start at the engine's default; a rate the run's config names is every
+    start's. Checked in the optimizer each probe and the final run trained with."""
+    import gblr.recipes.engine as engine
+
+    rates = []
+
+    class Rates(pl.Callback):
+        def on_train_start(self, trainer, module):
+            groups = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+            rates.append(groups["structure"] / groups["decay"])
+
+    real = engine.train_classifier
+
+    def recording(model, train, test, config, **kwargs):
+        callbacks = [*kwargs.pop("callbacks", ()), Rates()]
+        return real(model, train, test, config, callbacks=callbacks, **kwargs)
+
+    import gblr.recipes.start_probe as start_probe
+
+    monkeypatch.setattr(start_probe, "train_classifier", recording)
+    monkeypatch.setattr(start_probe, "challenger_lead", lambda incumbent, challenger: (0.5, 0.1))
+    train, test = digits()
+    config = _config(tmp_path, lr=1e-3, warmup_steps=0, structure_lr=named_rate)
+    result = train_classifier_probing_start(_vit(), train, test, config)
+    assert result["start"] == "learned"
+    expected = [1.0, 3.0, 3.0] if named_rate is None else [20.0, 20.0, 20.0]
+    assert rates == pytest.approx(expected)  # blockdiag's probe, learned's, the final run
 
 
 def test_a_start_put_first_is_kept_at_infinite_z(tmp_path):
@@ -270,6 +313,9 @@ def test_a_recipe_run_saves_the_start_it_chose_and_its_model_loads(tmp_path, mon
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["structure"]["start"] == expected
     assert saved["learner"]["hold_narrow_sides"] == (1 if lead is None else 0)
+    # the learned start trains its structure at 3x the weights' rate, and says so
+    lr = saved["optim"]["lr"]
+    assert saved["optim"]["structure_lr"] == (None if lead is None else pytest.approx(3 * lr))
     model, _, example = model_from_run(tmp_path)
     assert gblr_layers(model) and model(example).shape == (1, 10)
     # resuming with the saved config (as the refusal below says) passes the engine's check

@@ -211,7 +211,8 @@ class OptimConfig:
     """AdamW over [`gblr.param_groups`][]; linear warm-up from ``lr`` × 0 to ``lr``,
     cosine decay to ``min_lr``. ``batch_size`` is the global batch (split over all
     devices). Give exactly one of ``epochs`` and ``steps``. ``structure_lr`` (GBLR widths
-    and locations) defaults to 3 × ``lr``, the engine's default.
+    and locations) defaults to the engine's default, ``lr`` itself
+    (`gblr.recipes.engine.STRUCTURE_LR_FACTOR`).
 
     Examples:
         >>> from gblr.recipes.config import OptimConfig

@@ -65,11 +65,17 @@ class GBLRStart:
         start_cost_ratio: the starting cost as a multiple of the budget (capped at the
             dense MACs); the learner ramps it down to the budget.
         learner: the [`gblr.LearnerConfig`][] that trains from this start.
+        structure_lr_factor: the learning rate of widths and locations as a multiple of
+            the weights' (``config.lr``) when the run's ``config.structure_lr`` is None;
+            None: the engine's default (`gblr.recipes.engine.STRUCTURE_LR_FACTOR`). A
+            rate the run's config names is used by every start.
 
     Examples:
         >>> from gblr.recipes.start_probe import BLOCKDIAG_START, LEARNED_START
         >>> BLOCKDIAG_START.structure_init, LEARNED_START.start_cost_ratio
         ('blockdiag', 3.0)
+        >>> BLOCKDIAG_START.structure_lr_factor, LEARNED_START.structure_lr_factor
+        (None, 3.0)
     """
 
     name: str
@@ -77,6 +83,7 @@ class GBLRStart:
     factor_init: str = "fixed_norm"
     start_cost_ratio: float = 1.0
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    structure_lr_factor: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -100,22 +107,44 @@ class GBLRStart:
             raise TypeError(
                 f"GBLRStart.learner must be a gblr.LearnerConfig, got {type(self.learner).__name__}"
             )
+        factor = self.structure_lr_factor
+        if factor is not None and (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or not math.isfinite(factor)
+            or factor < 0
+        ):
+            raise ValueError(
+                "GBLRStart.structure_lr_factor must be None or a finite number >= 0 (a "
+                f"multiple of the weights' learning rate), got {factor!r}"
+            )
 
     def start_cost(self, budget: float) -> float:
         """The starting cost at ``budget`` (fractions of the dense MACs): the one place it
         is computed, so that a recipe saves exactly the cost its probe started from."""
         return min(1.0, self.start_cost_ratio * budget)
 
+    def structure_lr(self, config: EngineConfig) -> float | None:
+        """The structure's learning rate of a run of ``config`` from this start (None: the
+        engine's default): ``config.structure_lr`` where it is set, else
+        ``structure_lr_factor`` × ``config.lr``."""
+        if config.structure_lr is not None or self.structure_lr_factor is None:
+            return config.structure_lr
+        return self.structure_lr_factor * config.lr
+
 
 #: The library's default start from scratch (`structure_model`'s and `LearnerConfig()`'s).
 BLOCKDIAG_START = GBLRStart("blockdiag")
-#: The default until 2026-12-06: the best start where a layer must mix globally.
+#: The default until 2026-12-06: the best start where a layer must mix globally. Its
+#: structure trains at 3x the weights' rate, the rate it was chosen at: at 1x it is slower
+#: on the shifted-digits MLP (realtasks-experiments/probe-at-1x).
 LEARNED_START = GBLRStart(
     "learned",
     structure_init="blocks",
     factor_init="balanced",
     start_cost_ratio=3.0,
     learner=LearnerConfig.annealed(),
+    structure_lr_factor=3.0,
 )
 
 
@@ -339,7 +368,9 @@ def train_classifier_probing_start(
         model: the model with its layers still dense (``nn.Linear``); changed in place.
         train_set, test_set: ``(input, label)`` datasets (``test_set`` may be None).
         config: the run (``budget`` set; ``resume`` and ``stop_after`` unset); the
-            ``learner`` of each start replaces ``config.learner``.
+            ``learner`` of each start replaces ``config.learner``, and its
+            [`structure_lr`][gblr.recipes.start_probe.GBLRStart.structure_lr] is the run's
+            ``structure_lr``.
         starts: the candidates, the first the incumbent (default: GBLR's block-diagonal
             start, the library's default, and the learned start).
         probe: how they are compared (default ``StartProbe()``).
@@ -395,6 +426,7 @@ def train_classifier_probing_start(
             probe_config = dataclasses.replace(
                 config,
                 learner=start.learner,
+                structure_lr=start.structure_lr(config),
                 stop_after=steps[-1],
                 checkpoint_dir=Path(folder) / start.name,
                 checkpoint_every_n_steps=steps[-1],
@@ -426,6 +458,7 @@ def train_classifier_probing_start(
         final_config = dataclasses.replace(
             config,
             learner=winner.learner,
+            structure_lr=winner.structure_lr(config),
             resume=None if probe.then == "restart" else Path(folder) / winner.name / "last.ckpt",
         )
         with warnings.catch_warnings():

@@ -288,13 +288,15 @@ def probe_starts(
     """The starts a recipe with ``structure.start: probe`` chooses between, and the config
     each one is: ``blockdiag`` (with the recipe's ``start_cost``, ``factor_init`` and
     learner) and ``blocks``, the learned start (at 3x the budget, balanced factors, the
-    recipe's learner with σ annealed 1 -> 100 and nothing held).
+    recipe's learner with σ annealed 1 -> 100 and nothing held, its structure at 3x the
+    weights' learning rate unless ``optim.structure_lr`` names one).
 
     Examples:
         >>> from gblr.recipes.config import learner_config, load_config
         >>> from gblr.recipes.train import engine_config, probe_starts
         >>> config = load_config("digits-vit-gblr", ["structure.start=probe"])
-        >>> starts, configs = probe_starts(config, engine_config(config, train_size=1348))
+        >>> engine = engine_config(config, train_size=1348)
+        >>> starts, configs = probe_starts(config, engine)
         >>> [start.name for start in starts], round(configs["blocks"].structure.start_cost, 6)
         (['blockdiag', 'blocks'], 0.9)
         >>> learner_config(configs["blocks"]) == starts[1].learner
@@ -302,6 +304,10 @@ def probe_starts(
         >>> budget = config.structure.budget  # each config starts where its probe did
         >>> all(configs[st.name].structure.start_cost == st.start_cost(budget) for st in starts)
         True
+        >>> [configs[st.name].optim.structure_lr == st.structure_lr(engine) for st in starts]
+        [True, True]
+        >>> configs["blocks"].optim.structure_lr / config.optim.lr  # the learned start's rate
+        3.0
     """
     from .models import gblr_start_cost
     from .start_probe import LEARNED_START, GBLRStart
@@ -323,7 +329,13 @@ def probe_starts(
             factor_init="balanced",
             start_cost_ratio=LEARNED_START.start_cost_ratio,
             learner=learner_config(learned_config),
+            structure_lr_factor=LEARNED_START.structure_lr_factor,
         ),
+    )
+    # each config names the structure's rate its start trains at, so that a resume keeps it
+    learned_config = dataclasses.replace(
+        learned_config,
+        optim=dataclasses.replace(config.optim, structure_lr=starts[1].structure_lr(engine)),
     )
     # each config holds the very starting cost its probe used, so it rebuilds the model
     configs = {
