@@ -495,6 +495,44 @@ def test_random_init_starts_as_the_recipes_block_diagonal_start():
         assert layer.flops() <= 0.6 * layer.dense_flops()
 
 
+@pytest.mark.parametrize("structure", ["gblr", *sorted(gblr.structured.FAMILIES)])
+def test_random_init_starts_every_layer_at_the_budget_whatever_the_allocation(structure):
+    """init="random" fits nothing to the weights, so the global allocation (the default)
+    has nothing to go by: every layer starts at the budget. Before, the untrained weights'
+    error curves handed out the MACs, and a pixel MLP's second layer got none (it trained
+    at chance)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 512))
+    report = gblr.convert(model, config_class(structure)(budget=0.1, init="random"))
+    assert report.allocation == "uniform" and len(report.layers) == 2
+    for row, module in zip(report.layers, (model[0], model[2])):
+        assert row.macs_after == module.flops() <= 0.1 * row.macs_before
+        # the families round to their configurations; GBLR meets the budget to a line
+        assert module.flops() >= (0.09 if structure == "gblr" else 0.05) * row.macs_before
+
+
+def test_random_init_draws_each_layer_afresh_and_leaves_the_rest_alone():
+    """Layers of one shape start from different factors (each was drawn from the same seed
+    before), the global random state is untouched, the seed decides, and a GBLR layer
+    the model had before is not drawn again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.Linear(64, 64))
+    kept = gblr.GBLRLinear(64, 64, structure_init="blockdiag", init_cost=0.5)
+    model[3] = kept
+    before = {k: v.clone() for k, v in kept.state_dict().items()}
+    state = torch.random.get_rng_state()
+    gblr.convert(model, GBLRConfig(budget=0.25, init="random", min_features=1, seed=4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not torch.equal(model[0].U, model[2].U) and not torch.equal(model[0].V, model[2].V)
+    assert all(torch.equal(v, kept.state_dict()[k]) for k, v in before.items())
+    again = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    gblr.convert(again, GBLRConfig(budget=0.25, init="random", min_features=1, seed=4))
+    assert torch.equal(again[2].U, model[2].U)  # the weights it replaced play no part
+    other = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    gblr.convert(other, GBLRConfig(budget=0.25, init="random", min_features=1, seed=5))
+    assert not torch.equal(other[2].U, model[2].U)
+
+
 def test_converting_a_plain_model_does_not_import_transformers_models():
     """With only transformers' lazy top-level package loaded (other libraries load it),
     converting a plain model does not import its model classes (about 3 s)."""

@@ -134,7 +134,11 @@ class ConversionConfig:
         exclude: glob pattern(s); matching layers are left dense (same rules).
         allocation: ``"global"`` (layers compete for the model's budget: MACs go where
             they lower the summed normalized error most) or ``"uniform"`` (every layer
-            gets ``budget`` times its own MACs).
+            gets ``budget`` times its own MACs). A structure's ``init="random"`` fits
+            nothing to the weights, so they cannot say where MACs pay: every layer starts
+            at ``budget`` of its own MACs whatever this says (from scratch, the
+            [`gblr.StructureLearner`][]'s one budget moves MACs between GBLR layers as
+            they train).
         keep_dense: with ``allocation="global"`` and a budget below 1, a layer whose
             share of the budget is at least its dense MACs stays as it is (``True``, the
             default: exact at the same cost, where a structured layer could only lose

@@ -70,6 +70,7 @@ __all__ = [
     "convert",
     "register_structure",
     "select_layers",
+    "start_from_scratch",
     "structures",
 ]
 
@@ -142,6 +143,47 @@ def _fit_gblr(
 register_structure(
     "gblr", _fit_gblr, config=GBLRConfig, supports_conv2d=True, supports_calibration=True
 )
+
+
+def start_from_scratch(
+    layers: Iterable[GBLRLinear | GBLRConv2d],
+    budget: float,
+    seed: int,
+    *,
+    structure_init: str = "blockdiag",
+    factor_init: str = "fixed_norm",
+    full_share: float | None = None,
+) -> None:
+    """Start GBLR layers afresh for training from scratch, each at ``budget`` of its dense
+    MACs: ``layer.init_structure(structure_init, budget)`` (default: GBLR's block-diagonal
+    special case), ``layer.init_factors(factor_init)`` (default: every component's factors
+    at exactly their expected norm), then the budget met exactly. Drawn layer after layer
+    from one generator seeded with ``seed``, so that layers of one shape start different;
+    the global random state is left as it was. What ``convert(init="random")`` and the
+    recipes' ``structure_model`` start from (docs/BENCHMARKS.md, "A new default start").
+
+    Args:
+        layers: the GBLR layers, in the order they are drawn.
+        budget: the fraction of each layer's dense MACs, in (0, 1].
+        seed: seeds the draws.
+        structure_init, factor_init, full_share: as ``GBLRLinear.init_structure`` /
+            ``init_factors`` take them.
+
+    Examples:
+        >>> import gblr
+        >>> layers = [gblr.GBLRLinear(64, 64), gblr.GBLRLinear(64, 64)]
+        >>> start_from_scratch(layers, 0.25, seed=0)
+        >>> [layer.flops() <= 0.25 * 64 * 64 for layer in layers]
+        [True, True]
+        >>> bool((layers[0].U != layers[1].U).any())  # one shape, different factors
+        True
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for layer in layers:
+            layer.init_structure(structure_init, budget, full_share=full_share)
+            layer.init_factors(factor_init)
+            project_to_budget([layer], int(budget * layer.dense_flops()))
 
 
 def _family_fit(family: type[StructuredLinear]) -> Callable[..., nn.Module]:
@@ -1107,6 +1149,10 @@ def convert(
     config = _config_argument(config, args, old)
     _check_call(config, progress, calibration)
     structure, budget, allocation = config.structure, config.budget, config.allocation
+    if getattr(config, "init", None) == "random":
+        # Nothing is fitted: the untrained weights' error curves would hand out MACs at
+        # random (a two-layer MLP's second layer got none and trained at chance).
+        allocation = "uniform"
     # The allocation's unit of rank (GBLR's rank per component; 1 without one).
     rank_per_component = getattr(config, "rank_per_component", 1)
     spec = _registered().get(structure)  # None: "dense", nothing is replaced
@@ -1246,6 +1292,8 @@ def convert(
         if bar is not None:
             bar.close()
     _install(model, [(name, layer) for target, layer in replacements for name in target.names])
+    if structure == "gblr" and getattr(config, "init", None) == "random":
+        start_from_scratch([layer for _, layer in replacements], budget, config.seed)
     if replacements:
         # The config that made the model (gblr.save writes it), as peft's model.peft_config.
         model.gblr_config = config

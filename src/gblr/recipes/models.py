@@ -429,16 +429,22 @@ def structure_model(
         seed=seed,
     )
     report = convert(model, config)
-    if structure == "gblr":
-        # Drawn afresh here, layer after layer from one seed: convert seeds each layer's
-        # fit alike, which would start layers of one shape from equal factors.
+    if structure == "gblr" and (structure_init, factor_init, full_share) != (
+        "blockdiag",
+        "fixed_norm",
+        None,
+    ):
+        # convert started them as the default; another start is drawn the same way
+        from ..compress.convert import start_from_scratch
         from ..learn.groups import gblr_layers
-        from ..learn.learner import project_to_budget
 
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            for _, layer in gblr_layers(model):
-                layer.init_structure(structure_init, budget, full_share=full_share)
-                layer.init_factors(factor_init)
-                project_to_budget([layer], int(budget * layer.dense_flops()))
+        layers = [layer for _, layer in gblr_layers(model)]
+        start_from_scratch(
+            layers,
+            budget,
+            seed,
+            structure_init=structure_init,
+            factor_init=factor_init,
+            full_share=full_share,
+        )
     return report
