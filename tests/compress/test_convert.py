@@ -1,4 +1,5 @@
 import re
+import warnings
 
 import pytest
 import torch
@@ -509,6 +510,27 @@ def test_random_init_starts_every_layer_at_the_budget_whatever_the_allocation(st
         assert row.macs_after == module.flops() <= 0.1 * row.macs_before
         # the families round to their configurations; GBLR meets the budget to a line
         assert module.flops() >= (0.09 if structure == "gblr" else 0.05) * row.macs_before
+
+
+def test_a_layer_the_global_allocation_starves_is_named_in_a_warning():
+    """An untrained model's flat spectra make the greedy fill give one layer nearly all
+    of the budget (the pixel MLP's second layer: 102 of 262,144 MACs at 0.1); the user
+    is told which layer and what to do. Trained-like weights (decaying spectra) share it
+    without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 512))
+    with pytest.warns(UserWarning, match=r"under 1% .* their MACs.*: 2 \(\d+ of 262144\)"):
+        report = gblr.convert(model, GBLRConfig(budget=0.1))
+    assert report.layers[1].macs_after < 0.01 * 0.1 * 262144
+    decaying = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 512))
+    with torch.no_grad():
+        for layer in (decaying[0], decaying[2]):
+            u, _, v = torch.linalg.svd(layer.weight, full_matrices=False)
+            spectrum = 0.8 ** torch.arange(u.shape[1], dtype=u.dtype)
+            layer.weight.copy_(u @ torch.diag(spectrum) @ v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gblr.convert(decaying, GBLRConfig(budget=0.1))
 
 
 def test_random_init_draws_each_layer_afresh_and_leaves_the_rest_alone():

@@ -75,6 +75,11 @@ __all__ = [
 ]
 
 
+#: A layer the global allocation leaves under this fraction of ``budget`` times its MACs
+#: is named in a warning: almost nothing passes through it.
+STARVED_SHARE = 0.01
+
+
 # --------------------------------------------------------------------------- structures
 def _fit_gblr(
     weight: Tensor, macs: int, config: GBLRConfig, *, whitening: Tensor | None = None
@@ -1109,7 +1114,10 @@ def convert(
         configuration), the Linear children of
         ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (torch reads their
         ``.weight``), and *tied* layers (below). A ``UserWarning`` says when
-        tied layers were left dense and when no layer was converted at all.
+        tied layers were left dense, when no layer was converted at all, and when the
+        global allocation left a layer under `STARVED_SHARE` (1%) of ``budget`` times
+        its MACs (almost nothing passes through it: an untrained model's flat spectra
+        do that).
 
     Tied weights: a module registered under several names is one layer, replaced by one
     structured module under all of them (``aliases`` in the report). Distinct modules
@@ -1292,6 +1300,23 @@ def convert(
         if bar is not None:
             bar.close()
     _install(model, [(name, layer) for target, layer in replacements for name in target.names])
+    starved = [
+        f"{row.name} ({row.macs_after} of {row.macs_before})"
+        for row in report.layers
+        if not row.dense and row.macs_after < STARVED_SHARE * budget * row.macs_before
+    ]
+    if starved:
+        # e.g. an untrained model's flat spectra: the greedy fill gives one layer nearly all
+        warnings.warn(
+            f"gblr.convert: the global allocation left {len(starved)} layer(s) under "
+            f"{STARVED_SHARE:.0%} of the budget's share of their MACs, so almost nothing "
+            f"passes through them: {', '.join(starved[:5])}"
+            + (", ..." if len(starved) > 5 else "")
+            + "; allocation='uniform' gives every layer the budget (and from scratch, "
+            "init='random' starts every layer at it)",
+            UserWarning,
+            stacklevel=2,
+        )
     if structure == "gblr" and getattr(config, "init", None) == "random":
         start_from_scratch([layer for _, layer in replacements], budget, config.seed)
     if replacements:
