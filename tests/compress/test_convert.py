@@ -533,6 +533,26 @@ def test_a_layer_the_global_allocation_starves_is_named_in_a_warning():
         gblr.convert(decaying, GBLRConfig(budget=0.1))
 
 
+@pytest.mark.parametrize("structure", sorted(gblr.structured.FAMILIES))
+def test_a_family_draws_each_fresh_layer_afresh_from_the_seed(structure):
+    """Each layer was drawn from the same seed before, so a transformer's blocks started
+    equal; now one after another from it, the caller's random state untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    state = torch.random.get_rng_state()
+    gblr.convert(model, config_class(structure)(budget=0.5, init="random", seed=4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    first, second = model[0].state_dict(), model[2].state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first if k != "bias")
+    again = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    gblr.convert(again, config_class(structure)(budget=0.5, init="random", seed=4))
+    assert all(
+        torch.equal(v, model[2].state_dict()[k])
+        for k, v in again[2].state_dict().items()
+        if k != "bias"
+    )
+
+
 def test_random_init_draws_each_layer_afresh_and_leaves_the_rest_alone():
     """Layers of one shape start from different factors (each was drawn from the same seed
     before), the global random state is untouched, the seed decides, and a GBLR layer

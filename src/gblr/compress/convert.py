@@ -22,6 +22,7 @@ error actually reached.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import heapq
 import math
@@ -120,27 +121,19 @@ def _fit_gblr(
             r = rank_per_component
             return fit_dense(weight, budget_macs=macs, rank_per_component=r, steps=0)
         return layer.eval()
-    # "random": a fresh layer at the budget's cost, nothing copied from the dense weights,
-    # started as the recipes start from scratch (GBLR's block-diagonal special case, factors
-    # at their expected norm: what trained best from scratch on the real-task benchmarks,
-    # docs/BENCHMARKS.md, "A new default start").
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        ratio = min(1.0, macs / (m * n))
-        layer = GBLRLinear(
-            n,
-            m,
-            bias=False,
-            rank_per_component=rank_per_component,
-            structure_init="blockdiag",
-            init_cost=ratio,
-            factor_init="fixed_norm",
-            dtype=weight.dtype,
-            device=weight.device,
-        )
-    finally:
-        torch.random.set_rng_state(generator_state)
+    # "random": a fresh layer of the right shape, nothing copied from the dense weights;
+    # convert draws every such layer afresh once all are in place (start_from_scratch).
+    layer = GBLRLinear(
+        n,
+        m,
+        bias=False,
+        rank_per_component=rank_per_component,
+        structure_init="blockdiag",
+        init_cost=min(1.0, macs / (m * n)),
+        factor_init="fixed_norm",
+        dtype=weight.dtype,
+        device=weight.device,
+    )
     project_to_budget([layer], macs)  # interval rounding can overshoot by a few MACs
     return layer.eval()
 
@@ -207,16 +200,15 @@ def _family_fit(family: type[StructuredLinear]) -> Callable[..., nn.Module]:
         if config.init == "project":
             return family.from_dense(weight, budget_macs=macs)
         out_features, in_features = weight.shape
-        with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
-            torch.manual_seed(config.seed)
-            return family.for_budget(
-                in_features,
-                out_features,
-                budget_macs=macs,
-                bias=False,
-                device=weight.device,
-                dtype=weight.dtype,
-            )
+        # drawn from convert's one generator, seeded once: layers of one shape differ
+        return family.for_budget(
+            in_features,
+            out_features,
+            budget_macs=macs,
+            bias=False,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
 
     return fit
 
@@ -1255,6 +1247,13 @@ def convert(
     replacements: list[tuple[_Target, nn.Module]] = []
     fits = zip(targets, matrices, curves, layer_macs, whitenings, keep, rows, strict=True)
     bar = _progress_bar(len(targets), progress)
+    draws = contextlib.ExitStack()
+    if getattr(config, "init", None) == "random":
+        # Fresh layers are drawn one after another from the config's seed, leaving the
+        # caller's random state as it was.
+        devices = list({m.weight.device for m in (t.module for t in targets) if m.weight.is_cuda})
+        draws.enter_context(torch.random.fork_rng(devices=devices))
+        torch.manual_seed(config.seed)
     try:
         for target, matrix, curve, macs, factor, kept, seen in fits:
             if bar is not None:
@@ -1297,6 +1296,7 @@ def convert(
             if bar is not None:
                 bar.update(1)
     finally:
+        draws.close()
         if bar is not None:
             bar.close()
     _install(model, [(name, layer) for target, layer in replacements for name in target.names])
