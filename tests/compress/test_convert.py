@@ -553,6 +553,27 @@ def test_a_family_draws_each_fresh_layer_afresh_from_the_seed(structure):
     )
 
 
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ((0.0, 0), ValueError, r"budget must be a number in \(0, 1\], got 0.0"),
+        ((1.5, 0), ValueError, "got 1.5"),
+        ((True, 0), ValueError, "got True"),
+        ((0.5, 1.0), TypeError, "seed must be an int, got 1.0"),
+    ],
+)
+def test_start_from_scratch_refuses_bad_values_naming_them(arguments, error, message):
+    from gblr.compress.convert import start_from_scratch
+
+    layer = gblr.GBLRLinear(16, 16)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(error, match=message):
+        start_from_scratch([layer], *arguments)
+    with pytest.raises(TypeError, match=r"layers\[1\] must be a GBLRLinear or GBLRConv2d, got"):
+        start_from_scratch([layer, nn.Linear(4, 4)], 0.5, 0)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+
+
 def test_random_init_draws_each_layer_afresh_and_leaves_the_rest_alone():
     """Layers of one shape start from different factors (each was drawn from the same seed
     before), the global random state is untouched, the seed decides, and a GBLR layer

@@ -175,7 +175,21 @@ def start_from_scratch(
         [True, True]
         >>> bool((layers[0].U != layers[1].U).any())  # one shape, different factors
         True
+
+    Raises:
+        ValueError, TypeError: ``budget`` not a number in (0, 1], ``seed`` not an int, or
+            a layer not a GBLR layer (named in the message).
     """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"budget must be a number in (0, 1], got {budget!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    layers = list(layers)
+    for index, layer in enumerate(layers):
+        if not isinstance(layer, (GBLRLinear, GBLRConv2d)):
+            raise TypeError(
+                f"layers[{index}] must be a GBLRLinear or GBLRConv2d, got {type(layer).__name__}"
+            )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for layer in layers:
