@@ -1163,7 +1163,8 @@ def convert(
     config = _config_argument(config, args, old)
     _check_call(config, progress, calibration)
     structure, budget, allocation = config.structure, config.budget, config.allocation
-    if getattr(config, "init", None) == "random":
+    fresh = getattr(config, "init", None) == "random"  # nothing fitted to the weights
+    if fresh:
         # Nothing is fitted: the untrained weights' error curves would hand out MACs at
         # random (a two-layer MLP's second layer got none and trained at chance).
         allocation = "uniform"
@@ -1251,7 +1252,7 @@ def convert(
     # A layer the global allocation gives its dense MACs stays dense: exact, same cost.
     # (budget 1.0 is "no compression": GBLR's exact full-rank factorization, to learn from.)
     # Not for init="random": nothing is fitted to the weights, every layer starts fresh.
-    keeps = config.keep_dense and getattr(config, "init", None) != "random"
+    keeps = config.keep_dense and not fresh
     keep = [
         keeps and allocation == "global" and budget < 1.0 and macs >= size
         for macs, size in zip(layer_macs, dense)
@@ -1262,11 +1263,11 @@ def convert(
     fits = zip(targets, matrices, curves, layer_macs, whitenings, keep, rows, strict=True)
     bar = _progress_bar(len(targets), progress)
     draws = contextlib.ExitStack()
-    if getattr(config, "init", None) == "random":
+    if fresh:
         # Fresh layers are drawn one after another from the config's seed, leaving the
         # caller's random state as it was.
-        devices = list({m.weight.device for m in (t.module for t in targets) if m.weight.is_cuda})
-        draws.enter_context(torch.random.fork_rng(devices=devices))
+        devices = {t.module.weight.device for t in targets if t.module.weight.is_cuda}
+        draws.enter_context(torch.random.fork_rng(devices=list(devices)))
         torch.manual_seed(config.seed)
     try:
         for target, matrix, curve, macs, factor, kept, seen in fits:
@@ -1331,7 +1332,7 @@ def convert(
             UserWarning,
             stacklevel=2,
         )
-    if structure == "gblr" and getattr(config, "init", None) == "random":
+    if structure == "gblr" and fresh:
         start_from_scratch([layer for _, layer in replacements], budget, config.seed)
     if replacements:
         # The config that made the model (gblr.save writes it), as peft's model.peft_config.

@@ -429,18 +429,14 @@ def structure_model(
         seed=seed,
     )
     report = convert(model, config)
-    if structure == "gblr" and (structure_init, factor_init, full_share) != (
-        "blockdiag",
-        "fixed_norm",
-        None,
-    ):
-        # convert started them as the default; another start is drawn the same way
+    if structure == "gblr":
+        # convert drew them as its default start; drawn again (the same way, from the same
+        # seed) as this call's start says
         from ..compress.convert import start_from_scratch
         from ..learn.groups import gblr_layers
 
-        layers = [layer for _, layer in gblr_layers(model)]
         start_from_scratch(
-            layers,
+            [layer for _, layer in gblr_layers(model)],
             budget,
             seed,
             structure_init=structure_init,
