@@ -242,6 +242,7 @@ def test_standings_gap_to_the_best_family_by_brute_force(tmp_path):
     generator = random.Random(1)
     cells = []
     means: dict[tuple[str, float, str], float] = {}
+    seeds: dict[tuple[str, float, str], list[float]] = {}
     for task, metric, scale in (("t1-vit", "accuracy", 100), ("t2", "perplexity", 1)):
         spec = realtasks.TASKS[task]
         runs = []
@@ -249,6 +250,7 @@ def test_standings_gap_to_the_best_family_by_brute_force(tmp_path):
             for label in ("gblr", "lowrank", "blockdiag", "pixelfly", "gblr:variant"):
                 values = [generator.uniform(0.5, 1.0) for _ in range(3)]
                 means[task, budget, label] = scale * sum(values) / 3
+                seeds[task, budget, label] = [scale * value for value in values]
                 # pixelfly ends over its budget at 0.1: shown, never the best
                 macs = budget * (1.5 if label == "pixelfly" and budget == 0.1 else 1.0)
                 runs += [
@@ -279,10 +281,25 @@ def test_standings_gap_to_the_best_family_by_brute_force(tmp_path):
             )
             assert row["gaps"][family] == pytest.approx(expected)
             assert row["gaps"][family] <= 0
+            # Level with the best: the seed-by-seed difference's mean within two of its
+            # standard errors (n - 1 in the standard deviation).
+            ours, theirs = (
+                seeds[row["task"], row["budget"], family],
+                seeds[row["task"], row["budget"], best],
+            )
+            differences = [sign * (a - b) for a, b in zip(ours, theirs)]
+            mean = sum(differences) / 3
+            stderr = (sum((d - mean) ** 2 for d in differences) / 2) ** 0.5 / 3**0.5
+            assert row["level"][family] == (mean >= -2 * stderr), (row, family)
+    assert any(not level for row in rows for level in row["level"].values())
     table = realtasks.standings_table(rows)
     assert "| t1-vit | 0.1 |" in table and "over budget" in table
     wins = sum(r["best"] == "gblr" for r in rows if r["task"] == "t1-vit")
     assert f"| accuracy: best in | | {wins} of 2 |" in table
+    level = sum(r["level"]["gblr"] for r in rows if r["task"] == "t1-vit")
+    assert f"| accuracy: best or level in | | {level} of 2 |" in table
+    marked = [(r, f) for r in rows for f, on in r["level"].items() if on and r["gaps"][f] != 0]
+    assert marked and all(f"{r['gaps'][f]:+.2f} ≈" in table for r, f in marked)
     # The command line writes the same table from the folders' JSON files.
     for spec, runs in cells:
         for run in runs:
