@@ -383,18 +383,22 @@ PROBE_LABEL = "gblr:probe"
 
 
 def headline(out: Path, quick: bool) -> str:
-    """One row per task and budget: GBLR (library defaults), the best other family, low
-    rank and dense, and GBLR's training time over low-rank's, from every
-    ``OUT/<task>.json`` present; written to ``OUT/headline.md``. Where any task has runs
-    of `PROBE_LABEL`, a column shows them (empty where a task has none)."""
-    summaries = {}
+    """One row per task and budget: GBLR (library defaults), the best other family,
+    GBLR's gap to it paired seed by seed (mean ± standard error of the per-seed
+    differences, positive where GBLR is better), low-rank and dense, and GBLR's training
+    time over low-rank's, from every ``OUT/<task>.json`` present; written to
+    ``OUT/headline.md``. Where any task has runs of `PROBE_LABEL`, a column shows them
+    (empty where a task has none)."""
+    summaries, payloads = {}, {}
     for name, spec in TASKS.items():
         path = out / f"{name}.json"
         if path.exists():
-            summaries[name] = summarize(spec, json.loads(path.read_text()), quick)
+            payloads[name] = json.loads(path.read_text())
+            summaries[name] = summarize(spec, payloads[name], quick)
     probed = any(r["label"] == PROBE_LABEL for rows in summaries.values() for r in rows)
     columns = ["task", "budget", "GBLR", *(["GBLR, start probe"] if probed else [])]
-    columns += ["best other family", "low-rank", "dense", "GBLR time / low-rank"]
+    columns += ["best other family", "GBLR − best other, paired", "low-rank", "dense"]
+    columns += ["GBLR time / low-rank"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, rows in summaries.items():
         spec = TASKS[name]
@@ -412,7 +416,16 @@ def headline(out: Path, quick: bool) -> str:
             cells = [f"{spec.name} ({spec.metric})", f"{budget:g}", _cell(spec, ours)]
             if probed:
                 cells.append(_cell(spec, at.get(PROBE_LABEL)))
-            cells += [_cell(spec, best, named=True), _cell(spec, lowrank), _cell(spec, dense)]
+            gap = ""
+            if ours and best:
+                runs = [r for r in payloads[name]["runs"] if r.get("quick", False) == quick]
+                pairs = paired_differences(spec, runs, "gblr", best["label"])
+                pair = next((p for p in pairs if p["budget"] == budget), None)
+                if pair is not None and pair["seeds"] > 1:
+                    digits = 4 if spec.metric == "cosine" else 2
+                    gap = f"{pair['difference']:+.{digits}f} ± {pair['stderr']:.{digits}f}"
+            cells += [_cell(spec, best, named=True), gap, _cell(spec, lowrank)]
+            cells.append(_cell(spec, dense))
             lines.append("| " + " | ".join([*cells, time_ratio]) + " |")
     table = "\n".join(lines) + "\n"
     save_atomically(lambda handle: handle.write(table), out / "headline.md", text=True)

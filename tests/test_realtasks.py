@@ -174,6 +174,9 @@ def test_headline_shows_the_start_probe_only_where_it_ran(tmp_path):
     assert "| t1-vit (accuracy) | 0.1 | 60.00 ± 14.14 | 96.00 ± 1.41 | blockdiag 90.00" in lines[2]
     assert "| t1-mixer (accuracy) | 0.1 | 60.00 ± 14.14 |  | blockdiag 90.00" in lines[3]
     assert lines[2].endswith("| 4.00 |")
+    # GBLR's gap to the best other family, seed by seed: 50 - 90 and 70 - 90 points
+    assert lines[0].split(" | ")[5] == "GBLR − best other, paired"
+    assert lines[2].split(" | ")[5] == "-30.00 ± 10.00"
 
 
 def test_paired_differences_match_a_seed_by_seed_count(tmp_path):
