@@ -389,12 +389,13 @@ def headline(out: Path, quick: bool) -> str:
     time over low-rank's, from every ``OUT/<task>.json`` present; written to
     ``OUT/headline.md``. Where any task has runs of `PROBE_LABEL`, a column shows them
     (empty where a task has none)."""
-    summaries, payloads = {}, {}
+    summaries, runs = {}, {}
     for name, spec in TASKS.items():
         path = out / f"{name}.json"
         if path.exists():
-            payloads[name] = json.loads(path.read_text())
-            summaries[name] = summarize(spec, payloads[name], quick)
+            payload = json.loads(path.read_text())
+            summaries[name] = summarize(spec, payload, quick)
+            runs[name] = [r for r in payload["runs"] if r.get("quick", False) == quick]
     probed = any(r["label"] == PROBE_LABEL for rows in summaries.values() for r in rows)
     columns = ["task", "budget", "GBLR", *(["GBLR, start probe"] if probed else [])]
     columns += ["best other family", "GBLR − best other, paired", "low-rank", "dense"]
@@ -418,9 +419,7 @@ def headline(out: Path, quick: bool) -> str:
                 cells.append(_cell(spec, at.get(PROBE_LABEL)))
             gap = ""
             if ours and best:
-                runs = [r for r in payloads[name]["runs"] if r.get("quick", False) == quick]
-                pairs = paired_differences(spec, runs, "gblr", best["label"])
-                pair = next((p for p in pairs if p["budget"] == budget), None)
+                pair = paired_at(spec, runs[name], "gblr", best["label"], budget)
                 if pair is not None and pair["seeds"] > 1:
                     digits = 4 if spec.metric == "cosine" else 2
                     gap = f"{pair['difference']:+.{digits}f} ± {pair['stderr']:.{digits}f}"
@@ -531,6 +530,15 @@ def paired_differences(
     return rows
 
 
+def paired_at(
+    spec: TaskSpec, runs: Sequence[dict[str, Any]], first: str, second: str, budget: float
+) -> dict[str, Any] | None:
+    """`paired_differences`' row of ``first`` against ``second`` at ``budget`` (``None``
+    when they share no seed there)."""
+    rows = paired_differences(spec, runs, first, second)
+    return next((row for row in rows if row["budget"] == budget), None)
+
+
 def paired_table(spec: TaskSpec, rows: Sequence[dict[str, Any]], first: str, second: str) -> str:
     """Markdown of `paired_differences`' rows."""
     better = "higher" if spec.higher_is_better else "lower"
@@ -599,8 +607,7 @@ def standings(
                 if gap is None or label == best["label"]:
                     level[label] = gap is not None
                     continue
-                pairs = paired_differences(spec, wanted, label, best["label"])
-                pair = next((p for p in pairs if p["budget"] == budget), None)
+                pair = paired_at(spec, wanted, label, best["label"], budget)
                 level[label] = (
                     pair is not None
                     and pair["seeds"] > 1
