@@ -80,6 +80,11 @@ def test_demo_short_setting_end_to_end(tmp_path, capsys):
     assert main(["flops", str(out / "gblr")]) == 0
     table = capsys.readouterr().out
     assert "blocks.0.qkv" in table and "GBLR" in table
+    # the GBLR run let the recipes' start probe choose its start, and says which
+    assert results["gblr"]["start"] in ("blockdiag", "blocks")
+    assert f"gblr: its start probe chose the {results['gblr']['start']} start" in table
+    saved = (out / "gblr" / "config.yaml").read_text()
+    assert f"start: {results['gblr']['start']}" in saved
 
 
 def test_report_and_flops_say_what_is_missing(tmp_path, capsys):

@@ -116,8 +116,10 @@ def demo(args: argparse.Namespace) -> int:
 
     scikit-learn's bundled 8x8 handwritten digits (no download), a 4-block ViT (dim 64,
     2x2 patches): a sweep of the digits-vit-gblr config over the structures at one
-    budget. GBLR layers start as GBLR's block-diagonal special case at --start-cost of
-    the dense MACs (default: the budget) and the structure learner holds them to --budget;
+    budget. GBLR's start is chosen by the recipes' start probe (GBLR's block-diagonal
+    special case at --start-cost of the dense MACs, default the budget, unless the learned
+    start leads on a held-out tenth of the training images; docs/guides/train.md) and the
+    structure learner holds the layers to --budget;
     low-rank, Monarch and block-diagonal get their largest configuration within --budget
     in every layer. The default budget, 10% of the MACs, is where the families differ (at
     30% all of them are within a point of dense). Prints a table (test accuracy, MACs
@@ -201,6 +203,12 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     ]
     columns = ["structure", "accuracy", "MACs ratio", "seconds"]
     print("\n" + text_table(columns, rows, align="<>>>", widths=(10, 10, 12, 10), sep=""))
+    for r in results:
+        if "probe_seconds" in r:
+            print(
+                f"{r['structure']}: its start probe chose the {r['start']} start "
+                f"({r['probe_seconds']:.0f} s of its {r['seconds']:.0f} s were the probes)"
+            )
     settings = {key: value for key, value in vars(args).items() if key != "handler"}
     payload = json.dumps({"settings": settings, "results": results}, indent=2)
     save_atomically(lambda f: f.write(payload), out / "results.json", text=True)

@@ -100,8 +100,12 @@ def test_probing_refuses_runs_it_cannot_probe(tmp_path):
     model = _vit()
     with pytest.raises(ValueError, match=r"config\.budget must be set"):
         train_classifier_probing_start(model, train, test, _config(tmp_path, budget=None))
-    with pytest.raises(ValueError, match=r"config\.stop_after must be None"):
-        train_classifier_probing_start(model, train, test, _config(tmp_path, stop_after=5))
+    # 10 steps: the probes score at steps 2, 3 and 4 and keep no checkpoint
+    with pytest.raises(ValueError, match=r"config\.stop_after=4 must be None or after"):
+        train_classifier_probing_start(model, train, test, _config(tmp_path, stop_after=4))
+    with pytest.raises(ValueError, match=r"config\.resume must be None"):
+        resumed = _config(tmp_path, resume=tmp_path / "last.ckpt")
+        train_classifier_probing_start(model, train, test, resumed)
     with pytest.raises(ValueError, match="evaluation steps"):
         probe = StartProbe(evaluate_at=(0.99,))
         train_classifier_probing_start(model, train, test, _config(tmp_path), probe=probe)
@@ -326,15 +330,71 @@ def test_a_recipe_run_saves_the_start_it_chose_and_its_model_loads(tmp_path, mon
     assert check_resume(tmp_path / "checkpoints" / "last.ckpt", model, again) == 10
 
 
-def test_a_probing_recipe_refuses_a_resume_and_a_structure_without_a_run(tmp_path):
+def test_a_probing_recipe_refuses_what_it_cannot_do_naming_it(tmp_path):
     from gblr.recipes.build import apply_structure, build_model
+    from gblr.recipes.config import load_config
     from gblr.recipes.train import train_from_config
 
     config = _probing_recipe(tmp_path)
-    with pytest.raises(ValueError, match="cannot be resumed or stopped early"):
+    with pytest.raises(ValueError, match="stop_after=3 must be None or after the probe's last"):
         train_from_config(config, progress=False, stop_after=3)
     with pytest.raises(ValueError, match="has no structure until a run chooses its start"):
         apply_structure(build_model(config, in_chans=1, num_classes=10), config)
+    with pytest.raises(ValueError, match=r"on one process, got trainer\.devices=2"):
+        load_config("digits-vit-gblr", ["structure.start=probe", "trainer.devices=2"])
+    # a run stopped during its probe has no checkpoint yet: resuming says so
+    with pytest.raises(FileNotFoundError, match="writes its first checkpoint after the probe"):
+        train_from_config(config, progress=False, resume=tmp_path / "none.ckpt")
+    text = ["model.name=hf-causal-lm", "model.source=gpt2", "data.name=text", "data.root=x"]
+    with pytest.raises(ValueError, match=r"structure\.start=probe is for image classifiers"):
+        load_config("digits-vit-gblr", [*text, "structure.start=probe"])
+
+
+def test_the_recipes_probe_by_default_where_a_probe_can_run():
+    from gblr.recipes.config import load_config
+    from gblr.recipes.train import probe_chooses_start
+
+    def probes(*overrides, train_size=1348):
+        return probe_chooses_start(load_config("digits-vit-gblr", list(overrides)), train_size)
+
+    assert probes() and probes("structure.start=probe")
+    assert not probes("structure.start=blockdiag") and not probes("structure.kind=lowrank")
+    assert not probes("trainer.devices=2") and not probes("trainer.num_nodes=2")
+    assert not probes("optim.steps=2")  # too short to score a probe before its last step
+    assert not probes(train_size=12)  # too few samples to hold out
+    text = ["model.name=hf-causal-lm", "model.source=gpt2", "data.name=text", "data.root=x"]
+    assert not probes(*text)
+
+
+@pytest.mark.parametrize("lead", [None, 0.5])
+def test_a_default_run_interrupted_after_its_probe_resumes_to_the_same_model(
+    tmp_path, monkeypatch, lead
+):
+    """No ``structure.start``: the probe chooses; a run stopped after it and resumed from
+    its folder (with the same config, which names no start) ends with the weights of
+    the run that was not stopped, bit for bit, whichever start won."""
+    import gblr.recipes.start_probe as start_probe
+    from gblr.recipes.config import load_config
+    from gblr.recipes.train import train_from_config
+
+    if lead is not None:
+        monkeypatch.setattr(start_probe, "challenger_lead", lambda a, b: (lead, 0.1))
+    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
+    options = ["trainer.logger=none", "trainer.accelerator=cpu"]
+
+    def config(name):
+        return load_config("digits-vit-gblr", [*tiny, *options, f"out={tmp_path / name}"])
+
+    whole = train_from_config(config("whole"), progress=False)
+    train_from_config(config("stopped"), progress=False, stop_after=7)
+    resumed = train_from_config(config("stopped"), progress=False, resume="last")
+    assert whole["start"] == resumed["start"] == ("blockdiag" if lead is None else "blocks")
+    assert resumed["steps"] == 10 and resumed["accuracy"] == whole["accuracy"]
+    a = torch.load(tmp_path / "whole" / "model_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "stopped" / "model_state.pt", weights_only=True)
+    assert a.keys() == b.keys() and any("widths" in name for name in a)
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
 
 
 def test_a_probing_recipe_smoke_run_probes_on_its_few_samples(tmp_path):
@@ -349,3 +409,29 @@ def test_a_probing_recipe_smoke_run_probes_on_its_few_samples(tmp_path):
     results = train_from_config(config, progress=False)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["structure"]["start"] == results["start"] in ("blockdiag", "blocks")
+
+
+def test_a_run_from_before_the_probe_was_the_default_resumes_block_diagonal(tmp_path, monkeypatch):
+    """A run folder written before 2026-12-07 names no start (it started block-diagonal
+    with no probe): resuming it with the same config continues that run, to the weights
+    it would have reached uninterrupted."""
+    import gblr.recipes.train as train
+    from gblr.recipes.config import load_config
+
+    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
+    options = ["trainer.logger=none", "trainer.accelerator=cpu"]
+
+    def config(name):
+        return load_config("digits-vit-gblr", [*tiny, *options, f"out={tmp_path / name}"])
+
+    with monkeypatch.context() as old_code:
+        old_code.setattr(train, "probe_chooses_start", lambda config, size: False)
+        whole = train.train_from_config(config("whole"), progress=False)
+        train.train_from_config(config("stopped"), progress=False, stop_after=5)
+    resumed = train.train_from_config(config("stopped"), progress=False, resume="last")
+    assert "start" not in whole and resumed["steps"] == 10
+    a = torch.load(tmp_path / "whole" / "model_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "stopped" / "model_state.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name

@@ -195,9 +195,11 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
 
     GBLR layers start at ``structure.start_cost`` (default: the budget), from scratch
     (``init: random``) or fitted to the weights (``init: search``); the learner then
-    takes them to ``structure.budget``. The baseline families, which no learner moves,
-    start at the budget. [`gblr.recipes.config.load_config`][] has refused the keys
-    that cannot apply to the config's kind and init.
+    takes them to ``structure.budget``; without ``structure.start`` they start
+    ``blockdiag`` here, with no data to probe on (a run of the config may let a probe
+    choose, [`gblr.recipes.train.probe_chooses_start`][]). The baseline families, which
+    no learner moves, start at the budget. [`gblr.recipes.config.load_config`][] has
+    refused the keys that cannot apply to the config's kind and init.
 
     Examples:
         >>> from gblr.recipes.build import apply_structure, build_model

@@ -42,6 +42,7 @@ __all__ = [
     "flatten_config",
     "learner_config",
     "load_config",
+    "one_process",
     "resume_changes",
     "shipped_configs",
     "with_structure",
@@ -132,13 +133,16 @@ class StructureConfig:
     ``global`` or ``uniform`` and, for GBLR, ``search_steps`` of refinement).
     ``rank_per_component``: GBLR's rank per component, and the unit in which a family's
     global allocation hands out MACs. ``start`` (GBLR with ``init: random`` only): how the
-    layers start, a ``structure_init`` of [`gblr.GBLRLinear`][] that places a cost
-    (default ``blockdiag``: GBLR's block-diagonal special case, the start that trained
-    best on the real-task benchmarks, docs/RESULTS.md, "Choosing the start"; ``blocks``
-    adds full-width components, ``half`` is the paper's start; ``probe``: a probe on a
-    held-out tenth of the training set chooses between ``blockdiag`` and the learned
-    ``blocks`` start, [`gblr.recipes.start_probe`][], image classifiers only, and the run
-    saves the start it chose in its ``config.yaml``). ``factor_init`` (GBLR
+    layers start: ``probe``, a probe on a held-out tenth of the training set chooses
+    between ``blockdiag`` and the learned ``blocks`` start
+    ([`gblr.recipes.start_probe`][]; image classifiers on one process; the run saves the
+    start it chose in its ``config.yaml``), or a ``structure_init`` of
+    [`gblr.GBLRLinear`][] that places a cost: ``blockdiag``, GBLR's block-diagonal
+    special case, ``blocks``, which adds full-width components, ``half``, the paper's
+    start. Unset (the default), an image classifier's run probes
+    ([`gblr.recipes.train.probe_chooses_start`][]: on one process, where the run is long
+    enough) and every other run starts ``blockdiag``: the choice that trained best on the
+    real-task benchmarks, docs/RESULTS.md, "Choosing the start". ``factor_init`` (GBLR
     with ``init: random`` only): how the factors are drawn, a ``factor_init`` of
     [`gblr.GBLRLinear`][] (default ``fixed_norm``; ``balanced`` was the default before
     2026-12-06). A key set where it cannot apply is refused.
@@ -550,6 +554,8 @@ def _validate(config: TrainConfig) -> None:
     _choice("structure.init", config.structure.init, STRUCTURE_INITS)
     if config.structure.start is not None:
         _choice("structure.start", config.structure.start, (*GBLR_STARTS, PROBE_START))
+    if config.structure.start == PROBE_START and config.structure.kind == "gblr":
+        _check_probe_applies(config)
     if config.structure.factor_init is not None:
         _choice("structure.factor_init", config.structure.factor_init, FACTOR_INITS)
     if config.structure.allocation is not None:
@@ -639,6 +645,35 @@ def _rank_per_component_unused(s: StructureConfig) -> str | None:
     if s.budget >= 1.0:
         return f"budget: {s.budget} (every layer at its full cost)"
     return None
+
+
+def _check_probe_applies(config: TrainConfig) -> None:
+    """Refuse ``structure.start: probe`` where the probe cannot run: a language model, or
+    several processes (the probes train one after another on one)."""
+    if config.data.name in TEXT_DATASETS:
+        raise ValueError(
+            "structure.start=probe is for image classifiers; a language model's run takes "
+            f"structure.start in {GBLR_STARTS}"
+        )
+    devices, nodes = config.trainer.devices, config.trainer.num_nodes
+    if not one_process(devices, nodes):
+        raise ValueError(
+            f"structure.start=probe trains its probes on one process, got trainer.devices="
+            f"{devices!r} and trainer.num_nodes={nodes}: name a start (structure.start in "
+            f"{GBLR_STARTS}) to train on several"
+        )
+
+
+def one_process(devices: int | str | list[int], num_nodes: int) -> bool:
+    """Whether Lightning's ``devices`` and ``num_nodes`` make a run of one process.
+
+    Examples:
+        >>> from gblr.recipes.config import one_process
+        >>> one_process(1, 1), one_process([3], 1), one_process(2, 1), one_process(1, 2)
+        (True, True, False, False)
+    """
+    single = devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1)
+    return single and num_nodes == 1
 
 
 def _check_structure_keys_apply(structure: StructureConfig) -> None:

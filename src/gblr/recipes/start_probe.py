@@ -45,6 +45,7 @@ __all__ = [
     "GBLRStart",
     "StartProbe",
     "challenger_lead",
+    "probe_plan",
     "train_classifier_probing_start",
 ]
 
@@ -299,12 +300,11 @@ def _check_arguments(
         raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
     if config.budget is None:
         raise ValueError("config.budget must be set: the starts are compared at a budget")
-    for name in ("resume", "stop_after"):
-        if getattr(config, name) is not None:
-            raise ValueError(
-                f"config.{name} must be None (the probe runs its own interrupted runs), got "
-                f"{getattr(config, name)!r}"
-            )
+    if config.resume is not None:
+        raise ValueError(
+            f"config.resume must be None (the probe runs its own interrupted runs), got "
+            f"{config.resume!r}: resume the chosen start's run with train_classifier"
+        )
     if not isinstance(probe, StartProbe):
         raise TypeError(f"probe must be a StartProbe, got {type(probe).__name__}")
     if not starts or not all(isinstance(start, GBLRStart) for start in starts):
@@ -317,19 +317,50 @@ def _check_arguments(
             "model already has GBLR layers: pass the model with its dense layers, the probe "
             "structures a copy of it per start"
         )
-    held = round(probe.held_out * len(train_set))  # type: ignore[arg-type]
-    if held < 2 or len(train_set) - held < 1:  # type: ignore[arg-type]
+    steps, held = probe_plan(probe, len(train_set), config.steps)  # type: ignore[arg-type]
+    if config.stop_after is not None and config.stop_after <= steps[-1]:
         raise ValueError(
-            f"StartProbe.held_out={probe.held_out} of {len(train_set)} training samples "  # type: ignore[arg-type]
-            "leaves fewer than 2 to compare the starts on or none to train on"
-        )
-    steps = sorted({round(f * config.steps) for f in probe.evaluate_at})
-    if steps[0] < 1 or steps[-1] >= config.steps:
-        raise ValueError(
-            f"StartProbe.evaluate_at={probe.evaluate_at} of config.steps={config.steps} gives "
-            f"evaluation steps {steps}: each must be at least 1 and before the last step"
+            f"config.stop_after={config.stop_after} must be None or after the probe's last "
+            f"step ({steps[-1]}): the probes keep no checkpoint to resume from"
         )
     return steps, held
+
+
+def probe_plan(probe: StartProbe, train_size: int, steps: int) -> tuple[list[int], int]:
+    """Where ``probe`` scores the starts of a run of ``steps`` optimizer steps on
+    ``train_size`` training samples, and how many samples it holds out.
+
+    Returns:
+        ``(evaluation steps, held-out sample count)``.
+
+    Raises:
+        ValueError: the run is too short for ``probe.evaluate_at`` (an evaluation step
+            below 1 or at the last step) or the training set too small for
+            ``probe.held_out`` (fewer than 2 held out, or none left to train on).
+
+    Examples:
+        >>> from gblr.recipes.start_probe import StartProbe, probe_plan
+        >>> probe_plan(StartProbe(), train_size=1348, steps=800)
+        ([160, 240, 320], 135)
+        >>> try:
+        ...     probe_plan(StartProbe(), train_size=1348, steps=2)
+        ... except ValueError as error:
+        ...     print(str(error).split(":")[0])
+        StartProbe.evaluate_at=(0.2, 0.3, 0.4) of 2 steps gives evaluation steps [0, 1]
+    """
+    held = round(probe.held_out * train_size)
+    if held < 2 or train_size - held < 1:
+        raise ValueError(
+            f"StartProbe.held_out={probe.held_out} of {train_size} training samples "
+            "leaves fewer than 2 to compare the starts on or none to train on"
+        )
+    evaluations = sorted({round(f * steps) for f in probe.evaluate_at})
+    if evaluations[0] < 1 or evaluations[-1] >= steps:
+        raise ValueError(
+            f"StartProbe.evaluate_at={probe.evaluate_at} of {steps} steps gives evaluation "
+            f"steps {evaluations}: each must be at least 1 and before the last step"
+        )
+    return evaluations, held
 
 
 def train_classifier_probing_start(
@@ -367,7 +398,8 @@ def train_classifier_probing_start(
     Args:
         model: the model with its layers still dense (``nn.Linear``); changed in place.
         train_set, test_set: ``(input, label)`` datasets (``test_set`` may be None).
-        config: the run (``budget`` set; ``resume`` and ``stop_after`` unset); the
+        config: the run (``budget`` set, ``resume`` unset; ``stop_after``, if set, after
+            the probe's last step, interrupts the final run there); the
             ``learner`` of each start replaces ``config.learner``, and its
             [`structure_lr`][gblr.recipes.start_probe.GBLRStart.structure_lr] is the run's
             ``structure_lr``.

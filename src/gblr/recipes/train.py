@@ -36,12 +36,12 @@ from .build import (
     model_from_run,
 )
 from .config import (
-    GBLR_STARTS,
     PROBE_START,
     TEXT_DATASETS,
     TrainConfig,
     config_to_dict,
     learner_config,
+    one_process,
 )
 from .engine_config import EngineConfig
 from .report import write_run_report
@@ -59,6 +59,7 @@ __all__ = [
     "engine_config",
     "example_input",
     "model_from_run",
+    "probe_chooses_start",
     "probe_starts",
     "run_length",
     "train_from_config",
@@ -265,21 +266,79 @@ def train_from_config(
         return _train(config, out, resume, progress, stop_after, replace=replace)
 
 
-def _check_probing(
-    config: TrainConfig, text: bool, resume: str | Path | None, stop_after: int | None
-) -> None:
-    """Refuse what a run whose start a probe chooses cannot do."""
-    if text:
-        raise ValueError(
-            "structure.start=probe is for image classifiers; a language model's run takes "
-            f"structure.start in {GBLR_STARTS}"
-        )
-    if resume is not None or stop_after is not None:
-        raise ValueError(
-            "structure.start=probe chooses the start as the run begins and cannot be resumed "
-            "or stopped early: resume with the config the run saved, which names the start "
-            "it chose (gblr train --config OUT/config.yaml --resume)"
-        )
+def probe_chooses_start(config: TrainConfig, train_size: int) -> bool:
+    """Whether a probe chooses how a run of ``config`` on ``train_size`` training samples
+    starts its GBLR layers ([`probe_starts`][gblr.recipes.train.probe_starts]):
+    ``structure.start: probe``, or, by default (no ``structure.start``), a GBLR image
+    classifier trained from scratch (``init: random``) on one process whose run is long
+    enough for the probe and whose training set can spare its held-out samples
+    ([`gblr.recipes.start_probe.probe_plan`][]). Otherwise a GBLR run without a
+    ``structure.start`` starts block-diagonal (language models, several processes, runs
+    of a step or two).
+
+    Examples:
+        >>> from gblr.recipes.config import load_config
+        >>> from gblr.recipes.train import probe_chooses_start
+        >>> probe_chooses_start(load_config("digits-vit-gblr"), train_size=1348)
+        True
+        >>> probe_chooses_start(load_config("digits-vit-gblr", ["optim.steps=2"]), 1348)
+        False
+        >>> named = load_config("digits-vit-gblr", ["structure.start=blockdiag"])
+        >>> probe_chooses_start(named, 1348)
+        False
+    """
+    s = config.structure
+    if s.kind != "gblr" or s.init != "random":
+        return False
+    if s.start == PROBE_START:
+        return True
+    if (
+        s.start is not None
+        or config.data.name in TEXT_DATASETS
+        or not one_process(config.trainer.devices, config.trainer.num_nodes)
+    ):
+        return False
+    from .start_probe import probe_plan
+
+    try:
+        probe_plan(_recipe_probe(config), train_size, run_length(config, train_size)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _recipe_probe(config: TrainConfig) -> Any:
+    """The recipe's `StartProbe`: the default, or, for a smoke run (a few steps on a few
+    samples), one evaluation at half of it on a quarter of the samples."""
+    from .start_probe import StartProbe
+
+    return StartProbe(evaluate_at=(0.5,), held_out=0.25) if config.smoke else StartProbe()
+
+
+def _chosen_start(config: TrainConfig, engine: EngineConfig, resume: Path) -> TrainConfig:
+    """The config of the start that the probe of the run being resumed chose: the one of
+    ``probe_starts``' configs that its checkpoint was written with (that closest to it,
+    if none is, for the resume's check to name what differs), or ``config`` itself where
+    it names no start and the checkpoint's config is the same (a run from before the
+    probe was the default, which started block-diagonal)."""
+    from .checkpoints import CHECKPOINT_KEY, read_checkpoint
+    from .config import resume_changes
+
+    try:
+        checkpoint = read_checkpoint(resume)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no checkpoint at {resume}: a run whose start a probe chooses writes its first "
+            "checkpoint after the probe (the probes keep none), so a run stopped during its "
+            "probe starts again (--overwrite)"
+        ) from None
+    saved = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
+    candidates = list(probe_starts(config, engine)[1].values())
+    if config.structure.start is None:
+        candidates.append(config)
+    if not isinstance(saved, dict):
+        return candidates[0]
+    return min(candidates, key=lambda c: len(resume_changes(saved, config_to_dict(c))))
 
 
 def probe_starts(
@@ -383,17 +442,23 @@ def _train(
         batch = config.optim.batch_size
         train_set = first_samples(train_set, (config.optim.steps or 1) * batch)
         val_set = first_samples(val_set, 2 * batch)
-    probing = config.structure.kind == "gblr" and config.structure.start == PROBE_START
-    if probing:
-        _check_probing(config, text, resume, stop_after)
-    else:
-        apply_structure(model, config)
-    settings = config_to_dict(config)
     if resume == "last":
         resume = out / "checkpoints" / "last.ckpt"
     engine = engine_config(
         config, len(train_set), resume=resume, progress=progress, stop_after=stop_after
     )
+    probing = probe_chooses_start(config, len(train_set))
+    resumed_probe = probing and resume is not None
+    if resumed_probe:
+        # the probe chose when the run began; its checkpoint's config names the start
+        config = _chosen_start(config, engine, Path(resume))
+        engine = engine_config(
+            config, len(train_set), resume=resume, progress=progress, stop_after=stop_after
+        )
+        probing = False
+    if not probing:
+        apply_structure(model, config)
+    settings = config_to_dict(config)
 
     def start_run() -> None:
         """The run has started: the old run's files go, this one's config is written."""
@@ -410,7 +475,7 @@ def _train(
             model, train_set, val_set, engine, run_info=run_info, before_fit=start_run
         )
     elif probing:
-        from .start_probe import StartProbe, train_classifier_probing_start
+        from .start_probe import train_classifier_probing_start
 
         starts, configs = probe_starts(config, engine)
 
@@ -426,7 +491,7 @@ def _train(
             engine,
             starts=starts,
             # a smoke run is a few steps on a few samples: probe at half of it, on a quarter
-            probe=StartProbe(evaluate_at=(0.5,), held_out=0.25) if config.smoke else None,
+            probe=_recipe_probe(config),
             batch_mix=batch_mixer(config.data.mixup, config.data.cutmix, num_classes),
             run_info=lambda start: {
                 "structure": "gblr",
@@ -447,6 +512,8 @@ def _train(
             before_fit=start_run,
         )
     result = {"name": config.name, "structure": config.structure.kind, **result}
+    if resumed_probe:
+        result["start"] = config.structure.start
     if config.smoke:
         result["smoke"] = True
     if result.pop("global_rank") != 0:
