@@ -382,13 +382,21 @@ def _cell(spec: TaskSpec, row: dict[str, Any] | None, named: bool = False) -> st
 PROBE_LABEL = "gblr:probe"
 
 
+def _time_ratio(row: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
+    """``row``'s mean training time over ``base``'s, or empty where either is missing."""
+    if row and base and base["seconds"] > 0:
+        return f"{row['seconds'] / base['seconds']:.2f}"
+    return ""
+
+
 def headline(out: Path, quick: bool) -> str:
     """One row per task and budget: GBLR (library defaults), the best other family,
     GBLR's gap to it paired seed by seed (mean ± standard error of the per-seed
     differences, positive where GBLR is better), low-rank and dense, and GBLR's training
     time over low-rank's, from every ``OUT/<task>.json`` present; written to
-    ``OUT/headline.md``. Where any task has runs of `PROBE_LABEL`, a column shows them
-    (empty where a task has none)."""
+    ``OUT/headline.md``. Where any task has runs of `PROBE_LABEL` (what `gblr train` does
+    by default from scratch), a column shows them and another their training time over
+    low-rank's (empty where a task has none)."""
     summaries, runs = {}, {}
     for name, spec in TASKS.items():
         path = out / f"{name}.json"
@@ -399,7 +407,7 @@ def headline(out: Path, quick: bool) -> str:
     probed = any(r["label"] == PROBE_LABEL for rows in summaries.values() for r in rows)
     columns = ["task", "budget", "GBLR", *(["GBLR, start probe"] if probed else [])]
     columns += ["best other family", "GBLR − best other, paired", "low-rank", "dense"]
-    columns += ["GBLR time / low-rank"]
+    columns += ["GBLR time / low-rank", *(["probe time / low-rank"] if probed else [])]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for name, rows in summaries.items():
         spec = TASKS[name]
@@ -409,11 +417,7 @@ def headline(out: Path, quick: bool) -> str:
             others = [r for label, r in at.items() if label.split(":")[0] != "gblr"]
             best = best_within_budget(spec, others)
             ours, lowrank = at.get("gblr"), at.get("lowrank")
-            time_ratio = (
-                f"{ours['seconds'] / lowrank['seconds']:.2f}"
-                if ours and lowrank and lowrank["seconds"] > 0
-                else ""
-            )
+
             cells = [f"{spec.name} ({spec.metric})", f"{budget:g}", _cell(spec, ours)]
             if probed:
                 cells.append(_cell(spec, at.get(PROBE_LABEL)))
@@ -425,7 +429,10 @@ def headline(out: Path, quick: bool) -> str:
                     gap = f"{pair['difference']:+.{digits}f} ± {pair['stderr']:.{digits}f}"
             cells += [_cell(spec, best, named=True), gap, _cell(spec, lowrank)]
             cells.append(_cell(spec, dense))
-            lines.append("| " + " | ".join([*cells, time_ratio]) + " |")
+            cells.append(_time_ratio(ours, lowrank))
+            if probed:
+                cells.append(_time_ratio(at.get(PROBE_LABEL), lowrank))
+            lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     save_atomically(lambda handle: handle.write(table), out / "headline.md", text=True)
     return table

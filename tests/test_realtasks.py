@@ -165,7 +165,7 @@ def test_headline_shows_the_start_probe_only_where_it_ran(tmp_path):
     table = realtasks.headline(tmp_path, False)
     assert "start probe" not in table
     assert "| t1-vit (accuracy) | 0.1 | 60.00 ± 14.14 | blockdiag 90.00 ± 0.00 |" in table
-    probed = [run("gblr:probe", 0.95, 0), run("gblr:probe", 0.97, 1)]
+    probed = [run("gblr:probe", 0.95, 0, 6.0), run("gblr:probe", 0.97, 1, 6.0)]
     (tmp_path / "t1-vit.json").write_text(json.dumps({"runs": runs + probed}))
     (tmp_path / "t1-mixer.json").write_text(json.dumps({"runs": runs}))
     lines = realtasks.headline(tmp_path, False).splitlines()
@@ -173,7 +173,8 @@ def test_headline_shows_the_start_probe_only_where_it_ran(tmp_path):
     # the probe is GBLR's, never "the best other family"; its cell stays empty without runs
     assert "| t1-vit (accuracy) | 0.1 | 60.00 ± 14.14 | 96.00 ± 1.41 | blockdiag 90.00" in lines[2]
     assert "| t1-mixer (accuracy) | 0.1 | 60.00 ± 14.14 |  | blockdiag 90.00" in lines[3]
-    assert lines[2].endswith("| 4.00 |")
+    assert lines[0].endswith("| GBLR time / low-rank | probe time / low-rank |")
+    assert lines[2].endswith("| 4.00 | 6.00 |") and lines[3].endswith("| 4.00 |  |")
     # GBLR's gap to the best other family, seed by seed: 50 - 90 and 70 - 90 points
     assert lines[0].split(" | ")[5] == "GBLR − best other, paired"
     assert lines[2].split(" | ")[5] == "-30.00 ± 10.00"
