@@ -435,3 +435,51 @@ def test_a_run_from_before_the_probe_was_the_default_resumes_block_diagonal(tmp_
     assert a.keys() == b.keys()
     for name, value in a.items():
         assert torch.equal(value, b[name]), name
+
+
+def test_a_run_stopped_before_its_first_own_checkpoint_resumes_from_its_probe(
+    tmp_path, monkeypatch
+):
+    """The final run's checkpoint folder starts with the winner's checkpoint at the end of
+    its probe: a run that dies as its final part begins resumes from the probe's end
+    (not from its first step) to the weights of the run that did not die."""
+    import gblr.recipes.start_probe as start_probe
+    from gblr.recipes.checkpoints import check_resume
+    from gblr.recipes.config import load_config
+    from gblr.recipes.train import train_from_config
+
+    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
+    options = ["trainer.logger=none", "trainer.accelerator=cpu"]
+
+    def config(name):
+        return load_config("digits-vit-gblr", [*tiny, *options, f"out={tmp_path / name}"])
+
+    whole = train_from_config(config("whole"), progress=False)
+    real_train_classifier = start_probe.train_classifier
+
+    def dies_as_the_final_run_starts(*args, before_fit=None, **kwargs):
+        if before_fit is None:  # a probe
+            return real_train_classifier(*args, **kwargs)
+        before_fit()
+        raise RuntimeError("the machine went away")
+
+    with monkeypatch.context() as broken:
+        broken.setattr(start_probe, "train_classifier", dies_as_the_final_run_starts)
+        with pytest.raises(RuntimeError, match="went away"):
+            train_from_config(config("died"), progress=False)
+    checkpoint = tmp_path / "died" / "checkpoints" / "last.ckpt"
+    assert check_resume(checkpoint, _vit_like_run(tmp_path / "died")) == 4  # the probe's end
+    resumed = train_from_config(config("died"), progress=False, resume="last")
+    assert resumed["start"] == whole["start"] and resumed["accuracy"] == whole["accuracy"]
+    a = torch.load(tmp_path / "whole" / "model_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "died" / "model_state.pt", weights_only=True)
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+
+
+def _vit_like_run(folder):
+    """The model a run folder's config.yaml builds (structured, untrained)."""
+    from gblr.recipes.build import build_structured_model
+    from gblr.recipes.config import load_config
+
+    return build_structured_model(load_config(str(folder / "config.yaml")), 1, 10)

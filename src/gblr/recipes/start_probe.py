@@ -33,6 +33,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("the training engine needs Lightning: pip install 'gblr[train]'") from error
 
+from ..files import save_atomically
 from ..layers.base import COSTED_STRUCTURE_INITS, FACTOR_INITS
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers
@@ -392,7 +393,9 @@ def train_classifier_probing_start(
     gives exactly its unprobed run); it is scored on ``test_set`` as
     [`train_classifier`][gblr.recipes.engine.train_classifier] does. The probes write no
     logs or checkpoints of their own outside a temporary folder; the final run writes
-    what ``config`` says. The probes cost ``len(starts) - 1`` (``"continue"``) or
+    what ``config`` says, and (``"continue"``) its ``checkpoint_dir`` starts with the
+    winner's checkpoint at the end of its probe, so that a run stopped before its first
+    own checkpoint resumes from there. The probes cost ``len(starts) - 1`` (``"continue"``) or
     ``len(starts)`` (``"restart"``) times the probe's steps on top of the run.
 
     Args:
@@ -487,12 +490,23 @@ def train_classifier_probing_start(
         if on_choice is not None:
             on_choice(winner)
         _structure(model, winner, config)
+        probe_end = None if probe.then == "restart" else Path(folder) / winner.name / "last.ckpt"
         final_config = dataclasses.replace(
             config,
             learner=winner.learner,
             structure_lr=winner.structure_lr(config),
-            resume=None if probe.then == "restart" else Path(folder) / winner.name / "last.ckpt",
+            resume=probe_end,
         )
+
+        def started() -> None:
+            if before_fit is not None:
+                before_fit()
+            if probe_end is not None and config.checkpoint_dir is not None:
+                # the run's checkpoints begin at the end of its probe: stopped before its
+                # first own checkpoint, it resumes from there, not from its first step
+                saved = probe_end.read_bytes()
+                save_atomically(lambda f: f.write(saved), Path(config.checkpoint_dir) / "last.ckpt")
+
         with warnings.catch_warnings():
             # the continued run checkpoints only where config says; the probe's own
             # ModelCheckpoint has nothing left to restore
@@ -505,7 +519,7 @@ def train_classifier_probing_start(
                 batch_mix=batch_mix,
                 run_info=run_info(winner) if callable(run_info) else run_info,
                 callbacks=callbacks,
-                before_fit=before_fit,
+                before_fit=started,
             )
     return {
         **result,
