@@ -328,6 +328,8 @@ def train(args: argparse.Namespace) -> int:
         score = f"test perplexity {result['perplexity']:.3f}"
     else:
         score = f"test accuracy {result['accuracy']:.4f} (top-5 {result['top5']:.4f})"
+    if "start" in result:
+        print(f"\nGBLR's start, chosen by the start probe: {result['start']}")
     print(
         f"\n{_SMOKE_PREFIX if args.smoke else ''}"
         f"{config.name}: {score}, {result['gflops']:.4g} GFLOPs per example "

@@ -483,3 +483,19 @@ def _vit_like_run(folder):
     from gblr.recipes.config import load_config
 
     return build_structured_model(load_config(str(folder / "config.yaml")), 1, 10)
+
+
+def test_gblr_train_says_which_start_its_probe_chose(tmp_path, capsys):
+    import json
+
+    from gblr.cli import main
+
+    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
+    arguments = ["train", "--config", "digits-vit-gblr", *tiny, "trainer.logger=none"]
+    assert main([*arguments, "--out", str(tmp_path), "--quiet"]) == 0
+    start = json.loads((tmp_path / "results.json").read_text())["result"]["start"]
+    assert f"GBLR's start, chosen by the start probe: {start}\n" in capsys.readouterr().out
+    assert (
+        main([*arguments, "--out", str(tmp_path / "named"), "--quiet", "structure.start=half"]) == 0
+    )
+    assert "chosen by the start probe" not in capsys.readouterr().out
