@@ -511,6 +511,8 @@ def train_classifier_probing_start(
             # the continued run checkpoints only where config says; the probe's own
             # ModelCheckpoint has nothing left to restore
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+            # ... and its checkpoint folder holds the probe's end, put there just before
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* is not empty")
             result = train_classifier(
                 model,
                 train_set,
