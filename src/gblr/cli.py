@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import json
@@ -131,7 +132,10 @@ def demo(args: argparse.Namespace) -> int:
     from .recipes.run_folder import RunLock, refuse_real_folder, unused_folder
 
     # The demo prints its own summary; Lightning's per-run banners (accelerators found,
-    # tips) would repeat four times between the models' progress bars.
+    # tips, a start probe's checkpoint restored) would repeat between the models' progress
+    # bars. Lightning sets its logger's level when imported, so import it first.
+    with contextlib.suppress(ImportError):
+        import lightning.pytorch  # noqa: F401
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     out = Path(args.out)
     if args.smoke:
