@@ -211,6 +211,12 @@ def train_from_config(
 ) -> dict[str, Any]:
     """Train, evaluate and report one run described by ``config``.
 
+    A GBLR image classifier trained from scratch whose config names no
+    ``structure.start`` lets a start probe choose it
+    ([`probe_chooses_start`][gblr.recipes.train.probe_chooses_start]); the run folder's
+    ``config.yaml``, its checkpoints and the result (``start``, ``probe_seconds``) name
+    the start chosen.
+
     The run folder ``config.out`` is this run's: a folder holding another run is refused
     unless ``resume`` continues that run or ``overwrite`` replaces it (a smoke run in it
     is replaced without asking; a smoke run never replaces a real one unless told); a
