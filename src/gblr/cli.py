@@ -333,7 +333,7 @@ def train(args: argparse.Namespace) -> int:
     else:
         score = f"test accuracy {result['accuracy']:.4f} (top-5 {result['top5']:.4f})"
     if "start" in result:
-        print(f"\nGBLR's start, chosen by the start probe: {result['start']}")
+        print(f"\nGBLR's start, chosen by the start probe: {result['start']}{_leads(result)}")
     print(
         f"\n{_SMOKE_PREFIX if args.smoke else ''}"
         f"{config.name}: {score}, {result['gflops']:.4g} GFLOPs per example "
@@ -342,6 +342,17 @@ def train(args: argparse.Namespace) -> int:
         f"\nwrote {Path(config.out) / 'results.json'} and {Path(config.out) / 'REPORT.md'}"
     )
     return 0
+
+
+def _leads(result: dict) -> str:
+    """`` (the learned start's held-out lead: ...)`` from a probed run's result, or empty
+    (a resumed run's result holds no probe)."""
+    leads = [
+        f"{name} {100 * s['lead']:+.1f} ± {100 * s['standard_error']:.1f} points"
+        for name, s in result.get("probe", {}).items()
+        if "lead" in s
+    ]
+    return f" (held-out lead over the block-diagonal start: {', '.join(leads)})" if leads else ""
 
 
 def finetune(args: argparse.Namespace) -> int:

@@ -493,8 +493,17 @@ def test_gblr_train_says_which_start_its_probe_chose(tmp_path, capsys):
     tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
     arguments = ["train", "--config", "digits-vit-gblr", *tiny, "trainer.logger=none"]
     assert main([*arguments, "--out", str(tmp_path), "--quiet"]) == 0
-    start = json.loads((tmp_path / "results.json").read_text())["result"]["start"]
-    assert f"GBLR's start, chosen by the start probe: {start}\n" in capsys.readouterr().out
+    result = json.loads((tmp_path / "results.json").read_text())["result"]
+    # the probe's scores are kept: each start's held-out accuracy at its three evaluations
+    # (10 steps: 2, 3 and 4), the challenger's lead over the first and its standard error
+    probe = result["probe"]
+    assert set(probe) == {"blockdiag", "blocks"} and len(probe["blockdiag"]["accuracy"]) == 3
+    lead, error = probe["blocks"]["lead"], probe["blocks"]["standard_error"]
+    expected = "blocks" if lead > error else "blockdiag"  # z = 1
+    assert result["start"] == expected
+    printed = capsys.readouterr().out
+    assert f"GBLR's start, chosen by the start probe: {expected} (held-out lead" in printed
+    assert f"blocks {100 * lead:+.1f} ± {100 * error:.1f} points)\n" in printed
     assert (
         main([*arguments, "--out", str(tmp_path / "named"), "--quiet", "structure.start=half"]) == 0
     )

@@ -214,8 +214,9 @@ def train_from_config(
     A GBLR image classifier trained from scratch whose config names no
     ``structure.start`` lets a start probe choose it
     ([`probe_chooses_start`][gblr.recipes.train.probe_chooses_start]); the run folder's
-    ``config.yaml``, its checkpoints and the result (``start``, ``probe_seconds``) name
-    the start chosen.
+    ``config.yaml``, its checkpoints and the result (``start``, ``probe_seconds`` and
+    ``probe``: each start's held-out accuracy at each evaluation, the challenger's lead
+    and its standard error) name the start chosen.
 
     The run folder ``config.out`` is this run's: a folder holding another run is refused
     unless ``resume`` continues that run or ``overwrite`` replaces it (a smoke run in it
@@ -506,7 +507,6 @@ def _train(
             before_fit=start_run,
             on_choice=chosen,
         )
-        result.pop("probe")
     else:
         result = train_classifier(
             model,
