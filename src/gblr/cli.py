@@ -212,6 +212,7 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
             print(
                 f"{r['structure']}: its start probe chose the {r['start']} start "
                 f"({r['probe_seconds']:.0f} s of its {r['seconds']:.0f} s were the probes)"
+                f"{_leads(r)}"
             )
     settings = {key: value for key, value in vars(args).items() if key != "handler"}
     payload = json.dumps({"settings": settings, "results": results}, indent=2)
