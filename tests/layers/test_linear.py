@@ -799,3 +799,45 @@ def test_many_rows_take_the_masked_factors_products_bit_for_bit(monkeypatch):
     assert torch.equal(out, expected)
     assert all(torch.equal(grad, expected_grads[name]) for name, grad in grads.items())
     del learner
+
+
+def test_large_layers_take_the_window_form_at_any_number_of_rows(monkeypatch):
+    """From `WINDOWED_LAYER_ENTRIES` weight entries on, held strips with short windows are
+    computed over their windows even with many rows (the masked factors' output and factor
+    gradients, to rounding); a smaller layer at as many rows keeps the masked factors."""
+    from gblr.layers.linear import WINDOWED_LAYER_ENTRIES
+
+    def layers(fan_in, fan_out, order):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            gblr.GBLRLinear(fan_in, fan_out, structure_init="blockdiag", init_cost=0.1,
+                            sigma=None, evaluation_order=order)
+        )  # fmt: skip
+        config = gblr.LearnerConfig(sigma=None)
+        return model, gblr.StructureLearner(model, config, budget=0.1, total_steps=10)
+
+    calls = []
+    real = gblr.layers.linear.strip_window_product
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(gblr.layers.linear, "strip_window_product", counted)
+    assert WINDOWED_LAYER_ENTRIES == 512 * 512
+    model, learner = layers(512, 512, "auto")
+    reference, _reference_learner = layers(512, 512, "factored")
+    x = torch.randn(1024, 512)  # 1024 rows * 512 rank terms > 512 * 512 entries
+    out, grads = _loss_and_gradients(model, x)
+    assert calls == [True]
+    expected, expected_grads = _loss_and_gradients(reference, x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    for name, grad in grads.items():
+        if "widths" not in name and "locations" not in name:
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-3)
+    calls.clear()
+    small, small_learner = layers(256, 512, "auto")  # half the entries: not taken
+    small(torch.randn(1024, 256))
+    assert calls == []
+    del learner, small_learner

@@ -14,6 +14,12 @@ from .base import EvaluationOrder, FactorInit, GBLRMatrixMixin, StructureInit, c
 
 __all__ = ["GBLRLinear"]
 
+# From this many weight entries (512 x 512) the held strips' window form is taken at any
+# number of rows: there each block's product over its window costs less than the masked
+# factors' full-length products even at thousands of rows, where on smaller layers its
+# gathers and scatters cost more (docs/BENCHMARKS.md, "The window form on large layers").
+WINDOWED_LAYER_ENTRIES = 512 * 512
+
 
 class GBLRLinear(GBLRMatrixMixin):
     """Linear layer ``y = x W^T + b`` with ``W`` a Generalized Block Low-Rank matrix.
@@ -56,7 +62,9 @@ class GBLRLinear(GBLRMatrixMixin):
             instead of the product on that side (`strips`), and where the other side's
             intervals are short it multiplies only a window around each group of them
             (`gblr.ops.strip_windows`: the width's gradient then reads the exact masks'
-            edge kernel within 8 lines of each end). The outputs are exact on all paths.
+            edge kernel within 8 lines of each end); the window form also at any number
+            of rows from ``512 * 512`` weight entries on. The outputs are exact on all
+            paths.
         device, dtype: factory keywords as for ``nn.Linear``.
 
     Shapes:
@@ -129,7 +137,9 @@ class GBLRLinear(GBLRMatrixMixin):
         # with many, their element-wise work over the rows costs more than the masking
         # of a factor that they save (docs/BENCHMARKS.md, "Held strips and a fused AdamW").
         terms = self.num_components * self.rank_per_component
-        if rows * terms < self.in_features * self.out_features:
+        entries = self.in_features * self.out_features
+        few_rows = rows * terms < entries
+        if few_rows or entries >= WINDOWED_LAYER_ENTRIES:
             held = self._held_strip_components()
             if held is not None:
                 *factors_and_structure, skip, on = held
@@ -139,7 +149,7 @@ class GBLRLinear(GBLRMatrixMixin):
                 if windowed is not None:
                     windowed = windowed.view(*x.shape[:-1], self.out_features)
                     return windowed if self.bias is None else windowed + self.bias
-                strips = self._strips_of(held)
+                strips = self._strips_of(held) if few_rows else None
                 if strips is not None:
                     return self._strips_forward(x, *strips)
         u, v = self.masked_factors()
