@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -504,8 +505,11 @@ def train_classifier_probing_start(
             if probe_end is not None and config.checkpoint_dir is not None:
                 # the run's checkpoints begin at the end of its probe: stopped before its
                 # first own checkpoint, it resumes from there, not from its first step
-                saved = probe_end.read_bytes()
-                save_atomically(lambda f: f.write(saved), Path(config.checkpoint_dir) / "last.ckpt")
+                with open(probe_end, "rb") as source:
+                    save_atomically(
+                        lambda f: shutil.copyfileobj(source, f),
+                        Path(config.checkpoint_dir) / "last.ckpt",
+                    )
 
         with warnings.catch_warnings():
             # the continued run checkpoints only where config says; the probe's own
