@@ -734,6 +734,20 @@ def test_strip_form_only_where_every_computed_component_is_one_held_line():
     assert all(layer.strips() is None for layer in free)
 
 
+def _count_window_forms(monkeypatch):
+    """Record, for every call of the window form, whether it applied (not ``None``)."""
+    calls = []
+    real = gblr.layers.linear.strip_window_product
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(gblr.layers.linear, "strip_window_product", counted)
+    return calls
+
+
 @pytest.mark.parametrize("components_off", [False, True])
 def test_narrow_strips_take_the_window_form_with_the_masked_factors_values(
     components_off, monkeypatch
@@ -761,15 +775,7 @@ def test_narrow_strips_take_the_window_form_with_the_masked_factors_values(
             for layer, twin, long_side in zip(model, reference, (1, 0), strict=True):
                 layer.widths[long_side, [3, 40]] = twin.widths[long_side, [3, 40]] = 0.0
         assert all(layer._computed_index(False)[0].numel() == 62 for layer in model)
-    calls = []
-    real = gblr.layers.linear.strip_window_product
-
-    def counted(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(gblr.layers.linear, "strip_window_product", counted)
+    calls = _count_window_forms(monkeypatch)
     x = torch.randn(3, 64)
     out, grads = _loss_and_gradients(model, x)
     assert calls == [True, True]
@@ -816,15 +822,7 @@ def test_large_layers_take_the_window_form_at_any_number_of_rows(monkeypatch):
         config = gblr.LearnerConfig(sigma=None)
         return model, gblr.StructureLearner(model, config, budget=0.1, total_steps=10)
 
-    calls = []
-    real = gblr.layers.linear.strip_window_product
-
-    def counted(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(gblr.layers.linear, "strip_window_product", counted)
+    calls = _count_window_forms(monkeypatch)
     assert WINDOWED_LAYER_ENTRIES == 512 * 512
     model, learner = layers(512, 512, "auto")
     reference, _reference_learner = layers(512, 512, "factored")

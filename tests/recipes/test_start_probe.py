@@ -290,12 +290,30 @@ def test_batch_mix_and_run_info_reach_every_run_and_callbacks_the_final_one(tmp_
     assert Ends.ends == 1 and started == [True] and result["steps"] == 10
 
 
-def _probing_recipe(out):
+_TINY_RECIPE = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
+
+
+def _recipe(out, *overrides):
+    """A tiny `digits-vit-gblr` run of 10 steps into ``out`` (the probes score at steps 2,
+    3 and 4)."""
     from gblr.recipes.config import load_config
 
-    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
     options = ["trainer.logger=none", "trainer.accelerator=cpu", f"out={out}"]
-    return load_config("digits-vit-gblr", [*tiny, *options, "structure.start=probe"])
+    return load_config("digits-vit-gblr", [*_TINY_RECIPE, *options, *overrides])
+
+
+def _probing_recipe(out):
+    return _recipe(out, "structure.start=probe")
+
+
+def _assert_same_weights(first, second):
+    """The two run folders' ``model_state.pt`` hold the same tensors, bit for bit."""
+    a = torch.load(first / "model_state.pt", weights_only=True)
+    b = torch.load(second / "model_state.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+    return a
 
 
 @pytest.mark.parametrize("lead", [None, 0.5])
@@ -374,27 +392,17 @@ def test_a_default_run_interrupted_after_its_probe_resumes_to_the_same_model(
     its folder (with the same config, which names no start) ends with the weights of
     the run that was not stopped, bit for bit, whichever start won."""
     import gblr.recipes.start_probe as start_probe
-    from gblr.recipes.config import load_config
     from gblr.recipes.train import train_from_config
 
     if lead is not None:
         monkeypatch.setattr(start_probe, "challenger_lead", lambda a, b: (lead, 0.1))
-    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
-    options = ["trainer.logger=none", "trainer.accelerator=cpu"]
-
-    def config(name):
-        return load_config("digits-vit-gblr", [*tiny, *options, f"out={tmp_path / name}"])
-
-    whole = train_from_config(config("whole"), progress=False)
-    train_from_config(config("stopped"), progress=False, stop_after=7)
-    resumed = train_from_config(config("stopped"), progress=False, resume="last")
+    whole = train_from_config(_recipe(tmp_path / "whole"), progress=False)
+    train_from_config(_recipe(tmp_path / "stopped"), progress=False, stop_after=7)
+    resumed = train_from_config(_recipe(tmp_path / "stopped"), progress=False, resume="last")
     assert whole["start"] == resumed["start"] == ("blockdiag" if lead is None else "blocks")
     assert resumed["steps"] == 10 and resumed["accuracy"] == whole["accuracy"]
-    a = torch.load(tmp_path / "whole" / "model_state.pt", weights_only=True)
-    b = torch.load(tmp_path / "stopped" / "model_state.pt", weights_only=True)
-    assert a.keys() == b.keys() and any("widths" in name for name in a)
-    for name, value in a.items():
-        assert torch.equal(value, b[name]), name
+    weights = _assert_same_weights(tmp_path / "whole", tmp_path / "stopped")
+    assert any("widths" in name for name in weights)
 
 
 def test_a_probing_recipe_smoke_run_probes_on_its_few_samples(tmp_path):
@@ -416,25 +424,14 @@ def test_a_run_from_before_the_probe_was_the_default_resumes_block_diagonal(tmp_
     with no probe): resuming it with the same config continues that run, to the weights
     it would have reached uninterrupted."""
     import gblr.recipes.train as train
-    from gblr.recipes.config import load_config
-
-    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
-    options = ["trainer.logger=none", "trainer.accelerator=cpu"]
-
-    def config(name):
-        return load_config("digits-vit-gblr", [*tiny, *options, f"out={tmp_path / name}"])
 
     with monkeypatch.context() as old_code:
         old_code.setattr(train, "probe_chooses_start", lambda config, size: False)
-        whole = train.train_from_config(config("whole"), progress=False)
-        train.train_from_config(config("stopped"), progress=False, stop_after=5)
-    resumed = train.train_from_config(config("stopped"), progress=False, resume="last")
+        whole = train.train_from_config(_recipe(tmp_path / "whole"), progress=False)
+        train.train_from_config(_recipe(tmp_path / "stopped"), progress=False, stop_after=5)
+    resumed = train.train_from_config(_recipe(tmp_path / "stopped"), progress=False, resume="last")
     assert "start" not in whole and resumed["steps"] == 10
-    a = torch.load(tmp_path / "whole" / "model_state.pt", weights_only=True)
-    b = torch.load(tmp_path / "stopped" / "model_state.pt", weights_only=True)
-    assert a.keys() == b.keys()
-    for name, value in a.items():
-        assert torch.equal(value, b[name]), name
+    _assert_same_weights(tmp_path / "whole", tmp_path / "stopped")
 
 
 def test_a_run_stopped_before_its_first_own_checkpoint_resumes_from_its_probe(
@@ -445,16 +442,9 @@ def test_a_run_stopped_before_its_first_own_checkpoint_resumes_from_its_probe(
     (not from its first step) to the weights of the run that did not die."""
     import gblr.recipes.start_probe as start_probe
     from gblr.recipes.checkpoints import check_resume
-    from gblr.recipes.config import load_config
     from gblr.recipes.train import train_from_config
 
-    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
-    options = ["trainer.logger=none", "trainer.accelerator=cpu"]
-
-    def config(name):
-        return load_config("digits-vit-gblr", [*tiny, *options, f"out={tmp_path / name}"])
-
-    whole = train_from_config(config("whole"), progress=False)
+    whole = train_from_config(_recipe(tmp_path / "whole"), progress=False)
     real_train_classifier = start_probe.train_classifier
 
     def dies_as_the_final_run_starts(*args, before_fit=None, **kwargs):
@@ -466,15 +456,12 @@ def test_a_run_stopped_before_its_first_own_checkpoint_resumes_from_its_probe(
     with monkeypatch.context() as broken:
         broken.setattr(start_probe, "train_classifier", dies_as_the_final_run_starts)
         with pytest.raises(RuntimeError, match="went away"):
-            train_from_config(config("died"), progress=False)
+            train_from_config(_recipe(tmp_path / "died"), progress=False)
     checkpoint = tmp_path / "died" / "checkpoints" / "last.ckpt"
     assert check_resume(checkpoint, _vit_like_run(tmp_path / "died")) == 4  # the probe's end
-    resumed = train_from_config(config("died"), progress=False, resume="last")
+    resumed = train_from_config(_recipe(tmp_path / "died"), progress=False, resume="last")
     assert resumed["start"] == whole["start"] and resumed["accuracy"] == whole["accuracy"]
-    a = torch.load(tmp_path / "whole" / "model_state.pt", weights_only=True)
-    b = torch.load(tmp_path / "died" / "model_state.pt", weights_only=True)
-    for name, value in a.items():
-        assert torch.equal(value, b[name]), name
+    _assert_same_weights(tmp_path / "whole", tmp_path / "died")
 
 
 def _vit_like_run(folder):
@@ -490,8 +477,7 @@ def test_gblr_train_says_which_start_its_probe_chose(tmp_path, capsys):
 
     from gblr.cli import main
 
-    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=10"]
-    arguments = ["train", "--config", "digits-vit-gblr", *tiny, "trainer.logger=none"]
+    arguments = ["train", "--config", "digits-vit-gblr", *_TINY_RECIPE, "trainer.logger=none"]
     assert main([*arguments, "--out", str(tmp_path), "--quiet"]) == 0
     result = json.loads((tmp_path / "results.json").read_text())["result"]
     # the probe's scores are kept: each start's held-out accuracy at its three evaluations
