@@ -335,7 +335,11 @@ def test_from_intervals_wraps():
         ({"in_features": 4, "out_features": 4, "num_components": 0}, "num_components"),
         ({"in_features": 4, "out_features": 4, "structure_init": "nope"}, "structure_init"),
         ({"in_features": 4, "out_features": 4, "structure_init": "half"}, "init_cost"),
-        ({"in_features": 4, "out_features": 4, "init_cost": 0.5}, "init_cost"),
+        (
+            {"in_features": 4, "out_features": 4, "structure_init": "full", "init_cost": 0.5},
+            "init_cost",
+        ),
+        ({"in_features": 4, "out_features": 4, "init_cost": 1.5}, "init_cost"),
         ({"in_features": 4, "out_features": 4, "sigma": 0.0}, "sigma"),
         ({"in_features": 4, "out_features": 4, "sigma": math.nan}, "sigma"),
         ({"in_features": 4, "out_features": 4, "evaluation_order": "x"}, "evaluation_order"),
@@ -839,3 +843,26 @@ def test_large_layers_take_the_window_form_at_any_number_of_rows(monkeypatch):
     small(torch.randn(1024, 256))
     assert calls == []
     del learner, small_learner
+
+
+@pytest.mark.parametrize("make", ["linear", "conv"])
+def test_a_starting_cost_alone_gives_the_block_diagonal_start(make):
+    # init_cost without structure_init was refused until 2026-12-07; it now means the
+    # start that trained best from scratch, and no init_cost still means "full".
+    def build(**options):
+        torch.manual_seed(0)
+        if make == "linear":
+            return gblr.GBLRLinear(96, 160, **options)
+        return gblr.GBLRConv2d(8, 24, 3, padding=1, **options)
+
+    implied, explicit = build(init_cost=0.2), build(structure_init="blockdiag", init_cost=0.2)
+    assert torch.equal(implied.widths, explicit.widths)
+    assert torch.equal(implied.locations, explicit.locations)
+    assert implied.flops() <= 0.2 * implied.dense_flops()
+    # one-line strips on the short side: the block-diagonal special case
+    short_side = 0 if implied.cols <= implied.rows else 1
+    short = min(implied.rows, implied.cols)
+    assert int((implied.widths[short_side] * short).round().max()) == 1
+    default, full = build(), build(structure_init="full")
+    assert bool((default.widths == 1).all())
+    assert torch.equal(default.locations, full.locations)

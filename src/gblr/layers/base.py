@@ -186,7 +186,7 @@ class GBLRMatrixMixin(nn.Module):
         *,
         rank_per_component: int,
         num_components: int | None,
-        structure_init: StructureInit,
+        structure_init: StructureInit | None,
         init_cost: float | None,
         factor_init: FactorInit = "balanced",
         widths: Tensor | Sequence | None,
@@ -205,6 +205,10 @@ class GBLRMatrixMixin(nn.Module):
         if num_components is None:
             num_components = max(1, min(rows, cols) // rank_per_component)
         num_components = check_positive_int("num_components", num_components)
+        if structure_init is None:
+            # A starting cost asks for the start that trained best from scratch; none, for
+            # a dense-equivalent matrix (docs/BENCHMARKS.md, "A new default start").
+            structure_init = "full" if init_cost is None else "blockdiag"
         if structure_init not in STRUCTURE_INITS:
             raise ValueError(
                 f"structure_init must be one of {STRUCTURE_INITS}, got {structure_init!r}"

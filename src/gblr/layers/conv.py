@@ -245,7 +245,7 @@ class GBLRConv2d(GBLRMatrixMixin):
         *,
         rank_per_component: int = 1,
         num_components: int | None = None,
-        structure_init: StructureInit = "full",
+        structure_init: StructureInit | None = None,
         init_cost: float | None = None,
         factor_init: FactorInit = "balanced",
         widths: Tensor | Sequence | None = None,

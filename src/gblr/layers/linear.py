@@ -33,8 +33,10 @@ class GBLRLinear(GBLRMatrixMixin):
         rank_per_component: rank ``r`` of each component (default 1), ``1 <= r <= min(m, n)``.
         num_components: ``K`` (default ``min(m, n) // r``, the dense-equivalent count).
         bias: learn an additive bias (default True).
-        structure_init: starting widths/locations: ``"full"`` (every interval full: a
-            rank ``K r`` low-rank matrix), ``"random"`` (uniform widths and locations),
+        structure_init: starting widths/locations (default: ``"blockdiag"`` when
+            ``init_cost`` is given, else ``"full"``): ``"full"`` (every interval full: a
+            rank ``K r`` matrix, a dense-equivalent start, 2x the dense MACs for a square
+            layer), ``"random"`` (uniform widths and locations),
             ``"half"`` (half of ``init_cost`` on full components, half on narrow ones
             along the diagonal), ``"blocks"`` (half on full components, half on a
             block-diagonal matrix of one- or two-line strips; the recipes' start until
@@ -43,7 +45,9 @@ class GBLRLinear(GBLRMatrixMixin):
             for training from scratch, at the budget, the one that trained best on the
             real-task benchmarks, docs/BENCHMARKS.md, "A new default start").
         init_cost: starting cost as a fraction of the dense MACs, for ``"half"``,
-            ``"blocks"`` and ``"blockdiag"``.
+            ``"blocks"`` and ``"blockdiag"``; a layer to be trained from scratch under a
+            [`gblr.StructureLearner`][] at a budget starts best at that budget (a start
+            far above it, pruned during the warm-up, trained worse on every real task).
         factor_init: ``"balanced"`` (default: each component's two factors get equal
             norms, normal entries), ``"fixed_norm"`` (the same, each component's factors
             scaled to exactly their expected norm) or ``"uniform"`` (``V`` at
@@ -77,6 +81,9 @@ class GBLRLinear(GBLRMatrixMixin):
         torch.Size([8, 32])
         >>> round(layer.flops() / (64 * 32), 2)  # about init_cost: whole rows and columns
         0.31
+        >>> layer = gblr.GBLRLinear(64, 64, init_cost=0.25)  # the block-diagonal start
+        >>> round(layer.flops() / (64 * 64), 2), int((layer.widths[0] * 64).round().max())
+        (0.25, 1)
     """
 
     counts_per_position = False
@@ -89,7 +96,7 @@ class GBLRLinear(GBLRMatrixMixin):
         rank_per_component: int = 1,
         num_components: int | None = None,
         bias: bool = True,
-        structure_init: StructureInit = "full",
+        structure_init: StructureInit | None = None,
         init_cost: float | None = None,
         factor_init: FactorInit = "balanced",
         widths: Tensor | Sequence | None = None,
