@@ -25,7 +25,9 @@ alternating where two things are compared, so that both see the same machine:
   library's form (components whose line counts are the same at both ends of the bracket
   leave it, and few components take more halvings per round) against the rounds of two
   halvings over every live component it replaced (both give the same threshold, bit for
-  bit).
+  bit), and against the same form with every round in NumPy (``library_numpy_rounds_only``:
+  before 2026-12-07 the last halvings, over one or two components, were not run in Python
+  floats).
 
 Writes ``benchmarks/results/bench_step_parts.json``.
 """
@@ -293,9 +295,23 @@ def _bisection(steps: int, repeats: int) -> dict[str, float]:
         expected = _bisection_rounds_of_two(*args)
         if {library_form(*args)[0], library_form(*args, hint=hint)[0]} != {expected}:
             raise RuntimeError("the bisections gave different thresholds")
+
+    def numpy_rounds_only(args, hint):
+        # the library's form before 2026-12-07 (morning): no halvings in Python floats
+        scalar_components = learner_module._SCALAR_COMPONENTS
+        learner_module._SCALAR_COMPONENTS = -1
+        try:
+            return library_form(*args, hint=hint)
+        finally:
+            learner_module._SCALAR_COMPONENTS = scalar_components
+
+    for args, hint in calls:
+        if numpy_rounds_only(args, hint)[0] != library_form(*args, hint=hint)[0]:
+            raise RuntimeError("the halvings in Python floats gave a different threshold")
     forms = {
         "rounds_of_two_ms": lambda args, hint: _bisection_rounds_of_two(*args),
         "library_without_hint_ms": lambda args, hint: library_form(*args),
+        "library_numpy_rounds_only_ms": numpy_rounds_only,
         "library_ms": lambda args, hint: library_form(*args, hint=hint),
     }
     samples: dict[str, list[float]] = {name: [] for name in forms}

@@ -67,6 +67,10 @@ _BISECTION_STEPS = 60
 _HALVINGS_PER_ROUND = 2
 _MOST_HALVINGS_PER_ROUND = 6
 _NUMBERS_PER_ROUND = 4096
+# From this many components left in a bisection's bracket down, the remaining halvings
+# run one at a time in plain Python floats: on the pixel MLP most of the learner's
+# rounds cost one component, and a NumPy round's fixed cost is many Python halvings'.
+_SCALAR_COMPONENTS = 2
 # Widths at or near 0 are cut as if this wide (cut_exponent scales the cut by width ** p).
 _NARROWEST_CUT_WIDTH = 1e-6
 
@@ -180,6 +184,70 @@ class _Bracket:
         )
         return first + index
 
+    def halve_one_by_one(self, low: float, high: float, halvings: int) -> float:
+        """The upper end of ``[low, high]`` after ``halvings`` sequential halvings, each
+        midpoint costed (where the bracket does not decide it) in Python floats with the
+        arithmetic of `first_fit`, operation for operation: the product and difference in
+        float64, the clamp, the cast to the dims' precision, the product with the dims in
+        it (exact in float64 for float32 widths, then rounded once, as float32 rounds it)
+        and the rounding half to even. So the result is `first_fit`'s bit for bit. A side
+        with the same line count at both ends of the bracket has it everywhere between
+        (the counts are monotone) and is not costed again."""
+        single = self.dims.dtype == numpy.float32
+        to_float32 = numpy.float32
+        low_counts, high_counts = self.counts
+        # Per component: its MACs per line, then per side either its constant line count
+        # or (width, cut per unit of threshold, lines of the side) to count it from.
+        terms = []
+        for column in range(self.components):
+            sides: list[int | tuple[float, float, float]] = []
+            for side in (0, 1):
+                if (
+                    low_counts is not None
+                    and high_counts is not None
+                    and low_counts[side, column] == high_counts[side, column]
+                ):
+                    sides.append(int(low_counts[side, column]))
+                else:
+                    sides.append(
+                        (
+                            float(self.widths[side, column]),
+                            float(self.per_unit[side, column]),
+                            float(self.dims[side, column]),
+                        )
+                    )
+            terms.append((float(self.ranks[column]), sides))
+        budget = self.target - self.fixed_cost
+        below, above = self.below, self.above
+        for _ in range(halvings):
+            middle = 0.5 * (low + high)
+            if middle >= above:
+                high = middle
+                continue
+            if middle <= below:
+                low = middle
+                continue
+            cost = 0.0
+            for rank, sides in terms:
+                lines = []
+                for known in sides:
+                    if isinstance(known, int):
+                        lines.append(known)
+                        continue
+                    width, unit, dim = known
+                    shrunk = min(max(width - middle * unit, 0.0), 1.0)
+                    if single:
+                        lines.append(round(float(to_float32(float(to_float32(shrunk)) * dim))))
+                    else:
+                        lines.append(round(shrunk * dim))
+                if lines[0] > 0 and lines[1] > 0:
+                    cost += rank * (lines[0] + lines[1])
+            if cost <= budget:
+                high = above = middle
+            else:
+                low = below = middle
+        return high
+
 
 def _budget_threshold(
     view: _StructureView,
@@ -211,6 +279,8 @@ def _budget_threshold(
         bound.first_fit(sorted({hint * (1.0 + step) for step in _HINT_STEPS} - {low, high}))
     halvings_left = _BISECTION_STEPS
     while halvings_left:
+        if bound.components <= _SCALAR_COMPONENTS:
+            return bound.halve_one_by_one(low, high, halvings_left), scale
         middle = 0.5 * (low + high)
         if not bound.below < middle < bound.above:  # a halving known without costing
             low, high = (low, middle) if middle >= bound.above else (middle, high)
