@@ -269,7 +269,10 @@ def _config_from_args(args: argparse.Namespace):
     from .recipes.config import load_config, with_structure
 
     if args.config is None:
-        raise ValueError("--config is required (a shipped name, see --list, or a YAML file)")
+        # `gblr train digits-vit-gblr` names a config where a key=value is expected
+        named = [value for value in args.overrides if "=" not in value]
+        hint = f"; for the config {named[0]!r} write --config {named[0]}" if named else ""
+        raise ValueError(f"--config is required (a shipped name, see --list, or a YAML file){hint}")
     overrides = [
         f"{key}={getattr(args, option)}"
         for option, key in _SHORTCUTS.items()
@@ -327,7 +330,11 @@ def train(args: argparse.Namespace) -> int:
         config, notes = smoke_config(config)
         print("\n".join(notes))
     result = train_from_config(
-        config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite
+        config,
+        resume=args.resume,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        report=print,
     )
     if "perplexity" in result:
         score = f"test perplexity {result['perplexity']:.3f}"

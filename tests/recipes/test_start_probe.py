@@ -1,5 +1,7 @@
+import contextlib
 import copy
 import dataclasses
+import logging
 import math
 import statistics
 
@@ -154,6 +156,23 @@ def _by_hand(dense, start, folder, split_seed, stop_after):
     return model, float(hits.double().mean()), result
 
 
+@contextlib.contextmanager
+def _lightning_messages():
+    """The messages Lightning's fits log meanwhile, as a list (at INFO and above)."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    messages = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def _assert_same_model(ours, theirs):
     for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         assert torch.equal(a, b), name
@@ -166,8 +185,28 @@ def test_the_kept_start_continues_its_probe_on_the_whole_training_set(tmp_path):
     probe = StartProbe(evaluate_at=(0.2, 0.4), z=math.inf, split_seed=5)
     dense = _vit()
     model = copy.deepcopy(dense)
-    result = train_classifier_probing_start(model, train, test, _config(tmp_path), probe=probe)
+    lines = []
+    with _lightning_messages() as messages:
+        result = train_classifier_probing_start(
+            model, train, test, _config(tmp_path), probe=probe, report=lines.append
+        )
     assert result["start"] == "blockdiag" and result["steps"] == 10
+    # one line as each probe starts, one for the choice, one as the final run starts
+    held = math.ceil(0.1 * len(train))
+    assert lines[0] == (
+        f"start probe 1 of 2: the blockdiag start, steps 1-4 of 10 on {len(train) - held} "
+        f"training samples, scored on {held} held out at steps 2, 4"
+    )
+    assert lines[1].startswith("start probe 2 of 2: the learned start, steps 1-4 of 10")
+    assert lines[2].startswith("start probe: the blockdiag start is kept (held-out lead")
+    final = f"the blockdiag start trains on from step 4 to step 10 on all {len(train)} training"
+    assert lines[3] == f"{final} samples"
+    assert len(lines) == 4
+    # the probes' own Lightning messages are dropped, and the restore of their temporary
+    # checkpoint; the final run's other messages are not
+    assert sum("GPU available" in message for message in messages) == 1
+    assert sum("`Trainer.fit` stopped" in message for message in messages) == 1
+    assert not any("gblr-start-probe" in message for message in messages)
     assert set(result["probe"]) == {"blockdiag", "learned"}
     assert len(result["probe"]["learned"]["accuracy"]) == 2
     assert result["seconds"] > result["probe_seconds"] > 0
@@ -488,6 +527,8 @@ def test_gblr_train_says_which_start_its_probe_chose(tmp_path, capsys):
     expected = "blocks" if lead > error else "blockdiag"  # z = 1
     assert result["start"] == expected
     printed = capsys.readouterr().out
+    assert "start probe 1 of 2: the blockdiag start, steps 1-4 of 10" in printed
+    assert f"start probe: the {expected} start is kept (held-out lead" in printed
     assert f"GBLR's start, chosen by the start probe: {expected} (held-out lead" in printed
     assert f"blocks {100 * lead:+.1f} ± {100 * error:.1f} points)\n" in printed
     assert (

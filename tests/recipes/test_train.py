@@ -154,6 +154,8 @@ def test_train_command_errors_a_person_can_act_on(tmp_path, capsys):
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
     assert main(["train"]) == 1
     assert "--config is required" in capsys.readouterr().err
+    assert main(["train", "digits-vit-gblr"]) == 1  # a config named where key=value goes
+    assert "write --config digits-vit-gblr" in capsys.readouterr().err
     assert main(["train", "--list"]) == 0
     assert "cifar10-vit-s-gblr" in capsys.readouterr().out
 

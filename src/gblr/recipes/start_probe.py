@@ -14,13 +14,15 @@ stopped, on the whole training set.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import logging
 import math
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,6 +276,33 @@ def _winner(starts: Sequence[GBLRStart], scores: dict[str, dict[str, Any]], z: f
     return winner
 
 
+class _DropLines(logging.Filter):
+    def __init__(self, dropped: Callable[[logging.LogRecord], bool]) -> None:
+        super().__init__()
+        self.dropped = dropped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.dropped(record)
+
+
+@contextlib.contextmanager
+def _lightning_lines_dropped(dropped: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """Lightning's messages for which ``dropped`` is true are not shown meanwhile."""
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    line_filter = _DropLines(dropped)
+    for logger in loggers:
+        logger.addFilter(line_filter)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(line_filter)
+
+
+# Where Lightning logs a fit's messages (accelerators found, checkpoint restored, stop).
+_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero",)
+
+
 def _structure(model: nn.Module, start: GBLRStart, config: EngineConfig) -> None:
     """Make ``model``'s structured layers GBLR layers as ``start`` says, at ``config``'s
     budget and seed."""
@@ -378,6 +407,7 @@ def train_classifier_probing_start(
     callbacks: Sequence[pl.Callback] = (),
     before_fit: Callable[[], None] | None = None,
     on_choice: Callable[[GBLRStart], None] | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Structure ``model`` with GBLR layers from the start that a probe prefers, and train it.
 
@@ -415,6 +445,11 @@ def train_classifier_probing_start(
             as a recipe's config differs by start).
         callbacks, before_fit: as `train_classifier`'s, for the final run only.
         on_choice: called with the winner once it is chosen, before the final run.
+        report: called with one line of text as each probe starts, when the winner is
+            chosen and as the final run starts (what a command line prints between the
+            runs' progress bars). The probes' own Lightning messages (accelerators found,
+            their stop) are dropped, and so is the final run's note that it restored the
+            probe's temporary checkpoint.
 
     Returns:
         [`train_classifier`][gblr.recipes.engine.train_classifier]'s result, with
@@ -454,8 +489,14 @@ def train_classifier_probing_start(
     scores: dict[str, dict[str, Any]] = {}
     hits: dict[str, torch.Tensor] = {}
     probe_seconds = 0.0
+    say = report if report is not None else (lambda line: None)
     with tempfile.TemporaryDirectory(prefix="gblr-start-probe-") as folder:
-        for start in starts:
+        for number, start in enumerate(starts, 1):
+            say(
+                f"start probe {number} of {len(starts)}: the {start.name} start, steps 1-"
+                f"{steps[-1]} of {config.steps} on {len(kept)} training samples, scored on "
+                f"{held_count} held out at steps {', '.join(map(str, steps))}"
+            )
             candidate = copy.deepcopy(model)
             _structure(candidate, start, config)
             recorder = _HeldOutHits(held_out, steps, config.batch_size)
@@ -470,15 +511,16 @@ def train_classifier_probing_start(
                 logger=None,
                 val_every_n_steps=None,
             )
-            result = train_classifier(
-                candidate,
-                kept,
-                None,
-                probe_config,
-                batch_mix=batch_mix,
-                run_info=run_info(start) if callable(run_info) else run_info,
-                callbacks=[recorder],
-            )
+            with _lightning_lines_dropped(lambda record: record.levelno < logging.WARNING):
+                result = train_classifier(
+                    candidate,
+                    kept,
+                    None,
+                    probe_config,
+                    batch_mix=batch_mix,
+                    run_info=run_info(start) if callable(run_info) else run_info,
+                    callbacks=[recorder],
+                )
             probe_seconds += result["seconds"]
             hits[start.name] = torch.stack([recorder.hits[step] for step in steps])
             scores[start.name] = {
@@ -488,6 +530,16 @@ def train_classifier_probing_start(
             lead, error = challenger_lead(hits[starts[0].name], hits[start.name])
             scores[start.name].update(lead=lead, standard_error=error)
         winner = _winner(starts, scores, probe.z)
+        leads = ", ".join(
+            f"{start.name} {100 * scores[start.name]['lead']:+.1f} ± "
+            f"{100 * scores[start.name]['standard_error']:.1f} points"
+            for start in starts[1:]
+        )
+        say(
+            f"start probe: the {winner.name} start is kept (held-out lead over the "
+            f"{starts[0].name} start: {leads}; a challenger needs more than {probe.z:g} "
+            "standard error)"
+        )
         if on_choice is not None:
             on_choice(winner)
         _structure(model, winner, config)
@@ -511,7 +563,22 @@ def train_classifier_probing_start(
                         Path(config.checkpoint_dir) / "last.ckpt",
                     )
 
-        with warnings.catch_warnings():
+        say(
+            f"the {winner.name} start trains "
+            + (
+                f"on from step {steps[-1]}"
+                if probe_end is not None
+                else "again from its first step"
+            )
+            + f" to step {config.steps} on all {len(train_set)} training samples"  # type: ignore[arg-type]
+        )
+        restored = None if probe_end is None else str(probe_end)
+        with (
+            warnings.catch_warnings(),
+            _lightning_lines_dropped(
+                lambda record: restored is not None and restored in record.getMessage()
+            ),
+        ):
             # the continued run checkpoints only where config says; the probe's own
             # ModelCheckpoint has nothing left to restore
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")

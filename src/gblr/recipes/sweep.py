@@ -161,7 +161,7 @@ def train_runs(runs: Sequence[TrainConfig], *, progress: bool = True) -> list[di
             print(f"[{run.name}] done before, read {finished}")
         else:
             print(f"\n[{run.name}]")
-            result = train_from_config(run, progress=progress, **_continue(run))
+            result = train_from_config(run, progress=progress, report=print, **_continue(run))
         results.append(result)
     return results
 

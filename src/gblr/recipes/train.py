@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,6 +209,7 @@ def train_from_config(
     progress: bool = True,
     stop_after: int | None = None,
     overwrite: bool = False,
+    report: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and report one run described by ``config``.
 
@@ -237,6 +239,8 @@ def train_from_config(
         stop_after: stop at this optimizer step (an interruption; schedules still span
             the whole run).
         overwrite: replace a run already in ``config.out``.
+        report: called with a line of text at each stage of a start probe (each start's
+            probe, the choice, the final run), for a command line to print.
 
     Raises:
         gblr.recipes.run_folder.RunFolderError: the folder holds another run (and neither
@@ -270,7 +274,7 @@ def train_from_config(
         replace = claim_folder(
             out, smoke=config.smoke, resume=resume is not None, overwrite=overwrite
         )
-        return _train(config, out, resume, progress, stop_after, replace=replace)
+        return _train(config, out, resume, progress, stop_after, replace=replace, report=report)
 
 
 def probe_chooses_start(config: TrainConfig, train_size: int) -> bool:
@@ -427,6 +431,7 @@ def _train(
     stop_after: int | None,
     *,
     replace: bool,
+    report: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     import yaml
 
@@ -506,6 +511,7 @@ def _train(
             },
             before_fit=start_run,
             on_choice=chosen,
+            report=report,
         )
     else:
         result = train_classifier(
