@@ -1,3 +1,4 @@
+import copy
 import re
 import warnings
 
@@ -531,6 +532,43 @@ def test_a_layer_the_global_allocation_starves_is_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gblr.convert(decaying, GBLRConfig(budget=0.1))
+
+
+def test_stable_rank_to_random_is_about_one_for_fresh_weights_and_exact_for_trained_ones():
+    from gblr.compress.convert import stable_rank_to_random
+
+    torch.manual_seed(0)
+    for shape in ((64, 64), (512, 128), (96, 768)):
+        fresh = nn.Linear(shape[1], shape[0]).weight.detach()
+        assert 0.95 < stable_rank_to_random(fresh) < 1.3, shape
+    # a decaying spectrum: the power iteration finds the top singular value
+    u, _, v = torch.linalg.svd(torch.randn(128, 96, dtype=torch.float64), full_matrices=False)
+    spectrum = 0.9 ** torch.arange(96, dtype=torch.float64)
+    decaying = u @ torch.diag(spectrum) @ v
+    exact = float(
+        (spectrum.square().sum() / spectrum[0] ** 2) / (128 * 96 / (128**0.5 + 96**0.5) ** 2)
+    )
+    # 30 power iterations at a gap of 0.9: the top energy to about 0.81 ** 60 of itself
+    assert stable_rank_to_random(decaying) == pytest.approx(exact, rel=1e-4)
+    assert stable_rank_to_random(torch.zeros(4, 5)) == 0.0
+
+
+def test_gblr_fitted_to_untrained_weights_says_to_start_from_scratch():
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) it fitted look untrained .* init='random'"):
+        gblr.convert(copy.deepcopy(fresh), GBLRConfig(budget=0.3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gblr.convert(copy.deepcopy(fresh), GBLRConfig(budget=0.3, init="random"))
+        gblr.convert(copy.deepcopy(fresh), "lowrank")  # its fit is its own start anyway
+        # trained-like weights (a few strong directions over noise) are fitted in silence
+        for layer in (fresh[0], fresh[2]):
+            out_features, in_features = layer.weight.shape
+            with torch.no_grad():
+                strong = torch.randn(out_features, 4) @ torch.randn(4, in_features)
+                layer.weight.copy_(strong + 0.1 * torch.randn(out_features, in_features))
+        gblr.convert(fresh, GBLRConfig(budget=0.3))
 
 
 @pytest.mark.parametrize("structure", sorted(gblr.structured.FAMILIES))

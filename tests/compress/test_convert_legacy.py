@@ -85,6 +85,8 @@ def test_old_arguments_give_the_same_model_as_their_config(args, kwargs, config)
     assert record[0].filename == __file__  # points at the caller
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # the model's weights are untrained, which convert says of both calls alike
+        warnings.filterwarnings("ignore", message=".* look untrained")
         new_report = gblr.convert(new, config)
     assert old_report.config == config and old_report.to_dict() == new_report.to_dict()
     old_state, new_state = old.state_dict(), new.state_dict()
