@@ -1381,7 +1381,7 @@ def convert(
     if structure == "gblr" and fresh:
         start_from_scratch([layer for _, layer in replacements], budget, config.seed)
     elif structure == "gblr" and replacements:
-        _warn_if_random_like(matrices)
+        _warn_if_random_like([matrix for matrix, kept in zip(matrices, keep) if not kept])
     if replacements:
         # The config that made the model (gblr.save writes it), as peft's model.peft_config.
         model.gblr_config = config
@@ -1406,8 +1406,9 @@ def _warn_if_random_like(fitted: list[Tensor]) -> None:
     (`stable_rank_to_random`, median over the layers at least
     ``RANDOM_LIKE_STABLE_RANK``): converting a fresh model with ``init="svd"`` starts it
     low-rank, where training from scratch went far better from the block-diagonal start."""
-    ratios = [stable_rank_to_random(matrix) for matrix in fitted]
-    median = statistics.median(ratios)
+    if not fitted:
+        return
+    median = statistics.median(stable_rank_to_random(matrix) for matrix in fitted)
     if median >= RANDOM_LIKE_STABLE_RANK:
         warnings.warn(
             f"gblr.convert: the weights of the {len(fitted)} layer(s) it fitted look untrained "

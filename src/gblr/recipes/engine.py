@@ -21,7 +21,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -388,22 +388,32 @@ def topk_hits(
     return torch.cat(hits) if hits else torch.zeros(0, len(ks), dtype=torch.bool)
 
 
-class _DropLitLoggerTip(logging.Filter):
+class _DropMessages(logging.Filter):
+    def __init__(self, dropped: Callable[[logging.LogRecord], bool]) -> None:
+        super().__init__()
+        self.dropped = dropped
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        return not self.dropped(record)
 
 
 @contextlib.contextmanager
-def _without_litlogger_tip():
-    """Lightning advertises its cloud logger on every Trainer made without it; a gblr run
-    prints what the user can act on, so that one line is dropped (nothing else)."""
+def lightning_messages_dropped(dropped: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """Meanwhile, the messages Lightning logs about a fit (accelerators found, a
+    checkpoint restored, the fit's stop, tips) for which ``dropped`` is true are not shown."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    tip = _DropLitLoggerTip()
-    logger.addFilter(tip)
+    line_filter = _DropMessages(dropped)
+    logger.addFilter(line_filter)
     try:
         yield
     finally:
-        logger.removeFilter(tip)
+        logger.removeFilter(line_filter)
+
+
+def _without_litlogger_tip() -> contextlib.AbstractContextManager[None]:
+    """Lightning advertises its cloud logger on every Trainer made without it; a gblr run
+    prints what the user can act on, so that one line is dropped (nothing else)."""
+    return lightning_messages_dropped(lambda record: "litlogger" in record.getMessage())
 
 
 def _step_progress_bar():

@@ -14,7 +14,6 @@ stopped, on the whole training set.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -22,7 +21,7 @@ import math
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from ..files import save_atomically
 from ..layers.base import COSTED_STRUCTURE_INITS, FACTOR_INITS
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers
-from .engine import EngineConfig, topk_hits, train_classifier
+from .engine import EngineConfig, lightning_messages_dropped, topk_hits, train_classifier
 from .models import structure_model
 
 __all__ = [
@@ -276,33 +275,6 @@ def _winner(starts: Sequence[GBLRStart], scores: dict[str, dict[str, Any]], z: f
     return winner
 
 
-class _DropLines(logging.Filter):
-    def __init__(self, dropped: Callable[[logging.LogRecord], bool]) -> None:
-        super().__init__()
-        self.dropped = dropped
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.dropped(record)
-
-
-@contextlib.contextmanager
-def _lightning_lines_dropped(dropped: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
-    """Lightning's messages for which ``dropped`` is true are not shown meanwhile."""
-    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
-    line_filter = _DropLines(dropped)
-    for logger in loggers:
-        logger.addFilter(line_filter)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(line_filter)
-
-
-# Where Lightning logs a fit's messages (accelerators found, checkpoint restored, stop).
-_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero",)
-
-
 def _structure(model: nn.Module, start: GBLRStart, config: EngineConfig) -> None:
     """Make ``model``'s structured layers GBLR layers as ``start`` says, at ``config``'s
     budget and seed."""
@@ -511,7 +483,7 @@ def train_classifier_probing_start(
                 logger=None,
                 val_every_n_steps=None,
             )
-            with _lightning_lines_dropped(lambda record: record.levelno < logging.WARNING):
+            with lightning_messages_dropped(lambda record: record.levelno < logging.WARNING):
                 result = train_classifier(
                     candidate,
                     kept,
@@ -575,7 +547,7 @@ def train_classifier_probing_start(
         restored = None if probe_end is None else str(probe_end)
         with (
             warnings.catch_warnings(),
-            _lightning_lines_dropped(
+            lightning_messages_dropped(
                 lambda record: restored is not None and restored in record.getMessage()
             ),
         ):
