@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import time
 import zlib
 from typing import Any
@@ -44,22 +43,14 @@ QUICK_INCLUDE = "encoder.layer.0.*"
 
 
 def topic_sentences() -> dict[str, list[str]]:
-    """``{"train": [...], "test": [...]}``: prose sentences of the documentation's topics,
-    split by topic."""
-    from pydoc_data.topics import topics
+    """``{"train": [...], "test": [...]}``: prose sentences of the documentation's topics
+    (`gblr.compress.pipeline.python_help_sentences`), split by topic."""
+    from gblr.compress.pipeline import python_help_sentences
 
     split: dict[str, list[str]] = {"train": [], "test": []}
-    for name in sorted(topics):
+    for name, sentences in python_help_sentences().items():
         side = "test" if zlib.crc32(name.encode()) % HELD_OUT_MODULUS == 0 else "train"
-        for paragraph in re.split(r"\n\s*\n", topics[name]):
-            lines = paragraph.splitlines()
-            # Indented paragraphs are code, grammar or tables; underlined ones are headings.
-            if not lines or lines[0].startswith(" ") or set(lines[-1].strip()) <= set("*=-"):
-                continue
-            text = " ".join(line.strip() for line in lines)
-            for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z\"'])", text):
-                if 6 <= len(sentence.split()) <= 60:
-                    split[side].append(sentence)
+        split[side].extend(sentences)
     split["test"] = split["test"][:TEST_SENTENCES]
     return split
 

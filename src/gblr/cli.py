@@ -401,8 +401,11 @@ def compress(args: argparse.Namespace) -> int:
     model's logits are matched), and its quality against the original (output cosine,
     nearest-neighbour agreement, an image classifier's top-1 agreement) is measured
     before and after; if distillation lowers the held-out cosine, the converted weights
-    are kept. OUT gets a folder that gblr.from_pretrained loads in one call, a text
-    model's tokenizer, report.json and report.md (which say the kind of model and data).
+    are kept. A text model given no data is calibrated, distilled and measured in the
+    same way on the sentences of Python's own help topics (pydoc_data, which ship with
+    Python), unless --no-data. OUT gets a folder that gblr.from_pretrained loads in one
+    call, a text model's tokenizer, report.json and report.md (which say the kind of model
+    and data).
     """
     from .compress.configs import config_from_dict
     from .compress.distill import DistillConfig
@@ -412,9 +415,20 @@ def compress(args: argparse.Namespace) -> int:
     if args.include:
         fields["include"] = args.include
     config = config_from_dict(fields)
+    from .compress.pipeline import _source_kind
+
+    given = any(x is not None for x in (args.text, args.images, args.dataset))
+    builtin = not given and not args.no_data and _source_kind(args.model) == "text"
     distillation = None
-    if any(x is not None for x in (args.text, args.images, args.dataset)) and args.steps > 0:
+    if (given or builtin) and args.steps > 0:
         distillation = DistillConfig(steps=args.steps, lr=args.lr)
+    if builtin:
+        print(
+            "no --text or --dataset: calibrating"
+            + (f" and distilling ({args.steps} steps)" if distillation is not None else "")
+            + " on the sentences of Python's own help topics; --text FILE for your model's "
+            "own domain, --no-data to fit the weights alone"
+        )
     result = compress_pretrained(
         args.model,
         config,
@@ -424,6 +438,7 @@ def compress(args: argparse.Namespace) -> int:
         dataset_column=args.dataset_column,
         dataset_split=args.dataset_split,
         random_weights=args.random_weights,
+        builtin_text=not args.no_data,
         distillation=distillation,
         out=args.out,
         overwrite=args.overwrite,
@@ -753,6 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
         ".txt file or Hub name (a text column for text models, an Image column for image "
         "models)",
     )
+    data.add_argument(
+        "--no-data",
+        action="store_true",
+        help="a text model without --text or --dataset: fit the weights alone (default: "
+        "calibrate and distil on Python's own help topics)",
+    )
     compress_parser.add_argument(
         "--dataset-column",
         help="the column of --dataset: of text (default: text, or the only string column) or, "
@@ -770,7 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=150,
-        help="distillation steps with --text, --dataset or --images (default 150)",
+        help="distillation steps with --text, --dataset, --images or a text model's "
+        "built-in text (default 150)",
     )
     compress_parser.add_argument(
         "--lr", type=float, default=3e-4, help="distillation learning rate (default 3e-4)"

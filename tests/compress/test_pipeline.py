@@ -15,7 +15,9 @@ from gblr.compress.distill import DistillConfig
 from gblr.compress.pipeline import (
     compress_pretrained,
     load_text_model,
+    python_help_sentences,
     read_dataset,
+    read_python_help,
     read_texts,
 )
 
@@ -142,11 +144,55 @@ def test_compress_refuses_a_gblr_folder_and_distillation_without_text(tiny_bert,
     with pytest.raises(ValueError, match="already compressed"):
         compress_pretrained(str(out))
     with pytest.raises(ValueError, match="needs text="):
-        compress_pretrained(str(tiny_bert), distillation=DistillConfig(steps=2))
+        compress_pretrained(str(tiny_bert), distillation=DistillConfig(steps=2), builtin_text=False)
     copy = tmp_path / "copy"
     shutil.copytree(tiny_bert, copy)
     with pytest.raises(ValueError, match="batch_size"):
         compress_pretrained(str(copy), batch_size=0)
+
+
+def test_pythons_help_topics_are_prose_sentences_split_as_a_text_file():
+    sentences = python_help_sentences()
+    assert list(sentences) == sorted(sentences) and len(sentences) > 50
+    lines = [line for topic in sentences.values() for line in topic]
+    assert len(lines) > 1000
+    assert all(6 <= len(line.split()) <= 60 and line == line.strip() for line in lines)
+    # prose: the topics' indented code and grammar are left out (a few unindented
+    # interactive examples stay, as the real-task suite's T3 has always read them)
+    assert not any(line.startswith(("for_stmt", "::=")) for line in lines)
+    assert sum(line.startswith(">>>") for line in lines) < 0.01 * len(lines)
+    split = read_python_help()  # as a text file's lines are read: white space collapsed
+    collapsed = [" ".join(line.split()) for line in lines]
+    assert split.test == collapsed[9::10] and len(split.train) + len(split.test) == len(lines)
+
+
+def test_a_text_model_given_no_data_is_calibrated_on_pythons_help_topics(tiny_bert, tmp_path):
+    """Its sentences run up to 60 words, past the tiny model's 64 positions: they are cut
+    at the model's length, not refused by it."""
+    result = compress_pretrained(str(tiny_bert), gblr.LowRankConfig(budget=0.5), progress=False)
+    assert result.conversion.calibrated
+    assert result.data["kind"] == "built-in text" and "pydoc_data" in result.data["path"]
+    assert result.data["test"] == len(read_python_help().test)
+    assert 0 < result.quality_before["cosine"] <= 1.0 + 1e-6
+    assert "held-out lines of Python's own help topics" in result.markdown()
+    weights_alone = compress_pretrained(
+        str(tiny_bert), gblr.LowRankConfig(budget=0.5), progress=False, builtin_text=False
+    )
+    assert not weights_alone.conversion.calibrated and not weights_alone.quality_before
+
+
+def test_compress_command_distils_a_text_model_on_the_built_in_text(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_bert), "--out", str(out), "--budget", "0.5", "--quiet"]
+    assert main([*args, "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "no --text or --dataset: calibrating and distilling (2 steps) on the" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["kind"] == "built-in text" and report["distillation"]["steps"] == 2
+    assert main([*args, "--overwrite", "--no-data"]) == 0
+    assert "no --text" not in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert not report["data"] and report["distillation"] is None
 
 
 @pytest.mark.slow
@@ -307,5 +353,7 @@ def test_compress_refuses_dataset_errors_before_writing_out(hf_datasets, tmp_pat
     with pytest.raises(ValueError, match="only one: got text="):
         compress_pretrained("m", text="a.txt", images="b", dataset="c")
     with pytest.raises(ValueError, match=r"needs text= .* or dataset="):
-        compress_pretrained("m", distillation=DistillConfig(steps=2))
+        compress_pretrained("m", distillation=DistillConfig(steps=2), builtin_text=False)
+    with pytest.raises(TypeError, match="builtin_text must be True or False"):
+        compress_pretrained("m", builtin_text="yes")
     assert not out.exists()
