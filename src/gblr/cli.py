@@ -409,14 +409,12 @@ def compress(args: argparse.Namespace) -> int:
     """
     from .compress.configs import config_from_dict
     from .compress.distill import DistillConfig
-    from .compress.pipeline import compress_pretrained
+    from .compress.pipeline import compress_pretrained, source_kind
 
     fields: dict[str, object] = {"structure": args.structure, "budget": args.budget}
     if args.include:
         fields["include"] = args.include
     config = config_from_dict(fields)
-    from .compress.pipeline import source_kind
-
     given = any(x is not None for x in (args.text, args.images, args.dataset))
     builtin = not given and not args.no_data and source_kind(args.model) == "text"
     distillation = None
