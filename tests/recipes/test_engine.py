@@ -255,6 +255,14 @@ def test_progress_bar_is_labelled_by_steps_not_epochs():
     bar = _step_progress_bar()
     bar._trainer = SimpleNamespace(max_epochs=-1)  # a gblr run counts steps
     assert bar._get_train_description(0).strip() == "Training"  # Lightning's: "Epoch 0/-2"
+    # resumed at step 16 of 40, the bar counts on from 16: its total is the run's 40 steps
+    # (Lightning's is the steps left, 24, so the bar ended at "40/24")
+    bar._trainer = SimpleNamespace(
+        max_epochs=-1, max_steps=40, global_step=16, num_training_batches=10**9
+    )
+    assert bar.total_train_batches == 40
+    bar._trainer = SimpleNamespace(max_epochs=3, max_steps=-1, num_training_batches=23)
+    assert bar.total_train_batches == 23  # an epoch-based run: Lightning's own
 
 
 def test_training_steps_log_when_the_logger_writes_and_at_the_last_step(tmp_path, monkeypatch):

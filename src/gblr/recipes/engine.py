@@ -428,6 +428,16 @@ def _step_progress_bar():
             width = len(self.validation_description)
             return f"{'Training':{width}}"
 
+        @property
+        def total_train_batches(self) -> int | float:
+            # A run of max_steps is one pass over a stream of that many batches, whose
+            # position a resumed run restores: the bar counts from there, so its total is
+            # the run's steps (Lightning's, the steps left, read "40/23" on a resume).
+            trainer = self.trainer
+            if trainer.max_epochs == -1 and trainer.max_steps is not None and trainer.max_steps > 0:
+                return trainer.max_steps
+            return super().total_train_batches
+
     return StepProgressBar(leave=True)
 
 
