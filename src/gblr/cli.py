@@ -416,7 +416,13 @@ def compress(args: argparse.Namespace) -> int:
         fields["include"] = args.include
     config = config_from_dict(fields)
     given = any(x is not None for x in (args.text, args.images, args.dataset))
-    builtin = not given and not args.no_data and source_kind(args.model) == "text"
+    kind = source_kind(args.model)
+    builtin = not given and not args.no_data and kind == "text"
+    if not given and kind == "image":
+        print(
+            "no --images or --dataset: fitting the weights alone, nothing measured; "
+            "--images DIR to calibrate, distil and measure"
+        )
     distillation = None
     if (given or builtin) and args.steps > 0:
         distillation = DistillConfig(steps=args.steps, lr=args.lr)

@@ -159,7 +159,13 @@ def test_compress_command_reports_quality_against_an_independent_computation(
     out = tmp_path / "out"
     args = [str(vit_folder), "--out", str(out), "--images", str(digit_folder)]
     assert main(["compress", *args, "--structure", "lowrank", "--steps", "0", "--quiet"]) == 0
-    assert "held-out images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out images" in printed and "no --images" not in printed
+    # without images the command says what it does instead (there is no built-in data)
+    alone = [str(vit_folder), "--out", str(tmp_path / "alone"), "--structure", "lowrank"]
+    assert main(["compress", *alone, "--quiet"]) == 0
+    assert "no --images or --dataset: fitting the weights alone" in capsys.readouterr().out
+    assert json.loads((tmp_path / "alone" / "report.json").read_text())["data"] == {}
     report = json.loads((out / "report.json").read_text())
     assert report["distillation"] is None and report["quality_after"] == {}
 
