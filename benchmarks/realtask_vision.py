@@ -188,6 +188,26 @@ def train_digits(
     return fit_digits(model, model_name, budget, seed, quick, variant)
 
 
+def engine_config(steps: int, budget: float, seed: int, variant: Any, folder: Any) -> Any:
+    """The engine's config of a T1 run of ``steps`` at ``budget`` (``variant`` a
+    ``ScratchOptions``), writing into ``folder``."""
+    from gblr.recipes.engine import EngineConfig
+
+    return EngineConfig(
+        steps=steps,
+        lr=LR,
+        warmup_steps=steps // 3,
+        budget=budget,
+        learner=variant.learner,
+        out_dir=folder,
+        seed=seed,
+        progress=False,
+        logger=None,
+        trainer={"accelerator": "cpu"},
+        **variant.engine,
+    )
+
+
 def fit_digits(
     model: Any, model_name: str, budget: float, seed: int, quick: bool, variant: Any
 ) -> dict[str, Any]:
@@ -197,7 +217,7 @@ def fit_digits(
     ``steps``."""
     import torch
 
-    from gblr.recipes.engine import EngineConfig, train_classifier
+    from gblr.recipes.engine import train_classifier
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     data = {
@@ -210,19 +230,7 @@ def fit_digits(
     steps = QUICK_STEPS if quick else STEPS
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = EngineConfig(
-            steps=steps,
-            lr=LR,
-            warmup_steps=steps // 3,
-            budget=budget,
-            learner=variant.learner,
-            out_dir=folder,
-            seed=seed,
-            progress=False,
-            logger=None,
-            trainer={"accelerator": "cpu"},
-            **variant.engine,
-        )
+        config = engine_config(steps, budget, seed, variant, folder)
         if variant.probe is None:
             result = train_classifier(model, train, test, config)
         else:  # the model is still dense: the probe structures it

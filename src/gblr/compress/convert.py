@@ -513,13 +513,10 @@ def stable_rank_to_random(matrix: Tensor, iterations: int = 30) -> float:
         return 0.0
     vector = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     vector = vector.to(work.device)
-    top = 0.0
     for _ in range(iterations):
-        image = work @ vector
-        top = float(image.square().sum())  # ||W v||^2 with ||v|| = 1 after the first pass
-        vector = work.t() @ image
+        vector = work.t() @ (work @ vector)
         vector = vector / vector.norm().clamp_min(1e-300)
-    top = max(top, float((work @ vector).square().sum()))
+    top = float((work @ vector).square().sum())  # ||W v||^2, ||v|| = 1
     return (energy / max(top, 1e-300)) / (m * n / (math.sqrt(m) + math.sqrt(n)) ** 2)
 
 

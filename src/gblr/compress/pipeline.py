@@ -1148,8 +1148,12 @@ def compress_pretrained(
         pictures = read_dataset_images(dataset, column=dataset_column, split=dataset_split)
     elif dataset is not None:
         texts = read_dataset(dataset, column=dataset_column, split=dataset_split)
-    elif builtin and (distillation is not None or python_help_sentences()):
-        texts = read_python_help()  # refuses (names text=) only where none ship
+    elif builtin:
+        try:
+            texts = read_python_help()
+        except ValueError:  # this Python ships no help topics: the weights alone
+            if distillation is not None:
+                raise
     if out is not None:
         out = Path(out)
         _check_out(out, overwrite)

@@ -24,7 +24,7 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import realtask_vision as vision
-from gblr.recipes.engine import EngineConfig, train_classifier
+from gblr.recipes.engine import train_classifier
 from gblr.recipes.models import structure_model
 from realtask_options import scratch_options
 
@@ -49,19 +49,7 @@ def main(mode: str, budget: float, seed: int) -> None:
     stop = int(0.4 * steps)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = EngineConfig(
-            steps=steps,
-            lr=vision.LR,
-            warmup_steps=steps // 3,
-            budget=budget,
-            learner=variant.learner,
-            out_dir=folder,
-            seed=seed,
-            progress=False,
-            logger=None,
-            trainer={"accelerator": "cpu"},
-            **variant.engine,
-        )
+        config = vision.engine_config(steps, budget, seed, variant, folder)
         probe_config = dataclasses.replace(
             config,
             stop_after=stop,
