@@ -531,6 +531,7 @@ def test_a_layer_the_global_allocation_starves_is_named_in_a_warning():
             layer.weight.copy_(u @ torch.diag(spectrum) @ v)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".* fitted to their weights alone")
         gblr.convert(decaying, GBLRConfig(budget=0.1))
 
 
@@ -563,12 +564,34 @@ def test_gblr_fitted_to_untrained_weights_says_to_start_from_scratch():
         gblr.convert(copy.deepcopy(fresh), GBLRConfig(budget=0.3, init="random"))
         gblr.convert(copy.deepcopy(fresh), "lowrank")  # its fit is its own start anyway
         # trained-like weights (a few strong directions over noise) are fitted in silence
+        # when fitted to calibration inputs
         for layer in (fresh[0], fresh[2]):
             out_features, in_features = layer.weight.shape
             with torch.no_grad():
                 strong = torch.randn(out_features, 4) @ torch.randn(4, in_features)
                 layer.weight.copy_(strong + 0.1 * torch.randn(out_features, in_features))
-        gblr.convert(fresh, GBLRConfig(budget=0.3))
+        calibration = [torch.randn(32, 64)]
+        gblr.convert(copy.deepcopy(fresh), GBLRConfig(budget=0.3), calibration=calibration)
+
+
+@pytest.mark.parametrize("config", [GBLRConfig(budget=0.3), gblr.LowRankConfig(budget=0.3)])
+def test_trained_weights_fitted_alone_suggest_calibration(config):
+    """A config that could have been fitted to calibration inputs says so when it fitted
+    trained-looking weights alone; one that cannot (the search, Monarch) stays silent."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+    for layer in (model[0], model[2]):
+        out_features, in_features = layer.weight.shape
+        with torch.no_grad():
+            strong = torch.randn(out_features, 4) @ torch.randn(4, in_features)
+            layer.weight.copy_(strong + 0.1 * torch.randn(out_features, in_features))
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) were fitted to their weights alone; cal"):
+        gblr.convert(copy.deepcopy(model), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gblr.convert(copy.deepcopy(model), config, calibration=[torch.randn(32, 64)])
+        gblr.convert(copy.deepcopy(model), GBLRConfig(budget=0.3, init="search", search_steps=2))
+        gblr.convert(copy.deepcopy(model), gblr.MonarchConfig(budget=0.5))
 
 
 @pytest.mark.parametrize("structure", sorted(gblr.structured.FAMILIES))

@@ -34,6 +34,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1234,9 +1235,16 @@ def compress_pretrained(
     start = time.perf_counter()
     # a sentence-transformer is converted through its transformer (its other modules pool
     # and normalise), which the calibration batches (token ids) feed
-    report = convert(
-        loaded.encoder, config, calibration=calibration, progress=progress, example_input=example
-    )
+    with warnings.catch_warnings():
+        # whether it calibrated, and why not, is in the result (``uncalibrated``, ``data``)
+        warnings.filterwarnings("ignore", message=".* fitted to their weights alone")
+        report = convert(
+            loaded.encoder,
+            config,
+            calibration=calibration,
+            progress=progress,
+            example_input=example,
+        )
     seconds["convert"] = time.perf_counter() - start
 
     def quality() -> dict[str, float]:
