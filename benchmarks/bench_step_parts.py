@@ -27,7 +27,8 @@ alternating where two things are compared, so that both see the same machine:
   halvings over every live component it replaced (both give the same threshold, bit for
   bit), and against the same form with every round in NumPy (``library_numpy_rounds_only``:
   before 2026-12-07 the last halvings, over one or two components, were not run in Python
-  floats).
+  floats) and without the thresholds around the cost's linear estimate costed first
+  (``library_without_estimate``: before 2026-12-07, afternoon).
 
 Writes ``benchmarks/results/bench_step_parts.json``.
 """
@@ -305,13 +306,27 @@ def _bisection(steps: int, repeats: int) -> dict[str, float]:
         finally:
             learner_module._SCALAR_COMPONENTS = scalar_components
 
+    def without_estimate(args, hint):
+        # the library's form before 2026-12-07 (afternoon): only the hint's thresholds
+        # costed first, not those around the cost's linear estimate
+        estimate_macs = learner_module._ESTIMATE_MACS
+        learner_module._ESTIMATE_MACS = ()
+        try:
+            return library_form(*args, hint=hint)
+        finally:
+            learner_module._ESTIMATE_MACS = estimate_macs
+
     for args, hint in calls:
-        if numpy_rounds_only(args, hint)[0] != library_form(*args, hint=hint)[0]:
+        threshold = library_form(*args, hint=hint)[0]
+        if numpy_rounds_only(args, hint)[0] != threshold:
             raise RuntimeError("the halvings in Python floats gave a different threshold")
+        if without_estimate(args, hint)[0] != threshold:
+            raise RuntimeError("the linear estimate's thresholds changed the threshold")
     forms = {
         "rounds_of_two_ms": lambda args, hint: _bisection_rounds_of_two(*args),
         "library_without_hint_ms": lambda args, hint: library_form(*args),
         "library_numpy_rounds_only_ms": numpy_rounds_only,
+        "library_without_estimate_ms": without_estimate,
         "library_ms": lambda args, hint: library_form(*args, hint=hint),
     }
     samples: dict[str, list[float]] = {name: [] for name in forms}

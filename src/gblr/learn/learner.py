@@ -96,9 +96,15 @@ def _midpoints(low: float, high: float, levels: int) -> list[float]:
     return points[1:-1]
 
 
-# Thresholds costed first around a hint, relative to it: the learner's threshold moves
-# by far less than 10% between steps.
+# Thresholds costed first around a hint, relative to it: while the budget ramps down the
+# learner's threshold moves by far less than 10% between steps.
 _HINT_STEPS = (-0.1, -0.01, -0.001, 0.0, 0.001, 0.01, 0.1)
+# ... and around where the cost, linear in the threshold from its exact value at 0, meets
+# the target, in MACs of that line's slope: once the budget is spent and filled every
+# step, the threshold changes by more than itself between steps (its sign too), and
+# that estimate fell within 7 MACs of it on 90% of the pixel MLP's steps, within 15 on
+# all (docs/BENCHMARKS.md, "The bisection started near a linear estimate").
+_ESTIMATE_MACS = (-16.0, -8.0, -4.0, -2.0, 0.0, 2.0, 4.0, 8.0, 16.0)
 
 
 class _Bracket:
@@ -131,6 +137,8 @@ class _Bracket:
         self.widths, self.per_unit, self.dims, self.ranks = widths, per_unit, dims, ranks
         self.counts: list[numpy.ndarray | None] = [None, None]  # at below, at above
         self.fixed_cost = 0.0
+        # thresholds worth costing first (`_bisection_start` sets them)
+        self.likely: list[float] = []
 
     @property
     def components(self) -> int:
@@ -268,15 +276,21 @@ def _budget_threshold(
     does not increase with the threshold, so the first of a round's midpoints that fits
     and the last that does not are the bracket the sequential halvings reach, bit for
     bit. ``hint`` (the threshold of the learner's previous step) changes how fast, never
-    the result: thresholds near it are costed first, and a midpoint at or below one that
-    does not fit (or at or above one that fits) is decided without costing it.
+    the result: thresholds near it are costed first, with those near where the cost,
+    linear in the threshold from its exact value at 0, meets the target, and a midpoint at
+    or below one that does not fit (or at or above one that fits) is decided without
+    costing it.
     """
     threshold, scale, bound = _bisection_start(view, widths, target, scale, fill)
     if bound is None:
         return threshold, scale
     low, high = bound.below, bound.above
+    first = set(bound.likely)
     if hint is not None and low < hint < high:
-        bound.first_fit(sorted({hint * (1.0 + step) for step in _HINT_STEPS} - {low, high}))
+        first |= {hint * (1.0 + step) for step in _HINT_STEPS}
+    first = {point for point in first if low < point < high}
+    if first:
+        bound.first_fit(sorted(first))
     halvings_left = _BISECTION_STEPS
     while halvings_left:
         if bound.components <= _SCALAR_COMPONENTS:
@@ -349,6 +363,16 @@ def _bisection_start(
     # The threshold 0 (one end of either bracket) leaves the widths as they are.
     at_zero = (0.0, numpy.ascontiguousarray(lengths[0][:, columns]))
     bound.know(*((at_zero, None) if low == 0.0 else (None, at_zero)))
+    # While the budget is filled every step, the last threshold is no guide (see
+    # _ESTIMATE_MACS); while it ramps down, the thresholds around it cost less.
+    if not fill:
+        return 0.0, scale, bound
+    # MACs per unit of threshold of the sides that move (not at 0 or 1, not held).
+    moving = (live_widths > 0.0) & (live_widths < 1.0) & (live_per_unit > 0.0)
+    slope = float((ranks * numpy.where(moving, live_per_unit * dims, 0.0).sum(0)).sum())
+    if slope > 0.0:
+        estimate = (cost - target) / slope
+        bound.likely = [estimate + macs / slope for macs in _ESTIMATE_MACS]
     return 0.0, scale, bound
 
 
