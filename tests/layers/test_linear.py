@@ -870,3 +870,20 @@ def test_a_starting_cost_alone_gives_the_block_diagonal_start(make):
     default, full = build(), build(structure_init="full")
     assert bool((default.widths == 1).all())
     assert torch.equal(default.locations, full.locations)
+
+
+@pytest.mark.parametrize("make", ["linear", "conv"])
+def test_the_block_diagonal_start_defaults_to_factors_at_their_expected_norm(make):
+    # measured better than balanced factors on that start (BENCHMARKS, "Balanced factors
+    # on the block-diagonal start"); the other starts keep "balanced"
+    def build(**options):
+        torch.manual_seed(0)
+        if make == "linear":
+            return gblr.GBLRLinear(96, 160, **options)
+        return gblr.GBLRConv2d(8, 24, 3, padding=1, **options)
+
+    for start, expected in (({"init_cost": 0.2}, "fixed_norm"), ({}, "balanced")):
+        default, explicit = build(**start), build(**start, factor_init=expected)
+        other = build(**start, factor_init="balanced" if expected == "fixed_norm" else "fixed_norm")
+        assert torch.equal(default.U, explicit.U) and torch.equal(default.V, explicit.V)
+        assert not torch.equal(default.U, other.U)

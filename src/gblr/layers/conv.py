@@ -247,7 +247,7 @@ class GBLRConv2d(GBLRMatrixMixin):
         num_components: int | None = None,
         structure_init: StructureInit | None = None,
         init_cost: float | None = None,
-        factor_init: FactorInit = "balanced",
+        factor_init: FactorInit | None = None,
         widths: Tensor | Sequence | None = None,
         locations: Tensor | Sequence | None = None,
         sigma: float | None = None,

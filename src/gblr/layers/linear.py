@@ -48,11 +48,13 @@ class GBLRLinear(GBLRMatrixMixin):
             ``"blocks"`` and ``"blockdiag"``; a layer to be trained from scratch under a
             [`gblr.StructureLearner`][] at a budget starts best at that budget (a start
             far above it, pruned during the warm-up, trained worse on every real task).
-        factor_init: ``"balanced"`` (default: each component's two factors get equal
-            norms, normal entries), ``"fixed_norm"`` (the same, each component's factors
-            scaled to exactly their expected norm) or ``"uniform"`` (``V`` at
-            ``nn.Linear``'s bound, ``U`` carrying the rest, the scheme before 0.2); all
-            give the weight ``nn.Linear``'s variance at the starting structure.
+        factor_init: ``"balanced"`` (each component's two factors get equal norms,
+            normal entries), ``"fixed_norm"`` (the same, each component's factors scaled
+            to exactly their expected norm) or ``"uniform"`` (``V`` at ``nn.Linear``'s
+            bound, ``U`` carrying the rest, the scheme before 0.2); all give the weight
+            ``nn.Linear``'s variance at the starting structure. Default: ``"fixed_norm"``
+            for the ``"blockdiag"`` start (1-5 points better than ``"balanced"`` on the
+            real-task suite's pixel MLPs, docs/BENCHMARKS.md), ``"balanced"`` otherwise.
         widths, locations: explicit ``(2, K)`` starting values (row 0: input intervals,
             row 1: output intervals), fractions in [0, 1]; override ``structure_init``.
         sigma: Gaudi mask bandwidth used in training mode (default ``inf``: exact
@@ -98,7 +100,7 @@ class GBLRLinear(GBLRMatrixMixin):
         bias: bool = True,
         structure_init: StructureInit | None = None,
         init_cost: float | None = None,
-        factor_init: FactorInit = "balanced",
+        factor_init: FactorInit | None = None,
         widths: Tensor | Sequence | None = None,
         locations: Tensor | Sequence | None = None,
         sigma: float | None = None,
