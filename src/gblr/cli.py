@@ -129,7 +129,7 @@ def demo(args: argparse.Namespace) -> int:
     there is kept: this one goes to OUT-2, OUT-3, ...). One seed: for means over seeds
     see benchmarks/realtasks.py.
     """
-    from .recipes.run_folder import RunLock, refuse_real_folder, unused_folder
+    from .recipes.run_folder import RunLock, refuse_real_folder, smoke_kind, unused_folder
 
     # The demo prints its own summary; Lightning's per-run banners (accelerators found,
     # tips, a start probe's checkpoint restored) would repeat between the models' progress
@@ -140,6 +140,12 @@ def demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.smoke:
         refuse_real_folder(out)
+        if smoke_kind(out) is None and _holds_demo(out, args.structures):
+            raise ValueError(
+                f"{out} holds files a demo writes (results.md, a run's REPORT.md, ...) that no "
+                "gblr demo wrote there; --smoke would overwrite them. Give the smoke demo "
+                "another folder with --out"
+            )
         args.steps = 2
     else:
         # an earlier demo's results stay: this one gets the next free folder, as
@@ -152,9 +158,13 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def _holds_demo(out: Path, structures: Sequence[str]) -> bool:
-    from .recipes.run_folder import holds_run
+    """Whether ``out`` holds a demo, or any file a demo would write there (its tables,
+    a model's run files): those of an earlier demo, or a user's own of the same names."""
+    from .recipes.run_folder import holds_run, library_files
 
-    return holds_run(out) or any(holds_run(out / name) for name in structures)
+    if holds_run(out) or any((out / name).exists() for name in ("results.md", "results.json")):
+        return True
+    return any(holds_run(out / name) or library_files(out / name) for name in structures)
 
 
 def _demo_config(args: argparse.Namespace) -> TrainConfig:

@@ -205,6 +205,52 @@ def test_a_real_run_replacing_a_smoke_run_keeps_the_users_files(tmp_path):
     assert "smoke" not in json.loads((out / "results.json").read_text())["result"]
 
 
+def test_a_run_does_not_write_over_files_named_as_its_own_but_not_from_a_run(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "REPORT.md").write_text("my notes")
+    (out / "metrics.csv").write_text("a,b\n1,2\n")
+    before = snapshot(out)
+    assert main(train_argv(out)) == 1
+    error = capsys.readouterr().err
+    assert "REPORT.md, metrics.csv, named as a run's files, but no gblr run" in error
+    assert "--overwrite" in error
+    assert snapshot(out) == before
+    assert main(train_argv(out, "--overwrite")) == 0  # told: they are replaced
+    assert (out / "REPORT.md").read_text() != "my notes"
+
+
+def test_a_users_results_json_is_not_called_a_finished_run(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.json").write_text('{"accuracy": 0.9}')
+    assert main(train_argv(out)) == 1
+    assert "its results.json is not one that gblr wrote" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == '{"accuracy": 0.9}'
+
+
+def test_demo_and_sweep_keep_a_users_files_of_their_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    demo = tmp_path / "gblr-demo"
+    (demo / "dense").mkdir(parents=True)
+    (demo / "results.md").write_text("my results")
+    (demo / "dense" / "REPORT.md").write_text("my report")
+    before = snapshot(demo)
+    argv = ["demo", "--steps", "2", "--structures", "dense", "--quiet"]
+    assert main([*argv, "--smoke"]) == 1  # a smoke demo refuses
+    assert "that no gblr demo wrote there" in capsys.readouterr().err
+    assert main(argv) == 0  # a demo goes to the next free folder
+    assert "this one writes to gblr-demo-2" in capsys.readouterr().out
+    assert snapshot(demo) == before
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep.md").write_text("my sweep")
+    sweep_argv = ["sweep", "--config", "digits-vit-gblr", *TINY, "--structures", "dense"]
+    assert main([*sweep_argv, "--budgets", "0.5", "--out", str(sweep), "--quiet"]) == 1
+    assert "which no gblr sweep wrote" in capsys.readouterr().err
+    assert snapshot(sweep) == {"sweep.md": b"my sweep"}
+
+
 def test_a_second_run_into_a_busy_folder_is_refused(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path)
     before = snapshot(out)

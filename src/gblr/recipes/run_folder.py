@@ -316,17 +316,24 @@ def smoke_kind(folder: str | Path) -> bool | None:
         True
     """
     folder = Path(folder).expanduser()
-    if (folder / "config.yaml").is_file():
-        import yaml
+    try:
+        if (folder / "config.yaml").is_file():
+            import yaml
 
-        data = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    elif (folder / "sweep.json").is_file():
-        data = json.loads((folder / "sweep.json").read_text(encoding="utf-8")).get("config")
-    elif (folder / "results.json").is_file():  # gblr demo: its settings hold the flag
-        data = json.loads((folder / "results.json").read_text(encoding="utf-8")).get("settings")
-    else:
-        return None
-    return bool(isinstance(data, dict) and data.get("smoke", False))
+            data = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+        elif (folder / "sweep.json").is_file():
+            data = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
+            data = data.get("config") if isinstance(data, dict) else None
+        elif (folder / "results.json").is_file():  # gblr demo: its settings hold the flag
+            data = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+            data = data.get("settings") if isinstance(data, dict) else None
+        else:
+            return None
+    except (OSError, UnicodeDecodeError, ValueError, ImportError):
+        return False  # unreadable: taken as a real run, which nothing replaces untold
+    if not isinstance(data, dict):
+        return False  # a file of that name that gblr did not write: as a real run
+    return bool(data.get("smoke", False))
 
 
 def refuse_real_folder(folder: str | Path, what: str = "run") -> None:
@@ -407,7 +414,18 @@ def claim_folder(out: str | Path, *, smoke: bool, resume: bool, overwrite: bool)
     """
     out = Path(out).expanduser()
     if not holds_run(out):
-        return False
+        # Files named as a run's (a REPORT.md, a metrics.csv) but no run: most likely the
+        # user's own, which the run would write over.
+        stray = [str(path.relative_to(out)) for path in library_files(out)]
+        if stray and not overwrite:
+            raise RunFolderError(
+                f"{out} holds {', '.join(stray[:4])}{', ...' if len(stray) > 4 else ''}, "
+                "named as a run's files, but no gblr run (no config.yaml, results.json, "
+                "model_state.pt or checkpoint); this run would write over them, so nothing "
+                "was changed. Give it another folder with --out, move them, or --overwrite "
+                "to replace them"
+            )
+        return bool(stray)
     kind = smoke_kind(out)
     if smoke and kind is False and not overwrite:
         raise RunFolderError(
@@ -436,10 +454,10 @@ def _run_summary(out: Path) -> str:
     results = out / "results.json"
     if results.is_file():
         try:
-            result = json.loads(results.read_text(encoding="utf-8")).get("result", {})
-            return f"finished: {result.get('steps', '?')} steps of {result.get('name', '?')}"
-        except (OSError, ValueError, AttributeError):
-            return "finished"
+            result = json.loads(results.read_text(encoding="utf-8"))["result"]
+            return f"finished: {result['steps']} steps of {result['name']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its results.json is not one that gblr wrote"
     return "unfinished: no results.json; it may be resumed"
 
 

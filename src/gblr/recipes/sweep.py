@@ -166,6 +166,15 @@ def train_runs(runs: Sequence[TrainConfig], *, progress: bool = True) -> list[di
     return results
 
 
+def _written_by_a_sweep(path: Path) -> bool:
+    """Whether ``path`` is a ``sweep.json`` that `run_sweep` wrote (its config and rows)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("config"), dict) and "rows" in data
+
+
 def run_sweep(
     config: TrainConfig,
     structures: Sequence[str],
@@ -198,11 +207,18 @@ def run_sweep(
         ['dense', 'gblr-0.5', 'sweep.json', 'sweep.md', 'sweep.png']
     """
     from ..files import save_atomically
-    from .run_folder import SMOKE_BANNER, refuse_real_folder
+    from .run_folder import SMOKE_BANNER, RunFolderError, refuse_real_folder
 
     out = Path(out).expanduser()
     if config.smoke:
         refuse_real_folder(out, "sweep")
+    written = [name for name in ("sweep.md", "sweep.png", "sweep.json") if (out / name).exists()]
+    if written and not _written_by_a_sweep(out / "sweep.json"):
+        raise RunFolderError(
+            f"{out} holds {', '.join(written)}, which no gblr sweep wrote (no sweep.json of "
+            "its rows); this sweep would write over them, so nothing was changed. Give it "
+            "another folder with --out, or move them"
+        )
     metric, label = _metric(config)
     runs = sweep_runs(config, structures, budgets, out)
     rows = [
