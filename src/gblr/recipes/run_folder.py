@@ -416,7 +416,8 @@ def claim_folder(out: str | Path, *, smoke: bool, resume: bool, overwrite: bool)
     if not holds_run(out):
         # Files named as a run's (a REPORT.md, a metrics.csv) but no run: most likely the
         # user's own, which the run would write over.
-        stray = [str(path.relative_to(out)) for path in library_files(out)]
+        # (A smoke run's stand-in data is written before the folder is claimed.)
+        stray = [str(path.relative_to(out)) for path in sorted(_matching(out, _RUN_PATTERNS))]
         if stray and not overwrite:
             raise RunFolderError(
                 f"{out} holds {', '.join(stray[:4])}{', ...' if len(stray) > 4 else ''}, "
