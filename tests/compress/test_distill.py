@@ -3,6 +3,8 @@ output selection, the config's checks, and that training brings the student clos
 the teacher (small models here; all-MiniLM-L6-v2 end to end in test_distill_pretrained)."""
 
 import copy
+import math
+import warnings
 
 import pytest
 import torch
@@ -39,6 +41,39 @@ def test_loss_refuses_mismatched_shapes_and_masks():
         distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="mask must be"):
         distillation_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.ones(2, 4))
+
+
+def test_a_per_example_output_ignores_the_token_mask():
+    # a classifier's logits or a pooled embedding: (batch, features), no padded position
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 4), torch.randn(3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    expected = float(((student - teacher) ** 2).mean())
+    assert distillation_loss(student, teacher, mask).item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="mask must be"):  # another batch: still refused
+        distillation_loss(student, teacher, torch.ones(2, 3))
+
+
+def test_distill_recovers_a_sequence_classifier_from_padded_batches():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    teacher = transformers.BertForSequenceClassification(config).eval()
+    student = copy.deepcopy(teacher)
+    gblr.convert(student, gblr.GBLRConfig(budget=0.5))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[:, 9:] = 0
+    batches = [{"input_ids": torch.randint(0, 100, (4, 12)), "attention_mask": mask}]
+    # it refused these batches before: the mask did not fit the (batch, labels) logits
+    result = distill(student, teacher, batches, DistillConfig(steps=3))
+    assert result.steps == 3 and math.isfinite(result.last_loss)
 
 
 class _Named(nn.Module):
@@ -194,11 +229,27 @@ def test_distill_steps_with_the_training_engines_adamw(monkeypatch):
     assert "structure" in names and optimizer.state  # it stepped
 
 
+def test_a_diverged_distillation_says_so():
+    teacher, batches, _ = _teacher_and_batches()
+    student = copy.deepcopy(teacher)
+    gblr.convert(student, gblr.LowRankConfig(budget=0.3), progress=False)
+    with pytest.warns(UserWarning, match="distillation diverged .* lr=10"):
+        distill(student, teacher, batches, DistillConfig(steps=20, lr=10.0))
+    student = copy.deepcopy(teacher)
+    gblr.convert(student, gblr.LowRankConfig(budget=0.3), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distill(student, teacher, batches, DistillConfig(steps=20, lr=3e-3))
+
+
 def test_distill_refuses_the_teacher_as_student_and_empty_batches():
     teacher, batches, _ = _teacher_and_batches()
     with pytest.raises(ValueError, match="same module"):
         distill(teacher, teacher, batches)
     with pytest.raises(ValueError, match="batches is empty"):
         distill(copy.deepcopy(teacher), teacher, [], DistillConfig(steps=2))
+    one_pass = (batch for batch in batches)  # a generator: read once, then empty
+    with pytest.raises(ValueError, match=r"\(generator\) ran out after one pass .* DataLoader"):
+        distill(copy.deepcopy(teacher), teacher, one_pass, DistillConfig(steps=len(batches) + 1))
     with pytest.raises(TypeError, match="config must be a DistillConfig"):
         distill(copy.deepcopy(teacher), teacher, batches, {"steps": 2})

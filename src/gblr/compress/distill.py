@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,10 @@ from .configs import _check_seed
 __all__ = ["DistillConfig", "DistillResult", "distill", "distillation_loss", "model_output"]
 
 OUTPUT_FIELDS = ("last_hidden_state", "logits")
+#: A distillation whose mean loss over its last steps ends above this multiple of its
+#: first step's loss (or not finite) is named in a warning: it diverged. A budget ramped
+#: down while distilling raises the loss too, but not tenfold.
+DIVERGED_LOSS_RATIO = 10.0
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,9 @@ def distillation_loss(student: Tensor, teacher: Tensor, mask: Tensor | None = No
         student: ``(batch, ..., features)`` output of the model being trained.
         teacher: the same shape, the target (no gradient needed).
         mask: optional ``(batch, tokens)`` attention mask (1 = a real token) for
-            ``(batch, tokens, features)`` outputs; padded positions do not count.
+            ``(batch, tokens, features)`` outputs; padded positions do not count. For
+            outputs with one row per example, ``(batch, features)`` (a classifier's
+            logits, a pooled embedding), it is not needed and is ignored.
 
     Returns:
         A scalar: the mean over kept positions and features.
@@ -205,6 +212,8 @@ def distillation_loss(student: Tensor, teacher: Tensor, mask: Tensor | None = No
     error = (student.float() - teacher.float()).pow(2)
     if mask is None:
         return error.mean()
+    if student.dim() == 2 and mask.dim() == 2 and mask.shape[0] == student.shape[0]:
+        return error.mean()  # one output per example: no padded position in it
     if student.dim() != 3 or tuple(mask.shape) != tuple(student.shape[:2]):
         raise ValueError(
             f"mask must be (batch, tokens) = {tuple(student.shape[:2])} for outputs of shape "
@@ -225,13 +234,21 @@ def _mask_of(batch: Any) -> Tensor | None:
 def _cycle(batches: Iterable[Any]):
     """Each batch in turn, again from the first when the iterable ends (a DataLoader
     reshuffles then, as in epochs)."""
+    passes = 0
     while True:
         empty = True
         for batch in batches:
             empty = False
             yield batch
+        if empty and passes:
+            raise ValueError(
+                f"batches ({type(batches).__name__}) ran out after one pass and cannot be "
+                "read again: give a list of batches or a DataLoader, which are read once "
+                "per pass"
+            )
         if empty:
             raise ValueError("batches is empty: give at least one batch")
+        passes += 1
 
 
 def _lr_factor(config: DistillConfig):
@@ -378,10 +395,19 @@ def distill(
             teacher.train(teacher_mode)
     seconds = time.perf_counter() - start
     tail = losses[-min(10, len(losses)) :]
+    last_loss = sum(tail) / len(tail)
+    if not math.isfinite(last_loss) or last_loss > DIVERGED_LOSS_RATIO * losses[0]:
+        warnings.warn(
+            f"gblr.distill: the loss ended at {last_loss:.4g}, from {losses[0]:.4g} at the "
+            "first step: the distillation diverged (a learning rate too high for this "
+            f"model? lr={config.lr:g}); the student may be worse than after conversion",
+            UserWarning,
+            stacklevel=2,
+        )
     return DistillResult(
         steps=len(losses),
         first_loss=losses[0],
-        last_loss=sum(tail) / len(tail),
+        last_loss=last_loss,
         seconds=seconds,
         macs=None if learner is None else learner.macs(),
         config=config,
