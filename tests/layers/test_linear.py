@@ -887,3 +887,24 @@ def test_the_block_diagonal_start_defaults_to_factors_at_their_expected_norm(mak
         other = build(**start, factor_init="balanced" if expected == "fixed_norm" else "fixed_norm")
         assert torch.equal(default.U, explicit.U) and torch.equal(default.V, explicit.V)
         assert not torch.equal(default.U, other.U)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, rows", [((64, 128), 8), ((512, 512), 64)])
+def test_held_strips_train_under_cpu_autocast(dtype, shape, rows):
+    # the strips' training forms summed autocast's half-precision products into float32
+    # buffers, and index_add_ refused them
+    torch.manual_seed(0)
+    inner, outer = shape
+    model = nn.Sequential(nn.Linear(inner, outer), nn.ReLU(), nn.Linear(outer, inner))
+    gblr.convert(model, gblr.GBLRConfig(budget=0.3, init="random"))
+    gblr.StructureLearner(model, budget=0.3, total_steps=10)  # holds the strips
+    x = torch.randn(rows, inner)
+    expected = model(x).detach()
+    with torch.autocast("cpu", dtype=dtype):
+        y = model(x)
+    y.float().sum().backward()
+    assert torch.allclose(y.float(), expected, rtol=0.05, atol=0.05)
+    first = model[0]
+    assert first.U.grad is not None and first.V.grad is not None
+    assert bool(first.U.grad.isfinite().all()) and bool(first.V.grad.isfinite().all())
