@@ -866,7 +866,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--structures: unknown {unknown}; allowed: {sorted(allowed)}")
     try:
         return int(args.handler(args))
-    except (FileNotFoundError, ValueError) as error:  # a person can act on these
+    # a person can act on these: a missing or misplaced file, a folder taken, a bad value
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as error:
         print(f"gblr {args.command}: {error}", file=sys.stderr)
         return 1
 

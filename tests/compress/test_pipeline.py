@@ -138,6 +138,19 @@ def test_compress_refuses_an_earlier_report_without_overwrite(tiny_bert, tmp_pat
     assert json.loads((out / "report.json").read_text())["conversion"]["budget"] == 0.3
 
 
+def test_compress_into_the_source_folder_is_refused_before_any_work(tiny_bert, monkeypatch):
+    before = {path.name: path.read_bytes() for path in tiny_bert.iterdir() if path.is_file()}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the folder was checked")
+
+    monkeypatch.setattr("gblr.compress.pipeline.convert", no_work)
+    with pytest.raises(ValueError, match=r"holds a model that gblr did not save .*config\.json"):
+        compress_pretrained(str(tiny_bert), gblr.LowRankConfig(budget=0.5), out=tiny_bert)
+    after = {path.name: path.read_bytes() for path in tiny_bert.iterdir() if path.is_file()}
+    assert after == before
+
+
 def test_compress_refuses_a_gblr_folder_and_distillation_without_text(tiny_bert, tmp_path):
     out = tmp_path / "out"
     compress_pretrained(str(tiny_bert), gblr.GBLRConfig(budget=0.5), out=out, progress=False)

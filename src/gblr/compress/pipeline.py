@@ -1309,6 +1309,10 @@ def _dataset_data(
     return where | {"column": split.column, **_counts(split)}
 
 
+# The files that make a folder a model's, for transformers, sentence-transformers and timm.
+_MODEL_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", "modules.json")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, a folder holding another model's files."""
     if out.exists() and not out.is_dir():
@@ -1318,6 +1322,17 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ValueError(
             f"out {str(out)!r} already holds {taken} of an earlier run: choose another "
             "folder, or pass overwrite=True (--overwrite) to replace them"
+        )
+    # a model that gblr did not save (the source model's own folder, say): saving would
+    # refuse it at the end, after the work
+    from .pretrained import _is_gblr_folder
+
+    model_files = [name for name in _MODEL_FILES if (out / name).exists()]
+    if model_files and not overwrite and not _is_gblr_folder(out):
+        raise ValueError(
+            f"out {str(out)!r} holds a model that gblr did not save ({', '.join(model_files)}), "
+            "which is not replaced: choose another folder, or pass overwrite=True "
+            "(--overwrite) to replace those files"
         )
 
 
