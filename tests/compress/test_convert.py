@@ -674,3 +674,18 @@ def test_converting_a_plain_model_does_not_import_transformers_models():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("options", [{"allocation": "uniform"}, {"init": "random"}])
+def test_a_uniform_budget_too_small_for_any_component_leaves_the_layers_dense(options):
+    # GBLR built 0-MAC layers there (the model's output was its biases alone), where the
+    # families leave such layers dense and say why
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    x = torch.randn(4, 64)
+    expected = model(x)
+    with pytest.warns(UserWarning, match="converted no layer"):
+        report = gblr.convert(model, GBLRConfig(budget=1e-9, **options))
+    assert [name for name, _ in report.skipped] == ["0", "2"]
+    assert all("below GBLR's smallest component" in reason for _, reason in report.skipped)
+    assert torch.equal(model(x), expected)

@@ -98,6 +98,14 @@ def _fit_gblr(
     m, n = weight.shape
     init, rank_per_component, seed = config.init, config.rank_per_component, config.seed
     if macs < 2 * rank_per_component:  # pays for nothing: one dead component
+        if config.allocation == "uniform" or init == "random":
+            # the budget the user gave each layer builds nothing: left dense, as the
+            # families leave a layer below their smallest configuration
+            raise BudgetTooSmallError(
+                f"{macs} MACs per row are below GBLR's smallest component (one row and one "
+                f"column at rank {rank_per_component}: {2 * rank_per_component} MACs)"
+            )
+        # the global allocation spent this layer's share where it fits better
         return empty_layer(weight, rank_per_component)
     if whitening is not None:  # init "svd" (convert checks): the calibrated truncated SVD
         r = rank_per_component
