@@ -235,6 +235,19 @@ def test_timm_model_round_trips_with_its_model_args(tmp_path):
         )
 
 
+@pytest.mark.parametrize("given", [None, {"img_size": 64}])
+def test_a_timm_model_its_model_args_would_not_rebuild_is_not_saved(tmp_path, given):
+    # it was saved, and the folder failed to load (a Conv2d of another shape)
+    timm = pytest.importorskip("timm")
+    args = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **args)
+    gblr.convert(model.eval(), gblr.GBLRConfig(budget=0.5), example_input=torch.randn(1, 3, 32, 32))
+    model_args = None if given is None else {**args, **given}
+    with pytest.raises(ValueError, match=r"builds another model than this one \(.*pos_embed"):
+        gblr.save_pretrained(model, tmp_path / "out", model_args=model_args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_structure_restores_a_checkpoint_without_converting_again():
     """What a Lightning checkpoint needs: the structure next to the state dict."""
     model = tiny_bert()

@@ -441,6 +441,50 @@ def _base_config(model: nn.Module, library: str, model_args: dict[str, Any] | No
     return architecture, config
 
 
+def _check_rebuilds(
+    model: nn.Module, architecture: str, config: dict[str, Any], structure: dict[str, Any]
+) -> None:
+    """Refuse to save a timm model that its saved ``architecture`` and ``model_args`` would
+    not rebuild (a model created with other arguments, which ``model_args`` must repeat):
+    the base model is built on the meta device and every tensor outside the converted
+    layers compared by shape."""
+    with torch.device("meta"):
+        base = _base_model("timm", architecture, config, "save_pretrained:")
+    layers = structure["layers"]
+    converted = tuple(f"{name}." for entry in layers for name in (entry["name"], *entry["aliases"]))
+    own = model.state_dict()
+    rebuilt = base.state_dict()
+    differ = [
+        f"{key} {tuple(own[key].shape)} here, {tuple(value.shape)} rebuilt"
+        for key, value in rebuilt.items()
+        if key in own and not key.startswith(converted) and own[key].shape != value.shape
+    ]
+    unmatched = sorted(set(own).symmetric_difference(rebuilt))
+    differ += [
+        f"{key} only {'here' if key in own else 'rebuilt'}"
+        for key in unmatched
+        if not key.startswith(converted)
+    ][:3]
+    for entry in layers:  # a converted layer: the dense weight it replaced
+        if entry["class"] == "GBLRConv2d":
+            shape = (entry["out_channels"], entry["in_channels"], *entry["kernel_size"])
+        elif "out_features" in entry and "in_features" in entry:
+            shape = (entry["out_features"], entry["in_features"])
+        else:
+            continue
+        found = rebuilt.get(f"{entry['name']}.weight")
+        if found is not None and tuple(found.shape) != shape:
+            differ.append(f"{entry['name']} {shape} here, {tuple(found.shape)} rebuilt")
+    if differ:
+        raise ValueError(
+            f"save_pretrained: timm.create_model({architecture!r}, "
+            f"**{config['model_args']!r}) builds another model than this one "
+            f"({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}), so the folder "
+            "would not load; pass model_args= with the keyword arguments the model was "
+            "created with (img_size=, embed_dim=, depth=, ...)"
+        )
+
+
 def _json_safe(value: Any) -> bool:
     try:
         json.dumps(value, allow_nan=False)
@@ -588,6 +632,10 @@ def save_pretrained(
 
     Raises:
         TypeError: not a supported model, or ``model_args`` not JSON data.
+        ValueError: a timm model that ``timm.create_model(architecture, **model_args)``
+            does not rebuild (another shape of a tensor outside the converted layers, or
+            of a converted layer's weight): checked on the meta device before anything
+            is written.
         FileExistsError: the folder holds another model's files and ``overwrite`` is
             false.
         NotADirectoryError: ``save_directory`` is a file.
@@ -614,6 +662,8 @@ def save_pretrained(
         if model_args is not None or state_dict is not None:
             raise ValueError("model_args and state_dict are not taken for sentence-transformers")
         return _save_sentence_transformer(model, save_directory, overwrite)
+    if library == "timm":  # before the folder is made
+        _check_rebuilds(model, *_base_config(model, library, model_args), model_structure(model))
     directory = _target_folder(save_directory, overwrite, _files_of(model, library))
     _write_folder(model, directory, library, model_args, state_dict)
     return directory
