@@ -689,3 +689,24 @@ def test_a_uniform_budget_too_small_for_any_component_leaves_the_layers_dense(op
     assert [name for name, _ in report.skipped] == ["0", "2"]
     assert all("below GBLR's smallest component" in reason for _, reason in report.skipped)
     assert torch.equal(model(x), expected)
+
+
+def test_a_pattern_without_wildcards_selects_names_ending_in_it_as_peft_does():
+    from gblr.compress.convert import select_layers
+
+    model = nn.Sequential()
+    model.add_module("attn", nn.ModuleDict({"query": nn.Linear(32, 32), "key": nn.Linear(32, 32)}))
+    model.add_module("mlp", nn.ModuleDict({"fc1": nn.Linear(32, 64), "fc2": nn.Linear(64, 32)}))
+    selected = select_layers(model, GBLRConfig(include=("query", "fc2")))
+    assert [name for name, _, _ in selected.selected] == ["attn.query", "mlp.fc2"]
+    selected = select_layers(model, GBLRConfig(exclude="fc1"))
+    assert [name for name, _, _ in selected.selected] == ["attn.query", "attn.key", "mlp.fc2"]
+    # a part of a name is not a suffix; a glob still matches the whole name; a name that
+    # is a module's own selects it alone (nn.Sequential's "0", not "2.0")
+    with pytest.raises(ValueError, match="pattern 'fc' matches no convertible layer"):
+        select_layers(model, GBLRConfig(include="fc"))
+    selected = select_layers(model, GBLRConfig(include="mlp.*"))
+    assert [name for name, _, _ in selected.selected] == ["mlp.fc1", "mlp.fc2"]
+    numbered = nn.Sequential(nn.Linear(32, 32), nn.Sequential(nn.Linear(32, 32)))
+    selected = select_layers(numbered, GBLRConfig(exclude="0", min_features=1))
+    assert [name for name, _, _ in selected.selected] == ["1.0"]

@@ -129,8 +129,11 @@ class ConversionConfig:
         budget: fraction in ``(0, 1]`` of the converted layers' dense MACs (per input
             row; per output position for convolutions). The int 1 means 1.0.
         include: glob pattern(s) over module names; only matching layers are converted
-            (``None``: every candidate). Every pattern must match some candidate; a list
-            must not be empty. A list is kept as a tuple.
+            (``None``: every candidate). A pattern without wildcards that names no
+            candidate selects every name ending in ``.`` and it, as peft's
+            ``target_modules`` (``"query"``: every ``*.query``;
+            `gblr.compress.convert.peft_patterns`). Every pattern must match some
+            candidate; a list must not be empty. A list is kept as a tuple.
         exclude: glob pattern(s); matching layers are left dense (same rules).
         allocation: ``"global"`` (layers compete for the model's budget: MACs go where
             they lower the summed normalized error most) or ``"uniform"`` (every layer

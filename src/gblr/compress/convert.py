@@ -28,7 +28,7 @@ import heapq
 import math
 import statistics
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -783,9 +783,33 @@ def _config_calibration_refusal(config: ConversionConfig) -> str | None:
     return config._calibration_refusal()
 
 
+def peft_patterns(patterns: Sequence[str] | None, names: Sequence[str]) -> list[str] | None:
+    """``include``/``exclude`` ``patterns`` as globs over the module ``names``: a pattern
+    without wildcards that names no module itself selects, as peft's ``target_modules``
+    do, every module whose name ends with it after a dot (``"query"`` selects
+    ``encoder.layer.0.attention.self.query``); one that names a module (``"0"`` in an
+    ``nn.Sequential``) selects that module alone.
+
+    Examples:
+        >>> from gblr.compress.convert import peft_patterns
+        >>> names = ["0", "2.0", "encoder.self.query"]
+        >>> peft_patterns(["query", "0", "*.self.*"], names)
+        ['*.query', '0', '*.self.*']
+    """
+    if patterns is None:
+        return None
+    return [
+        f"*.{pattern}"
+        if not any(char in pattern for char in "*?[") and pattern not in names
+        else pattern
+        for pattern in patterns
+    ]
+
+
 def _check_patterns_match(name: str, patterns: list[str] | None, names: list[str]) -> None:
     for pattern in patterns or []:
-        if not any(fnmatch.fnmatchcase(candidate, pattern) for candidate in names):
+        (glob,) = peft_patterns([pattern], names)
+        if not any(fnmatch.fnmatchcase(candidate, glob) for candidate in names):
             examples = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise ValueError(
                 f"{name} pattern {pattern!r} matches no convertible layer; available: "
@@ -1058,6 +1082,8 @@ def select_layers(model: nn.Module, config: ConversionConfig | str | None = None
     names = [alias for _, module, _ in candidates for alias in aliases[id(module)]]
     _check_patterns_match("include", include_patterns, names)
     _check_patterns_match("exclude", exclude_patterns, names)
+    include_patterns = peft_patterns(include_patterns, names)
+    exclude_patterns = peft_patterns(exclude_patterns, names)
 
     selection = LayerSelection(config, [], [], aliases)
     supports_conv2d = spec is None or spec.supports_conv2d
