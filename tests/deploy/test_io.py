@@ -84,6 +84,9 @@ def test_round_trip_with_model_factory_in_a_fresh_process(tmp_path):
     torch.save(model(x), tmp_path / "expected.pt")
     with pytest.raises(ValueError, match="model_factory"):
         gblr.load(tmp_path / "net.safetensors")
+    # a model instead of a function that builds one: named, not a TypeError from its forward
+    with pytest.raises(TypeError, match=r"function that builds the model .* got a Net instance"):
+        gblr.load(tmp_path / "net.safetensors", model_factory=Net())
     run_fresh(
         f"""
         import sys, torch, gblr

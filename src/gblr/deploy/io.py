@@ -1404,6 +1404,12 @@ def load(
         >>> bool(torch.equal(loaded(x), model.eval()(x)))
         True
     """
+    if isinstance(model_factory, nn.Module):
+        raise TypeError(
+            f"model_factory must be a function that builds the model (e.g. lambda: "
+            f"{type(model_factory).__name__}(...)), got a {type(model_factory).__name__} "
+            "instance: load builds the model itself, then fills it"
+        )
     if model_factory is not None and not callable(model_factory):
         raise TypeError(
             f"model_factory must be a callable returning an nn.Module, or None, got "
