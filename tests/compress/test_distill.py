@@ -3,6 +3,7 @@ output selection, the config's checks, and that training brings the student clos
 the teacher (small models here; all-MiniLM-L6-v2 end to end in test_distill_pretrained)."""
 
 import copy
+import json
 import math
 import warnings
 
@@ -253,3 +254,15 @@ def test_distill_refuses_the_teacher_as_student_and_empty_batches():
         distill(copy.deepcopy(teacher), teacher, one_pass, DistillConfig(steps=len(batches) + 1))
     with pytest.raises(TypeError, match="config must be a DistillConfig"):
         distill(copy.deepcopy(teacher), teacher, batches, {"steps": 2})
+
+
+def test_the_config_round_trips_through_its_dict_and_refuses_unknown_keys():
+    config = DistillConfig(steps=7, lr=1e-3, learner=gblr.LearnerConfig.finetune(), seed=3)
+    assert DistillConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert DistillConfig.from_dict({"steps": 5}) == DistillConfig(steps=5)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\] for DistillConfig"):
+        DistillConfig.from_dict({"stepz": 5})
+    with pytest.raises(ValueError, match="steps"):
+        DistillConfig.from_dict({"steps": 0})
+    with pytest.raises(TypeError, match="mapping"):
+        DistillConfig.from_dict([("steps", 5)])

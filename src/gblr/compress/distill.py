@@ -114,6 +114,28 @@ class DistillConfig:
         data["learner"] = None if self.learner is None else self.learner.to_dict()
         return data
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DistillConfig:
+        """The config of ``data`` as `to_dict` gives it; unknown keys are a ``ValueError``
+        listing the allowed ones, and the values are checked as by the constructor.
+
+        Examples:
+            >>> from gblr import DistillConfig, LearnerConfig
+            >>> config = DistillConfig(steps=50, learner=LearnerConfig.finetune())
+            >>> DistillConfig.from_dict(config.to_dict()) == config
+            True
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"data must be a mapping (a dict), got {type(data).__name__}")
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = [key for key in data if key not in names]
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} for DistillConfig; allowed: {names}")
+        fields = dict(data)
+        if isinstance(fields.get("learner"), Mapping):
+            fields["learner"] = LearnerConfig.from_dict(fields["learner"])
+        return cls(**fields)
+
 
 @dataclass
 class DistillResult:
