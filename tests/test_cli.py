@@ -37,6 +37,12 @@ def test_bad_demo_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["fit-matrix", "--budget", "1.5"])
     assert "--budget must be in (0, 1]" in capsys.readouterr().err
+    for side, value in (("--cols", "1"), ("--rows", "100000")):  # was a crash inside torch
+        with pytest.raises(SystemExit):
+            main(["fit-matrix", side, value])
+        assert f"argument {side}: an integer from 8 to 4096, got {value}" in (
+            capsys.readouterr().err
+        )
     with pytest.raises(SystemExit):
         main(["demo", "--start-cost", "0"])
     assert "--start-cost must be in (0, 1]" in capsys.readouterr().err

@@ -39,6 +39,18 @@ def _block_target(rows: int, cols: int, generator) -> tuple:
     return target
 
 
+def _matrix_side(text: str) -> int:
+    """``fit-matrix``'s ``--rows``/``--cols``: from 8 lines, so that each of the target's
+    three blocks has some, to 4096, a dense target of 64 MiB."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer from 8 to 4096, got {text!r}") from None
+    if not 8 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"an integer from 8 to 4096, got {value}")
+    return value
+
+
 def fit_matrix(args: argparse.Namespace) -> int:
     """Fit a GBLR layer to a block-structured matrix by gradient descent; compare with SVD.
 
@@ -824,8 +836,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit one GBLR layer to a block-structured matrix and compare with SVD",
         description=fit_matrix.__doc__,
     )
-    fit_parser.add_argument("--rows", type=int, default=96, help="output size (default 96)")
-    fit_parser.add_argument("--cols", type=int, default=128, help="input size (default 128)")
+    fit_parser.add_argument(
+        "--rows", type=_matrix_side, default=96, help="output size, 8-4096 (default 96)"
+    )
+    fit_parser.add_argument(
+        "--cols", type=_matrix_side, default=128, help="input size, 8-4096 (default 128)"
+    )
     fit_parser.add_argument("--steps", type=int, default=2000, help="Adam steps (default 2000)")
     fit_parser.add_argument(
         "--budget", type=float, default=0.5, help="MACs as a fraction of dense (default 0.5)"
