@@ -51,6 +51,14 @@ def test_flops_of_a_gblr_save_file_counts_its_layers(tmp_path, capsys):
     assert int(rows["total"][1].replace(",", "")) == 2 * macs + 64
 
 
+def test_flops_of_a_state_dict_with_no_layer_it_can_cost_says_so(tmp_path, capsys):
+    # a frozen model's torch.save(state_dict()) printed an empty table (0 MACs), exit 0
+    torch.manual_seed(0)
+    frozen = gblr.freeze(nn.Sequential(gblr.GBLRLinear(16, 16, init_cost=0.25)).eval())
+    torch.save(frozen.state_dict(), tmp_path / "frozen.pt")
+    fails_in_one_line(capsys, ["flops", str(tmp_path / "frozen.pt")], "holds no layer", "gblr.save")
+
+
 def test_flops_of_a_safetensors_state_dict(tmp_path, capsys):
     import safetensors.torch
 

@@ -599,7 +599,7 @@ def _state_dict_costs(path: Path) -> str:
             state = safetensors.torch.load_file(str(path))
         else:
             state = load_state(path)
-        return format_costs(layer_costs(state))
+        costs = layer_costs(state)
     except FileNotFoundError:  # says what is missing in one line
         raise
     except Exception as error:  # not a state dict (garbage, a pickle of something else)
@@ -607,6 +607,13 @@ def _state_dict_costs(path: Path) -> str:
             f"{path} is not a run folder, a checkpoint, a config, a file of gblr.save or a "
             f"saved state dict ({_described(error)})"
         ) from None
+    if not costs:
+        raise ValueError(
+            f"{path} holds no layer whose cost its state dict tells (a GBLR layer's U, V and "
+            "widths, or a dense layer's 2-D weight); a frozen model's (gblr.freeze) "
+            "state dict does not: save it with gblr.save, which this command reads"
+        )
+    return format_costs(costs)
 
 
 def flops(args: argparse.Namespace) -> int:
