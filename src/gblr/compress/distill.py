@@ -418,7 +418,8 @@ def distill(
     seconds = time.perf_counter() - start
     tail = losses[-min(10, len(losses)) :]
     last_loss = sum(tail) / len(tail)
-    if not math.isfinite(last_loss) or last_loss > DIVERGED_LOSS_RATIO * losses[0]:
+    # (a first loss of 0, a student equal to its teacher, has no scale to diverge from)
+    if not math.isfinite(last_loss) or 0 < DIVERGED_LOSS_RATIO * losses[0] < last_loss:
         warnings.warn(
             f"gblr.distill: the loss ended at {last_loss:.4g}, from {losses[0]:.4g} at the "
             "first step: the distillation diverged (a learning rate too high for this "
