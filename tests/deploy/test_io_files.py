@@ -455,6 +455,37 @@ def test_the_conversion_config_is_saved_with_the_model(converted):
     assert isinstance(loaded[0], gblr.FrozenGBLRLinear)
 
 
+def test_a_config_goes_to_json_and_comes_back_from_it_and_from_save_pretrained(tmp_path):
+    config = gblr.LowRankConfig(budget=0.25, include="encoder.*", seed=2)
+    path = config.to_file(tmp_path / "conversion.json")
+    assert gblr.ConversionConfig.from_file(path) == config
+    assert gblr.LowRankConfig.from_file(path) == config
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        gblr.GBLRConfig().to_file(path)  # an earlier file is kept unless told
+    assert gblr.ConversionConfig.from_file(path) == config
+    gblr.GBLRConfig().to_file(path, overwrite=True)
+    assert gblr.ConversionConfig.from_file(path) == gblr.GBLRConfig()
+    with pytest.raises(ValueError, match=r"must name a \.json file"):
+        config.to_file(tmp_path / "conversion.yaml")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds no config's data"):
+        gblr.ConversionConfig.from_file(tmp_path / "list.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        gblr.ConversionConfig.from_file(tmp_path / "broken.json")
+    # a save_pretrained folder (it read only gblr.save's files: "header of ... bytes")
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64,
+    )  # fmt: skip
+    model = transformers.BertModel(bert)
+    gblr.convert(model, gblr.GBLRConfig(budget=0.5))
+    folder = gblr.save_pretrained(model, tmp_path / "bert")
+    assert gblr.ConversionConfig.from_file(folder) == model.gblr_config
+    assert gblr.GBLRConfig.from_file(folder / "model.safetensors") == model.gblr_config
+
+
 def test_a_file_without_a_config_still_loads(saved):
     # written from a model gblr.convert did not make, as every file before configs
     assert load_checkpoint(saved).config is None

@@ -29,6 +29,7 @@ import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
@@ -256,17 +257,21 @@ class ConversionConfig:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> ConversionConfig:
-        """The config of the conversion that made a model saved by [`gblr.save`][]
-        (which writes ``model.gblr_config``, set by [`gblr.convert`][]).
+        """The config of a file: the conversion that made a model saved by
+        [`gblr.save`][] or [`gblr.save_pretrained`][] (a folder, or its
+        ``model.safetensors``; both write ``model.gblr_config``, set by
+        [`gblr.convert`][]), or a ``.json`` file of `to_dict`'s data (`to_file` writes one).
 
-        The file is verified first (`gblr.deploy.load_checkpoint`). Called on a
+        A model file is verified first (`gblr.deploy.load_checkpoint`). Called on a
         subclass, the config must be of that class.
 
         Raises:
             ValueError: the file holds no config (saved from a model that
                 [`gblr.convert`][] did not make, or by a gblr before configs), or one
-                of another class, or of a structure not registered here.
-            GBLRFileError: the file is damaged or not a gblr file.
+                of another class, or of a structure not registered here, or a JSON file
+                that is not a config's data.
+            GBLRFileError: the model file is damaged or not a gblr file.
+            FileNotFoundError: no such file.
 
         Examples:
             >>> import os, tempfile, torch, gblr
@@ -277,19 +282,77 @@ class ConversionConfig:
             >>> gblr.GBLRConfig.from_file(path) == model.gblr_config
             True
         """
-        checkpoint = load_checkpoint(path)
-        if checkpoint.config is None:
-            raise ValueError(
-                f"{str(checkpoint.path)!r} holds no conversion config: it was saved from a "
-                "model that gblr.convert did not make (or by a gblr without configs)"
-            )
-        config = config_from_dict(checkpoint.config)
+        import json
+
+        from ..deploy.io import load_tensors, tensor_file_kind
+        from .pretrained import FORMAT, WEIGHTS_NAME
+
+        where = Path(path)
+        if where.is_dir():
+            where = where / WEIGHTS_NAME
+        if where.suffix == ".json":
+            try:
+                data = json.loads(where.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{str(where)!r} is not a JSON file ({error})") from None
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{str(where)!r} is not valid JSON ({error})") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{str(where)!r} holds no config's data (a JSON object)")
+            config, source = config_from_dict(data), where
+        elif tensor_file_kind(where) == FORMAT:  # save_pretrained's weights
+            _, metadata = load_tensors(where, kind=FORMAT)
+            saved = metadata.get("conversion_config")
+            if saved is None:
+                raise ValueError(
+                    f"{str(where)!r} holds no conversion config: it was saved from a "
+                    "model that gblr.convert did not make"
+                )
+            config, source = config_from_dict(json.loads(saved)), where
+        else:
+            checkpoint = load_checkpoint(where)
+            if checkpoint.config is None:
+                raise ValueError(
+                    f"{str(checkpoint.path)!r} holds no conversion config: it was saved from "
+                    "a model that gblr.convert did not make (or by a gblr without configs)"
+                )
+            config, source = config_from_dict(checkpoint.config), checkpoint.path
         if cls is not ConversionConfig and type(config) is not cls:
             raise ValueError(
-                f"{str(checkpoint.path)!r} holds a {type(config).__name__}, not a "
+                f"{str(source)!r} holds a {type(config).__name__}, not a "
                 f"{cls.__name__}; ConversionConfig.from_file reads any"
             )
         return config
+
+    def to_file(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the config as JSON (`to_dict`'s data) to ``path``, which `from_file`
+        reads back; an existing file is replaced only with ``overwrite=True``. Written
+        to a temporary name and renamed.
+
+        Returns:
+            The path written.
+
+        Examples:
+            >>> import os, tempfile, gblr
+            >>> config = gblr.LowRankConfig(budget=0.25, include="encoder.*")
+            >>> path = config.to_file(os.path.join(tempfile.mkdtemp(), "conversion.json"))
+            >>> gblr.ConversionConfig.from_file(path) == config
+            True
+        """
+        import json
+
+        from ..files import save_atomically
+
+        where = Path(path)
+        if where.suffix != ".json":
+            raise ValueError(f"path must name a .json file, got {str(path)!r}")
+        if where.exists() and not overwrite:
+            raise FileExistsError(
+                f"{str(where)!r} exists: pass overwrite=True to replace it, or another path"
+            )
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        save_atomically(lambda handle: handle.write(text), where, text=True)
+        return where
 
 
 def _fixed_structure(cls: type[ConversionConfig]) -> str | None:
