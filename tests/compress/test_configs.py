@@ -166,6 +166,12 @@ def test_from_dict_refuses_what_it_cannot_read():
     assert GBLRConfig.from_dict({"budget": 0.5}) == GBLRConfig(budget=0.5)
     with pytest.raises(ValueError, match="must name its structure"):
         ConversionConfig.from_dict({"budget": 0.5})
+    # the base class reads any structure's data, as from_file does (it refused them)
+    lowrank = ConversionConfig.from_dict({"structure": "lowrank", "budget": 0.3})
+    assert lowrank == gblr.LowRankConfig(budget=0.3)
+    assert ConversionConfig.from_dict({"structure": "dense"}).structure == "dense"
+    with pytest.raises(ValueError, match="structure must be one of"):
+        ConversionConfig.from_dict({"structure": "nope"})
 
 
 def test_convert_records_the_config_on_the_model_and_in_the_report():

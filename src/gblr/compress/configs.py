@@ -225,10 +225,11 @@ class ConversionConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConversionConfig:
         """The config of ``data`` (as `to_dict` gives it). ``"structure"``, when
-        present, must be this class's (use
-        [`config_from_dict`][gblr.compress.configs.config_from_dict] for any structure); the class's
-        own structure may be left out. Unknown keys are a ``ValueError`` listing the allowed ones;
-        the values are checked as by the constructor.
+        present, must be this class's, except on ``ConversionConfig`` itself, which reads
+        any structure's data (as
+        [`config_from_dict`][gblr.compress.configs.config_from_dict]); the class's own
+        structure may be left out. Unknown keys are a ``ValueError`` listing the allowed
+        ones; the values are checked as by the constructor.
 
         Examples:
             >>> from gblr import GBLRConfig
@@ -238,6 +239,11 @@ class ConversionConfig:
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"data must be a mapping (a dict), got {type(data).__name__}")
+        if cls is ConversionConfig and isinstance(data.get("structure"), str):
+            # the base class reads any structure's data, as from_file does
+            target = config_class(data["structure"])
+            if target is not ConversionConfig:
+                return target.from_dict(data)
         names = [item.name for item in dataclasses.fields(cls)]
         unknown = [key for key in data if key not in names]
         if unknown:
