@@ -499,7 +499,7 @@ def sweep(args: argparse.Namespace) -> int:
         print("\n".join(notes).replace("smoke run:", "smoke sweep, every run:", 1))
     rows = run_sweep(config, args.structures, args.budgets, out, progress=not args.quiet)
     print(
-        f"\n{_SMOKE_PREFIX if args.smoke else ''}{len(rows)} runs; wrote "
+        f"\n{_SMOKE_PREFIX if args.smoke else ''}{len(rows)} run{'s' * (len(rows) != 1)}; wrote "
         f"{Path(out) / 'sweep.md'} and {Path(out) / 'sweep.png'}"
     )
     return 0
