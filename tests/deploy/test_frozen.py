@@ -69,6 +69,22 @@ def test_dead_components_dropped_and_factors_packed_over_intervals():
     assert torch.allclose(frozen.dense_weight().double(), brute_force_weight(layer), atol=1e-5)
 
 
+def test_an_all_dead_conv_outputs_its_bias_in_every_plan_and_compiled():
+    # the lowrank plan (compiled_plan's choice at 0 MACs) ran a 0-channel conv
+    torch.manual_seed(0)
+    conv = gblr.GBLRConv2d(3, 8, 3, padding=1, structure_init="random")
+    with torch.no_grad():
+        conv.widths[0].zero_()
+    frozen = gblr.freeze(nn.Sequential(conv.eval()))
+    x = torch.randn(2, 3, 6, 6)
+    expected = conv.bias.view(1, 8, 1, 1).expand(2, 8, 6, 6)
+    for plan in PLANS:
+        frozen[0].plan = plan
+        assert torch.equal(frozen(x), expected), plan
+    frozen[0].plan = "auto"
+    assert torch.equal(torch.compile(frozen, backend="eager")(x), expected)
+
+
 def test_all_dead_layer_outputs_bias():
     layer = gblr.GBLRLinear(8, 6, widths=torch.zeros(2, 6), locations=torch.zeros(2, 6)).eval()
     frozen = FrozenGBLRLinear.from_gblr(layer)

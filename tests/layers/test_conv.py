@@ -196,3 +196,20 @@ def test_like_takes_gblr_and_frozen_templates_and_given_options_win():
 def test_like_refuses_what_gblr_conv2d_does_not_compute(conv, options, error, match):
     with pytest.raises(error, match=match):
         gblr.GBLRConv2d.like(conv, **options)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_a_conv_with_every_component_off_is_its_bias_in_training_too(order):
+    # training computes only the components that are on: with none, a 0-channel conv
+    # was refused inside torch (the structure learner can close every component)
+    torch.manual_seed(0)
+    conv = gblr.GBLRConv2d(
+        3, 8, 3, padding=1, structure_init="random", evaluation_order=order
+    ).train()
+    with torch.no_grad():
+        conv.widths[0].zero_()
+    x = torch.randn(2, 3, 6, 6)
+    out = conv(x)
+    assert torch.equal(out, conv.bias.view(1, 8, 1, 1).expand(2, 8, 6, 6))
+    out.sum().backward()
+    assert torch.equal(conv.bias.grad, torch.full((8,), 72.0))

@@ -908,3 +908,17 @@ def test_held_strips_train_under_cpu_autocast(dtype, shape, rows):
     first = model[0]
     assert first.U.grad is not None and first.V.grad is not None
     assert bool(first.U.grad.isfinite().all()) and bool(first.V.grad.isfinite().all())
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (600, 520)])
+def test_an_empty_batch_passes_the_held_strips_forms(shape):
+    # the strips' window form reshaped 0 rows into (0, -1) and failed
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRLinear(*shape, init_cost=0.2))
+    gblr.StructureLearner(model, budget=0.2, total_steps=10)  # holds the strips
+    for batch in ((0, shape[0]), (2, 0, shape[0])):
+        x = torch.randn(*batch, requires_grad=True)
+        out = model(x)
+        assert out.shape == (*batch[:-1], shape[1])
+        out.sum().backward()
+        assert x.grad.shape == x.shape

@@ -110,6 +110,8 @@ def _plain_forms(layer: FrozenGBLRMatrix, plan: str) -> tuple[nn.Module, str, in
     m, n = layer.matrix_shape
     if plan == "auto":
         plan = "lowrank" if rank * (m + n) < m * n else "dense"
+    if rank == 0 and isinstance(layer, FrozenGBLRConv2d):
+        plan = "dense"  # no component: the zero kernel (a 0-channel conv is refused)
     factory = {"device": u.device, "dtype": u.dtype}
     bias = layer.bias is not None
     if isinstance(layer, FrozenGBLRConv2d):

@@ -677,6 +677,8 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
     def _conv(self, x: Tensor, plan: str, out_h: int, out_w: int) -> Tensor:
         conv = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         kernel_shape = (self.in_channels, *self.kernel_size)
+        if plan == "lowrank" and self.row_intervals.shape[0] == 0:
+            plan = "dense"  # no component: the zero kernel (a 0-channel conv is refused)
         if plan == "dense":
             kernel = self._weight().reshape(self.out_channels, *kernel_shape)
             return F.conv2d(x, kernel, self.bias, **conv)

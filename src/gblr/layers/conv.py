@@ -306,7 +306,9 @@ class GBLRConv2d(GBLRMatrixMixin):
         conv = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         u, v = self.masked_factors()
         kernel_shape = (self.in_channels, *self.kernel_size)
-        if self._choose_order(self._output_positions(x), u.shape[0]) == "materialize":
+        # no computed component (all off): the zero kernel, as a 0-channel conv is refused
+        order = self._choose_order(self._output_positions(x), u.shape[0])
+        if u.shape[0] == 0 or order == "materialize":
             kernel = (u.t() @ v).reshape(self.out_channels, *kernel_shape)
             return F.conv2d(x, kernel, self.bias, **conv)
         hidden = F.conv2d(x, v.reshape(-1, *kernel_shape), None, **conv)

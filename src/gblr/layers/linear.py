@@ -148,7 +148,8 @@ class GBLRLinear(GBLRMatrixMixin):
         terms = self.num_components * self.rank_per_component
         entries = self.in_features * self.out_features
         few_rows = rows * terms < entries
-        if few_rows or entries >= WINDOWED_LAYER_ENTRIES:
+        # (an empty batch takes the masked factors' products, which handle 0 rows)
+        if rows and (few_rows or entries >= WINDOWED_LAYER_ENTRIES):
             held = self._held_strip_components()
             if held is not None:
                 *factors_and_structure, skip, on = held
