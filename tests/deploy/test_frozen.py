@@ -85,6 +85,35 @@ def test_an_all_dead_conv_outputs_its_bias_in_every_plan_and_compiled():
     assert torch.equal(torch.compile(frozen, backend="eager")(x), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_plan_runs_under_cpu_autocast_and_gives_its_dtype(dtype):
+    # segment failed (addmm_ of a bf16 product into a float32 output), panels gave float32
+    torch.manual_seed(0)
+    layer = gblr.freeze(gblr.GBLRLinear(256, 256, structure_init="half", init_cost=0.1).eval())
+    x = torch.randn(64, 256)
+    expected = layer(x)
+    for plan in PLANS:
+        layer.plan = plan
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            out = layer(x)
+        assert out.dtype == dtype, plan
+        assert torch.allclose(out.float(), expected, rtol=0.05, atol=0.05), plan
+
+
+def test_the_input_gradient_through_every_plan():
+    # panels multiplied into buffers (out=), which autograd refuses
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(64, 48, structure_init="half", init_cost=0.3, dtype=torch.float64)
+    frozen = gblr.freeze(nn.Sequential(layer.eval()))[0]
+    x = torch.randn(16, 64, dtype=torch.float64, requires_grad=True)
+    weight = layer.dense_weight().detach()
+    for plan in PLANS:
+        frozen.plan = plan
+        (grad,) = torch.autograd.grad(frozen(x).square().sum(), x)
+        expected = 2 * (x @ weight.t() + layer.bias.detach()) @ weight
+        assert torch.allclose(grad, expected, atol=1e-10), plan
+
+
 def test_all_dead_layer_outputs_bias():
     layer = gblr.GBLRLinear(8, 6, widths=torch.zeros(2, 6), locations=torch.zeros(2, 6)).eval()
     frozen = FrozenGBLRLinear.from_gblr(layer)

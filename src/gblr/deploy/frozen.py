@@ -27,6 +27,7 @@ from ..layers.base import GBLRMatrixMixin, check_positive_int
 from ..layers.conv import GBLRConv2d, checked_geometry, conv_geometry
 from ..layers.linear import GBLRLinear
 from ..modules import set_submodule
+from ..ops.gaudi import autocast_dtype
 from . import panels as PN
 from . import plans as P
 
@@ -379,6 +380,15 @@ class FrozenGBLRMatrix(nn.Module):
 
     def _matmul(self, x: Tensor, plan: str) -> Tensor:
         """``(N, in) -> (N, out)`` (bias included) through ``plan``."""
+        if plan in _UNTRACKED_PLANS:
+            if plan == "panels" and torch.is_grad_enabled() and x.requires_grad:
+                plan = "segment"  # panels multiply into buffers (out=), which autograd refuses
+            autocast = autocast_dtype(x.device.type)
+            if autocast is not None:
+                # their in-place products are outside autocast's casts: run them in the
+                # layer's dtype and give autocast's, as F.linear would
+                with torch.autocast(x.device.type, enabled=False):
+                    return self._matmul(x.to(self.u_packed.dtype), plan).to(autocast)
         if plan == "dense":
             return P.run_dense(x, self._weight(), self.bias)
         if plan == "lowrank":
@@ -407,6 +417,11 @@ class FrozenGBLRMatrix(nn.Module):
             f"rank_per_component={self.rank_per_component}, "
             f"num_components={self.num_components}, macs_ratio={ratio:.3f}, plan={self._plan!r}"
         )
+
+
+# Plans that multiply into buffers of their own (in place, or out=) rather than through
+# F.linear and F.conv2d.
+_UNTRACKED_PLANS = ("segment", "panels", "blocksparse", "triton")
 
 
 def _pack(layer: GBLRMatrixMixin) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -473,8 +473,18 @@ def _check_triton_device(*tensors: Tensor) -> None:
         )
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype if autocast is enabled for ``device_type``, else ``None``."""
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype if autocast is enabled for ``device_type``, else ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.ops.gaudi import autocast_dtype
+        >>> print(autocast_dtype("cpu"))
+        None
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     autocast_dtype("cpu")
+        torch.bfloat16
+    """
     try:
         enabled = torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 only knows the CUDA flag
@@ -763,7 +773,7 @@ def mask_factors_unchecked(
         return _MaskFactorsTorch.apply(
             factor_u, factor_v, widths, locations, sigma, dtype, finite, skip
         )
-    out_dtype = _autocast_dtype(factor_u.device.type) or factor_u.dtype
+    out_dtype = autocast_dtype(factor_u.device.type) or factor_u.dtype
     return _MaskFactorsTriton.apply(factor_u, factor_v, widths, locations, sigma, out_dtype)
 
 
