@@ -291,7 +291,7 @@ class ConversionConfig:
         import json
 
         from ..deploy.io import load_tensors, tensor_file_kind
-        from .pretrained import FORMAT, WEIGHTS_NAME
+        from .formats import FORMAT, WEIGHTS_NAME
 
         where = Path(path)
         if where.is_dir():

@@ -68,6 +68,7 @@ from ..structured import (
     PixelflyLinear,
 )
 from .configs import config_from_dict
+from .formats import CONFIG_NAME, FORMAT, FORMAT_VERSION, GENERATION_CONFIG_NAME, WEIGHTS_NAME
 from .unload import REPLACED_ATTRIBUTE, is_structured
 
 __all__ = [
@@ -80,11 +81,6 @@ __all__ = [
     "save_pretrained",
 ]
 
-FORMAT = "gblr.pretrained"
-FORMAT_VERSION = "1"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-GENERATION_CONFIG_NAME = "generation_config.json"
 #: An empty tensor of this name is in every weights file: a dense loader's report of
 #: unexpected keys then says how to load the folder.
 HINT_KEY = "gblr.load_with.gblr.from_pretrained"
