@@ -146,6 +146,21 @@ def test_planner_prefers_dense_at_full_cost_and_cheaper_plan_at_low_ratio():
     assert "dense" not in cheap[0]._cache()
 
 
+def test_planner_takes_keyword_arguments_as_a_mapping():
+    # a tokenizer's output: the dict went in as the model's first positional argument
+    class Keyed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = gblr.GBLRLinear(32, 32, num_components=4)
+
+        def forward(self, input_ids, scale=1.0):
+            return self.layer(input_ids * scale)
+
+    model = gblr.freeze(Keyed().eval())
+    report = gblr.plan(model, {"input_ids": torch.randn(8, 32), "scale": 2.0}, repeats=1)
+    assert report["layer"].rows == 8
+
+
 def test_planner_bad_arguments():
     model = gblr.freeze(nn.Sequential(gblr.GBLRLinear(8, 8)))
     x = torch.randn(2, 8)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -174,7 +174,8 @@ def plan(
 
     Args:
         model: a module with frozen GBLR layers ([`gblr.freeze`][]), or one such layer.
-        example_input: a tensor, or a tuple of positional arguments, for ``model``,
+        example_input: a tensor, a tuple of positional arguments, or a mapping of keyword
+            arguments (a tokenizer's output) for ``model``,
             giving every frozen layer at least one row (an empty batch is refused).
         candidates: plan names from `gblr.deploy.PLANS` and ``GPU_PLANS`` (default:
             all; ``GPU_PLANS`` are timed only for CUDA inputs with triton installed).
@@ -223,9 +224,12 @@ def plan(
 
     handles = [module.register_forward_pre_hook(capture) for _, module in layers.values()]
     try:
-        args = example_input if isinstance(example_input, tuple) else (example_input,)
         with torch.no_grad():
-            model(*args)
+            if isinstance(example_input, Mapping):  # keyword arguments (a tokenizer's output)
+                model(**example_input)
+            else:
+                args = example_input if isinstance(example_input, tuple) else (example_input,)
+                model(*args)
     finally:
         for handle in handles:
             handle.remove()
