@@ -225,6 +225,24 @@ def test_small_bert_runs_in_onnxruntime_at_two_sequence_lengths_and_matches_torc
         )
 
 
+def test_a_language_model_exports_without_its_key_value_cache(tmp_path):
+    # GPT-2's default use_cache returned a DynamicCache, which torch.export refused
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=1, n_head=2, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).eval()
+    gblr.convert(model, gblr.GBLRConfig(budget=0.5))
+    frozen = gblr.freeze(model)
+    done = gblr.export_onnx(frozen, {"input_ids": torch.randint(0, 100, (2, 8))}, tmp_path / "lm.onnx")
+    assert list(done.outputs) == ["logits"]
+    assert done.max_abs_error is not None and done.max_abs_error <= 1e-5
+    assert frozen.config.use_cache is True  # the model is left as it was
+
+
 def test_names_and_axes_can_be_given(tmp_path, capfd):
     model = small_bert()
     feeds = tokens(2, 8, seed=1)

@@ -377,7 +377,9 @@ def export_onnx(
     [`FrozenGBLRConv2d`][gblr.FrozenGBLRConv2d] becomes ``nn.Linear``/``nn.Conv2d`` modules, and the
     copy is exported with ``torch.onnx.export(dynamo=True)``. The file is written to a
     temporary name, checked with ``onnxruntime`` when it is installed, and only then
-    renamed to ``path``: a failed export leaves no partial file. Nothing is printed.
+    renamed to ``path``: a failed export leaves no partial file. Nothing is printed. A
+    transformers model's key-value cache (``config.use_cache``, an object that is no ONNX
+    output) is off while it exports, and back on after.
 
     Args:
         model: a model after [`gblr.freeze`][] (training-form GBLR layers are refused).
@@ -477,6 +479,27 @@ def export_onnx(
             f"export_onnx needs the onnx and onnxscript packages ({error}); "
             'install them with: pip install "gblr[onnx]"'
         ) from error
+
+    # A transformers model returns its key-value cache by default (use_cache): an object
+    # that is no ONNX output. The export and its check run without it; restored after.
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is True:
+        config.use_cache = False
+        try:
+            return export_onnx(
+                model,
+                example_input,
+                path,
+                plan=plan,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                dynamic_batch=dynamic_batch,
+                check=check,
+                opset_version=opset_version,
+            )
+        finally:
+            config.use_cache = True
 
     # The model's own outputs: their names, and the reference of the check.
     expected = _run_model(model, args, kwargs)
