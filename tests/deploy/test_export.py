@@ -237,7 +237,9 @@ def test_a_language_model_exports_without_its_key_value_cache(tmp_path):
     model = transformers.GPT2LMHeadModel(config).eval()
     gblr.convert(model, gblr.GBLRConfig(budget=0.5))
     frozen = gblr.freeze(model)
-    done = gblr.export_onnx(frozen, {"input_ids": torch.randint(0, 100, (2, 8))}, tmp_path / "lm.onnx")
+    done = gblr.export_onnx(
+        frozen, {"input_ids": torch.randint(0, 100, (2, 8))}, tmp_path / "lm.onnx"
+    )
     assert list(done.outputs) == ["logits"]
     assert done.max_abs_error is not None and done.max_abs_error <= 1e-5
     assert frozen.config.use_cache is True  # the model is left as it was
