@@ -839,3 +839,17 @@ def test_held_narrow_sides_resume_bit_for_bit():
 def test_hold_narrow_sides_refuses_bad_values(value, error):
     with pytest.raises(error, match="hold_narrow_sides"):
         gblr.LearnerConfig(hold_narrow_sides=value)
+
+
+@pytest.mark.parametrize("replace", ["freeze", "merge_and_unload"])
+def test_a_learner_refuses_to_step_layers_that_were_replaced(replace):
+    # it stepped the detached layers in silence
+    model = nn.Sequential(gblr.GBLRLinear(32, 32, init_cost=0.3), nn.ReLU(), nn.Linear(32, 4))
+    learner = gblr.StructureLearner(model, budget=0.3, total_steps=10)
+    learner.step()
+    gblr.freeze(copy.deepcopy(model).eval())  # a copy: the learner's layers stay in place
+    learner.step()
+    getattr(gblr, replace)(model.eval())
+    with pytest.raises(RuntimeError, match=rf"gblr.{replace} replaced the GBLR layer '0' in"):
+        learner.step()
+    assert learner.step_count == 2

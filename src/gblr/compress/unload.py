@@ -160,6 +160,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if id(module) not in merged:
             merged[id(module)] = dense_layer(module)
         set_submodule(model, name, merged[id(module)])
+        module.superseded_by = "gblr.merge_and_unload"
     for module in model.modules():
         # What convert (or from_pretrained) added: the model is dense again.
         if "save_pretrained" in vars(module):

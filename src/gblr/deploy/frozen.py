@@ -789,6 +789,7 @@ def freeze(model: nn.Module) -> nn.Module:
                 if replaced is not None:
                     frozen[id(module)].gblr_replaced = replaced
             set_submodule(model, name, frozen[id(module)])
+            module.superseded_by = "gblr.freeze"
         elif isinstance(module, FrozenGBLRMatrix):
             already_frozen = True
     if not frozen and not already_frozen:

@@ -246,6 +246,10 @@ class GBLRMatrixMixin(nn.Module):
         self.num_components = num_components
         self.evaluation_order = evaluation_order  # validated by the property setter
         self.factor_record = None
+        # The call that put another module in this layer's place in its model
+        # ("gblr.freeze", "gblr.merge_and_unload"): a structure learner built on the model
+        # before then refuses to step what the model no longer runs.
+        self.superseded_by: str | None = None
 
         factory = {"device": device, "dtype": dtype}
         k, r = num_components, rank_per_component
