@@ -251,6 +251,28 @@ def test_demo_and_sweep_keep_a_users_files_of_their_names(tmp_path, monkeypatch,
     assert snapshot(sweep) == {"sweep.md": b"my sweep"}
 
 
+def test_a_sweep_does_not_report_a_finished_run_of_another_config_as_its_own(tmp_path, capsys):
+    # it read the finished run's results.json whatever the config now said
+    out = tmp_path / "sweep"
+
+    def sweep(*overrides):
+        return ["sweep", "--config", "digits-vit-gblr", *TINY, *overrides, "--structures", "dense"]
+
+    assert main([*sweep(), "--out", str(out), "--quiet"]) == 0
+    before = snapshot(out / "dense")
+    assert main([*sweep("optim.lr=0.01"), "--out", str(out), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert "holds a finished run of another config (optim.lr: 0.002 there, 0.01 now)" in error
+    assert snapshot(out / "dense") == before
+    assert main([*sweep(), "--out", str(out), "--quiet"]) == 0  # the same config: read
+    assert "done before" in capsys.readouterr().out
+    # a smoke sweep of another config replaces its own smoke run
+    smoke = tmp_path / "smoke"
+    assert main([*sweep(), "--out", str(smoke), "--smoke", "--quiet"]) == 0
+    assert main([*sweep("seed=3"), "--out", str(smoke), "--smoke", "--quiet"]) == 0
+    assert json.loads((smoke / "dense" / "results.json").read_text())["config"]["seed"] == 3
+
+
 def test_a_second_run_into_a_busy_folder_is_refused(finished_run, tmp_path, capsys):
     out = copy_run(finished_run, tmp_path)
     before = snapshot(out)

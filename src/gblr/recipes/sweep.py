@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..tables import markdown_table
-from .config import TEXT_DATASETS, TrainConfig, config_to_dict, with_structure
+from .config import TEXT_DATASETS, TrainConfig, config_to_dict, resume_changes, with_structure
+from .run_folder import RunFolderError
 
 __all__ = ["run_folder_name", "run_sweep", "sweep_runs", "train_runs"]
 
@@ -155,15 +156,45 @@ def train_runs(runs: Sequence[TrainConfig], *, progress: bool = True) -> list[di
     results = []
     for run in runs:
         finished = Path(run.out) / "results.json"
-        result = json.loads(finished.read_text())["result"] if finished.is_file() else None
+        saved = json.loads(finished.read_text()) if finished.is_file() else None
+        result = None if saved is None else saved["result"]
         # a smoke run's results never stand for a real run's, nor the other way round
         if result is not None and result.get("smoke", False) == run.smoke:
-            print(f"[{run.name}] done before, read {finished}")
-        else:
-            print(f"\n[{run.name}]")
-            result = train_from_config(run, progress=progress, report=print, **_continue(run))
+            changes = _changes(saved.get("config"), run)
+            if not changes:
+                print(f"[{run.name}] done before, read {finished}")
+                results.append(result)
+                continue
+            if not run.smoke:
+                raise RunFolderError(
+                    f"{run.out} holds a finished run of another config ({'; '.join(changes[:4])}"
+                    f"{'; ...' if len(changes) > 4 else ''}), whose numbers this sweep would "
+                    "report as this config's; nothing was changed. Give the sweep another "
+                    "--out, or move that run"
+                )
+        print(f"\n[{run.name}]")
+        options = _continue(run)
+        if result is not None and run.smoke:
+            options = {"overwrite": True}  # a smoke run of another config: replaced
+        result = train_from_config(run, progress=progress, report=print, **options)
         results.append(result)
     return results
+
+
+def _changes(saved: Any, run: TrainConfig) -> list[str]:
+    """How the config a finished run saved differs from ``run``'s (the keys that change
+    a run's result, as a resume checks them): ``key: saved -> now``."""
+    if not isinstance(saved, dict):
+        return ["its results.json holds no config"]
+    current = config_to_dict(run)
+    if run.structure.start is None:  # a probe's choice, which the finished run records
+        for data in (saved, current):
+            if isinstance(data.get("structure"), dict):
+                data["structure"] = {**data["structure"], "start": None}
+    return [
+        change.replace(" in the checkpoint, ", " there, ")
+        for change in resume_changes(saved, current)
+    ]
 
 
 def _written_by_a_sweep(path: Path) -> bool:
@@ -207,7 +238,7 @@ def run_sweep(
         ['dense', 'gblr-0.5', 'sweep.json', 'sweep.md', 'sweep.png']
     """
     from ..files import save_atomically
-    from .run_folder import SMOKE_BANNER, RunFolderError, refuse_real_folder
+    from .run_folder import SMOKE_BANNER, refuse_real_folder
 
     out = Path(out).expanduser()
     if config.smoke:
