@@ -497,7 +497,9 @@ def sweep(args: argparse.Namespace) -> int:
 
         config, notes = smoke_config(config, data_dir=Path(out) / SMOKE_DATA)
         print("\n".join(notes).replace("smoke run:", "smoke sweep, every run:", 1))
-    rows = run_sweep(config, args.structures, args.budgets, out, progress=not args.quiet)
+    # the config's own budget (a paper's, or an override's) unless --budgets says otherwise
+    budgets = args.budgets if args.budgets is not None else [config.structure.budget]
+    rows = run_sweep(config, args.structures, budgets, out, progress=not args.quiet)
     print(
         f"\n{_SMOKE_PREFIX if args.smoke else ''}{len(rows)} run{'s' * (len(rows) != 1)}; wrote "
         f"{Path(out) / 'sweep.md'} and {Path(out) / 'sweep.png'}"
@@ -754,7 +756,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--structures", nargs="+", default=["dense", "gblr"], help="default: dense gblr"
     )
     sweep_parser.add_argument(
-        "--budgets", nargs="+", type=float, default=[0.3], help="MACs fractions (default 0.3)"
+        "--budgets",
+        nargs="+",
+        type=float,
+        default=None,
+        help="MACs fractions (default: the config's structure.budget)",
     )
     sweep_parser.set_defaults(structure=None, budget=None)
 

@@ -394,3 +394,12 @@ def test_a_code_running_token_cache_is_ignored_not_run(tmp_path, marker):
     with pytest.warns(UserWarning, match="ignoring unreadable token cache"):
         again = token_stream("some text to tokenize", tokenizer, cache_dir=cache)
     assert torch.equal(again, expected)
+
+
+def test_a_sweep_without_budgets_runs_the_configs_own(tmp_path):
+    # --budgets defaulted to 0.3, dropping the configs' (and the overrides') budgets
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", "digits-vit-gblr", *TINY, "structure.budget=0.5"]
+    assert main([*argv, "--structures", "gblr", "--out", str(out), "--smoke", "--quiet"]) == 0
+    assert (out / "gblr-0.5" / "results.json").is_file()
+    assert [row["budget"] for row in json.loads((out / "sweep.json").read_text())["rows"]] == [0.5]
