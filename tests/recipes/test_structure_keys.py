@@ -289,3 +289,14 @@ def test_a_structure_added_with_register_structure_reaches_the_configs(monkeypat
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"structure\.kind must be one of"):
         load_config("digits-vit-gblr", [*TINY, "structure.kind=mylowrank"])
+
+
+@pytest.mark.parametrize("kind", ["gblr", "lowrank"])
+def test_a_structure_that_structures_no_layer_is_refused(kind):
+    # the run trained the dense model and reported it under the structure's name (a family
+    # on a CNN's convolutions, or an exclude that leaves nothing)
+    config = load_config(
+        "digits-vit-gblr", [f"structure.kind={kind}", "structure.exclude=blocks.*"]
+    )
+    with pytest.raises(ValueError, match=rf"structure.kind={kind} structures no layer .*dense"):
+        build_structured_model(config, in_chans=1, num_classes=10)

@@ -9,6 +9,7 @@ Used by training (`gblr.recipes.train`), smoke runs (`gblr.recipes.smoke`) and
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +211,30 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
         >>> type(model.blocks[0].fc1).__name__, type(model.head).__name__
         ('LowRankLinear', 'Linear')
     """
+    s = config.structure
+    if s.kind == "dense":
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = _apply_structure(model, config)
+    if report is not None and not any(not row.dense for row in report.layers):
+        # a run named after a structure would train the dense model
+        reasons = sorted({reason for _, reason in report.skipped})
+        raise ValueError(
+            f"structure.kind={s.kind} structures no layer of this model"
+            + (f" ({'; '.join(reasons[:3])})" if reasons else " (include/exclude leave none)")
+            + "; the run would train the dense model under its name"
+        )
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def _apply_structure(model: nn.Module, config: TrainConfig) -> Any:
+    """`apply_structure`'s work; the conversion's report (``None`` for none)."""
     from ..compress.convert import convert
     from .models import _conversion_config, gblr_start_cost, structure_model
 
     s = config.structure
-    if s.kind == "dense":
-        return
     if s.kind == "gblr" and s.start == "probe":
         raise ValueError(
             "structure.start=probe has no structure until a run chooses its start: train "
@@ -223,7 +242,7 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
         )
     start = s.start_cost if s.kind == "gblr" and s.start_cost is not None else s.budget
     if s.init == "random":
-        structure_model(
+        return structure_model(
             model,
             s.kind,
             gblr_start_cost(s.budget, s.start_cost) if s.kind == "gblr" else s.budget,
@@ -234,7 +253,6 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
             **({} if s.start is None else {"structure_init": s.start}),
             **({} if s.factor_init is None else {"factor_init": s.factor_init}),
         )
-        return
     # min_features=1: the include patterns choose the layers (and _structure_like agrees)
     conversion = _conversion_config(
         s.kind,
@@ -247,7 +265,7 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
         allocation=s.allocation,
         search_steps=s.search_steps,
     )
-    convert(model, conversion)
+    return convert(model, conversion)
 
 
 def build_structured_model(config: TrainConfig, in_chans: int, num_classes: int) -> nn.Module:

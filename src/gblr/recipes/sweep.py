@@ -160,7 +160,8 @@ def train_runs(runs: Sequence[TrainConfig], *, progress: bool = True) -> list[di
         result = None if saved is None else saved["result"]
         # a smoke run's results never stand for a real run's, nor the other way round
         if result is not None and result.get("smoke", False) == run.smoke:
-            changes = _changes(saved.get("config"), run)
+            # (runs written before 2026-12-07 kept only the config they ran)
+            changes = _changes(saved.get("requested_config", saved.get("config")), run)
             if not changes:
                 print(f"[{run.name}] done before, read {finished}")
                 results.append(result)
@@ -182,15 +183,11 @@ def train_runs(runs: Sequence[TrainConfig], *, progress: bool = True) -> list[di
 
 
 def _changes(saved: Any, run: TrainConfig) -> list[str]:
-    """How the config a finished run saved differs from ``run``'s (the keys that change
-    a run's result, as a resume checks them): ``key: saved -> now``."""
+    """How the config a finished run was asked to run differs from ``run``'s (the keys
+    that change a run's result, as a resume checks them): ``key: there, now``."""
     if not isinstance(saved, dict):
         return ["its results.json holds no config"]
     current = config_to_dict(run)
-    if run.structure.start is None:  # a probe's choice, which the finished run records
-        for data in (saved, current):
-            if isinstance(data.get("structure"), dict):
-                data["structure"] = {**data["structure"], "start": None}
     return [
         change.replace(" in the checkpoint, ", " there, ")
         for change in resume_changes(saved, current)

@@ -439,6 +439,9 @@ def _train(
     from .data import batch_mixer
     from .engine import train_classifier, train_language_model
 
+    # the config as asked for, before a probe names the start it chose: what a sweep
+    # compares a finished run with
+    requested = config_to_dict(config)
     text = config.data.name in TEXT_DATASETS
     if text:
         train_set, val_set, test_stream = _text_data(config)
@@ -541,7 +544,9 @@ def _train(
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_atomically(lambda f: torch.save(state, f), out / "model_state.pt")
     save_atomically(
-        lambda f: json.dump({"config": settings, "result": result}, f, indent=2),
+        lambda f: json.dump(
+            {"config": settings, "requested_config": requested, "result": result}, f, indent=2
+        ),
         out / "results.json",
         text=True,
     )
