@@ -403,3 +403,19 @@ def test_a_sweep_without_budgets_runs_the_configs_own(tmp_path):
     assert main([*argv, "--structures", "gblr", "--out", str(out), "--smoke", "--quiet"]) == 0
     assert (out / "gblr-0.5" / "results.json").is_file()
     assert [row["budget"] for row in json.loads((out / "sweep.json").read_text())["rows"]] == [0.5]
+
+
+def test_resume_and_overwrite_together_are_refused(finished_run, tmp_path, capsys):
+    # accepted in silence (it resumed)
+    out = copy_run(finished_run, tmp_path)
+    before = snapshot(out)
+    assert main(train_argv(out, "--resume", "--overwrite")) == 1
+    assert "resume and overwrite contradict each other" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_load_config_refuses_one_string_of_overrides():
+    from gblr.recipes.config import load_config
+
+    with pytest.raises(TypeError, match=r"overrides must be a list .* pass \['optim.lr=0.01'\]"):
+        load_config("digits-vit-gblr", "optim.lr=0.01")

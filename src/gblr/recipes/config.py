@@ -824,6 +824,11 @@ def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfi
         ...     print(str(error)[:44])
         unknown config key 'optim.lrr' (did you mean
     """
+    if isinstance(overrides, str):  # it was read character by character
+        raise TypeError(
+            f"overrides must be a list of 'section.key=value' strings, got the string "
+            f"{overrides!r}: pass [{overrides!r}]"
+        )
     path = _locate(source)
     data = _read_with_parents(path)
     for text in overrides:

@@ -267,6 +267,11 @@ def train_from_config(
         >>> sorted(name for name in os.listdir(out) if "." in name)
         ['REPORT.md', 'config.yaml', 'model_state.pt', 'results.json']
     """
+    if resume is not None and overwrite:
+        raise ValueError(
+            "resume and overwrite contradict each other: --resume continues the run in the "
+            "folder, --overwrite replaces it; give one"
+        )
     out = Path(config.out).expanduser()
     if not is_launching_process():  # a worker started by a launcher: the folder is rank 0's
         return _train(config, out, resume, progress, stop_after, replace=False)
