@@ -813,19 +813,14 @@ class StructureLearner:
     def step(self) -> None:
         """Proximal step on all widths, wrap locations, run the passes, advance σ. Call
         after ``optimizer.step()``."""
-        superseded = [
-            (name, getattr(layer, "superseded_by", None))  # (a layer pickled before it)
-            for name, layer in zip(self.layer_names, self.layers, strict=True)
-        ]
-        superseded = [(name, by) for name, by in superseded if by is not None]
-        if superseded:
-            name, by = superseded[0]
-            more = f" (and {len(superseded) - 1} more)" if len(superseded) > 1 else ""
-            raise RuntimeError(
-                f"{by} replaced the GBLR layer {name!r}{more} in the model this learner was "
-                "built on: stepping it would change nothing the model runs; step the learner "
-                "before freezing or merging, not after"
-            )
+        for name, layer in zip(self.layer_names, self.layers, strict=True):
+            by = getattr(layer, "superseded_by", None)  # (a layer pickled before it: none)
+            if by is not None:
+                raise RuntimeError(
+                    f"{by} replaced the GBLR layer {name!r} in the model this learner was "
+                    "built on: stepping it would change nothing the model runs; step the "
+                    "learner before freezing or merging, not after"
+                )
         self.step_count += 1
         step = self.step_count
         self._check_finite(f"at step {step} (before the learner changed anything)")

@@ -9,7 +9,6 @@ Used by training (`gblr.recipes.train`), smoke runs (`gblr.recipes.smoke`) and
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +213,7 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
     s = config.structure
     if s.kind == "dense":
         return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = _apply_structure(model, config)
+    report = _apply_structure(model, config)
     # a run named after a structure would train the dense model; not a smoke run's tiny
     # stand-in model, too small for a family at the budget that the real model takes
     if not config.smoke and report is not None and not any(not row.dense for row in report.layers):
@@ -226,8 +223,6 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
             + (f" ({'; '.join(reasons[:3])})" if reasons else " (include/exclude leave none)")
             + "; the run would train the dense model under its name"
         )
-    for warning in caught:
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _apply_structure(model: nn.Module, config: TrainConfig) -> Any:
