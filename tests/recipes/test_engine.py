@@ -351,3 +351,21 @@ def test_the_engine_updates_with_a_fused_adamw_that_matches_the_loop():
     assert any(not torch.equal(a, b) for a, b in zip(engine, loop, strict=True))  # fused ran
     for a, b in zip(engine, loop, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "trainer, message",
+    [
+        ({"accelerator": "cpu", "devices": [0]}, r"devices=\[0\].*int > 0"),
+        ({"accelerator": "tpu"}, r"accelerator='tpu'"),
+        ({"accelerator": "cpu", "no_such_option": 1}, r"no_such_option"),
+    ],
+)
+def test_trainer_options_lightning_refuses_are_a_value_error_naming_them(trainer, message):
+    """Lightning raised its own exceptions (MisconfigurationException, TypeError,
+    ModuleNotFoundError) from deep inside; the CLI printed them as tracebacks."""
+    from gblr.recipes.engine import _lightning_trainer
+
+    options = {"logger": False, "enable_progress_bar": False, **trainer}
+    with pytest.raises(ValueError, match=message):
+        _lightning_trainer(options, chosen=trainer)

@@ -399,8 +399,12 @@ def test_a_probing_recipe_refuses_what_it_cannot_do_naming_it(tmp_path):
         apply_structure(build_model(config, in_chans=1, num_classes=10), config)
     with pytest.raises(ValueError, match=r"on one process, got trainer\.devices=2"):
         load_config("digits-vit-gblr", ["structure.start=probe", "trainer.devices=2"])
-    # a run stopped during its probe has no checkpoint yet: resuming says so
+    # a run stopped during its probe has no checkpoint yet: resuming it says so
     with pytest.raises(FileNotFoundError, match="writes its first checkpoint after the probe"):
+        train_from_config(config, progress=False, resume="last")
+    # a checkpoint the user named that is not there: only that (the probe explained
+    # nothing and misled)
+    with pytest.raises(FileNotFoundError, match=r"none\.ckpt$"):
         train_from_config(config, progress=False, resume=tmp_path / "none.ckpt")
     text = ["model.name=hf-causal-lm", "model.source=gpt2", "data.name=text", "data.root=x"]
     with pytest.raises(ValueError, match=r"structure\.start=probe is for image classifiers"):

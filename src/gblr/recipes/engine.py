@@ -416,6 +416,23 @@ def _without_litlogger_tip() -> contextlib.AbstractContextManager[None]:
     return lightning_messages_dropped(lambda record: "litlogger" in record.getMessage())
 
 
+def _lightning_trainer(options: dict[str, Any], chosen: dict[str, Any]) -> Any:
+    """``lightning.Trainer(**options)``; options it refuses (an accelerator this machine
+    lacks, ``devices=[0]`` on the CPU, an unknown option) are a ValueError naming the
+    caller's ``chosen`` trainer options, not a traceback from inside Lightning."""
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        with _without_litlogger_tip():
+            return pl.Trainer(**options)
+    except (MisconfigurationException, ImportError, TypeError, ValueError, RuntimeError) as error:
+        shown = ", ".join(f"{key}={value!r}" for key, value in chosen.items()) or "defaults"
+        raise ValueError(
+            f"Lightning cannot run these trainer options ({shown}) on this machine: {error}"
+        ) from error
+
+
 def _step_progress_bar():
     """Lightning's rich progress bar labelled "Training": gblr runs count steps
     (``max_epochs=-1``), where Lightning's label read "Epoch 0/-2"."""
@@ -646,8 +663,7 @@ def _run(
     if validate:
         trainer_options["val_check_interval"] = c.val_every_n_steps
     trainer_options.update(c.trainer)
-    with _without_litlogger_tip():
-        trainer = pl.Trainer(**trainer_options)
+    trainer = _lightning_trainer(trainer_options, chosen=c.trainer)
     batch_size = c.batch_size
     if c.global_batch_size is not None:
         if c.global_batch_size % trainer.world_size:

@@ -331,18 +331,23 @@ def _recipe_probe(config: TrainConfig) -> Any:
     return StartProbe(evaluate_at=(0.5,), held_out=0.25) if config.smoke else StartProbe()
 
 
-def _chosen_start(config: TrainConfig, engine: EngineConfig, resume: Path) -> TrainConfig:
+def _chosen_start(
+    config: TrainConfig, engine: EngineConfig, resume: Path, *, own: bool
+) -> TrainConfig:
     """The config of the start that the probe of the run being resumed chose: the one of
     ``probe_starts``' configs that its checkpoint was written with (that closest to it,
     if none is, for the resume's check to name what differs), or ``config`` itself where
     it names no start and the checkpoint's config is the same (a run from before the
-    probe was the default, which started block-diagonal)."""
+    probe was the default, which started block-diagonal). ``own``: ``resume`` is the run
+    folder's own last checkpoint (whose absence the probe may explain)."""
     from .checkpoints import CHECKPOINT_KEY, read_checkpoint
     from .config import resume_changes
 
     try:
         checkpoint = read_checkpoint(resume)
     except FileNotFoundError:
+        if not own:  # a path the user named: nothing to explain but that it is not there
+            raise
         raise FileNotFoundError(
             f"no checkpoint at {resume}: a run whose start a probe chooses writes its first "
             "checkpoint after the probe (the probes keep none), so a run stopped during its "
@@ -471,7 +476,8 @@ def _train(
     resumed_probe = probing and resume is not None
     if resumed_probe:
         # the probe chose when the run began; its checkpoint's config names the start
-        config = _chosen_start(config, engine, Path(resume))
+        own = Path(resume).resolve() == (out / "checkpoints" / "last.ckpt").resolve()
+        config = _chosen_start(config, engine, Path(resume), own=own)
         engine = engine_config(
             config, len(train_set), resume=resume, progress=progress, stop_after=stop_after
         )
