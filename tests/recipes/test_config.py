@@ -122,6 +122,13 @@ def test_bad_files_say_what_is_wrong(tmp_path):
     small.write_text("extends: cifar10-vit-s-gblr\nmodel:\n  depth: 2\n")
     config = load_config(small)
     assert config.model.depth == 2 and config.model.dim == 384 and config.data.name == "cifar10"
+    # ...but its name and run folder are its own: inherited, its run went into the shipped
+    # config's folder (and was refused there as another run, or resumed it)
+    assert (config.name, config.out) == ("small", "runs/small")
+    named = tmp_path / "named.yaml"
+    named.write_text("extends: small\nname: mine\n")
+    assert (load_config(named).name, load_config(named).out) == ("mine", "runs/mine")
+    assert load_config(named, ["out=elsewhere"]).out == "elsewhere"
 
 
 def test_the_learner_section_sets_the_final_phase():

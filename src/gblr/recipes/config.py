@@ -407,7 +407,12 @@ def _read_with_parents(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any
         raise ValueError(f"{path}: 'extends' must name a config, got {parent!r}")
     sibling = path.parent / (parent if parent.endswith(".yaml") else f"{parent}.yaml")
     parent_path = sibling if sibling.is_file() else _locate(parent)
-    return _merge(_read_with_parents(parent_path, (*seen, path.resolve())), data)
+    inherited = _read_with_parents(parent_path, (*seen, path.resolve()))
+    # a config's name and run folder are its own: inherited, a run of the child would
+    # go into (and be refused by, or resume) the parent's run folder under its name
+    for key in ("name", "out"):
+        inherited.pop(key, None)
+    return _merge(inherited, data)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -808,6 +813,10 @@ def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfi
     """Read a config (a YAML path or a shipped name such as ``cifar10-vit-s-gblr``),
     follow its ``extends`` chain, apply ``section.key=value`` overrides and check it.
 
+    A config's ``name`` and ``out`` are not inherited through ``extends``: without them a
+    file is named by its file name (``my-vit.yaml``: ``my-vit``) and runs into
+    ``runs/<name>``.
+
     Raises:
         FileNotFoundError: no such file or shipped config (the message lists them).
         ValueError: an unknown key (named, with the closest allowed one), a value of the
@@ -843,6 +852,8 @@ def load_config(source: str | Path, overrides: Sequence[str] = ()) -> TrainConfi
             node = child
         node[keys[-1]] = value
     data.setdefault("name", path.stem)
+    if isinstance(data["name"], str) and data["name"]:
+        data.setdefault("out", f"runs/{data['name']}")
     return config_from_dict(data)
 
 
