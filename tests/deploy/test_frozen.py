@@ -284,3 +284,29 @@ def test_a_frozen_model_compiles_to_one_graph_with_no_recompile_for_another_batc
         torch.testing.assert_close(compiled(x), frozen(x), rtol=1e-5, atol=1e-5)
     assert counter.graphs == 1
     torch._dynamo.reset()
+
+
+def test_factors_set_to_train_are_refused_and_a_training_bias_gets_its_gradient():
+    """The plans multiply copies of the factors outside autograd: after
+    ``requires_grad_(True)`` the packed factors silently got no gradient, and the panels
+    plan failed inside torch for a bias that needs one."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        gblr.GBLRLinear(64, 64, init_cost=0.3), gblr.GBLRConv2d(4, 8, 3, init_cost=0.3)
+    )
+    frozen = gblr.freeze(model).requires_grad_(True)
+    x, image = torch.randn(3, 64), torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match=r"u_packed / v_packed require a gradient"):
+        frozen[0](x)
+    with pytest.raises(ValueError, match=r"FrozenGBLRConv2d"):
+        frozen[1](image)
+    with torch.no_grad():  # inference with the flags left on is fine
+        assert torch.allclose(frozen[0](x), model[0].eval()(x), atol=1e-5)
+    layer = frozen[0]
+    layer.u_packed.requires_grad_(False)
+    layer.v_packed.requires_grad_(False)
+    for plan in ("segment", "panels", "lowrank", "blocksparse", "dense"):
+        layer.plan = plan
+        layer.bias.grad = None
+        layer(x).sum().backward()
+        assert torch.equal(layer.bias.grad, torch.full((64,), 3.0)), plan

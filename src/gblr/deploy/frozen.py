@@ -358,6 +358,21 @@ class FrozenGBLRMatrix(nn.Module):
             )
         return items[key]
 
+    def _refuse_training_the_factors(self) -> None:
+        """The plans multiply cached or packed copies of the factors outside autograd, so
+        factors set to require a gradient (``requires_grad_(True)``) would get none, in
+        silence: refused while gradients are recorded."""
+        params = self._parameters
+        if torch.is_grad_enabled() and (
+            params["u_packed"].requires_grad or params["v_packed"].requires_grad
+        ):
+            raise ValueError(
+                f"{type(self).__name__}.u_packed / v_packed require a gradient, but the "
+                "frozen (inference) form gives its factors none: train the GBLR layers "
+                "before gblr.freeze, or set u_packed and v_packed back to "
+                "requires_grad=False (the bias may train)"
+            )
+
     def plan_for(self, rows: int) -> str:
         """The plan a forward over ``rows`` input rows (output positions) will use."""
         if self._plan != "auto":
@@ -381,7 +396,9 @@ class FrozenGBLRMatrix(nn.Module):
     def _matmul(self, x: Tensor, plan: str) -> Tensor:
         """``(N, in) -> (N, out)`` (bias included) through ``plan``."""
         if plan in _UNTRACKED_PLANS:
-            if plan == "panels" and torch.is_grad_enabled() and x.requires_grad:
+            bias = self._parameters["bias"]
+            tracked = x.requires_grad or (bias is not None and bias.requires_grad)
+            if plan == "panels" and torch.is_grad_enabled() and tracked:
                 plan = "segment"  # panels multiply into buffers (out=), which autograd refuses
             autocast = autocast_dtype(x.device.type)
             if autocast is not None:
@@ -544,6 +561,7 @@ class FrozenGBLRLinear(FrozenGBLRMatrix):
                 f"input's last dimension must be in_features={self.in_features}, "
                 f"got input of shape {tuple(x.shape)}"
             )
+        self._refuse_training_the_factors()
         if _is_compiling():
             plan = self.compiled_plan()
         else:
@@ -678,6 +696,7 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
                 f"input must be (N, in_channels={self.in_channels}, H, W) or "
                 f"(in_channels, H, W), got shape {tuple(x.shape)}"
             )
+        self._refuse_training_the_factors()
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
