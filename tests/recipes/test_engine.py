@@ -301,6 +301,26 @@ def test_training_steps_log_when_the_logger_writes_and_at_the_last_step(tmp_path
     assert all(float(row["train/loss"]) > 0 for row in written)
 
 
+def test_a_run_shorter_than_log_every_n_steps_still_writes_its_metrics(tmp_path):
+    """Lightning writes to its loggers only every ``log_every_n_steps``: a shorter run
+    (a recipe's 50 against a few steps) wrote no metrics.csv at all."""
+    import csv
+
+    train, _ = digits()
+    config = EngineConfig(
+        steps=4,
+        batch_size=16,
+        budget=0.5,
+        progress=False,
+        out_dir=tmp_path,
+        trainer={"log_every_n_steps": 50},
+    )
+    train_classifier(gblr_vit(), Subset(train, range(64)), None, config)
+    with open(tmp_path / "metrics.csv") as handle:
+        written = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    assert [int(row["step"]) for row in written] == [3]
+
+
 def test_the_structure_learns_at_the_weights_rate_unless_told():
     """The engine's default structure learning rate (lr, as `gblr.param_groups`; chosen
     on the real-task suite and a digits CNN); an explicit one is kept."""

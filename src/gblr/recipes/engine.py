@@ -663,6 +663,11 @@ def _run(
     if validate:
         trainer_options["val_check_interval"] = c.val_every_n_steps
     trainer_options.update(c.trainer)
+    # a run shorter than log_every_n_steps wrote no metrics.csv at all (Lightning writes
+    # to its loggers only on those steps)
+    trainer_options["log_every_n_steps"] = max(
+        1, min(trainer_options["log_every_n_steps"], trainer_options["max_steps"])
+    )
     trainer = _lightning_trainer(trainer_options, chosen=c.trainer)
     batch_size = c.batch_size
     if c.global_batch_size is not None:
