@@ -152,3 +152,34 @@ def test_the_learner_section_says_whether_removed_components_come_back():
     assert revived.revive is True
     with pytest.raises(ValueError, match=r"learner.revive must be bool, got 2"):
         load_config("digits-vit-gblr", ["learner.revive=2"])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.mean=[0.5]"], r"data\.mean is given without data\.std"),
+        (["data.mean=[0.5]", "data.std=[0.2]"], r"apply to image folders.*digits"),
+        (["data.augment=standard"], r"applies to CIFAR.*digits takes none"),
+        (
+            ["data.name=folder", "data.root=a", "data.val_root=b", "data.augment=standard"],
+            r"folder takes none",
+        ),
+    ],
+)
+def test_data_keys_the_dataset_would_ignore_are_refused(overrides, message):
+    """They were accepted and did nothing (digits normalizes by its own statistics,
+    only CIFAR builds an augmentation)."""
+    with pytest.raises(ValueError, match=message):
+        load_config("digits-vit-gblr", overrides)
+
+
+def test_image_only_data_keys_are_refused_for_a_language_model():
+    text = ["data.root=x"]
+    with pytest.raises(ValueError, match=r"data\.mixup=0\.2 applies to image classifiers"):
+        load_config("wikitext103-gpt2-gblr", [*text, "data.mixup=0.2"])
+    with pytest.raises(ValueError, match=r"data\.label_smoothing"):
+        load_config("wikitext103-gpt2-gblr", [*text, "data.label_smoothing=0.1"])
+    # where they apply they are kept
+    folder = ["data.name=folder", "data.root=a", "data.val_root=b"]
+    config = load_config("digits-vit-gblr", [*folder, "data.mean=[0.5]", "data.std=[0.2]"])
+    assert (config.data.mean, config.data.std) == ([0.5], [0.2])

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from torch import nn
 
 from ..deploy.io import load_checkpoint
+from ..learn.config import config_fields
 
 __all__ = [
     "BlockDiagConfig",
@@ -244,11 +245,7 @@ class ConversionConfig:
             target = config_class(data["structure"])
             if target is not ConversionConfig:
                 return target.from_dict(data)
-        names = [item.name for item in dataclasses.fields(cls)]
-        unknown = [key for key in data if key not in names]
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; allowed: {names}")
-        options = dict(data)
+        options = config_fields(cls, data)
         fixed = _fixed_structure(cls)
         if fixed is not None:
             given = options.pop("structure", fixed)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cost import layer_rows
-from ..learn.config import LearnerConfig
+from ..learn.config import LearnerConfig, config_fields
 from ..learn.factors import check_fraction, check_int
 from ..learn.groups import adamw, check_rate, gblr_layers, param_groups
 from ..learn.learner import StructureLearner
@@ -125,13 +125,7 @@ class DistillConfig:
             >>> DistillConfig.from_dict(config.to_dict()) == config
             True
         """
-        if not isinstance(data, Mapping):
-            raise TypeError(f"data must be a mapping (a dict), got {type(data).__name__}")
-        names = [field.name for field in dataclasses.fields(cls)]
-        unknown = [key for key in data if key not in names]
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} for DistillConfig; allowed: {names}")
-        fields = dict(data)
+        fields = config_fields(cls, data)
         if isinstance(fields.get("learner"), Mapping):
             fields["learner"] = LearnerConfig.from_dict(fields["learner"])
         return cls(**fields)

@@ -27,6 +27,7 @@ __all__ = [
     "RefineConfig",
     "ShiftLimitConfig",
     "UntangleConfig",
+    "config_fields",
 ]
 
 SIGMA_SCHEDULES = ("linear", "geometric", "constant")
@@ -98,6 +99,31 @@ def check_sigma(sigma: object) -> tuple[float, float] | None:
 _C = TypeVar("_C", bound="_Config")
 
 
+def config_fields(cls: type, data: object) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``, for a config's
+    ``from_dict``: a ``TypeError`` if it is not a mapping, a ``ValueError`` naming the
+    keys ``cls`` has no field for and listing the allowed ones.
+
+    Examples:
+        >>> from gblr import MergeConfig
+        >>> from gblr.learn.config import config_fields
+        >>> config_fields(MergeConfig, {"tolerance": 0.01})
+        {'tolerance': 0.01}
+        >>> try:
+        ...     config_fields(MergeConfig, {"tolerence": 0.01})
+        ... except ValueError as error:
+        ...     print(str(error)[:48])
+        unknown key(s) ['tolerence'] for MergeConfig; al
+    """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"data must be a mapping (a dict), got {type(data).__name__}")
+    names = [field.name for field in dataclasses.fields(cls)]
+    unknown = [key for key in data if key not in names]
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; allowed: {names}")
+    return dict(data)
+
+
 class _Config:
     """``to_dict``/``from_dict`` and field setting shared by the frozen configs."""
 
@@ -114,17 +140,7 @@ class _Config:
     def from_dict(cls: type[_C], data: Mapping[str, Any]) -> _C:
         """The config of `to_dict`'s data; unknown keys are a ``ValueError`` listing
         the allowed ones."""
-        return cls(**cls._check_keys(data))
-
-    @classmethod
-    def _check_keys(cls, data: object) -> dict[str, Any]:
-        if not isinstance(data, Mapping):
-            raise TypeError(f"data must be a mapping (a dict), got {type(data).__name__}")
-        names = [field.name for field in dataclasses.fields(cls)]
-        unknown = [key for key in data if key not in names]
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} for {cls.__name__}; allowed: {names}")
-        return dict(data)
+        return cls(**config_fields(cls, data))
 
 
 def _plain(value: object) -> object:
@@ -551,7 +567,7 @@ class LearnerConfig(_Config):
             ...
             ValueError: unknown key(s) ['merge_every'] for LearnerConfig; allowed: [...]
         """
-        options = cls._check_keys(data)
+        options = config_fields(cls, data)
         options = {key: _from_plain(value) for key, value in options.items()}
         for name, sub in cls.PASS_CONFIGS.items():
             value = options.get(name)

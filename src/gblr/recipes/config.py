@@ -175,11 +175,13 @@ class DataConfig:
     them (false for your own files in CIFAR's format; they are read safely either way).
     ``folder`` reads ``root`` (train) and ``val_root``
     (ImageNet-style class folders); ``imagenet`` reads ``root/train`` and ``root/val``.
-    ``augment``: ``standard`` = random crop with 4-pixel padding and horizontal flip;
-    ``autoaugment`` adds torchvision's AutoAugment (CIFAR-10 policy). ``mixup``/``cutmix``:
-    Beta-distribution α of each (0 = off; with both, each batch uses one of the two at
-    random), applied on the batch. ``mean``/``std``: image normalization (default: the
-    model's pretrained statistics for timm models, else ImageNet's).
+    ``augment`` (CIFAR only; image folders crop and flip by themselves): ``standard`` =
+    random crop with 4-pixel padding and horizontal flip; ``autoaugment`` adds
+    torchvision's AutoAugment (CIFAR-10 policy). ``mixup``/``cutmix``: Beta-distribution α
+    of each (0 = off; with both, each batch uses one of the two at random), applied on the
+    batch (images only). ``mean``/``std`` (image folders only; digits and CIFAR bring their
+    own): image normalization (default: the model's pretrained statistics for timm models,
+    else ImageNet's). A key the dataset would ignore is refused.
 
     Text: ``wikitext103`` reads the raw WikiText-103 files in ``root`` (or, without
     ``root``, the ``datasets`` hub copy); ``text`` reads ``root/{train,valid,test}.txt``.
@@ -585,6 +587,7 @@ def _validate(config: TrainConfig) -> None:
         value = getattr(config.data, key)
         if value is not None and len(value) not in (1, 3):
             raise ValueError(f"data.{key} must list 1 or 3 channel values, got {value!r}")
+    _check_data_keys_apply(config.data)
     optim = config.optim
     if (optim.epochs is None) == (optim.steps is None):
         raise ValueError(
@@ -638,6 +641,34 @@ def _validate(config: TrainConfig) -> None:
     _positive("trainer.checkpoint_every_n_steps", config.trainer.checkpoint_every_n_steps)
     _positive("trainer.val_every", config.trainer.val_every)
     _check_structure_keys_apply(config.structure)
+
+
+def _check_data_keys_apply(data: DataConfig) -> None:
+    """Refuse a ``data`` key that the dataset would accept and ignore: normalization
+    statistics where the dataset brings its own, an augmentation where none is built,
+    image batch mixing or label smoothing for a language model."""
+    name = data.name
+    if (data.mean is None) != (data.std is None):
+        given, missing = ("mean", "std") if data.std is None else ("std", "mean")
+        raise ValueError(f"data.{given} is given without data.{missing}: give both or neither")
+    if data.mean is not None and name not in ("folder", "imagenet"):
+        raise ValueError(
+            f"data.mean and data.std apply to image folders (data.name folder or imagenet); "
+            f"{name} is normalized by its own statistics: remove them"
+        )
+    if data.augment != "none" and name not in ("cifar10", "cifar100"):
+        raise ValueError(
+            f"data.augment={data.augment!r} applies to CIFAR (cifar10, cifar100); {name} "
+            "takes none (image folders crop and flip their training images themselves): "
+            "remove it or set data.augment=none"
+        )
+    if name in TEXT_DATASETS:
+        for key in ("mixup", "cutmix", "label_smoothing"):
+            if getattr(data, key):
+                raise ValueError(
+                    f"data.{key}={getattr(data, key)!r} applies to image classifiers; a "
+                    f"language model's data ({name}) takes none: remove it"
+                )
 
 
 def _rank_per_component_unused(s: StructureConfig) -> str | None:
