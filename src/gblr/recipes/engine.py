@@ -75,9 +75,22 @@ __all__ = [
 STRUCTURE_LR_FACTOR = 1
 
 
+@contextlib.contextmanager
+def _seeded_draws(seed: int, device: torch.device) -> Iterator[None]:
+    """Meanwhile, the global random generators (the CPU's, and ``device``'s if it is a
+    CUDA device) are seeded with ``seed``; their states are restored afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed % 2**63)
+        yield
+
+
 class _ScheduledModule(pl.LightningModule):
     """AdamW over [`gblr.param_groups`][] with linear warm-up and cosine decay, and a
     record of the model's layer types (and ``run_info``) in each checkpoint."""
+
+    #: Seeds each training step's random draws (`_step_draws`); the engine sets the run's.
+    step_seed: int | None = None
 
     def __init__(
         self,
@@ -122,6 +135,21 @@ class _ScheduledModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"layer_types": layer_types(self.model), **self.run_info}
+
+    def _step_draws(self) -> contextlib.AbstractContextManager[Any]:
+        """Meanwhile, torch's random numbers (MixUp/CutMix, drop path, dropout) are those
+        of this training step alone: drawn from a seed of (``step_seed``, rank, step), with
+        the global generators restored afterwards. A resumed run then draws what the
+        uninterrupted one drew at each step; from one stream, what came before a resume
+        (the start probe's runs, a checkpoint's save) shifted every later draw. A step
+        that draws nothing is unchanged. ``step_seed`` ``None`` (a module used alone):
+        the global stream, as before."""
+        if self.step_seed is None:
+            return contextlib.nullcontext()
+        return _seeded_draws(
+            (self.step_seed * 1_000_003 + self.global_rank) * 1_000_033 + self.global_step,
+            self.device,
+        )
 
     def model_input(self, batch: Any) -> Any:
         """What ``self.model`` is called with for a training ``batch``."""
@@ -187,9 +215,10 @@ class ClassificationModule(_ScheduledModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         inputs, labels = batch
-        if self.batch_mix is not None:
-            inputs, labels = self.batch_mix(inputs, labels)
-        logits = self.model(inputs)
+        with self._step_draws():
+            if self.batch_mix is not None:
+                inputs, labels = self.batch_mix(inputs, labels)
+            logits = self.model(inputs)
         loss = self.loss(logits, labels)
         if self._logs_this_step():
             hard = labels.argmax(-1) if labels.dim() > 1 else labels
@@ -254,7 +283,8 @@ class CausalLMModule(_ScheduledModule):
         return total, (targets != -100).sum()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        total, count = self._summed_loss(batch)
+        with self._step_draws():
+            total, count = self._summed_loss(batch)
         loss = total / count.clamp(min=1)
         if self._logs_this_step():
             self.log("train/loss", loss, prog_bar=True)
@@ -616,6 +646,7 @@ def _run(
         # whose sigma is a tensor, so the learner's annealing does not recompile it.
         model.compile(mode=None if c.compile_mode == "default" else c.compile_mode)
     pl.seed_everything(c.seed, workers=True, verbose=False)
+    module.step_seed = c.seed
     example = _one_example(module, train_set)
     callbacks: list[pl.Callback] = []
     if gblr_layers(model) and c.budget is not None:
