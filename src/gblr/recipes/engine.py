@@ -77,10 +77,11 @@ STRUCTURE_LR_FACTOR = 1
 
 @contextlib.contextmanager
 def _seeded_draws(seed: int, device: torch.device) -> Iterator[None]:
-    """Meanwhile, the global random generators (the CPU's, and ``device``'s if it is a
-    CUDA device) are seeded with ``seed``; their states are restored afterwards."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    """Meanwhile, the global random generators (the CPU's, and ``device``'s if it is an
+    accelerator) are seeded with ``seed``; their states are restored afterwards."""
+    accelerator = device.type != "cpu"
+    devices = [device.index or 0] if accelerator else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else None):
         torch.manual_seed(seed % 2**63)
         yield
 
