@@ -429,3 +429,26 @@ def test_trainer_options_lightning_refuses_are_a_value_error_naming_them(trainer
     options = {"logger": False, "enable_progress_bar": False, **trainer}
     with pytest.raises(ValueError, match=message):
         _lightning_trainer(options, chosen=trainer)
+
+
+def test_a_finished_run_resumed_into_another_folder_keeps_its_checkpoint(tmp_path):
+    """Resumed at its last step the run trains nothing and Lightning saved nothing: the
+    new folder had no checkpoint to resume from."""
+    train, test = digits()
+    train = Subset(train, range(64))
+    config = EngineConfig(steps=3, batch_size=16, budget=0.5, progress=False)
+    first = dataclasses.replace(config, checkpoint_dir=tmp_path / "a")
+    train_classifier(gblr_vit(), train, test, first)
+    again = dataclasses.replace(
+        config, checkpoint_dir=tmp_path / "b", resume=tmp_path / "a" / "last.ckpt"
+    )
+    result = train_classifier(gblr_vit(), train, test, again)
+    assert result["steps"] == 3
+    copied = (tmp_path / "b" / "last.ckpt").read_bytes()
+    assert copied == (tmp_path / "a" / "last.ckpt").read_bytes()
+    # a run that trains its own steps keeps the checkpoint Lightning saved
+    longer = dataclasses.replace(
+        config, steps=5, checkpoint_dir=tmp_path / "c", resume=tmp_path / "a" / "last.ckpt"
+    )
+    train_classifier(gblr_vit(), train, test, longer)
+    assert (tmp_path / "c" / "last.ckpt").read_bytes() != copied

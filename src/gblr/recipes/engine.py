@@ -35,6 +35,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("the training engine needs Lightning: pip install 'gblr[train]'") from error
 
 from ..cost import FlopsReport, count_flops
+from ..files import save_atomically
 from ..integrations.lightning import GBLRCallback
 from ..learn.groups import adamw, gblr_layers, param_groups
 from ..modules import to_device
@@ -753,6 +754,9 @@ def _run(
     seconds = time.perf_counter() - start
     if resumed_step is not None and c.out_dir is not None and trainer.is_global_zero:
         _merge_metrics(Path(c.out_dir), resumed_step)
+    trained_nothing = resumed_step is not None and trainer.global_step == resumed_step
+    if trained_nothing and c.checkpoint_dir is not None and trainer.is_global_zero:
+        _keep_finished_checkpoint(Path(c.resume), Path(c.checkpoint_dir))
     flops = _structured_layers_flops(model, c, example)
     return {
         "macs_ratio": flops.ratio,
@@ -760,6 +764,20 @@ def _run(
         "steps": max(trainer.global_step, int(trainer.callback_metrics.get("train/steps_done", 0))),
         "global_rank": trainer.global_rank,
     }
+
+
+def _keep_finished_checkpoint(resumed: Path, folder: Path) -> None:
+    """A run resumed from a checkpoint at its last step trains nothing, so Lightning
+    saves nothing: where ``folder`` (the run's checkpoints) has no ``last.ckpt``, the
+    checkpoint it resumed (called only when no step was trained: it holds the model the
+    run ends with) is copied there, so the run resumes from its own folder as any other."""
+    import shutil
+
+    target = folder / "last.ckpt"
+    if target.exists() or not resumed.is_file() or resumed.resolve() == target.resolve():
+        return
+    with open(resumed, "rb") as source:
+        save_atomically(lambda handle: shutil.copyfileobj(source, handle), target)
 
 
 def _module_options(config: EngineConfig, run_info: dict[str, Any] | None) -> dict[str, Any]:
