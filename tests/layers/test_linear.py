@@ -922,3 +922,24 @@ def test_an_empty_batch_passes_the_held_strips_forms(shape):
         assert out.shape == (*batch[:-1], shape[1])
         out.sum().backward()
         assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("shape, cost", [((16, 16), 0.05), ((97, 89), 0.01), ((16, 16), 0.1)])
+def test_a_start_too_small_for_a_strip_per_line_is_live_and_within_its_cost(shape, cost):
+    """Below about 2 / max(in, out) of the MACs the block-diagonal start fell back to
+    narrow components that rounded to empty intervals: a layer of zeros (0 MACs, no live
+    component) that no gradient revives. Now as many one-cell-or-longer strips as the
+    cost pays, all live, at most the cost asked (16x16 at 0.1 started at 0.125)."""
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(*shape, init_cost=cost)
+    asked = cost * shape[0] * shape[1]
+    assert 0.9 * asked <= layer.flops() <= asked
+    live = layer.live_components()
+    assert live >= 6 and int((layer.dense_weight() != 0).sum()) >= live
+
+
+def test_an_init_cost_that_pays_for_no_component_is_refused_with_the_smallest():
+    with pytest.raises(ValueError, match=r"init_cost=0\.005 .* use init_cost >= 0\.0078"):
+        gblr.GBLRLinear(16, 16, init_cost=0.005)
+    with pytest.raises(ValueError, match=r"too small to cost less than dense"):
+        gblr.GBLRLinear(1, 1, init_cost=1.0)

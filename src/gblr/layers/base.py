@@ -418,8 +418,8 @@ class GBLRMatrixMixin(nn.Module):
         num_strips = min(k - num_full, max(1, short // r))
         lines = short / num_strips  # lines of the short side per strip (r when all fit)
         block_long = strips_budget / (num_strips * r) - lines
-        if block_long < 1:  # too little for strips: the narrow start of "half"
-            self._init_half(init_cost, k, r, m, n)
+        if block_long < 1:  # too little for a strip per line: fewer, shorter ones
+            self._init_sparse_strips(init_cost, num_full, strips_budget)
             return
         block_long = min(block_long, float(long))
         # Whole blocks at or under the budget (more blocks are smaller); what is left over
@@ -459,6 +459,56 @@ class GBLRMatrixMixin(nn.Module):
             self.widths[short_side, strips] = short_width.to(dtype=dtype, device=device)
             self.locations[short_side, strips] = short_start.to(dtype=dtype, device=device)
             self.widths[long_side, strips] = long_width.to(dtype=dtype, device=device)
+            self.locations[long_side, strips] = (long_start / long).to(dtype=dtype, device=device)
+
+    def _init_sparse_strips(self, init_cost: float, num_full: int, budget: float) -> None:
+        """The block-diagonal start where ``budget`` MACs cannot pay a strip for every
+        line of the shorter side: as many one-line strips as the budget pays at one cell
+        each (``2 r`` MACs), spread evenly along the diagonal, each as long as the budget
+        allows; the components left over are off. Every strip is live (a narrower start
+        rounds to empty intervals: a layer of zeros that no gradient revives).
+
+        Raises:
+            ValueError: ``budget`` pays for no component and there is no full one.
+        """
+        k, r, m, n = self.num_components, self.rank_per_component, self.rows, self.cols
+        short, long = (n, m) if n <= m else (m, n)
+        count = min(k - num_full, short, int(budget // (2 * r)))
+        if count == 0 and num_full == 0:
+            smallest = 2 * r / (m * n)
+            remedy = (
+                f"use init_cost >= {smallest:.4g}"
+                if smallest <= 1
+                else "the layer is too small to cost less than dense: keep it an nn.Linear"
+            )
+            raise ValueError(
+                f"init_cost={init_cost} is {init_cost * m * n:.4g} MACs of this {m}x{n} "
+                f"layer, less than its smallest component ({2 * r} MACs: one row and one "
+                f"column at rank {r}): {remedy}"
+            )
+        length = min(long, int(budget // (count * r)) - 1) if count else 0
+        index = torch.arange(count, dtype=torch.float64)
+        short_start = torch.floor(index * short / max(count, 1))
+        long_start = torch.minimum(
+            torch.floor(index * long / max(count, 1)), torch.tensor(float(long - length))
+        )
+        short_side, long_side = (0, 1) if n <= m else (1, 0)
+        with torch.no_grad():
+            self.widths.zero_()
+            self.locations.zero_()
+            self.widths[:, :num_full] = 1.0
+            self._spread_full_components(num_full)
+            strips = slice(num_full, num_full + count)
+            dtype, device = self.widths.dtype, self.widths.device
+            self.widths[short_side, strips] = torch.full(
+                (count,), 1.0 / short, dtype=dtype, device=device
+            )
+            self.locations[short_side, strips] = (short_start / short).to(
+                dtype=dtype, device=device
+            )
+            self.widths[long_side, strips] = torch.full(
+                (count,), length / long, dtype=dtype, device=device
+            )
             self.locations[long_side, strips] = (long_start / long).to(dtype=dtype, device=device)
 
     def _init_half(self, init_cost: object, k: int, r: int, m: int, n: int) -> None:
