@@ -943,3 +943,27 @@ def test_an_init_cost_that_pays_for_no_component_is_refused_with_the_smallest():
         gblr.GBLRLinear(16, 16, init_cost=0.005)
     with pytest.raises(ValueError, match=r"too small to cost less than dense"):
         gblr.GBLRLinear(1, 1, init_cost=1.0)
+
+
+def test_the_training_forward_uses_the_sigma_the_buffer_holds():
+    """σ was cached by the buffer's id and version: a change through ``.data`` (not
+    counted by torch) and a fresh σ tensor at a freed one's address (``functional_call``
+    per call) were silently ignored."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 12)
+    layer = gblr.GBLRLinear(12, 8, structure_init="random", sigma=5.0)
+
+    def at(sigma):  # the same layer's output at ``sigma``, built afresh
+        other = gblr.GBLRLinear(12, 8, structure_init="random")
+        other.load_state_dict({**layer.state_dict(), "sigma": torch.tensor(sigma)})
+        return other(x)
+
+    before = layer(x)
+    layer.sigma.data.fill_(1.0)
+    assert torch.allclose(layer(x), at(1.0)) and not torch.allclose(layer(x), before)
+    for step in range(12):
+        sigma = float(1 + step % 4)
+        y = functional_call(layer, {"sigma": torch.tensor(sigma)}, (x,))
+        assert torch.allclose(y, at(sigma), atol=1e-6), step

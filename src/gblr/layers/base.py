@@ -645,18 +645,26 @@ class GBLRMatrixMixin(nn.Module):
     def _sigma_value(self) -> float | None:
         """``float(self.sigma)`` (``None`` for ``inf``) without a device sync per forward.
 
-        The buffer is the source of truth (state_dict, learner); its value is re-read only
-        when the tensor is replaced or modified in place (``_version`` changes).
+        The buffer is the source of truth (state_dict, learner). On the CPU it is read at
+        every call (a microsecond). On an accelerator, where reading it waits for the
+        device, it is re-read only when the buffer is another tensor or was changed in
+        place (its ``_version``); the tensor itself is kept with the value, so a new
+        tensor at a freed one's address is not taken for it (``functional_call`` with a
+        fresh σ per call). A change through ``sigma.data``, which torch does not count, is
+        seen on the CPU only: set σ with ``layer.sigma.fill_(s)`` or ``copy_``.
         """
-        if self.sigma.is_meta:  # no value; the masks' shapes do not depend on it
+        sigma = self.sigma
+        if sigma.is_meta:  # no value; the masks' shapes do not depend on it
             return None
-        key = (id(self.sigma), self.sigma._version, self.sigma.device)
+        if sigma.device.type == "cpu":
+            value = float(sigma)
+            return None if math.isinf(value) else value
         cached = self.__dict__.get("_sigma_cache")
-        if cached is None or cached[0] != key:
-            value = float(self.sigma)
-            cached = (key, None if math.isinf(value) else value)
+        if cached is None or cached[0] is not sigma or cached[1] != sigma._version:
+            value = float(sigma)
+            cached = (sigma, sigma._version, None if math.isinf(value) else value)
             self.__dict__["_sigma_cache"] = cached
-        return cached[1]
+        return cached[2]
 
     def masked_factors(self) -> tuple[Tensor, Tensor]:
         """``(U_masked (K'*r, out), V_masked (K'*r, in))`` with ``W = U_masked.T @ V_masked``.
