@@ -905,6 +905,9 @@ def test_held_strips_train_under_cpu_autocast(dtype, shape, rows):
         y = model(x)
     y.float().sum().backward()
     assert torch.allclose(y.float(), expected, rtol=0.05, atol=0.05)
+    # as nn.Linear's under autocast, whichever form ran (a float32 bias promoted them)
+    with torch.autocast("cpu", dtype=dtype):
+        assert model[0](x).dtype == dtype and model[2](model[0](x)).dtype == dtype
     first = model[0]
     assert first.U.grad is not None and first.V.grad is not None
     assert bool(first.U.grad.isfinite().all()) and bool(first.V.grad.isfinite().all())

@@ -158,7 +158,7 @@ class GBLRLinear(GBLRMatrixMixin):
                 )
                 if windowed is not None:
                     windowed = windowed.view(*x.shape[:-1], self.out_features)
-                    return windowed if self.bias is None else windowed + self.bias
+                    return _plus_bias(windowed, self.bias)
                 strips = self._strips_of(held) if few_rows else None
                 if strips is not None:
                     return self._strips_forward(x, *strips)
@@ -178,7 +178,7 @@ class GBLRLinear(GBLRMatrixMixin):
         products = F.linear(x, masked) * values
         out = products.new_zeros(*products.shape[:-1], self.out_features)
         out = out.index_add(-1, lines, products)
-        return out if self.bias is None else out + self.bias
+        return _plus_bias(out, self.bias)
 
     def dense_weight(self) -> Tensor:
         """The ``(out_features, in_features)`` weight in the current mode."""
@@ -253,6 +253,12 @@ class GBLRLinear(GBLRMatrixMixin):
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
+
+
+def _plus_bias(out: Tensor, bias: Tensor | None) -> Tensor:
+    """``out + bias`` in ``out``'s dtype: under autocast the products come in its dtype,
+    as ``F.linear``'s output with its bias does (a float32 bias would promote them)."""
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def _interval_fractions(name: str, intervals: object, k: int, size: int) -> tuple[Tensor, Tensor]:
