@@ -710,3 +710,40 @@ def test_a_pattern_without_wildcards_selects_names_ending_in_it_as_peft_does():
     numbered = nn.Sequential(nn.Linear(32, 32), nn.Sequential(nn.Linear(32, 32)))
     selected = select_layers(numbered, GBLRConfig(exclude="0", min_features=1))
     assert [name for name, _, _ in selected.selected] == ["1.0"]
+
+
+class _ReadsWeightDtype(nn.Module):
+    """As transformers' T5 feed-forward block: its forward reads ``self.wo.weight``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wi, self.wo = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(torch.relu(self.wi(x)).to(self.wo.weight.dtype))
+
+
+class _ReadsGrandchildWeight(nn.Module):
+    """As transformers' ViT embeddings: ``self.patch.projection.weight.dtype``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Sequential()
+        self.patch.projection = nn.Linear(32, 32)
+        self.block = _ReadsWeightDtype()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.patch.projection(x.to(self.patch.projection.weight.dtype)))
+
+
+def test_a_layer_whose_model_reads_its_weight_in_forward_stays_dense_with_the_reason():
+    """Converted, transformers' T5 and ViT failed at their first forward ("'GBLRLinear'
+    object has no attribute 'weight'") after a conversion that reported success."""
+    torch.manual_seed(0)
+    model = _ReadsGrandchildWeight()
+    report = gblr.convert(model, gblr.GBLRConfig(budget=0.5), progress=False)
+    skipped = dict(report.skipped)
+    assert "_ReadsWeightDtype reads its .weight in its forward" in skipped["block.wo"]
+    assert "_ReadsGrandchildWeight" in skipped["patch.projection"]
+    assert isinstance(model.block.wi, gblr.GBLRLinear)
+    assert model(torch.randn(3, 32)).shape == (3, 32)  # it runs

@@ -90,3 +90,23 @@ def test_layers_build_on_the_meta_device_and_load_a_state_dict(cls, args, shape)
     meta.to_empty(device="cpu").load_state_dict(reference.state_dict())
     reference.eval(), meta.eval()
     assert torch.equal(meta(x), reference(x)) and meta.flops() == reference.flops()
+
+
+def test_numpy_scalars_are_taken_where_python_numbers_are():
+    """nn.Linear takes np.int64 sizes; gblr refused them (and np.float32 costs, sigma, a
+    learning rate, total_steps) as "not a number", while it took np.float32 budgets."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(np.int64(16), np.int64(8), init_cost=np.float32(0.5))
+    assert (layer.in_features, layer.out_features) == (16, 8)
+    assert type(layer.in_features) is int
+    sigma = gblr.GBLRLinear(8, 8, sigma=np.float32(2.0))
+    assert float(sigma.sigma) == 2.0
+    model = torch.nn.Sequential(layer)
+    groups = gblr.param_groups(model, lr=np.float32(1e-3), structure_lr=np.float64(1e-3))
+    assert all(isinstance(group["lr"], float) for group in groups)
+    learner = gblr.StructureLearner(model, budget=0.3, total_steps=np.int64(10))
+    assert learner.total_steps == 10
+    with pytest.raises(TypeError, match="total_steps"):
+        gblr.StructureLearner(model, budget=0.3, total_steps=np.float64(10))

@@ -1,6 +1,7 @@
 import copy
 import gc
 import math
+import warnings
 
 import pytest
 import torch
@@ -853,3 +854,62 @@ def test_a_learner_refuses_to_step_layers_that_were_replaced(replace):
     with pytest.raises(RuntimeError, match=rf"gblr.{replace} replaced the GBLR layer '0' in"):
         learner.step()
     assert learner.step_count == 2
+
+
+def test_a_state_saved_for_another_budget_or_mode_is_refused():
+    """It loaded in silence: a run saved at 0.3 resumed towards 0.1 with the saved
+    threshold and ramp, and a budget's state loaded into a penalty (lam) learner."""
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRLinear(32, 32), nn.ReLU(), gblr.GBLRLinear(32, 8))
+    saved = gblr.StructureLearner(model, budget=0.3, total_steps=100).state_dict()
+    gblr.StructureLearner(model, budget=0.3, total_steps=100).load_state_dict(saved)  # same
+    with pytest.raises(ValueError, match=r"saved for a budget of 384 MACs.*budget of 128"):
+        gblr.StructureLearner(model, budget=0.1, total_steps=100).load_state_dict(saved)
+    penalty = gblr.StructureLearner(model, lam=0.5, total_steps=100, structure_lr=1e-3)
+    with pytest.raises(ValueError, match=r"this learner has a lam=0\.5"):
+        penalty.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("rate, error", [(float("inf"), ValueError), (True, TypeError)])
+def test_the_penalty_mode_refuses_a_structure_lr_that_param_groups_refuses(rate, error):
+    # inf made the threshold infinite: the first step cut every component of every layer
+    model = nn.Sequential(gblr.GBLRLinear(32, 32))
+    with pytest.raises(error, match="structure_lr"):
+        gblr.StructureLearner(model, lam=1e-3, total_steps=10, structure_lr=rate)
+
+
+def test_a_budget_ramp_longer_than_the_run_warns():
+    # accepted in silence, the run ended at 1.65x the dense MACs against a budget of 0.3
+    model = nn.Sequential(gblr.GBLRLinear(32, 32))
+    with pytest.warns(UserWarning, match=r"warmup_steps=100 > total_steps=10"):
+        gblr.StructureLearner(model, budget=0.3, total_steps=10, warmup_steps=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gblr.StructureLearner(model, budget=0.3, total_steps=10, warmup_steps=10)
+
+
+def test_a_second_run_learns_the_structure_a_first_run_s_final_phase_fixed():
+    """The final phase left widths and locations without a gradient on the model: a
+    second run (new param_groups, new learner) on the same objects never learned the
+    structure, while the same model rebuilt from its state_dict did."""
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRLinear(32, 32, init_cost=0.5))
+
+    def run(budget, steps):
+        optimizer = torch.optim.Adam(gblr.param_groups(model, lr=1e-2))
+        learner = gblr.StructureLearner(model, budget=budget, total_steps=steps)
+        for _ in range(steps):
+            loss = model(torch.randn(8, 32)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            learner.step()
+        return optimizer
+
+    run(0.5, 20)
+    assert not model[0].widths.requires_grad  # the final phase fixed it
+    user_fixed = nn.Sequential(gblr.GBLRLinear(32, 32)).requires_grad_(False)
+    assert gblr.param_groups(user_fixed, lr=1e-3) == []  # the user's own choice stays
+    optimizer = run(0.4, 10)
+    assert "structure" in [group["name"] for group in optimizer.param_groups]
+    assert model[0].widths.grad is not None  # learned during the second run

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import heapq
+import inspect
 import math
+import re
 import statistics
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -894,6 +897,41 @@ def _parent_reason(model: nn.Module, names: list[str]) -> str | None:
                 f"torch's nn.{type(parent).__name__} reads {child}.weight directly, which "
                 "a structured layer does not have"
             )
+        reader = _weight_reader(model, name)
+        if reader is not None:
+            return (
+                f"{reader} reads its .weight in its forward ({reader}.forward), which a "
+                "structured layer does not have"
+            )
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_sources(cls: type) -> str:
+    """The source of ``cls``'s ``forward`` methods along its MRO (torch's own and those
+    whose source is not available left out)."""
+    sources = []
+    for klass in cls.__mro__:
+        forward = klass.__dict__.get("forward")
+        if forward is None or klass.__module__.split(".")[0] == "torch":
+            continue
+        with contextlib.suppress(OSError, TypeError):
+            sources.append(inspect.getsource(forward))
+    return "\n".join(sources)
+
+
+def _weight_reader(model: nn.Module, name: str) -> str | None:
+    """The class of a module above ``name`` whose forward reads the layer's ``.weight``
+    by its path (``self.wo.weight.dtype`` in transformers' T5, ``self.patch_embeddings.
+    projection.weight.dtype`` in its ViT): replaced, the model would fail at its first
+    forward. A look at the source, so a read through another name goes unseen."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        above = ".".join(parts[:depth])
+        path = re.escape(".".join(parts[depth:]))
+        ancestor = model.get_submodule(above) if above else model
+        if re.search(rf"self\.{path}\.weight\b", _forward_sources(type(ancestor))):
+            return type(ancestor).__name__
     return None
 
 
@@ -986,8 +1024,8 @@ class LayerSelection:
             structure can convert and that is large enough (``min_features``); a module
             registered under several names appears once, under its first.
         skipped: ``(name, reason)`` of the other matched layers, left dense: too small, a
-            convolution the structure cannot convert, or a Linear child of a torch module
-            that reads its weight (``nn.MultiheadAttention``).
+            convolution the structure cannot convert, or a layer whose weight a module above
+            it reads in its forward (``nn.MultiheadAttention``, transformers' T5).
         aliases: every name of each convertible module, by ``id(module)``.
         targets: the layers that would be replaced, each with its ``name``, ``kind``,
             ``modules`` and ``names`` (selected modules tied to one weight are one
@@ -1198,7 +1236,9 @@ def convert(
         family cannot express at its share of the budget (below the family's smallest
         configuration), the Linear children of
         ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` (torch reads their
-        ``.weight``), and *tied* layers (below). A ``UserWarning`` says when
+        ``.weight``), a layer whose ``.weight`` a module above it reads in its forward
+        (``self.wo.weight.dtype`` in transformers' T5, its ViT's patch projection), and
+        *tied* layers (below). A ``UserWarning`` says when
         tied layers were left dense, when no layer was converted at all, and when the
         global allocation left a layer under `STARVED_SHARE` (1%) of ``budget`` times
         its MACs (almost nothing passes through it: an untrained model's flat spectra

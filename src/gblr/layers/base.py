@@ -16,6 +16,7 @@ and locations; in eval mode they are exact boxcars.
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from collections.abc import Sequence
 from typing import Literal
@@ -60,11 +61,12 @@ EvaluationOrder = Literal["auto", "materialize", "factored"]
 
 def check_positive_int(name: str, value: object) -> int:
     """Return ``value`` as int, or raise TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    # any integral number (numpy's too, as nn.Linear takes them), never a bool
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
+    return int(value)
 
 
 def check_sigma_fits_buffer(name: str, sigma: float) -> None:
@@ -236,8 +238,9 @@ class GBLRMatrixMixin(nn.Module):
             raise ValueError("widths and locations must be given together, or neither")
         if sigma is None:
             sigma = math.inf
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0:
             raise ValueError(f"sigma must be a positive number (math.inf for none), got {sigma!r}")
+        sigma = float(sigma)
         check_sigma_fits_buffer("sigma", sigma)
 
         self.rows = rows
@@ -353,7 +356,7 @@ class GBLRMatrixMixin(nn.Module):
                 f"full_share is only used with structure_init='blocks', got "
                 f"full_share={full_share!r} with structure_init={scheme!r}"
             )
-        elif isinstance(full_share, bool) or not isinstance(full_share, (int, float)):
+        elif isinstance(full_share, bool) or not isinstance(full_share, numbers.Real):
             raise TypeError(f"full_share must be a number in [0, 1), got {full_share!r}")
         elif not 0.0 <= full_share < 1.0:
             raise ValueError(f"full_share must be in [0, 1), got {full_share}")
@@ -402,12 +405,13 @@ class GBLRMatrixMixin(nn.Module):
         budget; what they leave lengthens strips by whole cells, so the start costs the
         budget to within one cell (``r`` MACs).
         """
-        if isinstance(init_cost, bool) or not isinstance(init_cost, (int, float)):
+        if isinstance(init_cost, bool) or not isinstance(init_cost, numbers.Real):
             raise TypeError(f"init_cost must be a number in (0, 1], got {init_cost!r}")
         if not 0.0 < init_cost <= 1.0:
             raise ValueError(
                 f"init_cost must be in (0, 1] (fraction of dense MACs), got {init_cost}"
             )
+        init_cost = float(init_cost)
         k, r, m, n = self.num_components, self.rank_per_component, self.rows, self.cols
         budget = init_cost * m * n
         full_cost = r * (m + n)
@@ -520,12 +524,13 @@ class GBLRMatrixMixin(nn.Module):
         intervals at evenly spaced locations (block-like terms), so the training can move
         FLOPs either way.
         """
-        if isinstance(init_cost, bool) or not isinstance(init_cost, (int, float)):
+        if isinstance(init_cost, bool) or not isinstance(init_cost, numbers.Real):
             raise TypeError(f"init_cost must be a number in (0, 1], got {init_cost!r}")
         if not 0.0 < init_cost <= 1.0:
             raise ValueError(
                 f"init_cost must be in (0, 1] (fraction of dense MACs), got {init_cost}"
             )
+        init_cost = float(init_cost)
         budget = init_cost * m * n
         full_cost = r * (m + n)
         num_full = min(k - 1, int(budget / 2 // full_cost)) if k > 1 else 0

@@ -263,8 +263,8 @@ class GBLRConv2d(GBLRMatrixMixin):
         )
         kh, kw = self.kernel_size
         self._init_gblr(
-            out_channels,
-            in_channels * kh * kw,
+            self.out_channels,
+            self.in_channels * kh * kw,
             rank_per_component=rank_per_component,
             num_components=num_components,
             structure_init=structure_init,

@@ -112,8 +112,8 @@ class GBLRLinear(GBLRMatrixMixin):
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         self._init_gblr(
-            out_features,
-            in_features,
+            self.out_features,
+            self.in_features,
             rank_per_component=rank_per_component,
             num_components=num_components,
             structure_init=structure_init,

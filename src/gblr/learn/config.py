@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
@@ -36,7 +37,7 @@ RAMPS = ("geometric", "linear")
 
 def _check_real(name: str, value: object, allowed: str) -> float:
     """``value`` as a float when it is a real number (bools refused), else a TypeError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {allowed}, got {value!r}")
     return float(value)
 

@@ -8,6 +8,8 @@ cells.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy
 import torch
 from torch import Tensor
@@ -34,7 +36,7 @@ def check_fraction(name: str, value: object) -> float:
         ...
         ValueError: tolerance must be in [0, 1), got 1
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
     if not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -49,11 +51,11 @@ def check_int(name: str, value: object, minimum: int) -> int:
         >>> check_int("total_steps", 100, 1)
         100
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def circular_spans(starts: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,7 @@ See docs/design.md#learning-the-structure.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,7 +34,7 @@ def check_rate(name: str, value: object, *, allow_zero: bool = False) -> float:
         >>> check_rate("lr", 3e-4)
         0.0003
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}")
     if not (value >= 0 if allow_zero else value > 0) or value != value or value == float("inf"):
         allowed = ">= 0" if allow_zero else "> 0"
@@ -55,7 +56,9 @@ def param_groups(
       usual timm/Hugging Face convention;
     - ``"structure"``: GBLR ``widths`` and ``locations``, learning rate ``structure_lr``
       (default ``lr``), no weight decay, and Adam betas ``(0, 0.999)`` as in the paper
-      (optimizers without ``betas`` ignore the key).
+      (optimizers without ``betas`` ignore the key). Those that a structure learner's
+      final phase fixed are included: the next learner built on the model gives them
+      their gradient back (parameters you set to ``requires_grad=False`` are left out).
 
     Empty groups are left out. Shared parameters appear once.
 
@@ -85,13 +88,21 @@ def param_groups(
     )
     weight_decay = check_rate("weight_decay", weight_decay, allow_zero=True)
 
-    structure_ids = {
-        id(p) for _, layer in gblr_layers(model) for p in (layer.widths, layer.locations)
+    layers = [layer for _, layer in gblr_layers(model)]
+    structure_ids = {id(p) for layer in layers for p in (layer.widths, layer.locations)}
+    # fixed by a structure learner's final phase, not by the user: the next learner built
+    # on the model gives them their gradient back, so the optimizer must hold them
+    fixed_by_learner = {
+        id(p)
+        for layer in layers
+        if getattr(layer, "structure_fixed_by_learner", False)
+        for p in (layer.widths, layer.locations)
     }
     seen: set[int] = set()
     decay, no_decay, structure = [], [], []
     for param in model.parameters():
-        if not param.requires_grad or id(param) in seen:
+        skipped = not param.requires_grad and id(param) not in fixed_by_learner
+        if skipped or id(param) in seen:
             continue
         seen.add(id(param))
         if id(param) in structure_ids:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import warnings
 from typing import Any
 
 import numpy
@@ -40,7 +41,7 @@ from ..modules import to_device
 from .arguments import BUDGET_ALIASES, budget_names, check_budget_arguments, resolve_deprecated
 from .config import DEPRECATED_OPTIONS, SIGMA_SCHEDULES, LearnerConfig, check_sigma
 from .factors import check_int
-from .groups import gblr_layers
+from .groups import check_rate, gblr_layers
 from .merge import MergePass
 from .passes import AdaptivePass, LearnerPass, PassSchedule, ShiftLimitPass
 from .refine import RefinePass
@@ -628,6 +629,13 @@ class StructureLearner:
                 "materialise the model first (model.to_empty(device=...) and "
                 "load_state_dict) and build the learner on it"
             )
+        # A new run learns the structure that an earlier learner's final phase fixed
+        # (left so, the model in memory would train differently from its state_dict's).
+        for layer in layers:
+            if getattr(layer, "structure_fixed_by_learner", False):
+                layer.widths.requires_grad_(True)
+                layer.locations.requires_grad_(True)
+                layer.structure_fixed_by_learner = False
         self.total_steps = check_int("total_steps", total_steps, 1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.sigma_start_step = check_int("sigma_start_step", sigma_start_step, 0)
@@ -665,6 +673,14 @@ class StructureLearner:
                 ),
             )
             self.final_target = final_macs // self.rows_unit
+            if self.warmup_steps > self.total_steps:
+                warnings.warn(
+                    f"warmup_steps={self.warmup_steps} > total_steps={self.total_steps}: the "
+                    "budget's ramp ends after the run, which then ends above the budget "
+                    "(unless it starts under it); give warmup_steps <= total_steps",
+                    UserWarning,
+                    stacklevel=2,
+                )
         else:
             if isinstance(lam, bool) or not isinstance(lam, (int, float)):
                 raise TypeError(f"lam must be a number >= 0, got {lam!r}")
@@ -675,10 +691,8 @@ class StructureLearner:
                     "λ mode needs the structure learning rate: pass optimizer= (its group "
                     "holding the widths) or structure_lr="
                 )
-            if structure_lr is not None and not (
-                isinstance(structure_lr, (int, float)) and structure_lr > 0
-            ):
-                raise ValueError(f"structure_lr must be a number > 0, got {structure_lr!r}")
+            if structure_lr is not None:  # inf cut every component at the first step
+                structure_lr = check_rate("structure_lr", structure_lr)
             self.lam = float(lam)
         self.optimizer = optimizer
         self.structure_lr = structure_lr
@@ -807,6 +821,8 @@ class StructureLearner:
             for layer in self.layers:
                 layer.widths.requires_grad_(False)
                 layer.locations.requires_grad_(False)
+                # a later run's param_groups and learner give them their gradient back
+                layer.structure_fixed_by_learner = True
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -973,6 +989,26 @@ class StructureLearner:
             },
         }
 
+    def _check_same_target(self, state: dict[str, Any]) -> None:
+        """Refuse a state saved for another budget (``final_target``) or in the other mode
+        (a budget against a penalty ``lam``): it would resume towards this learner's target
+        with the saved run's threshold and ramp, in silence."""
+        if "final_target" not in state or "lam" not in state:  # states of older versions
+            return
+        saved_target, saved_lam = state["final_target"], state["lam"]
+
+        def mode(target: object, lam: object) -> str:
+            return f"lam={lam}" if lam is not None else f"budget of {target} MACs"
+
+        if (saved_lam is None) != (self.lam is None) or (
+            saved_target != self.final_target if saved_lam is None else saved_lam != self.lam
+        ):
+            raise ValueError(
+                f"the learner state was saved for a {mode(saved_target, saved_lam)}, this "
+                f"learner has a {mode(self.final_target, self.lam)}: build it with the saved "
+                "run's budget (or lam) to resume that run"
+            )
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict` output (and σ on every layer); load the model's
         state first.
@@ -1003,6 +1039,8 @@ class StructureLearner:
                 "build the learner with the same example_input as the saved run (none: "
                 "every layer counted per row)"
             )
+        # after the rows' check: other rows per layer give other MACs, the target too
+        self._check_same_target(state)
         self.step_count = int(state["step_count"])
         self.start_cost = int(state["start_cost"])
         self.threshold = float(state["threshold"])

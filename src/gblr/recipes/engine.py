@@ -656,7 +656,10 @@ def _run(
             GBLRCallback(
                 config=c.learner,
                 **_learner_budget(model, c, example),
-                warmup_steps=c.warmup_steps if c.budget_ramp_steps is None else c.budget_ramp_steps,
+                # a run shorter than the ramp (a smoke run of a recipe) ramps over itself
+                warmup_steps=min(
+                    c.steps, c.warmup_steps if c.budget_ramp_steps is None else c.budget_ramp_steps
+                ),
                 sigma_start_step=c.sigma_start_step,
                 total_steps=c.steps,
             )

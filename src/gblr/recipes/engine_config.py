@@ -91,7 +91,7 @@ class EngineConfig:
         budget: the MACs fraction in (0, 1] of the GBLR layers' dense MACs that the
             learner takes them to (was ``target``).
         budget_ramp_steps: steps over which the cost ramps from the start to ``budget``
-            (default ``warmup_steps``).
+            (default ``warmup_steps``; at most ``steps``: a shorter run ramps over itself).
         learner: how it learns, a [`gblr.LearnerConfig`][] (default
             ``LearnerConfig()``, the library's default from scratch: exact masks, the
             block-diagonal start's one-line sides held; was ``learner_config``).
