@@ -274,8 +274,9 @@ def test_a_budget_the_family_cannot_express_keeps_the_layer_dense():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     with pytest.warns(UserWarning, match="converted no layer"):
         report = gblr.convert(model, LowRankConfig(budget=0.01, allocation="uniform"))
-    assert report.layers == [] and len(report.skipped) == 2
-    assert "128 MACs" in report.skipped[0][1]
+    assert len(report.skipped) == 2 and "128 MACs" in report.skipped[0][1]
+    # counted at their dense cost: the report says what the model costs (1.0, not nan)
+    assert [row.dense for row in report.layers] == [True, True] and report.ratio == 1.0
     assert not isinstance(model[0], gblr.structured.StructuredLinear)
 
 
@@ -747,3 +748,18 @@ def test_a_layer_whose_model_reads_its_weight_in_forward_stays_dense_with_the_re
     assert "_ReadsGrandchildWeight" in skipped["patch.projection"]
     assert isinstance(model.block.wi, gblr.GBLRLinear)
     assert model(torch.randn(3, 32)).shape == (3, 32)  # it runs
+
+
+def test_keep_dense_off_never_spends_more_than_the_budget():
+    """A layer the global allocation gave its dense MACs got the exact full-rank
+    factorization meant for budget 1.0: up to 2x its dense MACs (0.501 for a budget of
+    0.3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 100), nn.Linear(100, 64), nn.Linear(64, 64))
+    with torch.no_grad():  # nearly rank 1: the allocation gives its MACs to the others
+        model[0].weight.copy_(torch.randn(100, 1) @ torch.randn(1, 300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = gblr.convert(model, gblr.GBLRConfig(budget=0.3, keep_dense=False), progress=False)
+    assert gblr.count_flops(model).ratio <= 0.3
+    assert all(row.macs_after <= row.macs_before for row in report.layers)

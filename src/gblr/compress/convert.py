@@ -132,10 +132,12 @@ def _fit_gblr(
             seed=seed,
         )
     if init == "svd":
-        if macs >= m * n:
+        if macs >= m * n and config.budget >= 1.0:
             # Budget 1.0 means "no compression": the exact full-rank factorization, the
             # starting point for learning the structure while fine-tuning (its MACs
-            # exceed the dense layer's until the learner prunes it).
+            # exceed the dense layer's until the learner prunes it). A layer that a
+            # smaller budget's allocation gives its dense MACs (keep_dense off) gets the
+            # best fit within them, never more.
             macs = rank_per_component * math.ceil(min(m, n) / rank_per_component) * (m + n)
         layer = _svd_layer(weight, macs, rank_per_component)
         if layer is None:  # less than one full-width component: the best narrow ones
@@ -245,7 +247,25 @@ def _family_fit(family: type[StructuredLinear]) -> Callable[..., nn.Module]:
             dtype=weight.dtype,
         )
 
+    fit.family = family  # type: ignore[attr-defined]  (its smallest layer: _family_minimum)
     return fit
+
+
+def _family_minimum(fit: Callable[..., nn.Module], shape: tuple[int, int]) -> int:
+    """MACs per row of the smallest layer of ``shape`` that a baseline family's ``fit``
+    builds (0 for GBLR, whose allocation may leave a layer empty, and for structures
+    that do not say)."""
+    family = getattr(fit, "family", None)
+    if family is None:
+        return 0
+    out_features, in_features = shape
+    try:
+        family.for_budget(in_features, out_features, budget_macs=1, bias=False)
+    except BudgetTooSmallError as error:
+        return int(error.minimum_macs or 0)
+    except Exception:  # a family that cannot be asked this way: no floor
+        return 0
+    return 1
 
 
 def _register_families() -> None:
@@ -276,11 +296,12 @@ class LayerConversion:
     ``aliases``: other names of the same module object (shared layers), or of distinct
     modules tied to the same weight and bias, all replaced by the one structured module.
     ``dense``: the layer was kept as it is (its share of the global allocation pays for
-    its dense MACs, so a structured layer could only lose accuracy): ``macs_after`` is
+    its dense MACs, so a structured layer could only lose accuracy, or the structure
+    cannot be built at its share, the reason in ``report.skipped``): ``macs_after`` is
     its dense cost and ``error`` 0; ``svd_error`` is still the truncated SVD's at those
-    MACs. ``rows``: the rows (positions) the layer processed in the forward pass on
-    ``convert``'s ``example_input`` (1 without one): the report's totals weigh each layer
-    by it.
+    MACs (0 for a layer the structure could not build). ``rows``: the rows (positions)
+    the layer processed in the forward pass on ``convert``'s ``example_input`` (1 without
+    one): the report's totals weigh each layer by it.
     """
 
     name: str
@@ -615,6 +636,54 @@ def _global_allocation(
                 macs[index] += 1
             break
     return [size // weight for size, weight in zip(macs, weights, strict=True)]
+
+
+def _allocation_with_floors(
+    curves: list[Tensor],
+    shapes: list[tuple[int, int]],
+    total: int,
+    rank_per_component: int,
+    weights: list[int],
+    minimum: Callable[[tuple[int, int]], int],
+) -> list[int]:
+    """`_global_allocation`, but a layer it gives less than ``minimum(shape)`` (a baseline
+    family's smallest layer) gets exactly that minimum and the others share the rest:
+    below it the family leaves the layer dense, and the model ends over the budget (a
+    Pixelfly MiniLM at 0.1 cost 0.155). Where the budget cannot pay every minimum, the
+    plain allocation (such layers then stay dense, in ``report.skipped``). Only layers
+    given under ``4 (m + n)`` are asked their minimum (every family's is under it; asking
+    Pixelfly at 4096 x 4096 takes seconds)."""
+    minimums = [0] * len(shapes)
+    asked: set[int] = set()
+
+    def under(index: int, macs: int) -> bool:
+        m, n = shapes[index]
+        if macs >= 4 * (m + n):
+            return False
+        if index not in asked:
+            asked.add(index)
+            minimums[index] = minimum(shapes[index])
+        return macs < minimums[index]
+
+    pinned: dict[int, int] = {}
+    while True:
+        free = [i for i in range(len(shapes)) if i not in pinned]
+        rest = total - sum(minimums[i] * weights[i] for i in pinned)
+        if rest < 0:
+            return _global_allocation(curves, shapes, total, rank_per_component, weights)
+        given = _global_allocation(
+            [curves[i] for i in free],
+            [shapes[i] for i in free],
+            rest,
+            rank_per_component,
+            [weights[i] for i in free],
+        )
+        below = [i for i, macs in zip(free, given, strict=True) if under(i, macs)]
+        if not below:
+            macs = dict(zip(free, given, strict=True)) | {i: minimums[i] for i in pinned}
+            return [macs[i] for i in range(len(shapes))]
+        # pinning takes more than they had: the others only get less, so pin all at once
+        pinned.update({i: minimums[i] for i in below})
 
 
 def _target_rows(model: nn.Module, targets: list[_Target], example_input: Any) -> list[int]:
@@ -1368,7 +1437,14 @@ def convert(
     else:
         weights, _ = row_weights(rows)
         total = int(budget * sum(size * weight for size, weight in zip(dense, weights)))
-        layer_macs = _global_allocation(curves, shapes, total, rank_per_component, weights)
+        layer_macs = _allocation_with_floors(
+            curves,
+            shapes,
+            total,
+            rank_per_component,
+            weights,
+            functools.partial(_family_minimum, spec.fit),
+        )
 
     # A layer the global allocation gives its dense MACs stays dense: exact, same cost.
     # (budget 1.0 is "no compression": GBLR's exact full-rank factorization, to learn from.)
@@ -1414,7 +1490,24 @@ def convert(
                 )
             else:
                 fitted = _fit_target(spec, config, target, matrix, macs, factor, report)
-                if fitted is not None:
+                if fitted is None:  # the structure cannot be built at its share: dense,
+                    # and counted so, or the report's ratio would hide its cost
+                    size = shape[0] * shape[1]
+                    report.layers.append(
+                        LayerConversion(
+                            target.name,
+                            target.kind,
+                            shape,
+                            size,
+                            size,
+                            0.0,
+                            0.0,
+                            aliases=tuple(target.names[1:]),
+                            dense=True,
+                            rows=seen,
+                        )
+                    )
+                else:
                     replacements.append((target, fitted[0]))
                     report.layers.append(
                         LayerConversion(

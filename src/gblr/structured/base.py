@@ -47,7 +47,13 @@ class BudgetTooSmallError(ValueError):
         budget=0.01 allows 40 of the 4096 dense MACs, below the minimum of 128 MACs
         (the smallest low-rank layer of shape (64, 64)): budget must be at least 0.03125
         (or budget_macs at least 128)
+        >>> error.minimum_macs
+        128
     """
+
+    #: The family's smallest layer at that shape, in MACs per row (``None`` where the
+    #: raiser did not say).
+    minimum_macs: int | None = None
 
 
 def resolve_budget(
@@ -83,7 +89,9 @@ def resolve_budget(
             **names,
         )
     except ValueError as error:  # well formed (checked above): only the minimum is left
-        raise BudgetTooSmallError(str(error)) from None
+        too_small = BudgetTooSmallError(str(error))
+        too_small.minimum_macs = int(minimum)
+        raise too_small from None
 
 
 class StructuredLinear(nn.Module):
