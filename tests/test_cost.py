@@ -158,3 +158,21 @@ def test_a_budget_below_the_minimum_names_the_smallest_fraction_that_works():
         assert math.floor(float(text) * dense) >= macs and float(text) <= 1
         assert float(text) <= macs / dense * (1 + 1e-3)
     assert smallest_fraction(2, 64) == "0.03125" and smallest_fraction(3, 2) is None
+
+
+def test_inputs_the_model_fails_on_are_a_value_error_naming_the_argument():
+    """convert's calibration and example_input, and count_flops' example_input, failed
+    with torch's bare "mat1 and mat2 shapes cannot be multiplied"."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    wrong = torch.randn(4, 32)
+    with pytest.raises(ValueError, match=r"^example_input: the model failed on it"):
+        gblr.count_flops(model, wrong)
+    with pytest.raises(ValueError, match=r"^example_input: the model failed on it"):
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5), example_input=wrong)
+    with pytest.raises(ValueError, match=r"^calibration batch 1: the model failed on it"):
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5), calibration=[torch.randn(4, 64), wrong])
+    with pytest.raises(ValueError, match=r"unexpected keyword argument 'input_ids'"):
+        gblr.convert(
+            model, gblr.GBLRConfig(budget=0.5), calibration=[{"input_ids": torch.randn(4, 64)}]
+        )
+    assert type(model[0]) is torch.nn.Linear  # unchanged

@@ -32,6 +32,7 @@ __all__ = [
     "FlopsReport",
     "LayerFlops",
     "SupportsFlops",
+    "call_model",
     "check_fraction_budget",
     "count_flops",
     "fraction_budget_macs",
@@ -487,17 +488,44 @@ def _rows_of_one_forward(
     eager = set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
     try:
         with torch.no_grad(), eager:
-            if isinstance(example_input, Mapping):
-                model(**example_input)
-            else:
-                args = example_input if isinstance(example_input, tuple) else (example_input,)
-                model(*args)
+            call_model(model, example_input, name="example_input")
     finally:
         for handle in handles:
             handle.remove()
         for module, flag in training.items():
             module.training = flag
     return seen
+
+
+def call_model(model: nn.Module, inputs: Any, *, name: str, lists_unpack: bool = False) -> Any:
+    """``model(**inputs)`` for a mapping (a tokenizer's output), ``model(*inputs)`` for a
+    tuple (and a list with ``lists_unpack``), else ``model(inputs)``; a failure of the
+    model on them is a ``ValueError`` naming the argument ``name`` they came from, not a
+    shape error from deep inside torch.
+
+    Examples:
+        >>> import torch
+        >>> from gblr.cost import call_model
+        >>> call_model(torch.nn.Linear(4, 2), torch.randn(3, 4), name="example_input").shape
+        torch.Size([3, 2])
+        >>> try:
+        ...     call_model(torch.nn.Linear(4, 2), torch.randn(3, 5), name="example_input")
+        ... except ValueError as error:
+        ...     print(str(error)[:46])
+        example_input: the model failed on it (Runtim
+    """
+    try:
+        if isinstance(inputs, Mapping):
+            return model(**inputs)
+        if isinstance(inputs, tuple) or (lists_unpack and isinstance(inputs, list)):
+            return model(*inputs)
+        return model(inputs)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as error:
+        raise ValueError(
+            f"{name}: the model failed on it ({type(error).__name__}: {error}); give what the "
+            "model takes: model(x) for a tensor, model(*x) for a tuple, model(**x) for a "
+            "mapping"
+        ) from error
 
 
 def layer_rows(model: nn.Module, layers: Sequence[nn.Module], example_input: Any) -> list[int]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import SupportsFlops, call_rows
+from .cost import SupportsFlops, call_model, call_rows
 
 __all__ = ["ModelFlops", "StructuredFlops", "count_model_flops"]
 
@@ -173,12 +173,7 @@ def count_model_flops(model: nn.Module, example_input: Any) -> ModelFlops:
         handles.append(module.register_forward_hook(after))
     try:
         with _no_fused_attention_fastpath(), torch.no_grad(), counter:
-            if isinstance(example_input, dict):
-                model(**example_input)
-            elif isinstance(example_input, tuple):
-                model(*example_input)
-            else:
-                model(example_input)
+            call_model(model, example_input, name="example_input")
     finally:
         for handle in handles:
             handle.remove()

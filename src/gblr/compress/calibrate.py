@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..cost import call_model
+
 __all__ = ["check_calibration", "input_second_moments"]
 
 
@@ -56,15 +58,6 @@ def check_calibration(calibration: object) -> None:
             f"tuples of arguments or mappings of keyword arguments), got "
             f"{type(calibration).__name__}"
         )
-
-
-def _run(model: nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
 
 
 def input_second_moments(
@@ -120,7 +113,7 @@ def input_second_moments(
         model.eval()
         with torch.no_grad():
             for batch in calibration:
-                _run(model, batch)
+                call_model(model, batch, name=f"calibration batch {batches}", lists_unpack=True)
                 batches += 1
     finally:
         for handle in handles:

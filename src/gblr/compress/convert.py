@@ -981,8 +981,9 @@ def _forward_sources(cls: type) -> str:
     whose source is not available left out)."""
     sources = []
     for klass in cls.__mro__:
-        forward = klass.__dict__.get("forward")
-        if forward is None or klass.__module__.split(".")[0] == "torch":
+        forward = getattr(klass, "forward", None)
+        own = getattr(forward, "__qualname__", "") == f"{klass.__qualname__}.forward"
+        if not own or klass.__module__.split(".")[0] == "torch":
             continue
         with contextlib.suppress(OSError, TypeError):
             sources.append(inspect.getsource(forward))
