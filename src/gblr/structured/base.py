@@ -44,10 +44,10 @@ class BudgetTooSmallError(ValueError):
         ...     LowRankLinear.from_dense(torch.randn(64, 64), 0.01)  # 40 MACs < rank 1's 128
         ... except BudgetTooSmallError as error:
         ...     print(error)
+        ...     print(error.minimum_macs)
         budget=0.01 allows 40 of the 4096 dense MACs, below the minimum of 128 MACs
         (the smallest low-rank layer of shape (64, 64)): budget must be at least 0.03125
         (or budget_macs at least 128)
-        >>> error.minimum_macs
         128
     """
 
