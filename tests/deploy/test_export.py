@@ -333,3 +333,14 @@ def test_an_axis_the_model_cannot_vary_is_refused(tmp_path):
     notes = " ".join(getattr(caught.value, "__notes__", []))  # Python 3.11+
     assert sys.version_info < (3, 11) or "give dynamic_axes= with only those" in notes
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".onnx"]
+
+
+def test_a_path_in_a_folder_that_does_not_exist_is_refused(tmp_path):
+    # it created the missing folders (a typo made new ones), where gblr.save refuses
+    pytest.importorskip("onnx")
+    model = gblr.freeze(torch.nn.Sequential(gblr.GBLRLinear(8, 4, init_cost=0.5)))
+    with pytest.raises(ValueError, match=r"path's folder .*missing.* does not exist"):
+        gblr.export_onnx(model, torch.randn(2, 8), tmp_path / "missing" / "model.onnx")
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(ValueError, match="is a folder"):
+        gblr.export_onnx(model, torch.randn(2, 8), tmp_path)

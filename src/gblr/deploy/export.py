@@ -386,8 +386,8 @@ def export_onnx(
         example_input: the model's inputs for tracing and the check: a tensor, a tuple
             of positional inputs, or a mapping of keyword inputs (a tokenizer's output,
             ``{"input_ids": (B, S), "attention_mask": (B, S)}``).
-        path: the ``.onnx`` file to write. A symbolic link is followed (its target is
-            written, the link stays); a read-only file is refused.
+        path: the ``.onnx`` file to write, in a folder that exists. A symbolic link is
+            followed (its target is written, the link stays); a read-only file is refused.
         plan: ``"auto"`` (per layer, whichever of dense and low-rank costs fewer MACs:
             ``out * in`` against ``K r (out + in)`` over the padded rank), ``"dense"`` or
             ``"lowrank"``.
@@ -447,6 +447,13 @@ def export_onnx(
     for flag, value in (("dynamic_batch", dynamic_batch), ("check", check)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    folder = Path(path).expanduser().parent
+    if Path(path).expanduser().is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; give a file name such as model.onnx")
+    if not folder.is_dir():  # as gblr.save: a mistyped folder is not created
+        raise ValueError(f"path's folder {str(folder)!r} does not exist")
     training_form = [
         name for name, module in model.named_modules() if isinstance(module, GBLRMatrixMixin)
     ]
@@ -508,7 +515,7 @@ def export_onnx(
         outputs = _check_names("output_names", output_names, len(outputs), outputs)
 
     exported = copy.deepcopy(model).eval()
-    report = OnnxExport(path=Path(path))
+    report = OnnxExport(path=Path(path).expanduser())
     replaced: dict[int, nn.Module] = {}  # a layer shared under several names stays shared
     for name, module in list(exported.named_modules(remove_duplicate=False)):
         if not isinstance(module, FrozenGBLRMatrix):
@@ -532,7 +539,6 @@ def export_onnx(
     trace_values = list(trace.values())
 
     target = report.path
-    target.parent.mkdir(parents=True, exist_ok=True)
     # As gblr.save: a link's target is written (the link stays), a read-only file refused.
     target = replacement_target(target)
     workdir = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
