@@ -562,7 +562,12 @@ def train_classifier_probing_start(
                 test_set,
                 final_config,
                 batch_mix=batch_mix,
-                run_info=run_info(winner) if callable(run_info) else run_info,
+                # the probe's record travels in the run's checkpoints, so that a resumed
+                # run reports it as the uninterrupted one does
+                run_info={
+                    **((run_info(winner) if callable(run_info) else run_info) or {}),
+                    "probe": {"start": winner.name, "seconds": probe_seconds, "scores": scores},
+                },
                 callbacks=callbacks,
                 before_fit=started,
             )

@@ -333,13 +333,14 @@ def _recipe_probe(config: TrainConfig) -> Any:
 
 def _chosen_start(
     config: TrainConfig, engine: EngineConfig, resume: Path, *, own: bool
-) -> TrainConfig:
+) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The config of the start that the probe of the run being resumed chose: the one of
     ``probe_starts``' configs that its checkpoint was written with (that closest to it,
     if none is, for the resume's check to name what differs), or ``config`` itself where
     it names no start and the checkpoint's config is the same (a run from before the
-    probe was the default, which started block-diagonal). ``own``: ``resume`` is the run
-    folder's own last checkpoint (whose absence the probe may explain)."""
+    probe was the default, which started block-diagonal); and the probe's record that the
+    checkpoint holds (``None`` for a run from before it did). ``own``: ``resume`` is the
+    run folder's own last checkpoint (whose absence the probe may explain)."""
     from .checkpoints import CHECKPOINT_KEY, read_checkpoint
     from .config import resume_changes
 
@@ -354,12 +355,15 @@ def _chosen_start(
             "probe starts again (--overwrite)"
         ) from None
     saved = checkpoint.get(CHECKPOINT_KEY, {}).get("config")
+    probe = checkpoint.get(CHECKPOINT_KEY, {}).get("probe")
+    record = probe if isinstance(probe, dict) else None
     candidates = list(probe_starts(config, engine)[1].values())
     if config.structure.start is None:
         candidates.append(config)
     if not isinstance(saved, dict):
-        return candidates[0]
-    return min(candidates, key=lambda c: len(resume_changes(saved, config_to_dict(c))))
+        return candidates[0], record
+    chosen = min(candidates, key=lambda c: len(resume_changes(saved, config_to_dict(c))))
+    return chosen, record
 
 
 def probe_starts(
@@ -477,7 +481,7 @@ def _train(
     if resumed_probe:
         # the probe chose when the run began; its checkpoint's config names the start
         own = Path(resume).resolve() == (out / "checkpoints" / "last.ckpt").resolve()
-        config = _chosen_start(config, engine, Path(resume), own=own)
+        config, probe_record = _chosen_start(config, engine, Path(resume), own=own)
         engine = engine_config(
             config, len(train_set), resume=resume, progress=progress, stop_after=stop_after
         )
@@ -540,6 +544,9 @@ def _train(
     result = {"name": config.name, "structure": config.structure.kind, **result}
     if resumed_probe:
         result["start"] = config.structure.start
+        if probe_record is not None:  # as the uninterrupted run reports it
+            result["probe_seconds"] = probe_record.get("seconds")
+            result["probe"] = probe_record.get("scores")
     if config.smoke:
         result["smoke"] = True
     if result.pop("global_rank") != 0:
