@@ -113,7 +113,8 @@ def test_report_of_what_is_not_a_run_folder(tmp_path, capsys):
     fails_in_one_line(capsys, ["report", str(tmp_path / "junk.pt")], "is a file")
     run = tmp_path / "run"
     run.mkdir()
-    fails_in_one_line(capsys, ["report", str(run)], "no model state at")
+    # about a run folder (it said "give a file saved with torch.save", which report refuses)
+    fails_in_one_line(capsys, ["report", str(run)], "no model_state.pt in", "folder of a run")
     (run / "model_state.pt").write_bytes(os.urandom(200))
     fails_in_one_line(capsys, ["report", str(run)], f"cannot write the report of {run}")
     assert sorted(p.name for p in run.iterdir() if p.is_file()) == ["model_state.pt"]

@@ -536,8 +536,13 @@ def report(args: argparse.Namespace) -> int:
         )
     try:
         written = write_run_report(run_dir)
-    except FileNotFoundError:  # says what is missing (model_state.pt) in one line
-        raise
+    except FileNotFoundError as error:  # one line, about a run folder (not any state file)
+        if (run_dir / "model_state.pt").is_file():
+            raise
+        raise FileNotFoundError(
+            f"no model_state.pt in {run_dir}: gblr report reads the folder of a run (gblr "
+            "train writes one; gblr demo one per model)"
+        ) from error
     except Exception as error:  # an unreadable state or metrics file: one line, no traceback
         raise ValueError(f"cannot write the report of {run_dir}: {_described(error)}") from None
     print(f"wrote {written}")
