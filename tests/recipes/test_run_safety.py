@@ -419,3 +419,16 @@ def test_load_config_refuses_one_string_of_overrides():
 
     with pytest.raises(TypeError, match=r"overrides must be a list .* pass \['optim.lr=0.01'\]"):
         load_config("digits-vit-gblr", "optim.lr=0.01")
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_a_resume(tmp_path):
+    # "unfinished: ... it may be resumed", and --resume then found no checkpoint
+    from gblr.recipes.run_folder import RunFolderError, claim_folder
+
+    (tmp_path / "config.yaml").write_text("name: x\n")
+    with pytest.raises(RunFolderError, match="no checkpoint to resume from; --overwrite"):
+        claim_folder(tmp_path, smoke=False, resume=False, overwrite=False)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(RunFolderError, match="it may be resumed"):
+        claim_folder(tmp_path, smoke=False, resume=False, overwrite=False)

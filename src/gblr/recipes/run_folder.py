@@ -459,7 +459,12 @@ def _run_summary(out: Path) -> str:
             return f"finished: {result['steps']} steps of {result['name']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "its results.json is not one that gblr wrote"
-    return "unfinished: no results.json; it may be resumed"
+    if (out / "checkpoints" / "last.ckpt").is_file():
+        return "unfinished: no results.json; it may be resumed"
+    # stopped before its first checkpoint: nothing to resume from
+    return (
+        "unfinished: no results.json and no checkpoint to resume from; --overwrite starts it again"
+    )
 
 
 def unused_folder(out: str | Path, holds: Callable[[Path], bool]) -> Path:
