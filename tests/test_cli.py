@@ -75,7 +75,10 @@ def test_demo_short_setting_end_to_end(tmp_path, capsys):
     # (10 classes: chance is 0.10).
     assert results["dense"]["accuracy"] >= 0.6
     assert min(r["accuracy"] for r in results.values()) >= 0.35
-    assert "| gblr |" in (out / "results.md").read_text()
+    written = (out / "results.md").read_text()
+    assert "| gblr |" in written
+    # the command recorded trains the same models into the same folder
+    assert f"--structures dense gblr lowrank --out {out}" in written
     assert all((out / name / "metrics.csv").is_file() for name in results)
     # one report per model; the GBLR one shows its learned masks
     markdown = (out / "gblr" / "REPORT.md").read_text()

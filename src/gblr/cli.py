@@ -9,6 +9,7 @@ import inspect
 import json
 import logging
 import re
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -242,11 +243,15 @@ def _demo(args: argparse.Namespace, out: Path) -> int:
     table = markdown_table(
         ["structure", "test accuracy", "MACs ratio (blocks)", "train seconds"], rows, align="<>>>"
     )
+    # the command that trains these models again (into this folder: --out)
     command = "gblr demo " + " ".join(
         f"--{key.replace('_', '-')} {value}"
         for key, value in settings.items()
         if key in ("steps", "budget", "start_cost", "lr", "seed") and value is not None
     )
+    if list(args.structures) != list(DEMO_STRUCTURES):
+        command += " --structures " + " ".join(args.structures)
+    command += f" --out {shlex.quote(str(out))}" + (" --smoke" if args.smoke else "")
     banner = SMOKE_BANNER if args.smoke else ""
     markdown = f"{banner}# gblr demo\n\n`{command}`\n\n{table}\n"
     save_atomically(lambda f: f.write(markdown), out / "results.md", text=True)

@@ -9,6 +9,7 @@ Used by training (`gblr.recipes.train`), smoke runs (`gblr.recipes.smoke`) and
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,14 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
     s = config.structure
     if s.kind == "dense":
         return
-    report = _apply_structure(model, config)
+    with warnings.catch_warnings():
+        if config.smoke:
+            # a smoke run's model has random weights by design: that they look untrained
+            # (and init='random' would fit them better) is no advice for the recipe
+            warnings.filterwarnings(
+                "ignore", message=r"gblr\.convert: the weights of .* look untrained"
+            )
+        report = _apply_structure(model, config)
     # a run named after a structure would train the dense model; not a smoke run's tiny
     # stand-in model, too small for a family at the budget that the real model takes
     if not config.smoke and report is not None and not any(not row.dense for row in report.layers):
