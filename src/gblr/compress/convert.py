@@ -776,7 +776,7 @@ def _config_argument(
     if unknown:
         raise TypeError(
             f"convert got unexpected keyword argument(s) {unknown}; it takes model, config, "
-            f"calibration= and progress= (and, deprecated, {list(_OLD_ARGUMENTS)})"
+            f"calibration=, example_input= and progress= (and, deprecated, {list(_OLD_ARGUMENTS)})"
         )
     given = dict(zip(_OLD_POSITIONAL[1:], args))
     for key, value in old.items():
@@ -889,9 +889,11 @@ def _check_patterns_match(name: str, patterns: list[str] | None, names: list[str
             )
 
 
-def _check_weights(targets: list[_Target]) -> None:
+def _check_weights(targets: list[_Target], fresh: bool = False) -> None:
     """``ValueError`` naming every layer whose weights cannot be fitted (not loaded, not
-    floating point, NaN or inf): checked for all layers before any is replaced."""
+    floating point, NaN or inf): checked for all layers before any is replaced. ``fresh``
+    (``init="random"``): nothing is fitted, but the fresh layers are drawn on the
+    weights' device, which must hold values."""
     problems: dict[str, str] = {}
     for target in targets:
         weight = target.module.weight.detach()
@@ -907,9 +909,13 @@ def _check_weights(targets: list[_Target]) -> None:
     if problems:
         shown = list(problems)[:8]
         more = ", ..." if len(problems) > 8 else ""
+        what = (
+            "draws each fresh layer on its weights' device and dtype"
+            if fresh
+            else "fits each layer to its weights"
+        )
         raise ValueError(
-            f"convert fits each layer to its weights, and {len(problems)} layer(s) have "
-            "weights it cannot fit: "
+            f"convert {what}, and {len(problems)} layer(s) have weights it cannot use: "
             + "; ".join(f"{name!r}: {problems[name]}" for name in shown)
             + f"{more}. Load or repair the weights, or leave these layers dense with "
             f"exclude={shown}{more}; the model is unchanged"
@@ -1399,7 +1405,7 @@ def convert(
             UserWarning,
             stacklevel=2,
         )
-    _check_weights(targets)
+    _check_weights(targets, fresh)
     _check_rank(targets, rank_per_component)
 
     matrices = []

@@ -799,7 +799,11 @@ def from_pretrained(directory: str | os.PathLike, *, device: str | torch.device 
         return _load_sentence_transformer(folder, device)
     kind = tensor_file_kind(weights)
     if kind != FORMAT:
-        found = "no model.safetensors" if not weights.is_file() else f"a {kind or 'non-gblr'} file"
+        found = (
+            f"no {WEIGHTS_NAME}"
+            if not weights.is_file()
+            else f"a {WEIGHTS_NAME} that gblr did not write"
+        )
         raise ValueError(
             f"{str(folder)!r} is not a folder written by gblr.save_pretrained (it has {found}); "
             "a dense model loads with its own library (transformers' from_pretrained, "

@@ -614,7 +614,10 @@ class StructureLearner:
         named = gblr_layers(model)
         layers = [layer for _, layer in named]
         if not layers:
-            raise ValueError("model has no GBLR layer (GBLRLinear or GBLRConv2d); convert it first")
+            raise ValueError(
+                "model has no GBLR layer in training form (GBLRLinear or GBLRConv2d): convert "
+                "it first (gblr.convert); a frozen model (gblr.freeze) is for inference"
+            )
         given = {fraction_name: budgets.get("budget"), macs_name: budgets.get("budget_macs")}
         check_budget_arguments({**given, "lam": lam})
         # Names for errors: "" is the model itself.
