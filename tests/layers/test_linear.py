@@ -970,3 +970,19 @@ def test_the_training_forward_uses_the_sigma_the_buffer_holds():
         sigma = float(1 + step % 4)
         y = functional_call(layer, {"sigma": torch.tensor(sigma)}, (x,))
         assert torch.allclose(y, at(sigma), atol=1e-6), step
+
+
+def test_torch_func_grad_of_an_eval_layer_matches_autograd():
+    """The finite-structure check read data_ptr(), which torch.func's wrapped tensors do
+    not have ("Cannot access data pointer of Tensor that doesn't have storage")."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    layer = gblr.GBLRLinear(16, 8, init_cost=0.3).eval()
+    x = torch.randn(4, 16)
+    params = {name: value.detach() for name, value in layer.named_parameters()}
+    grads = grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params)
+    layer(x).square().sum().backward()
+    for name, value in layer.named_parameters():
+        expected = torch.zeros_like(value) if value.grad is None else value.grad
+        assert torch.allclose(grads[name], expected, atol=1e-5), name

@@ -822,18 +822,21 @@ class GBLRMatrixMixin(nn.Module):
         is NaN or infinite: it has no integer interval, so eval, ``flops()`` and
         [`gblr.freeze`][] would otherwise make up one (or drop the component).
 
-        Checked once per change of the two parameters (their in-place version counters
-        and storage), so repeated eval forwards read nothing from the device.
+        Checked once per change of the two parameters (the tensors themselves, kept with
+        the check so that a new one at a freed one's address is not taken for it, and their
+        in-place version counters), so repeated eval forwards read nothing from the device.
         """
-        if self.widths.is_meta:
+        widths, locations = self.widths, self.locations
+        if widths.is_meta:
             return
-        key = (
-            self.widths._version,
-            self.locations._version,
-            self.widths.data_ptr(),
-            self.locations.data_ptr(),
-        )
-        if self.__dict__.get("_finite_structure") == key:
+        checked = self.__dict__.get("_finite_structure")
+        versions = (widths._version, locations._version)
+        if (
+            checked is not None
+            and checked[0] is widths
+            and checked[1] is locations
+            and checked[2] == versions
+        ):
             return
         for name in ("widths", "locations"):
             values = getattr(self, name).detach()
@@ -846,7 +849,7 @@ class GBLRMatrixMixin(nn.Module):
                     "widths and locations must be finite. NaN usually comes from a NaN "
                     "loss or gradient in training."
                 )
-        self.__dict__["_finite_structure"] = key
+        self.__dict__["_finite_structure"] = (widths, locations, versions)
 
     def _check_has_values(self) -> None:
         if self.widths.is_meta:
