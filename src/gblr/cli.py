@@ -820,7 +820,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", type=float, default=0.5, help="MACs as a fraction of dense (default 0.5)"
     )
     compress_parser.add_argument(
-        "--structure", default="gblr", help="gblr (default) or a baseline family"
+        "--structure",
+        default="gblr",
+        help="gblr (default), a baseline family, or dense (nothing structured: the model as "
+        "it is, measured the same way)",
     )
     compress_parser.add_argument("--include", nargs="+", help="layer name patterns to convert")
     data = compress_parser.add_mutually_exclusive_group()
