@@ -913,3 +913,26 @@ def test_a_second_run_learns_the_structure_a_first_run_s_final_phase_fixed():
     optimizer = run(0.4, 10)
     assert "structure" in [group["name"] for group in optimizer.param_groups]
     assert model[0].widths.grad is not None  # learned during the second run
+
+
+def test_a_learner_refuses_layers_the_user_replaced_or_deleted():
+    """It went on stepping and costing them: its summary said 0.3 of the MACs while the
+    model cost 1.39, and a deleted layer kept a share of the budget."""
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRLinear(32, 48, init_cost=0.3), nn.ReLU(), gblr.GBLRLinear(48, 8))
+    learner = gblr.StructureLearner(model, budget=0.3, total_steps=10)
+    learner.step()  # its layers are the model's: fine
+    model[0] = gblr.GBLRLinear(32, 48)
+    from gblr.learn.learner import MEMBERSHIP_CHECK_EVERY
+
+    with pytest.raises(RuntimeError, match=r"GBLR layer '0' is no longer in the model"):
+        for _ in range(MEMBERSHIP_CHECK_EVERY):  # checked every so many steps
+            learner.step()
+    import weakref
+
+    gone = nn.Sequential(gblr.GBLRLinear(32, 48, init_cost=0.3))
+    orphan = gblr.StructureLearner(gone, budget=0.3, total_steps=10)
+    reference = weakref.ref(gone)
+    del gone
+    assert reference() is None  # the learner does not keep the model alive
+    orphan.step()  # and steps the layers it holds, with nothing to compare them to

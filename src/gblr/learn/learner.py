@@ -29,6 +29,7 @@ import bisect
 import functools
 import math
 import warnings
+import weakref
 from typing import Any
 
 import numpy
@@ -493,6 +494,11 @@ class _StructureView:
                 layer.widths.copy_(widths[:, part])
 
 
+#: Steps between the learner's checks that its layers are still in the model (a walk
+#: over the model's modules; about 50 us for a ViT-B).
+MEMBERSHIP_CHECK_EVERY = 50
+
+
 class StructureLearner:
     """Learns every GBLR layer's structure and MACs share; call `step` after
     ``optimizer.step()``.
@@ -622,6 +628,9 @@ class StructureLearner:
         check_budget_arguments({**given, "lam": lam})
         # Names for errors: "" is the model itself.
         self.layer_names = [name or "(model)" for name, _ in named]
+        # to see layers the user replaced or deleted (a weak reference: the learner does
+        # not keep a model alive)
+        self._model_ref = weakref.ref(model)
         on_meta = [
             name for name, layer in zip(self.layer_names, layers, strict=True)
             if any(p.is_meta for p in layer.parameters(recurse=False))
@@ -840,6 +849,8 @@ class StructureLearner:
                     "built on: stepping it would change nothing the model runs; step the "
                     "learner before freezing or merging, not after"
                 )
+        if self.step_count % MEMBERSHIP_CHECK_EVERY == 0:
+            self._check_layers_in_model()
         self.step_count += 1
         step = self.step_count
         self._check_finite(f"at step {step} (before the learner changed anything)")
@@ -883,6 +894,22 @@ class StructureLearner:
         """Exact MACs of all GBLR layers now: per row, or with ``example_input`` in one
         forward pass on it."""
         return self.view.cost(self.view.widths()) * self.rows_unit
+
+    def _check_layers_in_model(self) -> None:
+        """``RuntimeError`` naming a layer that is no longer in the model the learner was
+        built on (replaced by assignment or deleted): the learner would go on moving and
+        costing it, and its budget would not be the model's."""
+        model = self._model_ref() if hasattr(self, "_model_ref") else None
+        if model is None:
+            return
+        present = {id(module) for module in model.modules()}
+        for name, layer in zip(self.layer_names, self.layers, strict=True):
+            if id(layer) not in present:
+                raise RuntimeError(
+                    f"the GBLR layer {name!r} is no longer in the model this learner was "
+                    "built on (replaced or deleted): build a new learner (and param_groups) "
+                    "for the model as it is now"
+                )
 
     def summary(self) -> dict[str, float]:
         """Numbers for logging: step, MACs, ``macs_ratio``, threshold, live components,
