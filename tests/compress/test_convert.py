@@ -763,3 +763,15 @@ def test_keep_dense_off_never_spends_more_than_the_budget():
         report = gblr.convert(model, gblr.GBLRConfig(budget=0.3, keep_dense=False), progress=False)
     assert gblr.count_flops(model).ratio <= 0.3
     assert all(row.macs_after <= row.macs_before for row in report.layers)
+
+
+def test_a_second_conversion_with_another_config_says_it_replaces_the_record():
+    # model.gblr_config silently named only the last of two conversions
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5, include="0"), progress=False)
+    with pytest.warns(UserWarning, match=r"held the config of an earlier conversion"):
+        gblr.convert(model, gblr.LowRankConfig(budget=0.5, include="1"), progress=False)
+    assert model.gblr_config == gblr.LowRankConfig(budget=0.5, include="1")
+    assert isinstance(model[0], gblr.GBLRLinear)  # the first conversion's layer stays

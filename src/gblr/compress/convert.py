@@ -1563,6 +1563,14 @@ def convert(
         )
     if replacements:
         # The config that made the model (gblr.save writes it), as peft's model.peft_config.
+        previous = getattr(model, "gblr_config", None)
+        if previous is not None and previous != config:
+            warnings.warn(
+                f"model.gblr_config held the config of an earlier conversion ({previous!r}); "
+                "it now records this one only (the layers of both stay as converted)",
+                UserWarning,
+                stacklevel=2,
+            )
         model.gblr_config = config
         # A transformers model's own save_pretrained writes a gblr folder (which dense
         # loaders refuse), never a folder that loads as a dense model with random layers.
