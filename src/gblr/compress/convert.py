@@ -326,8 +326,10 @@ class ConversionReport:
     totals.
 
     ``layers`` holds every layer the budget was spread over, those kept dense included
-    (``layer.dense``, names in `dense_layers`), so that ``macs_after`` and
-    ``ratio`` are the MACs the model now costs. ``print(report)`` gives a table headed by
+    (``layer.dense``, names in `dense_layers`: kept because their share paid for their
+    dense MACs, or because the structure could not be built at it, then also in
+    ``skipped`` with the reason), so that ``macs_after`` and ``ratio`` are the MACs the
+    model now costs. ``print(report)`` gives a table headed by
     the config; ``report.config`` is the config
     used (also recorded on the model as ``model.gblr_config``), and ``structure``,
     ``init`` (``None`` for a structure without one), ``allocation`` and ``budget`` repeat
