@@ -936,3 +936,17 @@ def test_a_learner_refuses_layers_the_user_replaced_or_deleted():
     del gone
     assert reference() is None  # the learner does not keep the model alive
     orphan.step()  # and steps the layers it holds, with nothing to compare them to
+
+
+def test_numpy_options_are_stored_as_python_numbers_and_a_bad_optimizer_is_named():
+    import json
+
+    import numpy as np
+
+    config = gblr.LearnerConfig(pass_every=np.int64(3), hold_narrow_sides=np.int64(1))
+    json.dumps(config.to_dict())  # np.int64 was kept and failed to serialize
+    model = nn.Sequential(gblr.GBLRLinear(16, 16))
+    gblr.StructureLearner(model, lam=np.float32(0.5), total_steps=5, structure_lr=1e-3)
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
+        # it failed at the first step reading the list's param_groups
+        gblr.StructureLearner(model, lam=0.1, total_steps=5, optimizer=[1, 2])

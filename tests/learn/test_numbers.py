@@ -264,12 +264,14 @@ def test_refine_does_not_diverge_on_a_small_network_from_the_first_step():
     by step 85 (swaps predicted to gain 4.6 on a loss of 0.18 raised it to 230, and each
     larger gradient made the next swap larger). Measured 2026-12-05 with spread starts:
     unchecked, seeds 1, 2, 5, 6 and 7 of the first eight end in NaN widths (the learner
-    raises); checked, seed 1 ends at a loss of 0.036 from 0.10 with 11 swaps."""
+    raises); checked, seed 1 ends at a loss of 0.036 from 0.10 with 11 swaps. Since
+    2026-12-07 a swap moves each end by exactly one line (a width on a cell's boundary
+    moved by 0 or 2 lines before): unchecked, seeds 0-7 no longer diverge either (seed 1:
+    0.104 -> 0.013, 12 swaps), so the check is a safety net, kept; measured then, checked,
+    seed 1 ends at 0.013 with 12 swaps."""
     first, last, largest, refines = _mlp_run(1)
     assert refines > 0  # swaps are still made
-    assert last < first and largest < 20
-    with pytest.raises(FloatingPointError, match="not finite"):
-        _mlp_run(1, refine_residual=math.inf)
+    assert last < first / 2 and largest < 20
 
 
 def test_a_swap_that_reveals_a_far_fit_is_not_made(monkeypatch):

@@ -295,3 +295,48 @@ def test_convolutions_record_the_kernel_matrix_gradients_and_refine(order):
     curvatures = learner.passes["refine"].curvatures[0]
     assert len(curvatures) == 3 and min(curvatures) > 0
     assert learner.macs() <= learner.final_target
+
+
+def test_a_refine_swap_moves_each_end_by_exactly_one_line():
+    """A width on a cell's boundary rounds half to even: adding 1/n moved its length by 0
+    or 2 lines, and the swap broke the budget (711 MACs against 710 on the digits MLP)."""
+    from gblr.learn.refine import _move_end
+
+    layer = gblr.GBLRLinear(48, 48, structure_init="random")
+    with torch.no_grad():
+        layer.widths[0, 0] = 16.5 / 48  # 16 lines (half to even)
+        layer.locations[0, 0] = 3.5 / 48  # starts at line 4 (half to even)
+        before = int(layer.interval_lengths()[0][0]), int(layer.interval_starts()[0][0])
+        _move_end(layer, 0, 0, 1, 1)  # grow the end
+        assert int(layer.interval_lengths()[0][0]) == before[0] + 1
+        _move_end(layer, 0, 0, 0, -1)  # trim the start
+        assert int(layer.interval_lengths()[0][0]) == before[0]
+        assert int(layer.interval_starts()[0][0]) == before[1] + 1
+
+
+def test_the_final_phase_keeps_the_structure_the_passes_reached():
+    """Merges and refines went on rewriting widths and locations after exact_from, where
+    the structure is documented as fixed (and the MACs a merge frees are not spent again)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(gblr.GBLRLinear(32, 48, structure_init="random"))
+    config = gblr.LearnerConfig(
+        merge=gblr.MergeConfig(0.05),
+        refine=gblr.RefineConfig(0.0),
+        pass_every=2,
+        exact_from=0.5,
+        hold_narrow_sides=0,
+    )
+    learner = gblr.StructureLearner(model, config, budget=0.3, total_steps=40, warmup_steps=5)
+    optimizer = torch.optim.Adam(gblr.param_groups(model, lr=2e-2))
+    x = torch.randn(64, 32)
+    target = torch.randn(64, 48)
+    fixed = None
+    for step in range(1, 41):
+        loss = (model(x) - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.step()
+        if step == learner.exact_step:
+            fixed = (model[0].widths.detach().clone(), model[0].locations.detach().clone())
+    assert torch.equal(model[0].widths, fixed[0]) and torch.equal(model[0].locations, fixed[1])

@@ -358,7 +358,9 @@ class ConversionReport:
 
     @property
     def dense_layers(self) -> list[str]:
-        """Names of the layers kept dense: their share of the budget pays for them."""
+        """Names of the layers kept dense: their share of the budget pays for them, or the
+        structure could not be built at it (those are also in ``skipped``, with the
+        reason)."""
         return [layer.name for layer in self.layers if layer.dense]
 
     @property
@@ -447,10 +449,12 @@ class ConversionReport:
                 f"({', '.join(str(layer.rows) for layer in self.layers[:8])}"
                 f"{', ...' if len(self.layers) > 8 else ''})"
             )
-        if self.dense_layers:
+        skipped = {name for name, _ in self.skipped}
+        paid = [name for name in self.dense_layers if name not in skipped]
+        if paid:
             notes.append(
-                f"kept dense ({len(self.dense_layers)}; their share of the budget pays for "
-                f"the dense layer, which is exact): {', '.join(self.dense_layers)}"
+                f"kept dense ({len(paid)}; their share of the budget pays for the dense "
+                f"layer, which is exact): {', '.join(paid)}"
             )
         notes += [f"skipped {name}: {reason}" for name, reason in self.skipped]
         table = text_table(header, rows, notes=notes)

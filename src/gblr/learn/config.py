@@ -419,7 +419,7 @@ class LearnerConfig(_Config):
                 raise TypeError(
                     f"{name} must be a gblr.{cls.__name__} or None (off), got {value!r}"
                 )
-        check_int("pass_every", self.pass_every, 1)
+        self._set("pass_every", check_int("pass_every", self.pass_every, 1))
         if self.exact_from is not None:
             value = self.exact_from
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -436,7 +436,7 @@ class LearnerConfig(_Config):
         self._set("cut_exponent", exponent)
         if not isinstance(self.fill_budget, bool):
             raise TypeError(f"fill_budget must be True or False, got {self.fill_budget!r}")
-        check_int("hold_narrow_sides", self.hold_narrow_sides, 0)
+        self._set("hold_narrow_sides", check_int("hold_narrow_sides", self.hold_narrow_sides, 0))
 
     @classmethod
     def paper(cls) -> LearnerConfig:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import numbers
 import warnings
 import weakref
 from typing import Any
@@ -694,7 +695,7 @@ class StructureLearner:
                     stacklevel=2,
                 )
         else:
-            if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
                 raise TypeError(f"lam must be a number >= 0, got {lam!r}")
             if not (lam >= 0 and math.isfinite(lam)):
                 raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
@@ -706,6 +707,11 @@ class StructureLearner:
             if structure_lr is not None:  # inf cut every component at the first step
                 structure_lr = check_rate("structure_lr", structure_lr)
             self.lam = float(lam)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            # (it failed at the first step, reading its param_groups)
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
         self.optimizer = optimizer
         self.structure_lr = structure_lr
 
@@ -878,8 +884,9 @@ class StructureLearner:
                 self.view, widths, target, scale, fill=self._fills(step), hint=self.threshold
             )
         self.view.write(self.view.shrink(widths, self.threshold, scale))
-        for each in passes:
-            each.after_shrink(step)
+        if not self.exact_phase(step):  # the final phase keeps the structure it reached
+            for each in passes:
+                each.after_shrink(step)
         for each in passes:
             each.end_step(step)
         self._apply_sigma()

@@ -233,12 +233,16 @@ def _refine_layer(
 
 
 def _move_end(layer: GBLRMatrixMixin, k: int, dim: int, side: int, cells: int) -> None:
-    """Grow (``cells`` = 1) or shrink (-1) one end of an interval by one grid cell,
-    keeping the width's and location's position within their rounding cells."""
+    """Grow (``cells`` = 1) or shrink (-1) one end of an interval by exactly one grid
+    cell: the width (and, for the start, the location) set to the centre of its new
+    cell. Adding ``1 / n`` to a width on a cell's boundary moved its rounded length by 0
+    or 2 lines (half to even), and the swap could break the budget by a few MACs."""
     n = layer.cols if dim == 0 else layer.rows
-    layer.widths[dim, k] = (layer.widths[dim, k] + cells / n).clamp(0.0, 1.0)
+    length = int(layer.interval_lengths()[dim][k])
+    layer.widths[dim, k] = min(max(length + cells, 0), n) / n
     if side == 0:
-        layer.locations[dim, k] = torch.remainder(layer.locations[dim, k] - cells / n, 1.0)
+        start = int(layer.interval_starts()[dim][k])
+        layer.locations[dim, k] = ((start - cells) % n) / n
 
 
 def _finite_record(record: dict[str, Tensor]) -> bool:

@@ -6,7 +6,7 @@ the structure names to the classes; each family's config for [`gblr.convert`][]
 (``gblr.LowRankConfig``, ...) is in `gblr.compress.configs`.
 """
 
-from .base import BudgetTooSmallError, StructuredLinear
+from .base import BudgetTooSmallError, StructuredLinear, resolve_budget
 from .blockdiag import BlockDiagLinear
 from .blocksparse import BlockSparseLinear
 from .lowrank import LowRankLinear
@@ -30,4 +30,5 @@ __all__ = [
     "MonarchLinear",
     "PixelflyLinear",
     "StructuredLinear",
+    "resolve_budget",
 ]

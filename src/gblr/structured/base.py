@@ -74,6 +74,13 @@ def resolve_budget(
             an int other than 1 as ``budget``, a fraction outside ``(0, 1]``, a count < 1).
         BudgetTooSmallError: a well-formed budget below the family's ``minimum`` MACs; the
             message names that minimum, as a count and as the smallest fraction.
+
+    Examples:
+        >>> from gblr.structured import resolve_budget
+        >>> resolve_budget(0.25, None, 64, 32, minimum=96, family="low-rank")
+        512
+        >>> resolve_budget(None, 200, 64, 32, minimum=96, family="low-rank")
+        200
     """
     names = {"fraction_name": "budget", "macs_name": "budget_macs"}
     # Checked first so that a malformed budget stays a plain error: convert leaves a layer
@@ -218,8 +225,8 @@ def check_weight(weight: object) -> Tensor:
 
 
 def check_whitening(whitening: object, in_features: int) -> Tensor:
-    """``whitening`` ``S`` as a detached finite ``(in, in)`` floating tensor, or a
-    ``TypeError``/``ValueError`` naming what it got."""
+    """``whitening`` ``S`` as a detached finite, lower-triangular, nonsingular ``(in, in)``
+    floating tensor, or a ``TypeError``/``ValueError`` naming what it got."""
     if not isinstance(whitening, Tensor) or not whitening.is_floating_point():
         raise TypeError(
             "whitening must be a floating-point torch.Tensor (in, in), got "
@@ -232,6 +239,20 @@ def check_whitening(whitening: object, in_features: int) -> Tensor:
         )
     if not bool(torch.isfinite(whitening).all()):
         raise ValueError("whitening must be finite (it holds NaN or inf)")
+    # the fit solves with S's lower triangle only: any other S gave a garbage layer
+    if bool((torch.triu(whitening, diagonal=1) != 0).any()):
+        raise ValueError(
+            "whitening must be lower triangular (the Cholesky factor of the inputs' second "
+            "moment M, S = torch.linalg.cholesky(M)); got a matrix with entries above its "
+            "diagonal"
+        )
+    # a zero on the diagonal (M singular: an input that is always 0) divides by zero
+    if bool((whitening.diagonal() == 0).any()):
+        raise ValueError(
+            "whitening is singular (a zero on its diagonal: an input direction the inputs "
+            "never take); factor M + eps * I instead (convert does, with eps 1e-4 of M's "
+            "mean diagonal)"
+        )
     return whitening.detach()
 
 
@@ -242,5 +263,11 @@ def copy_bias(layer: StructuredLinear, bias: Tensor | None) -> StructuredLinear:
         return layer
     if not isinstance(bias, Tensor) or tuple(bias.shape) != (layer.out_features,):
         raise ValueError(f"bias must be a tensor of shape ({layer.out_features},)")
-    layer.bias = nn.Parameter(bias.detach().clone())
+    if not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got dtype {bias.dtype}")
+    # in the layer's dtype and device, as nn.Linear.load_state_dict casts (a float64 bias
+    # made every output float64)
+    like = next((p for p in layer.parameters() if p.is_floating_point()), None)
+    bias = bias.detach() if like is None else bias.detach().to(like.dtype).to(like.device)
+    layer.bias = nn.Parameter(bias.clone())
     return layer

@@ -113,7 +113,7 @@ class BlockDiagLinear(StructuredLinear):
             pieces = pieces.reshape(count, last - first, block_in).transpose(0, 1)
             blocks = self.blocks[first:last, :block_out, :block_in]
             out = torch.bmm(pieces, blocks.transpose(1, 2)).transpose(0, 1)
-            outs.append(out.reshape(count, -1))
+            outs.append(out.reshape(count, (last - first) * block_out))  # (0 rows: no -1)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out.reshape(*lead, self.out_features)
 

@@ -138,7 +138,8 @@ def block_sparse_matmul(
     pad = -in_features % block_size
     if pad:
         rows = F.pad(rows, (0, pad))
-    blocks = rows.reshape(count, -1, block_size).transpose(0, 1)  # (nbc, N, b)
+    # (a -1 here cannot be inferred for an empty batch)
+    blocks = rows.reshape(count, rows.shape[1] // block_size, block_size).transpose(0, 1)
     gathered = blocks.index_select(0, positions[:, 1])  # (T, N, b)
     products = torch.bmm(gathered, tiles.transpose(1, 2))  # (T, N, b)
     out = products.new_zeros(num_block_rows, count, block_size)
