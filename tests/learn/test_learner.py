@@ -950,3 +950,14 @@ def test_numpy_options_are_stored_as_python_numbers_and_a_bad_optimizer_is_named
     with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
         # it failed at the first step reading the list's param_groups
         gblr.StructureLearner(model, lam=0.1, total_steps=5, optimizer=[1, 2])
+
+
+def test_an_anneal_that_starts_after_the_run_warns():
+    # accepted in silence: σ stayed at its start for the whole run
+    model = nn.Sequential(gblr.GBLRLinear(16, 16))
+    paper = gblr.LearnerConfig.paper()  # σ 1 -> 100
+    with pytest.warns(UserWarning, match=r"sigma_start_step=50 >= total_steps=5"):
+        gblr.StructureLearner(model, paper, budget=0.5, total_steps=5, sigma_start_step=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gblr.StructureLearner(model, budget=0.5, total_steps=5, sigma_start_step=50)  # no σ

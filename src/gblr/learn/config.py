@@ -193,8 +193,10 @@ class AdaptiveConfig(_Config):
 
 @dataclass(frozen=True)
 class ShiftLimitConfig(_Config):
-    """A limit on how far each width and location moves per learner step, in grid cells
-    (rows or columns), relative to the structure after the previous step.
+    """A limit on how far the optimizer moves each width and location per learner step,
+    in grid cells (rows or columns), relative to the structure after the previous step.
+    The budget's cut and fill (``LearnerConfig.fill_budget``) come after the clamp and may
+    move a width further.
 
     Attributes:
         cells: the limit once the budget ramp (``warmup_steps``) is over; ``None``: none.

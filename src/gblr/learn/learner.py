@@ -652,6 +652,15 @@ class StructureLearner:
         self.total_steps = check_int("total_steps", total_steps, 1)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.sigma_start_step = check_int("sigma_start_step", sigma_start_step, 0)
+        sigma = self.config.sigma
+        anneals = isinstance(sigma, tuple) and sigma[0] != sigma[1]
+        if anneals and self.sigma_start_step >= self.total_steps:
+            warnings.warn(
+                f"sigma_start_step={self.sigma_start_step} >= total_steps={self.total_steps}: "
+                "σ never anneals and stays at its start for the whole run",
+                UserWarning,
+                stacklevel=2,
+            )
         self.sigma_range = check_sigma(self.config.sigma)
 
         # Costs are counted in units of `rows_unit` rows: row_weights are each layer's rows
