@@ -105,7 +105,7 @@ def init_tiles_(
     variance; padding entries are zero."""
     block_size = tiles.shape[-1]
     mask = edge_mask(positions, block_size, out_features, in_features)
-    num_rows = int(positions[:, 0].max()) + 1
+    num_rows = -(-out_features // block_size)  # every block row (no read: meta tensors)
     cols_per_tile = mask[:, 0, :].sum(dim=1).to(torch.float64)
     fan = torch.zeros(num_rows, dtype=torch.float64, device=positions.device)
     fan = fan.index_add(0, positions[:, 0], cols_per_tile).clamp_min(1.0)
@@ -282,10 +282,13 @@ class BlockSparseLinear(StructuredLinear):
 
             fits = covers if covers(1) else (lambda b: b * b <= macs)
             block_size = default_block_size(in_features, out_features, fits)
+            family = "block-sparse"
         else:
             check_positive_int("block_size", block_size)
+            # the smallest layer with these blocks (a smaller block size may fit)
+            family = f"block-sparse (block_size={block_size})"
         macs = resolve_budget(
-            budget, budget_macs, out_features, in_features, block_size * block_size, "block-sparse"
+            budget, budget_macs, out_features, in_features, block_size * block_size, family
         )
         num_rows, num_cols = block_grid(in_features, out_features, block_size)
         return block_size, min(macs // (block_size * block_size), num_rows * num_cols)

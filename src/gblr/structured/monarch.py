@@ -140,7 +140,9 @@ def _select(
             f"Monarch layer with {where}"
         )
     minimum = min(cost for _, _, cost in configs)
-    macs = resolve_budget(budget, budget_macs, out_features, in_features, minimum, "Monarch")
+    # the smallest layer with the nblocks given, where one is (a smaller one may exist)
+    family = "Monarch" if nblocks is None else f"Monarch (nblocks={nblocks})"
+    macs = resolve_budget(budget, budget_macs, out_features, in_features, minimum, family)
     feasible = [c for c in configs if c[2] <= macs]
     return sorted(feasible, key=lambda c: _preference(in_features, out_features, c), reverse=True)
 
