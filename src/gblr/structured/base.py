@@ -70,7 +70,7 @@ def resolve_budget(
 
     Raises:
         TypeError, ValueError: a malformed budget (from
-            [`gblr.cost.fraction_budget_macs`][]: both or neither given, a bool or str,
+            `gblr.cost.fraction_budget_macs`: both or neither given, a bool or str,
             an int other than 1 as ``budget``, a fraction outside ``(0, 1]``, a count < 1).
         BudgetTooSmallError: a well-formed budget below the family's ``minimum`` MACs; the
             message names that minimum, as a count and as the smallest fraction.
