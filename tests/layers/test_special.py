@@ -131,3 +131,23 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"weight must be a non-empty 2-D"):
         block_sparse(torch.randn(4), 2)
     assert gblr.special.low_rank is low_rank
+
+
+def test_special_builders_name_what_they_cannot_take():
+    """Unpacking errors ("too many values to unpack"), a half-precision SVD that failed
+    inside torch, a NaN weight taken, factors of two dtypes cast in silence."""
+    weight = torch.randn(8, 8)
+    with pytest.raises(ValueError, match=r"grid must be an int or a pair of ints"):
+        gblr.special.block_low_rank(weight, (2, 2, 2))
+    with pytest.raises(TypeError, match=r"grid must be a positive int, got 2\.0"):
+        gblr.special.block_low_rank(weight, 2.0)
+    with pytest.raises(ValueError, match=r"block_size must be an int or a pair of ints"):
+        gblr.special.block_sparse(weight, (2,))
+    with pytest.raises(ValueError, match=r"weight must be finite"):
+        gblr.special.block_sparse(torch.full((4, 4), float("nan")), 2)
+    with pytest.raises(TypeError, match=r"one dtype"):
+        gblr.special.low_rank(torch.randn(4, 2), torch.randn(2, 5, dtype=torch.float64))
+    half = weight.to(torch.bfloat16)
+    layer = gblr.special.block_low_rank(half, 2, rank_per_component=4)  # exact: rank 4 blocks
+    assert layer.U.dtype == torch.bfloat16
+    assert torch.allclose(layer.eval().dense_weight().float(), half.float(), atol=0.1)

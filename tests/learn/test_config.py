@@ -286,3 +286,12 @@ def test_a_flat_state_without_config_resumes_bit_for_bit():
         assert torch.equal(resumed_layer.U, layer.U) and torch.equal(resumed_layer.V, layer.V)
         assert torch.equal(resumed_layer.widths, layer.widths)
         assert resumed.summary() == learner.summary()
+
+
+def test_a_sigma_beyond_the_float32_buffer_is_refused():
+    # accepted with numpy's "overflow encountered in cast", and held as inf
+    with pytest.raises(ValueError, match=r"overflows the layers' float32 sigma buffer"):
+        gblr.LearnerConfig(sigma=1e39)
+    with pytest.raises(ValueError, match=r"overflows"):
+        gblr.LearnerConfig(sigma=(1.0, 1e39))
+    assert gblr.LearnerConfig(sigma=math.inf).sigma == math.inf

@@ -85,3 +85,17 @@ def test_a_minimum_with_a_fixed_block_count_or_size_says_so():
         MonarchLinear.from_dense(weight, 0.05, nblocks=16)
     with pytest.raises(BudgetTooSmallError, match=r"block-sparse \(block_size=32\) layer"):
         BlockSparseLinear.from_dense(weight, 0.1, block_size=32)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_an_empty_side_is_refused_naming_it(name):
+    # low-rank called it a budget too small (which convert reads as "leave it dense"),
+    # block-diagonal failed with "min() arg is an empty sequence"
+    from gblr.structured import BudgetTooSmallError
+
+    family = FAMILIES[name]
+    with pytest.raises(ValueError, match=r"out_features must be a positive int") as caught:
+        family.from_dense(torch.randn(0, 5), 0.5)
+    assert not isinstance(caught.value, BudgetTooSmallError)
+    with pytest.raises(ValueError, match=r"in_features must be a positive int"):
+        family.for_budget(0, 8, budget=0.5)

@@ -72,7 +72,14 @@ def check_positive_int(name: str, value: object) -> int:
 def check_sigma_fits_buffer(name: str, sigma: float) -> None:
     """``ValueError`` if a positive σ rounds to 0 in the layers' float32 ``sigma`` buffer
     (0 is no bandwidth: the masks would be NaN). Any σ below about 1e-3 already smooths a
-    mask to its mean, so nothing is lost by a larger one."""
+    mask to its mean, so nothing is lost by a larger one. A finite σ beyond float32's
+    range (which the buffer would hold as inf, with numpy's overflow warning) is refused
+    too: ``math.inf`` says so."""
+    if math.isfinite(sigma) and abs(sigma) > float(numpy.finfo(numpy.float32).max):
+        raise ValueError(
+            f"{name}={sigma!r} overflows the layers' float32 sigma buffer (at most 3.4e38); "
+            "give math.inf for exact boxcars"
+        )
     if numpy.float32(sigma) == 0.0:  # not a tensor: a torch.device("meta") context holds no values
         raise ValueError(
             f"{name}={sigma!r} rounds to 0 in the layers' float32 sigma buffer; give a σ of "

@@ -38,7 +38,20 @@ def _check_matrix(name: str, weight: object) -> Tensor:
         )
     if not weight.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {weight.dtype}")
+    if not bool(torch.isfinite(weight).all()):  # as the families refuse it
+        raise ValueError(f"{name} must be finite (it holds NaN or inf)")
     return weight
+
+
+def _pair(name: str, value: object) -> tuple[int, int]:
+    """``value`` (an int ``b`` or a pair ``(b, c)``) as two positive ints, naming ``name``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        first, second = value
+    else:
+        first = second = value
+    return check_positive_int(name, first), check_positive_int(name, second)
 
 
 def _split_sizes(total: int, parts: int) -> list[int]:
@@ -129,6 +142,10 @@ def low_rank(factor_u: Tensor, factor_v: Tensor, *, rank_per_component: int = 1)
     """
     _check_matrix("factor_u", factor_u)
     _check_matrix("factor_v", factor_v)
+    if factor_u.dtype != factor_v.dtype:  # the layer took factor_u's, casting factor_v
+        raise TypeError(
+            f"factor_u and factor_v must have one dtype, got {factor_u.dtype} and {factor_v.dtype}"
+        )
     r = check_positive_int("rank_per_component", rank_per_component)
     (m, rank), (rank_v, n) = factor_u.shape, factor_v.shape
     if rank != rank_v:
@@ -168,9 +185,7 @@ def block_low_rank(
         (16, 384)
     """
     weight = _check_matrix("weight", weight)
-    p, q = (grid, grid) if isinstance(grid, int) else tuple(grid)
-    p = check_positive_int("grid[0]", p)
-    q = check_positive_int("grid[1]", q)
+    p, q = _pair("grid", grid)
     m, n = weight.shape
     if p > m or q > n:
         raise ValueError(f"grid={grid!r} has more blocks than rows/columns of a {m}x{n} matrix")
@@ -185,7 +200,10 @@ def block_low_rank(
     for row_start, h in zip(_starts(row_sizes), row_sizes):
         for col_start, w in zip(_starts(col_sizes), col_sizes):
             block = weight[row_start : row_start + h, col_start : col_start + w]
-            left, singular, right = torch.linalg.svd(block, full_matrices=False)
+            # (no half-precision SVD on the CPU: in float32, then back to the weight's dtype)
+            computed = block if block.dtype in (torch.float32, torch.float64) else block.float()
+            left, singular, right = torch.linalg.svd(computed, full_matrices=False)
+            left, singular, right = (t.to(block.dtype) for t in (left, singular, right))
             parts.add((left[:, :r] * singular[:r]).t(), right[:r], (row_start, h), (col_start, w))
     return parts.build()
 
@@ -216,9 +234,7 @@ def block_sparse(weight: Tensor, block_size: int | tuple[int, int]) -> GBLRLinea
         (True, 20)
     """
     weight = _check_matrix("weight", weight)
-    bh, bw = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    bh = check_positive_int("block_size", bh)
-    bw = check_positive_int("block_size", bw)
+    bh, bw = _pair("block_size", block_size)
     m, n = weight.shape
     parts = _ComponentList(m, n, 1, weight)
     for row_start in range(0, m, bh):

@@ -83,6 +83,10 @@ def resolve_budget(
         200
     """
     names = {"fraction_name": "budget", "macs_name": "budget_macs"}
+    # an empty side is no layer (it was a BudgetTooSmallError, which convert reads as
+    # "leave it dense")
+    check_positive_int("out_features", out_features)
+    check_positive_int("in_features", in_features)
     # Checked first so that a malformed budget stays a plain error: convert leaves a layer
     # dense only on BudgetTooSmallError, and must not do so for a typo in the budget.
     check_fraction_budget(budget, budget_macs, **names)

@@ -146,6 +146,8 @@ class BlockDiagLinear(StructuredLinear):
         """Fewest blocks (the most MACs) whose cost fits ``budget`` (a fraction in
         ``(0, 1]`` of ``out * in``) or ``budget_macs`` (a MAC count);
         [`BudgetTooSmallError`][gblr.structured.BudgetTooSmallError] below the most blocks' cost."""
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
         largest = min(in_features, out_features)
         costs = {p: cls.cost(in_features, out_features, p) for p in range(1, largest + 1)}
         macs = resolve_budget(

@@ -122,6 +122,8 @@ def _select(
 ) -> list[tuple[int, int, int]]:
     """Valid configurations within ``budget`` (a fraction) or ``budget_macs`` (a count),
     most preferred first (``BudgetTooSmallError`` below the cheapest one, which is named)."""
+    check_positive_int("in_features", in_features)
+    check_positive_int("out_features", out_features)
     if nblocks is not None:
         nblocks = _check_nblocks(nblocks, in_features, out_features)
     if rank is not None:
