@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["process_alive", "replacement_target", "save_atomically"]
+__all__ = ["copy_atomically", "process_alive", "replacement_target", "save_atomically"]
 
 _TEMPORARY = re.compile(r"^\..*\.gblr-(?P<host>\w+)-(?P<pid>\d+)-\w+\.tmp$")
 
@@ -198,3 +199,21 @@ def save_atomically(
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def copy_atomically(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy the file ``source`` to ``target`` through `save_atomically`: a reader of
+    ``target`` sees the old file or the whole copy.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.files import copy_atomically
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "a.ckpt").write_bytes(b"state")
+        >>> copy_atomically(folder / "a.ckpt", folder / "copy" / "b.ckpt")
+        >>> (folder / "copy" / "b.ckpt").read_bytes()
+        b'state'
+    """
+    with open(source, "rb") as handle:
+        save_atomically(lambda out: shutil.copyfileobj(handle, out), target)

@@ -305,11 +305,29 @@ def test_progress_bar_is_labelled_by_steps_not_epochs():
     assert bar.total_train_batches == 23  # an epoch-based run: Lightning's own
 
 
+def _csv_logged_run(folder, *, steps, every, samples):
+    """A GBLR ViT run of ``steps`` logging to CSV every ``every`` steps: its result and the
+    rows of metrics.csv that hold a training loss."""
+    import csv
+
+    train, _ = digits()
+    config = EngineConfig(
+        steps=steps,
+        batch_size=16,
+        budget=0.5,
+        progress=False,
+        out_dir=folder,
+        trainer={"log_every_n_steps": every},
+    )
+    result = train_classifier(gblr_vit(), Subset(train, range(samples)), None, config)
+    with open(folder / "metrics.csv") as handle:
+        return result, [row for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
 def test_training_steps_log_when_the_logger_writes_and_at_the_last_step(tmp_path, monkeypatch):
     """A ``self.log`` costs Lightning about a small model's whole step, so the training step
     logs only on the steps the trainer writes to its loggers, and on the last step (whose
     ``train/steps_done`` reaches the launching process of a spawn strategy)."""
-    import csv
 
     from gblr.recipes.engine import ClassificationModule
 
@@ -322,20 +340,9 @@ def test_training_steps_log_when_the_logger_writes_and_at_the_last_step(tmp_path
         return original(self, metrics, *args, **kwargs)
 
     monkeypatch.setattr(ClassificationModule, "log_dict", log_dict)
-    train, _ = digits()
-    config = EngineConfig(
-        steps=25,
-        batch_size=16,
-        budget=0.5,
-        progress=False,
-        out_dir=tmp_path,
-        trainer={"log_every_n_steps": 10},
-    )
-    result = train_classifier(gblr_vit(), Subset(train, range(128)), None, config)
+    result, written = _csv_logged_run(tmp_path, steps=25, every=10, samples=128)
     assert logged_at == [9, 19, 24]
     assert result["steps"] == 25
-    with open(tmp_path / "metrics.csv") as handle:
-        written = [row for row in csv.DictReader(handle) if row.get("train/loss")]
     # the CSV logger writes what it wrote before: every 10th step, with its loss
     assert [int(row["step"]) for row in written] == [9, 19]
     assert all(float(row["train/loss"]) > 0 for row in written)
@@ -344,20 +351,7 @@ def test_training_steps_log_when_the_logger_writes_and_at_the_last_step(tmp_path
 def test_a_run_shorter_than_log_every_n_steps_still_writes_its_metrics(tmp_path):
     """Lightning writes to its loggers only every ``log_every_n_steps``: a shorter run
     (a recipe's 50 against a few steps) wrote no metrics.csv at all."""
-    import csv
-
-    train, _ = digits()
-    config = EngineConfig(
-        steps=4,
-        batch_size=16,
-        budget=0.5,
-        progress=False,
-        out_dir=tmp_path,
-        trainer={"log_every_n_steps": 50},
-    )
-    train_classifier(gblr_vit(), Subset(train, range(64)), None, config)
-    with open(tmp_path / "metrics.csv") as handle:
-        written = [row for row in csv.DictReader(handle) if row.get("train/loss")]
+    _, written = _csv_logged_run(tmp_path, steps=4, every=50, samples=64)
     assert [int(row["step"]) for row in written] == [3]
 
 

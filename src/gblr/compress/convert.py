@@ -1485,41 +1485,13 @@ def convert(
                 bar.set_postfix_str(target.name, refresh=False)
             shape = tuple(matrix.shape)
             if kept:
-                size = shape[0] * shape[1]
-                svd_error = _svd_error(curve, size, shape, rank_per_component)
-                report.layers.append(
-                    LayerConversion(
-                        target.name,
-                        target.kind,
-                        shape,
-                        size,
-                        size,
-                        0.0,
-                        svd_error,
-                        aliases=tuple(target.names[1:]),
-                        dense=True,
-                        rows=seen,
-                    )
-                )
+                svd_error = _svd_error(curve, shape[0] * shape[1], shape, rank_per_component)
+                report.layers.append(_dense_row(target, shape, svd_error, seen))
             else:
                 fitted = _fit_target(spec, config, target, matrix, macs, factor, report)
                 if fitted is None:  # the structure cannot be built at its share: dense,
                     # and counted so, or the report's ratio would hide its cost
-                    size = shape[0] * shape[1]
-                    report.layers.append(
-                        LayerConversion(
-                            target.name,
-                            target.kind,
-                            shape,
-                            size,
-                            size,
-                            0.0,
-                            0.0,
-                            aliases=tuple(target.names[1:]),
-                            dense=True,
-                            rows=seen,
-                        )
-                    )
+                    report.layers.append(_dense_row(target, shape, 0.0, seen))
                 else:
                     replacements.append((target, fitted[0]))
                     report.layers.append(
@@ -1625,6 +1597,25 @@ def _warn_about_the_fit(fitted: list[Tensor], gblr_fitted: bool, could_calibrate
             UserWarning,
             stacklevel=3,
         )
+
+
+def _dense_row(
+    target: _Target, shape: tuple[int, int], svd_error: float, rows: int
+) -> LayerConversion:
+    """The report's row of a layer left dense: its dense MACs before and after."""
+    size = shape[0] * shape[1]
+    return LayerConversion(
+        target.name,
+        target.kind,
+        shape,
+        size,
+        size,
+        0.0,
+        svd_error,
+        aliases=tuple(target.names[1:]),
+        dense=True,
+        rows=rows,
+    )
 
 
 def _fit_target(

@@ -458,19 +458,7 @@ class GBLRMatrixMixin(nn.Module):
             long_length = torch.minimum(long_length + per_strip, torch.tensor(float(long)))
             # The last block's strips grow backwards: no interval wraps past the end.
             long_start = torch.minimum(long_start, long - long_length)
-        long_width = long_length / long
-        short_side, long_side = (0, 1) if n <= m else (1, 0)
-        with torch.no_grad():
-            self.widths.zero_()
-            self.locations.zero_()
-            self.widths[:, :num_full] = 1.0
-            self._spread_full_components(num_full)
-            strips = slice(num_full, num_full + num_strips)
-            dtype, device = self.widths.dtype, self.widths.device
-            self.widths[short_side, strips] = short_width.to(dtype=dtype, device=device)
-            self.locations[short_side, strips] = short_start.to(dtype=dtype, device=device)
-            self.widths[long_side, strips] = long_width.to(dtype=dtype, device=device)
-            self.locations[long_side, strips] = (long_start / long).to(dtype=dtype, device=device)
+        self._set_start(num_full, (short_width, short_start), (long_length, long_start))
 
     def _init_sparse_strips(self, init_cost: float, num_full: int, budget: float) -> None:
         """The block-diagonal start where ``budget`` MACs cannot pay a strip for every
@@ -503,24 +491,31 @@ class GBLRMatrixMixin(nn.Module):
         long_start = torch.minimum(
             torch.floor(index * long / max(count, 1)), torch.tensor(float(long - length))
         )
+        one_line = torch.full((count,), 1.0 / short, dtype=torch.float64)
+        lengths = torch.full((count,), float(length), dtype=torch.float64)
+        self._set_start(num_full, (one_line, short_start / short), (lengths, long_start))
+
+    def _set_start(
+        self, num_full: int, short: tuple[Tensor, Tensor], long: tuple[Tensor, Tensor]
+    ) -> None:
+        """The structure of a start: ``num_full`` full components first, then strips whose
+        shorter side is ``short`` = (widths, locations) as fractions and whose longer side
+        is ``long`` = (lengths, starts) in lines (float64, one entry per strip); the other
+        components off."""
+        m, n = self.rows, self.cols
         short_side, long_side = (0, 1) if n <= m else (1, 0)
+        lines = max(m, n)  # the longer side
+        strips = slice(num_full, num_full + short[0].numel())
+        like = {"dtype": self.widths.dtype, "device": self.widths.device}
         with torch.no_grad():
             self.widths.zero_()
             self.locations.zero_()
             self.widths[:, :num_full] = 1.0
             self._spread_full_components(num_full)
-            strips = slice(num_full, num_full + count)
-            dtype, device = self.widths.dtype, self.widths.device
-            self.widths[short_side, strips] = torch.full(
-                (count,), 1.0 / short, dtype=dtype, device=device
-            )
-            self.locations[short_side, strips] = (short_start / short).to(
-                dtype=dtype, device=device
-            )
-            self.widths[long_side, strips] = torch.full(
-                (count,), length / long, dtype=dtype, device=device
-            )
-            self.locations[long_side, strips] = (long_start / long).to(dtype=dtype, device=device)
+            self.widths[short_side, strips] = short[0].to(**like)
+            self.locations[short_side, strips] = short[1].to(**like)
+            self.widths[long_side, strips] = (long[0] / lines).to(**like)
+            self.locations[long_side, strips] = (long[1] / lines).to(**like)
 
     def _init_half(self, init_cost: object, k: int, r: int, m: int, n: int) -> None:
         """Half of the starting budget on full-width components, half on narrow ones.

@@ -915,7 +915,7 @@ class StructureLearner:
         """``RuntimeError`` naming a layer that is no longer in the model the learner was
         built on (replaced by assignment or deleted): the learner would go on moving and
         costing it, and its budget would not be the model's."""
-        model = self._model_ref() if hasattr(self, "_model_ref") else None
+        model = self._model_ref()
         if model is None:
             return
         present = {id(module) for module in model.modules()}

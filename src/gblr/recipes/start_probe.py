@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import logging
 import math
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,7 +34,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("the training engine needs Lightning: pip install 'gblr[train]'") from error
 
-from ..files import save_atomically
+from ..files import copy_atomically
 from ..layers.base import COSTED_STRUCTURE_INITS, FACTOR_INITS
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers
@@ -529,11 +528,7 @@ def train_classifier_probing_start(
             if probe_end is not None and config.checkpoint_dir is not None:
                 # the run's checkpoints begin at the end of its probe: stopped before its
                 # first own checkpoint, it resumes from there, not from its first step
-                with open(probe_end, "rb") as source:
-                    save_atomically(
-                        lambda f: shutil.copyfileobj(source, f),
-                        Path(config.checkpoint_dir) / "last.ckpt",
-                    )
+                copy_atomically(probe_end, Path(config.checkpoint_dir) / "last.ckpt")
 
         say(
             f"the {winner.name} start trains "
