@@ -128,10 +128,9 @@ def test_predicted_gains_and_costs_match_the_loss_changes(rank, seed):
     assert checked >= 8
 
 
-def test_a_shifted_interval_is_put_back_on_its_block():
+def _shifted_block():
     """A block on columns 3-9 held by a component on columns 4-10 (column 10 empty,
-    column 3 missing): the best swap trims column 10 and grows column 3, and the fit is
-    then exact, with the loss decrease the model predicted and the MACs unchanged."""
+    column 3 missing), and a second block fitted exactly: ``(layer, target)``."""
     rows, cols = 16, 16
     generator = torch.Generator().manual_seed(0)
     block_u = torch.randn(6, generator=generator, dtype=torch.float64) + 3
@@ -150,6 +149,13 @@ def test_a_shifted_interval_is_put_back_on_its_block():
         layer.U.zero_(), layer.V.zero_()
         layer.U[0, 0, 2:8], layer.V[0, 0, 4:10] = block_u, block_v[1:]
         layer.U[1, 0, 11:15], layer.V[1, 0, 12:15] = other_u, other_v
+    return layer, target
+
+
+def test_a_shifted_interval_is_put_back_on_its_block():
+    """The best swap trims column 10 and grows column 3, and the fit is then exact, with
+    the loss decrease the model predicted and the MACs unchanged."""
+    layer, target = _shifted_block()
     before = _quadratic_loss(layer, target)
     flops = layer.flops()
     record, _ = _record(layer, target)
@@ -162,6 +168,25 @@ def test_a_shifted_interval_is_put_back_on_its_block():
     after = _quadratic_loss(layer, target)
     assert after <= 1e-12 * before
     assert move["gain"] - move["cost"] == pytest.approx(before - after, rel=1e-9)
+
+
+@pytest.mark.parametrize("held_side", [0, 1])
+def test_a_swap_leaves_held_sides_and_their_components_starts_alone(held_side):
+    """The learner holds a side of component 0 (``hold_narrow_sides``) and puts its
+    width and both locations back at its next step: the swap that pays most (growing
+    column 3, the start of component 0's columns) must not be made, nor any move of the
+    held side; a swap elsewhere, or none, may."""
+    layer, target = _shifted_block()
+    record, _ = _record(layer, target)
+    widths, locations = layer.widths.detach().clone(), layer.locations.detach().clone()
+    held = torch.zeros(2, 2, dtype=torch.bool)
+    held[held_side, 0] = True
+    move = refine_module._refine_layer(layer, record, curvature=2.0, min_gain=1e-9, held=held)
+    assert torch.equal(layer.widths[held_side, 0], widths[held_side, 0])
+    assert torch.equal(layer.locations[:, 0], locations[:, 0])
+    if move is not None:
+        for k, dim, side in (move["grown"][:3], move["trimmed"]):
+            assert not held[dim, k] and not (k == 0 and side == 0), move
 
 
 def test_no_swap_when_nothing_pays():

@@ -361,7 +361,9 @@ class LearnerConfig(_Config):
             component that has a side at most ``n`` lines wide when the learner is built
             keeps that side's width and both its locations (the optimizer's moves are
             undone each step, and the budget's cut and fill leave that side out); its
-            other side is learned and cut as usual. With GBLR's block-diagonal start
+            other side is learned and cut as usual. The passes leave them alone too: no
+            merge or untangle of such a component, no refine of its held side or of
+            either start. With GBLR's block-diagonal start
             (``structure_init="blockdiag"``, made of one-line strips) ``1`` keeps every
             block dense and lets the learner set only how far each strip reaches and how
             the budget splits between layers; learned freely, a one-line side moves by

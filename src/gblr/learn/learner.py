@@ -735,6 +735,7 @@ class StructureLearner:
             for cls in PASSES
             if getattr(self.config, cls.name) is not None
         }
+        self._show_passes_held()
         self._apply_sigma()
 
     def _check_finite(self, when: str) -> None:
@@ -994,6 +995,17 @@ class StructureLearner:
                         bool(held.any(0)[able].all()),
                     )
             skip_held_gradients(layer, self, skip)
+        self._show_passes_held()
+
+    def _show_passes_held(self) -> None:
+        """Give every pass each layer's ``(2, K)`` held sides (``LearnerPass.held``), so
+        that merges, untangles and refines leave the intervals this learner holds alone."""
+        held: list[Tensor | None] = [
+            None if self.held_sides is None else self.held_sides[:, part].to(layer.widths.device)
+            for layer, part in self.view.parts
+        ]
+        for each in getattr(self, "passes", {}).values():  # (none yet while __init__ holds)
+            each.held = held
 
     def _hold_narrow_sides(self) -> Tensor | None:
         """Undo the optimizer's moves of the held sides' widths and of their components'

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..layers.base import GBLRMatrixMixin
 from .config import MergeConfig
@@ -29,10 +29,15 @@ __all__ = ["MergePass", "merge_components"]
 
 
 @torch.no_grad()
-def _merge_layer(layer: GBLRMatrixMixin, tolerance: float) -> int:
+def _merge_layer(layer: GBLRMatrixMixin, tolerance: float, allowed: Tensor | None = None) -> int:
+    """Merge one layer's pairs (see `merge_components`); only the components ``allowed``
+    (``(K,)`` bool, default all) take part. Returns the number of merges."""
     r = layer.rank_per_component
     col_len, row_len = layer.interval_lengths()
-    live = ((row_len > 0) & (col_len > 0)).nonzero().flatten()
+    live_mask = (row_len > 0) & (col_len > 0)
+    if allowed is not None:
+        live_mask &= allowed.to(live_mask.device)
+    live = live_mask.nonzero().flatten()
     if live.numel() < 2:
         return 0
     col_start, row_start = layer.interval_starts()
@@ -173,7 +178,10 @@ class MergePass(LearnerPass):
     def after_shrink(self, step: int) -> None:
         if self.schedule.is_pass_step(step):
             tolerance = self.config.tolerance
-            self.merges += sum(_merge_layer(layer, tolerance) for layer in self.layers)
+            self.merges += sum(
+                _merge_layer(layer, tolerance, self.movable(index))
+                for index, layer in enumerate(self.layers)
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {"merges": self.merges}

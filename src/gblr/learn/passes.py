@@ -95,7 +95,18 @@ class LearnerPass:
         self.config = config
         self.layers = layers
         self.schedule = schedule
+        # Per layer, the ``(2, K)`` bool mask of the sides the learner holds
+        # (``LearnerConfig.hold_narrow_sides``), or ``None``: the learner puts a held side's
+        # width and both locations of its component back at its next step, so a pass that
+        # moved them would be half undone. The learner sets it.
+        self.held: list[Tensor | None] = [None] * len(layers)
         self.start()
+
+    def movable(self, index: int) -> Tensor | None:
+        """``(K,)`` bool: the components of layer ``index`` that hold no side (a pass may
+        change their intervals), or ``None`` when the learner holds nothing there."""
+        held = self.held[index]
+        return None if held is None else ~held.any(0)
 
     def start(self) -> None:
         """Set up the pass's state for a new run (called by ``__init__``)."""

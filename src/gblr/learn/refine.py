@@ -173,7 +173,11 @@ def _end_candidates(
 
 @torch.no_grad()
 def _refine_layer(
-    layer: GBLRMatrixMixin, record: dict[str, Tensor], curvature: float, min_gain: float
+    layer: GBLRMatrixMixin,
+    record: dict[str, Tensor],
+    curvature: float,
+    min_gain: float,
+    held: Tensor | None = None,
 ) -> dict[str, Any] | None:
     """Make the layer's best swap (one trimmed end cell, one extended), if it pays.
 
@@ -182,6 +186,9 @@ def _refine_layer(
             (``u``, ``v``, ``grad_u``, ``grad_v``, shapes ``(K, r, out)`` / ``(K, r, in)``).
         curvature: the loss's curvature per unit squared weight (see module docstring).
         min_gain: the floor, as a fraction of the quadratic model's ``c ‖W‖² / 2``.
+        held: ``(2, K)`` bool, the sides the learner holds (``None``: none): neither end
+            of a held side moves, nor the start (its location) of any side of a component
+            holding one.
 
     Returns:
         ``None`` (nothing pays, or the best swap gains more than the model can vouch
@@ -202,6 +209,11 @@ def _refine_layer(
     trim_ok = torch.stack([d.trim_ok for d in per_dim], dim=1)
     gain = torch.stack([d.gain for d in per_dim], dim=1)
     grow_ok = torch.stack([d.grow_ok for d in per_dim], dim=1)
+    if held is not None:
+        held = held.to(grow_ok.device)
+        fixed = held.T[:, :, None].expand(-1, -1, 2).clone()  # (K, dim, side)
+        fixed[:, :, 0] |= held.any(0)[:, None]
+        grow_ok, trim_ok = grow_ok & ~fixed, trim_ok & ~fixed
     if not bool(grow_ok.any()) or not bool(trim_ok.any()):
         return None
     gain = torch.where(grow_ok, gain, torch.full_like(gain, -torch.inf))
@@ -314,7 +326,10 @@ class RefinePass(LearnerPass):
                         del history[:-_CURVATURE_HISTORY]
                 if self.curvatures[index]:
                     curvature = float(torch.tensor(self.curvatures[index]).median())
-                    if _refine_layer(layer, current, curvature, self.config.floor) is not None:
+                    swap = _refine_layer(
+                        layer, current, curvature, self.config.floor, self.held[index]
+                    )
+                    if swap is not None:
                         self.refines += 1
             # Kept only for the secant of the next step (four factor-sized tensors).
             next_is_pass = self.schedule.is_half_step(step + 1)

@@ -487,8 +487,10 @@ class UntanglePass(LearnerPass):
                 if bool(fresh.any()):
                     self._ban_regrown(index, layer)
                     banned = {(i, j) for n, i, j in self.banned if n == index}
+                    movable = self.movable(index)
+                    allowed = settled if movable is None else settled & movable.to(settled)
                     done = _untangle_layer(
-                        layer, self.config.tolerance, _UNTANGLE_MIN_SAVING, settled, banned, fresh
+                        layer, self.config.tolerance, _UNTANGLE_MIN_SAVING, allowed, banned, fresh
                     )
                     for i, j, macs_before, macs_after in done:
                         self.untangled[(index, i, j)] = (macs_before, macs_after)
