@@ -163,6 +163,24 @@ def test_state_dict_roundtrip_keeps_positions():
     torch.testing.assert_close(other(x), layer(x))
 
 
+@pytest.mark.parametrize(
+    ("positions", "match"),
+    [([[1, 3], [2, 0]], "block rows must be in"), ([[1, 3], [1, 3]], "must not repeat")],
+)
+def test_a_state_whose_positions_do_not_fit_is_refused(positions, match):
+    """Before, out-of-grid positions loaded and failed at the forward (IndexError) and
+    repeated ones loaded and made forward differ from dense_weight()."""
+    layer = make(50, 30, 16, [(1, 3), (0, 0)])
+    state = layer.state_dict()
+    state["positions"] = torch.tensor(positions)
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    model = torch.nn.Sequential(layer)
+    with pytest.raises(ValueError, match=rf"0\.positions do not fit.*{match}"):
+        model.load_state_dict({"0." + name: tensor for name, tensor in state.items()})
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, before[name]), name  # nothing half-loaded
+
+
 def test_below_minimum_budget_raises_naming_minimum():
     with pytest.raises(BudgetTooSmallError, match="budget_macs=63, below the minimum of 64 MACs"):
         BlockSparseLinear.for_budget(64, 64, budget_macs=63, block_size=8)

@@ -241,6 +241,21 @@ class BlockSparseLinear(StructuredLinear):
     def num_tiles(self) -> int:
         return self.tiles.shape[0]
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # The positions index the tiles: a state's out of the grid failed at the forward
+        # with an IndexError, and repeated ones made forward and dense_weight() differ.
+        positions = state_dict.get(prefix + "positions")
+        if isinstance(positions, Tensor) and tuple(positions.shape) == tuple(self.positions.shape):
+            try:
+                check_positions(positions, self.num_block_rows, self.num_block_cols)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"the state's {prefix}positions do not fit this layer "
+                    f"({self.num_block_rows} x {self.num_block_cols} blocks of "
+                    f"{self.block_size}): {error}"
+                ) from None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _matmul(self, x: Tensor) -> Tensor:
         return block_sparse_matmul(
             x, self.tiles, self.positions, self.out_features, self.num_block_rows
