@@ -419,6 +419,21 @@ def test_planted_blocks_cost_matches_the_exact_gblr_representation():
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"size": 0}, ValueError, "size"),  # was an empty matrix (block_sides unchecked)
+        ({"size": True}, TypeError, "size"),
+        ({"seed": float("nan")}, TypeError, "seed"),  # was torch's generator error
+        ({"block_sides": (6.0, 24)}, TypeError, "block_sides"),  # was torch.randint's error
+        ({"num_blocks": 3}, TypeError, "num_blocks"),
+    ],
+)
+def test_planted_blocks_names_a_bad_argument(kwargs, error, name):
+    with pytest.raises(error, match=rf"^{name} must"):
+        planted_blocks(**{"size": 16, "block_sides": (2, 4), **kwargs})
+
+
+@pytest.mark.parametrize(
     "lr_decay, error", [(1.5, ValueError), (-0.1, ValueError), ("x", TypeError)]
 )
 def test_recovery_run_refuses_a_bad_lr_decay(lr_decay, error):

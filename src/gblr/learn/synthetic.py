@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .config import LearnerConfig
+from .factors import check_int
 
 if TYPE_CHECKING:
     from ..layers.base import FactorInit
     from .learner import StructureLearner
 
 __all__ = ["planted_blocks", "recovery_run", "regression_steps"]
+
+
+def _int_pair(name: str, value: object) -> tuple[int, int]:
+    """``value`` as ``(low, high)`` ints, or a ``TypeError`` naming ``name``."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)
+    ):
+        raise TypeError(f"{name} must be a pair of ints (low, high), got {value!r}")
+    return int(value[0]), int(value[1])
 
 
 def planted_blocks(
@@ -38,6 +51,10 @@ def planted_blocks(
         ``(target (n, n) float32, planted_cost)``: the MACs per row of the exact GBLR
         representation, ``sum (|R| + |C|)`` over blocks.
     """
+    size = check_int("size", size, 1)
+    seed = check_int("seed", seed, 0)
+    num_blocks = _int_pair("num_blocks", num_blocks)
+    block_sides = _int_pair("block_sides", block_sides)
     generator = torch.Generator().manual_seed(1000 + seed)
 
     def draw(low: int, high: int) -> int:
