@@ -27,7 +27,7 @@ from ..layers.base import GBLRMatrixMixin, check_positive_int
 from ..layers.conv import GBLRConv2d, checked_geometry, conv_geometry
 from ..layers.linear import GBLRLinear
 from ..modules import set_submodule
-from ..ops.gaudi import autocast_dtype
+from ..ops.gaudi import autocast_dtype, transforms_active
 from . import panels as PN
 from . import plans as P
 
@@ -400,6 +400,8 @@ class FrozenGBLRMatrix(nn.Module):
             tracked = x.requires_grad or (bias is not None and bias.requires_grad)
             if plan == "panels" and torch.is_grad_enabled() and tracked:
                 plan = "segment"  # panels multiply into buffers (out=), which autograd refuses
+            if plan in ("panels", "triton") and transforms_active():
+                plan = "segment"  # nor has torch.func rules for out= products or Triton
             autocast = autocast_dtype(x.device.type)
             if autocast is not None:
                 # their in-place products are outside autocast's casts: run them in the

@@ -315,8 +315,9 @@ def panel_ops(
     k = row_intervals.shape[0]
     extra = 0 if bias is None else 1
     overhead = _CALL_OVERHEAD_MACS / max(min(rows, chunk_rows(m, k * rank + extra)), 1)
-    rows_np = row_intervals.detach().cpu().numpy().reshape(-1, 2)
-    cols_np = col_intervals.detach().cpu().numpy().reshape(-1, 2)
+    # (tolist: under torch.func a tensor read here has no numpy view)
+    rows_np = np.asarray(row_intervals.tolist(), dtype=np.int64).reshape(-1, 2)
+    cols_np = np.asarray(col_intervals.tolist(), dtype=np.int64).reshape(-1, 2)
     full_row = rows_np[:, 1] >= m
     r0 = np.where(full_row, 0, rows_np[:, 0])
     c0 = np.where(cols_np[:, 1] >= n, 0, cols_np[:, 0])

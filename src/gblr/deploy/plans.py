@@ -269,8 +269,9 @@ def partition_components(
     k = row_intervals.shape[0]
     if k == 0:
         return Partition((), 0.0)
-    rows_np = row_intervals.detach().cpu().numpy()
-    cols_np = col_intervals.detach().cpu().numpy()
+    # (tolist: under torch.func a tensor read here has no numpy view)
+    rows_np = np.asarray(row_intervals.tolist(), dtype=np.int64).reshape(-1, 2)
+    cols_np = np.asarray(col_intervals.tolist(), dtype=np.int64).reshape(-1, 2)
     # Linear coordinates: an interval is [start, start + length) with start < size; a
     # full interval is [0, size) whatever its start, so full components coincide.
     c0 = np.where(cols_np[:, 1] >= n, 0, cols_np[:, 0])

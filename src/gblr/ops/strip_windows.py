@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .gaudi import _grid_kernels, _lengths, _mask_dtype, _starts, held_strip_side
+from .gaudi import _grid_kernels, _lengths, _mask_dtype, _starts, held_strip_side, transforms_active
 
 __all__ = ["EDGE_MARGIN", "strip_window_product"]
 
@@ -60,7 +60,7 @@ class _WindowMask(torch.autograd.Function):
         return blocks * inside.to(blocks.dtype)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad, *_):  # type: ignore[override]
         blocks, inside, lengths, edge = ctx.saved_tensors
         plan = ctx.plan
         needs_blocks, needs_widths, needs_locations = ctx.needs_input_grad[:3]
@@ -73,12 +73,31 @@ class _WindowMask(torch.autograd.Function):
             grad_mask = (grad.gather(2, columns) * blocks.gather(2, columns)).to(edge.dtype)
             per_term = (grad_mask * edge).sum(2).reshape(-1)  # (G * B,)
             terms = torch.zeros(plan.terms + 1, dtype=edge.dtype, device=blocks.device)
-            terms.index_add_(0, plan.slots, per_term)
+            terms = terms.index_add(0, plan.slots, per_term)  # (not in place: vmap's rule)
             rows = [zeros[0], zeros[1]]
             rows[plan.long_side] = terms[: plan.terms].view(-1, plan.rank).sum(1)
             grad_widths = torch.stack(rows)
         grad_locations = zeros if needs_locations else None
         return grad_blocks, grad_widths, grad_locations, None, None, None, None
+
+
+class _WindowMaskForTransforms(_WindowMask):
+    """[`_WindowMask`][gblr.ops.strip_windows._WindowMask] as ``torch.func`` takes it: the
+    window's mask comes out second, without a gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(blocks, widths, locations, plan, lengths, edge, skip_width):  # type: ignore[override]
+        inside = (plan.offsets >= 0) & (plan.offsets < lengths.unsqueeze(-1))
+        return blocks * inside.to(blocks.dtype), inside
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        blocks, widths, _, plan, lengths, edge, skip_width = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(blocks, output[1], lengths, edge)
+        ctx.plan, ctx.skip_width, ctx.shape = plan, skip_width, widths.shape
 
 
 class _Plan(NamedTuple):
@@ -211,7 +230,8 @@ def strip_window_product(
     term_lengths = torch.cat([lengths.repeat_interleave(rank), lengths.new_zeros(1)])
     mask_dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
     edge = _edge_around_end(n, margin, mask_dtype, long_factor.device)
-    blocks = _WindowMask.apply(
+    function = _WindowMaskForTransforms if transforms_active() else _WindowMask
+    blocks = function.apply(
         blocks,
         widths,
         locations,
@@ -220,6 +240,8 @@ def strip_window_product(
         edge,
         bool(skip[long_side]),
     )
+    if function is _WindowMaskForTransforms:
+        blocks = blocks[0]
     strip_size = strip_factor.shape[2]
     lines = _starts(locations[side], strip_size, finite=True)
     lines = lines.repeat_interleave(rank) if rank > 1 else lines
