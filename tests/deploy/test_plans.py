@@ -204,3 +204,15 @@ def test_plan_refuses_an_empty_batch_before_running_the_model():
     conv = gblr.freeze(nn.Sequential(gblr.GBLRConv2d(3, 8, 3, padding=1)))
     with pytest.raises(ValueError, match=r"shape \(0, 3, 5, 5\), with no rows"):
         gblr.plan(conv, torch.randn(0, 3, 5, 5))
+
+
+def test_plan_names_example_input_when_the_model_fails_on_it():
+    """``gblr.plan`` called the model through a dispatch of its own: a wrong input was a
+    shape error from inside the model, where convert, the learner and the FLOP counters
+    name the argument (``gblr.cost.call_model``)."""
+    frozen = gblr.freeze(nn.Sequential(gblr.GBLRLinear(16, 8, init_cost=0.3)).eval())
+    with pytest.raises(ValueError, match=r"^example_input: the model failed on it"):
+        gblr.plan(frozen, torch.randn(3, 5))
+    assert frozen[0].plan_cache == {}
+    # A mapping is keyword arguments, a tuple positional ones, as everywhere.
+    assert len(gblr.plan(frozen, (torch.randn(4, 16),)).layers) == 1

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..cost import call_model
 from ..tables import text_table
 from .frozen import FrozenGBLRConv2d, FrozenGBLRMatrix
 from .plans import GPU_PLANS, PLANS, row_bucket
@@ -22,6 +23,11 @@ __all__ = ["LayerPlan", "PlanReport", "plan"]
 _MARGIN = 0.95
 # blocksparse is not timed when this fraction of the tiles is occupied.
 _DENSE_EQUIVALENT = 0.9
+
+
+class _NoRowsToTime(Exception):
+    """A layer's captured input has no rows (raised from a forward hook, so that the model
+    call's own failures, which name ``example_input``, do not wrap it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +221,7 @@ def plan(
         if isinstance(x, Tensor) and x.dim() > 0 and _rows(module, x) == 0:
             # Nothing to time: every plan returns an empty output at once, and a choice
             # stored for that bucket would be noise. Raised before the layer runs.
-            raise ValueError(
+            raise _NoRowsToTime(
                 f"example_input gives layer {layers[id(module)][0] or '(root)'!r} an input "
                 f"of shape {tuple(x.shape)}, with no rows to time; plan needs an example "
                 "with at least one row (a batch of the size the model will run on)"
@@ -225,11 +231,9 @@ def plan(
     handles = [module.register_forward_pre_hook(capture) for _, module in layers.values()]
     try:
         with torch.no_grad():
-            if isinstance(example_input, Mapping):  # keyword arguments (a tokenizer's output)
-                model(**example_input)
-            else:
-                args = example_input if isinstance(example_input, tuple) else (example_input,)
-                model(*args)
+            call_model(model, example_input, name="example_input")
+    except _NoRowsToTime as error:
+        raise ValueError(str(error)) from None
     finally:
         for handle in handles:
             handle.remove()
