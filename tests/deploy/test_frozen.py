@@ -310,3 +310,25 @@ def test_factors_set_to_train_are_refused_and_a_training_bias_gets_its_gradient(
         layer.bias.grad = None
         layer(x).sum().backward()
         assert torch.equal(layer.bias.grad, torch.full((64,), 3.0)), plan
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit's deprecation notice
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_frozen_model_traces_with_torch_jit_trace():
+    """``torch.jit.trace`` gives sizes as tensors: the plan choice failed ("'Tensor' object
+    has no attribute 'bit_length'"), and the factors' cache, built inside the first trace
+    and read in its check, made the two graphs differ. A trace now runs a compiled plan,
+    from the parameters, as torch.compile does."""
+    torch.manual_seed(0)
+    model = gblr.freeze(
+        nn.Sequential(
+            gblr.GBLRConv2d(3, 8, 3, padding=1, init_cost=0.3),
+            nn.Flatten(),
+            gblr.GBLRLinear(8 * 5 * 5, 16, init_cost=0.3),
+        ).eval()
+    )
+    x = torch.randn(2, 3, 5, 5)
+    traced = torch.jit.trace(model, x)  # checks its graph against a second trace
+    torch.testing.assert_close(traced(x), model(x))
+    other = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(traced(other), model(other))

@@ -40,6 +40,12 @@ COMPILED_PLANS = ("dense", "lowrank")
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
+def _traced() -> bool:
+    """Whether a forward is being traced into a graph (``torch.compile``, ``torch.export``
+    or ``torch.jit.trace``, whose sizes are tensors): it runs a compiled plan."""
+    return _is_compiling() or torch.jit.is_tracing()
+
+
 def _interval_buffer(name: str, value: object, size: int) -> Tensor:
     """Validated ``(K, 2)`` int64 ``(start, length)``: ``0 <= start < size``,
     ``1 <= length <= size`` (a frozen layer holds live components only)."""
@@ -261,7 +267,7 @@ class FrozenGBLRMatrix(nn.Module):
             )
 
     def _factors(self) -> tuple[Tensor, Tensor]:
-        if _is_compiling():  # in the graph, from the parameters: no cache to validate
+        if _traced():  # in the graph, from the parameters: no cache to validate
             return self._build_factors()
         items = self._cache()
         if "factors" not in items:
@@ -269,7 +275,7 @@ class FrozenGBLRMatrix(nn.Module):
         return items["factors"]
 
     def _weight(self) -> Tensor:
-        if _is_compiling():
+        if _traced():
             with torch.no_grad():
                 return P.dense_matrix(*self._factors())
         items = self._cache()
@@ -564,10 +570,7 @@ class FrozenGBLRLinear(FrozenGBLRMatrix):
                 f"got input of shape {tuple(x.shape)}"
             )
         self._refuse_training_the_factors()
-        if _is_compiling():
-            plan = self.compiled_plan()
-        else:
-            plan = self.plan_for(x.numel() // self.in_features)
+        plan = self.compiled_plan() if _traced() else self.plan_for(x.numel() // self.in_features)
         if plan == "dense":  # F.linear takes any leading dims: no reshapes on the fast path
             return P.run_dense(x, self._weight(), self._parameters["bias"])
         x2 = x.reshape(-1, self.in_features)
@@ -703,10 +706,7 @@ class FrozenGBLRConv2d(FrozenGBLRMatrix):
         if unbatched:
             x = x.unsqueeze(0)
         out_h, out_w = self._output_size(x.shape[-2], x.shape[-1])
-        if _is_compiling():
-            plan = self.compiled_plan()
-        else:
-            plan = self.plan_for(x.shape[0] * out_h * out_w)
+        plan = self.compiled_plan() if _traced() else self.plan_for(x.shape[0] * out_h * out_w)
         y = self._conv(x, plan, out_h, out_w)
         return y.squeeze(0) if unbatched else y
 
