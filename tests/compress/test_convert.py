@@ -147,6 +147,44 @@ def test_grouped_conv_is_skipped_with_a_reason():
     assert report.skipped[0][0] == "0" and "groups=4" in report.skipped[0][1]
 
 
+class _ScaledLinear(nn.Linear):  # what a fake-quant or scaled Linear looks like
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+class _ClippedConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x).clamp(-1, 1)
+
+
+class _RenamedLinear(nn.Linear):  # (torch's NonDynamicallyQuantizableLinear is such a one)
+    pass
+
+
+@pytest.mark.parametrize("structure", ["gblr", "lowrank"])
+def test_a_layer_whose_class_has_its_own_forward_stays_dense(structure):
+    """Before, a subclass of nn.Linear with its own forward became a plain structured
+    layer and its extra computation was lost: at budget 1.0 the output moved by 0.82."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        _ScaledLinear(32, 32), _RenamedLinear(32, 32), nn.Unflatten(1, (2, 4, 4)),
+        _ClippedConv(2, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+    )  # fmt: skip
+    x = torch.randn(3, 32)
+    before = model(x)
+    config = config_class(structure)(budget=1.0, min_features=1)
+    report = gblr.convert(model, config, progress=False)
+    assert isinstance(model[0], _ScaledLinear) and isinstance(model[3], _ClippedConv)
+    reason = "has a forward of its own (not {}'s), which a structured layer would not run"
+    skipped = dict(report.skipped)
+    assert skipped["0"] == "its class _ScaledLinear " + reason.format("Linear")
+    if structure == "gblr":  # (low-rank converts Linear layers only)
+        assert skipped["3"] == "its class _ClippedConv " + reason.format("Conv2d")
+    assert not isinstance(model[1], _RenamedLinear)  # a subclass without one converts
+    if structure == "gblr":  # exact at budget 1.0 (low-rank is not: rank 16 of 32)
+        torch.testing.assert_close(model(x), before, atol=1e-4, rtol=1e-4)
+
+
 def test_a_conv_gblr_conv2d_refuses_is_skipped_with_the_same_reason():
     padded = nn.Conv2d(16, 32, 3, padding=1, padding_mode="circular")
     model = nn.Sequential(padded, nn.Conv2d(32, 32, 1))

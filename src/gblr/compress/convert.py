@@ -500,9 +500,26 @@ def _matrix(module: nn.Module, kind: str) -> Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+def _own_forward(module: nn.Module, kind: str) -> str | None:
+    """The reason to leave ``module`` dense when its class has a ``forward`` of its own
+    (a subclass of the layer ``kind`` names that computes more than the product: fake
+    quantization, a scale, an adapter), which the structured layer would drop; else
+    ``None``."""
+    base = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}.get(kind) or _conv1d_type()
+    if base is None or type(module).forward is base.forward:
+        return None
+    return (
+        f"its class {type(module).__qualname__} has a forward of its own (not "
+        f"{base.__name__}'s), which a structured layer would not run"
+    )
+
+
 def _skip_reason(
     module: nn.Module, kind: str, min_features: int, supports_conv2d: bool
 ) -> str | None:
+    reason = _own_forward(module, kind)
+    if reason is not None:
+        return reason
     if kind == "Conv2d":
         reason = unsupported_conv(module)
         if reason is not None:
