@@ -1003,6 +1003,15 @@ def test_numpy_options_are_stored_as_python_numbers_and_a_bad_optimizer_is_named
 
     config = gblr.LearnerConfig(pass_every=np.int64(3), hold_narrow_sides=np.int64(1))
     json.dumps(config.to_dict())  # np.int64 was kept and failed to serialize
+    # numpy's float32 was refused for sigma (ValueError) and exact_from (TypeError)
+    config = gblr.LearnerConfig(sigma=(np.float32(1.0), np.int64(50)), exact_from=np.float32(0.5))
+    assert config.sigma == (1.0, 50.0) and config.exact_from == 0.5
+    assert all(type(v) is float for v in (*config.sigma, config.exact_from))
+    assert gblr.LearnerConfig(sigma=np.float32(2.0)).sigma == 2.0
+    distill = gblr.DistillConfig(steps=np.int64(3), lr=np.float32(1e-3), seed=np.int64(1))
+    # kept as numpy, compress_pretrained failed writing report.json after all its work
+    assert json.loads(json.dumps(distill.to_dict()))["steps"] == 3
+    assert gblr.DistillConfig.from_dict(distill.to_dict()) == distill
     model = nn.Sequential(gblr.GBLRLinear(16, 16))
     gblr.StructureLearner(model, lam=np.float32(0.5), total_steps=5, structure_lr=1e-3)
     with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):

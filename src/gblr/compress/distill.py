@@ -87,13 +87,19 @@ class DistillConfig:
     budget_ramp_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        check_int("steps", self.steps, 1)
-        check_rate("lr", self.lr)
+        # Checked values are stored as Python numbers (numpy's are taken), so that
+        # to_dict() and the reports that hold it are JSON.
+        numbers = {
+            "steps": check_int("steps", self.steps, 1),
+            "lr": check_rate("lr", self.lr),
+            "weight_decay": check_rate("weight_decay", self.weight_decay, allow_zero=True),
+            "warmup_fraction": check_fraction("warmup_fraction", self.warmup_fraction),
+            "budget_ramp_fraction": check_fraction(
+                "budget_ramp_fraction", self.budget_ramp_fraction
+            ),
+        }
         if self.structure_lr is not None:
-            check_rate("structure_lr", self.structure_lr)
-        check_rate("weight_decay", self.weight_decay, allow_zero=True)
-        check_fraction("warmup_fraction", self.warmup_fraction)
-        check_fraction("budget_ramp_fraction", self.budget_ramp_fraction)
+            numbers["structure_lr"] = check_rate("structure_lr", self.structure_lr)
         if not isinstance(self.output, str) or not self.output:
             raise TypeError(f"output must be 'auto' or an output field's name, got {self.output!r}")
         if self.learner is not None and not isinstance(self.learner, LearnerConfig):
@@ -101,7 +107,9 @@ class DistillConfig:
                 f"learner must be a gblr.LearnerConfig or None, got {type(self.learner).__name__}"
             )
         if self.seed is not None:
-            _check_seed(self.seed)
+            numbers["seed"] = _check_seed(self.seed)
+        for name, value in numbers.items():
+            object.__setattr__(self, name, value)  # (a frozen dataclass)
 
     @property
     def warmup_steps(self) -> int:

@@ -74,11 +74,11 @@ def check_sigma(sigma: object) -> tuple[float, float] | None:
     """
     if sigma is None:
         return None
-    values = (sigma, sigma) if isinstance(sigma, (int, float)) else sigma
+    values = (sigma, sigma) if isinstance(sigma, numbers.Real) else sigma
     if (
         not isinstance(values, (tuple, list))
         or len(values) != 2
-        or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values)
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in values)
         or not all(v > 0 for v in values)
     ):
         raise ValueError(
@@ -426,7 +426,7 @@ class LearnerConfig(_Config):
         self._set("pass_every", check_int("pass_every", self.pass_every, 1))
         if self.exact_from is not None:
             value = self.exact_from
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"exact_from must be a number in (0, 1] or None, got {value!r}")
             if not 0 < value <= 1:
                 raise ValueError(f"exact_from must be in (0, 1] or None, got {value!r}")
@@ -656,7 +656,7 @@ def config_from_options(options: Mapping[str, Any]) -> LearnerConfig:
         value = options.get(name)
         if value is not None and (
             isinstance(value, bool)
-            or not isinstance(value, (int, float))
+            or not isinstance(value, numbers.Real)
             or not 0 < value < math.inf
         ):
             raise ValueError(
