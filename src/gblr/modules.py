@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["hf_conv1d_shape", "set_submodule", "to_device"]
+__all__ = ["hf_conv1d_class", "hf_conv1d_shape", "set_submodule", "to_device"]
 
 
 def to_device(data: Any, device: torch.device | str) -> Any:
@@ -37,6 +37,22 @@ def to_device(data: Any, device: torch.device | str) -> Any:
     if isinstance(data, (tuple, list)):
         return type(data)(to_device(value, device) for value in data)
     return data
+
+
+def hf_conv1d_class() -> type | None:
+    """Hugging Face's ``Conv1D`` class (GPT-2's linear layer), or ``None`` without
+    transformers.
+
+    Examples:
+        >>> from gblr.modules import hf_conv1d_class
+        >>> hf_conv1d_class() is None or hf_conv1d_class().__name__ == "Conv1D"
+        True
+    """
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
 
 
 def hf_conv1d_shape(module: nn.Module) -> tuple[int, int] | None:

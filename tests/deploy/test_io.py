@@ -223,3 +223,38 @@ def test_plans_of_another_version_are_refused_on_load(tmp_path, field, value, me
     edit(path, change)
     with pytest.raises(gblr.deploy.GBLRFileError, match=message):
         gblr.load(path)
+
+
+@pytest.mark.parametrize("factory_converts", [False, True])
+def test_a_gpt2_file_loads_into_gpt2_and_merges_back_into_conv1d(tmp_path, factory_converts):
+    """GPT-2's linear layers are Hugging Face Conv1D (weight stored (in, out)). Before, a
+    plain GPT-2 from model_factory was refused ("matrix shape None"), and one the factory
+    had converted lost the mark that the layers replaced a Conv1D, so merge_and_unload gave
+    an nn.Linear that transformers reloaded with transposed weights (wrong outputs, no
+    error, where the MLP is square)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_embd=32, n_inner=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16
+    )
+
+    def gpt2():
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config).eval()
+        if factory_converts:
+            gblr.convert(model, gblr.GBLRConfig(budget=0.5), progress=False)
+        return model
+
+    model = gpt2()
+    if not factory_converts:
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5), progress=False)
+    gblr.freeze(model)
+    ids = torch.randint(0, 64, (2, 8))
+    path = gblr.save(model, tmp_path / "gpt2.safetensors")
+    loaded = gblr.load(path, model_factory=gpt2)
+    expected = model(ids).logits
+    torch.testing.assert_close(loaded(ids).logits, expected)
+    merged = gblr.merge_and_unload(loaded)
+    assert type(merged.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+    merged.save_pretrained(tmp_path / "dense")
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "dense").eval()
+    torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-5)

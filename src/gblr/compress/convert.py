@@ -42,7 +42,7 @@ from ..cost import fraction_budget_macs, layer_rows, row_weights
 from ..layers.conv import GBLRConv2d, unsupported_conv
 from ..layers.linear import GBLRLinear
 from ..learn.learner import project_to_budget
-from ..modules import set_submodule, to_device
+from ..modules import hf_conv1d_class, set_submodule, to_device
 from ..ops.whitened import weighted_low_rank, whitening
 from ..structured.base import BudgetTooSmallError, StructuredLinear
 from ..tables import text_table
@@ -462,12 +462,6 @@ class ConversionReport:
 
 
 # --------------------------------------------------------------------------- helpers
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
 
 
 def convertible_kind(module: nn.Module, conv1d: type | None = None) -> str | None:
@@ -505,7 +499,7 @@ def _own_forward(module: nn.Module, kind: str) -> str | None:
     (a subclass of the layer ``kind`` names that computes more than the product: fake
     quantization, a scale, an adapter), which the structured layer would drop; else
     ``None``."""
-    base = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}.get(kind) or _conv1d_type()
+    base = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}.get(kind) or hf_conv1d_class()
     if base is None or type(module).forward is base.forward:
         return None
     return (
@@ -1199,7 +1193,7 @@ def select_layers(model: nn.Module, config: ConversionConfig | str | None = None
     exclude_patterns = _as_patterns("exclude", config.exclude)
     spec = _registered().get(config.structure)  # None: "dense", nothing is replaced
 
-    conv1d = _conv1d_type()
+    conv1d = hf_conv1d_class()
     if (kind := convertible_kind(model, conv1d)) is not None:
         raise ValueError(
             f"model is itself a {kind} layer ({type(model).__name__}); convert replaces a "

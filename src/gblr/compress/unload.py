@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..deploy.frozen import FrozenGBLRConv2d, FrozenGBLRMatrix
 from ..layers.base import GBLRMatrixMixin
 from ..layers.conv import GBLRConv2d
-from ..modules import set_submodule
+from ..modules import hf_conv1d_class, set_submodule
 from ..structured.base import StructuredLinear
 
 __all__ = ["REPLACED_ATTRIBUTE", "is_structured", "merge_and_unload"]
@@ -53,14 +53,13 @@ def _eval_weight(layer: nn.Module) -> Tensor:
 
 
 def _conv1d_class() -> type:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError as error:
+    conv1d = hf_conv1d_class()
+    if conv1d is None:
         raise ImportError(
             "a layer converted from Hugging Face's Conv1D merges back into a Conv1D, which "
             "needs transformers: pip install 'gblr[hf]'"
-        ) from error
-    return Conv1D
+        )
+    return conv1d
 
 
 def dense_layer(layer: nn.Module) -> nn.Module:

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from ..files import save_atomically
 from ..layers.conv import CONV_GEOMETRY, GBLRConv2d
 from ..layers.linear import GBLRLinear
+from ..modules import hf_conv1d_shape
 from .frozen import PLAN_CHOICES, FrozenGBLRConv2d, FrozenGBLRLinear, FrozenGBLRMatrix
 
 __all__ = [
@@ -1252,8 +1253,8 @@ _REPLACEABLE = {
 
 def matrix_shape_of(module: nn.Module) -> tuple[int, int] | None:
     """``(out, in)`` of the matrix a layer multiplies by: ``nn.Linear``, ``nn.Conv2d``
-    (``(out_channels, in_channels / groups * kh * kw)``), a GBLR or frozen layer;
-    ``None`` for any other module.
+    (``(out_channels, in_channels / groups * kh * kw)``), Hugging Face's ``Conv1D``, a
+    GBLR or frozen layer; ``None`` for any other module.
 
     Examples:
         >>> import torch
@@ -1268,7 +1269,7 @@ def matrix_shape_of(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return (module.out_channels, module.in_channels // module.groups * kh * kw)
-    return None
+    return hf_conv1d_shape(module)
 
 
 def _install(model: nn.Module, entry: dict[str, Any], path: Path) -> nn.Module:
@@ -1283,7 +1284,12 @@ def _install(model: nn.Module, entry: dict[str, Any], path: Path) -> nn.Module:
                 f"{name!r} (a {entry['class']} in the file)"
             ) from None
         allowed = _REPLACEABLE[entry["class"]]
-        if not isinstance(current, allowed) or matrix_shape_of(current) != (
+        # GPT-2's Conv1D (or a layer converted from one) takes a frozen linear layer that
+        # remembers it, so that merge_and_unload gives a Conv1D back, not an nn.Linear
+        # holding the transposed weight
+        conv1d = entry["class"] == "FrozenGBLRLinear" and hf_conv1d_shape(current) is not None
+        replaced = "Conv1D" if conv1d else getattr(current, "gblr_replaced", None)
+        if not (isinstance(current, allowed) or conv1d) or matrix_shape_of(current) != (
             entry["out"],
             entry["in"],
         ):
@@ -1291,12 +1297,15 @@ def _install(model: nn.Module, entry: dict[str, Any], path: Path) -> nn.Module:
                 f"cannot load {str(path)!r}: module {name!r} of the model from model_factory "
                 f"is {type(current).__name__} with matrix shape {matrix_shape_of(current)}; the "
                 f"file has a {entry['class']} of shape ({entry['out']}, {entry['in']}) there "
-                f"(replaceable: {', '.join(t.__name__ for t in allowed)} of that shape)"
+                f"(replaceable: {', '.join(t.__name__ for t in allowed)} of that shape"
+                f"{', or Conv1D' if entry['class'] == 'FrozenGBLRLinear' else ''})"
             )
         if frozen is None:
             device = next(iter(current.parameters()), torch.empty(0)).device
             # Sizes checked against the stored tensors by load_checkpoint.
             frozen = _frozen_from_entry(entry, device)
+        if replaced is not None:
+            frozen.gblr_replaced = replaced
         if name:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

@@ -397,7 +397,7 @@ def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: Tr
     structure search (their values come from ``state``)."""
     from ..compress.convert import convert, convertible_kind
     from ..layers import GBLRConv2d, GBLRLinear
-    from ..modules import set_submodule
+    from ..modules import hf_conv1d_class, set_submodule
     from .models import _conversion_config
 
     # A random structure of the same kind and budget has the searched layers' parameter
@@ -405,10 +405,7 @@ def _structure_like(model: nn.Module, state: dict[str, torch.Tensor], config: Tr
     # the search kept dense (their share of the budget paid for them) are dense in
     # ``state``: they stay; every other selected layer is structured.
     s = config.structure
-    try:  # Hugging Face's Conv1D (GPT-2) is a convertible layer too
-        from transformers.pytorch_utils import Conv1D as conv1d
-    except ImportError:
-        conv1d = None
+    conv1d = hf_conv1d_class()  # Hugging Face's Conv1D (GPT-2) is a convertible layer too
     kept = [
         name
         for name, layer in model.named_modules()
