@@ -5,6 +5,8 @@ and a dense loader never reads such a folder as a model with random layers."""
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -172,6 +174,53 @@ def test_every_structure_round_trips_with_its_shape_parameters(config, tmp_path)
     assert not loaded.training
 
 
+def test_a_mixed_precision_model_comes_back_in_each_tensors_dtype(tmp_path):
+    """A bfloat16 model with float32 LayerNorms (AMP's and transformers' habit) came back
+    all bfloat16: the loader cast the model to the file's most common dtype, rounding the
+    LayerNorms (1.6e-3) and the GBLR layers' sigma."""
+    model = tiny_bert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5))
+    model = model.to(torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+            with torch.no_grad():
+                module.weight.add_(torch.rand_like(module.weight) * 1e-3)  # not bf16 values
+    gblr.save_pretrained(model, tmp_path)
+    loaded = gblr.from_pretrained(tmp_path)
+    saved = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == saved[key].dtype, key
+        assert torch.equal(value, saved[key]), key
+
+
+def test_a_state_dict_that_could_not_be_loaded_back_is_not_saved(tmp_path):
+    """``save_pretrained(state_dict=...)`` wrote any dict; saved over an earlier good
+    folder, it left one that from_pretrained refused."""
+    model = tiny_bert()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gblr.convert(model, gblr.GBLRConfig(budget=0.5))
+    gblr.save_pretrained(model, tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    state = model.state_dict()
+    bad_states = {
+        "unexpected: foo": {"foo": torch.zeros(1)},
+        "missing: embeddings": {k: v for k, v in state.items() if "embeddings" not in k},
+        "shape: pooler.dense.bias [3]": {**state, "pooler.dense.bias": torch.zeros(3)},
+    }
+    for message, bad in bad_states.items():
+        with pytest.raises(ValueError, match=rf"nothing was written.*{re.escape(message)}"):
+            gblr.save_pretrained(model, tmp_path, state_dict=bad)
+    with pytest.raises(TypeError, match="state_dict must be a dict of tensors"):
+        gblr.save_pretrained(model, tmp_path, state_dict=[1])
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    gblr.save_pretrained(model, tmp_path, state_dict=state)  # the model's own: written
+    assert torch.equal(gblr.from_pretrained(tmp_path)(IDS)[0], model(IDS)[0])
+
+
 def test_gpt2_conv1d_layers_and_tied_head_round_trip(tmp_path):
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)
     model = transformers.GPT2LMHeadModel(config).eval()
@@ -313,6 +362,13 @@ def test_an_existing_dense_model_is_not_overwritten_without_being_told(tmp_path)
     with pytest.raises(FileExistsError):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
+    # the model's own save_pretrained takes overwrite too (it was swallowed, and the
+    # refusal above told the user to pass it); transformers' options it does not use warn
+    with pytest.warns(UserWarning, match=r"does not use variant='fp16', max_shard_size='1KB'"):
+        model.save_pretrained(tmp_path / "other", variant="fp16", max_shard_size="1KB")
+    shutil.rmtree(tmp_path / "other")
+    model.save_pretrained(tmp_path, overwrite=True, safe_serialization=True)
+    assert gblr.from_pretrained(tmp_path).gblr_config == model.gblr_config
     gblr.save_pretrained(model, tmp_path, overwrite=True)
     # a gblr folder is updated in place (as save_pretrained does), other files stay
     (tmp_path / "notes.txt").write_text("mine")

@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -497,7 +498,10 @@ def _weights_state(
 ) -> dict[str, Tensor]:
     """The tensors to store: the state dict, an empty tensor under every structured
     layer's dense ``weight`` key (a dense loader then refuses the file), and the hint."""
-    tensors = dict(model.state_dict() if state is None else state)
+    own = model.state_dict()
+    if state is not None:
+        _check_same_state(own, state)
+    tensors = dict(own if state is None else state)
     for entry in structure["layers"]:
         for name in (entry["name"], *entry["aliases"]):
             key = f"{name}.weight"
@@ -506,6 +510,33 @@ def _weights_state(
             tensors[key] = torch.empty(0)
     tensors[HINT_KEY] = torch.empty(0)
     return tensors
+
+
+def _check_same_state(own: dict[str, Tensor], state: object) -> None:
+    """``ValueError`` unless ``state`` holds tensors under exactly ``own``'s keys, of its
+    shapes: a folder saved from another state could not be loaded back, and replacing an
+    earlier save with it would lose that save."""
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise TypeError(
+            f"state_dict must be a dict of tensors (the model's state_dict()), got "
+            f"{type(state).__name__}"
+        )
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [
+        f"{key} {list(state[key].shape)} (the model's {list(own[key].shape)})"
+        for key in sorted(own.keys() & state.keys())
+        if state[key].shape != own[key].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if keys
+        ]
+        raise ValueError(
+            "state_dict must have the model's keys and shapes (from_pretrained could not "
+            f"load the folder back); nothing was written. {'; '.join(parts)}"
+        )
 
 
 def _is_gblr_folder(directory: Path) -> bool:
@@ -702,16 +733,31 @@ def _hf_save_pretrained(
     is_main_process: bool = True,
     state_dict: dict[str, Tensor] | None = None,
     push_to_hub: bool = False,
+    overwrite: bool = False,
     **kwargs: Any,
 ) -> None:
-    """``model.save_pretrained`` of a converted transformers model: the gblr folder."""
+    """``model.save_pretrained`` of a converted transformers model: the gblr folder
+    (``overwrite`` as [`save_pretrained`][gblr.compress.pretrained.save_pretrained]'s;
+    transformers' other options warn that they are not used)."""
     if push_to_hub:
         raise NotImplementedError(
             "a converted model's save_pretrained writes a gblr folder and does not push it; "
             "save it, then upload the folder (huggingface_hub.upload_folder)"
         )
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    # (safe_serialization=True, what Trainer passes, is what the folder is anyway)
+    ignored = [f"{k}={v!r}" for k, v in kwargs.items() if not (k == "safe_serialization" and v)]
+    if args or ignored:
+        shown = ", ".join([*(repr(a) for a in args), *ignored])
+        warnings.warn(
+            f"save_pretrained of a gblr model does not use {shown}: it writes one "
+            "model.safetensors holding the structure (gblr.save_pretrained)",
+            UserWarning,
+            stacklevel=2,
+        )
     if is_main_process:
-        directory = _target_folder(save_directory, False, _files_of(model, "transformers"))
+        directory = _target_folder(save_directory, overwrite, _files_of(model, "transformers"))
         _write_folder(model, directory, "transformers", None, state_dict)
 
 
@@ -848,6 +894,7 @@ def _load_folder(folder: Path) -> nn.Module:
             f"{where} its tensors do not match the {architecture} rebuilt from its config "
             f"and structure: {str(error)[:600]}"
         ) from None
+    _keep_saved_dtypes(model, state)
     generation = folder / GENERATION_CONFIG_NAME
     if library == "transformers" and generation.is_file():
         model.generation_config = _read_generation_config(generation, where)
@@ -855,6 +902,21 @@ def _load_folder(folder: Path) -> nn.Module:
         with contextlib.suppress(ValueError, TypeError):
             model.gblr_config = config_from_dict(json.loads(metadata["conversion_config"]))
     return protect_save_pretrained(model)
+
+
+def _keep_saved_dtypes(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Give every floating parameter and buffer the dtype it was saved in: the model was
+    cast to the file's most common dtype, so a bfloat16 model's float32 LayerNorms (kept
+    so by AMP or transformers) came back rounded to bfloat16. Through ``.data``, so that
+    tied parameters stay one."""
+    named = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    for key, value in named:
+        saved = state.get(key)
+        if saved is not None and saved.is_floating_point() and saved.dtype != value.dtype:
+            value.data = saved.to(value.device)
 
 
 def _read_generation_config(path: Path, where: str) -> Any:
