@@ -77,6 +77,40 @@ def test_distill_recovers_a_sequence_classifier_from_padded_batches():
     assert result.steps == 3 and math.isfinite(result.last_loss)
 
 
+def test_an_encoder_decoders_decoder_outputs_are_masked_by_the_decoders_positions():
+    """The encoder's attention_mask was applied to T5's decoder logits: a ValueError
+    where the lengths differ, a wrongly weighted loss where they match."""
+    transformers = pytest.importorskip("transformers")
+    from gblr.compress.distill import _mask_of
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    teacher = transformers.T5ForConditionalGeneration(config).eval()
+    student = copy.deepcopy(teacher)
+    gblr.convert(student, gblr.GBLRConfig(budget=0.5), progress=False)
+    labels = torch.randint(0, 100, (2, 4))
+    labels[1, 2:] = -100  # padded targets
+    mask = torch.ones(2, 8, dtype=torch.long)
+    batch = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": mask, "labels": labels}
+    assert torch.equal(_mask_of(batch, student, "auto"), labels != -100)
+    assert _mask_of(batch, student, "encoder_last_hidden_state") is mask
+    given = torch.ones(2, 4, dtype=torch.long)
+    assert _mask_of({**batch, "decoder_attention_mask": given}, student, "auto") is given
+    ids = {"input_ids": batch["input_ids"], "decoder_input_ids": labels.clamp_min(0)}
+    assert _mask_of(ids, student, "logits") is None  # every decoder position counts
+    result = distill(student, teacher, [batch], DistillConfig(steps=2))
+    assert result.steps == 2 and math.isfinite(result.last_loss)
+
+
 class _Named(nn.Module):
     def forward(self, x, y=None):
         return {"logits": x * 2, "other": x + 1}

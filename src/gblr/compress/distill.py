@@ -248,10 +248,27 @@ def distillation_loss(student: Tensor, teacher: Tensor, mask: Tensor | None = No
     return (error * keep).sum() / (keep.sum() * student.shape[-1]).clamp_min(1.0)
 
 
-def _mask_of(batch: Any) -> Tensor | None:
-    if isinstance(batch, Mapping):
+def _mask_of(batch: Any, model: nn.Module, output: str) -> Tensor | None:
+    """The ``(batch, tokens)`` mask of the positions ``output`` has: the batch's
+    ``attention_mask``; for an encoder-decoder model's decoder outputs (its logits, its
+    last hidden state) ``decoder_attention_mask``, else ``labels != -100`` when the model
+    builds the decoder's inputs from the labels (T5, BART), else none (every position).
+    The encoder's mask weighted the decoder's positions (and failed where the lengths
+    differ)."""
+    if not isinstance(batch, Mapping):
+        return None
+    config = getattr(model, "config", None)
+    decoder = bool(getattr(config, "is_encoder_decoder", False)) and not output.startswith(
+        "encoder"
+    )
+    if not decoder:
         mask = batch.get("attention_mask")
         return mask if isinstance(mask, Tensor) else None
+    mask, labels = batch.get("decoder_attention_mask"), batch.get("labels")
+    if isinstance(mask, Tensor):
+        return mask
+    if isinstance(labels, Tensor) and batch.get("decoder_input_ids") is None:
+        return labels != -100
     return None
 
 
@@ -396,7 +413,9 @@ def distill(
                 with torch.no_grad():
                     target = model_output(teacher, batch, config.output)
                 loss = distillation_loss(
-                    model_output(student, batch, config.output), target, _mask_of(batch)
+                    model_output(student, batch, config.output),
+                    target,
+                    _mask_of(batch, student, config.output),
                 )
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
