@@ -308,6 +308,19 @@ def test_structure_restores_a_checkpoint_without_converting_again():
     assert torch.equal(restored(IDS).last_hidden_state, model(IDS).last_hidden_state)
 
 
+def test_a_restored_structures_own_save_pretrained_writes_a_gblr_folder(tmp_path):
+    """apply_structure did not protect save_pretrained as convert does: the restored
+    model's own save wrote a plain folder that a dense loader read with random layers."""
+    model = tiny_bert()
+    gblr.convert(model, gblr.GBLRConfig(budget=0.4))
+    restored = gblr.apply_structure(tiny_bert(), gblr.model_structure(model))
+    restored.load_state_dict(model.state_dict())
+    restored.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError):
+        transformers.BertModel.from_pretrained(tmp_path)
+    assert torch.equal(gblr.from_pretrained(tmp_path)(IDS)[0], model(IDS)[0])
+
+
 def test_trainer_checkpoints_are_gblr_folders_and_resume(tmp_path):
     pytest.importorskip("accelerate")
     config = transformers.BertConfig(

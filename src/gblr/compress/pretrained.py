@@ -384,7 +384,7 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
     for names, layer in replacements:
         for name in names:
             set_submodule(model, name, layer)
-    return model
+    return protect_save_pretrained(model)  # as convert's: its save_pretrained writes gblr's
 
 
 # --------------------------------------------------------------------------- libraries
