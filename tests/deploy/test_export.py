@@ -96,6 +96,12 @@ def test_bad_arguments(tmp_path):
         gblr.export_onnx(training_form, torch.randn(2, 8), tmp_path / "m.onnx")
     with pytest.raises(TypeError, match="example_input must be a tensor"):
         gblr.export_onnx(frozen, [x], tmp_path / "m.onnx")
+    # a str opset failed inside torch ("'<' not supported"), an old one printed a
+    # traceback and wrote opset 18
+    with pytest.raises(TypeError, match=r"opset_version must be an int >= 18 or None, got '17'"):
+        gblr.export_onnx(frozen, x, tmp_path / "m.onnx", opset_version="17")
+    with pytest.raises(ValueError, match=r"opset_version must be >= 18 .* got 7"):
+        gblr.export_onnx(frozen, x, tmp_path / "m.onnx", opset_version=7)
     assert not list(tmp_path.iterdir())
 
 

@@ -258,3 +258,27 @@ def test_a_gpt2_file_loads_into_gpt2_and_merges_back_into_conv1d(tmp_path, facto
     merged.save_pretrained(tmp_path / "dense")
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "dense").eval()
     torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_home_relative_path_means_the_home_folder_everywhere(tmp_path, monkeypatch):
+    """export_onnx expanded ``~`` while gblr.save refused "path's folder '~' does not
+    exist" for the same string; save, load, save_pretrained and from_pretrained expand it
+    now too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = gblr.save(frozen_sequential(), "~/m.safetensors")
+    assert path == tmp_path / "m.safetensors" and path.is_file()
+    gblr.load("~/m.safetensors")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100,
+    )  # fmt: skip
+    model = transformers.BertModel(config)
+    gblr.convert(model, gblr.GBLRConfig(budget=0.5), progress=False)
+    gblr.save_pretrained(model, "~/bert")
+    assert (tmp_path / "bert" / "model.safetensors").is_file()
+    gblr.from_pretrained("~/bert")
+    with pytest.raises(TypeError, match=r"device must be a str, torch\.device or int"):
+        gblr.from_pretrained("~/bert", device=3.5)
+    with pytest.raises(ValueError, match=r"device: 'banana' is not a device torch knows"):
+        gblr.from_pretrained("~/bert", device="banana")

@@ -551,7 +551,7 @@ def _target_folder(save_directory: str | os.PathLike, overwrite: bool, files: li
     """The folder to write ``files`` into, refusing to replace what is not ours."""
     if not isinstance(save_directory, (str, os.PathLike)) or os.fspath(save_directory) in ("", b""):
         raise TypeError(f"save_directory must name a folder, got {save_directory!r}")
-    directory = Path(save_directory)
+    directory = Path(save_directory).expanduser()
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{str(directory)!r} is a file; give a folder")
     if directory.is_dir() and not overwrite and not _is_gblr_folder(directory):
@@ -703,7 +703,11 @@ def _save_sentence_transformer(model: nn.Module, save_directory, overwrite: bool
     """``model.save`` into a staging folder (its transformer modules through
     [`save_pretrained`][gblr.compress.pretrained.save_pretrained]), then every file renamed into the
     target."""
-    probe = Path(save_directory) if isinstance(save_directory, (str, os.PathLike)) else None
+    probe = (
+        Path(save_directory).expanduser()
+        if isinstance(save_directory, (str, os.PathLike))
+        else None
+    )
     protect_save_pretrained(model)
     with _staging(probe) as stage:
         model.save(str(stage))
@@ -784,7 +788,7 @@ def protect_save_pretrained(model: nn.Module) -> nn.Module:
 def _folder_argument(directory: Any) -> Path:
     if not isinstance(directory, (str, os.PathLike)) or os.fspath(directory) in ("", b""):
         raise TypeError(f"directory must name a folder, got {directory!r}")
-    path = Path(directory)
+    path = Path(directory).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no such folder: {str(path)!r}")
     if not path.is_dir():
@@ -840,6 +844,14 @@ def from_pretrained(directory: str | os.PathLike, *, device: str | torch.device 
         refused
     """
     folder = _folder_argument(directory)
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(
+            f"device must be a str, torch.device or int (such as 'cpu', 'cuda:0'), got {device!r}"
+        )
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:  # (checked before the folder is read)
+        raise ValueError(f"device: {device!r} is not a device torch knows ({error})") from None
     weights = folder / WEIGHTS_NAME
     if (folder / "modules.json").is_file():
         return _load_sentence_transformer(folder, device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import numbers
 import os
 import shutil
 import tempfile
@@ -41,6 +42,8 @@ from .frozen import FrozenGBLRConv2d, FrozenGBLRMatrix
 __all__ = ["ONNX_PLANS", "OnnxExport", "export_onnx"]
 
 ONNX_PLANS = ("auto", "dense", "lowrank")
+# The oldest opset torch's (dynamo) ONNX exporter writes without converting.
+MIN_OPSET = 18
 
 
 @dataclass
@@ -411,7 +414,8 @@ def export_onnx(
             or repeated where its size is 1), so a size the trace fixed is caught
             (skipped, ``max_abs_error=None``, when onnxruntime is missing, or with a
             warning when its CPU provider cannot run the model: bfloat16).
-        opset_version: ONNX opset; ``None`` for the exporter's default.
+        opset_version: ONNX opset, an int from 18 (the oldest torch's exporter writes);
+            ``None`` for the exporter's default.
 
     Returns:
         An `OnnxExport` (path, per-layer plan, MACs, checked error, the file's
@@ -447,6 +451,17 @@ def export_onnx(
     for flag, value in (("dynamic_batch", dynamic_batch), ("check", check)):
         if not isinstance(value, bool):
             raise TypeError(f"{flag} must be True or False, got {value!r}")
+    if opset_version is not None:
+        # torch's exporter writes opset 18 and up; an older one it tries to convert to,
+        # printing a traceback, and writes 18 when that fails
+        if isinstance(opset_version, bool) or not isinstance(opset_version, numbers.Integral):
+            raise TypeError(f"opset_version must be an int >= 18 or None, got {opset_version!r}")
+        if opset_version < MIN_OPSET:
+            raise ValueError(
+                f"opset_version must be >= {MIN_OPSET} (torch's ONNX exporter writes opset "
+                f"{MIN_OPSET} and up) or None, got {opset_version}"
+            )
+        opset_version = int(opset_version)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     folder = Path(path).expanduser().parent

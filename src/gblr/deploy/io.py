@@ -900,7 +900,7 @@ def _file_argument(path: Any) -> Path:
         )
     if os.fspath(path) == "":
         raise ValueError("path must name a file (such as 'model.safetensors'), got ''")
-    return Path(path)
+    return Path(path).expanduser()  # as export_onnx and the recipes' paths
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
