@@ -51,12 +51,40 @@ def test_flops_of_a_gblr_save_file_counts_its_layers(tmp_path, capsys):
     assert int(rows["total"][1].replace(",", "")) == 2 * macs + 64
 
 
-def test_flops_of_a_state_dict_with_no_layer_it_can_cost_says_so(tmp_path, capsys):
-    # a frozen model's torch.save(state_dict()) printed an empty table (0 MACs), exit 0
+def test_flops_of_a_frozen_models_state_dict_says_it_cannot_cost_it(tmp_path, capsys):
+    # a frozen model's torch.save(state_dict()) printed an empty table (0 MACs), exit 0;
+    # with a dense layer beside it, that layer alone at ratio 1.000, the GBLR one missing
     torch.manual_seed(0)
     frozen = gblr.freeze(nn.Sequential(gblr.GBLRLinear(16, 16, init_cost=0.25)).eval())
     torch.save(frozen.state_dict(), tmp_path / "frozen.pt")
-    fails_in_one_line(capsys, ["flops", str(tmp_path / "frozen.pt")], "holds no layer", "gblr.save")
+    fails_in_one_line(
+        capsys, ["flops", str(tmp_path / "frozen.pt")], "holds frozen GBLR layers (0)", "gblr.save"
+    )
+    frozen.append(nn.Linear(16, 4))
+    torch.save(frozen.state_dict(), tmp_path / "mixed.pt")
+    fails_in_one_line(capsys, ["flops", str(tmp_path / "mixed.pt")], "holds frozen GBLR layers")
+
+
+def test_flops_of_a_save_pretrained_folder_counts_its_structured_layers(tmp_path, capsys):
+    """Its model.safetensors was read as a state dict (the embedding tables counted as
+    dense layers, the frozen ones missing, ratio 1.000); the folder was "no model state"."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertModel(config)
+    gblr.convert(model, gblr.GBLRConfig(budget=0.5), progress=False)
+    gblr.freeze(model)
+    folder = gblr.save_pretrained(model, tmp_path / "bert")
+    expected = gblr.count_flops(model)
+    for target in (folder, folder / "model.safetensors"):
+        assert main(["flops", str(target)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"model folder {folder} (gblr.save_pretrained)")
+        assert str(expected) in out
+        assert "word_embeddings" not in out
 
 
 def test_flops_of_a_safetensors_state_dict(tmp_path, capsys):

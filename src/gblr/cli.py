@@ -618,6 +618,10 @@ def _saved_model_costs(path: Path) -> str:
     )
 
 
+class _FrozenState(ValueError):
+    """A state dict of frozen layers, which ``gblr flops`` does not count."""
+
+
 def _state_dict_costs(path: Path) -> str:
     from .recipes.report import format_costs, layer_costs, load_state
 
@@ -628,8 +632,17 @@ def _state_dict_costs(path: Path) -> str:
             state = safetensors.torch.load_file(str(path))
         else:
             state = load_state(path)
+        frozen = sorted({key.rpartition(".")[0] for key in state if key.endswith("u_packed")})
+        if frozen:  # (their cost is in their intervals, which a state dict holds as
+            # buffers this reader does not interpret; every other 2-D tensor would count)
+            raise _FrozenState(
+                f"{path} holds frozen GBLR layers ({', '.join(frozen[:3])}"
+                f"{', ...' if len(frozen) > 3 else ''}), whose cost a state dict does not "
+                "tell here: save the model with gblr.save or gblr.save_pretrained and give "
+                "that file or folder"
+            )
         costs = layer_costs(state)
-    except FileNotFoundError:  # says what is missing in one line
+    except (FileNotFoundError, _FrozenState):  # says what is wrong in one line
         raise
     except Exception as error:  # not a state dict (garbage, a pickle of something else)
         raise ValueError(
@@ -649,13 +662,26 @@ def flops(args: argparse.Namespace) -> int:
     """Print the per-layer MACs (one MAC per multiply-add, per input row or position) of a
     model: a run folder or checkpoint of `gblr train` (every structure, exact, and the
     whole model's MACs for one image, attention included), a config (its starting
-    structure), a model file written by gblr.save, or any saved state dict (GBLR and
-    dense layers; torch.save or safetensors)."""
-    from .deploy.io import is_gblr_file
+    structure), a model file written by gblr.save, a folder written by
+    gblr.save_pretrained (the model rebuilt and counted), or a saved state dict of GBLR
+    and dense layers (torch.save or safetensors; a frozen model's is refused)."""
+    from .compress.formats import FORMAT as PRETRAINED_FORMAT
+    from .deploy.io import is_gblr_file, tensor_file_kind
 
-    path = Path(args.path)
+    path = Path(args.path).expanduser()
     if is_gblr_file(path):
         print(_saved_model_costs(path))
+        return 0
+    folder = path if path.is_dir() else path.parent
+    if tensor_file_kind(folder / "model.safetensors") == PRETRAINED_FORMAT:
+        # a folder of gblr.save_pretrained (or its model.safetensors): its structure is in
+        # the file; the model is rebuilt from its library's class and counted
+        from . import from_pretrained
+        from .cost import count_flops
+
+        print(
+            f"model folder {folder} (gblr.save_pretrained)\n{count_flops(from_pretrained(folder))}"
+        )
         return 0
     is_config = path.suffix in (".yaml", ".yml") or (not path.exists() and not path.suffix)
     if is_config or (path / "config.yaml").is_file() or path.suffix == ".ckpt":
@@ -803,7 +829,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=flops.__doc__,
     )
     flops_parser.add_argument(
-        "path", help="a run folder, a checkpoint, a config (name or YAML) or a state dict file"
+        "path",
+        help="a run folder, a checkpoint, a config (name or YAML), a file of gblr.save, a "
+        "folder of gblr.save_pretrained or a state dict file",
     )
     flops_parser.set_defaults(handler=flops)
 
