@@ -325,7 +325,10 @@ def test_save_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path):
     target.write_bytes(b"old")
     link = tmp_path / "link.safetensors"
     link.symlink_to(target)
-    assert gblr.save(small_model(), link) == link
+    with pytest.raises(FileExistsError, match=r"not written by gblr\.save"):
+        gblr.save(small_model(), link)  # the target is not a gblr file: told first
+    assert target.read_bytes() == b"old"
+    assert gblr.save(small_model(), link, overwrite=True) == link
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert is_gblr_file(target) and torch.is_tensor(gblr.load(link)[5].weight)
     dangling = tmp_path / "dangling.safetensors"
@@ -340,16 +343,33 @@ def test_save_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path):
     ]
 
 
+def test_save_replaces_its_own_file_but_not_one_it_did_not_write_unless_told(tmp_path):
+    """gblr.save replaced any file in silence: a user's torch.save checkpoint at the
+    path was lost."""
+    path = tmp_path / "best.pt"
+    torch.save({"mine": torch.ones(2)}, path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match=r"not written by gblr\.save.*overwrite=True"):
+        gblr.save(small_model(), path)
+    assert path.read_bytes() == before
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        gblr.save(small_model(), path, overwrite="yes")
+    gblr.save(small_model(), path, overwrite=True)
+    assert is_gblr_file(path)
+    gblr.save(small_model(), path)  # an earlier gblr.save file is replaced
+    assert is_gblr_file(path)
+
+
 def test_save_refuses_a_read_only_file_and_keeps_permissions(tmp_path):
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"precious")
     path.chmod(0o444)
     with pytest.raises(PermissionError, match="read-only and is not replaced"):
-        gblr.save(small_model(), path)
+        gblr.save(small_model(), path, overwrite=True)
     assert path.read_bytes() == b"precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
     path.chmod(0o600)  # a private file stays private when replaced
-    gblr.save(small_model(), path)
+    gblr.save(small_model(), path, overwrite=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and is_gblr_file(path)
 
 

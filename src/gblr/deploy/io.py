@@ -903,7 +903,7 @@ def _file_argument(path: Any) -> Path:
     return Path(path).expanduser()  # as export_onnx and the recipes' paths
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save a frozen model (tensors as safetensors, structure as JSON metadata).
 
     Args:
@@ -919,7 +919,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             file is replaced only once the new one is complete, and a failed save leaves
             no temporary file. As with ``cp`` and editors, a symbolic link is followed
             (its target is rewritten, the link stays) and a read-only file is refused
-            (``PermissionError``); an existing file keeps its permissions.
+            (``PermissionError``); an existing file keeps its permissions. An existing
+            file that `gblr.save` did not write (a ``torch.save`` checkpoint, an export)
+            is not replaced unless ``overwrite=True``; an earlier `gblr.save` file is.
+        overwrite: replace an existing file that `gblr.save` did not write.
 
     Returns:
         The path written (as given; for a link, the link).
@@ -930,6 +933,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         ValueError: no frozen GBLR layer, an unfrozen one, an empty path, a folder, or
             a folder that does not exist.
         PermissionError: ``path`` is a read-only file, or its folder is not writable.
+        FileExistsError: ``path`` holds a file `gblr.save` did not write, and
+            ``overwrite`` is ``False``.
 
     Examples:
         >>> import torch, gblr, tempfile, os
@@ -948,6 +953,13 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         )
     if not path.parent.is_dir():
         raise ValueError(f"path's folder {str(path.parent)!r} does not exist")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if path.exists() and not overwrite and not is_gblr_file(path):
+        raise FileExistsError(
+            f"{str(path)!r} already exists and was not written by gblr.save; it is not "
+            "replaced unless you pass overwrite=True"
+        )
     names: dict[int, list[str]] = {}
     modules: dict[int, FrozenGBLRMatrix] = {}
     for name, module in model.named_modules(remove_duplicate=False):
