@@ -813,3 +813,20 @@ def test_a_second_conversion_with_another_config_says_it_replaces_the_record():
         gblr.convert(model, gblr.LowRankConfig(budget=0.5, include="1"), progress=False)
     assert model.gblr_config == gblr.LowRankConfig(budget=0.5, include="1")
     assert isinstance(model[0], gblr.GBLRLinear)  # the first conversion's layer stays
+
+
+def test_a_conversion_that_ends_above_the_budget_warns():
+    """Pixelfly at 0.05 on small layers ended at 0.6-0.8 of the MACs with no warning (its
+    smallest layer is above their share, so they stay dense, listed in the report)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(32, 32) for _ in range(3)))
+    with pytest.warns(
+        UserWarning, match=r"cost 1\.000 of their dense MACs, above the budget of 0\.05: 3 layer"
+    ):
+        report = gblr.convert(model, config_class("pixelfly")(budget=0.05), progress=False)
+    assert len(report.dense_layers) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*look untrained")
+        within = gblr.convert(nn.Sequential(nn.Linear(32, 32)), GBLRConfig(budget=0.3))
+    assert within.ratio <= 0.3

@@ -1542,6 +1542,22 @@ def convert(
             UserWarning,
             stacklevel=2,
         )
+    if report.layers and report.ratio > OVER_BUDGET * budget:
+        # a family's smallest layer above its share (Pixelfly on small layers): dense
+        stays = len(report.dense_layers)
+        warnings.warn(
+            f"gblr.convert: the converted layers cost {report.ratio:.3f} of their dense "
+            f"MACs, above the budget of {budget:g}: "
+            + (
+                f"{stays} layer(s) the structure could not build within their share stay "
+                "dense (report.dense_layers)"
+                if stays
+                else "the structure's smallest layers cost more than their share"
+            )
+            + "; a larger budget or another structure fits",
+            UserWarning,
+            stacklevel=2,
+        )
     if structure == "gblr" and fresh:
         start_from_scratch([layer for _, layer in replacements], budget, config.seed)
     elif replacements:
@@ -1575,6 +1591,11 @@ def convert(
             stacklevel=2,
         )
     return report
+
+
+# The report's MACs ratio beyond which convert warns that it ended above the budget (the
+# allocations round to whole lines and blocks, within a few percent).
+OVER_BUDGET = 1.05
 
 
 def _warn_about_the_fit(fitted: list[Tensor], gblr_fitted: bool, could_calibrate: bool) -> None:
