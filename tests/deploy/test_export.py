@@ -121,7 +121,7 @@ def test_a_failed_export_or_check_writes_nothing_and_keeps_an_old_file(tmp_path,
 
     monkeypatch.setattr(export_module, "_plain_forms", wrong_weights)
     with pytest.raises(ValueError, match="differs from the model's"):
-        gblr.export_onnx(frozen, x, target)
+        gblr.export_onnx(frozen, x, target, overwrite=True)
     monkeypatch.setattr(export_module, "_plain_forms", real_plain_forms)
 
     def broken_export(*args, **kwargs):
@@ -129,9 +129,30 @@ def test_a_failed_export_or_check_writes_nothing_and_keeps_an_old_file(tmp_path,
 
     monkeypatch.setattr(torch.onnx, "export", broken_export)
     with pytest.raises(RuntimeError, match="exporter failed"):
-        gblr.export_onnx(frozen, x, target)
+        gblr.export_onnx(frozen, x, target, overwrite=True)
     assert target.read_bytes() == b"an earlier export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_an_export_replaces_its_own_file_but_not_another_unless_told(tmp_path):
+    """export_onnx replaced any file at the path in silence (a user's other model, a
+    checkpoint); its own earlier exports carry a metadata mark and are replaced."""
+    frozen = gblr.freeze(nn.Sequential(gblr.GBLRLinear(8, 4)).eval())
+    x = torch.randn(2, 8)
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"someone else's model")
+    with pytest.raises(FileExistsError, match=r"not written by gblr\.export_onnx.*overwrite=True"):
+        gblr.export_onnx(frozen, x, other)
+    assert other.read_bytes() == b"someone else's model"
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        gblr.export_onnx(frozen, x, other, overwrite=1)
+    gblr.export_onnx(frozen, x, other, overwrite=True, check=False)
+    marks = {p.key: p.value for p in onnx.load(str(other)).metadata_props}
+    assert marks.get("gblr.export_onnx") == "1"
+    gblr.export_onnx(frozen, x, other, check=False)  # its own file: replaced
+    torch.onnx.export(nn.Linear(8, 4), (x,), str(tmp_path / "torch.onnx"), dynamo=True)
+    with pytest.raises(FileExistsError):  # an ONNX file torch wrote is not ours
+        gblr.export_onnx(frozen, x, tmp_path / "torch.onnx")
 
 
 def test_half_precision_is_checked_and_bfloat16_is_written_unchecked(tmp_path):
@@ -158,7 +179,7 @@ def test_a_link_is_written_through_and_a_read_only_file_is_refused(tmp_path):
     real.write_bytes(b"old")
     link = tmp_path / "m.onnx"
     link.symlink_to(real)
-    gblr.export_onnx(frozen, x, link, check=False)
+    gblr.export_onnx(frozen, x, link, check=False, overwrite=True)
     assert link.is_symlink() and onnx.load(str(real)) is not None
     real.chmod(0o444)
     with pytest.raises(PermissionError, match="read-only"):

@@ -44,6 +44,9 @@ __all__ = ["ONNX_PLANS", "OnnxExport", "export_onnx"]
 ONNX_PLANS = ("auto", "dense", "lowrank")
 # The oldest opset torch's (dynamo) ONNX exporter writes without converting.
 MIN_OPSET = 18
+# The metadata key of the files export_onnx writes: an existing file without it is not
+# replaced unless the caller says so.
+EXPORT_MARK = "gblr.export_onnx"
 
 
 @dataclass
@@ -373,6 +376,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     check: bool = True,
     opset_version: int | None = None,
+    overwrite: bool = False,
 ) -> OnnxExport:
     """Export a frozen model to ONNX, each frozen layer as a dense or a low-rank product.
 
@@ -416,6 +420,9 @@ def export_onnx(
             warning when its CPU provider cannot run the model: bfloat16).
         opset_version: ONNX opset, an int from 18 (the oldest torch's exporter writes);
             ``None`` for the exporter's default.
+        overwrite: replace an existing file at ``path`` that ``export_onnx`` did not
+            write (its files carry a ``gblr.export_onnx`` metadata entry); an earlier
+            export is replaced without it.
 
     Returns:
         An `OnnxExport` (path, per-layer plan, MACs, checked error, the file's
@@ -467,6 +474,13 @@ def export_onnx(
     folder = Path(path).expanduser().parent
     if Path(path).expanduser().is_dir():
         raise ValueError(f"path {str(path)!r} is a folder; give a file name such as model.onnx")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if Path(path).expanduser().exists() and not overwrite and not _exported_here(Path(path)):
+        raise FileExistsError(
+            f"{str(path)!r} already exists and was not written by gblr.export_onnx; it is "
+            "not replaced unless you pass overwrite=True"
+        )
     if not folder.is_dir():  # as gblr.save: a mistyped folder is not created
         raise ValueError(f"path's folder {str(folder)!r} does not exist")
     training_form = [
@@ -582,6 +596,7 @@ def export_onnx(
                     )
                 raise
             report.inputs, report.outputs = _name_axes(program, axes)
+            program.model.metadata_props[EXPORT_MARK] = "1"  # (what _exported_here reads)
             program.save(
                 str(staged),
                 # One file unless the tensors pass protobuf's 2 GB limit.
@@ -597,6 +612,18 @@ def export_onnx(
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return report
+
+
+def _exported_here(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file `export_onnx` wrote (its metadata holds
+    ``EXPORT_MARK``); ``False`` for anything else, a file it cannot read included."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path.expanduser()), load_external_data=False)
+    except Exception:  # not ONNX, unreadable, or no onnx installed: not ours
+        return False
+    return any(entry.key == EXPORT_MARK for entry in model.metadata_props)
 
 
 def _run_model(model: nn.Module, args: tuple[Tensor, ...], kwargs: dict[str, Tensor]) -> Any:
