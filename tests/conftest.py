@@ -24,3 +24,15 @@ def circular_boxcar(starts, lengths, n, dtype=torch.float64):
         for t in range(length):
             out[k, (s + t) % n] = 1.0
     return out
+
+
+def tiny_bert():
+    """A 1-layer BERT (hidden 32, 2 heads, vocab 100) with random weights seeded 0, built
+    offline from a config, in eval mode; skips the test without transformers."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()

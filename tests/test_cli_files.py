@@ -15,6 +15,7 @@ from torch import nn
 
 import gblr
 from gblr.cli import main
+from tests.conftest import tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,13 +69,7 @@ def test_flops_of_a_frozen_models_state_dict_says_it_cannot_cost_it(tmp_path, ca
 def test_flops_of_a_save_pretrained_folder_counts_its_structured_layers(tmp_path, capsys):
     """Its model.safetensors was read as a state dict (the embedding tables counted as
     dense layers, the frozen ones missing, ratio 1.000); the folder was "no model state"."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        vocab_size=100,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.BertModel(config)
+    model = tiny_bert()
     gblr.convert(model, gblr.GBLRConfig(budget=0.5), progress=False)
     gblr.freeze(model)
     folder = gblr.save_pretrained(model, tmp_path / "bert")

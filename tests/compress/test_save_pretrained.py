@@ -18,6 +18,7 @@ import torch
 
 import gblr
 from gblr.deploy import GBLRFileError
+from tests.conftest import tiny_bert
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -139,18 +140,6 @@ def test_sentence_transformer_round_trip_both_ways(minilm, tmp_path):
 
 
 # --------------------------------------------------------------------------- small models
-def tiny_bert():
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-    )
-    torch.manual_seed(0)
-    return transformers.BertModel(config).eval()
-
-
 IDS = torch.tensor([[1, 5, 7, 2, 9, 3]])
 
 FAMILY_CONFIGS = [

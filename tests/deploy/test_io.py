@@ -13,6 +13,7 @@ from torch import nn
 
 import gblr
 from gblr.deploy import FrozenGBLRConv2d, FrozenGBLRLinear, load_checkpoint
+from tests.conftest import tiny_bert
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -268,12 +269,7 @@ def test_a_home_relative_path_means_the_home_folder_everywhere(tmp_path, monkeyp
     path = gblr.save(frozen_sequential(), "~/m.safetensors")
     assert path == tmp_path / "m.safetensors" and path.is_file()
     gblr.load("~/m.safetensors")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        vocab_size=100,
-    )  # fmt: skip
-    model = transformers.BertModel(config)
+    model = tiny_bert()
     gblr.convert(model, gblr.GBLRConfig(budget=0.5), progress=False)
     gblr.save_pretrained(model, "~/bert")
     assert (tmp_path / "bert" / "model.safetensors").is_file()

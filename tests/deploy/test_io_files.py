@@ -16,6 +16,7 @@ from torch import nn
 
 import gblr
 from gblr.deploy import GBLRFileError, io, is_gblr_file, load_checkpoint
+from tests.conftest import tiny_bert
 from tests.deploy.crafting import edit, join, resign, split
 
 
@@ -494,12 +495,7 @@ def test_a_config_goes_to_json_and_comes_back_from_it_and_from_save_pretrained(t
     with pytest.raises(ValueError, match="is not valid JSON"):
         gblr.ConversionConfig.from_file(tmp_path / "broken.json")
     # a save_pretrained folder (it read only gblr.save's files: "header of ... bytes")
-    transformers = pytest.importorskip("transformers")
-    bert = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64,
-    )  # fmt: skip
-    model = transformers.BertModel(bert)
+    model = tiny_bert()
     gblr.convert(model, gblr.GBLRConfig(budget=0.5))
     folder = gblr.save_pretrained(model, tmp_path / "bert")
     assert gblr.ConversionConfig.from_file(folder) == model.gblr_config
