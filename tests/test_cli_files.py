@@ -80,6 +80,11 @@ def test_flops_of_a_save_pretrained_folder_counts_its_structured_layers(tmp_path
         assert out.startswith(f"model folder {folder} (gblr.save_pretrained)")
         assert str(expected) in out
         assert "word_embeddings" not in out
+    # another file in that folder is read as itself, not as the folder's model
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch.save_file(nn.Linear(8, 4).state_dict(), str(folder / "head.safetensors"))
+    assert main(["flops", str(folder / "head.safetensors")]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["dense", "4x8", "32", "32", "1.000"]
 
 
 def test_flops_of_a_safetensors_state_dict(tmp_path, capsys):

@@ -672,8 +672,9 @@ def flops(args: argparse.Namespace) -> int:
     if is_gblr_file(path):
         print(_saved_model_costs(path))
         return 0
-    folder = path if path.is_dir() else path.parent
-    if tensor_file_kind(folder / "model.safetensors") == PRETRAINED_FORMAT:
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if tensor_file_kind(weights) == PRETRAINED_FORMAT:
+        folder = weights.parent
         # a folder of gblr.save_pretrained (or its model.safetensors): its structure is in
         # the file; the model is rebuilt from its library's class and counted
         from . import from_pretrained
