@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -289,6 +290,21 @@ class _GaudiMaskOnGrid(torch.autograd.Function):
         return grad_width, grad_location, None, None, None, None
 
 
+def apply_function(
+    plain: type[torch.autograd.Function],
+    twin: type[torch.autograd.Function],
+    *arguments: object,
+    outputs: int = 1,
+) -> Any:
+    """``plain.apply(*arguments)``, or under a ``torch.func`` transform the same through
+    ``twin``, its transform-ready form, whose first ``outputs`` outputs are ``plain``'s
+    (the rest carry what its backward needs)."""
+    if transforms_active():
+        result = twin.apply(*arguments)
+        return result[0] if outputs == 1 else result[:outputs]
+    return plain.apply(*arguments)
+
+
 def transforms_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ...) is running.
 
@@ -496,15 +512,6 @@ class _MaskFactorsTorchForTransforms(_MaskFactorsTorch):
         ctx.mask_dtype = dtype
 
 
-def _mask_factors_function(
-    *arguments: object,
-) -> tuple[Tensor | None, Tensor | None]:
-    """``_MaskFactorsTorch.apply(*arguments)``, through its twin under ``torch.func``."""
-    if transforms_active():
-        return _MaskFactorsTorchForTransforms.apply(*arguments)[:2]
-    return _MaskFactorsTorch.apply(*arguments)
-
-
 def gaudi_mask_on_grid(
     width: Tensor,
     location: Tensor,
@@ -533,10 +540,15 @@ def gaudi_mask_on_grid(
     """
     _check_interval_tensors(width, location, n)
     dtype = _mask_dtype(torch.promote_types(width.dtype, location.dtype))
-    arguments = (width, location, n, _sigma_or_none(sigma), dtype)
-    if transforms_active():
-        return _GaudiMaskOnGridForTransforms.apply(*arguments)[0]
-    return _GaudiMaskOnGrid.apply(*arguments)
+    return apply_function(
+        _GaudiMaskOnGrid,
+        _GaudiMaskOnGridForTransforms,
+        width,
+        location,
+        n,
+        _sigma_or_none(sigma),
+        dtype,
+    )
 
 
 def _sigma_or_none(sigma: float | Tensor | None) -> float | None:
@@ -871,9 +883,12 @@ def mask_factors_unchecked(
     if backend == "torch":
         dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
         finite = _known_finite(widths, locations)
-        return _mask_factors_function(
-            factor_u, factor_v, widths, locations, sigma, dtype, finite, skip
-        )
+        return apply_function(
+            _MaskFactorsTorch,
+            _MaskFactorsTorchForTransforms,
+            factor_u, factor_v, widths, locations, sigma, dtype, finite, skip,
+            outputs=2,
+        )  # fmt: skip
     out_dtype = autocast_dtype(factor_u.device.type) or factor_u.dtype
     return _MaskFactorsTriton.apply(factor_u, factor_v, widths, locations, sigma, out_dtype)
 
@@ -946,7 +961,9 @@ def strip_factors(
     factor = factor_v if side == 0 else factor_u
     lines = _starts(locations[side], factor.shape[2], finite=True)
     dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
-    masked_u, masked_v = _mask_factors_function(
+    masked_u, masked_v = apply_function(
+        _MaskFactorsTorch,
+        _MaskFactorsTorchForTransforms,
         factor_u if side == 0 else None,
         factor_v if side == 1 else None,
         widths,
@@ -955,6 +972,7 @@ def strip_factors(
         dtype,
         True,
         skip,
+        outputs=2,
     )
     k, r = factor.shape[:2]
     values = factor.gather(2, lines.view(k, 1, 1).expand(k, r, 1)).squeeze(2)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .gaudi import _grid_kernels, _lengths, _mask_dtype, _starts, held_strip_side, transforms_active
+from .gaudi import _grid_kernels, _lengths, _mask_dtype, _starts, apply_function, held_strip_side
 
 __all__ = ["EDGE_MARGIN", "strip_window_product"]
 
@@ -230,8 +230,9 @@ def strip_window_product(
     term_lengths = torch.cat([lengths.repeat_interleave(rank), lengths.new_zeros(1)])
     mask_dtype = _mask_dtype(torch.promote_types(widths.dtype, locations.dtype))
     edge = _edge_around_end(n, margin, mask_dtype, long_factor.device)
-    function = _WindowMaskForTransforms if transforms_active() else _WindowMask
-    blocks = function.apply(
+    blocks = apply_function(
+        _WindowMask,
+        _WindowMaskForTransforms,
         blocks,
         widths,
         locations,
@@ -240,8 +241,6 @@ def strip_window_product(
         edge,
         bool(skip[long_side]),
     )
-    if function is _WindowMaskForTransforms:
-        blocks = blocks[0]
     strip_size = strip_factor.shape[2]
     lines = _starts(locations[side], strip_size, finite=True)
     lines = lines.repeat_interleave(rank) if rank > 1 else lines
