@@ -80,3 +80,22 @@ def test_bad_arguments():
         count_model_flops(lambda x: x, torch.randn(2))
     with pytest.raises(ValueError, match="example_input is required"):
         count_model_flops(torch.nn.Linear(2, 2), None)
+
+
+def test_counting_a_model_in_training_changes_nothing_of_its_state():
+    """It ran in the model's own mode: a model counted mid-training had its batch-norm
+    statistics moved and its dropout drew from the global generator."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2)
+    ).train()
+    model[2].eval()  # a module's own flag, which must come back as it was
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    inputs = torch.randn(16, 4) + 3
+    rng = torch.get_rng_state()
+    result = count_model_flops(model, inputs)
+    assert result.macs == 16 * (4 * 8 + 8 * 2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert [module.training for module in model] == [True, True, False, True]

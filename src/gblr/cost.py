@@ -19,7 +19,7 @@ import fnmatch
 import fractions
 import math
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "call_model",
     "check_fraction_budget",
     "count_flops",
+    "counting_pass",
     "fraction_budget_macs",
     "gblr_cost",
     "layer_rows",
@@ -479,22 +480,44 @@ def _rows_of_one_forward(
             seen[_index] += call_rows(mod, _unit, inputs, output)
 
         handles.append(module.register_forward_hook(hook))
-    training = {module: module.training for module in model.modules()}
-    model.eval()
     # A compiled model (nn.Module.compile) runs this one pass eagerly: compiling a graph
     # for it would cost more than the pass and leave one more graph behind. torch < 2.6
     # has no stance to set; there the pass compiles.
     set_stance = getattr(torch.compiler, "set_stance", None)
     eager = set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
     try:
-        with torch.no_grad(), eager:
+        with counting_pass(model), eager:
             call_model(model, example_input, name="example_input")
     finally:
         for handle in handles:
             handle.remove()
+    return seen
+
+
+@contextlib.contextmanager
+def counting_pass(model: nn.Module) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode under ``torch.no_grad()`` and give every
+    module its own training flag back after it: a forward that only counts changes
+    nothing of the user's (dropout draws no random numbers, batch norm keeps its running
+    statistics, no gradient is recorded).
+
+    Examples:
+        >>> import torch
+        >>> from gblr.cost import counting_pass
+        >>> model = torch.nn.Sequential(torch.nn.BatchNorm1d(3)).train()
+        >>> with counting_pass(model):
+        ...     _ = model(torch.randn(4, 3) + 5)
+        >>> model.training, model[0].running_mean.tolist()
+        (True, [0.0, 0.0, 0.0])
+    """
+    training = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
         for module, flag in training.items():
             module.training = flag
-    return seen
 
 
 def call_model(model: nn.Module, inputs: Any, *, name: str, lists_unpack: bool = False) -> Any:
@@ -511,8 +534,8 @@ def call_model(model: nn.Module, inputs: Any, *, name: str, lists_unpack: bool =
         >>> try:
         ...     call_model(torch.nn.Linear(4, 2), torch.randn(3, 5), name="example_input")
         ... except ValueError as error:
-        ...     print(str(error)[:46])
-        example_input: the model failed on it (Runtim
+        ...     print(str(error).split(" (")[0])
+        example_input: the model failed on it
     """
     try:
         if isinstance(inputs, Mapping):

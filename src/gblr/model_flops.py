@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cost import SupportsFlops, call_model, call_rows
+from .cost import SupportsFlops, call_model, call_rows, counting_pass
 
 __all__ = ["ModelFlops", "StructuredFlops", "count_model_flops"]
 
@@ -131,7 +131,9 @@ def count_model_flops(model: nn.Module, example_input: Any) -> ModelFlops:
     Counts every matmul, linear layer (``nn.Linear``, Hugging Face ``Conv1D``),
     convolution and attention product; structured layers count their exact cost
     (``flops()`` per row or output position, times the rows they processed). The model
-    runs once under ``torch.no_grad()`` in its current train/eval mode.
+    runs once in eval mode under ``torch.no_grad()``, so that counting changes nothing
+    (dropout draws no random numbers, batch norm keeps its statistics); each module's
+    training flag is restored after it, as in [`count_flops`][gblr.cost.count_flops].
 
     Args:
         model: any module.
@@ -172,7 +174,7 @@ def count_model_flops(model: nn.Module, example_input: Any) -> ModelFlops:
         handles.append(module.register_forward_pre_hook(before))
         handles.append(module.register_forward_hook(after))
     try:
-        with _no_fused_attention_fastpath(), torch.no_grad(), counter:
+        with _no_fused_attention_fastpath(), counting_pass(model), counter:
             call_model(model, example_input, name="example_input")
     finally:
         for handle in handles:
