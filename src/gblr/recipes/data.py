@@ -195,8 +195,8 @@ def read_array_pickle(path: str | Path) -> object:
         >>> try:
         ...     read_array_pickle(path)
         ... except ValueError as error:
-        ...     print(str(error)[-44:])
-        is not read (files are never allowed to run code)
+        ...     print(str(error).split("; ")[-1])
+        it is not read (files are never allowed to run code)
     """
     try:
         with open(path, "rb") as handle:
