@@ -92,38 +92,56 @@ def test_a_run_with_mixup_cutmix_and_drop_path_resumes_exactly(tmp_path):
 
 
 class SaveWidths(pl.Callback):
-    """Each rank writes its GBLR widths and its view of the data at the end of training."""
+    """Each rank writes its GBLR widths at the end of training, and those it had when the
+    learner's final phase (fixed structure) began."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, final_phase_from=None):
         self.folder = str(folder)
+        self.final_phase_from = final_phase_from
 
-    def on_train_end(self, trainer, pl_module):
+    def _save(self, trainer, pl_module, name):
         widths = {
             name: module.widths.detach().clone()
             for name, module in pl_module.named_modules()
             if hasattr(module, "widths")
         }
-        torch.save(widths, f"{self.folder}/widths_rank{trainer.global_rank}.pt")
+        torch.save(widths, f"{self.folder}/{name}_rank{trainer.global_rank}.pt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # the engine's learner callback ran before this one: its step of this batch is done
+        if trainer.global_step == self.final_phase_from:
+            self._save(trainer, pl_module, "final_phase")
+
+    def on_train_end(self, trainer, pl_module):
+        self._save(trainer, pl_module, "widths")
 
 
 def test_two_process_ddp_keeps_the_structure_identical_on_both_ranks(tmp_path):
+    """Also through the learner's final phase (the last 5% of the steps, structure fixed):
+    it used to stop the widths' gradients, and DDP failed on parameters that got none at
+    the forward after the first backward of that phase (30 steps: the phase starts at
+    step 28, after which two forwards run)."""
     train, test = digits()
     model = gblr_vit()
     config = EngineConfig(
-        steps=10,
+        steps=30,
         batch_size=16,
         warmup_steps=5,
         budget=0.3,
         progress=False,
         trainer={"strategy": "ddp_spawn", "devices": 2},
     )
-    result = train_classifier(
-        model, Subset(train, range(256)), test, config, callbacks=[SaveWidths(tmp_path)]
-    )
+    final_phase_from = round(0.95 * config.steps)  # LearnerConfig().exact_from
+    saver = SaveWidths(tmp_path, final_phase_from=final_phase_from)
+    result = train_classifier(model, Subset(train, range(256)), test, config, callbacks=[saver])
     ranks = [torch.load(tmp_path / f"widths_rank{rank}.pt") for rank in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 4
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
+    # the final phase kept the structure it began with, though the widths had gradients
+    fixed = torch.load(tmp_path / "final_phase_rank0.pt")
+    for name in ranks[0]:
+        assert torch.equal(fixed[name], ranks[0][name]), name
     # the learner really ran (the structure moved to the target) in both processes
     assert result["macs_ratio"] <= 0.3
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..cost import fraction_budget_macs, layer_rows, row_weights
@@ -500,6 +501,12 @@ class _StructureView:
 MEMBERSHIP_CHECK_EVERY = 50
 
 
+def _distributed() -> bool:
+    """Whether this process is one of a ``torch.distributed`` run (any world size: a
+    one-process DistributedDataParallel checks its parameters' gradients too)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 class StructureLearner:
     """Learns every GBLR layer's structure and MACs share; call `step` after
     ``optimizer.step()``.
@@ -727,6 +734,9 @@ class StructureLearner:
         self.step_count = 0
         self.threshold = 0.0
         self.start_cost = self.view.cost(self.view.widths())
+        # The final phase's structure, put back before every step, where the widths and
+        # locations must keep their gradients (`_apply_sigma`); None otherwise.
+        self._fixed_structure: list[tuple[Tensor, Tensor]] | None = None
         self._hold(*self._narrow_sides())
         schedule = PassSchedule(self.warmup_steps, self.config.pass_every)
         # name -> pass, in the order of PASSES: the passes the config turns on.
@@ -845,12 +855,24 @@ class StructureLearner:
         # The final phase trains the factors of the structure that evaluation and the
         # frozen form use: widths and locations stop (no gradient, so optimizers skip
         # them); with exact masks every move of theirs would be a discrete jump.
-        if self.exact_phase():
-            for layer in self.layers:
-                layer.widths.requires_grad_(False)
-                layer.locations.requires_grad_(False)
-                # a later run's param_groups and learner give them their gradient back
-                layer.structure_fixed_by_learner = True
+        if not self.exact_phase():
+            return
+        if _distributed():
+            # DistributedDataParallel (and FSDP) fix at wrapping which parameters get a
+            # gradient: one that stops fails the next forward ("parameters that were not
+            # used in producing the loss"). There they keep their gradient, and the
+            # structure of the end of this step is put back before the next one, which
+            # undoes whatever the optimizer made of that gradient.
+            self._fixed_structure = [
+                (layer.widths.detach().clone(), layer.locations.detach().clone())
+                for layer in self.layers
+            ]
+            return
+        for layer in self.layers:
+            layer.widths.requires_grad_(False)
+            layer.locations.requires_grad_(False)
+            # a later run's param_groups and learner give them their gradient back
+            layer.structure_fixed_by_learner = True
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -867,6 +889,10 @@ class StructureLearner:
                 )
         if self.step_count % MEMBERSHIP_CHECK_EVERY == 0:
             self._check_layers_in_model()
+        if self._fixed_structure is not None and self.exact_phase():
+            for layer, (widths, locations) in zip(self.layers, self._fixed_structure, strict=True):
+                layer.widths.copy_(widths)
+                layer.locations.copy_(locations)
         self.step_count += 1
         step = self.step_count
         self._check_finite(f"at step {step} (before the learner changed anything)")
