@@ -72,3 +72,60 @@ def test_learner_keywords_are_checked_when_the_callback_is_made():
         GBLRTrainerCallback(target=1.5)  # the deprecated name, named as given
     with pytest.warns(FutureWarning, match=r"GBLRTrainerCallback\(target=\.\.\.\) is deprecated"):
         assert GBLRTrainerCallback(target=0.5).learner_kwargs == {"budget": 0.5}
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAfterSaving(transformers.TrainerCallback):
+    """Interrupts the run once the checkpoint of ``step`` is written (a crash)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise _Stop
+
+
+def _resumable_run(folder, stop_at=None, resume=None):
+    model = TinyClassifier()
+    args = transformers.TrainingArguments(
+        output_dir=str(folder), max_steps=12, per_device_train_batch_size=8,
+        learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=6,
+        logging_steps=4, use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    callback = GBLRTrainerCallback(budget=0.3, warmup_steps=10)
+    callbacks = [callback] + ([_StopAfterSaving(stop_at)] if stop_at else [])
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Dataset(), callbacks=callbacks
+    )
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except _Stop:
+        pass
+    return model, callback
+
+
+def test_a_resumed_run_continues_the_learner_exactly(tmp_path):
+    """The callback saved no state: a resumed run rebuilt its learner from the resumed
+    widths, so the budget's ramp restarted from another starting cost (89 of 100 steps
+    of a QA run differed) and the run ended on other weights."""
+    full, full_callback = _resumable_run(tmp_path / "full")
+    _resumable_run(tmp_path / "run", stop_at=6)
+    assert (tmp_path / "run" / "checkpoint-6" / "gblr_learner.pt").is_file()
+    resumed, callback = _resumable_run(tmp_path / "run", resume=True)
+    assert callback.learner.start_cost == full_callback.learner.start_cost
+    assert callback.learner.step_count == 12
+    expected = full.state_dict()
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_a_checkpoint_without_the_learner_state_resumes_with_a_warning(tmp_path):
+    _resumable_run(tmp_path, stop_at=6)
+    (tmp_path / "checkpoint-6" / "gblr_learner.pt").unlink()
+    with pytest.warns(UserWarning, match="no learner state at"):
+        _, callback = _resumable_run(tmp_path, resume=True)
+    assert callback.learner.step_count == 12

@@ -7,6 +7,8 @@ Needs ``transformers`` (``pip install "gblr[hf]"``).
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,10 +16,12 @@ from torch import nn
 
 try:
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("gblr.integrations.hf needs transformers: pip install 'gblr[hf]'") from error
 
 from ..compress.distill import distillation_loss, learner_budget, model_output
+from ..files import save_atomically
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers, param_groups
 from ..learn.learner import StructureLearner
@@ -41,9 +45,12 @@ class GBLRTrainerCallback(TrainerCallback):
             the config and the budget are checked here, the rest when the learner is
             built. Its deprecated keywords warn here, once.
 
-    When a run resumes from a checkpoint, the learner continues from the trainer's
-    ``global_step`` (σ schedule and budget ramp included); its starting cost is the one
-    at the start of the resumed run.
+    Every checkpoint the trainer saves gets the learner's state
+    (``gblr_learner.pt`` in its ``checkpoint-N`` folder), and a run resumed from it
+    continues exactly where the learner was (σ schedule, budget ramp from the run's own
+    starting cost, threshold, held sides). A checkpoint without that file (written by an
+    earlier version, or by a trainer without this callback) resumes from the trainer's
+    ``global_step`` with the starting cost of the resumed model, with a warning.
 
     Examples:
         >>> from gblr.integrations.hf import GBLRTrainerCallback
@@ -73,9 +80,34 @@ class GBLRTrainerCallback(TrainerCallback):
                 raise ValueError("GBLRTrainerCallback needs the model at train begin")
             self.learner = build_learner(model, optimizer, state.max_steps, self.learner_kwargs)
         if state.global_step and self.learner.step_count != state.global_step:
+            path = _learner_file(args, state.global_step)
+            if path.is_file():
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if int(saved["step_count"]) != state.global_step:
+                    raise ValueError(
+                        f"{path} holds the learner of step {saved['step_count']}, but the "
+                        f"trainer resumes at step {state.global_step}"
+                    )
+                self.learner.load_state_dict(saved)
+                return
+            warnings.warn(
+                f"GBLRTrainerCallback: no learner state at {path}; the learner continues "
+                f"from step {state.global_step} with the resumed model's cost as its "
+                "starting cost, so its budget ramp differs from the interrupted run's",
+                UserWarning,
+                stacklevel=2,
+            )
             learner_state = self.learner.state_dict()
             learner_state["step_count"] = state.global_step
             self.learner.load_state_dict(learner_state)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.learner is None or not args.should_save:
+            return
+        path = _learner_file(args, state.global_step)
+        if path.parent.is_dir():  # (the trainer wrote the checkpoint just before this hook)
+            learner_state = self.learner.state_dict()
+            save_atomically(lambda file: torch.save(learner_state, file), path)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.learner is not None:
@@ -88,6 +120,16 @@ class GBLRTrainerCallback(TrainerCallback):
         logs.update(items)  # seen by the reporting callbacks that run after this one
         if state.log_history:  # the trainer recorded its own copy of logs before this hook
             state.log_history[-1].update(items)
+
+
+#: The learner's state in a ``transformers.Trainer`` checkpoint folder.
+LEARNER_FILE = "gblr_learner.pt"
+
+
+def _learner_file(args: Any, global_step: int) -> Path:
+    """Where the checkpoint of ``global_step`` holds the learner's state (the trainer's
+    own folder naming: ``checkpoint-N`` in ``output_dir``)."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{global_step}" / LEARNER_FILE
 
 
 class GBLRDistillationTrainer(Trainer):
