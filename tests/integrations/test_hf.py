@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -101,10 +103,8 @@ def _resumable_run(folder, stop_at=None, resume=None):
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=Dataset(), callbacks=callbacks
     )
-    try:
+    with contextlib.suppress(_Stop):
         trainer.train(resume_from_checkpoint=resume)
-    except _Stop:
-        pass
     return model, callback
 
 
@@ -129,3 +129,29 @@ def test_a_checkpoint_without_the_learner_state_resumes_with_a_warning(tmp_path)
     with pytest.warns(UserWarning, match="no learner state at"):
         _, callback = _resumable_run(tmp_path, resume=True)
     assert callback.learner.step_count == 12
+
+
+def test_a_callback_builds_a_learner_for_each_training_run(tmp_path):
+    """A second train() (hyperparameter_search's model_init gives a new model each time)
+    went on stepping the first model's layers, and left the new one over the budget."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=8,
+        learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True,
+    )  # fmt: skip
+    callback = GBLRTrainerCallback(budget=0.3, warmup_steps=2)
+    models = []
+    for _ in range(2):
+        models.append(TinyClassifier())
+        transformers.Trainer(
+            model=models[-1], args=args, train_dataset=Dataset(), callbacks=[callback]
+        ).train()
+        assert callback.learner.steps_layers_of(models[-1])
+        assert callback.learner.step_count == 5
+    assert gblr.count_flops(models[1]).ratio <= 0.3
+    learner = gblr.StructureLearner(models[0], budget=0.3, total_steps=5)
+    with pytest.raises(ValueError, match="built on another model"):
+        transformers.Trainer(
+            model=models[1], args=args, train_dataset=Dataset(),
+            callbacks=[GBLRTrainerCallback(learner)],
+        ).train()  # fmt: skip

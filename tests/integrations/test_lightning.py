@@ -1,3 +1,4 @@
+import math
 import warnings
 
 import pytest
@@ -85,7 +86,8 @@ def test_bad_arguments():
 )
 def test_log_every_n_steps_is_a_positive_int(value, error):
     """0 used to pass and divide by zero (``global_step % 0``) at the first step."""
-    with pytest.raises(error, match=rf"log_every_n_steps must be an int >= 1, got {value!r}"):
+    message = rf"log_every_n_steps must be an int >= 1 or None, got {value!r}"
+    with pytest.raises(error, match=message):
         GBLRCallback(budget=0.5, log_every_n_steps=value)
 
 
@@ -134,3 +136,70 @@ def test_config_reaches_the_learner_and_old_keywords_warn_once(tmp_path):
         trainer(tmp_path, old, 2, enable_checkpointing=False).fit(TinyModule(), loader())
     assert not [w for w in caught if "deprecated since gblr" in str(w.message)]  # no more
     assert old.learner.config == config
+
+
+class _Rows(pl.loggers.logger.Logger):
+    """Keeps every row the trainer writes: (step, metrics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    @property
+    def name(self):
+        return "rows"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+
+@pytest.mark.parametrize(("callback_every", "trainer_every"), [(None, 3), (4, 2), (3, 4)])
+def test_every_written_row_carries_the_learner_s_numbers_of_its_own_step(
+    tmp_path, callback_every, trainer_every
+):
+    """The callback logged on its own schedule, and the trainer wrote the values it held
+    at its next write: the row of step 50 carried the learner's numbers of step 30."""
+    rows = _Rows()
+    callback = GBLRCallback(budget=0.4, warmup_steps=4, log_every_n_steps=callback_every)
+    pl.Trainer(
+        max_steps=12, accelerator="cpu", devices=1, logger=rows, log_every_n_steps=trainer_every,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        callbacks=[callback], default_root_dir=tmp_path,
+    ).fit(TinyModule(), loader())  # fmt: skip
+    # the trainer's step counter starts at 0, the learner's after the first step at 1
+    logged = {step + 1: row["gblr/step"] for step, row in rows.rows if "gblr/step" in row}
+    every = math.lcm(trainer_every, callback_every or 1)
+    fresh = {step: logged.get(step) for step in range(every, 13, every)}
+    assert fresh == {step: float(step) for step in fresh}
+    if callback_every is None:  # every write is one of them
+        assert set(logged) == set(fresh)
+
+
+def test_a_callback_builds_a_learner_for_each_fit(tmp_path):
+    """It built one learner per callback object: a second fit (another model) went on
+    stepping the first model's layers, and left the second at 1.45x the budget."""
+    callback = GBLRCallback(budget=0.3, warmup_steps=3)
+    first, second = TinyModule(), TinyModule()
+    trainer(tmp_path, callback, 6, enable_checkpointing=False).fit(first, loader())
+    learner = callback.learner
+    trainer(tmp_path, callback, 6, enable_checkpointing=False).fit(second, loader())
+    assert callback.learner is not learner and callback.learner.step_count == 6
+    assert gblr.count_flops(second.net).ratio <= 0.3
+
+
+def test_a_learner_of_another_model_is_refused(tmp_path):
+    learner = gblr.StructureLearner(TinyModule(), budget=0.3, total_steps=6)
+    with pytest.raises(ValueError, match="built on another model"):
+        trainer(tmp_path, GBLRCallback(learner), 6).fit(TinyModule(), loader())
+
+
+def test_a_run_of_no_fixed_length_asks_for_total_steps(tmp_path):
+    with pytest.raises(ValueError, match=r"no fixed length.*total_steps="):
+        trainer(tmp_path, GBLRCallback(budget=0.3), -1, max_epochs=-1).fit(TinyModule(), loader())

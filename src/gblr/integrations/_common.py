@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -20,10 +21,28 @@ def build_learner(
     learner_kwargs: dict[str, Any],
 ) -> StructureLearner:
     kwargs = dict(learner_kwargs)
-    kwargs.setdefault("total_steps", max(1, int(total_steps)))
+    if "total_steps" not in kwargs:
+        if not math.isfinite(total_steps):
+            raise ValueError(
+                f"the trainer's run has no fixed length (its step count is {total_steps}: "
+                "no max_steps and no max_epochs): give the callback total_steps=, the steps "
+                "over which the learner ramps the budget and anneals"
+            )
+        kwargs["total_steps"] = max(1, int(total_steps))
     if kwargs.get("lam") is not None and "structure_lr" not in kwargs:
         kwargs.setdefault("optimizer", optimizer)
     return StructureLearner(model, **kwargs)
+
+
+def check_learner_model(learner: StructureLearner, model: nn.Module, caller: str) -> None:
+    """``ValueError`` when a learner given to ``caller`` does not step ``model``'s layers:
+    it would go on moving another model's structure while this one trains as it is."""
+    if not learner.steps_layers_of(model):
+        raise ValueError(
+            f"{caller}: its learner was built on another model than the one being trained; "
+            "give a learner built on this model, or the learner's keyword arguments "
+            "(budget=, ...) so that the callback builds one for each run"
+        )
 
 
 def log_items(learner: StructureLearner, prefix: str = "gblr/") -> dict[str, float]:

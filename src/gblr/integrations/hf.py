@@ -25,7 +25,7 @@ from ..files import save_atomically
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers, param_groups
 from ..learn.learner import StructureLearner
-from ._common import build_learner, check_learner_arguments, log_items
+from ._common import build_learner, check_learner_arguments, check_learner_model, log_items
 
 __all__ = ["GBLRDistillationTrainer", "GBLRTrainerCallback"]
 
@@ -34,9 +34,9 @@ class GBLRTrainerCallback(TrainerCallback):
     """Runs ``learner.step()`` after every optimizer step and adds its summary to the logs.
 
     Args:
-        learner: an existing learner, or None to build one when training begins from
-            ``config`` and ``learner_kwargs`` (``total_steps`` defaults to the trainer's
-            ``max_steps``).
+        learner: an existing learner (built on the model the trainer trains), or None to
+            build one each time training begins from ``config`` and ``learner_kwargs``
+            (``total_steps`` defaults to the trainer's ``max_steps``).
         config: the learner's [`gblr.LearnerConfig`][] (default: ``LearnerConfig()``, the
             library's default;
             ``LearnerConfig.finetune()`` for a converted model).
@@ -44,6 +44,12 @@ class GBLRTrainerCallback(TrainerCallback):
             (``budget=``, ``budget_macs=`` or ``lam=``, ``warmup_steps=``, ...); names,
             the config and the budget are checked here, the rest when the learner is
             built. Its deprecated keywords warn here, once.
+
+    The summary goes into ``trainer.state.log_history`` and the console; the trainer
+    calls its ``report_to`` loggers (TensorBoard, W&B, ...) before the callbacks it was
+    given, so for them to record ``gblr/*`` move this callback first:
+    ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))``.
+    Give each trainer one such callback: two would both step the structure.
 
     Every checkpoint the trainer saves gets the learner's state
     (``gblr_learner.pt`` in its ``checkpoint-N`` folder), and a run resumed from it
@@ -73,12 +79,17 @@ class GBLRTrainerCallback(TrainerCallback):
         self.learner_kwargs = check_learner_arguments(
             learner, learner_kwargs, "GBLRTrainerCallback"
         )
+        self._builds_learner = learner is None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.learner is None:
+        if self._builds_learner:
+            # a new learner for every run: a second train() (another model, as
+            # hyperparameter_search's model_init gives, or the same one) starts its own
             if model is None:
                 raise ValueError("GBLRTrainerCallback needs the model at train begin")
             self.learner = build_learner(model, optimizer, state.max_steps, self.learner_kwargs)
+        elif model is not None:
+            check_learner_model(self.learner, model, "GBLRTrainerCallback")
         if state.global_step and self.learner.step_count != state.global_step:
             path = _learner_file(args, state.global_step)
             if path.is_file():
@@ -117,7 +128,10 @@ class GBLRTrainerCallback(TrainerCallback):
         if self.learner is None or logs is None:
             return
         items = log_items(self.learner)
-        logs.update(items)  # seen by the reporting callbacks that run after this one
+        # Seen by the callbacks after this one: the trainer puts its report_to callbacks
+        # (TensorBoard, W&B, ...) before those given to it, which see them only if this
+        # callback is moved first (the class docstring says how).
+        logs.update(items)
         if state.log_history:  # the trainer recorded its own copy of logs before this hook
             state.log_history[-1].update(items)
 
@@ -193,13 +207,13 @@ class GBLRDistillationTrainer(Trainer):
         self.structure_lr = structure_lr
         if gblr_layers(self.model):
             config = learner_config or LearnerConfig.finetune()
-            self.add_callback(
-                GBLRTrainerCallback(
-                    config=config,
-                    example_input=example_input,
-                    **learner_budget(self.model, budget, example_input),
-                )
+            callback = GBLRTrainerCallback(
+                config=config,
+                example_input=example_input,
+                **learner_budget(self.model, budget, example_input),
             )
+            # first, so that the report_to loggers after it see its gblr/* numbers
+            self.callback_handler.callbacks.insert(0, callback)
 
     def _distillation_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         inputs = {key: value for key, value in inputs.items() if key != "labels"}

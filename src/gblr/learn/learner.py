@@ -932,6 +932,21 @@ class StructureLearner:
         (``config.fill_budget``): after the warm-up, before the final phase."""
         return self.config.fill_budget and step > self.warmup_steps and not self.exact_phase(step)
 
+    def steps_layers_of(self, model: nn.Module) -> bool:
+        """Whether every GBLR layer this learner steps is a module of ``model`` (the model
+        it was built on, or one holding it): a training callback given a learner checks
+        that it drives the model being trained.
+
+        Examples:
+            >>> import torch, gblr
+            >>> model = torch.nn.Sequential(gblr.GBLRLinear(8, 8, init_cost=0.5))
+            >>> learner = gblr.StructureLearner(model, budget=0.5, total_steps=10)
+            >>> learner.steps_layers_of(model), learner.steps_layers_of(torch.nn.Linear(8, 8))
+            (True, False)
+        """
+        present = {id(module) for module in model.modules()}
+        return all(id(layer) in present for layer in self.layers)
+
     # ------------------------------------------------------------------ reporting
     def macs(self) -> int:
         """Exact MACs of all GBLR layers now: per row, or with ``example_input`` in one
