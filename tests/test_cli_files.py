@@ -178,3 +178,21 @@ def test_train_refuses_a_budget_for_the_dense_structure(tmp_path, capsys):
     argv = ["train", "--config", "digits-vit-gblr", "--structure", "dense", "--budget", "0.1"]
     fails_in_one_line(capsys, [*argv, "--out", str(tmp_path / "run")], "--structure dense")
     assert not (tmp_path / "run").exists()
+
+
+def test_structure_keeps_a_run_folder_the_user_named(tmp_path):
+    """--structure lowrank moved a run whose YAML (or out= override) named its folder to
+    that folder plus '-lowrank', so --resume with and without --structure looked in two
+    places."""
+    from gblr.cli import _structure_run_folder
+    from gblr.recipes.config import load_config, with_structure
+
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text("extends: digits-vit-gblr\nout: runs/explicit\n")
+    named = with_structure(load_config(yaml_file), "lowrank")
+    assert _structure_run_folder(named, "lowrank", None) == "runs/explicit"
+    overridden = with_structure(load_config("digits-vit-gblr", ["out=runs/mine"]), "lowrank")
+    assert _structure_run_folder(overridden, "lowrank", None) == "runs/mine"
+    shipped = with_structure(load_config("digits-vit-gblr"), "lowrank")
+    assert _structure_run_folder(shipped, "lowrank", None) == "runs/digits-vit-lowrank"
+    assert _structure_run_folder(shipped, None, None) == "runs/digits-vit-gblr"

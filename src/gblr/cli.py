@@ -292,6 +292,15 @@ def _list_configs() -> None:
         print(f"{name:<26} {first}")
 
 
+def _structure_run_folder(config, structure: str | None, out: str | None) -> str:
+    """The run folder of ``config`` trained as ``--structure``: a baseline of a config gets
+    its own folder, not the GBLR run's, unless the user named the folder (``--out``, or
+    ``out`` in their YAML or as an override), which stays as given."""
+    if structure is None or out is not None or config.out != f"runs/{config.name}":
+        return config.out
+    return f"{config.out.removesuffix('-gblr')}-{config.structure.kind}"
+
+
 def _config_from_args(args: argparse.Namespace):
     from .recipes.config import load_config, with_structure
 
@@ -348,9 +357,7 @@ def train(args: argparse.Namespace) -> int:
         return 0
     _override_after_resume(args)
     config = _config_from_args(args)
-    if args.structure is not None and args.out is None:
-        # a baseline of a shipped config gets its own folder, not the GBLR run's
-        config.out = f"{config.out.removesuffix('-gblr')}-{config.structure.kind}"
+    config.out = _structure_run_folder(config, args.structure, args.out)
     from .recipes.smoke import smoke_config
     from .recipes.train import train_from_config
 
