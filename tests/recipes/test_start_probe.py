@@ -542,3 +542,15 @@ def test_gblr_train_says_which_start_its_probe_chose(tmp_path, capsys):
         main([*arguments, "--out", str(tmp_path / "named"), "--quiet", "structure.start=half"]) == 0
     )
     assert "chosen by the start probe" not in capsys.readouterr().out
+
+
+def test_a_probed_run_that_would_structure_no_layer_is_refused_before_training(tmp_path):
+    """A run without a probe refused a budget at which no layer can be structured; the
+    probe converted the layers itself and trained the dense model under GBLR's name."""
+    from gblr.recipes.train import train_from_config
+
+    config = _recipe(tmp_path, "structure.start=probe", "structure.budget=1e-9")
+    no_layer = pytest.raises(ValueError, match="structures no layer of this model")
+    with pytest.warns(UserWarning, match="converted no layer"), no_layer:
+        train_from_config(config, progress=False)
+    assert not (tmp_path / "results.json").exists()

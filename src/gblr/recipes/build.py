@@ -23,6 +23,7 @@ __all__ = [
     "build_datasets",
     "build_model",
     "build_structured_model",
+    "check_structures_some_layer",
     "data_shape",
     "example_input",
     "model_from_run",
@@ -222,15 +223,40 @@ def apply_structure(model: nn.Module, config: TrainConfig) -> None:
                 "ignore", message=r"gblr\.convert: the weights of .* look untrained"
             )
         report = _apply_structure(model, config)
-    # a run named after a structure would train the dense model; not a smoke run's tiny
-    # stand-in model, too small for a family at the budget that the real model takes
-    if not config.smoke and report is not None and not any(not row.dense for row in report.layers):
-        reasons = sorted({reason for _, reason in report.skipped})
-        raise ValueError(
-            f"structure.kind={s.kind} structures no layer of this model"
-            + (f" ({'; '.join(reasons[:3])})" if reasons else " (include/exclude leave none)")
-            + "; the run would train the dense model under its name"
-        )
+    # not a smoke run's tiny stand-in model, too small for a family at the budget that
+    # the real model takes
+    if not config.smoke:
+        check_structures_some_layer(report, s.kind)
+
+
+def check_structures_some_layer(report: Any, kind: str) -> None:
+    """``ValueError`` when the conversion ``report`` (a
+    [`gblr.ConversionReport`][gblr.compress.convert.ConversionReport], ``None``: nothing
+    to check) structured no layer: a run named after structure ``kind`` would train the
+    dense model under its name.
+
+    Examples:
+        >>> import torch, gblr
+        >>> from gblr.recipes.build import check_structures_some_layer
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+        >>> report = gblr.convert(model, gblr.LowRankConfig(budget=0.5))
+        >>> check_structures_some_layer(report, "lowrank")  # one layer: nothing to say
+        >>> report = gblr.convert(torch.nn.Sequential(torch.nn.Linear(64, 64)),
+        ...     gblr.LowRankConfig(budget=0.5, exclude="0"))
+        >>> try:
+        ...     check_structures_some_layer(report, "lowrank")
+        ... except ValueError as error:
+        ...     print(str(error)[:54])
+        structure.kind=lowrank structures no layer of this mod
+    """
+    if report is None or any(not row.dense for row in report.layers):
+        return
+    reasons = sorted({reason for _, reason in report.skipped})
+    raise ValueError(
+        f"structure.kind={kind} structures no layer of this model"
+        + (f" ({'; '.join(reasons[:3])})" if reasons else " (include/exclude leave none)")
+        + "; the run would train the dense model under its name"
+    )
 
 
 def _apply_structure(model: nn.Module, config: TrainConfig) -> Any:

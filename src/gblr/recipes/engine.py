@@ -592,7 +592,8 @@ def _learner_budget(model: nn.Module, c: EngineConfig, example: Any) -> dict[str
             f"budget={c.budget} of the structured layers ({report.dense_macs} dense MACs per "
             f"example) is spent by the layers that are not GBLR layers ({fixed} MACs: "
             f"{names[:3]}{' ...' if len(names) > 3 else ''}): nothing is left for the GBLR "
-            "layers; raise the budget or exclude those layers (structure_exclude)"
+            "layers; raise the budget or exclude those layers (EngineConfig.structure_exclude; "
+            "structure.exclude in a config)"
         )
     return {"budget_macs": budget_macs, "example_input": example}
 

@@ -38,6 +38,7 @@ from ..files import copy_atomically
 from ..layers.base import COSTED_STRUCTURE_INITS, FACTOR_INITS
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers
+from .build import check_structures_some_layer
 from .engine import EngineConfig, lightning_messages_dropped, topk_hits, train_classifier
 from .models import structure_model
 
@@ -278,7 +279,7 @@ def _structure(model: nn.Module, start: GBLRStart, config: EngineConfig) -> None
     """Make ``model``'s structured layers GBLR layers as ``start`` says, at ``config``'s
     budget and seed."""
     assert config.budget is not None
-    structure_model(
+    report = structure_model(
         model,
         "gblr",
         start.start_cost(config.budget),
@@ -288,6 +289,8 @@ def _structure(model: nn.Module, start: GBLRStart, config: EngineConfig) -> None
         structure_init=start.structure_init,
         factor_init=start.factor_init,
     )
+    # (as apply_structure does for a run without a probe)
+    check_structures_some_layer(report, "gblr")
 
 
 def _check_arguments(
