@@ -196,3 +196,32 @@ def test_structure_keeps_a_run_folder_the_user_named(tmp_path):
     shipped = with_structure(load_config("digits-vit-gblr"), "lowrank")
     assert _structure_run_folder(shipped, "lowrank", None) == "runs/digits-vit-lowrank"
     assert _structure_run_folder(shipped, None, None) == "runs/digits-vit-gblr"
+
+
+def test_flops_of_a_baseline_family_s_state_dict_says_it_cannot_cost_it(tmp_path, capsys):
+    # a low-rank layer's U and V are not a 'weight': the table listed the dense head alone,
+    # at ratio 1.000
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    gblr.convert(model, gblr.LowRankConfig(budget=0.3, include="0"))
+    torch.save(model.state_dict(), tmp_path / "lowrank.pt")
+    fails_in_one_line(
+        capsys, ["flops", str(tmp_path / "lowrank.pt")], "whose cost a state dict does not tell (0)"
+    )
+
+
+def test_a_baseline_run_s_report_and_flops_count_its_structured_layers(tmp_path, capsys):
+    """REPORT.md and `gblr flops <run>/model_state.pt` of a low-rank run read its state
+    dict alone and listed the head, 160 of 160 MACs."""
+    pytest.importorskip("lightning")
+    pytest.importorskip("matplotlib")
+    from gblr.recipes.config import load_config
+    from gblr.recipes.report import write_report
+    from gblr.recipes.train import train_from_config
+
+    tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=1"]
+    settings = [*tiny, "structure.kind=lowrank", "trainer.logger=none", f"out={tmp_path}"]
+    train_from_config(load_config("digits-vit-gblr", settings), progress=False)
+    table = write_report(tmp_path).read_text().split("## Cost per layer", 1)[1]
+    assert table.count("LowRankLinear") == 4, table
+    assert main(["flops", str(tmp_path / "model_state.pt")]) == 0
+    assert capsys.readouterr().out.count("LowRankLinear") == 4

@@ -625,12 +625,13 @@ def _saved_model_costs(path: Path) -> str:
     )
 
 
-class _FrozenState(ValueError):
-    """A state dict of frozen layers, which ``gblr flops`` does not count."""
+class _UncountedState(ValueError):
+    """A state dict holding layers whose cost ``gblr flops`` cannot tell from it alone
+    (frozen layers, structured families other than GBLR)."""
 
 
 def _state_dict_costs(path: Path) -> str:
-    from .recipes.report import format_costs, layer_costs, load_state
+    from .recipes.report import format_costs, layer_costs, load_state, unknown_layers
 
     try:
         if path.is_file() and path.suffix == ".safetensors":
@@ -642,14 +643,22 @@ def _state_dict_costs(path: Path) -> str:
         frozen = sorted({key.rpartition(".")[0] for key in state if key.endswith("u_packed")})
         if frozen:  # (their cost is in their intervals, which a state dict holds as
             # buffers this reader does not interpret; every other 2-D tensor would count)
-            raise _FrozenState(
+            raise _UncountedState(
                 f"{path} holds frozen GBLR layers ({', '.join(frozen[:3])}"
                 f"{', ...' if len(frozen) > 3 else ''}), whose cost a state dict does not "
                 "tell here: save the model with gblr.save or gblr.save_pretrained and give "
                 "that file or folder"
             )
+        unknown = unknown_layers(state)
+        if unknown:  # (a low-rank run's table came out as its head alone, ratio 1.000)
+            raise _UncountedState(
+                f"{path} holds structured layers whose cost a state dict does not tell "
+                f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): give "
+                "the run folder that holds it, a file of gblr.save or a folder of "
+                "gblr.save_pretrained"
+            )
         costs = layer_costs(state)
-    except (FileNotFoundError, _FrozenState):  # says what is wrong in one line
+    except (FileNotFoundError, _UncountedState):  # says what is wrong in one line
         raise
     except Exception as error:  # not a state dict (garbage, a pickle of something else)
         raise ValueError(
@@ -691,6 +700,10 @@ def flops(args: argparse.Namespace) -> int:
             f"model folder {folder} (gblr.save_pretrained)\n{count_flops(from_pretrained(folder))}"
         )
         return 0
+    if path.is_file() and (path.parent / "config.yaml").is_file() and path.suffix == ".pt":
+        # a run folder's model_state.pt: its config rebuilds every family's layers, which
+        # the state dict alone does not tell apart
+        path = path.parent
     is_config = path.suffix in (".yaml", ".yml") or (not path.exists() and not path.suffix)
     if is_config or (path / "config.yaml").is_file() or path.suffix == ".ckpt":
         try:

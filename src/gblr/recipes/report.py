@@ -26,6 +26,8 @@ __all__ = [
     "layer_costs",
     "load_state",
     "overlap_image",
+    "run_layer_costs",
+    "unknown_layers",
     "write_report",
     "write_run_report",
 ]
@@ -140,7 +142,10 @@ def overlap_image(state: dict[str, Tensor], prefix: str) -> Tensor:
 
 
 def layer_costs(state: dict[str, Tensor]) -> list[dict]:
-    """Per layer: name, kind, ``(out, in)`` shape, MACs per row, dense MACs.
+    """Per layer: name, kind, ``(out, in)`` shape, MACs per row, dense MACs, of the GBLR
+    layers (``U``, ``V``, ``widths``) and dense 2-D weights of a state dict; the other
+    structured families' parameters are not told apart from other tensors here (see
+    `run_layer_costs`, and `unknown_layers`).
 
     Examples:
         >>> from gblr.recipes.models import VisionTransformer, structure_model
@@ -188,6 +193,68 @@ def layer_costs(state: dict[str, Tensor]) -> list[dict]:
                 }
             )
     return sorted(rows, key=lambda row: row["name"])
+
+
+def unknown_layers(state: dict[str, Tensor]) -> list[str]:
+    """The modules of ``state`` holding matrices that `layer_costs` does not count: 2-D or
+    larger tensors of a module that has neither GBLR's ``U``/``V``/``widths`` nor a
+    ``weight`` (a low-rank layer's ``U`` and ``V``, Monarch's ``left`` and ``right``,
+    block-diagonal ``blocks``, ...).
+
+    Examples:
+        >>> import torch, gblr
+        >>> from gblr.recipes.report import unknown_layers
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+        >>> _ = gblr.convert(model, gblr.LowRankConfig(budget=0.3, include="0"))
+        >>> unknown_layers(model.state_dict())
+        ['0']
+    """
+    gblr = tuple(_gblr_prefixes(state))
+    modules: dict[str, set[str]] = {}
+    for key, value in state.items():
+        module, _, name = key.rpartition(".")
+        if value.dim() >= 2 and not key.startswith(gblr):
+            modules.setdefault(module, set()).add(name)
+    return sorted(module or "(model)" for module, names in modules.items() if "weight" not in names)
+
+
+def run_layer_costs(run_dir: str | Path) -> list[dict]:
+    """`layer_costs` rows of a run folder's model, rebuilt from its ``config.yaml`` and
+    ``model_state.pt`` and counted by [`gblr.count_flops`][]: every structured family
+    (low-rank, Monarch, ... whose parameters a state dict alone does not tell from other
+    tensors), GBLR and the dense linear layers and convolutions (``kind``: the layer's
+    class name; per input row, or per output position for a convolution).
+
+    Examples:
+        >>> import tempfile
+        >>> from gblr.recipes.config import load_config
+        >>> from gblr.recipes.report import run_layer_costs
+        >>> from gblr.recipes.train import train_from_config
+        >>> out = tempfile.mkdtemp()
+        >>> tiny = ["model.dim=16", "model.depth=1", "model.heads=2", "optim.steps=1"]
+        >>> settings = [*tiny, "structure.kind=lowrank", "trainer.logger=none", f"out={out}"]
+        >>> config = load_config("digits-vit-gblr", settings)
+        >>> _ = train_from_config(config, progress=False)
+        >>> sorted({row["kind"] for row in run_layer_costs(out)})
+        ['Conv2d', 'Linear', 'LowRankLinear']
+    """
+    from ..cost import count_flops
+    from .build import model_from_run
+
+    model, _, _ = model_from_run(run_dir)
+    return sorted(
+        (
+            {
+                "name": layer.name,
+                "kind": layer.kind,
+                "shape": tuple(layer.shape),
+                "macs": int(layer.macs),
+                "dense_macs": int(layer.dense_macs),
+            }
+            for layer in count_flops(model).layers
+        ),
+        key=lambda row: row["name"],
+    )
 
 
 def format_costs(rows: list[dict]) -> str:
@@ -280,7 +347,9 @@ def write_report(run_dir: str | Path) -> Path:
     figures.mkdir(exist_ok=True)
     lines = [f"# Run report: {run_dir.name}", ""]
 
-    costs = layer_costs(state)
+    # the rebuilt model knows every family's cost; the state dict alone only GBLR's and
+    # dense weights' (a run folder from before config.yaml was written has no other)
+    costs = run_layer_costs(run_dir) if (run_dir / "config.yaml").is_file() else layer_costs(state)
     lines += ["## Cost per layer", "", "```", format_costs(costs), "```", ""]
     figure, axis = plt.subplots(figsize=(8, 0.3 * len(costs) + 1))
     axis.barh([row["name"] for row in costs], [row["macs"] for row in costs], label="MACs/row")
