@@ -464,3 +464,23 @@ def test_a_finished_run_resumed_into_another_folder_keeps_its_checkpoint(tmp_pat
     )
     train_classifier(gblr_vit(), train, test, longer)
     assert (tmp_path / "c" / "last.ckpt").read_bytes() != copied
+
+
+def test_a_resumed_run_reports_the_whole_run_s_training_time(tmp_path):
+    """A resumed run's "seconds" counted only the time since the resume (QA: a run
+    stopped at step 1,100 of 3,000 reported 3,000 steps in 46 s, its first 40 s lost)."""
+    from gblr.recipes.checkpoints import read_checkpoint
+
+    train, test = digits()
+    config = EngineConfig(steps=6, batch_size=16, warmup_steps=2, budget=0.3, progress=False)
+    stopped = dataclasses.replace(config, checkpoint_dir=tmp_path, stop_after=3)
+    first = train_classifier(gblr_vit(), Subset(train, range(128)), test, stopped)
+    checkpoint = read_checkpoint(tmp_path / "last.ckpt")
+    recorded = checkpoint["gblr"]["train_seconds"]
+    assert 0 < recorded <= first["seconds"]
+    # a long first part, so that the resumed run's own seconds cannot cover it
+    checkpoint["gblr"]["train_seconds"] = 1000.0
+    torch.save(checkpoint, tmp_path / "long.ckpt")
+    resumed = dataclasses.replace(config, resume=tmp_path / "long.ckpt")
+    result = train_classifier(gblr_vit(), Subset(train, range(128)), test, resumed)
+    assert 1000.0 < result["seconds"] < 1000.0 + 600

@@ -148,7 +148,26 @@ class _ScheduledModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"layer_types": layer_types(self.model), **self.run_info}
+        checkpoint[CHECKPOINT_KEY] = {
+            "layer_types": layer_types(self.model),
+            **self.run_info,
+            # so that a resumed run reports the whole run's time, not its last part's
+            "train_seconds": self.train_seconds(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # (a checkpoint written before train_seconds was recorded: its time is unknown)
+        self.seconds_before = float(checkpoint.get(CHECKPOINT_KEY, {}).get("train_seconds", 0.0))
+
+    def on_train_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Seconds of training of this run so far: those recorded in the checkpoint it
+        resumed (``seconds_before``) and those of this fit."""
+        started = getattr(self, "_fit_started", None)
+        now = 0.0 if started is None else time.perf_counter() - started
+        return getattr(self, "seconds_before", 0.0) + now
 
     def _step_draws(self) -> contextlib.AbstractContextManager[Any]:
         """Meanwhile, torch's random numbers (MixUp/CutMix, drop path, dropout) are those
@@ -771,7 +790,8 @@ def _run(
             ckpt_path=None if c.resume is None else str(c.resume),
             weights_only=True,  # a checkpoint never runs code (read_checkpoint checked it)
         )
-    seconds = time.perf_counter() - start
+    # with the time of the run before the checkpoint it resumed, as the checkpoint says
+    seconds = getattr(module, "seconds_before", 0.0) + time.perf_counter() - start
     if resumed_step is not None and c.out_dir is not None and trainer.is_global_zero:
         _merge_metrics(Path(c.out_dir), resumed_step)
     trained_nothing = resumed_step is not None and trainer.global_step == resumed_step

@@ -39,6 +39,7 @@ from ..layers.base import COSTED_STRUCTURE_INITS, FACTOR_INITS
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers
 from .build import check_structures_some_layer
+from .checkpoints import CHECKPOINT_KEY, read_checkpoint
 from .engine import EngineConfig, lightning_messages_dropped, topk_hits, train_classifier
 from .models import structure_model
 
@@ -543,6 +544,12 @@ def train_classifier_probing_start(
             + f" to step {config.steps} on all {len(train_set)} training samples"  # type: ignore[arg-type]
         )
         restored = None if probe_end is None else str(probe_end)
+        # the time the continued run starts from: what its probe's checkpoint recorded
+        continued = (
+            0.0
+            if probe_end is None
+            else float(read_checkpoint(probe_end).get(CHECKPOINT_KEY, {}).get("train_seconds", 0))
+        )
         with (
             warnings.catch_warnings(),
             lightning_messages_dropped(
@@ -564,14 +571,22 @@ def train_classifier_probing_start(
                 # run reports it as the uninterrupted one does
                 run_info={
                     **((run_info(winner) if callable(run_info) else run_info) or {}),
-                    "probe": {"start": winner.name, "seconds": probe_seconds, "scores": scores},
+                    "probe": {
+                        "start": winner.name,
+                        "seconds": probe_seconds,
+                        "scores": scores,
+                        # already in the run's own time, which continues its probe's
+                        "continued_seconds": continued,
+                    },
                 },
                 callbacks=callbacks,
                 before_fit=started,
             )
+    # the continued run's time began with its own probe's (its checkpoint's), counted
+    # once in probe_seconds
     return {
         **result,
-        "seconds": probe_seconds + result["seconds"],
+        "seconds": probe_seconds + result["seconds"] - continued,
         "start": winner.name,
         "probe_seconds": probe_seconds,
         "probe": scores,

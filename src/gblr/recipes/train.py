@@ -547,6 +547,8 @@ def _train(
         if probe_record is not None:  # as the uninterrupted run reports it
             result["probe_seconds"] = probe_record.get("seconds")
             result["probe"] = probe_record.get("scores")
+            if "continued_seconds" in probe_record:  # (not in records of older versions)
+                result["seconds"] += probe_record["seconds"] - probe_record["continued_seconds"]
     if config.smoke:
         result["smoke"] = True
     if result.pop("global_rank") != 0:
