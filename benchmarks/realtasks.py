@@ -32,9 +32,14 @@ Every family gets the same steps and the same data order for a seed; GBLR runs w
 library's defaults unless a ``--variant`` says otherwise. Runs go to a pool of worker
 processes (``--workers``, one torch thread each); each finished run is written at once to
 ``OUT/<task>.json``, and runs already there are skipped, so an interrupted suite continues
-where it stopped. At the end each task gets ``OUT/<task>.md`` (mean ± std over seeds,
-seconds per run) and a plot ``FIGURES/realtasks_<task>.png`` (metric against the MACs
-ratio, one line per family, error bars: std over seeds).
+where it stopped (a variant name whose runs there have other options is refused: give it
+another name or another ``--out``). A run that fails is reported once the others are done
+and saved, and the suite then exits with status 1; SIGTERM stops it like Ctrl-C. At the
+end each task gets ``OUT/<task>.md`` (mean ± std over seeds, seconds per run) and a plot
+``FIGURES/realtasks_<task>.png`` (metric against the MACs ratio, one line per family,
+error bars: std over seeds). FIGURES is ``--figures``, by default docs/figures for the
+published suite (a full run into benchmarks/results/realtasks, the default OUT) and OUT
+itself for any other run.
 
 ``--paired A B`` runs nothing: it compares two labels of ``OUT`` (and of the ``--with``
 folders) seed by seed, the mean difference with its standard error, which tells a gap
@@ -47,15 +52,19 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import math
 import multiprocessing
 import platform
+import signal
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +72,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import machine_description, write_json_atomically
 from gblr.files import save_atomically
+from realtask_options import ENGINE_OPTIONS, LEARNER_OPTIONS, scratch_options
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+#: The published suite's folders: a full run into ``PUBLISHED`` plots into ``DOC_FIGURES``.
+PUBLISHED = RESULTS / "realtasks"
+DOC_FIGURES = ROOT / "docs" / "figures"
 FAMILIES = ("dense", "gblr", "lowrank", "monarch", "blockdiag", "blocksparse", "pixelfly")
 
 
@@ -160,16 +174,91 @@ def plan_runs(
 ) -> list[Run]:
     """Every structure at every budget and seed (dense once per seed), then every variant
     (GBLR with changed options, labelled ``gblr:NAME``), seed-major so that a partial
-    suite has whole seeds."""
-    runs = []
+    suite has whole seeds; a run asked for twice (a repeated structure, budget or seed) is
+    planned once, where it first comes."""
+    runs: dict[str, Run] = {}
     for seed in seeds:
         for structure in structures:
             for budget in [1.0] if structure == "dense" else budgets:
-                runs.append(Run(task.name, structure, structure, budget, seed))
+                run = Run(task.name, structure, structure, budget, seed)
+                runs.setdefault(run.key, run)
         for name, options in variants.items():
             for budget in budgets:
-                runs.append(Run(task.name, "gblr", f"gblr:{name}", budget, seed, options))
-    return runs
+                run = Run(task.name, "gblr", f"gblr:{name}", budget, seed, options)
+                runs.setdefault(run.key, run)
+    # One key twice in a task's JSON would be two results of one run: its rows would count
+    # the seed twice and merged_runs (so the standings) would refuse the folder for good.
+    return list(runs.values())
+
+
+#: The top-level keys of a ``--variant``'s options that each task module takes: the keys
+#: realtask_options.scratch_options (T1, T2) and realtask_pretrained.run_t3 pop. The
+#: workers refuse any other key, but only once the pool is running, so the suite checks
+#: them first.
+SCRATCH_OPTIONS = (
+    "start_cost_ratio",
+    "structure",
+    *ENGINE_OPTIONS,
+    *LEARNER_OPTIONS,
+    "learner",
+    "learner_config",
+    "probe",
+)
+PRETRAINED_OPTIONS = (
+    "family",
+    "convert",
+    "learner",
+    "learner_config",
+    "structure_lr",
+    "distill",
+    "start_cost_ratio",
+)
+#: Options that hold keywords of something else: a JSON object each ("probe" may be null:
+#: no probe).
+SECTION_OPTIONS = ("structure", "learner", "learner_config", "probe", "convert", "distill")
+
+
+def variant_option_keys(spec: TaskSpec) -> tuple[str, ...]:
+    """The top-level option keys a ``--variant`` of ``spec``'s task may set."""
+    return PRETRAINED_OPTIONS if spec.module == "realtask_pretrained" else SCRATCH_OPTIONS
+
+
+def check_variant(
+    spec: TaskSpec, name: str, options: dict[str, Any], budgets: Sequence[float]
+) -> None:
+    """Check ``--variant NAME``'s ``options`` for ``spec``'s task at ``budgets`` as far as
+    can be done without training.
+
+    Raises:
+        ValueError: an unknown key (the message lists the allowed ones), a section that is
+            not a JSON object, or options realtask_options.scratch_options refuses.
+    """
+    allowed = variant_option_keys(spec)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"--variant {name}: unknown option(s) {unknown} for {spec.name}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    for key in SECTION_OPTIONS:
+        if key in options and not isinstance(options[key], dict):
+            if key == "probe" and options[key] is None:
+                continue
+            raise ValueError(
+                f"--variant {name}: option {key!r} must be a JSON object, got {options[key]!r}"
+            )
+    if spec.module == "realtask_pretrained":
+        return  # its other options are read only after the model is loaded
+    for budget in budgets:
+        try:
+            variant = scratch_options(options, budget, spec.name)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--variant {name} ({spec.name}): {error}") from error
+        if variant.probe is not None and spec.name == "t2":
+            raise ValueError(
+                f"--variant {name}: option 'probe' (the start probe) is for T1's classifiers "
+                f"only, not {spec.name}"
+            )
 
 
 def code_version() -> str:
@@ -208,24 +297,89 @@ def _load(path: Path) -> dict[str, Any]:
     return {"runs": []}
 
 
+def check_stored_options(spec: TaskSpec, runs: Sequence[Run], out: Path, quick: bool) -> None:
+    """Refuse to add ``runs`` to ``OUT/<task>.json`` where it holds runs of one of their
+    labels with other options: those runs would be skipped as done, or their seeds pooled
+    with the new ones, though they ran something else.
+
+    Raises:
+        ValueError: naming the label, both options and how to go on.
+    """
+    path = out / f"{spec.name}.json"
+    stored: dict[str, list[Any]] = {}
+    for record in _load(path)["runs"]:
+        if record.get("quick", False) == quick:
+            options = stored.setdefault(record["label"], [])
+            if record.get("options", {}) not in options:
+                options.append(record.get("options", {}))
+    for run in runs:
+        other = [options for options in stored.get(run.label, []) if options != run.options]
+        if other:
+            variant = run.label.partition("gblr:")[2]
+            rename = f"give --variant another name than {variant!r}, or " if variant else ""
+            raise ValueError(
+                f"{path} holds runs of {run.label} with options {json.dumps(other[0])}, "
+                f"not {json.dumps(run.options)}: {rename}give another --out"
+            )
+
+
+def _pool(workers: int) -> concurrent.futures.Executor:
+    return concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn")
+    )
+
+
+def _stop(pool: concurrent.futures.Executor) -> None:
+    """Drop ``pool``'s queued runs and end its workers now.
+
+    ``shutdown`` alone would wait for the runs in progress (minutes each, about 1 GB of
+    memory each), and a worker left running outlives the suite.
+    """
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 def execute(
     spec: TaskSpec, runs: list[Run], out: Path, quick: bool, workers: int
-) -> dict[str, Any]:
-    """Run what ``out/<task>.json`` does not hold yet; write each result as it arrives."""
+) -> tuple[dict[str, Any], list[tuple[Run, Exception]]]:
+    """Run what ``out/<task>.json`` does not hold yet; write each result as it arrives.
+
+    Returns the task's payload and the runs that failed, with their errors: a failed run
+    is reported as it fails and the others still run and are written. An interrupt
+    (Ctrl-C, or SIGTERM under `main`) ends the workers and propagates.
+    """
     path = out / f"{spec.name}.json"
     payload = _load(path)
     done = {(r["key"], r.get("quick", False)) for r in payload["runs"]}
     todo = [run for run in runs if (run.key, quick) not in done]
     payload.setdefault("machine", machine_description_once(workers))
     print(f"[{spec.name}] {len(runs) - len(todo)} of {len(runs)} runs already in {path}")
+    failures: list[tuple[Run, Exception]] = []
     if not todo:
-        return payload
-    context = multiprocessing.get_context("spawn")
+        return payload, failures
     code = code_version()
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    pool = _pool(workers)
+    try:
         futures = {pool.submit(_run_in_worker, spec, run, quick, code): run for run in todo}
         for future in concurrent.futures.as_completed(futures):
             run = futures[future]
+            where = f"[{spec.name}] {run.label:>14} budget {run.budget:<5g} seed {run.seed}"
+            error = future.exception()
+            if error is not None and not isinstance(error, Exception):
+                raise error  # a KeyboardInterrupt that reached a worker: stop everything
+            if error is not None:
+                failures.append((run, error))
+                # The worker's traceback rides along as the error's cause.
+                traceback.print_exception(error)
+                print(f"{where}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+                continue
             result = future.result()
             payload["runs"].append(result)
             payload["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -233,11 +387,45 @@ def execute(
             )
             write_json_atomically(path, payload)
             print(
-                f"[{spec.name}] {run.label:>14} budget {run.budget:<5g} seed {run.seed}: "
-                f"{spec.metric} {result[spec.metric]:.4f}, MACs {result['macs_ratio']:.3f}, "
-                f"{result['seconds']:.0f} s"
+                f"{where}: {spec.metric} {result[spec.metric]:.4f}, "
+                f"MACs {result['macs_ratio']:.3f}, {result['seconds']:.0f} s"
             )
-    return payload
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown()
+    return payload, failures
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within it, SIGTERM raises KeyboardInterrupt in the main thread, so that `execute`
+    ends its workers as on Ctrl-C (the default SIGTERM ends this process alone, and each
+    of its workers then runs on, about 1 GB each). Elsewhere than in the main thread it
+    does nothing: Python only lets the main thread install signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(number: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(number).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def figures_folder(out: Path, figures: Path | None, quick: bool) -> Path:
+    """Where the plots go: ``figures`` when given, docs/figures for the published suite
+    (a full run into `PUBLISHED`), else ``out``: another folder's plots are not the
+    published ones and must not replace them."""
+    if figures is not None:
+        return figures
+    if not quick and out.resolve() == PUBLISHED.resolve():
+        return DOC_FIGURES
+    return out
 
 
 def machine_description_once(workers: int) -> str:
@@ -703,13 +891,28 @@ def write_standings(
 
 
 def parse_variants(texts: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``NAME=JSON`` pairs: GBLR options of each variant."""
+    """``NAME=JSON`` pairs: GBLR options of each variant.
+
+    Raises:
+        ValueError: not ``NAME=JSON``, the JSON unreadable or not an object, or one name
+            twice (naming the variant and the text).
+    """
     variants = {}
     for text in texts:
         name, separator, body = text.partition("=")
         if not separator or not name:
             raise ValueError(f"--variant must be NAME=JSON, got {text!r}")
-        options = json.loads(body)
+        if name in variants:
+            raise ValueError(
+                f"--variant {name} is given twice ({json.dumps(variants[name])} and {body}): "
+                "give each variant its own name"
+            )
+        try:
+            options = json.loads(body)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"--variant {name}: the options are not JSON ({error}): {body!r}"
+            ) from None
         if not isinstance(options, dict):
             raise ValueError(f"--variant {name}: the options must be a JSON object, got {body!r}")
         variants[name] = options
@@ -730,7 +933,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="results folder (default: benchmarks/results/realtasks, or realtasks-quick)",
     )
-    parser.add_argument("--figures", type=Path, help="plot folder (default: docs/figures)")
+    parser.add_argument(
+        "--figures",
+        type=Path,
+        help="plot folder (default: docs/figures for a full run into "
+        "benchmarks/results/realtasks, the published suite; OUT for any other run)",
+    )
     parser.add_argument(
         "--docs",
         action="store_true",
@@ -758,18 +966,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --paired or --standings: more runs, e.g. extra seeds in another folder",
     )
     args = parser.parse_args(argv)
+    # Everything that can be wrong with the command is refused here, before a run starts:
+    # a worker that fails on it would do so only after others ran for hours.
     if args.also and not (args.paired or args.standings):
         parser.error("--with only goes with --paired or --standings")
     if args.paired and args.standings:
         parser.error("--paired and --standings each run nothing: give one of them")
+    if args.docs and (args.paired or args.standings):
+        parser.error(
+            f"--docs refreshes the pages after runs; --{'paired' if args.paired else 'standings'}"
+            " runs nothing: run --docs without it"
+        )
+    if args.docs and args.quick:
+        parser.error("--docs takes the tables of a full run, not of --quick")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    for budget in args.budgets or ():
+        if not 0 < budget <= 1:
+            parser.error(f"--budgets: {budget:g} is not a fraction of the dense MACs in (0, 1]")
+    for seed in args.seeds or ():
+        if not 0 <= seed < 2**32:
+            parser.error(f"--seeds: {seed} is not a seed in [0, 2**32)")
     try:
         variants = parse_variants(args.variant)
-    except ValueError as error:  # json.JSONDecodeError included
+    except ValueError as error:
         parser.error(str(error))
-    results = ROOT / "benchmarks" / "results"
-    args.out = args.out or results / ("realtasks-quick" if args.quick else "realtasks")
-    # A quick run's plots are not results: they stay beside its JSON.
-    figures = args.figures or (args.out if args.quick else ROOT / "docs" / "figures")
+    args.out = args.out or RESULTS / ("realtasks-quick" if args.quick else "realtasks")
+    figures = figures_folder(args.out, args.figures, args.quick)
+    if args.paired or args.standings:
+        # A misspelt folder would otherwise read as one without runs.
+        for option, folder in [("--out", args.out), *(("--with", also) for also in args.also)]:
+            if not folder.is_dir():
+                parser.error(f"{option} {folder}: no such folder")
     if args.standings:
         try:
             print(write_standings(args.out, [args.out, *args.also], args.quick, args.tasks))
@@ -790,20 +1018,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(f"{name}: no seed where both {first} and {second} ran\n")
         return 0
-    for name in args.tasks:
+    plans = []
+    for name in dict.fromkeys(args.tasks):
         spec = TASKS[name]
         budgets = args.budgets or spec.budgets
         seeds = args.seeds if args.seeds is not None else range(1 if args.quick else spec.seeds)
         runs = plan_runs(spec, args.structures, budgets, seeds, variants)
-        start = time.perf_counter()
-        payload = execute(spec, runs, args.out, args.quick, args.workers)
-        print(f"[{name}] {time.perf_counter() - start:.0f} s")
-        print(report(spec, payload, args.out, figures, args.quick))
-    print(headline(args.out, args.quick))
-    write_standings(args.out, [args.out], args.quick)
+        try:
+            for variant, options in variants.items():
+                check_variant(spec, variant, options, budgets)
+            check_stored_options(spec, runs, args.out, args.quick)
+        except ValueError as error:
+            parser.error(str(error))
+        plans.append((spec, runs))
+    failures = []
+    with sigterm_as_interrupt():
+        for spec, runs in plans:
+            start = time.perf_counter()
+            payload, failed = execute(spec, runs, args.out, args.quick, args.workers)
+            failures += failed
+            print(f"[{spec.name}] {time.perf_counter() - start:.0f} s")
+            print(report(spec, payload, args.out, figures, args.quick))
+        print(headline(args.out, args.quick))
+        write_standings(args.out, [args.out], args.quick)
+    if failures:
+        print(f"{len(failures)} run(s) failed (the others are in {args.out}):", file=sys.stderr)
+        for run, error in failures:
+            print(
+                f"  {run.task} {run.label} budget {run.budget:g} seed {run.seed}: "
+                f"{type(error).__name__}: {error}",
+                file=sys.stderr,
+            )
+        if args.docs:
+            print("--docs: the pages are left as they were", file=sys.stderr)
+        return 1
     if args.docs:
-        if args.quick:
-            parser.error("--docs takes the tables of a full run, not of --quick")
         for page in update_docs(args.out):
             print(f"updated {page}")
     return 0

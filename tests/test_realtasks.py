@@ -234,9 +234,10 @@ def test_paired_with_needs_paired(tmp_path):
 
 
 def test_standings_without_runs_is_a_clear_error(tmp_path):
+    (tmp_path / "nothing-here").mkdir()
     result = _run(tmp_path / "nothing-here", "--standings", "--tasks", "t2")
     assert result.returncode != 0 and "no quick runs of t2 in" in result.stderr
-    assert not (tmp_path / "nothing-here").exists()
+    assert not (tmp_path / "nothing-here" / "standings.md").exists()
     both = _run(tmp_path, "--standings", "--paired", "gblr", "lowrank")
     assert both.returncode != 0 and "give one of them" in both.stderr
 
@@ -362,3 +363,198 @@ def test_the_permuted_pixels_task_is_the_upsampled_task_in_one_fixed_pixel_order
         assert torch.equal(flat, plain_flat[:, order])
     result = vision.run_t1_mlp_perm("gblr", 0.2, 0, True, {})
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 < result["macs_ratio"] <= 0.2 + 1e-9
+
+
+def _no_runs(*arguments, **keywords):
+    raise AssertionError("the suite started runs")
+
+
+def _refusal(realtasks, capsys, *arguments: str) -> str:
+    with pytest.raises(SystemExit) as exit:
+        realtasks.main(list(arguments))
+    assert exit.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_commands_are_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    realtasks = _realtasks_module()
+    monkeypatch.setattr(realtasks, "execute", _no_runs)
+    out = tmp_path / "out"
+    base = ["--quick", "--out", str(out), "--tasks", "t1-vit"]
+    cases = [
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--budgets", "0.2", "0"], "--budgets: 0 is not a fraction of the dense MACs in (0, 1]"),
+        (["--budgets", "1.5"], "--budgets: 1.5 is not"),
+        (["--budgets", "nan"], "--budgets: nan is not"),
+        (["--seeds", "-1"], "--seeds: -1 is not a seed in [0, 2**32)"),
+        (["--seeds", str(2**32)], f"--seeds: {2**32} is not a seed"),
+        (["--variant", "a={bad"], "--variant a: the options are not JSON (Expecting property"),
+        (["--variant", "a={}", "--variant", 'a={"sigma": null}'], "--variant a is given twice"),
+        (["--docs"], "--docs takes the tables of a full run, not of --quick"),
+        (["--docs", "--standings"], "--standings runs nothing: run --docs without it"),
+        (["--docs", "--paired", "gblr", "lowrank"], "--paired runs nothing"),
+        (["--variant", 'x={"bogus": 1}'], "--variant x: unknown option(s) ['bogus'] for t1-vit"),
+        (["--variant", 'x={"structure": 3}'], "option 'structure' must be a JSON object, got 3"),
+        (["--variant", 'x={"learner": {"nope": 1}}'], "unknown learner option(s) ['nope']"),
+        (["--variant", 'x={"learner_config": {"nope": 1}}'], "argument 'nope'"),
+        (["--tasks", "t2", "--variant", 'x={"probe": {}}'], "'probe' (the start probe) is for T1"),
+        (["--tasks", "t3", "--variant", 'x={"sigma": 1}'], "allowed: family, convert,"),
+        (["--paired", "gblr", "lowrank"], f"--out {out}: no such folder"),
+        (["--standings", "--out", str(tmp_path), "--with", str(out)], f"--with {out}: no such"),
+    ]
+    for arguments, message in cases:
+        error = _refusal(realtasks, capsys, *base, *arguments)
+        assert message in error, (arguments, error)
+    assert not out.exists()
+    # valid variants pass the checks and reach the runs
+    for task, options in (("t1-vit", '{"learner": {"adaptive": 1.0}}'), ("t2", '{"probe": null}')):
+        with pytest.raises(AssertionError, match="started runs"):
+            realtasks.main([*base, "--tasks", task, "--variant", f"v={options}"])
+
+
+def test_the_plots_go_to_docs_for_the_published_suite_only(tmp_path):
+    realtasks = _realtasks_module()
+    published = ROOT / "benchmarks" / "results" / "realtasks"
+    docs = ROOT / "docs" / "figures"
+    assert realtasks.figures_folder(published, None, quick=False) == docs
+    # the same folder named another way is still the published suite
+    alias = ROOT / "benchmarks" / "results" / ".." / "results" / "realtasks"
+    assert realtasks.figures_folder(alias, None, quick=False) == docs
+    assert realtasks.figures_folder(tmp_path, None, quick=False) == tmp_path
+    assert realtasks.figures_folder(published, None, quick=True) == published
+    assert realtasks.figures_folder(published, tmp_path, quick=False) == tmp_path
+
+
+def test_repeated_structures_budgets_and_seeds_plan_each_run_once():
+    realtasks = _realtasks_module()
+    spec = realtasks.TASKS["t1-vit"]
+    runs = realtasks.plan_runs(
+        spec, ["gblr", "dense", "gblr"], [0.2, 0.1, 0.2], [1, 0, 1], {"v": {"sigma": None}}
+    )
+    keys = [run.key for run in runs]
+    assert keys == [
+        "gblr|0.2|1", "gblr|0.1|1", "dense|1|1", "gblr:v|0.2|1", "gblr:v|0.1|1",
+        "gblr|0.2|0", "gblr|0.1|0", "dense|1|0", "gblr:v|0.2|0", "gblr:v|0.1|0",
+    ]  # fmt: skip
+
+
+def test_a_variant_name_stored_with_other_options_is_refused(tmp_path, monkeypatch, capsys):
+    realtasks = _realtasks_module()
+    monkeypatch.setattr(realtasks, "execute", _no_runs)
+    stored = {"label": "gblr:x", "key": "gblr:x|0.2|0", "quick": True, "options": {"sigma": 1}}
+    (tmp_path / "t1-vit.json").write_text(json.dumps({"runs": [stored]}))
+    base = ["--quick", "--out", str(tmp_path), "--tasks", "t1-vit", "--structures", "lowrank"]
+    base += ["--budgets", "0.2", "--seeds", "1"]
+    error = _refusal(realtasks, capsys, *base, "--variant", 'x={"sigma": 2}')
+    assert 'holds runs of gblr:x with options {"sigma": 1}, not {"sigma": 2}' in error
+    assert "give --variant another name than 'x', or give another --out" in error
+    # the same options continue the variant; a full run's label is its own
+    with pytest.raises(AssertionError, match="started runs"):
+        realtasks.main([*base, "--variant", 'x={"sigma": 1}'])
+    stored["quick"] = False
+    (tmp_path / "t1-vit.json").write_text(json.dumps({"runs": [stored]}))
+    with pytest.raises(AssertionError, match="started runs"):
+        realtasks.main([*base, "--variant", 'x={"sigma": 2}'])
+
+
+def test_the_variant_keys_checked_up_front_are_the_ones_the_tasks_take():
+    import re
+
+    realtasks = _realtasks_module()
+
+    def popped(module: str, function: str) -> set[str]:
+        text = (SCRIPT.parent / f"{module}.py").read_text()
+        body = text[text.index(f"def {function}(") :]
+        body = body[: body.find("\ndef ", 1) if "\ndef " in body[1:] else None]
+        return set(re.findall(r'\boptions\.pop\("(\w+)"', body))
+
+    scratch = popped("realtask_options", "scratch_options")
+    scratch |= {*realtasks.ENGINE_OPTIONS, *realtasks.LEARNER_OPTIONS}
+    assert set(realtasks.variant_option_keys(realtasks.TASKS["t1-mlp"])) == scratch
+    assert set(realtasks.variant_option_keys(realtasks.TASKS["t2"])) == scratch
+    pretrained = popped("realtask_pretrained", "run_t3")
+    assert set(realtasks.variant_option_keys(realtasks.TASKS["t3"])) == pretrained
+
+
+def _fake_run(failing: str):
+    """A stand-in for a worker's run: instant, raising ``failing``'s error for that label."""
+    from dataclasses import asdict
+
+    def run(spec, run, quick, code):
+        if run.label == failing:
+            raise ValueError(f"{failing} broke")
+        return {**asdict(run), "key": run.key, "quick": quick, "code": code,
+                "accuracy": 0.5, "macs_ratio": run.budget, "seconds": 1.0}  # fmt: skip
+
+    return run
+
+
+def test_a_failed_run_keeps_the_other_runs_and_fails_the_suite(tmp_path, monkeypatch, capsys):
+    import concurrent.futures
+
+    realtasks = _realtasks_module()
+    monkeypatch.setattr(realtasks, "_pool", concurrent.futures.ThreadPoolExecutor)
+    monkeypatch.setattr(realtasks, "_run_in_worker", _fake_run("gblr"))
+    monkeypatch.setattr(realtasks, "code_version", lambda: "test")
+    arguments = ["--quick", "--out", str(tmp_path), "--tasks", "t1-vit", "--workers", "1"]
+    arguments += ["--structures", "gblr", "lowrank", "blockdiag", "--budgets", "0.2"]
+    assert realtasks.main(arguments) == 1
+    error = capsys.readouterr().err
+    assert "1 run(s) failed" in error and "t1-vit gblr budget 0.2 seed 0: ValueError" in error
+    runs = json.loads((tmp_path / "t1-vit.json").read_text())["runs"]
+    assert [run["label"] for run in runs] == ["lowrank", "blockdiag"]
+    assert (tmp_path / "t1-vit.md").exists()
+    # An interrupt is no failed run: it stops the suite, the runs done so far kept.
+    monkeypatch.setattr(realtasks, "_run_in_worker", _interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        realtasks.main([*arguments, "--seeds", "1"])
+    assert len(json.loads((tmp_path / "t1-vit.json").read_text())["runs"]) == 2
+
+
+def _interrupted(*arguments):
+    raise KeyboardInterrupt
+
+
+def test_stopping_the_pool_ends_its_workers_at_once():
+    import time
+
+    realtasks = _realtasks_module()
+    pool = realtasks._pool(2)
+    futures = [pool.submit(time.sleep, 120) for _ in range(3)]
+    while not futures[0].running():
+        time.sleep(0.05)
+    time.sleep(1)  # the workers are in their runs
+    processes = list(pool._processes.values())
+    assert len(processes) == 2 and all(process.is_alive() for process in processes)
+    start = time.perf_counter()
+    realtasks._stop(pool)
+    assert not any(process.is_alive() for process in processes)
+    assert time.perf_counter() - start < 30
+    assert all(future.done() for future in futures)
+
+
+def test_sigterm_interrupts_the_suite_like_ctrl_c(tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    realtasks = _realtasks_module()
+    received = []
+
+    def kill_self(*arguments):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs before this ends
+        return {"runs": []}, []
+
+    monkeypatch.setattr(realtasks, "execute", kill_self)
+    # Ours stands in for the default (which would end pytest) and must be back after.
+    previous = signal.signal(signal.SIGTERM, lambda *arguments: received.append(1))
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            realtasks.main(["--quick", "--out", str(tmp_path), "--tasks", "t1-vit"])
+        assert received == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert received == [1]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
