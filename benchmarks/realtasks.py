@@ -7,8 +7,7 @@ data, several seeds each.
     python benchmarks/realtasks.py --tasks t3 --docs         # then refresh RESULTS.md / README
     python benchmarks/realtasks.py --tasks t1-vit --structures gblr \\
         --variant adaptive='{"learner": {"adaptive": 1.0}}'  # an experiment beside the default
-    python benchmarks/realtasks.py --tasks t1-vit --paired gblr blocksparse \\
-        --with benchmarks/results/realtasks-experiments/ten-seeds  # seed by seed, no runs
+    python benchmarks/realtasks.py --tasks t1-vit --paired gblr blocksparse  # seed by seed
     python benchmarks/realtasks.py --standings              # each family's gap to the best
 
 Tasks (all data offline, nothing downloaded; details in each task's module):
@@ -664,14 +663,23 @@ def merged_runs(task: str, folders: Sequence[Path], quick: bool) -> list[dict[st
         ValueError: one run key with different results in two folders.
     """
     runs: dict[str, dict[str, Any]] = {}
+    found_in: dict[str, Path] = {}
     for folder in folders:
         for record in _load(folder / f"{task}.json")["runs"]:
             if record.get("quick", False) != quick:
                 continue
             earlier = runs.setdefault(record["key"], record)
+            found_in.setdefault(record["key"], folder)
             if earlier is not record and earlier != record:
+                fields = sorted(
+                    key for key in {*earlier, *record} if earlier.get(key) != record.get(key)
+                )
                 raise ValueError(
-                    f"run {record['key']!r} of {task} differs between the folders {folders}"
+                    f"run {record['key']!r} of {task} is in {found_in[record['key']]} and in "
+                    f"{folder} with different {', '.join(fields)} (code "
+                    f"{earlier.get('code')} against {record.get('code')}): two runs of one "
+                    "seed cannot be pooled; compare the folders one at a time, or leave out "
+                    "the --with folder whose seeds the other already holds"
                 )
     return list(runs.values())
 

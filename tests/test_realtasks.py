@@ -224,7 +224,7 @@ def test_paired_differences_match_a_seed_by_seed_count(tmp_path):
     changed = dict(extra_runs[0], perplexity=9.0)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "t2.json").write_text(json.dumps({"runs": [changed]}))
-    with pytest.raises(ValueError, match="differs between the folders"):
+    with pytest.raises(ValueError, match=r"with different perplexity \(code"):
         realtasks.merged_runs("t2", [tmp_path / "extra", tmp_path / "other"], quick=False)
 
 
