@@ -432,3 +432,22 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_a_resume(tmp_p
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     with pytest.raises(RunFolderError, match="it may be resumed"):
         claim_folder(tmp_path, smoke=False, resume=False, overwrite=False)
+
+
+def test_a_sweep_of_more_runs_keeps_the_earlier_rows_and_checks_every_run_first(tmp_path, capsys):
+    """A second sweep into the folder rewrote sweep.md with its own runs alone (a table of
+    seven rows became one); and a finished run of another config stopped a sweep only when
+    reached, after the runs before it had trained."""
+    out = tmp_path / "sweep"
+    base = ["sweep", "--config", "digits-vit-gblr", *TINY, "--out", str(out), "--quiet"]
+    assert main([*base, "--structures", "dense"]) == 0
+    assert main([*base, "--structures", "lowrank", "--budgets", "0.5"]) == 0
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert [(row["structure"], row["budget"]) for row in rows] == [("dense", 1.0), ("lowrank", 0.5)]
+    assert "| dense" in (out / "sweep.md").read_text()
+    # lowrank-0.5 (second in the sweep) was run with optim.lr=0.002: with another rate the
+    # sweep is refused before its first run (gblr-0.5) trains
+    changed = [*base, "optim.lr=0.01", "--structures", "gblr", "lowrank", "--budgets", "0.5"]
+    assert main(changed) == 1
+    assert "holds a finished run of another config" in capsys.readouterr().err
+    assert not (out / "gblr-0.5").exists()

@@ -153,26 +153,15 @@ def train_runs(runs: Sequence[TrainConfig], *, progress: bool = True) -> list[di
     """
     from .train import train_from_config
 
+    # Every finished run is checked before any trains: a folder of another config found
+    # late would stop the sweep after hours of runs before it.
+    finished_results = [_finished_result(run) for run in runs]
     results = []
-    for run in runs:
-        finished = Path(run.out) / "results.json"
-        saved = json.loads(finished.read_text()) if finished.is_file() else None
-        result = None if saved is None else saved["result"]
-        # a smoke run's results never stand for a real run's, nor the other way round
-        if result is not None and result.get("smoke", False) == run.smoke:
-            # (runs written before 2026-12-07 kept only the config they ran)
-            changes = _changes(saved.get("requested_config", saved.get("config")), run)
-            if not changes:
-                print(f"[{run.name}] done before, read {finished}")
-                results.append(result)
-                continue
-            if not run.smoke:
-                raise RunFolderError(
-                    f"{run.out} holds a finished run of another config ({'; '.join(changes[:4])}"
-                    f"{'; ...' if len(changes) > 4 else ''}), whose numbers this sweep would "
-                    "report as this config's; nothing was changed. Give the sweep another "
-                    "--out, or move that run"
-                )
+    for run, (result, done) in zip(runs, finished_results, strict=True):
+        if done:
+            print(f"[{run.name}] done before, read {Path(run.out) / 'results.json'}")
+            results.append(result)
+            continue
         print(f"\n[{run.name}]")
         options = _continue(run)
         if result is not None and run.smoke:
@@ -180,6 +169,33 @@ def train_runs(runs: Sequence[TrainConfig], *, progress: bool = True) -> list[di
         result = train_from_config(run, progress=progress, report=print, **options)
         results.append(result)
     return results
+
+
+def _finished_result(run: TrainConfig) -> tuple[dict[str, Any] | None, bool]:
+    """``(result, done)``: the result in ``run``'s folder (``None``: none, or one of the
+    other kind, smoke or real) and whether it is ``run``'s, finished.
+
+    Raises:
+        RunFolderError: the folder holds a finished real run of another config.
+    """
+    finished = Path(run.out) / "results.json"
+    saved = json.loads(finished.read_text()) if finished.is_file() else None
+    result = None if saved is None else saved["result"]
+    # a smoke run's results never stand for a real run's, nor the other way round
+    if result is None or result.get("smoke", False) != run.smoke:
+        return None, False
+    # (runs written before 2026-12-07 kept only the config they ran)
+    changes = _changes(saved.get("requested_config", saved.get("config")), run)
+    if not changes:
+        return result, True
+    if not run.smoke:
+        raise RunFolderError(
+            f"{run.out} holds a finished run of another config ({'; '.join(changes[:4])}"
+            f"{'; ...' if len(changes) > 4 else ''}), whose numbers this sweep would "
+            "report as this config's; nothing was changed. Give the sweep another "
+            "--out, or move that run"
+        )
+    return result, False
 
 
 def _changes(saved: Any, run: TrainConfig) -> list[str]:
@@ -201,6 +217,27 @@ def _written_by_a_sweep(path: Path) -> bool:
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(data, dict) and isinstance(data.get("config"), dict) and "rows" in data
+
+
+def _with_earlier_rows(
+    path: Path, config: TrainConfig, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``rows`` and, before them, the rows of the earlier sweep of the same config in
+    ``path`` whose runs this one did not ask for (and whose folders still hold their
+    results): a sweep of one more budget into the folder adds its row to the table instead
+    of replacing the table by it."""
+    if not _written_by_a_sweep(path):
+        return rows
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    if earlier["config"] != config_to_dict(config):
+        return rows
+    asked = {str(row["run"]) for row in rows}
+    kept = [
+        row
+        for row in earlier["rows"]
+        if str(row.get("run")) not in asked and (Path(row["run"]) / "results.json").is_file()
+    ]
+    return kept + rows
 
 
 def run_sweep(
@@ -261,6 +298,7 @@ def run_sweep(
         }
         for run, result in zip(runs, train_runs(runs, progress=progress), strict=True)
     ]
+    rows = _with_earlier_rows(out / "sweep.json", config, rows)
     table = markdown_table(
         ["structure", "budget", metric, "GFLOPs", "MACs ratio (structured)", "seconds"],
         [
