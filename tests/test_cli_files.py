@@ -225,3 +225,16 @@ def test_a_baseline_run_s_report_and_flops_count_its_structured_layers(tmp_path,
     assert table.count("LowRankLinear") == 4, table
     assert main(["flops", str(tmp_path / "model_state.pt")]) == 0
     assert capsys.readouterr().out.count("LowRankLinear") == 4
+
+
+def test_overrides_after_a_list_option_are_overrides():
+    """`gblr sweep ... --budgets 0.2 optim.lr=0.01` failed: argparse took the override as a
+    budget ("invalid float value")."""
+    from gblr.cli import _overrides_out_of_lists, build_parser
+
+    argv = ["sweep", "--config", "c", "--budgets", "0.2", "0.3", "optim.lr=0.01", "--quiet"]
+    argv += ["--structures", "dense", "seed=3"]
+    moved = _overrides_out_of_lists(argv)
+    args, extra = build_parser().parse_known_args(moved)
+    assert args.budgets == [0.2, 0.3] and args.structures == ["dense"]
+    assert [*args.overrides, *extra] == ["optim.lr=0.01", "seed=3"]

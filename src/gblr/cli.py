@@ -943,9 +943,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options taking a list of values: argparse gives them every word up to the next option.
+_LIST_OPTIONS = ("--budgets", "--structures")
+
+
+def _overrides_out_of_lists(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the ``SECTION.KEY=VALUE`` words that follow a list option's values
+    moved to just after the command, where argparse reads them as overrides: it read
+    ``--budgets 0.2 optim.lr=0.01`` as the budget ``optim.lr=0.01`` (and ``--structures
+    dense optim.lr=0.01`` as a structure), while the usage allows overrides after the
+    options."""
+    kept: list[str] = []
+    moved: list[str] = []
+    in_list = False
+    for word in argv:
+        if word.startswith("-"):
+            in_list = word in _LIST_OPTIONS
+        elif in_list and _OVERRIDE.match(word):
+            moved.append(word)
+            continue
+        kept.append(word)
+    if not moved:
+        return kept
+    return [kept[0], *moved, *kept[1:]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gblr`` console script."""
     parser = build_parser()
+    argv = _overrides_out_of_lists(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:
         # overrides after an option (`--out run optim.lr=1`): argparse takes positionals
