@@ -162,6 +162,21 @@ def test_image_folder_reads_class_folders(tmp_path):
     # uniform image of value 41 -> normalized with ImageNet's red mean/std
     assert image[0, 8, 8].item() == pytest.approx((41 / 255 - 0.485) / 0.229, abs=1e-4)
     assert image_folder(tmp_path, image_size=16)[0][0].shape == (3, 16, 16)
+    # a notebook's hidden folder is no class (it failed as a class without images)
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    assert image_folder(tmp_path, image_size=16, train=False).classes == ["cat", "dog"]
+    from gblr.recipes.build import data_shape
+    from gblr.recipes.config import load_config
+
+    config = load_config(
+        "digits-vit-gblr",
+        ["data.name=folder", f"data.root={tmp_path}", f"data.val_root={tmp_path}"],
+    )
+    assert data_shape(config) == (3, 2)
+    # a class folder without images names the image folder
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"image folder {tmp_path}: .*empty"):
+        image_folder(tmp_path, image_size=16)
 
 
 def test_missing_image_folder_explains_the_layout(tmp_path):

@@ -108,7 +108,9 @@ def data_shape(config: TrainConfig) -> tuple[int, int]:
         root = root / "train"
     if not root.is_dir():
         raise FileNotFoundError(f"no image folder at {root} (data.root): cannot count classes")
-    return 3, sum(1 for child in root.iterdir() if child.is_dir())
+    from .data import image_classes
+
+    return 3, len(image_classes(root))
 
 
 def _timm_model(config: TrainConfig, num_classes: int) -> nn.Module:

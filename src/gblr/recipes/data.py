@@ -12,7 +12,15 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["AUGMENTATIONS", "ImageTensors", "batch_mixer", "digits", "image_folder", "load_cifar"]
+__all__ = [
+    "AUGMENTATIONS",
+    "ImageTensors",
+    "batch_mixer",
+    "digits",
+    "image_classes",
+    "image_folder",
+    "load_cifar",
+]
 
 AUGMENTATIONS = ("none", "standard", "autoaugment")
 
@@ -325,6 +333,37 @@ def load_cifar(
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def image_classes(root: str | Path) -> list[str]:
+    """The class names of an image folder ``root/<class>/<image>``: its sub-folders in
+    sorted order, hidden ones (``.ipynb_checkpoints``, ``.git``, ...) left out.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder, or holds no class folder.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from gblr.recipes.data import image_classes
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for name in ("dog", "cat", ".ipynb_checkpoints"):
+        ...     (root / name).mkdir()
+        >>> image_classes(root)
+        ['cat', 'dog']
+    """
+    root = Path(root).expanduser()
+    classes = (
+        sorted(c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
+    if not classes:
+        raise FileNotFoundError(
+            f"no image folder at {root}: expected one sub-folder per class holding its "
+            "images (root/<class>/<image>.jpg), e.g. ImageNet's train/ or val/ folder"
+        )
+    return classes
+
+
 def image_folder(
     root: str | Path,
     image_size: int = 224,
@@ -359,11 +398,7 @@ def image_folder(
         (['cat', 'dog'], torch.Size([3, 32, 32]), 1)
     """
     root = Path(root).expanduser()
-    if not root.is_dir() or not any(child.is_dir() for child in root.iterdir()):
-        raise FileNotFoundError(
-            f"no image folder at {root}: expected one sub-folder per class holding its "
-            "images (root/<class>/<image>.jpg), e.g. ImageNet's train/ or val/ folder"
-        )
+    classes = image_classes(root)
     try:
         from torchvision import datasets, transforms
     except ImportError as error:  # pragma: no cover - depends on the environment
@@ -373,9 +408,19 @@ def image_folder(
         steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
     else:
         steps = [transforms.Resize(image_size * 8 // 7), transforms.CenterCrop(image_size)]
-    return datasets.ImageFolder(
-        str(root), transforms.Compose([*steps, transforms.ToTensor(), normalize])
-    )
+
+    class _VisibleClasses(datasets.ImageFolder):
+        # torchvision takes every sub-folder as a class, a notebook's hidden
+        # .ipynb_checkpoints too (which then failed as a class without images)
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            return classes, {name: index for index, name in enumerate(classes)}
+
+    try:
+        return _VisibleClasses(
+            str(root), transforms.Compose([*steps, transforms.ToTensor(), normalize])
+        )
+    except FileNotFoundError as error:  # a class folder without images: name the folder
+        raise FileNotFoundError(f"image folder {root}: {error}") from None
 
 
 def batch_mixer(mixup: float = 0.0, cutmix: float = 0.0, num_classes: int = 10):
