@@ -1000,6 +1000,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     args.out = args.out or RESULTS / ("realtasks-quick" if args.quick else "realtasks")
+    if args.docs and args.out.resolve() != PUBLISHED.resolve():
+        # the pages' tables hold every task of the published suite: another folder's
+        # runs (one task, one seed) would replace them all
+        parser.error(
+            f"--docs refreshes the pages from the published suite ({PUBLISHED}); --out "
+            f"{args.out} would replace every table by its own runs: leave out --docs or --out"
+        )
     figures = figures_folder(args.out, args.figures, args.quick)
     if args.paired or args.standings:
         # A misspelt folder would otherwise read as one without runs.

@@ -405,6 +405,9 @@ def test_bad_commands_are_refused_before_any_run(tmp_path, monkeypatch, capsys):
     for arguments, message in cases:
         error = _refusal(realtasks, capsys, *base, *arguments)
         assert message in error, (arguments, error)
+    # the pages' tables come from the published suite's folder alone
+    error = _refusal(realtasks, capsys, "--out", str(out), "--tasks", "t1-vit", "--docs")
+    assert f"--out {out} would replace every table by its own runs" in error
     assert not out.exists()
     # valid variants pass the checks and reach the runs
     for task, options in (("t1-vit", '{"learner": {"adaptive": 1.0}}'), ("t2", '{"probe": null}')):
