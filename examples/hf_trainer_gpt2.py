@@ -85,14 +85,19 @@ def main() -> None:
     print(report)
     converted = strided_perplexity(model, held_out, args.block_size, args.block_size // 2)
 
+    learning_rate = 1.5e-3 if args.smoke else 1e-4
+    # the paper's settings for widths and locations (no momentum, no weight decay); the
+    # Trainer's own AdamW would give them both
+    optimizer = torch.optim.AdamW(gblr.param_groups(model, lr=learning_rate))
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = Trainer(
             model=model,
+            optimizers=(optimizer, None),
             args=TrainingArguments(
                 output_dir=output_dir,
                 max_steps=args.steps,
                 per_device_train_batch_size=4 if args.smoke else 8,
-                learning_rate=1.5e-3 if args.smoke else 1e-4,
+                learning_rate=learning_rate,
                 warmup_steps=args.steps // 10,
                 logging_steps=max(1, args.steps // 5),
                 save_strategy="no",

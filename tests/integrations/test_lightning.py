@@ -203,3 +203,18 @@ def test_a_learner_of_another_model_is_refused(tmp_path):
 def test_a_run_of_no_fixed_length_asks_for_total_steps(tmp_path):
     with pytest.raises(ValueError, match=r"no fixed length.*total_steps="):
         trainer(tmp_path, GBLRCallback(budget=0.3), -1, max_epochs=-1).fit(TinyModule(), loader())
+
+
+class _FactorsOnly(TinyModule):
+    def configure_optimizers(self):
+        factors = [p for name, p in self.named_parameters() if "widths" not in name]
+        return torch.optim.AdamW([p for p in factors if p.dim() > 1 or p.numel() > 8])
+
+
+def test_an_optimizer_without_the_structure_is_named_in_a_warning(tmp_path):
+    """In budget mode nothing said that the structure was not learned: only the cut
+    moved it."""
+    with pytest.warns(UserWarning, match="holds none of the GBLR widths"):
+        trainer(tmp_path, GBLRCallback(budget=0.5), 2, enable_checkpointing=False).fit(
+            _FactorsOnly(), loader()
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -42,6 +43,25 @@ def check_learner_model(learner: StructureLearner, model: nn.Module, caller: str
             f"{caller}: its learner was built on another model than the one being trained; "
             "give a learner built on this model, or the learner's keyword arguments "
             "(budget=, ...) so that the callback builds one for each run"
+        )
+
+
+def warn_if_structure_not_trained(
+    learner: StructureLearner, optimizer: torch.optim.Optimizer | None, caller: str
+) -> None:
+    """A ``UserWarning`` when ``optimizer`` holds none of the learner's widths: then only
+    the budget's cut moves them, and the structure is not learned (λ mode refuses such an
+    optimizer at its first step)."""
+    if optimizer is None:
+        return
+    held = {id(param) for group in optimizer.param_groups for param in group["params"]}
+    if not any(id(layer.widths) in held for layer in learner.layers):
+        warnings.warn(
+            f"{caller}: the optimizer holds none of the GBLR widths and locations, so the "
+            "structure is not learned (only the budget's cut moves it); build it over "
+            "gblr.param_groups(model, lr=...)",
+            UserWarning,
+            stacklevel=3,
         )
 
 

@@ -25,7 +25,13 @@ from ..files import save_atomically
 from ..learn.config import LearnerConfig
 from ..learn.groups import gblr_layers, param_groups
 from ..learn.learner import StructureLearner
-from ._common import build_learner, check_learner_arguments, check_learner_model, log_items
+from ._common import (
+    build_learner,
+    check_learner_arguments,
+    check_learner_model,
+    log_items,
+    warn_if_structure_not_trained,
+)
 
 __all__ = ["GBLRDistillationTrainer", "GBLRTrainerCallback"]
 
@@ -90,6 +96,7 @@ class GBLRTrainerCallback(TrainerCallback):
             self.learner = build_learner(model, optimizer, state.max_steps, self.learner_kwargs)
         elif model is not None:
             check_learner_model(self.learner, model, "GBLRTrainerCallback")
+        warn_if_structure_not_trained(self.learner, optimizer, "GBLRTrainerCallback")
         if state.global_step and self.learner.step_count != state.global_step:
             path = _learner_file(args, state.global_step)
             if path.is_file():

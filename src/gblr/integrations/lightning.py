@@ -16,7 +16,13 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from ..learn.config import LearnerConfig
 from ..learn.learner import StructureLearner
-from ._common import build_learner, check_learner_arguments, check_learner_model, log_items
+from ._common import (
+    build_learner,
+    check_learner_arguments,
+    check_learner_model,
+    log_items,
+    warn_if_structure_not_trained,
+)
 
 __all__ = ["GBLRCallback"]
 
@@ -90,6 +96,8 @@ class GBLRCallback(pl.Callback):
             )
         else:
             check_learner_model(self.learner, pl_module, "GBLRCallback")
+        if trainer.optimizers:
+            warn_if_structure_not_trained(self.learner, trainer.optimizers[0], "GBLRCallback")
         if self._pending_state is not None:
             self.learner.load_state_dict(self._pending_state)
             self._pending_state = None
