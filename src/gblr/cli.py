@@ -631,7 +631,8 @@ class _UncountedState(ValueError):
 
 
 def _state_dict_costs(path: Path) -> str:
-    from .recipes.report import format_costs, layer_costs, load_state, unknown_layers
+    from .recipes.checkpoints import load_state
+    from .recipes.report import format_costs, layer_costs, unknown_layers
 
     try:
         if path.is_file() and path.suffix == ".safetensors":

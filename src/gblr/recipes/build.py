@@ -370,8 +370,8 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
         ...     print(type(error).__name__)
         FileNotFoundError
     """
+    from .checkpoints import STATE_FILE, checkpoint_model_state, load_state
     from .config import config_from_dict, load_config
-    from .report import STATE_FILE, checkpoint_model_state, load_state
 
     path = Path(source)
     state = None
@@ -385,7 +385,7 @@ def model_from_run(source: str | Path) -> tuple[nn.Module, str, Any]:
         else:
             what += " (no model_state.pt: its starting structure)"
     elif path.suffix == ".ckpt":
-        from .engine import read_checkpoint
+        from .checkpoints import read_checkpoint
 
         checkpoint = read_checkpoint(path)
         settings = checkpoint.get("gblr", {}).get("config")

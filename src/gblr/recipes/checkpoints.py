@@ -13,17 +13,96 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 __all__ = [
     "CHECKPOINT_KEY",
     "check_checkpoint_structure",
     "check_resume",
     "layer_types",
+    "load_state",
     "read_checkpoint",
 ]
 
 CHECKPOINT_KEY = "gblr"
+
+#: A run folder's trained model: ``torch.save(model.state_dict())``.
+STATE_FILE = "model_state.pt"
+
+
+def checkpoint_model_state(checkpoint: dict, prefix: str = "model.") -> dict[str, Tensor]:
+    """The model's state dict inside a Lightning checkpoint of the recipes' modules (which
+    hold the model as ``self.model``, so its tensors sit under ``"model."``)."""
+    return {
+        key[len(prefix) :]: value
+        for key, value in checkpoint.get("state_dict", {}).items()
+        if key.startswith(prefix)
+    }
+
+
+def read_tensor_file(path: str | Path, what: str, expected: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors, numbers, strings and
+    containers only, so a file cannot run code; any failure is one ``ValueError`` that
+    names ``what`` was read, the file and the reason, and says the file is not
+    ``expected``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from gblr.recipes.checkpoints import read_tensor_file
+        >>> path = os.path.join(tempfile.mkdtemp(), "x.pt")
+        >>> _ = open(path, "wb").write(b"garbage")
+        >>> try:
+        ...     read_tensor_file(path, "the model state", "a state dict")
+        ... except ValueError as error:
+        ...     print(str(error)[:30])
+        cannot read the model state /...
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for a bad file; one answer here
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"cannot read {what} {path} ({reason[:200]}): it is truncated, corrupt or not "
+            f"{expected}; only tensors, numbers and strings are read from such a file"
+        ) from None
+
+
+def load_state(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from a file (``torch.save(model.state_dict())`` or a Lightning
+    checkpoint of the recipes), or from ``STATE_FILE`` in a run folder.
+
+    Examples:
+        >>> from gblr.recipes.models import VisionTransformer, structure_model
+        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
+        >>> _ = structure_model(model, "gblr", 0.5)
+        >>> import os, tempfile
+        >>> import torch
+        >>> from gblr.recipes.checkpoints import load_state
+        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
+        >>> torch.save(model.state_dict(), path)
+        >>> sorted(load_state(path)) == sorted(model.state_dict())
+        True
+        >>> try:
+        ...     load_state(tempfile.mkdtemp())  # a folder without model_state.pt
+        ... except FileNotFoundError as error:
+        ...     print(type(error).__name__)
+        FileNotFoundError
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no model state at {path}: give a file saved with torch.save(model.state_dict()) "
+            f"or a run folder holding {STATE_FILE} (gblr demo writes one per model)"
+        )
+    state = read_tensor_file(path, "the model state", "a state dict")
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = checkpoint_model_state(state)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
+    return state
 
 
 def layer_types(model: nn.Module) -> dict[str, str]:
@@ -97,8 +176,6 @@ def check_checkpoint_structure(
                 + ". Resume with the config that wrote it, or start a new run (another out "
                 "folder)."
             )
-    from .report import checkpoint_model_state
-
     state = checkpoint_model_state(checkpoint, prefix)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -146,8 +223,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    from .report import read_tensor_file
-
     what = "a checkpoint written by gblr's training"
     checkpoint = read_tensor_file(path, "the checkpoint", what)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:

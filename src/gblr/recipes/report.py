@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,6 +18,9 @@ from ..cost import gblr_cost
 from ..files import save_atomically
 from ..ops.gaudi import interval_lengths, interval_starts
 from ..tables import text_table
+
+# (load_state is defined with the checkpoints, beside the state file it reads)
+from .checkpoints import load_state
 from .run_folder import mark_smoke_report, smoke_kind
 
 __all__ = [
@@ -31,82 +33,6 @@ __all__ = [
     "write_report",
     "write_run_report",
 ]
-
-STATE_FILE = "model_state.pt"
-
-
-def checkpoint_model_state(checkpoint: dict, prefix: str = "model.") -> dict[str, Tensor]:
-    """The model's state dict inside a Lightning checkpoint of the recipes' modules (which
-    hold the model as ``self.model``, so its tensors sit under ``"model."``)."""
-    return {
-        key[len(prefix) :]: value
-        for key, value in checkpoint.get("state_dict", {}).items()
-        if key.startswith(prefix)
-    }
-
-
-def read_tensor_file(path: str | Path, what: str, expected: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU: tensors, numbers, strings and
-    containers only, so a file cannot run code; any failure is one ``ValueError`` that
-    names ``what`` was read, the file and the reason, and says the file is not
-    ``expected``.
-
-    Examples:
-        >>> import os, tempfile
-        >>> from gblr.recipes.report import read_tensor_file
-        >>> path = os.path.join(tempfile.mkdtemp(), "x.pt")
-        >>> _ = open(path, "wb").write(b"garbage")
-        >>> try:
-        ...     read_tensor_file(path, "the model state", "a state dict")
-        ... except ValueError as error:
-        ...     print(str(error)[:30])
-        cannot read the model state /...
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds for a bad file; one answer here
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ValueError(
-            f"cannot read {what} {path} ({reason[:200]}): it is truncated, corrupt or not "
-            f"{expected}; only tensors, numbers and strings are read from such a file"
-        ) from None
-
-
-def load_state(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from a file (``torch.save(model.state_dict())`` or a Lightning
-    checkpoint of the recipes), or from ``STATE_FILE`` in a run folder.
-
-    Examples:
-        >>> from gblr.recipes.models import VisionTransformer, structure_model
-        >>> model = VisionTransformer(dim=16, depth=1, heads=2)
-        >>> _ = structure_model(model, "gblr", 0.5)
-        >>> import os, tempfile
-        >>> import torch
-        >>> from gblr.recipes.report import load_state
-        >>> path = os.path.join(tempfile.mkdtemp(), "model.pt")
-        >>> torch.save(model.state_dict(), path)
-        >>> sorted(load_state(path)) == sorted(model.state_dict())
-        True
-        >>> try:
-        ...     load_state(tempfile.mkdtemp())  # a folder without model_state.pt
-        ... except FileNotFoundError as error:
-        ...     print(type(error).__name__)
-        FileNotFoundError
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no model state at {path}: give a file saved with torch.save(model.state_dict()) "
-            f"or a run folder holding {STATE_FILE} (gblr demo writes one per model)"
-        )
-    state = read_tensor_file(path, "the model state", "a state dict")
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = checkpoint_model_state(state)
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (name -> tensor)")
-    return state
 
 
 def _gblr_prefixes(state: dict[str, Tensor]) -> list[str]:
