@@ -129,6 +129,18 @@ def test_bad_files_say_what_is_wrong(tmp_path):
     named.write_text("extends: small\nname: mine\n")
     assert (load_config(named).name, load_config(named).out) == ("mine", "runs/mine")
     assert load_config(named, ["out=elsewhere"]).out == "elsewhere"
+    # a file named without .yaml is found, as `extends:` finds it
+    assert load_config(tmp_path / "named").name == "mine"
+    # an empty `extends:` ran on the library's defaults; a missing parent did not say
+    # which file asked for it
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("extends:\nmodel:\n  depth: 2\n")
+    with pytest.raises(ValueError, match=r"empty.yaml: 'extends' must name a config, got None"):
+        load_config(empty)
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("extends: nowhere\n")
+    with pytest.raises(FileNotFoundError, match=r"orphan.yaml extends 'nowhere': config"):
+        load_config(orphan)
 
 
 def test_the_learner_section_sets_the_final_phase():

@@ -375,6 +375,9 @@ def _locate(source: str | Path) -> Path:
     path = Path(source)
     if path.is_file():
         return path
+    # `--config cfg/mine` finds cfg/mine.yaml, as `extends: mine` does beside it
+    if path.suffix != ".yaml" and path.with_name(path.name + ".yaml").is_file():
+        return path.with_name(path.name + ".yaml")
     name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
     shipped = CONFIG_DIR / f"{name}.yaml"
     if path.parent == Path(".") and shipped.is_file():
@@ -402,13 +405,17 @@ def _read_with_parents(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any
         chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
         raise ValueError(f"config 'extends' loops: {chain}")
     data = _read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
+    if "extends" not in data:
         return data
-    if not isinstance(parent, str):
+    parent = data.pop("extends")
+    # (an empty `extends:` is None: it ran on the library's defaults, in silence)
+    if not isinstance(parent, str) or not parent.strip():
         raise ValueError(f"{path}: 'extends' must name a config, got {parent!r}")
     sibling = path.parent / (parent if parent.endswith(".yaml") else f"{parent}.yaml")
-    parent_path = sibling if sibling.is_file() else _locate(parent)
+    try:
+        parent_path = sibling if sibling.is_file() else _locate(parent)
+    except FileNotFoundError as error:  # which file asked for it
+        raise FileNotFoundError(f"{path} extends {parent!r}: {error}") from None
     inherited = _read_with_parents(parent_path, (*seen, path.resolve()))
     # a config's name and run folder are its own: inherited, a run of the child would
     # go into (and be refused by, or resume) the parent's run folder under its name

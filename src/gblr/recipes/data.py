@@ -314,7 +314,7 @@ def load_cifar(
                     f"{path} is not the official CIFAR-{classes} file (MD5 {found}, the "
                     f"release's is {expected}): it is truncated, changed or another file. "
                     "Download it again; for your own files in CIFAR's format pass "
-                    "verify=False"
+                    "verify=False (in a config, or on the command line: data.verify=false)"
                 )
         batch = read_array_pickle(path)
         if not isinstance(batch, dict) or "data" not in batch or label_key not in batch:
