@@ -302,6 +302,11 @@ def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path):
     (folder / LOCK_NAME).write_text(json.dumps(record))
     with pytest.raises(RunFolderError, match="another gblr run"):
         RunLock(folder).acquire()
+    # a file where the folder should be: said so ("Not a directory: .../.gblr-run.lock")
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(RunFolderError, match="is a file: give a folder"):
+        RunLock(tmp_path / "afile").acquire()
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_resume_with_a_changed_config_is_refused_and_names_the_keys(finished_run, capsys):

@@ -234,6 +234,10 @@ class RunLock:
         self._created_folder = False
 
     def acquire(self) -> RunLock:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise RunFolderError(
+                f"the run folder {self.folder} is a file: give a folder (out= / --out)"
+            )
         if not self.folder.exists():
             self.folder.mkdir(parents=True)
             self._created_folder = True
