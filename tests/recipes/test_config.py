@@ -101,6 +101,11 @@ def test_resume_changes_name_what_would_not_take_effect():
     ]
 
 
+def test_an_image_folder_config_names_its_validation_folder():
+    with pytest.raises(ValueError, match=r"data\.val_root must name the validation image"):
+        load_config("digits-vit-gblr", ["data.name=folder", "data.root=a"])
+
+
 def test_bad_files_say_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"did you mean cifar10-vit-s-gblr"):
         load_config("cifar10-vit-s")

@@ -582,6 +582,12 @@ def _validate(config: TrainConfig) -> None:
         config.data.root
     ):
         raise ValueError(f"data.root must name the folder holding the {config.data.name} data")
+    if config.data.name == "folder" and not config.data.val_root:
+        # (it was found missing only when the datasets were built, after the run began)
+        raise ValueError(
+            "data.val_root must name the validation image folder: data.name=folder trains "
+            "on data.root and evaluates on data.val_root, each root/<class>/<image>"
+        )
     for key in ("mixup", "cutmix", "label_smoothing", "num_workers"):
         _positive(f"data.{key}", getattr(config.data, key), zero=True)
     _positive("data.seq_len", config.data.seq_len)
