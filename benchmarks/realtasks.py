@@ -71,6 +71,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import machine_description, write_json_atomically
 from gblr.files import save_atomically
+from gblr.recipes.run_folder import RunFolderError, RunLock
 from realtask_options import ENGINE_OPTIONS, LEARNER_OPTIONS, scratch_options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1047,7 +1048,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(error))
         plans.append((spec, runs))
     failures = []
-    with sigterm_as_interrupt():
+    # Two suites writing into one folder would each rewrite a task's JSON from what it
+    # read at its start, and the other's runs would be lost.
+    lock = RunLock(args.out)
+    try:
+        lock.acquire()
+    except RunFolderError as error:
+        parser.error(str(error))
+    with sigterm_as_interrupt(), contextlib.ExitStack() as held:
+        held.callback(lock.release)
         for spec, runs in plans:
             start = time.perf_counter()
             payload, failed = execute(spec, runs, args.out, args.quick, args.workers)

@@ -561,3 +561,15 @@ def test_sigterm_interrupts_the_suite_like_ctrl_c(tmp_path, monkeypatch):
         assert received == [1]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_second_suite_into_a_busy_folder_is_refused(tmp_path, monkeypatch, capsys):
+    """Two suites into one OUT each rewrote a task's JSON from what they had read at their
+    start: the runs of one of them were lost (QA: 8 of 16 runs)."""
+    from gblr.recipes.run_folder import RunLock
+
+    realtasks = _realtasks_module()
+    monkeypatch.setattr(realtasks, "execute", _no_runs)
+    with RunLock(tmp_path):  # a suite of this process writing there
+        error = _refusal(realtasks, capsys, "--quick", "--out", str(tmp_path), "--tasks", "t2")
+    assert "is writing into" in error
