@@ -155,3 +155,24 @@ def test_a_callback_builds_a_learner_for_each_training_run(tmp_path):
             model=models[1], args=args, train_dataset=Dataset(),
             callbacks=[GBLRTrainerCallback(learner)],
         ).train()  # fmt: skip
+
+
+def test_two_callbacks_in_one_trainer_are_refused(tmp_path):
+    """Both stepped the structure on every step (in λ mode a second cut: ratio 0.43
+    against 0.86 with one), without a word."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    callbacks = [GBLRTrainerCallback(budget=0.3), GBLRTrainerCallback(budget=0.3)]
+    trainer = transformers.Trainer(
+        model=TinyClassifier(), args=args, train_dataset=Dataset(), callbacks=callbacks
+    )
+    with pytest.raises(ValueError, match="two GBLRTrainerCallbacks"):
+        trainer.train()
+    # one callback, in trainer after trainer: no refusal
+    callback = GBLRTrainerCallback(budget=0.3)
+    for _ in range(2):
+        transformers.Trainer(
+            model=TinyClassifier(), args=args, train_dataset=Dataset(), callbacks=[callback]
+        ).train()

@@ -8,6 +8,7 @@ Needs ``transformers`` (``pip install "gblr[hf]"``).
 from __future__ import annotations
 
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ class GBLRTrainerCallback(TrainerCallback):
     calls its ``report_to`` loggers (TensorBoard, W&B, ...) before the callbacks it was
     given, so for them to record ``gblr/*`` move this callback first:
     ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))``.
-    Give each trainer one such callback: two would both step the structure.
+    Give each trainer one such callback (``GBLRDistillationTrainer`` adds its own): two
+    are refused when training begins.
 
     Every checkpoint the trainer saves gets the learner's state
     (``gblr_learner.pt`` in its ``checkpoint-N`` folder), and a run resumed from it
@@ -88,6 +90,7 @@ class GBLRTrainerCallback(TrainerCallback):
         self._builds_learner = learner is None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        _claim_training_run(self, state)
         if self._builds_learner:
             # a new learner for every run: a second train() (another model, as
             # hyperparameter_search's model_init gives, or the same one) starts its own
@@ -141,6 +144,28 @@ class GBLRTrainerCallback(TrainerCallback):
         logs.update(items)
         if state.log_history:  # the trainer recorded its own copy of logs before this hook
             state.log_history[-1].update(items)
+
+
+# The training run each callback steps: id of the run's TrainerState (one per trainer, a
+# dataclass, not hashable) -> weak references to that state and to the callback. Two
+# callbacks in one trainer would both step its model's structure.
+_RUNS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _claim_training_run(callback: GBLRTrainerCallback, state: Any) -> None:
+    """``ValueError`` when another live ``GBLRTrainerCallback`` steps the run of
+    ``state`` (both in one trainer: each would step the structure once per step, a
+    second budget cut in λ mode); else record ``callback`` as its one."""
+    for key, (state_ref, callback_ref) in list(_RUNS.items()):
+        if state_ref() is None or callback_ref() is None:
+            del _RUNS[key]  # a run or callback gone: its id may come back for another
+    entry = _RUNS.get(id(state))
+    if entry is not None and entry[0]() is state and entry[1]() is not callback:
+        raise ValueError(
+            "this trainer has two GBLRTrainerCallbacks (GBLRDistillationTrainer adds its "
+            "own): both would step the structure; give it one"
+        )
+    _RUNS[id(state)] = (weakref.ref(state), weakref.ref(callback))
 
 
 #: The learner's state in a ``transformers.Trainer`` checkpoint folder.
