@@ -349,8 +349,8 @@ def train(args: argparse.Namespace) -> int:
     `gblr train --config cifar10-vit-s-gblr data.root=~/data optim.epochs=100`. The
     options below are shortcuts for the most common keys; Lightning runs the devices:
     `--devices 8 --num-nodes 2 --strategy ddp` trains on 16 GPUs. Everything goes to the
-    run folder (out): config.yaml, checkpoints/last.ckpt, metrics.csv, tensorboard/,
-    model_state.pt, results.json and REPORT.md.
+    run folder (out): config.yaml, checkpoints/last.ckpt, metrics.csv (and tensorboard/
+    with --logger tensorboard or both), model_state.pt, results.json and REPORT.md.
     """
     if args.list:
         _list_configs()
