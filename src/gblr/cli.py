@@ -684,6 +684,7 @@ def flops(args: argparse.Namespace) -> int:
     and dense layers (torch.save or safetensors; a frozen model's is refused)."""
     from .compress.formats import FORMAT as PRETRAINED_FORMAT
     from .deploy.io import is_gblr_file, tensor_file_kind
+    from .recipes.checkpoints import STATE_FILE
 
     path = Path(args.path).expanduser()
     if is_gblr_file(path):
@@ -701,7 +702,7 @@ def flops(args: argparse.Namespace) -> int:
             f"model folder {folder} (gblr.save_pretrained)\n{count_flops(from_pretrained(folder))}"
         )
         return 0
-    if path.is_file() and (path.parent / "config.yaml").is_file() and path.suffix == ".pt":
+    if path.name == STATE_FILE and (path.parent / "config.yaml").is_file():
         # a run folder's model_state.pt: its config rebuilds every family's layers, which
         # the state dict alone does not tell apart
         path = path.parent

@@ -944,8 +944,17 @@ class StructureLearner:
             >>> learner.steps_layers_of(model), learner.steps_layers_of(torch.nn.Linear(8, 8))
             (True, False)
         """
+        return not self._layers_missing_from(model)
+
+    def _layers_missing_from(self, model: nn.Module) -> list[str]:
+        """The names of the GBLR layers this learner steps that are not modules of
+        ``model``."""
         present = {id(module) for module in model.modules()}
-        return all(id(layer) in present for layer in self.layers)
+        return [
+            name
+            for name, layer in zip(self.layer_names, self.layers, strict=True)
+            if id(layer) not in present
+        ]
 
     # ------------------------------------------------------------------ reporting
     def macs(self) -> int:
@@ -960,14 +969,13 @@ class StructureLearner:
         model = self._model_ref()
         if model is None:
             return
-        present = {id(module) for module in model.modules()}
-        for name, layer in zip(self.layer_names, self.layers, strict=True):
-            if id(layer) not in present:
-                raise RuntimeError(
-                    f"the GBLR layer {name!r} is no longer in the model this learner was "
-                    "built on (replaced or deleted): build a new learner (and param_groups) "
-                    "for the model as it is now"
-                )
+        missing = self._layers_missing_from(model)
+        if missing:
+            raise RuntimeError(
+                f"the GBLR layer {missing[0]!r} is no longer in the model this learner was "
+                "built on (replaced or deleted): build a new learner (and param_groups) "
+                "for the model as it is now"
+            )
 
     def summary(self) -> dict[str, float]:
         """Numbers for logging: step, MACs, ``macs_ratio``, threshold, live components,

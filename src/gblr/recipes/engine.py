@@ -126,6 +126,9 @@ class _ScheduledModule(pl.LightningModule):
         self.weight_decay, self.structure_lr = weight_decay, structure_lr
         self.warmup_steps, self.total_steps = warmup_steps, total_steps
         self.run_info = dict(run_info or {})
+        # training seconds before the checkpoint a run resumed; when this fit started
+        self.seconds_before = 0.0
+        self._fit_started: float | None = None
 
     def configure_optimizers(self) -> Any:
         structure_lr = self.structure_lr
@@ -165,9 +168,8 @@ class _ScheduledModule(pl.LightningModule):
     def train_seconds(self) -> float:
         """Seconds of training of this run so far: those recorded in the checkpoint it
         resumed (``seconds_before``) and those of this fit."""
-        started = getattr(self, "_fit_started", None)
-        now = 0.0 if started is None else time.perf_counter() - started
-        return getattr(self, "seconds_before", 0.0) + now
+        started = self._fit_started
+        return self.seconds_before + (0.0 if started is None else time.perf_counter() - started)
 
     def _step_draws(self) -> contextlib.AbstractContextManager[Any]:
         """Meanwhile, torch's random numbers (MixUp/CutMix, drop path, dropout) are those
@@ -791,7 +793,7 @@ def _run(
             weights_only=True,  # a checkpoint never runs code (read_checkpoint checked it)
         )
     # with the time of the run before the checkpoint it resumed, as the checkpoint says
-    seconds = getattr(module, "seconds_before", 0.0) + time.perf_counter() - start
+    seconds = module.seconds_before + time.perf_counter() - start
     if resumed_step is not None and c.out_dir is not None and trainer.is_global_zero:
         _merge_metrics(Path(c.out_dir), resumed_step)
     trained_nothing = resumed_step is not None and trainer.global_step == resumed_step

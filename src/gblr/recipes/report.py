@@ -95,30 +95,27 @@ def layer_costs(state: dict[str, Tensor]) -> list[dict]:
             interval_lengths(widths[0], in_features),
             u.shape[1],
         )
-        rows.append(
-            {
-                "name": prefix.rstrip("."),
-                "kind": "GBLR",
-                "shape": (out_features, in_features),
-                "macs": int(macs),
-                "dense_macs": out_features * in_features,
-            }
-        )
+        shape = (out_features, in_features)
+        rows.append(_cost_row(prefix.rstrip("."), "GBLR", shape, macs, out_features * in_features))
     taken = tuple(gblr)
     for key, value in state.items():
         # Other 2-D weights count as dense linear layers (convolution kernels and
         # norm parameters are not 2-D).
         if key.endswith("weight") and value.dim() == 2 and not key.startswith(taken):
-            rows.append(
-                {
-                    "name": key[: -len(".weight")],
-                    "kind": "dense",
-                    "shape": tuple(value.shape),
-                    "macs": value.numel(),
-                    "dense_macs": value.numel(),
-                }
-            )
+            name, shape = key[: -len(".weight")], tuple(value.shape)
+            rows.append(_cost_row(name, "dense", shape, value.numel(), value.numel()))
     return sorted(rows, key=lambda row: row["name"])
+
+
+def _cost_row(name: str, kind: str, shape: tuple, macs: int, dense_macs: int) -> dict:
+    """One row of `layer_costs` and `run_layer_costs`."""
+    return {
+        "name": name,
+        "kind": kind,
+        "shape": tuple(shape),
+        "macs": int(macs),
+        "dense_macs": int(dense_macs),
+    }
 
 
 def unknown_layers(state: dict[str, Tensor]) -> list[str]:
@@ -168,19 +165,11 @@ def run_layer_costs(run_dir: str | Path) -> list[dict]:
     from .build import model_from_run
 
     model, _, _ = model_from_run(run_dir)
-    return sorted(
-        (
-            {
-                "name": layer.name,
-                "kind": layer.kind,
-                "shape": tuple(layer.shape),
-                "macs": int(layer.macs),
-                "dense_macs": int(layer.dense_macs),
-            }
-            for layer in count_flops(model).layers
-        ),
-        key=lambda row: row["name"],
-    )
+    rows = [
+        _cost_row(layer.name, layer.kind, layer.shape, layer.macs, layer.dense_macs)
+        for layer in count_flops(model).layers
+    ]
+    return sorted(rows, key=lambda row: row["name"])
 
 
 def format_costs(rows: list[dict]) -> str:
