@@ -2,6 +2,7 @@
 models of the same classes (timm, torchvision; GPT-2 in test_finetune_text.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +127,18 @@ def test_sweep_runs_every_structure_and_budget_once(tmp_path, capsys):
     assert capsys.readouterr().out.count("done before") == 5
     assert main([*base, "--structures", "butterfly"]) == 1
     assert "unknown ['butterfly']" in capsys.readouterr().err
+
+
+def test_sweep_budgets_that_print_alike_get_their_own_folders():
+    """Budgets equal to six digits (0.1, 0.1000001) shared the folder `gblr-0.1`: the
+    second run found the first's results there. Each distinct budget now names its own
+    folder, and a budget given twice runs once."""
+    from gblr.recipes.config import load_config
+    from gblr.recipes.sweep import budget_label, sweep_runs
+
+    config = load_config("digits-vit-gblr", ["trainer.logger=none"])
+    runs = sweep_runs(config, ["gblr"], [0.1, 0.1000001, 0.1, 0.3], Path("sweep"))
+    assert [Path(run.out).name for run in runs] == ["gblr-0.1", "gblr-0.1000001", "gblr-0.3"]
+    assert [run.structure.budget for run in runs] == [0.1, 0.1000001, 0.3]
+    for budget in (0.1, 0.25, 1 / 3, 0.3333333, 1e-7, 1.0):
+        assert float(budget_label(budget)) == budget

@@ -19,18 +19,33 @@ from ..tables import markdown_table
 from .config import TEXT_DATASETS, TrainConfig, config_to_dict, resume_changes, with_structure
 from .run_folder import RunFolderError
 
-__all__ = ["run_folder_name", "run_sweep", "sweep_runs", "train_runs"]
+__all__ = ["budget_label", "run_folder_name", "run_sweep", "sweep_runs", "train_runs"]
+
+
+def budget_label(budget: float) -> str:
+    """``budget`` as a sweep names and prints it: six significant digits where they give
+    the number back exactly, else every digit it needs, so that two budgets never share a
+    label (and a run folder).
+
+    Examples:
+        >>> from gblr.recipes.sweep import budget_label
+        >>> budget_label(0.3), budget_label(0.1000001), budget_label(1.0)
+        ('0.3', '0.1000001', '1')
+    """
+    short = f"{budget:g}"
+    return short if float(short) == budget else repr(float(budget))
 
 
 def run_folder_name(structure: str, budget: float) -> str:
-    """A sweep's run folder: ``<structure>-<budget>``, ``dense`` for the dense model.
+    """A sweep's run folder: ``<structure>-<budget>``
+    ([`budget_label`][gblr.recipes.sweep.budget_label]), ``dense`` for the dense model.
 
     Examples:
         >>> from gblr.recipes.sweep import run_folder_name
         >>> run_folder_name("gblr", 0.3), run_folder_name("dense", 1.0)
         ('gblr-0.3', 'dense')
     """
-    return "dense" if structure == "dense" else f"{structure}-{budget:g}"
+    return "dense" if structure == "dense" else f"{structure}-{budget_label(budget)}"
 
 
 def sweep_runs(
@@ -68,7 +83,7 @@ def sweep_runs(
         raise ValueError(f"budgets must be fractions in (0, 1], got {list(budgets)}")
     runs = []
     for structure in dict.fromkeys(structures):  # in order, once each
-        for budget in [1.0] if structure == "dense" else budgets:
+        for budget in [1.0] if structure == "dense" else dict.fromkeys(budgets):
             run = with_structure(config, structure, budget)  # checked like any config
             name = folder_name(structure, budget)
             run.out, run.name = str(out / name), f"{config.name}/{name}"
@@ -304,7 +319,7 @@ def run_sweep(
         [
             [
                 r["structure"],
-                f"{r['budget']:g}",
+                budget_label(r["budget"]),
                 f"{r[metric]:.4f}",
                 f"{r['gflops']:.4g}",
                 f"{r['macs_ratio']:.3f}",
