@@ -1004,8 +1004,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     # a person can act on these: a missing or misplaced file, a folder taken, a bad value
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as error:
-        print(f"gblr {args.command}: {error}", file=sys.stderr)
+        print(f"gblr {args.command}: {_own_message(error)}", file=sys.stderr)
         return 1
+
+
+def _own_message(error: BaseException) -> str:
+    """``error``'s message; for one that a data loader's worker raised, the worker's own
+    message without the traceback torch puts before it."""
+    message = str(error)
+    if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+        last = message.rstrip().splitlines()[-1]  # "ValueError: <the worker's message>"
+        return last.partition(": ")[2] or last
+    return message
 
 
 if __name__ == "__main__":

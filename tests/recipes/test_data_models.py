@@ -179,6 +179,33 @@ def test_image_folder_reads_class_folders(tmp_path):
         image_folder(tmp_path, image_size=16)
 
 
+def test_an_unreadable_image_is_named_with_its_folder_in_one_line(tmp_path, capsys):
+    """A corrupt PNG failed mid-run inside PIL ("cannot identify image file
+    <_io.BufferedReader ...>") with a traceback, through a data loader's worker too."""
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    from gblr.cli import _own_message
+    from gblr.recipes.data import image_folder
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (20, 20)).save(tmp_path / name / "0.png")
+    (tmp_path / "dog" / "1.png").write_bytes(b"not an image")
+    dataset = image_folder(tmp_path, image_size=16, train=False)
+    assert dataset[0][0].shape == (3, 16, 16)
+    bad = tmp_path / "dog" / "1.png"
+    with pytest.raises(ValueError, match=f"image folder {tmp_path}: cannot read the image {bad}"):
+        dataset[2]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=1)
+    with pytest.raises(ValueError, match="Original Traceback") as raised:
+        next(iter(loader))
+    message = _own_message(raised.value)
+    assert message.startswith(f"image folder {tmp_path}: cannot read the image {bad} (")
+    assert "\n" not in message and message.endswith("remove or replace that file")
+    assert _own_message(ValueError("plain")) == "plain"
+
+
 def test_missing_image_folder_explains_the_layout(tmp_path):
     from gblr.recipes.data import image_folder
 

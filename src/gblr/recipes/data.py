@@ -415,9 +415,21 @@ def image_folder(
         def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
             return classes, {name: index for index, name in enumerate(classes)}
 
+    def read_image(path: str):
+        # a truncated or mislabelled file fails deep in PIL, mid-run, naming a file handle
+        try:
+            return datasets.folder.default_loader(path)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise ValueError(
+                f"image folder {root}: cannot read the image {path} ({error}); remove or "
+                "replace that file"
+            ) from None
+
     try:
         return _VisibleClasses(
-            str(root), transforms.Compose([*steps, transforms.ToTensor(), normalize])
+            str(root),
+            transforms.Compose([*steps, transforms.ToTensor(), normalize]),
+            loader=read_image,
         )
     except FileNotFoundError as error:  # a class folder without images: name the folder
         raise FileNotFoundError(f"image folder {root}: {error}") from None
