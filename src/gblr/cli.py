@@ -383,7 +383,11 @@ def train(args: argparse.Namespace) -> int:
     if "perplexity" in result:
         score = f"test perplexity {result['perplexity']:.3f}"
     else:
-        score = f"test accuracy {result['accuracy']:.4f} (top-5 {result['top5']:.4f})"
+        from .recipes.build import data_shape
+
+        score = f"test accuracy {result['accuracy']:.4f}"
+        if data_shape(config)[1] > 5:  # with five classes or fewer every sample is in the top 5
+            score += f" (top-5 {result['top5']:.4f})"
     if "start" in result:
         print(f"\nGBLR's start, chosen by the start probe: {result['start']}{_leads(result)}")
     print(

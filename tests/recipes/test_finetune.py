@@ -142,3 +142,17 @@ def test_sweep_budgets_that_print_alike_get_their_own_folders():
     assert [run.structure.budget for run in runs] == [0.1, 0.1000001, 0.3]
     for budget in (0.1, 0.25, 1 / 3, 0.3333333, 1e-7, 1.0):
         assert float(budget_label(budget)) == budget
+
+
+def test_train_prints_top5_only_with_more_than_five_classes(tmp_path, capsys):
+    """With four classes every sample is in the top 5: `gblr train` printed "top-5
+    1.0000" as if it measured something."""
+    root = write_image_folders(tmp_path / "images", classes=4, per_class=2, size=16)
+    argv = ["train", "--config", "digits-vit-gblr", "data.name=folder"]
+    argv += [f"data.root={root}/train", f"data.val_root={root}/val", "model.image_size=16"]
+    argv += ["model.patch_size=4", "model.dim=16", "model.depth=1", "model.heads=2"]
+    argv += ["optim.steps=2", "optim.warmup=1", "optim.batch_size=4", "trainer.logger=none"]
+    argv += ["structure.start=blockdiag", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "top-5" not in printed
