@@ -77,11 +77,30 @@ def test_overrides_are_typed_and_merged():
         (["trainer.devices=0"], r"trainer.devices must be .*got 0"),
         (["trainer.devices=[]"], r"trainer.devices must be .*got \[\]"),
         (["trainer.devices=gpu"], r"trainer.devices must be .*got 'gpu'"),
+        (["optim.steps=2.5"], r"optim.steps must be int \| None, got 2.5"),
+        # the library's own models, named by their keys (were "dim=64 must be a multiple
+        # of heads=3" from the model, and a crash inside torch for mlp_ratio=0)
+        (["model.heads=3"], r"model.dim=64 must be a multiple of model.heads=3"),
+        (["model.patch_size=3"], r"model.image_size=8 must be a multiple of model.patch_size=3"),
+        (["model.mlp_ratio=0"], r"model.mlp_ratio must be finite and > 0, got 0.0"),
+        (["model.mlp_ratio=0.01"], r"model.mlp_ratio=0.01 gives hidden layers of .* = 0 units"),
+        (
+            ["model.name=mixer", "model.channel_mlp_ratio=0.001"],
+            r"model.channel_mlp_ratio=0.001 gives hidden layers .* = 0 units",
+        ),
     ],
 )
 def test_bad_keys_and_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config("digits-vit-gblr", overrides)
+
+
+def test_whole_numbers_written_as_floats_are_counts():
+    """`optim.steps: 10.0` (or 1.0e+4, a YAML float) was refused as not an int."""
+    config = load_config("digits-vit-gblr", ["optim.steps=10.0", "optim.batch_size=1.0e+2"])
+    assert config.optim.steps == 10 and isinstance(config.optim.steps, int)
+    assert config.optim.batch_size == 100 and isinstance(config.optim.batch_size, int)
+    assert load_config("digits-vit-gblr", ["model.name=mixer", "model.heads=3"]).model.heads == 3
 
 
 @pytest.mark.parametrize("devices", ["auto", "2", "0,1", "-1", "[0, 1]", "-1"])

@@ -226,3 +226,9 @@ def test_cifar_download_goes_through_torchvision_only_when_files_are_missing(tmp
     assert calls == [(str(tmp_path), False, True)]
     load_cifar(tmp_path, train=False, download=True, verify=False)  # present now: no second fetch
     assert len(calls) == 1
+
+
+def test_a_vit_without_hidden_units_is_refused_by_name():
+    """`mlp_ratio=0` crashed inside torch ("cannot reshape tensor of 0 elements")."""
+    with pytest.raises(ValueError, match=r"mlp_ratio=0.01 must give a hidden size >= 1 at dim=16"):
+        VisionTransformer(dim=16, heads=2, mlp_ratio=0.01)

@@ -472,6 +472,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is int and is_number and isinstance(value, int):
         return value
+    if hint is int and is_number and math.isfinite(value) and float(value).is_integer():
+        return int(value)  # a count written as a float: 10.0, or 1.0e+4 in YAML
     if hint is float and is_number:
         if math.isnan(value):
             raise ValueError(f"{key} must be a number, got {value!r}")
@@ -526,6 +528,30 @@ def _positive(key: str, value: float | int | None, *, zero: bool = False) -> Non
         raise ValueError(f"{key} must be finite and {'>= 0' if zero else '> 0'}, got {value!r}")
 
 
+def _check_own_model(model: ModelConfig) -> None:
+    """The shapes the library's own ViT and Mixer need, named by their keys (they were
+    refused only when the model was built, as "dim=64 must be a multiple of heads=3", or
+    crashed inside torch for a hidden width of 0)."""
+    if model.name not in ("vit", "mixer"):
+        return
+    if model.image_size % model.patch_size:
+        raise ValueError(
+            f"model.image_size={model.image_size} must be a multiple of "
+            f"model.patch_size={model.patch_size}"
+        )
+    if model.name == "vit" and model.dim % model.heads:
+        raise ValueError(f"model.dim={model.dim} must be a multiple of model.heads={model.heads}")
+    ratios = ("mlp_ratio",) if model.name == "vit" else ("token_mlp_ratio", "channel_mlp_ratio")
+    for key in ratios:  # hidden widths ratio * dim, timm's convention for both models
+        ratio = getattr(model, key)
+        _positive(f"model.{key}", ratio)
+        if int(model.dim * ratio) < 1:
+            raise ValueError(
+                f"model.{key}={ratio!r} gives hidden layers of int({model.dim} * {ratio!r}) = "
+                f"{int(model.dim * ratio)} units at model.dim={model.dim}; they need at least 1"
+            )
+
+
 def _check_devices(devices: int | str | list[int]) -> None:
     """Lightning's forms: a count (-1: all), ``auto``, a list of indices, or "0,1"."""
     allowed = "a count >= 1, -1 (all), 'auto', a list of device indices or '0,1'"
@@ -558,6 +584,7 @@ def _validate(config: TrainConfig) -> None:
         )
     for key in ("image_size", "patch_size", "dim", "depth", "heads"):
         _positive(f"model.{key}", getattr(config.model, key))
+    _check_own_model(config.model)
     if not 0.0 <= config.model.drop_path < 1.0:
         raise ValueError(f"model.drop_path must be in [0, 1), got {config.model.drop_path!r}")
     _choice("structure.kind", config.structure.kind, ["dense", *structures()])

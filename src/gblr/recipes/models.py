@@ -123,6 +123,8 @@ class VisionTransformer(nn.Module):
         patches = _patch_count(image_size, patch_size)
         if dim % heads:
             raise ValueError(f"dim={dim} must be a multiple of heads={heads}")
+        if int(dim * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio={mlp_ratio} must give a hidden size >= 1 at dim={dim}")
         self.patch = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
         tokens = patches + 1
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
