@@ -408,6 +408,11 @@ def test_a_probing_recipe_refuses_what_it_cannot_do_naming_it(tmp_path):
     # nothing and misled)
     with pytest.raises(FileNotFoundError, match=r"none\.ckpt$"):
         train_from_config(config, progress=False, resume=tmp_path / "none.ckpt")
+    # nor where there is no run folder at all (`--resume --out` a typo)
+    config.out = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"no run folder at .*missing to resume"):
+        train_from_config(config, progress=False, resume="last")
+    assert not (tmp_path / "missing").exists()  # and none is made
     text = ["model.name=hf-causal-lm", "model.source=gpt2", "data.name=text", "data.root=x"]
     with pytest.raises(ValueError, match=r"structure\.start=probe is for image classifiers"):
         load_config("digits-vit-gblr", [*text, "structure.start=probe"])

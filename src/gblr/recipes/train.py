@@ -273,6 +273,12 @@ def train_from_config(
             "folder, --overwrite replaces it; give one"
         )
     out = Path(config.out).expanduser()
+    if resume == "last" and not out.is_dir():
+        # (a probing recipe explained how a run stopped during its probe has no checkpoint)
+        raise FileNotFoundError(
+            f"no run folder at {out} to resume: --resume continues the run in the run "
+            "folder (--out, or the config's out)"
+        )
     if not is_launching_process():  # a worker started by a launcher: the folder is rank 0's
         return _train(config, out, resume, progress, stop_after, replace=False)
     with RunLock(out):
