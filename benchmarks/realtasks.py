@@ -3,7 +3,7 @@ data, several seeds each.
 
     python benchmarks/realtasks.py                          # the whole suite (docs/RESULTS.md)
     python benchmarks/realtasks.py --tasks t1-vit --seeds 0 1 2
-    python benchmarks/realtasks.py --quick --out /tmp/rt    # seconds: checks it runs end to end
+    python benchmarks/realtasks.py --quick --out /tmp/rt    # minutes: checks it runs end to end
     python benchmarks/realtasks.py --tasks t3 --docs         # then refresh RESULTS.md / README
     python benchmarks/realtasks.py --tasks t1-vit --structures gblr \\
         --variant adaptive='{"learner": {"adaptive": 1.0}}'  # an experiment beside the default
@@ -32,13 +32,22 @@ library's defaults unless a ``--variant`` says otherwise. Runs go to a pool of w
 processes (``--workers``, one torch thread each); each finished run is written at once to
 ``OUT/<task>.json``, and runs already there are skipped, so an interrupted suite continues
 where it stopped (a variant name whose runs there have other options is refused: give it
-another name or another ``--out``). A run that fails is reported once the others are done
-and saved, and the suite then exits with status 1; SIGTERM stops it like Ctrl-C. At the
-end each task gets ``OUT/<task>.md`` (mean ± std over seeds, seconds per run) and a plot
-``FIGURES/realtasks_<task>.png`` (metric against the MACs ratio, one line per family,
-error bars: std over seeds). FIGURES is ``--figures``, by default docs/figures for the
-published suite (a full run into benchmarks/results/realtasks, the default OUT) and OUT
-itself for any other run.
+another name or another ``--out``). ``--rerun`` trains those runs again instead (after a
+code change: a run is skipped even when its record's ``code``, the commit it ran on, is not
+the current one) and replaces their records; each task file is first copied as it was to
+``OUT/replaced/<task>-<UTC time>.json``, so no record is lost. A run that fails is reported
+once the others are done and saved, and the suite then exits with status 1; SIGTERM stops
+it like Ctrl-C. At the end each task gets ``OUT/<task>.md`` (mean ± std over seeds, seconds
+per run) and a plot ``FIGURES/realtasks_<task>.png`` (metric against the MACs ratio, one
+line per family, error bars: std over seeds; under the table the machine the runs ran on,
+or each machine with its runs where they ran on several). FIGURES is ``--figures``, by
+default docs/figures for the published suite (a full run into benchmarks/results/realtasks,
+the default OUT) and OUT itself for any other run.
+
+``--quick`` (a few steps of every run, one seed) only checks that the suite runs end to
+end, and takes minutes, not seconds: on an AMD EPYC with 2 cores shared with other work
+(2026-12-07), ``--quick --tasks t1-mlp`` took 32 s and ``--quick --tasks t3`` 95 s (the
+worker pool's start, the plots and the tables included); every task, 15 minutes or more.
 
 ``--paired A B`` runs nothing: it compares two labels of ``OUT`` (and of the ``--with``
 folders) seed by seed, the mean difference with its standard error, which tells a gap
@@ -346,10 +355,38 @@ def _stop(pool: concurrent.futures.Executor) -> None:
             process.join()
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def keep_replaced(path: Path) -> Path:
+    """Copy ``path`` (a task's JSON) as it is to ``replaced/<task>-<UTC time>.json``
+    beside it, a name not taken yet, before `execute` replaces records in it; returns the
+    copy's path."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = path.parent / "replaced"
+    copy = folder / f"{path.stem}-{stamp}.json"
+    number = 1
+    while copy.exists():
+        number += 1
+        copy = folder / f"{path.stem}-{stamp}-{number}.json"
+    data = path.read_bytes()
+    save_atomically(lambda handle: handle.write(data), copy)
+    return copy
+
+
 def execute(
-    spec: TaskSpec, runs: list[Run], out: Path, quick: bool, workers: int
+    spec: TaskSpec,
+    runs: list[Run],
+    out: Path,
+    quick: bool,
+    workers: int,
+    rerun: bool = False,
 ) -> tuple[dict[str, Any], list[tuple[Run, Exception]]]:
-    """Run what ``out/<task>.json`` does not hold yet; write each result as it arrives.
+    """Run what ``out/<task>.json`` does not hold yet (with ``rerun``, every run of
+    ``runs``); write each result as it arrives, with the machine it ran on and when it
+    finished. A rerun's result takes its old record's place, the file as it was first
+    kept by `keep_replaced` (once per call; a run that fails keeps its old record).
 
     Returns the task's payload and the runs that failed, with their errors: a failed run
     is reported as it fails and the others still run and are written. An interrupt
@@ -358,12 +395,16 @@ def execute(
     path = out / f"{spec.name}.json"
     payload = _load(path)
     done = {(r["key"], r.get("quick", False)) for r in payload["runs"]}
-    todo = [run for run in runs if (run.key, quick) not in done]
-    payload.setdefault("machine", machine_description_once(workers))
-    print(f"[{spec.name}] {len(runs) - len(todo)} of {len(runs)} runs already in {path}")
+    todo = list(runs) if rerun else [run for run in runs if (run.key, quick) not in done]
+    machine = machine_description_once(workers)
+    payload.setdefault("machine", machine)
+    held = sum((run.key, quick) in done for run in runs)
+    again = ": --rerun runs them again" if rerun and held else ""
+    print(f"[{spec.name}] {held} of {len(runs)} runs already in {path}{again}")
     failures: list[tuple[Run, Exception]] = []
     if not todo:
         return payload, failures
+    kept: Path | None = None
     code = code_version()
     pool = _pool(workers)
     try:
@@ -380,11 +421,23 @@ def execute(
                 traceback.print_exception(error)
                 print(f"{where}: failed: {type(error).__name__}: {error}", file=sys.stderr)
                 continue
-            result = future.result()
-            payload["runs"].append(result)
-            payload["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"
+            result = {**future.result(), "machine": machine, "finished": _now()}
+            old = next(
+                (
+                    index
+                    for index, record in enumerate(payload["runs"])
+                    if (record["key"], record.get("quick", False)) == (run.key, quick)
+                ),
+                None,
             )
+            if old is None:
+                payload["runs"].append(result)
+            else:
+                if kept is None:
+                    kept = keep_replaced(path)
+                    print(f"[{spec.name}] the records --rerun replaces are kept in {kept}")
+                payload["runs"][old] = result
+            payload["updated"] = _now()
             write_json_atomically(path, payload)
             print(
                 f"{where}: {spec.metric} {result[spec.metric]:.4f}, "
@@ -479,8 +532,33 @@ def best_within_budget(spec: TaskSpec, rows: Iterable[dict[str, Any]]) -> dict[s
     return max(candidates, key=lambda r: sign * r[spec.metric], default=None)
 
 
-def markdown_table(spec: TaskSpec, rows: list[dict[str, Any]], machine: str) -> str:
-    """The task's table: one row per family and budget, best non-dense family in bold."""
+def table_machines(payload: dict[str, Any], quick: bool) -> list[str]:
+    """The machines the table's runs (those of ``payload`` quick or full as ``quick``)
+    ran on: each record's ``machine``, or the folder's ``machine`` for records from before
+    each carried its own. One machine: its description alone (a hand-written one
+    included). Several: each description with how many runs ran on it, their labels and
+    the days they finished (where the records say), in the order they first come."""
+    folder = payload.get("machine", "unknown")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in payload["runs"]:
+        if record.get("quick", False) == quick:
+            groups.setdefault(record.get("machine") or folder, []).append(record)
+    if len(groups) <= 1:
+        return [next(iter(groups), folder)]
+    machines = []
+    for machine, records in groups.items():
+        labels = ", ".join(dict.fromkeys(record["label"] for record in records))
+        text = f"{machine}: {len(records)} run{'s' if len(records) > 1 else ''} ({labels})"
+        days = sorted({record["finished"][:10] for record in records if "finished" in record})
+        if days:
+            text += f", finished {days[0]}" + (f" to {days[-1]}" if len(days) > 1 else "")
+        machines.append(text)
+    return machines
+
+
+def markdown_table(spec: TaskSpec, rows: list[dict[str, Any]], machine: str | Sequence[str]) -> str:
+    """The task's table: one row per family and budget, best non-dense family in bold;
+    under it ``machine``, or each of several machines (`table_machines`) as a list."""
     extra = [(name, title) for name, title in spec.extra_columns if any(name in r for r in rows)]
     header = ["budget", "structure", spec.metric_label, "MACs ratio", "seeds", "train s"]
     header += [title for _, title in extra]
@@ -513,7 +591,12 @@ def markdown_table(spec: TaskSpec, rows: list[dict[str, Any]], machine: str) -> 
         cells += [f"{row[name]:.3f}" if name in row else "" for name, _ in extra]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Machine: {machine}.")
+    machines = [machine] if isinstance(machine, str) else list(machine)
+    if len(machines) == 1:
+        lines.append(f"Machine: {machines[0]}.")
+    else:
+        lines.append("Machines:")
+        lines += [f"- {text}." for text in machines]
     return "\n".join(lines)
 
 
@@ -548,7 +631,7 @@ def plot(spec: TaskSpec, rows: list[dict[str, Any]], path: Path) -> None:
 
 def report(spec: TaskSpec, payload: dict[str, Any], out: Path, figures: Path, quick: bool) -> str:
     rows = summarize(spec, payload, quick)
-    table = markdown_table(spec, rows, payload.get("machine", "unknown"))
+    table = markdown_table(spec, rows, table_machines(payload, quick))
     title = f"# {spec.title}{' (quick: not a result)' if quick else ''}\n\n"
     markdown_path = out / f"{spec.name}.md"
     save_atomically(lambda handle: handle.write(title + table + "\n"), markdown_path, text=True)
@@ -935,7 +1018,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budgets", nargs="+", type=float, help="default: the task's")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 .. the task's count")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON")
-    parser.add_argument("--quick", action="store_true", help="a few steps of everything")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few steps of everything, one seed: checks the suite runs end to end (minutes, "
+        "not seconds: 32 s for t1-mlp, 95 s for t3 on 2 shared AMD EPYC cores)",
+    )
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train again the planned runs OUT already holds and replace their records "
+        "(without it they are skipped, even a record of other code: its 'code' names the "
+        "commit it ran on); each task file is first copied as it was to "
+        "OUT/replaced/<task>-<UTC time>.json, and a run that fails keeps its old record",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--out",
@@ -988,6 +1084,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.docs and args.quick:
         parser.error("--docs takes the tables of a full run, not of --quick")
+    if args.rerun and (args.paired or args.standings):
+        parser.error(
+            f"--rerun trains runs; --{'paired' if args.paired else 'standings'} runs nothing"
+        )
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     for budget in args.budgets or ():
@@ -1059,7 +1159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         held.callback(lock.release)
         for spec, runs in plans:
             start = time.perf_counter()
-            payload, failed = execute(spec, runs, args.out, args.quick, args.workers)
+            payload, failed = execute(spec, runs, args.out, args.quick, args.workers, args.rerun)
             failures += failed
             print(f"[{spec.name}] {time.perf_counter() - start:.0f} s")
             print(report(spec, payload, args.out, figures, args.quick))

@@ -573,3 +573,102 @@ def test_a_second_suite_into_a_busy_folder_is_refused(tmp_path, monkeypatch, cap
     with RunLock(tmp_path):  # a suite of this process writing there
         error = _refusal(realtasks, capsys, "--quick", "--out", str(tmp_path), "--tasks", "t2")
     assert "is writing into" in error
+
+
+def _suite_with_fake_runs(realtasks, monkeypatch, machine: str, seconds: float = 1.0):
+    """``realtasks`` running instant fake runs of ``seconds`` each in threads, on a
+    machine described as ``machine``."""
+    import concurrent.futures
+
+    from_fake = _fake_run("none")
+
+    def run(spec, run, quick, code):
+        return {**from_fake(spec, run, quick, code), "seconds": seconds}
+
+    monkeypatch.setattr(realtasks, "_pool", concurrent.futures.ThreadPoolExecutor)
+    monkeypatch.setattr(realtasks, "_run_in_worker", run)
+    monkeypatch.setattr(realtasks, "code_version", lambda: "test")
+    monkeypatch.setattr(realtasks, "machine_description_once", lambda workers: machine)
+
+
+def test_the_machine_line_names_each_machine_the_runs_ran_on(tmp_path, monkeypatch):
+    """The line under a task's table kept the description of the folder's first run,
+    though later runs in it ran on another machine (QA)."""
+    realtasks = _realtasks_module()
+    today = "2026-12-07"
+    monkeypatch.setattr(realtasks, "_now", lambda: f"{today}T10:00:00+00:00", raising=False)
+    arguments = ["--quick", "--out", str(tmp_path), "--tasks", "t1-vit", "--workers", "1"]
+    arguments += ["--structures", "lowrank", "blockdiag", "--budgets", "0.2"]
+    _suite_with_fake_runs(realtasks, monkeypatch, "CPU A, 2 cores")
+    assert realtasks.main(arguments) == 0
+    table = (tmp_path / "t1-vit.md").read_text()
+    assert table.endswith("\n\nMachine: CPU A, 2 cores.\n")  # one machine: as it always was
+    _suite_with_fake_runs(realtasks, monkeypatch, "CPU B, 8 cores")
+    assert realtasks.main([*arguments, "--seeds", "1"]) == 0
+    assert (
+        (tmp_path / "t1-vit.md")
+        .read_text()
+        .endswith(
+            "\n\nMachines:\n"
+            f"- CPU A, 2 cores: 2 runs (lowrank, blockdiag), finished {today}.\n"
+            f"- CPU B, 8 cores: 2 runs (lowrank, blockdiag), finished {today}.\n"
+        )
+    )
+    # Records from before each carried its machine have the folder's (hand-written) line.
+    old = json.loads((tmp_path / "t1-vit.json").read_text())
+    old["machine"] = "CPU A, 2 cores (seed 0 on a quiet machine)"
+    for record in old["runs"]:
+        del record["machine"], record["finished"]
+    (tmp_path / "t1-vit.json").write_text(json.dumps(old))
+    assert realtasks.main([*arguments, "--seeds", "0", "1"]) == 0  # nothing to run
+    table = (tmp_path / "t1-vit.md").read_text()
+    assert table.endswith("\n\nMachine: CPU A, 2 cores (seed 0 on a quiet machine).\n")
+    assert realtasks.main([*arguments, "--seeds", "2", "--structures", "lowrank"]) == 0
+    assert (
+        (tmp_path / "t1-vit.md")
+        .read_text()
+        .endswith(
+            "\n\nMachines:\n"
+            "- CPU A, 2 cores (seed 0 on a quiet machine): 4 runs (lowrank, blockdiag).\n"
+            f"- CPU B, 8 cores: 1 run (lowrank), finished {today}.\n"
+        )
+    )
+
+
+def test_rerun_trains_finished_runs_again_and_keeps_their_old_records(
+    tmp_path, monkeypatch, capsys
+):
+    """Finished runs were always skipped: after a code change nothing reran them (QA)."""
+    realtasks = _realtasks_module()
+    arguments = ["--quick", "--out", str(tmp_path), "--tasks", "t1-vit", "--workers", "1"]
+    arguments += ["--structures", "lowrank", "--budgets", "0.2"]
+    path = tmp_path / "t1-vit.json"
+    _suite_with_fake_runs(realtasks, monkeypatch, "CPU A", seconds=1.0)
+    assert realtasks.main(arguments) == 0
+    first = path.read_text()
+    # Without --rerun a finished run is skipped, even one of other code.
+    _suite_with_fake_runs(realtasks, monkeypatch, "CPU A", seconds=2.0)
+    assert realtasks.main(arguments) == 0
+    assert "1 of 1 runs already in" in capsys.readouterr().out
+    assert path.read_text() == first and not (tmp_path / "replaced").exists()
+    assert realtasks.main([*arguments, "--rerun", "--seeds", "0", "1"]) == 0
+    assert "1 of 2 runs already in" in capsys.readouterr().out
+    runs = json.loads(path.read_text())["runs"]
+    assert [(run["key"], run["seconds"]) for run in runs] == [
+        ("lowrank|0.2|0", 2.0),  # replaced where it was
+        ("lowrank|0.2|1", 2.0),
+    ]
+    (kept,) = (tmp_path / "replaced").iterdir()
+    assert kept.name.startswith("t1-vit-") and kept.suffix == ".json"
+    assert kept.read_text() == first  # the file as it was, the old record in it
+    # A rerun that fails keeps the record it would have replaced.
+    monkeypatch.setattr(realtasks, "_run_in_worker", _fake_run("lowrank"))
+    assert realtasks.main([*arguments, "--rerun"]) == 1
+    assert json.loads(path.read_text())["runs"] == runs
+    assert len(list((tmp_path / "replaced").iterdir())) == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        realtasks.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--rerun train again the planned runs OUT already holds" in help_text
+    assert "even a record of other code" in help_text and "OUT/replaced/<task>-" in help_text
