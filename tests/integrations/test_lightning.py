@@ -74,6 +74,10 @@ def test_learner_state_travels_in_checkpoints(tmp_path):
     trainer(tmp_path, resumed, 6).fit(TinyModule(), loader(), ckpt_path=path)
     assert resumed.learner.step_count == 6
     assert resumed.learner.start_cost == callback.learner.start_cost
+    # another budget ramp is refused (it resumed on the new ramp in silence)
+    other_ramp = GBLRCallback(budget=0.4, warmup_steps=2)
+    with pytest.raises(ValueError, match=r"saved with warmup_steps=4, this learner has .*=2"):
+        trainer(tmp_path, other_ramp, 6).fit(TinyModule(), loader(), ckpt_path=path)
 
 
 def test_bad_arguments():

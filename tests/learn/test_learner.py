@@ -928,6 +928,25 @@ def test_a_state_saved_for_another_budget_or_mode_is_refused():
         penalty.load_state_dict(saved)
 
 
+def test_a_state_saved_with_another_budget_ramp_is_refused():
+    """A Lightning run resumed with another `warmup_steps` loaded in silence and went on
+    from the saved step on the new ramp. A longer run (`total_steps`) still resumes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(gblr.GBLRLinear(32, 32), nn.ReLU(), gblr.GBLRLinear(32, 8))
+    saved = gblr.StructureLearner(model, budget=0.3, total_steps=100, warmup_steps=40)
+    saved.step()
+    state = saved.state_dict()
+    longer = gblr.StructureLearner(model, budget=0.3, total_steps=200, warmup_steps=40)
+    longer.load_state_dict(state)
+    assert longer.step_count == 1
+    with pytest.raises(ValueError, match=r"saved with warmup_steps=40, .* has warmup_steps=20"):
+        gblr.StructureLearner(model, budget=0.3, total_steps=100, warmup_steps=20).load_state_dict(
+            state
+        )
+    older = {key: value for key, value in state.items() if key != "warmup_steps"}
+    gblr.StructureLearner(model, budget=0.3, total_steps=100).load_state_dict(older)  # not known
+
+
 @pytest.mark.parametrize("rate, error", [(float("inf"), ValueError), (True, TypeError)])
 def test_the_penalty_mode_refuses_a_structure_lr_that_param_groups_refuses(rate, error):
     # inf made the threshold infinite: the first step cut every component of every layer

@@ -195,7 +195,7 @@ def test_learner_merges_only_after_the_warm_up_and_reports_it():
     for _ in range(10):
         learner.step()
     assert learner.summary()["merges"] == 1 and layer.live_components() == 2
-    resumed = gblr.StructureLearner(layer, config, budget=1.0, total_steps=40)
+    resumed = gblr.StructureLearner(layer, config, budget=1.0, total_steps=40, warmup_steps=20)
     resumed.load_state_dict(learner.state_dict())
     assert resumed.passes["merge"].merges == 1
 

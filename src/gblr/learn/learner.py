@@ -1074,8 +1074,9 @@ class StructureLearner:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: step count, starting cost, last threshold, the
-        config (``config.to_dict()``), the layers' rows per unit of cost (``row_weights``,
-        from ``example_input``), each pass's state under ``"passes"`` and, with
+        target, ``total_steps`` and ``warmup_steps``, the config (``config.to_dict()``),
+        the layers' rows per unit of cost (``row_weights``, from ``example_input``), each
+        pass's state under ``"passes"`` and, with
         ``config.hold_narrow_sides``, the held sides with their widths and locations
         (``"held"``, CPU tensors; ``None`` otherwise)."""
         return {
@@ -1085,6 +1086,8 @@ class StructureLearner:
             "threshold": self.threshold,
             "final_target": self.final_target,
             "lam": self.lam,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
             "config": self.config.to_dict(),
             "passes": {name: each.state_dict() for name, each in self.passes.items()},
             "held": None
@@ -1114,6 +1117,18 @@ class StructureLearner:
                 f"the learner state was saved for a {mode(saved_target, saved_lam)}, this "
                 f"learner has a {mode(self.final_target, self.lam)}: build it with the saved "
                 "run's budget (or lam) to resume that run"
+            )
+
+    def _check_same_ramp(self, state: dict[str, Any]) -> None:
+        """Refuse a state saved with another ``warmup_steps``: the budget's ramp would go
+        on from the saved step towards another end, a run that is neither the saved one
+        nor a fresh one. (``total_steps`` may grow: a run resumed to train longer goes on
+        with σ's schedule and the final phase stretched to its new end.)"""
+        if "warmup_steps" in state and state["warmup_steps"] != self.warmup_steps:
+            raise ValueError(
+                f"the learner state was saved with warmup_steps={state['warmup_steps']}, "
+                f"this learner has warmup_steps={self.warmup_steps}: build it with the saved "
+                "run's warmup_steps to resume that run"
             )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1148,6 +1163,7 @@ class StructureLearner:
             )
         # after the rows' check: other rows per layer give other MACs, the target too
         self._check_same_target(state)
+        self._check_same_ramp(state)
         self.step_count = int(state["step_count"])
         self.start_cost = int(state["start_cost"])
         self.threshold = float(state["threshold"])
