@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -172,8 +173,12 @@ def test_resumed_config_run_keeps_its_earlier_metrics(tmp_path):
         ],
     )
     train_from_config(config, progress=False, stop_after=6)
-    result = train_from_config(config, progress=False, resume="last")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_from_config(config, progress=False, resume="last")
     assert result["steps"] == 12
+    # Lightning's warning about the checkpoint folder it resumes from said nothing
+    assert not [w for w in caught if "Checkpoint directory" in str(w.message)]
     lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     steps = [int(float(row.split(",")[lines[0].split(",").index("step")])) for row in lines[1:]]
     # rows from before the interruption (Lightning's logger alone would have deleted them)

@@ -785,6 +785,8 @@ def _run(
         # older run's metrics itself: the CSV logger's warning about a folder that is not
         # empty says nothing here.
         warnings.filterwarnings("ignore", message=r"Experiment logs directory .* not empty")
+        if c.resume is not None:  # the folder holds the checkpoint being resumed
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
         trainer.fit(
             module,
             loader,
