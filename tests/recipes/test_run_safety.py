@@ -456,3 +456,16 @@ def test_a_sweep_of_more_runs_keeps_the_earlier_rows_and_checks_every_run_first(
     assert main(changed) == 1
     assert "holds a finished run of another config" in capsys.readouterr().err
     assert not (out / "gblr-0.5").exists()
+
+
+def test_a_run_lock_leaves_no_empty_folder_it_made(tmp_path):
+    """A refused `gblr train` (default out `runs/<name>`) left an empty `runs/` behind in
+    the working folder: the lock made it and removed only the run folder."""
+    folder = tmp_path / "runs" / "deep" / "run"
+    with RunLock(folder):
+        assert folder.is_dir()
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs").mkdir()
+    with RunLock(folder):
+        (folder.parent / "mine.txt").write_text("a user's file")  # stops the clean-up there
+    assert not folder.exists() and (folder.parent / "mine.txt").is_file()

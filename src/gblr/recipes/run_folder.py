@@ -206,8 +206,9 @@ def is_launching_process() -> bool:
 class RunLock:
     """A lock file in a run folder that keeps a second run from writing into it at the
     same time; a lock left by a run that died (same machine, its process gone) is taken
-    over. Use as a context manager; the folder is created when missing and removed again
-    on release if the lock was all it held.
+    over. Use as a context manager; the folder (and any missing folder above it, such as
+    ``runs/``) is created when missing and removed again on release if the lock was all
+    it held.
 
     Raises:
         RunFolderError: another live run holds the folder (named, with its process id).
@@ -216,31 +217,33 @@ class RunLock:
         >>> import tempfile
         >>> from pathlib import Path
         >>> from gblr.recipes.run_folder import RunFolderError, RunLock
-        >>> folder = Path(tempfile.mkdtemp()) / "run"
+        >>> folder = Path(tempfile.mkdtemp()) / "runs" / "run"
         >>> with RunLock(folder):
         ...     try:
         ...         RunLock(folder).acquire()
         ...     except RunFolderError as error:
         ...         print(str(error)[:30])
         another gblr run (process ...
-        >>> folder.exists()  # it held nothing but the lock
-        False
+        >>> folder.exists(), folder.parent.exists()  # they held nothing but the lock
+        (False, False)
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder).expanduser()
         self.path = self.folder / LOCK_NAME
         self._held = False
-        self._created_folder = False
+        self._created: list[Path] = []  # the folders acquire made, innermost first
 
     def acquire(self) -> RunLock:
         if self.folder.exists() and not self.folder.is_dir():
             raise RunFolderError(
                 f"the run folder {self.folder} is a file: give a folder (out= / --out)"
             )
-        if not self.folder.exists():
-            self.folder.mkdir(parents=True)
-            self._created_folder = True
+        missing = self.folder
+        while not missing.exists():
+            self._created.append(missing)
+            missing = missing.parent
+        self.folder.mkdir(parents=True, exist_ok=True)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(2):
             try:
@@ -286,8 +289,11 @@ class RunLock:
             return
         self.path.unlink(missing_ok=True)
         self._held = False
-        if self._created_folder and self.folder.is_dir() and not any(self.folder.iterdir()):
-            self.folder.rmdir()
+        for folder in self._created:  # while empty: a run that wrote nothing leaves nothing
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+        self._created = []
 
     def __enter__(self) -> RunLock:
         return self.acquire()
