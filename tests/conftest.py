@@ -11,6 +11,12 @@ if not torch.cuda.is_available():
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# Under pytest-xdist each worker process takes one core's share of torch's threads, so
+# that the workers do not oversubscribe the machine's cores.
+if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, torch.get_num_threads() // _workers))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
