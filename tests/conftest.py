@@ -12,10 +12,13 @@ if not torch.cuda.is_available():
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Under pytest-xdist each worker process takes one core's share of torch's threads, so
-# that the workers do not oversubscribe the machine's cores.
+# that the workers do not oversubscribe the machine's cores; the processes a test starts
+# get the same count (a fresh process's outputs are compared bit for bit with this one's,
+# and another thread count sums in another order).
 if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, torch.get_num_threads() // _workers))
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 @pytest.fixture(autouse=True)
