@@ -1076,9 +1076,9 @@ class StructureLearner:
         """Everything needed to resume: step count, starting cost, last threshold, the
         target, ``total_steps`` and ``warmup_steps``, the config (``config.to_dict()``),
         the layers' rows per unit of cost (``row_weights``, from ``example_input``), each
-        pass's state under ``"passes"`` and, with
-        ``config.hold_narrow_sides``, the held sides with their widths and locations
-        (``"held"``, CPU tensors; ``None`` otherwise)."""
+        pass's state under ``"passes"`` and, with ``config.hold_narrow_sides``, the held
+        sides with their widths and locations (``"held"``, CPU tensors; ``None``
+        otherwise)."""
         return {
             "step_count": self.step_count,
             "row_weights": list(self.row_weights),
