@@ -79,7 +79,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_layer import machine_description, write_json_atomically
-from gblr.files import save_atomically
+from gblr.files import copy_atomically, save_atomically
 from gblr.recipes.run_folder import RunFolderError, RunLock
 from realtask_options import ENGINE_OPTIONS, LEARNER_OPTIONS, scratch_options
 
@@ -370,8 +370,7 @@ def keep_replaced(path: Path) -> Path:
     while copy.exists():
         number += 1
         copy = folder / f"{path.stem}-{stamp}-{number}.json"
-    data = path.read_bytes()
-    save_atomically(lambda handle: handle.write(data), copy)
+    copy_atomically(path, copy)
     return copy
 
 
