@@ -451,3 +451,42 @@ def test_a_frozen_description_far_larger_than_its_matrix_is_refused():
     structure["layers"][0]["rank_per_component"] = 2**30
     with pytest.raises(ValueError, match="far larger than"):
         gblr.apply_structure(tiny_bert(), structure)
+
+
+def _task_bert():
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("part", ["bert", "bert.encoder"])
+@pytest.mark.filterwarnings("ignore:gblr.convert. the weights")
+def test_a_model_around_a_converted_part_saves_a_gblr_folder(part, tmp_path):
+    """Converting model.bert (or its encoder, not a transformers model itself) protected
+    only that part's save_pretrained: the task model's own, which Trainer calls, wrote a
+    plain folder that BertForSequenceClassification.from_pretrained loaded with the
+    converted layers drawn at random."""
+    model = _task_bert()
+    gblr.convert(model.get_submodule(part), gblr.GBLRConfig(budget=0.5), progress=False)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError):
+        transformers.BertForSequenceClassification.from_pretrained(tmp_path)
+    loaded = gblr.from_pretrained(tmp_path)
+    assert type(loaded) is transformers.BertForSequenceClassification
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.filterwarnings("ignore:gblr.convert. the weights")
+def test_a_merged_model_and_a_dense_one_save_as_transformers_does(tmp_path):
+    model = _task_bert()
+    gblr.convert(model.bert, gblr.GBLRConfig(budget=0.5), progress=False)
+    gblr.merge_and_unload(model)
+    model.save_pretrained(tmp_path / "merged")
+    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert torch.allclose(loaded.eval()(IDS).logits, model(IDS).logits, atol=1e-6)
+    _task_bert().save_pretrained(tmp_path / "dense")  # after the guard: a plain folder
+    with pytest.raises(ValueError, match="not a folder written by gblr"):
+        gblr.from_pretrained(tmp_path / "dense")

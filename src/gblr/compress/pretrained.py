@@ -768,9 +768,13 @@ def _hf_save_pretrained(
 def protect_save_pretrained(model: nn.Module) -> nn.Module:
     """Make ``save_pretrained`` of every transformers model in ``model`` that holds gblr
     layers write the folder of [`save_pretrained`][gblr.compress.pretrained.save_pretrained] (an
-    instance attribute; the class is untouched). [`gblr.convert`][] and
-    [`from_pretrained`][gblr.compress.pretrained.from_pretrained] call it, and
-    [`gblr.merge_and_unload`][] undoes it. Without transformers loaded, nothing to do.
+    instance attribute), and guard transformers' ``PreTrainedModel.save_pretrained``
+    itself (once) so that a model ``model`` sits in (the task model around a converted
+    ``model.bert``, the ``BertModel`` of a converted ``model.encoder``) does the same
+    while it holds gblr layers; a model without them saves as transformers does.
+    [`gblr.convert`][] and [`from_pretrained`][gblr.compress.pretrained.from_pretrained]
+    call it, and [`gblr.merge_and_unload`][] undoes the instance attribute. Without
+    transformers loaded, nothing to do.
 
     Returns:
         ``model``.
@@ -778,10 +782,33 @@ def protect_save_pretrained(model: nn.Module) -> nn.Module:
     pretrained = _transformers_model_class()
     if pretrained is None:
         return model
+    _guard_pretrained_save(pretrained)
     for module in model.modules():
         if isinstance(module, pretrained) and any(is_structured(m) for m in module.modules()):
             module.save_pretrained = functools.partial(_hf_save_pretrained, module)
     return model
+
+
+def _guard_pretrained_save(pretrained: type) -> None:
+    """Wrap ``pretrained.save_pretrained`` (transformers' ``PreTrainedModel``) once: a
+    model holding gblr layers writes the gblr folder, any other saves unchanged.
+
+    A model that only holds a converted part never had its own ``save_pretrained``
+    protected, and wrote a plain folder that transformers' loaders read as the dense
+    model with the converted layers drawn at random (a warning in the log at most).
+    """
+    original = pretrained.__dict__.get("save_pretrained")
+    if original is None or getattr(original, "_gblr_guard", False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self: nn.Module, save_directory: Any, *args: Any, **kwargs: Any):
+        if any(is_structured(module) for module in self.modules()):
+            return _hf_save_pretrained(self, save_directory, *args, **kwargs)
+        return original(self, save_directory, *args, **kwargs)
+
+    save_pretrained._gblr_guard = True  # type: ignore[attr-defined]
+    pretrained.save_pretrained = save_pretrained
 
 
 # --------------------------------------------------------------------------- load
