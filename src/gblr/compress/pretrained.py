@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import math
 import os
@@ -797,7 +798,7 @@ def _guard_pretrained_save(pretrained: type) -> None:
     protected, and wrote a plain folder that transformers' loaders read as the dense
     model with the converted layers drawn at random (a warning in the log at most).
     """
-    original = pretrained.__dict__.get("save_pretrained")
+    original = inspect.getattr_static(pretrained, "save_pretrained", None)
     if original is None or getattr(original, "_gblr_guard", False):
         return
 
