@@ -310,16 +310,21 @@ def test_a_restored_structures_own_save_pretrained_writes_a_gblr_folder(tmp_path
     assert torch.equal(gblr.from_pretrained(tmp_path)(IDS)[0], model(IDS)[0])
 
 
-def test_trainer_checkpoints_are_gblr_folders_and_resume(tmp_path):
-    pytest.importorskip("accelerate")
+def _task_bert():
+    """A 1-layer BertForSequenceClassification (2 labels, hidden 32) seeded 0, eval mode."""
     config = transformers.BertConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
         vocab_size=100, num_labels=2,
     )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_trainer_checkpoints_are_gblr_folders_and_resume(tmp_path):
+    pytest.importorskip("accelerate")
 
     def build():
-        torch.manual_seed(0)
-        model = transformers.BertForSequenceClassification(config)
+        model = _task_bert()
         gblr.convert(model, gblr.GBLRConfig(budget=0.5))
         return model
 
@@ -451,15 +456,6 @@ def test_a_frozen_description_far_larger_than_its_matrix_is_refused():
     structure["layers"][0]["rank_per_component"] = 2**30
     with pytest.raises(ValueError, match="far larger than"):
         gblr.apply_structure(tiny_bert(), structure)
-
-
-def _task_bert():
-    config = transformers.BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        vocab_size=100, num_labels=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 @pytest.mark.parametrize("part", ["bert", "bert.encoder"])

@@ -784,6 +784,8 @@ def protect_save_pretrained(model: nn.Module) -> nn.Module:
     if pretrained is None:
         return model
     _guard_pretrained_save(pretrained)
+    # the instance attribute too: a model class with a save_pretrained of its own (a few
+    # transformers models override it) would not reach the guarded one
     for module in model.modules():
         if isinstance(module, pretrained) and any(is_structured(m) for m in module.modules()):
             module.save_pretrained = functools.partial(_hf_save_pretrained, module)
