@@ -817,11 +817,14 @@ def test_many_rows_take_the_masked_factors_products_bit_for_bit(monkeypatch):
     del learner
 
 
-def test_large_layers_take_the_window_form_at_any_number_of_rows(monkeypatch):
+@pytest.mark.parametrize("rows", [256, 1024])
+def test_large_layers_take_the_window_form_at_any_number_of_rows(rows, monkeypatch):
     """From `WINDOWED_LAYER_ENTRIES` weight entries on, held strips with short windows are
     computed over their windows even with many rows (the masked factors' output and factor
-    gradients, to rounding); a smaller layer at as many rows keeps the masked factors."""
+    gradients, to rounding), by the batched product below `RUNS_MIN_ROWS` rows and by
+    in-place runs from it; a smaller layer at as many rows keeps the masked factors."""
     from gblr.layers.linear import WINDOWED_LAYER_ENTRIES
+    from gblr.ops.strip_windows import RUNS_MIN_ROWS
 
     def layers(fan_in, fan_out, order):
         torch.manual_seed(0)
@@ -836,7 +839,8 @@ def test_large_layers_take_the_window_form_at_any_number_of_rows(monkeypatch):
     assert WINDOWED_LAYER_ENTRIES == 512 * 512
     model, learner = layers(512, 512, "auto")
     reference, _reference_learner = layers(512, 512, "factored")
-    x = torch.randn(1024, 512)  # 1024 rows * 512 rank terms > 512 * 512 entries
+    assert (rows >= RUNS_MIN_ROWS) == (rows == 1024)  # one row count for each product
+    x = torch.randn(rows, 512)
     out, grads = _loss_and_gradients(model, x)
     assert calls == [True]
     expected, expected_grads = _loss_and_gradients(reference, x)
@@ -844,7 +848,7 @@ def test_large_layers_take_the_window_form_at_any_number_of_rows(monkeypatch):
     _assert_factor_gradients_close(grads, expected_grads, rtol=1e-4, atol=1e-3)
     calls.clear()
     small, small_learner = layers(256, 512, "auto")  # half the entries: not taken
-    small(torch.randn(1024, 256))
+    small(torch.randn(1024, 256))  # 1024 rows * 256 rank terms >= 256 * 512 entries
     assert calls == []
     del learner, small_learner
 

@@ -8,8 +8,18 @@ import pytest
 import torch
 
 import gblr
+import gblr.ops.strip_windows
 from gblr.ops.gaudi import _grid_kernels
 from gblr.ops.strip_windows import EDGE_MARGIN, strip_window_product
+
+
+@pytest.fixture(params=["batched", "runs"])
+def form(request, monkeypatch):
+    """Each test once with the windows' batched product and once with the in-place runs
+    (`_WindowRunsProduct`), whichever the input's rows would pick."""
+    threshold = 10**9 if request.param == "batched" else 1
+    monkeypatch.setattr(gblr.ops.strip_windows, "RUNS_MIN_ROWS", threshold)
+    return request.param
 
 
 def _strips(side, rank, shape, count, groups, longest, seed):
@@ -70,7 +80,7 @@ CASES = [  # side, rank, (out, in), components, groups, longest
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_window_form_gives_the_dense_product_and_the_cut_width_gradient(case, seed):
+def test_window_form_gives_the_dense_product_and_the_cut_width_gradient(case, seed, form):
     side, rank, shape, count, groups, longest = case
     u, v, widths, locations, x = _strips(side, rank, shape, count, groups, longest, seed)
     leaves = [t.clone().requires_grad_(True) for t in (u, v, widths, locations, x)]
@@ -100,7 +110,7 @@ def test_window_form_gives_the_dense_product_and_the_cut_width_gradient(case, se
 
 
 @pytest.mark.parametrize("side", [0, 1])
-def test_window_form_gradcheck_in_the_factors_and_the_input(side):
+def test_window_form_gradcheck_in_the_factors_and_the_input(side, form):
     """The form is linear in the factors and the input: their gradients are exact."""
     shape = (24, 8) if side == 0 else (8, 24)
     u, v, widths, locations, x = _strips(side, 2, shape, 8, 3, 4, seed=3)
@@ -141,7 +151,7 @@ def test_window_form_applies_only_to_held_one_line_sides_and_short_windows():
 
 
 @pytest.mark.parametrize("side", [0, 1])
-def test_components_read_from_all_factors_give_the_subset_product(side):
+def test_components_read_from_all_factors_give_the_subset_product(side, form):
     """``components``: the widths and locations of some components, the factors of all;
     the product, and the gradients of every factor entry, are those of the subset's
     factors (entries of the components left out get zero gradients)."""
@@ -167,3 +177,20 @@ def test_components_read_from_all_factors_give_the_subset_product(side):
     for whole, part in zip(full, subset, strict=True):
         torch.testing.assert_close(whole.grad[components], part.grad, rtol=0, atol=1e-12)
         assert (whole.grad[left_out] == 0).all()
+
+
+@pytest.mark.parametrize("side", [0, 1])
+def test_runs_match_the_batched_product_where_an_input_needs_no_gradient(side, monkeypatch):
+    """A layer's first input needs no gradient: the runs then give the factors' gradients
+    alone, the batched product's."""
+    u, v, widths, locations, x = _strips(side, 2, (40, 12) if side else (12, 40), 12, 3, 6, 7)
+    skip = (side == 0, side == 1, True)
+    results = []
+    for threshold in (10**9, 1):
+        monkeypatch.setattr(gblr.ops.strip_windows, "RUNS_MIN_ROWS", threshold)
+        factors = [t.clone().requires_grad_(True) for t in (u, v)]
+        out = strip_window_product(x, *factors, widths, locations, skip, max_window=1.0)
+        out.square().sum().backward()
+        results.append((out, *(t.grad for t in factors)))
+    for batched, runs in zip(*results, strict=True):
+        torch.testing.assert_close(runs, batched, rtol=0, atol=1e-10)

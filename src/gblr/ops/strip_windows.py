@@ -27,12 +27,25 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .gaudi import _grid_kernels, _lengths, _mask_dtype, _starts, apply_function, held_strip_side
+from .gaudi import (
+    _grid_kernels,
+    _lengths,
+    _mask_dtype,
+    _starts,
+    apply_function,
+    autocast_dtype,
+    held_strip_side,
+    transforms_active,
+)
 
-__all__ = ["EDGE_MARGIN", "strip_window_product"]
+__all__ = ["EDGE_MARGIN", "RUNS_MIN_ROWS", "strip_window_product"]
 
 # Lines kept on each side of an interval's end for the width's gradient.
 EDGE_MARGIN = 8
+
+#: From this many input rows on, the windows' products run in place, one matrix product
+#: per run of a window (`_WindowRunsProduct`); below it, one batched product.
+RUNS_MIN_ROWS = 512
 
 
 @functools.lru_cache(maxsize=64)
@@ -100,6 +113,56 @@ class _WindowMaskForTransforms(_WindowMask):
         ctx.plan, ctx.skip_width, ctx.shape = plan, skip_width, widths.shape
 
 
+class _WindowRunsProduct(torch.autograd.Function):
+    """The windows' products, one matrix product per unwrapped run of a window, each read
+    from and written to column slices in place: no batched copy of the windows and no
+    index-add over the rows, which at thousands of rows cost more than the products
+    themselves (docs/BENCHMARKS.md, "Window runs in place").
+
+    ``spread`` (the long side is the output): ``out[:, lines] += inputs[:, group] @
+    blocks[g][:, run]``, ``out`` ``(rows, n)``; else (the long side is the input)
+    ``out[:, group] += inputs[:, lines] @ blocks[g][:, run].T``, ``out`` ``(rows, G * B)``.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, blocks, segments, spread, out_width):  # type: ignore[override]
+        ctx.save_for_backward(inputs, blocks)
+        ctx.segments, ctx.spread = segments, spread
+        size = blocks.shape[1]
+        out = inputs.new_zeros(inputs.shape[0], out_width)
+        for group, first, past, line in segments:
+            run, lines = blocks[group, :, first:past], slice(line, line + past - first)
+            terms = slice(group * size, (group + 1) * size)
+            if spread:
+                out[:, lines].addmm_(inputs[:, terms], run)
+            else:
+                out[:, terms].addmm_(inputs[:, lines], run.t())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        inputs, blocks = ctx.saved_tensors
+        needs_inputs, needs_blocks = ctx.needs_input_grad[:2]
+        # An expanded gradient (a sum's) would be copied by every run's product.
+        grad = grad.contiguous()
+        size = blocks.shape[1]
+        grad_inputs = torch.zeros_like(inputs) if needs_inputs else None
+        grad_blocks = torch.zeros_like(blocks) if needs_blocks else None
+        for group, first, past, line in ctx.segments:
+            run, lines = blocks[group, :, first:past], slice(line, line + past - first)
+            terms = slice(group * size, (group + 1) * size)
+            into, outof = (terms, lines) if ctx.spread else (lines, terms)
+            if grad_inputs is not None:
+                mapped = run.t() if ctx.spread else run
+                grad_inputs[:, into].addmm_(grad[:, outof], mapped)
+            if grad_blocks is not None:
+                if ctx.spread:
+                    grad_blocks[group, :, first:past].addmm_(inputs[:, into].t(), grad[:, outof])
+                else:
+                    grad_blocks[group, :, first:past].addmm_(grad[:, outof].t(), inputs[:, into])
+        return grad_inputs, grad_blocks, None, None, None
+
+
 class _Plan(NamedTuple):
     """The index tensors of one grouping (see `_plan`)."""
 
@@ -115,6 +178,8 @@ class _Plan(NamedTuple):
     around_end: Tensor  # (2 * margin,) the columns of lines -margin.. past an end, less
     # the interval's length (modulo the window)
     shape: tuple[int, int, int]  # (G, B, W)
+    segments: tuple[tuple[int, int, int, int], ...]  # (group, first and past-last window
+    # column, first long-side line) of each unwrapped run of a window
 
 
 @functools.lru_cache(maxsize=256)
@@ -140,6 +205,13 @@ def _plan(
     # The padding reads term 0, which the mask (length 0) then turns into zeros.
     reads = torch.where(slots == count, 0, slots)
     flat = reads.unsqueeze(-1) * n + positions.unsqueeze(1)  # (G, B, W)
+    segments = []
+    for group, first in enumerate(positions[:, 0].tolist()):
+        # A window that runs past the long side's last line goes on at its first.
+        run = min(window, n - first)
+        segments.append((group, 0, run, first))
+        if run < window:
+            segments.append((group, run, window, 0))
     return _Plan(
         long_side=long_side,
         rank=rank,
@@ -152,6 +224,7 @@ def _plan(
         offsets=offsets,
         around_end=torch.arange(2 * margin) - margin + shift,
         shape=(*slots.shape, window),
+        segments=tuple(segments),
     )
 
 
@@ -246,6 +319,27 @@ def strip_window_product(
     lines = lines.repeat_interleave(rank) if rank > 1 else lines
     values = strip_factor.reshape(-1).index_select(0, terms * strip_size + lines)
     rows = x.shape[0]
+    # In-place runs need one dtype and plain autograd; a few rows take the batched form,
+    # whose few calls cost less than a run's each (docs/BENCHMARKS.md, "Window runs in
+    # place").
+    in_place = (
+        rows >= RUNS_MIN_ROWS
+        and x.dtype == blocks.dtype == values.dtype
+        and autocast_dtype(x.device.type) is None
+        and not transforms_active()
+    )
+    if in_place:
+        # Each rank term's strip entry scales its row of the window (G * B * W entries)
+        # rather than an input or output column over the rows.
+        scaled = blocks * values.index_select(0, plan.reads).view(groups, size, 1)
+        strip_lines = lines.index_select(0, plan.reads)
+        if side == 0:
+            return _WindowRunsProduct.apply(
+                x.index_select(1, strip_lines), scaled, plan.segments, True, n
+            )
+        gathered = _WindowRunsProduct.apply(x, scaled, plan.segments, False, groups * size)
+        result = gathered.new_zeros(rows, strip_factor.shape[2])
+        return result.index_add_(1, strip_lines, gathered)
     if side == 0:
         # The padding's rows of ``blocks`` are zeros: what it reads adds nothing.
         hidden = (x.index_select(1, lines) * values).index_select(1, plan.reads)
@@ -256,7 +350,8 @@ def strip_window_product(
         return result.index_add_(1, plan.positions, out.transpose(0, 1).reshape(rows, -1))
     read = x.index_select(1, plan.positions).view(rows, groups, window)
     out = torch.bmm(read.transpose(0, 1), blocks.transpose(1, 2))  # (G, rows, B)
-    products = out.new_zeros(rows, plan.terms)
-    products.index_add_(1, plan.reads, out.transpose(0, 1).reshape(rows, -1))
-    result = out.new_zeros(rows, strip_factor.shape[2])
-    return result.index_add_(1, lines, products * values.to(out.dtype))
+    gathered = out.transpose(0, 1).reshape(rows, -1)
+    products = gathered.new_zeros(rows, plan.terms)
+    products.index_add_(1, plan.reads, gathered)
+    result = gathered.new_zeros(rows, strip_factor.shape[2])
+    return result.index_add_(1, lines, products * values.to(gathered.dtype))
