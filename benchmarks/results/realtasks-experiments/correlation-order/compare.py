@@ -61,3 +61,21 @@ for task in TASKS:
         if ordering != "none":
             line += f"; - own order {paired(runs, gblr[('none', budget)])}"
         print(line)
+
+# Block-diagonal in the best chain's order (t1-mlp-perm), against its own suite rows and
+# against GBLR in the same order.
+records = json.loads((HERE / "t1-mlp-perm.json").read_text())
+ordered: dict[tuple[str, float], dict[int, float]] = collections.defaultdict(dict)
+for run in records:
+    if run["ordering"] == "bestchain":
+        ordered[(run["structure"], run["budget"])][run["seed"]] = run["accuracy"] * 100
+suite = families("t1-mlp-perm")
+for budget in (0.1, 0.2):
+    blocks = ordered.get(("blockdiag", budget))
+    if blocks:
+        print(
+            f"t1-mlp-perm   {budget:<4g} bestchain block-diagonal "
+            f"{statistics.mean(blocks.values()):.2f} - own order "
+            f"{paired(blocks, suite[('blockdiag', budget)])}; GBLR (bestchain) - it "
+            f"{paired(ordered[('gblr', budget)], blocks)}"
+        )
