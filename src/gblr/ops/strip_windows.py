@@ -22,6 +22,8 @@ from that cut on the real-task suite (5 seeds, every digits cell and the text mo
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -128,15 +130,9 @@ class _WindowRunsProduct(torch.autograd.Function):
     def forward(ctx, inputs, blocks, segments, spread, out_width):  # type: ignore[override]
         ctx.save_for_backward(inputs, blocks)
         ctx.segments, ctx.spread = segments, spread
-        size = blocks.shape[1]
         out = inputs.new_zeros(inputs.shape[0], out_width)
-        for group, first, past, line in segments:
-            run, lines = blocks[group, :, first:past], slice(line, line + past - first)
-            terms = slice(group * size, (group + 1) * size)
-            if spread:
-                out[:, lines].addmm_(inputs[:, terms], run)
-            else:
-                out[:, terms].addmm_(inputs[:, lines], run.t())
+        for read, write, mapping in _runs(blocks, segments, spread):
+            out[:, write].addmm_(inputs[:, read], mapping)
         return out
 
     @staticmethod
@@ -145,22 +141,35 @@ class _WindowRunsProduct(torch.autograd.Function):
         needs_inputs, needs_blocks = ctx.needs_input_grad[:2]
         # An expanded gradient (a sum's) would be copied by every run's product.
         grad = grad.contiguous()
-        size = blocks.shape[1]
         grad_inputs = torch.zeros_like(inputs) if needs_inputs else None
         grad_blocks = torch.zeros_like(blocks) if needs_blocks else None
-        for group, first, past, line in ctx.segments:
-            run, lines = blocks[group, :, first:past], slice(line, line + past - first)
-            terms = slice(group * size, (group + 1) * size)
-            into, outof = (terms, lines) if ctx.spread else (lines, terms)
+        runs = _runs(blocks, ctx.segments, ctx.spread)
+        # each run's view of grad_blocks, as its mapping is a view of blocks
+        grad_runs = (
+            _runs(grad_blocks, ctx.segments, ctx.spread)
+            if grad_blocks is not None
+            else itertools.repeat(None)
+        )
+        for (read, write, mapping), grad_run in zip(runs, grad_runs):
             if grad_inputs is not None:
-                mapped = run.t() if ctx.spread else run
-                grad_inputs[:, into].addmm_(grad[:, outof], mapped)
-            if grad_blocks is not None:
-                if ctx.spread:
-                    grad_blocks[group, :, first:past].addmm_(inputs[:, into].t(), grad[:, outof])
-                else:
-                    grad_blocks[group, :, first:past].addmm_(grad[:, outof].t(), inputs[:, into])
+                grad_inputs[:, read].addmm_(grad[:, write], mapping.t())
+            if grad_run is not None:
+                grad_run[2].addmm_(inputs[:, read].t(), grad[:, write])
         return grad_inputs, grad_blocks, None, None, None
+
+
+def _runs(
+    blocks: Tensor, segments: tuple[tuple[int, int, int, int], ...], spread: bool
+) -> Iterator[tuple[slice, slice, Tensor]]:
+    """Per run of a window: the columns it reads, the columns it writes, and the view of
+    ``blocks`` ``(G, B, W)`` that maps one to the other (``(B, run)`` when ``spread``, its
+    transpose else)."""
+    size = blocks.shape[1]
+    for group, first, past, line in segments:
+        terms = slice(group * size, (group + 1) * size)
+        lines = slice(line, line + past - first)
+        run = blocks[group, :, first:past]
+        yield (terms, lines, run) if spread else (lines, terms, run.t())
 
 
 class _Plan(NamedTuple):
