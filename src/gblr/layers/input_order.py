@@ -66,7 +66,11 @@ def correlation_chain(inputs: Tensor) -> Tensor:
         >>> bool((lines[1:] - lines[:-1]).abs().float().mean() < 3)
         True
     """
-    similarity = _correlations(inputs)
+    return _best_chain(_correlations(inputs))
+
+
+def _best_chain(similarity: Tensor) -> Tensor:
+    """`correlation_chain` of the ``(d, d)`` correlations ``similarity`` (zero diagonal)."""
     size = similarity.shape[0]
     starts = torch.arange(size)
     visited = torch.zeros(size, size, dtype=torch.bool)
@@ -103,11 +107,14 @@ def adjacent_correlation(inputs: Tensor, order: Tensor | None = None) -> float:
     """
     similarity = _correlations(inputs)
     size = similarity.shape[0]
-    if order is None:
-        order = torch.arange(size)
-    elif sorted(torch.as_tensor(order).tolist()) != list(range(size)):
+    order = torch.arange(size) if order is None else torch.as_tensor(order)
+    if sorted(order.tolist()) != list(range(size)):
         raise ValueError(f"order must be a permutation of the {size} features")
-    order = torch.as_tensor(order)
+    return _adjacent(similarity, order)
+
+
+def _adjacent(similarity: Tensor, order: Tensor) -> float:
+    """`adjacent_correlation` of the ``(d, d)`` correlations ``similarity``."""
     return float(similarity[order[:-1], order[1:]].mean())
 
 
@@ -165,8 +172,10 @@ def order_strips_by_inputs(layer: GBLRLinear, inputs: Tensor, *, keep_ratio: flo
     )
     if not bool(strips.any()):
         return False
-    order = correlation_chain(inputs)
-    if adjacent_correlation(inputs) >= keep_ratio * adjacent_correlation(inputs, order):
+    similarity = _correlations(inputs)
+    order = _best_chain(similarity)
+    own = _adjacent(similarity, torch.arange(in_features))
+    if own >= keep_ratio * _adjacent(similarity, order):
         return False
     lines = interval_starts(locations[0], in_features)
     with torch.no_grad():
