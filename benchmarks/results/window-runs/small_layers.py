@@ -9,16 +9,16 @@ layer then reads too: on the last, windowed layer ``layer`` is the batched form.
     python small_layers.py THREADS > small_layers_THREADSt.txt
 """
 
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-import gblr
 import gblr.ops.strip_windows as sw
 from gblr.ops.strip_windows import strip_window_product
-from gblr.structured.lowrank import LowRankLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runs_vs_batched import layer_under_learner, median_ms
 
 torch.set_num_threads(int(sys.argv[1]))
 CASES = [
@@ -38,17 +38,7 @@ CASES = [
 
 def measure(fi: int, fo: int, rows: int, budget: float) -> dict[str, float]:
     """Median forward + backward ms of each form on one layer (the module's docstring)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        gblr.GBLRLinear(
-            fi, fo, structure_init="blockdiag", init_cost=budget, factor_init="fixed_norm"
-        )
-    )
-    learner = gblr.StructureLearner(model, budget=budget, total_steps=1000, warmup_steps=1)
-    layer = model[0]
-    x = torch.randn(rows, fi, requires_grad=True)
-    grad = torch.randn(rows, fo)
-    lowrank = LowRankLinear(fi, fo, rank=max(1, round(budget * fi * fo / (fi + fo))))
+    layer, learner, x, grad, lowrank = layer_under_learner(fi, fo, rows, budget)
 
     def window(threshold: int):
         def form() -> None:
@@ -66,14 +56,9 @@ def measure(fi: int, fo: int, rows: int, budget: float) -> dict[str, float]:
         "batched": window(10**9),
         "lowrank": lambda: lowrank(x).backward(grad),
     }
-    times: dict[str, list[float]] = {name: [] for name in forms}
-    for _ in range(15):
-        for name, form in forms.items():
-            start = time.perf_counter()
-            form()
-            times[name].append(time.perf_counter() - start)
+    med = median_ms(forms, 15, skip=2)
     del learner
-    return {name: statistics.median(t[2:]) * 1e3 for name, t in times.items()}
+    return med
 
 
 for case in CASES:
