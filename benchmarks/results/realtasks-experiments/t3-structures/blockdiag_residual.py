@@ -21,15 +21,17 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-import realtask_pretrained as t3
-from gblr.compress.calibrate import input_second_moments
 from gblr.ops.whitened import whitening
 
-BUDGETS = (0.3, 0.5)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from whitened_errors import BUDGETS, encoder_weights_and_moments
+
 FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3)
 
 
@@ -79,21 +81,9 @@ def layer_errors(weight: Tensor, moment: Tensor) -> dict[str, float]:
 
 def main() -> None:
     torch.set_num_threads(2)
-    path, encoded = t3._setup()
-    model = t3._load_encoder(path)
-    train = encoded["train"]
-    calibration = [
-        t3._trimmed({k: v[i : i + 32] for k, v in train.items()})
-        for i in range(0, t3.CALIBRATION_SENTENCES, 32)
-    ]
-    layers = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.startswith("encoder.layer")
-    }
-    moments = input_second_moments(model, layers, calibration)
     per_layer = {
-        name: layer_errors(module.weight.detach(), moments[name]) for name, module in layers.items()
+        name: layer_errors(weight, moment)
+        for name, (weight, moment) in encoder_weights_and_moments().items()
     }
     keys = next(iter(per_layer.values())).keys()
     mean = {key: statistics.mean(errors[key] for errors in per_layer.values()) for key in keys}

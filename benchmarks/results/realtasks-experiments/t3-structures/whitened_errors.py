@@ -75,8 +75,9 @@ def layer_errors(weight: Tensor, moment: Tensor) -> dict[str, dict[str, float]]:
     return errors
 
 
-def main() -> None:
-    torch.set_num_threads(2)
+def encoder_weights_and_moments() -> dict[str, tuple[Tensor, Tensor]]:
+    """Each of MiniLM's 36 encoder linear layers by name: ``(weight, second moment of its
+    inputs on T3's 128 calibration sentences)``, as T3 computes them."""
     path, encoded = t3._setup()
     model = t3._load_encoder(path)
     train = encoded["train"]
@@ -90,8 +91,14 @@ def main() -> None:
         if isinstance(module, torch.nn.Linear) and name.startswith("encoder.layer")
     }
     moments = input_second_moments(model, layers, calibration)
+    return {name: (module.weight.detach(), moments[name]) for name, module in layers.items()}
+
+
+def main() -> None:
+    torch.set_num_threads(2)
     per_layer = {
-        name: layer_errors(module.weight.detach(), moments[name]) for name, module in layers.items()
+        name: layer_errors(weight, moment)
+        for name, (weight, moment) in encoder_weights_and_moments().items()
     }
     kinds = {
         "query/key/value": ("query", "key", "value"),
